@@ -1,0 +1,140 @@
+"""Building blocks of the decoder: norms, MLPs, grouped-query attention with capture and hooks."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minilm.config import ModelConfig
+
+# Capture points inside a block; names read `blocks.<layer>.attn.<point>` / `blocks.<layer>.resid`.
+ATTN_POINTS = ("q", "k", "v", "rot_q", "rot_k", "attn")
+HOOK_POINTS = ("q", "k", "v", "rot_q", "rot_k")
+CAPTURE_POINTS = ATTN_POINTS + ("resid",)
+
+# An intervention: (hook name like 'blocks.3.attn.rot_k', tensor [B, T, H, D]) -> replacement.
+Intervene = Optional[Callable[[str, jax.Array], jax.Array]]
+
+
+def linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs, std: float) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
+                    kernel_init=jax.nn.initializers.normal(std), rngs=rngs)
+
+
+class Norm(nnx.Module):
+  """RMSNorm or LayerNorm, computed in float32 whatever the compute dtype."""
+
+  def __init__(self, cfg: ModelConfig):
+    self.kind, self.eps, self.dtype = cfg.norm, cfg.norm_eps, jnp.dtype(cfg.dtype)
+    self.scale = nnx.Param(jnp.ones((cfg.d_model,), jnp.float32))
+    if cfg.norm == "layer":
+      self.bias = nnx.Param(jnp.zeros((cfg.d_model,), jnp.float32))
+
+  def __call__(self, x_BxTxC):
+    x = x_BxTxC.astype(jnp.float32)
+    if self.kind == "layer":
+      x = x - x.mean(-1, keepdims=True)
+    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale.value
+    if self.kind == "layer":
+      x = x + self.bias.value
+    return x.astype(self.dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU (gate, up, down) or GELU (up, down)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f, std = cfg.d_model, cfg.ff_dim, cfg.init_std
+    self.kind = cfg.mlp
+    if cfg.mlp == "swiglu":
+      self.gate = linear(d, f, cfg, rngs, std)
+    self.up = linear(d, f, cfg, rngs, std)
+    self.down = linear(f, d, cfg, rngs, std / math.sqrt(2 * cfg.n_layers))
+
+  def __call__(self, x_BxTxC):
+    h = self.up(x_BxTxC)
+    h = jax.nn.silu(self.gate(x_BxTxC)) * h if self.kind == "swiglu" else jax.nn.gelu(h)
+    return self.down(h)
+
+
+def attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, k_pos_BxS, bias_BxHxTxS=None):
+  """Causal grouped-query attention; query head h reads KV head h // (H/K). Softmax in float32.
+
+  A key is visible to a query when k_pos <= q_pos, so unwritten KV-cache slots (k_pos beyond the
+  current position) are masked without a separate length.
+  """
+  B, T, H, D = q_BxTxHxD.shape
+  S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+  q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
+  logits_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                                preferred_element_type=jnp.float32) / math.sqrt(D)
+  if bias_BxHxTxS is not None:
+    logits_BxKxGxTxS = logits_BxKxGxTxS + jnp.broadcast_to(
+        bias_BxHxTxS, (B, H, T, S)).reshape(B, K, H // K, T, S)
+  visible_BxTxS = k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]
+  logits_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
+  probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
+  out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS.astype(v_BxSxKxD.dtype), v_BxSxKxD)
+  return out_BxTxKxGxD.reshape(B, T, H, D), probs_BxKxGxTxS.reshape(B, H, T, S)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    d, H, K, D, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.init_std
+    self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, H, K, D
+    self.q = linear(d, H * D, cfg, rngs, std)
+    self.k = linear(d, K * D, cfg, rngs, std)
+    self.v = linear(d, K * D, cfg, rngs, std)
+    self.o = linear(H * D, d, cfg, rngs, std / math.sqrt(2 * cfg.n_layers))
+
+  def _point(self, name: str, x, capture: frozenset, intervene: Intervene):
+    if intervene is not None:
+      x = intervene(f"blocks.{self.layer}.attn.{name}", x)
+    if name in capture:
+      self.sow(nnx.Intermediate, name, x)
+    return x
+
+  def __call__(self, x_BxTxC, pos_BxT, position, *, cache=None, index=None,
+               capture: frozenset = frozenset(), intervene: Intervene = None):
+    B, T, _ = x_BxTxC.shape
+    H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+    q = self._point("q", self.q(x_BxTxC).reshape(B, T, H, D), capture, intervene)
+    k = self._point("k", self.k(x_BxTxC).reshape(B, T, K, D), capture, intervene)
+    v = self._point("v", self.v(x_BxTxC).reshape(B, T, K, D), capture, intervene)
+    rot_q = self._point("rot_q", position.rotate(q, pos_BxT), capture, intervene)
+    rot_k = self._point("rot_k", position.rotate(k, pos_BxT), capture, intervene)
+    if cache is None:
+      keys, values, k_pos_BxS = rot_k, v, pos_BxT
+    else:  # the cache holds post-RoPE keys exactly as attention used them (interventions included)
+      keys = jax.lax.dynamic_update_slice(cache["k"], rot_k.astype(cache["k"].dtype), (0, index, 0, 0))
+      values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+      cache = {"k": keys, "v": values}
+      k_pos_BxS = jnp.broadcast_to(jnp.arange(keys.shape[1]), (B, keys.shape[1]))
+    out, probs = attend(rot_q, keys.astype(rot_q.dtype), values.astype(rot_q.dtype), pos_BxT, k_pos_BxS,
+                        position.bias(pos_BxT, k_pos_BxS))
+    if "attn" in capture:
+      self.sow(nnx.Intermediate, "attn", probs)
+    return self.o(out.reshape(B, T, H * D)), cache
+
+
+class Block(nnx.Module):
+  """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    self.attn_norm = Norm(cfg)
+    self.attn = Attention(cfg, layer, rngs)
+    self.mlp_norm = Norm(cfg)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BxTxC, pos_BxT, position, *, cache=None, index=None,
+               capture: frozenset = frozenset(), intervene: Intervene = None):
+    h, cache = self.attn(self.attn_norm(x_BxTxC), pos_BxT, position, cache=cache, index=index,
+                         capture=capture, intervene=intervene)
+    x = x_BxTxC + h
+    x = x + self.mlp(self.mlp_norm(x))
+    if "resid" in capture:
+      self.sow(nnx.Intermediate, "resid", x)
+    return x, cache

@@ -1,0 +1,84 @@
+"""The minilm decoder: token embedding, position encoding, pre-norm blocks, tied or separate head."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minilm.config import ModelConfig
+from minilm.layers import CAPTURE_POINTS, Block, Intervene, Norm, linear
+
+
+def capture_set(capture: Iterable[str] | bool) -> frozenset:
+  """Normalise a capture request: True = every point, or an iterable of point names."""
+  if capture is True:
+    return frozenset(CAPTURE_POINTS)
+  names = frozenset(capture or ())
+  bad = sorted(names - set(CAPTURE_POINTS))
+  if bad:
+    raise ValueError(f"capture: unknown point {bad[0]!r}; allowed: {', '.join(CAPTURE_POINTS)}")
+  return names
+
+
+class Decoder(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
+                           param_dtype=jnp.float32,
+                           embedding_init=jax.nn.initializers.normal(cfg.init_std), rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
+    self.final_norm = Norm(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = linear(cfg.d_model, cfg.vocab_size, cfg, rngs, cfg.init_std)
+    # Built last, so an encoding with parameters (learned) never shifts the init of shared tensors:
+    # paired arms with one seed start from identical embeddings, attention and MLP weights.
+    self.position = cfg.position.build(cfg, rngs)
+
+  def __call__(self, tokens_BxT, positions_BxT=None, *, cache=None, capture: Iterable[str] | bool = (),
+               intervene: Intervene = None):
+    """Logits [B, T, V] in float32; with `cache` (see `init_cache`) returns (logits, new_cache).
+
+    capture: points to record with `nnx.sow` (read them with `minilm.capture.run`); a Python value
+      fixed at trace time, so the default () compiles to the plain forward pass.
+    intervene: f(hook_name, x) -> x applied at every q/k/v/rot_q/rot_k point (e.g. disruption).
+    """
+    capture = capture_set(capture)
+    B, T = tokens_BxT.shape
+    index = None if cache is None else cache["index"]
+    if positions_BxT is None:
+      start = 0 if cache is None else index
+      positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    if self.position.bounded and cache is None and T > self.cfg.max_len:
+      raise ValueError(f"tokens: length {T} exceeds model.max_len={self.cfg.max_len} for "
+                       f"position encoding {self.cfg.position.kind!r}")
+    x = self.embed(tokens_BxT)
+    extra = self.position.embed(positions_BxT)
+    if extra is not None:
+      x = x + extra.astype(x.dtype)
+    layers = []
+    for i, block in enumerate(self.blocks):
+      x, layer_cache = block(x, positions_BxT, self.position, cache=None if cache is None else cache["layers"][i],
+                             index=index, capture=capture, intervene=intervene)
+      layers.append(layer_cache)
+    x = self.final_norm(x)
+    if self.cfg.tie_embeddings:
+      logits = jnp.einsum("btc,vc->btv", x, self.embed.embedding.value.astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = self.lm_head(x).astype(jnp.float32)
+    if cache is None:
+      return logits
+    return logits, {"index": index + T, "layers": layers}
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+  """An empty KV cache of `length` slots per layer: post-RoPE keys and values, [B, S, K, D]."""
+  shape = (batch, length, cfg.kv_heads, cfg.dim_per_head)
+  return {"index": jnp.zeros((), jnp.int32),
+          "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]}
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
