@@ -1,0 +1,186 @@
+"""Quantization schemes on one weight matrix (nnx kernel layout W [in, out]) and on activations.
+
+Everything is fake-quantization: quantize then dequantize in float32, so accuracy reflects the
+rounding while the matmuls stay in float. Groups run along the input dimension (the one a matmul
+sums over), with one scale (and zero point) per group and output column; group_size 0 means one
+group per output column ("per channel"). Because every scale belongs to one output column,
+columns quantize independently, which is what lets a scheme keep chosen columns in full precision.
+
+Numpy, float32 for the data and float64 where a factorisation needs it (GPTQ's Cholesky); GPTQ's
+column loop is sequential by nature and runs in numpy.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from minilm.config import check, check_choice
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """Uniform round-to-nearest grid: `bits`, symmetric (absmax) or asymmetric (min/max + zero point)."""
+  bits: int = 4
+  symmetric: bool = False
+  group_size: int = 0          # 0: per output channel (the whole input dim); else divides d_in
+
+  def __post_init__(self):
+    check(2 <= self.bits <= 8, "quant.bits", f"must be in 2..8; got {self.bits}")
+    check(self.group_size >= 0, "quant.group_size", f"must be >= 0 (0 = per channel); got {self.group_size}")
+
+  def groups(self, d_in: int) -> int:
+    g = self.group_size or d_in
+    check(d_in % g == 0, "quant.group_size", f"must divide the input dim {d_in}; got {g}")
+    return d_in // g
+
+
+def grid(w_NxO: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+  """(scale [O], zero [O]) of the grid that covers the rows of w (one group) for each column."""
+  w = np.asarray(w_NxO, np.float32)
+  if spec.symmetric:
+    scale = np.abs(w).max(0) / (2 ** (spec.bits - 1) - 1)
+    zero = np.zeros_like(scale)
+  else:
+    lo, hi = np.minimum(w.min(0), 0), np.maximum(w.max(0), 0)
+    scale = (hi - lo) / (2 ** spec.bits - 1)
+    zero = np.round(-lo / np.where(scale > 0, scale, 1))
+  return np.where(scale > 0, scale, 1.0).astype(np.float32), zero.astype(np.float32)
+
+
+def fake_quant(w, scale, zero, spec: QuantSpec) -> np.ndarray:
+  """Round w to the grid (scale, zero) broadcast against it and dequantize."""
+  if spec.symmetric:
+    qmax = 2 ** (spec.bits - 1) - 1
+    q = np.clip(np.round(w / scale), -qmax - 1, qmax)
+  else:
+    q = np.clip(np.round(w / scale) + zero, 0, 2 ** spec.bits - 1) - zero
+  return (q * scale).astype(np.float32)
+
+
+def rtn(w_IxO: np.ndarray, spec: QuantSpec) -> np.ndarray:
+  """Round-to-nearest, group-wise along the input dim; the baseline every other scheme beats or not."""
+  w = np.asarray(w_IxO, np.float32)
+  I, O = w.shape
+  w_GxNxO = w.reshape(spec.groups(I), -1, O)
+  scale, zero = zip(*(grid(g, spec) for g in w_GxNxO))
+  scale, zero = np.stack(scale)[:, None], np.stack(zero)[:, None]
+  return fake_quant(w_GxNxO, scale, zero, spec).reshape(I, O)
+
+
+def rtn_keep(w_IxO: np.ndarray, spec: QuantSpec, keep_O: np.ndarray) -> np.ndarray:
+  """RTN with the output columns in `keep_O` (bool [O]) left in full precision."""
+  keep_O = np.asarray(keep_O, bool)
+  check(keep_O.shape == (w_IxO.shape[1],), "keep", f"must be a bool mask of shape ({w_IxO.shape[1]},); "
+        f"got {keep_O.shape}")
+  return np.where(keep_O[None], np.asarray(w_IxO, np.float32), rtn(w_IxO, spec))
+
+
+def output_error(x_NxI, w_IxO, w_hat_IxO) -> float:
+  """||X W - X W_hat||_F^2: the objective AWQ and GPTQ minimise for one layer."""
+  d = np.asarray(x_NxI, np.float32) @ (np.asarray(w_IxO, np.float32) - np.asarray(w_hat_IxO, np.float32))
+  return float(np.sum(d.astype(np.float64) ** 2))
+
+
+# --- AWQ: activation-aware per-input-channel scaling -------------------------------------------
+
+def awq_scaled(w_IxO, s_I, spec: QuantSpec) -> np.ndarray:
+  """diag(1/s) Q(diag(s) W): scale salient input rows up before rounding, fold 1/s back.
+
+  In a deployment 1/s goes into the op before the linear (a norm's scale); with fake-quant the
+  product is the same matrix, so it is folded straight into the returned weights.
+  """
+  s = np.asarray(s_I, np.float32)[:, None]
+  return rtn(np.asarray(w_IxO, np.float32) * s, spec) / s
+
+
+def awq_search(x_NxI, ws_IxO: list, spec: QuantSpec, n_grid: int = 20):
+  """Grid search alpha in [0, 1] for s = mean|x|^alpha over a set of weights that share input x.
+
+  Returns (s_I, alpha, errors [n_grid+1]) minimising sum over ws of ||XW - X awq_scaled(W)||^2.
+  alpha = 0 gives s = 1, plain RTN, so the chosen scales never do worse than RTN on this objective.
+  s is normalised by sqrt(max * min) as in the AWQ reference code (a common factor cancels except
+  through the rounding grid).
+  """
+  check(n_grid >= 1, "awq.n_grid", f"must be >= 1; got {n_grid}")
+  x = np.asarray(x_NxI, np.float32)
+  mean_abs = np.maximum(np.abs(x).mean(0), 1e-8)
+  alphas = np.linspace(0.0, 1.0, n_grid + 1)
+  errors, best = [], (np.inf, None, None)
+  for alpha in alphas:
+    s = mean_abs ** alpha
+    s = s / np.sqrt(s.max() * s.min())
+    err = sum(output_error(x, w, awq_scaled(w, s, spec)) for w in ws_IxO)
+    errors.append(err)
+    if err < best[0]:
+      best = (err, s.astype(np.float32), float(alpha))
+  return best[1], best[2], np.asarray(errors)
+
+
+# --- SmoothQuant: migrate activation outliers into the weights, then W8A8 ----------------------
+
+def smooth_scales(x_absmax_I, w_absmax_I, alpha: float) -> np.ndarray:
+  """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); X/s and diag(s) W give the same product."""
+  check(0.0 <= alpha <= 1.0, "smoothquant.alpha", f"must be in [0, 1]; got {alpha}")
+  xm = np.maximum(np.asarray(x_absmax_I, np.float64), 1e-5)
+  wm = np.maximum(np.asarray(w_absmax_I, np.float64), 1e-5)
+  return (xm ** alpha / wm ** (1.0 - alpha)).astype(np.float32)
+
+
+def quant_tokens(x_NxI, bits: int = 8):
+  """Dynamic symmetric per-token (per-row) activation fake-quant; jnp or np in, same out."""
+  xp = _array_module(x_NxI)
+  qmax = 2 ** (bits - 1) - 1
+  scale = xp.abs(x_NxI).max(-1, keepdims=True) / qmax
+  scale = xp.where(scale > 0, scale, 1.0)
+  return xp.clip(xp.round(x_NxI / scale), -qmax - 1, qmax) * scale
+
+
+def _array_module(x):
+  if isinstance(x, np.ndarray):
+    return np
+  import jax.numpy as jnp
+  return jnp
+
+
+# --- GPTQ: column-by-column rounding with Hessian error feedback ---------------------------------
+
+def gptq(w_IxO, h_IxI, spec: QuantSpec, *, damp: float = 0.01, block: int = 128) -> np.ndarray:
+  """GPTQ (Frantar et al. 2023, Algorithm 1) on W [in, out] with H = X^T X of the layer's input.
+
+  Input rows are rounded one at a time; each row's rounding error, divided by the pivot of the
+  upper Cholesky factor U of H^-1 (H^-1 = U^T U), is spread over the not-yet-rounded rows by that
+  row of U, so later rows absorb it. Work proceeds in blocks of `block` rows with a lazy update of
+  the rest. damp * mean(diag H) is added to H's diagonal. Group-wise grids are fitted on the
+  current (already error-compensated) rows of each group when the loop reaches the group's start
+  (blocks are rounded to whole groups so that those rows are up to date). Rows whose input is always zero (H_ii = 0) are set to zero.
+  """
+  check(damp > 0, "gptq.damp", f"must be > 0; got {damp}")
+  check(block >= 1, "gptq.block", f"must be >= 1; got {block}")
+  W = np.array(w_IxO, np.float64)
+  H = np.array(h_IxI, np.float64)
+  I, O = W.shape
+  check(H.shape == (I, I), "gptq.hessian", f"must have shape ({I}, {I}); got {H.shape}")
+  n_groups = spec.groups(I)
+  group = I // n_groups
+  dead = np.diag(H) == 0
+  H[dead, dead] = 1.0
+  W[dead] = 0.0
+  H[np.diag_indices(I)] += damp * np.mean(np.diag(H))
+  U = np.linalg.cholesky(np.linalg.inv(H)).T       # upper, H^-1 = U^T U
+  scale, zero = grid(W, spec) if n_groups == 1 else (None, None)
+  if n_groups > 1:  # whole groups per block, so a group's grid is fitted on its current rows
+    block = max(group, block - block % group)
+  Q = np.zeros_like(W)
+  for b0 in range(0, I, block):
+    b1 = min(b0 + block, I)
+    Wb, Err = W[b0:b1].copy(), np.zeros((b1 - b0, O))
+    for i in range(b1 - b0):
+      row = b0 + i
+      if n_groups > 1 and row % group == 0:
+        scale, zero = grid(Wb[i:i + group], spec)
+      Q[row] = fake_quant(Wb[i].astype(np.float32), scale, zero, spec)
+      Err[i] = (Wb[i] - Q[row]) / U[row, row]
+      Wb[i:] -= np.outer(U[row, row:b1], Err[i])
+    W[b1:] -= U[b0:b1, b1:].T @ Err
+  return Q.astype(np.float32)

@@ -1,0 +1,281 @@
+"""Apply a quantization scheme to a Decoder: every linear kernel of every block, or the keys it caches.
+
+Quantized: the seven linears of each block (attn q/k/v/o, mlp gate/up/down; gate absent for GELU).
+Left in float: embeddings, the (tied or separate) LM head and the norms, as GPTQ, AWQ and
+SmoothQuant do. All weights are fake-quantized (quantize-dequantize in float32).
+
+Calibration reads the input of each linear with the Decoder's own modules, block by block: the
+embedding, then each Block called directly with its linears wrapped in a recorder that sows their
+input. Blocks are quantized in order and the next block's inputs come from the already-quantized
+ones (sequential calibration, as GPTQ does), so no scheme calibrates on activations it will never see.
+
+Schemes (`Scheme.method`):
+  fp           no change (the reference row of every table)
+  rtn          round-to-nearest (`analysis.quantize.rtn`)
+  rtn_keep     RTN with the massive Q/K channels kept in float: massive (h, d) of pre-RoPE q and k
+               on the calibration tokens (`analysis.stats.value_norms` / `massive_mask`) map to
+               output column h*head_dim + d of W_q / W_k
+  awq          activation-aware scaling searched per group of linears that share an input
+               (q/k/v, o, gate/up, down), folded into the weights (exact for fake-quant)
+  gptq         GPTQ with H = X^T X of each linear's calibration inputs
+  smoothquant  smoothing s_j = max|X_j|^a / max|W_j|^(1-a) per shared-input group, 8-bit weights
+               (per-channel symmetric) AND dynamic per-token 8-bit activations at every linear
+  w8a8         the same W8A8 without smoothing (s = 1): what the smoothing buys
+  kv           weights untouched; keys quantized per token or per channel, pre- or post-RoPE, by an
+               intervention on 'blocks.<l>.attn.k' or 'rot_k' (`kv_intervene`)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from analysis import quantize as Q
+from minilm import capture as mcapture
+from minilm.config import check, check_choice
+from minilm.model import Decoder
+
+METHODS = ("fp", "rtn", "rtn_keep", "awq", "gptq", "smoothquant", "w8a8", "kv")
+LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+# Linears that read the same tensor: one AWQ / SmoothQuant scale per group, as a deployment folds
+# it into the one op that precedes them.
+SHARED_INPUT = (("attn.q", "attn.k", "attn.v"), ("attn.o",), ("mlp.gate", "mlp.up"), ("mlp.down",))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+  method: str = "rtn"
+  bits: int = 4
+  group_size: int = 0          # along the input dim; 0 = per output channel
+  symmetric: bool = False
+  lam: float = 5.0             # rtn_keep: massive when M > lam * mean over the head's dims ...
+  top_k: int = 0               # ... or, if > 0, the top_k dims per head (the reference code's rule)
+  awq_grid: int = 20           # awq: alpha in linspace(0, 1, awq_grid + 1)
+  alpha: float = 0.5           # smoothquant migration strength
+  act_bits: int = 8            # smoothquant / w8a8 activation bits
+  damp: float = 0.01           # gptq
+  block: int = 128             # gptq
+  kv_axis: str = "channel"     # kv: 'token' (a grid per token and head) | 'channel' (per dim, over tokens)
+  kv_point: str = "pre"        # kv: 'pre' (keys before RoPE, KVQuant) | 'post' (rotated keys)
+
+  def __post_init__(self):
+    check_choice("scheme.method", self.method, METHODS)
+    check_choice("scheme.kv_axis", self.kv_axis, ("token", "channel"))
+    check_choice("scheme.kv_point", self.kv_point, ("pre", "post"))
+    check(2 <= self.act_bits <= 8, "scheme.act_bits", f"must be in 2..8; got {self.act_bits}")
+    check(self.lam > 0, "scheme.lam", f"must be > 0; got {self.lam}")
+    check(self.top_k >= 0, "scheme.top_k", f"must be >= 0; got {self.top_k}")
+    self.spec  # validates bits and group_size
+
+  @property
+  def spec(self) -> Q.QuantSpec:
+    if self.method in ("smoothquant", "w8a8"):  # SmoothQuant's W8: per-channel symmetric
+      return Q.QuantSpec(8, symmetric=True, group_size=0)
+    return Q.QuantSpec(self.bits, self.symmetric, self.group_size)
+
+  @property
+  def name(self) -> str:
+    if self.method == "fp":
+      return "fp"
+    if self.method in ("smoothquant", "w8a8"):
+      return f"{self.method}-a{self.alpha:g}-w8a{self.act_bits}" if self.method == "smoothquant" \
+          else f"w8a{self.act_bits}"
+    if self.method == "kv":
+      return f"kv-{self.kv_point}-{self.kv_axis}-{self.bits}b"
+    g = f"g{self.group_size}" if self.group_size else "ch"
+    return f"{self.method}-{self.bits}b-{g}{'-sym' if self.symmetric else ''}"
+
+
+# --- the model's linears and their calibration inputs -------------------------------------------
+
+def block_linears(block) -> dict[str, nnx.Linear]:
+  found = {}
+  for name in LINEARS:
+    parent, attr = name.split(".")
+    module = getattr(getattr(block, parent), attr, None)
+    if module is not None:
+      found[name] = module
+  return found
+
+
+def _set(block, name: str, module) -> None:
+  parent, attr = name.split(".")
+  setattr(getattr(block, parent), attr, module)
+
+
+class Recorder(nnx.Module):
+  """Wraps a linear and sows its input (read through nnx.capture)."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def __call__(self, x):
+    self.sow(nnx.Intermediate, "input", x)
+    return self.inner(x)
+
+
+def embed(model: Decoder, tokens_BxT):
+  """The residual stream entering block 0, as Decoder.__call__ builds it, and the positions."""
+  B, T = tokens_BxT.shape
+  pos_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  x = model.embed(tokens_BxT)
+  extra = model.position.embed(pos_BxT)
+  return (x if extra is None else x + extra.astype(x.dtype)), pos_BxT
+
+
+def record_inputs(model: Decoder, block, x_BxTxC, pos_BxT) -> dict[str, np.ndarray]:
+  """{linear name: its input rows [B*T, d_in]} for one block called on x."""
+  linears = block_linears(block)
+  for name, module in linears.items():
+    _set(block, name, Recorder(module))
+  try:
+    _, found = nnx.capture(block, nnx.Intermediate)(x_BxTxC, pos_BxT, model.position)
+  finally:
+    for name, module in linears.items():
+      _set(block, name, module)
+  flat = mcapture.flatten(found)
+  return {name: np.asarray(flat[f"{name}.input"], np.float32).reshape(-1, flat[f"{name}.input"].shape[-1])
+          for name in linears}
+
+
+def calibrate(model: Decoder, tokens_BxT):
+  """Yield (layer, block, inputs) in order; a block changed by the caller before the next step
+  feeds its changed output to the next block (sequential calibration)."""
+  x, pos = embed(model, jnp.asarray(tokens_BxT, jnp.int32))
+  for layer, block in enumerate(model.blocks):
+    yield layer, block, record_inputs(model, block, x, pos)
+    x, _ = block(x, pos, model.position)
+
+
+# --- the schemes ---------------------------------------------------------------------------------
+
+def _kernel(module) -> np.ndarray:
+  return np.asarray(module.kernel[...], np.float32)
+
+
+def _assign(module, w_IxO: np.ndarray) -> None:
+  module.kernel[...] = jnp.asarray(w_IxO, module.kernel[...].dtype)
+
+
+class ActQuantLinear(nnx.Module):
+  """x -> Q_a(x * inv_scale) @ W: the smoothing folded on the input side, then per-token fake-quant."""
+
+  def __init__(self, inner, inv_scale_I, bits: int):
+    self.inner = inner
+    self.inv_scale = nnx.Variable(jnp.asarray(inv_scale_I, jnp.float32))
+    self.bits = bits
+
+  def __call__(self, x):
+    x = (x.astype(jnp.float32) * self.inv_scale[...])
+    return self.inner(Q.quant_tokens(x, self.bits).astype(x.dtype))
+
+
+def massive_columns(model: Decoder, tokens_BxT, scheme: Scheme) -> dict[tuple[int, str], np.ndarray]:
+  """{(layer, 'attn.q' | 'attn.k'): bool [H*D]} from massive_mask on M of pre-RoPE q and k."""
+  from analysis import stats
+  _, cache = mcapture.run(model, jnp.asarray(tokens_BxT, jnp.int32), points=("q", "k"))
+  cols = {}
+  for layer in range(model.cfg.n_layers):
+    for point in ("q", "k"):
+      M_HxD = stats.value_norms(cache[f"blocks.{layer}.attn.{point}"])
+      mask_HxD = stats.massive_mask(M_HxD, lam=scheme.lam, top_k=scheme.top_k or None)
+      cols[(layer, f"attn.{point}")] = np.asarray(mask_HxD, bool).reshape(-1)
+  return cols
+
+
+def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict, log: dict) -> None:
+  linears = block_linears(block)
+  spec = scheme.spec
+  for group in SHARED_INPUT:
+    names = [n for n in group if n in linears]
+    if not names:
+      continue
+    x = inputs[names[0]]
+    ws = [_kernel(linears[n]) for n in names]
+    if scheme.method == "awq":
+      s, alpha, errors = Q.awq_search(x, ws, spec, scheme.awq_grid)
+      log[f"{layer}.{'+'.join(names)}"] = {"alpha": alpha, "err_rtn": float(errors[0]),
+                                           "err_awq": float(errors.min())}
+      new = [Q.awq_scaled(w, s, spec) for w in ws]
+    elif scheme.method in ("smoothquant", "w8a8"):
+      s = np.ones(x.shape[1], np.float32) if scheme.method == "w8a8" else Q.smooth_scales(
+          np.abs(x).max(0), np.max([np.abs(w).max(1) for w in ws], axis=0), scheme.alpha)
+      for n, w in zip(names, ws):
+        _assign(linears[n], Q.rtn(w * s[:, None], spec))
+        _set(block, n, ActQuantLinear(linears[n], 1.0 / s, scheme.act_bits))
+      continue
+    elif scheme.method == "gptq":
+      h = x.T.astype(np.float64) @ x.astype(np.float64)
+      new = [Q.gptq(w, h, spec, damp=scheme.damp, block=scheme.block) for w in ws]
+    elif scheme.method == "rtn_keep":
+      new = [Q.rtn_keep(w, spec, keep[(layer, n)]) if (layer, n) in keep else Q.rtn(w, spec)
+             for n, w in zip(names, ws)]
+    else:
+      new = [Q.rtn(w, spec) for w in ws]
+    for n, w in zip(names, new):
+      _assign(linears[n], w)
+
+
+def quantize_model(model: Decoder, scheme: Scheme, calib_BxT=None) -> tuple[Decoder, dict]:
+  """A quantized copy of `model` (the original is untouched) and a log of per-layer choices.
+
+  `calib_BxT` (int tokens) is required by rtn_keep, awq, gptq and smoothquant.
+  """
+  quantized = nnx.clone(model)
+  log: dict = {"scheme": scheme.name}
+  if scheme.method in ("fp", "kv"):
+    return quantized, log
+  needs_calib = scheme.method in ("rtn_keep", "awq", "gptq", "smoothquant", "w8a8")
+  check(not needs_calib or calib_BxT is not None, "calib", f"scheme {scheme.method!r} needs calibration tokens")
+  keep = {}
+  if scheme.method == "rtn_keep":
+    keep = massive_columns(model, calib_BxT, scheme)
+    log["kept_columns"] = {f"{l}.{n}": int(m.sum()) for (l, n), m in keep.items()}
+  if scheme.method in ("rtn", "rtn_keep"):  # weight-only, no inputs needed
+    for layer, block in enumerate(quantized.blocks):
+      _quantize_block(layer, block, {n: None for n in LINEARS}, scheme, keep, log)
+    return quantized, log
+  for layer, block, inputs in calibrate(quantized, calib_BxT):
+    _quantize_block(layer, block, inputs, scheme, keep, log)
+  return quantized, log
+
+
+# --- KV-cache key quantization as an intervention ------------------------------------------------
+
+def quant_keys(k_BxTxKxD, bits: int, axis: str):
+  """Asymmetric RTN of keys: 'token' = one grid per (token, head) over head dims; 'channel' = one
+  grid per (head, dim) over the tokens of the sequence (computed on the prompt itself, dynamic)."""
+  reduce = (-1,) if axis == "token" else (1,)
+  k = k_BxTxKxD.astype(jnp.float32)
+  lo, hi = k.min(reduce, keepdims=True), k.max(reduce, keepdims=True)
+  scale = (hi - lo) / (2 ** bits - 1)
+  scale = jnp.where(scale > 0, scale, 1.0)
+  q = jnp.clip(jnp.round((k - lo) / scale), 0, 2 ** bits - 1)
+  return (q * scale + lo).astype(k_BxTxKxD.dtype)
+
+
+_KEY_POINT = {"pre": re.compile(r"blocks\.\d+\.attn\.k$"), "post": re.compile(r"blocks\.\d+\.attn\.rot_k$")}
+
+
+def _kv_hook(scheme: Scheme, _args, name: str, x):
+  if _KEY_POINT[scheme.kv_point].match(name):
+    return quant_keys(x, scheme.bits, scheme.kv_axis)
+  return x
+
+
+@functools.lru_cache(maxsize=None)
+def kv_hook(scheme: Scheme):
+  """A prefill hook for minilm.generate.greedy (hook(args, name, x)); one object per scheme, so
+  jit compiles it once."""
+  check(scheme.method == "kv", "scheme.method", f"kv_hook needs method 'kv'; got {scheme.method!r}")
+  return functools.partial(_kv_hook, scheme)
+
+
+def kv_intervene(scheme: Scheme):
+  """The same as an `intervene(name, x)` for Decoder.__call__ (teacher-forced scoring)."""
+  return functools.partial(kv_hook(scheme), None)

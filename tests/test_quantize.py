@@ -1,0 +1,183 @@
+"""Quantization schemes (analysis/quantize.py), their application to a Decoder and the C6 driver."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from analysis import quantize as Q
+from analysis import quantize_model as QM
+from minilm.config import ConfigError, ModelConfig
+from minilm.model import Decoder
+
+
+def correlated_inputs(rng, n, d, outlier=None):
+  """Rows with strongly correlated features (a low-rank mix plus noise), optionally one loud channel."""
+  x = rng.normal(size=(n, d // 4)) @ rng.normal(size=(d // 4, d)) + 0.1 * rng.normal(size=(n, d))
+  if outlier is not None:
+    x[:, outlier] *= 30
+  return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [0, 16])
+def test_rtn_error_within_half_step(bits, symmetric, group_size):
+  rng = np.random.default_rng(bits)
+  w = rng.standard_t(3, size=(64, 24)).astype(np.float32)  # heavy tails: a few large weights
+  spec = Q.QuantSpec(bits, symmetric, group_size)
+  w_hat = Q.rtn(w, spec)
+  groups = w.reshape(spec.groups(64), -1, 24)
+  for g, g_hat in zip(groups, w_hat.reshape(groups.shape)):
+    scale, _ = Q.grid(g, spec)
+    assert np.all(np.abs(g - g_hat) <= scale / 2 * (1 + 1e-5) + 1e-7)
+    levels = max(len(np.unique(g_hat[:, j])) for j in range(24))
+    assert levels <= 2 ** bits
+  if bits == 3:  # and rounding really happened
+    assert np.abs(w - w_hat).max() > 0
+
+
+def test_spec_rejects_bad_values():
+  with pytest.raises(ConfigError, match="quant.bits"):
+    Q.QuantSpec(bits=1)
+  with pytest.raises(ConfigError, match="quant.group_size"):
+    Q.rtn(np.zeros((10, 3)), Q.QuantSpec(4, group_size=4))
+  with pytest.raises(ConfigError, match="scheme.method"):
+    QM.Scheme("int4")
+
+
+def test_kept_columns_come_back_exactly():
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(32, 16)).astype(np.float32)
+  keep = np.zeros(16, bool)
+  keep[[2, 9]] = True
+  spec = Q.QuantSpec(3, group_size=8)
+  w_hat = Q.rtn_keep(w, spec, keep)
+  np.testing.assert_array_equal(w_hat[:, keep], w[:, keep])
+  np.testing.assert_array_equal(w_hat[:, ~keep], Q.rtn(w, spec)[:, ~keep])
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 0), (3, 0), (3, 32)])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size):
+  rng = np.random.default_rng(1)
+  x = correlated_inputs(rng, 1024, 128)
+  w = rng.normal(size=(128, 48)).astype(np.float32) * 0.05
+  spec = Q.QuantSpec(bits, group_size=group_size)
+  err_rtn = Q.output_error(x, w, Q.rtn(w, spec))
+  err_gptq = Q.output_error(x, w, Q.gptq(w, x.T @ x, spec, block=32))
+  assert err_gptq < 0.8 * err_rtn
+  # the result is on the grid: each column still takes at most 2^bits values per group
+  q = Q.gptq(w, x.T @ x, spec)
+  assert max(len(np.unique(c)) for c in q.reshape(spec.groups(128), -1, 48).transpose(0, 2, 1).reshape(-1, 128 // spec.groups(128))) <= 2 ** bits
+
+
+def test_gptq_zeroes_dead_inputs():
+  rng = np.random.default_rng(2)
+  x = correlated_inputs(rng, 256, 32)
+  x[:, 5] = 0
+  q = Q.gptq(rng.normal(size=(32, 8)), x.T @ x, Q.QuantSpec(4))
+  assert np.all(q[5] == 0) and np.all(np.isfinite(q))
+
+
+def test_awq_never_worse_than_rtn_on_its_objective():
+  rng = np.random.default_rng(3)
+  x = correlated_inputs(rng, 512, 64, outlier=7)
+  ws = [rng.normal(size=(64, 32)).astype(np.float32) for _ in range(2)]
+  spec = Q.QuantSpec(3, group_size=16)
+  s, alpha, errors = Q.awq_search(x, ws, spec, n_grid=10)
+  rtn_err = sum(Q.output_error(x, w, Q.rtn(w, spec)) for w in ws)
+  assert errors[0] == pytest.approx(rtn_err, rel=1e-6)  # alpha = 0 is plain RTN
+  chosen = sum(Q.output_error(x, w, Q.awq_scaled(w, s, spec)) for w in ws)
+  assert chosen == pytest.approx(errors.min(), rel=1e-6) and chosen <= rtn_err
+  assert alpha > 0  # with a loud input channel, scaling helps
+
+
+def test_smoothing_is_exact_before_rounding_and_helps_w8a8():
+  rng = np.random.default_rng(4)
+  x = correlated_inputs(rng, 256, 64, outlier=3)
+  w = rng.normal(size=(64, 32)).astype(np.float32)
+  s = Q.smooth_scales(np.abs(x).max(0), np.abs(w).max(1), alpha=0.5)
+  np.testing.assert_allclose((x / s) @ (w * s[:, None]), x @ w, rtol=1e-4, atol=1e-3)
+  spec = Q.QuantSpec(8, symmetric=True)
+  plain = np.sum((x @ w - Q.quant_tokens(x) @ Q.rtn(w, spec)) ** 2)
+  smooth = np.sum((x @ w - Q.quant_tokens(x / s) @ Q.rtn(w * s[:, None], spec)) ** 2)
+  assert smooth < plain
+
+
+def test_kv_per_channel_and_per_token_grids():
+  rng = np.random.default_rng(5)
+  k = rng.normal(size=(2, 40, 3, 8)).astype(np.float32)
+  k[..., 1] = k[..., 1] * 50 + 20  # an outlier channel, as keys have
+  k[:, :, 0, 4] = 0.7              # a constant channel
+  per_channel = np.asarray(QM.quant_keys(jnp.asarray(k), 3, "channel"))
+  per_token = np.asarray(QM.quant_keys(jnp.asarray(k), 3, "token"))
+  # per channel: each (batch, head, dim) takes <= 8 values over tokens; a constant channel is exact
+  assert max(len(np.unique(per_channel[b, :, h, d])) for b in range(2) for h in range(3) for d in range(8)) <= 8
+  np.testing.assert_allclose(per_channel[:, :, 0, 4], 0.7, rtol=1e-6)
+  # per token: each (batch, token, head) vector takes <= 8 values over dims
+  assert max(len(np.unique(per_token[b, t, h])) for b in range(2) for t in range(40) for h in range(3)) <= 8
+  # KVQuant's point: an outlier channel wrecks per-token grids for the other channels, not per-channel
+  others = [d for d in range(8) if d != 1]
+  err = lambda q: np.abs(q - k)[..., others].mean()
+  assert err(per_channel) < 0.2 * err(per_token)
+
+
+def test_kv_hook_touches_only_its_point():
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(1, 5, 2, 4)), jnp.float32)
+  pre = QM.kv_intervene(QM.Scheme("kv", bits=3, kv_point="pre"))
+  post = QM.kv_intervene(QM.Scheme("kv", bits=3, kv_point="post"))
+  assert not np.array_equal(pre("blocks.2.attn.k", x), x)
+  for name in ("blocks.2.attn.rot_k", "blocks.2.attn.q", "blocks.2.attn.v"):
+    assert np.array_equal(pre(name, x), x)
+  assert not np.array_equal(post("blocks.0.attn.rot_k", x), x) and np.array_equal(post("blocks.0.attn.k", x), x)
+  assert QM.kv_hook(QM.Scheme("kv", bits=3)) is QM.kv_hook(QM.Scheme("kv", bits=3))  # compiled once
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=32)
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  tokens = np.random.default_rng(0).integers(0, 64, (4, 16)).astype(np.int32)
+  return model, tokens
+
+
+def test_calibration_reads_the_true_linear_inputs(tiny):
+  model, tokens = tiny
+  x, _ = QM.embed(model, jnp.asarray(tokens))
+  (_, block, inputs), *_ = list(QM.calibrate(model, tokens))
+  np.testing.assert_allclose(inputs["attn.q"], np.asarray(block.attn_norm(x)).reshape(-1, 32), rtol=1e-6)
+  # the inputs reproduce the linear's own output
+  ref = np.asarray(block.mlp.down(jnp.asarray(inputs["mlp.down"])))
+  np.testing.assert_allclose(inputs["mlp.down"] @ np.asarray(block.mlp.down.kernel[...]), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_quantize_model_copies_and_quantizes_every_linear(tiny):
+  model, tokens = tiny
+  before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  scheme = QM.Scheme("rtn", bits=3, group_size=16)
+  quantized, _ = QM.quantize_model(model, scheme)
+  for layer, (block, qblock) in enumerate(zip(model.blocks, quantized.blocks)):
+    for name, lin in QM.block_linears(block).items():
+      np.testing.assert_array_equal(np.asarray(QM.block_linears(qblock)[name].kernel[...]),
+                                    Q.rtn(np.asarray(lin.kernel[...]), scheme.spec))
+  after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  assert all(np.array_equal(before[k], after[k]) for k in before)  # the original is untouched
+  np.testing.assert_array_equal(quantized.embed.embedding[...], model.embed.embedding[...])
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "smoothquant", "w8a8"])
+def test_calibrated_schemes_run_and_stay_close(tiny, method):
+  model, tokens = tiny
+  scheme = QM.Scheme(method, bits=4)
+  quantized, log = QM.quantize_model(model, scheme, tokens)
+  ref = np.asarray(model(jnp.asarray(tokens)))
+  out = np.asarray(quantized(jnp.asarray(tokens)))
+  err = np.abs(out - ref).max()
+  rtn_err = np.abs(np.asarray(QM.quantize_model(model, QM.Scheme("rtn", bits=4))[0](jnp.asarray(tokens))) - ref).max()
+  assert 0 < err and np.isfinite(out).all()
+  if method in ("smoothquant", "w8a8"):  # 8-bit everything: far closer than 4-bit weights
+    assert err < rtn_err
+
+
+def test_calibrated_scheme_needs_tokens(tiny):
+  with pytest.raises(ConfigError, match="calib"):
+    QM.quantize_model(tiny[0], QM.Scheme("gptq"))
