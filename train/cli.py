@@ -1,0 +1,90 @@
+"""`python -m train CONFIG [--set field=value ...]`: train every arm of an experiment config.
+
+CONFIG is a JSON file, or the name of one in configs/ ('default' = configs/default.json). Fields
+are dotted paths into the ExperimentConfig ('name', 'arms', 'train.model.d_model'); a path that
+does not start with 'name', 'train' or 'arms' is read inside 'train' ('steps=200' is
+'train.steps=200'). Values parse as JSON when they can ('1e5', 'true', '{"a": 1}'), else as strings.
+Bad input ends with one line 'error: <field>: <what is wrong>' and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from minilm import config as C
+from train.config import ExperimentConfig, load_experiment
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+TOP_FIELDS = {f.name for f in dataclasses.fields(ExperimentConfig)}
+
+
+def config_path(name: str) -> str:
+  if os.path.exists(name):
+    return name
+  candidate = os.path.join(CONFIGS, name if name.endswith(".json") else f"{name}.json")
+  if os.path.exists(candidate):
+    return candidate
+  available = sorted(f[:-5] for f in os.listdir(CONFIGS) if f.endswith(".json")) if os.path.isdir(CONFIGS) else []
+  raise C.ConfigError(f"config: no file {name!r} and no configs/{os.path.basename(candidate)}; "
+                      f"available: {', '.join(available)}")
+
+
+def parse_assignments(items: list[str]) -> dict[str, object]:
+  out = {}
+  for item in items:
+    field, sep, value = item.partition("=")
+    C.check(bool(sep) and bool(field), item or "--set", "expected field=value")
+    if field.split(".")[0] not in TOP_FIELDS:
+      field = f"train.{field}"
+    out[field] = C.parse_value(value)
+  return out
+
+
+def load(config: str, assignments: list[str]) -> ExperimentConfig:
+  """The experiment of a config file with command-line overrides, every arm validated."""
+  path = config_path(config)
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as err:
+    raise C.ConfigError(f"config: {path} is not valid JSON ({err})") from None
+  exp = load_experiment(data)
+  overrides = parse_assignments(assignments)
+  return load_experiment(C.to_dict(C.override(exp, overrides))) if overrides else exp
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+  p.add_argument("config", help="a JSON config file, or the name of one in configs/")
+  p.add_argument("--set", dest="assignments", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                 help="override a config field, e.g. --set steps=200 model.d_model=64 'arms={\"nope\": {}}'")
+  p.add_argument("--out", default="runs", help="runs directory (default: runs)")
+  p.add_argument("--arms", default=None, help="comma-separated arms to run (default: all, in order)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() first (multi-host; coordinator from the environment)")
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parser().parse_args(argv)
+  if args.distributed:
+    import jax
+    jax.distributed.initialize()
+  from train import paired
+  try:
+    exp = load(args.config, args.assignments)
+    if args.print_config:
+      print(json.dumps(C.to_dict(exp), indent=2))
+      return 0
+    arms = args.arms.split(",") if args.arms else None
+    runs = paired.plan(exp, args.out, arms)
+  except (C.ConfigError, FileNotFoundError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  paired.run_planned(runs, progress=not args.no_progress)
+  return 0

@@ -1,0 +1,55 @@
+"""Multi-device layout with jax.sharding: a 1-D 'data' mesh, the batch split along its rows.
+
+'data': params and optimizer state replicated, gradients all-reduced by XLA.
+'fsdp': every array with a dimension divisible by the device count is split along its largest such
+dimension (params, Adam moments alike), gathered by XLA where a matmul needs it.
+Multi-host: call jax.distributed.initialize() first; every process computes the same global batch
+(a pure function of (seed, step)) and places only the rows its devices hold.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from minilm.config import check
+
+AXIS = "data"
+
+
+def make_mesh(devices: int = 0) -> Mesh:
+  """A 1-D mesh over the first `devices` devices (0: all, across every host)."""
+  available = jax.devices()
+  n = devices or len(available)
+  check(n <= len(available), "parallel.devices", f"asks for {n} devices; only {len(available)} available")
+  return Mesh(np.array(available[:n]), (AXIS,))
+
+
+def leaf_spec(shape: tuple[int, ...], n: int, strategy: str) -> P:
+  if strategy != "fsdp" or n == 1:
+    return P()
+  dims = [d for d in range(len(shape)) if shape[d] % n == 0 and shape[d] >= n]
+  if not dims:
+    return P()
+  d = max(dims, key=lambda i: shape[i])
+  return P(*([None] * d + [AXIS]))
+
+
+def tree_shardings(tree, mesh: Mesh, strategy: str):
+  """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs) by the strategy's rule."""
+  n = mesh.devices.size
+  return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), n, strategy)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(AXIS))
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+  n = mesh.devices.size
+  check(batch_size % n == 0, "data.batch_size", f"must be divisible by the {n} devices of the mesh; got {batch_size}")
+
+
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Global arrays from the full host batch; each device receives only its rows (works multi-host)."""
+  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}

@@ -1,0 +1,97 @@
+"""The optimizer and one jitted, buffer-donating train step over (params, optimizer state).
+
+Weighted cross-entropy: sum(ce * weights) / sum(weights) over the whole batch. With gradient
+accumulation the batch is split into micro-batches scanned in order and the sums are divided once
+at the end, so the gradient equals the one of the full batch (up to float summation order).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from train import sharding
+from train.config import OptimConfig
+
+
+def lr_schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to lr, then cosine down to final_lr at `steps`."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(steps, cfg.warmup_steps + 1), end_value=cfg.final_lr)
+
+
+def optimizer(cfg: OptimConfig, steps: int) -> optax.GradientTransformation:
+  """AdamW after global-norm clipping; weight decay on matrices only (not norm scales)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  adamw = optax.adamw(lr_schedule(cfg, steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, mask=decay_mask)
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm else adamw
+
+
+def loss_sums(params, graphdef, rest, batch):
+  """(sum of weighted token cross-entropy, sum of weights) of one (micro-)batch."""
+  model = nnx.merge(graphdef, params, rest)
+  logits_BxTxV = model(batch["inputs"])
+  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+  weights_BxT = batch["weights"].astype(jnp.float32)
+  return (ce_BxT * weights_BxT).sum(), weights_BxT.sum()
+
+
+def weighted_loss(params, graphdef, rest, batch):
+  total, weight = loss_sums(params, graphdef, rest, batch)
+  return total / jnp.maximum(weight, 1e-9)
+
+
+def _grads(params, graphdef, rest, batch, accumulate: int):
+  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+  if accumulate == 1:
+    (total, weight), grads = grad_fn(params, graphdef, rest, batch)
+    return total, weight, grads
+  micro = jax.tree.map(lambda x: x.reshape(accumulate, x.shape[0] // accumulate, *x.shape[1:]), batch)
+
+  def body(carry, mb):
+    total, weight, grads = carry
+    (t, w), g = grad_fn(params, graphdef, rest, mb)
+    return (total + t, weight + w, jax.tree.map(jnp.add, grads, g)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (total, weight, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro)
+  return total, weight, grads
+
+
+def constrain(tree, mesh, strategy: str):
+  """Pin every leaf to the strategy's sharding (a no-op without a mesh)."""
+  if mesh is None:
+    return tree
+  n = mesh.devices.size
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, sharding.leaf_spec(x.shape, n, strategy))), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "mesh", "strategy"))
+def init_opt_state(params, *, cfg: OptimConfig, steps: int, mesh=None, strategy: str = "data"):
+  return constrain(optimizer(cfg, steps).init(params), mesh, strategy)
+
+
+@functools.partial(jax.jit, donate_argnames=("params", "opt_state"),
+                   static_argnames=("graphdef", "cfg", "steps", "mesh", "strategy"))
+def train_step(params, opt_state, rest, batch, step_index, *, graphdef, cfg: OptimConfig, steps: int,
+               mesh=None, strategy: str = "data"):
+  """One AdamW update on `batch` -> (params, opt_state, metrics); params and opt_state are donated.
+
+  Everything static is hashable config, so every run with the same model and optimizer reuses one
+  compiled step; `mesh`/`strategy` pin the outputs to the layout of the inputs (multi-device).
+  """
+  total, weight, grads = _grads(params, graphdef, rest, batch, cfg.accumulate)
+  scale = 1.0 / jnp.maximum(weight, 1e-9)
+  grads = jax.tree.map(lambda g: g * scale, grads)
+  updates, opt_state = optimizer(cfg, steps).update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  metrics = {"loss": total * scale, "grad_norm": optax.global_norm(grads),
+             "lr": lr_schedule(cfg, steps)(step_index), "weight": weight}
+  return constrain(params, mesh, strategy), constrain(opt_state, mesh, strategy), metrics
