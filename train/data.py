@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 
 import numpy as np
 
@@ -38,6 +39,7 @@ def _default_mixture() -> dict[str, float]:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """What a run trains on; families and formats are described in train.tasks and train.text."""
+  section: typing.ClassVar[str] = "data"   # from_dict/override name fields 'data.<field>'
   seq_len: int = 256
   batch_size: int = 16
   mixture: dict[str, float] = dataclasses.field(default_factory=_default_mixture)  # missing = 0
@@ -100,7 +102,8 @@ class DataConfig:
       if self.mixture[family] > 0:
         need = tasks.min_length(family, self)
         check(self.seq_len >= need, "data.seq_len",
-              f"must be >= {need} for family {family!r} with these task sizes; got {self.seq_len}")
+              f"must be >= {need} for family {family!r} with these task sizes (or give it mixture "
+              f"weight 0, or shrink its sizes); got {self.seq_len}")
     check(self.seq_len >= 8, "data.seq_len", f"must be >= 8; got {self.seq_len}")
 
   def __hash__(self):  # the mixture dict would make the generated hash fail
