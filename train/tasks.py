@@ -66,38 +66,38 @@ def filler(start: int, n: int) -> list[int]:
   return out
 
 
-def _compile(template: str) -> list:
-  """'{e} lives in {a}. ' -> ['e', bytes..., 'a', bytes...] (slots as strings, text as id lists)."""
-  parts = []
-  for i, chunk in enumerate(template.replace("{e}", "\0e\0").replace("{a}", "\0a\0").split("\0")):
-    if i % 2:
-      parts.append(chunk)
-    elif chunk:
-      parts.append(_b(chunk))
-  return parts
+class _Template:
+  """A fact template as token ids with the entity and attribute slots left to fill."""
+
+  def __init__(self, template: str):
+    self.toks, self.e_pos = [], []
+    for i, chunk in enumerate(template.replace("{e}", "\0e\0").replace("{a}", "\0a\0").split("\0")):
+      if i % 2:
+        if chunk == "e":
+          self.e_pos.append(len(self.toks))
+        else:
+          self.a_pos = len(self.toks)
+        self.toks.append(0)
+      else:
+        self.toks += _b(chunk)
+    self.flags = ([0] * len(self.toks), [int(j == self.a_pos) for j in range(len(self.toks))])
+
+  def __len__(self):
+    return len(self.toks)
+
+  def render(self, e: int, a: int, answer: int, toks: list, flags: list) -> None:
+    """Append the filled template to toks and its flags (1 on the attribute when `answer`)."""
+    filled = self.toks.copy()
+    for j in self.e_pos:
+      filled[j] = e
+    filled[self.a_pos] = a
+    toks += filled
+    flags += self.flags[answer]
 
 
-def _len(parts) -> int:
-  return sum(1 if isinstance(p, str) else len(p) for p in parts)
-
-
-_STATEMENTS = [_compile(t) for t in STATEMENTS]
-_QUESTION = _compile(QUESTION)
+_STATEMENTS = [_Template(t) for t in STATEMENTS]
+_QUESTION = _Template(QUESTION)
 _ALL_FACT_TEMPLATES = _STATEMENTS + [_QUESTION]
-_TEMPLATE_LEN = [_len(p) for p in _ALL_FACT_TEMPLATES]
-
-
-def _render(parts, e: int, a: int, answer: int, toks: list, flags: list) -> None:
-  for p in parts:
-    if p == "e":
-      toks.append(e)
-      flags.append(0)
-    elif p == "a":
-      toks.append(a)
-      flags.append(answer)
-    else:
-      toks += p
-      flags += [0] * len(p)
 
 
 # Generator.random is several times cheaper per call than Generator.integers/permutation/choice,
@@ -222,11 +222,11 @@ def recall(rng: np.random.Generator, cfg, budget: int, heldout: bool) -> Drawn |
 # ------------------------------------------------------------------ context facts and conflict
 
 _FACTS = _b("Facts: ")
-_LONGEST_STATEMENT = max(_len(p) for p in _STATEMENTS)
+_LONGEST_STATEMENT = max(map(len, _STATEMENTS))
 
 
 def _context_fixed(cfg) -> int:
-  return 2 + len(_FACTS) + cfg.facts_per_context * _LONGEST_STATEMENT + cfg.questions_per_context * _len(_QUESTION)
+  return 2 + len(_FACTS) + cfg.facts_per_context * _LONGEST_STATEMENT + cfg.questions_per_context * len(_QUESTION)
 
 
 def _context(rng: np.random.Generator, cfg, budget: int, conflict: bool) -> Drawn | None:
@@ -247,10 +247,10 @@ def _context(rng: np.random.Generator, cfg, budget: int, conflict: bool) -> Draw
             "memory_answer": np.array([attribute(int(kb[e]))], np.int32)}
   toks, flags = [BOS] + _FACTS, [0] * (1 + len(_FACTS))
   for i in range(n):
-    _render(_STATEMENTS[templates[i]], entity(int(ents[i])), attribute(int(attrs[i])), 0, toks, flags)
+    _STATEMENTS[templates[i]].render(entity(int(ents[i])), attribute(int(attrs[i])), 0, toks, flags)
   questions, qflags = [], []
   for i in asked:
-    _render(_QUESTION, entity(int(ents[i])), attribute(int(attrs[i])), 1, questions, qflags)
+    _QUESTION.render(entity(int(ents[i])), attribute(int(attrs[i])), 1, questions, qflags)
   gap = _gap(rng, cfg, budget - len(toks) - len(questions) - 1)
   toks += gap + questions + [EOS]
   flags += [0] * len(gap) + qflags + [0]
@@ -272,13 +272,13 @@ def conflict(rng, cfg, budget, heldout):
 def kb_facts(rng: np.random.Generator, cfg, budget: int, heldout: bool) -> Drawn | None:
   """Up to kb_facts_per_example random KB facts, each in a random template (statements or QA)."""
   kb = _kb(cfg)
-  ents = _below(rng, cfg.kb_entities, cfg.kb_facts_per_example).tolist()
-  templates = _below(rng, len(_ALL_FACT_TEMPLATES), cfg.kb_facts_per_example).tolist()
+  highs = np.array([[cfg.kb_entities], [len(_ALL_FACT_TEMPLATES)]])
+  ents, templates = _below(rng, highs, (2, cfg.kb_facts_per_example)).tolist()
   toks, flags = [BOS], [0]
   for e, t in zip(ents, templates):
-    if len(toks) + _TEMPLATE_LEN[t] + 1 > budget:
+    if len(toks) + len(_ALL_FACT_TEMPLATES[t]) + 1 > budget:
       break
-    _render(_ALL_FACT_TEMPLATES[t], entity(e), attribute(int(kb[e])), 1, toks, flags)
+    _ALL_FACT_TEMPLATES[t].render(entity(e), attribute(int(kb[e])), 1, toks, flags)
   if len(toks) == 1:
     return None
   return Drawn(toks + [EOS], flags + [0], {})
@@ -287,7 +287,7 @@ def kb_facts(rng: np.random.Generator, cfg, budget: int, heldout: bool) -> Drawn
 def kb_question(cfg, e: int) -> Drawn:
   """The closed-book question about KB entity e."""
   toks, flags = [BOS], [0]
-  _render(_QUESTION, entity(e), attribute(int(_kb(cfg)[e])), 1, toks, flags)
+  _QUESTION.render(entity(e), attribute(int(_kb(cfg)[e])), 1, toks, flags)
   return Drawn(toks + [EOS], flags + [0], {"entity": e})
 
 
@@ -303,4 +303,4 @@ def min_length(family: str, cfg) -> int:
     return _recall_fixed(cfg)
   if family in ("context_facts", "conflict"):
     return _context_fixed(cfg)
-  return 2 + max(_len(p) for p in _ALL_FACT_TEMPLATES)
+  return 2 + max(map(len, _ALL_FACT_TEMPLATES))
