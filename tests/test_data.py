@@ -205,9 +205,12 @@ def test_json_and_parquet_through_datasets(tmp_path, fmt):
     text.corpus(bad)
 
 
-def test_local_text_loads_with_hub_offline(tmp_path):
+def test_local_text_loads_offline_without_network(tmp_path):
   (tmp_path / "doc.txt").write_text("offline text")
-  code = ("from train import data, text; from train.tokenizer import Tokenizer\n"
+  code = ("import socket\n"
+          "def refuse(*a, **k): raise OSError('network used')\n"
+          "socket.socket.connect = socket.create_connection = refuse\n"
+          "from train import data, text; from train.tokenizer import Tokenizer\n"
           f"cfg = data.DataConfig(mixture={{'text': 1}}, seq_len=8, text_source='text', text_files=({str(tmp_path / 'doc.txt')!r},))\n"
           "print(Tokenizer().decode(text.corpus(cfg)))")
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -23,7 +23,7 @@ import numpy as np
 
 from minilm.config import check, check_choice, to_dict
 from train import tasks, text
-from train.tokenizer import BOS, EOS, PAD, Tokenizer
+from train.tokenizer import PAD, Tokenizer
 
 FAMILIES = tasks.TASK_FAMILIES + ("text",)
 EVAL_STREAM = 0xE7A1_5EED_0001   # far above any step, so no [seed, step] stream coincides
