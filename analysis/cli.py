@@ -1,0 +1,98 @@
+"""`python -m analysis <command> ...`: trace a run, redo plots or claims from a traced directory.
+
+Each command is a (name, add_arguments, run) entry of COMMANDS; later analyses (smollm2, disrupt,
+quantize) append theirs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from minilm.config import ConfigError
+
+
+def _stat_args(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("statistics")
+  g.add_argument("--lam", type=float, default=5.0, help="massive: M > lam * mean_d M (default 5)")
+  g.add_argument("--top-k", type=int, default=1, help="reference-code definition: top-k dims per head")
+  g.add_argument("--agree-k", type=int, default=2, help="cross-head agreement over top-k dims")
+  g.add_argument("--drop-first", action="store_true", help="leave token 0 (attention sink) out of M")
+
+
+def _stat_cfg(args):
+  from analysis.stats import StatConfig
+  return StatConfig(lam=args.lam, top_k=args.top_k, agree_k=args.agree_k, drop_first=args.drop_first)
+
+
+def _trace_args(p):
+  p.add_argument("run_dir", help="runs/<experiment> (paired arms) or one arm's directory")
+  p.add_argument("--out", default=None, help="output directory (default RUN_DIR/analysis)")
+  p.add_argument("--probes", type=int, default=64, help="number of probe prompts (default 64)")
+  p.add_argument("--length", type=int, default=None, help="probe length (default: the data seq_len)")
+  p.add_argument("--probe-seed", type=int, default=0)
+  p.add_argument("--batch", type=int, default=16, help="probes per jitted forward")
+  p.add_argument("--steps", type=int, nargs="*", default=None, help="only these checkpoint steps")
+  p.add_argument("--rope-arm", default=None)
+  p.add_argument("--nope-arm", default=None)
+  p.add_argument("--no-plots", action="store_true")
+  p.add_argument("--no-claims", action="store_true")
+  _stat_args(p)
+
+
+def _trace(args):
+  from analysis.trace import trace_run
+  store = trace_run(args.run_dir, args.out, n_probes=args.probes, length=args.length,
+                    probe_seed=args.probe_seed, stat_cfg=_stat_cfg(args), batch_size=args.batch,
+                    steps=args.steps, plots=not args.no_plots, claims=not args.no_claims,
+                    rope_arm=args.rope_arm, nope_arm=args.nope_arm)
+  print(f"wrote {store.root}")
+
+
+def _out_args(p):
+  p.add_argument("out", help="a traced output directory")
+
+
+def _plots(args):
+  from analysis.plots import plot_all
+  from analysis.trace import Store
+  for path in plot_all(Store(args.out)):
+    print(path)
+
+
+def _claims_args(p):
+  _out_args(p)
+  p.add_argument("--rope-arm", default=None)
+  p.add_argument("--nope-arm", default=None)
+
+
+def _claims(args):
+  from analysis import claims
+  from analysis.trace import Store
+  verdicts = claims.evaluate(Store(args.out), rope_arm=args.rope_arm, nope_arm=args.nope_arm)
+  claims.write_claims(verdicts, args.out)
+  print(claims.to_markdown(claims.load_claims(args.out)))
+
+
+COMMANDS = [
+    ("trace", "restore checkpoints, capture probes, write table/summary/plots/claims", _trace_args, _trace),
+    ("plots", "redraw the figures of a traced directory", _out_args, _plots),
+    ("claims", "recompute the C1-C4 verdicts of a traced directory", _claims_args, _claims),
+]
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, help_text, add, run in COMMANDS:
+    p = sub.add_parser(name, help=help_text)
+    add(p)
+    p.set_defaults(run=run)
+  args = parser.parse_args(argv)
+  from absl import logging   # orbax's read-only managers warn once per restored checkpoint
+  logging.set_verbosity(logging.ERROR)
+  try:
+    args.run(args)
+  except (ConfigError, ValueError, FileNotFoundError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  return 0

@@ -1,0 +1,232 @@
+"""Figures of a traced output directory (PNG and PDF under <out>/plots/), read from its files only.
+
+emergence.*          per layer: massive count, max/mean, low-frequency share vs step, arms overlaid
+layer_profile.*      the same statistics per layer at each arm's last step (C4)
+heatmap_<arm>_<step>.*   M[h, d] / mean_d M per layer and tensor, dims in rotary-frequency order
+pair_energy_<arm>.*  share of pair energy vs theta_j, one curve per layer, context boundary marked
+bars3d_<arm>.*       |rot_q| of one head over tokens x dims (the paper's 3D view), probe 0
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+from analysis import stats as S  # noqa: E402
+from analysis import trace as T  # noqa: E402
+
+METRICS = (("massive", "massive dims / head"), ("max_mean", "max / mean"), ("lf_share", "low-freq share"))
+SHOWN = ("rot_q", "rot_k", "v")
+STYLE = {"rot_q": "-", "rot_k": "--", "v": ":"}
+
+
+def _save(fig, store: T.Store, name: str) -> list[str]:
+  os.makedirs(store.path("plots"), exist_ok=True)
+  paths = [store.path("plots", f"{name}.{ext}") for ext in ("png", "pdf")]
+  for p in paths:
+    fig.savefig(p, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return paths
+
+
+def _summary(store: T.Store) -> dict:
+  with open(store.path("summary.json")) as f:
+    return json.load(f)
+
+
+def _colors(arms) -> dict:
+  cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  return {a: cycle[i % len(cycle)] for i, a in enumerate(arms)}
+
+
+def _series(groups, arm, layer, tensor, stat):
+  pts = sorted((g["step"], *g["stats"][stat]) for g in groups
+               if (g["arm"], g["layer"], g["tensor"]) == (arm, layer, tensor))
+  return np.array(pts, np.float64).reshape(-1, 4)
+
+
+def step_axis(ax, steps) -> callable:
+  """Log step axis: step 0 is drawn half a factor of two left of the first positive step and
+  labelled '0'; ticks at the traced steps (thinned to about 7). Returns step -> x."""
+  steps = sorted(set(steps))
+  positive = [s for s in steps if s > 0]
+  zero_at = min(positive) / 2 if positive else 1.0
+  ax.set_xscale("log")
+  picks = steps if len(steps) <= 7 else sorted({steps[int(round(i))] for i in np.linspace(0, len(steps) - 1, 7)})
+  ax.set_xticks([s if s > 0 else zero_at for s in picks], [str(s) for s in picks], fontsize=7)
+  ax.minorticks_off()
+  return lambda s: np.where(np.asarray(s) > 0, s, zero_at)
+
+
+def emergence(store: T.Store) -> list[str]:
+  summ = _summary(store)
+  groups, arms = summ["groups"], list(summ["arms"])
+  n_layers = max(f["n_layers"] for f in summ["arms"].values())
+  steps = {g["step"] for g in groups}
+  colors = _colors(arms)
+  fig, axes = plt.subplots(len(METRICS), n_layers, figsize=(3.2 * n_layers + 1, 2.6 * len(METRICS)),
+                           squeeze=False, sharex=True)
+  for r, (stat, label) in enumerate(METRICS):
+    for layer in range(n_layers):
+      ax = axes[r, layer]
+      place = step_axis(ax, steps)
+      for arm in arms:
+        for tensor in SHOWN:
+          s = _series(groups, arm, layer, tensor, stat)
+          if not len(s):
+            continue
+          x = place(s[:, 0])
+          ax.plot(x, s[:, 1], STYLE[tensor], color=colors[arm], marker=".", label=f"{arm} {tensor}")
+          ax.fill_between(x, s[:, 2], s[:, 3], color=colors[arm], alpha=0.12, linewidth=0)
+      _reference_line(ax, stat)
+      if r == 0:
+        ax.set_title(f"layer {layer}", fontsize=9)
+      if layer == 0:
+        ax.set_ylabel(label)
+      if r == len(METRICS) - 1:
+        ax.set_xlabel("step (log; 0 at left)")
+  axes[0, -1].legend(fontsize=6, loc="best")
+  fig.suptitle(f"Emergence over training (95% CI over prompts and heads; lam={summ['stats']['lam']:g})")
+  return _save(fig, store, "emergence")
+
+
+def _reference_line(ax, stat: str) -> None:
+  """The null 0.25 for low-frequency shares; counts start at 0."""
+  if stat == "lf_share":
+    ax.axhline(0.25, color="grey", lw=0.8, ls="-.")
+  if stat == "massive":
+    ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
+
+
+def layer_profile(store: T.Store) -> list[str]:
+  summ = _summary(store)
+  groups, arms = summ["groups"], list(summ["arms"])
+  colors = _colors(arms)
+  fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.2), squeeze=False)
+  for c, (stat, label) in enumerate(METRICS):
+    ax = axes[0, c]
+    for arm in arms:
+      last = max(g["step"] for g in groups if g["arm"] == arm)
+      for tensor in SHOWN:
+        pts = sorted((g["layer"], *g["stats"][stat]) for g in groups
+                     if (g["arm"], g["step"], g["tensor"]) == (arm, last, tensor))
+        p = np.array(pts, np.float64)
+        ax.errorbar(p[:, 0], p[:, 1], yerr=[p[:, 1] - p[:, 2], p[:, 3] - p[:, 1]], fmt=STYLE[tensor] + "o",
+                    color=colors[arm], ms=3, capsize=2, label=f"{arm} {tensor} (step {last})")
+    _reference_line(ax, stat)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(label)
+  axes[0, 0].legend(fontsize=6)
+  fig.suptitle("Layer profile at the last step")
+  return _save(fig, store, "layer_profile")
+
+
+def heatmap(store: T.Store, arm: str, step: int) -> list[str]:
+  meta = store.meta()
+  facts, cfg = meta["arms"][arm], T.stat_config(meta)
+  pairing = T.pairing_of(facts)
+  sums = store.load_sums(arm, step)
+  order = pairing.dim_order
+  sorted_pairs = pairing.pair_index[order]                       # -1 (unrotated) sorts last
+  n_lf = S.lf_pairs(pairing.n_pairs, cfg.lf_quarter)
+  lf_edges = (int(np.argmax(sorted_pairs == pairing.n_pairs - n_lf)) - 0.5,
+              int((sorted_pairs >= 0).sum()) - 0.5)
+  firsts = [i for i in range(len(order)) if i == 0 or sorted_pairs[i] != sorted_pairs[i - 1]]
+  ticks = firsts[::max(1, len(firsts) // 6)]
+  L = facts["n_layers"]
+  ratios = {}
+  for tensor in SHOWN:
+    for layer in range(L):
+      M = np.sqrt(sums[f"{layer}.{tensor}"].astype(np.float64).sum(0))
+      ratios[layer, tensor] = (M / M.mean(-1, keepdims=True))[:, order]
+  vmax = max(cfg.lam, max(r.max() for r in ratios.values()))
+  fig, axes = plt.subplots(len(SHOWN), L, figsize=(3.0 * L + 1, 2.4 * len(SHOWN)), squeeze=False,
+                           layout="constrained")
+  for r, tensor in enumerate(SHOWN):
+    for layer in range(L):
+      ratio = ratios[layer, tensor]
+      ax = axes[r, layer]
+      im = ax.imshow(ratio, aspect="auto", cmap="magma", interpolation="nearest", vmin=0, vmax=vmax)
+      for edge in lf_edges:
+        ax.axvline(edge, color="cyan", lw=1.2)
+      ax.set_xticks(ticks, [str(sorted_pairs[i]) for i in ticks], fontsize=6)
+      ax.set_yticks(range(ratio.shape[0]), [str(h) for h in range(ratio.shape[0])], fontsize=6)
+      ax.set_title(f"L{layer} {tensor}", fontsize=8)
+      if r == len(SHOWN) - 1:
+        ax.set_xlabel("rotary pair j (high -> low frequency; -1 unrotated)", fontsize=7)
+      if layer == 0:
+        ax.set_ylabel("head", fontsize=7)
+  fig.colorbar(im, ax=axes, fraction=0.03, label="M / mean_d M")
+  fig.suptitle(f"{arm} step {step}: M / mean_d M (between cyan lines: lowest-frequency quarter of pairs; "
+               f"massive > {cfg.lam:g}); pairing: {pairing.label}", fontsize=9)
+  return _save(fig, store, f"heatmap_{arm}_{step}")
+
+
+def pair_energy(store: T.Store, arm: str) -> list[str]:
+  summ, meta = _summary(store), store.meta()
+  pairing = T.pairing_of(meta["arms"][arm])
+  context = summ["context"]
+  last = max(g["step"] for g in summ["groups"] if g["arm"] == arm)
+  fig, axes = plt.subplots(1, len(SHOWN), figsize=(4.2 * len(SHOWN), 3.2), squeeze=False, sharey=True)
+  for c, tensor in enumerate(SHOWN):
+    ax = axes[0, c]
+    for g in summ["groups"]:
+      if (g["arm"], g["step"], g["tensor"]) == (arm, last, tensor):
+        ax.plot(pairing.theta, g["pair_share"], marker=".", label=f"layer {g['layer']}")
+    for factor, ls in ((1, "-"), (2, "--")):
+      j = S.context_pair(pairing.theta, factor * context)
+      if j < pairing.n_pairs:
+        ax.axvline(pairing.theta[j], color="k", ls=ls, lw=0.8, label=f"first wavelength > {factor}x ctx (j={j})")
+    ax.axhline(1 / pairing.n_pairs, color="grey", lw=0.8, ls="-.")
+    ax.set_xscale("log")
+    ax.set_xlabel("theta_j (rad/token; low frequency to the left)")
+    ax.set_title(tensor, fontsize=9)
+  axes[0, 0].set_ylabel("share of pair energy (head mean)")
+  axes[0, -1].legend(fontsize=6)
+  fig.suptitle(f"{arm} step {last}: where the mass sits in frequency ({pairing.label}; context {context:g})",
+               fontsize=9)
+  return _save(fig, store, f"pair_energy_{arm}")
+
+
+def bars3d(store: T.Store, arm: str, layer: int | None = None, head: int | None = None,
+           tensor: str = "rot_q", max_tokens: int = 48) -> list[str]:
+  """The paper-style 3D bars of |x| over tokens x dims for one head (default: the head with the
+  largest max/mean of `tensor` at the last step)."""
+  with np.load(store.path("tokens", f"{arm}.npz")) as z:
+    x, step = z[tensor].astype(np.float32), int(z["step"])
+  if layer is None or head is None:
+    M = np.sqrt((x.astype(np.float64) ** 2).sum(1))               # [L, H, D]
+    layer, head = np.unravel_index(np.argmax(S.max_mean(M)), M.shape[:2])
+  values = x[layer, :max_tokens, head]                             # [T, D]
+  T_, D = values.shape
+  tt, dd = np.meshgrid(np.arange(T_), np.arange(D), indexing="ij")
+  fig = plt.figure(figsize=(7, 5))
+  ax = fig.add_subplot(projection="3d")
+  ax.bar3d(dd.ravel(), tt.ravel(), 0, 0.8, 0.8, values.ravel(), shade=True,
+           color=plt.cm.viridis(values.ravel() / max(values.max(), 1e-12)))
+  ax.set_xlabel("dim")
+  ax.set_ylabel("token")
+  ax.set_zlabel(f"|{tensor}|")
+  ax.set_title(f"{arm} step {step}: layer {layer} head {head}, probe 0", fontsize=9)
+  return _save(fig, store, f"bars3d_{arm}")
+
+
+def plot_all(store: T.Store, heatmap_steps=None) -> list[str]:
+  """Every figure; heatmaps at `heatmap_steps` (default: each arm's first and last step)."""
+  meta = store.meta()
+  paths = emergence(store) + layer_profile(store)
+  for arm in meta["arms"]:
+    steps = store.steps(arm)
+    if not steps:
+      continue
+    for step in sorted({s for s in (heatmap_steps or (steps[0], steps[-1])) if s in steps}):
+      paths += heatmap(store, arm, step)
+    paths += pair_energy(store, arm)
+    if os.path.exists(store.path("tokens", f"{arm}.npz")):
+      paths += bars3d(store, arm)
+  return paths

@@ -1,0 +1,294 @@
+"""Statistics of massive values: norms M[h, d], massive dims, rotary-pair energy, bootstrap intervals.
+
+Everything follows /work/shared/SCIENCE.md. The only thing computed from full activations is
+`sum_squares` (jax, runs on device inside the traced forward); every other function takes norms
+M [..., H, D] (any leading batch dims, e.g. bootstrap replicates) and is plain numpy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from minilm import positions
+
+CONVENTION_BASE = 10000.0
+"""Pairing used for encodings without RoPE: half layout, base 1e4. A labelled convention only: the
+dim order of a NoPE model means nothing, so its low-frequency share has the null expectation."""
+
+
+# ------------------------------------------------------------------------------ norms (device side)
+
+def sum_squares(x, *, drop_first: bool = False, mask=None):
+  """Per-prompt sum over tokens of x^2: [B, T, H, D] -> [B, H, D] ([T, H, D] -> [H, D]).
+
+  Accumulated in float32 (or x's dtype if wider). drop_first leaves out token 0 (the attention-sink
+  position); mask [B, T] (or [T]) is 1/True on tokens to count, 0 on padding.
+  """
+  x = jnp.asarray(x)
+  if x.ndim not in (3, 4):
+    raise ValueError(f"x: expected [T, H, D] or [B, T, H, D]; got shape {x.shape}")
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  weight = jnp.ones(x.shape[:-2], x.dtype) if mask is None else jnp.asarray(mask, x.dtype)
+  if weight.shape != x.shape[:-2]:
+    raise ValueError(f"mask: expected shape {x.shape[:-2]} (prompts, tokens); got {weight.shape}")
+  if drop_first:
+    weight = weight.at[..., 0].set(0)
+  return jnp.einsum("...thd,...t->...hd", x * x, weight)
+
+
+def value_norms(x, *, drop_first: bool = False, mask=None, per_prompt: bool = False):
+  """M[h, d] = sqrt(sum over tokens (and prompts) of x[t, h, d]^2), SCIENCE.md's definition.
+
+  x: [T, H, D] or [B, T, H, D]; per_prompt=True keeps the prompt axis ([B, H, D]).
+  """
+  s = sum_squares(x, drop_first=drop_first, mask=mask)
+  if s.ndim == 3 and not per_prompt:
+    s = s.sum(0)
+  return jnp.sqrt(s)
+
+
+# ----------------------------------------------------------------------------- massive dimensions
+
+def massive_mask(M, lam: float = 5.0) -> np.ndarray:
+  """The paper's Definition: M[h, d] > lam * mean over d of M[h, :]."""
+  M = np.asarray(M)
+  return M > lam * M.mean(-1, keepdims=True)
+
+
+def top_k_mask(M, k: int) -> np.ndarray:
+  """The reference code's definition: the k largest dims of every head."""
+  M = np.asarray(M)
+  if not 1 <= k <= M.shape[-1]:
+    raise ValueError(f"k: must be in 1..{M.shape[-1]} (head_dim); got {k}")
+  top = np.argsort(-M, axis=-1, kind="stable")[..., :k]
+  mask = np.zeros(M.shape, bool)
+  np.put_along_axis(mask, top, True, axis=-1)
+  return mask
+
+
+def max_mean(M) -> np.ndarray:
+  M = np.asarray(M)
+  return M.max(-1) / np.maximum(M.mean(-1), np.finfo(np.float32).tiny)
+
+
+def kurtosis(M) -> np.ndarray:
+  """Excess kurtosis of each head's profile M[h, :] over dims (0 for a Gaussian-like profile;
+  about D for a single dominant dim): how few dims hold the norm."""
+  M = np.asarray(M, np.float64)
+  c = M - M.mean(-1, keepdims=True)
+  var = (c ** 2).mean(-1)
+  return (c ** 4).mean(-1) / np.maximum(var ** 2, 1e-300) - 3.0
+
+
+def agreement(M, k: int = 2) -> tuple[np.ndarray, float]:
+  """Cross-head agreement of a layer: for each head, the mean over the other heads of
+  |top_k(h) & top_k(h')| / k. Chance (uniformly random top-k sets) is k / D. NaN with one head."""
+  M = np.asarray(M)
+  H, D = M.shape[-2:]
+  top = top_k_mask(M, k).astype(np.float32)
+  overlap = np.einsum("...hd,...gd->...hg", top, top) / k
+  if H < 2:
+    return np.full(M.shape[:-1], np.nan), k / D
+  per_head = (overlap.sum(-1) - np.diagonal(overlap, axis1=-2, axis2=-1)) / (H - 1)
+  return per_head, k / D
+
+
+# --------------------------------------------------------------------------------- rotary pairs
+
+@dataclasses.dataclass(frozen=True)
+class Pairing:
+  """Which rotary pair every dim belongs to (-1: unrotated) and each pair's frequency theta_j."""
+  pair_index: np.ndarray   # [D] int, -1 for unrotated dims (partial RoPE)
+  theta: np.ndarray        # [P] rad/token of the rotated pairs, decreasing (low frequency = large j)
+  label: str               # e.g. 'rope half base=10000' or 'convention half base=10000 (nope)'
+  is_rope: bool
+
+  @property
+  def n_pairs(self) -> int:
+    return len(self.theta)
+
+  @property
+  def wavelength(self) -> np.ndarray:
+    return 2 * np.pi / self.theta
+
+  @property
+  def dim_order(self) -> np.ndarray:
+    """Dims sorted by rotary frequency (pair 0 first, both dims of a pair adjacent), unrotated last."""
+    key = np.where(self.pair_index < 0, self.n_pairs, self.pair_index)
+    return np.argsort(key, kind="stable")
+
+
+def pairing_for(position, head_dim: int) -> Pairing:
+  """The Pairing of a position config (minilm.encodings); non-RoPE encodings get the convention."""
+  if getattr(position, "kind", None) == "rope":
+    p = position
+    index = positions.rope_pair_index(head_dim, p.layout, p.fraction, p.partial)
+    theta = positions.rope_frequencies(head_dim, p.base, p.fraction, p.partial)
+    extra = "" if (p.fraction, p.partial) == (1.0, "neox") else f" fraction={p.fraction} {p.partial}"
+    return Pairing(index, theta, f"rope {p.layout} base={p.base:g}{extra}", True)
+  index = positions.rope_pair_index(head_dim, "half")
+  theta = positions.rope_frequencies(head_dim, CONVENTION_BASE)
+  kind = getattr(position, "kind", str(position))
+  return Pairing(index, theta, f"convention half base={CONVENTION_BASE:g} ({kind})", False)
+
+
+def pair_energy(M, pair_index) -> np.ndarray:
+  """E[..., h, j] = sum of M[..., h, d]^2 over the dims d of pair j (unrotated dims left out)."""
+  M2 = np.asarray(M, np.float64) ** 2
+  pair_index = np.asarray(pair_index)
+  P = int(pair_index.max()) + 1
+  onehot = (pair_index[:, None] == np.arange(P)[None, :]).astype(np.float64)
+  return M2 @ onehot
+
+
+def unrotated_share(M, pair_index) -> np.ndarray:
+  """Share of sum_d M^2 in dims that RoPE leaves unrotated (0 without partial RoPE)."""
+  M2 = np.asarray(M, np.float64) ** 2
+  return M2[..., np.asarray(pair_index) < 0].sum(-1) / np.maximum(M2.sum(-1), 1e-300)
+
+
+def lf_pairs(n_pairs: int, quarter: float = 0.25) -> int:
+  """How many of the lowest-frequency pairs form the low-frequency band (at least one)."""
+  return max(1, int(round(quarter * n_pairs)))
+
+
+def lf_share(E, quarter: float = 0.25) -> tuple[np.ndarray, float]:
+  """(share of rotary-pair energy in the lowest-frequency `quarter` of pairs, its null n_lf/P)."""
+  E = np.asarray(E)
+  P = E.shape[-1]
+  n = lf_pairs(P, quarter)
+  return E[..., P - n:].sum(-1) / np.maximum(E.sum(-1), 1e-300), n / P
+
+
+def context_pair(theta, context: float) -> int:
+  """First pair j whose wavelength 2*pi/theta_j exceeds `context` tokens (P if none does)."""
+  beyond = np.nonzero(2 * np.pi / np.asarray(theta) > context)[0]
+  return int(beyond[0]) if len(beyond) else len(theta)
+
+
+BAND = (0.5, 4.0)
+"""The boundary band: pairs whose wavelength lies in (0.5 * context, 4 * context], one octave
+either side of the [context, 2 * context] stretch where the small-scale runs put the mass."""
+
+
+def band_share(E, theta, context: float, band=BAND) -> tuple[np.ndarray, float]:
+  """(share of rotary-pair energy in the boundary band, its null = band pairs / P)."""
+  wl = 2 * np.pi / np.asarray(theta)
+  inside = (wl > band[0] * context) & (wl <= band[1] * context)
+  E = np.asarray(E)
+  return E[..., inside].sum(-1) / np.maximum(E.sum(-1), 1e-300), float(inside.mean())
+
+
+# ---------------------------------------------------------------------------- per-head summaries
+
+PER_HEAD = ("massive", "topk_massive", "max_mean", "kurtosis", "agreement", "lf_share", "band_share",
+            "unrot_share", "peak_pair", "peak_wl_ctx", "peak_minus_ctx", "peak_minus_2ctx")
+"""The per-head statistics `head_stats` returns, in table-column order."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StatConfig:
+  """Every choice behind the statistics (SCIENCE.md: expose each as a parameter)."""
+  lam: float = 5.0          # massive: M > lam * mean_d M
+  top_k: int = 1            # reference-code definition: the top_k dims of every head
+  agree_k: int = 2          # cross-head agreement over each head's top agree_k dims
+  lf_quarter: float = 0.25  # low-frequency band: this fraction of the pairs with lowest frequency
+  band: tuple = BAND        # boundary band in multiples of the context length
+  drop_first: bool = False  # leave token 0 (attention-sink position) out of M
+
+  def __post_init__(self):
+    from minilm.config import check
+    check(self.lam > 0, "lam", f"must be > 0; got {self.lam}")
+    check(self.top_k >= 1, "top_k", f"must be >= 1; got {self.top_k}")
+    check(self.agree_k >= 1, "agree_k", f"must be >= 1; got {self.agree_k}")
+    check(0 < self.lf_quarter < 1, "lf_quarter", f"must be in (0, 1); got {self.lf_quarter}")
+    check(len(self.band) == 2 and 0 < self.band[0] < self.band[1], "band",
+          f"must be two increasing positive multiples of the context; got {self.band}")
+
+
+def head_stats(M, pairing: Pairing, context: float, cfg: StatConfig = StatConfig()) -> dict:
+  """All per-head statistics of norms M [..., H, D] -> {name: [..., H]} (see PER_HEAD), plus the
+  per-group constants under 'null': chance levels and boundary pairs."""
+  M = np.asarray(M, np.float64)
+  E = pair_energy(M, pairing.pair_index)
+  lf, lf_null = lf_share(E, cfg.lf_quarter)
+  band, band_null = band_share(E, pairing.theta, context, cfg.band)
+  agree, agree_chance = agreement(M, min(cfg.agree_k, M.shape[-1]))
+  peak = E.argmax(-1)
+  j_ctx, j_2ctx = context_pair(pairing.theta, context), context_pair(pairing.theta, 2 * context)
+  out = {
+      "massive": massive_mask(M, cfg.lam).sum(-1).astype(np.float64),
+      "topk_massive": _topk_massive(M, cfg),
+      "max_mean": max_mean(M),
+      "kurtosis": kurtosis(M),
+      "agreement": agree,
+      "lf_share": lf,
+      "band_share": band,
+      "unrot_share": unrotated_share(M, pairing.pair_index),
+      "peak_pair": peak.astype(np.float64),
+      "peak_wl_ctx": pairing.wavelength[peak] / context,
+      "peak_minus_ctx": (peak - j_ctx).astype(np.float64),
+      "peak_minus_2ctx": (peak - j_2ctx).astype(np.float64),
+  }
+  out["null"] = {"lf_share": lf_null, "band_share": band_null, "agreement": agree_chance,
+                 "ctx_pair": j_ctx, "ctx2_pair": j_2ctx, "n_pairs": pairing.n_pairs}
+  return out
+
+
+def _topk_massive(M, cfg: StatConfig) -> np.ndarray:
+  """How many of a head's top_k dims also pass the lam test (the two definitions agree when = k)."""
+  k = min(cfg.top_k, M.shape[-1])
+  return (top_k_mask(M, k) & massive_mask(M, cfg.lam)).sum(-1).astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------- bootstrap
+
+def prompt_counts(n_prompts: int, n_boot: int, seed: int = 0) -> np.ndarray:
+  """[n_boot, n_prompts] multinomial counts: each row resamples the prompts with replacement."""
+  rng = np.random.default_rng(seed)
+  return rng.multinomial(n_prompts, np.full(n_prompts, 1.0 / n_prompts), size=n_boot).astype(np.float64)
+
+
+def boot_norms(S_BxHxD, counts_NxB) -> np.ndarray:
+  """Norms M [n_boot, H, D] of each resampled prompt set from per-prompt sums of squares."""
+  S = np.asarray(S_BxHxD, np.float64)
+  B, H, D = S.shape
+  return np.sqrt(np.maximum(counts_NxB @ S.reshape(B, H * D), 0.0)).reshape(-1, H, D)
+
+
+def resample_units(values_NxU, seed: int = 0) -> np.ndarray:
+  """Mean over units (heads), resampled with replacement independently in each replicate [N]."""
+  values = np.asarray(values_NxU, np.float64)
+  N, U = values.shape
+  idx = np.random.default_rng(seed).integers(0, U, size=(N, U))
+  return np.nanmean(np.take_along_axis(values, idx, axis=1), axis=1)
+
+
+def interval(samples, level: float = 0.95) -> tuple[float, float]:
+  a = (1 - level) / 2
+  s = np.asarray(samples, np.float64)
+  s = s[np.isfinite(s)]
+  if not len(s):
+    return math.nan, math.nan
+  return float(np.quantile(s, a)), float(np.quantile(s, 1 - a))
+
+
+def pooled(groups, stats, pairing: Pairing, context: float, cfg: StatConfig, counts,
+           seed: int = 0) -> dict:
+  """Means of per-head statistics over every head of `groups` (a list of per-prompt sums of squares
+  [B, H, D], e.g. rot_q and rot_k of all layers) with bootstrap replicates:
+  {stat: (point, replicates [n_boot])}. Prompts are resampled by `counts` (share them between arms
+  to pair the arms), heads are resampled within each replicate."""
+  points = [head_stats(np.sqrt(np.asarray(S, np.float64).sum(0)), pairing, context, cfg) for S in groups]
+  reps = [head_stats(boot_norms(S, counts), pairing, context, cfg) for S in groups]
+  out = {}
+  for stat in stats:
+    point = np.concatenate([p[stat] for p in points])
+    finite = np.isfinite(point)
+    value = float(point[finite].mean()) if finite.any() else math.nan
+    out[stat] = (value, resample_units(np.concatenate([r[stat] for r in reps], axis=1), seed)
+                 if finite.any() else np.full(len(counts), math.nan))
+  return out

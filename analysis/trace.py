@@ -1,0 +1,398 @@
+"""Trace checkpoints: one jitted forward per probe batch, norms on device, a tidy table on the host.
+
+Output directory (everything plots and claims need, so they never touch a model):
+  probes.npy, mask.npy       the probe tokens [N, T] and the tokens counted (1) or padding (0)
+  meta.json                  capture settings, statistic settings, per-arm model facts and pairing
+  sums/<arm>/<step>.npz      per-prompt sums of squares '<layer>.<tensor>' -> [N, H, D] (the cache)
+  tokens/<arm>.npz           |x| of probe 0 for q, rot_q, rot_k, v: [L, T, H, D] float16, final step
+  table.csv                  one row per arm x step x layer x tensor x head (columns: ROW_KEYS,
+                             stats.PER_HEAD, NULL_KEYS)
+  summary.json               per arm x step x layer x tensor: each statistic's head mean and
+                             bootstrap interval over prompts and heads; the pair-energy profile
+  timing.jsonl               per invocation: seconds restoring, in the forward pass (compiling
+                             calls apart), in statistics, in plots and claims
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from analysis import stats as S
+from minilm import capture
+from minilm.config import ConfigError, to_dict
+
+TENSORS = ("q", "k", "v", "rot_q", "rot_k")
+TOKEN_TENSORS = ("q", "rot_q", "rot_k", "v")
+ROW_KEYS = ("arm", "step", "layer", "tensor", "head", "position", "pairing", "norm")
+NULL_KEYS = ("lf_null", "band_null", "agree_chance", "ctx_pair", "ctx2_pair", "n_pairs")
+N_BOOT = 1000
+"""Bootstrap replicates for the summary intervals (prompts and heads resampled)."""
+BOOT_SEED = 0
+
+
+# ---------------------------------------------------------------------------------- device part
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "drop_first"))
+def _batch_sums(graphdef, state, tokens_BxT, mask_BxT, drop_first):
+  model = nnx.merge(graphdef, state)
+  _, cache = capture.run(model, tokens_BxT, points=TENSORS)
+  per_layer = jax.vmap(lambda x: S.sum_squares(x, drop_first=drop_first, mask=mask_BxT))
+  return {t: per_layer(cache.stack(f"attn.{t}")) for t in TENSORS}
+
+
+def capture_sums(model, probes_NxT, mask_NxT=None, *, drop_first: bool = False, batch_size: int = 16,
+                 timing: dict | None = None) -> dict[str, np.ndarray]:
+  """Per-prompt sums of squares {'<layer>.<tensor>': [N, H, D] float32} of q, k, v, rot_q, rot_k.
+
+  One jitted forward per batch (the last batch is padded with masked rows, so nothing recompiles);
+  only [L, B, H, D] per tensor leaves the device. `timing` (a dict) accumulates 'forward_s' and,
+  for calls that compiled, 'compile_forward_s' (seconds, transfers of the sums included).
+  """
+  probes = np.asarray(probes_NxT, np.int32)
+  if probes.ndim != 2:
+    raise ValueError(f"probes: expected [N, T] token ids; got shape {probes.shape}")
+  mask = np.ones(probes.shape, np.float32) if mask_NxT is None else np.asarray(mask_NxT, np.float32)
+  if mask.shape != probes.shape:
+    raise ValueError(f"mask: expected shape {probes.shape}; got {mask.shape}")
+  N, B = len(probes), min(batch_size, len(probes))
+  pad = -N % B
+  probes = np.concatenate([probes, np.zeros((pad, probes.shape[1]), np.int32)])
+  mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), np.float32)])
+  graphdef, state = nnx.split(model)
+  chunks = {t: [] for t in TENSORS}
+  for i in range(0, len(probes), B):
+    compiled, start = _batch_sums._cache_size(), time.perf_counter()
+    out = _batch_sums(graphdef, state, jnp.asarray(probes[i:i + B]), jnp.asarray(mask[i:i + B]), drop_first)
+    for t in TENSORS:
+      chunks[t].append(np.asarray(out[t]))
+    if timing is not None:   # a call that grew the jit cache paid for compilation
+      key = "compile_forward_s" if _batch_sums._cache_size() > compiled else "forward_s"
+      timing[key] = timing.get(key, 0.0) + time.perf_counter() - start
+  sums = {}
+  for t in TENSORS:
+    stacked = np.concatenate(chunks[t], axis=1)[:, :N]   # [L, N, H, D]
+    for layer, s in enumerate(stacked):
+      sums[f"{layer}.{t}"] = s
+  return sums
+
+
+def token_values(model, tokens_T) -> dict[str, np.ndarray]:
+  """|x| [L, T, H, D] (float16) of one prompt for TOKEN_TENSORS: the 3D bar view's data."""
+  _, cache = capture.run(model, jnp.asarray(tokens_T, jnp.int32)[None], points=TOKEN_TENSORS)
+  return {t: np.abs(np.asarray(cache.stack(f"attn.{t}"))[:, 0]).astype(np.float16) for t in TOKEN_TENSORS}
+
+
+# ------------------------------------------------------------------------------------ host part
+
+def arm_facts(model) -> dict:
+  """What the statistics need to know about a model, JSON-ready."""
+  cfg = model.cfg
+  return {"position": cfg.position.kind, "position_cfg": to_dict(cfg)["position"],
+          "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "kv_heads": cfg.kv_heads,
+          "head_dim": cfg.dim_per_head}
+
+
+def pairing_of(facts: dict) -> S.Pairing:
+  from minilm.config import from_dict
+  from minilm.encodings import PositionConfig
+  return S.pairing_for(from_dict(PositionConfig, facts["position_cfg"]), facts["head_dim"])
+
+
+def layer_tensor_keys(sums: dict):
+  """[(layer, tensor)] in layer, then TENSORS order."""
+  keys = [(int(k.split(".")[0]), k.split(".", 1)[1]) for k in sums]
+  return sorted(keys, key=lambda lt: (lt[0], TENSORS.index(lt[1])))
+
+
+def rows_for(sums: dict, facts: dict, context: float, cfg: S.StatConfig, arm: str, step: int) -> list[dict]:
+  """The tidy rows of one (arm, step): one per layer x tensor x head."""
+  pairing = pairing_of(facts)
+  rows = []
+  for layer, tensor in layer_tensor_keys(sums):
+    M = np.sqrt(sums[f"{layer}.{tensor}"].astype(np.float64).sum(0))
+    st = S.head_stats(M, pairing, context, cfg)
+    null = st["null"]
+    for h in range(M.shape[0]):
+      row = {"arm": arm, "step": step, "layer": layer, "tensor": tensor, "head": h,
+             "position": facts["position"], "pairing": pairing.label, "norm": float(np.sqrt((M[h] ** 2).sum()))}
+      row.update({k: float(st[k][h]) for k in S.PER_HEAD})
+      row.update({"lf_null": null["lf_share"], "band_null": null["band_share"],
+                  "agree_chance": null["agreement"], "ctx_pair": null["ctx_pair"],
+                  "ctx2_pair": null["ctx2_pair"], "n_pairs": null["n_pairs"]})
+      rows.append(row)
+  return rows
+
+
+def summary_for(sums: dict, facts: dict, context: float, cfg: S.StatConfig, arm: str, step: int,
+                n_boot: int = N_BOOT) -> list[dict]:
+  """Per layer x tensor: {stat: [head mean, lo, hi]} (95% bootstrap over prompts and heads)."""
+  pairing = pairing_of(facts)
+  n_prompts = len(next(iter(sums.values())))
+  counts = S.prompt_counts(n_prompts, n_boot, BOOT_SEED)
+  groups = []
+  for layer, tensor in layer_tensor_keys(sums):
+    s = sums[f"{layer}.{tensor}"]
+    pooled = S.pooled([s], S.PER_HEAD, pairing, context, cfg, counts, BOOT_SEED)
+    M = np.sqrt(s.astype(np.float64).sum(0))
+    E = S.pair_energy(M, pairing.pair_index)
+    share = (E / np.maximum(E.sum(-1, keepdims=True), 1e-300)).mean(0)
+    groups.append({"arm": arm, "step": step, "layer": layer, "tensor": tensor, "heads": int(M.shape[0]),
+                   "stats": {k: [v, *S.interval(reps)] for k, (v, reps) in pooled.items()},
+                   "null": S.head_stats(M, pairing, context, cfg)["null"],
+                   "pair_share": share.tolist()})
+  return groups
+
+
+# ----------------------------------------------------------------------------- output directory
+
+@dataclasses.dataclass(frozen=True)
+class Store:
+  """Paths of one analysis output directory."""
+  root: str
+
+  def path(self, *parts) -> str:
+    return os.path.join(self.root, *parts)
+
+  def sums_path(self, arm: str, step: int) -> str:
+    return self.path("sums", arm, f"{step:08d}.npz")
+
+  def steps(self, arm: str) -> list[int]:
+    folder = self.path("sums", arm)
+    if not os.path.isdir(folder):
+      return []
+    return sorted(int(f[:-4]) for f in os.listdir(folder) if f.endswith(".npz") and f[:-4].isdigit())
+
+  def load_sums(self, arm: str, step: int) -> dict:
+    with np.load(self.sums_path(arm, step)) as z:
+      return {k: z[k] for k in z.files}
+
+  def save_sums(self, arm: str, step: int, sums: dict) -> None:
+    os.makedirs(self.path("sums", arm), exist_ok=True)
+    tmp = self.sums_path(arm, step) + ".tmp.npz"
+    np.savez(tmp, **sums)
+    os.replace(tmp, self.sums_path(arm, step))   # a killed run never leaves half a step behind
+
+  def meta(self) -> dict:
+    if not os.path.exists(self.path("meta.json")):
+      return {}
+    with open(self.path("meta.json")) as f:
+      return json.load(f)
+
+  def write_json(self, name: str, data) -> None:
+    os.makedirs(self.root, exist_ok=True)
+    with open(self.path(name), "w") as f:
+      json.dump(data, f, indent=1, default=_json_default)
+
+
+def _json_default(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def _capture_settings(probes, mask, drop_first) -> dict:
+  return {"n_probes": int(probes.shape[0]), "length": int(probes.shape[1]), "drop_first": bool(drop_first),
+          "probe_checksum": int(np.asarray(probes, np.int64).sum() * 31 + np.asarray(mask).sum())}
+
+
+def open_store(out_dir: str, probes, mask, drop_first: bool, context: float, stat_cfg: S.StatConfig,
+               extra: dict | None = None) -> Store:
+  """Create or reopen an output directory; refuse to mix captures made with other probes/settings."""
+  store = Store(out_dir)
+  capture_cfg = _capture_settings(probes, mask, drop_first)
+  meta = store.meta()
+  if meta and meta.get("capture") != capture_cfg:
+    raise ConfigError(f"out: {out_dir} holds a trace with other probes or capture settings "
+                      f"({meta.get('capture')}); use another --out or delete it")
+  os.makedirs(out_dir, exist_ok=True)
+  np.save(store.path("probes.npy"), np.asarray(probes, np.int32))
+  np.save(store.path("mask.npy"), np.asarray(mask, np.float32))
+  meta.update({"capture": capture_cfg, "context": float(context), "stats": to_dict(stat_cfg),
+               "arms": meta.get("arms", {}), **(extra or {})})
+  store.write_json("meta.json", meta)
+  return store
+
+
+def stat_config(meta: dict) -> S.StatConfig:
+  from minilm.config import from_dict
+  return from_dict(S.StatConfig, meta["stats"])
+
+
+def rebuild(store: Store, n_boot: int = N_BOOT) -> tuple[list[dict], list[dict]]:
+  """table.csv and summary.json from every cached (arm, step): cheap, so settings of the statistics
+  (lam, bands, ...) can change without another forward pass."""
+  meta = store.meta()
+  cfg, context = stat_config(meta), meta["context"]
+  rows, groups = [], []
+  for arm, facts in meta["arms"].items():
+    for step in store.steps(arm):
+      sums = store.load_sums(arm, step)
+      rows += rows_for(sums, facts, context, cfg, arm, step)
+      groups += summary_for(sums, facts, context, cfg, arm, step, n_boot)
+  write_table(store.path("table.csv"), rows)
+  store.write_json("summary.json", {"context": context, "stats": meta["stats"], "n_boot": n_boot,
+                                    "arms": meta["arms"], "groups": groups})
+  return rows, groups
+
+
+def write_table(path: str, rows: list[dict]) -> None:
+  columns = list(ROW_KEYS) + list(S.PER_HEAD) + list(NULL_KEYS)
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(tmp, path)
+
+
+def read_table(path: str) -> list[dict]:
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------- entry points
+
+def trace_model(model, probes_NxT, *, mask_NxT=None, arm: str = "model", step: int = 0,
+                context: float | None = None, stat_cfg: S.StatConfig = S.StatConfig(),
+                batch_size: int = 16) -> list[dict]:
+  """Table rows of any Decoder on any probe tokens (no files): one per layer x tensor x head.
+
+  context: tokens for the wavelength boundary (default: the probe length).
+  """
+  probes = np.asarray(probes_NxT)
+  sums = capture_sums(model, probes, mask_NxT, drop_first=stat_cfg.drop_first, batch_size=batch_size)
+  return rows_for(sums, arm_facts(model), context or probes.shape[1], stat_cfg, arm, step)
+
+
+def record_step(store: Store, model, arm: str, step: int, *, final: bool, batch_size: int = 16,
+                timing: dict | None = None) -> None:
+  """Capture one (arm, step) into the store (sums, arm facts, and the token view if final)."""
+  meta = store.meta()
+  probes, mask = np.load(store.path("probes.npy")), np.load(store.path("mask.npy"))
+  facts = arm_facts(model)
+  known = meta["arms"].get(arm)
+  if known and known != facts:
+    raise ConfigError(f"arm: {arm!r} in {store.root} was traced from another model ({known['position']}, "
+                      f"{known['n_layers']} layers); use another --out")
+  if not known:
+    meta["arms"][arm] = facts
+    store.write_json("meta.json", meta)
+  sums = capture_sums(model, probes, mask, drop_first=meta["capture"]["drop_first"], batch_size=batch_size,
+                      timing=timing)
+  store.save_sums(arm, step, sums)
+  if final:
+    os.makedirs(store.path("tokens"), exist_ok=True)
+    np.savez(store.path("tokens", f"{arm}.npz"), step=step, tokens=probes[0],
+             **token_values(model, probes[0]))
+
+
+def analyze_model(model, probes_NxT, out_dir: str, *, mask_NxT=None, arm: str = "model", step: int = 0,
+                  context: float | None = None, stat_cfg: S.StatConfig = S.StatConfig(),
+                  batch_size: int = 16, plots: bool = True, claims: bool = True) -> Store:
+  """A single model as one arm and one step: the same files a traced run gets (table, summary,
+  plots, claims). For pretrained imports such as SmolLM2."""
+  probes = np.asarray(probes_NxT, np.int32)
+  mask = np.ones(probes.shape, np.float32) if mask_NxT is None else np.asarray(mask_NxT, np.float32)
+  store = open_store(out_dir, probes, mask, stat_cfg.drop_first, context or probes.shape[1], stat_cfg)
+  timing = {}
+  record_step(store, model, arm, step, final=True, batch_size=batch_size, timing=timing)
+  rebuild(store)
+  finish(store, plots=plots, claims=claims)
+  return store
+
+
+def finish(store: Store, *, plots: bool = True, claims: bool = True, rope_arm=None, nope_arm=None) -> None:
+  if plots:
+    from analysis import plots as P
+    P.plot_all(store)
+  if claims:
+    from analysis import claims as CL
+    CL.write_claims(CL.evaluate(store, rope_arm=rope_arm, nope_arm=nope_arm), store.root)
+
+
+# ------------------------------------------------------------------------------- run directories
+
+def run_arms(run_dir: str) -> dict[str, str]:
+  """{arm name: arm dir} of a paired run (experiment.json + arm dirs) or of a single arm dir."""
+  run_dir = os.path.normpath(run_dir)
+  if os.path.exists(os.path.join(run_dir, "config.json")) and os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    return {os.path.basename(run_dir): run_dir}
+  if not os.path.isdir(run_dir):
+    raise ConfigError(f"run_dir: {run_dir} is not a directory")
+  order = []
+  if os.path.exists(os.path.join(run_dir, "experiment.json")):
+    with open(os.path.join(run_dir, "experiment.json")) as f:
+      order = list(json.load(f).get("arms", {}))
+  found = sorted(d for d in os.listdir(run_dir) if os.path.exists(os.path.join(run_dir, d, "config.json")))
+  arms = [a for a in order if a in found] + [a for a in found if a not in order]
+  if not arms:
+    raise ConfigError(f"run_dir: {run_dir} has no arm (a folder with config.json and checkpoints/)")
+  return {a: os.path.join(run_dir, a) for a in arms}
+
+
+PROBE_SEED = 0
+"""Default seed of train.data.probe_tokens for the probe set."""
+
+
+def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, length: int | None = None,
+              probe_seed: int = PROBE_SEED, stat_cfg: S.StatConfig = S.StatConfig(), batch_size: int = 16,
+              steps=None, plots: bool = True, claims: bool = True, rope_arm=None, nope_arm=None,
+              log=print) -> Store:
+  """Restore every checkpoint of every arm, capture the probes, write table/summary/plots/claims.
+
+  Resumable: (arm, step) already captured in out_dir are skipped. The probe set comes from the first
+  arm's data config (train.data.probe_tokens), length defaulting to its seq_len; it is saved as
+  probes.npy and reused on later runs.
+  """
+  from train import checkpoints as ck
+  from train.data import probe_tokens
+  from train.tokenizer import Tokenizer
+  t0 = time.perf_counter()
+  arms = run_arms(run_dir)
+  out_dir = out_dir or os.path.join(run_dir, "analysis")
+  first = ck.load_config(next(iter(arms.values())))
+  length = length or first.data.seq_len
+  if os.path.exists(os.path.join(out_dir, "probes.npy")):
+    probes = np.load(os.path.join(out_dir, "probes.npy"))
+  else:
+    probes = np.asarray(probe_tokens(first.data, probe_seed, n_probes, length), np.int32)
+  mask = (probes != Tokenizer().PAD).astype(np.float32)
+  store = open_store(out_dir, probes, mask, stat_cfg.drop_first, probes.shape[1], stat_cfg,
+                     {"run_dir": os.path.abspath(run_dir), "probe_seed": probe_seed})
+  timing = {"restore_s": 0.0, "forward_s": 0.0, "compile_forward_s": 0.0, "traced": 0, "skipped": 0}
+  for arm, arm_dir in arms.items():
+    available = ck.available_steps(arm_dir)
+    wanted = [s for s in available if steps is None or s in steps]
+    done = set(store.steps(arm))
+    for step in wanted:
+      if step in done:
+        timing["skipped"] += 1
+        continue
+      t = time.perf_counter()
+      model, _ = ck.load_model(arm_dir, step)
+      timing["restore_s"] += time.perf_counter() - t
+      record_step(store, model, arm, step, final=step == wanted[-1], batch_size=batch_size, timing=timing)
+      timing["traced"] += 1
+      log(f"traced {arm} step {step}")
+  t = time.perf_counter()
+  rebuild(store)
+  timing["stats_s"] = time.perf_counter() - t
+  t = time.perf_counter()
+  finish(store, plots=plots, claims=claims, rope_arm=rope_arm, nope_arm=nope_arm)
+  timing["plots_claims_s"] = time.perf_counter() - t
+  timing["total_s"] = time.perf_counter() - t0
+  timing["forward_fraction"] = (timing["forward_s"] + timing["compile_forward_s"]) / timing["total_s"]
+  with open(store.path("timing.jsonl"), "a") as f:   # one line per invocation, resumed ones included
+    f.write(json.dumps(timing) + "\n")
+  return store

@@ -1,0 +1,161 @@
+"""Statistics on synthetic tensors with known answers: planted massive dims, isotropic nulls, RoPE invariance."""
+import numpy as np
+import pytest
+
+from analysis import stats as S
+from minilm import encodings, positions
+
+
+def _pair_dims(j: int, head_dim: int, layout: str) -> tuple[int, int]:
+  return (j, j + head_dim // 2) if layout == "half" else (2 * j, 2 * j + 1)
+
+
+def _planted(rng, T, H, D, plants, layout, magnitude=30.0):
+  """Gaussian noise [T, H, D] with both dims of pair j of head h set to +-magnitude (random signs per
+  token and dim, so a rotation keeps each dim's share of the pair near one half)."""
+  x = rng.standard_normal((T, H, D)).astype(np.float32)
+  expected = np.zeros((H, D), bool)
+  for h, j in plants:
+    for d in _pair_dims(j, D, layout):
+      x[:, h, d] = magnitude * rng.choice([-1.0, 1.0], T)
+      expected[h, d] = True
+  return x, expected
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_planted_massive_dims_are_found_exactly_before_and_after_rope_with_gqa(layout):
+  rng = np.random.default_rng(0)
+  T, H, K, D = 256, 8, 2, 32
+  q, q_expected = _planted(rng, T, H, D, [(1, 12), (5, 12), (3, 2), (6, 15)], layout)
+  k, k_expected = _planted(rng, T, K, D, [(0, 14)], layout)
+  pos = np.arange(T)
+  for x, expected in ((q, q_expected), (k, k_expected)):
+    rotated = np.asarray(positions.apply_rope(x[None], pos, layout=layout))[0]
+    for tensor in (x, rotated):
+      M = np.asarray(S.value_norms(tensor))
+      np.testing.assert_array_equal(S.massive_mask(M, 5.0), expected)
+      planted = expected.any(-1)
+      np.testing.assert_array_equal(S.top_k_mask(M, 2)[planted], expected[planted])
+      pairing = S.pairing_for(encodings.RoPE(layout=layout), D)
+      st = S.head_stats(M, pairing, T)
+      np.testing.assert_array_equal(st["massive"], expected.sum(-1))
+      peaks = {h: int(st["peak_pair"][h]) for h in np.nonzero(planted)[0]}
+      want = {h: [j for d, j in enumerate(pairing.pair_index) if expected[h, d]][0] for h in peaks}
+      assert peaks == want
+
+
+def test_noise_has_no_massive_dims_and_low_max_mean():
+  x = np.random.default_rng(1).standard_normal((4, 128, 8, 64)).astype(np.float32)
+  M = np.asarray(S.value_norms(x))
+  assert S.massive_mask(M, 5.0).sum() == 0
+  assert S.max_mean(M).max() < 1.5
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_low_frequency_share_of_an_isotropic_tensor_is_a_quarter(layout):
+  x = np.random.default_rng(2).standard_normal((512, 8, 64)).astype(np.float32)
+  pairing = S.pairing_for(encodings.RoPE(layout=layout), 64)
+  lf, null = S.lf_share(S.pair_energy(np.asarray(S.value_norms(x)), pairing.pair_index))
+  assert null == 0.25
+  assert abs(lf.mean() - 0.25) < 0.01 and np.all(np.abs(lf - 0.25) < 0.03)
+
+
+@pytest.mark.parametrize("rope", [encodings.RoPE(layout="half"), encodings.RoPE(layout="interleaved", base=1e5),
+                                  encodings.RoPE(fraction=0.5), encodings.RoPE(fraction=0.5, partial="p-rope")])
+def test_pair_energy_is_unchanged_by_rope(rope):
+  x = np.random.default_rng(3).standard_normal((2, 64, 4, 32)).astype(np.float32) * np.linspace(0.1, 3, 32, dtype=np.float32)
+  pairing = S.pairing_for(rope, 32)
+  rotated = positions.apply_rope(x, np.arange(64), base=rope.base, fraction=rope.fraction,
+                                 partial=rope.partial, layout=rope.layout)
+  before = S.pair_energy(np.asarray(S.value_norms(x)), pairing.pair_index)
+  after = S.pair_energy(np.asarray(S.value_norms(rotated)), pairing.pair_index)
+  np.testing.assert_allclose(after, before, rtol=1e-5)
+  assert not np.allclose(np.asarray(rotated), x)   # the rotation did something
+
+
+def test_partial_rope_unrotated_dims_are_their_own_band():
+  pairing = S.pairing_for(encodings.RoPE(fraction=0.5, partial="p-rope"), 32)   # pairs 8..15 unrotated
+  assert pairing.n_pairs == 8 and (pairing.pair_index < 0).sum() == 16
+  M = np.ones((2, 32))
+  M[0, pairing.pair_index < 0] = 3.0                                            # 9x the energy there
+  share = S.unrotated_share(M, pairing.pair_index)
+  np.testing.assert_allclose(share, [16 * 9 / (16 * 9 + 16), 0.5])
+  lf, null = S.lf_share(S.pair_energy(M, pairing.pair_index))
+  np.testing.assert_allclose(lf, [0.25, 0.25])                                  # rotated pairs only
+  assert list(pairing.dim_order[-16:]) == list(np.nonzero(pairing.pair_index < 0)[0])
+
+
+def test_nope_uses_the_labelled_half_layout_convention():
+  pairing = S.pairing_for(encodings.NoPE(), 16)
+  assert not pairing.is_rope and "convention" in pairing.label
+  np.testing.assert_array_equal(pairing.pair_index, positions.rope_pair_index(16, "half"))
+
+
+def test_context_boundary_pairs_match_the_science_notes():
+  theta = positions.rope_frequencies(64, 10000.0)
+  assert S.context_pair(theta, 256) == 13    # wavelength 265 > 256; pair 12 has 199
+  assert S.context_pair(theta, 512) == 16    # 628 > 512; pair 15 has 471
+  assert S.context_pair(theta, 1e9) == 32    # none: one past the last pair
+  E = np.zeros((1, 32))
+  E[0, 15] = 1.0
+  share, null = S.band_share(E, theta, 256)
+  assert share[0] == 1.0 and 0 < null < 1
+
+
+def test_value_norms_masks_padding_and_the_first_token_in_float32():
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((3, 10, 2, 8)).astype(np.float32)
+  mask = np.ones((3, 10))
+  mask[1, 7:] = 0
+  want = np.sqrt(np.einsum("bthd,bt->hd", x.astype(np.float64) ** 2, mask * (np.arange(10) > 0)))
+  got = S.value_norms(x, mask=mask, drop_first=True)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+  per = np.asarray(S.value_norms(x, per_prompt=True))
+  assert per.shape == (3, 2, 8)
+  np.testing.assert_allclose((per ** 2).sum(0), np.asarray(S.value_norms(x)) ** 2, rtol=1e-5)
+  import jax.numpy as jnp
+  big = jnp.full((4096, 1, 2), 4.0, jnp.bfloat16)   # a bfloat16 sum would stall at 256 * 16
+  np.testing.assert_allclose(np.asarray(S.value_norms(big)), 4.0 * 64, rtol=1e-6)
+  with pytest.raises(ValueError, match="mask"):
+    S.value_norms(x, mask=np.ones((3, 9)))
+
+
+def test_agreement_and_kurtosis_against_known_profiles():
+  M = np.ones((4, 16))
+  M[:, 5] = 20.0
+  M[:, 9] = 10.0
+  agree, chance = S.agreement(M, 2)
+  np.testing.assert_allclose(agree, 1.0)
+  assert chance == 2 / 16
+  M2 = M.copy()
+  M2[2, 5], M2[2, 11] = 1.0, 20.0                  # head 2 shares only dim 9 with the others
+  agree2, _ = S.agreement(M2, 2)
+  np.testing.assert_allclose(agree2, [2 / 3 + 1 / 6, 2 / 3 + 1 / 6, 0.5, 2 / 3 + 1 / 6])
+  assert np.isnan(S.agreement(M[:1], 2)[0]).all()   # one head: nothing to agree with
+  assert S.kurtosis(M).min() > 5 > abs(S.kurtosis(np.random.default_rng(5).standard_normal((2, 4096)))).max()
+
+
+def test_bootstrap_is_paired_and_covers_the_point():
+  rng = np.random.default_rng(6)
+  sums = rng.chisquare(4, (20, 4, 16))
+  sums[:, :, 3] *= 200
+  pairing = S.pairing_for(encodings.RoPE(), 16)
+  counts = S.prompt_counts(20, 300, 0)
+  assert counts.shape == (300, 20) and np.all(counts.sum(1) == 20)
+  cfg = S.StatConfig()
+  a = S.pooled([sums], ["max_mean", "massive"], pairing, 16, cfg, counts, seed=1)
+  b = S.pooled([sums], ["max_mean"], pairing, 16, cfg, counts, seed=1)
+  lo, hi = S.interval(a["max_mean"][1])
+  assert lo <= a["max_mean"][0] <= hi and hi > lo
+  np.testing.assert_array_equal(a["max_mean"][1] - b["max_mean"][1], 0)   # same arm, same resamples
+  assert a["massive"][0] == 1.0
+
+
+def test_bad_arguments_fail_with_one_line_messages():
+  with pytest.raises(ValueError, match="k: must be in 1..16"):
+    S.top_k_mask(np.ones((2, 16)), 0)
+  with pytest.raises(ValueError, match="lam"):
+    S.StatConfig(lam=0)
+  with pytest.raises(ValueError, match="x: expected"):
+    S.value_norms(np.ones((4, 4)))
