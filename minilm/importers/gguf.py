@@ -84,13 +84,17 @@ def config(meta: dict, shapes: dict, source: str, layout: str = "half"):
       tie_embeddings="output.weight" not in shapes, layout=layout)
 
 
-def read(path: str):
+def read(path: str, reader: gguf.GGUFReader | None = None):
   """(meta, shapes, fetch) straight from the file: decoded metadata, tensor name -> [out, in] shape
-  (GGUF lists dims innermost first), and fetch(name) -> dequantized float32 array."""
-  try:
-    reader = gguf.GGUFReader(path)
-  except (ValueError, OSError) as err:
-    raise ValueError(f"{path}: not a readable GGUF file ({(str(err) or type(err).__name__).splitlines()[0]})")
+  (GGUF lists dims innermost first), and fetch(name) -> dequantized float32 array.
+
+  reader: an already open GGUFReader of `path` (opening one takes seconds).
+  """
+  if reader is None:
+    try:
+      reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as err:
+      raise ValueError(f"{path}: not a readable GGUF file ({(str(err) or type(err).__name__).splitlines()[0]})")
   meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
   tensors = {t.name: t for t in reader.tensors}
   shapes = {name: tuple(int(n) for n in t.shape[::-1]) for name, t in tensors.items()}
