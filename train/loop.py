@@ -45,7 +45,7 @@ def prepare_run_dir(arm_dir: str, cfg: TrainConfig) -> None:
     with open(path) as f:
       old = json.load(f)
     old_flat, new_flat = _flat(old), _flat(new)
-    for key in sorted(set(old_flat) | set(new_flat)):
+    for key in [*new_flat, *(k for k in old_flat if k not in new_flat)]:  # config order: 'kind' first
       if key != "steps" and old_flat.get(key, "<absent>") != new_flat.get(key, "<absent>"):
         raise C.ConfigError(
             f"{key}: run directory {arm_dir} holds a run with {key}={old_flat.get(key, '<absent>')!r}, "

@@ -92,6 +92,6 @@ def train_step(params, opt_state, rest, batch, step_index, *, graphdef, cfg: Opt
   grads = jax.tree.map(lambda g: g * scale, grads)
   updates, opt_state = optimizer(cfg, steps).update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
-  metrics = {"loss": total * scale, "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": total * scale, "grad_norm": optax.tree.norm(grads),
              "lr": lr_schedule(cfg, steps)(step_index), "weight": weight}
   return constrain(params, mesh, strategy), constrain(opt_state, mesh, strategy), metrics

@@ -1,0 +1,161 @@
+"""Training: loss, accumulation, schedules, paired initialisation, evaluation, bit-exact resume."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from minilm import config as C
+from minilm.generate import greedy
+from train import cli, data as D, evaluate, loop, schedule, sharding, step as S
+from train.checkpoints import abstract_model
+from train.config import ExperimentConfig, TrainConfig
+
+SMOKE = cli.load("smoke", [])
+
+
+def smoke(**overrides) -> TrainConfig:
+  """The tiny smoke config (configs/smoke.json), rope arm, with dotted overrides."""
+  return C.override(SMOKE.resolve("rope"), overrides)
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_weighted_loss_is_normalised_by_the_weight_sum():
+  cfg = smoke()
+  graphdef, _, rest = abstract_model(cfg.model)
+  params = loop.init_params(cfg.model, 0)
+  batch = D.train_batch(cfg.data, 0, 0)
+  logits = np.asarray(nnx.merge(graphdef, params, rest)(batch["inputs"]), np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  ce = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+  expected = (ce * batch["weights"]).sum() / batch["weights"].sum()
+  assert 0 < batch["weights"].sum() < batch["weights"].size  # padding and other tokens really weigh less
+  got = float(jax.jit(S.weighted_loss, static_argnums=1)(params, graphdef, rest, batch))
+  assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+  cfg = smoke()
+  graphdef, _, rest = abstract_model(cfg.model)
+  batch = D.train_batch(cfg.data, 0, 3)
+  mesh = sharding.make_mesh(1)   # as the loop calls it, so the accumulate=1 step is compiled once per session
+  out = {}
+  for accumulate in (1, 2):
+    optim = C.override(cfg.optim, {"accumulate": accumulate})
+    params = loop.init_params(cfg.model, 0)
+    opt_state = S.init_opt_state(params, cfg=optim, steps=cfg.steps, mesh=mesh, strategy="data")
+    params, _, metrics = S.train_step(params, opt_state, rest, batch, 3, graphdef=graphdef, cfg=optim,
+                                      steps=cfg.steps, mesh=mesh, strategy="data")
+    out[accumulate] = (leaves(params), float(metrics["loss"]), float(metrics["grad_norm"]))
+  assert out[1][1] == pytest.approx(out[2][1], rel=1e-6)
+  assert out[1][2] == pytest.approx(out[2][2], rel=1e-5)
+  for a, b in zip(out[1][0], out[2][0]):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_lr_schedule_warms_up_then_decays_to_final():
+  optim = C.override(smoke().optim, {"lr": 1e-2, "final_lr": 1e-3, "warmup_steps": 10})
+  lr = S.lr_schedule(optim, 100)
+  assert float(lr(0)) == 0.0
+  assert float(lr(10)) == pytest.approx(1e-2)
+  assert float(lr(55)) < 1e-2
+  assert float(lr(100)) == pytest.approx(1e-3)
+
+
+def test_save_schedule_is_log_spaced_then_regular():
+  assert schedule.save_steps(1000, 100) == [0, 1, 2, 4, 8, 16, 32, 64, 100, 200, 300, 400, 500, 600,
+                                            700, 800, 900, 1000]
+  assert schedule.save_steps(25, 10, log_spaced=False) == [0, 10, 20, 25]
+  assert [s for s in range(1, 13) if schedule.is_eval_step(s, 12, 5)] == [5, 10, 12]
+  assert [s for s in range(1, 13) if schedule.is_eval_step(s, 12, 0)] == [12]
+
+
+def test_paired_arms_share_every_common_initial_tensor():
+  arms = {"rope": {}, "nope": {"model.position": "nope"}, "alibi": {"model.position": "alibi"},
+          "sinusoidal": {"model.position": "sinusoidal"}, "learned": {"model.position": "learned"},
+          "rope_base": {"model.position.base": 500.0}}
+  exp = C.from_dict(ExperimentConfig, {"name": "pair", "train": C.to_dict(smoke()), "arms": arms})
+  flat = {arm: dict(nnx.to_flat_state(loop.init_params(exp.resolve(arm).model, exp.train.seed))) for arm in arms}
+  reference = flat["nope"]
+  for arm, state in flat.items():
+    shared = set(state) & set(reference)
+    assert shared == set(reference), arm   # every arm holds every NoPE tensor ...
+    for path in shared:
+      np.testing.assert_array_equal(np.asarray(state[path][...]), np.asarray(reference[path][...]), err_msg=f"{arm} {path}")
+  assert set(flat["learned"]) - set(reference) == {("position", "table")}  # ... plus its own table
+  other_seed = loop.init_params(exp.resolve("rope").model, exp.train.seed + 1)
+  assert not np.array_equal(leaves(other_seed)[0], leaves(flat["rope"][("embed", "embedding")])[0])
+
+
+def test_bounded_positions_refuse_seq_len_beyond_max_len():
+  with pytest.raises(C.ConfigError, match=r"^data.seq_len: must be <= model.max_len=64 .*'learned'"):
+    smoke(**{"model.position": "learned", "model.max_len": 64})
+  with pytest.raises(C.ConfigError, match=r"^data.seq_len: .*'sinusoidal'"):
+    smoke(**{"model.position": "sinusoidal", "model.max_len": 64})
+  assert smoke(**{"model.max_len": 64}).model.max_len == 64  # RoPE has no table: a soft limit
+
+
+def _examples_from_own_greedy(model, n=6, prompt_len=9, answer_len=2):
+  """Examples whose answers are (even rows) or are not (odd rows) what the model itself generates."""
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(0, 256, (n, prompt_len)).astype(np.int32)
+  own = np.asarray(greedy(model, prompts, answer_len))
+  examples = []
+  for i in range(n):
+    wrong = own[i].copy()
+    wrong[-1] = (wrong[-1] + 1) % 256
+    answer = own[i] if i % 2 == 0 else wrong
+    examples.append(D.Example("recall" if i < n // 2 else "conflict", prompts[i], answer, "",
+                              {} if i < n // 2 else {"context_answer": answer, "memory_answer": own[i]}))
+  # a second prompt length, so greedy needs a second group
+  short = rng.integers(0, 256, (2, prompt_len - 3)).astype(np.int32)
+  own_short = np.asarray(greedy(model, short, answer_len))
+  examples += [D.Example("passkey", short[i], own_short[i], "", {}) for i in range(2)]
+  return examples
+
+
+def test_accuracy_forced_equals_greedy_and_scores_conflicts():
+  cfg = smoke(**{"model.init_std": 0.5})   # wide logit margins: no near-ties for rounding to flip
+  graphdef, _, rest = abstract_model(cfg.model)
+  model = nnx.merge(graphdef, loop.init_params(cfg.model, 0), rest)
+  examples = _examples_from_own_greedy(model)
+  greedy_scores = evaluate.accuracy(model, examples, method="greedy", batch=4)
+  forced_scores = evaluate.accuracy(model, examples, method="forced", batch=4)
+  assert greedy_scores == forced_scores
+  # recall rows 0,1,2 -> right, wrong, right; conflict rows 3,4,5 -> wrong, right, wrong (vs answer)
+  assert forced_scores["recall"] == pytest.approx(2 / 3)
+  assert forced_scores["conflict"] == pytest.approx(1 / 3)
+  assert forced_scores["passkey"] == 1.0
+  # conflict rows: 4 follows the context answer; 3 and 5 generate the 'memory' answer
+  assert forced_scores["conflict.follows_context"] == pytest.approx(1 / 3)
+  assert forced_scores["conflict.follows_memory"] == pytest.approx(2 / 3)
+  assert forced_scores["conflict.other"] == 0.0
+  with pytest.raises(ValueError, match="^method: 'forced' takes no greedy arguments"):
+    evaluate.accuracy(model, examples, method="forced", hook=lambda a, n, x: x)
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+  cfg = smoke(log_every=1)
+  full = loop.train(cfg, str(tmp_path / "full"), progress=False)
+  loop.train(cfg, str(tmp_path / "cut"), progress=False, stop_at=5)   # "killed" after step 5; last save: 4
+  rows = [json.loads(l) for l in open(tmp_path / "cut" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+  resumed = loop.train(cfg, str(tmp_path / "cut"), progress=False)
+  assert resumed["metrics"]["loss"] == full["metrics"]["loss"]
+
+  def table(name, path):
+    return [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in open(tmp_path / path / name)]
+
+  for name in ("metrics.jsonl", "eval.jsonl"):
+    assert table(name, "full") == table(name, "cut"), name   # step 5 was dropped and redone, not doubled
+  from train.checkpoints import load_model
+  a, _ = load_model(str(tmp_path / "full"))
+  b, _ = load_model(str(tmp_path / "cut"))
+  for x, y in zip(leaves(nnx.state(a)), leaves(nnx.state(b))):
+    np.testing.assert_array_equal(x, y)
+  assert not np.array_equal(leaves(nnx.state(a))[0], leaves(loop.init_params(cfg.model, cfg.seed))[0])
