@@ -1,0 +1,117 @@
+"""Tracing: the jitted capture equals an eager one, rows have the promised shape, and a tiny paired run
+goes end to end through the CLI into table, summary, plots and claims (and resumes)."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from analysis import stats as S
+from analysis import trace as T
+from analysis.cli import main
+from minilm import capture, encodings
+from minilm.config import ConfigError, ModelConfig
+from minilm.model import Decoder
+
+
+def _decoder(position, seed=0, n_layers=2):
+  cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_len=64,
+                    position=position)
+  return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def test_jitted_sums_equal_eager_capture_with_padding_and_a_ragged_last_batch():
+  model = _decoder(encodings.RoPE(layout="interleaved", base=500.0))
+  probes = np.random.default_rng(0).integers(0, 300, (7, 24))
+  mask = np.ones(probes.shape, np.float32)
+  mask[2, 20:] = 0
+  sums = T.capture_sums(model, probes, mask, drop_first=True, batch_size=3)
+  _, cache = capture.run(model, probes, points=T.TENSORS)
+  assert set(sums) == {f"{l}.{t}" for l in range(2) for t in T.TENSORS}
+  for key, got in sums.items():
+    layer, tensor = key.split(".", 1)
+    x = np.asarray(cache[f"blocks.{layer}.attn.{tensor}"], np.float64)
+    want = np.einsum("bthd,bt->bhd", x ** 2, mask * (np.arange(24) > 0))
+    assert got.shape == (7, 4 if "q" in tensor else 2, 8)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+
+
+def test_trace_model_rows_cover_every_layer_tensor_and_head():
+  model = _decoder(encodings.NoPE())
+  probes = np.random.default_rng(1).integers(0, 300, (5, 16))
+  rows = T.trace_model(model, probes, arm="x", step=7, batch_size=4)
+  assert len(rows) == 2 * (2 * 4 + 3 * 2)                        # q, rot_q: 4 heads; k, v, rot_k: 2
+  assert {r["step"] for r in rows} == {7} and {r["pairing"] for r in rows} == {
+      "convention half base=10000 (nope)"}
+  by = {(r["layer"], r["tensor"], r["head"]): r for r in rows}
+  for (layer, tensor, head), r in by.items():                    # NoPE: rotation is the identity
+    if tensor == "rot_q":
+      assert r["max_mean"] == pytest.approx(by[layer, "q", head]["max_mean"], rel=1e-6)
+  assert all(set(T.ROW_KEYS + S.PER_HEAD + T.NULL_KEYS) <= set(r) for r in rows)
+
+
+def test_analyze_model_treats_a_single_model_as_one_step(tmp_path):
+  model = _decoder(encodings.RoPE(), n_layers=1)
+  probes = np.random.default_rng(2).integers(0, 300, (6, 16))
+  T.analyze_model(model, probes, str(tmp_path), arm="pretrained", step=0, batch_size=6)
+  rows = T.read_table(str(tmp_path / "table.csv"))
+  assert len(rows) == 2 * 4 + 3 * 2 and {r["arm"] for r in rows} == {"pretrained"}
+  claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+  assert [c["claim"] for c in claims] == ["C1", "C2", "C3", "C3-lowfreq", "C4"]
+  c3 = {c["claim"]: c for c in claims}["C3"]
+  assert c3["verdict"] == "inconclusive" and "no NoPE arm" in c3["notes"]
+  for name in ("emergence", "layer_profile", "heatmap_pretrained_0", "pair_energy_pretrained", "bars3d_pretrained"):
+    assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 0 and (tmp_path / "plots" / f"{name}.pdf").exists()
+  with pytest.raises(ConfigError, match="out: .* other probes"):
+    T.analyze_model(model, probes[:3], str(tmp_path), arm="pretrained")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A two-arm (RoPE, NoPE) run with checkpoints at steps 0 and 1, trained through train's API."""
+  from train.config import load_experiment
+  from train.paired import run_experiment
+  out = tmp_path_factory.mktemp("runs")
+  exp = load_experiment({
+      "name": "tiny",
+      "train": {"seed": 0, "steps": 1, "log_every": 1,
+                "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_len": 48},
+                "data": {"seq_len": 48, "batch_size": 2, "mixture": {"kb_facts": 1.0, "text": 1.0},
+                         "facts_per_context": 2, "questions_per_context": 1},
+                "checkpoint": {"every": 1}, "eval": {"n_per_family": 0}},
+      "arms": {"rope": {}, "nope": {"model.position": "nope"}}})
+  run_experiment(exp, str(out), progress=False)
+  return out / "tiny"
+
+
+def test_cli_traces_a_paired_run_into_table_plots_and_claims_and_resumes(tiny_run, tmp_path):
+  out = tmp_path / "analysis"
+  assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--batch", "4"]) == 0
+  rows = T.read_table(str(out / "table.csv"))
+  assert len(rows) == 2 * 2 * 2 * (2 * 4 + 3 * 2)                # arms x steps x layers x heads
+  assert {(r["arm"], r["step"]) for r in rows} == {(a, s) for a in ("rope", "nope") for s in ("0", "1")}
+  assert np.load(out / "probes.npy").shape == (6, 48)
+  summary = json.loads((out / "summary.json").read_text())
+  assert len(summary["groups"]) == 2 * 2 * 2 * 5
+  lo_mid_hi = summary["groups"][0]["stats"]["max_mean"]
+  assert lo_mid_hi[1] <= lo_mid_hi[0] <= lo_mid_hi[2]
+  claims = json.loads((out / "claims.json").read_text())["claims"]
+  assert {c["claim"] for c in claims} == {"C1", "C2", "C3", "C3-lowfreq", "C4"}
+  assert all(c["reference"] == "arm nope" and c["step"] == 1 and c["ci"] is not None for c in claims)
+  assert "| C3 RoPE causes it |" in (out / "claims.md").read_text()
+  for name in ("emergence", "layer_profile", "heatmap_rope_0", "heatmap_nope_1", "pair_energy_rope", "bars3d_nope"):
+    assert (out / "plots" / f"{name}.png").exists() and (out / "plots" / f"{name}.pdf").exists()
+  assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--no-plots", "--lam", "3"]) == 0
+  first, second = [json.loads(line) for line in (out / "timing.jsonl").read_text().splitlines()]
+  assert first["traced"] == 4 and first["forward_s"] + first["compile_forward_s"] > 0
+  assert second["traced"] == 0 and second["skipped"] == 4
+  assert json.loads((out / "meta.json").read_text())["stats"]["lam"] == 3.0   # table redone, no forward
+  assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--drop-first"]) == 2
+
+
+def test_cli_reports_a_bad_run_dir_in_one_line(tmp_path, capsys):
+  assert main(["trace", str(tmp_path / "missing")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: run_dir:") and "\n" not in err
