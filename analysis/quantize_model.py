@@ -195,7 +195,7 @@ def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict,
     names = [n for n in group if n in linears]
     if not names:
       continue
-    x = inputs[names[0]]
+    x = inputs.get(names[0])  # None for the weight-only RTN schemes
     ws = [_kernel(linears[n]) for n in names]
     if scheme.method == "awq":
       s, alpha, errors = Q.awq_search(x, ws, spec, scheme.awq_grid)
@@ -203,15 +203,17 @@ def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict,
                                            "err_awq": float(errors.min())}
       new = [Q.awq_scaled(w, s, spec) for w in ws]
     elif scheme.method in ("smoothquant", "w8a8"):
-      s = np.ones(x.shape[1], np.float32) if scheme.method == "w8a8" else Q.smooth_scales(
+      s = np.ones(ws[0].shape[0], np.float32) if scheme.method == "w8a8" else Q.smooth_scales(
           np.abs(x).max(0), np.max([np.abs(w).max(1) for w in ws], axis=0), scheme.alpha)
       for n, w in zip(names, ws):
         _assign(linears[n], Q.rtn(w * s[:, None], spec))
         _set(block, n, ActQuantLinear(linears[n], 1.0 / s, scheme.act_bits))
       continue
     elif scheme.method == "gptq":
-      h = x.T.astype(np.float64) @ x.astype(np.float64)
+      h = x.T @ x  # float32 products, summed by BLAS; GPTQ adds damping and factors in float64
       new = [Q.gptq(w, h, spec, damp=scheme.damp, block=scheme.block) for w in ws]
+      log[f"{layer}.{'+'.join(names)}"] = {"err_rtn": sum(Q.output_error(x, w, Q.rtn(w, spec)) for w in ws),
+                                           "err_gptq": sum(Q.output_error(x, w, q) for w, q in zip(ws, new))}
     elif scheme.method == "rtn_keep":
       new = [Q.rtn_keep(w, spec, keep[(layer, n)]) if (layer, n) in keep else Q.rtn(w, spec)
              for n, w in zip(names, ws)]
@@ -231,22 +233,23 @@ def check_fits(model: Decoder, scheme: Scheme) -> None:
 def quantize_model(model: Decoder, scheme: Scheme, calib_BxT=None) -> tuple[Decoder, dict]:
   """A quantized copy of `model` (the original is untouched) and a log of per-layer choices.
 
-  `calib_BxT` (int tokens) is required by rtn_keep, awq, gptq and smoothquant.
+  `calib_BxT` (int tokens) is required by rtn_keep, awq, gptq and smoothquant (sequentially
+  calibrated: awq, gptq, smoothquant).
   """
   check_fits(model, scheme)
   quantized = nnx.clone(model)
   log: dict = {"scheme": scheme.name}
   if scheme.method in ("fp", "kv"):
     return quantized, log
-  needs_calib = scheme.method in ("rtn_keep", "awq", "gptq", "smoothquant", "w8a8")
+  needs_calib = scheme.method in ("rtn_keep", "awq", "gptq", "smoothquant")
   check(not needs_calib or calib_BxT is not None, "calib", f"scheme {scheme.method!r} needs calibration tokens")
   keep = {}
   if scheme.method == "rtn_keep":
     keep = massive_columns(model, calib_BxT, scheme)
     log["kept_columns"] = {f"{l}.{n}": int(m.sum()) for (l, n), m in keep.items()}
-  if scheme.method in ("rtn", "rtn_keep"):  # weight-only, no inputs needed
+  if scheme.method in ("rtn", "rtn_keep", "w8a8"):  # no layer inputs needed
     for layer, block in enumerate(quantized.blocks):
-      _quantize_block(layer, block, {n: None for n in LINEARS}, scheme, keep, log)
+      _quantize_block(layer, block, {}, scheme, keep, log)
     return quantized, log
   for layer, block, inputs in calibrate(quantized, calib_BxT):
     _quantize_block(layer, block, inputs, scheme, keep, log)
