@@ -170,6 +170,12 @@ def test_tiny_gguf_round_trip_and_cache(tmp_path):
   assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+  """load() caches dequantized GGUFs; keep the tests' files out of the user's ~/.cache."""
+  monkeypatch.setenv("MINILM_CACHE", str(tmp_path / "minilm-cache"))
+
+
 def _one_line_error(path, match):
   with pytest.raises(ValueError, match=match) as err:
     load(str(path))

@@ -119,6 +119,7 @@ def read_cached(path: str, cache_dir: str):
   file = _cache_file(path, cache_dir)
   if not os.path.isfile(file):
     meta, shapes, fetch = read(path)
+    config(meta, shapes, path)  # never spend disk on a file that cannot be imported
     os.makedirs(cache_dir, exist_ok=True)
     partial = f"{file}.{os.getpid()}.tmp.npz"
     np.savez(partial, **{f"t/{name}": fetch(name) for name in shapes},
