@@ -1,0 +1,77 @@
+"""Multi-device: data parallel and FSDP on 4 forced host devices give the one-device step.
+
+The 4-device part runs in a subprocess (XLA_FLAGS must be set before jax starts), so the rest of
+the suite keeps its single device.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from train import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_fsdp_splits_the_largest_divisible_dimension():
+  assert sharding.leaf_spec((512, 32), 4, "fsdp") == P("data")
+  assert sharding.leaf_spec((32, 86), 4, "fsdp") == P("data")      # 86 is not divisible by 4
+  assert sharding.leaf_spec((30, 64), 4, "fsdp") == P(None, "data")
+  assert sharding.leaf_spec((6,), 4, "fsdp") == P()                # nothing divisible: replicated
+  assert sharding.leaf_spec((), 4, "fsdp") == P()
+  assert sharding.leaf_spec((512, 32), 4, "data") == P()
+  assert sharding.leaf_spec((512, 32), 1, "fsdp") == P()
+
+
+FOUR_DEVICES = textwrap.dedent("""
+  import json, jax, numpy as np
+  from minilm import config as C
+  from train import checkpoints, cli, data as D, loop, sharding, step as S
+  assert jax.device_count() == 4
+  cfg = C.override(cli.load("smoke", []).resolve("rope"), {"data.batch_size": 8, "model.n_layers": 1})
+  graphdef, abstract, rest = checkpoints.abstract_model(cfg.model)
+  batches = [D.train_batch(cfg.data, cfg.seed, s) for s in range(2)]
+  out = {}
+  for name, devices, strategy in (("one", 1, "data"), ("data", 4, "data"), ("fsdp", 4, "fsdp")):
+    mesh = sharding.make_mesh(devices)
+    shard = sharding.tree_shardings(abstract, mesh, strategy)
+    params = jax.device_put(loop.init_params(cfg.model, cfg.seed), shard)
+    opt = S.init_opt_state(params, cfg=cfg.optim, steps=cfg.steps, mesh=mesh, strategy=strategy)
+    losses = []
+    for s, batch in enumerate(batches):
+      batch = sharding.put_batch(batch, sharding.batch_sharding(mesh))
+      params, opt, m = S.train_step(params, opt, rest, batch, s, graphdef=graphdef, cfg=cfg.optim, steps=cfg.steps,
+                                    mesh=mesh, strategy=strategy)
+      losses.append(float(m["loss"]))
+    embed = params["embed"]["embedding"][...]
+    out[name] = {"losses": losses, "params": [np.asarray(x).tolist() for x in jax.tree.leaves(params)],
+                 "embed_spec": str(embed.sharding.spec), "embed_devices": len(embed.sharding.device_set),
+                 "shard_rows": embed.addressable_shards[0].data.shape[0]}
+  try:
+    sharding.check_batch(6, sharding.make_mesh(4))
+  except C.ConfigError as err:
+    out["error"] = str(err)
+  print(json.dumps(out))
+""")
+
+
+def test_data_parallel_and_fsdp_match_one_device():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  one = out["one"]
+  for name in ("data", "fsdp"):
+    assert out[name]["losses"] == pytest.approx(one["losses"], rel=1e-5), name
+    for a, b in zip(out[name]["params"], one["params"]):
+      np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-5, err_msg=name)
+  assert out["data"]["embed_spec"] == str(P()) and out["data"]["shard_rows"] == 512
+  assert out["fsdp"]["embed_spec"] == str(P("data")) and out["fsdp"]["shard_rows"] == 128
+  assert out["fsdp"]["embed_devices"] == 4
+  assert out["error"].startswith("data.batch_size: must be divisible by the 4 devices")
