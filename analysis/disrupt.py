@@ -1,0 +1,208 @@
+"""Disrupt massive Q/K values at prefill (claim C5): choose dims from their norms M, replace them.
+
+Procedure (the paper's, with the reference code's weaknesses fixed):
+1. Norms. A capture pass over the prompt (undisrupted model) gives M[b, h, d] = sqrt(sum_t x^2) at
+   every disrupted point, per example (`source='prompt'`); or M is fixed once from a probe set
+   (`source='probe'`, M summed in quadrature over all probe tokens, the same dims for every prompt).
+2. Dims. A boolean mask per layer, point and head (`select`): massive dims (lambda criterion, or top-k
+   per head), or a control with the same count per head: the smallest-M dims, or norm-matched dims
+   (below), or V's own largest-M dims.
+3. Replace. In the disrupted prefill, `hook` sets each masked dim to ITS OWN mean over the prompt
+   tokens (or to zero), computed from the tensor that reaches the hook (so upstream disruption is
+   included). Decoding steps are not intervened on; the KV cache holds exactly the disrupted keys.
+
+Where: query heads at q/rot_q, KV heads at k/rot_k (GQA: masks per KV head), values at v.
+`rope='post'` (default, the paper's code) chooses and replaces at rot_q/rot_k, after the rotation;
+`rope='pre'` at q/k, before it (the rotation then mixes the replaced dim with its pair partner).
+
+Norm-matched rule ('matched'): per head, visit the massive dims in decreasing M; give each the
+not-yet-chosen non-massive dim of the same head with the closest M (ties: lower index). No dim is
+chosen twice, so the control has exactly the massive count wherever the head has enough dims.
+V control ('v'): per layer and KV head, V's own n largest-M dims, n = that KV head's massive count
+in K; queries are left alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from analysis import stats
+from minilm import capture, generate
+from minilm.config import check, check_choice
+
+# Order used in tables: the paper's three columns, then the extra controls.
+MODES = ("off", "smallest", "massive", "matched", "v", "massive_zero", "top1", "top2", "top4")
+ROPE_SIDES = {"post": ("rot_q", "rot_k"), "pre": ("q", "k")}
+
+
+@dataclasses.dataclass(frozen=True)
+class DisruptConfig:
+  mode: str = "massive"
+  rope: str = "post"            # post: rot_q/rot_k (the paper) | pre: q/k
+  criterion: str = "lambda"     # what 'massive' means for massive/massive_zero/smallest/matched/v
+  lam: float = 5.0              # massive: M > lam * mean_d M (criterion 'lambda')
+  top_k: int = 1                # massive: the top_k largest-M dims per head (criterion 'topk')
+  layer_start: int = 0          # disrupt layers [layer_start, layer_stop)
+  layer_stop: int = 0           # 0: through the last layer
+  source: str = "prompt"        # prompt: M from this prompt | probe: M fixed from a probe set
+
+  def __post_init__(self):
+    check_choice("disrupt.mode", self.mode, MODES)
+    check_choice("disrupt.rope", self.rope, tuple(ROPE_SIDES))
+    check_choice("disrupt.criterion", self.criterion, ("lambda", "topk"))
+    check_choice("disrupt.source", self.source, ("prompt", "probe"))
+    check(self.lam > 0, "disrupt.lam", f"must be > 0; got {self.lam}")
+    check(self.top_k >= 1, "disrupt.top_k", f"must be >= 1; got {self.top_k}")
+    check(self.layer_start >= 0, "disrupt.layer_start", f"must be >= 0; got {self.layer_start}")
+    check(self.layer_stop == 0 or self.layer_stop > self.layer_start, "disrupt.layer_stop",
+          f"must be 0 (last layer) or > layer_start={self.layer_start}; got {self.layer_stop}")
+
+  def layers(self, n_layers: int) -> range:
+    stop = self.layer_stop or n_layers
+    check(stop <= n_layers, "disrupt.layer_stop", f"must be <= n_layers={n_layers}; got {stop}")
+    return range(self.layer_start, stop)
+
+  def points(self) -> tuple[str, str, str]:
+    """(query point, key point, value point) that this config reads and may replace."""
+    return (*ROPE_SIDES[self.rope], "v")
+
+
+# ------------------------------------------------------------------------------------- norms M
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "points"))
+def _norms(graphdef, state, tokens_BxT, points):
+  model = nnx.merge(graphdef, state)
+  _, cache = capture.run(model, tokens_BxT, points)
+  return {name: stats.value_norms(x, per_prompt=True) for name, x in cache.items()}
+
+
+def norms(model, tokens_BxT, cfg: DisruptConfig) -> dict[str, np.ndarray]:
+  """Undisrupted M per example at every point `cfg` may touch: {'blocks.3.attn.rot_k': [B, H, D]}."""
+  graphdef, state = nnx.split(model)
+  out = _norms(graphdef, state, jnp.asarray(tokens_BxT, jnp.int32), cfg.points())
+  return {name: np.asarray(m) for name, m in out.items()}
+
+
+def probe_norms(model, prompts: list, cfg: DisruptConfig, batch: int = 8) -> dict[str, np.ndarray]:
+  """M over a whole probe set (every token of every prompt), [1, H, D] per point: the 'probe' source.
+  Prompts (1-D token arrays) may differ in length; equal lengths are batched together."""
+  by_length = {}
+  for p in prompts:
+    by_length.setdefault(len(p), []).append(np.asarray(p, np.int32))
+  total = {}
+  for group in by_length.values():
+    for i in range(0, len(group), batch):
+      for k, m in norms(model, np.stack(group[i:i + batch]), cfg).items():
+        total[k] = total.get(k, 0.0) + (m.astype(np.float64) ** 2).sum(0, keepdims=True)
+  return {k: np.sqrt(v).astype(np.float32) for k, v in total.items()}
+
+
+# ------------------------------------------------------------------------------------ dim choice
+
+def _smallest(M, count):
+  """Per head, the count[...] smallest-M dims (ties: lower index)."""
+  rank = np.argsort(np.argsort(M, axis=-1, kind="stable"), axis=-1, kind="stable")
+  return rank < count[..., None]
+
+
+def _largest(M, count):
+  """Per head, the count[...] largest-M dims (ties: lower index)."""
+  return _smallest(-M, count)
+
+
+def _matched(M, massive):
+  """Norm-matched control (module docstring): one closest-M non-massive dim per massive dim."""
+  out = np.zeros_like(massive)
+  for idx in np.ndindex(M.shape[:-1]):
+    m, used = M[idx], massive[idx].copy()
+    order = np.argsort(-m, kind="stable")
+    for d in order[massive[idx][order]]:
+      free = np.flatnonzero(~used)
+      if free.size == 0:
+        break
+      pick = free[np.argmin(np.abs(m[free] - m[d]))]  # argmin takes the first (lowest index) on ties
+      used[pick] = out[idx + (pick,)] = True
+  return out
+
+
+def massive(M, cfg: DisruptConfig):
+  """The 'massive' dims by cfg.criterion: bool like M."""
+  return stats.massive_mask(M, cfg.lam) if cfg.criterion == "lambda" else stats.top_k_mask(M, cfg.top_k)
+
+
+def select(M, cfg: DisruptConfig):
+  """Dims to replace for a query/key point with norms M [..., H, D] (mode 'v' handled in `masks`)."""
+  if cfg.mode in ("massive", "massive_zero"):
+    return massive(M, cfg)
+  if cfg.mode.startswith("top"):
+    return stats.top_k_mask(M, int(cfg.mode[3:]))
+  if cfg.mode == "smallest":
+    return _smallest(M, massive(M, cfg).sum(-1))
+  if cfg.mode == "matched":
+    return _matched(M, massive(M, cfg))
+  raise ValueError(f"disrupt.mode: select() has no rule for {cfg.mode!r}")
+
+
+def masks(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int) -> dict[str, np.ndarray]:
+  """Boolean masks [B, H, D] for every point of every layer (all False outside the chosen layers
+  and points), so one compiled prefill serves every mode with the same `rope` side."""
+  qp, kp, vp = cfg.points()
+  chosen = set(cfg.layers(n_layers))
+  out = {}
+  for layer in range(n_layers):
+    names = {p: f"blocks.{layer}.attn.{p}" for p in (qp, kp, vp)}
+    picked = {p: np.zeros(M[n].shape, bool) for p, n in names.items()}
+    if layer in chosen and cfg.mode == "v":
+      picked[vp] = _largest(M[names[vp]], massive(M[names[kp]], cfg).sum(-1))
+    elif layer in chosen:
+      picked[qp], picked[kp] = select(M[names[qp]], cfg), select(M[names[kp]], cfg)
+    out.update({names[p]: picked[p] for p in names})
+  return out
+
+
+# ---------------------------------------------------------------------------------- replacement
+
+def hook(args, name: str, x_BxTxHxD):
+  """Prefill hook: masked dims -> their own mean over the prompt tokens (args['fill']=1) or 0."""
+  mask = args["masks"].get(name)
+  if mask is None:
+    return x_BxTxHxD
+  mean_Bx1xHxD = x_BxTxHxD.astype(jnp.float32).mean(axis=1, keepdims=True) * args["fill"]
+  return jnp.where(mask[:, None], mean_Bx1xHxD.astype(x_BxTxHxD.dtype), x_BxTxHxD)
+
+
+def dim_norms(model, tokens_BxT, cfg: DisruptConfig, probe: dict[str, np.ndarray] | None = None):
+  """The M that chooses the dims: this prompt's (source 'prompt') or the probe set's, per example."""
+  if cfg.source == "prompt":
+    return norms(model, tokens_BxT, cfg)
+  check(probe is not None, "disrupt.source", "'probe' needs probe norms (probe_norms(model, probe_tokens, cfg))")
+  B = np.shape(tokens_BxT)[0]
+  return {k: np.broadcast_to(v, (B,) + v.shape[1:]) for k, v in probe.items()}
+
+
+def hook_args(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int):
+  """(args for `hook`, {point: replaced dims per example [B], summed over layers and heads})."""
+  check(cfg.mode != "off", "disrupt.mode", "'off' needs no hook (run generate.greedy without one)")
+  chosen = masks(M, cfg, n_layers)
+  counts = {p: sum(m.reshape(len(m), -1).sum(1) for n, m in chosen.items() if n.endswith("." + p))
+            for p in cfg.points()}
+  fill = np.float32(0.0 if cfg.mode == "massive_zero" else 1.0)
+  return {"masks": {k: jnp.asarray(v) for k, v in chosen.items()}, "fill": fill}, counts
+
+
+def disrupted_greedy(model, tokens_BxT, max_new: int, cfg: DisruptConfig, probe=None, M=None,
+                     return_cache=False):
+  """Greedy continuation under `cfg` -> (tokens [B, max_new] (or (tokens, cache)), counts per example).
+  Pass M (from `dim_norms`) to reuse one capture pass across modes."""
+  if cfg.mode == "off":
+    args, counts = None, {p: np.zeros(np.shape(tokens_BxT)[0], int) for p in cfg.points()}
+  else:
+    args, counts = hook_args(dim_norms(model, tokens_BxT, cfg, probe) if M is None else M, cfg, model.cfg.n_layers)
+  out = generate.greedy(model, tokens_BxT, max_new, hook=None if args is None else hook, hook_args=args,
+                        return_cache=return_cache)
+  return out, counts

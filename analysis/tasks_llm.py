@@ -1,0 +1,264 @@
+"""Task suites in plain English for pretrained LLMs (and an adapter for the lab's own task examples).
+
+Contextual: passkey retrieval (the paper's prompt), in-context facts, associative recall.
+Parametric: closed-book capitals, and balanced yes/no capital questions (the paper's Cities style).
+Knowledge conflict: a context that contradicts a capital; verdict context / memory / other.
+
+Scoring is strict: the first words of the output (a word: a run of letters and digits; case
+ignored) must equal the answer word for word; nothing later in the output is searched. Prompts end
+where the answer starts, so a model that knows the format answers at once.
+
+Entities are drawn from the words whose token length is the commonest for the tokenizer (for
+SmolLM2: single tokens), so the prompts of a task share one length and compile once.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from minilm.config import check, check_choice
+
+
+class Tokenizer(Protocol):
+  def encode(self, text: str) -> list[int]: ...
+  def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  task: str               # e.g. 'passkey_128x6'
+  kind: str               # contextual | parametric | conflict
+  prompt: np.ndarray      # int32 [P]
+  text: str               # the prompt as text
+  answer: str             # expected answer (for conflict: the context's answer)
+  max_new: int
+  meta: dict              # conflict: {'memory': ...}; ids items: {'answer_ids': [...], ...}
+
+
+KINDS = ("contextual", "parametric", "conflict")
+
+# ------------------------------------------------------------------------------------ word lists
+
+CAPITALS = (  # (country, capital): well-known pairs a small LM may have memorised
+    ("France", "Paris"), ("Germany", "Berlin"), ("Japan", "Tokyo"), ("Spain", "Madrid"),
+    ("England", "London"), ("Russia", "Moscow"), ("China", "Beijing"), ("Egypt", "Cairo"),
+    ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
+    ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
+    ("Poland", "Warsaw"), ("Hungary", "Budapest"), ("Belgium", "Brussels"), ("Netherlands", "Amsterdam"),
+    ("Thailand", "Bangkok"), ("Kenya", "Nairobi"), ("Argentina", "Buenos Aires"), ("Chile", "Santiago"),
+    ("Cuba", "Havana"), ("Mexico", "Mexico City"), ("India", "New Delhi"), ("Australia", "Canberra"),
+    ("Turkey", "Ankara"), ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Syria", "Damascus"),
+    ("Lebanon", "Beirut"), ("Israel", "Jerusalem"), ("Ukraine", "Kyiv"), ("Romania", "Bucharest"),
+    ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"), ("Croatia", "Zagreb"), ("Switzerland", "Bern"),
+    ("Scotland", "Edinburgh"), ("Wales", "Cardiff"), ("Vietnam", "Hanoi"), ("Indonesia", "Jakarta"),
+    ("Philippines", "Manila"), ("Malaysia", "Kuala Lumpur"), ("Korea", "Seoul"), ("Pakistan", "Islamabad"),
+    ("Afghanistan", "Kabul"), ("Nigeria", "Abuja"), ("Ethiopia", "Addis Ababa"), ("Morocco", "Rabat"),
+    ("Colombia", "Bogota"), ("Venezuela", "Caracas"), ("Iceland", "Reykjavik"), ("Nepal", "Kathmandu"),
+)
+FEW_SHOT = (("Italy", "Rome"), ("Canada", "Ottawa"), ("Peru", "Lima"))  # never asked about
+
+NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Jack", "Kate", "Laura",
+         "Mark", "Nina", "Oscar", "Paul", "Rose", "Sam", "Tom", "Victor", "Wendy", "Anna", "Peter",
+         "Maria", "John", "Lucy", "Mike", "Sarah", "James", "Emily", "Daniel")
+NOUNS = ("apple", "river", "table", "horse", "window", "garden", "pencil", "cloud", "bottle", "mountain",
+         "chair", "rabbit", "forest", "candle", "ocean", "button", "castle", "mirror", "tiger", "bridge",
+         "lemon", "carpet", "engine", "island", "jacket", "kitten", "ladder", "needle", "orange", "pillow")
+
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
+                 "memorize them. I will quiz you about the important information there.")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+# (context tokens, key digits): the paper's passkey settings
+PASSKEY_QUICK = ((128, 6), (256, 12))
+PASSKEY_FULL = PASSKEY_QUICK + ((1024, 48),)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+def _ids(tokenizer: Tokenizer, text: str, bos: int | None) -> np.ndarray:
+  ids = ([] if bos is None else [bos]) + list(tokenizer.encode(text))
+  return np.asarray(ids, np.int32)
+
+
+def _item(tokenizer, bos, task, kind, text, answer, **meta) -> Item:
+  max_new = len(tokenizer.encode(" " + answer)) + 2  # room for the answer and a closing token
+  return Item(task, kind, _ids(tokenizer, text, bos), text, answer, max_new, meta)
+
+
+def _modal_pairs(tokenizer: Tokenizer, pairs: Sequence[tuple[str, ...]], bare: bool = False):
+  """The tuples whose token lengths (of ' word', and of 'word' too when `bare`: words that also start
+  a line) are the commonest combination: the prompts of a task then share one length."""
+  forms = ("", " ") if bare else (" ",)
+  keys = [tuple(len(tokenizer.encode(f + w)) for w in p for f in forms) for p in pairs]
+  mode = collections.Counter(keys).most_common(1)[0][0]
+  return [p for p, k in zip(pairs, keys) if k == mode]
+
+
+def _modal(tokenizer: Tokenizer, words: Sequence[str], bare: bool = False) -> list[str]:
+  return [w for (w,) in _modal_pairs(tokenizer, [(w,) for w in words], bare)]
+
+
+def _words(text: str, n: int) -> str:
+  """The first n words (runs of letters and digits) of text, lower case."""
+  return " ".join(re.findall(r"[^\W_]+", text)[:n]).lower()
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+def passkey(tokenizer, n: int, length: int, digits: int, seed: int, bos=None) -> list[Item]:
+  """The paper's passkey prompt at about `length` tokens (never more), needle depth swept evenly
+  over the filler repeats (balanced: depth i gets every n_depths-th example)."""
+  rng = np.random.default_rng([seed, length, digits])
+  unit = len(tokenizer.encode(" " + PASSKEY_FILLER))
+  fixed = len(_ids(tokenizer, PASSKEY_INTRO + " " + PASSKEY_NEEDLE.format(key="0" * digits) + " "
+                   + PASSKEY_QUESTION, bos))
+  repeats = (length - fixed) // unit
+  check(repeats >= 1, "passkey.length", f"too short for the fixed text ({fixed} tokens); got {length}")
+  items = []
+  for i in range(n):
+    key = "".join(rng.choice(list("0123456789"), digits))
+    depth = round(i * repeats / max(n - 1, 1)) if n > 1 else repeats // 2
+    parts = [PASSKEY_INTRO] + [PASSKEY_FILLER] * depth + [PASSKEY_NEEDLE.format(key=key)] + \
+            [PASSKEY_FILLER] * (repeats - depth) + [PASSKEY_QUESTION]
+    items.append(_item(tokenizer, bos, f"passkey_{length}x{digits}", "contextual", " ".join(parts), key,
+                       depth=depth / repeats))
+  return items
+
+
+def context_facts(tokenizer, n: int, seed: int, n_facts: int = 4, bos=None) -> list[Item]:
+  """'Alice lives in Paris.' x n_facts, then a question about one of them (asked position balanced)."""
+  rng = np.random.default_rng([seed, 1])
+  names, cities = _modal(tokenizer, NAMES, bare=True), _modal(tokenizer, [c for _, c in CAPITALS])
+  items = []
+  for i in range(n):
+    who = rng.choice(names, n_facts, replace=False)
+    where = rng.choice(cities, n_facts, replace=False)
+    ask = i % n_facts
+    facts = "\n".join(f"{a} lives in {b}." for a, b in zip(who, where))
+    text = (f"Read the facts and answer the question.\n{facts}\nQuestion: Where does {who[ask]} live?\n"
+            f"Answer: {who[ask]} lives in")
+    items.append(_item(tokenizer, bos, "context_facts", "contextual", text, str(where[ask]), asked=ask))
+  return items
+
+
+def recall(tokenizer, n: int, seed: int, n_pairs: int = 6, bos=None) -> list[Item]:
+  """Associative recall: 'word: two-digit number' pairs, then one word again (position balanced)."""
+  rng = np.random.default_rng([seed, 2])
+  nouns = _modal(tokenizer, NOUNS, bare=True)
+  items = []
+  for i in range(n):
+    words = rng.choice(nouns, n_pairs, replace=False)
+    values = rng.choice(np.arange(10, 100), n_pairs, replace=False)
+    ask = i % n_pairs
+    pairs = "\n".join(f"{w}: {v}" for w, v in zip(words, values))
+    text = f"Remember the number of each word.\n{pairs}\nWhat is the number of {words[ask]}?\n{words[ask]}:"
+    items.append(_item(tokenizer, bos, "recall", "contextual", text, str(values[ask]), asked=ask))
+  return items
+
+
+def _capital_prefix() -> str:
+  return " ".join(f"The capital of {c} is {k}." for c, k in FEW_SHOT[:2])
+
+
+def capitals(tokenizer, n: int, seed: int, bos=None) -> list[Item]:
+  """Closed-book: 'The capital of X is' -> capital (two fixed few-shot examples set the format)."""
+  rng = np.random.default_rng([seed, 3])
+  pairs = _modal_pairs(tokenizer, CAPITALS)
+  chosen = rng.permutation(len(pairs))[:n]
+  return [_item(tokenizer, bos, "capitals", "parametric",
+                f"{_capital_prefix()} The capital of {pairs[j][0]} is", pairs[j][1]) for j in chosen]
+
+
+def capitals_yesno(tokenizer, n: int, seed: int, bos=None) -> list[Item]:
+  """Balanced yes/no, the paper's Cities style: 'Y is the capital of X:' with the true capital (even i)
+  or another one (odd i), after four fixed balanced examples about countries never asked."""
+  rng = np.random.default_rng([seed, 4])
+  pairs = _modal_pairs(tokenizer, CAPITALS)
+  (c0, k0), (c1, k1), (c2, k2) = FEW_SHOT
+  shots = (f"{k0} is the capital of {c0}: yes\n{k2} is the capital of {c1}: no\n"
+           f"{k1} is the capital of {c1}: yes\n{k0} is the capital of {c2}: no\n")
+  items = []
+  for i in range(n):
+    j, other = rng.choice(len(pairs), 2, replace=False)
+    country, city, truth = pairs[j][0], pairs[j if i % 2 == 0 else other][1], "yes" if i % 2 == 0 else "no"
+    items.append(_item(tokenizer, bos, "capitals_yesno", "parametric",
+                       f"{shots}{city} is the capital of {country}:", truth))
+  return items
+
+
+def conflict(tokenizer, n: int, seed: int, bos=None, pairs: Sequence[tuple[str, str]] | None = None) -> list[Item]:
+  """A context stating a false capital; the verdict says whether the output follows it or memory.
+  Pass `pairs` (e.g. those the model answers right closed-book) so that a memory exists."""
+  rng = np.random.default_rng([seed, 5])
+  pairs = list(pairs) if pairs is not None else _modal_pairs(tokenizer, CAPITALS)
+  check(len(pairs) >= 2, "conflict.pairs", f"needs at least 2 known (country, capital) pairs; got {len(pairs)}")
+  items = []
+  for i in range(n):
+    j, other = rng.choice(len(pairs), 2, replace=False)
+    (country, true), fake = pairs[j], pairs[other][1]
+    text = (f"Read the text and answer from it.\nText: The capital of {country} is {fake}.\n"
+            f"Question: What is the capital of {country}?\nAnswer: The capital of {country} is")
+    items.append(_item(tokenizer, bos, "conflict", "conflict", text, fake, memory=true))
+  return items
+
+
+SUITES = ("quick", "full")
+
+
+def suite(tokenizer, name: str = "quick", n: int = 20, seed: int = 0, bos=None,
+          known: Sequence[tuple[str, str]] | None = None, lengths=None) -> list[Item]:
+  """Every task, n examples each. 'quick': passkey at 128/256 tokens; 'full' adds 1024 tokens / 48 digits.
+  `lengths` ((tokens, digits), ...) overrides the passkey settings; `known` picks the conflict facts."""
+  check_choice("suite", name, SUITES)
+  check(n >= 2, "n", f"must be >= 2 (balanced sets); got {n}")
+  items = []
+  for length, digits in lengths or (PASSKEY_FULL if name == "full" else PASSKEY_QUICK):
+    items += passkey(tokenizer, n, length, digits, seed, bos)
+  items += context_facts(tokenizer, n, seed, bos=bos) + recall(tokenizer, n, seed, bos=bos)
+  items += capitals(tokenizer, n, seed, bos) + capitals_yesno(tokenizer, n, seed, bos)
+  return items + conflict(tokenizer, n, seed, bos, pairs=known)
+
+
+def from_examples(examples: dict[str, list], tokenizer: Tokenizer, kinds: dict[str, str] | None = None) -> list[Item]:
+  """The lab's own `train.data.Example`s (token ids) as Items scored by exact id match."""
+  kinds = kinds or {"passkey": "contextual", "recall": "contextual", "context_facts": "contextual",
+                    "kb_facts": "parametric", "conflict": "conflict"}
+  items = []
+  for family, examples_ in examples.items():
+    check_choice("family", family, tuple(kinds))
+    for ex in examples_:
+      meta = {"answer_ids": [int(t) for t in ex.answer]}
+      if kinds[family] == "conflict":
+        meta = {"answer_ids": [int(t) for t in ex.meta["context_answer"]],
+                "memory_ids": [int(t) for t in ex.meta["memory_answer"]]}
+      items.append(Item(family, kinds[family], np.asarray(ex.prompt, np.int32), ex.text,
+                        tokenizer.decode(meta["answer_ids"]), len(meta["answer_ids"]), meta))
+  return items
+
+
+# ---------------------------------------------------------------------------------------- scoring
+
+def verdict(item: Item, output_ids: Sequence[int], tokenizer: Tokenizer) -> str:
+  """'correct' | 'wrong' (contextual, parametric); 'context' | 'memory' | 'other' (conflict)."""
+  ids = [int(t) for t in output_ids]
+  if "answer_ids" in item.meta:
+    hit = lambda want: ids[:len(want)] == want
+    target, memory = item.meta["answer_ids"], item.meta.get("memory_ids")
+  else:
+    text = tokenizer.decode(ids)
+    hit = lambda want: _words(text, len(want.split())) == want.lower()
+    target, memory = item.answer, item.meta.get("memory")
+  if item.kind != "conflict":
+    return "correct" if hit(target) else "wrong"
+  return "context" if hit(target) else "memory" if hit(memory) else "other"
+
+
+def success(item: Item, v: str) -> bool:
+  """The success the accuracy counts: a right answer, or following the context under conflict."""
+  return v in ("correct", "context")

@@ -1,0 +1,86 @@
+"""Plain-English task suites: the paper's passkey prompt, balanced sets, equal lengths, strict scoring."""
+import collections
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from analysis import tasks_llm as T
+from minilm.config import ConfigError
+from train.tokenizer import Tokenizer
+
+TOK = Tokenizer()  # bytes: every test here runs without a pretrained model
+
+
+def test_passkey_is_the_papers_prompt_with_depth_swept():
+  items = T.passkey(TOK, 5, 600, 6, seed=0)
+  assert {len(it.prompt) for it in items} == {len(items[0].prompt)} and len(items[0].prompt) <= 600
+  for it in items:
+    assert it.text.startswith(T.PASSKEY_INTRO) and it.text.endswith(T.PASSKEY_QUESTION)
+    assert T.PASSKEY_NEEDLE.format(key=it.answer) in it.text and T.PASSKEY_FILLER in it.text
+    assert len(it.answer) == 6 and it.answer.isdigit() and it.kind == "contextual"
+  depths = [it.meta["depth"] for it in items]
+  assert depths[0] == 0.0 and depths[-1] == 1.0 and depths == sorted(depths)
+  assert T.passkey(TOK, 5, 600, 6, seed=0)[2].answer == items[2].answer  # fixed by seed
+  with pytest.raises(ConfigError, match="passkey.length"):
+    T.passkey(TOK, 2, 100, 6, seed=0)
+
+
+def test_sets_are_balanced():
+  yn = T.capitals_yesno(TOK, 10, seed=0)
+  assert collections.Counter(it.answer for it in yn) == {"yes": 5, "no": 5}
+  for it in yn:  # a 'no' pairs the country with another country's capital
+    city, country = it.text.splitlines()[-1][:-1].split(" is the capital of ")
+    assert ((city, country) in [(k, c) for c, k in T.CAPITALS]) == (it.answer == "yes")
+  facts = T.context_facts(TOK, 8, seed=0)
+  assert collections.Counter(it.meta["asked"] for it in facts) == {0: 2, 1: 2, 2: 2, 3: 2}
+  conflict = T.conflict(TOK, 6, seed=0)
+  assert all(it.answer != it.meta["memory"] and f"is {it.answer}." in it.text for it in conflict)
+
+
+def test_prompts_of_a_task_share_one_length():
+  items = T.suite(TOK, "quick", 6, seed=1, lengths=((400, 6),))
+  lengths = collections.defaultdict(set)
+  for it in items:
+    lengths[it.task].add(len(it.prompt))
+  assert set(lengths) == {"passkey_400x6", "context_facts", "recall", "capitals", "capitals_yesno", "conflict"}
+  assert all(len(v) == 1 for v in lengths.values()), lengths
+
+
+def _ids(text):
+  return TOK.encode(text)
+
+
+def test_scoring_is_strict():
+  key = T.Item("passkey", "contextual", np.zeros(1, np.int32), "", "123456", 9, {})
+  assert T.verdict(key, _ids(" 123456. The"), TOK) == "correct"
+  assert T.verdict(key, _ids(" 1234567"), TOK) == "wrong"
+  assert T.verdict(key, _ids(" The pass key is 123456"), TOK) == "wrong"  # later text is not searched
+  city = T.Item("capitals", "parametric", np.zeros(1, np.int32), "", "Mexico City", 5, {})
+  assert T.verdict(city, _ids(' "mexico city".'), TOK) == "correct"
+  assert T.verdict(city, _ids(" Mexico"), TOK) == "wrong"
+  c = T.Item("conflict", "conflict", np.zeros(1, np.int32), "", "Rome", 3, {"memory": "Paris"})
+  assert [T.verdict(c, _ids(s), TOK) for s in (" Rome.", " Paris<eos>", " London")] == ["context", "memory", "other"]
+  assert T.success(c, "context") and not T.success(c, "memory")
+
+
+def test_lab_examples_are_scored_by_ids():
+  ex = {"passkey": [SimpleNamespace(prompt=np.array([257, 5]), answer=np.array([7, 8]), text="x", meta={})],
+        "conflict": [SimpleNamespace(prompt=np.array([257, 6]), answer=np.array([9]), text="y",
+                                     meta={"context_answer": np.array([9]), "memory_answer": np.array([4])})]}
+  pk, cf = T.from_examples(ex, TOK)
+  assert pk.max_new == 2 and T.verdict(pk, [7, 8, 1], TOK) == "correct" and T.verdict(pk, [7, 1], TOK) == "wrong"
+  assert [T.verdict(cf, [t], TOK) for t in (9, 4, 5)] == ["context", "memory", "other"]
+  with pytest.raises(ConfigError, match="family"):
+    T.from_examples({"bogus": []}, TOK)
+
+
+def test_suite_options():
+  quick = T.suite(TOK, "quick", 2, seed=0, lengths=((400, 6), (500, 12)))
+  assert [it.task for it in quick].count("passkey_500x12") == 2
+  assert {len(it.answer) for it in quick if it.task == "passkey_500x12"} == {12}
+  known = [("France", "Paris"), ("Japan", "Tokyo")]
+  assert {it.meta["memory"] for it in T.suite(TOK, "quick", 4, 0, known=known, lengths=((400, 6),))
+          if it.kind == "conflict"} <= {"Paris", "Tokyo"}
+  with pytest.raises(ConfigError, match="suite"):
+    T.suite(TOK, "huge")
