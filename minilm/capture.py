@@ -43,7 +43,7 @@ def flatten(intermediates) -> dict[str, jax.Array]:
   """nnx.capture's State -> {'blocks.3.attn.q': array}; each point is sown once per forward."""
   flat = {}
   for path, value in nnx.to_flat_state(intermediates):
-    (array,) = value.value if hasattr(value, "value") else value
+    (array,) = value.get_value() if hasattr(value, "get_value") else value
     flat[".".join(str(p) for p in path)] = array
   return flat
 

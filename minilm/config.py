@@ -34,6 +34,7 @@ DTYPES = ("float32", "bfloat16")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A decoder: pre-norm blocks of grouped-query causal attention and an MLP."""
+  section: typing.ClassVar[str] = "model"  # error messages name fields as 'model.<field>'
   vocab_size: int = 512
   d_model: int = 128
   n_layers: int = 4
@@ -90,10 +91,16 @@ def _field_types(cls) -> dict[str, Any]:
   return typing.get_type_hints(cls)
 
 
-def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
+def _prefix(cls) -> str:
+  section = getattr(cls, "section", "")
+  return f"{section}." if section else ""
+
+
+def from_dict(cls, data: Mapping[str, Any], prefix: str | None = None):
   """Build config `cls` from a (nested) dict, naming unknown fields and bad types in the error."""
   if isinstance(data, cls):
     return data
+  prefix = _prefix(cls) if prefix is None else prefix
   where = prefix.rstrip(".") or cls.__name__
   if encodings.PositionConfig in getattr(cls, "__mro__", ()) and cls is encodings.PositionConfig:
     return encodings.position_from_dict(data, where, from_dict)
@@ -159,13 +166,13 @@ def parse_value(text: str) -> Any:
 
 def override(cfg, assignments: Mapping[str, Any]):
   """Return cfg with dotted fields replaced, e.g. {'model.position.base': 1e5, 'model.position': 'nope'}."""
-  data = to_dict(cfg)
+  data, prefix = to_dict(cfg), _prefix(type(cfg))
   for dotted, value in assignments.items():
     node, keys = data, dotted.split(".")
     for i, key in enumerate(keys[:-1]):
-      check(isinstance(node.get(key), dict), ".".join(keys[: i + 1]),
+      check(isinstance(node.get(key), dict), prefix + ".".join(keys[: i + 1]),
             f"unknown field; allowed: {', '.join(sorted(node))}")
       node = node[key]
-    check(keys[-1] in node, dotted, f"unknown field; allowed: {', '.join(sorted(node))}")
+    check(keys[-1] in node, prefix + dotted, f"unknown field; allowed: {', '.join(sorted(node))}")
     node[keys[-1]] = value
   return from_dict(type(cfg), data)

@@ -169,7 +169,7 @@ class LearnedModule(PositionModule):
     self.table = nnx.Param(init(rngs.params(), (max_len, d_model), jnp.float32))
 
   def embed(self, positions_BxT):
-    return self.table.value[positions_BxT]
+    return self.table[...][positions_BxT]
 
 
 @register

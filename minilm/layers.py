@@ -37,9 +37,9 @@ class Norm(nnx.Module):
     x = x_BxTxC.astype(jnp.float32)
     if self.kind == "layer":
       x = x - x.mean(-1, keepdims=True)
-    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale.value
+    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
     if self.kind == "layer":
-      x = x + self.bias.value
+      x = x + self.bias[...]
     return x.astype(self.dtype)
 
 

@@ -37,12 +37,14 @@ class Decoder(nnx.Module):
     self.position = cfg.position.build(cfg, rngs)
 
   def __call__(self, tokens_BxT, positions_BxT=None, *, cache=None, capture: Iterable[str] | bool = (),
-               intervene: Intervene = None):
+               intervene: Intervene = None, embeds_BxTxC=None):
     """Logits [B, T, V] in float32; with `cache` (see `init_cache`) returns (logits, new_cache).
 
     capture: points to record with `nnx.sow` (read them with `minilm.capture.run`); a Python value
       fixed at trace time, so the default () compiles to the plain forward pass.
     intervene: f(hook_name, x) -> x applied at every q/k/v/rot_q/rot_k point (e.g. disruption).
+    embeds_BxTxC: token embeddings to use instead of looking tokens up (gradients and patching
+      with respect to the input); tokens_BxT then only gives the shape.
     """
     capture = capture_set(capture)
     B, T = tokens_BxT.shape
@@ -53,7 +55,7 @@ class Decoder(nnx.Module):
     if self.position.bounded and cache is None and T > self.cfg.max_len:
       raise ValueError(f"tokens: length {T} exceeds model.max_len={self.cfg.max_len} for "
                        f"position encoding {self.cfg.position.kind!r}")
-    x = self.embed(tokens_BxT)
+    x = self.embed(tokens_BxT) if embeds_BxTxC is None else embeds_BxTxC.astype(jnp.dtype(self.cfg.dtype))
     extra = self.position.embed(positions_BxT)
     if extra is not None:
       x = x + extra.astype(x.dtype)
@@ -64,7 +66,7 @@ class Decoder(nnx.Module):
       layers.append(layer_cache)
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:
-      logits = jnp.einsum("btc,vc->btv", x, self.embed.embedding.value.astype(x.dtype),
+      logits = jnp.einsum("btc,vc->btv", x, self.embed.embedding[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)
     else:
       logits = self.lm_head(x).astype(jnp.float32)

@@ -32,13 +32,15 @@ def rotary_pairs(head_dim: int, fraction: float = 1.0, partial: str = "neox") ->
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f"fraction: must be in (0, 1]; got {fraction}")
   if partial == "neox":
-    span = int(round(fraction * head_dim))
-    if span % 2 or span == 0:
-      raise ValueError(f"fraction: fraction*head_dim must be a positive even number; got {fraction}*{head_dim}")
-    return span, span // 2
-  n_rot = int(round(fraction * head_dim / 2))
-  if n_rot == 0:
-    raise ValueError(f"fraction: p-rope with fraction={fraction} rotates no pair of head_dim={head_dim}")
+    span = fraction * head_dim
+    if abs(span - round(span)) > 1e-9 or round(span) % 2:
+      raise ValueError(f"fraction: fraction*head_dim must be an even integer; got {fraction}*{head_dim}")
+    return int(round(span)), int(round(span)) // 2
+  n_rot = fraction * head_dim / 2
+  if abs(n_rot - round(n_rot)) > 1e-9:
+    raise ValueError(f"fraction: p-rope needs fraction*head_dim/2 to be a whole number of pairs; "
+                     f"got {fraction}*{head_dim}/2")
+  n_rot = int(round(n_rot))
   return head_dim, n_rot
 
 

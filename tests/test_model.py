@@ -1,0 +1,173 @@
+"""The decoder with every position encoding: causality, shapes, init, dtypes, capture, hooks, cache."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from minilm import capture
+from minilm.config import ModelConfig, from_dict
+from minilm.generate import greedy
+from minilm.model import Decoder, init_cache
+
+ENCODINGS = ["rope", "nope", "alibi", "sinusoidal", "learned"]
+SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=32)
+
+
+def make(position="rope", seed=0, **kw):
+  cfg = from_dict(ModelConfig, {**SMALL, "position": position, **kw})
+  return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def tokens(B=2, T=12, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, SMALL["vocab_size"], (B, T)), jnp.int32)
+
+
+@pytest.mark.parametrize("position", ENCODINGS)
+def test_causality_zero_gradient_from_future_tokens(position):
+  """d loss_t / d x_s == 0 exactly for every s > t (nanodo's test), through the input embeddings."""
+  model = make(position)
+  toks = tokens(1, 10)
+  emb = model.embed(toks)
+  graphdef, state = nnx.split(model)
+
+  def loss_at(embeds, t):
+    logits = nnx.merge(graphdef, state)(toks, embeds_BxTxC=embeds)
+    return jax.nn.log_softmax(logits[0, t])[toks[0, (t + 1) % 10]]
+
+  for t in [0, 4, 8]:
+    g = np.asarray(jax.grad(loss_at)(emb, t))[0]  # [T, C]
+    assert np.all(g[t + 1:] == 0.0), f"position {t} sees the future"
+    assert np.abs(g[: t + 1]).sum() > 0
+
+
+@pytest.mark.parametrize("position", ENCODINGS)
+def test_shapes(position):
+  model = make(position)
+  logits, cache = capture.run(model, tokens(3, 9))
+  assert logits.shape == (3, 9, 64) and logits.dtype == jnp.float32
+  assert cache.stack("attn.q").shape == (2, 3, 9, 4, 8)
+  assert cache.stack("attn.rot_k").shape == (2, 3, 9, 2, 8)  # GQA: 2 KV heads
+  assert cache["blocks.1.attn.v"].shape == (3, 9, 2, 8)
+  assert cache["blocks.0.attn.attn"].shape == (3, 4, 9, 9)
+  assert cache.stack("resid").shape == (2, 3, 9, 32)
+
+
+@pytest.mark.parametrize("position", ENCODINGS)
+def test_deterministic_init(position):
+  a, b, c = (nnx.state(make(position, seed=s), nnx.Param) for s in (0, 0, 1))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+
+
+def test_paired_arms_share_every_common_tensor():
+  """Arms that differ only in position encoding start from identical shared weights."""
+  flat = {p: dict(nnx.to_flat_state(nnx.state(make(p), nnx.Param))) for p in ENCODINGS}
+  for p in ENCODINGS[1:]:
+    common = set(flat["rope"]) & set(flat[p])
+    assert len(common) == len(flat["rope"])
+    for key in common:
+      np.testing.assert_array_equal(flat["rope"][key][...], flat[p][key][...])
+
+
+@pytest.mark.parametrize("position", ENCODINGS)
+def test_float32_and_bfloat16_forward_agree(position):
+  """Same float32 params, bf16 compute: logits within a few bf16 steps (2^-8 relative) of float32."""
+  f32 = make(position)
+  bf16 = make(position, dtype="bfloat16")
+  nnx.update(bf16, nnx.state(f32, nnx.Param))
+  toks = tokens()
+  a, b = np.asarray(f32(toks)), np.asarray(bf16(toks))
+  assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+  assert not np.array_equal(a, b)  # bf16 really was used
+
+
+@pytest.mark.parametrize("position", ENCODINGS)
+def test_capture_does_not_change_logits(position):
+  model = make(position)
+  graphdef, state = nnx.split(model)
+  plain = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+  captured = jax.jit(lambda s, t: capture.run(nnx.merge(graphdef, s), t)[0])
+  toks = tokens()
+  np.testing.assert_array_equal(np.asarray(plain(state, toks)), np.asarray(captured(state, toks)))
+
+
+def test_capture_off_compiles_to_the_plain_program():
+  model = make("rope")
+  graphdef, state = nnx.split(model)
+  toks = tokens()
+  plain = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, toks).as_text()
+  empty = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, capture=())).lower(state, toks).as_text()
+  assert plain == empty
+
+
+def test_rot_equals_plain_for_encodings_without_rope():
+  for position in ["nope", "alibi", "sinusoidal", "learned"]:
+    _, cache = capture.run(make(position), tokens())
+    np.testing.assert_array_equal(cache["blocks.0.attn.rot_q"], cache["blocks.0.attn.q"])
+  _, cache = capture.run(make("rope"), tokens())
+  assert not np.allclose(cache["blocks.0.attn.rot_q"], cache["blocks.0.attn.q"])
+
+
+def test_intervention_hook_sees_every_point_and_changes_the_output():
+  model = make("rope")
+  seen = []
+
+  def record(name, x):
+    seen.append((name, x.shape))
+    return x
+
+  np.testing.assert_array_equal(model(tokens(), intervene=record), model(tokens()))
+  assert [n for n, _ in seen] == [f"blocks.{l}.attn.{p}" for l in range(2) for p in ("q", "k", "v", "rot_q", "rot_k")]
+
+  def zero_dim3(name, x):
+    return x.at[..., 3].set(0.0) if name == "blocks.1.attn.rot_k" else x
+
+  logits, cache = capture.run(model, tokens(), intervene=zero_dim3)
+  assert np.all(np.asarray(cache["blocks.1.attn.rot_k"])[..., 3] == 0)
+  assert not np.allclose(logits, model(tokens()))
+
+
+@pytest.mark.parametrize("position", ENCODINGS)
+def test_kv_cache_matches_full_forward(position):
+  model = make(position)
+  toks = tokens(2, 14)
+  full = np.asarray(model(toks))
+  cache = init_cache(model.cfg, 2, 20)
+  pre, cache = model(toks[:, :9], cache=cache)
+  steps = [pre]
+  for t in range(9, 14):
+    out, cache = model(toks[:, t:t + 1], cache=cache)
+    steps.append(out)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_greedy_matches_argmax_loop():
+  model = make("alibi")
+  prompt = tokens(2, 6)
+  out = np.asarray(greedy(model, prompt, 4))
+  seq = np.asarray(prompt)
+  for _ in range(4):
+    seq = np.concatenate([seq, np.asarray(model(jnp.asarray(seq)))[:, -1].argmax(-1)[:, None]], 1)
+  np.testing.assert_array_equal(out, seq[:, 6:])
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
+def test_absolute_positions_refuse_sequences_beyond_max_len(position):
+  with pytest.raises(ValueError, match=r"^tokens: length 40 exceeds model.max_len=32"):
+    make(position)(tokens(1, 40))
+  make("rope")(tokens(1, 40))  # relative encodings have no hard limit
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("partial", [("neox", 0.5), ("p-rope", 0.5), ("neox", 1.0)])
+def test_rope_variants_build_and_run(layout, partial):
+  model = make({"kind": "rope", "layout": layout, "partial": partial[0], "fraction": partial[1], "base": 500.0})
+  assert np.isfinite(np.asarray(model(tokens()))).all()
+
+
+@pytest.mark.parametrize("norm,mlp,tie", [("layer", "gelu", False), ("rms", "swiglu", True)])
+def test_architecture_switches(norm, mlp, tie):
+  model = make("rope", norm=norm, mlp=mlp, tie_embeddings=tie)
+  assert hasattr(model, "lm_head") != tie
+  assert np.isfinite(np.asarray(model(tokens()))).all()
