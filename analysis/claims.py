@@ -104,7 +104,7 @@ class _Arms:
   def __init__(self, store: T.Store, rope_arm, nope_arm, n_boot: int):
     meta = store.meta()
     self.store, self.meta = store, meta
-    self.cfg, self.context = T.stat_config(meta), meta["context"]
+    self.cfg = T.stat_config(meta)
     self.rope, self.nope = _pick(meta["arms"], rope_arm, "rope"), _pick(meta["arms"], nope_arm, "nope")
     arms = [a for a in (self.rope, self.nope) if a]
     common = set.intersection(*(set(store.steps(a)) for a in arms)) if arms else set()
@@ -120,8 +120,8 @@ class _Arms:
     """(point, replicates) of a per-head statistic's mean over the heads of `tensors` x `layers`."""
     layers = range(self.n_layers(arm)) if layers is None else layers
     groups = [self.sums[arm][f"{l}.{t}"] for l in layers for t in tensors]
-    pairing = T.pairing_of(self.meta["arms"][arm])
-    return S.pooled(groups, [stat], pairing, self.context, self.cfg, self.counts, seed)[stat]
+    facts = self.meta["arms"][arm]
+    return S.pooled(groups, [stat], T.pairing_of(facts), facts["context"], self.cfg, self.counts, seed)[stat]
 
 
 def _pick(arms: dict, name, kind: str):
@@ -227,13 +227,13 @@ def evaluate(store: T.Store, rope_arm: str | None = None, nope_arm: str | None =
 def _where_notes(a: _Arms) -> str:
   """Where the mass sits relative to the context (SCIENCE.md: always report it)."""
   facts = a.meta["arms"][a.rope]
-  p = T.pairing_of(facts)
-  peak = np.median(np.concatenate([S.head_stats(np.sqrt(a.sums[a.rope][f"{l}.{t}"].sum(0)), p, a.context,
+  p, context = T.pairing_of(facts), facts["context"]
+  peak = np.median(np.concatenate([S.head_stats(np.sqrt(a.sums[a.rope][f"{l}.{t}"].sum(0)), p, context,
                                                 a.cfg)["peak_pair"] for l in range(facts["n_layers"]) for t in QK]))
   band, _ = a.pooled(a.rope, QK, "band_share")
-  _, band_null = S.band_share(np.ones(p.n_pairs), p.theta, a.context, a.cfg.band)
+  _, band_null = S.band_share(np.ones(p.n_pairs), p.theta, context, a.cfg.band)
   return (f"RoPE arm: median peak pair {peak:g} of {p.n_pairs}; first pair with wavelength > context "
-          f"({a.context:g}) {S.context_pair(p.theta, a.context)}, > 2x context {S.context_pair(p.theta, 2 * a.context)}; "
+          f"({context:g}) {S.context_pair(p.theta, context)}, > 2x context {S.context_pair(p.theta, 2 * context)}; "
           f"boundary-band share {band:.3f} (null {band_null:.3f})")
 
 

@@ -169,8 +169,7 @@ def heatmap(store: T.Store, arm: str, step: int) -> list[str]:
 
 def pair_energy(store: T.Store, arm: str) -> list[str]:
   summ, meta = _summary(store), store.meta()
-  pairing = T.pairing_of(meta["arms"][arm])
-  context = summ["context"]
+  pairing, context = T.pairing_of(meta["arms"][arm]), meta["arms"][arm]["context"]
   last = max(g["step"] for g in summ["groups"] if g["arm"] == arm)
   fig, axes = plt.subplots(1, len(SHOWN), figsize=(4.2 * len(SHOWN), 3.2), squeeze=False, sharey=True)
   for c, tensor in enumerate(SHOWN):

@@ -93,12 +93,13 @@ def token_values(model, tokens_T) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------ host part
 
-def arm_facts(model) -> dict:
-  """What the statistics need to know about a model, JSON-ready."""
+def arm_facts(model, context: float) -> dict:
+  """What the statistics need to know about a model, JSON-ready. `context`: the tokens against which
+  rotary wavelengths are compared (the context the model was trained on)."""
   cfg = model.cfg
   return {"position": cfg.position.kind, "position_cfg": to_dict(cfg)["position"],
           "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "kv_heads": cfg.kv_heads,
-          "head_dim": cfg.dim_per_head}
+          "head_dim": cfg.dim_per_head, "context": float(context)}
 
 
 def pairing_of(facts: dict) -> S.Pairing:
@@ -113,9 +114,9 @@ def layer_tensor_keys(sums: dict):
   return sorted(keys, key=lambda lt: (lt[0], TENSORS.index(lt[1])))
 
 
-def rows_for(sums: dict, facts: dict, context: float, cfg: S.StatConfig, arm: str, step: int) -> list[dict]:
+def rows_for(sums: dict, facts: dict, cfg: S.StatConfig, arm: str, step: int) -> list[dict]:
   """The tidy rows of one (arm, step): one per layer x tensor x head."""
-  pairing = pairing_of(facts)
+  pairing, context = pairing_of(facts), facts["context"]
   rows = []
   for layer, tensor in layer_tensor_keys(sums):
     M = np.sqrt(sums[f"{layer}.{tensor}"].astype(np.float64).sum(0))
@@ -132,10 +133,10 @@ def rows_for(sums: dict, facts: dict, context: float, cfg: S.StatConfig, arm: st
   return rows
 
 
-def summary_for(sums: dict, facts: dict, context: float, cfg: S.StatConfig, arm: str, step: int,
+def summary_for(sums: dict, facts: dict, cfg: S.StatConfig, arm: str, step: int,
                 n_boot: int = N_BOOT) -> list[dict]:
   """Per layer x tensor: {stat: [head mean, lo, hi]} (95% bootstrap over prompts and heads)."""
-  pairing = pairing_of(facts)
+  pairing, context = pairing_of(facts), facts["context"]
   n_prompts = len(next(iter(sums.values())))
   counts = S.prompt_counts(n_prompts, n_boot, BOOT_SEED)
   groups = []
@@ -206,7 +207,7 @@ def _capture_settings(probes, mask, drop_first) -> dict:
           "probe_checksum": int(np.asarray(probes, np.int64).sum() * 31 + np.asarray(mask).sum())}
 
 
-def open_store(out_dir: str, probes, mask, drop_first: bool, context: float, stat_cfg: S.StatConfig,
+def open_store(out_dir: str, probes, mask, drop_first: bool, stat_cfg: S.StatConfig,
                extra: dict | None = None) -> Store:
   """Create or reopen an output directory; refuse to mix captures made with other probes/settings."""
   store = Store(out_dir)
@@ -218,7 +219,7 @@ def open_store(out_dir: str, probes, mask, drop_first: bool, context: float, sta
   os.makedirs(out_dir, exist_ok=True)
   np.save(store.path("probes.npy"), np.asarray(probes, np.int32))
   np.save(store.path("mask.npy"), np.asarray(mask, np.float32))
-  meta.update({"capture": capture_cfg, "context": float(context), "stats": to_dict(stat_cfg),
+  meta.update({"capture": capture_cfg, "stats": to_dict(stat_cfg),
                "arms": meta.get("arms", {}), **(extra or {})})
   store.write_json("meta.json", meta)
   return store
@@ -233,15 +234,15 @@ def rebuild(store: Store, n_boot: int = N_BOOT) -> tuple[list[dict], list[dict]]
   """table.csv and summary.json from every cached (arm, step): cheap, so settings of the statistics
   (lam, bands, ...) can change without another forward pass."""
   meta = store.meta()
-  cfg, context = stat_config(meta), meta["context"]
+  cfg = stat_config(meta)
   rows, groups = [], []
   for arm, facts in meta["arms"].items():
     for step in store.steps(arm):
       sums = store.load_sums(arm, step)
-      rows += rows_for(sums, facts, context, cfg, arm, step)
-      groups += summary_for(sums, facts, context, cfg, arm, step, n_boot)
+      rows += rows_for(sums, facts, cfg, arm, step)
+      groups += summary_for(sums, facts, cfg, arm, step, n_boot)
   write_table(store.path("table.csv"), rows)
-  store.write_json("summary.json", {"context": context, "stats": meta["stats"], "n_boot": n_boot,
+  store.write_json("summary.json", {"stats": meta["stats"], "n_boot": n_boot,
                                     "arms": meta["arms"], "groups": groups})
   return rows, groups
 
@@ -268,19 +269,20 @@ def trace_model(model, probes_NxT, *, mask_NxT=None, arm: str = "model", step: i
                 batch_size: int = 16) -> list[dict]:
   """Table rows of any Decoder on any probe tokens (no files): one per layer x tensor x head.
 
-  context: tokens for the wavelength boundary (default: the probe length).
+  context: tokens for the wavelength boundary (default: the probe length; for trained arms,
+  trace_run uses their training seq_len).
   """
   probes = np.asarray(probes_NxT)
   sums = capture_sums(model, probes, mask_NxT, drop_first=stat_cfg.drop_first, batch_size=batch_size)
-  return rows_for(sums, arm_facts(model), context or probes.shape[1], stat_cfg, arm, step)
+  return rows_for(sums, arm_facts(model, context or probes.shape[1]), stat_cfg, arm, step)
 
 
-def record_step(store: Store, model, arm: str, step: int, *, final: bool, batch_size: int = 16,
-                timing: dict | None = None) -> None:
+def record_step(store: Store, model, arm: str, step: int, *, context: float, final: bool,
+                batch_size: int = 16, timing: dict | None = None) -> None:
   """Capture one (arm, step) into the store (sums, arm facts, and the token view if final)."""
   meta = store.meta()
   probes, mask = np.load(store.path("probes.npy")), np.load(store.path("mask.npy"))
-  facts = arm_facts(model)
+  facts = arm_facts(model, context)
   known = meta["arms"].get(arm)
   if known and known != facts:
     raise ConfigError(f"arm: {arm!r} in {store.root} was traced from another model ({known['position']}, "
@@ -304,9 +306,8 @@ def analyze_model(model, probes_NxT, out_dir: str, *, mask_NxT=None, arm: str = 
   plots, claims). For pretrained imports such as SmolLM2."""
   probes = np.asarray(probes_NxT, np.int32)
   mask = np.ones(probes.shape, np.float32) if mask_NxT is None else np.asarray(mask_NxT, np.float32)
-  store = open_store(out_dir, probes, mask, stat_cfg.drop_first, context or probes.shape[1], stat_cfg)
-  timing = {}
-  record_step(store, model, arm, step, final=True, batch_size=batch_size, timing=timing)
+  store = open_store(out_dir, probes, mask, stat_cfg.drop_first, stat_cfg)
+  record_step(store, model, arm, step, context=context or probes.shape[1], final=True, batch_size=batch_size)
   rebuild(store)
   finish(store, plots=plots, claims=claims)
   return store
@@ -352,8 +353,9 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
   """Restore every checkpoint of every arm, capture the probes, write table/summary/plots/claims.
 
   Resumable: (arm, step) already captured in out_dir are skipped. The probe set comes from the first
-  arm's data config (train.data.probe_tokens), length defaulting to its seq_len; it is saved as
-  probes.npy and reused on later runs.
+  arm's data config (train.data.probe_tokens), length defaulting to the shortest seq_len of the arms;
+  it is saved as probes.npy and reused on later runs. Each arm's wavelength boundary is its own
+  training seq_len (a context sweep moves it).
   """
   from train import checkpoints as ck
   from train.data import probe_tokens
@@ -361,14 +363,15 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
   t0 = time.perf_counter()
   arms = run_arms(run_dir)
   out_dir = out_dir or os.path.join(run_dir, "analysis")
-  first = ck.load_config(next(iter(arms.values())))
-  length = length or first.data.seq_len
+  configs = {arm: ck.load_config(arm_dir) for arm, arm_dir in arms.items()}
+  first = next(iter(configs.values()))
+  length = length or min(cfg.data.seq_len for cfg in configs.values())
   if os.path.exists(os.path.join(out_dir, "probes.npy")):
     probes = np.load(os.path.join(out_dir, "probes.npy"))
   else:
     probes = np.asarray(probe_tokens(first.data, probe_seed, n_probes, length), np.int32)
   mask = (probes != Tokenizer().PAD).astype(np.float32)
-  store = open_store(out_dir, probes, mask, stat_cfg.drop_first, probes.shape[1], stat_cfg,
+  store = open_store(out_dir, probes, mask, stat_cfg.drop_first, stat_cfg,
                      {"run_dir": os.path.abspath(run_dir), "probe_seed": probe_seed})
   timing = {"restore_s": 0.0, "forward_s": 0.0, "compile_forward_s": 0.0, "traced": 0, "skipped": 0}
   for arm, arm_dir in arms.items():
@@ -382,7 +385,8 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
       t = time.perf_counter()
       model, _ = ck.load_model(arm_dir, step)
       timing["restore_s"] += time.perf_counter() - t
-      record_step(store, model, arm, step, final=step == wanted[-1], batch_size=batch_size, timing=timing)
+      record_step(store, model, arm, step, context=configs[arm].data.seq_len, final=step == wanted[-1],
+                  batch_size=batch_size, timing=timing)
       timing["traced"] += 1
       log(f"traced {arm} step {step}")
   t = time.perf_counter()

@@ -16,7 +16,7 @@ LF_PAIR = 13                      # in the lowest-frequency quarter (pairs 12..1
 
 def _facts(position):
   return {"position": position.kind, "position_cfg": to_dict(ModelConfig(position=position))["position"],
-          "n_layers": L, "n_heads": H, "kv_heads": K, "head_dim": D}
+          "n_layers": L, "n_heads": H, "kv_heads": K, "head_dim": D, "context": 64.0}
 
 
 def _sums(rng, planted_layers):
@@ -35,7 +35,7 @@ def _sums(rng, planted_layers):
 def _store(path, rope_layers, nope_layers, arms=("rope", "nope")):
   rng = np.random.default_rng(0)
   probes = np.zeros((N, 64), np.int32)
-  store = T.open_store(str(path), probes, np.ones(probes.shape), False, 64, S.StatConfig())
+  store = T.open_store(str(path), probes, np.ones(probes.shape), False, S.StatConfig())
   meta = store.meta()
   positions = {"rope": (encodings.RoPE(), rope_layers), "nope": (encodings.NoPE(), nope_layers)}
   for arm in arms:
