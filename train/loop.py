@@ -34,25 +34,28 @@ def _flat(tree, prefix=""):
   return {prefix[:-1]: tree}
 
 
-def prepare_run_dir(arm_dir: str, cfg: TrainConfig) -> None:
-  """Create `arm_dir` and write config.json; refuse a directory holding a run with another config.
-
-  Only `steps` may differ (extending a run; note the cosine schedule then follows the new length).
-  """
+def check_run_dir(arm_dir: str, cfg: TrainConfig) -> None:
+  """Refuse a directory whose config.json holds another config; only `steps` may differ (extending
+  a run; the cosine schedule then follows the new length)."""
   path = os.path.join(arm_dir, "config.json")
-  new = json.loads(json.dumps(C.to_dict(cfg)))
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    old_flat, new_flat = _flat(old), _flat(new)
-    for key in [*new_flat, *(k for k in old_flat if k not in new_flat)]:  # config order: 'kind' first
-      if key != "steps" and old_flat.get(key, "<absent>") != new_flat.get(key, "<absent>"):
-        raise C.ConfigError(
-            f"{key}: run directory {arm_dir} holds a run with {key}={old_flat.get(key, '<absent>')!r}, "
-            f"not {new_flat.get(key, '<absent>')!r}; only 'steps' may change (use another name or --out)")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old_flat = _flat(json.load(f))
+  new_flat = _flat(json.loads(json.dumps(C.to_dict(cfg))))
+  for key in [*new_flat, *(k for k in old_flat if k not in new_flat)]:  # config order: 'kind' first
+    if key != "steps" and old_flat.get(key, "<absent>") != new_flat.get(key, "<absent>"):
+      raise C.ConfigError(
+          f"{key}: run directory {arm_dir} holds a run with {key}={old_flat.get(key, '<absent>')!r}, "
+          f"not {new_flat.get(key, '<absent>')!r}; only 'steps' may change (use another name or --out)")
+
+
+def prepare_run_dir(arm_dir: str, cfg: TrainConfig) -> None:
+  """check_run_dir, then create `arm_dir` and write config.json."""
+  check_run_dir(arm_dir, cfg)
   os.makedirs(arm_dir, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(new, f, indent=2)
+  with open(os.path.join(arm_dir, "config.json"), "w") as f:
+    json.dump(C.to_dict(cfg), f, indent=2)
 
 
 def init_params(cfg: ModelConfig, seed: int):

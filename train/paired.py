@@ -14,7 +14,7 @@ from typing import Iterable
 from minilm import config as C
 from train import data as D
 from train.config import ExperimentConfig, TrainConfig
-from train.loop import BatchFn, prepare_run_dir, train
+from train.loop import BatchFn, check_run_dir, prepare_run_dir, train
 
 
 def experiment_dir(exp: ExperimentConfig, out: str) -> str:
@@ -30,6 +30,8 @@ def plan(exp: ExperimentConfig, out: str, arms: Iterable[str] | None = None) -> 
   for cfg, _ in runs.values():
     if cfg.eval.n_per_family:  # fails now, with the data's one-line error, if a family cannot be built
       D.eval_examples(cfg.data, cfg.eval.seed, 1)
+  for cfg, arm_dir in runs.values():
+    check_run_dir(arm_dir, cfg)
   for cfg, arm_dir in runs.values():
     prepare_run_dir(arm_dir, cfg)
   with open(os.path.join(experiment_dir(exp, out), "experiment.json"), "w") as f:

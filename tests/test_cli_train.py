@@ -1,0 +1,103 @@
+"""`python -m train`: run layout, extending a run, one-line errors (exit 2), the GPU config on CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from minilm import config as C
+from train import checkpoints, cli, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(capsys, *argv):
+  code = cli.main(list(argv))
+  return code, capsys.readouterr().err
+
+
+def test_trains_the_smoke_experiment_then_extends_it(tmp_path, capsys):
+  out = str(tmp_path)
+  code, _ = run(capsys, "smoke", "--out", out, "--arms", "rope", "--no-progress")
+  assert code == 0
+  exp_dir = tmp_path / "smoke"
+  assert json.load(open(exp_dir / "experiment.json"))["arms"] == {"rope": {}, "nope": {"model.position": "nope"}}
+  arm = exp_dir / "rope"
+  assert sorted(os.listdir(arm)) == ["checkpoints", "config.json", "eval.jsonl", "metrics.jsonl"]
+  assert json.load(open(arm / "config.json"))["name"] == "smoke/rope"
+  assert checkpoints.available_steps(str(arm)) == [0, 1, 2, 4, 6]
+  assert [json.loads(l)["step"] for l in open(arm / "eval.jsonl")] == [4, 6]
+  assert not (exp_dir / "nope").exists()
+  code, _ = run(capsys, "smoke", "--out", out, "--arms", "rope", "--no-progress", "--set", "steps=8")
+  assert code == 0
+  assert checkpoints.available_steps(str(arm)) == [0, 1, 2, 4, 6, 8]
+  assert [json.loads(l)["step"] for l in open(arm / "metrics.jsonl")][-2:] == [6, 8]
+
+
+BAD = {
+    "unknown field": (["--set", "model.d_modle=3"], "error: train.model.d_modle: unknown field; allowed: "),
+    "bad value": (["--set", "model.d_model=-1"], "error: model.d_model: must be >= 1; got -1"),
+    "bad type": (["--set", "optim.lr=fast"], "error: train.optim.lr: expected a number; got 'fast'"),
+    "bad choice": (["--set", "parallel.strategy=tp"], "error: parallel.strategy: must be one of 'data', 'fsdp'"),
+    "missing data path": (["--set", "data.text_source=text", 'data.text_files=["/no/such/corpus.txt"]'],
+                          "error: data.text_files: no file matches '/no/such/corpus.txt'"),
+    "seq_len beyond a table": (["--set", "model.position=learned", "model.max_len=64"],
+                               "error: data.seq_len: must be <= model.max_len=64 for position encoding 'learned'"),
+    "bad arm override": (["--set", 'arms={"x": {"model.position.base": 0.5}}'],
+                         "error: arms.x.model.position.base: must be > 1; got 0.5"),
+    "unknown arm": (["--arms", "alibi"], "error: arms: must be one of 'rope', 'nope'; got 'alibi'"),
+    "not field=value": (["--set", "steps"], "error: steps: expected field=value"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
+  argv, message = BAD[case]
+  code, err = run(capsys, "smoke", "--out", str(tmp_path), *argv)
+  assert code == 2
+  assert err.startswith(message), err
+  assert err.count("\n") == 1
+  assert not os.listdir(tmp_path)   # nothing was written
+
+
+def test_missing_config_file(capsys):
+  code, err = run(capsys, "no_such_config")
+  assert code == 2 and err.startswith("error: config: no file 'no_such_config'") and "smoke" in err
+
+
+def test_run_directory_of_another_config_is_never_overwritten(tmp_path, capsys):
+  exp = cli.load("smoke", [])
+  arm_dir = tmp_path / "smoke" / "nope"
+  loop.prepare_run_dir(str(arm_dir), C.override(exp.resolve("nope"), {"model.n_layers": 3}))
+  before = open(arm_dir / "config.json").read()
+  code, err = run(capsys, "smoke", "--out", str(tmp_path), "--no-progress")
+  assert code == 2
+  assert err.startswith(f"error: model.n_layers: run directory {arm_dir} holds a run with model.n_layers=3, not 2")
+  assert open(arm_dir / "config.json").read() == before
+  assert not (tmp_path / "smoke" / "rope").exists()   # every arm is checked before any trains
+
+
+def test_gpu_config_is_gpu_sized_and_runs_on_cpu_at_toy_scale(tmp_path, capsys):
+  cfg = cli.load("gpu", []).resolve("rope")
+  _, abstract, _ = checkpoints.abstract_model(cfg.model)
+  n = sum(x.size for x in jax.tree.leaves(abstract))
+  assert 10e6 <= n - cfg.model.vocab_size * cfg.model.d_model <= 50e6
+  assert cfg.model.dtype == "bfloat16"
+  assert all(x.dtype == "float32" for x in jax.tree.leaves(abstract))
+  toy = ["steps=2", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.batch_size=2",
+         "eval.n_per_family=1", "eval.batch=2"]
+  code, err = run(capsys, "gpu", "--out", str(tmp_path), "--arms", "rope", "--no-progress", "--set", *toy)
+  assert code == 0, err
+  _, trained = checkpoints.load_model(str(tmp_path / "gpu_rope_vs_nope" / "rope"))
+  assert trained.model.dtype == "bfloat16" and trained.data.seq_len == 1024 and trained.steps == 2
+
+
+def test_module_entry_point_prints_the_resolved_config():
+  proc = subprocess.run([sys.executable, "-m", "train", "smoke", "--print-config", "--set", "steps=3",
+                         "train.model.position.base=500"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  data = json.loads(proc.stdout)
+  assert data["train"]["steps"] == 3 and data["train"]["model"]["position"] == {
+      "kind": "rope", "base": 500.0, "fraction": 1.0, "partial": "neox", "layout": "half"}
