@@ -52,10 +52,16 @@ def _out_args(p):
   p.add_argument("out", help="a traced output directory")
 
 
+def _plots_args(p):
+  _out_args(p)
+  p.add_argument("--steps", type=int, nargs="*", default=None,
+                 help="heatmap steps (default: each arm's first and last)")
+
+
 def _plots(args):
   from analysis.plots import plot_all
   from analysis.trace import Store
-  for path in plot_all(Store(args.out)):
+  for path in plot_all(Store(args.out).require(), heatmap_steps=args.steps):
     print(path)
 
 
@@ -68,15 +74,27 @@ def _claims_args(p):
 def _claims(args):
   from analysis import claims
   from analysis.trace import Store
-  verdicts = claims.evaluate(Store(args.out), rope_arm=args.rope_arm, nope_arm=args.nope_arm)
+  verdicts = claims.evaluate(Store(args.out).require(), rope_arm=args.rope_arm, nope_arm=args.nope_arm)
   claims.write_claims(verdicts, args.out)
   print(claims.to_markdown(claims.load_claims(args.out)))
 
 
+def _disrupt_args(p):
+  from analysis.experiment import add_arguments
+  add_arguments(p)
+
+
+def _disrupt(args):
+  from analysis.experiment import run_and_print
+  run_and_print(args)
+
+
 COMMANDS = [
     ("trace", "restore checkpoints, capture probes, write table/summary/plots/claims", _trace_args, _trace),
-    ("plots", "redraw the figures of a traced directory", _out_args, _plots),
+    ("plots", "redraw the figures of a traced directory", _plots_args, _plots),
     ("claims", "recompute the C1-C4 verdicts of a traced directory", _claims_args, _claims),
+    ("disrupt", "C5: task suites under massive/control disruption -> JSONL, table, plot, verdict",
+     _disrupt_args, _disrupt),
 ]
 
 

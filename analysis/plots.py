@@ -29,7 +29,7 @@ def _save(fig, store: T.Store, name: str) -> list[str]:
   os.makedirs(store.path("plots"), exist_ok=True)
   paths = [store.path("plots", f"{name}.{ext}") for ext in ("png", "pdf")]
   for p in paths:
-    fig.savefig(p, dpi=110, bbox_inches="tight")
+    fig.savefig(p, dpi=100)
   plt.close(fig)
   return paths
 
@@ -70,7 +70,7 @@ def emergence(store: T.Store) -> list[str]:
   steps = {g["step"] for g in groups}
   colors = _colors(arms)
   fig, axes = plt.subplots(len(METRICS), n_layers, figsize=(3.2 * n_layers + 1, 2.6 * len(METRICS)),
-                           squeeze=False, sharex=True)
+                           squeeze=False, sharex=True, layout="constrained")
   for r, (stat, label) in enumerate(METRICS):
     for layer in range(n_layers):
       ax = axes[r, layer]
@@ -107,7 +107,8 @@ def layer_profile(store: T.Store) -> list[str]:
   summ = _summary(store)
   groups, arms = summ["groups"], list(summ["arms"])
   colors = _colors(arms)
-  fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.2), squeeze=False)
+  fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4), squeeze=False,
+                           layout="constrained")
   for c, (stat, label) in enumerate(METRICS):
     ax = axes[0, c]
     for arm in arms:
@@ -171,7 +172,8 @@ def pair_energy(store: T.Store, arm: str) -> list[str]:
   summ, meta = _summary(store), store.meta()
   pairing, context = T.pairing_of(meta["arms"][arm]), meta["arms"][arm]["context"]
   last = max(g["step"] for g in summ["groups"] if g["arm"] == arm)
-  fig, axes = plt.subplots(1, len(SHOWN), figsize=(4.2 * len(SHOWN), 3.2), squeeze=False, sharey=True)
+  fig, axes = plt.subplots(1, len(SHOWN), figsize=(4.2 * len(SHOWN), 3.4), squeeze=False, sharey=True,
+                           layout="constrained")
   for c, tensor in enumerate(SHOWN):
     ax = axes[0, c]
     for g in summ["groups"]:
@@ -204,7 +206,7 @@ def bars3d(store: T.Store, arm: str, layer: int | None = None, head: int | None 
   values = x[layer, :max_tokens, head]                             # [T, D]
   T_, D = values.shape
   tt, dd = np.meshgrid(np.arange(T_), np.arange(D), indexing="ij")
-  fig = plt.figure(figsize=(7, 5))
+  fig = plt.figure(figsize=(7, 5.5), layout="constrained")
   ax = fig.add_subplot(projection="3d")
   ax.bar3d(dd.ravel(), tt.ravel(), 0, 0.8, 0.8, values.ravel(), shade=True,
            color=plt.cm.viridis(values.ravel() / max(values.max(), 1e-12)))

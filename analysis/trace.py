@@ -188,6 +188,13 @@ class Store:
     with open(self.path("meta.json")) as f:
       return json.load(f)
 
+  def require(self) -> "Store":
+    """self, or a one-line error if this is not a traced directory."""
+    if not os.path.exists(self.path("summary.json")):
+      raise FileNotFoundError(f"out: {self.root} is not a traced directory (no summary.json); "
+                              "run `python -m analysis trace` first")
+    return self
+
   def write_json(self, name: str, data) -> None:
     os.makedirs(self.root, exist_ok=True)
     with open(self.path(name), "w") as f:

@@ -1,8 +1,6 @@
 """Tracing: the jitted capture equals an eager one, rows have the promised shape, and a tiny paired run
 goes end to end through the CLI into table, summary, plots and claims (and resumes)."""
-import csv
 import json
-import os
 
 import numpy as np
 import pytest
@@ -38,15 +36,16 @@ def test_jitted_sums_equal_eager_capture_with_padding_and_a_ragged_last_batch():
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
 
 
-def test_trace_model_rows_cover_every_layer_tensor_and_head():
-  model = _decoder(encodings.NoPE())
+@pytest.mark.parametrize("position", [encodings.NoPE(), encodings.ALiBi(), encodings.Learned()])
+def test_trace_model_rows_cover_every_layer_tensor_and_head(position):
+  model = _decoder(position)
   probes = np.random.default_rng(1).integers(0, 300, (5, 16))
   rows = T.trace_model(model, probes, arm="x", step=7, batch_size=4)
   assert len(rows) == 2 * (2 * 4 + 3 * 2)                        # q, rot_q: 4 heads; k, v, rot_k: 2
   assert {r["step"] for r in rows} == {7} and {r["pairing"] for r in rows} == {
-      "convention half base=10000 (nope)"}
+      f"convention half base=10000 ({position.kind})"}
   by = {(r["layer"], r["tensor"], r["head"]): r for r in rows}
-  for (layer, tensor, head), r in by.items():                    # NoPE: rotation is the identity
+  for (layer, tensor, head), r in by.items():                    # no RoPE: rotation is the identity
     if tensor == "rot_q":
       assert r["max_mean"] == pytest.approx(by[layer, "q", head]["max_mean"], rel=1e-6)
   assert all(set(T.ROW_KEYS + S.PER_HEAD + T.NULL_KEYS) <= set(r) for r in rows)
