@@ -120,6 +120,7 @@ def layer_profile(store: T.Store) -> list[str]:
         ax.errorbar(p[:, 0], p[:, 1], yerr=[p[:, 1] - p[:, 2], p[:, 3] - p[:, 1]], fmt=STYLE[tensor] + "o",
                     color=colors[arm], ms=3, capsize=2, label=f"{arm} {tensor} (step {last})")
     _reference_line(ax, stat)
+    ax.set_xticks(range(max(f["n_layers"] for f in summ["arms"].values())))
     ax.set_xlabel("layer")
     ax.set_ylabel(label)
   axes[0, 0].legend(fontsize=6)
