@@ -50,9 +50,16 @@ def check_run_dir(arm_dir: str, cfg: TrainConfig) -> None:
           f"not {new_flat.get(key, '<absent>')!r}; only 'steps' may change (use another name or --out)")
 
 
+def primary() -> bool:
+  """Only process 0 writes configs and logs (multi-host); orbax coordinates checkpoints itself."""
+  return jax.process_index() == 0
+
+
 def prepare_run_dir(arm_dir: str, cfg: TrainConfig) -> None:
   """check_run_dir, then create `arm_dir` and write config.json."""
   check_run_dir(arm_dir, cfg)
+  if not primary():
+    return
   os.makedirs(arm_dir, exist_ok=True)
   with open(os.path.join(arm_dir, "config.json"), "w") as f:
     json.dump(C.to_dict(cfg), f, indent=2)
@@ -66,7 +73,7 @@ def init_params(cfg: ModelConfig, seed: int):
 
 def _truncate(path: str, last_step: int) -> None:
   """Keep the JSON-lines rows of steps <= last_step (rows after the restored checkpoint are redone)."""
-  if not os.path.exists(path):
+  if not primary() or not os.path.exists(path):
     return
   with open(path) as f:
     rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
@@ -75,6 +82,8 @@ def _truncate(path: str, last_step: int) -> None:
 
 
 def _append(path: str, row: dict) -> None:
+  if not primary():
+    return
   with open(path, "a") as f:
     f.write(json.dumps(row) + "\n")
 
@@ -114,7 +123,7 @@ def train(cfg: TrainConfig, arm_dir: str, *, batch_fn: BatchFn = D.train_batch, 
   examples = D.eval_examples(cfg.data, cfg.eval.seed, cfg.eval.n_per_family) if cfg.eval.n_per_family else {}
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   last = {"metrics": None, "eval": None}
-  bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=cfg.name, dynamic_ncols=True)
+  bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and primary()), desc=cfg.name, dynamic_ncols=True)
   clock, clock_step = time.perf_counter(), start
   for s in range(start, cfg.steps):
     batch = sharding.put_batch(batch_fn(cfg.data, cfg.seed, s), batch_sh)
@@ -128,6 +137,7 @@ def train(cfg: TrainConfig, arm_dir: str, *, batch_fn: BatchFn = D.train_batch, 
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       now = time.perf_counter()
       row = {"step": done, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
+             "weight": metrics["weight"],
              "tokens": done * tokens_per_step,
              "tokens_per_s": (done - clock_step) * tokens_per_step / max(now - clock, 1e-9)}
       _append(metrics_path, row)

@@ -14,7 +14,7 @@ from typing import Iterable
 from minilm import config as C
 from train import data as D
 from train.config import ExperimentConfig, TrainConfig
-from train.loop import BatchFn, check_run_dir, prepare_run_dir, train
+from train.loop import BatchFn, check_run_dir, prepare_run_dir, primary, train
 
 
 def experiment_dir(exp: ExperimentConfig, out: str) -> str:
@@ -34,8 +34,9 @@ def plan(exp: ExperimentConfig, out: str, arms: Iterable[str] | None = None) -> 
     check_run_dir(arm_dir, cfg)
   for cfg, arm_dir in runs.values():
     prepare_run_dir(arm_dir, cfg)
-  with open(os.path.join(experiment_dir(exp, out), "experiment.json"), "w") as f:
-    json.dump(C.to_dict(exp), f, indent=2)
+  if primary():
+    with open(os.path.join(experiment_dir(exp, out), "experiment.json"), "w") as f:
+      json.dump(C.to_dict(exp), f, indent=2)
   return runs
 
 
