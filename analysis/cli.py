@@ -6,6 +6,7 @@ quantize) append theirs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from minilm.config import ConfigError
@@ -95,6 +96,9 @@ COMMANDS = [
     ("claims", "recompute the C1-C4 verdicts of a traced directory", _claims_args, _claims),
     ("disrupt", "C5: task suites under massive/control disruption -> JSONL, table, plot, verdict",
      _disrupt_args, _disrupt),
+    ("pretrained", "massive values of an imported model (smollm2, .gguf, HF dir) as one traced step",
+     lambda p: importlib.import_module("analysis.pretrained").add_arguments(p),
+     lambda args: importlib.import_module("analysis.pretrained").run(args)),
 ]
 
 

@@ -78,14 +78,40 @@ class DisruptConfig:
 def _norms(graphdef, state, tokens_BxT, points):
   model = nnx.merge(graphdef, state)
   _, cache = capture.run(model, tokens_BxT, points)
-  return {name: stats.value_norms(x, per_prompt=True) for name, x in cache.items()}
+  M = {name: stats.value_norms(x, per_prompt=True) for name, x in cache.items()}
+  centred = {name: x - x.astype(jnp.float32).mean(1, keepdims=True) for name, x in cache.items()}
+  return M, {name: stats.value_norms(x, per_prompt=True) for name, x in centred.items()}
+
+
+def norms_and_spread(model, tokens_BxT, cfg: DisruptConfig):
+  """Undisrupted M per example at every point `cfg` may touch ({'blocks.3.attn.rot_k': [B, H, D]}),
+  and the spread S = sqrt(sum_t (x - mean_t x)^2): what replacing a dim by its mean takes away."""
+  graphdef, state = nnx.split(model)
+  M, S = _norms(graphdef, state, jnp.asarray(tokens_BxT, jnp.int32), cfg.points())
+  return {k: np.asarray(v) for k, v in M.items()}, {k: np.asarray(v) for k, v in S.items()}
 
 
 def norms(model, tokens_BxT, cfg: DisruptConfig) -> dict[str, np.ndarray]:
-  """Undisrupted M per example at every point `cfg` may touch: {'blocks.3.attn.rot_k': [B, H, D]}."""
-  graphdef, state = nnx.split(model)
-  out = _norms(graphdef, state, jnp.asarray(tokens_BxT, jnp.int32), cfg.points())
-  return {name: np.asarray(m) for name, m in out.items()}
+  return norms_and_spread(model, tokens_BxT, cfg)[0]
+
+
+def energy_removed(M, S, args, cfg: DisruptConfig, n_layers: int) -> dict[str, np.ndarray]:
+  """Per example [B] and point: the share of the point's total energy (sum of M^2 over the chosen
+  layers, heads and dims) that the replacement removes, measured on undisrupted activations:
+  sum of S^2 (to the mean) or M^2 (to zero) over the replaced dims. Exact for the first disrupted
+  layer; later layers also see upstream changes. Explains why a mode matters: the mean of a nearly
+  constant dim is nearly the dim itself."""
+  out = {}
+  layers = [f"blocks.{l}.attn." for l in cfg.layers(n_layers)]
+  for p in cfg.points():
+    names = [l + p for l in layers]
+    total = sum((M[n].astype(np.float64) ** 2).reshape(len(M[n]), -1).sum(1) for n in names)
+    if args is None:
+      out[p] = np.zeros_like(total)
+      continue
+    lost = {n: (S[n] if float(args["fill"]) else M[n]).astype(np.float64) ** 2 for n in names}
+    out[p] = sum((np.asarray(args["masks"][n]) * lost[n]).reshape(len(lost[n]), -1).sum(1) for n in names) / total
+  return out
 
 
 def probe_norms(model, prompts: list, cfg: DisruptConfig, batch: int = 8) -> dict[str, np.ndarray]:

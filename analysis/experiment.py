@@ -1,12 +1,14 @@
 """Claim C5 end to end: a task suite under every disruption mode -> JSONL, table, bar plot, verdict.
 
-  python -m analysis.experiment --model smollm2 --out results/c5_smollm2            # quick suite
-  python -m analysis.experiment --model smollm2 --suite full --n 40 --out results/c5_full
-  python -m analysis.experiment --model runs/paired --out results/c5_paired          # every arm
-  python -m analysis.experiment --model random --n 2 --out /tmp/c5_smoke              # plumbing only
+  python -m analysis disrupt --model smollm2 --out reports/c5_smollm2            # quick suite
+  python -m analysis disrupt --model smollm2 --suite full --n 40 --out reports/c5_full
+  python -m analysis disrupt --model runs/paired --out reports/c5_paired          # every arm
+  python -m analysis disrupt --model random --n 2 --out /tmp/c5_smoke              # plumbing only
+(`python -m analysis.experiment ...` takes the same arguments.)
 
 Files in --out: results.jsonl (every example: prompt, output, verdict, dims replaced), summary.json
-(accuracy with Wilson 95% intervals per model, task and mode; timings), table.md, c5.png, verdict.json.
+(accuracy with Wilson 95% intervals per model, task and mode; timings), table.md, c5.png,
+verdict.json (per model), claims.json / claims.md (the C5 analysis.claims.Verdict).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import numpy as np
 
 from analysis import disrupt, tasks_llm
 from analysis.disrupt import DisruptConfig
+from minilm import generate
 from minilm.config import ConfigError, check
 
 TABLE_MODES = ("off", "smallest", "massive", "matched", "v")
@@ -47,7 +51,7 @@ def evaluate(model, tokenizer, items, modes, base: DisruptConfig, *, label: str 
   """Run every item under every mode; equal-length prompts share a batch (padded with copies of its
   last row so each length compiles once) and one capture pass serves all modes of a batch.
   Returns (records, seconds per mode including the capture passes as 'capture')."""
-  groups = {}
+  groups, index = {}, {id(item): i for i, item in enumerate(items)}
   for item in items:
     groups.setdefault((len(item.prompt), item.max_new), []).append(item)
   records, seconds = [], {m: 0.0 for m in ("capture",) + tuple(modes)}
@@ -57,24 +61,34 @@ def evaluate(model, tokenizer, items, modes, base: DisruptConfig, *, label: str 
       rows = [it.prompt for it in chunk] + [chunk[-1].prompt] * (batch - len(chunk))
       tokens = np.stack(rows)
       t0 = time.perf_counter()
-      M = disrupt.dim_norms(model, tokens, base, probe) if set(modes) - {"off"} else None
+      M, S = disrupt.norms_and_spread(model, tokens, base)  # one capture pass serves every mode
+      M_choose = M if base.source == "prompt" else disrupt.dim_norms(model, tokens, base, probe)
       seconds["capture"] += time.perf_counter() - t0
       for mode in modes:
         cfg = dataclasses.replace(base, mode=mode)
         t0 = time.perf_counter()
-        out, counts = disrupt.disrupted_greedy(model, tokens, max_new, cfg, probe=probe, M=M)
-        out = np.asarray(out)
+        args, counts = (None, {}) if mode == "off" else disrupt.hook_args(M_choose, cfg, model.cfg.n_layers)
+        out = np.asarray(generate.greedy(model, tokens, max_new, hook=None if args is None else disrupt.hook,
+                                         hook_args=args))
         seconds[mode] += time.perf_counter() - t0
+        removed = disrupt.energy_removed(M, S, args, cfg, model.cfg.n_layers)
+        counts = counts or {p: np.zeros(batch, int) for p in removed}
         for i, item in enumerate(chunk):
           v = tasks_llm.verdict(item, out[i], tokenizer)
-          rec = {"model": label, "mode": mode, "task": item.task, "kind": item.kind, "verdict": v,
+          rec = {"model": label, "mode": mode, "task": item.task, "example": index[id(item)], "kind": item.kind,
+                 "verdict": v,
                  "success": tasks_llm.success(item, v), "answer": item.answer,
                  "output": tokenizer.decode([int(t) for t in out[i]]), "prompt": item.text,
                  "prompt_tokens": len(item.prompt), "dims_replaced": {p: int(c[i]) for p, c in counts.items()},
+                 "energy_removed": {p: float(e[i]) for p, e in removed.items()},
                  "disrupt": dataclasses.asdict(cfg), "meta": {k: _jsonable(x) for k, x in item.meta.items()}}
           records.append(rec)
           if sink is not None:
             sink.write(json.dumps(rec) + "\n")
+      if sink is not None:
+        sink.flush()
+        print(f"[{label}] {chunk[0].task} len {len(chunk[0].prompt)}: {len(records)} records, "
+              + ", ".join(f"{m} {s:.0f}s" for m, s in seconds.items()), file=sys.stderr, flush=True)
   return records, seconds
 
 
@@ -91,8 +105,10 @@ def summarize(records: list[dict]) -> list[dict]:
   for (model, task, mode), rs in cells.items():
     k, n = sum(r["success"] for r in rs), len(rs)
     row = {"model": model, "task": task, "kind": rs[0]["kind"], "mode": mode, "n": n, "k": k,
-           "acc": k / n, "ci": wilson(k, n), "mean_dims_replaced": {
-               p: float(np.mean([r["dims_replaced"][p] for r in rs])) for p in rs[0]["dims_replaced"]}}
+           "acc": k / n, "ci": wilson(k, n),
+           "mean_dims_replaced": {p: float(np.mean([r["dims_replaced"][p] for r in rs])) for p in rs[0]["dims_replaced"]},
+           "mean_energy_removed": {p: float(np.mean([r["energy_removed"][p] for r in rs]))
+                                   for p in rs[0].get("energy_removed", {})}}
     if rs[0]["kind"] == "conflict":
       row["split"] = {v: sum(r["verdict"] == v for r in rs) / n for v in ("context", "memory", "other")}
     rows.append(row)
@@ -114,6 +130,12 @@ def table(summary: list[dict], model: str, modes=TABLE_MODES) -> str:
       vals.append("-" if r is None else f"{100 * r['acc']:.0f} [{100 * r['ci'][0]:.0f}, {100 * r['ci'][1]:.0f}]"
                   + (f" (mem {100 * r['split']['memory']:.0f})" if "split" in r else ""))
     lines.append(f"| {t} ({n}) | " + " | ".join(vals) + " |")
+  energy = []
+  for m in modes:
+    rs = [cell[(t, m)]["mean_energy_removed"] for t in tasks if (t, m) in cell]
+    energy.append(" ".join(f"{p.replace('rot_', '')} {100 * np.mean([r[p] for r in rs]):.2g}%"
+                           for p in rs[0] if any(r[p] for r in rs)) or "0")
+  lines.append("| energy removed (share of Q/K/V energy, undisrupted) | " + " | ".join(energy) + " |")
   return "\n".join(lines)
 
 
@@ -199,6 +221,37 @@ def c5_verdict(summary: list[dict], model: str) -> dict:
   return {"claim": "C5", "model": model, "status": status, "summary": why, "evidence": ev, "rule": RULE}
 
 
+def drop_interval(records: list[dict], model: str, tasks: list[str], mode: str = "massive",
+                  n_boot: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+  """95% paired bootstrap interval of the mean (over tasks) accuracy drop off -> mode: examples are
+  resampled within each task, the same draw for both modes (each example ran under every mode)."""
+  if not tasks:
+    return None
+  rng, reps = np.random.default_rng(seed), np.zeros(n_boot)
+  for t in tasks:
+    got = {(r["mode"], r["example"]): r["success"] for r in records if r["model"] == model and r["task"] == t}
+    ex = sorted({e for m, e in got if m == "off"})
+    diff = np.array([got[("off", e)] - got[(mode, e)] for e in ex], np.float64)
+    reps += diff[rng.integers(0, len(ex), (n_boot, len(ex)))].mean(1) / len(tasks)
+  return tuple(float(x) for x in np.percentile(reps, [2.5, 97.5]))
+
+
+def claim(verdicts: list[dict], records: list[dict], positions: dict[str, str]):
+  """One analysis.claims.Verdict for C5: the first RoPE model (or the only model) decides, a NoPE
+  model (paired arm) is the reference column."""
+  from analysis.claims import Verdict
+  main_ = next((v for v in verdicts if positions.get(v["model"]) != "nope"), verdicts[0])
+  ref = next((v for v in verdicts if positions.get(v["model"]) == "nope" and v is not main_), None)
+  ci = lambda v: drop_interval(records, v["model"], v["evidence"]["usable_contextual"])
+  c, r = main_["evidence"]["contextual_drop_massive"], ref and ref["evidence"]["contextual_drop_massive"]
+  status = {"refuted": "not supported"}.get(main_["status"], main_["status"])
+  return Verdict("C5", "Function", "contextual accuracy drop under massive Q/K disruption (mean over usable "
+                 "tasks), absolute", status, RULE, rope=c, rope_ci=ci(main_) if c is not None else None,
+                 nope=r, nope_ci=ci(ref) if r is not None else None,
+                 diff=None if c is None or r is None else c - r, reference=f"arm {ref['model']}" if ref else "",
+                 notes=f"{main_['model']}: {main_['summary']}")
+
+
 # ------------------------------------------------------------------------------------------ sources
 
 def known_capitals(model, tokenizer, bos, batch: int) -> tuple[list[tuple[str, str]], float]:
@@ -249,8 +302,7 @@ def load_sources(spec: str, suite: str, n: int, seed: int, batch: int):
 
 # --------------------------------------------------------------------------------------------- main
 
-def parse(argv=None):
-  ap = argparse.ArgumentParser(prog="analysis.experiment", description=__doc__.split("\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--model", required=True, help="smollm2 | random | runs/<experiment>[/<arm>]")
   ap.add_argument("--out", required=True)
   ap.add_argument("--suite", default="quick", choices=tasks_llm.SUITES)
@@ -265,7 +317,6 @@ def parse(argv=None):
   ap.add_argument("--top-k", type=int, default=1)
   ap.add_argument("--layers", default="", help="start:stop (stop exclusive); empty = every layer")
   ap.add_argument("--source", default="prompt", help="prompt | probe")
-  return ap.parse_args(argv)
 
 
 def config_from(args) -> tuple[DisruptConfig, tuple[str, ...]]:
@@ -301,13 +352,16 @@ def run(args) -> dict:
       records, seconds = evaluate(model, tokenizer, items, modes, base, label=label, batch=args.batch,
                                   probe=probe, sink=sink)
       all_records += records
-      report["models"][label] = {"seconds": seconds, "examples": len(items), **notes}
+      report["models"][label] = {"seconds": seconds, "examples": len(items),
+                                 "position": model.cfg.position.kind, **notes}
   summary = summarize(all_records)
   labels = list(report["models"])
   verdicts = [c5_verdict(summary, m) for m in labels]
   report.update(summary=summary, verdicts=verdicts, seconds_total=time.perf_counter() - t_all)
   (out / "summary.json").write_text(json.dumps(report, indent=1))
   (out / "verdict.json").write_text(json.dumps(verdicts, indent=1))
+  from analysis import claims
+  claims.write_claims([claim(verdicts, all_records, {m: report["models"][m]["position"] for m in labels})], str(out))
   text = "\n\n".join(table(summary, m, TABLE_MODES + tuple(m_ for m_ in modes if m_ not in TABLE_MODES))
                      for m in labels)
   text += "\n\n" + "\n".join(f"C5 [{v['model']}]: {v['status']} ({v['summary']})" for v in verdicts) + "\n"
@@ -316,15 +370,21 @@ def run(args) -> dict:
   return report
 
 
+def run_and_print(args) -> None:
+  report = run(args)
+  print((Path(args.out) / "table.md").read_text())
+  print(f"wrote {args.out}/results.jsonl, summary.json, table.md, c5.png, verdict.json, claims.json "
+        f"({report['seconds_total']:.0f} s)")
+
+
 def main(argv=None) -> int:
-  args = parse(argv)
+  ap = argparse.ArgumentParser(prog="analysis.experiment", description=__doc__.split("\n")[0])
+  add_arguments(ap)
+  args = ap.parse_args(argv)
   try:
-    report = run(args)
+    run_and_print(args)
   except ConfigError as err:
     raise SystemExit(f"error: {err}")
-  print((Path(args.out) / "table.md").read_text())
-  print(f"wrote {args.out}/results.jsonl, summary.json, table.md, c5.png, verdict.json "
-        f"({report['seconds_total']:.0f} s)")
   return 0
 
 

@@ -112,22 +112,23 @@ def _words(text: str, n: int) -> str:
 # ------------------------------------------------------------------------------------------ tasks
 
 def passkey(tokenizer, n: int, length: int, digits: int, seed: int, bos=None) -> list[Item]:
-  """The paper's passkey prompt at about `length` tokens (never more), needle depth swept evenly
-  over the filler repeats (balanced: depth i gets every n_depths-th example)."""
+  """The paper's passkey prompt at about `length` tokens (never more). The needle goes before one of
+  the filler sentences, swept evenly from the first to the last (meta 'depth' = sentences before it /
+  all sentences), so at least one filler sentence separates it from the question."""
   rng = np.random.default_rng([seed, length, digits])
   unit = len(tokenizer.encode(" " + PASSKEY_FILLER))
   fixed = len(_ids(tokenizer, PASSKEY_INTRO + " " + PASSKEY_NEEDLE.format(key="0" * digits) + " "
                    + PASSKEY_QUESTION, bos))
   repeats = (length - fixed) // unit
   check(repeats >= 1, "passkey.length", f"too short for the fixed text ({fixed} tokens); got {length}")
+  sentences = [s.strip() + "." for s in PASSKEY_FILLER.split(".") if s.strip()] * repeats
   items = []
   for i in range(n):
     key = "".join(rng.choice(list("0123456789"), digits))
-    depth = round(i * repeats / max(n - 1, 1)) if n > 1 else repeats // 2
-    parts = [PASSKEY_INTRO] + [PASSKEY_FILLER] * depth + [PASSKEY_NEEDLE.format(key=key)] + \
-            [PASSKEY_FILLER] * (repeats - depth) + [PASSKEY_QUESTION]
+    slot = round(i * (len(sentences) - 1) / (n - 1)) if n > 1 else len(sentences) // 2
+    parts = [PASSKEY_INTRO, *sentences[:slot], PASSKEY_NEEDLE.format(key=key), *sentences[slot:], PASSKEY_QUESTION]
     items.append(_item(tokenizer, bos, f"passkey_{length}x{digits}", "contextual", " ".join(parts), key,
-                       depth=depth / repeats))
+                       depth=slot / len(sentences)))
   return items
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from analysis import disrupt, experiment
+from analysis import cli, disrupt, experiment
 from analysis.disrupt import DisruptConfig
 from minilm import capture, generate
 from minilm.config import ConfigError, ModelConfig
@@ -185,9 +185,9 @@ def test_c5_rule():
   assert experiment.wilson(0, 10)[0] == 0.0 and 0.2 < experiment.wilson(5, 10)[0] < 0.5
 
 
-def test_end_to_end_main_on_a_tiny_random_decoder(tmp_path, capsys):
+def test_end_to_end_cli_on_a_tiny_random_decoder(tmp_path, capsys):
   out = tmp_path / "c5"
-  assert experiment.main(["--model", "random", "--n", "2", "--batch", "2", "--tasks", "passkey,capitals,conflict",
+  assert cli.main(["disrupt", "--model", "random", "--n", "2", "--batch", "2", "--tasks", "passkey,capitals,conflict",
                           "--out", str(out)]) == 0
   lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
   tasks = {l["task"] for l in lines}
@@ -202,3 +202,7 @@ def test_end_to_end_main_on_a_tiny_random_decoder(tmp_path, capsys):
   assert verdict[0]["claim"] == "C5" and verdict[0]["status"] in ("supported", "refuted", "inconclusive")
   assert (out / "c5.png").stat().st_size > 0
   assert "massive disrupted" in capsys.readouterr().out
+  claim = json.loads((out / "claims.json").read_text())["claims"]
+  assert [c["claim"] for c in claim] == ["C5"] and claim[0]["verdict"] == "inconclusive"  # untrained: no usable task
+  assert cli.main(["disrupt", "--model", "random", "--modes", "off,bogus", "--out", str(out)]) == 2
+  assert "disrupt.mode" in capsys.readouterr().err

@@ -20,7 +20,8 @@ def test_passkey_is_the_papers_prompt_with_depth_swept():
     assert T.PASSKEY_NEEDLE.format(key=it.answer) in it.text and T.PASSKEY_FILLER in it.text
     assert len(it.answer) == 6 and it.answer.isdigit() and it.kind == "contextual"
   depths = [it.meta["depth"] for it in items]
-  assert depths[0] == 0.0 and depths[-1] == 1.0 and depths == sorted(depths)
+  assert depths[0] == 0.0 and 0.9 < depths[-1] < 1.0 and depths == sorted(depths) and len(set(depths)) == 5
+  assert items[-1].text.endswith("There and back again. " + T.PASSKEY_QUESTION)  # filler after the needle
   assert T.passkey(TOK, 5, 600, 6, seed=0)[2].answer == items[2].answer  # fixed by seed
   with pytest.raises(ConfigError, match="passkey.length"):
     T.passkey(TOK, 2, 100, 6, seed=0)
