@@ -1,0 +1,99 @@
+"""Experiments with more than one pair: every arm against its same-seed NoPE arm, then over seeds.
+
+A traced run with arms such as rope_s0, nope_s0, rope_s1, nope_s1, alibi_s0, ... gets one set of
+C1-C4 verdicts per (arm, reference) comparison (analysis.claims.evaluate with that pair), and, for
+every recipe (an arm's overrides without its seed) seen under two or more seeds, the per-seed
+values with their mean and a t interval over seeds. Written to <trace>/comparisons.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from analysis import claims as CL
+from analysis import trace as T
+
+SEED_KEYS = ("seed", "train.seed")
+LEVEL = 0.95
+
+
+def _flat(tree, prefix=""):
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: tree}
+
+
+def arm_facts(run_dir: str) -> dict[str, dict]:
+  """{arm: {'seed', 'position', 'recipe' (overrides without the seed, as a label), 'flat' config}}."""
+  arms = T.run_arms(run_dir)
+  overrides = {}
+  if os.path.exists(os.path.join(run_dir, "experiment.json")):
+    with open(os.path.join(run_dir, "experiment.json")) as f:
+      overrides = json.load(f).get("arms", {})
+  out = {}
+  for arm, arm_dir in arms.items():
+    with open(os.path.join(arm_dir, "config.json")) as f:
+      cfg = json.load(f)
+    recipe = {k: v for k, v in overrides.get(arm, {}).items() if k not in SEED_KEYS}
+    out[arm] = {"seed": cfg["seed"], "position": cfg["model"]["position"]["kind"],
+                "recipe": ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(recipe.items())) or "shared config",
+                "flat": {k: v for k, v in _flat(cfg).items() if k not in ("name", "seed")}}
+  return out
+
+
+def pairs(facts: dict[str, dict]) -> list[tuple[str, str | None]]:
+  """(arm, reference) for every non-NoPE arm: the NoPE arm of the same seed whose config differs
+  least (None when there is no NoPE arm of that seed)."""
+  out = []
+  for arm, f in facts.items():
+    if f["position"] == "nope":
+      continue
+    refs = [r for r, g in facts.items() if g["position"] == "nope" and g["seed"] == f["seed"]]
+    distance = lambda r: sum(facts[r]["flat"].get(k) != v for k, v in f["flat"].items())
+    out.append((arm, min(refs, key=distance) if refs else None))
+  return out
+
+
+def seed_interval(values) -> list[float] | None:
+  """Mean +- t * sd / sqrt(n) over seeds (None for fewer than two seeds)."""
+  from scipy import stats
+  x = np.asarray([v for v in values if v is not None], np.float64)
+  if len(x) < 2:
+    return None
+  half = stats.t.ppf(0.5 + LEVEL / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+  return [float(x.mean() - half), float(x.mean() + half)]
+
+
+def compare(store: T.Store, run_dir: str) -> dict:
+  """Verdicts per comparison and per recipe over seeds; written to comparisons.json in the store."""
+  facts = arm_facts(run_dir)
+  traced = store.meta()["arms"]
+  rows = []
+  for arm, ref in pairs(facts):
+    if arm not in traced or (ref is not None and ref not in traced):
+      continue
+    verdicts = CL.evaluate(store, rope_arm=arm, nope_arm=ref)
+    rows.append({"arm": arm, "reference": ref, "seed": facts[arm]["seed"], "recipe": facts[arm]["recipe"],
+                 "position": facts[arm]["position"], "verdicts": [dataclasses.asdict(v) for v in verdicts]})
+  groups = []
+  for recipe in dict.fromkeys(r["recipe"] for r in rows):
+    members = [r for r in rows if r["recipe"] == recipe]
+    if len({r["seed"] for r in members}) < 2:
+      continue
+    per_claim = {}
+    for i, v in enumerate(members[0]["verdicts"]):
+      vs = [m["verdicts"][i] for m in members]
+      key = "diff" if all(x["diff"] is not None for x in vs) else "rope"
+      values = [x[key] for x in vs]
+      per_claim[v["claim"]] = {"title": v["title"], "quantity": v["quantity"], "measure": key,
+                               "values": values, "seeds": [m["seed"] for m in members],
+                               "mean": float(np.mean(values)), "ci": seed_interval(values),
+                               "verdicts": [x["verdict"] for x in vs]}
+    groups.append({"recipe": recipe, "position": members[0]["position"], "arms": [m["arm"] for m in members],
+                   "claims": per_claim})
+  out = {"level": LEVEL, "comparisons": rows, "seed_groups": groups}
+  store.write_json("comparisons.json", out)
+  return out

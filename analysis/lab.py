@@ -1,0 +1,504 @@
+"""minilm-lab: the whole lab in one command: paired training, every analysis, and an HTML report.
+
+  minilm-lab                                   # configs/lab.json: the default RoPE/NoPE pair + SmolLM2
+  minilm-lab configs/all_encodings_3seeds.json # any experiment config in configs/ (GPU-sized ones too)
+  minilm-lab rope_base_sweep --skip pretrained,disrupt
+  minilm-lab --include quant                   # add the (slow) quantization study
+  minilm-lab --quick                           # a tiny smoke version of the same pipeline
+
+Stages, in order: train (paired arms with checkpoints, train.paired), trace (massive values over
+layers and steps, analysis.trace; comparisons over seeds, analysis.compare), pretrained (the same
+analysis of SmolLM2-135M, analysis.pretrained), disrupt (C5 on the task suite, analysis.experiment),
+quant (C6, analysis.quant_study; opt-in by default), report (reports/<name>/index.html).
+
+CONFIG is a lab config ({"experiment": ..., "skip": [...], "trace": {...}, ...}, see LabConfig) or
+an experiment config ({"name", "train", "arms"}, as `python -m train` takes), by path or by name in
+configs/. Every stage leaves reports/<name>/stages/<stage>.json with a hash of its inputs: a second
+run reuses what is done, a changed setting reruns the stages it affects. An interrupted run resumes
+(training from its checkpoints, tracing from the (arm, step) pairs already captured).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from minilm import config as C
+from minilm.config import check, check_choice
+
+STAGES = ("train", "trace", "pretrained", "disrupt", "quant", "report")
+RUN = "run"
+"""As the model of disrupt or quant: the lab's own trained arms instead of an imported model."""
+
+
+# ------------------------------------------------------------------------------------------ config
+
+@dataclasses.dataclass(frozen=True)
+class TraceSettings:
+  section = "trace"
+  probes: int = 64          # probe prompts (held-out task prompts and text, train.data.probe_tokens)
+  length: int = 0           # probe length; 0 = the shortest training seq_len of the arms
+  probe_seed: int = 0
+  batch: int = 16           # probes per jitted forward
+  lam: float = 5.0          # massive: M > lam * mean_d M
+  top_k: int = 1
+  agree_k: int = 2
+  drop_first: bool = False  # leave token 0 (attention sink) out of M
+
+  def __post_init__(self):
+    check(self.probes >= 2, "trace.probes", f"must be >= 2 (intervals resample prompts); got {self.probes}")
+    check(self.length >= 0, "trace.length", f"must be >= 0 (0 = the training seq_len); got {self.length}")
+    check(self.batch >= 1, "trace.batch", f"must be >= 1; got {self.batch}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedSettings:
+  section = "pretrained"
+  model: str = "smollm2"    # smollm2 | a .gguf file | an HF directory | random (plumbing only)
+  probes: int = 16
+  length: int = 256
+  context: float = 0.0      # 0 = the model's max_len
+  layout: str = "half"
+  batch: int = 4
+
+  def __post_init__(self):
+    check_choice("pretrained.layout", self.layout, ("half", "interleaved"))
+    check(self.probes >= 2, "pretrained.probes", f"must be >= 2; got {self.probes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DisruptSettings:
+  section = "disrupt"
+  model: str = "smollm2"    # smollm2 | 'run' (the lab's trained arms) | random | a run directory
+  suite: str = "quick"
+  n: int = 20               # examples per task
+  modes: str = "off,smallest,massive,matched,v"
+  batch: int = 8
+  seed: int = 0
+  extra: tuple[str, ...] = ()  # further `python -m analysis disrupt` arguments, e.g. ["--rope", "pre"]
+
+  def __post_init__(self):
+    check(self.n >= 2, "disrupt.n", f"must be >= 2; got {self.n}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSettings:
+  section = "quant"
+  model: str = "smollm2"
+  methods: str = "rtn,gptq,awq"
+  bits: str = "4"
+  n: int = 10
+  calib: str = "16x256"
+  ppl: str = "8x256"
+  batch: int = 8
+  seed: int = 0
+  extra: tuple[str, ...] = ()  # further `python -m analysis.quant_study` arguments
+
+  def __post_init__(self):
+    check(self.n >= 2, "quant.n", f"must be >= 2; got {self.n}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabConfig:
+  name: str = ""                         # report name; "" = the experiment's name
+  experiment: str = "default"            # an experiment config: a path or a name in configs/
+  set: tuple[str, ...] = ()              # overrides of the experiment, as `python -m train --set`
+  skip: tuple[str, ...] = ("quant",)     # stages left out unless --include names them
+  trace: TraceSettings = dataclasses.field(default_factory=TraceSettings)
+  pretrained: PretrainedSettings = dataclasses.field(default_factory=PretrainedSettings)
+  disrupt: DisruptSettings = dataclasses.field(default_factory=DisruptSettings)
+  quant: QuantSettings = dataclasses.field(default_factory=QuantSettings)
+
+  def __post_init__(self):
+    for s in self.skip:
+      check_choice("skip", s, STAGES)
+    check("/" not in self.name, "name", f"must not contain '/'; got {self.name!r}")
+
+
+QUICK = {"trace.probes": 8, "trace.batch": 8, "pretrained.probes": 4, "pretrained.length": 64,
+         "disrupt.n": 2, "disrupt.modes": "off,smallest,massive", "quant.methods": "rtn", "quant.n": 2,
+         "quant.calib": "4x64", "quant.ppl": "2x64"}
+"""--quick: small analyses, and the experiment shrunk by QUICK_TRAIN (same arms, a tiny model)."""
+QUICK_TRAIN = {"steps": 6, "log_every": 2, "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
+               "model.n_kv_heads": 0, "model.head_dim": 0, "model.d_ff": 0, "model.dtype": "float32",
+               "data.batch_size": 4, "optim.warmup_steps": 2, "optim.accumulate": 1, "checkpoint.every": 4,
+               "eval.every": 0, "eval.n_per_family": 4, "eval.batch": 8, "parallel.devices": 0}
+QUICK_SEQ = 128
+
+
+def read_config(path_or_name: str) -> tuple[LabConfig, str]:
+  """(LabConfig, the file it came from). An experiment config becomes LabConfig(experiment=path)."""
+  from train.cli import config_path
+  path = config_path(path_or_name)
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as err:
+    raise C.ConfigError(f"config: {path} is not valid JSON ({err})") from None
+  check(isinstance(data, dict), "config", f"{path} must hold a JSON object")
+  if "train" in data or "arms" in data:
+    return LabConfig(experiment=path), path
+  lab = C.from_dict(LabConfig, data)
+  if lab.experiment and not os.path.isabs(lab.experiment) and not os.path.exists(lab.experiment):
+    beside = os.path.join(os.path.dirname(path), lab.experiment)   # names resolve next to the lab config
+    if os.path.exists(beside) or os.path.exists(beside + ".json"):
+      lab = dataclasses.replace(lab, experiment=beside if os.path.exists(beside) else beside + ".json")
+  return lab, path
+
+
+def experiment_of(lab: LabConfig, quick: bool):
+  """The validated ExperimentConfig the lab trains (shrunk, and renamed '<name>_quick', with --quick)."""
+  from train import cli as train_cli
+  from train.config import load_experiment
+  exp = train_cli.load(lab.experiment, list(lab.set))
+  if not quick:
+    return exp
+  seq = min(exp.train.data.seq_len, QUICK_SEQ)
+  small = {f"train.{k}": v for k, v in QUICK_TRAIN.items()}
+  small.update({"train.data.seq_len": seq, "train.model.max_len": seq, "name": f"{exp.name}_quick"})
+  return load_experiment(C.to_dict(C.override(exp, small)))
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+@dataclasses.dataclass
+class Stage:
+  name: str
+  params: dict                  # everything the stage's result depends on besides its deps
+  deps: tuple[str, ...]
+  outputs: list[str]            # files that must exist for a done-marker to count
+  run: Callable[[], None]
+  what: str = ""
+
+
+def _hash(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Lab:
+  """The stages of one lab run, their hashes and done-markers."""
+
+  def __init__(self, cfg: LabConfig, exp, *, runs: str, reports: str, quick: bool = False):
+    self.cfg, self.exp, self.quick = cfg, exp, quick
+    self.name = cfg.name or exp.name
+    self.report_dir = os.path.join(reports, self.name)
+    self.run_dir = os.path.join(runs, exp.name)
+    self.runs = runs
+    self.current = "setup"
+    self.stages = {s.name: s for s in self._stages()}
+    self.hashes: dict[str, str] = {}
+    for s in self.stages.values():
+      self.hashes[s.name] = _hash({"stage": s.name, "params": s.params,
+                                   "deps": {d: self.hashes[d] for d in s.deps}})
+
+  def path(self, *parts) -> str:
+    return os.path.join(self.report_dir, *parts)
+
+  def _model_dep(self, model: str) -> tuple[tuple[str, ...], str]:
+    return (("train",), self.run_dir) if model == RUN else ((), model)
+
+  def _stages(self) -> list[Stage]:
+    cfg, exp = self.cfg, self.exp
+    last = exp.train.steps
+    train_out = [os.path.join(self.run_dir, arm, "checkpoints", str(last)) for arm in exp.arms]
+    d_deps, d_model = self._model_dep(cfg.disrupt.model)
+    q_deps, q_model = self._model_dep(cfg.quant.model)
+    return [
+        Stage("train", {"experiment": C.to_dict(exp), "runs": os.path.abspath(self.runs)}, (), train_out,
+              self._train, f"{len(exp.arms)} arms x {last} steps: {', '.join(exp.arms)}"),
+        Stage("trace", {"trace": C.to_dict(cfg.trace)}, ("train",),
+              [self.path("trace", "summary.json"), self.path("trace", "claims.json")], self._trace,
+              "massive values of every checkpoint of every arm"),
+        Stage("pretrained", {"pretrained": C.to_dict(cfg.pretrained)}, (),
+              [self.path("pretrained", "pretrained.json")], self._pretrained,
+              f"massive values of {cfg.pretrained.model}"),
+        Stage("disrupt", {"disrupt": C.to_dict(cfg.disrupt), "model": d_model}, d_deps,
+              [self.path("disrupt", "summary.json")], lambda: self._disrupt(d_model),
+              f"C5: {cfg.disrupt.suite} task suite on {d_model} under {cfg.disrupt.modes}"),
+        Stage("quant", {"quant": C.to_dict(cfg.quant), "model": q_model}, q_deps,
+              [self.path("quant", "summary.json")], lambda: self._quant(q_model),
+              f"C6: {cfg.quant.methods} at {cfg.quant.bits} bits on {q_model}"),
+        Stage("report", {}, ("train", "trace", "pretrained", "disrupt", "quant"), [self.path("index.html")],
+              self._report, f"{self.path('index.html')}"),
+    ]
+
+  # ------------------------------------------------------------------------------------ markers
+
+  def marker_path(self, stage: str) -> str:
+    return self.path("stages", f"{stage}.json")
+
+  def marker(self, stage: str) -> dict | None:
+    try:
+      with open(self.marker_path(stage)) as f:
+        return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+      return None
+
+  def is_done(self, stage: str) -> bool:
+    m = self.marker(stage)
+    return bool(m) and m.get("hash") == self.hashes[stage] and all(os.path.exists(p) for p in self.stages[stage].outputs)
+
+  def write_marker(self, stage: str, seconds: float) -> None:
+    os.makedirs(self.path("stages"), exist_ok=True)
+    s = self.stages[stage]
+    with open(self.marker_path(stage), "w") as f:
+      json.dump({"stage": stage, "hash": self.hashes[stage], "params": s.params, "deps": list(s.deps),
+                 "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "what": s.what},
+                f, indent=1, default=str)
+
+  # ------------------------------------------------------------------------------------- stages
+
+  def _train(self) -> None:
+    from train import paired
+    paired.run_planned(paired.plan(self.exp, self.runs), progress=True)
+
+  def _trace(self) -> None:
+    from tqdm.auto import tqdm
+
+    from analysis import compare
+    from analysis import trace as T
+    from analysis.stats import StatConfig
+    from train import checkpoints as ck
+    t = self.cfg.trace
+    out = self.path("trace")
+    capture = {"probes": t.probes, "length": t.length, "probe_seed": t.probe_seed, "drop_first": t.drop_first,
+               "run_dir": os.path.abspath(self.run_dir), "experiment": _hash({"train": C.to_dict(self.exp.train) | {"steps": 0}, "arms": self.exp.arms})}
+    _fresh_dir_unless(out, "lab_capture.json", capture)
+    store = T.Store(out)
+    todo = sum(len(set(ck.available_steps(d)) - set(store.steps(a))) for a, d in T.run_arms(self.run_dir).items())
+    with tqdm(total=todo, desc="trace (arm, step)", dynamic_ncols=True) as bar:
+      store = T.trace_run(self.run_dir, out, n_probes=t.probes, length=t.length or None, probe_seed=t.probe_seed,
+                          stat_cfg=StatConfig(lam=t.lam, top_k=t.top_k, agree_k=t.agree_k, drop_first=t.drop_first),
+                          batch_size=t.batch, log=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
+    compare.compare(store, self.run_dir)
+
+  def _pretrained(self) -> None:
+    from analysis import pretrained
+    from analysis.stats import StatConfig
+    p, t = self.cfg.pretrained, self.cfg.trace
+    out = self.path("pretrained")
+    shutil.rmtree(out, ignore_errors=True)   # one forward pass: cheaper to redo than to reconcile
+    pretrained.analyze(p.model, out, n_probes=p.probes, length=p.length, context=p.context or None,
+                       layout=p.layout, batch_size=p.batch,
+                       stat_cfg=StatConfig(lam=t.lam, top_k=t.top_k, agree_k=t.agree_k, drop_first=t.drop_first))
+
+  def _disrupt(self, model: str) -> None:
+    from analysis import experiment
+    d = self.cfg.disrupt
+    out = self.path("disrupt")
+    shutil.rmtree(out, ignore_errors=True)
+    ap = argparse.ArgumentParser(prog="disrupt stage")
+    experiment.add_arguments(ap)
+    args = ap.parse_args(["--model", model, "--out", out, "--suite", d.suite, "--n", str(d.n), "--modes", d.modes,
+                          "--batch", str(d.batch), "--seed", str(d.seed), *d.extra])
+    experiment.run_and_print(args)
+
+  def _quant(self, model: str) -> None:
+    from analysis import quant_study
+    q = self.cfg.quant
+    out = self.path("quant")
+    shutil.rmtree(out, ignore_errors=True)
+    args = quant_study.parse(["--model", model, "--out", out, "--methods", q.methods, "--bits", q.bits,
+                              "--n", str(q.n), "--calib", q.calib, "--ppl", q.ppl, "--batch", str(q.batch),
+                              "--seed", str(q.seed), *q.extra])
+    quant_study.run(args)
+
+  def _report(self) -> None:
+    from analysis import report
+    report.build(self.report_dir)
+
+  # ---------------------------------------------------------------------------------------- run
+
+  def record(self, status: dict[str, str], started: float, argv: list[str]) -> None:
+    """lab.json: what the report shows about this run (configs, versions, stage times)."""
+    stages = {}
+    for name in STAGES:
+      m = self.marker(name) or {}
+      stages[name] = {"status": status.get(name, "-"), "seconds": m.get("seconds"), "finished": m.get("finished"),
+                      "hash": self.hashes[name], "what": self.stages[name].what}
+    data = {"name": self.name, "command": " ".join(["minilm-lab", *argv]), "quick": self.quick,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+            "lab": C.to_dict(self.cfg), "experiment": C.to_dict(self.exp),
+            "run_dir": os.path.abspath(self.run_dir), "report_dir": os.path.abspath(self.report_dir),
+            "stages": stages, "versions": versions()}
+    os.makedirs(self.report_dir, exist_ok=True)
+    with open(self.path("lab.json"), "w") as f:
+      json.dump(data, f, indent=1, default=str)
+
+  def execute(self, enabled: list[str], force: set[str], argv: list[str], log=print) -> dict[str, str]:
+    """Run the enabled stages in order, reusing those whose marker matches (the report is always
+    redrawn: it is cheap and shows this run's statuses); returns {stage: ran|reused|skipped}."""
+    started = time.time()
+    status = {name: "skipped" for name in STAGES if name not in enabled}
+    order = [s for s in STAGES if s in enabled]
+    for i, name in enumerate(order, 1):
+      self.current, stage = name, self.stages[name]
+      if name != "report" and name not in force and self.is_done(name):
+        m = self.marker(name)
+        status[name] = "reused"
+        log(f"== [{i}/{len(order)}] {name}: reused (done {m['finished']} in {m['seconds']:.0f} s; inputs unchanged)",
+            flush=True)
+        continue
+      if name == "report":
+        self.record(status | {"report": "ran"}, started, argv)
+      log(f"== [{i}/{len(order)}] {name}: {stage.what}", flush=True)
+      t0 = time.perf_counter()
+      stage.run()
+      seconds = time.perf_counter() - t0
+      self.write_marker(name, seconds)
+      status[name] = "ran"
+      log(f"   {name} done in {seconds:.0f} s", flush=True)
+    return status
+
+
+def _fresh_dir_unless(folder: str, name: str, settings: dict) -> None:
+  """Empty `folder` unless its `name` file holds `settings`; then write them (before any work, so an
+  interrupted stage resumes only into a folder made with the same settings)."""
+  path = os.path.join(folder, name)
+  old = None
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+  if old != settings and os.path.isdir(folder):
+    shutil.rmtree(folder)
+  os.makedirs(folder, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(settings, f, indent=1)
+
+
+def versions() -> dict:
+  """Library versions, Python, git commit and the machine, for the report."""
+  from importlib import metadata
+  out = {}
+  for dist in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "matplotlib", "datasets"):
+    try:
+      out[dist] = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+      out[dist] = "not installed"
+  out["python"] = platform.python_version()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10)
+    out["git_commit"] = (commit.stdout.strip() or "unknown") + (" (uncommitted changes)" if dirty.stdout.strip() else "")
+  except (OSError, subprocess.SubprocessError):
+    out["git_commit"] = "unknown (no git)"
+  import jax
+  out["machine"] = (f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPU cores, "
+                    f"{platform.platform()}; jax devices: {', '.join(str(d) for d in jax.devices())}")
+  return out
+
+
+# ----------------------------------------------------------------------------------------- command
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="minilm-lab", description=__doc__.split("\n")[0],
+                              epilog="\n".join(__doc__.split("\n")[2:]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("config", nargs="?", default="lab",
+                 help="lab config or experiment config: a JSON path or a name in configs/ (default: lab). "
+                      "Ships with: lab, default, all_encodings_3seeds, rope_base_sweep, partial_rope_sweep, gpu, smoke")
+  p.add_argument("--set", dest="assignments", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                 help="override an experiment field as `python -m train --set` does, e.g. --set steps=200")
+  p.add_argument("--lab-set", dest="lab_assignments", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                 help="override a lab setting, e.g. --lab-set disrupt.n=40 trace.lam=3 pretrained.model=my.gguf")
+  p.add_argument("--skip", default="", help=f"comma list of stages to leave out ({', '.join(STAGES)})")
+  p.add_argument("--include", default="", help="comma list of stages the config skips to run anyway (e.g. quant)")
+  p.add_argument("--only", default="", help="comma list: run only these stages (done ones are still reused)")
+  p.add_argument("--force", default="", help="comma list of stages to redo even if their marker matches")
+  p.add_argument("--quick", action="store_true", help="tiny smoke version: 6 training steps of a tiny model, "
+                 "small analyses (what the tests run)")
+  p.add_argument("--runs", default="runs", help="runs directory (default: runs)")
+  p.add_argument("--reports", default="reports", help="reports directory (default: reports)")
+  p.add_argument("--name", default=None, help="report name (default: the experiment's name)")
+  p.add_argument("--dry-run", action="store_true", help="print the stages and whether each is done, then exit")
+  return p
+
+
+def _stage_list(text: str, field: str) -> list[str]:
+  names = [s.strip() for s in text.split(",") if s.strip()]
+  for s in names:
+    check_choice(field, s, STAGES)
+  return names
+
+
+def build(args) -> tuple[Lab, list[str], set[str]]:
+  """(the Lab, the enabled stages, the forced ones) of parsed command-line arguments."""
+  cfg, _ = read_config(args.config)
+  overrides = {}
+  if args.quick:
+    overrides.update(QUICK)
+  from train.cli import parse_assignments
+  for item in args.lab_assignments:
+    field, sep, value = item.partition("=")
+    check(bool(sep) and bool(field), item, "expected field=value")
+    overrides[field] = C.parse_value(value)
+  if args.assignments:
+    overrides["set"] = list(cfg.set) + list(args.assignments)
+    parse_assignments(args.assignments)   # one-line error for a malformed one, before anything runs
+  if args.name:
+    overrides["name"] = args.name
+  if overrides:
+    cfg = C.from_dict(LabConfig, _override_dict(C.to_dict(cfg), overrides))
+  exp = experiment_of(cfg, args.quick)
+  lab = Lab(cfg, exp, runs=args.runs, reports=args.reports, quick=args.quick)
+  skip = set(cfg.skip) - set(_stage_list(args.include, "--include")) | set(_stage_list(args.skip, "--skip"))
+  only = _stage_list(args.only, "--only")
+  enabled = [s for s in STAGES if (s in only if only else s not in skip)]
+  return lab, enabled, set(_stage_list(args.force, "--force"))
+
+
+def _override_dict(data: dict, overrides: dict) -> dict:
+  for dotted, value in overrides.items():
+    node, keys = data, dotted.split(".")
+    for i, key in enumerate(keys[:-1]):
+      check(isinstance(node.get(key), dict), ".".join(keys[:i + 1]),
+            f"unknown lab setting; allowed: {', '.join(sorted(node))}")
+      node = node[key]
+    check(keys[-1] in node, dotted, f"unknown lab setting; allowed: {', '.join(sorted(node))}")
+    node[keys[-1]] = value
+  return data
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parser().parse_args(argv)
+  from absl import logging   # orbax's read-only managers warn once per restored checkpoint
+  logging.set_verbosity(logging.ERROR)
+  lab = None
+  try:
+    lab, enabled, force = build(args)
+    if args.dry_run:
+      for s in STAGES:
+        state = "skipped" if s not in enabled else "done" if lab.is_done(s) else "to run"
+        print(f"{s:11s} {state:8s} {lab.hashes[s]}  {lab.stages[s].what}")
+      return 0
+    print(f"minilm-lab: {lab.name}: stages {', '.join(enabled)}; report in {lab.report_dir}", flush=True)
+    t0 = time.perf_counter()
+    lab.execute(enabled, force, argv)
+    if "report" in enabled:
+      from analysis import report
+      print(f"\nreport: {os.path.abspath(lab.path('index.html'))}")
+      print("\n".join(report.summary_lines(lab.report_dir)))
+    print(f"total {time.perf_counter() - t0:.0f} s")
+  except (C.ConfigError, ValueError, FileNotFoundError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"\ninterrupted during stage {getattr(lab, 'current', 'setup')!r}; run the same command again to resume "
+          "(finished stages are reused, training and tracing continue where they stopped)", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

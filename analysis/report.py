@@ -1,0 +1,461 @@
+"""The lab's report: one static, self-contained HTML page (figures as PNG files beside it).
+
+`build(report_dir)` reads what the stages left in reports/<name>/ (lab.json; trace/, pretrained/,
+disrupt/, quant/ as far as they exist; the arms' metrics through lab.json's run_dir) and writes
+index.html, figures/training.png and summary.txt. No server, no network, no external CSS or JS:
+images are referenced by relative paths, so the folder can be copied or zipped as it is.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+
+from analysis import claims as CL
+
+VERDICT_CLASS = {"supported": "ok", "not supported": "no", "opposite": "no", "inconclusive": "maybe",
+                 "not run": "off"}
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1180px;margin:0 auto;
+padding:0 18px 60px;color:#1d1d1f}
+h1{font-size:1.6em;margin:.8em 0 .2em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.88em}td,th{border:1px solid #ddd;padding:3px 7px;
+vertical-align:top;text-align:left}th{background:#f4f4f6}td.num{text-align:right;white-space:nowrap}
+.ok{background:#dff3e3}.no{background:#f9dedc}.maybe{background:#fff4d6}.off{background:#eee;color:#666}
+img{max-width:100%;height:auto;border:1px solid #eee;margin:.4em 0}figure{margin:.8em 0}
+figcaption{font-size:.85em;color:#555}.lead{background:#f6f8fa;border-left:4px solid #888;padding:.6em 1em}
+pre{background:#f6f8fa;padding:.6em;overflow-x:auto;font-size:.8em}nav a{margin-right:1em}
+details{margin:.2em 0}summary{cursor:pointer;color:#444}.small{font-size:.85em;color:#555}
+"""
+
+
+def _read_json(path: str, default=None):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return default
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def esc(x) -> str:
+  return html.escape(str(x))
+
+
+def fmt(x, ci=None, digits: int = 3) -> str:
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return "-"
+  s = f"{x:.{digits}g}"
+  if ci and all(c is not None for c in ci):
+    s += f" [{ci[0]:.{digits}g}, {ci[1]:.{digits}g}]"
+  return s
+
+
+# ----------------------------------------------------------------------------------------- pieces
+
+def table_html(header: list[str], rows: list[list[str]], classes: list[list[str]] | None = None) -> str:
+  """An HTML table from already-escaped cells."""
+  out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>"]
+  for i, row in enumerate(rows):
+    cls = classes[i] if classes else [""] * len(row)
+    out.append("<tr>" + "".join(f'<td class="{c}">{v}</td>' if c else f"<td>{v}</td>" for v, c in zip(row, cls))
+               + "</tr>")
+  return "\n".join(out) + "</table>"
+
+
+def markdown_tables(text: str) -> str:
+  """Pipe tables of a markdown file as HTML tables; other lines as paragraphs (escaped)."""
+  out, rows = [], []
+
+  def flush():
+    if rows:
+      out.append(table_html([esc(c) for c in rows[0]], [[esc(c).replace("**", "") for c in r] for r in rows[1:]]))
+      rows.clear()
+  for line in text.splitlines():
+    line = line.strip()
+    if line.startswith("|"):
+      cells = [c.strip() for c in line.strip("|").split("|")]
+      if not all(set(c) <= set("-: ") for c in cells):
+        rows.append(cells)
+      continue
+    flush()
+    if line:
+      out.append(f"<p>{esc(line)}</p>")
+  flush()
+  return "\n".join(out)
+
+
+def figure(report_dir: str, rel: str, caption: str) -> str:
+  """<figure> of a PNG under report_dir (relative link), or a plain note when it is missing."""
+  if not os.path.exists(os.path.join(report_dir, rel)):
+    return f'<p class="small">(figure {esc(rel)} was not produced)</p>'
+  return f'<figure><img src="{esc(rel)}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption></figure>'
+
+
+def figures(report_dir: str, folder: str, prefix: str, caption) -> str:
+  """Every <folder>/<prefix>*.png, sorted, each with caption(name)."""
+  full = os.path.join(report_dir, folder)
+  names = sorted(f for f in os.listdir(full) if f.startswith(prefix) and f.endswith(".png")) if os.path.isdir(full) else []
+  return "\n".join(figure(report_dir, f"{folder}/{n}", caption(n[:-4])) for n in names)
+
+
+def claim_rows(verdicts: list[CL.Verdict], source: str) -> tuple[list[list[str]], list[list[str]]]:
+  rows, classes = [], []
+  for v in verdicts:
+    ref = f"{esc(v.reference)}: {fmt(v.nope, v.nope_ci)}" if v.reference else "-"
+    rows.append([esc(source), f"<b>{esc(v.claim)}</b> {esc(v.title)}", esc(v.quantity), fmt(v.rope, v.rope_ci), ref,
+                 fmt(v.diff, v.ci), f"<b>{esc(v.verdict)}</b>",
+                 f"<details><summary>rule</summary>{esc(v.rule)}</details>"
+                 + (f"<details><summary>notes</summary>{esc(v.notes)}</details>" if v.notes else "")])
+    classes.append([""] * 6 + [VERDICT_CLASS.get(v.verdict, ""), ""])
+  return rows, classes
+
+
+CLAIM_HEADER = ["source", "claim", "measured quantity", "RoPE (tested)", "reference (NoPE arm or null)",
+                "difference [95% CI]", "verdict", "rule, notes"]
+
+
+# ----------------------------------------------------------------------------------------- content
+
+class Report:
+  """Everything the page shows, read once from the report directory."""
+
+  def __init__(self, report_dir: str):
+    self.dir = report_dir
+    self.lab = _read_json(os.path.join(report_dir, "lab.json"), {})
+    self.trace_claims = CL.load_claims(os.path.join(report_dir, "trace"))
+    self.pre_claims = CL.load_claims(os.path.join(report_dir, "pretrained"))
+    self.c5_claims = CL.load_claims(os.path.join(report_dir, "disrupt"))
+    self.c6_claims = CL.load_claims(os.path.join(report_dir, "quant"))
+    self.pre_facts = _read_json(os.path.join(report_dir, "pretrained", "pretrained.json"), {})
+    self.trace_meta = _read_json(os.path.join(report_dir, "trace", "meta.json"), {})
+    self.comparisons = _read_json(os.path.join(report_dir, "trace", "comparisons.json"), {})
+    self.c5 = _read_json(os.path.join(report_dir, "disrupt", "summary.json"), {})
+    self.c6 = _read_json(os.path.join(report_dir, "quant", "summary.json"), {})
+
+  def stage(self, name: str) -> str:
+    return self.lab.get("stages", {}).get(name, {}).get("status", "-")
+
+  def exp_name(self) -> str:
+    return self.lab.get("experiment", {}).get("name", self.lab.get("name", "run"))
+
+  def scale(self) -> str:
+    t = self.lab.get("experiment", {}).get("train", {})
+    if not t:
+      return "unknown size"
+    m, d = t.get("model", {}), t.get("data", {})
+    tokens = t.get("steps", 0) * d.get("batch_size", 0) * d.get("seq_len", 0)
+    return (f"d_model {m.get('d_model')}, {m.get('n_layers')} layers, {m.get('n_heads')} heads, "
+            f"{t.get('steps')} steps x {d.get('batch_size')} x {d.get('seq_len')} tokens = {tokens / 1e6:.2g}M tokens per arm")
+
+  def _claim(self, verdicts, cid):
+    return next((v for v in verdicts if v.claim == cid), None)
+
+  # ------------------------------------------------------------------------------------ summary
+
+  def summary_lines(self) -> list[str]:
+    """Five lines: the paired run's verdicts, its numbers, SmolLM2, C5, C6."""
+    tc = {v.claim: v for v in self.trace_claims}
+    arms = ", ".join(self.lab.get("experiment", {}).get("arms", {})) or "-"
+    if tc:
+      line1 = (f"{self.exp_name()} ({arms}; {self.scale()}): "
+               + ", ".join(f"{c} {v.verdict}" for c, v in tc.items()))
+      c1, c3, lf = tc.get("C1"), tc.get("C3"), tc.get("C3-lowfreq")
+      line2 = (f"  step {c1.step}: massive Q/K dims per head RoPE {fmt(c1.rope, c1.rope_ci)} vs {c1.reference or 'no reference'} "
+               f"{fmt(c1.nope)}; Q/K max/mean RoPE {fmt(c3.rope)} vs {fmt(c3.nope)}; low-freq share RoPE "
+               f"{fmt(lf.rope)} vs {lf.reference} {fmt(lf.nope)}")
+    else:
+      line1 = f"{self.exp_name()}: no traced claims (train/trace {self.stage('train')}/{self.stage('trace')})"
+      line2 = "  -"
+    pc = {v.claim: v for v in self.pre_claims}
+    if pc:
+      name = self.pre_facts.get("name", "pretrained model")
+      c1 = pc.get("C1")
+      line3 = (f"{name}: massive Q/K dims per head {fmt(c1.rope, c1.rope_ci)}; "
+               + ", ".join(f"{c} {v.verdict}" for c, v in pc.items() if c != "C3"))
+    else:
+      line3 = f"pretrained model: not analysed (stage {self.stage('pretrained')})"
+    c5 = self._claim(self.c5_claims, "C5")
+    line4 = (f"C5 disruption ({c5.notes.split(':')[0]}): {c5.verdict}; contextual drop under massive disruption "
+             f"{fmt(c5.rope, c5.rope_ci)}" if c5 else f"C5 disruption: not run (stage {self.stage('disrupt')})")
+    if self.c6_claims:
+      line5 = "C6 quantization: " + "; ".join(f"{v.title}: {v.verdict} (diff {fmt(v.diff, v.ci)})" for v in self.c6_claims)
+    else:
+      line5 = f"C6 quantization: not run (stage {self.stage('quant')}; opt-in: minilm-lab --include quant)"
+    return [line1, line2, line3, line4, line5]
+
+  def bottom_line(self) -> str:
+    """Plain words on what holds at this scale; never more than the verdicts say."""
+    parts = []
+    tc = {v.claim: v for v in self.trace_claims}
+    if tc:
+      c1 = tc.get("C1")
+      supported = [c for c, v in tc.items() if v.verdict == "supported"]
+      if c1 and c1.rope is not None and c1.rope < CL.MIN_MASSIVE:
+        parts.append(f"In the from-scratch run ({esc(self.scale())}) the RoPE arm has on average "
+                     f"{fmt(c1.rope)} massive Q/K dimensions per head (lambda = "
+                     f"{esc(self.trace_meta.get('stats', {}).get('lam', 5))}): <b>no massive values at this scale</b>, "
+                     "so C1 and C4 cannot be confirmed here. This is expected: at minutes-of-CPU scale earlier "
+                     "runs showed none either, and LLM-like concentration plausibly needs tens of millions of "
+                     "parameters and ~1B tokens (GPU configs in configs/).")
+      parts.append("Paired-run verdicts supported: " + (esc(", ".join(supported)) or "<b>none</b>") + "; "
+                   + esc(", ".join(f"{c} {v.verdict}" for c, v in tc.items() if c not in supported)) + ".")
+      lf = tc.get("C3-lowfreq")
+      if lf and lf.verdict == "opposite":
+        parts.append(f"The low-frequency share of Q/K energy goes the <b>opposite</b> way to the paper's picture "
+                     f"(RoPE {fmt(lf.rope)} vs {esc(lf.reference)} {fmt(lf.nope)}): at this context length the mass "
+                     "sits near the pairs whose wavelength matches the context (see the notes of C3-lowfreq).")
+    pc = {v.claim: v for v in self.pre_claims}
+    if pc:
+      parts.append(f"In {esc(self.pre_facts.get('name', 'the pretrained model'))}: "
+                   + esc(", ".join(f"{c} {v.verdict}" for c, v in pc.items())) + ".")
+    c5 = self._claim(self.c5_claims, "C5")
+    if c5:
+      parts.append(f"C5 (disruption): <b>{esc(c5.verdict)}</b> ({esc(c5.notes)}).")
+    for v in self.c6_claims:
+      parts.append(f"{esc(v.claim)} ({esc(v.title)}): <b>{esc(v.verdict)}</b>.")
+    if not parts:
+      parts.append("No stage produced results yet.")
+    return " ".join(parts)
+
+  # ------------------------------------------------------------------------------------ sections
+
+  def claims_section(self) -> str:
+    rows, classes = [], []
+    exp = f"paired run {self.exp_name()}"
+    for verdicts, source in ((self.trace_claims, exp), (self.pre_claims, self.pre_facts.get("name", "pretrained")),
+                             (self.c5_claims, "disruption (C5)"), (self.c6_claims, "quantization (C6)")):
+      r, c = claim_rows(verdicts, source)
+      rows += r
+      classes += c
+    for stage, claim in (("disrupt", "C5 Function"), ("quant", "C6 Quantization")):
+      if not (self.c5_claims if stage == "disrupt" else self.c6_claims):
+        rows.append(["-", f"<b>{esc(claim)}</b>", "-", "-", "-", "-", "<b>not run</b>",
+                     esc(f"stage {stage}: {self.stage(stage)}" + ("; opt-in: minilm-lab --include quant"
+                                                                   if stage == "quant" else ""))])
+        classes.append([""] * 6 + ["off", ""])
+    return (f'<h2 id="claims">Claims C1-C6</h2><p class="small">Each verdict follows a rule fixed before the data '
+            f"(open 'rule'). Intervals: {CL.LEVEL:.0%} bootstrap over prompts and heads (C1-C4), over examples "
+            "(C5, C6). 'RoPE (tested)' is the arm or model under test; the reference is the paired NoPE arm, "
+            "or the null value where there is none.</p>" + table_html(CLAIM_HEADER, rows, classes))
+
+  def training_section(self) -> str:
+    run_dir = self.lab.get("run_dir")
+    if not run_dir or not os.path.isdir(run_dir):
+      return ""
+    arms = list(self.lab.get("experiment", {}).get("arms", {}))
+    metrics = {a: _read_jsonl(os.path.join(run_dir, a, "metrics.jsonl")) for a in arms}
+    evals = {a: _read_jsonl(os.path.join(run_dir, a, "eval.jsonl")) for a in arms}
+    fig = training_figure(metrics, evals, os.path.join(self.dir, "figures", "training.png"))
+    rows = []
+    families = _families(evals)
+    for a in arms:
+      last_m = metrics[a][-1] if metrics[a] else {}
+      last_e = evals[a][-1] if evals[a] else {}
+      rows.append([esc(a), fmt(last_m.get("step")), fmt(last_m.get("loss"))]
+                  + [fmt(_acc(last_e.get(f))) for f in families])
+    out = [f'<h2 id="training">Training: {esc(self.exp_name())}</h2><p>{esc(self.scale())}. Arms share the seed, '
+           "the initial weights and the batches; they differ only by their overrides.</p>",
+           table_html(["arm", "last step", "loss"] + [f"{esc(f)} (held-out exact match)" for f in families], rows)]
+    if fig:
+      out.append(figure(self.dir, "figures/training.png", "training loss and held-out accuracy per family over steps"))
+    return "\n".join(out)
+
+  def trace_section(self) -> str:
+    if not os.path.isdir(os.path.join(self.dir, "trace")):
+      return ""
+    stats = self.trace_meta.get("stats", {})
+    cap = self.trace_meta.get("capture", {})
+    out = ['<h2 id="emergence">Emergence over training steps</h2>',
+           f'<p class="small">{esc(cap.get("n_probes"))} probe prompts of {esc(cap.get("length"))} tokens; '
+           f"massive: M[h,d] &gt; {esc(stats.get('lam'))} x mean_d M[h,d]; M over prompt tokens "
+           f"(drop_first={esc(stats.get('drop_first'))}). Shaded bands: 95% bootstrap intervals.</p>",
+           figure(self.dir, "trace/plots/emergence.png", "massive dims per head, max/mean and low-frequency share "
+                  "of rot_q, rot_k, v per layer over steps, arms overlaid"),
+           figure(self.dir, "trace/plots/layer_profile.png", "the same statistics per layer at the last step (C4)"),
+           '<h2 id="heatmaps">Heatmaps</h2>',
+           figures(self.dir, "trace/plots", "heatmap_", lambda n: f"M[h,d] / mean_d M per layer and tensor: {n[8:]}"),
+           '<h2 id="frequency">Frequency: where the mass sits</h2>',
+           figures(self.dir, "trace/plots", "pair_energy_", lambda n: f"share of pair energy vs rotary frequency, "
+                   f"context boundary marked: {n[12:]}"),
+           figures(self.dir, "trace/plots", "bars3d_", lambda n: f"|rot_q| over tokens x dims, probe 0: {n[7:]}"),
+           self.comparison_section()]
+    return "\n".join(out)
+
+  def comparison_section(self) -> str:
+    rows_in = self.comparisons.get("comparisons", [])
+    if len(rows_in) < 2:
+      return ""
+    rows, classes = [], []
+    for comp in rows_in:
+      for v in comp["verdicts"]:
+        rows.append([esc(comp["arm"]), esc(comp["reference"] or "-"), esc(comp["seed"]), esc(v["claim"]),
+                     fmt(v["rope"], v["rope_ci"]), fmt(v["nope"], v["nope_ci"]), fmt(v["diff"], v["ci"]),
+                     f"<b>{esc(v['verdict'])}</b>"])
+        classes.append([""] * 7 + [VERDICT_CLASS.get(v["verdict"], "")])
+    out = ['<h2 id="comparisons">Every arm against its same-seed NoPE arm</h2>',
+           table_html(["arm", "reference", "seed", "claim", "arm value", "reference value", "difference [95% CI]",
+                       "verdict"], rows, classes)]
+    groups = self.comparisons.get("seed_groups", [])
+    if groups:
+      g_rows = []
+      for g in groups:
+        for cid, c in g["claims"].items():
+          counts = {v: c["verdicts"].count(v) for v in dict.fromkeys(c["verdicts"])}
+          g_rows.append([esc(g["recipe"]), esc(cid), esc(c["measure"]),
+                         esc(", ".join(f"{fmt(x)} (seed {s})" for x, s in zip(c["values"], c["seeds"]))),
+                         fmt(c["mean"], c["ci"]), esc(", ".join(f"{n}/{len(c['verdicts'])} {v}" for v, n in counts.items()))])
+      out += ['<h3>Over seeds</h3><p class="small">Per recipe (the arm\'s overrides without its seed): the '
+              f"per-seed values, their mean with a {self.comparisons.get('level', 0.95):.0%} t interval over seeds, "
+              "and how many seeds reach each verdict.</p>",
+              table_html(["recipe", "claim", "value", "per seed", "mean [t interval over seeds]", "verdicts"], g_rows)]
+    return "\n".join(out)
+
+  def disrupt_section(self) -> str:
+    d = os.path.join(self.dir, "disrupt")
+    if not os.path.exists(os.path.join(d, "table.md")):
+      return f'<h2 id="disruption">Disruption (C5)</h2><p>Not run (stage {esc(self.stage("disrupt"))}).</p>'
+    with open(os.path.join(d, "table.md")) as f:
+      tbl = markdown_tables(f.read())
+    cfg = self.c5.get("disrupt", {})
+    return (f'<h2 id="disruption">Disruption (C5)</h2><p class="small">Suite {esc(self.c5.get("suite"))}, '
+            f"{esc(self.c5.get('n'))} examples per task, greedy decoding, strict answer parsing. Each massive "
+            f"dimension of Q and K ({esc(cfg.get('rope', ''))}-RoPE, criterion {esc(cfg.get('criterion', ''))}) is "
+            "replaced by its own mean over the prompt, during prefill only. Controls: the same number of "
+            "smallest-norm dims, norm-matched random dims, and V. Cells: accuracy % [Wilson 95%].</p>"
+            + tbl + figure(self.dir, "disrupt/c5.png", "accuracy per task under each disruption (Wilson 95% bars)"))
+
+  def quant_section(self) -> str:
+    d = os.path.join(self.dir, "quant")
+    if not os.path.exists(os.path.join(d, "table.md")):
+      return (f'<h2 id="quantization">Quantization (C6)</h2><p>Not run (stage {esc(self.stage("quant"))}). '
+              "It is opt-in because it takes longer than the rest: <code>minilm-lab --include quant</code>.</p>")
+    with open(os.path.join(d, "table.md")) as f:
+      tbl = markdown_tables(f.read())
+    pngs = figures(self.dir, "quant", "c6", lambda n: "accuracy relative to the unquantized model per task")
+    return (f'<h2 id="quantization">Quantization (C6)</h2><p class="small">Schemes '
+            f"{esc(', '.join(s.get('name', '') for s in self.c6.get('schemes', [])))}; calibration "
+            f"{esc(self.c6.get('calib'))} Shakespeare windows; perplexity on held-out windows "
+            f"{esc(self.c6.get('ppl_windows'))}.</p>" + tbl + pngs)
+
+  def pretrained_section(self) -> str:
+    if not self.pre_facts:
+      return f'<h2 id="pretrained">Pretrained model</h2><p>Not analysed (stage {esc(self.stage("pretrained"))}).</p>'
+    f = self.pre_facts
+    rows, classes = claim_rows(self.pre_claims, f.get("name", ""))
+    return "\n".join([
+        f'<h2 id="pretrained">{esc(f.get("name"))} (pretrained, {f.get("params", 0):,} parameters)</h2>',
+        f'<p class="small">Source {esc(f.get("source"))} ({esc(f.get("format"))}, RoPE layout {esc(f.get("layout"))}); '
+        f"{esc(f.get('probes', {}).get('n'))} probe windows of {esc(f.get('probes', {}).get('length'))} tokens "
+        f"({esc(f.get('probes', {}).get('text'))}); wavelength boundary at context {esc(f.get('context'))}. "
+        "The same analysis as a traced run, with the model as one arm at step 0 and no NoPE twin (so C3 reads "
+        "inconclusive and the low-frequency share is compared with its null).</p>",
+        table_html(CLAIM_HEADER, rows, classes),
+        figures(self.dir, "pretrained/plots", "layer_profile", lambda n: "statistics per layer"),
+        figures(self.dir, "pretrained/plots", "heatmap_", lambda n: "M[h,d] / mean_d M per layer and tensor"),
+        figures(self.dir, "pretrained/plots", "pair_energy_", lambda n: "share of pair energy vs rotary frequency"),
+        figures(self.dir, "pretrained/plots", "bars3d_", lambda n: "|rot_q| over tokens x dims, probe 0")])
+
+  def provenance_section(self) -> str:
+    lab = self.lab
+    st_rows = []
+    for name, s in lab.get("stages", {}).items():
+      st_rows.append([esc(name), esc(s.get("status")), fmt(s.get("seconds"), digits=4) if s.get("seconds") else "-",
+                      esc(s.get("finished") or "-"), esc(s.get("what"))])
+    total = sum(s.get("seconds") or 0 for s in lab.get("stages", {}).values() if s.get("status") != "skipped")
+    versions = lab.get("versions", {})
+    return "\n".join([
+        '<h2 id="provenance">How this report was made</h2>',
+        f"<p>Command: <code>{esc(lab.get('command', '-'))}</code>, started {esc(lab.get('started', '-'))}.</p>",
+        '<h3>Stages</h3><p class="small">seconds: wall time of the run that produced each stage ("reused" '
+        "stages were done by an earlier run with the same inputs). The machine may have been shared.</p>",
+        table_html(["stage", "status", "seconds", "finished", "what"], st_rows),
+        f"<p>Sum of stage times: {total:.0f} s ({total / 60:.1f} min).</p>",
+        "<h3>Versions and machine</h3>",
+        table_html(["", ""], [[esc(k), esc(v)] for k, v in versions.items()]),
+        "<h3>Configs</h3><details><summary>lab settings</summary><pre>"
+        + esc(json.dumps(lab.get("lab", {}), indent=1)) + "</pre></details>"
+        "<details><summary>experiment (the resolved config every arm started from, and the arms' overrides)</summary>"
+        "<pre>" + esc(json.dumps(lab.get("experiment", {}), indent=1)) + "</pre></details>"])
+
+  def page(self) -> str:
+    title = f"minilm lab report: {self.lab.get('name', os.path.basename(os.path.abspath(self.dir)))}"
+    nav = " ".join(f'<a href="#{a}">{t}</a>' for a, t in (
+        ("claims", "claims"), ("training", "training"), ("emergence", "emergence"), ("heatmaps", "heatmaps"),
+        ("frequency", "frequency"), ("disruption", "disruption"), ("quantization", "quantization"),
+        ("pretrained", "pretrained model"), ("provenance", "configs, versions, times")))
+    body = [f"<h1>{esc(title)}</h1><nav>{nav}</nav>",
+            f'<p class="lead">{self.bottom_line()}</p>',
+            self.claims_section(), self.training_section(), self.trace_section(), self.disrupt_section(),
+            self.quant_section(), self.pretrained_section(), self.provenance_section()]
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+            f"<body>{''.join(body)}</body></html>\n")
+
+
+def _families(evals: dict[str, list]) -> list[str]:
+  """Per-family accuracy keys of eval.jsonl rows (dotted keys such as 'conflict.context' are splits)."""
+  return sorted({k for rs in evals.values() for r in rs for k in r if k != "step" and "." not in k
+                 and _acc(r[k]) is not None})
+
+
+def _acc(x):
+  """An eval.jsonl cell: a number, or a dict holding one under 'acc' / 'accuracy'."""
+  if isinstance(x, dict):
+    x = x.get("acc", x.get("accuracy"))
+  return x if isinstance(x, (int, float)) else None
+
+
+def training_figure(metrics: dict[str, list], evals: dict[str, list], path: str) -> bool:
+  """Loss and held-out accuracy per family over steps, arms overlaid; False if there is nothing."""
+  if not any(metrics.values()):
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  families = _families(evals)
+  fig, axes = plt.subplots(1, 2 if families else 1, figsize=(12 if families else 6, 3.6), squeeze=False)
+  for arm, rows in metrics.items():
+    axes[0, 0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=arm)
+  axes[0, 0].set(xlabel="step", ylabel="training loss (weighted)", title="loss")
+  axes[0, 0].legend(fontsize=8)
+  if families:
+    styles = ["-", "--", ":", "-."]
+    for i, (arm, rows) in enumerate(evals.items()):
+      for j, fam in enumerate(families):
+        pts = [(r["step"], _acc(r.get(fam))) for r in rows if _acc(r.get(fam)) is not None]
+        if pts:
+          axes[0, 1].plot(*zip(*pts), styles[i % len(styles)], color=f"C{j}", label=f"{arm} {fam}")
+    axes[0, 1].set(xlabel="step", ylabel="exact match", title="held-out accuracy", ylim=(-0.02, 1.02))
+    axes[0, 1].legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+# ------------------------------------------------------------------------------------------ entry
+
+def build(report_dir: str) -> str:
+  """Write index.html (and figures/training.png, summary.txt) into report_dir; returns its path."""
+  report = Report(report_dir)
+  path = os.path.join(report_dir, "index.html")
+  os.makedirs(report_dir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    f.write(report.page())
+  os.replace(path + ".tmp", path)
+  with open(os.path.join(report_dir, "summary.txt"), "w") as f:
+    f.write("\n".join(report.summary_lines()) + "\n")
+  return path
+
+
+def summary_lines(report_dir: str) -> list[str]:
+  return Report(report_dir).summary_lines()
