@@ -26,6 +26,7 @@ vertical-align:top;text-align:left}th{background:#f4f4f6}td.num{text-align:right
 img{max-width:100%;height:auto;border:1px solid #eee;margin:.4em 0}figure{margin:.8em 0}
 figcaption{font-size:.85em;color:#555}.lead{background:#f6f8fa;border-left:4px solid #888;padding:.6em 1em}
 pre{background:#f6f8fa;padding:.6em;overflow-x:auto;font-size:.8em}nav a{margin-right:1em}
+.scroll{overflow-x:auto}.scroll img{max-width:none;height:440px;width:auto}
 details{margin:.2em 0}summary{cursor:pointer;color:#444}.small{font-size:.85em;color:#555}
 """
 
@@ -96,7 +97,21 @@ def figure(report_dir: str, rel: str, caption: str) -> str:
   """<figure> of a PNG under report_dir (relative link), or a plain note when it is missing."""
   if not os.path.exists(os.path.join(report_dir, rel)):
     return f'<p class="small">(figure {esc(rel)} was not produced)</p>'
-  return f'<figure><img src="{esc(rel)}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption></figure>'
+  img = f'<img src="{esc(rel)}" alt="{esc(caption)}">'
+  w, h = png_size(os.path.join(report_dir, rel))
+  if w > 1600 and w > 3 * h:   # e.g. heatmaps of a 30-layer model: scroll instead of shrinking to nothing
+    img = f'<div class="scroll">{img}</div>'
+    caption += " (wide figure: scroll sideways)"
+  return f"<figure>{img}<figcaption>{esc(caption)}</figcaption></figure>"
+
+
+def png_size(path: str) -> tuple[int, int]:
+  """(width, height) from a PNG's header; (0, 0) if it is not a PNG."""
+  with open(path, "rb") as f:
+    head = f.read(24)
+  if head[:8] != b"\x89PNG\r\n\x1a\n":
+    return 0, 0
+  return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
 def figures(report_dir: str, folder: str, prefix: str, caption) -> str:
@@ -235,9 +250,9 @@ class Report:
       r, c = claim_rows(verdicts, source)
       rows += r
       classes += c
-    for stage, claim in (("disrupt", "C5 Function"), ("quant", "C6 Quantization")):
+    for stage, cid, title in (("disrupt", "C5", "Function"), ("quant", "C6", "Quantization")):
       if not (self.c5_claims if stage == "disrupt" else self.c6_claims):
-        rows.append(["-", f"<b>{esc(claim)}</b>", "-", "-", "-", "-", "<b>not run</b>",
+        rows.append(["-", f"<b>{cid}</b> {title}", "-", "-", "-", "-", "<b>not run</b>",
                      esc(f"stage {stage}: {self.stage(stage)}" + ("; opt-in: minilm-lab --include quant"
                                                                    if stage == "quant" else ""))])
         classes.append([""] * 6 + ["off", ""])
