@@ -144,7 +144,7 @@ def plot(summary: list[dict], path: Path, modes=TABLE_MODES) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   models = list(dict.fromkeys(r["model"] for r in summary))
-  fig, axes = plt.subplots(len(models), 1, figsize=(11, 3.2 * len(models)), squeeze=False)
+  fig, axes = plt.subplots(len(models), 1, figsize=(11, 3.8 * len(models)), squeeze=False)
   for ax, model in zip(axes[:, 0], models):
     cell = {(r["task"], r["mode"]): r for r in summary if r["model"] == model}
     tasks = list(dict.fromkeys(r["task"] for r in summary if r["model"] == model))
@@ -159,7 +159,7 @@ def plot(summary: list[dict], path: Path, modes=TABLE_MODES) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
     ax.set_title(model)
-    ax.legend(fontsize=7, ncol=len(used))
+    ax.legend(fontsize=7, ncol=len(used), loc="upper center", bbox_to_anchor=(0.5, -0.12))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -206,16 +206,17 @@ def c5_verdict(summary: list[dict], model: str) -> dict:
   conflict = [r for r in summary if r["model"] == model and r["kind"] == "conflict"]
   ev["conflict_split"] = {r["mode"]: r["split"] for r in conflict}
   c, p, s = ev["contextual_drop_massive"], ev["parametric_drop_massive"], ev["contextual_drop_smallest"]
+  f = lambda x: "-" if x is None else f"{x:.2f}"
   if c is None:
     status, why = "inconclusive", f"no contextual task reaches {USABLE} undisrupted (or none ran under 'massive')"
   elif s is None:
     status, why = "inconclusive", "the smallest-M control was not run"
   elif c < SMALL_DROP or s >= c - 0.05 or (p is not None and p >= c):
-    status, why = "refuted", f"contextual drop {c:.2f}, control drop {s:.2f}, parametric drop {p}"
+    status, why = "refuted", f"contextual drop {f(c)}, control drop {f(s)}, parametric drop {f(p)}"
   elif c >= BIG_DROP and s <= SMALL_DROP and (p is None or c - p >= GAP):
-    status, why = "supported", f"contextual drop {c:.2f}, parametric {p}, control {s:.2f}"
+    status, why = "supported", f"contextual drop {f(c)}, parametric drop {f(p)}, control drop {f(s)}"
   else:
-    status, why = "inconclusive", f"contextual drop {c:.2f}, parametric drop {p}, control drop {s:.2f}"
+    status, why = "inconclusive", f"contextual drop {f(c)}, parametric drop {f(p)}, control drop {f(s)}"
   if p is None and status == "supported":
     status, why = "inconclusive", why + "; no usable parametric task to compare"
   return {"claim": "C5", "model": model, "status": status, "summary": why, "evidence": ev, "rule": RULE}

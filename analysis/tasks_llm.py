@@ -180,7 +180,7 @@ def capitals_yesno(tokenizer, n: int, seed: int, bos=None) -> list[Item]:
   """Balanced yes/no, the paper's Cities style: 'Y is the capital of X:' with the true capital (even i)
   or another one (odd i), after four fixed balanced examples about countries never asked."""
   rng = np.random.default_rng([seed, 4])
-  pairs = _modal_pairs(tokenizer, CAPITALS)
+  pairs = _modal_pairs(tokenizer, CAPITALS, bare=True)  # the capital starts a line here
   (c0, k0), (c1, k1), (c2, k2) = FEW_SHOT
   shots = (f"{k0} is the capital of {c0}: yes\n{k2} is the capital of {c1}: no\n"
            f"{k1} is the capital of {c1}: yes\n{k0} is the capital of {c2}: no\n")
