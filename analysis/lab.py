@@ -155,16 +155,21 @@ def read_config(path_or_name: str) -> tuple[LabConfig, str]:
 
 
 def experiment_of(lab: LabConfig, quick: bool):
-  """The validated ExperimentConfig the lab trains (shrunk, and renamed '<name>_quick', with --quick)."""
+  """The validated ExperimentConfig the lab trains. --quick shrinks it and renames it '<name>_quick';
+  the lab's `set` overrides come last, so they win over the shrinking."""
   from train import cli as train_cli
   from train.config import load_experiment
-  exp = train_cli.load(lab.experiment, list(lab.set))
   if not quick:
-    return exp
+    return train_cli.load(lab.experiment, list(lab.set))
+  exp = train_cli.load(lab.experiment, [])
+  small = {f"train.{k}": v for k, v in QUICK_TRAIN.items()} | {"name": f"{exp.name}_quick"}
+  user = train_cli.parse_assignments(list(lab.set))
   seq = min(exp.train.data.seq_len, QUICK_SEQ)
-  small = {f"train.{k}": v for k, v in QUICK_TRAIN.items()}
-  small.update({"train.data.seq_len": seq, "train.model.max_len": seq, "name": f"{exp.name}_quick"})
-  return load_experiment(C.to_dict(C.override(exp, small)))
+  try:
+    return load_experiment(C.to_dict(C.override(exp, small | {"train.data.seq_len": seq,
+                                                              "train.model.max_len": seq} | user)))
+  except C.ConfigError:   # task sizes that need the config's own context: keep it
+    return load_experiment(C.to_dict(C.override(exp, small | user)))
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -441,7 +446,7 @@ def build(args) -> tuple[Lab, list[str], set[str]]:
   for item in args.lab_assignments:
     field, sep, value = item.partition("=")
     check(bool(sep) and bool(field), item, "expected field=value")
-    overrides[field] = C.parse_value(value)
+    overrides[field] = _Raw(value)
   if args.assignments:
     overrides["set"] = list(cfg.set) + list(args.assignments)
     parse_assignments(args.assignments)   # one-line error for a malformed one, before anything runs
@@ -457,6 +462,10 @@ def build(args) -> tuple[Lab, list[str], set[str]]:
   return lab, enabled, set(_stage_list(args.force, "--force"))
 
 
+class _Raw(str):
+  """A lab setting as typed on the command line, parsed once its field's type is known."""
+
+
 def _override_dict(data: dict, overrides: dict) -> dict:
   for dotted, value in overrides.items():
     node, keys = data, dotted.split(".")
@@ -465,6 +474,8 @@ def _override_dict(data: dict, overrides: dict) -> dict:
             f"unknown lab setting; allowed: {', '.join(sorted(node))}")
       node = node[key]
     check(keys[-1] in node, dotted, f"unknown lab setting; allowed: {', '.join(sorted(node))}")
+    if isinstance(value, _Raw):   # command-line text: JSON, except where the setting is a string ('8' bits)
+      value = str(value) if isinstance(node[keys[-1]], str) else C.parse_value(value)
     node[keys[-1]] = value
   return data
 
@@ -479,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     lab, enabled, force = build(args)
     if args.dry_run:
       for s in STAGES:
-        state = "skipped" if s not in enabled else "done" if lab.is_done(s) else "to run"
+        state = "skipped" if s not in enabled else "done" if lab.is_done(s) else "to-run"
         print(f"{s:11s} {state:8s} {lab.hashes[s]}  {lab.stages[s].what}")
       return 0
     print(f"minilm-lab: {lab.name}: stages {', '.join(enabled)}; report in {lab.report_dir}", flush=True)

@@ -1,0 +1,135 @@
+"""minilm-lab: stage hashes and reuse, settings passed to the analyses, errors, and a --quick run."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from analysis import lab as L
+
+
+def _lab(*argv):
+  return L.build(L.parser().parse_args(["--quick", "--runs", "/tmp/unused-runs", "--reports", "/tmp/unused-reports",
+                                        *argv]))
+
+
+def test_help_says_any_experiment_config_runs_and_names_the_shipped_ones():
+  text = L.parser().format_help()
+  for word in ("all_encodings_3seeds", "rope_base_sweep", "partial_rope_sweep", "--quick", "--skip", "--include",
+               "experiment config"):
+    assert word in text, word
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--skip", "bogus"], "--skip: "),
+    (["--lab-set", "trace.nope=1"], "trace.nope: unknown lab setting"),
+    (["--lab-set", "trace.probes=1"], "trace.probes: must be >= 2"),
+    (["--set", "model.d_model=abc"], "model.d_model"),
+    (["no_such_config"], "config: no file 'no_such_config'"),
+])
+def test_bad_input_ends_in_one_line_naming_the_field(argv, field, capsys):
+  assert L.main([*argv, "--dry-run"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and field in err and "\n" not in err, err
+
+
+def test_a_changed_setting_changes_the_hash_of_exactly_the_stages_it_affects():
+  base = _lab()[0].hashes
+
+  def changed(*argv):
+    return {s for s, h in _lab(*argv)[0].hashes.items() if h != base[s]}
+  assert changed() == set()
+  assert changed("--lab-set", "trace.lam=3") == {"trace", "report"}
+  assert changed("--set", "steps=7") == {"train", "trace", "report"}
+  assert changed("--lab-set", "disrupt.n=3") == {"disrupt", "report"}
+  assert changed("--lab-set", "disrupt.model=run") == {"disrupt", "report"}      # now hangs on the training
+  assert changed("--lab-set", "pretrained.length=32") == {"pretrained", "report"}
+  assert changed("--lab-set", "quant.bits=8") == {"quant", "report"}
+
+
+def test_stage_selection_and_quick_experiment():
+  lab, enabled, force = _lab("--skip", "pretrained", "--include", "quant", "--force", "trace")
+  assert enabled == ["train", "trace", "disrupt", "quant", "report"] and force == {"trace"}
+  assert _lab("--only", "train,report")[1] == ["train", "report"]
+  assert _lab()[1] == ["train", "trace", "pretrained", "disrupt", "report"]      # lab.json skips quant
+  assert lab.exp.name == "rope_vs_nope_quick" and lab.exp.train.steps == 6 and set(lab.exp.arms) == {"rope", "nope"}
+  assert lab.report_dir == "/tmp/unused-reports/rope_vs_nope_quick"
+
+
+def test_an_experiment_config_runs_in_the_lab_with_default_settings():
+  lab = _lab("rope_base_sweep")[0]
+  assert lab.exp.name == "rope_base_sweep_quick" and "rope_b1e2" in lab.exp.arms
+  assert lab.exp.resolve("rope_b1e2").model.position.base == 100.0 and lab.exp.train.model.d_model == 32
+
+
+def test_disrupt_and_quant_settings_reach_the_analyses_through_their_own_parsers(monkeypatch, tmp_path):
+  from analysis import experiment, quant_study
+  seen = {}
+  monkeypatch.setattr(experiment, "run_and_print", lambda args: seen.setdefault("disrupt", args))
+  monkeypatch.setattr(quant_study, "run", lambda args: seen.setdefault("quant", args))
+  lab = L.build(L.parser().parse_args(["--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "rep"),
+                                       "--lab-set", "disrupt.n=7", "disrupt.model=run",
+                                       'disrupt.extra=["--rope", "pre"]', "quant.methods=rtn,awq", "quant.bits=3"]))[0]
+  lab.stages["disrupt"].run()
+  lab.stages["quant"].run()
+  d, q = seen["disrupt"], seen["quant"]
+  assert (d.n, d.model, d.rope, d.suite, d.out) == (7, lab.run_dir, "pre", "quick", lab.path("disrupt"))
+  assert (q.methods, q.bits, q.model, q.n) == ("rtn,awq", "3", "smollm2", 10)
+
+
+def test_an_interrupted_stage_leaves_no_marker_and_says_how_to_resume(monkeypatch, tmp_path, capsys):
+  def interrupted(self):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(L.Lab, "_train", interrupted)
+  argv = ["--quick", "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "rep"), "--only", "train"]
+  assert L.main(argv) == 130
+  assert "interrupted during stage 'train'; run the same command again to resume" in capsys.readouterr().err
+  assert not (tmp_path / "rep" / "rope_vs_nope_quick" / "stages" / "train.json").exists()
+
+
+def test_quick_run_trains_traces_reports_then_reuses_everything(tmp_path, capsys):
+  argv = ["--quick", "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports"),
+          "--skip", "pretrained,disrupt", "--set", "checkpoint.log_spaced=false", "--lab-set", "trace.probes=4"]
+  assert L.main(argv) == 0
+  out = capsys.readouterr().out
+  report = tmp_path / "reports" / "rope_vs_nope_quick"
+  assert f"report: {report / 'index.html'}" in out
+  tail = out[out.index("\nreport: "):].splitlines()[2:7]
+  assert tail[0].startswith("rope_vs_nope_quick (rope, nope;") and "C1 " in tail[0]
+  assert tail[2].startswith("pretrained model: not analysed") and tail[3].startswith("C5 disruption: not run")
+  for stage in ("train", "trace", "report"):
+    assert json.loads((report / "stages" / f"{stage}.json").read_text())["seconds"] > 0
+  assert not (report / "stages" / "disrupt.json").exists() and not (report / "stages" / "pretrained.json").exists()
+  assert (report / "trace" / "comparisons.json").exists() and (report / "figures" / "training.png").exists()
+  page = (report / "index.html").read_text()
+  assert "<h2 id=\"claims\">" in page and "trace/plots/heatmap_nope_6.png" in page
+  lab = json.loads((report / "lab.json").read_text())
+  assert lab["versions"]["jax"] and lab["versions"]["git_commit"] and "CPU cores" in lab["versions"]["machine"]
+
+  assert L.main(argv) == 0                                   # nothing changed: everything is reused
+  out = capsys.readouterr().out
+  for i, stage in enumerate(("train", "trace"), 1):
+    assert f"== [{i}/3] {stage}: reused" in out
+  assert json.loads((report / "lab.json").read_text())["stages"]["train"]["status"] == "reused"
+
+  assert L.main([*argv, "--lab-set", "trace.lam=3", "--dry-run"]) == 0
+  plan = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+  assert plan == {"train": "done", "trace": "to-run", "pretrained": "skipped", "disrupt": "skipped", "quant": "skipped",
+                  "report": "to-run"}
+
+
+def test_pretrained_command_analyses_an_imported_model_as_one_traced_step(tmp_path, capsys):
+  from analysis.cli import main
+  out = tmp_path / "pre"
+  assert main(["pretrained", "--model", "random", "--out", str(out), "--probes", "3", "--length", "24",
+               "--no-plots", "--lam", "3"]) == 0
+  facts = json.loads((out / "pretrained.json").read_text())
+  assert facts["name"] == "random-tiny" and facts["params"] > 0 and facts["probes"] == {
+      "n": 3, "length": 24, "text": "Shakespeare held-out windows"}
+  assert json.loads((out / "meta.json").read_text())["stats"]["lam"] == 3.0
+  claims = {c["claim"]: c for c in json.loads((out / "claims.json").read_text())["claims"]}
+  assert claims["C3"]["verdict"] == "inconclusive" and claims["C3-lowfreq"]["reference"].startswith("null")
+  assert "| C1 Concentration |" in capsys.readouterr().out
+  assert main(["pretrained", "--model", "random", "--out", str(tmp_path / "x"), "--length", "100000"]) == 2
+  assert capsys.readouterr().err.startswith("error: length: must be <= the model's max_len=512")
