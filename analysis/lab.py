@@ -409,9 +409,11 @@ def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="minilm-lab", description=__doc__.split("\n")[0],
                               epilog="\n".join(__doc__.split("\n")[2:]),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  from train.cli import CONFIGS
+  shipped = sorted(f[:-5] for f in os.listdir(CONFIGS) if f.endswith(".json")) if os.path.isdir(CONFIGS) else []
   p.add_argument("config", nargs="?", default="lab",
-                 help="lab config or experiment config: a JSON path or a name in configs/ (default: lab). "
-                      "Ships with: lab, default, all_encodings_3seeds, rope_base_sweep, partial_rope_sweep, gpu, smoke")
+                 help="lab config or experiment config: a JSON path or a name in configs/ (default: lab); "
+                      f"configs/ holds: {', '.join(shipped)}")
   p.add_argument("--set", dest="assignments", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                  help="override an experiment field as `python -m train --set` does, e.g. --set steps=200")
   p.add_argument("--lab-set", dest="lab_assignments", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",

@@ -26,6 +26,7 @@ vertical-align:top;text-align:left}th{background:#f4f4f6}td.num{text-align:right
 img{max-width:100%;height:auto;border:1px solid #eee;margin:.4em 0}figure{margin:.8em 0}
 figcaption{font-size:.85em;color:#555}.lead{background:#f6f8fa;border-left:4px solid #888;padding:.6em 1em}
 pre{background:#f6f8fa;padding:.6em;overflow-x:auto;font-size:.8em}nav a{margin-right:1em}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(440px,1fr));gap:6px}
 .scroll{overflow-x:auto}.scroll img{max-width:none;height:440px;width:auto}
 details{margin:.2em 0}summary{cursor:pointer;color:#444}.small{font-size:.85em;color:#555}
 """
@@ -114,11 +115,12 @@ def png_size(path: str) -> tuple[int, int]:
   return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
-def figures(report_dir: str, folder: str, prefix: str, caption) -> str:
-  """Every <folder>/<prefix>*.png, sorted, each with caption(name)."""
+def figures(report_dir: str, folder: str, prefix: str, caption, grid: bool = False) -> str:
+  """Every <folder>/<prefix>*.png, sorted, each with caption(name); side by side if `grid`."""
   full = os.path.join(report_dir, folder)
   names = sorted(f for f in os.listdir(full) if f.startswith(prefix) and f.endswith(".png")) if os.path.isdir(full) else []
-  return "\n".join(figure(report_dir, f"{folder}/{n}", caption(n[:-4])) for n in names)
+  out = "\n".join(figure(report_dir, f"{folder}/{n}", caption(n[:-4])) for n in names)
+  return f'<div class="grid">{out}</div>' if grid and len(names) > 1 else out
 
 
 def claim_rows(verdicts: list[CL.Verdict], source: str) -> tuple[list[list[str]], list[list[str]]]:
@@ -182,6 +184,10 @@ class Report:
     if tc:
       line1 = (f"{self.exp_name()} ({arms}; {self.scale()}): "
                + ", ".join(f"{c} {v.verdict}" for c, v in tc.items()))
+      more = len(self.comparisons.get("comparisons", [])) - 1
+      if more > 0:
+        line1 += (f" (first pair; {more} more comparisons and {len(self.comparisons.get('seed_groups', []))} "
+                  "seed groups in the report)")
       c1, c3, lf = tc.get("C1"), tc.get("C3"), tc.get("C3-lowfreq")
       line2 = (f"  step {c1.step}: massive Q/K dims per head RoPE {fmt(c1.rope, c1.rope_ci)} vs {c1.reference or 'no reference'} "
                f"{fmt(c1.nope)}; Q/K max/mean RoPE {fmt(c3.rope)} vs {fmt(c3.nope)}; low-freq share RoPE "
@@ -299,8 +305,8 @@ class Report:
            figures(self.dir, "trace/plots", "heatmap_", lambda n: f"M[h,d] / mean_d M per layer and tensor: {n[8:]}"),
            '<h2 id="frequency">Frequency: where the mass sits</h2>',
            figures(self.dir, "trace/plots", "pair_energy_", lambda n: f"share of pair energy vs rotary frequency, "
-                   f"context boundary marked: {n[12:]}"),
-           figures(self.dir, "trace/plots", "bars3d_", lambda n: f"|rot_q| over tokens x dims, probe 0: {n[7:]}"),
+                   f"context boundary marked: {n[12:]}", grid=True),
+           figures(self.dir, "trace/plots", "bars3d_", lambda n: f"|rot_q| over tokens x dims, probe 0: {n[7:]}", grid=True),
            self.comparison_section()]
     return "\n".join(out)
 
