@@ -47,6 +47,7 @@ class ModelConfig:
   norm_eps: float = 1e-5
   mlp: str = "swiglu"          # swiglu | gelu
   tie_embeddings: bool = True
+  qkv_bias: bool = False       # biases on the q/k/v projections (Qwen2); none elsewhere
   dtype: str = "float32"       # compute dtype; parameters are always float32
   init_std: float = 0.02
   position: encodings.PositionConfig = dataclasses.field(default_factory=encodings.RoPE)

@@ -19,8 +19,8 @@ CAPTURE_POINTS = ATTN_POINTS + ("resid",)
 Intervene = Optional[Callable[[str, jax.Array], jax.Array]]
 
 
-def linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs, std: float) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
+def linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs, std: float, bias: bool = False) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
                     kernel_init=jax.nn.initializers.normal(std), rngs=rngs)
 
 
@@ -85,9 +85,9 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
     d, H, K, D, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.init_std
     self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, H, K, D
-    self.q = linear(d, H * D, cfg, rngs, std)
-    self.k = linear(d, K * D, cfg, rngs, std)
-    self.v = linear(d, K * D, cfg, rngs, std)
+    self.q = linear(d, H * D, cfg, rngs, std, cfg.qkv_bias)
+    self.k = linear(d, K * D, cfg, rngs, std, cfg.qkv_bias)
+    self.v = linear(d, K * D, cfg, rngs, std, cfg.qkv_bias)
     self.o = linear(H * D, d, cfg, rngs, std / math.sqrt(2 * cfg.n_layers))
 
   def _point(self, name: str, x, capture: frozenset, intervene: Intervene):

@@ -47,9 +47,9 @@ def numpy_llama_forward(w, tokens, *, n_heads, n_kv_heads, base, eps, layout):
     p = {k: np.asarray(v, np.float64) for k, v in layer.items()}
     h = _rms_norm(x, p["attn_norm"], eps)
     D = p["q"].shape[0] // n_heads
-    q = _rope((h @ p["q"].T).reshape(T, n_heads, D), base, layout)
-    k = _rope((h @ p["k"].T).reshape(T, n_kv_heads, D), base, layout)
-    v = (h @ p["v"].T).reshape(T, n_kv_heads, D)
+    q = _rope((h @ p["q"].T + p.get("q_bias", 0.0)).reshape(T, n_heads, D), base, layout)
+    k = _rope((h @ p["k"].T + p.get("k_bias", 0.0)).reshape(T, n_kv_heads, D), base, layout)
+    v = (h @ p["v"].T + p.get("v_bias", 0.0)).reshape(T, n_kv_heads, D)
     group = n_heads // n_kv_heads
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(D)
@@ -96,6 +96,11 @@ def _weights(rng, vocab, cfg):
   layers = [dict(q=mat(H * D, C), k=mat(K * D, C), v=mat(K * D, C), o=mat(C, H * D), gate=mat(F, C),
                  up=mat(F, C), down=mat(C, F), attn_norm=norm(), mlp_norm=norm())
             for _ in range(cfg["num_hidden_layers"])]
+  if cfg["model_type"] == "qwen2":
+    for layer in layers:
+      layer.update(q_bias=rng.standard_normal(H * D).astype(np.float32),
+                   k_bias=rng.standard_normal(K * D).astype(np.float32),
+                   v_bias=rng.standard_normal(K * D).astype(np.float32))
   return dict(embed=rng.standard_normal((vocab, C)).astype(np.float32), final_norm=norm(),
               lm_head=None if cfg["tie_word_embeddings"] else mat(vocab, C), layers=layers)
 
@@ -114,7 +119,8 @@ def write_checkpoint(directory, cfg=CFG, seed=0, edit=lambda tensors: tensors):
   if w["lm_head"] is not None:
     tensors["lm_head.weight"] = w["lm_head"]
   for i, layer in enumerate(w["layers"]):
-    tensors.update({f"model.layers.{i}.{HF_NAMES[k]}.weight": v for k, v in layer.items()})
+    tensors.update({f"model.layers.{i}.{HF_NAMES[k.removesuffix('_bias')]}.{'bias' if k.endswith('_bias') else 'weight'}": v
+                    for k, v in layer.items()})
   tensors = edit(tensors)
   # Two shards, as large checkpoints come.
   names = sorted(tensors)
@@ -139,6 +145,17 @@ def test_hf_round_trip_matches_numpy_reference(tmp_path, layout):
   logits = np.asarray(model(jnp.asarray([ids]))[0])
   ref = _reference(w, ids)
   assert len(ids) > 20 and np.abs(logits - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_qwen2_with_qkv_biases_matches_numpy_reference(tmp_path, layout):
+  cfg = {**CFG, "model_type": "qwen2", "rope_theta": 1e6, "sliding_window": 4, "use_sliding_window": False}
+  w, _ = write_checkpoint(tmp_path, cfg)
+  model, tok, info = load(str(tmp_path), layout=layout)
+  assert info["architecture"] == "qwen2" and model.cfg.qkv_bias and model.cfg.max_len == 128
+  ids = tok.encode(TEXT)
+  ref = _reference(w, ids, cfg)
+  assert np.abs(np.asarray(model(jnp.asarray([ids]))[0]) - ref).max() < 1e-4 * np.abs(ref).max()
 
 
 def test_hf_tied_embeddings_and_bfloat16(tmp_path):
@@ -174,8 +191,8 @@ def test_hf_shape_mismatch(tmp_path):
 def test_hf_unexpected_bias_and_qwen2(tmp_path):
   write_checkpoint(tmp_path, edit=lambda t: {**t, "model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)})
   _one_line_error(tmp_path, r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'")
-  (tmp_path / "config.json").write_text(json.dumps({**CFG, "model_type": "qwen2", "vocab_size": 300}))
-  _one_line_error(tmp_path, r"model_type 'qwen2' has q/k/v biases")
+  (tmp_path / "config.json").write_text(json.dumps({**CFG, "model_type": "gpt2", "vocab_size": 300}))
+  _one_line_error(tmp_path, r"model_type must be one of 'llama', 'mistral', 'qwen2'; got 'gpt2'")
 
 
 def test_bad_source(tmp_path):

@@ -1,4 +1,4 @@
-"""Import an HF-format directory (config.json + *.safetensors + tokenizer.json) of the Llama family.
+"""Import an HF-format directory (config.json + *.safetensors + tokenizer.json): Llama, Mistral, Qwen2.
 
 HF stores Q and K rows in the half-split RoPE order minilm uses by default; layout='interleaved'
 reorders them. Weights of any stored float dtype (bfloat16 included) become float32 parameters.
@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from minilm.importers import llama, tokenizer as tokenizers_
 
-MODEL_TYPES = ("llama", "mistral")
+MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 NAMES = {
     "embed.embedding": "model.embed_tokens.weight",
@@ -26,6 +26,9 @@ NAMES = {
     "blocks.{i}.attn.k.kernel": "model.layers.{i}.self_attn.k_proj.weight",
     "blocks.{i}.attn.v.kernel": "model.layers.{i}.self_attn.v_proj.weight",
     "blocks.{i}.attn.o.kernel": "model.layers.{i}.self_attn.o_proj.weight",
+    "blocks.{i}.attn.q.bias": "model.layers.{i}.self_attn.q_proj.bias",      # Qwen2 only
+    "blocks.{i}.attn.k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blocks.{i}.attn.v.bias": "model.layers.{i}.self_attn.v_proj.bias",
     "blocks.{i}.mlp_norm.scale": "model.layers.{i}.post_attention_layernorm.weight",
     "blocks.{i}.mlp.gate.kernel": "model.layers.{i}.mlp.gate_proj.weight",
     "blocks.{i}.mlp.up.kernel": "model.layers.{i}.mlp.up_proj.weight",
@@ -44,16 +47,14 @@ def read_config(directory: str) -> dict:
 def config(hf: dict, source: str, layout: str = "half"):
   """ModelConfig from an HF config.json dict (raises a one-line ValueError naming a bad key)."""
   kind = hf.get("model_type")
-  if kind == "qwen2":
-    raise ValueError(f"{source}: model_type 'qwen2' has q/k/v biases, which minilm's attention does not "
-                     f"have; supported: {', '.join(map(repr, MODEL_TYPES))}")
   if kind not in MODEL_TYPES:
     raise ValueError(f"{source}: model_type must be one of {', '.join(map(repr, MODEL_TYPES))}; got {kind!r}")
   scaling = hf.get("rope_scaling") or {}
   for key, ok in (("hidden_act", hf.get("hidden_act", "silu") == "silu"),
                   ("attention_bias", not hf.get("attention_bias", False)),
                   ("mlp_bias", not hf.get("mlp_bias", False)),
-                  ("rope_scaling", scaling.get("rope_type", scaling.get("type", "default")) == "default")):
+                  ("rope_scaling", scaling.get("rope_type", scaling.get("type", "default")) == "default"),
+                  ("use_sliding_window", not hf.get("use_sliding_window", False))):
     if not ok:
       raise ValueError(f"{source}: config.json {key}={hf[key]!r} is not supported by minilm's Llama block")
 
@@ -64,14 +65,15 @@ def config(hf: dict, source: str, layout: str = "half"):
 
   n_heads, d_model = need("num_attention_heads"), need("hidden_size")
   # Mistral's sliding window only matters beyond its length; minilm attends to everything, so
-  # the model is exact up to the window and max_len says so.
-  max_len = min(hf.get("max_position_embeddings", 2048), hf.get("sliding_window") or 1 << 62)
+  # the model is exact up to the window and max_len says so. (Qwen2 lists a window it does not use.)
+  window = hf.get("sliding_window") if kind == "mistral" else None
+  max_len = min(hf.get("max_position_embeddings", 2048), window or 1 << 62)
   return llama.model_config(
       vocab_size=need("vocab_size"), d_model=d_model, n_layers=need("num_hidden_layers"), n_heads=n_heads,
       n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=hf.get("head_dim") or d_model // n_heads,
       d_ff=need("intermediate_size"), rope_base=hf.get("rope_theta", 10000.0),
       norm_eps=hf.get("rms_norm_eps", 1e-6), max_len=max_len,
-      tie_embeddings=hf.get("tie_word_embeddings", False), layout=layout)
+      tie_embeddings=hf.get("tie_word_embeddings", False), layout=layout, qkv_bias=kind == "qwen2")
 
 
 def _first(value):

@@ -22,11 +22,11 @@ from minilm.model import Decoder
 
 def model_config(*, vocab_size: int, d_model: int, n_layers: int, n_heads: int, n_kv_heads: int,
                  head_dim: int, d_ff: int, rope_base: float, norm_eps: float, max_len: int,
-                 tie_embeddings: bool, layout: str = "half") -> ModelConfig:
-  """A Llama block: RMSNorm, SwiGLU, grouped-query attention with full-width RoPE."""
+                 tie_embeddings: bool, layout: str = "half", qkv_bias: bool = False) -> ModelConfig:
+  """A Llama block: RMSNorm, SwiGLU, grouped-query attention with full-width RoPE (Qwen2: q/k/v biases)."""
   return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                      n_kv_heads=n_kv_heads, head_dim=head_dim, d_ff=d_ff, max_len=max_len, norm="rms",
-                     norm_eps=norm_eps, mlp="swiglu", tie_embeddings=tie_embeddings,
+                     norm_eps=norm_eps, mlp="swiglu", tie_embeddings=tie_embeddings, qkv_bias=qkv_bias,
                      position=RoPE(base=rope_base, layout=layout))
 
 
