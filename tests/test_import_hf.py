@@ -96,7 +96,7 @@ def _weights(rng, vocab, cfg):
   layers = [dict(q=mat(H * D, C), k=mat(K * D, C), v=mat(K * D, C), o=mat(C, H * D), gate=mat(F, C),
                  up=mat(F, C), down=mat(C, F), attn_norm=norm(), mlp_norm=norm())
             for _ in range(cfg["num_hidden_layers"])]
-  if cfg["model_type"] == "qwen2":
+  if cfg.get("model_type") == "qwen2":
     for layer in layers:
       layer.update(q_bias=rng.standard_normal(H * D).astype(np.float32),
                    k_bias=rng.standard_normal(K * D).astype(np.float32),
