@@ -136,13 +136,9 @@ QUICK_SEQ = 128
 
 def read_config(path_or_name: str) -> tuple[LabConfig, str]:
   """(LabConfig, the file it came from). An experiment config becomes LabConfig(experiment=path)."""
-  from train.cli import config_path
+  from train.cli import config_path, read_json
   path = config_path(path_or_name)
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except json.JSONDecodeError as err:
-    raise C.ConfigError(f"config: {path} is not valid JSON ({err})") from None
+  data = read_json(path)
   check(isinstance(data, dict), "config", f"{path} must hold a JSON object")
   if "train" in data or "arms" in data:
     return LabConfig(experiment=path), path

@@ -43,15 +43,18 @@ def parse_assignments(items: list[str]) -> dict[str, object]:
   return out
 
 
-def load(config: str, assignments: list[str]) -> ExperimentConfig:
-  """The experiment of a config file with command-line overrides, every arm validated."""
-  path = config_path(config)
+def read_json(path: str) -> dict:
+  """A config file's JSON, or a one-line ConfigError naming the file."""
   try:
     with open(path) as f:
-      data = json.load(f)
+      return json.load(f)
   except json.JSONDecodeError as err:
     raise C.ConfigError(f"config: {path} is not valid JSON ({err})") from None
-  exp = load_experiment(data)
+
+
+def load(config: str, assignments: list[str]) -> ExperimentConfig:
+  """The experiment of a config file with command-line overrides, every arm validated."""
+  exp = load_experiment(read_json(config_path(config)))
   overrides = parse_assignments(assignments)
   return load_experiment(C.to_dict(C.override(exp, overrides))) if overrides else exp
 
