@@ -19,9 +19,45 @@ CAPTURE_POINTS = ATTN_POINTS + ("resid",)
 Intervene = Optional[Callable[[str, jax.Array], jax.Array]]
 
 
+@jax.custom_vjp
+def matmul(x_NxC, w_CxF):
+  """x @ w with a backward pass that feeds XLA:CPU's fast matmul path.
+
+  Autodiff writes the weight gradient as a dot contracting the rows of x, which XLA:CPU hands to a
+  generic kernel at 60-75% of the speed of a plain row-major matmul; transposing x first (a barrier
+  keeps XLA from folding the transpose back into the dot) costs one small copy and makes the
+  1M-parameter train step about 15% faster. Same math, so results are unchanged.
+  """
+  return jnp.matmul(x_NxC, w_CxF)
+
+
+def _matmul_fwd(x, w):
+  return jnp.matmul(x, w), (x, w)
+
+
+def _matmul_bwd(res, dy):
+  x, w = res
+  xT_CxN = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+  dw_CxF = jnp.matmul(xT_CxN, dy.reshape(-1, dy.shape[-1]))
+  return jnp.matmul(dy, w.T).astype(x.dtype), dw_CxF.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _linear_dot(x, w, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
+  """nnx.Linear's dot_general, always a matmul over x's last axis (see `matmul`).
+
+  Our layers set no out_sharding; shardings follow the inputs (train.sharding).
+  """
+  assert out_sharding is None and dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())), dimension_numbers
+  del precision, preferred_element_type
+  return matmul(x, w)
+
+
 def linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs, std: float, bias: bool = False) -> nnx.Linear:
   return nnx.Linear(d_in, d_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
-                    kernel_init=jax.nn.initializers.normal(std), rngs=rngs)
+                    kernel_init=jax.nn.initializers.normal(std), rngs=rngs, dot_general=_linear_dot)
 
 
 class Norm(nnx.Module):
@@ -60,25 +96,45 @@ class MLP(nnx.Module):
     return self.down(h)
 
 
-def attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, k_pos_BxS, bias_BxHxTxS=None):
+def attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, k_pos_BxS, bias_BxHxTxS=None, *,
+           block: int = 0, with_probs: bool = False):
   """Causal grouped-query attention; query head h reads KV head h // (H/K). Softmax in float32.
 
   A key is visible to a query when k_pos <= q_pos, so unwritten KV-cache slots (k_pos beyond the
   current position) are masked without a separate length.
+  block > 0 (self-attention over increasing positions only, S == T): queries go in blocks of
+  `block` rows and block i reads keys [0, (i+1)*block) only. Same result, but the masked upper
+  triangle is never computed: on a 2-core CPU attention is bound by the exp and memory passes over
+  the T x S logits, and this halves them. Returns (out, probs or None).
   """
   B, T, H, D = q_BxTxHxD.shape
   S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
-  q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
-  logits_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
-                                preferred_element_type=jnp.float32) / math.sqrt(D)
-  if bias_BxHxTxS is not None:
-    logits_BxKxGxTxS = logits_BxKxGxTxS + jnp.broadcast_to(
-        bias_BxHxTxS, (B, H, T, S)).reshape(B, K, H // K, T, S)
-  visible_BxTxS = k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]
-  logits_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
-  probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
-  out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS.astype(v_BxSxKxD.dtype), v_BxSxKxD)
-  return out_BxTxKxGxD.reshape(B, T, H, D), probs_BxKxGxTxS.reshape(B, H, T, S)
+  G = H // K
+  # Heads-major layout: the batched matmuls then need no transposes of the T x S tensors.
+  q_BxKxGxTxD = q_BxTxHxD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)
+  k_BxKxSxD = k_BxSxKxD.transpose(0, 2, 1, 3)
+  v_BxKxSxD = v_BxSxKxD.transpose(0, 2, 1, 3)
+  bias_BxKxGxTxS = None if bias_BxHxTxS is None else jnp.broadcast_to(
+      bias_BxHxTxS, (B, H, T, S)).reshape(B, K, G, T, S)
+
+  def rows(t0, t1, s1):
+    logits = jnp.einsum("bkgtd,bksd->bkgts", q_BxKxGxTxD[:, :, :, t0:t1], k_BxKxSxD[:, :, :s1],
+                        preferred_element_type=jnp.float32) / math.sqrt(D)
+    if bias_BxKxGxTxS is not None:
+      logits = logits + bias_BxKxGxTxS[:, :, :, t0:t1, :s1]
+    visible_BxTxS = k_pos_BxS[:, None, :s1] <= q_pos_BxT[:, t0:t1, None]
+    probs = jax.nn.softmax(jnp.where(visible_BxTxS[:, None, None], logits, -1e30), axis=-1)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v_BxKxSxD.dtype), v_BxKxSxD[:, :, :s1]), probs
+
+  if block and block < T and not with_probs:
+    assert S == T, "block-causal attention needs keys at the query positions"
+    edges = list(range(0, T, block)) + [T]
+    out_BxKxGxTxD = jnp.concatenate([rows(a, b, b)[0] for a, b in zip(edges[:-1], edges[1:])], axis=3)
+    probs_BxKxGxTxS = None
+  else:
+    out_BxKxGxTxD, probs_BxKxGxTxS = rows(0, T, S)
+  out_BxTxHxD = out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+  return out_BxTxHxD, None if not with_probs else probs_BxKxGxTxS.reshape(B, H, T, S)
 
 
 class Attention(nnx.Module):
@@ -97,7 +153,7 @@ class Attention(nnx.Module):
       self.sow(nnx.Intermediate, name, x)
     return x
 
-  def __call__(self, x_BxTxC, pos_BxT, position, *, cache=None, index=None,
+  def __call__(self, x_BxTxC, pos_BxT, position, *, cache=None, index=None, block: int = 0,
                capture: frozenset = frozenset(), intervene: Intervene = None):
     B, T, _ = x_BxTxC.shape
     H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -114,7 +170,8 @@ class Attention(nnx.Module):
       cache = {"k": keys, "v": values}
       k_pos_BxS = jnp.broadcast_to(jnp.arange(keys.shape[1]), (B, keys.shape[1]))
     out, probs = attend(rot_q, keys.astype(rot_q.dtype), values.astype(rot_q.dtype), pos_BxT, k_pos_BxS,
-                        position.bias(pos_BxT, k_pos_BxS))
+                        position.bias(pos_BxT, k_pos_BxS), block=block if cache is None else 0,
+                        with_probs="attn" in capture)
     if "attn" in capture:
       self.sow(nnx.Intermediate, "attn", probs)
     return self.o(out.reshape(B, T, H * D)), cache
@@ -129,10 +186,10 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BxTxC, pos_BxT, position, *, cache=None, index=None,
+  def __call__(self, x_BxTxC, pos_BxT, position, *, cache=None, index=None, block: int = 0,
                capture: frozenset = frozenset(), intervene: Intervene = None):
     h, cache = self.attn(self.attn_norm(x_BxTxC), pos_BxT, position, cache=cache, index=index,
-                         capture=capture, intervene=intervene)
+                         block=block, capture=capture, intervene=intervene)
     x = x_BxTxC + h
     x = x + self.mlp(self.mlp_norm(x))
     if "resid" in capture:

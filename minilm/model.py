@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minilm.config import ModelConfig
-from minilm.layers import CAPTURE_POINTS, Block, Intervene, Norm, linear
+from minilm.layers import CAPTURE_POINTS, Block, Intervene, Norm, linear, matmul
 
 
 def capture_set(capture: Iterable[str] | bool) -> frozenset:
@@ -49,6 +49,8 @@ class Decoder(nnx.Module):
     capture = capture_set(capture)
     B, T = tokens_BxT.shape
     index = None if cache is None else cache["index"]
+    # Block-causal attention needs keys at the query positions, increasing along T.
+    rows = attention_block(T) if positions_BxT is None and cache is None else 0
     if positions_BxT is None:
       start = 0 if cache is None else index
       positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -62,17 +64,21 @@ class Decoder(nnx.Module):
     layers = []
     for i, block in enumerate(self.blocks):
       x, layer_cache = block(x, positions_BxT, self.position, cache=None if cache is None else cache["layers"][i],
-                             index=index, capture=capture, intervene=intervene)
+                             index=index, block=rows, capture=capture, intervene=intervene)
       layers.append(layer_cache)
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:
-      logits = jnp.einsum("btc,vc->btv", x, self.embed.embedding[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = matmul(x, self.embed.embedding[...].astype(x.dtype).T).astype(jnp.float32)
     else:
       logits = self.lm_head(x).astype(jnp.float32)
     if cache is None:
       return logits
     return logits, {"index": index + T, "layers": layers}
+
+
+def attention_block(T: int) -> int:
+  """Query rows per block of block-causal attention: 64, or T/16 for long T (bounds the unrolling)."""
+  return max(64, -(-T // 16))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
