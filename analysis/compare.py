@@ -4,6 +4,10 @@ A traced run with arms such as rope_s0, nope_s0, rope_s1, nope_s1, alibi_s0, ...
 C1-C4 verdicts per (arm, reference) comparison (analysis.claims.evaluate with that pair), and, for
 every recipe (an arm's overrides without its seed) seen under two or more seeds, the per-seed
 values with their mean and a t interval over seeds. Written to <trace>/comparisons.json.
+
+Beside it, <trace>/arms.json (`arm_table`): one row per traced arm at its last step, for sweeps over
+the RoPE base, the context length or the rotary fraction: where the rot_q/rot_k mass sits against
+the arm's own wavelength boundary j_ctx (the first pair whose wavelength exceeds its context).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import os
 import numpy as np
 
 from analysis import claims as CL
+from analysis import stats as S
 from analysis import trace as T
 
 SEED_KEYS = ("seed", "train.seed")
@@ -96,4 +101,53 @@ def compare(store: T.Store, run_dir: str) -> dict:
                    "claims": per_claim})
   out = {"level": LEVEL, "comparisons": rows, "seed_groups": groups}
   store.write_json("comparisons.json", out)
+  store.write_json("arms.json", arm_table(store))
   return out
+
+
+# ------------------------------------------------------------------------------ mechanism per arm
+
+ARM_STATS = ("peak_pair", "peak_minus_ctx", "peak_minus_2ctx", "band_share", "lf_share", "unrot_share",
+             "max_mean", "massive")
+"""Per-head statistics of the arms table, pooled over the rot_q/rot_k heads of every layer."""
+PAIR_STATS = ("peak_pair", "peak_minus_ctx", "peak_minus_2ctx")
+"""Blank (None) for arms without RoPE: the argmax over a convention pairing means nothing."""
+
+
+def arm_table(store: T.Store, n_boot: int = CL.N_BOOT) -> dict:
+  """One row per traced arm at its own last step: the arm's RoPE settings and context, its wavelength
+  boundary pairs j_ctx and j_2ctx, and the rot_q/rot_k statistics of ARM_STATS pooled over layers and
+  heads as analysis.claims pools them (point value, `LEVEL` bootstrap interval over prompts, shared by
+  the arms, and heads). Fields that need RoPE pairs are None for other encodings; their shares use the
+  labelled convention pairing of analysis.stats, against which only the null values mean anything."""
+  meta = store.meta()
+  cfg = T.stat_config(meta)
+  counts = S.prompt_counts(len(np.load(store.path("probes.npy"))), n_boot, T.BOOT_SEED)
+  rows = [_arm_row(store, arm, facts, cfg, counts) for arm, facts in meta["arms"].items() if store.steps(arm)]
+  return {"level": CL.LEVEL, "n_boot": n_boot, "tensors": list(CL.QK), "lam": cfg.lam,
+          "lf_quarter": cfg.lf_quarter, "band": list(cfg.band), "arms": rows}
+
+
+def _arm_row(store: T.Store, arm: str, facts: dict, cfg: S.StatConfig, counts) -> dict:
+  step = store.steps(arm)[-1]
+  sums = store.load_sums(arm, step)
+  pairing, context = T.pairing_of(facts), facts["context"]
+  groups = [sums[f"{layer}.{t}"] for layer in range(facts["n_layers"]) for t in CL.QK]
+  pooled = S.pooled(groups, ARM_STATS, pairing, context, cfg, counts, T.BOOT_SEED)
+  null = S.head_stats(np.sqrt(np.asarray(groups[0], np.float64).sum(0)), pairing, context, cfg)["null"]
+  rope = pairing.is_rope
+  pos = facts["position_cfg"]
+  partial = rope and pos["fraction"] < 1
+  row = {"arm": arm, "step": step, "position": facts["position"], "pairing": pairing.label,
+         "base": pos["base"] if rope else None, "fraction": pos["fraction"] if rope else None,
+         "partial": pos["partial"] if partial else None, "layout": pos["layout"] if rope else None,
+         "context": context, "head_dim": facts["head_dim"], "n_pairs": pairing.n_pairs if rope else None,
+         "j_ctx": null["ctx_pair"] if rope else None, "j_2ctx": null["ctx2_pair"] if rope else None,
+         "band_null": null["band_share"], "lf_null": null["lf_share"],
+         "unrot_null": float((pairing.pair_index < 0).mean()) if partial else None}
+  for stat in ARM_STATS:
+    value, reps = pooled[stat]
+    blank = (not rope and stat in PAIR_STATS) or (stat == "unrot_share" and not partial)
+    row[stat] = None if blank or not np.isfinite(value) else value
+    row[stat + "_ci"] = None if row[stat] is None else list(S.interval(reps, CL.LEVEL))
+  return row

@@ -154,6 +154,7 @@ class Report:
     self.pre_facts = _read_json(os.path.join(report_dir, "pretrained", "pretrained.json"), {})
     self.trace_meta = _read_json(os.path.join(report_dir, "trace", "meta.json"), {})
     self.comparisons = _read_json(os.path.join(report_dir, "trace", "comparisons.json"), {})
+    self.arms = _read_json(os.path.join(report_dir, "trace", "arms.json"), {})
     self.c5 = _read_json(os.path.join(report_dir, "disrupt", "summary.json"), {})
     self.c6 = _read_json(os.path.join(report_dir, "quant", "summary.json"), {})
 
@@ -307,8 +308,49 @@ class Report:
            figures(self.dir, "trace/plots", "pair_energy_", lambda n: f"share of pair energy vs rotary frequency, "
                    f"context boundary marked: {n[12:]}", grid=True),
            figures(self.dir, "trace/plots", "bars3d_", lambda n: f"|rot_q| over tokens x dims, probe 0: {n[7:]}", grid=True),
-           self.comparison_section()]
+           self.arms_section(), self.comparison_section()]
     return "\n".join(out)
+
+  def arms_section(self) -> str:
+    """The mechanism across the arms of a sweep (trace/arms.json), for two or more arms."""
+    arms = self.arms.get("arms", [])
+    if len(arms) < 2:
+      return ""
+
+    def cell(r, stat, null=None):
+      if r.get(stat) is None:
+        return ""
+      return fmt(r[stat], r.get(stat + "_ci")) + (f" (null {fmt(r[null])})" if null and r.get(null) is not None else "")
+
+    def boundary(r, key):
+      if r.get(key) is None:
+        return ""
+      return f"{r[key]} = P (none)" if r[key] >= r["n_pairs"] else esc(r[key])
+    rows = []
+    for r in arms:
+      rotary = "" if r.get("fraction") is None else fmt(r["fraction"]) + (f" {esc(r['partial'])}" if r.get("partial") else "")
+      unrot = cell(r, "unrot_share")
+      if unrot and r.get("unrot_null") is not None:
+        unrot += f" (dims {fmt(r['unrot_null'])})"
+      rows.append([esc(r["arm"]), esc(r["step"]), esc(r["position"]) + ("" if r.get("n_pairs") is not None else
+                                                                         " <span class=\"small\">(convention pairing)</span>"),
+                   "" if r.get("base") is None else f"{r['base']:g}", rotary, fmt(r["context"], digits=6),
+                   boundary(r, "j_ctx"), boundary(r, "j_2ctx"), "" if r.get("n_pairs") is None else esc(r["n_pairs"]),
+                   cell(r, "peak_pair"), cell(r, "peak_minus_ctx"), cell(r, "band_share", "band_null"),
+                   cell(r, "lf_share", "lf_null"), unrot, cell(r, "max_mean"), cell(r, "massive")])
+    level = self.arms.get("level", CL.LEVEL)
+    return "\n".join([
+        '<h2 id="arms">Where the mass sits, arm by arm</h2>',
+        '<p class="small">j_ctx is the first rotary pair whose wavelength 2&pi; base<sup>2j/d<sub>rot</sub></sup> '
+        "exceeds the arm's training context (j_2ctx: twice the context; P, the number of rotated pairs, when none "
+        "does). The prediction (SCIENCE.md) is that the peak pair follows j_ctx as the base and the context change, "
+        "and that partial RoPE moves mass to the unrotated dims. rot_q/rot_k heads of all layers at each arm's last "
+        f"step, {level:.0%} bootstrap intervals over prompts and heads; blank: no rotary pairs (arms without "
+        "RoPE, whose shares use a convention pairing and mean something only against their null) or no "
+        "unrotated dims.</p>",
+        table_html(["arm", "step", "position", "RoPE base", "rotary fraction", "context", "j_ctx", "j_2ctx", "P",
+                    "peak pair", "peak - j_ctx", "boundary-band share", "low-freq share", "unrotated share",
+                    "max/mean", f"massive dims per head (lambda={self.arms.get('lam', 5):g})"], rows)])
 
   def comparison_section(self) -> str:
     rows_in = self.comparisons.get("comparisons", [])

@@ -6,6 +6,7 @@ is available; otherwise the browser tests are skipped with a message saying why.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -16,9 +17,12 @@ import pytest
 from flax import nnx
 
 from analysis import claims as CL
+from analysis import compare as CMP
 from analysis import report as R
+from analysis import stats as S
 from analysis import trace as T
-from minilm.config import ModelConfig
+from minilm import encodings
+from minilm.config import ModelConfig, to_dict
 from minilm.model import Decoder
 
 CHECK = """<script>
@@ -140,6 +144,7 @@ def test_report_is_self_contained_and_says_plainly_when_nothing_is_massive(repor
     assert not os.path.isabs(src) and (report_dir / src).exists(), src
   assert "no massive values at this scale" in page
   assert "Not run" in page and "--include quant" in page
+  assert 'id="arms"' not in page                                     # one arm: no table across arms
   lines = R.summary_lines(str(report_dir))
   assert len(lines) == 5 and lines[4].startswith("C6 quantization: not run")
 
@@ -148,3 +153,97 @@ def test_markdown_tables_become_html_tables_and_text_is_escaped():
   out = R.markdown_tables("| a | <b> |\n|---|---|\n| 1 | **2** |\nnote <x>")
   assert out.count("<table>") == 1 and "<th>&lt;b&gt;</th>" in out and "<td>2</td>" in out
   assert "<p>note &lt;x&gt;</p>" in out
+
+
+# ------------------------------------------------------------------------------- sweeps: arms table
+
+SWEEP = {   # arm: (position, context); untrained one-layer models, head_dim 32 (16 pairs)
+    "rope_b1e2": (encodings.RoPE(base=100.0), 32),
+    "rope_b1e4": (encodings.RoPE(), 32),
+    "rope_ctx128": (encodings.RoPE(), 128),
+    "neox_0.5": (encodings.RoPE(fraction=0.5, partial="neox"), 32),
+    "prope_0.25": (encodings.RoPE(fraction=0.25, partial="p-rope"), 128),
+    "nope": (encodings.NoPE(), 32),
+}
+HEAD_DIM = 32
+
+
+def first_pair_beyond(base, context, fraction=1.0, partial="neox"):
+  """SCIENCE.md's formula, written out: the first j with 2*pi*base^(2j/d_rot) > context among the
+  rotated pairs (d_rot = head_dim, or fraction*head_dim for neox-style partial RoPE), else n_rot."""
+  d_rot = fraction * HEAD_DIM if partial == "neox" else HEAD_DIM
+  n_rot = int(fraction * HEAD_DIM / 2)
+  return next((j for j in range(n_rot) if 2 * math.pi * base ** (2 * j / d_rot) > context), n_rot)
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+  """A traced six-arm sweep (RoPE base, context, partial RoPE, NoPE) from untrained models: the arms'
+  configs as a run directory, the trace store, compare (comparisons.json, arms.json) and the report.
+  rope_b1e4 has two steps (two different weights), so 'last step' is tested."""
+  root = tmp_path_factory.mktemp("sweep")
+  run_dir = root / "runs"
+  probes = np.random.default_rng(0).integers(0, 64, (4, 32))
+  store = T.open_store(str(root / "trace"), probes, np.ones(probes.shape), False, S.StatConfig())
+  for arm, (position, context) in SWEEP.items():
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, max_len=32, position=position)
+    for step, seed in ((0, 0), (5, 1)) if arm == "rope_b1e4" else ((0, 0),):
+      T.record_step(store, Decoder(cfg, rngs=nnx.Rngs(seed)), arm, step, context=context, final=True)
+    (run_dir / arm).mkdir(parents=True)
+    (run_dir / arm / "config.json").write_text(json.dumps({"name": arm, "seed": 0, "model": to_dict(cfg)}))
+  (run_dir / "experiment.json").write_text(json.dumps({"arms": {a: {} for a in SWEEP}}))
+  T.rebuild(store, n_boot=50)
+  CMP.compare(store, str(run_dir))
+  (root / "lab.json").write_text(json.dumps({"name": "sweep", "experiment": {"name": "sweep", "arms": {a: {} for a in SWEEP}}}))
+  R.build(str(root))
+  return root
+
+
+def test_arms_json_has_one_row_per_arm_with_its_own_boundary_pair(sweep_dir):
+  trace = sweep_dir / "trace"
+  assert (trace / "comparisons.json").exists()
+  table = json.loads((trace / "arms.json").read_text())
+  rows = {r["arm"]: r for r in table["arms"]}
+  assert [r["arm"] for r in table["arms"]] == list(SWEEP) and table["tensors"] == ["rot_q", "rot_k"]
+  expected = {"rope_b1e2": 6, "rope_b1e4": 3, "rope_ctx128": 6, "neox_0.5": 2, "prope_0.25": 4}
+  csv_rows = T.read_table(str(trace / "table.csv"))
+  for arm, (position, context) in SWEEP.items():
+    r = rows[arm]
+    assert r["context"] == context and r["position"] == position.kind
+    assert r["step"] == (5 if arm == "rope_b1e4" else 0)
+    assert r["max_mean"] is not None and r["massive"] is not None and r["lf_share"] is not None
+    lo, hi = r["max_mean_ci"]
+    assert lo <= r["max_mean"] <= hi
+    if position.kind == "nope":
+      continue
+    j = first_pair_beyond(position.base, context, position.fraction, position.partial)
+    assert r["j_ctx"] == j == expected[arm], arm
+    assert r["j_2ctx"] == first_pair_beyond(position.base, 2 * context, position.fraction, position.partial)
+    assert r["base"] == position.base and r["fraction"] == position.fraction
+    peaks = [float(c["peak_pair"]) for c in csv_rows if c["arm"] == arm and int(c["step"]) == r["step"]
+             and c["tensor"] in ("rot_q", "rot_k")]
+    assert r["peak_pair"] == pytest.approx(np.mean(peaks))          # head mean, as the table has it
+    assert r["peak_minus_ctx"] == pytest.approx(r["peak_pair"] - j)
+  assert rows["prope_0.25"]["j_ctx"] == rows["prope_0.25"]["n_pairs"] == 4     # no rotated pair is long enough
+  assert rows["rope_b1e4"]["unrot_share"] is None and rows["rope_b1e4"]["partial"] is None
+  assert rows["neox_0.5"]["unrot_null"] == 0.5 and rows["prope_0.25"]["unrot_null"] == 0.75
+  assert rows["neox_0.5"]["partial"] == "neox" and 0 <= rows["neox_0.5"]["unrot_share"] <= 1
+  nope = rows["nope"]
+  for field in ("base", "fraction", "partial", "n_pairs", "j_ctx", "j_2ctx", "peak_pair", "peak_pair_ci",
+                "peak_minus_ctx", "peak_minus_2ctx", "unrot_share", "unrot_null"):
+    assert nope[field] is None, field
+  assert nope["lf_null"] == 0.25 and nope["pairing"].startswith("convention")
+
+
+def test_report_shows_the_arms_table_after_the_frequency_section(sweep_dir):
+  page = (sweep_dir / "index.html").read_text()
+  assert page.index('<h2 id="frequency">') < page.index('<h2 id="arms">Where the mass sits, arm by arm</h2>')
+  section = page[page.index('<h2 id="arms">'):]
+  section = section[:section.index("</table>")]
+  assert "j_ctx is the first rotary pair" in section and "SCIENCE.md" in section
+  assert section.count("<tr>") == 1 + len(SWEEP)
+  for arm in SWEEP:
+    assert f"<td>{arm}</td>" in section
+  nope_row = section[section.index("<td>nope</td>"):].split("</tr>")[0]
+  assert "<td></td><td></td><td></td><td></td>" in nope_row                 # base, fraction ... left blank
+  assert "4 = P (none)" in section
