@@ -1,0 +1,130 @@
+"""python -m analysis.publish: a lab report copied into results/<name>/ without arrays, with
+PROVENANCE.md from the report's own records and an idempotent results/README.md."""
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+from analysis import lab as L
+from analysis import publish as P
+from analysis import report as R
+from test_report import report_dir  # noqa: F401  (the small synthetic report, reused as the report's content)
+
+STAGE_SECONDS = {"train": 12.5, "trace": 3.25, "pretrained": 7.0, "disrupt": 4.0}
+STATUS = {"train": "ran", "trace": "ran", "pretrained": "reused", "disrupt": "ran", "quant": "skipped", "report": "ran"}
+
+
+@pytest.fixture(scope="module")
+def lab_report(report_dir, tmp_path_factory):  # noqa: F811
+  """test_report's synthetic report, recorded as a --quick lab run records it (Lab.write_marker and
+  Lab.record: lab.json with configs, versions, commit, machine; stages/*.json with times), plus what
+  must stay behind: a large array, a large .jsonl, a checkpoint, a PDF."""
+  root = tmp_path_factory.mktemp("publish")
+  lab = L.build(L.parser().parse_args(["--quick", "--runs", str(root / "runs"), "--reports", str(root / "reports")]))[0]
+  shutil.copytree(report_dir, lab.report_dir)
+  for stage, seconds in STAGE_SECONDS.items():
+    lab.write_marker(stage, seconds)
+  lab.record(STATUS, time.time(), ["--quick"])
+  R.build(lab.report_dir)
+  lab.write_marker("report", 0.5)                    # as execute() does: after lab.json, so only the marker has it
+  trace = os.path.join(lab.report_dir, "trace")
+  with open(os.path.join(trace, "big.npz"), "wb") as f:
+    f.write(os.urandom(3_000_000))
+  with open(os.path.join(trace, "timing.jsonl"), "w") as f:
+    f.write('{"seconds": 1.0}\n')
+  with open(os.path.join(trace, "huge.jsonl"), "w") as f:
+    f.write('{"x": 0}\n' * 300_000)                  # 2.7 MB
+  os.makedirs(os.path.join(lab.report_dir, "checkpoints", "6"))
+  with open(os.path.join(lab.report_dir, "checkpoints", "6", "state"), "wb") as f:
+    f.write(b"\0" * 100)
+  return lab.report_dir
+
+
+def test_publish_keeps_the_page_and_small_files_and_leaves_out_arrays(lab_report, tmp_path, capsys):
+  out = tmp_path / "results"
+  assert P.main([lab_report, "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  dest = out / "rope_vs_nope_quick"
+  kept = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
+  for rel in ("index.html", "summary.txt", "lab.json", "stages/train.json", "trace/table.csv", "trace/claims.md",
+              "trace/timing.jsonl", "disrupt/c5.png", "PROVENANCE.md"):
+    assert rel in kept, rel
+  assert not any(r.endswith((".npy", ".npz", ".pdf")) or r.startswith("checkpoints") for r in kept), kept
+  assert "trace/huge.jsonl" not in kept
+  left = {line.split()[2]: line for line in printed.splitlines() if line.startswith("left out ")}
+  assert "(3.0 MB, array)" in left["trace/big.npz"] and "over 2.0 MB" in left["trace/huge.jsonl"]
+  assert "checkpoint" in left["checkpoints/6/state"] and "array" in left["trace/probes.npy"]
+  assert set(left) | (kept - {"PROVENANCE.md"}) == {
+      os.path.relpath(os.path.join(r, f), lab_report) for r, _, fs in os.walk(lab_report) for f in fs}
+  assert sum(p.stat().st_size for p in dest.rglob("*")) < 2_000_000
+
+  page = (dest / "index.html").read_text()                       # every figure still shows
+  srcs = [html.unescape(s) for s in re.findall(r'<img src="([^"]+)"', page)]
+  assert len(srcs) >= 10 and "disrupt/c5.png" in srcs
+  for src in srcs:
+    assert not os.path.isabs(src) and (dest / src).is_file(), src
+
+
+def test_provenance_and_index_come_from_the_report_and_republishing_changes_nothing(lab_report, tmp_path, capsys):
+  out = tmp_path / "results"
+  assert P.main([lab_report, "--out", str(out)]) == 0
+  lab = json.loads(open(os.path.join(lab_report, "lab.json")).read())
+  prov = (out / "rope_vs_nope_quick" / "PROVENANCE.md").read_text()
+  commit = lab["versions"]["git_commit"]
+  assert f"| commit | {commit} |" in prov and re.match(r"[0-9a-f]{40}", commit)
+  assert f"| machine | {lab['versions']['machine']} |" in prov and "CPU cores" in prov
+  for stage, seconds in STAGE_SECONDS.items():
+    assert f"| {stage} | {STATUS[stage]} | {seconds:.2f} |" in prov, stage
+  assert "| report | ran | 0.50 |" in prov and "| quant | skipped | - | - |" in prov
+  assert "| total wall time | 27.25 s (0.5 min) |" in prov
+  assert f"| date | started {lab['started']}, last stage finished " in prov
+  blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", prov, re.S)]
+  assert blocks == [lab["lab"], lab["experiment"]]                 # the lab settings and the resolved experiment
+  assert blocks[1]["train"]["model"]["d_model"] == 32 and blocks[0]["trace"]["probes"] == 8
+  summary = open(os.path.join(lab_report, "summary.txt")).read().splitlines()
+  assert len(summary) == 5 and f"| summary | {summary[0]} |" in prov
+
+  readme = (out / "README.md").read_text()
+  rows = [line for line in readme.splitlines() if line.startswith("| [")]
+  assert rows == [f"| [rope_vs_nope_quick](rope_vs_nope_quick/PROVENANCE.md) | [index.html](rope_vs_nope_quick/index.html) "
+                  f"| {summary[0]} | {commit[:12]}{commit[40:]} | 27.25 s (0.5 min) |"]
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  assert P.main([lab_report, "--out", str(out)]) == 0           # again: the same files, the same index
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+  assert P.main([lab_report, "--out", str(out), "--name", "again"]) == 0
+  names = [line.split("]")[0][3:] for line in (out / "README.md").read_text().splitlines() if line.startswith("| [")]
+  assert names == ["again", "rope_vs_nope_quick"]
+
+
+def test_a_report_without_records_says_unknown(tmp_path, capsys):
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  (bare / "index.html").write_text("<html></html>")
+  assert P.main([str(bare), "--out", str(tmp_path / "results")]) == 0
+  prov = (tmp_path / "results" / "bare" / "PROVENANCE.md").read_text()
+  for field in P.FIELDS:
+    assert f"| {field} | unknown |" in prov, field
+  assert "| [bare](bare/PROVENANCE.md) | [index.html](bare/index.html) | unknown | unknown | unknown |" in (
+      tmp_path / "results" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "no such directory"),
+    (lambda d: (d.mkdir(), (d / "results.jsonl").write_text("{}\n")), "is not a lab report (no index.html)"),
+])
+def test_a_bad_report_dir_is_one_line_error(tmp_path, capsys, make, message):
+  bad = tmp_path / "reports" / "c5_only"
+  bad.parent.mkdir()
+  make(bad)
+  assert P.main([str(bad), "--out", str(tmp_path / "results")]) == 2
+  captured = capsys.readouterr()
+  err = captured.err.strip()
+  assert err.startswith("error: ") and message in err and "\n" not in err and "Traceback" not in err, err
+  assert not (tmp_path / "results").exists()
