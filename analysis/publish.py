@@ -191,13 +191,17 @@ def write_index(out: str) -> str:
       commit = f.get("commit", UNKNOWN)
       commit = re.sub(r"^([0-9a-f]{12})[0-9a-f]{28}", r"\1", commit)
       link = urllib.parse.quote(name)
-      rows.append(f"| [{_cell(name)}]({link}/PROVENANCE.md) | [index.html]({link}/index.html) | "
+      # Outputs of the disruption / quantization CLIs have no page; their table stands in for it.
+      page = "index.html" if os.path.isfile(os.path.join(out, name, "index.html")) else "table.md"
+      rows.append(f"| [{_cell(name)}]({link}/PROVENANCE.md) | [{page}]({link}/{page}) | "
                   f"{_cell(f.get('summary', UNKNOWN))} | {_cell(commit)} | {_cell(f.get('total wall time', UNKNOWN))} |")
   text = "\n".join([
       "# Published results", "",
       "Lab reports copied by `python -m analysis.publish reports/<name>`: the page, its figures and the small "
       "tables, without arrays or checkpoints. Each folder's PROVENANCE.md gives the configs, commit, machine and "
-      "stage times. This file is regenerated from those on every publish; edits here are lost.", "",
+      "stage times. Folders without a page (outputs of `python -m analysis disrupt` or `analysis.quant_study`, "
+      "copied by hand) link their table.md and give the same fields in their own PROVENANCE.md. "
+      "This file is regenerated from those on every publish; edits here are lost.", "",
       "| name | report | summary (first line) | commit | total wall time |", "|---|---|---|---|---|", *rows]) + "\n"
   path = os.path.join(out, "README.md")
   with open(path, "w") as f:

@@ -128,3 +128,15 @@ def test_a_bad_report_dir_is_one_line_error(tmp_path, capsys, make, message):
   err = captured.err.strip()
   assert err.startswith("error: ") and message in err and "\n" not in err and "Traceback" not in err, err
   assert not (tmp_path / "results").exists()
+
+
+def test_index_links_the_table_of_a_folder_without_a_page(tmp_path):
+  """A hand-copied CLI output (no index.html) is listed with its table.md and its provenance fields."""
+  out = tmp_path / "results"
+  (out / "c5_x").mkdir(parents=True)
+  (out / "c5_x" / "table.md").write_text("| task | original |\n")
+  (out / "c5_x" / "PROVENANCE.md").write_text(
+      "# c5_x\n\n| field | value |\n|---|---|\n| summary | C5 rope: supported |\n| commit | abc1234 |\n"
+      "| total wall time | 184 s |\n")
+  text = open(P.write_index(str(out))).read()
+  assert "| [c5_x](c5_x/PROVENANCE.md) | [table.md](c5_x/table.md) | C5 rope: supported | abc1234 | 184 s |" in text
