@@ -102,7 +102,8 @@ def attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, k_pos_BxS, bias_BxHxTxS=N
 
   A key is visible to a query when k_pos <= q_pos, so unwritten KV-cache slots (k_pos beyond the
   current position) are masked without a separate length.
-  block > 0 (self-attention over increasing positions only, S == T): queries go in blocks of
+  block > 0 (self-attention over increasing positions only, S == T; Decoder passes it only without
+  a KV cache and with default positions): queries go in blocks of
   `block` rows and block i reads keys [0, (i+1)*block) only. Same result, but the masked upper
   triangle is never computed: on a 2-core CPU attention is bound by the exp and memory passes over
   the T x S logits, and this halves them. Returns (out, probs or None).
@@ -170,7 +171,7 @@ class Attention(nnx.Module):
       cache = {"k": keys, "v": values}
       k_pos_BxS = jnp.broadcast_to(jnp.arange(keys.shape[1]), (B, keys.shape[1]))
     out, probs = attend(rot_q, keys.astype(rot_q.dtype), values.astype(rot_q.dtype), pos_BxT, k_pos_BxS,
-                        position.bias(pos_BxT, k_pos_BxS), block=block if cache is None else 0,
+                        position.bias(pos_BxT, k_pos_BxS), block=block,
                         with_probs="attn" in capture)
     if "attn" in capture:
       self.sow(nnx.Intermediate, "attn", probs)
