@@ -40,14 +40,16 @@ PROTECTING = ("awq", "rtn_keep")   # keep the massive channels (explicitly, or b
 
 
 def schemes(methods, bits, *, group_size: int = 64, lam: float = 5.0, top_k: int = 0, alpha: float = 0.5,
-            kv=(("pre", "channel"), ("pre", "token"), ("post", "channel"), ("post", "token"))) -> list[QM.Scheme]:
-  """fp first, then every method x bit width; smoothquant and w8a8 are 8-bit by definition."""
+            kv=(("pre", "channel"), ("pre", "token"), ("post", "channel"), ("post", "token")),
+            kv_bits=None) -> list[QM.Scheme]:
+  """fp first, then every method x bit width (KV keys at `kv_bits`, default `bits`); smoothquant
+  and w8a8 are 8-bit by definition."""
   out = [QM.Scheme("fp")]
   for m in methods:
     if m in ("smoothquant", "w8a8"):
       out.append(QM.Scheme(m, alpha=alpha))
     elif m == "kv":
-      out += [QM.Scheme("kv", bits=b, kv_point=p, kv_axis=a) for p, a in kv for b in bits]
+      out += [QM.Scheme("kv", bits=b, kv_point=p, kv_axis=a) for p, a in kv for b in (kv_bits or bits)]
     else:
       out += [QM.Scheme(m, bits=b, group_size=group_size, lam=lam, top_k=top_k) for b in bits]
   return out
@@ -69,25 +71,28 @@ def text_windows(tokenizer, n: int, length: int, heldout: bool) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------- evaluation
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "intervene"))
-def _token_nll(graphdef, state, tokens_BxT, intervene):
+@functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
+def _token_nll(graphdef, state, tokens_BxT, hook, hook_args):
   model = nnx.merge(graphdef, state)
-  logits = model(tokens_BxT, intervene=intervene)
+  logits = model(tokens_BxT, intervene=None if hook is None else functools.partial(hook, hook_args))
   logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   return -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
 
 
-def perplexity(model, windows_NxT, intervene=None, batch: int = 8, n_boot: int = 1000, seed: int = 0) -> dict:
-  """Perplexity of held-out windows, with a bootstrap interval over windows."""
+def perplexity(model, windows_NxT, hook=None, hook_args=None, batch: int = 8, n_boot: int = 1000,
+               seed: int = 0) -> dict:
+  """Perplexity of held-out windows (under an optional hook, as generate.greedy takes it), with a
+  bootstrap interval over windows."""
   graphdef, state = nnx.split(model)
-  nll = np.concatenate([np.asarray(_token_nll(graphdef, state, jnp.asarray(windows_NxT[i:i + batch]), intervene))
+  nll = np.concatenate([np.asarray(_token_nll(graphdef, state, jnp.asarray(windows_NxT[i:i + batch]), hook, hook_args))
                         for i in range(0, len(windows_NxT), batch)])
   per_window = nll.mean(1)
   idx = np.random.default_rng(seed).integers(0, len(per_window), (n_boot, len(per_window)))
   return {"ppl": float(np.exp(per_window.mean())), "ci": list(np.exp(stats.interval(per_window[idx].mean(1))))}
 
 
-def run_items(model, tokenizer, items, *, hook=None, label: str, scheme: str, batch: int = 8, sink=None) -> list[dict]:
+def run_items(model, tokenizer, items, *, hook=None, hook_args=None, label: str, scheme: str, batch: int = 8,
+              sink=None) -> list[dict]:
   """Greedy answers under an optional prefill hook; records shaped like analysis.experiment's
   (the scheme is the 'mode'), in item order within each (length, max_new) group."""
   groups = {}
@@ -98,7 +103,7 @@ def run_items(model, tokenizer, items, *, hook=None, label: str, scheme: str, ba
     for start in range(0, len(group), batch):
       chunk = group[start:start + batch]
       rows = [it.prompt for _, it in chunk] + [chunk[-1][1].prompt] * (batch - len(chunk))
-      out = np.asarray(generate.greedy(model, np.stack(rows), max_new, hook=hook))
+      out = np.asarray(generate.greedy(model, np.stack(rows), max_new, hook=hook, hook_args=hook_args))
       for row, (i, item) in enumerate(chunk):
         v = tasks_llm.verdict(item, out[row], tokenizer)
         rec = {"model": label, "mode": scheme, "item": i, "task": item.task, "kind": item.kind, "verdict": v,
@@ -260,11 +265,12 @@ def study(label, model, tokenizer, items, scheme_list, *, calib, heldout, probe,
     t0 = time.perf_counter()
     quantized, log = QM.quantize_model(model, scheme, calib)
     t1 = time.perf_counter()
-    hook = QM.kv_hook(scheme) if scheme.method == "kv" else None
-    intervene = QM.kv_intervene(scheme) if scheme.method == "kv" else None
-    records += run_items(quantized, tokenizer, items, hook=hook, label=label, scheme=scheme.name, batch=batch, sink=sink)
+    hook, args = (QM.kv_hook, QM.kv_args(scheme)) if scheme.method == "kv" else (None, None)
+    records += run_items(quantized, tokenizer, items, hook=hook, hook_args=args, label=label, scheme=scheme.name,
+                         batch=batch, sink=sink)
     t2 = time.perf_counter()
-    ppl[scheme.name] = perplexity(quantized, heldout, intervene, batch)
+    ppl[scheme.name] = perplexity(quantized, heldout, hook, args, batch)
+    intervene = None if hook is None else functools.partial(hook, args)
     m_change[scheme.name] = massive_change(M_fp, norms(quantized, probe, intervene), scheme.lam)
     seconds[scheme.name] = {"quantize": t1 - t0, "tasks": t2 - t1, "ppl_and_M": time.perf_counter() - t2}
     logs[scheme.name] = log
@@ -279,7 +285,8 @@ def parse(argv=None):
   ap.add_argument("--out", required=True)
   ap.add_argument("--methods", default="rtn,rtn_keep,awq,gptq,smoothquant,w8a8,kv",
                   help=f"comma list of {', '.join(m for m in QM.METHODS if m != 'fp')}")
-  ap.add_argument("--bits", default="8,4,3", help="weight (and KV key) bit widths")
+  ap.add_argument("--bits", default="8,4,3", help="weight bit widths")
+  ap.add_argument("--kv-bits", default="", help="KV key bit widths (default: --bits)")
   ap.add_argument("--group-size", type=int, default=64, help="along the input dim; 0 = per output channel")
   ap.add_argument("--lam", type=float, default=5.0, help="rtn_keep: massive threshold")
   ap.add_argument("--top-k", type=int, default=0, help="rtn_keep: top-k dims per head instead of lam")
@@ -301,15 +308,23 @@ def _shape(text: str, field: str) -> tuple[int, int]:
   return int(parts[0]), int(parts[1])
 
 
+def _widths(text: str, field: str) -> list[int]:
+  parts = [p.strip() for p in text.split(",") if p.strip()]
+  check(bool(parts) and all(p.isdigit() and 2 <= int(p) <= 8 for p in parts), field,
+        f"must be a comma list of bit widths in 2..8, e.g. 8,4,3; got {text!r}")
+  return [int(p) for p in parts]
+
+
 def run(args) -> dict:
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   for m in methods:
     QM.Scheme(m)  # one-line error for an unknown method
-  bits = [int(b) for b in args.bits.split(",") if b.strip()]
+  bits = _widths(args.bits, "--bits")
+  kv_bits = _widths(args.kv_bits, "--kv-bits") if args.kv_bits.strip() else bits
   kv = [tuple(x.strip().split(":")) for x in args.kv.split(",") if x.strip()]
   check(all(len(x) == 2 for x in kv), "--kv", f"must be a comma list of point:axis, e.g. pre:channel; got {args.kv!r}")
   scheme_list = schemes(methods, bits, group_size=args.group_size, lam=args.lam, top_k=args.top_k, alpha=args.alpha,
-                        kv=kv)
+                        kv=kv, kv_bits=kv_bits)
   order = [s.name for s in scheme_list]
   calib_n, calib_t = _shape(args.calib, "--calib")
   ppl_n, ppl_t = _shape(args.ppl, "--ppl")

@@ -82,6 +82,13 @@ def output_error(x_NxI, w_IxO, w_hat_IxO) -> float:
   return float(np.sum(d.astype(np.float64) ** 2))
 
 
+def gram_error(h_IxI, w_IxO, w_hat_IxO) -> float:
+  """The same objective from the Gram matrix H = X^T X: sum(D * (H D)) with D = W - W_hat, in
+  float64. N x I x O becomes I x I x O, so a search over many candidates reads X once."""
+  d = np.asarray(w_IxO, np.float64) - np.asarray(w_hat_IxO, np.float64)
+  return float(np.sum(d * (np.asarray(h_IxI, np.float64) @ d)))
+
+
 # --- AWQ: activation-aware per-input-channel scaling -------------------------------------------
 
 def awq_scaled(w_IxO, s_I, spec: QuantSpec) -> np.ndarray:
@@ -105,12 +112,13 @@ def awq_search(x_NxI, ws_IxO: list, spec: QuantSpec, n_grid: int = 20):
   check(n_grid >= 1, "awq.n_grid", f"must be >= 1; got {n_grid}")
   x = np.asarray(x_NxI, np.float32)
   mean_abs = np.maximum(np.abs(x).mean(0), 1e-8)
+  h = x.T.astype(np.float64) @ x
   alphas = np.linspace(0.0, 1.0, n_grid + 1)
   errors, best = [], (np.inf, None, None)
   for alpha in alphas:
     s = mean_abs ** alpha
     s = s / np.sqrt(s.max() * s.min())
-    err = sum(output_error(x, w, awq_scaled(w, s, spec)) for w in ws_IxO)
+    err = sum(gram_error(h, w, awq_scaled(w, s, spec)) for w in ws_IxO)
     errors.append(err)
     if err < best[0]:
       best = (err, s.astype(np.float32), float(alpha))

@@ -22,12 +22,11 @@ Schemes (`Scheme.method`):
                (per-channel symmetric) AND dynamic per-token 8-bit activations at every linear
   w8a8         the same W8A8 without smoothing (s = 1): what the smoothing buys
   kv           weights untouched; keys quantized per token or per channel, pre- or post-RoPE, by an
-               intervention on 'blocks.<l>.attn.k' or 'rot_k' (`kv_intervene`)
+               intervention on 'blocks.<l>.attn.k' or 'rot_k' (`kv_hook`, `kv_args`)
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 
 import jax
@@ -212,8 +211,8 @@ def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict,
     elif scheme.method == "gptq":
       h = x.T @ x  # float32 products, summed by BLAS; GPTQ adds damping and factors in float64
       new = [Q.gptq(w, h, spec, damp=scheme.damp, block=scheme.block) for w in ws]
-      log[f"{layer}.{'+'.join(names)}"] = {"err_rtn": sum(Q.output_error(x, w, Q.rtn(w, spec)) for w in ws),
-                                           "err_gptq": sum(Q.output_error(x, w, q) for w, q in zip(ws, new))}
+      log[f"{layer}.{'+'.join(names)}"] = {"err_rtn": sum(Q.gram_error(h, w, Q.rtn(w, spec)) for w in ws),
+                                           "err_gptq": sum(Q.gram_error(h, w, q) for w, q in zip(ws, new))}
     elif scheme.method == "rtn_keep":
       new = [Q.rtn_keep(w, spec, keep[(layer, n)]) if (layer, n) in keep else Q.rtn(w, spec)
              for n, w in zip(names, ws)]
@@ -258,36 +257,36 @@ def quantize_model(model: Decoder, scheme: Scheme, calib_BxT=None) -> tuple[Deco
 
 # --- KV-cache key quantization as an intervention ------------------------------------------------
 
-def quant_keys(k_BxTxKxD, bits: int, axis: str):
+def quant_keys(k_BxTxKxD, bits, axis: str):
   """Asymmetric RTN of keys: 'token' = one grid per (token, head) over head dims; 'channel' = one
-  grid per (head, dim) over the tokens of the sequence (computed on the prompt itself, dynamic)."""
+  grid per (head, dim) over the tokens of the sequence (computed on the prompt itself, dynamic).
+  `bits` may be traced, so one compiled function serves every width."""
   reduce = (-1,) if axis == "token" else (1,)
   k = k_BxTxKxD.astype(jnp.float32)
+  levels = 2.0 ** jnp.asarray(bits, jnp.float32) - 1
   lo, hi = k.min(reduce, keepdims=True), k.max(reduce, keepdims=True)
-  scale = (hi - lo) / (2 ** bits - 1)
+  scale = (hi - lo) / levels
   scale = jnp.where(scale > 0, scale, 1.0)
-  q = jnp.clip(jnp.round((k - lo) / scale), 0, 2 ** bits - 1)
+  q = jnp.clip(jnp.round((k - lo) / scale), 0, levels)
   return (q * scale + lo).astype(k_BxTxKxD.dtype)
 
 
 _KEY_POINT = {"pre": re.compile(r"blocks\.\d+\.attn\.k$"), "post": re.compile(r"blocks\.\d+\.attn\.rot_k$")}
 
 
-def _kv_hook(scheme: Scheme, _args, name: str, x):
-  if _KEY_POINT[scheme.kv_point].match(name):
-    return quant_keys(x, scheme.bits, scheme.kv_axis)
+def kv_args(scheme: Scheme) -> dict:
+  """The traced settings of a KV scheme for `kv_hook`: which point, which axis, how many bits."""
+  check(scheme.method == "kv", "scheme.method", f"kv_args needs method 'kv'; got {scheme.method!r}")
+  return {"pre": jnp.asarray(scheme.kv_point == "pre"), "post": jnp.asarray(scheme.kv_point == "post"),
+          "per_token": jnp.asarray(scheme.kv_axis == "token"), "bits": jnp.asarray(scheme.bits, jnp.float32)}
+
+
+def kv_hook(args: dict, name: str, x):
+  """A prefill hook for minilm.generate.greedy (hook(args, name, x)) with `args = kv_args(scheme)`.
+  The scheme lives in traced args, not in the function, so all KV schemes share one compilation
+  (one per prompt shape) instead of recompiling the hooked prefill per scheme."""
+  for point, pattern in _KEY_POINT.items():
+    if pattern.match(name):
+      q = jnp.where(args["per_token"], quant_keys(x, args["bits"], "token"), quant_keys(x, args["bits"], "channel"))
+      return jnp.where(args[point], q, x)
   return x
-
-
-@functools.lru_cache(maxsize=None)
-def kv_hook(scheme: Scheme):
-  """A prefill hook for minilm.generate.greedy (hook(args, name, x)); one object per scheme, so
-  jit compiles it once."""
-  check(scheme.method == "kv", "scheme.method", f"kv_hook needs method 'kv'; got {scheme.method!r}")
-  return functools.partial(_kv_hook, scheme)
-
-
-@functools.lru_cache(maxsize=None)
-def kv_intervene(scheme: Scheme):
-  """The same as an `intervene(name, x)` for Decoder.__call__ (teacher-forced scoring)."""
-  return functools.partial(kv_hook(scheme), None)

@@ -1,4 +1,6 @@
 """Quantization schemes (analysis/quantize.py), their application to a Decoder and the C6 driver."""
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -6,6 +8,7 @@ from flax import nnx
 
 from analysis import quantize as Q
 from analysis import quantize_model as QM
+from minilm import generate
 from minilm.config import ConfigError, ModelConfig
 from minilm.model import Decoder
 
@@ -91,6 +94,13 @@ def test_awq_never_worse_than_rtn_on_its_objective():
   assert alpha > 0  # with a loud input channel, scaling helps
 
 
+def test_gram_error_is_output_error():
+  rng = np.random.default_rng(4)
+  x, w = correlated_inputs(rng, 300, 40), rng.normal(size=(40, 12)).astype(np.float32)
+  w_hat = Q.rtn(w, Q.QuantSpec(3))
+  assert Q.gram_error(x.T.astype(np.float64) @ x, w, w_hat) == pytest.approx(Q.output_error(x, w, w_hat), rel=1e-5)
+
+
 def test_smoothing_is_exact_before_rounding_and_helps_w8a8():
   rng = np.random.default_rng(4)
   x = correlated_inputs(rng, 256, 64, outlier=3)
@@ -123,13 +133,28 @@ def test_kv_per_channel_and_per_token_grids():
 
 def test_kv_hook_touches_only_its_point():
   x = jnp.asarray(np.random.default_rng(6).normal(size=(1, 5, 2, 4)), jnp.float32)
-  pre = QM.kv_intervene(QM.Scheme("kv", bits=3, kv_point="pre"))
-  post = QM.kv_intervene(QM.Scheme("kv", bits=3, kv_point="post"))
-  assert not np.array_equal(pre("blocks.2.attn.k", x), x)
+  pre = QM.kv_args(QM.Scheme("kv", bits=3, kv_point="pre"))
+  post = QM.kv_args(QM.Scheme("kv", bits=3, kv_point="post", kv_axis="token"))
+  np.testing.assert_array_equal(QM.kv_hook(pre, "blocks.2.attn.k", x), QM.quant_keys(x, 3, "channel"))
   for name in ("blocks.2.attn.rot_k", "blocks.2.attn.q", "blocks.2.attn.v"):
-    assert np.array_equal(pre(name, x), x)
-  assert not np.array_equal(post("blocks.0.attn.rot_k", x), x) and np.array_equal(post("blocks.0.attn.k", x), x)
-  assert QM.kv_hook(QM.Scheme("kv", bits=3)) is QM.kv_hook(QM.Scheme("kv", bits=3))  # compiled once
+    assert np.array_equal(QM.kv_hook(pre, name, x), x)
+  np.testing.assert_array_equal(QM.kv_hook(post, "blocks.0.attn.rot_k", x), QM.quant_keys(x, 3, "token"))
+  assert np.array_equal(QM.kv_hook(post, "blocks.0.attn.k", x), x)
+
+
+def test_kv_schemes_share_one_compilation():
+  """The scheme travels in traced args: a second KV scheme reuses the compiled hooked prefill."""
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_len=32)
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  prompt = np.random.default_rng(1).integers(0, 64, (2, 8)).astype(np.int32)
+  outs, compiled = [], generate._greedy._cache_size()
+  for scheme in (QM.Scheme("kv", bits=2, kv_point="pre"), QM.Scheme("kv", bits=3, kv_point="post", kv_axis="token")):
+    outs.append(generate.greedy(model, prompt, 4, hook=QM.kv_hook, hook_args=QM.kv_args(scheme)))
+  assert generate._greedy._cache_size() == compiled + 1
+  intervened = [np.asarray(model(prompt, intervene=functools.partial(QM.kv_hook, QM.kv_args(s)))[:, -1].argmax(-1))
+                for s in (QM.Scheme("kv", bits=2, kv_point="pre"), QM.Scheme("kv", bits=3, kv_point="post", kv_axis="token"))]
+  for out, first in zip(outs, intervened):  # the hooked prefill picks the same first token as the hooked forward
+    np.testing.assert_array_equal(np.asarray(out)[:, 0], first)
 
 
 @pytest.fixture(scope="module")
@@ -236,12 +261,12 @@ def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
   monkeypatch.setattr(experiment, "load_sources", lambda *a: [("tiny", model, tok, items, None, {})])
   out = tmp_path / "c6"
   assert QS.main(["--model", "tiny", "--out", str(out), "--methods", "rtn,rtn_keep,awq,gptq,smoothquant,kv",
-                  "--bits", "4", "--group-size", "16", "--top-k", "1", "--kv", "pre:channel", "--calib", "2x32",
+                  "--bits", "4", "--group-size", "16", "--top-k", "1", "--kv", "pre:channel,post:token", "--kv-bits", "3", "--calib", "2x32",
                   "--ppl", "2x32", "--batch", "4"]) == 0
   report = json.loads((out / "summary.json").read_text())
   names = [s["name"] for s in report["schemes"]]
   assert names == ["fp", "rtn-4b-g16", "rtn_keep-4b-g16", "awq-4b-g16", "gptq-4b-g16", "smoothquant-a0.5-w8a8",
-                   "kv-pre-channel-4b"]
+                   "kv-pre-channel-3b", "kv-post-token-3b"]
   lines = (out / "results.jsonl").read_text().splitlines()
   assert len(lines) == len(names) * len(items)
   tiny_report = report["models"]["tiny"]
@@ -249,7 +274,9 @@ def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
   m = tiny_report["m_change"]
   assert m["fp"]["q"]["rel_change"] == 0 and m["rtn-4b-g16"]["q"]["rel_change"] > 0
   # quantized keys move k directly, q only through later layers
-  assert m["kv-pre-channel-4b"]["k"]["rel_change"] > 10 * m["kv-pre-channel-4b"]["q"]["rel_change"]
+  assert m["kv-pre-channel-3b"]["k"]["rel_change"] > 10 * m["kv-pre-channel-3b"]["q"]["rel_change"]
   claims = json.loads((out / "claims.json").read_text())["claims"]
   assert {c["claim"] for c in claims} == {"C6", "C6-keep", "C6-smooth"}
   assert (out / "c6.png").stat().st_size > 0 and "perplexity" in (out / "table.md").read_text()
+  with pytest.raises(SystemExit, match="--kv-bits"):
+    QS.main(["--model", "tiny", "--out", str(out), "--methods", "kv", "--kv-bits", "4,one"])
