@@ -1,6 +1,7 @@
 """Figures of a traced output directory (PNG and PDF under <out>/plots/), read from its files only.
 
 emergence.*          per layer: massive count, max/mean, low-frequency share vs step, arms overlaid
+                     (traced runs only: a single-step store has nothing to emerge over)
 layer_profile.*      the same statistics per layer at each arm's last step (C4)
 heatmap_<arm>_<step>.*   M[h, d] / mean_d M per layer and tensor, dims in rotary-frequency order
 pair_energy_<arm>.*  share of pair energy vs theta_j, one curve per layer, context boundary marked
@@ -219,9 +220,11 @@ def bars3d(store: T.Store, arm: str, layer: int | None = None, head: int | None 
 
 
 def plot_all(store: T.Store, heatmap_steps=None) -> list[str]:
-  """Every figure; heatmaps at `heatmap_steps` (default: each arm's first and last step)."""
+  """Every figure; heatmaps at `heatmap_steps` (default: each arm's first and last step). No
+  emergence figure when every arm has a single step (an imported model): nothing to emerge over."""
   meta = store.meta()
-  paths = emergence(store) + layer_profile(store)
+  over_steps = any(len(store.steps(arm)) > 1 for arm in meta["arms"])
+  paths = (emergence(store) if over_steps else []) + layer_profile(store)
   for arm in meta["arms"]:
     steps = store.steps(arm)
     if not steps:

@@ -63,9 +63,15 @@ def top_k_mask(M, k: int) -> np.ndarray:
   M = np.asarray(M)
   if not 1 <= k <= M.shape[-1]:
     raise ValueError(f"k: must be in 1..{M.shape[-1]} (head_dim); got {k}")
-  top = np.argsort(-M, axis=-1, kind="stable")[..., :k]
   mask = np.zeros(M.shape, bool)
-  np.put_along_axis(mask, top, True, axis=-1)
+  if k <= 4:  # repeated argmax: the same first-index tie-break as a stable sort, without sorting
+    rest = np.array(M, np.float64)
+    for _ in range(k):
+      top = rest.argmax(-1)[..., None]
+      np.put_along_axis(mask, top, True, axis=-1)
+      np.put_along_axis(rest, top, -np.inf, axis=-1)
+    return mask
+  np.put_along_axis(mask, np.argsort(-M, axis=-1, kind="stable")[..., :k], True, axis=-1)
   return mask
 
 
@@ -79,8 +85,9 @@ def kurtosis(M) -> np.ndarray:
   about D for a single dominant dim): how few dims hold the norm."""
   M = np.asarray(M, np.float64)
   c = M - M.mean(-1, keepdims=True)
-  var = (c ** 2).mean(-1)
-  return (c ** 4).mean(-1) / np.maximum(var ** 2, 1e-300) - 3.0
+  c2 = c * c
+  var = c2.mean(-1)
+  return (c2 * c2).mean(-1) / np.maximum(var ** 2, 1e-300) - 3.0
 
 
 def agreement(M, k: int = 2) -> tuple[np.ndarray, float]:
@@ -209,31 +216,33 @@ class StatConfig:
           f"must be two increasing positive multiples of the context; got {self.band}")
 
 
-def head_stats(M, pairing: Pairing, context: float, cfg: StatConfig = StatConfig()) -> dict:
-  """All per-head statistics of norms M [..., H, D] -> {name: [..., H]} (see PER_HEAD), plus the
-  per-group constants under 'null': chance levels and boundary pairs."""
+def head_stats(M, pairing: Pairing, context: float, cfg: StatConfig = StatConfig(), only=None) -> dict:
+  """Per-head statistics of norms M [..., H, D] -> {name: [..., H]} (see PER_HEAD, or just the names
+  in `only`: bootstrap replicates of one statistic need not pay for the others), plus the per-group
+  constants under 'null': chance levels and boundary pairs."""
   M = np.asarray(M, np.float64)
   E = pair_energy(M, pairing.pair_index)
   lf, lf_null = lf_share(E, cfg.lf_quarter)
   band, band_null = band_share(E, pairing.theta, context, cfg.band)
-  agree, agree_chance = agreement(M, min(cfg.agree_k, M.shape[-1]))
+  agree_k = min(cfg.agree_k, M.shape[-1])
   peak = E.argmax(-1)
   j_ctx, j_2ctx = context_pair(pairing.theta, context), context_pair(pairing.theta, 2 * context)
-  out = {
-      "massive": massive_mask(M, cfg.lam).sum(-1).astype(np.float64),
-      "topk_massive": _topk_massive(M, cfg),
-      "max_mean": max_mean(M),
-      "kurtosis": kurtosis(M),
-      "agreement": agree,
-      "lf_share": lf,
-      "band_share": band,
-      "unrot_share": unrotated_share(M, pairing.pair_index),
-      "peak_pair": peak.astype(np.float64),
-      "peak_wl_ctx": pairing.wavelength[peak] / context,
-      "peak_minus_ctx": (peak - j_ctx).astype(np.float64),
-      "peak_minus_2ctx": (peak - j_2ctx).astype(np.float64),
+  compute = {
+      "massive": lambda: massive_mask(M, cfg.lam).sum(-1).astype(np.float64),
+      "topk_massive": lambda: _topk_massive(M, cfg),
+      "max_mean": lambda: max_mean(M),
+      "kurtosis": lambda: kurtosis(M),
+      "agreement": lambda: agreement(M, agree_k)[0],
+      "lf_share": lambda: lf,
+      "band_share": lambda: band,
+      "unrot_share": lambda: unrotated_share(M, pairing.pair_index),
+      "peak_pair": lambda: peak.astype(np.float64),
+      "peak_wl_ctx": lambda: pairing.wavelength[peak] / context,
+      "peak_minus_ctx": lambda: (peak - j_ctx).astype(np.float64),
+      "peak_minus_2ctx": lambda: (peak - j_2ctx).astype(np.float64),
   }
-  out["null"] = {"lf_share": lf_null, "band_share": band_null, "agreement": agree_chance,
+  out = {name: f() for name, f in compute.items() if only is None or name in only}
+  out["null"] = {"lf_share": lf_null, "band_share": band_null, "agreement": agree_k / M.shape[-1],
                  "ctx_pair": j_ctx, "ctx2_pair": j_2ctx, "n_pairs": pairing.n_pairs}
   return out
 
@@ -282,8 +291,8 @@ def pooled(groups, stats, pairing: Pairing, context: float, cfg: StatConfig, cou
   [B, H, D], e.g. rot_q and rot_k of all layers) with bootstrap replicates:
   {stat: (point, replicates [n_boot])}. Prompts are resampled by `counts` (share them between arms
   to pair the arms), heads are resampled within each replicate."""
-  points = [head_stats(np.sqrt(np.asarray(S, np.float64).sum(0)), pairing, context, cfg) for S in groups]
-  reps = [head_stats(boot_norms(S, counts), pairing, context, cfg) for S in groups]
+  points = [head_stats(np.sqrt(np.asarray(S, np.float64).sum(0)), pairing, context, cfg, stats) for S in groups]
+  reps = [head_stats(boot_norms(S, counts), pairing, context, cfg, stats) for S in groups]
   out = {}
   for stat in stats:
     point = np.concatenate([p[stat] for p in points])

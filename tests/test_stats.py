@@ -159,3 +159,22 @@ def test_bad_arguments_fail_with_one_line_messages():
     S.StatConfig(lam=0)
   with pytest.raises(ValueError, match="x: expected"):
     S.value_norms(np.ones((4, 4)))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 5, 16])
+def test_top_k_mask_is_the_stable_sort_with_ties(k):
+  M = np.random.default_rng(k).integers(0, 4, size=(50, 3, 16)).astype(float)   # many ties
+  reference = np.zeros(M.shape, bool)
+  np.put_along_axis(reference, np.argsort(-M, axis=-1, kind="stable")[..., :k], True, axis=-1)
+  np.testing.assert_array_equal(S.top_k_mask(M, k), reference)
+
+
+def test_head_stats_only_computes_what_is_asked_and_agrees():
+  from minilm.encodings import RoPE
+  M = np.abs(np.random.default_rng(9).normal(size=(20, 4, 32)))
+  pairing = S.pairing_for(RoPE(), 32)
+  full = S.head_stats(M, pairing, 128.0)
+  some = S.head_stats(M, pairing, 128.0, only=("kurtosis", "agreement"))
+  assert set(some) == {"kurtosis", "agreement", "null"} and some["null"] == full["null"]
+  for name in ("kurtosis", "agreement"):
+    np.testing.assert_array_equal(some[name], full[name])

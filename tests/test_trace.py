@@ -61,8 +61,9 @@ def test_analyze_model_treats_a_single_model_as_one_step(tmp_path):
   assert [c["claim"] for c in claims] == ["C1", "C2", "C3", "C3-lowfreq", "C4"]
   c3 = {c["claim"]: c for c in claims}["C3"]
   assert c3["verdict"] == "inconclusive" and "no NoPE arm" in c3["notes"]
-  for name in ("emergence", "layer_profile", "heatmap_pretrained_0", "pair_energy_pretrained", "bars3d_pretrained"):
+  for name in ("layer_profile", "heatmap_pretrained_0", "pair_energy_pretrained", "bars3d_pretrained"):
     assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 0 and (tmp_path / "plots" / f"{name}.pdf").exists()
+  assert not (tmp_path / "plots" / "emergence.png").exists()   # one step: nothing to emerge over
   with pytest.raises(ConfigError, match="out: .* other probes"):
     T.analyze_model(model, probes[:3], str(tmp_path), arm="pretrained")
 
