@@ -106,9 +106,6 @@ def energy_removed(M, S, args, cfg: DisruptConfig, n_layers: int) -> dict[str, n
   for p in cfg.points():
     names = [l + p for l in layers]
     total = sum((M[n].astype(np.float64) ** 2).reshape(len(M[n]), -1).sum(1) for n in names)
-    if args is None:
-      out[p] = np.zeros_like(total)
-      continue
     lost = {n: (S[n] if float(args["fill"]) else M[n]).astype(np.float64) ** 2 for n in names}
     out[p] = sum((np.asarray(args["masks"][n]) * lost[n]).reshape(len(lost[n]), -1).sum(1) for n in names) / total
   return out
@@ -176,14 +173,17 @@ def select(M, cfg: DisruptConfig):
 
 def masks(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int) -> dict[str, np.ndarray]:
   """Boolean masks [B, H, D] for every point of every layer (all False outside the chosen layers
-  and points), so one compiled prefill serves every mode with the same `rope` side."""
+  and points, and everywhere for 'off'), so one compiled prefill serves every mode, the undisrupted
+  one included, with the same `rope` side."""
   qp, kp, vp = cfg.points()
   chosen = set(cfg.layers(n_layers))
   out = {}
   for layer in range(n_layers):
     names = {p: f"blocks.{layer}.attn.{p}" for p in (qp, kp, vp)}
     picked = {p: np.zeros(M[n].shape, bool) for p, n in names.items()}
-    if layer in chosen and cfg.mode == "v":
+    if cfg.mode == "off":
+      pass
+    elif layer in chosen and cfg.mode == "v":
       picked[vp] = _largest(M[names[vp]], massive(M[names[kp]], cfg).sum(-1))
     elif layer in chosen:
       picked[qp], picked[kp] = select(M[names[qp]], cfg), select(M[names[kp]], cfg)
@@ -213,7 +213,6 @@ def dim_norms(model, tokens_BxT, cfg: DisruptConfig, probe: dict[str, np.ndarray
 
 def hook_args(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int):
   """(args for `hook`, {point: replaced dims per example [B], summed over layers and heads})."""
-  check(cfg.mode != "off", "disrupt.mode", "'off' needs no hook (run generate.greedy without one)")
   chosen = masks(M, cfg, n_layers)
   counts = {p: sum(m.reshape(len(m), -1).sum(1) for n, m in chosen.items() if n.endswith("." + p))
             for p in cfg.points()}
@@ -225,10 +224,7 @@ def disrupted_greedy(model, tokens_BxT, max_new: int, cfg: DisruptConfig, probe=
                      return_cache=False):
   """Greedy continuation under `cfg` -> (tokens [B, max_new] (or (tokens, cache)), counts per example).
   Pass M (from `dim_norms`) to reuse one capture pass across modes."""
-  if cfg.mode == "off":
-    args, counts = None, {p: np.zeros(np.shape(tokens_BxT)[0], int) for p in cfg.points()}
-  else:
-    args, counts = hook_args(dim_norms(model, tokens_BxT, cfg, probe) if M is None else M, cfg, model.cfg.n_layers)
-  out = generate.greedy(model, tokens_BxT, max_new, hook=None if args is None else hook, hook_args=args,
+  args, counts = hook_args(dim_norms(model, tokens_BxT, cfg, probe) if M is None else M, cfg, model.cfg.n_layers)
+  out = generate.greedy(model, tokens_BxT, max_new, hook=hook, hook_args=args,
                         return_cache=return_cache)
   return out, counts

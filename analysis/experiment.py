@@ -67,12 +67,10 @@ def evaluate(model, tokenizer, items, modes, base: DisruptConfig, *, label: str 
       for mode in modes:
         cfg = dataclasses.replace(base, mode=mode)
         t0 = time.perf_counter()
-        args, counts = (None, {}) if mode == "off" else disrupt.hook_args(M_choose, cfg, model.cfg.n_layers)
-        out = np.asarray(generate.greedy(model, tokens, max_new, hook=None if args is None else disrupt.hook,
-                                         hook_args=args))
+        args, counts = disrupt.hook_args(M_choose, cfg, model.cfg.n_layers)  # 'off': all-False masks
+        out = np.asarray(generate.greedy(model, tokens, max_new, hook=disrupt.hook, hook_args=args))
         seconds[mode] += time.perf_counter() - t0
         removed = disrupt.energy_removed(M, S, args, cfg, model.cfg.n_layers)
-        counts = counts or {p: np.zeros(batch, int) for p in removed}
         for i, item in enumerate(chunk):
           v = tasks_llm.verdict(item, out[i], tokenizer)
           rec = {"model": label, "mode": mode, "task": item.task, "example": index[id(item)], "kind": item.kind,

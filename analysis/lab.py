@@ -3,13 +3,13 @@
   minilm-lab                                   # configs/lab.json: the default RoPE/NoPE pair + SmolLM2
   minilm-lab configs/all_encodings_3seeds.json # any experiment config in configs/ (GPU-sized ones too)
   minilm-lab rope_base_sweep --skip pretrained,disrupt
-  minilm-lab --include quant                   # add the (slow) quantization study
+  minilm-lab --lab-set quant.model=smollm2     # C6 on SmolLM2 instead of the trained arms (slow)
   minilm-lab --quick                           # a tiny smoke version of the same pipeline
 
 Stages, in order: train (paired arms with checkpoints, train.paired), trace (massive values over
 layers and steps, analysis.trace; comparisons over seeds, analysis.compare), pretrained (the same
 analysis of SmolLM2-135M, analysis.pretrained), disrupt (C5 on the task suite, analysis.experiment),
-quant (C6, analysis.quant_study; opt-in by default), report (reports/<name>/index.html).
+quant (C6 on the trained arms, analysis.quant_study), report (reports/<name>/index.html).
 
 CONFIG is a lab config ({"experiment": ..., "skip": [...], "trace": {...}, ...}, see LabConfig) or
 an experiment config ({"name", "train", "arms"}, as `python -m train` takes), by path or by name in
@@ -92,12 +92,14 @@ class DisruptSettings:
 @dataclasses.dataclass(frozen=True)
 class QuantSettings:
   section = "quant"
-  model: str = "smollm2"
-  methods: str = "rtn,gptq,awq"
-  bits: str = "4"
-  n: int = 10
-  calib: str = "16x256"
-  ppl: str = "8x256"
+  model: str = "run"        # 'run' (the lab's trained arms) | smollm2 | random | a run directory
+  methods: str = "rtn,rtn_keep,awq,gptq"
+  bits: str = "4,3"
+  group_size: int = 32      # along the input dim; 0 = per output channel
+  top_k: int = 2            # rtn_keep: keep the top-k Q/K dims per head (0: the lam=5 massive ones)
+  n: int = 32
+  calib: str = "16x128"     # calibration windows NxT (T at most the models' context)
+  ppl: str = "16x128"       # held-out perplexity windows NxT
   batch: int = 8
   seed: int = 0
   extra: tuple[str, ...] = ()  # further `python -m analysis.quant_study` arguments
@@ -111,7 +113,7 @@ class LabConfig:
   name: str = ""                         # report name; "" = the experiment's name
   experiment: str = "default"            # an experiment config: a path or a name in configs/
   set: tuple[str, ...] = ()              # overrides of the experiment, as `python -m train --set`
-  skip: tuple[str, ...] = ("quant",)     # stages left out unless --include names them
+  skip: tuple[str, ...] = ()             # stages left out unless --include names them
   trace: TraceSettings = dataclasses.field(default_factory=TraceSettings)
   pretrained: PretrainedSettings = dataclasses.field(default_factory=PretrainedSettings)
   disrupt: DisruptSettings = dataclasses.field(default_factory=DisruptSettings)
@@ -308,8 +310,9 @@ class Lab:
     out = self.path("quant")
     shutil.rmtree(out, ignore_errors=True)
     args = quant_study.parse(["--model", model, "--out", out, "--methods", q.methods, "--bits", q.bits,
-                              "--n", str(q.n), "--calib", q.calib, "--ppl", q.ppl, "--batch", str(q.batch),
-                              "--seed", str(q.seed), *q.extra])
+                              "--group-size", str(q.group_size), "--top-k", str(q.top_k), "--n", str(q.n),
+                              "--calib", q.calib, "--ppl", q.ppl, "--batch", str(q.batch), "--seed", str(q.seed),
+                              *q.extra])
     quant_study.run(args)
 
   def _report(self) -> None:

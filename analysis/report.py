@@ -210,7 +210,7 @@ class Report:
     if self.c6_claims:
       line5 = "C6 quantization: " + "; ".join(f"{v.title}: {v.verdict} (diff {fmt(v.diff, v.ci)})" for v in self.c6_claims)
     else:
-      line5 = f"C6 quantization: not run (stage {self.stage('quant')}; opt-in: minilm-lab --include quant)"
+      line5 = f"C6 quantization: not run (stage {self.stage('quant')})"
     return [line1, line2, line3, line4, line5]
 
   def bottom_line(self) -> str:
@@ -260,8 +260,7 @@ class Report:
     for stage, cid, title in (("disrupt", "C5", "Function"), ("quant", "C6", "Quantization")):
       if not (self.c5_claims if stage == "disrupt" else self.c6_claims):
         rows.append(["-", f"<b>{cid}</b> {title}", "-", "-", "-", "-", "<b>not run</b>",
-                     esc(f"stage {stage}: {self.stage(stage)}" + ("; opt-in: minilm-lab --include quant"
-                                                                   if stage == "quant" else ""))])
+                     esc(f"stage {stage}: {self.stage(stage)}")])
         classes.append([""] * 6 + ["off", ""])
     return (f'<h2 id="claims">Claims C1-C6</h2><p class="small">Each verdict follows a rule fixed before the data '
             f"(open 'rule'). Intervals: {CL.LEVEL:.0%} bootstrap over prompts and heads (C1-C4), over examples "
@@ -398,8 +397,7 @@ class Report:
   def quant_section(self) -> str:
     d = os.path.join(self.dir, "quant")
     if not os.path.exists(os.path.join(d, "table.md")):
-      return (f'<h2 id="quantization">Quantization (C6)</h2><p>Not run (stage {esc(self.stage("quant"))}). '
-              "It is opt-in because it takes longer than the rest: <code>minilm-lab --include quant</code>.</p>")
+      return f'<h2 id="quantization">Quantization (C6)</h2><p>Not run (stage {esc(self.stage("quant"))}).</p>'
     with open(os.path.join(d, "table.md")) as f:
       tbl = markdown_tables(f.read())
     pngs = figures(self.dir, "quant", "c6", lambda n: "accuracy relative to the unquantized model per task")

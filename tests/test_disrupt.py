@@ -120,6 +120,18 @@ def test_off_is_bit_identical_and_empty_masks_change_nothing(model, tokens):
   np.testing.assert_array_equal(np.asarray(empty), plain)
 
 
+def test_every_mode_of_a_prompt_shape_shares_one_compiled_prefill(model):
+  """Compilation dominates the disruption run of a 30-layer model: 'off' goes through the same hook
+  (all-False masks) as the disrupting modes, so a new prompt shape compiles greedy decoding once."""
+  from train.tokenizer import Tokenizer
+  from analysis import tasks_llm
+  tok = Tokenizer()
+  items = [tasks_llm.Item("ctx", "contextual", np.full(13, 7 + i, np.int32), "", "x", 3, {}) for i in range(2)]
+  compiled = generate._greedy._cache_size()
+  experiment.evaluate(model, tok, items, experiment.TABLE_MODES, DisruptConfig(criterion="topk", top_k=1), batch=2)
+  assert generate._greedy._cache_size() == compiled + 1
+
+
 @pytest.mark.parametrize("rope", ["post", "pre"])
 def test_kv_cache_holds_exactly_the_disrupted_keys(model, tokens, rope):
   cfg = DisruptConfig(mode="top2", rope=rope)

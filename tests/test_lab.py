@@ -41,7 +41,7 @@ def test_a_changed_setting_changes_the_hash_of_exactly_the_stages_it_affects():
     return {s for s, h in _lab(*argv)[0].hashes.items() if h != base[s]}
   assert changed() == set()
   assert changed("--lab-set", "trace.lam=3") == {"trace", "report"}
-  assert changed("--set", "steps=7") == {"train", "trace", "report"}
+  assert changed("--set", "steps=7") == {"train", "trace", "quant", "report"}   # quant reads the trained arms
   assert changed("--lab-set", "disrupt.n=3") == {"disrupt", "report"}
   assert changed("--lab-set", "disrupt.model=run") == {"disrupt", "report"}      # now hangs on the training
   assert changed("--lab-set", "pretrained.length=32") == {"pretrained", "report"}
@@ -52,7 +52,7 @@ def test_stage_selection_and_quick_experiment():
   lab, enabled, force = _lab("--skip", "pretrained", "--include", "quant", "--force", "trace")
   assert enabled == ["train", "trace", "disrupt", "quant", "report"] and force == {"trace"}
   assert _lab("--only", "train,report")[1] == ["train", "report"]
-  assert _lab()[1] == ["train", "trace", "pretrained", "disrupt", "report"]      # lab.json skips quant
+  assert _lab()[1] == ["train", "trace", "pretrained", "disrupt", "quant", "report"]
   assert lab.exp.name == "rope_vs_nope_quick" and lab.exp.train.steps == 6 and set(lab.exp.arms) == {"rope", "nope"}
   assert lab.report_dir == "/tmp/unused-reports/rope_vs_nope_quick"
 
@@ -75,7 +75,7 @@ def test_disrupt_and_quant_settings_reach_the_analyses_through_their_own_parsers
   lab.stages["quant"].run()
   d, q = seen["disrupt"], seen["quant"]
   assert (d.n, d.model, d.rope, d.suite, d.out) == (7, lab.run_dir, "pre", "quick", lab.path("disrupt"))
-  assert (q.methods, q.bits, q.model, q.n) == ("rtn,awq", "3", "smollm2", 10)
+  assert (q.methods, q.bits, q.model, q.n, q.group_size, q.top_k) == ("rtn,awq", "3", lab.run_dir, 32, 32, 2)
 
 
 def test_an_interrupted_stage_leaves_no_marker_and_says_how_to_resume(monkeypatch, tmp_path, capsys):
@@ -98,7 +98,8 @@ def test_quick_run_trains_traces_reports_then_reuses_everything(tmp_path, capsys
   tail = out[out.index("\nreport: "):].splitlines()[2:7]
   assert tail[0].startswith("rope_vs_nope_quick (rope, nope;") and "C1 " in tail[0]
   assert tail[2].startswith("pretrained model: not analysed") and tail[3].startswith("C5 disruption: not run")
-  for stage in ("train", "trace", "report"):
+  assert tail[4].startswith("C6 quantization: ") and "not run" not in tail[4]   # C6 on the trained arms
+  for stage in ("train", "trace", "quant", "report"):
     assert json.loads((report / "stages" / f"{stage}.json").read_text())["seconds"] > 0
   assert not (report / "stages" / "disrupt.json").exists() and not (report / "stages" / "pretrained.json").exists()
   assert (report / "trace" / "comparisons.json").exists() and (report / "figures" / "training.png").exists()
@@ -109,13 +110,13 @@ def test_quick_run_trains_traces_reports_then_reuses_everything(tmp_path, capsys
 
   assert L.main(argv) == 0                                   # nothing changed: everything is reused
   out = capsys.readouterr().out
-  for i, stage in enumerate(("train", "trace"), 1):
-    assert f"== [{i}/3] {stage}: reused" in out
+  for i, stage in enumerate(("train", "trace", "quant"), 1):
+    assert f"== [{i}/4] {stage}: reused" in out
   assert json.loads((report / "lab.json").read_text())["stages"]["train"]["status"] == "reused"
 
   assert L.main([*argv, "--lab-set", "trace.lam=3", "--dry-run"]) == 0
   plan = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
-  assert plan == {"train": "done", "trace": "to-run", "pretrained": "skipped", "disrupt": "skipped", "quant": "skipped",
+  assert plan == {"train": "done", "trace": "to-run", "pretrained": "skipped", "disrupt": "skipped", "quant": "done",
                   "report": "to-run"}
 
 
