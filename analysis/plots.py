@@ -4,6 +4,7 @@ emergence.*          per layer: massive count, max/mean, low-frequency share vs 
                      (traced runs only: a single-step store has nothing to emerge over)
 layer_profile.*      the same statistics per layer at each arm's last step (C4)
 heatmap_<arm>_<step>.*   M[h, d] / mean_d M per layer and tensor, dims in rotary-frequency order
+                     (at most MAX_HEATMAP_LAYERS layers, evenly spaced)
 pair_energy_<arm>.*  share of pair energy vs theta_j, one curve per layer, context boundary marked
 bars3d_<arm>.*       |rot_q| of one head over tokens x dims (the paper's 3D view), probe 0
 """
@@ -129,7 +130,19 @@ def layer_profile(store: T.Store) -> list[str]:
   return _save(fig, store, "layer_profile")
 
 
-def heatmap(store: T.Store, arm: str, step: int) -> list[str]:
+MAX_HEATMAP_LAYERS = 8
+"""Deeper models show this many layers, evenly spaced, first and last included: a 30-layer grid is
+90 panels and a 9000-pixel-wide page, unreadable on a laptop and most of a pretrained analysis's time.
+Every layer's numbers are in table.csv; `heatmap(..., layers=...)` draws any set."""
+
+
+def shown_layers(n_layers: int, most: int = MAX_HEATMAP_LAYERS) -> list[int]:
+  if n_layers <= most:
+    return list(range(n_layers))
+  return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, most)})
+
+
+def heatmap(store: T.Store, arm: str, step: int, layers=None) -> list[str]:
   meta = store.meta()
   facts, cfg = meta["arms"][arm], T.stat_config(meta)
   pairing = T.pairing_of(facts)
@@ -141,19 +154,19 @@ def heatmap(store: T.Store, arm: str, step: int) -> list[str]:
               int((sorted_pairs >= 0).sum()) - 0.5)
   firsts = [i for i in range(len(order)) if i == 0 or sorted_pairs[i] != sorted_pairs[i - 1]]
   ticks = firsts[::max(1, len(firsts) // 6)]
-  L = facts["n_layers"]
+  layers = shown_layers(facts["n_layers"]) if layers is None else list(layers)
   ratios = {}
   for tensor in SHOWN:
-    for layer in range(L):
+    for layer in layers:
       M = np.sqrt(sums[f"{layer}.{tensor}"].astype(np.float64).sum(0))
       ratios[layer, tensor] = (M / M.mean(-1, keepdims=True))[:, order]
   vmax = max(cfg.lam, max(r.max() for r in ratios.values()))
-  fig, axes = plt.subplots(len(SHOWN), L, figsize=(3.0 * L + 1, 2.4 * len(SHOWN)), squeeze=False,
+  fig, axes = plt.subplots(len(SHOWN), len(layers), figsize=(3.0 * len(layers) + 1, 2.4 * len(SHOWN)), squeeze=False,
                            layout="constrained")
   for r, tensor in enumerate(SHOWN):
-    for layer in range(L):
+    for c, layer in enumerate(layers):
       ratio = ratios[layer, tensor]
-      ax = axes[r, layer]
+      ax = axes[r, c]
       im = ax.imshow(ratio, aspect="auto", cmap="magma", interpolation="nearest", vmin=0, vmax=vmax)
       for edge in lf_edges:
         ax.axvline(edge, color="cyan", lw=1.2)
@@ -162,11 +175,12 @@ def heatmap(store: T.Store, arm: str, step: int) -> list[str]:
       ax.set_title(f"L{layer} {tensor}", fontsize=8)
       if r == len(SHOWN) - 1:
         ax.set_xlabel("rotary pair j (high -> low frequency; -1 unrotated)", fontsize=7)
-      if layer == 0:
+      if c == 0:
         ax.set_ylabel("head", fontsize=7)
   fig.colorbar(im, ax=axes, fraction=0.03, label="M / mean_d M")
+  subset = "" if len(layers) == facts["n_layers"] else f"; layers {', '.join(map(str, layers))} of {facts['n_layers']}"
   fig.suptitle(f"{arm} step {step}: M / mean_d M (between cyan lines: lowest-frequency quarter of pairs; "
-               f"massive > {cfg.lam:g}); pairing: {pairing.label}", fontsize=9)
+               f"massive > {cfg.lam:g}); pairing: {pairing.label}{subset}", fontsize=9)
   return _save(fig, store, f"heatmap_{arm}_{step}")
 
 

@@ -116,3 +116,11 @@ def test_cli_reports_a_bad_run_dir_in_one_line(tmp_path, capsys):
   assert main(["trace", str(tmp_path / "missing")]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: run_dir:") and "\n" not in err
+
+
+def test_deep_models_show_evenly_spaced_heatmap_layers():
+  from analysis import plots as P
+  assert P.shown_layers(4) == [0, 1, 2, 3]
+  shown = P.shown_layers(30)
+  assert len(shown) == P.MAX_HEATMAP_LAYERS and shown[0] == 0 and shown[-1] == 29 and shown == sorted(set(shown))
+
