@@ -126,7 +126,7 @@ class LabConfig:
 
 
 QUICK = {"trace.probes": 8, "trace.batch": 8, "pretrained.probes": 4, "pretrained.length": 64,
-         "disrupt.n": 2, "disrupt.modes": "off,smallest,massive", "quant.methods": "rtn", "quant.n": 2,
+         "disrupt.n": 2, "disrupt.modes": "off,smallest,massive", "quant.methods": "rtn,rtn_keep", "quant.n": 2,
          "quant.calib": "4x64", "quant.ppl": "2x64"}
 """--quick: small analyses, and the experiment shrunk by QUICK_TRAIN (same arms, a tiny model)."""
 QUICK_TRAIN = {"steps": 6, "log_every": 2, "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,

@@ -179,9 +179,10 @@ def verdicts(records: list[dict], label: str, scheme_list: list[QM.Scheme], n_bo
     common = dict(claim=claim, title=f"{title} ({label})", rule=RULE, reference=str(sb),
                   quantity=f"contextual success, {sa} (value) vs {sb} (reference); usable tasks: "
                            f"{', '.join(sorted(usable)) or 'none'}")
-    if sa not in by or sb not in by or not items:
-      why = "no usable contextual task" if not items else f"{a} or {b} at the verdict's bit width was not run"
-      out.append(claims.Verdict(verdict="inconclusive", notes=why, **common))
+    if sa not in by or sb not in by:   # a comparison this run did not make has no verdict
+      continue
+    if not items:
+      out.append(claims.Verdict(verdict="inconclusive", notes="no usable contextual task", **common))
       continue
     xa = np.array([by[sa][i]["success"] for i in items], float)
     xb = np.array([by[sb][i]["success"] for i in items], float)
