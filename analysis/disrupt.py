@@ -176,14 +176,12 @@ def masks(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int) -> dict[s
   and points, and everywhere for 'off'), so one compiled prefill serves every mode, the undisrupted
   one included, with the same `rope` side."""
   qp, kp, vp = cfg.points()
-  chosen = set(cfg.layers(n_layers))
+  chosen = set() if cfg.mode == "off" else set(cfg.layers(n_layers))
   out = {}
   for layer in range(n_layers):
     names = {p: f"blocks.{layer}.attn.{p}" for p in (qp, kp, vp)}
     picked = {p: np.zeros(M[n].shape, bool) for p, n in names.items()}
-    if cfg.mode == "off":
-      pass
-    elif layer in chosen and cfg.mode == "v":
+    if layer in chosen and cfg.mode == "v":
       picked[vp] = _largest(M[names[vp]], massive(M[names[kp]], cfg).sum(-1))
     elif layer in chosen:
       picked[qp], picked[kp] = select(M[names[qp]], cfg), select(M[names[kp]], cfg)

@@ -321,7 +321,7 @@ def run(args) -> dict:
   for m in methods:
     QM.Scheme(m)  # one-line error for an unknown method
   bits = _widths(args.bits, "--bits")
-  kv_bits = _widths(args.kv_bits, "--kv-bits") if args.kv_bits.strip() else bits
+  kv_bits = _widths(args.kv_bits, "--kv-bits") if args.kv_bits.strip() else None
   kv = [tuple(x.strip().split(":")) for x in args.kv.split(",") if x.strip()]
   check(all(len(x) == 2 for x in kv), "--kv", f"must be a comma list of point:axis, e.g. pre:channel; got {args.kv!r}")
   scheme_list = schemes(methods, bits, group_size=args.group_size, lam=args.lam, top_k=args.top_k, alpha=args.alpha,
