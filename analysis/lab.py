@@ -354,11 +354,20 @@ class Lab:
       if name == "report":
         self.record(status | {"report": "ran"}, started, argv)
       log(f"== [{i}/{len(order)}] {name}: {stage.what}", flush=True)
+      if os.path.exists(self.marker_path(name)):
+        os.remove(self.marker_path(name))   # a forced redo that fails or stops must not look done
       t0 = time.perf_counter()
       stage.run()
       seconds = time.perf_counter() - t0
-      self.write_marker(name, seconds)
       status[name] = "ran"
+      missing = [p for d in stage.deps for p in self.stages[d].outputs if not os.path.exists(p)]
+      if missing and name != "report":
+        # e.g. `--only trace` while training goes on: the results are real but partial, so the next
+        # run must redo (extend) the stage rather than reuse it.
+        log(f"   {name} ran in {seconds:.0f} s on incomplete inputs ({missing[0]} is missing): "
+            "not marked done, so the next run redoes it", flush=True)
+        continue
+      self.write_marker(name, seconds)
       log(f"   {name} done in {seconds:.0f} s", flush=True)
     return status
 

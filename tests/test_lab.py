@@ -119,6 +119,12 @@ def test_quick_run_trains_traces_reports_then_reuses_everything(tmp_path, capsys
   assert plan == {"train": "done", "trace": "to-run", "pretrained": "skipped", "disrupt": "skipped", "quant": "done",
                   "report": "to-run"}
 
+  import shutil                                             # training not finished (one arm's last step missing):
+  shutil.rmtree(tmp_path / "runs" / "rope_vs_nope_quick" / "nope" / "checkpoints" / "6")
+  assert L.main([*argv, "--only", "trace", "--force", "trace"]) == 0
+  assert "on incomplete inputs" in capsys.readouterr().out   # trace runs on what exists, but is not marked done
+  assert not (report / "stages" / "trace.json").exists()
+
 
 def test_pretrained_command_analyses_an_imported_model_as_one_traced_step(tmp_path, capsys):
   from analysis.cli import main
