@@ -101,11 +101,12 @@ class _Arms:
   """The per-prompt sums of the RoPE and NoPE arms at their last common step, and a pooled-statistic
   helper with shared prompt resampling."""
 
-  def __init__(self, store: T.Store, rope_arm, nope_arm, n_boot: int):
+  def __init__(self, store: T.Store, rope_arm, nope_arm, n_boot: int, find_nope: bool = True):
     meta = store.meta()
     self.store, self.meta = store, meta
     self.cfg = T.stat_config(meta)
-    self.rope, self.nope = _pick(meta["arms"], rope_arm, "rope"), _pick(meta["arms"], nope_arm, "nope")
+    self.rope = _pick(meta["arms"], rope_arm, "rope")
+    self.nope = _pick(meta["arms"], nope_arm, "nope") if nope_arm or find_nope else None
     arms = [a for a in (self.rope, self.nope) if a]
     common = set.intersection(*(set(store.steps(a)) for a in arms)) if arms else set()
     self.step = max(common) if common else None
@@ -155,9 +156,13 @@ def _early(n_layers: int) -> range:
 
 
 def evaluate(store: T.Store, rope_arm: str | None = None, nope_arm: str | None = None,
-             n_boot: int = N_BOOT) -> list[Verdict]:
-  """C1-C4 (with C3 split into the cause and the low-frequency location) from a traced directory."""
-  a = _Arms(store, rope_arm, nope_arm, n_boot)
+             n_boot: int = N_BOOT, *, find_nope: bool = True) -> list[Verdict]:
+  """C1-C4 (with C3 split into the cause and the low-frequency location) from a traced directory.
+
+  Without `nope_arm` the reference is the arm named "nope" or else the first NoPE arm, unless
+  `find_nope` is False: then the claims that need a reference read inconclusive. Experiments with
+  seeds pass False, so that an arm is never compared with the NoPE arm of another seed."""
+  a = _Arms(store, rope_arm, nope_arm, n_boot, find_nope)
   lam = a.cfg.lam
   if a.rope is None:
     why = f"no RoPE arm among {', '.join(a.meta['arms'])}"

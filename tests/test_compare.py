@@ -1,0 +1,115 @@
+"""Experiments with seeds: each arm is paired with its same-seed NoPE arm, and each recipe seen under
+two or more seeds is pooled over seeds with a t interval (analysis.compare)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from analysis import claims as CL
+from analysis import compare as CMP
+from analysis import report as R
+from analysis import stats as S
+from analysis import trace as T
+from minilm import encodings
+from minilm.config import ModelConfig, to_dict
+from minilm.model import Decoder
+
+ARMS = {   # arm: (position, seed, overrides as an experiment config writes them)
+    "rope": (encodings.RoPE(), 0, {}),
+    "nope": (encodings.NoPE(), 0, {"model.position": "nope"}),
+    "alibi": (encodings.ALiBi(), 0, {"model.position": "alibi"}),
+    "rope_s1": (encodings.RoPE(), 1, {"seed": 1}),
+    "nope_s1": (encodings.NoPE(), 1, {"model.position": "nope", "seed": 1}),
+    "rope_s2": (encodings.RoPE(), 2, {"seed": 2}),     # seed 2 has no NoPE arm
+}
+# t quantile 0.975 with 1 and 2 degrees of freedom, from a table (not from scipy, which compare uses).
+T975 = {1: 12.706204736174707, 2: 4.302652729911275}
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+  """Untrained one-layer models, one per arm, initialised from the arm's seed, traced at step 0."""
+  root = tmp_path_factory.mktemp("seeded")
+  run_dir = root / "runs"
+  probes = np.random.default_rng(0).integers(0, 64, (4, 32))
+  store = T.open_store(str(root / "trace"), probes, np.ones(probes.shape), False, S.StatConfig())
+  for arm, (position, seed, _) in ARMS.items():
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, max_len=32, position=position)
+    T.record_step(store, Decoder(cfg, rngs=nnx.Rngs(seed)), arm, 0, context=32, final=True)
+    (run_dir / arm).mkdir(parents=True)
+    (run_dir / arm / "config.json").write_text(json.dumps({"name": arm, "seed": seed, "model": to_dict(cfg)}))
+  experiment = {"name": "seeded", "arms": {a: o for a, (_, _, o) in ARMS.items()}}
+  (run_dir / "experiment.json").write_text(json.dumps(experiment))
+  T.rebuild(store, n_boot=50)
+  out = CMP.compare(store, str(run_dir))
+  (root / "lab.json").write_text(json.dumps({"name": "seeded", "experiment": experiment}))
+  R.build(str(root))
+  return root, store, out
+
+
+def test_every_arm_is_paired_with_the_nope_arm_of_its_own_seed(seeded):
+  _, _, out = seeded
+  pairs = {r["arm"]: r["reference"] for r in out["comparisons"]}
+  assert pairs == {"rope": "nope", "alibi": "nope", "rope_s1": "nope_s1", "rope_s2": None}
+  recipes = {r["arm"]: r["recipe"] for r in out["comparisons"]}
+  assert recipes["rope"] == recipes["rope_s1"] == recipes["rope_s2"] == "shared config"
+  assert recipes["alibi"] == 'model.position="alibi"'
+
+
+def test_a_comparison_holds_the_verdicts_of_that_pair_alone(seeded):
+  _, store, out = seeded
+  row = next(r for r in out["comparisons"] if r["arm"] == "rope_s1")
+  direct = CL.evaluate(store, rope_arm="rope_s1", nope_arm="nope_s1", n_boot=CL.N_BOOT)
+  assert [v["claim"] for v in row["verdicts"]] == [v.claim for v in direct]
+  for got, want in zip(row["verdicts"], direct):
+    assert got["rope"] == pytest.approx(want.rope) if want.rope is not None else got["rope"] is None
+    assert got["diff"] == pytest.approx(want.diff) if want.diff is not None else got["diff"] is None
+
+
+def test_a_recipe_under_several_seeds_is_pooled_with_a_t_interval(seeded):
+  _, _, out = seeded
+  assert [g["recipe"] for g in out["seed_groups"]] == ["shared config"]   # alibi has one seed: no group
+  group = out["seed_groups"][0]
+  assert group["arms"] == ["rope", "rope_s1", "rope_s2"]
+  rows = {r["arm"]: r for r in out["comparisons"]}
+  for claim, c in group["claims"].items():
+    assert c["seeds"] == [0, 1, 2]
+    per_arm = [next(v for v in rows[a]["verdicts"] if v["claim"] == claim) for a in group["arms"]]
+    # A difference is pooled where every seed has one; otherwise the arm's own value.
+    key = "diff" if all(v["diff"] is not None for v in per_arm) else "rope"
+    assert c["measure"] == key and c["values"] == [v[key] for v in per_arm]
+    x = np.asarray(c["values"], np.float64)
+    assert c["mean"] == pytest.approx(x.mean())
+    half = T975[2] * x.std(ddof=1) / np.sqrt(3)
+    assert c["ci"] == pytest.approx([x.mean() - half, x.mean() + half])
+    assert c["verdicts"] == [v["verdict"] for v in per_arm]
+
+
+def test_an_arm_without_a_same_seed_nope_arm_is_not_compared_with_another_seeds(seeded):
+  _, _, out = seeded
+  rows = {r["arm"]: {v["claim"]: v for v in r["verdicts"]} for r in out["comparisons"]}
+  c3 = rows["rope_s2"]["C3"]
+  assert c3["diff"] is None and c3["nope"] is None and c3["verdict"] == "inconclusive"
+  assert rows["rope"]["C3"]["diff"] is not None                      # where a reference exists, it is used
+  assert out["seed_groups"][0]["claims"]["C3"]["measure"] == "rope"
+
+
+def test_seed_interval_against_a_hand_computed_one():
+  lo, hi = CMP.seed_interval([1.0, 2.0, 3.0])            # mean 2, sd 1
+  assert (lo, hi) == pytest.approx((2 - T975[2] / np.sqrt(3), 2 + T975[2] / np.sqrt(3)))
+  assert CMP.seed_interval([1.0, None, 3.0]) == pytest.approx([2 - T975[1], 2 + T975[1]])  # n 2, sd sqrt(2)
+  assert CMP.seed_interval([4.0]) is None and CMP.seed_interval([]) is None
+
+
+def test_the_report_shows_the_pooled_table(seeded):
+  root, _, _ = seeded
+  page = (root / "index.html").read_text()
+  section = page[page.index('<h2 id="comparisons">'):]
+  assert "<h3>Over seeds</h3>" in section
+  pooled = section[section.index("<h3>Over seeds</h3>"):]
+  pooled = pooled[:pooled.index("</table>")]
+  assert "(seed 0)" in pooled and "(seed 1)" in pooled and "(seed 2)" in pooled
+  assert "shared config" in pooled and "alibi" not in pooled
