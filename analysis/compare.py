@@ -3,7 +3,8 @@
 A traced run with arms such as rope_s0, nope_s0, rope_s1, nope_s1, alibi_s0, ... gets one set of
 C1-C4 verdicts per (arm, reference) comparison (analysis.claims.evaluate with that pair), and, for
 every recipe (an arm's overrides without its seed) seen under two or more seeds, the per-seed
-values with their mean and a t interval over seeds. Written to <trace>/comparisons.json.
+values with their mean and a t interval over seeds (pooled only where every seed is at the same
+step). Written to <trace>/comparisons.json.
 
 Beside it, <trace>/arms.json (`arm_table`): one row per traced arm at its last step, for sweeps over
 the RoPE base, the context length or the rotary fraction: where the rot_q/rot_k mass sits against
@@ -92,10 +93,13 @@ def compare(store: T.Store, run_dir: str) -> dict:
     for i, v in enumerate(members[0]["verdicts"]):
       vs = [m["verdicts"][i] for m in members]
       key = "diff" if all(x["diff"] is not None for x in vs) else "rope"
-      values = [x[key] for x in vs]
+      values, steps = [x[key] for x in vs], [x["step"] for x in vs]
+      # Seeds still training sit at earlier steps; a mean over different steps would mean nothing.
+      same_step = len(set(steps)) == 1 and None not in values
       per_claim[v["claim"]] = {"title": v["title"], "quantity": v["quantity"], "measure": key,
-                               "values": values, "seeds": [m["seed"] for m in members],
-                               "mean": float(np.mean(values)), "ci": seed_interval(values),
+                               "values": values, "seeds": [m["seed"] for m in members], "steps": steps,
+                               "mean": float(np.mean(values)) if same_step else None,
+                               "ci": seed_interval(values) if same_step else None,
                                "verdicts": [x["verdict"] for x in vs]}
     groups.append({"recipe": recipe, "position": members[0]["position"], "arms": [m["arm"] for m in members],
                    "claims": per_claim})

@@ -371,9 +371,12 @@ class Report:
       for g in groups:
         for cid, c in g["claims"].items():
           counts = {v: c["verdicts"].count(v) for v in dict.fromkeys(c["verdicts"])}
+          steps = c.get("steps") or [None] * len(c["seeds"])
+          pooled = (fmt(c["mean"], c["ci"]) if c["mean"] is not None else
+                    "not pooled: " + ("steps differ" if len(set(steps)) > 1 else "a seed has no value"))
           g_rows.append([esc(g["recipe"]), esc(cid), esc(c["measure"]),
-                         esc(", ".join(f"{fmt(x)} (seed {s})" for x, s in zip(c["values"], c["seeds"]))),
-                         fmt(c["mean"], c["ci"]), esc(", ".join(f"{n}/{len(c['verdicts'])} {v}" for v, n in counts.items()))])
+                         esc(", ".join(f"{fmt(x)} (seed {s}, step {t})" for x, s, t in zip(c["values"], c["seeds"], steps))),
+                         pooled, esc(", ".join(f"{n}/{len(c['verdicts'])} {v}" for v, n in counts.items()))])
       out += ['<h3>Over seeds</h3><p class="small">Per recipe (the arm\'s overrides without its seed): the '
               f"per-seed values, their mean with a {self.comparisons.get('level', 0.95):.0%} t interval over seeds, "
               "and how many seeds reach each verdict.</p>",

@@ -24,7 +24,9 @@ ARMS = {   # arm: (position, seed, overrides as an experiment config writes them
     "rope_s1": (encodings.RoPE(), 1, {"seed": 1}),
     "nope_s1": (encodings.NoPE(), 1, {"model.position": "nope", "seed": 1}),
     "rope_s2": (encodings.RoPE(), 2, {"seed": 2}),     # seed 2 has no NoPE arm
+    "alibi_s2": (encodings.ALiBi(), 2, {"model.position": "alibi", "seed": 2}),
 }
+STEP = {"alibi_s2": 3}   # traced at a later step than its seed-0 twin, as a seed still training is
 # t quantile 0.975 with 1 and 2 degrees of freedom, from a table (not from scipy, which compare uses).
 T975 = {1: 12.706204736174707, 2: 4.302652729911275}
 
@@ -38,7 +40,7 @@ def seeded(tmp_path_factory):
   store = T.open_store(str(root / "trace"), probes, np.ones(probes.shape), False, S.StatConfig())
   for arm, (position, seed, _) in ARMS.items():
     cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, max_len=32, position=position)
-    T.record_step(store, Decoder(cfg, rngs=nnx.Rngs(seed)), arm, 0, context=32, final=True)
+    T.record_step(store, Decoder(cfg, rngs=nnx.Rngs(seed)), arm, STEP.get(arm, 0), context=32, final=True)
     (run_dir / arm).mkdir(parents=True)
     (run_dir / arm / "config.json").write_text(json.dumps({"name": arm, "seed": seed, "model": to_dict(cfg)}))
   experiment = {"name": "seeded", "arms": {a: o for a, (_, _, o) in ARMS.items()}}
@@ -53,7 +55,7 @@ def seeded(tmp_path_factory):
 def test_every_arm_is_paired_with_the_nope_arm_of_its_own_seed(seeded):
   _, _, out = seeded
   pairs = {r["arm"]: r["reference"] for r in out["comparisons"]}
-  assert pairs == {"rope": "nope", "alibi": "nope", "rope_s1": "nope_s1", "rope_s2": None}
+  assert pairs == {"rope": "nope", "alibi": "nope", "rope_s1": "nope_s1", "rope_s2": None, "alibi_s2": None}
   recipes = {r["arm"]: r["recipe"] for r in out["comparisons"]}
   assert recipes["rope"] == recipes["rope_s1"] == recipes["rope_s2"] == "shared config"
   assert recipes["alibi"] == 'model.position="alibi"'
@@ -71,12 +73,11 @@ def test_a_comparison_holds_the_verdicts_of_that_pair_alone(seeded):
 
 def test_a_recipe_under_several_seeds_is_pooled_with_a_t_interval(seeded):
   _, _, out = seeded
-  assert [g["recipe"] for g in out["seed_groups"]] == ["shared config"]   # alibi has one seed: no group
-  group = out["seed_groups"][0]
+  group = next(g for g in out["seed_groups"] if g["recipe"] == "shared config")
   assert group["arms"] == ["rope", "rope_s1", "rope_s2"]
   rows = {r["arm"]: r for r in out["comparisons"]}
   for claim, c in group["claims"].items():
-    assert c["seeds"] == [0, 1, 2]
+    assert c["seeds"] == [0, 1, 2] and c["steps"] == [0, 0, 0]
     per_arm = [next(v for v in rows[a]["verdicts"] if v["claim"] == claim) for a in group["arms"]]
     # A difference is pooled where every seed has one; otherwise the arm's own value.
     key = "diff" if all(v["diff"] is not None for v in per_arm) else "rope"
@@ -94,7 +95,17 @@ def test_an_arm_without_a_same_seed_nope_arm_is_not_compared_with_another_seeds(
   c3 = rows["rope_s2"]["C3"]
   assert c3["diff"] is None and c3["nope"] is None and c3["verdict"] == "inconclusive"
   assert rows["rope"]["C3"]["diff"] is not None                      # where a reference exists, it is used
-  assert out["seed_groups"][0]["claims"]["C3"]["measure"] == "rope"
+  group = next(g for g in out["seed_groups"] if g["recipe"] == "shared config")
+  assert group["claims"]["C3"]["measure"] == "rope"
+
+
+def test_seeds_at_different_steps_are_listed_but_not_pooled(seeded):
+  _, _, out = seeded
+  group = next(g for g in out["seed_groups"] if g["recipe"] == 'model.position="alibi"')
+  assert group["arms"] == ["alibi", "alibi_s2"]
+  for c in group["claims"].values():
+    assert c["steps"] == [0, 3] and len(c["values"]) == 2
+    assert c["mean"] is None and c["ci"] is None
 
 
 def test_seed_interval_against_a_hand_computed_one():
@@ -111,5 +122,5 @@ def test_the_report_shows_the_pooled_table(seeded):
   assert "<h3>Over seeds</h3>" in section
   pooled = section[section.index("<h3>Over seeds</h3>"):]
   pooled = pooled[:pooled.index("</table>")]
-  assert "(seed 0)" in pooled and "(seed 1)" in pooled and "(seed 2)" in pooled
-  assert "shared config" in pooled and "alibi" not in pooled
+  assert "(seed 0, step 0)" in pooled and "(seed 1, step 0)" in pooled and "(seed 2, step 0)" in pooled
+  assert "shared config" in pooled and "(seed 2, step 3)" in pooled and "not pooled: steps differ" in pooled
