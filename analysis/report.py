@@ -378,7 +378,8 @@ class Report:
                          esc(", ".join(f"{fmt(x)} (seed {s}, step {t})" for x, s, t in zip(c["values"], c["seeds"], steps))),
                          pooled, esc(", ".join(f"{n}/{len(c['verdicts'])} {v}" for v, n in counts.items()))])
       out += ['<h3>Over seeds</h3><p class="small">Per recipe (the arm\'s overrides without its seed): the '
-              f"per-seed values, their mean with a {self.comparisons.get('level', 0.95):.0%} t interval over seeds, "
+              f"per-seed values, their mean with a {self.comparisons.get('level', 0.95):.0%} t interval over seeds "
+              "(only when every seed is at the same step: a seed still training is listed, not pooled), "
               "and how many seeds reach each verdict.</p>",
               table_html(["recipe", "claim", "value", "per seed", "mean [t interval over seeds]", "verdicts"], g_rows)]
     return "\n".join(out)
