@@ -51,6 +51,9 @@ RULE_C4 = ("supported if the RoPE arm's mean massive count per head of rot_q/rot
            "quarter of layers (at least layer 0, last step) has CI lower bound >= 1; not supported if "
            "its CI upper bound < 1 while some later layer has CI lower bound >= 1 (it appears later); "
            "inconclusive otherwise (including no concentrated layer at all: nothing to locate)")
+READS = {"C1": "rope", "C2": "rope", "C3": "diff", "C3-lowfreq": "diff", "C4": "rope"}
+"""Which value of a Verdict each rule above judges: the RoPE arm's own ('rope') or RoPE minus the
+reference ('diff'). Pooling over seeds pools that value."""
 
 
 @dataclasses.dataclass

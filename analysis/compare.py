@@ -3,8 +3,8 @@
 A traced run with arms such as rope_s0, nope_s0, rope_s1, nope_s1, alibi_s0, ... gets one set of
 C1-C4 verdicts per (arm, reference) comparison (analysis.claims.evaluate with that pair), and, for
 every recipe (an arm's overrides without its seed) seen under two or more seeds, the per-seed
-values with their mean and a t interval over seeds (pooled only where every seed is at the same
-step). Written to <trace>/comparisons.json.
+values of what each rule judges (claims.READS) with their mean and a t interval over seeds
+(pooled only where every seed is at the same step). Written to <trace>/comparisons.json.
 
 Beside it, <trace>/arms.json (`arm_table`): one row per traced arm at its last step, for sweeps over
 the RoPE base, the context length or the rotary fraction: where the rot_q/rot_k mass sits against
@@ -73,6 +73,16 @@ def seed_interval(values) -> list[float] | None:
   return [float(x.mean() - half), float(x.mean() + half)]
 
 
+def _pool(values: list, steps: list, references: list) -> dict:
+  """Values over seeds with their mean and t interval. Seeds still training sit at earlier steps, and
+  a difference may be taken against a NoPE arm in one seed and a null in another: a mean over such
+  values would mean nothing, so then the values are listed with the reason and not pooled."""
+  why = ("a seed has no value" if None in values else "steps differ" if len(set(steps)) > 1 else
+         "references differ" if len(set(references)) > 1 else None)
+  return {"values": values, "mean": None if why else float(np.mean(values)),
+          "ci": None if why else seed_interval(values), "why": why}
+
+
 def compare(store: T.Store, run_dir: str) -> dict:
   """Verdicts per comparison and per recipe over seeds; written to comparisons.json in the store."""
   facts = arm_facts(run_dir)
@@ -92,15 +102,15 @@ def compare(store: T.Store, run_dir: str) -> dict:
     per_claim = {}
     for i, v in enumerate(members[0]["verdicts"]):
       vs = [m["verdicts"][i] for m in members]
-      key = "diff" if all(x["diff"] is not None for x in vs) else "rope"
-      values, steps = [x[key] for x in vs], [x["step"] for x in vs]
-      # Seeds still training sit at earlier steps; a mean over different steps would mean nothing.
-      same_step = len(set(steps)) == 1 and None not in values
-      per_claim[v["claim"]] = {"title": v["title"], "quantity": v["quantity"], "measure": key,
-                               "values": values, "seeds": [m["seed"] for m in members], "steps": steps,
-                               "mean": float(np.mean(values)) if same_step else None,
-                               "ci": seed_interval(values) if same_step else None,
-                               "verdicts": [x["verdict"] for x in vs]}
+      steps = [x["step"] for x in vs]
+      references = ["a NoPE arm" if x["reference"].startswith("arm ") else x["reference"] for x in vs]
+      pooled = {"rope": _pool([x["rope"] for x in vs], steps, []),
+                "diff": _pool([x["diff"] for x in vs], steps, references)}
+      reads = CL.READS.get(v["claim"], "rope")
+      measure = reads if None not in pooled[reads]["values"] else "rope"
+      per_claim[v["claim"]] = {"title": v["title"], "quantity": v["quantity"], "measure": measure,
+                               **pooled[measure], "seeds": [m["seed"] for m in members], "steps": steps,
+                               "pooled": pooled, "verdicts": [x["verdict"] for x in vs]}
     groups.append({"recipe": recipe, "position": members[0]["position"], "arms": [m["arm"] for m in members],
                    "claims": per_claim})
   out = {"level": LEVEL, "comparisons": rows, "seed_groups": groups}

@@ -79,14 +79,29 @@ def test_a_recipe_under_several_seeds_is_pooled_with_a_t_interval(seeded):
   for claim, c in group["claims"].items():
     assert c["seeds"] == [0, 1, 2] and c["steps"] == [0, 0, 0]
     per_arm = [next(v for v in rows[a]["verdicts"] if v["claim"] == claim) for a in group["arms"]]
-    # A difference is pooled where every seed has one; otherwise the arm's own value.
-    key = "diff" if all(v["diff"] is not None for v in per_arm) else "rope"
+    # The value the claim's rule judges is pooled; a difference only where every seed has one.
+    key = CL.READS[claim] if all(v[CL.READS[claim]] is not None for v in per_arm) else "rope"
     assert c["measure"] == key and c["values"] == [v[key] for v in per_arm]
+    assert c["pooled"]["rope"]["values"] == [v["rope"] for v in per_arm]
+    if claim == "C3-lowfreq":
+      continue                                 # mixed references, tested below
     x = np.asarray(c["values"], np.float64)
     assert c["mean"] == pytest.approx(x.mean())
     half = T975[2] * x.std(ddof=1) / np.sqrt(3)
     assert c["ci"] == pytest.approx([x.mean() - half, x.mean() + half])
     assert c["verdicts"] == [v["verdict"] for v in per_arm]
+
+
+def test_each_claim_pools_the_value_its_rule_judges(seeded):
+  _, _, out = seeded
+  group = next(g for g in out["seed_groups"] if g["recipe"] == "shared config")
+  # C2's rule reads the RoPE arm's own Q/K-minus-V gap, not its difference from NoPE's gap; C1 and
+  # C4 read the arm's own count. C3 would read the difference, but rope_s2 has no reference.
+  assert {c: group["claims"][c]["measure"] for c in ("C1", "C2", "C3", "C4")} == {
+      "C1": "rope", "C2": "rope", "C3": "rope", "C4": "rope"}
+  lowfreq = group["claims"]["C3-lowfreq"]       # against NoPE in seeds 0 and 1, the 0.25 null in seed 2
+  assert lowfreq["measure"] == "diff" and lowfreq["mean"] is None and lowfreq["why"] == "references differ"
+  assert group["claims"]["C3"]["pooled"]["diff"]["mean"] is None
 
 
 def test_an_arm_without_a_same_seed_nope_arm_is_not_compared_with_another_seeds(seeded):
