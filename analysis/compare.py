@@ -73,7 +73,7 @@ def seed_interval(values) -> list[float] | None:
   return [float(x.mean() - half), float(x.mean() + half)]
 
 
-def _pool(values: list, steps: list, references: list) -> dict:
+def _pool(values: list, steps: list, references: list = ()) -> dict:
   """Values over seeds with their mean and t interval. Seeds still training sit at earlier steps, and
   a difference may be taken against a NoPE arm in one seed and a null in another: a mean over such
   values would mean nothing, so then the values are listed with the reason and not pooled."""
@@ -104,7 +104,7 @@ def compare(store: T.Store, run_dir: str) -> dict:
       vs = [m["verdicts"][i] for m in members]
       steps = [x["step"] for x in vs]
       references = ["a NoPE arm" if x["reference"].startswith("arm ") else x["reference"] for x in vs]
-      pooled = {"rope": _pool([x["rope"] for x in vs], steps, []),
+      pooled = {"rope": _pool([x["rope"] for x in vs], steps),
                 "diff": _pool([x["diff"] for x in vs], steps, references)}
       reads = CL.READS.get(v["claim"], "rope")
       measure = reads if None not in pooled[reads]["values"] else "rope"

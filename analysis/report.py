@@ -374,14 +374,14 @@ class Report:
       for g in groups:
         for cid, c in g["claims"].items():
           counts = {v: c["verdicts"].count(v) for v in dict.fromkeys(c["verdicts"])}
-          steps = c.get("steps") or [None] * len(c["seeds"])
-          pooled = fmt(c["mean"], c["ci"]) if c["mean"] is not None else f"not pooled: {esc(c.get('why'))}"
-          g_rows.append([esc(g["recipe"]), esc(cid), MEASURES.get(c["measure"], esc(c["measure"])),
-                         esc(", ".join(f"{fmt(x)} (seed {s}, step {t})" for x, s, t in zip(c["values"], c["seeds"], steps))),
+          pooled = fmt(c["mean"], c["ci"]) if c["mean"] is not None else f"not pooled: {esc(c['why'])}"
+          per_seed = ", ".join(f"{fmt(x)} (seed {s}, step {t})" for x, s, t in zip(c["values"], c["seeds"], c["steps"]))
+          g_rows.append([esc(g["recipe"]), esc(cid), MEASURES[c["measure"]], esc(per_seed),
                          pooled, esc(", ".join(f"{n}/{len(c['verdicts'])} {v}" for v, n in counts.items()))])
       out += ['<h3>Over seeds</h3><p class="small">Per recipe (the arm\'s overrides without its seed): the '
               "value each claim's rule judges, per seed, and their mean with a "
-              f"{self.comparisons.get('level', 0.95):.0%} t interval over seeds (only when every seed is at the same step: a seed still training is listed, not pooled), "
+              f"{self.comparisons.get('level', 0.95):.0%} t interval over seeds (only when every seed is at the "
+              "same step: a seed still training is listed, not pooled), "
               "and how many seeds reach each verdict.</p>",
               table_html(["recipe", "claim", "value", "per seed", "mean [t interval over seeds]", "verdicts"], g_rows)]
     return "\n".join(out)
