@@ -29,11 +29,13 @@ def check_choice(field: str, value: Any, allowed: typing.Iterable[Any]) -> None:
 
 
 DTYPES = ("float32", "bfloat16")
+MLPS = ("swiglu", "gelu", "gelu_erf", "relu")
+BLOCKS = ("pre", "parallel", "post")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A decoder: pre-norm blocks of grouped-query causal attention and an MLP."""
+  """A decoder: blocks of grouped-query causal attention and an MLP, pre-norm by default."""
   section: typing.ClassVar[str] = "model"  # error messages name fields as 'model.<field>'
   vocab_size: int = 512
   d_model: int = 128
@@ -41,13 +43,16 @@ class ModelConfig:
   n_heads: int = 4
   n_kv_heads: int = 0          # 0: as many as n_heads (plain multi-head attention)
   head_dim: int = 0            # 0: d_model // n_heads
-  d_ff: int = 0                # 0: 4*d_model (gelu) or 8/3*d_model rounded up to 32 (swiglu)
+  d_ff: int = 0                # 0: 8/3*d_model rounded up to 32 (swiglu) or 4*d_model (the rest)
   max_len: int = 256           # longest sequence for learned/sinusoidal; a soft limit for the rest
   norm: str = "rms"            # rms | layer
   norm_eps: float = 1e-5
-  mlp: str = "swiglu"          # swiglu | gelu
+  mlp: str = "swiglu"          # swiglu | gelu (tanh approximation, GPT-2's gelu_new) | gelu_erf | relu
+  block: str = "pre"           # pre | parallel (x + attn + mlp, GPT-NeoX) | post (norm after add, no final norm)
   tie_embeddings: bool = True
-  qkv_bias: bool = False       # biases on the q/k/v projections (Qwen2); none elsewhere
+  embed_dim: int = 0           # 0: d_model; else tokens embed at this width, projected in and out (OPT)
+  qkv_bias: bool = False       # biases on the q/k/v projections (Qwen2)
+  bias: bool = False           # biases on every linear layer but the head (GPT-2, OPT, GPT-NeoX)
   dtype: str = "float32"       # compute dtype; parameters are always float32
   init_std: float = 0.02
   position: encodings.PositionConfig = dataclasses.field(default_factory=encodings.RoPE)
@@ -55,10 +60,11 @@ class ModelConfig:
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
       check(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1; got {getattr(self, name)}")
-    for name in ("n_kv_heads", "head_dim", "d_ff"):
+    for name in ("n_kv_heads", "head_dim", "d_ff", "embed_dim"):
       check(getattr(self, name) >= 0, f"model.{name}", f"must be >= 0 (0 = default); got {getattr(self, name)}")
     check_choice("model.norm", self.norm, ("rms", "layer"))
-    check_choice("model.mlp", self.mlp, ("swiglu", "gelu"))
+    check_choice("model.mlp", self.mlp, MLPS)
+    check_choice("model.block", self.block, BLOCKS)
     check_choice("model.dtype", self.dtype, DTYPES)
     check(self.n_heads % self.kv_heads == 0, "model.n_kv_heads",
           f"must divide n_heads={self.n_heads}; got {self.kv_heads}")
@@ -78,10 +84,14 @@ class ModelConfig:
     return self.head_dim or self.d_model // self.n_heads
 
   @property
+  def token_dim(self) -> int:
+    return self.embed_dim or self.d_model
+
+  @property
   def ff_dim(self) -> int:
     if self.d_ff:
       return self.d_ff
-    if self.mlp == "gelu":
+    if self.mlp != "swiglu":
       return 4 * self.d_model
     return -(-8 * self.d_model // 3 // 32) * 32
 

@@ -82,18 +82,24 @@ class RotaryModule(PositionModule):
   def rotate(self, x_BxTxHxD, positions_BxT):
     c = self.cfg
     return P.apply_rope(x_BxTxHxD, positions_BxT, base=c.base, fraction=c.fraction,
-                        partial=c.partial, layout=c.layout)
+                        partial=c.partial, layout=c.layout, theta=c.frequencies(x_BxTxHxD.shape[-1]))
 
 
 @register
 @dataclasses.dataclass(frozen=True)
 class RoPE(PositionConfig):
-  """Rotary embedding of q and k (Su et al.), with partial variants and both pair layouts."""
+  """Rotary embedding of q and k (Su et al.), with partial variants, both pair layouts and the
+  context-extension scalings of HF's rope_scaling (linear, llama3)."""
   kind: ClassVar[str] = "rope"
   base: float = 10000.0
   fraction: float = 1.0
   partial: str = "neox"   # neox | p-rope
   layout: str = "half"    # half | interleaved
+  scaling: str = "none"   # none | linear | llama3
+  factor: float = 1.0     # linear, llama3: how many times slower the scaled pairs turn
+  low_freq_factor: float = 1.0     # llama3: wavelengths beyond original_max_len / this are scaled
+  high_freq_factor: float = 4.0    # llama3: wavelengths below original_max_len / this are kept
+  original_max_len: int = 8192     # llama3: the context length of pretraining
 
   def __post_init__(self):
     from minilm.config import check, check_choice
@@ -101,6 +107,17 @@ class RoPE(PositionConfig):
     check(0.0 < self.fraction <= 1.0, "model.position.fraction", f"must be in (0, 1]; got {self.fraction}")
     check_choice("model.position.partial", self.partial, P.PARTIAL_STYLES)
     check_choice("model.position.layout", self.layout, P.LAYOUTS)
+    check_choice("model.position.scaling", self.scaling, P.ROPE_SCALINGS)
+    check(self.factor > 0.0, "model.position.factor", f"must be > 0; got {self.factor}")
+    check(0.0 < self.low_freq_factor < self.high_freq_factor, "model.position.high_freq_factor",
+          f"must exceed low_freq_factor={self.low_freq_factor} > 0; got {self.high_freq_factor}")
+    check(self.original_max_len >= 1, "model.position.original_max_len", f"must be >= 1; got {self.original_max_len}")
+
+  def frequencies(self, head_dim: int):
+    """theta of every rotated pair, float64, scaled as `scaling` says."""
+    theta = P.rope_frequencies(head_dim, self.base, self.fraction, self.partial)
+    return P.scale_frequencies(theta, self.scaling, self.factor, self.low_freq_factor,
+                               self.high_freq_factor, self.original_max_len)
 
   def validate(self, model):
     from minilm.config import check
@@ -164,19 +181,26 @@ class Sinusoidal(PositionConfig):
 class LearnedModule(PositionModule):
   bounded = True
 
-  def __init__(self, max_len: int, d_model: int, init_std: float, rngs: nnx.Rngs):
+  def __init__(self, rows: int, d_model: int, init_std: float, offset: int, rngs: nnx.Rngs):
     init = jax.nn.initializers.normal(init_std)
-    self.table = nnx.Param(init(rngs.params(), (max_len, d_model), jnp.float32))
+    self.offset = offset
+    self.table = nnx.Param(init(rngs.params(), (rows, d_model), jnp.float32))
 
   def embed(self, positions_BxT):
-    return self.table[...][positions_BxT]
+    return self.table[...][positions_BxT + self.offset if self.offset else positions_BxT]
 
 
 @register
 @dataclasses.dataclass(frozen=True)
 class Learned(PositionConfig):
-  """A trained absolute position embedding table of max_len rows."""
+  """A trained absolute position embedding table: position t reads row t + offset of
+  max_len + offset rows (OPT keeps offset=2 rows in front, once meant for padding)."""
   kind: ClassVar[str] = "learned"
+  offset: int = 0
+
+  def __post_init__(self):
+    from minilm.config import check
+    check(self.offset >= 0, "model.position.offset", f"must be >= 0; got {self.offset}")
 
   def build(self, model, rngs):
-    return LearnedModule(model.max_len, model.d_model, model.init_std, rngs)
+    return LearnedModule(model.max_len + self.offset, model.d_model, model.init_std, self.offset, rngs)

@@ -79,20 +79,24 @@ class Norm(nnx.Module):
     return x.astype(self.dtype)
 
 
+ACTIVATIONS = {"gelu": jax.nn.gelu,  # tanh approximation
+               "gelu_erf": lambda h: jax.nn.gelu(h, approximate=False), "relu": jax.nn.relu}
+
+
 class MLP(nnx.Module):
-  """SwiGLU (gate, up, down) or GELU (up, down)."""
+  """SwiGLU (gate, up, down) or an activation between up and down (GELU, ReLU)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, f, std = cfg.d_model, cfg.ff_dim, cfg.init_std
     self.kind = cfg.mlp
     if cfg.mlp == "swiglu":
       self.gate = linear(d, f, cfg, rngs, std)
-    self.up = linear(d, f, cfg, rngs, std)
-    self.down = linear(f, d, cfg, rngs, std / math.sqrt(2 * cfg.n_layers))
+    self.up = linear(d, f, cfg, rngs, std, cfg.bias)
+    self.down = linear(f, d, cfg, rngs, std / math.sqrt(2 * cfg.n_layers), cfg.bias)
 
   def __call__(self, x_BxTxC):
     h = self.up(x_BxTxC)
-    h = jax.nn.silu(self.gate(x_BxTxC)) * h if self.kind == "swiglu" else jax.nn.gelu(h)
+    h = jax.nn.silu(self.gate(x_BxTxC)) * h if self.kind == "swiglu" else ACTIVATIONS[self.kind](h)
     return self.down(h)
 
 
@@ -142,10 +146,11 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
     d, H, K, D, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.init_std
     self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, H, K, D
-    self.q = linear(d, H * D, cfg, rngs, std, cfg.qkv_bias)
-    self.k = linear(d, K * D, cfg, rngs, std, cfg.qkv_bias)
-    self.v = linear(d, K * D, cfg, rngs, std, cfg.qkv_bias)
-    self.o = linear(H * D, d, cfg, rngs, std / math.sqrt(2 * cfg.n_layers))
+    qkv_bias = cfg.qkv_bias or cfg.bias
+    self.q = linear(d, H * D, cfg, rngs, std, qkv_bias)
+    self.k = linear(d, K * D, cfg, rngs, std, qkv_bias)
+    self.v = linear(d, K * D, cfg, rngs, std, qkv_bias)
+    self.o = linear(H * D, d, cfg, rngs, std / math.sqrt(2 * cfg.n_layers), cfg.bias)
 
   def _point(self, name: str, x, capture: frozenset, intervene: Intervene):
     if intervene is not None:
@@ -179,9 +184,11 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """pre: x + attn(norm(x)), then x + mlp(norm(x)); parallel: x + attn(norm(x)) + mlp(norm'(x));
+  post: norm(x + attn(x)), then norm(x + mlp(x))."""
 
   def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    self.kind = cfg.block
     self.attn_norm = Norm(cfg)
     self.attn = Attention(cfg, layer, rngs)
     self.mlp_norm = Norm(cfg)
@@ -189,10 +196,21 @@ class Block(nnx.Module):
 
   def __call__(self, x_BxTxC, pos_BxT, position, *, cache=None, index=None, block: int = 0,
                capture: frozenset = frozenset(), intervene: Intervene = None):
-    h, cache = self.attn(self.attn_norm(x_BxTxC), pos_BxT, position, cache=cache, index=index,
-                         block=block, capture=capture, intervene=intervene)
-    x = x_BxTxC + h
-    x = x + self.mlp(self.mlp_norm(x))
+    def attn(h_BxTxC):
+      return self.attn(h_BxTxC, pos_BxT, position, cache=cache, index=index, block=block,
+                       capture=capture, intervene=intervene)
+
+    if self.kind == "post":
+      h, cache = attn(x_BxTxC)
+      x = self.attn_norm(x_BxTxC + h)
+      x = self.mlp_norm(x + self.mlp(x))
+    elif self.kind == "parallel":
+      h, cache = attn(self.attn_norm(x_BxTxC))
+      x = x_BxTxC + h + self.mlp(self.mlp_norm(x_BxTxC))
+    else:
+      h, cache = attn(self.attn_norm(x_BxTxC))
+      x = x_BxTxC + h
+      x = x + self.mlp(self.mlp_norm(x))
     if "resid" in capture:
       self.sow(nnx.Intermediate, "resid", x)
     return x, cache

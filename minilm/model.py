@@ -1,4 +1,4 @@
-"""The minilm decoder: token embedding, position encoding, pre-norm blocks, tied or separate head."""
+"""The minilm decoder: token embedding, position encoding, blocks, tied or separate head."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -25,13 +25,17 @@ def capture_set(capture: Iterable[str] | bool) -> frozenset:
 class Decoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.token_dim, dtype=jnp.dtype(cfg.dtype),
                            param_dtype=jnp.float32,
                            embedding_init=jax.nn.initializers.normal(cfg.init_std), rngs=rngs)
     self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
-    self.final_norm = Norm(cfg)
+    if cfg.block != "post":  # post-norm blocks end in a norm already
+      self.final_norm = Norm(cfg)
     if not cfg.tie_embeddings:
-      self.lm_head = linear(cfg.d_model, cfg.vocab_size, cfg, rngs, cfg.init_std)
+      self.lm_head = linear(cfg.token_dim, cfg.vocab_size, cfg, rngs, cfg.init_std)
+    if cfg.embed_dim:
+      self.project_in = linear(cfg.embed_dim, cfg.d_model, cfg, rngs, cfg.init_std)
+      self.project_out = linear(cfg.d_model, cfg.embed_dim, cfg, rngs, cfg.init_std)
     # Built last, so an encoding with parameters (learned) never shifts the init of shared tensors:
     # paired arms with one seed start from identical embeddings, attention and MLP weights.
     self.position = cfg.position.build(cfg, rngs)
@@ -58,6 +62,8 @@ class Decoder(nnx.Module):
       raise ValueError(f"tokens: length {T} exceeds model.max_len={self.cfg.max_len} for "
                        f"position encoding {self.cfg.position.kind!r}")
     x = self.embed(tokens_BxT) if embeds_BxTxC is None else embeds_BxTxC.astype(jnp.dtype(self.cfg.dtype))
+    if self.cfg.embed_dim:
+      x = self.project_in(x)
     extra = self.position.embed(positions_BxT)
     if extra is not None:
       x = x + extra.astype(x.dtype)
@@ -66,7 +72,10 @@ class Decoder(nnx.Module):
       x, layer_cache = block(x, positions_BxT, self.position, cache=None if cache is None else cache["layers"][i],
                              index=index, block=rows, capture=capture, intervene=intervene)
       layers.append(layer_cache)
-    x = self.final_norm(x)
+    if self.cfg.block != "post":
+      x = self.final_norm(x)
+    if self.cfg.embed_dim:
+      x = self.project_out(x)
     if self.cfg.tie_embeddings:
       logits = matmul(x, self.embed.embedding[...].astype(x.dtype).T).astype(jnp.float32)
     else:

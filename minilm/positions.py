@@ -13,6 +13,7 @@ import numpy as np
 
 LAYOUTS = ("half", "interleaved")
 PARTIAL_STYLES = ("neox", "p-rope")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 def _check(name: str, value, allowed) -> None:
@@ -58,6 +59,28 @@ def rope_frequencies(head_dim: int, base: float = 10000.0, fraction: float = 1.0
   return base ** (-2.0 * j / span)
 
 
+def scale_frequencies(theta: np.ndarray, scaling: str = "none", factor: float = 1.0,
+                      low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                      original_max_len: int = 8192) -> np.ndarray:
+  """RoPE frequencies stretched for contexts longer than the model was trained on (HF rope_scaling).
+
+  linear: every theta / factor (position interpolation). llama3: pairs whose wavelength exceeds
+  original_max_len / low_freq_factor turn `factor` times slower, those shorter than
+  original_max_len / high_freq_factor keep their speed, and the band between blends the two.
+  """
+  _check("scaling", scaling, ROPE_SCALINGS)
+  theta = np.asarray(theta, np.float64)
+  if scaling == "none":
+    return theta
+  if scaling == "linear":
+    return theta / factor
+  wavelen = 2 * math.pi / theta
+  smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  blended = (1 - smooth) * theta / factor + smooth * theta
+  return np.where(wavelen > original_max_len / low_freq_factor, theta / factor,
+                  np.where(wavelen < original_max_len / high_freq_factor, theta, blended))
+
+
 def rope_pair_index(head_dim: int, layout: str = "half", fraction: float = 1.0,
                     partial: str = "neox") -> np.ndarray:
   """For every dim d of a head, the index j of its rotary pair (theta_j), or -1 if unrotated.
@@ -87,16 +110,21 @@ def _rotate(x: jnp.ndarray, angle: jnp.ndarray, layout: str) -> jnp.ndarray:
 
 
 def apply_rope(x_BxTxHxD: jnp.ndarray, positions: jnp.ndarray, *, base: float = 10000.0,
-               fraction: float = 1.0, partial: str = "neox", layout: str = "half") -> jnp.ndarray:
-  """Rotate q or k by their positions ([T] or [B, T]). Math in float32; output in x's dtype."""
+               fraction: float = 1.0, partial: str = "neox", layout: str = "half",
+               theta: np.ndarray | None = None) -> jnp.ndarray:
+  """Rotate q or k by their positions ([T] or [B, T]). Math in float32; output in x's dtype.
+
+  theta: the rotated pairs' frequencies, when not rope_frequencies(head_dim, base, fraction,
+  partial) (scaled RoPE).
+  """
   _check("layout", layout, LAYOUTS)
   head_dim = x_BxTxHxD.shape[-1]
   span, n_rot = rotary_pairs(head_dim, fraction, partial)
-  theta = np.zeros(span // 2, np.float32)  # unrotated p-rope pairs: angle 0, an exact identity
-  theta[:n_rot] = rope_frequencies(head_dim, base, fraction, partial)
+  theta_P = np.zeros(span // 2, np.float32)  # unrotated p-rope pairs: angle 0, an exact identity
+  theta_P[:n_rot] = rope_frequencies(head_dim, base, fraction, partial) if theta is None else theta
   pos = jnp.asarray(positions, jnp.float32)
   pos_BxT = pos[None] if pos.ndim == 1 else pos
-  angle_BxTx1xP = (pos_BxT[..., None] * jnp.asarray(theta))[:, :, None, :]
+  angle_BxTx1xP = (pos_BxT[..., None] * jnp.asarray(theta_P))[:, :, None, :]
   x = x_BxTxHxD.astype(jnp.float32)
   rotated = _rotate(x[..., :span], angle_BxTx1xP, layout)
   out = jnp.concatenate([rotated, x[..., span:]], axis=-1) if span < head_dim else rotated
