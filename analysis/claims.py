@@ -16,6 +16,7 @@ import numpy as np
 
 from analysis import stats as S
 from analysis import trace as T
+from minilm import atomic
 
 VERDICTS = ("supported", "not supported", "opposite", "inconclusive")
 
@@ -27,30 +28,56 @@ QK = ("rot_q", "rot_k")
 """The tensors the claims call Q and K: after RoPE, as the paper's code captures them (for NoPE
 rot_q == q)."""
 V = ("v",)
-MIN_MASSIVE = 1.0
-"""A set of heads is 'concentrated' when its mean massive count per head (lam from the trace's
-settings, 5 by default) is at least one."""
+POINTS = ("pre", "post", "pair")
+"""Where a concentration statistic is taken: per dim before RoPE (q, k), per dim after RoPE (rot_q,
+rot_k: the paper's view, which the rotation lowers for RoPE arms only, since it moves each pair's
+energy between its two dims), and per rotary pair (pair norms: unchanged by any rotation)."""
+POINT_LABELS = {"pre": "pre-RoPE per dim (q/k)", "post": "post-RoPE per dim (rot_q/rot_k, the paper's view)",
+                "pair": "per rotary pair (pair energy, rotation-invariant)"}
+SHARE_LEVEL = 0.5
+"""C1 and C4's stated level for the share of heads with at least one massive dim: a majority. The
+paper says 'every head'; a majority is the weakest reading under which concentration is a property of
+the heads rather than of a few of them."""
+ALPHA = 0.01
+"""One-sided level of the recurrence permutation test."""
+N_PERM = 1000
+"""Permutations of the recurrence null."""
+PERM_SEED = 0
 EARLY_FRACTION = 0.25
 """C4's early layers: the first quarter of the layers (at least the first layer)."""
 
-RULE_C1 = ("supported if the RoPE arm's mean massive count per head of rot_q/rot_k (all layers, last "
-           "step) has CI lower bound >= 1 AND its cross-head agreement (top-k overlap) has CI lower "
-           "bound > chance k/D; not supported if the count's CI upper bound < 1 or the agreement's CI "
-           "upper bound <= chance; inconclusive otherwise")
+RULE_C1 = ("share of heads with at least one massive dim (M[h,d] > lam x mean_d M[h,d], lam from the trace "
+           "settings, 5 by default), rot_q and rot_k separately (post-RoPE, the paper's view), heads of all "
+           "layers, last step, 95% bootstrap over prompts and heads; recurrence, for rot_q and rot_k "
+           "separately: pairs of heads of a layer that share a massive dim index, summed over the layers "
+           "where at least two heads have one, against a permutation null in which every head keeps its "
+           f"number of massive dims but places them at random among its dims ({N_PERM} permutations, seed "
+           f"{PERM_SEED}, one-sided p). supported if the Q share and the K share both have CI lower bound >= "
+           f"{SHARE_LEVEL:g} AND the recurrence p < {ALPHA:g} for Q and for K; not supported if either share "
+           f"has CI upper bound < {SHARE_LEVEL:g}, or the recurrence p >= {ALPHA:g} for Q or K where it can be "
+           "tested; inconclusive otherwise (including recurrence untestable: no layer with two heads holding a "
+           "massive dim). The same shares and tests before RoPE (q/k) and per rotary pair are reported beside it")
 RULE_C2 = ("supported if, in the RoPE arm, mean max/mean of rot_q/rot_k heads minus that of v heads "
            "(all layers, last step) has CI lower bound > 0; opposite if its CI upper bound < 0; "
-           "inconclusive otherwise")
-RULE_C3 = ("supported if RoPE minus NoPE mean max/mean of rot_q/rot_k heads (all layers, last step) "
-           "has CI lower bound > 0; opposite if CI upper bound < 0; inconclusive if the CI contains 0 "
-           "or there is no NoPE arm")
+           "inconclusive otherwise. The same gap before RoPE (q/k) and per rotary pair is reported beside it")
+RULE_C3 = ("judged on the rotation-invariant statistic: RoPE minus NoPE mean max/mean of the rotary-pair norms "
+           "sqrt(M[h,d1]^2 + M[h,d2]^2) of q/k heads (all layers, last step; the NoPE arm's dims paired with the "
+           "RoPE arm's pair layout); supported if its CI lower bound > 0; opposite if CI upper bound < 0; "
+           "inconclusive if the CI contains 0 or there is no NoPE arm. The same difference per dim before RoPE "
+           "(q/k) and after RoPE (rot_q/rot_k, the paper's view) is reported beside it, with the part of the "
+           "post-RoPE difference the rotation itself accounts for: (post - pre in the RoPE arm) - (post - pre "
+           "in the NoPE arm)")
 RULE_C3_LF = ("supported if RoPE minus reference low-frequency share (energy in the lowest-frequency "
-              "quarter of rotary pairs, rot_q/rot_k, all layers, last step) has CI lower bound > 0; "
-              "opposite if CI upper bound < 0; inconclusive otherwise. Reference: the NoPE arm, or "
-              "the null share (0.25) when there is none")
-RULE_C4 = ("supported if the RoPE arm's mean massive count per head of rot_q/rot_k in the first "
-           "quarter of layers (at least layer 0, last step) has CI lower bound >= 1; not supported if "
-           "its CI upper bound < 1 while some later layer has CI lower bound >= 1 (it appears later); "
-           "inconclusive otherwise (including no concentrated layer at all: nothing to locate)")
+              "quarter of rotary pairs, rot_q/rot_k, all layers, last step; rotation-invariant) has CI lower "
+              "bound > 0; opposite if CI upper bound < 0; inconclusive otherwise. Reference: the NoPE arm "
+              "(its dims paired with the RoPE arm's pair layout), or the null share (0.25) when there is none")
+RULE_C4 = (f"for rot_q and rot_k separately: the first layer whose share of heads with at least one massive dim "
+           f"(as in C1) reaches {SHARE_LEVEL:g}, with its 95% bootstrap interval over prompts and heads (a "
+           "replicate in which no layer reaches it counts as past the last layer); supported if for both Q "
+           "and K that interval's upper bound lies in the first quarter of the layers (at least layer 0); not "
+           "supported if for Q or K the interval's lower bound lies past the first quarter while some layer "
+           "reaches the level; inconclusive otherwise (including no layer reaching the level: nothing to "
+           "locate). The first layers before RoPE (q/k) and per rotary pair are reported beside it")
 READS = {"C1": "rope", "C2": "rope", "C3": "diff", "C3-lowfreq": "diff", "C4": "rope"}
 """Which value of a Verdict each rule above judges: the RoPE arm's own ('rope') or RoPE minus the
 reference ('diff'). Pooling over seeds pools that value."""
@@ -73,6 +100,11 @@ class Verdict:
   reference: str = ""              # what 'nope' is: 'arm nope', 'null 0.25', ...
   step: int | None = None
   notes: str = ""
+  point: str = ""                  # the point of POINTS the rule judges ('' when not a per-point statistic)
+  points: dict | None = None       # {point: {rope, rope_ci, nope, nope_ci, diff, ci}} at every point
+  rotation: dict | None = None     # {value, ci, of}: post minus pre, of 'diff' (less the reference's) or 'rope'
+  parts: list | None = None        # the sub-tests the verdict combines, and reported extras: dicts with
+  #                                  key, name, point, value, ci, verdict ('' when not judged), ...
 
   def __post_init__(self):
     if self.verdict not in VERDICTS:
@@ -98,6 +130,29 @@ def at_least(ci, threshold: float) -> str:
   return "supported" if lo >= threshold else "not supported" if hi < threshold else "inconclusive"
 
 
+def recurs(test: dict) -> str:
+  """A recurrence test's verdict: supported if p < ALPHA, not supported if testable and p >= ALPHA."""
+  if not test["testable"]:
+    return "inconclusive"
+  return "supported" if test["p"] < ALPHA else "not supported"
+
+
+def early(first: int, ci, n_layers: int) -> str:
+  """C4 for one tensor: where the first layer reaching SHARE_LEVEL lies against the early layers."""
+  n_early = len(_early(n_layers))
+  if first >= n_layers or not np.all(np.isfinite(ci)):
+    return "inconclusive"
+  return "supported" if ci[1] < n_early else "not supported" if ci[0] >= n_early else "inconclusive"
+
+
+def all_of(verdicts) -> str:
+  """supported if every part is, not supported if any part is not, inconclusive otherwise."""
+  verdicts = list(verdicts)
+  if "not supported" in verdicts:
+    return "not supported"
+  return "supported" if verdicts and all(v == "supported" for v in verdicts) else "inconclusive"
+
+
 # ------------------------------------------------------------------------------------- measuring
 
 class _Arms:
@@ -120,12 +175,24 @@ class _Arms:
   def n_layers(self, arm):
     return self.meta["arms"][arm]["n_layers"]
 
+  def pairing(self, arm) -> S.Pairing:
+    """An arm's pairing; a reference arm without RoPE takes the tested arm's, so that its dims are
+    paired with the same layout (like for like) wherever the head sizes match."""
+    facts, tested = self.meta["arms"][arm], self.meta["arms"][self.rope]
+    own = T.pairing_of(facts)
+    if arm != self.rope and not own.is_rope and facts["head_dim"] == tested["head_dim"]:
+      return T.pairing_of(tested)
+    return own
+
+  def norms(self, arm, layer, tensor) -> np.ndarray:
+    return np.sqrt(self.sums[arm][f"{layer}.{tensor}"].astype(np.float64).sum(0))
+
   def pooled(self, arm, tensors, stat, layers=None, seed=0):
     """(point, replicates) of a per-head statistic's mean over the heads of `tensors` x `layers`."""
     layers = range(self.n_layers(arm)) if layers is None else layers
     groups = [self.sums[arm][f"{l}.{t}"] for l in layers for t in tensors]
     facts = self.meta["arms"][arm]
-    return S.pooled(groups, [stat], T.pairing_of(facts), facts["context"], self.cfg, self.counts, seed)[stat]
+    return S.pooled(groups, [stat], self.pairing(arm), facts["context"], self.cfg, self.counts, seed)[stat]
 
 
 def _pick(arms: dict, name, kind: str):
@@ -142,16 +209,47 @@ def _ci(reps):
   return list(S.interval(reps, LEVEL))
 
 
-def _compare(a: _Arms, tensors, stat, layers_of=None):
-  """rope, nope (or None) and their paired difference: dict of values and intervals."""
-  layers = layers_of(a.rope) if layers_of else None
-  r, r_reps = a.pooled(a.rope, tensors, stat, layers, seed=1)
-  out = {"rope": r, "rope_ci": _ci(r_reps)}
-  if a.nope:
-    layers = layers_of(a.nope) if layers_of else None
-    n, n_reps = a.pooled(a.nope, tensors, stat, layers, seed=2)
-    out.update(nope=n, nope_ci=_ci(n_reps), diff=r - n, ci=_ci(r_reps - n_reps), reference=f"arm {a.nope}")
-  return out, r_reps
+def _at(point: str, tensors) -> tuple:
+  """The tensors a point reads: rot_q/rot_k after RoPE, q/k before it and for pairs (the pair norms
+  are the same on both); v is never rotated."""
+  return tuple(tensors) if point == "post" else tuple(t.replace("rot_", "") for t in tensors)
+
+
+def _measure(a: _Arms, arm, point: str, tensors, stat: str, layers=None, seed=0):
+  """(value, replicates) of `stat` at `point` over the heads of `tensors` (named as after RoPE)."""
+  return a.pooled(arm, _at(point, tensors), f"pair_{stat}" if point == "pair" else stat, layers, seed)
+
+
+def _three(a: _Arms, measure):
+  """`measure(arm, point, seed) -> (value, replicates)` at every point, in the tested arm and against
+  the reference: ({point: rope, rope_ci, nope, nope_ci, diff, ci}, rotation). Each arm uses one seed
+  at every point, so its pre, post and pair replicates resample the same heads and are paired."""
+  points, reps = {}, {}
+  for point in POINTS:
+    r, r_reps = measure(a.rope, point, 1)
+    out, n_reps = {"rope": r, "rope_ci": _ci(r_reps)}, None
+    if a.nope:
+      n, n_reps = measure(a.nope, point, 2)
+      out.update(nope=n, nope_ci=_ci(n_reps), diff=r - n, ci=_ci(r_reps - n_reps))
+    points[point], reps[point] = out, (r_reps, n_reps)
+  return points, _rotation(points, reps)
+
+
+def _rotation(points: dict, reps: dict) -> dict:
+  """What the rotation itself does to a per-dim value: post minus pre in the tested arm, less the same
+  in the reference (zero there for an arm without RoPE, whose rot_q is q), with a paired interval."""
+  (r_post, n_post), (r_pre, n_pre) = reps["post"], reps["pre"]
+  value, samples = points["post"]["rope"] - points["pre"]["rope"], r_post - r_pre
+  if n_post is None:
+    return {"value": value, "ci": _ci(samples), "of": "rope"}
+  value -= points["post"]["nope"] - points["pre"]["nope"]
+  return {"value": value, "ci": _ci(samples - (n_post - n_pre)), "of": "diff"}
+
+
+def _judged(points: dict, point: str, reference: str) -> dict:
+  """The Verdict fields of the point a rule judges."""
+  out = dict(points[point])
+  return {**out, "reference": reference} if "nope" in out else out
 
 
 def _early(n_layers: int) -> range:
@@ -166,83 +264,170 @@ def evaluate(store: T.Store, rope_arm: str | None = None, nope_arm: str | None =
   `find_nope` is False: then the claims that need a reference read inconclusive. Experiments with
   seeds pass False, so that an arm is never compared with the NoPE arm of another seed."""
   a = _Arms(store, rope_arm, nope_arm, n_boot, find_nope)
-  lam = a.cfg.lam
   if a.rope is None:
     why = f"no RoPE arm among {', '.join(a.meta['arms'])}"
     return [Verdict(c, t, "-", "inconclusive", r, notes=why) for c, t, r in
             (("C1", "Concentration", RULE_C1), ("C2", "Q/K only", RULE_C2), ("C3", "RoPE causes it", RULE_C3),
              ("C3-lowfreq", "...in low-frequency pairs", RULE_C3_LF), ("C4", "Early", RULE_C4))]
-  step = a.step
-  base = {"step": step}
+  return [_c1(a), _c2(a), _c3(a), _c3_lowfreq(a), _c4(a)]
 
-  # C1: massive dims in Q/K heads, shared across heads of a layer.
-  c1, c1_reps = _compare(a, QK, "massive")
-  agree, agree_reps = a.pooled(a.rope, QK, "agreement", seed=3)
-  head_dim = a.meta["arms"][a.rope]["head_dim"]
-  chance = min(a.cfg.agree_k, head_dim) / head_dim
-  agree_ci = _ci(agree_reps)
-  count_v = at_least(c1["rope_ci"], MIN_MASSIVE)
-  agree_v = ("supported" if agree_ci[0] > chance else "not supported" if agree_ci[1] <= chance else "inconclusive")
-  v1 = ("not supported" if "not supported" in (count_v, agree_v) else
-        "supported" if count_v == agree_v == "supported" else "inconclusive")
-  v_c1 = Verdict("C1", "Concentration", f"mean massive dims per head (lam={lam:g}), rot_q/rot_k", v1, RULE_C1,
-                 **c1, **base, notes=f"cross-head agreement {agree:.3f} CI [{agree_ci[0]:.3f}, {agree_ci[1]:.3f}] "
-                 f"vs chance {chance:.3f}")
 
-  # C2: the Q/K - V gap of max/mean, in the RoPE arm (and the same gap in NoPE for the difference).
-  def gap(arm, seed):
-    qk, qk_reps = a.pooled(arm, QK, "max_mean", seed=seed)
-    v, v_reps = a.pooled(arm, V, "max_mean", seed=seed + 10)
-    return qk - v, qk_reps - v_reps, qk, v
-  g_r, g_r_reps, qk_r, v_r = gap(a.rope, 4)
-  c2 = {"rope": g_r, "rope_ci": _ci(g_r_reps)}
+def _c1(a: _Arms) -> Verdict:
+  """Massive dims in most Q heads and most K heads, at recurring dim indices."""
+  lam = a.cfg.lam
+  points, rotation = _three(a, lambda arm, point, seed: _measure(a, arm, point, QK, "any_massive", seed=seed))
+  parts = []
+  for point in POINTS:
+    for name, tensor in (("Q", "rot_q"), ("K", "rot_k")):
+      value, reps = _measure(a, a.rope, point, (tensor,), "any_massive", seed=3)
+      ci = _ci(reps)
+      test = _recurrence(a, a.rope, point, tensor)
+      judged = point == "post"
+      parts += [{"key": f"share_{name}", "name": f"{name} share of heads with a massive dim", "point": point,
+                 "value": value, "ci": ci, "verdict": at_least(ci, SHARE_LEVEL) if judged else ""},
+                {"key": f"recurrence_{name}", "name": f"{name} heads sharing massive dim indices (pairs of heads)",
+                 "point": point, "value": test["observed"], "ci": None, **test,
+                 "verdict": recurs(test) if judged else ""}]
+  verdict = all_of(p["verdict"] for p in parts if p["verdict"])
+  return Verdict("C1", "Concentration", f"share of Q/K heads with at least one massive dim (lam={lam:g}), "
+                 "rot_q/rot_k", verdict, RULE_C1, **_judged(points, "post", f"arm {a.nope}"), step=a.step,
+                 point="post", points=points, rotation=rotation, parts=parts,
+                 notes="; ".join(f"{POINT_LABELS[pt]}: {_parts_notes(parts, pt)}" for pt in POINTS))
+
+
+def _recurrence(a: _Arms, arm, point: str, tensor: str) -> dict:
+  """The recurrence test of `tensor`'s massive dims (or massive pairs) at `point`, over the layers."""
+  units = S.unit_index(a.pairing(arm))
+  masks = []
+  for layer in range(a.n_layers(arm)):
+    M = a.norms(arm, layer, _at(point, (tensor,))[0])
+    masks.append(S.massive_mask(S.pair_norms(M, units) if point == "pair" else M, a.cfg.lam))
+  return S.recurrence(masks, N_PERM, PERM_SEED)
+
+
+def _parts_notes(parts: list, point: str) -> str:
+  """The judged parts in words, from their numbers."""
+  out = []
+  for p in parts:
+    if p["point"] != point:
+      continue
+    if p["ci"] is not None:
+      out.append(f"{p['name']} {p['value']:.3f} CI [{p['ci'][0]:.3f}, {p['ci'][1]:.3f}]")
+    elif "p" in p:
+      out.append(f"{p['name']} {p['value']} vs {p['null_mean']:.3g} under the null in {p['testable']} testable "
+                 f"layers, p {p['p']:.3g}")
+  return "; ".join(out)
+
+
+def _c2(a: _Arms) -> Verdict:
+  """The Q/K - V gap of max/mean, in the RoPE arm (and the same gap in NoPE for the difference)."""
+  def gap(arm, point, seed):
+    qk, qk_reps = _measure(a, arm, point, QK, "max_mean", seed=seed)
+    v, v_reps = _measure(a, arm, point, V, "max_mean", seed=seed + 10)
+    return qk - v, qk_reps - v_reps
+  points, rotation = _three(a, gap)
+  qk, _ = _measure(a, a.rope, "post", QK, "max_mean", seed=4)
+  v, _ = _measure(a, a.rope, "post", V, "max_mean", seed=14)
+  return Verdict("C2", "Q/K only", "max/mean of rot_q/rot_k minus max/mean of v (head means)",
+                 direction(points["post"]["rope_ci"]), RULE_C2, **_judged(points, "post", f"arm {a.nope}"),
+                 step=a.step, point="post", points=points, rotation=rotation,
+                 notes=f"RoPE arm: Q/K max/mean {qk:.3f}, V max/mean {v:.3f}")
+
+
+def _c3(a: _Arms) -> Verdict:
+  """RoPE minus NoPE concentration, judged per rotary pair."""
+  points, rotation = _three(a, lambda arm, point, seed: _measure(a, arm, point, QK, "max_mean", seed=seed))
+  return Verdict("C3", "RoPE causes it", "max/mean of q/k rotary-pair norms (head mean; rotation-invariant)",
+                 direction(points["pair"]["ci"]) if a.nope else "inconclusive", RULE_C3,
+                 **_judged(points, "pair", f"arm {a.nope}"), step=a.step, point="pair", points=points,
+                 rotation=rotation, notes="" if a.nope else "no NoPE arm traced")
+
+
+def _c3_lowfreq(a: _Arms) -> Verdict:
+  """Where the pair energy sits in frequency (rotation-invariant already: one point)."""
+  r, r_reps = a.pooled(a.rope, QK, "lf_share", seed=1)
+  lf = {"rope": r, "rope_ci": _ci(r_reps)}
   if a.nope:
-    g_n, g_n_reps, _, _ = gap(a.nope, 5)
-    c2.update(nope=g_n, nope_ci=_ci(g_n_reps), diff=g_r - g_n, ci=_ci(g_r_reps - g_n_reps), reference=f"arm {a.nope}")
-  v_c2 = Verdict("C2", "Q/K only", "max/mean of rot_q/rot_k minus max/mean of v (head means)",
-                 direction(c2["rope_ci"]), RULE_C2, **c2, **base,
-                 notes=f"RoPE arm: Q/K max/mean {qk_r:.3f}, V max/mean {v_r:.3f}")
-
-  # C3: RoPE minus NoPE concentration, and where it sits in frequency.
-  c3, _ = _compare(a, QK, "max_mean")
-  v_c3 = Verdict("C3", "RoPE causes it", "max/mean of rot_q/rot_k (head mean)",
-                 direction(c3["ci"]) if a.nope else "inconclusive", RULE_C3, **c3, **base,
-                 notes="" if a.nope else "no NoPE arm traced")
-  lf, lf_reps = _compare(a, QK, "lf_share")
-  n_pairs = T.pairing_of(a.meta["arms"][a.rope]).n_pairs
-  null = S.lf_pairs(n_pairs, a.cfg.lf_quarter) / n_pairs
-  if not a.nope:
-    lf.update(nope=null, diff=lf["rope"] - null, ci=[x - null for x in lf["rope_ci"]], reference=f"null {null:g}")
-  v_c3lf = Verdict("C3-lowfreq", "...in low-frequency pairs", "low-frequency share of rot_q/rot_k pair energy",
-                   direction(lf["ci"]), RULE_C3_LF, **lf, **base, notes=_where_notes(a))
-
-  # C4: concentration in the first layers.
-  c4, _ = _compare(a, QK, "massive", layers_of=lambda arm: _early(a.n_layers(arm)))
-  early = _early(a.n_layers(a.rope))
-  later = [l for l in range(a.n_layers(a.rope)) if l not in early]
-  v4 = at_least(c4["rope_ci"], MIN_MASSIVE)
-  later_ok = [l for l in later if at_least(_ci(a.pooled(a.rope, QK, "massive", [l], seed=6)[1]), MIN_MASSIVE)
-              == "supported"]
-  if v4 == "not supported" and not later_ok:
-    v4 = "inconclusive"
-  profile = ", ".join(f"L{l} {a.pooled(a.rope, QK, 'max_mean', [l])[0]:.2f}" for l in range(a.n_layers(a.rope)))
-  v_c4 = Verdict("C4", "Early", f"mean massive dims per head (lam={lam:g}), rot_q/rot_k, layers "
-                 f"{early.start}-{early.stop - 1}", v4, RULE_C4, **c4, **base,
-                 notes=f"concentrated later layers: {later_ok or 'none'}; RoPE Q/K max/mean by layer: {profile}")
-  return [v_c1, v_c2, v_c3, v_c3lf, v_c4]
+    n, n_reps = a.pooled(a.nope, QK, "lf_share", seed=2)
+    lf.update(nope=n, nope_ci=_ci(n_reps), diff=r - n, ci=_ci(r_reps - n_reps), reference=f"arm {a.nope}")
+  else:
+    n_pairs = a.pairing(a.rope).n_pairs
+    null = S.lf_pairs(n_pairs, a.cfg.lf_quarter) / n_pairs
+    lf.update(nope=null, diff=r - null, ci=[x - null for x in lf["rope_ci"]], reference=f"null {null:g}")
+  parts = _where(a)
+  return Verdict("C3-lowfreq", "...in low-frequency pairs", "low-frequency share of rot_q/rot_k pair energy",
+                 direction(lf["ci"]), RULE_C3_LF, **lf, step=a.step, point="pair", parts=parts,
+                 notes=_where_notes(parts))
 
 
-def _where_notes(a: _Arms) -> str:
-  """Where the mass sits relative to the context (SCIENCE.md: always report it)."""
+def _c4(a: _Arms) -> Verdict:
+  """How early the share of heads with a massive dim reaches SHARE_LEVEL, against the depth."""
+  n = a.n_layers(a.rope)
+  parts, firsts = [], {}
+  for point in POINTS:
+    for name, tensor in (("Q", "rot_q"), ("K", "rot_k")):
+      first, reps, profile = _first_layer(a, point, tensor)
+      firsts[point, name] = (first, reps)
+      ci = _ci(reps)
+      parts.append({"key": f"first_{name}", "name": f"first layer where the {name} share reaches {SHARE_LEVEL:g}",
+                    "point": point, "value": first, "ci": ci, "depth": first / n, "profile": profile,
+                    "verdict": early(first, ci, n) if point == "post" else ""})
+  points = {}
+  for point in POINTS:
+    (fq, rq), (fk, rk) = firsts[point, "Q"], firsts[point, "K"]
+    points[point] = {"rope": max(fq, fk), "rope_ci": _ci(np.maximum(rq, rk))}
+  e = _early(n)
+  return Verdict("C4", "Early", f"first layer where both Q and K shares of heads with a massive dim reach "
+                 f"{SHARE_LEVEL:g} (of {n}; early: layers {e.start}-{e.stop - 1}), rot_q/rot_k",
+                 all_of(p["verdict"] for p in parts if p["verdict"]), RULE_C4, **points["post"], step=a.step,
+                 point="post", points=points, parts=parts, notes=_c4_notes(parts, n))
+
+
+def _first_layer(a: _Arms, point: str, tensor: str):
+  """(first layer whose share of `tensor` heads with a massive dim reaches SHARE_LEVEL, its bootstrap
+  replicates, the per-layer shares); n_layers where no layer reaches it."""
+  n = a.n_layers(a.rope)
+  values, reps = zip(*(_measure(a, a.rope, point, (tensor,), "any_massive", [l], seed=20 + l) for l in range(n)))
+  reached, reached_reps = np.asarray(values) >= SHARE_LEVEL, np.stack(reps) >= SHARE_LEVEL
+  first = int(np.argmax(reached)) if reached.any() else n
+  first_reps = np.where(reached_reps.any(0), reached_reps.argmax(0), n).astype(np.float64)
+  return first, first_reps, [float(v) for v in values]
+
+
+def _c4_notes(parts: list, n_layers: int) -> str:
+  """Each first layer in words (n_layers reads 'no layer'), the per-layer shares at the judged point."""
+  out = []
+  for p in parts:
+    where = f"layer {p['value']} ({p['depth']:.0%} of the depth)" if p["value"] < n_layers else "no layer"
+    profile = ("; share by layer: " + ", ".join(f"L{l} {s:.2f}" for l, s in enumerate(p["profile"]))
+               if p["verdict"] else "")
+    out.append(f"{POINT_LABELS[p['point']]}, {p['name']}: {where}, CI [{p['ci'][0]:g}, {p['ci'][1]:g}]{profile}")
+  return "; ".join(out)
+
+
+def _where(a: _Arms) -> list:
+  """Where the mass sits relative to the context (docs/claims.md: always report it), as parts."""
   facts = a.meta["arms"][a.rope]
-  p, context = T.pairing_of(facts), facts["context"]
-  peak = np.median(np.concatenate([S.head_stats(np.sqrt(a.sums[a.rope][f"{l}.{t}"].sum(0)), p, context,
-                                                a.cfg)["peak_pair"] for l in range(facts["n_layers"]) for t in QK]))
-  band, _ = a.pooled(a.rope, QK, "band_share")
+  p, context = a.pairing(a.rope), facts["context"]
+  peak = np.median(np.concatenate([S.head_stats(a.norms(a.rope, l, t), p, context, a.cfg, ("peak_pair",))["peak_pair"]
+                                   for l in range(facts["n_layers"]) for t in QK]))
+  band, band_reps = a.pooled(a.rope, QK, "band_share", seed=5)
   _, band_null = S.band_share(np.ones(p.n_pairs), p.theta, context, a.cfg.band)
-  return (f"RoPE arm: median peak pair {peak:g} of {p.n_pairs}; first pair with wavelength > context "
-          f"({context:g}) {S.context_pair(p.theta, context)}, > 2x context {S.context_pair(p.theta, 2 * context)}; "
-          f"boundary-band share {band:.3f} (null {band_null:.3f})")
+  common = {"point": "pair", "ci": None, "verdict": ""}
+  return [{**common, "key": "peak_pair", "name": "median peak pair", "value": float(peak), "n_pairs": p.n_pairs},
+          {**common, "key": "ctx_pair", "name": f"first pair with wavelength > context ({context:g})",
+           "value": S.context_pair(p.theta, context)},
+          {**common, "key": "ctx2_pair", "name": "first pair with wavelength > 2x context",
+           "value": S.context_pair(p.theta, 2 * context)},
+          {**common, "key": "band_share", "name": "boundary-band share", "value": band, "ci": _ci(band_reps),
+           "null": band_null}]
+
+
+def _where_notes(parts: list) -> str:
+  by = {p["key"]: p for p in parts}
+  return (f"RoPE arm: median peak pair {by['peak_pair']['value']:g} of {by['peak_pair']['n_pairs']}; "
+          f"{by['ctx_pair']['name']} {by['ctx_pair']['value']}, {by['ctx2_pair']['name']} {by['ctx2_pair']['value']}; "
+          f"boundary-band share {by['band_share']['value']:.3f} (null {by['band_share']['null']:.3f})")
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -261,12 +446,10 @@ def write_claims(verdicts: list[Verdict], out_dir: str) -> None:
   merged = {v.claim: v for v in load_claims(out_dir)}
   merged.update({v.claim: v for v in verdicts})
   ordered = sorted(merged.values(), key=lambda v: v.claim)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "claims.json"), "w") as f:
-    json.dump({"level": LEVEL, "claims": [dataclasses.asdict(v) for v in ordered]}, f, indent=1,
-              default=lambda x: x.item() if isinstance(x, np.generic) else str(x))
-  with open(os.path.join(out_dir, "claims.md"), "w") as f:
-    f.write(to_markdown(ordered))
+  atomic.write_json(os.path.join(out_dir, "claims.json"),
+                    {"level": LEVEL, "claims": [dataclasses.asdict(v) for v in ordered]},
+                    default=lambda x: x.item() if isinstance(x, np.generic) else str(x))
+  atomic.write_text(os.path.join(out_dir, "claims.md"), to_markdown(ordered))
 
 
 def _fmt(x, ci=None) -> str:
@@ -276,14 +459,40 @@ def _fmt(x, ci=None) -> str:
   return s + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
 
 
+def points_text(v: Verdict) -> list[str]:
+  """The verdict's value at every point, and what the rotation itself accounts for, in words made
+  from the numbers (empty for a verdict without points)."""
+  out = []
+  for point in POINTS if v.points else ():
+    p = v.points[point]
+    ref = (f"; {v.reference or 'reference'} {_fmt(p['nope'], p['nope_ci'])}, difference {_fmt(p['diff'], p['ci'])}"
+           if p.get("nope") is not None else "")
+    out.append(f"{POINT_LABELS[point]}{' (judged)' if point == v.point else ''}: {_fmt(p['rope'], p['rope_ci'])}{ref}")
+  if v.rotation:
+    out.append(rotation_text(v))
+  return out
+
+
+def rotation_text(v: Verdict) -> str:
+  """How much of the post-RoPE value (or difference) the rotation itself accounts for."""
+  r = v.rotation
+  of = "difference" if r["of"] == "diff" else "value of the tested arm"
+  post = v.points["post"][r["of"]]
+  share = f", i.e. {r['value'] / post:.0%} of the post-RoPE {of} {_fmt(post)}" if post else ""
+  return f"the rotation itself (post-RoPE minus pre-RoPE) changes the {of} by {_fmt(r['value'], r['ci'])}{share}"
+
+
 def to_markdown(verdicts: list[Verdict]) -> str:
   lines = ["# Claims", "", f"Values with {LEVEL:.0%} bootstrap intervals (prompts and heads resampled).", "",
-           "| claim | quantity | RoPE | reference | RoPE - reference | verdict |", "|---|---|---|---|---|---|"]
+           "| claim | quantity | RoPE | reference | RoPE - reference | verdict | rule |",
+           "|---|---|---|---|---|---|---|"]
   for v in verdicts:
     ref = f"{v.reference}: {_fmt(v.nope, v.nope_ci)}" if v.reference else "-"
     lines.append(f"| {v.claim} {v.title} | {v.quantity} | {_fmt(v.rope, v.rope_ci)} | {ref} | "
-                 f"{_fmt(v.diff, v.ci)} | **{v.verdict}** |")
-  lines += ["", "## Rules and notes", ""]
+                 f"{_fmt(v.diff, v.ci)} | **{v.verdict}** | {v.rule} |")
+  lines += ["", "## Rules, points and notes", ""]
   for v in verdicts:
-    lines.append(f"- **{v.claim}** (step {v.step}): {v.rule}." + (f" Notes: {v.notes}." if v.notes else ""))
+    step = "" if v.step is None else f" (step {v.step})"
+    lines.append(f"- **{v.claim}**{step}: **{v.verdict}** by the rule: {v.rule}." + (f" Notes: {v.notes}." if v.notes else ""))
+    lines += [f"  - {t}" for t in points_text(v)]
   return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """Statistics of massive values: norms M[h, d], massive dims, rotary-pair energy, bootstrap intervals.
 
-Everything follows /work/shared/SCIENCE.md. The only thing computed from full activations is
+Everything follows docs/claims.md. The only thing computed from full activations is
 `sum_squares` (jax, runs on device inside the traced forward); every other function takes norms
 M [..., H, D] (any leading batch dims, e.g. bootstrap replicates) and is plain numpy.
 """
@@ -40,7 +40,7 @@ def sum_squares(x, *, drop_first: bool = False, mask=None):
 
 
 def value_norms(x, *, drop_first: bool = False, mask=None, per_prompt: bool = False):
-  """M[h, d] = sqrt(sum over tokens (and prompts) of x[t, h, d]^2), SCIENCE.md's definition.
+  """M[h, d] = sqrt(sum over tokens (and prompts) of x[t, h, d]^2), docs/claims.md's definition.
 
   x: [T, H, D] or [B, T, H, D]; per_prompt=True keeps the prompt axis ([B, H, D]).
   """
@@ -151,6 +151,24 @@ def pair_energy(M, pair_index) -> np.ndarray:
   return M2 @ onehot
 
 
+def unit_index(pairing: Pairing) -> np.ndarray:
+  """[D] the rotation-invariant unit of every dim: its rotary pair j, and for dims RoPE leaves
+  unrotated (partial RoPE) pairs P, P+1, ... formed among themselves in order (the k-th unrotated dim
+  with the (k + U/2)-th). Every dim belongs to a unit of two, so per-unit statistics of a RoPE arm
+  and of a NoPE arm paired the same way compare like for like."""
+  index = np.array(pairing.pair_index)
+  unrotated = np.nonzero(index < 0)[0]
+  half = len(unrotated) // 2
+  index[unrotated] = pairing.n_pairs + np.arange(len(unrotated)) % max(half, 1)
+  return index
+
+
+def pair_norms(M, units) -> np.ndarray:
+  """N[..., h, j] = sqrt(E[..., h, j]) over the units of `unit_index`: the norm over tokens of a
+  pair's two-dim sub-vector, which a rotation of the pair leaves unchanged."""
+  return np.sqrt(pair_energy(M, units))
+
+
 def unrotated_share(M, pair_index) -> np.ndarray:
   """Share of sum_d M^2 in dims that RoPE leaves unrotated (0 without partial RoPE)."""
   M2 = np.asarray(M, np.float64) ** 2
@@ -191,14 +209,19 @@ def band_share(E, theta, context: float, band=BAND) -> tuple[np.ndarray, float]:
 
 # ---------------------------------------------------------------------------- per-head summaries
 
+CONCENTRATION = ("massive", "any_massive", "topk_massive", "max_mean", "kurtosis", "agreement")
+"""Statistics of how few coordinates hold a head's norm. Each is computed per dim of M (on q/k: before
+RoPE; on rot_q/rot_k: after RoPE, the paper's view) and, prefixed 'pair_', per rotation-invariant unit
+(`unit_index`, norms `pair_norms`): the same definition with pair norms in place of dim norms."""
+PAIR = tuple(f"pair_{s}" for s in CONCENTRATION)
 PER_HEAD = ("massive", "topk_massive", "max_mean", "kurtosis", "agreement", "lf_share", "band_share",
-            "unrot_share", "peak_pair", "peak_wl_ctx", "peak_minus_ctx", "peak_minus_2ctx")
+            "unrot_share", "peak_pair", "peak_wl_ctx", "peak_minus_ctx", "peak_minus_2ctx", "any_massive") + PAIR
 """The per-head statistics `head_stats` returns, in table-column order."""
 
 
 @dataclasses.dataclass(frozen=True)
 class StatConfig:
-  """Every choice behind the statistics (SCIENCE.md: expose each as a parameter)."""
+  """Every choice behind the statistics (docs/claims.md: expose each as a parameter)."""
   lam: float = 5.0          # massive: M > lam * mean_d M
   top_k: int = 1            # reference-code definition: the top_k dims of every head
   agree_k: int = 2          # cross-head agreement over each head's top agree_k dims
@@ -216,23 +239,24 @@ class StatConfig:
           f"must be two increasing positive multiples of the context; got {self.band}")
 
 
-def head_stats(M, pairing: Pairing, context: float, cfg: StatConfig = StatConfig(), only=None) -> dict:
+def head_stats(M, pairing: Pairing, context: float, cfg: StatConfig = StatConfig(), only=None,
+               units=None) -> dict:
   """Per-head statistics of norms M [..., H, D] -> {name: [..., H]} (see PER_HEAD, or just the names
   in `only`: bootstrap replicates of one statistic need not pay for the others), plus the per-group
-  constants under 'null': chance levels and boundary pairs."""
+  constants under 'null': chance levels and boundary pairs. `units` ([D], default
+  unit_index(pairing)) groups the dims for the 'pair_' statistics; a NoPE arm compared with a RoPE arm
+  takes the RoPE arm's units."""
   M = np.asarray(M, np.float64)
+  units = unit_index(pairing) if units is None else np.asarray(units)
+  N = pair_norms(M, units)
   E = pair_energy(M, pairing.pair_index)
   lf, lf_null = lf_share(E, cfg.lf_quarter)
   band, band_null = band_share(E, pairing.theta, context, cfg.band)
-  agree_k = min(cfg.agree_k, M.shape[-1])
   peak = E.argmax(-1)
   j_ctx, j_2ctx = context_pair(pairing.theta, context), context_pair(pairing.theta, 2 * context)
   compute = {
-      "massive": lambda: massive_mask(M, cfg.lam).sum(-1).astype(np.float64),
-      "topk_massive": lambda: _topk_massive(M, cfg),
-      "max_mean": lambda: max_mean(M),
-      "kurtosis": lambda: kurtosis(M),
-      "agreement": lambda: agreement(M, agree_k)[0],
+      **_concentration(M, cfg),
+      **{f"pair_{name}": f for name, f in _concentration(N, cfg).items()},
       "lf_share": lambda: lf,
       "band_share": lambda: band,
       "unrot_share": lambda: unrotated_share(M, pairing.pair_index),
@@ -242,15 +266,57 @@ def head_stats(M, pairing: Pairing, context: float, cfg: StatConfig = StatConfig
       "peak_minus_2ctx": lambda: (peak - j_2ctx).astype(np.float64),
   }
   out = {name: f() for name, f in compute.items() if only is None or name in only}
-  out["null"] = {"lf_share": lf_null, "band_share": band_null, "agreement": agree_k / M.shape[-1],
+  out["null"] = {"lf_share": lf_null, "band_share": band_null, "agreement": min(cfg.agree_k, M.shape[-1]) / M.shape[-1],
+                 "pair_agreement": min(cfg.agree_k, N.shape[-1]) / N.shape[-1],
                  "ctx_pair": j_ctx, "ctx2_pair": j_2ctx, "n_pairs": pairing.n_pairs}
   return out
+
+
+def _concentration(M, cfg: StatConfig) -> dict:
+  """{name: thunk} of the CONCENTRATION statistics of norms M [..., H, units] (dims or pairs)."""
+  agree_k = min(cfg.agree_k, M.shape[-1])
+  return {
+      "massive": lambda: massive_mask(M, cfg.lam).sum(-1).astype(np.float64),
+      "any_massive": lambda: massive_mask(M, cfg.lam).any(-1).astype(np.float64),
+      "topk_massive": lambda: _topk_massive(M, cfg),
+      "max_mean": lambda: max_mean(M),
+      "kurtosis": lambda: kurtosis(M),
+      "agreement": lambda: agreement(M, agree_k)[0],
+  }
 
 
 def _topk_massive(M, cfg: StatConfig) -> np.ndarray:
   """How many of a head's top_k dims also pass the lam test (the two definitions agree when = k)."""
   k = min(cfg.top_k, M.shape[-1])
   return (top_k_mask(M, k) & massive_mask(M, cfg.lam)).sum(-1).astype(np.float64)
+
+
+# ------------------------------------------------------------------------- recurrence across heads
+
+def shared_pairs(mask_xHxD) -> np.ndarray:
+  """How many pairs of heads share a marked dim, summed over dims: sum_d C(c_d, 2) with c_d the heads
+  marking dim d. mask [..., H, D] -> [...]."""
+  c = np.asarray(mask_xHxD).sum(-2).astype(np.int64)
+  return (c * (c - 1) // 2).sum(-1)
+
+
+def recurrence(masks, n_perm: int, seed: int) -> dict:
+  """Do the same dim indices recur across the heads of a layer? `masks`: one boolean [H, D] per
+  layer (e.g. massive dims). Statistic: shared_pairs summed over layers. Null: every head keeps its
+  number of marked dims but places them uniformly at random among its D dims (each head's row
+  permuted independently, `n_perm` times, seeded). One-sided p = (1 + #null >= observed) / (1 +
+  n_perm). Layers with fewer than two marked heads cannot share and are left out ('testable' counts
+  the others); with none testable p is NaN."""
+  testable = [np.asarray(m, bool) for m in masks if np.asarray(m).any(-1).sum() >= 2]
+  observed = int(sum(shared_pairs(m) for m in testable))
+  if not testable:
+    return {"observed": 0, "null_mean": math.nan, "p": math.nan, "testable": 0, "n_perm": n_perm, "seed": seed}
+  rng = np.random.default_rng(seed)
+  null = np.zeros(n_perm, np.int64)
+  for m in testable:
+    null += shared_pairs(rng.permuted(np.broadcast_to(m, (n_perm, *m.shape)), axis=-1))
+  return {"observed": observed, "null_mean": float(null.mean()), "p": float((1 + (null >= observed).sum()) / (1 + n_perm)),
+          "testable": len(testable), "n_perm": n_perm, "seed": seed}
 
 
 # ------------------------------------------------------------------------------------- bootstrap
@@ -286,13 +352,14 @@ def interval(samples, level: float = 0.95) -> tuple[float, float]:
 
 
 def pooled(groups, stats, pairing: Pairing, context: float, cfg: StatConfig, counts,
-           seed: int = 0) -> dict:
+           seed: int = 0, units=None) -> dict:
   """Means of per-head statistics over every head of `groups` (a list of per-prompt sums of squares
   [B, H, D], e.g. rot_q and rot_k of all layers) with bootstrap replicates:
   {stat: (point, replicates [n_boot])}. Prompts are resampled by `counts` (share them between arms
-  to pair the arms), heads are resampled within each replicate."""
-  points = [head_stats(np.sqrt(np.asarray(S, np.float64).sum(0)), pairing, context, cfg, stats) for S in groups]
-  reps = [head_stats(boot_norms(S, counts), pairing, context, cfg, stats) for S in groups]
+  to pair the arms), heads are resampled within each replicate (the same heads for the same seed and
+  head count, so q/k and rot_q/rot_k replicates are paired)."""
+  points = [head_stats(np.sqrt(np.asarray(S, np.float64).sum(0)), pairing, context, cfg, stats, units) for S in groups]
+  reps = [head_stats(boot_norms(S, counts), pairing, context, cfg, stats, units) for S in groups]
   out = {}
   for stat in stats:
     point = np.concatenate([p[stat] for p in points])

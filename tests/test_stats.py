@@ -178,3 +178,75 @@ def test_head_stats_only_computes_what_is_asked_and_agrees():
   assert set(some) == {"kurtosis", "agreement", "null"} and some["null"] == full["null"]
   for name in ("kurtosis", "agreement"):
     np.testing.assert_array_equal(some[name], full[name])
+
+
+def _rotate_pairs(x_TxHxD, units, rng):
+  """Rotate every two-dim unit of every token and head by its own random angle."""
+  y = x_TxHxD.copy()
+  for j in range(units.max() + 1):
+    d1, d2 = np.nonzero(units == j)[0]
+    a = rng.uniform(0, 2 * np.pi, x_TxHxD.shape[:2])
+    y[..., d1] = np.cos(a) * x_TxHxD[..., d1] - np.sin(a) * x_TxHxD[..., d2]
+    y[..., d2] = np.sin(a) * x_TxHxD[..., d1] + np.cos(a) * x_TxHxD[..., d2]
+  return y
+
+
+@pytest.mark.parametrize("position", [encodings.RoPE(), encodings.RoPE(layout="interleaved"),
+                                      encodings.RoPE(fraction=0.5), encodings.RoPE(fraction=0.5, partial="p-rope"),
+                                      encodings.NoPE()])
+def test_pair_statistics_are_invariant_under_any_rotation_of_the_pairs(position):
+  rng = np.random.default_rng(10)
+  D = 32
+  pairing = S.pairing_for(position, D)
+  units = S.unit_index(pairing)
+  assert sorted(np.bincount(units)) == [2] * (D // 2)                  # every dim in exactly one unit of two
+  x = rng.standard_normal((128, 4, D)) * np.linspace(0.2, 3, D)
+  x[:, 1, 5] *= 60                                                      # one massive dim in head 1
+  y = _rotate_pairs(x, units, rng)
+  before = S.head_stats(np.asarray(S.value_norms(x)), pairing, 128.0)
+  after = S.head_stats(np.asarray(S.value_norms(y)), pairing, 128.0)
+  for name in S.PAIR:
+    np.testing.assert_allclose(after[name], before[name], rtol=1e-4, err_msg=name)
+  assert after["max_mean"][1] < 0.8 * before["max_mean"][1]            # per dim, the rotation lowers it
+  assert before["pair_any_massive"][1] == 1 and before["pair_massive"][1] == 1
+
+
+def test_pair_norms_are_the_norms_of_each_pairs_sub_vector():
+  pairing = S.pairing_for(encodings.RoPE(), 8)
+  M = np.arange(1.0, 9.0)[None]
+  np.testing.assert_allclose(S.pair_norms(M, S.unit_index(pairing))[0],
+                             np.sqrt(M[0, :4] ** 2 + M[0, 4:] ** 2))    # half layout: (j, j + 4)
+  st = S.head_stats(np.array([[1.0] * 7 + [30.0]]), pairing, 8.0)
+  assert st["any_massive"][0] == 1 and st["pair_max_mean"][0] == pytest.approx(
+      np.sqrt(901) / ((3 * np.sqrt(2) + np.sqrt(901)) / 4))
+
+
+def test_recurrence_null_has_its_size_without_recurrence_and_detects_planted_recurrence():
+  rng = np.random.default_rng(11)
+  p_values = []
+  for _ in range(300):   # each head marks 1-3 dims at random: no recurrence beyond chance
+    masks = []
+    for _ in range(4):
+      m = np.zeros((6, 32), bool)
+      for h in range(6):
+        m[h, rng.choice(32, rng.integers(1, 4), replace=False)] = True
+      masks.append(m)
+    p_values.append(S.recurrence(masks, 199, int(rng.integers(1 << 30)))["p"])
+  p_values = np.asarray(p_values)
+  for alpha in (0.05, 0.2, 0.5):    # size: P(p <= alpha) <= alpha within 3 binomial sd
+    assert (p_values <= alpha).mean() <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / 300)
+  assert (p_values <= 0.5).mean() >= 0.5 - 3 * np.sqrt(0.25 / 300)      # and not conservative to uselessness
+  planted = [m.copy() for m in masks]
+  for m in planted:
+    m[:4, 7] = True                                                     # dim 7 massive in 4 of 6 heads
+  test = S.recurrence(planted, 999, 0)
+  assert test["p"] == 1 / 1000 and test["observed"] >= 4 * 6 > test["null_mean"]   # 6 planted pairs a layer
+  assert S.recurrence([np.eye(4, 8, dtype=bool)], 99, 0)["observed"] == 0
+  assert S.recurrence([np.zeros((4, 8), bool)], 99, 0)["testable"] == 0
+
+
+def test_shared_pairs_counts_pairs_of_heads_per_dim():
+  m = np.zeros((4, 5), bool)
+  m[:3, 0] = True      # 3 heads: 3 pairs
+  m[[0, 3], 2] = True  # 1 pair
+  assert S.shared_pairs(m) == 4
