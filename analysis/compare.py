@@ -83,6 +83,26 @@ def _pool(values: list, steps: list, references: list = ()) -> dict:
           "ci": None if why else seed_interval(values), "why": why}
 
 
+def _pool_points(vs: list[dict], steps: list, references: list) -> dict | None:
+  """Each point's arm value and difference, and the rotation's part, over seeds (as `_pool`)."""
+  if any(x.get("points") is None for x in vs):
+    return None
+  out = {point: {"rope": _pool([x["points"][point]["rope"] for x in vs], steps),
+                 "diff": _pool([x["points"][point].get("diff") for x in vs], steps, references)}
+         for point in CL.POINTS}
+  if all(x.get("rotation") for x in vs):
+    out["rotation"] = _pool([x["rotation"]["value"] for x in vs], steps, [x["rotation"]["of"] for x in vs])
+  return out
+
+
+def _pool_parts(vs: list[dict], steps: list) -> dict:
+  """The value of every part (share of heads, first layer, ...) over seeds, '<key>@<point>'."""
+  keys = [(p["key"], p["point"]) for p in vs[0].get("parts") or []]
+  values = {k: [next((p["value"] for p in x.get("parts") or [] if (p["key"], p["point"]) == k), None) for x in vs]
+            for k in keys}
+  return {f"{key}@{point}": _pool(v, steps) for (key, point), v in values.items()}
+
+
 def compare(store: T.Store, run_dir: str) -> dict:
   """Verdicts per comparison and per recipe over seeds; written to comparisons.json in the store."""
   facts = arm_facts(run_dir)
@@ -110,7 +130,8 @@ def compare(store: T.Store, run_dir: str) -> dict:
       measure = reads if None not in pooled[reads]["values"] else "rope"
       per_claim[v["claim"]] = {"title": v["title"], "quantity": v["quantity"], "measure": measure,
                                **pooled[measure], "seeds": [m["seed"] for m in members], "steps": steps,
-                               "pooled": pooled, "verdicts": [x["verdict"] for x in vs]}
+                               "pooled": pooled, "verdicts": [x["verdict"] for x in vs],
+                               "points": _pool_points(vs, steps, references), "parts": _pool_parts(vs, steps)}
     groups.append({"recipe": recipe, "position": members[0]["position"], "arms": [m["arm"] for m in members],
                    "claims": per_claim})
   out = {"level": LEVEL, "comparisons": rows, "seed_groups": groups}
@@ -121,17 +142,21 @@ def compare(store: T.Store, run_dir: str) -> dict:
 
 # ------------------------------------------------------------------------------ mechanism per arm
 
+POINT_STATS = ("max_mean", "massive", "any_massive")
+"""Concentration statistics of the arms table at the three points of analysis.claims.POINTS:
+'pre_<stat>' (q/k), '<stat>' (rot_q/rot_k) and 'pair_<stat>' (rotary-pair norms)."""
 ARM_STATS = ("peak_pair", "peak_minus_ctx", "peak_minus_2ctx", "band_share", "lf_share", "unrot_share",
-             "max_mean", "massive")
-"""Per-head statistics of the arms table, pooled over the rot_q/rot_k heads of every layer."""
+             *POINT_STATS, *(f"pair_{s}" for s in POINT_STATS))
+"""Per-head statistics of the arms table, pooled over the rot_q/rot_k heads of every layer (and the
+POINT_STATS again over the q/k heads, as 'pre_<stat>')."""
 PAIR_STATS = ("peak_pair", "peak_minus_ctx", "peak_minus_2ctx")
 """Blank (None) for arms without RoPE: the argmax over a convention pairing means nothing."""
 
 
 def arm_table(store: T.Store, n_boot: int = CL.N_BOOT) -> dict:
   """One row per traced arm at its own last step: the arm's RoPE settings and context, its wavelength
-  boundary pairs j_ctx and j_2ctx, and the rot_q/rot_k statistics of ARM_STATS pooled over layers and
-  heads as analysis.claims pools them (point value, `LEVEL` bootstrap interval over prompts, shared by
+  boundary pairs j_ctx and j_2ctx, and the rot_q/rot_k statistics of ARM_STATS (with 'pre_' ones on q/k)
+  pooled over layers and heads as analysis.claims pools them (point value, `LEVEL` bootstrap interval over prompts, shared by
   the arms, and heads). Fields that need RoPE pairs are None for other encodings; their shares use the
   labelled convention pairing of analysis.stats, against which only the null values mean anything."""
   meta = store.meta()
@@ -148,6 +173,9 @@ def _arm_row(store: T.Store, arm: str, facts: dict, cfg: S.StatConfig, counts) -
   pairing, context = T.pairing_of(facts), facts["context"]
   groups = [sums[f"{layer}.{t}"] for layer in range(facts["n_layers"]) for t in CL.QK]
   pooled = S.pooled(groups, ARM_STATS, pairing, context, cfg, counts, T.BOOT_SEED)
+  pre = [sums[f"{layer}.{t}"] for layer in range(facts["n_layers"]) for t in ("q", "k")]
+  pooled.update({f"pre_{k}": v for k, v in S.pooled(pre, POINT_STATS, pairing, context, cfg, counts,
+                                                    T.BOOT_SEED).items()})
   null = S.head_stats(np.sqrt(np.asarray(groups[0], np.float64).sum(0)), pairing, context, cfg)["null"]
   rope = pairing.is_rope
   pos = facts["position_cfg"]
@@ -159,8 +187,7 @@ def _arm_row(store: T.Store, arm: str, facts: dict, cfg: S.StatConfig, counts) -
          "j_ctx": null["ctx_pair"] if rope else None, "j_2ctx": null["ctx2_pair"] if rope else None,
          "band_null": null["band_share"], "lf_null": null["lf_share"],
          "unrot_null": float((pairing.pair_index < 0).mean()) if partial else None}
-  for stat in ARM_STATS:
-    value, reps = pooled[stat]
+  for stat, (value, reps) in pooled.items():
     blank = (not rope and stat in PAIR_STATS) or (stat == "unrot_share" and not partial)
     row[stat] = None if blank or not np.isfinite(value) else value
     row[stat + "_ci"] = None if row[stat] is None else list(S.interval(reps, CL.LEVEL))

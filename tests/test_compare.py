@@ -104,6 +104,32 @@ def test_each_claim_pools_the_value_its_rule_judges(seeded):
   assert group["claims"]["C3"]["pooled"]["diff"]["mean"] is None
 
 
+def test_every_point_and_part_is_pooled_over_seeds(seeded):
+  _, _, out = seeded
+  group = next(g for g in out["seed_groups"] if g["recipe"] == "shared config")
+  rows = {r["arm"]: {v["claim"]: v for v in r["verdicts"]} for r in out["comparisons"]}
+  c3 = group["claims"]["C3"]
+  for point in CL.POINTS:
+    assert c3["points"][point]["rope"]["values"] == [rows[a]["C3"]["points"][point]["rope"] for a in group["arms"]]
+  assert c3["points"]["pair"]["diff"]["why"] == "a seed has no value"          # rope_s2 has no NoPE arm
+  assert c3["points"]["rotation"]["why"] == "references differ"                 # of 'diff' twice, of 'rope' once
+  shares = group["claims"]["C1"]["parts"]["share_Q@post"]
+  assert shares["values"] == [next(p["value"] for p in rows[a]["C1"]["parts"] if (p["key"], p["point"]) ==
+                                   ("share_Q", "post")) for a in group["arms"]]
+  assert shares["mean"] == pytest.approx(np.mean(shares["values"]))
+  assert group["claims"]["C3-lowfreq"]["points"] is None
+
+
+def test_the_arms_table_has_every_concentration_statistic_at_three_points(seeded):
+  root, _, _ = seeded
+  rows = {r["arm"]: r for r in json.loads((root / "trace" / "arms.json").read_text())["arms"]}
+  for stat in CMP.POINT_STATS:
+    for key in (f"pre_{stat}", stat, f"pair_{stat}"):
+      assert rows["rope"][key] is not None and rows["nope"][key] is not None, key
+  assert rows["nope"]["pre_max_mean"] == pytest.approx(rows["nope"]["max_mean"])   # no rotation in NoPE
+  assert rows["rope"]["pre_max_mean"] != pytest.approx(rows["rope"]["max_mean"])
+
+
 def test_an_arm_without_a_same_seed_nope_arm_is_not_compared_with_another_seeds(seeded):
   _, _, out = seeded
   rows = {r["arm"]: {v["claim"]: v for v in r["verdicts"]} for r in out["comparisons"]}
