@@ -1,7 +1,8 @@
 """HF-format import: a tiny random Llama checkpoint written as config.json + safetensors + tokenizer.json
 round-trips through minilm.importers.load and matches an independent float64 numpy forward pass.
 
-`numpy_llama_forward` is also the reference of test_import_smollm2.py (it shares no code with minilm).
+`numpy_llama_forward` is also the reference of test_import_smollm2.py, and the numpy pieces and the
+checkpoint writer here serve test_import_families.py (they share no code with minilm).
 """
 import json
 
@@ -21,10 +22,12 @@ def _rms_norm(x, scale, eps):
   return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * scale
 
 
-def _rope(x_TxHxD, base, layout):
-  """Rotate pair j by t * base^(-2j/D); pairs are (2j, 2j+1) interleaved or (j, j+D/2) half."""
+def numpy_rope(x_TxHxD, base, layout="half", theta=None):
+  """Rotate pair j by t * theta_j, theta_j = base^(-2j/D) unless given; pairs are (2j, 2j+1)
+  interleaved or (j, j+D/2) half."""
   T, _, D = x_TxHxD.shape
-  angle = np.arange(T)[:, None, None] * base ** (-2.0 * np.arange(D // 2) / D)
+  theta = base ** (-2.0 * np.arange(D // 2) / D) if theta is None else np.asarray(theta, np.float64)
+  angle = np.arange(T)[:, None, None] * theta
   cos, sin = np.cos(angle), np.sin(angle)
   if layout == "interleaved":
     a, b = x_TxHxD[..., 0::2], x_TxHxD[..., 1::2]
@@ -35,28 +38,32 @@ def _rope(x_TxHxD, base, layout):
   return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
-def numpy_llama_forward(w, tokens, *, n_heads, n_kv_heads, base, eps, layout):
+def numpy_attention(q_TxHxD, k_TxHxD, v_TxHxD):
+  """Causal softmax(q k^T / sqrt(D)) v, heads concatenated: [T, H*D]."""
+  T, _, D = q_TxHxD.shape
+  scores = np.einsum("thd,shd->hts", q_TxHxD, k_TxHxD) / np.sqrt(D)
+  scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("hts,shd->thd", probs, v_TxHxD).reshape(T, -1)
+
+
+def numpy_llama_forward(w, tokens, *, n_heads, n_kv_heads, base, eps, layout, theta=None):
   """Logits [T, V] in float64 of a Llama decoder. w: 'embed' [V, C], 'final_norm' [C], 'lm_head'
   [V, C] or None (tied), 'layers': dicts of [out, in] matrices q k v o gate up down and norms
-  attn_norm mlp_norm, with Q/K rows in `layout` order."""
+  attn_norm mlp_norm, with Q/K rows in `layout` order. theta: RoPE frequencies if not base's."""
   w = {k: v if k == "layers" else (None if v is None else np.asarray(v, np.float64)) for k, v in w.items()}
   x = w["embed"][np.asarray(tokens)]
   T = x.shape[0]
-  causal = np.tril(np.ones((T, T), bool))
   for layer in w["layers"]:
     p = {k: np.asarray(v, np.float64) for k, v in layer.items()}
     h = _rms_norm(x, p["attn_norm"], eps)
     D = p["q"].shape[0] // n_heads
-    q = _rope((h @ p["q"].T + p.get("q_bias", 0.0)).reshape(T, n_heads, D), base, layout)
-    k = _rope((h @ p["k"].T + p.get("k_bias", 0.0)).reshape(T, n_kv_heads, D), base, layout)
+    q = numpy_rope((h @ p["q"].T + p.get("q_bias", 0.0)).reshape(T, n_heads, D), base, layout, theta)
+    k = numpy_rope((h @ p["k"].T + p.get("k_bias", 0.0)).reshape(T, n_kv_heads, D), base, layout, theta)
     v = (h @ p["v"].T + p.get("v_bias", 0.0)).reshape(T, n_kv_heads, D)
     group = n_heads // n_kv_heads
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(D)
-    scores = np.where(causal, scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    x = x + np.einsum("hts,shd->thd", probs, v).reshape(T, -1) @ p["o"].T
+    x = x + numpy_attention(q, np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)) @ p["o"].T
     h = _rms_norm(x, p["mlp_norm"], eps)
     gate = h @ p["gate"].T
     x = x + (gate / (1 + np.exp(-gate)) * (h @ p["up"].T)) @ p["down"].T
@@ -121,13 +128,16 @@ def write_checkpoint(directory, cfg=CFG, seed=0, edit=lambda tensors: tensors):
   for i, layer in enumerate(w["layers"]):
     tensors.update({f"model.layers.{i}.{HF_NAMES[k.removesuffix('_bias')]}.{'bias' if k.endswith('_bias') else 'weight'}": v
                     for k, v in layer.items()})
-  tensors = edit(tensors)
-  # Two shards, as large checkpoints come.
+  save_checkpoint(directory, edit(tensors), {**cfg, "vocab_size": tok.get_vocab_size()})
+  return w, tok
+
+
+def save_checkpoint(directory, tensors, cfg):
+  """config.json and the tensors in two safetensors shards, as large checkpoints come."""
   names = sorted(tensors)
   safetensors.numpy.save_file({n: tensors[n] for n in names[::2]}, str(directory / "model-00001-of-00002.safetensors"))
   safetensors.numpy.save_file({n: tensors[n] for n in names[1::2]}, str(directory / "model-00002-of-00002.safetensors"))
-  (directory / "config.json").write_text(json.dumps({**cfg, "vocab_size": tok.get_vocab_size()}))
-  return w, tok
+  (directory / "config.json").write_text(json.dumps(cfg))
 
 
 def _reference(w, ids, cfg=CFG):
@@ -172,7 +182,7 @@ def test_hf_tied_embeddings_and_bfloat16(tmp_path):
   assert np.abs(np.asarray(model(jnp.asarray([ids]))[0]) - ref).max() < 1e-4 * np.abs(ref).max()
 
 
-def _one_line_error(directory, match):
+def one_line_error(directory, match):
   with pytest.raises(ValueError, match=match) as err:
     load(str(directory))
   assert "\n" not in str(err.value)
@@ -180,21 +190,22 @@ def _one_line_error(directory, match):
 
 def test_hf_missing_tensor(tmp_path):
   write_checkpoint(tmp_path, edit=lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.up_proj.weight"})
-  _one_line_error(tmp_path, r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'")
+  one_line_error(tmp_path, r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'")
 
 
 def test_hf_shape_mismatch(tmp_path):
   write_checkpoint(tmp_path, edit=lambda t: {**t, "model.layers.0.self_attn.k_proj.weight": np.zeros((32, 32), np.float32)})
-  _one_line_error(tmp_path, r"tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \[32, 32\]")
+  one_line_error(tmp_path, r"tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \[32, 32\]")
 
 
-def test_hf_unexpected_bias_and_qwen2(tmp_path):
+def test_hf_unexpected_bias_and_model_type(tmp_path):
   write_checkpoint(tmp_path, edit=lambda t: {**t, "model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)})
-  _one_line_error(tmp_path, r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'")
-  (tmp_path / "config.json").write_text(json.dumps({**CFG, "model_type": "gpt2", "vocab_size": 300}))
-  _one_line_error(tmp_path, r"model_type must be one of 'llama', 'mistral', 'qwen2'; got 'gpt2'")
+  one_line_error(tmp_path, r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'")
+  (tmp_path / "config.json").write_text(json.dumps({**CFG, "model_type": "bloom", "vocab_size": 300}))
+  one_line_error(tmp_path, r"model_type must be one of 'llama', 'mistral', 'qwen2', 'gpt2', 'opt', 'gpt_neox'; "
+                            r"got 'bloom'")
 
 
 def test_bad_source(tmp_path):
-  _one_line_error(tmp_path / "nothing-here", r"source: expected 'smollm2'")
-  _one_line_error(tmp_path, r"has no config.json")
+  one_line_error(tmp_path / "nothing-here", r"source: expected 'smollm2'")
+  one_line_error(tmp_path, r"has no config.json")

