@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
-from minilm.config import ConfigError
+from minilm.cli import guarded
 
 
 def _stat_args(p: argparse.ArgumentParser) -> None:
@@ -112,9 +111,4 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   from absl import logging   # orbax's read-only managers warn once per restored checkpoint
   logging.set_verbosity(logging.ERROR)
-  try:
-    args.run(args)
-  except (ConfigError, ValueError, FileNotFoundError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  return 0
+  return guarded(lambda: args.run(args))

@@ -24,8 +24,9 @@ import numpy as np
 
 from analysis import disrupt, tasks_llm
 from analysis.disrupt import DisruptConfig
-from minilm import generate
-from minilm.config import ConfigError, check
+from minilm import atomic, generate
+from minilm.cli import guarded
+from minilm.config import check, check_choice
 
 TABLE_MODES = ("off", "smallest", "massive", "matched", "v")
 COLUMNS = {"off": "original", "smallest": "non-massive disrupted", "massive": "massive disrupted",
@@ -159,7 +160,7 @@ def plot(summary: list[dict], path: Path, modes=TABLE_MODES) -> None:
     ax.set_title(model)
     ax.legend(fontsize=7, ncol=len(used), loc="upper center", bbox_to_anchor=(0.5, -0.12))
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  atomic.savefig(fig, str(path), dpi=110)
   plt.close(fig)
 
 
@@ -333,39 +334,91 @@ def config_from(args) -> tuple[DisruptConfig, tuple[str, ...]]:
   return base, modes
 
 
-def run(args) -> dict:
+FAMILIES = ("passkey", "context_facts", "recall", "capitals", "capitals_yesno", "conflict", "kb_facts")
+"""Task families of the built-in suites and of the lab's own examples; --tasks filters by prefix."""
+
+
+def task_filter(text: str) -> tuple[str, ...]:
+  """The --tasks prefixes, each checked against the known families before any model is loaded."""
+  keep = tuple(t.strip() for t in text.split(",") if t.strip())
+  for t in keep:
+    check(any(f.startswith(t) or t.startswith(f) for f in FAMILIES), "--tasks",
+          f"{t!r} names no task; tasks start with one of {', '.join(FAMILIES)}")
+  return keep
+
+
+def check_model(spec: str, field: str = "--model", *also: str) -> None:
+  """A model spec that can be loaded: smollm2, random, an existing path (or one of `also`)."""
+  check(spec in ("smollm2", "random", *also) or Path(spec).exists(), field,
+        f"must be 'smollm2', 'random'{''.join(f', {a!r}' for a in also)} or an existing path; got {spec!r}")
+
+
+def check_shared(args, model: bool = True) -> None:
+  """Settings shared by the C5 and C6 studies, checked before any model is loaded (the model spec
+  too, unless `model` is False: the lab's own arms exist only once it has trained them)."""
+  if model:
+    check_model(args.model)
+  task_filter(args.tasks)
+  check(args.n >= 2, "--n", f"must be >= 2 (balanced task sets); got {args.n}")
+  check(args.batch >= 1, "--batch", f"must be >= 1; got {args.batch}")
+  check_choice("--suite", args.suite, tasks_llm.SUITES)
+  atomic.check_out_dir(args.out)
+
+
+def prepared_sources(args) -> list[tuple]:
+  """load_sources with each model's items filtered by --tasks; a filter that keeps nothing is an
+  error before anything is written."""
+  keep = task_filter(args.tasks)
+  sources = []
+  for label, model, tokenizer, items, probe, notes in load_sources(args.model, args.suite, args.n, args.seed,
+                                                                   args.batch):
+    items = [it for it in items if not keep or it.task.startswith(keep)]
+    check(bool(items), "--tasks", f"no task of {label} starts with {args.tasks!r}")
+    sources.append((label, model, tokenizer, items, probe, notes))
+  return sources
+
+
+def plan(args, model: bool = True) -> tuple[DisruptConfig, tuple[str, ...]]:
+  """(base config, modes) of parsed arguments, every option checked without loading a model."""
   base, modes = config_from(args)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  check_shared(args, model)
+  return base, modes
+
+
+def run(args) -> dict:
+  """Validate, load every model, then write the outputs into a staging folder that replaces --out
+  only when complete: a bad option or a failure midway leaves an earlier --out as it was."""
+  base, modes = plan(args)
+  sources = prepared_sources(args)
+  for _, model, *_ in sources:
+    base.layers(model.cfg.n_layers)  # a bad layer range fails before any work
   t_all = time.perf_counter()
   all_records, report = [], {"disrupt": dataclasses.asdict(base), "modes": modes, "suite": args.suite, "n": args.n,
                              "seed": args.seed, "models": {}}
-  with open(out / "results.jsonl", "w") as sink:
-    for label, model, tokenizer, items, probe_prompts, notes in load_sources(args.model, args.suite, args.n,
-                                                                             args.seed, args.batch):
-      keep = tuple(t for t in args.tasks.split(",") if t)
-      items = [it for it in items if not keep or it.task.startswith(keep)]
-      check(bool(items), "--tasks", f"no task starts with {args.tasks!r}")
-      base.layers(model.cfg.n_layers)  # fail early on a bad layer range
-      probe = disrupt.probe_norms(model, probe_prompts, base) if base.source == "probe" else None
-      records, seconds = evaluate(model, tokenizer, items, modes, base, label=label, batch=args.batch,
-                                  probe=probe, sink=sink)
-      all_records += records
-      report["models"][label] = {"seconds": seconds, "examples": len(items),
-                                 "position": model.cfg.position.kind, **notes}
-  summary = summarize(all_records)
-  labels = list(report["models"])
-  verdicts = [c5_verdict(summary, m) for m in labels]
-  report.update(summary=summary, verdicts=verdicts, seconds_total=time.perf_counter() - t_all)
-  (out / "summary.json").write_text(json.dumps(report, indent=1))
-  (out / "verdict.json").write_text(json.dumps(verdicts, indent=1))
-  from analysis import claims
-  claims.write_claims([claim(verdicts, all_records, {m: report["models"][m]["position"] for m in labels})], str(out))
-  text = "\n\n".join(table(summary, m, TABLE_MODES + tuple(m_ for m_ in modes if m_ not in TABLE_MODES))
-                     for m in labels)
-  text += "\n\n" + "\n".join(f"C5 [{v['model']}]: {v['status']} ({v['summary']})" for v in verdicts) + "\n"
-  (out / "table.md").write_text(text)
-  plot(summary, out / "c5.png", TABLE_MODES + tuple(m for m in modes if m not in TABLE_MODES))
+  with atomic.staged_dir(args.out) as staging:
+    out = Path(staging)
+    with open(out / "results.jsonl", "w") as sink:
+      for label, model, tokenizer, items, probe_prompts, notes in sources:
+        probe = disrupt.probe_norms(model, probe_prompts, base) if base.source == "probe" else None
+        records, seconds = evaluate(model, tokenizer, items, modes, base, label=label, batch=args.batch,
+                                    probe=probe, sink=sink)
+        all_records += records
+        report["models"][label] = {"seconds": seconds, "examples": len(items),
+                                   "position": model.cfg.position.kind, **notes}
+    summary = summarize(all_records)
+    labels = list(report["models"])
+    verdicts = [c5_verdict(summary, m) for m in labels]
+    report.update(summary=summary, verdicts=verdicts, seconds_total=time.perf_counter() - t_all)
+    atomic.write_json(str(out / "summary.json"), report)
+    atomic.write_json(str(out / "verdict.json"), verdicts)
+    from analysis import claims
+    claims.write_claims([claim(verdicts, all_records, {m: report["models"][m]["position"] for m in labels})],
+                        str(out))
+    text = "\n\n".join(table(summary, m, TABLE_MODES + tuple(m_ for m_ in modes if m_ not in TABLE_MODES))
+                       for m in labels)
+    text += "\n\n" + "\n".join(f"C5 [{v['model']}]: {v['status']} ({v['summary']})" for v in verdicts) + "\n"
+    atomic.write_text(str(out / "table.md"), text)
+    plot(summary, out / "c5.png", TABLE_MODES + tuple(m for m in modes if m not in TABLE_MODES))
   return report
 
 
@@ -380,11 +433,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="analysis.experiment", description=__doc__.split("\n")[0])
   add_arguments(ap)
   args = ap.parse_args(argv)
-  try:
-    run_and_print(args)
-  except ConfigError as err:
-    raise SystemExit(f"error: {err}")
-  return 0
+  return guarded(lambda: run_and_print(args))
 
 
 if __name__ == "__main__":

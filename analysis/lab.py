@@ -31,7 +31,9 @@ import sys
 import time
 from typing import Callable
 
+from minilm import atomic
 from minilm import config as C
+from minilm.cli import guarded
 from minilm.config import check, check_choice
 
 STAGES = ("train", "trace", "pretrained", "disrupt", "quant", "report")
@@ -57,6 +59,15 @@ class TraceSettings:
     check(self.probes >= 2, "trace.probes", f"must be >= 2 (intervals resample prompts); got {self.probes}")
     check(self.length >= 0, "trace.length", f"must be >= 0 (0 = the training seq_len); got {self.length}")
     check(self.batch >= 1, "trace.batch", f"must be >= 1; got {self.batch}")
+    try:
+      self.stat_config()
+    except C.ConfigError as err:
+      raise C.ConfigError(f"trace.{err}") from None
+
+  def stat_config(self):
+    """The statistics settings every stage shares (trace, pretrained)."""
+    from analysis.stats import StatConfig
+    return StatConfig(lam=self.lam, top_k=self.top_k, agree_k=self.agree_k, drop_first=self.drop_first)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +83,9 @@ class PretrainedSettings:
   def __post_init__(self):
     check_choice("pretrained.layout", self.layout, ("half", "interleaved"))
     check(self.probes >= 2, "pretrained.probes", f"must be >= 2; got {self.probes}")
+    check(self.length >= 2, "pretrained.length", f"must be >= 2; got {self.length}")
+    check(self.context >= 0, "pretrained.context", f"must be >= 0 (0 = the model's max_len); got {self.context}")
+    check(self.batch >= 1, "pretrained.batch", f"must be >= 1; got {self.batch}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +219,28 @@ class Lab:
   def path(self, *parts) -> str:
     return os.path.join(self.report_dir, *parts)
 
+  def validate(self, enabled: list[str]) -> None:
+    """Every setting of every enabled stage checked (one line each) before anything runs or is
+    written, so a typo in the quant settings does not wait for the end of training."""
+    from analysis import experiment, quant_study
+    atomic.check_out_dir(self.report_dir, "--reports")
+    atomic.check_out_dir(self.run_dir, "--runs")
+    if "pretrained" in enabled:
+      experiment.check_model(self.cfg.pretrained.model, "pretrained.model")
+    if "disrupt" in enabled:
+      experiment.check_model(self.cfg.disrupt.model, "disrupt.model", RUN)
+      experiment.plan(self.disrupt_args(self._model_dep(self.cfg.disrupt.model)[1]), model=False)
+    if "quant" in enabled:
+      experiment.check_model(self.cfg.quant.model, "quant.model", RUN)
+      quant_study.plan(self.quant_args(self._model_dep(self.cfg.quant.model)[1]), model=False)
+
+  def diverged(self) -> dict[str, dict]:
+    """{arm: its divergence record} of the arms whose training diverged (they get no verdict)."""
+    from train import checkpoints as ck
+    divergence = getattr(ck, "divergence", lambda arm_dir: None)  # TEMP until train side lands
+    records = {arm: divergence(os.path.join(self.run_dir, arm)) for arm in self.exp.arms}
+    return {arm: r for arm, r in records.items() if r}
+
   def _model_dep(self, model: str) -> tuple[tuple[str, ...], str]:
     return (("train",), self.run_dir) if model == RUN else ((), model)
 
@@ -250,12 +286,10 @@ class Lab:
     return bool(m) and m.get("hash") == self.hashes[stage] and all(os.path.exists(p) for p in self.stages[stage].outputs)
 
   def write_marker(self, stage: str, seconds: float) -> None:
-    os.makedirs(self.path("stages"), exist_ok=True)
     s = self.stages[stage]
-    with open(self.marker_path(stage), "w") as f:
-      json.dump({"stage": stage, "hash": self.hashes[stage], "params": s.params, "deps": list(s.deps),
-                 "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "what": s.what},
-                f, indent=1, default=str)
+    atomic.write_json(self.marker_path(stage), {
+        "stage": stage, "hash": self.hashes[stage], "params": s.params, "deps": list(s.deps), "seconds": seconds,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "what": s.what}, default=str)
 
   # ------------------------------------------------------------------------------------- stages
 
@@ -264,56 +298,75 @@ class Lab:
     paired.run_planned(paired.plan(self.exp, self.runs), progress=True)
 
   def _trace(self) -> None:
+    """Trace into trace/ when it holds a capture with these settings (resuming it); otherwise into
+    a staging folder that replaces trace/ only when complete, so the old trace (and the report that
+    links to it) stays intact until the new one is whole."""
+    t = self.cfg.trace
+    capture = {"probes": t.probes, "length": t.length, "probe_seed": t.probe_seed, "drop_first": t.drop_first,
+               "run_dir": os.path.abspath(self.run_dir),
+               "experiment": _hash({"train": C.to_dict(self.exp.train) | {"steps": 0}, "arms": self.exp.arms})}
+    out = self.path("trace")
+    atomic.recover_dir(out, keep_partial=True)
+    if _holds(out, capture):
+      self._trace_into(out)
+      return
+    with atomic.staged_dir(out, keep_partial=True) as staging:
+      if not _holds(staging, capture):
+        shutil.rmtree(staging)
+        os.makedirs(staging)
+        atomic.write_json(os.path.join(staging, CAPTURE), capture)
+      self._trace_into(staging)
+
+  def _trace_into(self, out: str) -> None:
     from tqdm.auto import tqdm
 
     from analysis import compare
     from analysis import trace as T
-    from analysis.stats import StatConfig
     from train import checkpoints as ck
     t = self.cfg.trace
-    out = self.path("trace")
-    capture = {"probes": t.probes, "length": t.length, "probe_seed": t.probe_seed, "drop_first": t.drop_first,
-               "run_dir": os.path.abspath(self.run_dir), "experiment": _hash({"train": C.to_dict(self.exp.train) | {"steps": 0}, "arms": self.exp.arms})}
-    _fresh_dir_unless(out, "lab_capture.json", capture)
     store = T.Store(out)
-    todo = sum(len(set(ck.available_steps(d)) - set(store.steps(a))) for a, d in T.run_arms(self.run_dir).items())
+    arms = {a: d for a, d in T.run_arms(self.run_dir).items() if a not in self.diverged()}
+    todo = sum(len(set(ck.available_steps(d)) - set(store.steps(a))) for a, d in arms.items())
     with tqdm(total=todo, desc="trace (arm, step)", dynamic_ncols=True) as bar:
       store = T.trace_run(self.run_dir, out, n_probes=t.probes, length=t.length or None, probe_seed=t.probe_seed,
-                          stat_cfg=StatConfig(lam=t.lam, top_k=t.top_k, agree_k=t.agree_k, drop_first=t.drop_first),
-                          batch_size=t.batch, log=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
+                          stat_cfg=t.stat_config(), batch_size=t.batch, arms=list(arms),
+                          log=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
     compare.compare(store, self.run_dir)
 
   def _pretrained(self) -> None:
     from analysis import pretrained
-    from analysis.stats import StatConfig
-    p, t = self.cfg.pretrained, self.cfg.trace
-    out = self.path("pretrained")
-    shutil.rmtree(out, ignore_errors=True)   # one forward pass: cheaper to redo than to reconcile
-    pretrained.analyze(p.model, out, n_probes=p.probes, length=p.length, context=p.context or None,
-                       layout=p.layout, batch_size=p.batch,
-                       stat_cfg=StatConfig(lam=t.lam, top_k=t.top_k, agree_k=t.agree_k, drop_first=t.drop_first))
+    p = self.cfg.pretrained
+    with atomic.staged_dir(self.path("pretrained")) as staging:
+      pretrained.analyze(p.model, staging, n_probes=p.probes, length=p.length, context=p.context or None,
+                         layout=p.layout, batch_size=p.batch, stat_cfg=self.cfg.trace.stat_config())
 
   def _disrupt(self, model: str) -> None:
     from analysis import experiment
-    d = self.cfg.disrupt
-    out = self.path("disrupt")
-    shutil.rmtree(out, ignore_errors=True)
-    ap = argparse.ArgumentParser(prog="disrupt stage")
-    experiment.add_arguments(ap)
-    args = ap.parse_args(["--model", model, "--out", out, "--suite", d.suite, "--n", str(d.n), "--modes", d.modes,
-                          "--batch", str(d.batch), "--seed", str(d.seed), *d.extra])
-    experiment.run_and_print(args)
+    experiment.run_and_print(self.disrupt_args(model))
 
   def _quant(self, model: str) -> None:
     from analysis import quant_study
+    quant_study.run(self.quant_args(model))
+
+  def disrupt_args(self, model: str) -> argparse.Namespace:
+    """The disrupt stage's settings as `python -m analysis disrupt` arguments (parsed, unchecked)."""
+    from analysis import experiment
+    d = self.cfg.disrupt
+    ap = _Parser(prog="disrupt.extra")
+    experiment.add_arguments(ap)
+    return ap.parse_args(["--model", model, "--out", self.path("disrupt"), "--suite", d.suite, "--n", str(d.n),
+                          "--modes", d.modes, "--batch", str(d.batch), "--seed", str(d.seed), *d.extra])
+
+  def quant_args(self, model: str) -> argparse.Namespace:
+    """The quant stage's settings as `python -m analysis.quant_study` arguments (parsed, unchecked)."""
+    from analysis import quant_study
     q = self.cfg.quant
-    out = self.path("quant")
-    shutil.rmtree(out, ignore_errors=True)
-    args = quant_study.parse(["--model", model, "--out", out, "--methods", q.methods, "--bits", q.bits,
-                              "--group-size", str(q.group_size), "--top-k", str(q.top_k), "--n", str(q.n),
-                              "--calib", q.calib, "--ppl", q.ppl, "--batch", str(q.batch), "--seed", str(q.seed),
-                              *q.extra])
-    quant_study.run(args)
+    ap = _Parser(prog="quant.extra")
+    quant_study.add_arguments(ap)
+    return ap.parse_args(["--model", model, "--out", self.path("quant"), "--methods", q.methods, "--bits", q.bits,
+                          "--group-size", str(q.group_size), "--top-k", str(q.top_k), "--n", str(q.n),
+                          "--calib", q.calib, "--ppl", q.ppl, "--batch", str(q.batch), "--seed", str(q.seed),
+                          *q.extra])
 
   def _report(self) -> None:
     from analysis import report
@@ -333,9 +386,7 @@ class Lab:
             "lab": C.to_dict(self.cfg), "experiment": C.to_dict(self.exp),
             "run_dir": os.path.abspath(self.run_dir), "report_dir": os.path.abspath(self.report_dir),
             "stages": stages, "versions": versions()}
-    os.makedirs(self.report_dir, exist_ok=True)
-    with open(self.path("lab.json"), "w") as f:
-      json.dump(data, f, indent=1, default=str)
+    atomic.write_json(self.path("lab.json"), data, default=str)
 
   def execute(self, enabled: list[str], force: set[str], argv: list[str], log=print) -> dict[str, str]:
     """Run the enabled stages in order, reusing those whose marker matches (the report is always
@@ -372,19 +423,24 @@ class Lab:
     return status
 
 
-def _fresh_dir_unless(folder: str, name: str, settings: dict) -> None:
-  """Empty `folder` unless its `name` file holds `settings`; then write them (before any work, so an
-  interrupted stage resumes only into a folder made with the same settings)."""
-  path = os.path.join(folder, name)
-  old = None
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-  if old != settings and os.path.isdir(folder):
-    shutil.rmtree(folder)
-  os.makedirs(folder, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(settings, f, indent=1)
+CAPTURE = "lab_capture.json"
+"""In trace/: the capture settings (probes, run) its cached sums were made with."""
+
+
+def _holds(folder: str, capture: dict) -> bool:
+  """Whether `folder` holds a trace captured with `capture` (then it can be resumed)."""
+  try:
+    with open(os.path.join(folder, CAPTURE)) as f:
+      return json.load(f) == capture
+  except (OSError, json.JSONDecodeError):
+    return False
+
+
+class _Parser(argparse.ArgumentParser):
+  """The parser of a stage's `extra` arguments: a bad one is a one-line ConfigError, at start-up."""
+
+  def error(self, message):
+    raise C.ConfigError(f"{self.prog}: {message}")
 
 
 def versions() -> dict:
@@ -466,10 +522,20 @@ def build(args) -> tuple[Lab, list[str], set[str]]:
     cfg = C.from_dict(LabConfig, _override_dict(C.to_dict(cfg), overrides))
   exp = experiment_of(cfg, args.quick)
   lab = Lab(cfg, exp, runs=args.runs, reports=args.reports, quick=args.quick)
-  skip = set(cfg.skip) - set(_stage_list(args.include, "--include")) | set(_stage_list(args.skip, "--skip"))
-  only = _stage_list(args.only, "--only")
-  enabled = [s for s in STAGES if (s in only if only else s not in skip)]
+  enabled = enabled_stages(cfg.skip, args)
+  lab.validate(enabled)
   return lab, enabled, set(_stage_list(args.force, "--force"))
+
+
+def enabled_stages(config_skip, args) -> list[str]:
+  """The stages to run: all but the skipped ones (the config's, less --include, plus --skip), or
+  just --only. A stage named by two flags that disagree is an error, not a silent choice."""
+  only, skip, include = (_stage_list(getattr(args, f), f"--{f}") for f in ("only", "skip", "include"))
+  for a, b, names in (("--only", "--skip", set(only) & set(skip)), ("--include", "--skip", set(include) & set(skip))):
+    check(not names, a, f"{', '.join(sorted(names))} is also in {b}; name each stage in one of them")
+  check(not (only and include), "--include", "has no effect with --only (which runs exactly the stages it names)")
+  skipped = set(config_skip) - set(include) | set(skip)
+  return [s for s in STAGES if (s in only if only else s not in skipped)]
 
 
 class _Raw(str):
@@ -495,14 +561,16 @@ def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
   from absl import logging   # orbax's read-only managers warn once per restored checkpoint
   logging.set_verbosity(logging.ERROR)
-  lab = None
-  try:
+  labs = []
+
+  def run() -> None:
     lab, enabled, force = build(args)
+    labs.append(lab)
     if args.dry_run:
       for s in STAGES:
         state = "skipped" if s not in enabled else "done" if lab.is_done(s) else "to-run"
         print(f"{s:11s} {state:8s} {lab.hashes[s]}  {lab.stages[s].what}")
-      return 0
+      return
     print(f"minilm-lab: {lab.name}: stages {', '.join(enabled)}; report in {lab.report_dir}", flush=True)
     t0 = time.perf_counter()
     lab.execute(enabled, force, argv)
@@ -511,14 +579,14 @@ def main(argv: list[str] | None = None) -> int:
       print(f"\nreport: {os.path.abspath(lab.path('index.html'))}")
       print("\n".join(report.summary_lines(lab.report_dir)))
     print(f"total {time.perf_counter() - t0:.0f} s")
-  except (C.ConfigError, ValueError, FileNotFoundError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+
+  try:
+    return guarded(run)
   except KeyboardInterrupt:
-    print(f"\ninterrupted during stage {getattr(lab, 'current', 'setup')!r}; run the same command again to resume "
+    stage = labs[0].current if labs else "setup"
+    print(f"\ninterrupted during stage {stage!r}; run the same command again to resume "
           "(finished stages are reused, training and tracing continue where they stopped)", file=sys.stderr)
     return 130
-  return 0
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ Files in --out: those of `analysis.trace.analyze_model` plus pretrained.json (th
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 
+from minilm import atomic
 from minilm.config import check, to_dict
 
 
@@ -70,8 +70,7 @@ def analyze(spec: str, out_dir: str, *, n_probes: int = 16, length: int = 256, c
            "config": to_dict(model.cfg), "context": context,
            "probes": {"n": n_probes, "length": length, "text": "Shakespeare held-out windows"},
            "seconds": {"load": load_s, "analyze": time.perf_counter() - t1}}
-  with open(os.path.join(out_dir, "pretrained.json"), "w") as f:
-    json.dump(facts, f, indent=1)
+  atomic.write_json(os.path.join(out_dir, "pretrained.json"), facts)
   return facts
 
 

@@ -19,8 +19,10 @@ import json
 import os
 import re
 import shutil
-import sys
 import urllib.parse
+
+from minilm import atomic
+from minilm.cli import guarded
 
 MAX_BYTES = 2_000_000
 KEEP = (".png", ".svg", ".json", ".csv", ".txt", ".md", ".jsonl")
@@ -30,7 +32,7 @@ FIELDS = ("summary", "command", "date", "commit", "machine", "total wall time")
 """The rows of PROVENANCE.md's first table, in order; results/README.md is read back from them."""
 
 
-class PublishError(Exception):
+class PublishError(ValueError):
   """A one-line reason the report cannot be published."""
 
 
@@ -204,8 +206,7 @@ def write_index(out: str) -> str:
       "This file is regenerated from those on every publish; edits here are lost.", "",
       "| name | report | summary (first line) | commit | total wall time |", "|---|---|---|---|---|", *rows]) + "\n"
   path = os.path.join(out, "README.md")
-  with open(path, "w") as f:
-    f.write(text)
+  atomic.write_text(path, text)
   return path
 
 
@@ -232,16 +233,11 @@ def publish(report_dir: str, out: str = "results", name: str | None = None, log=
   linked = page_links(os.path.join(report_dir, "index.html"))
   for rel, size, why in left:
     log(f"left out {rel} ({size_text(size)}, {why}" + ("; index.html links to it" if rel in linked else "") + ")")
-  os.makedirs(out, exist_ok=True)
-  tmp = os.path.join(out, f".{name}.publishing")
-  shutil.rmtree(tmp, ignore_errors=True)
-  for rel in keep:
-    os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-    shutil.copyfile(os.path.join(report_dir, rel), os.path.join(tmp, rel))
-  with open(os.path.join(tmp, "PROVENANCE.md"), "w") as f:
-    f.write(provenance(report_dir, name))
-  shutil.rmtree(dest, ignore_errors=True)
-  os.replace(tmp, dest)
+  with atomic.staged_dir(dest) as tmp:
+    for rel in keep:
+      os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+      shutil.copyfile(os.path.join(report_dir, rel), os.path.join(tmp, rel))
+    atomic.write_text(os.path.join(tmp, "PROVENANCE.md"), provenance(report_dir, name))
   readme = write_index(out)
   kept = sum(os.path.getsize(os.path.join(report_dir, r)) for r in keep)
   log(f"published {report_dir} -> {dest}: {len(keep)} files ({size_text(kept)}) + PROVENANCE.md; "
@@ -257,12 +253,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--out", default="results", help="results directory (default: results)")
   p.add_argument("--name", default=None, help="folder name under --out (default: the report folder's name)")
   args = p.parse_args(argv)
-  try:
-    publish(args.report_dir, args.out, args.name)
-  except (PublishError, OSError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  return 0
+  return guarded(lambda: publish(args.report_dir, args.out, args.name))
 
 
 if __name__ == "__main__":

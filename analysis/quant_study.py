@@ -12,7 +12,8 @@ first play, held-out windows from the tail of the last one (disjoint).
 Files in --out: results.jsonl (every example under every scheme), summary.json (accuracy with
 Wilson intervals per scheme and task, perplexity with bootstrap intervals, M before/after, timings,
 per-layer quantization logs), table.md, c6.png (normalized accuracy per task, the paper's style),
-claims.json / claims.md (C6 verdicts in analysis.claims format, merged with what is there).
+claims.json / claims.md (C6 verdicts in analysis.claims format).
+Everything is written into a staging folder that replaces --out only when complete.
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ from flax import nnx
 
 from analysis import claims, experiment, stats, tasks_llm
 from analysis import quantize_model as QM
-from minilm import capture, generate
-from minilm.config import ConfigError, check
+from minilm import atomic, capture, generate
+from minilm.cli import guarded
+from minilm.config import check
 
 # ------------------------------------------------------------------------------------------ schemes
 
@@ -250,16 +252,15 @@ def plot(summary: list[dict], label: str, scheme_list: list[QM.Scheme], path: Pa
     ax.set_title(f"{label}: {title}")
     ax.legend(fontsize=7, ncol=min(len(cols), 4))
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  atomic.savefig(fig, str(path), dpi=110)
   plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------- study
 
 def study(label, model, tokenizer, items, scheme_list, *, calib, heldout, probe, batch=8, sink=None) -> dict:
-  """Every scheme on one model: records, perplexity, M change, timings, quantization logs."""
-  for scheme in scheme_list:
-    QM.check_fits(model, scheme)
+  """Every scheme on one model (each checked by QM.check_fits first): records, perplexity, M change,
+  timings, quantization logs."""
   records, ppl, m_change, seconds, logs = [], {}, {}, {}, {}
   M_fp = norms(model, probe)
   for scheme in scheme_list:
@@ -282,6 +283,11 @@ def study(label, model, tokenizer, items, scheme_list, *, calib, heldout, probe,
 
 def parse(argv=None):
   ap = argparse.ArgumentParser(prog="analysis.quant_study", description=__doc__.split("\n")[0])
+  add_arguments(ap)
+  return ap.parse_args(argv)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--model", required=True, help="smollm2 | random | runs/<experiment>[/<arm>]")
   ap.add_argument("--out", required=True)
   ap.add_argument("--methods", default="rtn,rtn_keep,awq,gptq,smoothquant,w8a8,kv",
@@ -295,12 +301,12 @@ def parse(argv=None):
   ap.add_argument("--kv", default="pre:channel,pre:token,post:channel,post:token",
                   help="KV key settings point:axis (point pre|post RoPE, axis channel|token)")
   ap.add_argument("--suite", default="quick", choices=tasks_llm.SUITES)
+  ap.add_argument("--tasks", default="", help="comma list of task-name prefixes to keep (e.g. passkey,capitals)")
   ap.add_argument("--n", type=int, default=20, help="examples per task")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--calib", default="16x256", help="calibration windows NxT")
   ap.add_argument("--ppl", default="16x256", help="held-out perplexity windows NxT")
-  return ap.parse_args(argv)
 
 
 def _shape(text: str, field: str) -> tuple[int, int]:
@@ -316,7 +322,9 @@ def _widths(text: str, field: str) -> list[int]:
   return [int(p) for p in parts]
 
 
-def run(args) -> dict:
+def plan(args, model: bool = True) -> tuple[list[QM.Scheme], tuple[int, int], tuple[int, int]]:
+  """(schemes, calibration NxT, perplexity NxT) of parsed arguments, every option checked (one
+  line each) without loading a model (see analysis.experiment.check_shared for `model`)."""
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   for m in methods:
     QM.Scheme(m)  # one-line error for an unknown method
@@ -324,50 +332,60 @@ def run(args) -> dict:
   kv_bits = _widths(args.kv_bits, "--kv-bits") if args.kv_bits.strip() else None
   kv = [tuple(x.strip().split(":")) for x in args.kv.split(",") if x.strip()]
   check(all(len(x) == 2 for x in kv), "--kv", f"must be a comma list of point:axis, e.g. pre:channel; got {args.kv!r}")
+  check(args.group_size >= 0, "--group-size", f"must be >= 0 (0 = per output channel); got {args.group_size}")
   scheme_list = schemes(methods, bits, group_size=args.group_size, lam=args.lam, top_k=args.top_k, alpha=args.alpha,
                         kv=kv, kv_bits=kv_bits)
+  experiment.check_shared(args, model)
+  return scheme_list, _shape(args.calib, "--calib"), _shape(args.ppl, "--ppl")
+
+
+def run(args) -> dict:
+  """Validate, load every model and check every scheme fits it, then write the outputs into a
+  staging folder that replaces --out only when complete (see analysis.experiment.run)."""
+  scheme_list, (calib_n, calib_t), (ppl_n, ppl_t) = plan(args)
   order = [s.name for s in scheme_list]
-  calib_n, calib_t = _shape(args.calib, "--calib")
-  ppl_n, ppl_t = _shape(args.ppl, "--ppl")
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  sources = experiment.prepared_sources(args)
+  for _, model, *_ in sources:
+    for scheme in scheme_list:
+      QM.check_fits(model, scheme)   # e.g. a group size that divides no input dim
   t_all = time.perf_counter()
   report = {"schemes": [dataclasses.asdict(s) | {"name": s.name} for s in scheme_list], "suite": args.suite,
             "n": args.n, "seed": args.seed, "calib": args.calib, "ppl_windows": args.ppl, "models": {}}
-  all_records, tables, found = [], [], []
-  with open(out / "results.jsonl", "w") as sink:
-    for label, model, tokenizer, items, _, notes in experiment.load_sources(args.model, args.suite, args.n,
-                                                                            args.seed, args.batch):
-      calib = text_windows(tokenizer, calib_n, calib_t, heldout=False)
-      heldout = text_windows(tokenizer, ppl_n, ppl_t, heldout=True)
-      res = study(label, model, tokenizer, items, scheme_list, calib=calib, heldout=heldout, probe=calib[:4],
-                  batch=args.batch, sink=sink)
-      all_records += res.pop("records")
-      report["models"][label] = {**res, "examples": len(items), **notes}
-      found += verdicts(all_records, label, scheme_list)
-  summary = experiment.summarize(all_records)
-  report.update(summary=summary, verdicts=[dataclasses.asdict(v) for v in found],
-                seconds_total=time.perf_counter() - t_all)
-  (out / "summary.json").write_text(json.dumps(report, indent=1, default=str))
-  claims.write_claims(found, str(out))
-  text = "\n\n".join(table(summary, report["models"][m]["ppl"], m, order) for m in report["models"])
-  text += "\n\n" + "\n".join(f"{v.claim} [{v.title}]: {v.verdict} (diff {v.diff}, CI {v.ci}) {v.notes}" for v in found)
-  (out / "table.md").write_text(text + "\n")
-  for m in report["models"]:
-    plot(summary, m, scheme_list, out / ("c6.png" if len(report["models"]) == 1 else f"c6_{m}.png"))
+  all_records, found = [], []
+  with atomic.staged_dir(args.out) as staging:
+    out = Path(staging)
+    with open(out / "results.jsonl", "w") as sink:
+      for label, model, tokenizer, items, _, notes in sources:
+        calib = text_windows(tokenizer, calib_n, calib_t, heldout=False)
+        heldout = text_windows(tokenizer, ppl_n, ppl_t, heldout=True)
+        res = study(label, model, tokenizer, items, scheme_list, calib=calib, heldout=heldout, probe=calib[:4],
+                    batch=args.batch, sink=sink)
+        all_records += res.pop("records")
+        report["models"][label] = {**res, "examples": len(items), **notes}
+        found += verdicts(all_records, label, scheme_list)
+    summary = experiment.summarize(all_records)
+    report.update(summary=summary, verdicts=[dataclasses.asdict(v) for v in found],
+                  seconds_total=time.perf_counter() - t_all)
+    atomic.write_json(str(out / "summary.json"), report, default=str)
+    claims.write_claims(found, str(out))
+    text = "\n\n".join(table(summary, report["models"][m]["ppl"], m, order) for m in report["models"])
+    text += "\n\n" + "\n".join(f"{v.claim} [{v.title}]: {v.verdict} (diff {v.diff}, CI {v.ci}) {v.notes}"
+                                for v in found)
+    atomic.write_text(str(out / "table.md"), text + "\n")
+    for m in report["models"]:
+      plot(summary, m, scheme_list, out / ("c6.png" if len(report["models"]) == 1 else f"c6_{m}.png"))
   return report
 
 
 def main(argv=None) -> int:
   args = parse(argv)
-  try:
+
+  def run_and_print():
     report = run(args)
-  except ConfigError as err:
-    raise SystemExit(f"error: {err}")
-  print((Path(args.out) / "table.md").read_text())
-  print(f"wrote {args.out}/results.jsonl, summary.json, table.md, c6.png, claims.json "
-        f"({report['seconds_total']:.0f} s)")
-  return 0
+    print((Path(args.out) / "table.md").read_text())
+    print(f"wrote {args.out}/results.jsonl, summary.json, table.md, c6.png, claims.json "
+          f"({report['seconds_total']:.0f} s)")
+  return guarded(run_and_print)
 
 
 if __name__ == "__main__":

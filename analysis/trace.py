@@ -17,9 +17,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
 import json
 import os
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +29,8 @@ import numpy as np
 from flax import nnx
 
 from analysis import stats as S
-from minilm import capture
-from minilm.config import ConfigError, to_dict
+from minilm import atomic, capture
+from minilm.config import ConfigError, check, to_dict
 
 TENSORS = ("q", "k", "v", "rot_q", "rot_k")
 TOKEN_TENSORS = ("q", "rot_q", "rot_k", "v")
@@ -172,15 +174,34 @@ class Store:
       return []
     return sorted(int(f[:-4]) for f in os.listdir(folder) if f.endswith(".npz") and f[:-4].isdigit())
 
+  def tokens_path(self, arm: str) -> str:
+    return self.path("tokens", f"{arm}.npz")
+
   def load_sums(self, arm: str, step: int) -> dict:
     with np.load(self.sums_path(arm, step)) as z:
       return {k: z[k] for k in z.files}
 
   def save_sums(self, arm: str, step: int, sums: dict) -> None:
-    os.makedirs(self.path("sums", arm), exist_ok=True)
-    tmp = self.sums_path(arm, step) + ".tmp.npz"
-    np.savez(tmp, **sums)
-    os.replace(tmp, self.sums_path(arm, step))   # a killed run never leaves half a step behind
+    atomic.save_npz(self.sums_path(arm, step), **sums)
+
+  def good_steps(self, arm: str, keys: set[str]) -> list[int]:
+    """The steps of `arm` whose sums file reads back whole with every key in `keys`; a damaged one
+    (cut short by a full disk, or edited by hand) is moved aside as '<step>.npz.damaged' and redone."""
+    good = []
+    for step in self.steps(arm):
+      if _readable(self.sums_path(arm, step), keys):
+        good.append(step)
+      else:
+        os.replace(self.sums_path(arm, step), self.sums_path(arm, step) + ".damaged")
+    return good
+
+  def token_step(self, arm: str) -> int | None:
+    """The step of the token view of `arm` on disk, or None if it is missing or damaged."""
+    try:
+      with np.load(self.tokens_path(arm)) as z:
+        return int(z["step"]) if set(TOKEN_TENSORS) <= set(z.files) else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+      return None
 
   def meta(self) -> dict:
     if not os.path.exists(self.path("meta.json")):
@@ -196,9 +217,15 @@ class Store:
     return self
 
   def write_json(self, name: str, data) -> None:
-    os.makedirs(self.root, exist_ok=True)
-    with open(self.path(name), "w") as f:
-      json.dump(data, f, indent=1, default=_json_default)
+    atomic.write_json(self.path(name), data, default=_json_default)
+
+
+def _readable(path: str, keys: set[str]) -> bool:
+  try:
+    with np.load(path) as z:
+      return keys <= set(z.files) and all(np.isfinite(z[k]).all() for k in keys)
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+    return False
 
 
 def _json_default(x):
@@ -223,9 +250,8 @@ def open_store(out_dir: str, probes, mask, drop_first: bool, stat_cfg: S.StatCon
   if meta and meta.get("capture") != capture_cfg:
     raise ConfigError(f"out: {out_dir} holds a trace with other probes or capture settings "
                       f"({meta.get('capture')}); use another --out or delete it")
-  os.makedirs(out_dir, exist_ok=True)
-  np.save(store.path("probes.npy"), np.asarray(probes, np.int32))
-  np.save(store.path("mask.npy"), np.asarray(mask, np.float32))
+  atomic.save_npy(store.path("probes.npy"), np.asarray(probes, np.int32))
+  atomic.save_npy(store.path("mask.npy"), np.asarray(mask, np.float32))
   meta.update({"capture": capture_cfg, "stats": to_dict(stat_cfg),
                "arms": meta.get("arms", {}), **(extra or {})})
   store.write_json("meta.json", meta)
@@ -237,11 +263,13 @@ def stat_config(meta: dict) -> S.StatConfig:
   return from_dict(S.StatConfig, meta["stats"])
 
 
-def rebuild(store: Store, n_boot: int = N_BOOT) -> tuple[list[dict], list[dict]]:
-  """table.csv and summary.json from every cached (arm, step): cheap, so settings of the statistics
-  (lam, bands, ...) can change without another forward pass."""
+def rebuild(store: Store, n_boot: int = N_BOOT, arms=None) -> tuple[list[dict], list[dict]]:
+  """table.csv and summary.json from every cached (arm, step) of every arm (or of `arms`): cheap,
+  so settings of the statistics (lam, bands, ...) can change without another forward pass."""
   meta = store.meta()
   cfg = stat_config(meta)
+  if arms is not None:
+    meta["arms"] = {a: facts for a, facts in meta["arms"].items() if a in arms}
   rows, groups = [], []
   for arm, facts in meta["arms"].items():
     for step in store.steps(arm):
@@ -256,12 +284,11 @@ def rebuild(store: Store, n_boot: int = N_BOOT) -> tuple[list[dict], list[dict]]
 
 def write_table(path: str, rows: list[dict]) -> None:
   columns = list(ROW_KEYS) + list(S.PER_HEAD) + list(NULL_KEYS)
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(tmp, path)
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  atomic.write_text(path, text.getvalue())
 
 
 def read_table(path: str) -> list[dict]:
@@ -286,7 +313,9 @@ def trace_model(model, probes_NxT, *, mask_NxT=None, arm: str = "model", step: i
 
 def record_step(store: Store, model, arm: str, step: int, *, context: float, final: bool,
                 batch_size: int = 16, timing: dict | None = None) -> None:
-  """Capture one (arm, step) into the store (sums, arm facts, and the token view if final)."""
+  """Capture one (arm, step) into the store (sums, arm facts, and the token view if final).
+
+  The sums are written after the token view, so a step whose sums are on disk is complete."""
   meta = store.meta()
   probes, mask = np.load(store.path("probes.npy")), np.load(store.path("mask.npy"))
   facts = arm_facts(model, context)
@@ -299,11 +328,15 @@ def record_step(store: Store, model, arm: str, step: int, *, context: float, fin
     store.write_json("meta.json", meta)
   sums = capture_sums(model, probes, mask, drop_first=meta["capture"]["drop_first"], batch_size=batch_size,
                       timing=timing)
-  store.save_sums(arm, step, sums)
   if final:
-    os.makedirs(store.path("tokens"), exist_ok=True)
-    np.savez(store.path("tokens", f"{arm}.npz"), step=step, tokens=probes[0],
-             **token_values(model, probes[0]))
+    save_tokens(store, model, arm, step)
+  store.save_sums(arm, step, sums)
+
+
+def save_tokens(store: Store, model, arm: str, step: int) -> None:
+  """tokens/<arm>.npz: the token view of probe 0 at `step` (the 3D bar figure's data)."""
+  probes = np.load(store.path("probes.npy"))
+  atomic.save_npz(store.tokens_path(arm), step=step, tokens=probes[0], **token_values(model, probes[0]))
 
 
 def analyze_model(model, probes_NxT, out_dir: str, *, mask_NxT=None, arm: str = "model", step: int = 0,
@@ -353,38 +386,102 @@ PROBE_SEED = 0
 """Default seed of train.data.probe_tokens for the probe set."""
 
 
+def attention_bytes(model_cfg, length: int, batch: int) -> int:
+  """Bytes of the largest tensors of one captured forward: logits, probabilities and their
+  softmax temporaries, [batch, heads, length, length] float32 each."""
+  return 3 * 4 * batch * model_cfg.n_heads * length * length
+
+
+def memory_bytes() -> int:
+  """Physical memory of this machine."""
+  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_length(model_cfg, length: int, batch: int, field: str = "--length") -> None:
+  """A probe length the model and this machine can take, checked before anything is allocated:
+  bounded position encodings stop at max_len, and the T x T attention of one batch must fit in
+  half of the memory (the other half holds weights, caches and the rest of the process)."""
+  from flax import nnx
+  check(length >= 2, field, f"must be >= 2; got {length}")
+  bounded = nnx.eval_shape(lambda: model_cfg.position.build(model_cfg, nnx.Rngs(0))).bounded
+  check(not bounded or length <= model_cfg.max_len, field,
+        f"must be <= model.max_len={model_cfg.max_len} for position encoding {model_cfg.position.kind!r}; "
+        f"got {length}")
+  need, budget = attention_bytes(model_cfg, length, batch), memory_bytes() // 2
+  fits = int(np.sqrt(budget / attention_bytes(model_cfg, 1, batch)))
+  check(need <= budget, field, f"{length} tokens need about {need / 2**30:.0f} GiB for the attention of one "
+        f"batch of {batch}; at most {fits} tokens fit in half of this machine's {memory_bytes() / 2**30:.0f} GiB "
+        "(or lower --batch)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """What trace_run will capture, every input checked before anything is written."""
+  arms: dict[str, str]             # arm name -> arm dir
+  configs: dict                    # arm name -> TrainConfig
+  wanted: dict[str, list[int]]     # arm name -> checkpoint steps to capture
+  length: int
+
+
+def plan_run(run_dir: str, *, n_probes: int, length: int | None, batch_size: int, steps=None,
+             arms=None) -> RunPlan:
+  """Check a trace request against the run on disk (one line per problem) without writing."""
+  from train import checkpoints as ck
+  check(n_probes >= 2, "--probes", f"must be >= 2 (intervals resample prompts); got {n_probes}")
+  check(batch_size >= 1, "--batch", f"must be >= 1; got {batch_size}")
+  found = run_arms(run_dir)
+  for arm in arms or ():
+    check(arm in found, "arms", f"no arm {arm!r} in {run_dir}; arms: {', '.join(found)}")
+  chosen = {a: d for a, d in found.items() if arms is None or a in arms}
+  check(bool(chosen), "arms", f"no arm of {run_dir} left to trace")
+  configs = {arm: ck.load_config(arm_dir) for arm, arm_dir in chosen.items()}
+  wanted = {}
+  for arm, arm_dir in chosen.items():
+    available = ck.available_steps(arm_dir)
+    check(bool(available), "run_dir", f"arm {arm!r} has no complete checkpoint in {arm_dir}/checkpoints")
+    missing = sorted(set(steps or ()) - set(available))
+    check(not missing, "--steps", f"arm {arm!r} has no checkpoint {', '.join(map(str, missing))}; "
+          f"available: {', '.join(map(str, available))}")
+    wanted[arm] = [s for s in available if steps is None or s in steps]
+  length = length or min(cfg.data.seq_len for cfg in configs.values())
+  for cfg in configs.values():
+    check_length(cfg.model, length, min(batch_size, n_probes))
+  return RunPlan(chosen, configs, wanted, length)
+
+
 def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, length: int | None = None,
               probe_seed: int = PROBE_SEED, stat_cfg: S.StatConfig = S.StatConfig(), batch_size: int = 16,
-              steps=None, plots: bool = True, claims: bool = True, rope_arm=None, nope_arm=None,
+              steps=None, arms=None, plots: bool = True, claims: bool = True, rope_arm=None, nope_arm=None,
               log=print) -> Store:
-  """Restore every checkpoint of every arm, capture the probes, write table/summary/plots/claims.
+  """Restore every checkpoint of every arm (or of `arms`), capture the probes, write
+  table/summary/plots/claims.
 
-  Resumable: (arm, step) already captured in out_dir are skipped. The probe set comes from the first
-  arm's data config (train.data.probe_tokens), length defaulting to the shortest seq_len of the arms;
-  it is saved as probes.npy and reused on later runs. Each arm's wavelength boundary is its own
-  training seq_len (a context sweep moves it).
+  Resumable, deciding from what is on disk: (arm, step) whose sums read back whole are skipped, a
+  damaged sums file is redone, and each arm's token view is redone unless it holds its last step.
+  The probe set comes from the first arm's data config (train.data.probe_tokens), length defaulting
+  to the shortest seq_len of the arms; it is saved as probes.npy and reused on later runs. Each arm's
+  wavelength boundary is its own training seq_len (a context sweep moves it).
   """
   from train import checkpoints as ck
   from train.data import probe_tokens
   from train.tokenizer import Tokenizer
   t0 = time.perf_counter()
-  arms = run_arms(run_dir)
+  plan = plan_run(run_dir, n_probes=n_probes, length=length, batch_size=batch_size, steps=steps, arms=arms)
   out_dir = out_dir or os.path.join(run_dir, "analysis")
-  configs = {arm: ck.load_config(arm_dir) for arm, arm_dir in arms.items()}
-  first = next(iter(configs.values()))
-  length = length or min(cfg.data.seq_len for cfg in configs.values())
+  atomic.check_out_dir(out_dir)
   if os.path.exists(os.path.join(out_dir, "probes.npy")):
     probes = np.load(os.path.join(out_dir, "probes.npy"))
   else:
-    probes = np.asarray(probe_tokens(first.data, probe_seed, n_probes, length), np.int32)
+    first = next(iter(plan.configs.values()))
+    probes = np.asarray(probe_tokens(first.data, probe_seed, n_probes, plan.length), np.int32)
   mask = (probes != Tokenizer().PAD).astype(np.float32)
   store = open_store(out_dir, probes, mask, stat_cfg.drop_first, stat_cfg,
                      {"run_dir": os.path.abspath(run_dir), "probe_seed": probe_seed})
   timing = {"restore_s": 0.0, "forward_s": 0.0, "compile_forward_s": 0.0, "traced": 0, "skipped": 0}
-  for arm, arm_dir in arms.items():
-    available = ck.available_steps(arm_dir)
-    wanted = [s for s in available if steps is None or s in steps]
-    done = set(store.steps(arm))
+  for arm, arm_dir in plan.arms.items():
+    context, wanted = plan.configs[arm].data.seq_len, plan.wanted[arm]
+    keys = {f"{layer}.{t}" for layer in range(plan.configs[arm].model.n_layers) for t in TENSORS}
+    done = set(store.good_steps(arm, keys))
     for step in wanted:
       if step in done:
         timing["skipped"] += 1
@@ -392,18 +489,20 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
       t = time.perf_counter()
       model, _ = ck.load_model(arm_dir, step)
       timing["restore_s"] += time.perf_counter() - t
-      record_step(store, model, arm, step, context=configs[arm].data.seq_len, final=step == wanted[-1],
-                  batch_size=batch_size, timing=timing)
+      record_step(store, model, arm, step, context=context, final=step == wanted[-1], batch_size=batch_size,
+                  timing=timing)
       timing["traced"] += 1
       log(f"traced {arm} step {step}")
+    if store.token_step(arm) != wanted[-1]:   # e.g. killed between the last step's sums and its view
+      save_tokens(store, ck.load_model(arm_dir, wanted[-1])[0], arm, wanted[-1])
   t = time.perf_counter()
-  rebuild(store)
+  rebuild(store, arms=list(plan.arms))
   timing["stats_s"] = time.perf_counter() - t
   t = time.perf_counter()
   finish(store, plots=plots, claims=claims, rope_arm=rope_arm, nope_arm=nope_arm)
   timing["plots_claims_s"] = time.perf_counter() - t
   timing["total_s"] = time.perf_counter() - t0
   timing["forward_fraction"] = (timing["forward_s"] + timing["compile_forward_s"]) / timing["total_s"]
-  with open(store.path("timing.jsonl"), "a") as f:   # one line per invocation, resumed ones included
+  with open(store.path("timing.jsonl"), "a") as f:   # a log, one line per invocation: appending is its update
     f.write(json.dumps(timing) + "\n")
   return store

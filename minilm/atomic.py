@@ -1,0 +1,121 @@
+"""Atomic outputs: every file the lab writes appears whole or not at all.
+
+A file is written to a temporary name in its own folder (same filesystem) and moved over the final
+name with os.replace only when complete, so a kill, a full disk or an exception never leaves a
+truncated file where a result used to be. A study that writes a whole folder writes it into a
+staging folder that replaces the old one in one step (`staged_dir`), so a failed run leaves the
+previous output untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+
+from minilm.config import ConfigError, check
+
+PARTIAL = ".partial"
+"""Suffix of a folder being written; it replaces the final folder when complete."""
+OLD = ".old"
+"""Suffix of the folder being replaced, during the two renames of `staged_dir`."""
+
+
+@contextlib.contextmanager
+def path(final: str) -> Iterator[str]:
+  """Yield a temporary path beside `final`; on success it is moved over `final`, on failure removed.
+
+  The temporary name keeps the final extension (numpy and matplotlib pick formats by it)."""
+  folder, name = os.path.split(os.path.abspath(final))
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}{os.path.splitext(name)[1]}")
+  try:
+    yield tmp
+    os.replace(tmp, final)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_text(final: str, text: str) -> None:
+  with path(final) as tmp, open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())   # the rename must not reach the disk before the data does
+
+
+def write_json(final: str, data: Any, **kw) -> None:
+  write_text(final, json.dumps(data, **{"indent": 1, **kw}) + "\n")
+
+
+def save_npz(final: str, **arrays) -> None:
+  with path(final) as tmp:
+    np.savez(tmp, **arrays)
+
+
+def save_npy(final: str, array) -> None:
+  with path(final) as tmp:
+    np.save(tmp, array)
+
+
+def savefig(fig, final: str, **kw) -> None:
+  with path(final) as tmp:
+    fig.savefig(tmp, **kw)
+
+
+def recover_dir(final: str, keep_partial: bool = False) -> None:
+  """Finish or undo a `staged_dir` swap cut short between its two renames: if `final` is missing
+  but its old copy is there, the old copy comes back. A leftover staging folder is dropped unless
+  `keep_partial` (a resumable stage goes on filling it)."""
+  final = os.path.abspath(final)
+  if not os.path.exists(final) and os.path.isdir(final + OLD):
+    os.replace(final + OLD, final)
+  for leftover in (final + OLD,) + (() if keep_partial else (final + PARTIAL,)):
+    if os.path.isdir(leftover):
+      shutil.rmtree(leftover)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str, keep_partial: bool = False) -> Iterator[str]:
+  """Yield a staging folder; when the block succeeds it replaces `final` (old contents and all),
+  when it fails `final` stays as it was. The staging folder starts empty and is removed on failure,
+  unless `keep_partial`: then a resumable stage finds what an interrupted attempt left in it."""
+  final = os.path.abspath(final)
+  recover_dir(final, keep_partial)
+  staging = final + PARTIAL
+  os.makedirs(staging, exist_ok=True)
+  try:
+    yield staging
+  except BaseException:
+    if not keep_partial:
+      shutil.rmtree(staging, ignore_errors=True)
+    raise
+  if os.path.exists(final):
+    os.replace(final, final + OLD)
+  os.replace(staging, final)
+  shutil.rmtree(final + OLD, ignore_errors=True)
+
+
+def check_out_dir(out: str, field: str = "--out") -> None:
+  """A one-line ConfigError, before any work, for an output folder that cannot be one: a file, a
+  folder inside a file, or a place where no file can be created (read-only, no permission)."""
+  out = os.path.abspath(out)
+  check(not os.path.exists(out) or os.path.isdir(out), field, f"{out} is a file, not a folder")
+  nearest = out
+  while not os.path.exists(nearest):
+    nearest = os.path.dirname(nearest)
+  check(os.path.isdir(nearest), field, f"{nearest} is a file, so {out} cannot be a folder")
+  try:
+    with tempfile.TemporaryFile(dir=nearest):
+      pass
+  except OSError as err:
+    raise ConfigError(f"{field}: cannot write in {nearest} ({err.strerror})") from None
+
+
+def describe(err: OSError) -> str:
+  """One line for an OSError from the filesystem: the path and what went wrong (e.g. disk full)."""
+  return f"{err.filename or 'output'}: {err.strerror or err}"
