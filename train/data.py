@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 
 import numpy as np
@@ -67,7 +68,7 @@ class DataConfig:
     check(isinstance(self.mixture, dict), "data.mixture", f"expected a mapping; got {self.mixture!r}")
     for name, weight in self.mixture.items():
       check_choice("data.mixture", name, FAMILIES)
-      check(isinstance(weight, (int, float)) and weight >= 0, f"data.mixture.{name}",
+      check(isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0, f"data.mixture.{name}",
             f"must be a number >= 0; got {weight!r}")
     check(sum(self.mixture.values()) > 0, "data.mixture", "at least one weight must be > 0")
     object.__setattr__(self, "mixture", {f: float(self.mixture.get(f, 0.0)) for f in FAMILIES})
@@ -76,6 +77,7 @@ class DataConfig:
                  "recall_pairs", "recall_queries"):
       check(getattr(self, name) >= 1, f"data.{name}", f"must be >= 1; got {getattr(self, name)}")
     for name in ("answer_weight", "other_weight", "text_weight"):
+      check(math.isfinite(getattr(self, name)), f"data.{name}", f"must be a finite number; got {getattr(self, name)}")
       check(getattr(self, name) >= 0, f"data.{name}", f"must be >= 0; got {getattr(self, name)}")
     check(0 < self.text_heldout < 1, "data.text_heldout", f"must be in (0, 1); got {self.text_heldout}")
     check(0 <= self.gap_fraction <= 1, "data.gap_fraction", f"must be in [0, 1]; got {self.gap_fraction}")

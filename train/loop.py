@@ -2,13 +2,19 @@
 
 Batches are a pure function of (seed, step) and the step is deterministic, so an interrupted run
 restarted with the same command reproduces the uninterrupted one bit for bit (rows of metrics.jsonl
-and eval.jsonl written after the last checkpoint are dropped on resume and written again).
+and eval.jsonl written after the last checkpoint are dropped on resume and written again). A latest
+checkpoint that reads back damaged is moved aside and training resumes from the one before it, which
+gives the same result.
+
+The first non-finite step ends the arm: nothing after the last good checkpoint is saved, the arm is
+marked diverged (checkpoints.divergence) and `train` raises Diverged, also when run again.
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
+import sys
 import time
 from typing import Callable
 
@@ -17,37 +23,56 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from minilm import atomic
 from minilm import config as C
 from minilm.config import ModelConfig
 from minilm.model import Decoder
 from train import checkpoints, evaluate, schedule, sharding
 from train import data as D
 from train.config import TrainConfig
-from train.step import init_opt_state, optimizer, train_step
+from train.step import healthy, init_opt_state, optimizer, train_step
 
 BatchFn = Callable[..., dict]
 
 
-def _flat(tree, prefix=""):
-  if isinstance(tree, dict):
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-  return {prefix[:-1]: tree}
+class Diverged(RuntimeError):
+  """Training met a non-finite loss, gradient norm or update; str(err) is one line."""
 
 
-def check_run_dir(arm_dir: str, cfg: TrainConfig) -> None:
+def _note(message: str) -> None:
+  if primary():
+    print(f"note: {message}", file=sys.stderr)
+
+
+def check_run_dir(arm_dir: str, cfg: TrainConfig) -> int | None:
   """Refuse a directory whose config.json holds another config; only `steps` may differ (extending
-  a run; the cosine schedule then follows the new length)."""
+  a run; the cosine schedule then follows the new length), and never below the trained steps.
+  Returns the steps of the config on disk (None for a new directory)."""
   path = os.path.join(arm_dir, "config.json")
   if not os.path.exists(path):
-    return
-  with open(path) as f:
-    old_flat = _flat(json.load(f))
-  new_flat = _flat(json.loads(json.dumps(C.to_dict(cfg))))
-  for key in [*new_flat, *(k for k in old_flat if k not in new_flat)]:  # config order: 'kind' first
-    if key != "steps" and old_flat.get(key, "<absent>") != new_flat.get(key, "<absent>"):
-      raise C.ConfigError(
-          f"{key}: run directory {arm_dir} holds a run with {key}={old_flat.get(key, '<absent>')!r}, "
-          f"not {new_flat.get(key, '<absent>')!r}; only 'steps' may change (use another name or --out)")
+    return None
+  old = checkpoints.flat(checkpoints.config_dict(arm_dir))
+  diff = checkpoints.first_difference(old, checkpoints.flat(json.loads(json.dumps(C.to_dict(cfg)))), ("steps",))
+  if diff:
+    key, was, now = diff
+    raise C.ConfigError(f"{key}: run directory {arm_dir} holds a run with {key}={was!r}, not {now!r}; "
+                        f"only 'steps' may change (use another name or --out)")
+  trained = checkpoints.available_steps(arm_dir)
+  C.check(not trained or cfg.steps >= trained[-1], "steps",
+          f"run directory {arm_dir} holds {trained[-1] if trained else 0} trained steps; steps={cfg.steps} would end "
+          f"before them (give steps >= {trained[-1] if trained else 0}, or use another name or --out)")
+  return old["steps"]
+
+
+def check_runnable(cfg: TrainConfig):
+  """What the config alone cannot tell (the devices, the text corpus, held-out examples), checked
+  before anything is written; returns the device mesh."""
+  mesh = sharding.make_mesh(cfg.parallel.devices)
+  sharding.check_batch(cfg.data.batch_size, mesh)
+  D.train_batch(cfg.data, cfg.seed, 0)   # loads the corpus: an empty or too short text fails here
+  if cfg.eval.n_per_family:
+    D.eval_examples(cfg.data, cfg.eval.seed, 1)
+  return mesh
 
 
 def primary() -> bool:
@@ -56,13 +81,15 @@ def primary() -> bool:
 
 
 def prepare_run_dir(arm_dir: str, cfg: TrainConfig) -> None:
-  """check_run_dir, then create `arm_dir` and write config.json."""
-  check_run_dir(arm_dir, cfg)
+  """check_run_dir, then create `arm_dir` and write config.json (saying so when `steps` changes)."""
+  old_steps = check_run_dir(arm_dir, cfg)
   if not primary():
     return
-  os.makedirs(arm_dir, exist_ok=True)
-  with open(os.path.join(arm_dir, "config.json"), "w") as f:
-    json.dump(C.to_dict(cfg), f, indent=2)
+  if old_steps is not None and old_steps != cfg.steps:
+    trained = checkpoints.available_steps(arm_dir)
+    _note(f"{arm_dir}: steps {old_steps} -> {cfg.steps} in config.json; training goes on from step "
+          f"{trained[-1] if trained else 0} and the learning-rate schedule follows the new length")
+  atomic.write_json(os.path.join(arm_dir, "config.json"), C.to_dict(cfg), indent=2)
 
 
 def init_params(cfg: ModelConfig, seed: int):
@@ -71,14 +98,27 @@ def init_params(cfg: ModelConfig, seed: int):
   return nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
 
 
+def _rows(path: str) -> list[tuple[str, dict]]:
+  """(line, row) of a JSON-lines log; a partial last line (the run stopped while writing it) is
+  dropped with a note, a damaged line elsewhere is a one-line RunError."""
+  with open(path) as f:
+    lines = [line for line in f.read().splitlines() if line.strip()]
+  out = []
+  for i, line in enumerate(lines):
+    try:
+      out.append((line, json.loads(line)))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise checkpoints.RunError(f"{path}: line {i + 1} is not JSON; delete that line and run again") from None
+      _note(f"{path}: dropped its partial last line (the run stopped while writing it)")
+  return out
+
+
 def _truncate(path: str, last_step: int) -> None:
   """Keep the JSON-lines rows of steps <= last_step (rows after the restored checkpoint are redone)."""
   if not primary() or not os.path.exists(path):
     return
-  with open(path) as f:
-    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-  with open(path, "w") as f:
-    f.writelines(rows)
+  atomic.write_text(path, "".join(line + "\n" for line, row in _rows(path) if row["step"] <= last_step))
 
 
 def _append(path: str, row: dict) -> None:
@@ -88,73 +128,110 @@ def _append(path: str, row: dict) -> None:
     f.write(json.dumps(row) + "\n")
 
 
+def _restore_latest(mngr, arm_dir: str, cfg: TrainConfig, abstract_params, abstract_opt):
+  """(step, params, opt_state) of the latest checkpoint that reads back intact, or None. A damaged
+  step is moved aside, saying so, and the one before it tried: the steps after it are redone exactly."""
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      params, opt_state, _ = checkpoints.restore(mngr, step, cfg.model, abstract_params, abstract_opt)
+      return step, params, opt_state
+    except checkpoints.DamagedCheckpoint as err:
+      if primary():
+        _note(f"{err}; moved to {checkpoints.set_aside(arm_dir, step)}; training resumes from the step before")
+      mngr.reload()
+  return None
+
+
+def _diverged(arm_dir: str, cfg: TrainConfig, mngr, health: dict) -> Diverged:
+  """Mark the arm diverged on disk; the Diverged error to raise."""
+  step, last = int(health["bad_step"]) + 1, mngr.latest_step()
+  loss, grad_norm = float(health["loss"]), float(health["grad_norm"])
+  message = (f"{cfg.name}: diverged at step {step} (loss {loss}, grad_norm {grad_norm}); nothing after the last good "
+             f"checkpoint, step {last} in {mngr.directory}, was saved; change the config (e.g. a lower optim.lr) and "
+             f"train under another name or --out, or delete {arm_dir} first")
+  if primary():
+    checkpoints.mark_diverged(arm_dir, {"step": step, "loss": loss, "grad_norm": grad_norm, "last_good_step": last,
+                                        "message": message})
+  return Diverged(message)
+
+
 def train(cfg: TrainConfig, arm_dir: str, *, batch_fn: BatchFn = D.train_batch, progress: bool = True,
           stop_at: int | None = None) -> dict:
   """Train (or resume) the arm in `arm_dir` up to cfg.steps; returns the last metrics and eval rows.
 
+  Raises Diverged at the first non-finite step, or at once for an arm that diverged before.
   stop_at: leave the loop after this step as if killed there (for resume tests).
   """
+  record = checkpoints.divergence(arm_dir)
+  if record:
+    raise Diverged(record["message"])
+  mesh = check_runnable(cfg)
   prepare_run_dir(arm_dir, cfg)
-  mesh = sharding.make_mesh(cfg.parallel.devices)
-  sharding.check_batch(cfg.data.batch_size, mesh)
   graphdef, abstract_params, rest = checkpoints.abstract_model(cfg.model)
   abstract_opt = jax.eval_shape(optimizer(cfg.optim, cfg.steps).init, abstract_params)
   param_sh = sharding.tree_shardings(abstract_params, mesh, cfg.parallel.strategy)
   opt_sh = sharding.tree_shardings(abstract_opt, mesh, cfg.parallel.strategy)
-  batch_sh = sharding.batch_sharding(mesh)
 
   mngr = checkpoints.manager(arm_dir, cfg.checkpoint.keep)
-  start = mngr.latest_step()
-  if start is None:
-    start = 0
-    params = jax.device_put(init_params(cfg.model, cfg.seed), param_sh)
-    opt_state = init_opt_state(params, cfg=cfg.optim, steps=cfg.steps, mesh=mesh, strategy=cfg.parallel.strategy)
-    checkpoints.save(mngr, 0, params, opt_state, cfg)
-  else:
-    params, opt_state, _ = checkpoints.restore(
-        mngr, start, checkpoints.with_shardings(abstract_params, param_sh),
-        checkpoints.with_shardings(abstract_opt, opt_sh))
+  try:
+    resumed = _restore_latest(mngr, arm_dir, cfg, checkpoints.with_shardings(abstract_params, param_sh),
+                              checkpoints.with_shardings(abstract_opt, opt_sh))
+    if resumed is None:
+      params = jax.device_put(init_params(cfg.model, cfg.seed), param_sh)
+      opt_state = init_opt_state(params, cfg=cfg.optim, steps=cfg.steps, mesh=mesh, strategy=cfg.parallel.strategy)
+      checkpoints.save(mngr, 0, params, opt_state, cfg)
+      resumed = 0, params, opt_state
+    step_fn = functools.partial(train_step, graphdef=graphdef, cfg=cfg.optim, steps=cfg.steps, mesh=mesh,
+                                strategy=cfg.parallel.strategy)
+    return _loop(cfg, arm_dir, mngr, *resumed, step=lambda p, o, batch, s, h: step_fn(p, o, rest, batch, s, h),
+                 model=lambda p: nnx.merge(graphdef, p, rest), batch_fn=batch_fn,
+                 batch_sh=sharding.batch_sharding(mesh), progress=progress, stop_at=stop_at)
+  finally:
+    mngr.close()
+
+
+def _loop(cfg: TrainConfig, arm_dir: str, mngr, start: int, params, opt_state, *, step, model, batch_fn, batch_sh,
+          progress: bool, stop_at: int | None) -> dict:
+  """Steps start..cfg.steps: step(params, opt_state, batch, index, health), log, evaluate model(params), save."""
   metrics_path, eval_path = os.path.join(arm_dir, "metrics.jsonl"), os.path.join(arm_dir, "eval.jsonl")
   _truncate(metrics_path, start)
   _truncate(eval_path, start)
-
-  step_fn = functools.partial(train_step, graphdef=graphdef, cfg=cfg.optim, steps=cfg.steps, mesh=mesh,
-                              strategy=cfg.parallel.strategy)
   examples = D.eval_examples(cfg.data, cfg.eval.seed, cfg.eval.n_per_family) if cfg.eval.n_per_family else {}
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   last = {"metrics": None, "eval": None}
-  bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and primary()), desc=cfg.name, dynamic_ncols=True)
+  health = healthy()
   clock, clock_step = time.perf_counter(), start
-  for s in range(start, cfg.steps):
-    batch = sharding.put_batch(batch_fn(cfg.data, cfg.seed, s), batch_sh)
-    params, opt_state, metrics = step_fn(params, opt_state, rest, batch, s)
-    done = s + 1
-    bar.update(1)
-    saving = schedule.is_save_step(done, cfg.steps, cfg.checkpoint.every, cfg.checkpoint.log_spaced)
-    evaluating = bool(examples) and schedule.is_eval_step(done, cfg.steps, cfg.eval.every)
-    logging = done % cfg.log_every == 0 or done == cfg.steps or saving or evaluating
-    if logging:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      now = time.perf_counter()
-      row = {"step": done, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
-             "weight": metrics["weight"],
-             "tokens": done * tokens_per_step,
-             "tokens_per_s": (done - clock_step) * tokens_per_step / max(now - clock, 1e-9)}
-      _append(metrics_path, row)
-      bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
-      last["metrics"] = row
-    if evaluating:
-      scores = evaluate.accuracy(nnx.merge(graphdef, params, rest), examples, batch=cfg.eval.batch)
-      _append(eval_path, {"step": done, **scores})
-      bar.write(f"[{cfg.name}] step {done}: {evaluate.summary(scores)}")
-      last["eval"] = {"step": done, **scores}
-    if saving:
-      checkpoints.save(mngr, done, params, opt_state, cfg)
-    if logging:
-      clock, clock_step = time.perf_counter(), done  # eval and save time do not count as training time
-    if stop_at is not None and done >= stop_at:
-      break
-  bar.close()
-  mngr.close()
+  with tqdm(total=cfg.steps, initial=start, disable=not (progress and primary()), desc=cfg.name,
+            dynamic_ncols=True) as bar:
+    for s in range(start, cfg.steps):
+      batch = sharding.put_batch(batch_fn(cfg.data, cfg.seed, s), batch_sh)
+      params, opt_state, metrics = step(params, opt_state, batch, s, health)
+      health = metrics["health"]
+      done = s + 1
+      bar.update(1)
+      saving = schedule.is_save_step(done, cfg.steps, cfg.checkpoint.every, cfg.checkpoint.log_spaced)
+      evaluating = bool(examples) and schedule.is_eval_step(done, cfg.steps, cfg.eval.every)
+      logging = done % cfg.log_every == 0 or done == cfg.steps or saving or evaluating
+      if logging:   # the one host sync: it also reads the health record, before any eval or save
+        metrics = jax.device_get(metrics)
+        if metrics["health"]["bad_step"] >= 0:
+          raise _diverged(arm_dir, cfg, mngr, metrics["health"])
+        now = time.perf_counter()
+        row = {"step": done, **{k: float(metrics[k]) for k in ("loss", "grad_norm", "lr", "weight")},
+               "tokens": done * tokens_per_step,
+               "tokens_per_s": (done - clock_step) * tokens_per_step / max(now - clock, 1e-9)}
+        _append(metrics_path, row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        last["metrics"] = row
+      if evaluating:
+        scores = evaluate.accuracy(model(params), examples, batch=cfg.eval.batch)
+        _append(eval_path, {"step": done, **scores})
+        bar.write(f"[{cfg.name}] step {done}: {evaluate.summary(scores)}")
+        last["eval"] = {"step": done, **scores}
+      if saving:
+        checkpoints.save(mngr, done, params, opt_state, cfg)
+      if logging:
+        clock, clock_step = time.perf_counter(), done  # eval and save time do not count as training time
+      if stop_at is not None and done >= stop_at:
+        break
   return last
-

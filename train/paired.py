@@ -7,14 +7,14 @@ module last) the same initial value of every tensor the arms share. Layout:
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable
 
+from minilm import atomic
 from minilm import config as C
 from train import data as D
 from train.config import ExperimentConfig, TrainConfig
-from train.loop import BatchFn, check_run_dir, prepare_run_dir, primary, train
+from train.loop import BatchFn, Diverged, check_run_dir, check_runnable, prepare_run_dir, primary, train
 
 
 def experiment_dir(exp: ExperimentConfig, out: str) -> str:
@@ -22,21 +22,19 @@ def experiment_dir(exp: ExperimentConfig, out: str) -> str:
 
 
 def plan(exp: ExperimentConfig, out: str, arms: Iterable[str] | None = None) -> dict[str, tuple[TrainConfig, str]]:
-  """{arm: (resolved config, arm directory)}, every run directory checked before anything trains."""
+  """{arm: (resolved config, arm directory)}, every arm and run directory checked before anything
+  is written."""
   names = list(exp.arms) if arms is None else list(arms)
   for arm in names:
     C.check_choice("arms", arm, exp.arms)
   runs = {arm: (exp.resolve(arm), os.path.join(experiment_dir(exp, out), arm)) for arm in names}
-  for cfg, _ in runs.values():
-    if cfg.eval.n_per_family:  # fails now, with the data's one-line error, if a family cannot be built
-      D.eval_examples(cfg.data, cfg.eval.seed, 1)
   for cfg, arm_dir in runs.values():
+    check_runnable(cfg)
     check_run_dir(arm_dir, cfg)
   for cfg, arm_dir in runs.values():
     prepare_run_dir(arm_dir, cfg)
   if primary():
-    with open(os.path.join(experiment_dir(exp, out), "experiment.json"), "w") as f:
-      json.dump(C.to_dict(exp), f, indent=2)
+    atomic.write_json(os.path.join(experiment_dir(exp, out), "experiment.json"), C.to_dict(exp), indent=2)
   return runs
 
 
@@ -48,4 +46,12 @@ def run_experiment(exp: ExperimentConfig, out: str = "runs", *, arms: Iterable[s
 
 def run_planned(runs: dict[str, tuple[TrainConfig, str]], *, batch_fn: BatchFn = D.train_batch,
                 progress: bool = True) -> dict[str, dict]:
-  return {arm: train(cfg, arm_dir, batch_fn=batch_fn, progress=progress) for arm, (cfg, arm_dir) in runs.items()}
+  """Train each arm in turn. A diverged arm does not stop the others: its entry is {'diverged': the
+  one-line message} (the arm directory holds checkpoints.DIVERGED)."""
+  out = {}
+  for arm, (cfg, arm_dir) in runs.items():
+    try:
+      out[arm] = train(cfg, arm_dir, batch_fn=batch_fn, progress=progress)
+    except Diverged as err:
+      out[arm] = {"diverged": str(err)}
+  return out

@@ -3,6 +3,11 @@
 Weighted cross-entropy: sum(ce * weights) / sum(weights) over the whole batch. With gradient
 accumulation the batch is split into micro-batches scanned in order and the sums are divided once
 at the end, so the gradient equals the one of the full batch (up to float summation order).
+
+The step checks on the device that the loss, the gradient norm and the updated state are finite. A
+step that fails keeps the old params and optimizer state and records itself in `health`, which the
+caller carries from step to step: from then on every step keeps the state as it was, so the last
+good state stays intact until the host next reads the metrics (when it logs, and before every save).
 """
 from __future__ import annotations
 
@@ -82,20 +87,44 @@ def init_opt_state(params, *, cfg: OptimConfig, steps: int, mesh=None, strategy:
   return constrain(optimizer(cfg, steps).init(params), mesh, strategy)
 
 
+def healthy() -> dict:
+  """The health record before any step: 'bad_step' -1 (no non-finite step yet), and the loss and
+  gradient norm the first non-finite step will record."""
+  return {"bad_step": jnp.int32(-1), "loss": jnp.float32(0), "grad_norm": jnp.float32(0)}
+
+
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def _select(ok, new, old):
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 @functools.partial(jax.jit, donate_argnames=("params", "opt_state"),
                    static_argnames=("graphdef", "cfg", "steps", "mesh", "strategy"))
-def train_step(params, opt_state, rest, batch, step_index, *, graphdef, cfg: OptimConfig, steps: int,
-               mesh=None, strategy: str = "data"):
+def train_step(params, opt_state, rest, batch, step_index, health=None, *, graphdef, cfg: OptimConfig,
+               steps: int, mesh=None, strategy: str = "data"):
   """One AdamW update on `batch` -> (params, opt_state, metrics); params and opt_state are donated.
 
-  Everything static is hashable config, so every run with the same model and optimizer reuses one
-  compiled step; `mesh`/`strategy` pin the outputs to the layout of the inputs (multi-device).
+  metrics: loss, grad_norm, lr, weight, 'finite' (this step's check) and 'health' (pass it to the
+  next step; None starts from healthy()). Everything static is hashable config, so every run with
+  the same model and optimizer reuses one compiled step; `mesh`/`strategy` pin the outputs to the
+  layout of the inputs (multi-device).
   """
+  health = healthy() if health is None else health
   total, weight, grads = _grads(params, graphdef, rest, batch, cfg.accumulate)
   scale = 1.0 / jnp.maximum(weight, 1e-9)
   grads = jax.tree.map(lambda g: g * scale, grads)
-  updates, opt_state = optimizer(cfg, steps).update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
-  metrics = {"loss": total * scale, "grad_norm": optax.tree.norm(grads),
-             "lr": lr_schedule(cfg, steps)(step_index), "weight": weight}
+  loss, grad_norm = total * scale, optax.tree.norm(grads)
+  updates, new_opt_state = optimizer(cfg, steps).update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, new_opt_state))
+  ok = finite & (health["bad_step"] < 0)   # after a bad step the state stays frozen at the last good one
+  first_bad = ~finite & (health["bad_step"] < 0)
+  health = _select(first_bad, {"bad_step": jnp.asarray(step_index, jnp.int32), "loss": loss, "grad_norm": grad_norm},
+                   health)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(cfg, steps)(step_index), "weight": weight,
+             "finite": finite, "health": health}
+  params, opt_state = _select(ok, new_params, params), _select(ok, new_opt_state, opt_state)
   return constrain(params, mesh, strategy), constrain(opt_state, mesh, strategy), metrics
