@@ -363,31 +363,34 @@ def _c3_lowfreq(a: _Arms) -> Verdict:
 def _c4(a: _Arms) -> Verdict:
   """How early the share of heads with a massive dim reaches SHARE_LEVEL, against the depth."""
   n = a.n_layers(a.rope)
-  parts, firsts = [], {}
+  parts = []
   for point in POINTS:
     for name, tensor in (("Q", "rot_q"), ("K", "rot_k")):
-      first, reps, profile = _first_layer(a, point, tensor)
-      firsts[point, name] = (first, reps)
+      first, reps, profile = _first_layer(a, a.rope, point, tensor)
       ci = _ci(reps)
       parts.append({"key": f"first_{name}", "name": f"first layer where the {name} share reaches {SHARE_LEVEL:g}",
                     "point": point, "value": first, "ci": ci, "depth": first / n, "profile": profile,
                     "verdict": early(first, ci, n) if point == "post" else ""})
-  points = {}
-  for point in POINTS:
-    (fq, rq), (fk, rk) = firsts[point, "Q"], firsts[point, "K"]
-    points[point] = {"rope": max(fq, fk), "rope_ci": _ci(np.maximum(rq, rk))}
+
+  def both(arm, point, seed):
+    """The first layer where the Q and the K share both reach the level (seed: unused, each layer
+    has its own)."""
+    (fq, rq, _), (fk, rk, _) = (_first_layer(a, arm, point, t) for t in QK)
+    return max(fq, fk), np.maximum(rq, rk)
+  points, _ = _three(a, both)
   e = _early(n)
   return Verdict("C4", "Early", f"first layer where both Q and K shares of heads with a massive dim reach "
                  f"{SHARE_LEVEL:g} (of {n}; early: layers {e.start}-{e.stop - 1}), rot_q/rot_k",
-                 all_of(p["verdict"] for p in parts if p["verdict"]), RULE_C4, **points["post"], step=a.step,
-                 point="post", points=points, parts=parts, notes=_c4_notes(parts, n))
+                 all_of(p["verdict"] for p in parts if p["verdict"]), RULE_C4,
+                 **_judged(points, "post", f"arm {a.nope}"), step=a.step, point="post", points=points, parts=parts,
+                 notes=_c4_notes(parts, n))
 
 
-def _first_layer(a: _Arms, point: str, tensor: str):
+def _first_layer(a: _Arms, arm, point: str, tensor: str):
   """(first layer whose share of `tensor` heads with a massive dim reaches SHARE_LEVEL, its bootstrap
   replicates, the per-layer shares); n_layers where no layer reaches it."""
-  n = a.n_layers(a.rope)
-  values, reps = zip(*(_measure(a, a.rope, point, (tensor,), "any_massive", [l], seed=20 + l) for l in range(n)))
+  n = a.n_layers(arm)
+  values, reps = zip(*(_measure(a, arm, point, (tensor,), "any_massive", [l], seed=20 + l) for l in range(n)))
   reached, reached_reps = np.asarray(values) >= SHARE_LEVEL, np.stack(reps) >= SHARE_LEVEL
   first = int(np.argmax(reached)) if reached.any() else n
   first_reps = np.where(reached_reps.any(0), reached_reps.argmax(0), n).astype(np.float64)
@@ -478,8 +481,9 @@ def rotation_text(v: Verdict) -> str:
   r = v.rotation
   of = "difference" if r["of"] == "diff" else "value of the tested arm"
   post = v.points["post"][r["of"]]
-  share = f", i.e. {r['value'] / post:.0%} of the post-RoPE {of} {_fmt(post)}" if post else ""
-  return f"the rotation itself (post-RoPE minus pre-RoPE) changes the {of} by {_fmt(r['value'], r['ci'])}{share}"
+  share = f", i.e. {r['value'] / post:.0%} of the post-RoPE per-dim {of} {_fmt(post)}" if post else ""
+  return (f"the rotation itself (per dim, post-RoPE minus pre-RoPE) changes the {of} by "
+          f"{_fmt(r['value'], r['ci'])}{share}")
 
 
 def to_markdown(verdicts: list[Verdict]) -> str:

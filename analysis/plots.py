@@ -1,11 +1,15 @@
 """Figures of a traced output directory (PNG and PDF under <out>/plots/), read from its files only.
 
-emergence.*          per layer: massive count, max/mean, low-frequency share vs step, arms overlaid
+emergence.*          per layer vs step, arms overlaid: max/mean of the most concentrated head against the
+                     massive threshold lambda (how far from massive a run is, even with no massive dim),
+                     head-mean max/mean per dim and per rotary pair, low-frequency share
                      (traced runs only: a single-step store has nothing to emerge over)
-layer_profile.*      the same statistics per layer at each arm's last step (C4)
+layer_profile.*      per layer at each arm's last step (C4): share of heads with a massive dim, max/mean
+                     per dim and per rotary pair, low-frequency share
 heatmap_<arm>_<step>.*   M[h, d] / mean_d M per layer and tensor, dims in rotary-frequency order
                      (at most MAX_HEATMAP_LAYERS layers, evenly spaced)
-pair_energy_<arm>.*  share of pair energy vs theta_j, one curve per layer, context boundary marked
+pair_energy_<arm>.*  share of pair energy vs theta_j, one curve per layer coloured by depth (colour bar),
+                     context boundary marked
 bars3d_<arm>.*       |rot_q| of one head over tokens x dims (the paper's 3D view), probe 0
 """
 from __future__ import annotations
@@ -19,19 +23,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from analysis import claims as CL  # noqa: E402
 from analysis import stats as S  # noqa: E402
 from analysis import trace as T  # noqa: E402
+from minilm import atomic  # noqa: E402
 
-METRICS = (("massive", "massive dims / head"), ("max_mean", "max / mean"), ("lf_share", "low-freq share"))
+METRICS = (("head_max", "max/mean, top head"), ("max_mean", "max/mean per dim"),
+           ("pair_max_mean", "max/mean per pair"), ("lf_share", "low-freq share"))
+"""Rows of the emergence figure; 'head_max' is the largest per-head max/mean (table.csv), the others
+head means with intervals (summary.json)."""
+PROFILE = (("any_massive", "share of heads with a massive dim"), ("max_mean", "max/mean per dim"),
+           ("pair_max_mean", "max/mean per pair"), ("lf_share", "low-freq share"))
 SHOWN = ("rot_q", "rot_k", "v")
 STYLE = {"rot_q": "-", "rot_k": "--", "v": ":"}
 
 
 def _save(fig, store: T.Store, name: str) -> list[str]:
-  os.makedirs(store.path("plots"), exist_ok=True)
   paths = [store.path("plots", f"{name}.{ext}") for ext in ("png", "pdf")]
   for p in paths:
-    fig.savefig(p, dpi=100)
+    atomic.savefig(fig, p, dpi=100)
   plt.close(fig)
   return paths
 
@@ -50,6 +62,16 @@ def _series(groups, arm, layer, tensor, stat):
   pts = sorted((g["step"], *g["stats"][stat]) for g in groups
                if (g["arm"], g["layer"], g["tensor"]) == (arm, layer, tensor))
   return np.array(pts, np.float64).reshape(-1, 4)
+
+
+def _head_max(store: T.Store) -> dict:
+  """{(arm, layer, tensor): [[step, largest per-head max/mean, same, same], ...]} from table.csv,
+  shaped as `_series` returns (no interval: one head)."""
+  top = {}
+  for r in T.read_table(store.path("table.csv")):
+    key, step = (r["arm"], int(r["layer"]), r["tensor"]), int(r["step"])
+    top.setdefault(key, {})[step] = max(top.get(key, {}).get(step, -np.inf), float(r["max_mean"]))
+  return {k: np.array([[s, v, v, v] for s, v in sorted(by.items())]) for k, by in top.items()}
 
 
 def step_axis(ax, steps) -> callable:
@@ -71,6 +93,7 @@ def emergence(store: T.Store) -> list[str]:
   n_layers = max(f["n_layers"] for f in summ["arms"].values())
   steps = {g["step"] for g in groups}
   colors = _colors(arms)
+  head_max = _head_max(store)
   fig, axes = plt.subplots(len(METRICS), n_layers, figsize=(3.2 * n_layers + 1, 2.6 * len(METRICS)),
                            squeeze=False, sharex=True, layout="constrained")
   for r, (stat, label) in enumerate(METRICS):
@@ -79,13 +102,14 @@ def emergence(store: T.Store) -> list[str]:
       place = step_axis(ax, steps)
       for arm in arms:
         for tensor in SHOWN:
-          s = _series(groups, arm, layer, tensor, stat)
+          s = (head_max.get((arm, layer, tensor), np.zeros((0, 4))) if stat == "head_max" else
+               _series(groups, arm, layer, tensor, stat))
           if not len(s):
             continue
           x = place(s[:, 0])
           ax.plot(x, s[:, 1], STYLE[tensor], color=colors[arm], marker=".", label=f"{arm} {tensor}")
           ax.fill_between(x, s[:, 2], s[:, 3], color=colors[arm], alpha=0.12, linewidth=0)
-      _reference_line(ax, stat)
+      _reference_line(ax, stat, summ["stats"]["lam"])
       if r == 0:
         ax.set_title(f"layer {layer}", fontsize=9)
       if layer == 0:
@@ -97,21 +121,26 @@ def emergence(store: T.Store) -> list[str]:
   return _save(fig, store, "emergence")
 
 
-def _reference_line(ax, stat: str) -> None:
-  """The null 0.25 for low-frequency shares; counts start at 0."""
+def _reference_line(ax, stat: str, lam: float) -> None:
+  """The null 0.25 for low-frequency shares; the massive threshold lam for the top head's max/mean;
+  C1/C4's level for shares of heads."""
   if stat == "lf_share":
     ax.axhline(0.25, color="grey", lw=0.8, ls="-.")
-  if stat == "massive":
-    ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
+  if stat == "head_max":
+    ax.axhline(lam, color="red", lw=0.8, ls="-.", label=f"massive: lambda={lam:g}")
+    ax.set_ylim(bottom=1, top=max(1.1 * lam, ax.get_ylim()[1]))
+  if stat == "any_massive":
+    ax.axhline(CL.SHARE_LEVEL, color="grey", lw=0.8, ls="-.")
+    ax.set_ylim(-0.02, 1.02)
 
 
 def layer_profile(store: T.Store) -> list[str]:
   summ = _summary(store)
   groups, arms = summ["groups"], list(summ["arms"])
   colors = _colors(arms)
-  fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4), squeeze=False,
+  fig, axes = plt.subplots(1, len(PROFILE), figsize=(4.2 * len(PROFILE), 3.4), squeeze=False,
                            layout="constrained")
-  for c, (stat, label) in enumerate(METRICS):
+  for c, (stat, label) in enumerate(PROFILE):
     ax = axes[0, c]
     for arm in arms:
       last = max(g["step"] for g in groups if g["arm"] == arm)
@@ -121,8 +150,8 @@ def layer_profile(store: T.Store) -> list[str]:
         p = np.array(pts, np.float64)
         ax.errorbar(p[:, 0], p[:, 1], yerr=[p[:, 1] - p[:, 2], p[:, 3] - p[:, 1]], fmt=STYLE[tensor] + "o",
                     color=colors[arm], ms=3, capsize=2, label=f"{arm} {tensor} (step {last})")
-    _reference_line(ax, stat)
-    ax.set_xticks(range(max(f["n_layers"] for f in summ["arms"].values())))
+    _reference_line(ax, stat, summ["stats"]["lam"])
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))   # 30 layer labels would run together
     ax.set_xlabel("layer")
     ax.set_ylabel(label)
   axes[0, 0].legend(fontsize=6)
@@ -188,13 +217,15 @@ def pair_energy(store: T.Store, arm: str) -> list[str]:
   summ, meta = _summary(store), store.meta()
   pairing, context = T.pairing_of(meta["arms"][arm]), meta["arms"][arm]["context"]
   last = max(g["step"] for g in summ["groups"] if g["arm"] == arm)
-  fig, axes = plt.subplots(1, len(SHOWN), figsize=(4.2 * len(SHOWN), 3.4), squeeze=False, sharey=True,
+  n_layers = meta["arms"][arm]["n_layers"]
+  depth = plt.cm.ScalarMappable(plt.Normalize(0, max(n_layers - 1, 1)), "viridis")
+  fig, axes = plt.subplots(1, len(SHOWN), figsize=(4.2 * len(SHOWN) + 1, 3.6), squeeze=False, sharey=True,
                            layout="constrained")
   for c, tensor in enumerate(SHOWN):
     ax = axes[0, c]
     for g in summ["groups"]:
       if (g["arm"], g["step"], g["tensor"]) == (arm, last, tensor):
-        ax.plot(pairing.theta, g["pair_share"], marker=".", label=f"layer {g['layer']}")
+        ax.plot(pairing.theta, g["pair_share"], marker=".", ms=3, lw=1, color=depth.to_rgba(g["layer"]))
     for factor, ls in ((1, "-"), (2, "--")):
       j = S.context_pair(pairing.theta, factor * context)
       if j < pairing.n_pairs:
@@ -205,7 +236,8 @@ def pair_energy(store: T.Store, arm: str) -> list[str]:
     ax.set_title(tensor, fontsize=9)
   axes[0, 0].set_ylabel("share of pair energy (head mean)")
   axes[0, -1].legend(fontsize=6)
-  fig.suptitle(f"{arm} step {last}: where the mass sits in frequency ({pairing.label}; context {context:g})",
+  fig.colorbar(depth, ax=axes, fraction=0.03, label="layer")
+  fig.suptitle(f"{arm} step {last}: where the mass sits in frequency\n({pairing.label}; context {context:g})",
                fontsize=9)
   return _save(fig, store, f"pair_energy_{arm}")
 

@@ -13,6 +13,8 @@ import math
 import os
 
 from analysis import claims as CL
+from analysis import experiment as EXP
+from minilm import atomic
 
 VERDICT_CLASS = {"supported": "ok", "not supported": "no", "opposite": "no", "inconclusive": "maybe",
                  "not run": "off"}
@@ -41,10 +43,17 @@ def _read_json(path: str, default=None):
 
 
 def _read_jsonl(path: str) -> list[dict]:
+  """The rows of a JSON-lines log; a last line cut short by a kill (training resumes and rewrites
+  it) is left out rather than failing the report."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  rows = [json.loads(line) for line in lines[:-1]]
+  try:
+    return rows + [json.loads(line) for line in lines[-1:]]
+  except json.JSONDecodeError:
+    return rows
 
 
 def esc(x) -> str:
@@ -57,10 +66,18 @@ MEASURES = {"rope": "arm value", "diff": "arm - reference"}
 def fmt(x, ci=None, digits: int = 3) -> str:
   if x is None or (isinstance(x, float) and not math.isfinite(x)):
     return "-"
-  s = f"{x:.{digits}g}"
+  s = num(x, digits)
   if ci and all(c is not None for c in ci):
-    s += f" [{ci[0]:.{digits}g}, {ci[1]:.{digits}g}]"
+    s += f" [{num(ci[0], digits)}, {num(ci[1], digits)}]"
   return s
+
+
+def num(x, digits: int = 3) -> str:
+  """`digits` significant digits, but counts such as steps in full: an int, or a number of at least
+  10^digits, is written as a whole number (1300, not 1.3e+03)."""
+  if isinstance(x, int) or abs(x) >= 10 ** digits:
+    return f"{round(x)}"
+  return f"{x:.{digits}g}"
 
 
 # ----------------------------------------------------------------------------------------- pieces
@@ -75,8 +92,8 @@ def table_html(header: list[str], rows: list[list[str]], classes: list[list[str]
   return "\n".join(out) + "</table>"
 
 
-def markdown_tables(text: str) -> str:
-  """Pipe tables of a markdown file as HTML tables; other lines as paragraphs (escaped)."""
+def markdown_tables(text: str, paragraphs: bool = True) -> str:
+  """Pipe tables of a markdown file as HTML tables; other lines as paragraphs (escaped), or left out."""
   out, rows = [], []
 
   def flush():
@@ -91,7 +108,7 @@ def markdown_tables(text: str) -> str:
         rows.append(cells)
       continue
     flush()
-    if line:
+    if line and paragraphs:
       out.append(f"<p>{esc(line)}</p>")
   flush()
   return "\n".join(out)
@@ -127,19 +144,88 @@ def figures(report_dir: str, folder: str, prefix: str, caption, grid: bool = Fal
 
 
 def claim_rows(verdicts: list[CL.Verdict], source: str) -> tuple[list[list[str]], list[list[str]]]:
+  """One row per verdict: the judged values, the verdict, the rule beside it, and the values at every
+  point with what the rotation accounts for (analysis.claims.points_text)."""
   rows, classes = [], []
   for v in verdicts:
     ref = f"{esc(v.reference)}: {fmt(v.nope, v.nope_ci)}" if v.reference else "-"
+    points = "<br>".join(esc(t) for t in CL.points_text(v))
     rows.append([esc(source), f"<b>{esc(v.claim)}</b> {esc(v.title)}", esc(v.quantity), fmt(v.rope, v.rope_ci), ref,
-                 fmt(v.diff, v.ci), f"<b>{esc(v.verdict)}</b>",
-                 f"<details><summary>rule</summary>{esc(v.rule)}</details>"
+                 fmt(v.diff, v.ci), f"<b>{esc(v.verdict)}</b>", f'<span class="small">{esc(v.rule)}</span>',
+                 f'<span class="small">{points}</span>'
                  + (f"<details><summary>notes</summary>{esc(v.notes)}</details>" if v.notes else "")])
-    classes.append([""] * 6 + [VERDICT_CLASS.get(v.verdict, ""), ""])
+    classes.append([""] * 6 + [VERDICT_CLASS.get(v.verdict, ""), "", ""])
   return rows, classes
 
 
 CLAIM_HEADER = ["source", "claim", "measured quantity", "RoPE (tested)", "reference (NoPE arm or null)",
-                "difference [95% CI]", "verdict", "rule, notes"]
+                "difference [95% CI]", "verdict", "rule (fixed before the data)", "at each point; notes"]
+
+
+def shares_text(c1: CL.Verdict) -> str:
+  """C1's shares of Q and K heads with a massive dim at every point, from its parts; 'no Q or K head'
+  when every one of them is zero."""
+  shares = [p for p in c1.parts or [] if p["key"] in ("share_Q", "share_K")]
+  if shares and all(p["value"] == 0 for p in shares):
+    return "no Q or K head has a massive dim at any point"
+  by_point = {}
+  for p in shares:
+    by_point.setdefault(p["point"], []).append(f"{p['key'][-1]} {fmt(p['value'], p['ci'])}")
+  return "; ".join(f"{CL.POINT_LABELS[pt]}: {', '.join(v)}" for pt, v in by_point.items())
+
+
+def reference(v: CL.Verdict) -> str:
+  """The reference and its value ('null 0.25' already holds its value)."""
+  return v.reference if v.reference.startswith("null") else f"{v.reference or 'no reference'} {fmt(v.nope)}"
+
+
+def where_text(lf: CL.Verdict) -> str:
+  """Where the pair energy sits against the context boundary, from C3-lowfreq's parts."""
+  by = {p["key"]: p for p in lf.parts or []}
+  if not {"peak_pair", "ctx_pair", "band_share"} <= set(by):
+    return ""
+  peak, ctx, band = by["peak_pair"], by["ctx_pair"], by["band_share"]
+  return (f"low-frequency share {fmt(lf.rope, lf.rope_ci)} vs {reference(lf)} ({lf.verdict}); "
+          f"median peak pair {fmt(peak['value'])} of {peak['n_pairs']}; first pair whose wavelength exceeds the "
+          f"context {ctx['value']} (peak minus it: {peak['value'] - ctx['value']:+g}); boundary-band share "
+          f"{fmt(band['value'], band['ci'])} vs null {fmt(band['null'])}")
+
+
+def pooled_points_text(c: dict) -> list[str]:
+  """A seed group's claim at every point: the pooled difference where every seed has one, else the
+  pooled arm value; and the rotation's part."""
+  out = []
+  for point in CL.POINTS if c.get("points") else ():
+    key = "diff" if c["points"][point]["diff"]["why"] is None else "rope"
+    out.append(f"{CL.POINT_LABELS[point]}, {MEASURES[key]}: {_pooled(c['points'][point][key])}")
+  if c.get("points") and "rotation" in c["points"]:
+    out.append(f"rotation itself (post minus pre): {_pooled(c['points']['rotation'])}")
+  return out
+
+
+def _pooled(p: dict) -> str:
+  return fmt(p["mean"], p["ci"]) if p["mean"] is not None else f"not pooled: {p['why']}"
+
+
+def c6_text(v: CL.Verdict, c6: dict) -> str:
+  """A C6 verdict in words from its numbers: the difference, or 'no power' when both compared schemes
+  score 100% (the difference is then 0 whatever the schemes do), and the held-out perplexity of the
+  compared schemes against the float model where the quantization summary has it."""
+  model = next((m for m in c6.get("models", {}) if v.title.endswith(f"({m})")), None)
+  ppl = c6.get("models", {}).get(model, {}).get("ppl", {})
+  compared = sorted((s for s in ppl if s != "fp" and f"{s} (" in v.quantity), key=v.quantity.index)
+  text = f"{v.title}: {v.verdict}"
+  if v.rope is not None and v.rope == v.nope == 1:
+    text += " (no power: both schemes at 100%, the ceiling)"
+  elif v.diff is not None:
+    text += f" (difference {fmt(v.diff, v.ci)})"
+  if v.notes:
+    text += f"; {v.notes}"
+  if "fp" in ppl and compared:
+    fp = ppl["fp"]["ppl"]
+    text += f"; held-out perplexity fp {fp:.2f}, " + ", ".join(
+        f"{s} {ppl[s]['ppl']:.2f} ({ppl[s]['ppl'] - fp:+.2f})" for s in compared)
+  return text
 
 
 # ----------------------------------------------------------------------------------------- content
@@ -193,9 +279,9 @@ class Report:
         line1 += (f" (first pair; {more} more comparisons and {len(self.comparisons.get('seed_groups', []))} "
                   "seed groups in the report)")
       c1, c3, lf = tc.get("C1"), tc.get("C3"), tc.get("C3-lowfreq")
-      line2 = (f"  step {c1.step}: massive Q/K dims per head RoPE {fmt(c1.rope, c1.rope_ci)} vs {c1.reference or 'no reference'} "
-               f"{fmt(c1.nope)}; Q/K max/mean RoPE {fmt(c3.rope)} vs {fmt(c3.nope)}; low-freq share RoPE "
-               f"{fmt(lf.rope)} vs {lf.reference} {fmt(lf.nope)}")
+      line2 = (f"  step {c1.step}: share of Q/K heads with a massive dim RoPE {fmt(c1.rope, c1.rope_ci)} vs "
+               f"{c1.reference or 'no reference'} {fmt(c1.nope)}; {c3.quantity} RoPE {fmt(c3.rope)} vs {fmt(c3.nope)}; "
+               f"low-freq share RoPE {fmt(lf.rope)} vs {reference(lf)}")
     else:
       line1 = f"{self.exp_name()}: no traced claims (train/trace {self.stage('train')}/{self.stage('trace')})"
       line2 = "  -"
@@ -203,7 +289,7 @@ class Report:
     if pc:
       name = self.pre_facts.get("name", "pretrained model")
       c1 = pc.get("C1")
-      line3 = (f"{name}: massive Q/K dims per head {fmt(c1.rope, c1.rope_ci)}; "
+      line3 = (f"{name}: share of Q/K heads with a massive dim {fmt(c1.rope, c1.rope_ci)}; "
                + ", ".join(f"{c} {v.verdict}" for c, v in pc.items() if c != "C3"))
     else:
       line3 = f"pretrained model: not analysed (stage {self.stage('pretrained')})"
@@ -211,44 +297,43 @@ class Report:
     line4 = (f"C5 disruption ({c5.notes.split(':')[0]}): {c5.verdict}; contextual drop under massive disruption "
              f"{fmt(c5.rope, c5.rope_ci)}" if c5 else f"C5 disruption: not run (stage {self.stage('disrupt')})")
     if self.c6_claims:
-      line5 = "C6 quantization: " + "; ".join(f"{v.title}: {v.verdict} (diff {fmt(v.diff, v.ci)})" for v in self.c6_claims)
+      line5 = "C6 quantization: " + "; ".join(c6_text(v, self.c6) for v in self.c6_claims)
     else:
       line5 = f"C6 quantization: not run (stage {self.stage('quant')})"
     return [line1, line2, line3, line4, line5]
 
   def bottom_line(self) -> str:
-    """Plain words on what holds at this scale; never more than the verdicts say."""
+    """The verdicts and the numbers behind them, in sentences made from those numbers only."""
     parts = []
     tc = {v.claim: v for v in self.trace_claims}
     if tc:
-      c1 = tc.get("C1")
-      supported = [c for c, v in tc.items() if v.verdict == "supported"]
-      if c1 and c1.rope is not None and c1.rope < CL.MIN_MASSIVE:
-        parts.append(f"In the from-scratch run ({esc(self.scale())}) the RoPE arm has on average "
-                     f"{fmt(c1.rope)} massive Q/K dimensions per head (lambda = "
-                     f"{esc(self.trace_meta.get('stats', {}).get('lam', 5))}): <b>no massive values at this scale</b>, "
-                     "so C1 and C4 cannot be confirmed here. This is expected: at minutes-of-CPU scale earlier "
-                     "runs showed none either, and LLM-like concentration plausibly needs tens of millions of "
-                     "parameters and ~1B tokens (GPU configs in configs/).")
-      parts.append("Paired-run verdicts supported: " + (esc(", ".join(supported)) or "<b>none</b>") + "; "
-                   + esc(", ".join(f"{c} {v.verdict}" for c, v in tc.items() if c not in supported)) + ".")
-      lf = tc.get("C3-lowfreq")
-      if lf and lf.verdict == "opposite":
-        parts.append(f"The low-frequency share of Q/K energy goes the <b>opposite</b> way to the paper's picture "
-                     f"(RoPE {fmt(lf.rope)} vs {esc(lf.reference)} {fmt(lf.nope)}): at this context length the mass "
-                     "sits near the pairs whose wavelength matches the context (see the notes of C3-lowfreq).")
+      parts.append(f"Paired run ({esc(self.scale())}): " + esc(", ".join(f"{c} {v.verdict}" for c, v in tc.items())) + ".")
+      parts += self.claim_sentences(tc)
     pc = {v.claim: v for v in self.pre_claims}
     if pc:
       parts.append(f"In {esc(self.pre_facts.get('name', 'the pretrained model'))}: "
                    + esc(", ".join(f"{c} {v.verdict}" for c, v in pc.items())) + ".")
+      parts += self.claim_sentences(pc)
     c5 = self._claim(self.c5_claims, "C5")
     if c5:
       parts.append(f"C5 (disruption): <b>{esc(c5.verdict)}</b> ({esc(c5.notes)}).")
     for v in self.c6_claims:
-      parts.append(f"{esc(v.claim)} ({esc(v.title)}): <b>{esc(v.verdict)}</b>.")
+      parts.append(f"{esc(v.claim)}: {esc(c6_text(v, self.c6))}.")
     if not parts:
       parts.append("No stage produced results yet.")
     return " ".join(parts)
+
+  @staticmethod
+  def claim_sentences(tc: dict) -> list[str]:
+    """C1's shares, C3's rotation part and where the energy sits, each from its verdict's numbers."""
+    out = []
+    if tc.get("C1") and tc["C1"].parts:
+      out.append(f"C1: share of heads with a massive dim: {esc(shares_text(tc['C1']))}.")
+    if tc.get("C3") and tc["C3"].rotation:
+      out.append(f"C3: {esc(CL.rotation_text(tc['C3']))}.")
+    if tc.get("C3-lowfreq") and where_text(tc["C3-lowfreq"]):
+      out.append(f"C3-lowfreq: {esc(where_text(tc['C3-lowfreq']))}.")
+    return out
 
   # ------------------------------------------------------------------------------------ sections
 
@@ -262,13 +347,16 @@ class Report:
       classes += c
     for stage, cid, title in (("disrupt", "C5", "Function"), ("quant", "C6", "Quantization")):
       if not (self.c5_claims if stage == "disrupt" else self.c6_claims):
-        rows.append(["-", f"<b>{cid}</b> {title}", "-", "-", "-", "-", "<b>not run</b>",
+        rows.append(["-", f"<b>{cid}</b> {title}", "-", "-", "-", "-", "<b>not run</b>", "",
                      esc(f"stage {stage}: {self.stage(stage)}")])
-        classes.append([""] * 6 + ["off", ""])
-    return (f'<h2 id="claims">Claims C1-C6</h2><p class="small">Each verdict follows a rule fixed before the data '
-            f"(open 'rule'). Intervals: {CL.LEVEL:.0%} bootstrap over prompts and heads (C1-C4), over examples "
-            "(C5, C6). 'RoPE (tested)' is the arm or model under test; the reference is the paired NoPE arm, "
-            "or the null value where there is none.</p>" + table_html(CLAIM_HEADER, rows, classes))
+        classes.append([""] * 6 + ["off", "", ""])
+    points = "; ".join(f"{p}: {CL.POINT_LABELS[p]}" for p in CL.POINTS)
+    return (f'<h2 id="claims">Claims C1-C6</h2><p class="small">Each verdict follows the rule printed beside it, '
+            f"fixed before the data (definitions: docs/claims.md). Intervals: {CL.LEVEL:.0%} bootstrap over "
+            "prompts and heads (C1-C4), over examples (C5, C6). 'RoPE (tested)' is the arm or model under test; "
+            "the reference is the paired NoPE arm, or the null value where there is none. Concentration is "
+            f"measured at three points ({esc(points)}); the last column gives every point and marks the one "
+            "the rule judges.</p>" + table_html(CLAIM_HEADER, rows, classes))
 
   def training_section(self) -> str:
     run_dir = self.lab.get("run_dir")
@@ -285,12 +373,22 @@ class Report:
       last_e = evals[a][-1] if evals[a] else {}
       rows.append([esc(a), fmt(last_m.get("step")), fmt(last_m.get("loss"))]
                   + [fmt(_acc(last_e.get(f))) for f in families])
-    out = [f'<h2 id="training">Training: {esc(self.exp_name())}</h2><p>{esc(self.scale())}. Arms share the seed, '
-           "the initial weights and the batches; they differ only by their overrides.</p>",
+    out = [f'<h2 id="training">Training: {esc(self.exp_name())}</h2><p>{esc(self.scale())}. {esc(self.overrides_text())}</p>',
            table_html(["arm", "last step", "loss"] + [f"{esc(f)} (held-out exact match)" for f in families], rows)]
     if fig:
       out.append(figure(self.dir, "figures/training.png", "training loss and held-out accuracy per family over steps"))
     return "\n".join(out)
+
+  def overrides_text(self) -> str:
+    """What the arms differ by, from the experiment's overrides."""
+    overrides = self.lab.get("experiment", {}).get("arms", {})
+    seeds = {a: o[k] for a, o in overrides.items() for k in ("seed", "train.seed") if k in o}
+    keys = sorted({k for o in overrides.values() for k in o if k not in ("seed", "train.seed")})
+    differ = f"Arms differ by their overrides of {', '.join(keys)}" if keys else "Arms have no overrides but the seed"
+    if not seeds:
+      return f"{differ}; they share the seed, hence the initial weights and the batches."
+    return (f"{differ}; seeds set per arm: {', '.join(f'{a} {s}' for a, s in seeds.items())} (any other arm: "
+            "the shared config's seed).")
 
   def trace_section(self) -> str:
     if not os.path.isdir(os.path.join(self.dir, "trace")):
@@ -301,9 +399,11 @@ class Report:
            f'<p class="small">{esc(cap.get("n_probes"))} probe prompts of {esc(cap.get("length"))} tokens; '
            f"massive: M[h,d] &gt; {esc(stats.get('lam'))} x mean_d M[h,d]; M over prompt tokens "
            f"(drop_first={esc(stats.get('drop_first'))}). Shaded bands: 95% bootstrap intervals.</p>",
-           figure(self.dir, "trace/plots/emergence.png", "massive dims per head, max/mean and low-frequency share "
-                  "of rot_q, rot_k, v per layer over steps, arms overlaid"),
-           figure(self.dir, "trace/plots/layer_profile.png", "the same statistics per layer at the last step (C4)"),
+           figure(self.dir, "trace/plots/emergence.png", "per layer over steps, arms overlaid: max/mean of the most "
+                  "concentrated head against the massive threshold lambda, head-mean max/mean per dim and per "
+                  "rotary pair, and the low-frequency share, of rot_q, rot_k, v"),
+           figure(self.dir, "trace/plots/layer_profile.png", "per layer at the last step (C4): share of heads with "
+                  "a massive dim, max/mean per dim and per rotary pair, low-frequency share"),
            '<h2 id="heatmaps">Heatmaps</h2>',
            figures(self.dir, "trace/plots", "heatmap_", lambda n: f"M[h,d] / mean_d M per layer and tensor: {n[8:]}"),
            '<h2 id="frequency">Frequency: where the mass sits</h2>',
@@ -339,20 +439,23 @@ class Report:
                    "" if r.get("base") is None else f"{r['base']:g}", rotary, fmt(r["context"], digits=6),
                    boundary(r, "j_ctx"), boundary(r, "j_2ctx"), "" if r.get("n_pairs") is None else esc(r["n_pairs"]),
                    cell(r, "peak_pair"), cell(r, "peak_minus_ctx"), cell(r, "band_share", "band_null"),
-                   cell(r, "lf_share", "lf_null"), unrot, cell(r, "max_mean"), cell(r, "massive")])
+                   cell(r, "lf_share", "lf_null"), unrot]
+                  + [cell(r, f"{pre}{stat}") for stat in ("max_mean", "any_massive") for pre in ("pre_", "", "pair_")])
     level = self.arms.get("level", CL.LEVEL)
     return "\n".join([
         '<h2 id="arms">Where the mass sits, arm by arm</h2>',
         '<p class="small">j_ctx is the first rotary pair whose wavelength 2&pi; base<sup>2j/d<sub>rot</sub></sup> '
         "exceeds the arm's training context (j_2ctx: twice the context; P, the number of rotated pairs, when none "
-        "does). The prediction (SCIENCE.md) is that the peak pair follows j_ctx as the base and the context change, "
+        "does). The prediction (docs/claims.md) is that the peak pair follows j_ctx as the base and the context change, "
         "and that partial RoPE moves mass to the unrotated dims. rot_q/rot_k heads of all layers at each arm's last "
         f"step, {level:.0%} bootstrap intervals over prompts and heads; blank: no rotary pairs (arms without "
         "RoPE, whose shares use a convention pairing and mean something only against their null) or no "
         "unrotated dims.</p>",
         table_html(["arm", "step", "position", "RoPE base", "rotary fraction", "context", "j_ctx", "j_2ctx", "P",
                     "peak pair", "peak - j_ctx", "boundary-band share", "low-freq share", "unrotated share",
-                    "max/mean", f"massive dims per head (lambda={self.arms.get('lam', 5):g})"], rows)])
+                    "max/mean pre-RoPE", "max/mean post-RoPE", "max/mean per pair"]
+                   + [f"share of heads with a massive {unit} (lambda={self.arms.get('lam', 5):g}) {point}"
+                      for unit, point in (("dim", "pre-RoPE"), ("dim", "post-RoPE"), ("pair", "per pair"))], rows)])
 
   def comparison_section(self) -> str:
     rows_in = self.comparisons.get("comparisons", [])
@@ -363,27 +466,30 @@ class Report:
       for v in comp["verdicts"]:
         rows.append([esc(comp["arm"]), esc(comp["reference"] or "-"), esc(comp["seed"]), esc(v["claim"]),
                      fmt(v["rope"], v["rope_ci"]), fmt(v["nope"], v["nope_ci"]), fmt(v["diff"], v["ci"]),
-                     f"<b>{esc(v['verdict'])}</b>"])
-        classes.append([""] * 7 + [VERDICT_CLASS.get(v["verdict"], "")])
+                     f"<b>{esc(v['verdict'])}</b>",
+                     '<span class="small">' + "<br>".join(esc(t) for t in CL.points_text(CL.Verdict(**v))) + "</span>"])
+        classes.append([""] * 7 + [VERDICT_CLASS.get(v["verdict"], ""), ""])
     out = ['<h2 id="comparisons">Every arm against its same-seed NoPE arm</h2>',
            table_html(["arm", "reference", "seed", "claim", "arm value", "reference value", "difference [95% CI]",
-                       "verdict"], rows, classes)]
+                       "verdict", "at each point"], rows, classes)]
     groups = self.comparisons.get("seed_groups", [])
     if groups:
       g_rows = []
       for g in groups:
         for cid, c in g["claims"].items():
           counts = {v: c["verdicts"].count(v) for v in dict.fromkeys(c["verdicts"])}
-          pooled = fmt(c["mean"], c["ci"]) if c["mean"] is not None else f"not pooled: {esc(c['why'])}"
+          pooled = esc(_pooled(c))
           per_seed = ", ".join(f"{fmt(x)} (seed {s}, step {t})" for x, s, t in zip(c["values"], c["seeds"], c["steps"]))
           g_rows.append([esc(g["recipe"]), esc(cid), MEASURES[c["measure"]], esc(per_seed),
-                         pooled, esc(", ".join(f"{n}/{len(c['verdicts'])} {v}" for v, n in counts.items()))])
+                         pooled, esc(", ".join(f"{n}/{len(c['verdicts'])} {v}" for v, n in counts.items())),
+                         '<span class="small">' + "<br>".join(esc(t) for t in pooled_points_text(c)) + "</span>"])
       out += ['<h3>Over seeds</h3><p class="small">Per recipe (the arm\'s overrides without its seed): the '
               "value each claim's rule judges, per seed, and their mean with a "
               f"{self.comparisons.get('level', 0.95):.0%} t interval over seeds (only when every seed is at the "
               "same step: a seed still training is listed, not pooled), "
               "and how many seeds reach each verdict.</p>",
-              table_html(["recipe", "claim", "value", "per seed", "mean [t interval over seeds]", "verdicts"], g_rows)]
+              table_html(["recipe", "claim", "value", "per seed", "mean [t interval over seeds]", "verdicts",
+                          "at each point, mean over seeds"], g_rows)]
     return "\n".join(out)
 
   def disrupt_section(self) -> str:
@@ -396,8 +502,9 @@ class Report:
     return (f'<h2 id="disruption">Disruption (C5)</h2><p class="small">Suite {esc(self.c5.get("suite"))}, '
             f"{esc(self.c5.get('n'))} examples per task, greedy decoding, strict answer parsing. Each massive "
             f"dimension of Q and K ({esc(cfg.get('rope', ''))}-RoPE, criterion {esc(cfg.get('criterion', ''))}) is "
-            "replaced by its own mean over the prompt, during prefill only. Controls: the same number of "
-            "smallest-norm dims, norm-matched random dims, and V. Cells: accuracy % [Wilson 95%].</p>"
+            "replaced by its own mean over the prompt, during prefill only. Conditions run: "
+            f"{esc(', '.join(EXP.COLUMNS.get(m, m) for m in self.c5.get('modes', [])) or 'not recorded')}. "
+            "Cells: accuracy % [Wilson 95%].</p>"
             + tbl + figure(self.dir, "disrupt/c5.png", "accuracy per task under each disruption (Wilson 95% bars)"))
 
   def quant_section(self) -> str:
@@ -405,7 +512,8 @@ class Report:
     if not os.path.exists(os.path.join(d, "table.md")):
       return f'<h2 id="quantization">Quantization (C6)</h2><p>Not run (stage {esc(self.stage("quant"))}).</p>'
     with open(os.path.join(d, "table.md")) as f:
-      tbl = markdown_tables(f.read())
+      tbl = markdown_tables(f.read(), paragraphs=False)    # the verdicts are written below from their numbers
+    tbl += "".join(f"<p>{esc(c6_text(v, self.c6))}</p>" for v in self.c6_claims)
     pngs = figures(self.dir, "quant", "c6", lambda n: "accuracy relative to the unquantized model per task")
     return (f'<h2 id="quantization">Quantization (C6)</h2><p class="small">Schemes '
             f"{esc(', '.join(s.get('name', '') for s in self.c6.get('schemes', [])))}; calibration "
@@ -422,8 +530,8 @@ class Report:
         f'<p class="small">Source {esc(f.get("source"))} ({esc(f.get("format"))}, RoPE layout {esc(f.get("layout"))}); '
         f"{esc(f.get('probes', {}).get('n'))} probe windows of {esc(f.get('probes', {}).get('length'))} tokens "
         f"({esc(f.get('probes', {}).get('text'))}); wavelength boundary at context {esc(f.get('context'))}. "
-        "The same analysis as a traced run, with the model as one arm at step 0 and no NoPE twin (so C3 reads "
-        "inconclusive and the low-frequency share is compared with its null).</p>",
+        "The same analysis as a traced run, with the model as one arm at step 0 and no NoPE twin: references "
+        f"{esc(', '.join(sorted({v.reference for v in self.pre_claims if v.reference})) or 'none')}.</p>",
         table_html(CLAIM_HEADER, rows, classes),
         figures(self.dir, "pretrained/plots", "layer_profile", lambda n: "statistics per layer"),
         figures(self.dir, "pretrained/plots", "heatmap_", lambda n: "M[h,d] / mean_d M per layer and tensor"),
@@ -503,8 +611,7 @@ def training_figure(metrics: dict[str, list], evals: dict[str, list], path: str)
     axes[0, 1].set(xlabel="step", ylabel="exact match", title="held-out accuracy", ylim=(-0.02, 1.02))
     axes[0, 1].legend(fontsize=7, ncol=2)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  atomic.savefig(fig, path, dpi=100)
   plt.close(fig)
   return True
 
@@ -515,12 +622,8 @@ def build(report_dir: str) -> str:
   """Write index.html (and figures/training.png, summary.txt) into report_dir; returns its path."""
   report = Report(report_dir)
   path = os.path.join(report_dir, "index.html")
-  os.makedirs(report_dir, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    f.write(report.page())
-  os.replace(path + ".tmp", path)
-  with open(os.path.join(report_dir, "summary.txt"), "w") as f:
-    f.write("\n".join(report.summary_lines()) + "\n")
+  atomic.write_text(path, report.page())
+  atomic.write_text(os.path.join(report_dir, "summary.txt"), "\n".join(report.summary_lines()) + "\n")
   return path
 
 

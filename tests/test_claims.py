@@ -88,7 +88,7 @@ def test_c3_is_judged_where_the_rotation_cannot_bias_it(tmp_path):
   assert v.verdict == "inconclusive" and v.ci[0] < 0 < v.ci[1]                 # heads resampled per arm
   assert v.rotation["of"] == "diff" and v.rotation["value"] == pytest.approx(v.points["post"]["diff"])
   assert v.rotation["ci"][1] < 0                                                # all of the gap is the rotation
-  assert "100% of the post-RoPE difference" in CL.rotation_text(v)
+  assert "100% of the post-RoPE per-dim difference" in CL.rotation_text(v)
 
 
 def test_heads_with_massive_dims_at_different_indices_do_not_recur(tmp_path):
