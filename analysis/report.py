@@ -260,7 +260,7 @@ class Report:
     m, d = t.get("model", {}), t.get("data", {})
     tokens = t.get("steps", 0) * d.get("batch_size", 0) * d.get("seq_len", 0)
     return (f"d_model {m.get('d_model')}, {m.get('n_layers')} layers, {m.get('n_heads')} heads, "
-            f"{t.get('steps')} steps x {d.get('batch_size')} x {d.get('seq_len')} tokens = {tokens / 1e6:.2g}M tokens per arm")
+            f"{t.get('steps')} steps x {d.get('batch_size')} x {d.get('seq_len')} tokens = {num(tokens / 1e6, 2)}M tokens per arm")
 
   def _claim(self, verdicts, cid):
     return next((v for v in verdicts if v.claim == cid), None)

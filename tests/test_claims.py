@@ -1,5 +1,6 @@
 """Verdicts from stores of synthetic per-prompt sums with known truth, and the fixed rules themselves."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,11 @@ def test_write_claims_keeps_other_claims_so_c5_c6_can_be_added(tmp_path):
   assert "| C5 Function |" in md and "a C5 rule" in md and CL.RULE_C3 in md and "None" not in md
   assert "per rotary pair (pair energy, rotation-invariant) (judged)" in md
   assert CL.load_claims(str(tmp_path))[-1] == c5
+
+
+def test_docs_state_every_rule_as_the_code_applies_it():
+  docs = (Path(__file__).parents[1] / "docs" / "claims.md").read_text()
+  for rule in (CL.RULE_C1, CL.RULE_C2, CL.RULE_C3, CL.RULE_C3_LF, CL.RULE_C4):
+    assert rule in docs
+  assert f"Level of the share of heads for C1 and C4: {CL.SHARE_LEVEL:g}" in docs
+  assert f"{CL.N_PERM} permutations, seed {CL.PERM_SEED}, level {CL.ALPHA:g}" in docs

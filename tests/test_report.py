@@ -149,6 +149,28 @@ def test_report_is_self_contained_and_says_plainly_when_nothing_is_massive(repor
   assert len(lines) == 5 and lines[4].startswith("C6 quantization: not run")
 
 
+def test_numbers_never_print_in_exponent_notation_where_they_count_things():
+  assert R.fmt(1300) == "1300" and R.fmt(1300.0) == "1300" and R.fmt(0.12345) == "0.123"
+  assert R.fmt(2.5, [1.25, 2500.0]) == "2.5 [1.25, 2500]" and R.fmt(None) == "-" and R.num(1.3e3 / 1e3, 2) == "1.3"
+
+
+def test_c6_lines_say_no_power_at_the_ceiling_and_give_perplexity_against_fp():
+  quantity = "contextual success, awq-4b (value) vs gptq-4b (reference); usable tasks: passkey"
+  c6 = {"models": {"m": {"ppl": {"fp": {"ppl": 50.0}, "awq-4b": {"ppl": 52.5}, "gptq-4b": {"ppl": 51.0},
+                                 "awq-3b": {"ppl": 90.0}}}}}
+  ceiling = CL.Verdict("C6", "AWQ beats GPTQ (m)", quantity, "inconclusive", "r", rope=1.0, nope=1.0, diff=0.0,
+                       ci=[0.0, 0.0], reference="gptq-4b")
+  text = R.c6_text(ceiling, c6)
+  assert "no power: both schemes at 100%" in text and "[0, 0]" not in text
+  assert text.endswith("held-out perplexity fp 50.00, awq-4b 52.50 (+2.50), gptq-4b 51.00 (+1.00)")
+  moved = CL.Verdict("C6", "AWQ beats GPTQ (m)", quantity, "supported", "r", rope=0.9, nope=0.6, diff=0.3,
+                     ci=[0.1, 0.5], reference="gptq-4b")
+  assert "difference 0.3 [0.1, 0.5]" in R.c6_text(moved, c6)
+  not_run = CL.Verdict("C6-keep", "keeping helps (m)", "contextual success, None (value) vs None (reference)",
+                       "inconclusive", "r", notes="rtn_keep was not run")
+  assert R.c6_text(not_run, c6) == "keeping helps (m): inconclusive; rtn_keep was not run"
+
+
 def test_markdown_tables_become_html_tables_and_text_is_escaped():
   out = R.markdown_tables("| a | <b> |\n|---|---|\n| 1 | **2** |\nnote <x>")
   assert out.count("<table>") == 1 and "<th>&lt;b&gt;</th>" in out and "<td>2</td>" in out
