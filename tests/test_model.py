@@ -128,9 +128,7 @@ def test_intervention_hook_sees_every_point_and_changes_the_output():
   assert not np.allclose(logits, model(tokens()))
 
 
-@pytest.mark.parametrize("position", ENCODINGS)
-def test_kv_cache_matches_full_forward(position):
-  model = make(position)
+def assert_cache_decoding_matches_full_forward(model):
   toks = tokens(2, 14)
   full = np.asarray(model(toks))
   cache = init_cache(model.cfg, 2, 20)
@@ -140,6 +138,11 @@ def test_kv_cache_matches_full_forward(position):
     out, cache = model(toks[:, t:t + 1], cache=cache)
     steps.append(out)
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ENCODINGS)
+def test_kv_cache_matches_full_forward(position):
+  assert_cache_decoding_matches_full_forward(make(position))
 
 
 def test_greedy_matches_argmax_loop():
@@ -166,11 +169,45 @@ def test_rope_variants_build_and_run(layout, partial):
   assert np.isfinite(np.asarray(model(tokens()))).all()
 
 
-@pytest.mark.parametrize("norm,mlp,tie", [("layer", "gelu", False), ("rms", "swiglu", True)])
+@pytest.mark.parametrize("norm,mlp,tie", [("layer", "gelu", False), ("rms", "swiglu", True), ("layer", "relu", True),
+                                          ("layer", "gelu_erf", False)])
 def test_architecture_switches(norm, mlp, tie):
   model = make("rope", norm=norm, mlp=mlp, tie_embeddings=tie)
   assert hasattr(model, "lm_head") != tie
   assert np.isfinite(np.asarray(model(tokens()))).all()
+
+
+# The settings the HF importers use (GPT-NeoX, OPT-350m, Llama 3.1), each on a small model.
+IMPORTED = {
+    "neox": dict(block="parallel", norm="layer", mlp="gelu_erf", bias=True, tie_embeddings=False,
+                 position={"kind": "rope", "fraction": 0.25}),
+    "opt350m": dict(block="post", norm="layer", mlp="relu", bias=True, embed_dim=16,
+                    position={"kind": "learned", "offset": 2}),
+    "llama3": dict(position={"kind": "rope", "scaling": "llama3", "factor": 8.0, "original_max_len": 16}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMPORTED))
+def test_imported_architectures_are_causal_and_decode_with_the_cache(name):
+  model = make(**IMPORTED[name])
+  toks = tokens(2, 14)
+  edited = toks.at[:, 10].set((toks[:, 10] + 1) % SMALL["vocab_size"])
+  a, b = np.asarray(model(toks)), np.asarray(model(edited))
+  np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-6)
+  assert not np.allclose(a[:, 10:], b[:, 10:])
+  assert_cache_decoding_matches_full_forward(model)
+
+
+def param_names(model) -> set[str]:
+  return {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_default_config_has_no_parameters_of_the_imported_settings():
+  names = param_names(make())
+  assert not [n for n in names if n.endswith("bias") or n.startswith("project")] and "final_norm.scale" in names
+  opt = param_names(make(**IMPORTED["opt350m"]))
+  assert {"project_in.kernel", "project_out.kernel", "blocks.0.attn.o.bias", "blocks.0.mlp.up.bias"} <= opt
+  assert "final_norm.scale" not in opt
 
 
 def test_block_causal_attention_matches_full_attention():

@@ -44,6 +44,24 @@ def test_partial_frequencies():
                              [1e4 ** (-2 * j / 16) for j in range(4)], rtol=1e-12)
 
 
+def test_linear_scaling_is_position_interpolation():
+  """theta / factor at position t rotates exactly as theta at position t / factor."""
+  x = RNG.normal(size=(1, 3, 2, 16))
+  theta = P.scale_frequencies(P.rope_frequencies(16, 1e4), "linear", 4.0)
+  np.testing.assert_allclose(rope(x, np.asarray([0, 8, 20]), theta=theta),
+                             rope(x, np.asarray([0.0, 2.0, 5.0]), base=1e4), atol=1e-5)
+
+
+def test_llama3_scaling_keeps_fast_pairs_and_slows_slow_ones():
+  theta = P.rope_frequencies(64, 5e5)
+  scaled = P.scale_frequencies(theta, "llama3", 8.0, 1.0, 4.0, 8192)
+  wavelen = 2 * np.pi / theta
+  np.testing.assert_array_equal(scaled[wavelen < 2048], theta[wavelen < 2048])
+  np.testing.assert_allclose(scaled[wavelen > 8192], theta[wavelen > 8192] / 8.0, rtol=1e-12)
+  band = (wavelen >= 2048) & (wavelen <= 8192)
+  assert band.any() and np.all((scaled[band] <= theta[band]) & (scaled[band] >= theta[band] / 8.0))
+
+
 def test_pair_index_layouts():
   np.testing.assert_array_equal(P.rope_pair_index(8, "half"), [0, 1, 2, 3, 0, 1, 2, 3])
   np.testing.assert_array_equal(P.rope_pair_index(8, "interleaved"), [0, 0, 1, 1, 2, 2, 3, 3])
