@@ -1,4 +1,5 @@
 """Checkpoints: the save schedule on disk, load_model, atomic saves (a killed save restores nothing wrong)."""
+import errno
 import os
 import shutil
 import subprocess
@@ -7,6 +8,7 @@ import textwrap
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -102,3 +104,85 @@ def test_run_directory_of_another_config_is_refused(trained, tmp_path):
     loop.prepare_run_dir(arm_dir, C.override(SMOKE, {"model.position": "nope"}))
   loop.prepare_run_dir(arm_dir, C.override(SMOKE, {"steps": 12}))   # extending a run is allowed
   assert checkpoints.load_config(arm_dir).steps == 12
+
+
+def damage(arm_dir, step, how):
+  """Flip six bytes in (or cut in half) the largest array file of `step`'s params."""
+  root = os.path.join(arm_dir, checkpoints.CHECKPOINTS, str(step), "params")
+  files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if os.sep + "d" + os.sep in os.path.join(d, f)]
+  path = max(files, key=os.path.getsize)
+  if how == "truncate":
+    os.truncate(path, os.path.getsize(path) // 2)
+    return
+  data = bytearray(open(path, "rb").read())
+  for i in range(6):
+    data[len(data) // 2 + 97 * i] ^= 0xFF
+  open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("how, says", [("flip", "differs from its checksum"), ("truncate", "cannot be read")])
+def test_a_damaged_step_is_one_line_naming_it(trained, tmp_path, how, says):
+  arm_dir = str(tmp_path / "rope")
+  shutil.copytree(trained, arm_dir)
+  damage(arm_dir, 6, how)
+  with pytest.raises(checkpoints.DamagedCheckpoint) as err:
+    checkpoints.load_model(arm_dir, 6)
+  message = str(err.value)
+  assert message.startswith("step 6 (") and says in message and "\n" not in message, message
+  assert "redo it from the previous step" in message   # the latest step: training redoes it
+  with pytest.raises(checkpoints.DamagedCheckpoint, match="go on without it"):
+    damage(arm_dir, 2, how)
+    checkpoints.load_model(arm_dir, 2)   # an earlier step cannot be redone in place
+  checkpoints.load_model(arm_dir, 4)   # the others still load
+
+
+def test_checksums_are_saved_with_every_step_and_old_steps_still_load(trained, tmp_path):
+  for step in checkpoints.available_steps(trained):
+    assert os.path.isdir(os.path.join(trained, checkpoints.CHECKPOINTS, str(step), "checksums"))
+  arm_dir = str(tmp_path / "rope")
+  shutil.copytree(trained, arm_dir)
+  shutil.rmtree(os.path.join(arm_dir, checkpoints.CHECKPOINTS, "6", "checksums"))   # as saved before checksums
+  old, _ = checkpoints.load_model(arm_dir, 6)
+  reference, _ = checkpoints.load_model(trained, 6)
+  for a, b in zip(params_of(old), params_of(reference)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_training_moves_a_damaged_latest_step_aside_and_redoes_it_exactly(trained, tmp_path, capsys):
+  arm_dir = str(tmp_path / "rope")
+  shutil.copytree(trained, arm_dir)
+  damage(arm_dir, 6, "flip")
+  loop.train(SMOKE, arm_dir, progress=False)
+  err = capsys.readouterr().err
+  assert err.startswith("note: step 6 (") and "moved to" in err and "resumes from the step before" in err, err
+  assert os.listdir(os.path.join(arm_dir, checkpoints.DAMAGED)) == ["6"]   # kept, not deleted
+  assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
+  redone, _ = checkpoints.load_model(arm_dir, 6)
+  reference, _ = checkpoints.load_model(trained, 6)
+  for a, b in zip(params_of(redone), params_of(reference)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_resume_stays_exact(trained, tmp_path, monkeypatch):
+  arm_dir = str(tmp_path / "rope")
+  original = ocp.handlers.JsonCheckpointHandler._save_fn
+
+  async def no_space_at_step_4(self, x, directory):
+    if os.path.basename(os.path.dirname(str(directory))).startswith("4."):   # <arm>/checkpoints/4.<tmp>/<item>
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+    return await original(self, x, directory)
+
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", no_space_at_step_4)
+  with pytest.raises(checkpoints.RunError) as err:
+    loop.train(SMOKE, arm_dir, progress=False)
+  assert str(err.value).endswith("cannot save (No space left on device); nothing of step 4 was kept: make room and "
+                                 "run the same command again, it resumes exactly from step 2"), str(err.value)
+  assert checkpoints.available_steps(arm_dir) == [0, 1, 2]
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", original)
+  loop.train(SMOKE, arm_dir, progress=False)
+  assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
+  for step in (4, 6):
+    resumed, _ = checkpoints.load_model(arm_dir, step)
+    reference, _ = checkpoints.load_model(trained, step)
+    for a, b in zip(params_of(resumed), params_of(reference)):
+      np.testing.assert_array_equal(a, b)

@@ -5,7 +5,9 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
+from flax import nnx
 
 from minilm import config as C
 from train import checkpoints, cli, loop
@@ -30,10 +32,15 @@ def test_trains_the_smoke_experiment_then_extends_it(tmp_path, capsys):
   assert checkpoints.available_steps(str(arm)) == [0, 1, 2, 4, 6]
   assert [json.loads(l)["step"] for l in open(arm / "eval.jsonl")] == [4, 6]
   assert not (exp_dir / "nope").exists()
-  code, _ = run(capsys, "smoke", "--out", out, "--arms", "rope", "--no-progress", "--set", "steps=8")
+  code, err = run(capsys, "smoke", "--out", out, "--arms", "rope", "--no-progress", "--set", "steps=8")
   assert code == 0
+  assert err.startswith(f"note: {arm}: steps 6 -> 8 in config.json; training goes on from step 6"), err
   assert checkpoints.available_steps(str(arm)) == [0, 1, 2, 4, 6, 8]
   assert [json.loads(l)["step"] for l in open(arm / "metrics.jsonl")][-2:] == [6, 8]
+  before = open(arm / "config.json").read()
+  code, err = run(capsys, "smoke", "--out", out, "--arms", "rope", "--no-progress", "--set", "steps=5")
+  assert code == 2 and err.startswith(f"error: steps: run directory {arm} holds 8 trained steps; steps=5"), err
+  assert open(arm / "config.json").read() == before
 
 
 BAD = {
@@ -101,3 +108,25 @@ def test_module_entry_point_prints_the_resolved_config():
   data = json.loads(proc.stdout)
   position = data["train"]["model"]["position"]
   assert data["train"]["steps"] == 3 and (position["kind"], position["base"]) == ("rope", 500.0)
+
+
+@pytest.mark.slow
+def test_a_diverging_arm_stops_alone_saves_nothing_non_finite_and_stays_diverged(tmp_path, capsys):
+  argv = ["smoke", "--out", str(tmp_path), "--no-progress", "--set", "checkpoint.keep=2",
+          'arms={"hot": {"optim.lr": 1e6}, "calm": {}}']
+  code, err = run(capsys, *argv)
+  hot, calm = str(tmp_path / "smoke" / "hot"), str(tmp_path / "smoke" / "calm")
+  assert code == cli.DIVERGED
+  assert err.startswith("error: smoke/hot: diverged at step ") and err.count("\n") == 1, err
+  record = checkpoints.divergence(hot)
+  assert set(record) == {"step", "loss", "grad_norm", "last_good_step", "message"}
+  assert record["last_good_step"] == checkpoints.available_steps(hot)[-1] < record["step"]
+  assert not (np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"]))
+  for step in checkpoints.available_steps(hot):   # retention kept finite steps only
+    model, _ = checkpoints.load_model(hot, step)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+  assert checkpoints.divergence(calm) is None and checkpoints.available_steps(calm) == [4, 6]   # the other arm trained
+  before = sorted(os.listdir(os.path.join(hot, checkpoints.CHECKPOINTS)))
+  code, again = run(capsys, *argv)   # the same command: reported at once, not retrained into the same NaN
+  assert code == cli.DIVERGED and again == err
+  assert sorted(os.listdir(os.path.join(hot, checkpoints.CHECKPOINTS))) == before

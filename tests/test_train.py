@@ -175,3 +175,35 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
   for x, y in zip(leaves(nnx.state(a)), leaves(nnx.state(b))):
     np.testing.assert_array_equal(x, y)
   assert not np.array_equal(leaves(nnx.state(a))[0], leaves(loop.init_params(cfg.model, cfg.seed))[0])
+
+
+def test_a_non_finite_step_keeps_the_last_good_state_and_records_itself():
+  cfg = smoke()
+  graphdef, _, rest = abstract_model(cfg.model)
+  mesh = sharding.make_mesh(1)
+  good = D.train_batch(cfg.data, 0, 3)
+  bad = {**good, "weights": np.where(good["weights"] > 0, np.inf, 0).astype(np.float32)}   # loss inf
+  params = loop.init_params(cfg.model, 0)
+  opt_state = S.init_opt_state(params, cfg=cfg.optim, steps=cfg.steps, mesh=mesh, strategy="data")
+  step = lambda p, o, batch, i, h: S.train_step(p, o, rest, batch, i, h, graphdef=graphdef, cfg=cfg.optim,
+                                               steps=cfg.steps, mesh=mesh, strategy="data")
+  params, opt_state, m = step(params, opt_state, good, 0, S.healthy())
+  params, opt_state, m = step(params, opt_state, good, 1, m["health"])
+  assert bool(m["finite"]) and int(m["health"]["bad_step"]) == -1
+  last_good = leaves((params, opt_state))
+  params, opt_state, m = step(params, opt_state, bad, 2, m["health"])
+  assert not bool(m["finite"])
+  assert int(m["health"]["bad_step"]) == 2 and not np.isfinite(float(m["health"]["loss"]))
+  params, opt_state, m = step(params, opt_state, good, 3, m["health"])   # finite, but after a bad step
+  assert bool(m["finite"]) and int(m["health"]["bad_step"]) == 2       # the first bad step stays recorded
+  for a, b in zip(leaves((params, opt_state)), last_good):
+    np.testing.assert_array_equal(a, b)                                # and the state stays as it was
+
+
+def test_non_finite_or_too_small_settings_are_config_errors():
+  for field, value in (("optim.lr", float("inf")), ("optim.lr", float("nan")), ("optim.eps", float("inf"))):
+    with pytest.raises(C.ConfigError, match=rf"^{field}: must be a finite number"):
+      smoke(**{field: value})
+  with pytest.raises(C.ConfigError, match=r"^model.vocab_size: must be >= 512, the tokenizer's ids 0..511"):
+    smoke(**{"model.vocab_size": 300})
+  assert smoke(**{"optim.lr": 1e6}).optim.lr == 1e6   # legal: it diverges while training, see test_cli_train
