@@ -19,6 +19,7 @@ from typing import Callable
 import orbax.checkpoint as ocp
 import pytest
 
+from test_checkpoints import damage
 from train import checkpoints, cli as train_cli, paired
 
 CLIS: dict[str, Callable[[list[str]], int]] = {"train": train_cli.main}
@@ -70,10 +71,10 @@ def smoke(*sets: str, arms: str = "rope") -> Callable[[Ctx], list[str]]:
   return lambda ctx: ["smoke", "--out", ctx.out, "--arms", arms, "--no-progress", *(["--set", *sets] if sets else [])]
 
 
-def on_trained(damage: Callable[[Ctx, str], None], *sets: str) -> Callable[[Ctx], list[str]]:
-  """Setup: a trained rope arm, damaged by damage(ctx, arm_dir), then the smoke command again."""
+def on_trained(change: Callable[[Ctx, str], None], *sets: str) -> Callable[[Ctx], list[str]]:
+  """Setup: a trained rope arm, changed by change(ctx, arm_dir), then the smoke command again."""
   def setup(ctx: Ctx) -> list[str]:
-    damage(ctx, ctx.trained_arm())
+    change(ctx, ctx.trained_arm())
     return smoke(*sets)(ctx)
   return setup
 
@@ -85,25 +86,6 @@ def with_file(name: str, data: str | bytes, argv: Callable[[str], list[str]]) ->
 def text_corpus(path: str) -> list[str]:
   return ["smoke", "--no-progress", "--arms", "rope", "--set", "data.text_source=text", f'data.text_files=["{path}"]',
           'data.mixture={"text": 1}']
-
-
-def largest_array_file(arm_dir: str, step: int) -> str:
-  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(arm_dir, "checkpoints", str(step), "params"))
-           for f in fs if os.sep + "d" + os.sep in os.path.join(d, f)]
-  return max(files, key=os.path.getsize)
-
-
-def flip_bytes(ctx: Ctx, arm_dir: str) -> None:
-  path = largest_array_file(arm_dir, 6)
-  data = bytearray(open(path, "rb").read())
-  for i in range(6):
-    data[len(data) // 2 + 97 * i] ^= 0xFF
-  open(path, "wb").write(bytes(data))
-
-
-def truncate_array(ctx: Ctx, arm_dir: str) -> None:
-  path = largest_array_file(arm_dir, 6)
-  os.truncate(path, os.path.getsize(path) // 2)
 
 
 def other_model(ctx: Ctx, arm_dir: str) -> None:
@@ -180,9 +162,11 @@ ROWS = [
         "note: ", may_change=("runs/smoke/rope/metrics.jsonl",)),
     Row("step of another model", "train", on_trained(other_model), 2, "error: step 6 ("),
     Row("arm diverged before", "train", on_trained(diverged_before), 3, "error: smoke/rope: diverged at step 5"),
-    Row("flipped bytes in the latest step", "train", on_trained(flip_bytes), 0, "note: step 6 (",
+    Row("flipped bytes in the latest step", "train", on_trained(lambda ctx, arm: damage(arm, 6, "flip")), 0,
+        "note: step 6 (",
         may_change=TRAINED, adds=True, marks=SLOW),
-    Row("truncated array file in the latest step", "train", on_trained(truncate_array), 0, "note: step 6 (",
+    Row("truncated array file in the latest step", "train", on_trained(lambda ctx, arm: damage(arm, 6, "truncate")),
+        0, "note: step 6 (",
         may_change=TRAINED, adds=True, marks=SLOW),
     Row("full disk", "train", full_disk, 2, "error: ", adds=True),
     Row("diverging arm", "train", smoke("optim.lr=1e6"), 3, "error: smoke/rope: diverged at step", adds=True,

@@ -218,8 +218,8 @@ def available_steps(arm_dir: str) -> list[int]:
 def config_dict(arm_dir: str) -> dict:
   """`<arm_dir>/config.json` as a dict; a damaged one is a one-line RunError saying where a copy is."""
   steps = available_steps(arm_dir)
-  hint = (f"every checkpoint holds a copy: copy {os.path.join(arm_dir, CHECKPOINTS, str(steps[-1]), 'config', 'metadata')}"
-          f" over it" if steps else "delete the run directory and train again")
+  copy = os.path.join(arm_dir, CHECKPOINTS, str(steps[-1]), "config", "metadata") if steps else None
+  hint = f"every checkpoint holds a copy: copy {copy} over it" if copy else "delete the run directory and train again"
   return read_json(os.path.join(arm_dir, "config.json"), hint)
 
 

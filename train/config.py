@@ -124,10 +124,11 @@ class ExperimentConfig:
   arms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: {"main": {}})
 
   def __post_init__(self):
-    check(_is_folder_name(self.name), "name", f"must be a folder name (not '.' or '..', no '/' or '\\'); got {self.name!r}")
+    rule = "(not '.' or '..', no '/' or '\\')"
+    check(_is_folder_name(self.name), "name", f"must be a folder name {rule}; got {self.name!r}")
     check(bool(self.arms), "arms", "must name at least one arm")
     for arm in self.arms:
-      check(_is_folder_name(arm), "arms", f"arm names must be folder names (not '.' or '..', no '/' or '\\'); got {arm!r}")
+      check(_is_folder_name(arm), "arms", f"arm names must be folder names {rule}; got {arm!r}")
 
   def resolve(self, arm: str) -> TrainConfig:
     """The TrainConfig of one arm: shared config, its overrides, and name '<experiment>/<arm>'."""
