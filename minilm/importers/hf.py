@@ -57,14 +57,15 @@ class HFConfig:
                        f"{', '.join(map(repr, allowed))}; got {value!r}")
     return allowed[value]
 
-  def rope(self, layout: str, base_key: str = "rope_theta", fraction_key: str = "") -> RoPE:
-    """RoPE from either form: rope_theta + rope_scaling (transformers 4) or rope_parameters (5)."""
+  def rope(self, layout: str, base_key: str = "rope_theta", fraction_key: str = "partial_rotary_factor") -> RoPE:
+    """RoPE from either form: rope_theta + rope_scaling (transformers 4) or rope_parameters (5);
+    base_key and fraction_key: the family's own top-level names (GPT-NeoX: rotary_emb_base, rotary_pct)."""
     params = HFConfig({**self.get("rope_scaling", {}), **self.get("rope_parameters", {})}, self.source,
                       "config.json rope_scaling.")
     if "type" in params.data and "rope_type" not in params.data:
       params.data["rope_type"] = params.data["type"]
     scaling = params.choice("rope_type", "default", ROPE_TYPES)
-    fraction = params.get("partial_rotary_factor", self.get(fraction_key, 1.0) if fraction_key else 1.0)
+    fraction = params.get("partial_rotary_factor", self.get(fraction_key, 1.0))
     extra = {} if scaling == "none" else {"factor": float(params.need("factor"))}
     if scaling == "llama3":
       extra.update(low_freq_factor=float(params.need("low_freq_factor")),
@@ -299,8 +300,7 @@ def load_hf(directory: str, *, layout: str = "half"):
   """(Decoder, Tokenizer or None when the directory has no tokenizer.json, info)."""
   start = time.perf_counter()
   hf = read_config(directory)
-  fam = family(hf, directory)
-  cfg = fam.config(HFConfig(hf, directory), layout)
+  fam, cfg = family(hf, directory), config(hf, directory, layout)
   files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
   if not files:
     raise ValueError(f"{directory}: no *.safetensors files (only the safetensors format is supported)")
