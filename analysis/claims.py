@@ -43,6 +43,8 @@ ALPHA = 0.01
 N_PERM = 1000
 """Permutations of the recurrence null."""
 PERM_SEED = 0
+CLAIM_STATS = ("any_massive", "pair_any_massive", "max_mean", "pair_max_mean", "lf_share", "band_share")
+"""The per-head statistics the rules read."""
 EARLY_FRACTION = 0.25
 """C4's early layers: the first quarter of the layers (at least the first layer)."""
 
@@ -171,6 +173,7 @@ class _Arms:
     self.sums = {a: store.load_sums(a, self.step) for a in arms} if self.step is not None else {}
     n = len(np.load(store.path("probes.npy")))
     self.counts = S.prompt_counts(n, n_boot, T.BOOT_SEED)
+    self.groups = {}
 
   def n_layers(self, arm):
     return self.meta["arms"][arm]["n_layers"]
@@ -187,12 +190,20 @@ class _Arms:
   def norms(self, arm, layer, tensor) -> np.ndarray:
     return np.sqrt(self.sums[arm][f"{layer}.{tensor}"].astype(np.float64).sum(0))
 
+  def group(self, arm, layer, tensor) -> dict:
+    """S.head_replicates of CLAIM_STATS for one (layer, tensor), computed once: the claims pool the
+    same groups many ways (all layers, one layer, Q or K alone)."""
+    key = (arm, layer, tensor)
+    if key not in self.groups:
+      self.groups[key] = S.head_replicates(self.sums[arm][f"{layer}.{tensor}"], CLAIM_STATS, self.pairing(arm),
+                                           self.meta["arms"][arm]["context"], self.cfg, self.counts)
+    return self.groups[key]
+
   def pooled(self, arm, tensors, stat, layers=None, seed=0):
     """(point, replicates) of a per-head statistic's mean over the heads of `tensors` x `layers`."""
     layers = range(self.n_layers(arm)) if layers is None else layers
-    groups = [self.sums[arm][f"{l}.{t}"] for l in layers for t in tensors]
-    facts = self.meta["arms"][arm]
-    return S.pooled(groups, [stat], self.pairing(arm), facts["context"], self.cfg, self.counts, seed)[stat]
+    groups = [self.group(arm, l, t) for l in layers for t in tensors]
+    return S.pool_heads(groups, [stat], len(self.counts), seed)[stat]
 
 
 def _pick(arms: dict, name, kind: str):

@@ -351,6 +351,28 @@ def interval(samples, level: float = 0.95) -> tuple[float, float]:
   return float(np.quantile(s, a)), float(np.quantile(s, 1 - a))
 
 
+def head_replicates(S_BxHxD, stats, pairing: Pairing, context: float, cfg: StatConfig, counts,
+                    units=None) -> dict:
+  """{stat: (per-head values [H], per-head bootstrap replicates [n_boot, H])} of one group of
+  per-prompt sums of squares [B, H, D], prompts resampled by `counts`."""
+  point = head_stats(np.sqrt(np.asarray(S_BxHxD, np.float64).sum(0)), pairing, context, cfg, stats, units)
+  reps = head_stats(boot_norms(S_BxHxD, counts), pairing, context, cfg, stats, units)
+  return {stat: (point[stat], reps[stat]) for stat in stats}
+
+
+def pool_heads(per_group: list, stats, n_boot: int, seed: int = 0) -> dict:
+  """{stat: (mean over every head of the groups, replicates [n_boot] with the heads resampled)} from
+  `head_replicates` of each group."""
+  out = {}
+  for stat in stats:
+    point = np.concatenate([g[stat][0] for g in per_group])
+    finite = np.isfinite(point)
+    value = float(point[finite].mean()) if finite.any() else math.nan
+    out[stat] = (value, resample_units(np.concatenate([g[stat][1] for g in per_group], axis=1), seed)
+                 if finite.any() else np.full(n_boot, math.nan))
+  return out
+
+
 def pooled(groups, stats, pairing: Pairing, context: float, cfg: StatConfig, counts,
            seed: int = 0, units=None) -> dict:
   """Means of per-head statistics over every head of `groups` (a list of per-prompt sums of squares
@@ -358,13 +380,5 @@ def pooled(groups, stats, pairing: Pairing, context: float, cfg: StatConfig, cou
   {stat: (point, replicates [n_boot])}. Prompts are resampled by `counts` (share them between arms
   to pair the arms), heads are resampled within each replicate (the same heads for the same seed and
   head count, so q/k and rot_q/rot_k replicates are paired)."""
-  points = [head_stats(np.sqrt(np.asarray(S, np.float64).sum(0)), pairing, context, cfg, stats, units) for S in groups]
-  reps = [head_stats(boot_norms(S, counts), pairing, context, cfg, stats, units) for S in groups]
-  out = {}
-  for stat in stats:
-    point = np.concatenate([p[stat] for p in points])
-    finite = np.isfinite(point)
-    value = float(point[finite].mean()) if finite.any() else math.nan
-    out[stat] = (value, resample_units(np.concatenate([r[stat] for r in reps], axis=1), seed)
-                 if finite.any() else np.full(len(counts), math.nan))
-  return out
+  per_group = [head_replicates(S, stats, pairing, context, cfg, counts, units) for S in groups]
+  return pool_heads(per_group, stats, len(counts), seed)
