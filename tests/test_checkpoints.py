@@ -77,6 +77,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_run_killed_during_a_save_resumes_exactly(trained, tmp_path):
   arm_dir = str(tmp_path / "rope")
   proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, arm_dir], cwd=ROOT, capture_output=True, text=True,

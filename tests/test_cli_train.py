@@ -86,6 +86,7 @@ def test_run_directory_of_another_config_is_never_overwritten(tmp_path, capsys):
   assert not (tmp_path / "smoke" / "rope").exists()   # every arm is checked before any trains
 
 
+@pytest.mark.slow
 def test_gpu_config_is_gpu_sized_and_runs_on_cpu_at_toy_scale(tmp_path, capsys):
   cfg = cli.load("gpu", []).resolve("rope")
   _, abstract, _ = checkpoints.abstract_model(cfg.model)

@@ -155,6 +155,7 @@ def test_accuracy_forced_equals_greedy_and_scores_conflicts():
     evaluate.accuracy(model, examples, method="forced", hook=lambda a, n, x: x)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
   cfg = smoke(log_every=1)
   full = loop.train(cfg, str(tmp_path / "full"), progress=False)
