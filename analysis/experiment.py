@@ -287,16 +287,15 @@ def load_sources(spec: str, suite: str, n: int, seed: int, batch: int):
     return [("random-tiny", model, tokenizer, items, [it.prompt for it in items[:4]], {})]
   path = Path(spec)
   check(path.exists(), "--model", f"must be 'smollm2', 'random' or a run directory; {spec!r} does not exist")
+  from analysis.trace import run_arms
   from train import checkpoints, data
-  arms = [path] if (path / "config.json").exists() else sorted(p.parent for p in path.glob("*/config.json"))
-  check(bool(arms), "--model", f"{spec!r} holds no arm (no config.json in it or its sub-directories)")
+  arms = [Path(d) for d in run_arms(spec).values()]   # diverged arms are left out: they get no verdict
   sources = []
   for arm in arms:
-    model, tcfg = checkpoints.load_model(arm)
+    model, tcfg = checkpoints.load_model(str(arm))
     items = tasks_llm.from_examples(data.eval_examples(tcfg.data, seed, n), tokenizer)
     probe = list(data.probe_tokens(tcfg.data, seed + 1000, 16, min(tcfg.data.seq_len, 128)))
-    sources.append((arm.name if len(arms) > 1 else f"{path.name}", model, tokenizer, items, probe,
-                    {"arm_dir": str(arm)}))
+    sources.append((arm.name, model, tokenizer, items, probe, {"arm_dir": str(arm)}))
   return sources
 
 

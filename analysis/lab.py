@@ -191,7 +191,7 @@ class Stage:
   name: str
   params: dict                  # everything the stage's result depends on besides its deps
   deps: tuple[str, ...]
-  outputs: list[str]            # files that must exist for a done-marker to count
+  outputs: list                 # files that must exist for a done-marker to count (a tuple: any one of them)
   run: Callable[[], None]
   what: str = ""
 
@@ -236,10 +236,8 @@ class Lab:
 
   def diverged(self) -> dict[str, dict]:
     """{arm: its divergence record} of the arms whose training diverged (they get no verdict)."""
-    from train import checkpoints as ck
-    divergence = getattr(ck, "divergence", lambda arm_dir: None)  # TEMP until train side lands
-    records = {arm: divergence(os.path.join(self.run_dir, arm)) for arm in self.exp.arms}
-    return {arm: r for arm, r in records.items() if r}
+    from analysis import trace as T
+    return T.diverged_arms(self.run_dir) if os.path.isdir(self.run_dir) else {}
 
   def _model_dep(self, model: str) -> tuple[tuple[str, ...], str]:
     return (("train",), self.run_dir) if model == RUN else ((), model)
@@ -247,7 +245,10 @@ class Lab:
   def _stages(self) -> list[Stage]:
     cfg, exp = self.cfg, self.exp
     last = exp.train.steps
-    train_out = [os.path.join(self.run_dir, arm, "checkpoints", str(last)) for arm in exp.arms]
+    from train.checkpoints import DIVERGED
+    # an arm is finished when it reached its last step or diverged (then it is reported, not analysed)
+    train_out = [(os.path.join(self.run_dir, arm, "checkpoints", str(last)), os.path.join(self.run_dir, arm, DIVERGED))
+                 for arm in exp.arms]
     d_deps, d_model = self._model_dep(cfg.disrupt.model)
     q_deps, q_model = self._model_dep(cfg.quant.model)
     return [
@@ -283,7 +284,7 @@ class Lab:
 
   def is_done(self, stage: str) -> bool:
     m = self.marker(stage)
-    return bool(m) and m.get("hash") == self.hashes[stage] and all(os.path.exists(p) for p in self.stages[stage].outputs)
+    return bool(m) and m.get("hash") == self.hashes[stage] and all(map(_exists, self.stages[stage].outputs))
 
   def write_marker(self, stage: str, seconds: float) -> None:
     s = self.stages[stage]
@@ -295,7 +296,9 @@ class Lab:
 
   def _train(self) -> None:
     from train import paired
-    paired.run_planned(paired.plan(self.exp, self.runs), progress=True)
+    for arm, last in paired.run_planned(paired.plan(self.exp, self.runs), progress=True).items():
+      if "diverged" in last:
+        print(f"   {last['diverged']}; the lab analyses the other arms and gives no verdict for {arm}", flush=True)
 
   def _trace(self) -> None:
     """Trace into trace/ when it holds a capture with these settings (resuming it); otherwise into
@@ -325,11 +328,10 @@ class Lab:
     from train import checkpoints as ck
     t = self.cfg.trace
     store = T.Store(out)
-    arms = {a: d for a, d in T.run_arms(self.run_dir).items() if a not in self.diverged()}
-    todo = sum(len(set(ck.available_steps(d)) - set(store.steps(a))) for a, d in arms.items())
+    todo = sum(len(set(ck.available_steps(d)) - set(store.steps(a))) for a, d in T.run_arms(self.run_dir).items())
     with tqdm(total=todo, desc="trace (arm, step)", dynamic_ncols=True) as bar:
       store = T.trace_run(self.run_dir, out, n_probes=t.probes, length=t.length or None, probe_seed=t.probe_seed,
-                          stat_cfg=t.stat_config(), batch_size=t.batch, arms=list(arms),
+                          stat_cfg=t.stat_config(), batch_size=t.batch,
                           log=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
     compare.compare(store, self.run_dir)
 
@@ -385,7 +387,7 @@ class Lab:
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
             "lab": C.to_dict(self.cfg), "experiment": C.to_dict(self.exp),
             "run_dir": os.path.abspath(self.run_dir), "report_dir": os.path.abspath(self.report_dir),
-            "stages": stages, "versions": versions()}
+            "stages": stages, "diverged": self.diverged(), "versions": versions()}
     atomic.write_json(self.path("lab.json"), data, default=str)
 
   def execute(self, enabled: list[str], force: set[str], argv: list[str], log=print) -> dict[str, str]:
@@ -411,7 +413,8 @@ class Lab:
       stage.run()
       seconds = time.perf_counter() - t0
       status[name] = "ran"
-      missing = [p for d in stage.deps for p in self.stages[d].outputs if not os.path.exists(p)]
+      missing = [p if isinstance(p, str) else p[0] for d in stage.deps for p in self.stages[d].outputs
+                 if not _exists(p)]
       if missing and name != "report":
         # e.g. `--only trace` while training goes on: the results are real but partial, so the next
         # run must redo (extend) the stage rather than reuse it.
@@ -421,6 +424,10 @@ class Lab:
       self.write_marker(name, seconds)
       log(f"   {name} done in {seconds:.0f} s", flush=True)
     return status
+
+
+def _exists(output) -> bool:
+  return any(os.path.exists(p) for p in (output if isinstance(output, tuple) else (output,)))
 
 
 CAPTURE = "lab_capture.json"

@@ -270,7 +270,9 @@ class Report:
   def summary_lines(self) -> list[str]:
     """Five lines: the paired run's verdicts, its numbers, SmolLM2, C5, C6."""
     tc = {v.claim: v for v in self.trace_claims}
-    arms = ", ".join(self.lab.get("experiment", {}).get("arms", {})) or "-"
+    diverged = self.lab.get("diverged", {})
+    arms = ", ".join(a + (" (diverged)" if a in diverged else "") for a in self.lab.get("experiment", {}).get("arms", {}))
+    arms = arms or "-"
     if tc:
       line1 = (f"{self.exp_name()} ({arms}; {self.scale()}): "
                + ", ".join(f"{c} {v.verdict}" for c, v in tc.items()))
@@ -375,6 +377,8 @@ class Report:
                   + [fmt(_acc(last_e.get(f))) for f in families])
     out = [f'<h2 id="training">Training: {esc(self.exp_name())}</h2><p>{esc(self.scale())}. {esc(self.overrides_text())}</p>',
            table_html(["arm", "last step", "loss"] + [f"{esc(f)} (held-out exact match)" for f in families], rows)]
+    out += [f'<p class="diverged"><b>{esc(a)} diverged</b>: {esc(r.get("message", ""))}. No verdict or '
+            'analysis uses this arm.</p>' for a, r in self.lab.get("diverged", {}).items()]
     if fig:
       out.append(figure(self.dir, "figures/training.png", "training loss and held-out accuracy per family over steps"))
     return "\n".join(out)

@@ -364,8 +364,9 @@ def finish(store: Store, *, plots: bool = True, claims: bool = True, rope_arm=No
 
 # ------------------------------------------------------------------------------- run directories
 
-def run_arms(run_dir: str) -> dict[str, str]:
-  """{arm name: arm dir} of a paired run (experiment.json + arm dirs) or of a single arm dir."""
+def all_arms(run_dir: str) -> dict[str, str]:
+  """{arm name: arm dir} of a paired run (experiment.json + arm dirs) or of a single arm dir, in the
+  experiment's order, diverged arms included."""
   run_dir = os.path.normpath(run_dir)
   if os.path.exists(os.path.join(run_dir, "config.json")) and os.path.isdir(os.path.join(run_dir, "checkpoints")):
     return {os.path.basename(run_dir): run_dir}
@@ -380,6 +381,23 @@ def run_arms(run_dir: str) -> dict[str, str]:
   if not arms:
     raise ConfigError(f"run_dir: {run_dir} has no arm (a folder with config.json and checkpoints/)")
   return {a: os.path.join(run_dir, a) for a in arms}
+
+
+def diverged_arms(run_dir: str) -> dict[str, dict]:
+  """{arm: its divergence record (train.checkpoints.divergence)} of the arms whose training diverged."""
+  from train import checkpoints as ck
+  records = {arm: ck.divergence(arm_dir) for arm, arm_dir in all_arms(run_dir).items()}
+  return {arm: r for arm, r in records.items() if r}
+
+
+def run_arms(run_dir: str) -> dict[str, str]:
+  """all_arms without the diverged ones: what every analysis reads (a diverged arm's checkpoints
+  are finite, but it stopped early and gets no verdict)."""
+  diverged = diverged_arms(run_dir)
+  arms = {a: d for a, d in all_arms(run_dir).items() if a not in diverged}
+  check(bool(arms), "run_dir", f"every arm of {run_dir} diverged, so there is nothing to analyse: " +
+        "; ".join(r.get("message", f"{a} diverged") for a, r in diverged.items()))
+  return arms
 
 
 PROBE_SEED = 0
@@ -423,17 +441,12 @@ class RunPlan:
   length: int
 
 
-def plan_run(run_dir: str, *, n_probes: int, length: int | None, batch_size: int, steps=None,
-             arms=None) -> RunPlan:
+def plan_run(run_dir: str, *, n_probes: int, length: int | None, batch_size: int, steps=None) -> RunPlan:
   """Check a trace request against the run on disk (one line per problem) without writing."""
   from train import checkpoints as ck
   check(n_probes >= 2, "--probes", f"must be >= 2 (intervals resample prompts); got {n_probes}")
   check(batch_size >= 1, "--batch", f"must be >= 1; got {batch_size}")
-  found = run_arms(run_dir)
-  for arm in arms or ():
-    check(arm in found, "arms", f"no arm {arm!r} in {run_dir}; arms: {', '.join(found)}")
-  chosen = {a: d for a, d in found.items() if arms is None or a in arms}
-  check(bool(chosen), "arms", f"no arm of {run_dir} left to trace")
+  chosen = run_arms(run_dir)
   configs = {arm: ck.load_config(arm_dir) for arm, arm_dir in chosen.items()}
   wanted = {}
   for arm, arm_dir in chosen.items():
@@ -451,9 +464,9 @@ def plan_run(run_dir: str, *, n_probes: int, length: int | None, batch_size: int
 
 def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, length: int | None = None,
               probe_seed: int = PROBE_SEED, stat_cfg: S.StatConfig = S.StatConfig(), batch_size: int = 16,
-              steps=None, arms=None, plots: bool = True, claims: bool = True, rope_arm=None, nope_arm=None,
+              steps=None, plots: bool = True, claims: bool = True, rope_arm=None, nope_arm=None,
               log=print) -> Store:
-  """Restore every checkpoint of every arm (or of `arms`), capture the probes, write
+  """Restore every checkpoint of every arm that did not diverge, capture the probes, write
   table/summary/plots/claims.
 
   Resumable, deciding from what is on disk: (arm, step) whose sums read back whole are skipped, a
@@ -466,7 +479,7 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
   from train.data import probe_tokens
   from train.tokenizer import Tokenizer
   t0 = time.perf_counter()
-  plan = plan_run(run_dir, n_probes=n_probes, length=length, batch_size=batch_size, steps=steps, arms=arms)
+  plan = plan_run(run_dir, n_probes=n_probes, length=length, batch_size=batch_size, steps=steps)
   out_dir = out_dir or os.path.join(run_dir, "analysis")
   atomic.check_out_dir(out_dir)
   if os.path.exists(os.path.join(out_dir, "probes.npy")):
