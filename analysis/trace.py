@@ -211,9 +211,13 @@ class Store:
 
   def require(self) -> "Store":
     """self, or a one-line error if this is not a traced directory."""
-    if not os.path.exists(self.path("summary.json")):
-      raise FileNotFoundError(f"out: {self.root} is not a traced directory (no summary.json); "
-                              "run `python -m analysis trace` first")
+    try:
+      traced = "arms" in self.meta() and os.path.exists(self.path("summary.json"))
+    except (OSError, ValueError):   # a meta.json that is not JSON
+      traced = False
+    if not traced:
+      raise FileNotFoundError(f"out: {self.root} is not a traced directory (no meta.json with arms and "
+                              "summary.json); run `python -m analysis trace` first")
     return self
 
   def write_json(self, name: str, data) -> None:

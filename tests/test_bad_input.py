@@ -20,9 +20,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from test_checkpoints import damage
+from analysis import cli as analysis_cli, lab, quant_study
 from train import checkpoints, cli as train_cli, paired
 
-CLIS: dict[str, Callable[[list[str]], int]] = {"train": train_cli.main}
+CLIS: dict[str, Callable[[list[str]], int]] = {"train": train_cli.main, "lab": lab.main, "analysis": analysis_cli.main,
+                                               "quant": quant_study.main}
 SMOKE = train_cli.load("smoke", [])
 
 
@@ -171,6 +173,137 @@ ROWS = [
     Row("full disk", "train", full_disk, 2, "error: ", adds=True),
     Row("diverging arm", "train", smoke("optim.lr=1e6"), 3, "error: smoke/rope: diverged at step", adds=True,
         marks=SLOW),
+]
+
+
+# --------------------------------------------------------------------------------------- analysis
+
+def lab_argv(*extra: str) -> Callable[[Ctx], list[str]]:
+  """Setup for a --quick minilm-lab run under root, with an earlier report there to keep intact."""
+  def setup(ctx: Ctx) -> list[str]:
+    earlier_outputs(ctx, "reports/rope_vs_nope_quick")
+    return ["--quick", "--runs", ctx.out, "--reports", os.path.join(ctx.root, "reports"), *extra]
+  return setup
+
+
+def earlier_outputs(ctx: Ctx, folder: str) -> str:
+  """An earlier study's output folder: a failed or refused command must leave it as it is."""
+  for name, text in (("results.jsonl", '{"task": "passkey"}\n'), ("summary.json", '{"summary": []}'),
+                     ("table.md", "| earlier |"), ("index.html", "<html>earlier</html>")):
+    ctx.write(os.path.join(folder, name), text)
+  return os.path.join(ctx.root, folder)
+
+
+def study(*argv: str) -> Callable[[Ctx], list[str]]:
+  """Setup for `python -m analysis disrupt` / `analysis.quant_study` into a folder with earlier results."""
+  return lambda ctx: [*argv, "--out", earlier_outputs(ctx, "c5")]
+
+
+def trace_of(damage: Callable[[Ctx, str], None] = lambda ctx, arm: None, *argv: str) -> Callable[[Ctx], list[str]]:
+  """Setup: a trained smoke run (damaged by damage(ctx, arm_dir)), traced into an earlier trace folder."""
+  def setup(ctx: Ctx) -> list[str]:
+    arm_dir = ctx.trained_arm()
+    damage(ctx, arm_dir)
+    return ["trace", os.path.dirname(arm_dir), "--out", earlier_outputs(ctx, "trace"), *argv]
+  return setup
+
+
+def no_checkpoints(ctx: Ctx, arm_dir: str) -> None:
+  shutil.rmtree(os.path.join(arm_dir, "checkpoints"))
+  os.makedirs(os.path.join(arm_dir, "checkpoints"))
+
+
+def hf_dir(weights: bytes) -> Callable[[Ctx], list[str]]:
+  """Setup: an HF directory whose model.safetensors holds `weights`, analysed by `analysis pretrained`."""
+  def setup(ctx: Ctx) -> list[str]:
+    config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64}
+    ctx.write("hf/config.json", json.dumps(config))
+    ctx.write("hf/model.safetensors", weights)
+    return ["pretrained", "--model", os.path.join(ctx.root, "hf"), "--out", earlier_outputs(ctx, "pre")]
+  return setup
+
+
+RANDOM_BYTES = bytes((i * 7919 + 13) % 256 for i in range(4096))
+
+ROWS += [
+    Row("lab: --only and --skip name one stage", "lab", lab_argv("--only", "trace", "--skip", "trace"), 2,
+        "error: --only: trace is also in --skip"),
+    Row("lab: --include and --skip name one stage", "lab", lab_argv("--include", "quant", "--skip", "quant"), 2,
+        "error: --include: quant is also in --skip"),
+    Row("lab: --include with --only", "lab", lab_argv("--only", "train", "--include", "quant"), 2,
+        "error: --include: has no effect with --only"),
+    Row("lab: lambda zero", "lab", lab_argv("--lab-set", "trace.lam=0"), 2, "error: trace.lam: must be > 0"),
+    Row("lab: lambda negative", "lab", lab_argv("--lab-set", "trace.lam=-1"), 2, "error: trace.lam: must be > 0"),
+    Row("lab: one probe", "lab", lab_argv("--lab-set", "trace.probes=1"), 2, "error: trace.probes: must be >= 2"),
+    Row("lab: trace batch zero", "lab", lab_argv("--lab-set", "trace.batch=0"), 2, "error: trace.batch: must be >= 1"),
+    Row("lab: pretrained batch zero", "lab", lab_argv("--lab-set", "pretrained.batch=0"), 2,
+        "error: pretrained.batch: must be >= 1"),
+    Row("lab: missing pretrained model", "lab", lab_argv("--lab-set", "pretrained.model=no/such/model"), 2,
+        "error: pretrained.model: must be 'smollm2', 'random'"),
+    Row("lab: missing disrupt model", "lab", lab_argv("--lab-set", "disrupt.model=no/such/run"), 2,
+        "error: disrupt.model: must be 'smollm2', 'random', 'run'"),
+    Row("lab: unknown disrupt mode", "lab", lab_argv("--lab-set", "disrupt.modes=off,bogus"), 2,
+        "error: disrupt.mode: must be one of"),
+    Row("lab: unknown disrupt argument", "lab", lab_argv("--lab-set", 'disrupt.extra=["--bogus"]'), 2,
+        "error: disrupt.extra: unrecognized arguments: --bogus"),
+    Row("lab: quant bits out of range", "lab", lab_argv("--lab-set", "quant.bits=9"), 2, "error: --bits: must be"),
+    Row("lab: unknown quant method", "lab", lab_argv("--lab-set", "quant.methods=rtn,bogus"), 2,
+        "error: scheme.method: must be one of"),
+    Row("lab: malformed calibration shape", "lab", lab_argv("--lab-set", "quant.calib=16x"), 2,
+        "error: --calib: must read NxT"),
+    Row("lab: negative group size", "lab", lab_argv("--lab-set", "quant.group_size=-1"), 2,
+        "error: --group-size: must be >= 0"),
+    Row("lab: --reports is a file", "lab", lambda ctx: ["--quick", "--runs", ctx.out, "--reports",
+                                                         ctx.write("reports", "x")], 2, "error: --reports: "),
+    Row("lab: --runs is a file", "lab", lambda ctx: ["--quick", "--runs", ctx.write("runs", "x"), "--reports",
+                                                      os.path.join(ctx.root, "reports")], 2, "error: --runs: "),
+    Row("lab: config is a folder", "lab", lambda ctx: [ctx.root, "--quick"], 2, "error: config: "),
+    Row("lab: arm named ..", "lab", lab_argv("--set", 'arms={"..": {}}'), 2, "error: arms: arm names must be"),
+    Row("trace: a step that is not there", "analysis", trace_of(lambda ctx, arm: None, "--steps", "999"), 2,
+        "error: --steps: arm 'rope' has no checkpoint 999"),
+    Row("trace: an arm without checkpoints", "analysis", trace_of(no_checkpoints), 2,
+        "error: run_dir: arm 'rope' has no complete checkpoint", may_change=("runs/smoke/rope/checkpoints/*",)),
+    Row("trace: batch zero", "analysis", trace_of(lambda ctx, arm: None, "--batch", "0"), 2,
+        "error: --batch: must be >= 1"),
+    Row("trace: one probe", "analysis", trace_of(lambda ctx, arm: None, "--probes", "1"), 2,
+        "error: --probes: must be >= 2"),
+    Row("trace: a length no memory holds", "analysis", trace_of(lambda ctx, arm: None, "--length", "100000"), 2,
+        "error: --length: 100000 tokens need about"),
+    Row("trace: lambda zero", "analysis", trace_of(lambda ctx, arm: None, "--lam", "0"), 2, "error: lam: must be > 0"),
+    Row("trace: --out is a file", "analysis",
+        lambda ctx: ["trace", os.path.dirname(ctx.trained_arm()), "--out", ctx.write("out", "x")], 2, "error: --out: "),
+    Row("trace: no such run", "analysis", lambda ctx: ["trace", os.path.join(ctx.root, "missing")], 2,
+        "error: run_dir: "),
+    Row("plots: not a traced folder", "analysis", lambda ctx: ["plots", earlier_outputs(ctx, "x")], 2,
+        "error: out: "),
+    Row("disrupt: no such model", "analysis", study("disrupt", "--model", "no/such/model"), 2,
+        "error: --model: must be 'smollm2', 'random'"),
+    Row("disrupt: unknown task", "analysis", study("disrupt", "--model", "random", "--tasks", "bogus"), 2,
+        "error: --tasks: 'bogus' names no task"),
+    Row("disrupt: n zero", "analysis", study("disrupt", "--model", "random", "--n", "0"), 2, "error: --n: must be >= 2"),
+    Row("disrupt: batch zero", "analysis", study("disrupt", "--model", "random", "--batch", "0"), 2,
+        "error: --batch: must be >= 1"),
+    Row("disrupt: unknown mode", "analysis", study("disrupt", "--model", "random", "--modes", "off,bogus"), 2,
+        "error: disrupt.mode: must be one of"),
+    Row("disrupt: layers past the model", "analysis", study("disrupt", "--model", "random", "--layers", "0:9"), 2,
+        "error: disrupt.layer_stop: "),
+    Row("disrupt: --out is a file", "analysis",
+        lambda ctx: ["disrupt", "--model", "random", "--out", ctx.write("c5", "x")], 2, "error: --out: "),
+    Row("pretrained: one probe", "analysis", lambda ctx: ["pretrained", "--model", "random", "--probes", "1", "--out",
+                                                          earlier_outputs(ctx, "pre")], 2, "error: probes: must be >= 2"),
+    Row("pretrained: zero-byte safetensors", "analysis", hf_dir(b""), 2, "error: "),
+    Row("pretrained: random-byte safetensors", "analysis", hf_dir(RANDOM_BYTES), 2, "error: "),
+    Row("quant: no such model", "quant", study("--model", "no/such/model"), 2,
+        "error: --model: must be 'smollm2', 'random'"),
+    Row("quant: group size that divides nothing", "quant", study("--model", "random", "--group-size", "7"), 2,
+        "error: "),
+    Row("quant: bits out of range", "quant", study("--model", "random", "--bits", "9"), 2, "error: --bits: must be"),
+    Row("quant: n zero", "quant", study("--model", "random", "--n", "0"), 2, "error: --n: must be >= 2"),
+    Row("quant: malformed perplexity windows", "quant", study("--model", "random", "--ppl", "x16"), 2,
+        "error: --ppl: must read NxT"),
+    Row("quant: unknown method", "quant", study("--model", "random", "--methods", "bogus"), 2,
+        "error: scheme.method: must be one of"),
 ]
 
 

@@ -68,24 +68,6 @@ def test_analyze_model_treats_a_single_model_as_one_step(tmp_path):
     T.analyze_model(model, probes[:3], str(tmp_path), arm="pretrained")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  """A two-arm (RoPE, NoPE) run with checkpoints at steps 0 and 1, trained through train's API."""
-  from train.config import load_experiment
-  from train.paired import run_experiment
-  out = tmp_path_factory.mktemp("runs")
-  exp = load_experiment({
-      "name": "tiny",
-      "train": {"seed": 0, "steps": 1, "log_every": 1,
-                "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_len": 48},
-                "data": {"seq_len": 48, "batch_size": 2, "mixture": {"kb_facts": 1.0, "text": 1.0},
-                         "facts_per_context": 2, "questions_per_context": 1},
-                "checkpoint": {"every": 1}, "eval": {"n_per_family": 0}},
-      "arms": {"rope": {}, "nope": {"model.position": "nope"}}})
-  run_experiment(exp, str(out), progress=False)
-  return out / "tiny"
-
-
 def test_cli_traces_a_paired_run_into_table_plots_and_claims_and_resumes(tiny_run, tmp_path):
   out = tmp_path / "analysis"
   assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--batch", "4"]) == 0

@@ -18,7 +18,7 @@ import time
 import warnings
 from typing import Callable, Mapping
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from minilm.config import ModelConfig
 from minilm.encodings import Learned, RoPE
@@ -296,6 +296,14 @@ def _tokenizer(directory: str, hf: dict):
   return tokenizers_.from_hf(directory, _first(hf.get("bos_token_id")), _first(hf.get("eos_token_id")))
 
 
+def _open_safetensors(path: str):
+  """safe_open, with a damaged or foreign file (empty, cut short, not safetensors) as one line."""
+  try:
+    return safe_open(path, framework="numpy")
+  except SafetensorError as err:
+    raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
 def load_hf(directory: str, *, layout: str = "half"):
   """(Decoder, Tokenizer or None when the directory has no tokenizer.json, info)."""
   start = time.perf_counter()
@@ -307,7 +315,7 @@ def load_hf(directory: str, *, layout: str = "half"):
   with contextlib.ExitStack() as stack:
     where, shapes = {}, {}
     for path in files:
-      handle = stack.enter_context(safe_open(path, framework="numpy"))
+      handle = stack.enter_context(_open_safetensors(path))
       for stored, name in _canonical(list(handle.keys()), fam).items():
         where[name], shapes[name] = (handle, stored), tuple(handle.get_slice(stored).get_shape())
     model = llama.build_decoder(
