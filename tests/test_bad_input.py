@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from typing import Callable
 
 import orbax.checkpoint as ocp
@@ -35,6 +36,7 @@ class Ctx:
   root: str
   monkeypatch: pytest.MonkeyPatch
   trained: Callable[[], str]
+  finalizers: list[Callable[[], object]] = dataclasses.field(default_factory=list)   # run when the row ends
 
   @property
   def out(self) -> str:
@@ -119,13 +121,22 @@ def full_disk(ctx: Ctx) -> list[str]:
   return smoke()(ctx)
 
 
+def read_only(ctx: Ctx, folder: str) -> None:
+  """Make `folder` read-only, for root too: root ignores permission bits but not the immutable
+  attribute (chattr +i; lifted again when the test ends so the folder can be removed)."""
+  os.makedirs(folder)
+  os.chmod(folder, 0o555)
+  if os.geteuid() == 0:
+    if subprocess.run(["chattr", "+i", folder], capture_output=True).returncode:
+      pytest.skip("running as root on a filesystem without chattr +i: no way to make a folder read-only")
+    ctx.finalizers.append(lambda: subprocess.run(["chattr", "-i", folder], check=True))
+
+
 def read_only_out(ctx: Ctx) -> list[str]:
-  os.makedirs(ctx.out)
-  os.chmod(ctx.out, 0o555)
+  read_only(ctx, ctx.out)
   return smoke()(ctx)
 
 
-ROOT_IGNORES_PERMISSIONS = pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 SLOW = (pytest.mark.slow,)   # trains: more than ~10 s on a 2-core machine
 TRAINED = ("runs/smoke/rope/metrics.jsonl", "runs/smoke/rope/eval.jsonl", "runs/smoke/rope/checkpoints/6/*")
 
@@ -150,7 +161,7 @@ ROWS = [
     Row("--out is a file", "train", with_file("runs", "x", lambda p: ["smoke", "--out", p]), 2, "error: --out: "),
     Row("--out inside a file", "train", with_file("f", "x", lambda p: ["smoke", "--out", os.path.join(p, "runs")]), 2,
         "error: --out: "),
-    Row("--out read-only", "train", read_only_out, 2, "error: --out: ", marks=(ROOT_IGNORES_PERMISSIONS,)),
+    Row("--out read-only", "train", read_only_out, 2, "error: --out: "),
     Row("arm named ..", "train", smoke('arms={"..": {}}', arms=".."), 2, "error: arms: arm names must be folder names"),
     Row("experiment named .", "train", smoke("name=."), 2, "error: name: must be a folder name"),
     Row("fewer steps than trained", "train", on_trained(lambda ctx, arm: None, "steps=3"), 2,
@@ -258,6 +269,10 @@ ROWS += [
                                                          ctx.write("reports", "x")], 2, "error: --reports: "),
     Row("lab: --runs is a file", "lab", lambda ctx: ["--quick", "--runs", ctx.write("runs", "x"), "--reports",
                                                       os.path.join(ctx.root, "reports")], 2, "error: --runs: "),
+    Row("lab: --reports read-only", "lab", lambda ctx: (read_only(ctx, os.path.join(ctx.root, "reports")), [
+        "--quick", "--runs", ctx.out, "--reports", os.path.join(ctx.root, "reports")])[1], 2, "error: --reports: "),
+    Row("disrupt: --out read-only", "analysis", lambda ctx: (read_only(ctx, os.path.join(ctx.root, "ro")), [
+        "disrupt", "--model", "random", "--out", os.path.join(ctx.root, "ro", "c5")])[1], 2, "error: --out: "),
     Row("lab: config is a folder", "lab", lambda ctx: [ctx.root, "--quick"], 2, "error: config: "),
     Row("lab: arm named ..", "lab", lab_argv("--set", 'arms={"..": {}}'), 2, "error: arms: arm names must be"),
     Row("trace: a step that is not there", "analysis", trace_of(lambda ctx, arm: None, "--steps", "999"), 2,
@@ -332,6 +347,14 @@ def test_bad_input(row: Row, tmp_path, capsys, monkeypatch, trained_once):
   monkeypatch.setenv("MINILM_CACHE", str(tmp_path / "cache"))
   ctx = Ctx(str(tmp_path / "root"), monkeypatch, trained_once)
   os.makedirs(ctx.root)
+  try:
+    check_row(row, ctx, capsys)
+  finally:
+    for finalize in ctx.finalizers:
+      finalize()
+
+
+def check_row(row: Row, ctx: Ctx, capsys) -> None:
   argv = row.setup(ctx)
   before = snapshot(ctx.root)
   capsys.readouterr()
