@@ -5,8 +5,15 @@ Parametric: closed-book capitals, and balanced yes/no capital questions (the pap
 Knowledge conflict: a context that contradicts a capital; verdict context / memory / other.
 
 Scoring is strict: the first words of the output (a word: a run of letters and digits; case
-ignored) must equal the answer word for word; nothing later in the output is searched. Prompts end
-where the answer starts, so a model that knows the format answers at once.
+ignored) must equal the answer word for word; nothing later in the output is searched. An answer made
+of digits only (a pass key) is compared without spaces: the digits and spaces that open the output,
+spaces removed, must equal it (' 123 456.' is 123456; ' 1234567' is not). Prompts end where the
+answer starts, so a model that knows the format answers at once.
+
+Suite 'templates' (the C5 study): every family in five templates, fixed before any result was seen,
+that differ in instruction wording, zero-shot vs few-shot framing and filler; template t0 is the
+built-in prompt. 'capitals_padded' is 'capitals' with neutral filler in front up to the passkey
+length, so contextual and parametric prompts can be compared at equal length.
 
 Entities are drawn from the words whose token length is the commonest for the tokenizer (for
 SmolLM2: single tokens), so the prompts of a task share one length and compile once.
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import re
 from typing import Protocol, Sequence
 
@@ -79,6 +87,86 @@ PASSKEY_QUICK = ((128, 6), (256, 12))
 PASSKEY_FULL = PASSKEY_QUICK + ((1024, 48),)
 
 
+# ------------------------------------------------------------------------------------- templates
+# Fixed before any result was seen. Each family's t0 is the built-in prompt; the others change the
+# instruction wording, zero-shot vs few-shot framing, and the filler. Worked examples use names and
+# countries that are never asked about (FEW_SHOT, Olivia, Liam).
+
+@dataclasses.dataclass(frozen=True)
+class PasskeyTemplate:
+  intro: str      # instruction and any worked example before the text ('' for none)
+  filler: str     # sentences repeated around the needle
+  needle: str     # holds {key}
+  question: str   # ends where the key starts
+
+
+PASSKEY_TEMPLATES = (
+    PasskeyTemplate(PASSKEY_INTRO, PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_QUESTION),  # the paper's
+    PasskeyTemplate("Below is a long text. Somewhere in it a pass key is given. Read carefully: at the end you "
+                    "must report the pass key.",
+                    "The train left the station at noon. Passengers read their newspapers. A child looked out "
+                    "of the window. The fields were wide and quiet.",
+                    PASSKEY_NEEDLE, "Question: What is the pass key?\nAnswer: The pass key is"),
+    PasskeyTemplate("Find the pass key in the text and repeat it.\nText: The sky is blue. The pass key is 318204. "
+                    "Remember it. The grass is green.\nThe pass key is 318204.\nText:",  # one worked example
+                    PASSKEY_FILLER, PASSKEY_NEEDLE, "\nThe pass key is"),
+    PasskeyTemplate("",  # zero-shot, no instruction, other needle wording
+                    "Rain fell on the old roof. The kettle began to whistle. Someone closed a door downstairs.",
+                    "Important: the secret code is {key}.", "The secret code mentioned above is"),
+    PasskeyTemplate("Memorize the number that appears in the notes below. Only the number matters.",
+                    "Notes from the market. Apples were cheap. The baker sold out early. It was a busy morning.",
+                    "The number is {key}.", "Repeat the number from the notes. The number is"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactsTemplate:
+  intro: str      # before the facts ('' for none)
+  fact: str       # holds {who} and {where}
+  between: str    # joins the facts: a newline, a space, or neutral filler
+  question: str   # holds {who}; ends where the city starts
+
+
+FACTS_TEMPLATES = (
+    FactsTemplate("Read the facts and answer the question.\n", "{who} lives in {where}.", "\n",
+                  "\nQuestion: Where does {who} live?\nAnswer: {who} lives in"),  # the built-in prompt
+    FactsTemplate("Use the list below to answer.\n", "{who}'s home city is {where}.", "\n",
+                  "\nIn which city is {who}'s home? {who}'s home city is"),
+    FactsTemplate("Answer from the facts.\nFacts: Olivia lives in Lima. Liam lives in Rome.\nQuestion: Where does "
+                  "Liam live?\nAnswer: Liam lives in Rome.\nFacts: ",  # one worked example
+                  "{who} lives in {where}.", " ", "\nQuestion: Where does {who} live?\nAnswer: {who} lives in"),
+    FactsTemplate("", "{who} lives in {where}.", " The weather was mild that week. ", " So {who} lives in"),
+    FactsTemplate("Residents and their cities:\n", "{who}: {where}", "\n", "\nThe city of {who} is"),
+)
+
+CAPITAL_TEMPLATES = (  # hold {country}; end where the capital starts
+    " ".join(f"The capital of {c} is {k}." for c, k in FEW_SHOT[:2]) + " The capital of {country} is",  # built-in
+    "The capital of {country} is",
+    "Answer the question.\nQuestion: What is the capital city of {country}?\nAnswer: The capital city of "
+    "{country} is",
+    "Country: Italy\nCapital: Rome\nCountry: Canada\nCapital: Ottawa\nCountry: Peru\nCapital: Lima\n"
+    "Country: {country}\nCapital:",
+    "A short note on geography. Many people like to travel. {country} is a country, and its capital city is",
+)
+
+CONFLICT_TEMPLATES = (  # hold {country} and {fake}; end where the capital starts
+    "Read the text and answer from it.\nText: The capital of {country} is {fake}.\nQuestion: What is the capital "
+    "of {country}?\nAnswer: The capital of {country} is",  # the built-in prompt
+    "According to the new atlas, the capital of {country} is {fake}. According to the new atlas, the capital of "
+    "{country} is",
+    "Text: The capital of Italy is Lima.\nQuestion: What is the capital of Italy?\nAnswer: Lima\nText: The capital "
+    "of {country} is {fake}.\nQuestion: What is the capital of {country}?\nAnswer:",  # one worked example
+    "In this story the sky is green. In this story, the capital of {country} is {fake}. The sun is cold. In this "
+    "story, the capital of {country} is",
+    "Answer using only the passage, even if it disagrees with what you know.\nPassage: {fake} is the capital of "
+    "{country}.\nQ: Which city is the capital of {country}?\nA: The capital of {country} is",
+)
+
+TEMPLATE_LENGTH, TEMPLATE_DIGITS = 128, 6
+"""Passkey setting of the 'templates' suite (the paper's Table 1), and the length the padded
+closed-book prompts are filled to."""
+
+
 # ---------------------------------------------------------------------------------------- helpers
 
 def _ids(tokenizer: Tokenizer, text: str, bos: int | None) -> np.ndarray:
@@ -109,31 +197,51 @@ def _words(text: str, n: int) -> str:
   return " ".join(re.findall(r"[^\W_]+", text)[:n]).lower()
 
 
+def _opens_with(text: str, answer: str) -> bool:
+  """The strict rule (module docstring): the output's first words equal the answer's; an all-digit
+  answer is compared with the spaces between the output's opening digits removed."""
+  if answer.replace(" ", "").isdigit():
+    opening = re.match(r"[^\w]*([\d ]*)", text).group(1)
+    return opening.replace(" ", "") == answer.replace(" ", "")
+  return _words(text, len(answer.split())) == answer.lower()
+
+
 # ------------------------------------------------------------------------------------------ tasks
 
-def passkey(tokenizer, n: int, length: int, digits: int, seed: int, bos=None) -> list[Item]:
-  """The paper's passkey prompt at about `length` tokens (never more). The needle goes before one of
-  the filler sentences, swept evenly from the first to the last (meta 'depth' = sentences before it /
-  all sentences), so at least one filler sentence separates it from the question."""
+def _sentences(filler: str) -> list[str]:
+  return [s.strip() + "." for s in filler.split(".") if s.strip()]
+
+
+def _join(*parts: str) -> str:
+  return " ".join(p for p in parts if p)
+
+
+def passkey(tokenizer, n: int, length: int, digits: int, seed: int, bos=None,
+            template: PasskeyTemplate = PASSKEY_TEMPLATES[0], task: str = "") -> list[Item]:
+  """A passkey prompt (the paper's by default) at about `length` tokens (never more). The needle goes
+  before one of the filler sentences, swept evenly from the first to the last (meta 'depth' =
+  sentences before it / all sentences), so at least one filler sentence separates it from the question."""
   rng = np.random.default_rng([seed, length, digits])
-  unit = len(tokenizer.encode(" " + PASSKEY_FILLER))
-  fixed = len(_ids(tokenizer, PASSKEY_INTRO + " " + PASSKEY_NEEDLE.format(key="0" * digits) + " "
-                   + PASSKEY_QUESTION, bos))
+  unit = len(tokenizer.encode(" " + template.filler))
+  fixed = len(_ids(tokenizer, _join(template.intro, template.needle.format(key="0" * digits), template.question), bos))
   repeats = (length - fixed) // unit
   check(repeats >= 1, "passkey.length", f"too short for the fixed text ({fixed} tokens); got {length}")
-  sentences = [s.strip() + "." for s in PASSKEY_FILLER.split(".") if s.strip()] * repeats
+  sentences = _sentences(template.filler) * repeats
   items = []
   for i in range(n):
     key = "".join(rng.choice(list("0123456789"), digits))
     slot = round(i * (len(sentences) - 1) / (n - 1)) if n > 1 else len(sentences) // 2
-    parts = [PASSKEY_INTRO, *sentences[:slot], PASSKEY_NEEDLE.format(key=key), *sentences[slot:], PASSKEY_QUESTION]
-    items.append(_item(tokenizer, bos, f"passkey_{length}x{digits}", "contextual", " ".join(parts), key,
+    text = _join(template.intro, *sentences[:slot], template.needle.format(key=key), *sentences[slot:],
+                 template.question)
+    items.append(_item(tokenizer, bos, task or f"passkey_{length}x{digits}", "contextual", text, key,
                        depth=slot / len(sentences)))
   return items
 
 
-def context_facts(tokenizer, n: int, seed: int, n_facts: int = 4, bos=None) -> list[Item]:
-  """'Alice lives in Paris.' x n_facts, then a question about one of them (asked position balanced)."""
+def context_facts(tokenizer, n: int, seed: int, n_facts: int = 4, bos=None,
+                  template: FactsTemplate = FACTS_TEMPLATES[0], task: str = "context_facts") -> list[Item]:
+  """'Alice lives in Paris.' x n_facts (or the template's wording), then a question about one of them
+  (asked position balanced)."""
   rng = np.random.default_rng([seed, 1])
   names, cities = _modal(tokenizer, NAMES, bare=True), _modal(tokenizer, [c for _, c in CAPITALS])
   items = []
@@ -141,10 +249,9 @@ def context_facts(tokenizer, n: int, seed: int, n_facts: int = 4, bos=None) -> l
     who = rng.choice(names, n_facts, replace=False)
     where = rng.choice(cities, n_facts, replace=False)
     ask = i % n_facts
-    facts = "\n".join(f"{a} lives in {b}." for a, b in zip(who, where))
-    text = (f"Read the facts and answer the question.\n{facts}\nQuestion: Where does {who[ask]} live?\n"
-            f"Answer: {who[ask]} lives in")
-    items.append(_item(tokenizer, bos, "context_facts", "contextual", text, str(where[ask]), asked=ask))
+    facts = template.between.join(template.fact.format(who=a, where=b) for a, b in zip(who, where))
+    text = template.intro + facts + template.question.format(who=who[ask])
+    items.append(_item(tokenizer, bos, task, "contextual", text, str(where[ask]), asked=ask))
   return items
 
 
@@ -163,17 +270,29 @@ def recall(tokenizer, n: int, seed: int, n_pairs: int = 6, bos=None) -> list[Ite
   return items
 
 
-def _capital_prefix() -> str:
-  return " ".join(f"The capital of {c} is {k}." for c, k in FEW_SHOT[:2])
+def _padding(tokenizer, filler: str, room: int) -> str:
+  """Whole filler sentences, repeated, of at most `room` tokens (neutral text in front of a prompt)."""
+  out = []
+  for sentence in itertools.cycle(_sentences(filler)):
+    if len(tokenizer.encode(_join(*out, sentence))) > room:
+      return _join(*out)
+    out.append(sentence)
 
 
-def capitals(tokenizer, n: int, seed: int, bos=None) -> list[Item]:
-  """Closed-book: 'The capital of X is' -> capital (two fixed few-shot examples set the format)."""
+def capitals(tokenizer, n: int, seed: int, bos=None, template: str = CAPITAL_TEMPLATES[0], task: str = "capitals",
+             pairs: Sequence[tuple[str, str]] | None = None, pad: tuple[str, int] | None = None) -> list[Item]:
+  """Closed-book: 'The capital of X is' -> capital (by default two fixed few-shot examples set the
+  format). `pairs` (e.g. those the model knows) replace the word list; `pad` (filler, length) puts
+  neutral filler in front, up to `length` tokens (never more)."""
   rng = np.random.default_rng([seed, 3])
-  pairs = _modal_pairs(tokenizer, CAPITALS)
-  chosen = rng.permutation(len(pairs))[:n]
-  return [_item(tokenizer, bos, "capitals", "parametric",
-                f"{_capital_prefix()} The capital of {pairs[j][0]} is", pairs[j][1]) for j in chosen]
+  pairs = list(pairs) if pairs is not None else _modal_pairs(tokenizer, CAPITALS)
+  texts = [(template.format(country=pairs[j][0]), pairs[j][1]) for j in rng.permutation(len(pairs))[:n]]
+  if pad is not None:
+    longest = max(len(_ids(tokenizer, " " + t, bos)) for t, _ in texts)
+    filler = _padding(tokenizer, pad[0], pad[1] - longest)
+    check(bool(filler), "capitals.pad", f"{pad[1]} tokens leave no room for filler before a {longest}-token prompt")
+    texts = [(f"{filler} {t}", a) for t, a in texts]
+  return [_item(tokenizer, bos, task, "parametric", t, a) for t, a in texts]
 
 
 def capitals_yesno(tokenizer, n: int, seed: int, bos=None) -> list[Item]:
@@ -193,7 +312,8 @@ def capitals_yesno(tokenizer, n: int, seed: int, bos=None) -> list[Item]:
   return items
 
 
-def conflict(tokenizer, n: int, seed: int, bos=None, pairs: Sequence[tuple[str, str]] | None = None) -> list[Item]:
+def conflict(tokenizer, n: int, seed: int, bos=None, pairs: Sequence[tuple[str, str]] | None = None,
+             template: str = CONFLICT_TEMPLATES[0], task: str = "conflict") -> list[Item]:
   """A context stating a false capital; the verdict says whether the output follows it or memory.
   Pass `pairs` (e.g. those the model answers right closed-book) so that a memory exists."""
   rng = np.random.default_rng([seed, 5])
@@ -203,27 +323,49 @@ def conflict(tokenizer, n: int, seed: int, bos=None, pairs: Sequence[tuple[str, 
   for i in range(n):
     j, other = rng.choice(len(pairs), 2, replace=False)
     (country, true), fake = pairs[j], pairs[other][1]
-    text = (f"Read the text and answer from it.\nText: The capital of {country} is {fake}.\n"
-            f"Question: What is the capital of {country}?\nAnswer: The capital of {country} is")
-    items.append(_item(tokenizer, bos, "conflict", "conflict", text, fake, memory=true))
+    items.append(_item(tokenizer, bos, task, "conflict", template.format(country=country, fake=fake), fake,
+                       memory=true))
   return items
 
 
-SUITES = ("quick", "full")
+SUITES = ("quick", "full", "templates")
 
 
 def suite(tokenizer, name: str = "quick", n: int = 20, seed: int = 0, bos=None,
           known: Sequence[tuple[str, str]] | None = None, lengths=None) -> list[Item]:
-  """Every task, n examples each. 'quick': passkey at 128/256 tokens; 'full' adds 1024 tokens / 48 digits.
-  `lengths` ((tokens, digits), ...) overrides the passkey settings; `known` picks the conflict facts."""
+  """Every task, n examples each. 'quick': passkey at 128/256 tokens; 'full' adds 1024 tokens / 48 digits;
+  'templates': `templated`. `lengths` ((tokens, digits), ...) overrides the passkey settings; `known`
+  picks the conflict facts."""
   check_choice("suite", name, SUITES)
   check(n >= 2, "n", f"must be >= 2 (balanced sets); got {n}")
+  if name == "templates":
+    return templated(tokenizer, n, seed, bos, known, *(lengths or ((TEMPLATE_LENGTH, TEMPLATE_DIGITS),))[0])
   items = []
   for length, digits in lengths or (PASSKEY_FULL if name == "full" else PASSKEY_QUICK):
     items += passkey(tokenizer, n, length, digits, seed, bos)
   items += context_facts(tokenizer, n, seed, bos=bos) + recall(tokenizer, n, seed, bos=bos)
   items += capitals(tokenizer, n, seed, bos) + capitals_yesno(tokenizer, n, seed, bos)
   return items + conflict(tokenizer, n, seed, bos, pairs=known)
+
+
+def templated(tokenizer, n: int, seed: int, bos=None, known: Sequence[tuple[str, str]] | None = None,
+              length: int = TEMPLATE_LENGTH, digits: int = TEMPLATE_DIGITS) -> list[Item]:
+  """Every family in every template, n examples each, named '<family>/t<i>': passkey and in-context
+  facts (contextual), closed-book capitals short and padded with template i's passkey filler to the
+  passkey length (parametric), and conflict. `known` (pairs the model answers right) serve the
+  closed-book and conflict items, so that a memory exists."""
+  items = []
+  for i, t in enumerate(PASSKEY_TEMPLATES):
+    items += passkey(tokenizer, n, length, digits, seed, bos, t, f"passkey/t{i}")
+  for i, t in enumerate(FACTS_TEMPLATES):
+    items += context_facts(tokenizer, n, seed, bos=bos, template=t, task=f"context_facts/t{i}")
+  for i, t in enumerate(CAPITAL_TEMPLATES):
+    items += capitals(tokenizer, n, seed, bos, t, f"capitals/t{i}", known)
+  for i, t in enumerate(CAPITAL_TEMPLATES):
+    items += capitals(tokenizer, n, seed, bos, t, f"capitals_padded/t{i}", known, (PASSKEY_TEMPLATES[i].filler, length))
+  for i, t in enumerate(CONFLICT_TEMPLATES):
+    items += conflict(tokenizer, n, seed, bos, known, t, f"conflict/t{i}")
+  return items
 
 
 def from_examples(examples: dict[str, list], tokenizer: Tokenizer, kinds: dict[str, str] | None = None) -> list[Item]:
@@ -253,7 +395,7 @@ def verdict(item: Item, output_ids: Sequence[int], tokenizer: Tokenizer) -> str:
     target, memory = item.meta["answer_ids"], item.meta.get("memory_ids")
   else:
     text = tokenizer.decode(ids)
-    hit = lambda want: _words(text, len(want.split())) == want.lower()
+    hit = lambda want: want is not None and _opens_with(text, want)
     target, memory = item.answer, item.meta.get("memory")
   if item.kind != "conflict":
     return "correct" if hit(target) else "wrong"

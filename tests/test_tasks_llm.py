@@ -60,9 +60,15 @@ def test_scoring_is_strict():
   city = T.Item("capitals", "parametric", np.zeros(1, np.int32), "", "Mexico City", 5, {})
   assert T.verdict(city, _ids(' "mexico city".'), TOK) == "correct"
   assert T.verdict(city, _ids(" Mexico"), TOK) == "wrong"
+  # digits are compared without spaces, and still strictly
+  assert [T.verdict(key, _ids(s), TOK) for s in (" 123 456.", " 1 2 3 4 5 6", "\n123456", " 12345 67")] == \
+      ["correct", "correct", "correct", "wrong"]
+  assert T.verdict(key, _ids(" 12345"), TOK) == "wrong" and T.verdict(key, _ids(" key 123456"), TOK) == "wrong"
   c = T.Item("conflict", "conflict", np.zeros(1, np.int32), "", "Rome", 3, {"memory": "Paris"})
   assert [T.verdict(c, _ids(s), TOK) for s in (" Rome.", " Paris<eos>", " London")] == ["context", "memory", "other"]
   assert T.success(c, "context") and not T.success(c, "memory")
+  no_memory = T.Item("conflict", "conflict", np.zeros(1, np.int32), "", "Rome", 3, {})
+  assert T.verdict(no_memory, _ids(" Paris"), TOK) == "other"
 
 
 def test_lab_examples_are_scored_by_ids():
@@ -85,3 +91,34 @@ def test_suite_options():
           if it.kind == "conflict"} <= {"Paris", "Tokyo"}
   with pytest.raises(ConfigError, match="suite"):
     T.suite(TOK, "huge")
+
+
+def test_templates_suite_has_five_templates_per_family_that_differ():
+  known = [("France", "Paris"), ("Japan", "Tokyo"), ("Spain", "Madrid")]
+  items = T.suite(TOK, "templates", 3, seed=0, known=known, lengths=((700, 6),))
+  by_task = collections.defaultdict(list)
+  for it in items:
+    by_task[it.task].append(it)
+  families = collections.defaultdict(list)
+  for task in by_task:
+    families[task.split("/")[0]].append(task)
+  assert {f: len(ts) for f, ts in families.items()} == {f: 5 for f in
+                                                       ("passkey", "context_facts", "capitals", "capitals_padded", "conflict")}
+  for family, tasks in families.items():
+    first_prompts = [by_task[t][0].text for t in tasks]
+    assert len(set(first_prompts)) == 5, family      # every template words the same item differently
+    assert all(len(by_task[t]) == 3 for t in tasks)
+  # t0 is the built-in prompt
+  assert by_task["passkey/t0"][0].text == T.passkey(TOK, 3, 700, 6, 0)[0].text
+  assert by_task["conflict/t0"][1].text == T.conflict(TOK, 3, 0, pairs=known)[1].text
+  # closed-book items ask the known pairs; padded ones are the short ones behind neutral filler, at most
+  # the passkey length and longer than the longest passkey prompt minus one filler sentence
+  for i in range(5):
+    short, padded = by_task[f"capitals/t{i}"], by_task[f"capitals_padded/t{i}"]
+    assert {(it.answer) for it in short} <= {k for _, k in known}
+    for s, p in zip(short, padded):
+      assert p.text.endswith(" " + s.text) and p.answer == s.answer and p.kind == s.kind == "parametric"
+      assert p.text[:-len(s.text)].strip() in " ".join([T.PASSKEY_TEMPLATES[i].filler] * 20)
+      assert 700 - len(TOK.encode(" " + T.PASSKEY_TEMPLATES[i].filler)) < len(p.prompt) <= 700
+  assert all(it.answer.isdigit() and T.PASSKEY_TEMPLATES[3].needle.format(key=it.answer) in it.text
+             for it in by_task["passkey/t3"])
