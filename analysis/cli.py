@@ -9,6 +9,7 @@ import argparse
 import importlib
 
 from minilm.cli import guarded
+from minilm.config import check
 
 
 def _stat_args(p: argparse.ArgumentParser) -> None:
@@ -25,26 +26,44 @@ def _stat_cfg(args):
 
 
 def _trace_args(p):
-  p.add_argument("run_dir", help="runs/<experiment> (paired arms) or one arm's directory")
-  p.add_argument("--out", default=None, help="output directory (default RUN_DIR/analysis)")
-  p.add_argument("--probes", type=int, default=64, help="number of probe prompts (default 64)")
-  p.add_argument("--length", type=int, default=None, help="probe length (default: the data seq_len)")
+  p.add_argument("run_dir", nargs="+", help="runs/<experiment> (paired arms) or one arm's directory; or a public "
+                 "trajectory: a folder of step<N> model folders, or several model folders in step order")
+  p.add_argument("--out", default=None, help="output directory (default RUN_DIR/analysis; required for a trajectory)")
+  p.add_argument("--probes", type=int, default=None, help="number of probe prompts (default 64; trajectories 16)")
+  p.add_argument("--length", type=int, default=None,
+                 help="probe length (default: the data seq_len; trajectories 256)")
   p.add_argument("--probe-seed", type=int, default=0)
-  p.add_argument("--batch", type=int, default=16, help="probes per jitted forward")
+  p.add_argument("--batch", type=int, default=None, help="probes per jitted forward (default 16; trajectories 4)")
   p.add_argument("--steps", type=int, nargs="*", default=None, help="only these checkpoint steps")
   p.add_argument("--rope-arm", default=None)
   p.add_argument("--nope-arm", default=None)
+  p.add_argument("--arm", default=None, help="trajectory: the arm's name (default: its folder's name)")
+  p.add_argument("--layout", default="half", help="trajectory: RoPE pair layout of the imported weights")
   p.add_argument("--no-plots", action="store_true")
   p.add_argument("--no-claims", action="store_true")
   _stat_args(p)
 
 
+def _or(value, default):
+  """A flag's value, or the default of the kind of trace when it was not given (0 stays 0: an error)."""
+  return default if value is None else value
+
+
 def _trace(args):
+  from analysis import trajectory
   from analysis.trace import trace_run
-  store = trace_run(args.run_dir, args.out, n_probes=args.probes, length=args.length,
-                    probe_seed=args.probe_seed, stat_cfg=_stat_cfg(args), batch_size=args.batch,
-                    steps=args.steps, plots=not args.no_plots, claims=not args.no_claims,
-                    rope_arm=args.rope_arm, nope_arm=args.nope_arm)
+  paths = args.run_dir
+  if len(paths) > 1 or trajectory.is_trajectory(paths[0]):
+    check(args.out is not None, "--out", "a trajectory needs an output folder")
+    store = trajectory.trace_trajectory(paths, args.out, arm=args.arm, n_probes=_or(args.probes, 16),
+                                        length=_or(args.length, 256), layout=args.layout, stat_cfg=_stat_cfg(args),
+                                        batch_size=_or(args.batch, 4), steps=args.steps, plots=not args.no_plots,
+                                        claims=not args.no_claims)
+  else:
+    store = trace_run(paths[0], args.out, n_probes=_or(args.probes, 64), length=args.length,
+                      probe_seed=args.probe_seed, stat_cfg=_stat_cfg(args), batch_size=_or(args.batch, 16),
+                      steps=args.steps, plots=not args.no_plots, claims=not args.no_claims,
+                      rope_arm=args.rope_arm, nope_arm=args.nope_arm)
   print(f"wrote {store.root}")
 
 

@@ -1,0 +1,92 @@
+"""Public pretraining trajectories: the checkpoints of one imported model family member, traced as
+the steps of one arm, exactly as the lab traces its own runs (same store, statistics, emergence
+plots and claims).
+
+  python -m analysis trace pythia-70m/ --out reports/pythia-70m            # a folder of step<N> dirs
+  python -m analysis trace ckpt/a ckpt/b ckpt/c --arm mine --out reports/t  # an ordered list of dirs
+
+A trajectory is a folder whose sub-folders are named step<N> (the revisions Pythia, OLMo and
+SmolLM2 publish), each a model minilm.importers.load reads (an HF directory or a .gguf), or an
+ordered list of such model folders (steps from a step<N> in their names, else 0, 1, 2, ...). The
+probes are held-out Shakespeare windows in the first checkpoint's tokenizer (analysis.pretrained);
+the wavelength boundary is each model's max_len. Nothing is downloaded: fetch the revisions first
+(the README shows how).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from analysis import stats as S
+from analysis import trace as T
+from minilm import atomic
+from minilm.config import check
+
+STEP_DIR = re.compile(r"^step(\d+)$")
+
+
+def is_trajectory(path: str) -> bool:
+  """Whether `path` is a folder of step<N> model folders."""
+  return os.path.isdir(path) and any(STEP_DIR.match(d) and os.path.isdir(os.path.join(path, d))
+                                     for d in os.listdir(path))
+
+
+def checkpoints(paths: list[str]) -> dict[int, str]:
+  """{step: model path} of one trajectory folder, or of an ordered list of model paths."""
+  for p in paths:
+    check(os.path.exists(p), "trajectory", f"{p} does not exist")
+  if len(paths) == 1 and is_trajectory(paths[0]):
+    found = [(int(STEP_DIR.match(d).group(1)), os.path.join(paths[0], d)) for d in os.listdir(paths[0])
+             if STEP_DIR.match(d)]
+    return dict(sorted(found))
+  named = [STEP_DIR.search(os.path.basename(os.path.normpath(p))) for p in paths]
+  steps = [int(m.group(1)) for m in named] if all(named) else list(range(len(paths)))
+  check(steps == sorted(set(steps)), "trajectory",
+        f"the step<N> names must increase along the list without repeats; got {steps}")
+  return dict(zip(steps, paths))
+
+
+def arm_name(paths: list[str]) -> str:
+  """A trajectory folder's own name, or the folder holding a list of model folders."""
+  one = os.path.normpath(paths[0])
+  return os.path.basename(one if len(paths) == 1 else os.path.dirname(one)) or "trajectory"
+
+
+def trace_trajectory(paths: list[str], out_dir: str, *, arm: str | None = None, n_probes: int = 16,
+                     length: int = 256, layout: str = "half", stat_cfg: S.StatConfig = S.StatConfig(),
+                     batch_size: int = 4, steps=None, plots: bool = True, claims: bool = True,
+                     log=print) -> T.Store:
+  """Trace every checkpoint of a trajectory as one arm into `out_dir` (resumable, like trace_run:
+  steps whose sums read back whole are skipped)."""
+  from analysis import pretrained
+  ckpts = checkpoints(paths)
+  check(n_probes >= 2, "--probes", f"must be >= 2 (intervals resample prompts); got {n_probes}")
+  check(batch_size >= 1, "--batch", f"must be >= 1; got {batch_size}")
+  missing = sorted(set(steps or ()) - set(ckpts))
+  check(not missing, "--steps", f"the trajectory has no step {', '.join(map(str, missing))}; "
+        f"steps: {', '.join(map(str, ckpts))}")
+  wanted = [s for s in ckpts if steps is None or s in steps]
+  arm = arm or arm_name(paths)
+  atomic.check_out_dir(out_dir)
+  model, tok, _ = pretrained.load(ckpts[wanted[0]], layout)
+  check(tok is not None, "trajectory", f"{ckpts[wanted[0]]} has no tokenizer.json, so no text probes can be made")
+  T.check_length(model.cfg, length, min(batch_size, n_probes))
+  probes = pretrained.probe_windows(tok, n_probes, length)
+  store = T.open_store(out_dir, probes, np.ones(probes.shape, np.float32), stat_cfg.drop_first, stat_cfg)
+  keys = {f"{layer}.{t}" for layer in range(model.cfg.n_layers) for t in T.TENSORS}
+  done = set(store.good_steps(arm, keys))
+  loaded = {wanted[0]: model}   # the first checkpoint was loaded for its tokenizer
+  for step in wanted:
+    if step in done:
+      continue
+    model = loaded.pop(step, None) or pretrained.load(ckpts[step], layout)[0]
+    T.record_step(store, model, arm, step, context=model.cfg.max_len, final=step == wanted[-1],
+                  batch_size=batch_size)
+    log(f"traced {arm} step {step}")
+  if store.token_step(arm) != wanted[-1]:
+    T.save_tokens(store, pretrained.load(ckpts[wanted[-1]], layout)[0], arm, wanted[-1])
+  T.rebuild(store)
+  T.finish(store, plots=plots, claims=claims)
+  return store
