@@ -11,6 +11,12 @@ heatmap_<arm>_<step>.*   M[h, d] / mean_d M per layer and tensor, dims in rotary
 pair_energy_<arm>.*  share of pair energy vs theta_j, one curve per layer coloured by depth (colour bar),
                      context boundary marked
 bars3d_<arm>.*       |rot_q| of one head over tokens x dims (the paper's 3D view), probe 0
+sink_map.*           share of attention on the first token per layer x head, each arm's last step
+sinks_over_steps.*   sink share per layer and its association with Q/K max/mean over steps (traced runs)
+attention_<arm>.*    attention of probe 0 on its first tokens: the strongest and weakest sink heads and
+                     the heads with the most concentrated rot_q and rot_k
+residual.*           largest residual activation / median per layer beside the top head's Q/K
+                     max/mean, at the last step and (traced runs) over steps
 """
 from __future__ import annotations
 
@@ -265,12 +271,169 @@ def bars3d(store: T.Store, arm: str, layer: int | None = None, head: int | None 
   return _save(fig, store, f"bars3d_{arm}")
 
 
+def _sink_summary(store: T.Store) -> dict:
+  """sinks.json, or {} for a store traced before sinks were captured."""
+  if not os.path.exists(store.path("sinks.json")):
+    return {}
+  with open(store.path("sinks.json")) as f:
+    return json.load(f)
+
+
+def _step_layers(summ: dict, arm: str, step: int) -> list[dict]:
+  return sorted((g for g in summ["layers"] if (g["arm"], g["step"]) == (arm, step)), key=lambda g: g["layer"])
+
+
+def sink_map(store: T.Store, summ: dict) -> list[str]:
+  verdicts = summ["verdicts"]
+  fig, axes = plt.subplots(1, len(verdicts), figsize=(4.2 * len(verdicts) + 1.2, 3.8), squeeze=False,
+                           layout="constrained")
+  for ax, v in zip(axes[0], verdicts):
+    grid = np.array([g["sink_per_head"] for g in _step_layers(summ, v["arm"], v["step"])])
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest", origin="lower")
+    a = v["association"]
+    ax.set_title(f"{v['arm']} step {v['step']}\nrho(sink, max/mean) q {a['rot_q'][0]:.2f}, k {a['rot_k'][0]:.2f}",
+                 fontsize=8)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+  fig.colorbar(im, ax=axes, fraction=0.04, label="share of attention on the first token")
+  uniform = np.mean([s["uniform"] for s in summ["steps"]])
+  fig.suptitle(f"Sink share per layer and head (queries 1..T-1; uniform attention gives {uniform:.3f}; "
+               f"sink head >= {summ['level']:g})", fontsize=9)
+  return _save(fig, store, "sink_map")
+
+
+def sinks_over_steps(store: T.Store, summ: dict) -> list[str]:
+  arms = [v["arm"] for v in summ["verdicts"]]
+  fig, axes = plt.subplots(len(arms), 2, figsize=(10, 3.0 * len(arms)), squeeze=False, layout="constrained")
+  for r, arm in enumerate(arms):
+    layers = [g for g in summ["layers"] if g["arm"] == arm]
+    n_layers = max(g["layer"] for g in layers) + 1
+    depth = plt.cm.ScalarMappable(plt.Normalize(0, max(n_layers - 1, 1)), "viridis")
+    ax = axes[r, 0]
+    place = step_axis(ax, [g["step"] for g in layers])
+    for layer in range(n_layers):
+      s = np.array(sorted((g["step"], *g["sink"]) for g in layers if g["layer"] == layer))
+      ax.plot(place(s[:, 0]), s[:, 1], marker=".", color=depth.to_rgba(layer))
+      ax.fill_between(place(s[:, 0]), s[:, 2], s[:, 3], color=depth.to_rgba(layer), alpha=0.12, linewidth=0)
+    ax.axhline(summ["level"], color="grey", lw=0.8, ls="-.")
+    ax.set_ylabel(f"{arm}: sink share (head mean)")
+    fig.colorbar(depth, ax=ax, label="layer")
+    ax = axes[r, 1]
+    steps = sorted((s for s in summ["steps"] if s["arm"] == arm), key=lambda s: s["step"])
+    place = step_axis(ax, [s["step"] for s in steps])
+    for tensor in ("rot_q", "rot_k"):
+      a = np.array([[s["step"], *s["association"][tensor]] for s in steps], np.float64)
+      ax.plot(place(a[:, 0]), a[:, 1], STYLE[tensor], marker=".", label=tensor)
+      ax.fill_between(place(a[:, 0]), a[:, 2], a[:, 3], alpha=0.15, linewidth=0)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_ylabel("Spearman rho: sink share vs max/mean")
+    ax.legend(fontsize=7)
+  for ax in axes[-1]:
+    ax.set_xlabel("step (log; 0 at left)")
+  fig.suptitle("Attention sinks over training (95% CI over prompts and heads)", fontsize=9)
+  return _save(fig, store, "sinks_over_steps")
+
+
+def attention_patterns(store: T.Store, arm: str) -> list[str]:
+  """Probe 0's attention on its first tokens for four heads of the token view's step: the strongest
+  and the weakest sink head, and the heads with the largest rot_q and rot_k max/mean."""
+  with np.load(store.tokens_path(arm)) as z:
+    if "attn" not in z.files:
+      return []
+    probs, step = z["attn"].astype(np.float32), int(z["step"])
+  rows = [r for r in T.read_table(store.path("sinks.csv")) if (r["arm"], int(r["step"])) == (arm, step)]
+  if not rows:
+    return []
+  def pick(key, sign=1):
+    r = max(rows, key=lambda r: sign * float(r[key]))
+    return int(r["layer"]), int(r["head"]), r
+  chosen = [("strongest sink", *pick("sink_share")), ("weakest sink", *pick("sink_share", -1)),
+            ("top rot_q max/mean", *pick("rot_q_max_mean")), ("top rot_k max/mean", *pick("rot_k_max_mean"))]
+  fig, axes = plt.subplots(1, len(chosen), figsize=(3.3 * len(chosen) + 1, 3.4), squeeze=False, layout="constrained")
+  for ax, (label, layer, head, r) in zip(axes[0], chosen):
+    im = ax.imshow(probs[layer, head], cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(f"{label}: L{layer} H{head}\nsink {float(r['sink_share']):.2f}, max/mean q "
+                 f"{float(r['rot_q_max_mean']):.1f} k {float(r['rot_k_max_mean']):.1f}", fontsize=7)
+    ax.set_xlabel("key position")
+    ax.set_ylabel("query position")
+  fig.colorbar(im, ax=axes, fraction=0.03, label="attention probability")
+  fig.suptitle(f"{arm} step {step}: attention of probe 0 on its first {probs.shape[-1]} tokens", fontsize=9)
+  return _save(fig, store, f"attention_{arm}")
+
+
+def residual(store: T.Store, summ: dict) -> list[str]:
+  """Largest residual |x| / median per layer (Sun et al.'s ratio; points labelled with the dim of
+  each layer's largest entry in most prompts) beside the top head's rot_q/rot_k max/mean."""
+  arms, colors = [v["arm"] for v in summ["verdicts"]], _colors([v["arm"] for v in summ["verdicts"]])
+  head_max = _head_max(store)
+  over_steps = len({s["step"] for s in summ["steps"]}) > 1
+  fig, axes = plt.subplots(1 + over_steps, 2, figsize=(11, 3.6 * (1 + over_steps)), squeeze=False,
+                           layout="constrained")
+  for v in summ["verdicts"]:
+    arm, layers = v["arm"], _step_layers(summ, v["arm"], v["step"])
+    ratio = np.array([[g["layer"], *g["resid"]["max_ratio"]] for g in layers])
+    axes[0, 0].errorbar(ratio[:, 0], ratio[:, 1], yerr=[ratio[:, 1] - ratio[:, 2], ratio[:, 3] - ratio[:, 1]],
+                        fmt="o-", ms=3, capsize=2, color=colors[arm], label=f"{arm} (step {v['step']})")
+    for g, (x, y) in zip(layers, ratio[:, :2]):
+      axes[0, 0].annotate(f"d{g['resid']['top_dim'][0]}", (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+    for tensor in ("rot_q", "rot_k"):
+      pts = np.array([[g["layer"], _at(head_max, (arm, g["layer"], tensor), v["step"])] for g in layers])
+      axes[0, 1].plot(pts[:, 0], pts[:, 1], STYLE[tensor] + "o", ms=3, color=colors[arm], label=f"{arm} {tensor}")
+  axes[0, 0].set_xlabel("layer")
+  axes[0, 1].set_xlabel("layer")
+  if over_steps:
+    place = step_axis(axes[1, 0], [s["step"] for s in summ["steps"]])
+    step_axis(axes[1, 1], [s["step"] for s in summ["steps"]])
+    for arm in arms:
+      steps = sorted({g["step"] for g in summ["layers"] if g["arm"] == arm})
+      top = [max(g["resid"]["max_ratio"][0] for g in _step_layers(summ, arm, s)) for s in steps]
+      axes[1, 0].plot(place(steps), top, "o-", ms=3, color=colors[arm], label=arm)
+      for tensor in ("rot_q", "rot_k"):
+        qk = [max(_at(head_max, key, s) for key in head_max if key[0] == arm and key[2] == tensor) for s in steps]
+        axes[1, 1].plot(place(steps), qk, STYLE[tensor] + "o", ms=3, color=colors[arm], label=f"{arm} {tensor}")
+    axes[1, 0].set_xlabel("step (log; 0 at left), largest over layers")
+    axes[1, 1].set_xlabel("step (log; 0 at left), largest over layers")
+  for row in axes:
+    row[0].set_yscale("log")
+    row[0].axhline(summ["settings"]["resid_ratio"], color="red", lw=0.8, ls="-.")
+    row[0].set_ylabel("largest |x| / median |x| (block output)")
+    _reference_line(row[1], "head_max", T.stat_config(store.meta()).lam)
+    row[1].set_ylabel("max/mean, top head")
+    row[0].legend(fontsize=6)
+    row[1].legend(fontsize=6)
+  fig.suptitle(f"Residual massive activations (red: {summ['settings']['resid_ratio']:g} x median) beside Q/K "
+               "concentration", fontsize=9)
+  return _save(fig, store, "residual")
+
+
+def _at(series: dict, key, step: int) -> float:
+  """The value of a `_head_max` series at `step` (NaN if that step was not traced)."""
+  rows = series.get(key, np.zeros((0, 4)))
+  hit = rows[rows[:, 0] == step]
+  return float(hit[0, 1]) if len(hit) else np.nan
+
+
+def sink_figures(store: T.Store) -> list[str]:
+  """The attention-sink and residual figures, if the store has sinks (analysis.sinks)."""
+  summ = _sink_summary(store)
+  if not summ.get("verdicts"):
+    return []
+  paths = sink_map(store, summ) + residual(store, summ)
+  if len({s["step"] for s in summ["steps"]}) > 1:
+    paths += sinks_over_steps(store, summ)
+  for v in summ["verdicts"]:
+    if os.path.exists(store.tokens_path(v["arm"])):
+      paths += attention_patterns(store, v["arm"])
+  return paths
+
+
 def plot_all(store: T.Store, heatmap_steps=None) -> list[str]:
   """Every figure; heatmaps at `heatmap_steps` (default: each arm's first and last step). No
   emergence figure when every arm has a single step (an imported model): nothing to emerge over."""
   meta = store.meta()
   over_steps = any(len(store.steps(arm)) > 1 for arm in meta["arms"])
-  paths = (emergence(store) if over_steps else []) + layer_profile(store)
+  paths = (emergence(store) if over_steps else []) + layer_profile(store) + sink_figures(store)
   for arm in meta["arms"]:
     steps = store.steps(arm)
     if not steps:

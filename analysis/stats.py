@@ -228,6 +228,8 @@ class StatConfig:
   lf_quarter: float = 0.25  # low-frequency band: this fraction of the pairs with lowest frequency
   band: tuple = BAND        # boundary band in multiples of the context length
   drop_first: bool = False  # leave token 0 (attention-sink position) out of M
+  resid_abs: float = 100.0     # massive residual activation (Sun et al. 2024): |x| > resid_abs ...
+  resid_ratio: float = 1000.0  # ... and |x| > resid_ratio * median |x| of the layer (alone: scale-free form)
 
   def __post_init__(self):
     from minilm.config import check
@@ -237,6 +239,8 @@ class StatConfig:
     check(0 < self.lf_quarter < 1, "lf_quarter", f"must be in (0, 1); got {self.lf_quarter}")
     check(len(self.band) == 2 and 0 < self.band[0] < self.band[1], "band",
           f"must be two increasing positive multiples of the context; got {self.band}")
+    check(self.resid_abs >= 0, "resid_abs", f"must be >= 0; got {self.resid_abs}")
+    check(self.resid_ratio > 1, "resid_ratio", f"must be > 1 (a multiple of the median); got {self.resid_ratio}")
 
 
 def head_stats(M, pairing: Pairing, context: float, cfg: StatConfig = StatConfig(), only=None,
@@ -334,11 +338,15 @@ def boot_norms(S_BxHxD, counts_NxB) -> np.ndarray:
   return np.sqrt(np.maximum(counts_NxB @ S.reshape(B, H * D), 0.0)).reshape(-1, H, D)
 
 
+def unit_draws(n_boot: int, n_units: int, seed: int = 0) -> np.ndarray:
+  """[n_boot, n_units] indices: each row resamples the units (heads) with replacement."""
+  return np.random.default_rng(seed).integers(0, n_units, size=(n_boot, n_units))
+
+
 def resample_units(values_NxU, seed: int = 0) -> np.ndarray:
   """Mean over units (heads), resampled with replacement independently in each replicate [N]."""
   values = np.asarray(values_NxU, np.float64)
-  N, U = values.shape
-  idx = np.random.default_rng(seed).integers(0, U, size=(N, U))
+  idx = unit_draws(*values.shape, seed)
   return np.nanmean(np.take_along_axis(values, idx, axis=1), axis=1)
 
 

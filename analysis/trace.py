@@ -4,11 +4,14 @@ Output directory (everything plots and claims need, so they never touch a model)
   probes.npy, mask.npy       the probe tokens [N, T] and the tokens counted (1) or padding (0)
   meta.json                  capture settings, statistic settings, per-arm model facts and pairing
   sums/<arm>/<step>.npz      per-prompt sums of squares '<layer>.<tensor>' -> [N, H, D] (the cache)
-  tokens/<arm>.npz           |x| of probe 0 for q, rot_q, rot_k, v: [L, T, H, D] float16, final step
+  sinks/<arm>/<step>.npz     per-prompt sink shares and largest residual activations (analysis.sinks)
+  tokens/<arm>.npz           |x| of probe 0 for q, rot_q, rot_k, v: [L, T, H, D] float16, and its
+                             attention 'attn' on the first tokens [L, H, P, P], final step
   table.csv                  one row per arm x step x layer x tensor x head (columns: ROW_KEYS,
                              stats.PER_HEAD, NULL_KEYS)
   summary.json               per arm x step x layer x tensor: each statistic's head mean and
                              bootstrap interval over prompts and heads; the pair-energy profile
+  sinks.json, sinks.csv, resid.csv   attention sinks and residual massive activations (analysis.sinks)
   timing.jsonl               per invocation: seconds restoring, in the forward pass (compiling
                              calls apart), in statistics, in plots and claims
 """
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from analysis import sinks as SK
 from analysis import stats as S
 from minilm import atomic, capture
 from minilm.config import ConfigError, check, to_dict
@@ -43,17 +47,19 @@ BOOT_SEED = 0
 
 # ---------------------------------------------------------------------------------- device part
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "drop_first"))
-def _batch_sums(graphdef, state, tokens_BxT, mask_BxT, drop_first):
+@functools.partial(jax.jit, static_argnames=("graphdef", "drop_first", "sinks"))
+def _batch_sums(graphdef, state, tokens_BxT, mask_BxT, drop_first, sinks):
   model = nnx.merge(graphdef, state)
-  _, cache = capture.run(model, tokens_BxT, points=TENSORS)
+  _, cache = capture.run(model, tokens_BxT, points=TENSORS + (SK.POINTS if sinks else ()))
   per_layer = jax.vmap(lambda x: S.sum_squares(x, drop_first=drop_first, mask=mask_BxT))
-  return {t: per_layer(cache.stack(f"attn.{t}")) for t in TENSORS}
+  out = {t: per_layer(cache.stack(f"attn.{t}")) for t in TENSORS}
+  return {**out, **SK.device_stats(cache, mask_BxT)} if sinks else out
 
 
 def capture_sums(model, probes_NxT, mask_NxT=None, *, drop_first: bool = False, batch_size: int = 16,
-                 timing: dict | None = None) -> dict[str, np.ndarray]:
-  """Per-prompt sums of squares {'<layer>.<tensor>': [N, H, D] float32} of q, k, v, rot_q, rot_k.
+                 timing: dict | None = None, sinks: bool = False) -> dict[str, np.ndarray]:
+  """Per-prompt sums of squares {'<layer>.<tensor>': [N, H, D] float32} of q, k, v, rot_q, rot_k;
+  with `sinks`, also the per-prompt '<layer>.<field>' of analysis.sinks.FIELDS from the same forward.
 
   One jitted forward per batch (the last batch is padded with masked rows, so nothing recompiles);
   only [L, B, H, D] per tensor leaves the device. `timing` (a dict) accumulates 'forward_s' and,
@@ -70,27 +76,30 @@ def capture_sums(model, probes_NxT, mask_NxT=None, *, drop_first: bool = False, 
   probes = np.concatenate([probes, np.zeros((pad, probes.shape[1]), np.int32)])
   mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), np.float32)])
   graphdef, state = nnx.split(model)
-  chunks = {t: [] for t in TENSORS}
+  chunks = {}
   for i in range(0, len(probes), B):
     compiled, start = _batch_sums._cache_size(), time.perf_counter()
-    out = _batch_sums(graphdef, state, jnp.asarray(probes[i:i + B]), jnp.asarray(mask[i:i + B]), drop_first)
-    for t in TENSORS:
-      chunks[t].append(np.asarray(out[t]))
+    out = _batch_sums(graphdef, state, jnp.asarray(probes[i:i + B]), jnp.asarray(mask[i:i + B]), drop_first,
+                      sinks)
+    for name, x in out.items():
+      chunks.setdefault(name, []).append(np.asarray(x))
     if timing is not None:   # a call that grew the jit cache paid for compilation
       key = "compile_forward_s" if _batch_sums._cache_size() > compiled else "forward_s"
       timing[key] = timing.get(key, 0.0) + time.perf_counter() - start
   sums = {}
-  for t in TENSORS:
-    stacked = np.concatenate(chunks[t], axis=1)[:, :N]   # [L, N, H, D]
+  for name, parts in chunks.items():
+    stacked = np.concatenate(parts, axis=1)[:, :N]   # [L, N, ...]
     for layer, s in enumerate(stacked):
-      sums[f"{layer}.{t}"] = s
+      sums[f"{layer}.{name}"] = s
   return sums
 
 
 def token_values(model, tokens_T) -> dict[str, np.ndarray]:
-  """|x| [L, T, H, D] (float16) of one prompt for TOKEN_TENSORS: the 3D bar view's data."""
-  _, cache = capture.run(model, jnp.asarray(tokens_T, jnp.int32)[None], points=TOKEN_TENSORS)
-  return {t: np.abs(np.asarray(cache.stack(f"attn.{t}"))[:, 0]).astype(np.float16) for t in TOKEN_TENSORS}
+  """|x| [L, T, H, D] (float16) of one prompt for TOKEN_TENSORS, the 3D bar view's data, and its
+  attention on the first tokens 'attn' [L, H, P, P] (analysis.sinks.patterns)."""
+  _, cache = capture.run(model, jnp.asarray(tokens_T, jnp.int32)[None], points=TOKEN_TENSORS + ("attn",))
+  return {**{t: np.abs(np.asarray(cache.stack(f"attn.{t}"))[:, 0]).astype(np.float16) for t in TOKEN_TENSORS},
+          "attn": SK.patterns(cache.stack("attn.attn"))}
 
 
 # ------------------------------------------------------------------------------------ host part
@@ -184,15 +193,26 @@ class Store:
   def save_sums(self, arm: str, step: int, sums: dict) -> None:
     atomic.save_npz(self.sums_path(arm, step), **sums)
 
+  def sinks_path(self, arm: str, step: int) -> str:
+    return self.path("sinks", arm, f"{step:08d}.npz")
+
+  def has_sinks(self, arm: str, step: int) -> bool:
+    return _readable(self.sinks_path(arm, step), set())
+
+  def load_sinks(self, arm: str, step: int) -> dict:
+    with np.load(self.sinks_path(arm, step)) as z:
+      return {k: z[k] for k in z.files}
+
   def good_steps(self, arm: str, keys: set[str]) -> list[int]:
-    """The steps of `arm` whose sums file reads back whole with every key in `keys`; a damaged one
-    (cut short by a full disk, or edited by hand) is moved aside as '<step>.npz.damaged' and redone."""
+    """The steps of `arm` whose sums file reads back whole with every key in `keys` and whose sinks
+    file reads back; a damaged sums file (cut short by a full disk, or edited by hand) is moved aside
+    as '<step>.npz.damaged' and redone, a step traced before sinks were captured is redone."""
     good = []
     for step in self.steps(arm):
-      if _readable(self.sums_path(arm, step), keys):
-        good.append(step)
-      else:
+      if not _readable(self.sums_path(arm, step), keys):
         os.replace(self.sums_path(arm, step), self.sums_path(arm, step) + ".damaged")
+      elif self.has_sinks(arm, step):
+        good.append(step)
     return good
 
   def token_step(self, arm: str) -> int | None:
@@ -283,11 +303,17 @@ def rebuild(store: Store, n_boot: int = N_BOOT, arms=None) -> tuple[list[dict], 
   write_table(store.path("table.csv"), rows)
   store.write_json("summary.json", {"stats": meta["stats"], "n_boot": n_boot,
                                     "arms": meta["arms"], "groups": groups})
+  SK.rebuild(store, meta["arms"], cfg, n_boot)
   return rows, groups
 
 
 def write_table(path: str, rows: list[dict]) -> None:
-  columns = list(ROW_KEYS) + list(S.PER_HEAD) + list(NULL_KEYS)
+  write_rows(path, rows, list(ROW_KEYS) + list(S.PER_HEAD) + list(NULL_KEYS))
+
+
+def write_rows(path: str, rows: list[dict], columns: list[str] | None = None) -> None:
+  """A CSV file of `rows` (columns: `columns`, default the first row's keys), written atomically."""
+  columns = columns or list(rows[0])
   text = io.StringIO(newline="")
   writer = csv.DictWriter(text, fieldnames=columns)
   writer.writeheader()
@@ -317,9 +343,10 @@ def trace_model(model, probes_NxT, *, mask_NxT=None, arm: str = "model", step: i
 
 def record_step(store: Store, model, arm: str, step: int, *, context: float, final: bool,
                 batch_size: int = 16, timing: dict | None = None) -> None:
-  """Capture one (arm, step) into the store (sums, arm facts, and the token view if final).
+  """Capture one (arm, step) into the store (sums, sinks, arm facts, and the token view if final).
 
-  The sums are written after the token view, so a step whose sums are on disk is complete."""
+  The sums are written after the token view and the sinks, so a step whose sums are on disk is
+  complete."""
   meta = store.meta()
   probes, mask = np.load(store.path("probes.npy")), np.load(store.path("mask.npy"))
   facts = arm_facts(model, context)
@@ -330,11 +357,13 @@ def record_step(store: Store, model, arm: str, step: int, *, context: float, fin
   if not known:
     meta["arms"][arm] = facts
     store.write_json("meta.json", meta)
-  sums = capture_sums(model, probes, mask, drop_first=meta["capture"]["drop_first"], batch_size=batch_size,
-                      timing=timing)
+  out = capture_sums(model, probes, mask, drop_first=meta["capture"]["drop_first"], batch_size=batch_size,
+                     timing=timing, sinks=True)
+  sinks = {k: v for k, v in out.items() if k.split(".", 1)[1] in SK.FIELDS}
   if final:
     save_tokens(store, model, arm, step)
-  store.save_sums(arm, step, sums)
+  atomic.save_npz(store.sinks_path(arm, step), **sinks)
+  store.save_sums(arm, step, {k: v for k, v in out.items() if k not in sinks})
 
 
 def save_tokens(store: Store, model, arm: str, step: int) -> None:

@@ -1,6 +1,7 @@
 """Building blocks of the decoder: norms, MLPs, grouped-query attention with capture and hooks."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -8,12 +9,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minilm.config import ModelConfig
+from minilm.config import MATMULS, ModelConfig
 
-# Capture points inside a block; names read `blocks.<layer>.attn.<point>` / `blocks.<layer>.resid`.
-ATTN_POINTS = ("q", "k", "v", "rot_q", "rot_k", "attn")
+# Capture points inside a block; names read `blocks.<layer>.attn.<point>` / `blocks.<layer>.resid`
+# (`hook_name`). 'attn' is the probabilities [B, H, T, S]; 'sink' only their key-0 column [B, H, T],
+# the share of attention each query puts on the first token, so a trace moves T, not T x S, per head.
+ATTN_POINTS = ("q", "k", "v", "rot_q", "rot_k", "attn", "sink")
 HOOK_POINTS = ("q", "k", "v", "rot_q", "rot_k")
 CAPTURE_POINTS = ATTN_POINTS + ("resid",)
+
+
+def hook_name(layer: int, point: str) -> str:
+  """'blocks.3.attn.rot_k', 'blocks.3.resid': the name of a capture or intervention point."""
+  return f"blocks.{layer}.{point}" if point == "resid" else f"blocks.{layer}.attn.{point}"
 
 # An intervention: (hook name like 'blocks.3.attn.rot_k', tensor [B, T, H, D]) -> replacement.
 Intervene = Optional[Callable[[str, jax.Array], jax.Array]]
@@ -45,19 +53,41 @@ def _matmul_bwd(res, dy):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _linear_dot(x, w, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
-  """nnx.Linear's dot_general, always a matmul over x's last axis (see `matmul`).
+# What 'auto' picks per backend (jax.default_backend() while tracing): XLA:CPU gains from the
+# hand-shaped paths below; accelerators take the plain ones (dot_product: cuDNN flash on GPU).
+AUTO = {"cpu": {"attention": "blocked", "matmul": "barrier"}}
+PLAIN = {"attention": "dot_product", "matmul": "plain"}
+
+
+def resolve(name: str, value: str) -> str:
+  """The implementation setting `name` (model.attention, model.matmul) with 'auto' resolved."""
+  return AUTO.get(jax.default_backend(), PLAIN)[name] if value == "auto" else value
+
+
+def matmul_for(setting: str) -> Callable:
+  """x @ w by the model.matmul setting: `matmul` (barrier) or jnp.matmul (plain)."""
+  return matmul if resolve("matmul", setting) == "barrier" else jnp.matmul
+
+
+def _linear_dot(x, w, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None, *,
+                setting: str):
+  """nnx.Linear's dot_general, always a matmul over x's last axis, by the model.matmul setting.
 
   Our layers set no out_sharding; shardings follow the inputs (train.sharding).
   """
   assert out_sharding is None and dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())), dimension_numbers
   del precision, preferred_element_type
-  return matmul(x, w)
+  return matmul_for(setting)(x, w)
+
+
+# One function per setting, made once: nnx keeps dot_general in the graphdef, which must compare
+# equal across models of one config (the train step is compiled per graphdef).
+_LINEAR_DOTS = {s: functools.partial(_linear_dot, setting=s) for s in MATMULS}
 
 
 def linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs, std: float, bias: bool = False) -> nnx.Linear:
   return nnx.Linear(d_in, d_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
-                    kernel_init=jax.nn.initializers.normal(std), rngs=rngs, dot_general=_linear_dot)
+                    kernel_init=jax.nn.initializers.normal(std), rngs=rngs, dot_general=_LINEAR_DOTS[cfg.matmul])
 
 
 class Norm(nnx.Module):
@@ -142,10 +172,27 @@ def attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, k_pos_BxS, bias_BxHxTxS=N
   return out_BxTxHxD, None if not with_probs else probs_BxKxGxTxS.reshape(B, H, T, S)
 
 
+def fused_attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, k_pos_BxS, bias_BxHxTxS=None, *, causal: bool):
+  """`attend`'s output by jax.nn.dot_product_attention: cuDNN flash attention on GPU where it applies
+  (bfloat16/float16, self-attention over increasing positions, no bias, head_dim a multiple of 8 up to
+  128), which never materialises the T x S probabilities; jax's XLA form elsewhere.
+
+  causal: keys are the queries' own positions, increasing (the mask is then the lower triangle).
+  """
+  D = q_BxTxHxD.shape[-1]
+  cudnn = (jax.default_backend() == "gpu" and causal and bias_BxHxTxS is None and D % 8 == 0 and D <= 128
+           and q_BxTxHxD.dtype in (jnp.bfloat16, jnp.float16))
+  mask_Bx1xTxS = None if causal else (k_pos_BxS[:, None, None, :] <= q_pos_BxT[:, None, :, None])
+  bias = None if bias_BxHxTxS is None else bias_BxHxTxS.astype(jnp.float32)
+  return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, bias, mask_Bx1xTxS, is_causal=causal,
+                                      implementation="cudnn" if cudnn else None)
+
+
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
     d, H, K, D, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.init_std
     self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, H, K, D
+    self.attention = cfg.attention
     qkv_bias = cfg.qkv_bias or cfg.bias
     self.q = linear(d, H * D, cfg, rngs, std, qkv_bias)
     self.k = linear(d, K * D, cfg, rngs, std, qkv_bias)
@@ -154,7 +201,7 @@ class Attention(nnx.Module):
 
   def _point(self, name: str, x, capture: frozenset, intervene: Intervene):
     if intervene is not None:
-      x = intervene(f"blocks.{self.layer}.attn.{name}", x)
+      x = intervene(hook_name(self.layer, name), x)
     if name in capture:
       self.sow(nnx.Intermediate, name, x)
     return x
@@ -175,11 +222,18 @@ class Attention(nnx.Module):
       values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
       cache = {"k": keys, "v": values}
       k_pos_BxS = jnp.broadcast_to(jnp.arange(keys.shape[1]), (B, keys.shape[1]))
-    out, probs = attend(rot_q, keys.astype(rot_q.dtype), values.astype(rot_q.dtype), pos_BxT, k_pos_BxS,
-                        position.bias(pos_BxT, k_pos_BxS), block=block,
-                        with_probs="attn" in capture)
+    with_probs = bool({"attn", "sink"} & capture)   # captured probabilities need the einsum path
+    path = "einsum" if with_probs else resolve("attention", self.attention)
+    args = (rot_q, keys.astype(rot_q.dtype), values.astype(rot_q.dtype), pos_BxT, k_pos_BxS,
+            position.bias(pos_BxT, k_pos_BxS))
+    if path == "dot_product":
+      out, probs = fused_attend(*args, causal=block > 0), None
+    else:
+      out, probs = attend(*args, block=block if path == "blocked" else 0, with_probs=with_probs)
     if "attn" in capture:
       self.sow(nnx.Intermediate, "attn", probs)
+    if "sink" in capture:   # key slot 0 holds the first token, with or without a KV cache
+      self.sow(nnx.Intermediate, "sink", probs[..., 0])
     return self.o(out.reshape(B, T, H * D)), cache
 
 

@@ -1,0 +1,178 @@
+"""Attention sinks and residual massive activations: the capture points cost nothing when off, the
+on-device reductions equal numpy on full tensors, planted sinks and activations are found, the
+association rule reads its intervals as written, and the store keeps old traces readable."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from analysis import sinks as SK
+from analysis import stats as S
+from analysis import trace as T
+from minilm import capture, encodings
+from minilm.config import ModelConfig
+from minilm.layers import hook_name
+from minilm.model import Decoder
+
+FIRST = 7
+"""Token id used only at position 0 of the probes of the planted tests."""
+
+
+def _decoder(position=encodings.RoPE(), seed=0, **kw):
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=64,
+                    position=position, **kw)
+  return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def _probes(n=5, t=24, seed=0):
+  probes = np.random.default_rng(seed).integers(10, 64, (n, t)).astype(np.int32)
+  probes[:, 0] = FIRST
+  return probes
+
+
+def test_capture_off_compiles_to_the_plain_program():
+  graphdef, state = nnx.split(_decoder())
+  toks = _probes()
+  plain = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, toks).as_text()
+  off = jax.jit(lambda s, t: capture.run(nnx.merge(graphdef, s), t, points=())[0]).lower(state, toks).as_text()
+  assert plain == off
+  with_sink = jax.jit(lambda s, t: capture.run(nnx.merge(graphdef, s), t, points=("sink",))[1].stack("attn.sink"))
+  assert with_sink.lower(state, toks).as_text() != plain
+
+
+def test_hook_names_are_guessable():
+  _, cache = capture.run(_decoder(), _probes(2, 8), points=("sink", "resid", "attn"))
+  assert set(cache) == {hook_name(l, p) for l in range(2) for p in ("sink", "resid", "attn")}
+  assert hook_name(1, "sink") == "blocks.1.attn.sink" and hook_name(1, "resid") == "blocks.1.resid"
+  assert cache[hook_name(0, "sink")].shape == (2, 4, 8) and cache[hook_name(0, "resid")].shape == (2, 8, 32)
+
+
+def test_device_sink_share_equals_numpy_from_full_probabilities():
+  model, probes = _decoder(encodings.RoPE(layout="interleaved")), _probes(7, 24)
+  mask = np.ones(probes.shape, np.float32)
+  mask[2, 20:] = 0
+  out = T.capture_sums(model, probes, mask, batch_size=3, sinks=True)
+  _, cache = capture.run(model, probes, points=("attn",))
+  for layer in range(2):
+    probs = np.asarray(cache[hook_name(layer, "attn")], np.float64)      # [N, H, T, S]
+    counted = mask * (np.arange(24) > 0)
+    want = np.einsum("nht,nt->nh", probs[..., 0], counted) / counted.sum(1)[:, None]
+    np.testing.assert_allclose(out[f"{layer}.sink"], want, rtol=1e-5, atol=1e-7)
+  assert {k.split(".", 1)[1] for k in out} == set(T.TENSORS) | set(SK.FIELDS)
+
+
+def _plant_sink(model, layer: int, head: int, size: float = 30.0):
+  """Head `head` of `layer` attends to the first token: FIRST's embedding alone has input dim 0, which
+  the head's keys read into their dim 0, and its queries hold a constant dim 0 (a bias)."""
+  emb = np.asarray(model.embed.embedding[...]).copy()
+  emb[:, 0] = 0.0
+  emb[FIRST, 0] = 1.0
+  model.embed.embedding[...] = emb
+  attn, D = model.blocks[layer].attn, model.cfg.dim_per_head
+  kv = head // (model.cfg.n_heads // model.cfg.kv_heads)
+  wk = np.asarray(attn.k.kernel[...]).copy()
+  wk[0, kv * D] = size
+  attn.k.kernel[...] = wk
+  wq, bq = np.asarray(attn.q.kernel[...]).copy(), np.asarray(attn.q.bias[...]).copy()
+  wq[:, head * D:(head + 1) * D] = 0.0
+  bq[head * D:(head + 1) * D] = 0.0
+  bq[head * D] = size
+  attn.q.kernel[...], attn.q.bias[...] = wq, bq
+
+
+def test_planted_sink_head_is_found():
+  model = _decoder(encodings.NoPE(), qkv_bias=True)
+  _plant_sink(model, layer=0, head=2)
+  out = T.capture_sums(model, _probes(), batch_size=5, sinks=True)
+  share = out["0.sink"].mean(0)
+  assert share.argmax() == 2 and share[2] > 0.95
+  assert np.delete(share, 2).max() < 0.5
+
+
+def test_planted_massive_residual_activation_is_found():
+  model, probes = _decoder(), _probes(4, 24)
+  probes[:, 5] = 9                                   # token 9 only at position 5
+  emb = np.asarray(model.embed.embedding[...]).copy()
+  emb[9, 13] = 5000.0                                # carried by the residual stream through every block
+  model.embed.embedding[...] = emb
+  out = T.capture_sums(model, probes, batch_size=4, sinks=True)
+  cfg = S.StatConfig()
+  counts = S.prompt_counts(4, 50)
+  for layer in range(2):
+    assert (out[f"{layer}.resid_tok"][:, 0] == 5).all() and (out[f"{layer}.resid_dim"][:, 0] == 13).all()
+    res = SK.resid_layer(out, layer, probes, cfg, counts)
+    assert res["top_position"] == [5, 1.0] and res["top_dim"] == [13, 1.0] and res["top_token_id"] == [9, 1.0]
+    assert res["n_sun"][0] == 1 and res["n_ratio"][0] == 1 and res["max_abs"][0] > 1000
+  _, cache = capture.run(model, probes, points=("resid",))
+  resid = np.abs(np.asarray(cache[hook_name(1, "resid")]))
+  np.testing.assert_allclose(out["1.resid_median"], np.median(resid.reshape(4, -1), axis=1), rtol=1e-5)
+  np.testing.assert_allclose(np.abs(out["1.resid_top"]), -np.sort(-resid.reshape(4, -1), axis=1)[:, :SK.RESID_TOP],
+                             rtol=1e-6)
+
+
+def test_untrained_model_has_no_massive_residual_activation():
+  model, probes = _decoder(), _probes(4, 24)
+  out = T.capture_sums(model, probes, batch_size=4, sinks=True)
+  res = SK.resid_layer(out, 1, probes, S.StatConfig(), S.prompt_counts(4, 50))
+  assert res["n_ratio"][0] == 0 and res["max_ratio"][0] < S.StatConfig().resid_ratio
+
+
+def test_spearman_and_the_rule():
+  x = np.array([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+  np.testing.assert_allclose(SK.spearman(x, np.array([[1.0, 2.0, 3.0, 5.0]] * 3)), [1.0, -1.0, np.nan])
+  assert np.isnan(SK.spearman(np.array([1.0, 2.0]), np.array([2.0, 1.0]))[0])
+  assert SK.verdict({"rot_q": [0.5, 0.1, 0.8], "rot_k": [0.4, 0.01, 0.7]}) == "supported"
+  assert SK.verdict({"rot_q": [0.5, 0.1, 0.8], "rot_k": [0.4, -0.01, 0.7]}) == "inconclusive"
+  assert SK.verdict({"rot_q": [-0.5, -0.8, -0.1], "rot_k": [-0.4, -0.7, -0.01]}) == "opposite"
+  assert SK.verdict({"rot_q": [np.nan] * 3, "rot_k": [0.4, 0.1, 0.7]}) == "inconclusive"
+
+
+def _groups(sink_of_x, n_boot=200):
+  """Eight heads whose sink share is sink_of_x(max/mean), with replicates jittered a little."""
+  rng = np.random.default_rng(0)
+  x = np.linspace(1.0, 8.0, 8)
+  g = {"sink": (sink_of_x(x), sink_of_x(x) + rng.normal(0, 1e-3, (n_boot, 8)))}
+  g.update({t: (x, x + rng.normal(0, 1e-3, (n_boot, 8))) for t in ("rot_q", "rot_k")})
+  return [g]
+
+
+def test_association_reads_monotone_heads():
+  up = SK.association(_groups(lambda x: x / 10), 200)
+  down = SK.association(_groups(lambda x: 1 - x / 10), 200)
+  assert up["rot_q"][0] == pytest.approx(1.0) and up["rot_k"][1] > 0.5 and SK.verdict(up) == "supported"
+  assert down["rot_k"][0] == pytest.approx(-1.0) and SK.verdict(down) == "opposite"
+
+
+def test_uniform_share():
+  assert SK.uniform_share(np.ones((2, 3))) == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
+def test_store_writes_sinks_and_keeps_old_stores_readable(tmp_path):
+  model = _decoder(encodings.NoPE(), qkv_bias=True)
+  _plant_sink(model, layer=1, head=0)
+  probes = _probes(6, 24)
+  store = T.open_store(str(tmp_path), probes, np.ones(probes.shape, np.float32), False, S.StatConfig())
+  for step in (0, 5):
+    T.record_step(store, model, "planted", step, context=24, final=step == 5)
+  T.rebuild(store, n_boot=100)
+  summ = json.loads((tmp_path / "sinks.json").read_text())
+  assert [s["step"] for s in summ["steps"]] == [0, 5] and summ["verdicts"][0]["step"] == 5
+  layer1 = [g for g in summ["layers"] if (g["step"], g["layer"]) == (5, 1)][0]
+  assert np.argmax(layer1["sink_per_head"]) == 0 and layer1["sink_per_head"][0] > 0.95
+  assert len(T.read_table(str(tmp_path / "sinks.csv"))) == 2 * 2 * 4
+  assert len(T.read_table(str(tmp_path / "resid.csv"))) == 2 * 2
+  with np.load(store.tokens_path("planted")) as z:
+    assert z["attn"].shape == (2, 4, 24, 24)                  # probes shorter than PATTERN_TOKENS
+  from analysis import plots as P
+  names = {os.path.basename(p) for p in P.sink_figures(store)}
+  assert {"sink_map.png", "residual.png", "sinks_over_steps.png", "attention_planted.png"} <= names
+  os.remove(store.sinks_path("planted", 0))       # a step traced before sinks were captured
+  keys = {f"{l}.{t}" for l in range(2) for t in T.TENSORS}
+  assert store.good_steps("planted", keys) == [5] and store.steps("planted") == [0, 5]
+  T.rebuild(store, n_boot=100)
+  assert [s["step"] for s in json.loads((tmp_path / "sinks.json").read_text())["steps"]] == [5]
