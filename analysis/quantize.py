@@ -7,13 +7,18 @@ group per output column ("per channel"). Because every scale belongs to one outp
 columns quantize independently, which is what lets a scheme keep chosen columns in full precision.
 
 Numpy, float32 for the data and float64 where a factorisation needs it (GPTQ's Cholesky); GPTQ's
-column loop is sequential by nature and runs in numpy.
+row loop is sequential by nature and runs jitted in JAX (float64), one block of rows per call.
+`grid` and `fake_quant` take numpy or jax arrays, so RTN and GPTQ round with the same code.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 from minilm.config import check, check_choice
 
@@ -36,7 +41,11 @@ class QuantSpec:
 
 
 def grid(w_NxO: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
-  """(scale [O], zero [O]) of the grid that covers the rows of w (one group) for each column."""
+  """(scale [O], zero [O]) of the grid that covers the rows of w (one group) for each column.
+
+  Numpy only: under jit, XLA turns the division by the constant level count into a multiplication
+  by its reciprocal, which moves some scales by one ulp.
+  """
   w = np.asarray(w_NxO, np.float32)
   if spec.symmetric:
     scale = np.abs(w).max(0) / (2 ** (spec.bits - 1) - 1)
@@ -48,14 +57,17 @@ def grid(w_NxO: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
   return np.where(scale > 0, scale, 1.0).astype(np.float32), zero.astype(np.float32)
 
 
-def fake_quant(w, scale, zero, spec: QuantSpec) -> np.ndarray:
-  """Round w to the grid (scale, zero) broadcast against it and dequantize."""
+def fake_quant(w, scale, zero, spec: QuantSpec):
+  """Round w (as float32) to the grid (scale, zero) broadcast against it and dequantize; numpy or
+  jax arrays."""
+  xp = _array_module(w)
+  w = w.astype(xp.float32)
   if spec.symmetric:
     qmax = 2 ** (spec.bits - 1) - 1
-    q = np.clip(np.round(w / scale), -qmax - 1, qmax)
+    q = xp.clip(xp.round(w / scale), -qmax - 1, qmax)
   else:
-    q = np.clip(np.round(w / scale) + zero, 0, 2 ** spec.bits - 1) - zero
-  return (q * scale).astype(np.float32)
+    q = xp.clip(xp.round(w / scale) + zero, 0, 2 ** spec.bits - 1) - zero
+  return (q * scale).astype(xp.float32)
 
 
 def rtn(w_IxO: np.ndarray, spec: QuantSpec) -> np.ndarray:
@@ -145,13 +157,10 @@ def quant_tokens(x_NxI, bits: int = 8):
 
 
 def _array_module(x):
-  if isinstance(x, np.ndarray):
-    return np
-  import jax.numpy as jnp
-  return jnp
+  return np if isinstance(x, np.ndarray) else jnp
 
 
-# --- GPTQ: column-by-column rounding with Hessian error feedback ---------------------------------
+# --- GPTQ: row-by-row rounding with Hessian error feedback --------------------------------------
 
 def gptq(w_IxO, h_IxI, spec: QuantSpec, *, damp: float = 0.01, block: int = 128) -> np.ndarray:
   """GPTQ (Frantar et al. 2023, Algorithm 1) on W [in, out] with H = X^T X of the layer's input.
@@ -161,34 +170,71 @@ def gptq(w_IxO, h_IxI, spec: QuantSpec, *, damp: float = 0.01, block: int = 128)
   row of U, so later rows absorb it. Work proceeds in blocks of `block` rows with a lazy update of
   the rest. damp * mean(diag H) is added to H's diagonal. Group-wise grids are fitted on the
   current (already error-compensated) rows of each group when the loop reaches the group's start
-  (blocks are rounded to whole groups so that those rows are up to date). Rows whose input is always zero (H_ii = 0) are set to zero.
+  (blocks are rounded to whole groups so that those rows are up to date). Rows whose input is
+  always zero (H_ii = 0) are set to zero. Output columns never interact, so linears that share an
+  input (and so H) can be quantized as one W side by side, with one factorisation.
+
+  Float64 throughout except the rounding itself (float32, as `rtn`); the rows of a block run in a
+  jitted loop, the lazy update between blocks is one BLAS product.
   """
   check(damp > 0, "gptq.damp", f"must be > 0; got {damp}")
   check(block >= 1, "gptq.block", f"must be >= 1; got {block}")
   W = np.array(w_IxO, np.float64)
-  H = np.array(h_IxI, np.float64)
   I, O = W.shape
-  check(H.shape == (I, I), "gptq.hessian", f"must have shape ({I}, {I}); got {H.shape}")
-  n_groups = spec.groups(I)
-  group = I // n_groups
-  dead = np.diag(H) == 0
-  H[dead, dead] = 1.0
-  W[dead] = 0.0
-  H[np.diag_indices(I)] += damp * np.mean(np.diag(H))
-  U = np.linalg.cholesky(np.linalg.inv(H)).T       # upper, H^-1 = U^T U
-  scale, zero = grid(W, spec) if n_groups == 1 else (None, None)
-  if n_groups > 1:  # whole groups per block, so a group's grid is fitted on its current rows
+  check(np.shape(h_IxI) == (I, I), "gptq.hessian", f"must have shape ({I}, {I}); got {np.shape(h_IxI)}")
+  group = I // spec.groups(I)
+  W[np.diag(h_IxI) == 0] = 0.0
+  U = inverse_cholesky(damped(h_IxI, damp))
+  grid_O = grid(W, spec) if group == I else None
+  if group < I:  # whole groups per block, so a group's grid is fitted on its current rows
     block = max(group, block - block % group)
-  Q = np.zeros_like(W)
-  for b0 in range(0, I, block):
-    b1 = min(b0 + block, I)
-    Wb, Err = W[b0:b1].copy(), np.zeros((b1 - b0, O))
-    for i in range(b1 - b0):
-      row = b0 + i
-      if n_groups > 1 and row % group == 0:
-        scale, zero = grid(Wb[i:i + group], spec)
-      Q[row] = fake_quant(Wb[i].astype(np.float32), scale, zero, spec)
-      Err[i] = (Wb[i] - Q[row]) / U[row, row]
-      Wb[i:] -= np.outer(U[row, row:b1], Err[i])
-    W[b1:] -= U[b0:b1, b1:].T @ Err
-  return Q.astype(np.float32)
+  Q = np.empty((I, O), np.float32)
+  with jax.enable_x64(True):
+    for b0 in range(0, I, block):
+      b1 = min(b0 + block, I)
+      Q[b0:b1], err_BxO = _gptq_block(W[b0:b1], U[b0:b1, b0:b1], spec, group, grid_O)
+      W[b1:] -= U[b0:b1, b1:].T @ err_BxO
+  return Q
+
+
+def damped(h_IxI, damp: float) -> np.ndarray:
+  """H in float64 with damp * mean(diag H) added to its diagonal; an input that is always zero
+  (H_ii = 0) gets H_ii = 1 first, so H stays positive definite."""
+  H = np.array(h_IxI, np.float64)
+  diag = np.diag_indices(len(H))
+  H[diag] += (H[diag] == 0)
+  H[diag] += damp * np.mean(H[diag])
+  return H
+
+
+def inverse_cholesky(h_IxI: np.ndarray) -> np.ndarray:
+  """Upper U with H^-1 = U^T U, from one Cholesky and one triangular inverse (no full inverse).
+
+  With J the order-reversing permutation and J H J = L L^T, H^-1 = (J L^-1 J)^T (J L^-1 J) and
+  J L^-1 J is upper triangular with a positive diagonal, so it is the unique upper factor.
+  """
+  L = np.linalg.cholesky(h_IxI[::-1, ::-1])
+  return np.triu(scipy.linalg.solve_triangular(L, np.eye(len(L)), lower=True)[::-1, ::-1])
+
+
+def _gptq_block(w_BxO, u_BxB, spec: QuantSpec, group: int, grid_O) -> tuple[np.ndarray, np.ndarray]:
+  """(Q [B, O] float32, error [B, O]) of one block; each group's grid is fitted (in numpy, as
+  `rtn` does) on the group's current rows when the loop reaches them, or `grid_O` throughout."""
+  B = len(w_BxO)
+  carry = (jnp.asarray(w_BxO), jnp.zeros(w_BxO.shape, jnp.float32), jnp.zeros(w_BxO.shape, jnp.float64))
+  for g0 in range(0, B, group):
+    scale_O, zero_O = grid_O if grid_O is not None else grid(np.asarray(carry[0][g0:g0 + group]), spec)
+    carry = _gptq_rows(carry, u_BxB, scale_O, zero_O, g0, spec=spec, n=min(group, B - g0))
+  return np.asarray(carry[1]), np.asarray(carry[2])
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "n"), donate_argnums=0)
+def _gptq_rows(carry, u_BxB, scale_O, zero_O, start, *, spec: QuantSpec, n: int):
+  """Rows start .. start+n of a block, in order: round the row, then spread its error over the
+  block's rows by U's row (upper triangular: the rows already rounded receive exact zeros)."""
+  def row(i, carry):
+    w_BxO, q_BxO, err_BxO = carry
+    q_O = fake_quant(w_BxO[i], scale_O, zero_O, spec)
+    err_O = (w_BxO[i] - q_O) / u_BxB[i, i]
+    return w_BxO - u_BxB[i][:, None] * err_O[None], q_BxO.at[i].set(q_O), err_BxO.at[i].set(err_O)
+  return jax.lax.fori_loop(start, start + n, row, carry)

@@ -210,7 +210,7 @@ def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict,
       continue
     elif scheme.method == "gptq":
       h = x.T @ x  # float32 products, summed by BLAS; GPTQ adds damping and factors in float64
-      new = [Q.gptq(w, h, spec, damp=scheme.damp, block=scheme.block) for w in ws]
+      new = _split_columns(Q.gptq(np.concatenate(ws, axis=1), h, spec, damp=scheme.damp, block=scheme.block), ws)
       log[f"{layer}.{'+'.join(names)}"] = {"err_rtn": sum(Q.gram_error(h, w, Q.rtn(w, spec)) for w in ws),
                                            "err_gptq": sum(Q.gram_error(h, w, q) for w, q in zip(ws, new))}
     elif scheme.method == "rtn_keep":
@@ -220,6 +220,12 @@ def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict,
       new = [Q.rtn(w, spec) for w in ws]
     for n, w in zip(names, new):
       _assign(linears[n], w)
+
+
+def _split_columns(w_IxO: np.ndarray, ws: list) -> list[np.ndarray]:
+  """The side-by-side linears of one shared-input group apart again (GPTQ rounds them as one W:
+  its output columns are independent, and they share H and its factorisation)."""
+  return np.split(w_IxO, np.cumsum([w.shape[1] for w in ws])[:-1], axis=1)
 
 
 def check_fits(model: Decoder, scheme: Scheme) -> None:

@@ -1,4 +1,6 @@
 """Quantization schemes (analysis/quantize.py), their application to a Decoder and the C6 driver."""
+from __future__ import annotations
+
 import functools
 
 import jax.numpy as jnp
@@ -79,6 +81,70 @@ def test_gptq_zeroes_dead_inputs():
   x[:, 5] = 0
   q = Q.gptq(rng.normal(size=(32, 8)), x.T @ x, Q.QuantSpec(4))
   assert np.all(q[5] == 0) and np.all(np.isfinite(q))
+
+
+def gptq_reference(w_IxO, h_IxI, spec, damp=0.01, block=128):
+  """GPTQ as a plain row loop in numpy float64 (H^-1 by a full inverse), the definition the
+  library's blocked, jitted version must reproduce."""
+  W, H = np.array(w_IxO, np.float64), np.array(h_IxI, np.float64)
+  I, O = W.shape
+  group = I // spec.groups(I)
+  dead = np.diag(H) == 0
+  H[dead, dead] = 1.0
+  W[dead] = 0.0
+  H[np.diag_indices(I)] += damp * np.mean(np.diag(H))
+  U = np.linalg.cholesky(np.linalg.inv(H)).T
+  scale, zero = Q.grid(W, spec)
+  if group < I:
+    block = max(group, block - block % group)
+  out = np.zeros((I, O), np.float32)
+  for b0 in range(0, I, block):
+    b1 = min(b0 + block, I)
+    Wb, Err = W[b0:b1].copy(), np.zeros((b1 - b0, O))
+    for i in range(b1 - b0):
+      row = b0 + i
+      if group < I and row % group == 0:
+        scale, zero = Q.grid(Wb[i:i + group], spec)
+      out[row] = Q.fake_quant(Wb[i], scale, zero, spec)
+      Err[i] = (Wb[i] - out[row]) / U[row, row]
+      Wb[i:] -= np.outer(U[row, row:b1], Err[i])
+    W[b1:] -= U[b0:b1, b1:].T @ Err
+  return out
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,block", [(4, 0, False, 128), (3, 16, False, 32), (8, 16, True, 40),
+                                                             (4, 32, False, 8), (3, 0, True, 48)])
+def test_gptq_equals_the_reference_loop(bits, group_size, symmetric, block):
+  """Both run in float64 and round the same float32 values with the same grids; they differ only
+  in how U is factored (one Cholesky + triangular inverse vs a full inverse + Cholesky) and in the
+  summation order, ~1e-12 relative here (cond(H) * 1e-16). A float32 rounding can flip only for a
+  value that close to a grid midpoint, which no element of these seeded matrices is, so the
+  results are asserted equal, element for element."""
+  rng = np.random.default_rng(bits + group_size)
+  x = correlated_inputs(rng, 512, 96)
+  x[:, 10] = 0  # a dead input
+  w = rng.normal(size=(96, 40)).astype(np.float32) * 0.05
+  spec = Q.QuantSpec(bits, symmetric, group_size)
+  np.testing.assert_array_equal(Q.gptq(w, x.T @ x, spec, block=block), gptq_reference(w, x.T @ x, spec, block=block))
+
+
+def test_gptq_on_side_by_side_linears_equals_gptq_on_each():
+  rng = np.random.default_rng(7)
+  x = correlated_inputs(rng, 512, 64)
+  ws = [rng.normal(size=(64, o)).astype(np.float32) for o in (24, 8, 8)]
+  spec = Q.QuantSpec(3, group_size=16)
+  together = QM._split_columns(Q.gptq(np.concatenate(ws, axis=1), x.T @ x, spec), ws)
+  for w, q in zip(ws, together):
+    np.testing.assert_array_equal(q, Q.gptq(w, x.T @ x, spec))
+
+
+def test_inverse_cholesky_factors_the_inverse():
+  rng = np.random.default_rng(8)
+  x = correlated_inputs(rng, 256, 48)
+  h = Q.damped(x.T.astype(np.float64) @ x, 0.01)
+  U = Q.inverse_cholesky(h)
+  np.testing.assert_array_equal(U, np.triu(U))
+  np.testing.assert_allclose(U, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=1e-9, atol=1e-12)
 
 
 def test_awq_never_worse_than_rtn_on_its_objective():
