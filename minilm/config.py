@@ -31,6 +31,11 @@ def check_choice(field: str, value: Any, allowed: typing.Iterable[Any]) -> None:
 DTYPES = ("float32", "bfloat16")
 MLPS = ("swiglu", "gelu", "gelu_erf", "relu")
 BLOCKS = ("pre", "parallel", "post")
+ATTENTIONS = ("auto", "einsum", "blocked", "dot_product")
+MATMULS = ("auto", "plain", "barrier")
+# A field added after runs were written: to_dict leaves it out while it has its default, so the
+# config.json, checkpoints and stage hashes of those runs stay what they were.
+OPTIONAL = {"optional": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,15 @@ class ModelConfig:
   dtype: str = "float32"       # compute dtype; parameters are always float32
   init_std: float = 0.02
   position: encodings.PositionConfig = dataclasses.field(default_factory=encodings.RoPE)
+  # How, not what: implementations of the same math, equal up to float rounding (minilm.layers).
+  # 'auto': the CPU paths on CPU, the plain ones on GPU/TPU, by jax.default_backend() when traced.
+  # attention: einsum (full masked softmax) | blocked (einsum in blocks of queries, the upper
+  #   triangle skipped; training's causal pass only) | dot_product (jax.nn.dot_product_attention,
+  #   cuDNN flash on GPU). Capturing attention probabilities always takes einsum.
+  attention: str = dataclasses.field(default="auto", metadata=OPTIONAL)
+  # matmul: plain | barrier (the weight gradient from an explicitly transposed input, XLA:CPU's fast path)
+  matmul: str = dataclasses.field(default="auto", metadata=OPTIONAL)
+  remat: bool = dataclasses.field(default=False, metadata=OPTIONAL)   # recompute each block in backward
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
@@ -66,6 +80,8 @@ class ModelConfig:
     check_choice("model.mlp", self.mlp, MLPS)
     check_choice("model.block", self.block, BLOCKS)
     check_choice("model.dtype", self.dtype, DTYPES)
+    check_choice("model.attention", self.attention, ATTENTIONS)
+    check_choice("model.matmul", self.matmul, MATMULS)
     check(self.n_heads % self.kv_heads == 0, "model.n_kv_heads",
           f"must divide n_heads={self.n_heads}; got {self.kv_heads}")
     if not self.head_dim:
@@ -152,13 +168,16 @@ def _coerce(tp, value, field: str):
   return value
 
 
-def to_dict(cfg) -> dict[str, Any]:
-  """Nested plain dict of a config (position configs carry their 'kind')."""
+def to_dict(cfg, *, every: bool = False) -> dict[str, Any]:
+  """Nested plain dict of a config (position configs carry their 'kind'); OPTIONAL fields at their
+  default are left out unless `every`."""
   out = {}
   for f in dataclasses.fields(cfg):
     value = getattr(cfg, f.name)
+    if f.metadata.get("optional") and not every and value == f.default:
+      continue
     if dataclasses.is_dataclass(value):
-      value = to_dict(value)
+      value = to_dict(value, every=every)
       if isinstance(getattr(cfg, f.name), encodings.PositionConfig):
         value = {"kind": getattr(cfg, f.name).kind, **value}
     elif isinstance(value, tuple):
@@ -177,7 +196,7 @@ def parse_value(text: str) -> Any:
 
 def override(cfg, assignments: Mapping[str, Any]):
   """Return cfg with dotted fields replaced, e.g. {'model.position.base': 1e5, 'model.position': 'nope'}."""
-  data, prefix = to_dict(cfg), _prefix(type(cfg))
+  data, prefix = to_dict(cfg, every=True), _prefix(type(cfg))
   for dotted, value in assignments.items():
     node, keys = data, dotted.split(".")
     for i, key in enumerate(keys[:-1]):

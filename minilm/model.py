@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minilm.config import ModelConfig
-from minilm.layers import CAPTURE_POINTS, Block, Intervene, Norm, linear, matmul
+from minilm.layers import CAPTURE_POINTS, Block, Intervene, Norm, linear, matmul_for
 
 
 def capture_set(capture: Iterable[str] | bool) -> frozenset:
@@ -69,6 +69,9 @@ class Decoder(nnx.Module):
       x = x + extra.astype(x.dtype)
     layers = []
     for i, block in enumerate(self.blocks):
+      if self.cfg.remat and cache is None and not capture and intervene is None:
+        x = _remat_block(block, x, positions_BxT, self.position, rows)
+        continue
       x, layer_cache = block(x, positions_BxT, self.position, cache=None if cache is None else cache["layers"][i],
                              index=index, block=rows, capture=capture, intervene=intervene)
       layers.append(layer_cache)
@@ -77,12 +80,18 @@ class Decoder(nnx.Module):
     if self.cfg.embed_dim:
       x = self.project_out(x)
     if self.cfg.tie_embeddings:
-      logits = matmul(x, self.embed.embedding[...].astype(x.dtype).T).astype(jnp.float32)
+      logits = matmul_for(self.cfg.matmul)(x, self.embed.embedding[...].astype(x.dtype).T).astype(jnp.float32)
     else:
       logits = self.lm_head(x).astype(jnp.float32)
     if cache is None:
       return logits
     return logits, {"index": index + T, "layers": layers}
+
+
+@nnx.remat(static_argnums=(4,))
+def _remat_block(block: Block, x_BxTxC, positions_BxT, position, rows: int):
+  """A block whose activations the backward pass recomputes instead of keeping (model.remat)."""
+  return block(x_BxTxC, positions_BxT, position, block=rows)[0]
 
 
 def attention_block(T: int) -> int:

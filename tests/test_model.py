@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from minilm import capture
-from minilm.config import ModelConfig, from_dict
+from minilm.config import ConfigError, ModelConfig, from_dict, override, to_dict
 from minilm.generate import greedy
 from minilm.model import Decoder, init_cache
 
@@ -258,3 +258,77 @@ def test_matmul_backward_equals_autodiff():
   ref = jax.vjp(jnp.matmul, x, w)[1](dy)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+EPS32 = float(np.finfo(np.float32).eps)
+# Implementations of one model (model.attention, model.matmul, model.remat); the first is the reference.
+IMPLEMENTATIONS = [dict(attention="einsum", matmul="plain"), dict(attention="blocked", matmul="barrier"),
+                   dict(attention="dot_product", matmul="plain"), dict(attention="dot_product", remat=True),
+                   dict(attention="blocked", matmul="barrier", remat=True)]
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_every_implementation_gives_the_same_logits_and_gradients(position):
+  """Default positions (the training path: blocked skips the upper triangle, dot_product is causal),
+  explicit positions (masked paths) and gradients of a loss, T=150 > one 64-row block."""
+  B, T = 2, 150
+  toks = tokens(B, T)
+  explicit = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  out = []
+  for kw in IMPLEMENTATIONS:
+    graphdef, state = nnx.split(make(position, max_len=160, **kw))
+    loss = lambda s: (nnx.merge(graphdef, s)(toks) * jnp.cos(jnp.arange(SMALL["vocab_size"]))).mean()
+    grads = jax.grad(loss)(state)
+    model = nnx.merge(graphdef, state)
+    out.append((np.asarray(model(toks)), np.asarray(model(toks, explicit)), [np.asarray(g) for g in jax.tree.leaves(grads)]))
+  # The paths compute the same sums in another order or blocking: per layer, attention's contractions
+  # over D (q.k) and S (softmax normaliser, probs.v), each within n*eps relative of its magnitude
+  # (recursive summation); L layers of them. The weight gradients add the sum over the B*T tokens
+  # (barrier's transposed-input matmul sums them in another order).
+  L, D = SMALL["n_layers"], SMALL["d_model"] // SMALL["n_heads"]
+  forward = L * (D + 2 * T) * EPS32
+  backward = forward + B * T * EPS32
+  ref_logits, _, ref_grads = out[0]
+  scale = np.abs(ref_logits).max()
+  for kw, (logits, logits_explicit, grads) in zip(IMPLEMENTATIONS, out):
+    np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=forward * scale, err_msg=str(kw))
+    np.testing.assert_allclose(logits_explicit, ref_logits, rtol=0, atol=forward * scale, err_msg=str(kw))
+    for g, r in zip(grads, ref_grads):
+      np.testing.assert_allclose(g, r, rtol=0, atol=backward * np.abs(r).max(), err_msg=str(kw))
+
+
+def test_auto_resolves_by_backend(monkeypatch):
+  from minilm import layers
+  assert layers.resolve("attention", "auto") == "blocked" and layers.resolve("matmul", "auto") == "barrier"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert layers.resolve("attention", "auto") == "dot_product" and layers.resolve("matmul", "auto") == "plain"
+  assert layers.resolve("attention", "einsum") == "einsum"
+
+
+def test_dot_product_keeps_captured_probabilities_and_decodes_with_the_cache():
+  model = make("alibi", attention="dot_product")
+  logits, cache = capture.run(model, tokens())
+  np.testing.assert_allclose(logits, model(tokens()), rtol=0, atol=1e-6)
+  probs = np.asarray(cache["blocks.0.attn.attn"])
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+  assert_cache_decoding_matches_full_forward(model)
+
+
+def test_remat_recomputes_blocks_in_the_backward_pass():
+  for remat in (False, True):
+    graphdef, state = nnx.split(make("rope", remat=remat))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda s: nnx.merge(graphdef, s)(tokens()).sum()))(state))
+    assert ("checkpoint" in jaxpr or "remat" in jaxpr) == remat
+
+
+def test_implementation_settings_are_written_only_when_set():
+  """Configs written before these settings existed read and compare the same (absent = default)."""
+  cfg = from_dict(ModelConfig, SMALL)
+  assert not {"attention", "matmul", "remat"} & set(to_dict(cfg))
+  assert from_dict(ModelConfig, to_dict(cfg)) == cfg
+  set_ = from_dict(ModelConfig, {**SMALL, "attention": "dot_product", "remat": True})
+  assert to_dict(set_)["attention"] == "dot_product" and to_dict(set_)["remat"] is True
+  assert to_dict(cfg, every=True)["attention"] == "auto"
+  assert override(cfg, {"matmul": "plain"}).matmul == "plain"
+  with pytest.raises(ConfigError, match=r"^model.attention: must be one of 'auto', 'einsum', 'blocked', 'dot_product'; got 'flash'$"):
+    from_dict(ModelConfig, {**SMALL, "attention": "flash"})

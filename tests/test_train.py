@@ -208,3 +208,20 @@ def test_non_finite_or_too_small_settings_are_config_errors():
   with pytest.raises(C.ConfigError, match=r"^model.vocab_size: must be >= 512, the tokenizer's ids 0..511"):
     smoke(**{"model.vocab_size": 300})
   assert smoke(**{"optim.lr": 1e6}).optim.lr == 1e6   # legal: it diverges while training, see test_cli_train
+
+
+@pytest.mark.slow
+def test_a_run_written_before_the_implementation_settings_loads_and_resumes(tiny_run, tmp_path):
+  """Its config.json has no model.attention/matmul/remat: they read as their defaults ('auto', False),
+  the run resumes, and asking for another implementation is refused like any other change."""
+  import shutil
+  arm = str(tmp_path / "rope")
+  shutil.copytree(tiny_run / "rope", arm)
+  with open(tmp_path / "rope" / "config.json") as f:
+    assert not {"attention", "matmul", "remat"} & set(json.load(f)["model"])
+  cfg = C.override(loop.checkpoints.load_config(arm), {"steps": 2})
+  assert (cfg.model.attention, cfg.model.matmul, cfg.model.remat) == ("auto", "auto", False)
+  assert loop.train(cfg, arm, progress=False)["metrics"]["step"] == 2
+  with pytest.raises(C.ConfigError, match=r"^model.attention: run directory .* holds a run with "
+                                          r"model.attention='<absent>', not 'einsum'"):
+    loop.check_run_dir(arm, C.override(cfg, {"model.attention": "einsum"}))
