@@ -499,6 +499,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--reports", default="reports", help="reports directory (default: reports)")
   p.add_argument("--name", default=None, help="report name (default: the experiment's name)")
   p.add_argument("--dry-run", action="store_true", help="print the stages and whether each is done, then exit")
+  p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events of training and trace "
+                 "statistics (needs tensorboardX: pip install 'minilm[tb]')")
   return p
 
 
@@ -571,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
   labs = []
 
   def run() -> None:
+    if args.tensorboard:
+      from train import tensorboard
+      tensorboard.enable()
     lab, enabled, force = build(args)
     labs.append(lab)
     if args.dry_run:

@@ -35,6 +35,7 @@ from analysis import sinks as SK
 from analysis import stats as S
 from minilm import atomic, capture
 from minilm.config import ConfigError, check, to_dict
+from train import tensorboard
 
 TENSORS = ("q", "k", "v", "rot_q", "rot_k")
 TOKEN_TENSORS = ("q", "rot_q", "rot_k", "v")
@@ -304,6 +305,7 @@ def rebuild(store: Store, n_boot: int = N_BOOT, arms=None) -> tuple[list[dict], 
   store.write_json("summary.json", {"stats": meta["stats"], "n_boot": n_boot,
                                     "arms": meta["arms"], "groups": groups})
   SK.rebuild(store, meta["arms"], cfg, n_boot)
+  tensorboard.write_trace(store.path("tensorboard"), groups)
   return rows, groups
 
 

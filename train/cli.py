@@ -75,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--arms", default=None, help="comma-separated arms to run (default: all, in order)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+  p.add_argument("--tensorboard", action="store_true",
+                 help="also write TensorBoard events of the logged rows (needs tensorboardX: pip install 'minilm[tb]')")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() first (multi-host; coordinator from the environment)")
   return p
@@ -82,7 +84,9 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
   """Check everything, then train the chosen arms; {arm: last rows, or {'diverged': message}}."""
-  from train import paired
+  from train import paired, tensorboard
+  if args.tensorboard:
+    tensorboard.enable()
   exp = load(args.config, args.assignments)
   if args.print_config:
     print(json.dumps(C.to_dict(exp), indent=2))

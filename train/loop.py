@@ -27,7 +27,7 @@ from minilm import atomic
 from minilm import config as C
 from minilm.config import ModelConfig
 from minilm.model import Decoder
-from train import checkpoints, evaluate, schedule, sharding
+from train import checkpoints, evaluate, schedule, sharding, tensorboard
 from train import data as D
 from train.config import TrainConfig
 from train.step import healthy, init_opt_state, optimizer, train_step
@@ -201,8 +201,9 @@ def _loop(cfg: TrainConfig, arm_dir: str, mngr, start: int, params, opt_state, *
   last = {"metrics": None, "eval": None}
   health = healthy()
   clock, clock_step = time.perf_counter(), start
+  events = tensorboard.writer(os.path.join(arm_dir, "tensorboard") if primary() else None, purge_step=start + 1)
   with tqdm(total=cfg.steps, initial=start, disable=not (progress and primary()), desc=cfg.name,
-            dynamic_ncols=True) as bar:
+            dynamic_ncols=True) as bar, events:
     for s in range(start, cfg.steps):
       batch = sharding.put_batch(batch_fn(cfg.data, cfg.seed, s), batch_sh)
       params, opt_state, metrics = step(params, opt_state, batch, s, health)
@@ -221,11 +222,13 @@ def _loop(cfg: TrainConfig, arm_dir: str, mngr, start: int, params, opt_state, *
                "tokens": done * tokens_per_step,
                "tokens_per_s": (done - clock_step) * tokens_per_step / max(now - clock, 1e-9)}
         _append(metrics_path, row)
+        events.add(tensorboard.scalars(row, "train"), done)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
         last["metrics"] = row
       if evaluating:
         scores = evaluate.accuracy(model(params), examples, batch=cfg.eval.batch)
         _append(eval_path, {"step": done, **scores})
+        events.add(tensorboard.scalars(scores, "eval"), done)
         bar.write(f"[{cfg.name}] step {done}: {evaluate.summary(scores)}")
         last["eval"] = {"step": done, **scores}
       if saving:
