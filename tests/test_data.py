@@ -50,13 +50,51 @@ def test_batches_do_not_depend_on_the_model_or_run_history():
   """Paired arms differ only in ModelConfig; a resumed run restarts at an arbitrary step."""
   from minilm.config import ModelConfig
   from minilm import encodings
-  assert list(__import__("inspect").signature(data.train_batch).parameters) == ["cfg", "seed", "step"]
+  assert list(__import__("inspect").signature(data.train_batch).parameters) == ["cfg", "seed", "step", "rows"]
   cfg = data.DataConfig(batch_size=4)
   ModelConfig(position=encodings.REGISTRY["nope"]())   # building another model config changes nothing
   resumed = [data.train_batch(cfg, 0, s)["targets"] for s in (7, 8)]
   fresh = [data.train_batch(cfg, 0, s)["targets"] for s in range(9)][7:]
   for a, b in zip(resumed, fresh):
     np.testing.assert_array_equal(a, b)
+
+
+def test_the_default_stream_is_the_one_earlier_runs_trained_on():
+  """Pinned: the first batches of the 'batch' stream as train_batch drew them before data.stream existed."""
+  import hashlib
+  cfg = data.DataConfig(batch_size=6, mixture=TASKS_ONLY)
+  assert cfg.stream == "batch" and "stream" not in to_dict(cfg)
+  digest = hashlib.sha256()
+  for step in range(3):
+    b = data.train_batch(cfg, 0, step)
+    for k in ("inputs", "targets", "weights"):
+      digest.update(b[k].tobytes())
+  assert digest.hexdigest()[:16] == "d2c91afc10e61132"
+
+
+@pytest.mark.parametrize("stream", data.STREAMS)
+def test_each_host_generating_its_rows_gives_the_same_global_batch(stream):
+  """1, 2 and 4 simulated hosts: each generates its slice of rows alone; concatenated, the same batch."""
+  cfg = data.DataConfig(batch_size=8, mixture={**TASKS_ONLY, "text": 1}, stream=stream)
+  for step in (0, 5):
+    whole = data.train_batch(cfg, 3, step)
+    for hosts in (1, 2, 4):
+      n = cfg.batch_size // hosts
+      parts = [data.train_batch(cfg, 3, step, (h * n, (h + 1) * n)) for h in range(hosts)]
+      for k in whole:
+        np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k], err_msg=f"{hosts} {k}")
+
+
+def test_row_stream_rows_are_their_own_streams():
+  """Row r of the 'row' stream does not depend on the batch size (nor on the rows around it); it is a
+  new stream, not the 'batch' one."""
+  small, large = (data.DataConfig(batch_size=n, mixture=TASKS_ONLY, stream="row") for n in (3, 8))
+  a, b = data.train_batch(small, 0, 2), data.train_batch(large, 0, 2, (0, 3))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(a["inputs"], data.train_batch(data.DataConfig(batch_size=3, mixture=TASKS_ONLY), 0, 2)["inputs"])
+  with pytest.raises(ConfigError, match=r"^rows: must lie in 0..3; got \(2, 5\)$"):
+    data.train_batch(small, 0, 2, (2, 5))
 
 
 def test_mixture_proportions_and_row_contents():
@@ -269,6 +307,7 @@ def test_config_round_trip_and_hash():
     ({"kb_entities": 126}, r"^data.kb_entities: must be in 1..124"),
     ({"recall_queries": 5}, r"^data.recall_queries: must be <= recall_pairs=4; got 5$"),
     ({"n_attributes": 30}, r"^data.n_attributes: must be in 2..25; got 30$"),
+    ({"stream": "step"}, r"^data.stream: must be one of 'batch', 'row'; got 'step'$"),
 ])
 def test_config_errors_are_one_line_and_name_the_field(kwargs, message):
   if message is None:

@@ -47,7 +47,9 @@ FOUR_DEVICES = textwrap.dedent("""
     opt = S.init_opt_state(params, cfg=cfg.optim, steps=cfg.steps, mesh=mesh, strategy=strategy)
     losses = []
     for s, batch in enumerate(batches):
-      batch = sharding.put_batch(batch, sharding.batch_sharding(mesh))
+      batch_sh = sharding.batch_sharding(mesh)
+      assert sharding.host_rows(batch_sh, cfg.data.batch_size) == (0, cfg.data.batch_size)   # one process: all
+      batch = sharding.put_rows(batch, batch_sh, cfg.data.batch_size)
       params, opt, m = S.train_step(params, opt, rest, batch, s, graphdef=graphdef, cfg=cfg.optim, steps=cfg.steps,
                                     mesh=mesh, strategy=strategy)
       losses.append(float(m["loss"]))

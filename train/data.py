@@ -1,8 +1,11 @@
 """Training batches, held-out evaluation examples and probe prompts, all pure functions of a seed.
 
-train_batch(cfg, seed, step) draws from np.random.default_rng([seed, step]) only, so a resumed run
-sees the batches it would have seen and paired runs (same data config and seed, any model) see
-identical batches. Each row of seq_len+1 tokens (inputs = row[:-1], targets = row[1:]) belongs to
+train_batch(cfg, seed, step) is a pure function of (seed, step), so a resumed run sees the batches it
+would have seen and paired runs (same data config and seed, any model) see identical batches. Two
+streams (data.stream): 'batch' draws every row in order from np.random.default_rng([seed, step]),
+so any row needs the rows before it; 'row' draws row r from default_rng([seed, step, r]) alone, so
+each host generates only the rows its devices hold and the global batch does not depend on how
+many hosts there are. 'batch' is the default: it is the stream every earlier run trained on. Each row of seq_len+1 tokens (inputs = row[:-1], targets = row[1:]) belongs to
 one family, drawn by the mixture weights: task rows are whole `[BOS] ... [EOS]` examples packed
 until the next does not fit, then padding; text rows are `[BOS]` + a window of the training split.
 Target weights: answer tokens answer_weight, other task tokens other_weight, text tokens
@@ -22,7 +25,7 @@ import typing
 
 import numpy as np
 
-from minilm.config import check, check_choice, to_dict
+from minilm.config import OPTIONAL, check, check_choice, to_dict
 from train import tasks, text
 from train.tokenizer import PAD, Tokenizer
 
@@ -30,6 +33,7 @@ FAMILIES = tasks.TASK_FAMILIES + ("text",)
 EVAL_STREAM = 0xE7A1_5EED_0001   # far above any step, so no [seed, step] stream coincides
 PROBE_STREAM = 0xE7A1_5EED_0002
 _OTHER, _ANSWER, _PAD, _TEXT = 0, 1, 2, 3   # per-token flags, mapped to loss weights
+STREAMS = ("batch", "row")
 
 
 def _default_mixture() -> dict[str, float]:
@@ -63,6 +67,7 @@ class DataConfig:
   recall_queries: int = 4
   passkey_digits: int = 5
   gap_fraction: float = 0.5          # filler gap before questions: uniform in 0..this*seq_len tokens
+  stream: str = dataclasses.field(default="batch", metadata=OPTIONAL)   # batch | row (module docstring)
 
   def __post_init__(self):
     check(isinstance(self.mixture, dict), "data.mixture", f"expected a mapping; got {self.mixture!r}")
@@ -95,6 +100,7 @@ class DataConfig:
     check(self.recall_queries <= self.recall_pairs, "data.recall_queries",
           f"must be <= recall_pairs={self.recall_pairs}; got {self.recall_queries}")
     check_choice("data.text_source", self.text_source, text.SOURCES)
+    check_choice("data.stream", self.stream, STREAMS)
     if self.text_source in text.LOCAL_FORMATS:
       check(bool(self.text_files), "data.text_files", f"must name files for text_source {self.text_source!r}")
       text.resolve_files(self.text_files)
@@ -124,11 +130,16 @@ class Example:
 
 # ---------------------------------------------------------------------------------- training
 
-def row_families(cfg: DataConfig, rng: np.random.Generator) -> list[str]:
-  """The family of each row, drawn by mixture weights (the first draws of a batch's stream)."""
+def _families(cfg: DataConfig, rng: np.random.Generator, n: int) -> list[str]:
+  """n row families drawn by mixture weights (the first draws of a stream)."""
   weights = np.array([cfg.mixture[f] for f in FAMILIES])
-  picks = rng.choice(len(FAMILIES), size=cfg.batch_size, p=weights / weights.sum())
+  picks = rng.choice(len(FAMILIES), size=n, p=weights / weights.sum())
   return [FAMILIES[i] for i in picks]
+
+
+def row_families(cfg: DataConfig, rng: np.random.Generator) -> list[str]:
+  """The family of each row of a 'batch' stream."""
+  return _families(cfg, rng, cfg.batch_size)
 
 
 def _task_row(family: str, rng: np.random.Generator, cfg: DataConfig, length: int):
@@ -139,22 +150,36 @@ def _task_row(family: str, rng: np.random.Generator, cfg: DataConfig, length: in
   return toks, flags
 
 
-def train_batch(cfg: DataConfig, seed: int, step: int) -> dict[str, np.ndarray]:
-  """{'inputs', 'targets': int32 [B, T], 'weights': float32 [B, T]} for this (seed, step)."""
-  rng = np.random.default_rng([seed, step])
-  length = cfg.seq_len + 1
-  rows = np.full((cfg.batch_size, length), PAD, np.int32)
-  flags = np.full((cfg.batch_size, length), _PAD, np.int8)
-  for b, family in enumerate(row_families(cfg, rng)):
-    if family == "text":
-      rows[b] = text.window_row(rng, text.split(cfg, heldout=False), length)
-      flags[b] = _TEXT
-    else:
-      toks, fl = _task_row(family, rng, cfg, length)
-      rows[b, :len(toks)] = toks
-      flags[b, :len(fl)] = fl
+def _fill(row_L, flags_L, family: str, rng: np.random.Generator, cfg: DataConfig) -> None:
+  """Write one row of `family` (and its token flags) in place."""
+  if family == "text":
+    row_L[:] = text.window_row(rng, text.split(cfg, heldout=False), len(row_L))
+    flags_L[:] = _TEXT
+  else:
+    toks, fl = _task_row(family, rng, cfg, len(row_L))
+    row_L[:len(toks)] = toks
+    flags_L[:len(fl)] = fl
+
+
+def train_batch(cfg: DataConfig, seed: int, step: int, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+  """{'inputs', 'targets': int32 [B, T], 'weights': float32 [B, T]} for this (seed, step); with
+  rows=(start, stop), only those rows of the global batch (B = stop - start), the same as its slice."""
+  start, stop = rows or (0, cfg.batch_size)
+  check(0 <= start <= stop <= cfg.batch_size, "rows", f"must lie in 0..{cfg.batch_size}; got {rows}")
+  first = start if cfg.stream == "row" else 0   # a 'batch' stream draws the rows before `start` too
+  tokens = np.full((stop - first, cfg.seq_len + 1), PAD, np.int32)
+  flags = np.full(tokens.shape, _PAD, np.int8)
+  if cfg.stream == "row":
+    for b, r in enumerate(range(start, stop)):
+      rng = np.random.default_rng([seed, step, r])
+      _fill(tokens[b], flags[b], _families(cfg, rng, 1)[0], rng, cfg)
+  else:
+    rng = np.random.default_rng([seed, step])
+    for b, family in enumerate(row_families(cfg, rng)[:stop]):
+      _fill(tokens[b], flags[b], family, rng, cfg)
+  tokens, flags = tokens[start - first:], flags[start - first:]
   table = np.array([cfg.other_weight, cfg.answer_weight, 0.0, cfg.text_weight], np.float32)
-  return {"inputs": rows[:, :-1], "targets": rows[:, 1:], "weights": table[flags[:, 1:]]}
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": table[flags[:, 1:]]}
 
 
 # ------------------------------------------------------------------------------- evaluation

@@ -198,6 +198,7 @@ def _loop(cfg: TrainConfig, arm_dir: str, mngr, start: int, params, opt_state, *
   _truncate(eval_path, start)
   examples = D.eval_examples(cfg.data, cfg.eval.seed, cfg.eval.n_per_family) if cfg.eval.n_per_family else {}
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  rows = sharding.host_rows(batch_sh, cfg.data.batch_size)   # this process generates only its own rows
   last = {"metrics": None, "eval": None}
   health = healthy()
   clock, clock_step = time.perf_counter(), start
@@ -205,7 +206,7 @@ def _loop(cfg: TrainConfig, arm_dir: str, mngr, start: int, params, opt_state, *
   with tqdm(total=cfg.steps, initial=start, disable=not (progress and primary()), desc=cfg.name,
             dynamic_ncols=True) as bar, events:
     for s in range(start, cfg.steps):
-      batch = sharding.put_batch(batch_fn(cfg.data, cfg.seed, s), batch_sh)
+      batch = sharding.put_rows(batch_fn(cfg.data, cfg.seed, s, rows), batch_sh, cfg.data.batch_size)
       params, opt_state, metrics = step(params, opt_state, batch, s, health)
       health = metrics["health"]
       done = s + 1

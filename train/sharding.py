@@ -3,8 +3,8 @@
 'data': params and optimizer state replicated, gradients all-reduced by XLA.
 'fsdp': every array with a dimension divisible by the device count is split along its largest such
 dimension (params, Adam moments alike), gathered by XLA where a matmul needs it.
-Multi-host: call jax.distributed.initialize() first; every process computes the same global batch
-(a pure function of (seed, step)) and places only the rows its devices hold.
+Multi-host: call jax.distributed.initialize() first; each process generates only the rows of the
+global batch (a pure function of (seed, step)) that its devices hold (`host_rows`, `put_rows`).
 """
 from __future__ import annotations
 
@@ -50,6 +50,15 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
   check(batch_size % n == 0, "data.batch_size", f"must be divisible by the {n} devices of the mesh; got {batch_size}")
 
 
-def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Global arrays from the full host batch; each device receives only its rows (works multi-host)."""
-  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
+def host_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+  """(start, stop): the rows of the global batch that this process's devices hold, contiguous on a
+  1-D mesh over jax.devices() (they are in process order)."""
+  index_map = sharding.addressable_devices_indices_map((batch_size,))
+  bounds = sorted({idx[0].indices(batch_size)[:2] for idx in index_map.values()})
+  assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])), f"rows of this process are not contiguous: {bounds}"
+  return bounds[0][0], bounds[-1][1]
+
+
+def put_rows(rows: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
+  """Global arrays of `batch_size` rows from this process's rows (`host_rows`) alone."""
+  return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:])) for k, v in rows.items()}
