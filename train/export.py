@@ -313,7 +313,8 @@ def export_model(model, fmt: str, out: str, about: dict | None = None) -> None:
 # -------------------------------------------------------------------------------- command line
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m train export", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m train export",
+                              description="one checkpoint of an arm as an HF transformers or TransformerLens model")
   p.add_argument("arm_dir", help="an arm's run directory (runs/<experiment>/<arm>)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--format", default="hf", help=f"one of {', '.join(FORMATS)} (default: hf)")
