@@ -285,7 +285,7 @@ def _step_layers(summ: dict, arm: str, step: int) -> list[dict]:
 
 def sink_map(store: T.Store, summ: dict) -> list[str]:
   verdicts = summ["verdicts"]
-  fig, axes = plt.subplots(1, len(verdicts), figsize=(4.2 * len(verdicts) + 1.2, 3.8), squeeze=False,
+  fig, axes = plt.subplots(1, len(verdicts), figsize=(max(6.5, 4.2 * len(verdicts) + 1.2), 4.0), squeeze=False,
                            layout="constrained")
   for ax, v in zip(axes[0], verdicts):
     grid = np.array([g["sink_per_head"] for g in _step_layers(summ, v["arm"], v["step"])])
@@ -298,7 +298,7 @@ def sink_map(store: T.Store, summ: dict) -> list[str]:
     ax.yaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
   fig.colorbar(im, ax=axes, fraction=0.04, label="share of attention on the first token")
   uniform = np.mean([s["uniform"] for s in summ["steps"]])
-  fig.suptitle(f"Sink share per layer and head (queries 1..T-1; uniform attention gives {uniform:.3f}; "
+  fig.suptitle(f"Sink share per layer and head\n(queries 1..T-1; uniform attention gives {uniform:.3f}; "
                f"sink head >= {summ['level']:g})", fontsize=9)
   return _save(fig, store, "sink_map")
 

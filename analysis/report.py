@@ -228,6 +228,70 @@ def c6_text(v: CL.Verdict, c6: dict) -> str:
   return text
 
 
+SINK_HEADER = ["arm", "step", "verdict", "rho(sink, rot_q max/mean)", "rho(sink, rot_k max/mean)",
+               "sink share (head mean)", "share of sink heads", "uniform attention", "layers with Sun massive "
+               "activations", "layers with |x| > ratio x median", "largest |x| / median (layer)", "largest |x| (layer)"]
+
+
+def sink_rows(summ: dict) -> tuple[list[list[str]], list[list[str]]]:
+  """One row per arm at its last step: the association verdict beside the residual statistics."""
+  rows, classes = [], []
+  for v in summ.get("verdicts", []):
+    step = next(s for s in summ["steps"] if (s["arm"], s["step"]) == (v["arm"], v["step"]))
+    layers = [g for g in summ["layers"] if (g["arm"], g["step"]) == (v["arm"], v["step"])]
+    top = max(layers, key=lambda g: g["resid"]["max_ratio"][0])
+    big = max(layers, key=lambda g: g["resid"]["max_abs"][0])
+    a = v["association"]
+    rows.append([esc(v["arm"]), num(v["step"]), esc(v["verdict"]), fmt(a["rot_q"][0], a["rot_q"][1:]),
+                 fmt(a["rot_k"][0], a["rot_k"][1:]), fmt(step["sink"][0], step["sink"][1:]),
+                 fmt(step["sink_head"][0], step["sink_head"][1:]), fmt(step["uniform"]),
+                 f"{sum(g['resid']['n_sun'][0] > 0 for g in layers)} of {len(layers)}",
+                 f"{sum(g['resid']['n_ratio'][0] > 0 for g in layers)} of {len(layers)}",
+                 f"{fmt(top['resid']['max_ratio'][0])} (L{top['layer']})",
+                 f"{fmt(big['resid']['max_abs'][0])} (L{big['layer']})"])
+    classes.append(["", "", VERDICT_CLASS.get(v["verdict"], ""), "", "", "", "", "", "", "", "", ""])
+  return rows, classes
+
+
+def resid_text(summ: dict) -> list[str]:
+  """Where each arm's largest residual activations sit at its last step, from the numbers."""
+  out = []
+  for v in summ.get("verdicts", []):
+    layers = [g for g in summ["layers"] if (g["arm"], g["step"]) == (v["arm"], v["step"])]
+    massive = [g for g in layers if g["resid"]["n_ratio"][0] > 0]
+    shown = massive or [max(layers, key=lambda g: g["resid"]["max_ratio"][0])]
+    where = "; ".join(f"L{g['layer']}: dim {g['resid']['top_dim'][0]} in {g['resid']['top_dim'][1]:.0%} of prompts, "
+                      f"on the first token in {g['resid']['first_token_share']:.0%}" for g in shown[:6])
+    lead = (f"{len(massive)} of {len(layers)} layers hold activations above "
+            f"{summ['settings']['resid_ratio']:g} x the median" if massive else
+            f"no layer holds an activation above {summ['settings']['resid_ratio']:g} x the median; the largest")
+    out.append(f"{v['arm']} (step {v['step']}): {lead} ({where}{'; ...' if len(shown) > 6 else ''}).")
+  return out
+
+
+def sinks_section(report_dir: str, folder: str, anchor: str) -> str:
+  """Attention sinks and residual massive activations of a traced folder (analysis.sinks), if any."""
+  summ = _read_json(os.path.join(report_dir, folder, "sinks.json"), {})
+  if not summ.get("verdicts"):
+    return ""
+  rows, classes = sink_rows(summ)
+  plots = f"{folder}/plots"
+  return "\n".join([
+      f'<h2 id="{anchor}">Attention sinks and the residual stream</h2>',
+      f'<p class="small">Rule (fixed before the data): {esc(summ["rule"])}. Residual massive activations '
+      f"(Sun et al. 2024): |x| of a block output &gt; {summ['settings']['resid_abs']:g} and &gt; "
+      f"{summ['settings']['resid_ratio']:g} x the median |x| of that layer's hidden states (per prompt); the "
+      "scale-free form drops the absolute floor. Intervals: 95% bootstrap over prompts (and heads).</p>",
+      table_html(SINK_HEADER, rows, classes),
+      "".join(f"<p>{esc(line)}</p>" for line in resid_text(summ)),
+      figure(report_dir, f"{plots}/sink_map.png", "share of attention on the first token per layer x head"),
+      figure(report_dir, f"{plots}/sinks_over_steps.png", "sink share per layer over steps and its rank "
+             "correlation with rot_q/rot_k max/mean"),
+      figures(report_dir, plots, "attention_", lambda n: f"attention patterns of probe 0: {n[10:]}"),
+      figure(report_dir, f"{plots}/residual.png", "largest residual |x| / median per layer (labels: its dim) "
+             "beside the top head's rot_q/rot_k max/mean")])
+
+
 # ----------------------------------------------------------------------------------------- content
 
 class Report:
@@ -414,7 +478,7 @@ class Report:
            figures(self.dir, "trace/plots", "pair_energy_", lambda n: f"share of pair energy vs rotary frequency, "
                    f"context boundary marked: {n[12:]}", grid=True),
            figures(self.dir, "trace/plots", "bars3d_", lambda n: f"|rot_q| over tokens x dims, probe 0: {n[7:]}", grid=True),
-           self.arms_section(), self.comparison_section()]
+           self.arms_section(), self.comparison_section(), sinks_section(self.dir, "trace", "sinks")]
     return "\n".join(out)
 
   def arms_section(self) -> str:
@@ -508,7 +572,7 @@ class Report:
             f"dimension of Q and K ({esc(cfg.get('rope', ''))}-RoPE, criterion {esc(cfg.get('criterion', ''))}) is "
             "replaced by its own mean over the prompt, during prefill only. Conditions run: "
             f"{esc(', '.join(EXP.COLUMNS.get(m, m) for m in self.c5.get('modes', [])) or 'not recorded')}. "
-            "Cells: accuracy % [Wilson 95%].</p>"
+            "Per-template cells: accuracy % [Wilson 95%]; pooled cells: bootstrap over templates and items.</p>"
             + tbl + figure(self.dir, "disrupt/c5.png", "accuracy per task under each disruption (Wilson 95% bars)"))
 
   def quant_section(self) -> str:
@@ -540,7 +604,8 @@ class Report:
         figures(self.dir, "pretrained/plots", "layer_profile", lambda n: "statistics per layer"),
         figures(self.dir, "pretrained/plots", "heatmap_", lambda n: "M[h,d] / mean_d M per layer and tensor"),
         figures(self.dir, "pretrained/plots", "pair_energy_", lambda n: "share of pair energy vs rotary frequency"),
-        figures(self.dir, "pretrained/plots", "bars3d_", lambda n: "|rot_q| over tokens x dims, probe 0")])
+        figures(self.dir, "pretrained/plots", "bars3d_", lambda n: "|rot_q| over tokens x dims, probe 0"),
+        sinks_section(self.dir, "pretrained", "sinks-pretrained")])
 
   def provenance_section(self) -> str:
     lab = self.lab
@@ -568,7 +633,7 @@ class Report:
     title = f"minilm lab report: {self.lab.get('name', os.path.basename(os.path.abspath(self.dir)))}"
     nav = " ".join(f'<a href="#{a}">{t}</a>' for a, t in (
         ("claims", "claims"), ("training", "training"), ("emergence", "emergence"), ("heatmaps", "heatmaps"),
-        ("frequency", "frequency"), ("disruption", "disruption"), ("quantization", "quantization"),
+        ("frequency", "frequency"), ("sinks", "sinks"), ("disruption", "disruption"), ("quantization", "quantization"),
         ("pretrained", "pretrained model"), ("provenance", "configs, versions, times")))
     body = [f"<h1>{esc(title)}</h1><nav>{nav}</nav>",
             f'<p class="lead">{self.bottom_line()}</p>',

@@ -176,3 +176,22 @@ def test_store_writes_sinks_and_keeps_old_stores_readable(tmp_path):
   assert store.good_steps("planted", keys) == [5] and store.steps("planted") == [0, 5]
   T.rebuild(store, n_boot=100)
   assert [s["step"] for s in json.loads((tmp_path / "sinks.json").read_text())["steps"]] == [5]
+
+
+def test_rule_is_in_the_docs_verbatim():
+  with open(os.path.join(os.path.dirname(__file__), "..", "docs", "claims.md")) as f:
+    docs = f.read()
+  assert SK.RULE in docs and f"sink share >= {SK.SINK_LEVEL}" in docs
+
+
+def test_report_section_reads_the_store(tmp_path):
+  from analysis import report as R
+  model = _decoder(encodings.NoPE(), qkv_bias=True)
+  _plant_sink(model, layer=0, head=1)
+  probes = _probes(6, 24)
+  trace_dir = tmp_path / "trace"
+  T.analyze_model(model, probes, str(trace_dir), arm="planted", claims=False, batch_size=6)
+  html = R.sinks_section(str(tmp_path), "trace", "sinks")
+  assert html.count("<tr>") == 2 and "trace/plots/sink_map.png" in html and "attention_planted" in html
+  assert "no layer holds an activation above 1000 x the median" in html
+  assert R.sinks_section(str(tmp_path), "missing", "sinks") == ""
