@@ -5,8 +5,8 @@ Procedure (the paper's, with the reference code's weaknesses fixed):
    every disrupted point, per example (`source='prompt'`); or M is fixed once from a probe set
    (`source='probe'`, M summed in quadrature over all probe tokens, the same dims for every prompt).
 2. Dims. A boolean mask per layer, point and head (`select`): massive dims (lambda criterion, or top-k
-   per head), or a control with the same count per head: the smallest-M dims, or norm-matched dims
-   (below), or V's own largest-M dims.
+   per head), or a control: the smallest-M dims (the massive count per head), random dims matched on
+   the energy removed (below), or the same dims in V.
 3. Replace. In the disrupted prefill, `hook` sets each masked dim to ITS OWN mean over the prompt
    tokens (or to zero), computed from the tensor that reaches the hook (so upstream disruption is
    included). Decoding steps are not intervened on; the KV cache holds exactly the disrupted keys.
@@ -15,11 +15,14 @@ Where: query heads at q/rot_q, KV heads at k/rot_k (GQA: masks per KV head), val
 `rope='post'` (default, the paper's code) chooses and replaces at rot_q/rot_k, after the rotation;
 `rope='pre'` at q/k, before it (the rotation then mixes the replaced dim with its pair partner).
 
-Norm-matched rule ('matched'): per head, visit the massive dims in decreasing M; give each the
-not-yet-chosen non-massive dim of the same head with the closest M (ties: lower index). No dim is
-chosen twice, so the control has exactly the massive count wherever the head has enough dims.
-V control ('v'): per layer and KV head, V's own n largest-M dims, n = that KV head's massive count
-in K; queries are left alone.
+Random control ('random', seeded by `draw`): per head, the non-massive dims in a random order; the
+control takes the first c of them, c chosen so that the energy they lose to mean replacement
+(sum of S^2, S the spread to the mean) is closest to what the head's massive dims lose (ties: fewer
+dims; a head without massive dims keeps all). The random dims differ per example, draw, layer and
+point. Only the share of energy removed is matched, not the count; `energy_removed` reports the
+match achieved.
+V control ('v'): per layer and KV head, the dims of V that are massive in K (the same indices);
+queries and keys are left alone.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from minilm import capture, generate
 from minilm.config import check, check_choice
 
 # Order used in tables: the paper's three columns, then the extra controls.
-MODES = ("off", "smallest", "massive", "matched", "v", "massive_zero", "top1", "top2", "top4")
+MODES = ("off", "smallest", "massive", "random", "v", "massive_zero", "top1", "top2", "top4")
 ROPE_SIDES = {"post": ("rot_q", "rot_k"), "pre": ("q", "k")}
 
 
@@ -44,12 +47,13 @@ ROPE_SIDES = {"post": ("rot_q", "rot_k"), "pre": ("q", "k")}
 class DisruptConfig:
   mode: str = "massive"
   rope: str = "post"            # post: rot_q/rot_k (the paper) | pre: q/k
-  criterion: str = "lambda"     # what 'massive' means for massive/massive_zero/smallest/matched/v
+  criterion: str = "lambda"     # what 'massive' means for massive/massive_zero/smallest/random/v
   lam: float = 5.0              # massive: M > lam * mean_d M (criterion 'lambda')
   top_k: int = 1                # massive: the top_k largest-M dims per head (criterion 'topk')
   layer_start: int = 0          # disrupt layers [layer_start, layer_stop)
   layer_stop: int = 0           # 0: through the last layer
   source: str = "prompt"        # prompt: M from this prompt | probe: M fixed from a probe set
+  draw: int = 0                 # seed of the random control
 
   def __post_init__(self):
     check_choice("disrupt.mode", self.mode, MODES)
@@ -58,6 +62,7 @@ class DisruptConfig:
     check_choice("disrupt.source", self.source, ("prompt", "probe"))
     check(self.lam > 0, "disrupt.lam", f"must be > 0; got {self.lam}")
     check(self.top_k >= 1, "disrupt.top_k", f"must be >= 1; got {self.top_k}")
+    check(self.draw >= 0, "disrupt.draw", f"must be >= 0; got {self.draw}")
     check(self.layer_start >= 0, "disrupt.layer_start", f"must be >= 0; got {self.layer_start}")
     check(self.layer_stop == 0 or self.layer_stop > self.layer_start, "disrupt.layer_stop",
           f"must be 0 (last layer) or > layer_start={self.layer_start}; got {self.layer_stop}")
@@ -133,24 +138,17 @@ def _smallest(M, count):
   return rank < count[..., None]
 
 
-def _largest(M, count):
-  """Per head, the count[...] largest-M dims (ties: lower index)."""
-  return _smallest(-M, count)
-
-
-def _matched(M, massive):
-  """Norm-matched control (module docstring): one closest-M non-massive dim per massive dim."""
-  out = np.zeros_like(massive)
-  for idx in np.ndindex(M.shape[:-1]):
-    m, used = M[idx], massive[idx].copy()
-    order = np.argsort(-m, kind="stable")
-    for d in order[massive[idx][order]]:
-      free = np.flatnonzero(~used)
-      if free.size == 0:
-        break
-      pick = free[np.argmin(np.abs(m[free] - m[d]))]  # argmin takes the first (lowest index) on ties
-      used[pick] = out[idx + (pick,)] = True
-  return out
+def _random_matched(S, massive, rng):
+  """Random control (module docstring): per head, random non-massive dims whose lost energy (sum of
+  S^2) is closest to that of the massive dims."""
+  lost = np.asarray(S, np.float64) ** 2
+  target_xH = np.where(massive, lost, 0).sum(-1)
+  order = np.argsort(np.where(massive, np.inf, rng.random(lost.shape)), axis=-1)  # massive dims last
+  free_lost = np.take_along_axis(np.where(massive, 0, lost), order, -1)
+  cum_xHxD1 = np.concatenate([np.zeros(lost.shape[:-1] + (1,)), np.cumsum(free_lost, -1)], -1)
+  count_xH = np.argmin(np.abs(cum_xHxD1 - target_xH[..., None]), -1)  # first = fewest dims on ties
+  rank = np.argsort(order, axis=-1)
+  return rank < count_xH[..., None]
 
 
 def massive(M, cfg: DisruptConfig):
@@ -158,23 +156,25 @@ def massive(M, cfg: DisruptConfig):
   return stats.massive_mask(M, cfg.lam) if cfg.criterion == "lambda" else stats.top_k_mask(M, cfg.top_k)
 
 
-def select(M, cfg: DisruptConfig):
-  """Dims to replace for a query/key point with norms M [..., H, D] (mode 'v' handled in `masks`)."""
+def select(M, cfg: DisruptConfig, S=None, rng=None):
+  """Dims to replace for a query/key point with norms M [..., H, D] (mode 'v' handled in `masks`);
+  'random' needs the spread S and a generator."""
   if cfg.mode in ("massive", "massive_zero"):
     return massive(M, cfg)
   if cfg.mode.startswith("top"):
     return stats.top_k_mask(M, int(cfg.mode[3:]))
   if cfg.mode == "smallest":
     return _smallest(M, massive(M, cfg).sum(-1))
-  if cfg.mode == "matched":
-    return _matched(M, massive(M, cfg))
+  if cfg.mode == "random":
+    check(S is not None, "disrupt.mode", "'random' matches the energy removed, so it needs the spread S")
+    return _random_matched(S, massive(M, cfg), rng)
   raise ValueError(f"disrupt.mode: select() has no rule for {cfg.mode!r}")
 
 
-def masks(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int) -> dict[str, np.ndarray]:
+def masks(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int, S=None) -> dict[str, np.ndarray]:
   """Boolean masks [B, H, D] for every point of every layer (all False outside the chosen layers
   and points, and everywhere for 'off'), so one compiled prefill serves every mode, the undisrupted
-  one included, with the same `rope` side."""
+  one included, with the same `rope` side. S (spread, like M): for 'random'."""
   qp, kp, vp = cfg.points()
   chosen = set() if cfg.mode == "off" else set(cfg.layers(n_layers))
   out = {}
@@ -182,9 +182,11 @@ def masks(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int) -> dict[s
     names = {p: f"blocks.{layer}.attn.{p}" for p in (qp, kp, vp)}
     picked = {p: np.zeros(M[n].shape, bool) for p, n in names.items()}
     if layer in chosen and cfg.mode == "v":
-      picked[vp] = _largest(M[names[vp]], massive(M[names[kp]], cfg).sum(-1))
+      picked[vp] = massive(M[names[kp]], cfg)
     elif layer in chosen:
-      picked[qp], picked[kp] = select(M[names[qp]], cfg), select(M[names[kp]], cfg)
+      for i, p in enumerate((qp, kp)):
+        rng = np.random.default_rng([cfg.draw, layer, i])
+        picked[p] = select(M[names[p]], cfg, None if S is None else S[names[p]], rng)
     out.update({names[p]: picked[p] for p in names})
   return out
 
@@ -209,20 +211,20 @@ def dim_norms(model, tokens_BxT, cfg: DisruptConfig, probe: dict[str, np.ndarray
   return {k: np.broadcast_to(v, (B,) + v.shape[1:]) for k, v in probe.items()}
 
 
-def hook_args(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int):
+def hook_args(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int, S=None):
   """(args for `hook`, {point: replaced dims per example [B], summed over layers and heads})."""
-  chosen = masks(M, cfg, n_layers)
+  chosen = masks(M, cfg, n_layers, S)
   counts = {p: sum(m.reshape(len(m), -1).sum(1) for n, m in chosen.items() if n.endswith("." + p))
             for p in cfg.points()}
   fill = np.float32(0.0 if cfg.mode == "massive_zero" else 1.0)
   return {"masks": {k: jnp.asarray(v) for k, v in chosen.items()}, "fill": fill}, counts
 
 
-def disrupted_greedy(model, tokens_BxT, max_new: int, cfg: DisruptConfig, probe=None, M=None,
+def disrupted_greedy(model, tokens_BxT, max_new: int, cfg: DisruptConfig, probe=None, M=None, S=None,
                      return_cache=False):
   """Greedy continuation under `cfg` -> (tokens [B, max_new] (or (tokens, cache)), counts per example).
-  Pass M (from `dim_norms`) to reuse one capture pass across modes."""
-  args, counts = hook_args(dim_norms(model, tokens_BxT, cfg, probe) if M is None else M, cfg, model.cfg.n_layers)
+  Pass M (from `dim_norms`) to reuse one capture pass across modes; 'random' needs S (`norms_and_spread`)."""
+  args, counts = hook_args(dim_norms(model, tokens_BxT, cfg, probe) if M is None else M, cfg, model.cfg.n_layers, S)
   out = generate.greedy(model, tokens_BxT, max_new, hook=hook, hook_args=args,
                         return_cache=return_cache)
   return out, counts

@@ -1,14 +1,27 @@
-"""Claim C5 end to end: a task suite under every disruption mode -> JSONL, table, bar plot, verdict.
+"""Claim C5 end to end: task templates under every disruption condition -> JSONL, tables, plot, verdict.
 
-  python -m analysis disrupt --model smollm2 --out reports/c5_smollm2            # quick suite
-  python -m analysis disrupt --model smollm2 --suite full --n 40 --out reports/c5_full
+  python -m analysis disrupt --model smollm2 --out reports/c5_smollm2            # every family x 5 templates
+  python -m analysis disrupt --model smollm2 --n 10 --dose --out reports/c5_dose  # + lambda 3-6, top-1/2/4
+  python -m analysis disrupt --model smollm2 --prompts mine.jsonl --out reports/c5_mine   # your prompts
   python -m analysis disrupt --model runs/paired --out reports/c5_paired          # every arm
   python -m analysis disrupt --model random --n 2 --out /tmp/c5_smoke              # plumbing only
 (`python -m analysis.experiment ...` takes the same arguments.)
 
-Files in --out: results.jsonl (every example: prompt, output, verdict, dims replaced), summary.json
-(accuracy with Wilson 95% intervals per model, task and mode; timings), table.md, c5.png,
-verdict.json (per model), claims.json / claims.md (the C5 analysis.claims.Verdict).
+Conditions: off (undisrupted), massive (Q/K massive dims -> their mean over the prompt, prefill only),
+and the controls smallest (the same count of the smallest dims), random (random non-massive dims
+matched per head on the energy removed; --draws seeded draws) and v (the same dims in V); --dose adds
+the massive dims at lambda 3, 4, 5, 6 and the top-1/2/4 dims per head.
+
+--prompts FILE.jsonl replaces the built-in suite (--suite, --n): one JSON object a line with family
+(the task name in every table), kind (contextual | parametric | conflict), prompt, answer, optional
+memory (a conflict item's parametric answer) and max_new_tokens; scored by the strict rule of
+analysis.tasks_llm. Every line is checked before any model is loaded.
+
+Files in --out: results.jsonl (every example: prompt, output, verdict, dims replaced, energy
+removed), summary.json ('summary': accuracy with Wilson 95% intervals per model, task and condition;
+'pooled': per family and kind over templates and items; verdicts; timings), table.md (per template,
+pooled, dose-response, verdict and rule), c5.png, verdict.json (per model), claims.json / claims.md
+(the C5 analysis.claims.Verdict).
 """
 from __future__ import annotations
 
@@ -23,16 +36,26 @@ from pathlib import Path
 import numpy as np
 
 from analysis import disrupt, tasks_llm
+from analysis import stats as S
 from analysis.disrupt import DisruptConfig
 from minilm import atomic, generate
 from minilm.cli import guarded
 from minilm.config import check, check_choice
 
-TABLE_MODES = ("off", "smallest", "massive", "matched", "v")
-COLUMNS = {"off": "original", "smallest": "non-massive disrupted", "massive": "massive disrupted",
-           "matched": "norm-matched random", "v": "V disrupted", "massive_zero": "massive -> 0",
+TABLE_MODES = ("off", "smallest", "massive", "random", "v")
+COLUMNS = {"off": "original", "smallest": "smallest dims", "massive": "massive disrupted",
+           "random": "random dims, energy-matched", "v": "same dims in V", "massive_zero": "massive -> 0",
            "top1": "top-1 -> mean", "top2": "top-2 -> mean", "top4": "top-4 -> mean"}
-CHANCE = {"capitals_yesno": 0.5}  # tasks with a non-zero guessing rate
+DRAWS = 5
+"""Seeded draws of the random control."""
+DOSE_LAMS, DOSE_TOPK = (3.0, 4.0, 5.0, 6.0), (1, 2, 4)
+"""--dose: the massive dims at each lambda, and the top-k dims per head."""
+COLUMNS.update({f"lam{x:g}": f"massive, lambda {x:g}" for x in DOSE_LAMS})
+
+# Fixed before any data was seen (with the templates). Templates count only where the undisrupted
+# model can do them; drops are absolute accuracy drops.
+USABLE, SMALL_DROP = 0.8, 0.1
+LEVEL, N_BOOT, SEED = 0.95, 2000, 0
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -45,45 +68,73 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
   return max(0.0, centre - half), min(1.0, centre + half)
 
 
+# --------------------------------------------------------------------------------------- conditions
+
+def conditions(base: DisruptConfig, modes, draws: int = DRAWS, dose: bool = False) -> dict[str, DisruptConfig]:
+  """{label: config} of every condition run: each mode, 'random' as `draws` seeded draws ('random.0',
+  ...), and with `dose` the massive dims at every lambda of DOSE_LAMS and the top-k of DOSE_TOPK (a
+  dose equal to a condition already run is not run twice)."""
+  out = {}
+  for m in modes:
+    if m == "random":
+      out.update({f"random.{i}": dataclasses.replace(base, mode=m, draw=i) for i in range(draws)})
+    else:
+      out[m] = dataclasses.replace(base, mode=m)
+  for label, cfg in (dose_conditions(base).items() if dose else ()):
+    if cfg not in out.values():
+      out[label] = cfg
+  return out
+
+
+def dose_conditions(base: DisruptConfig) -> dict[str, DisruptConfig]:
+  lams = {f"lam{x:g}": dataclasses.replace(base, mode="massive", criterion="lambda", lam=x) for x in DOSE_LAMS}
+  return {**lams, **{f"top{k}": dataclasses.replace(base, mode=f"top{k}") for k in DOSE_TOPK}}
+
+
+def dose_labels(conds: dict[str, DisruptConfig]) -> dict[str, str]:
+  """{dose label: the condition label that ran it} for the doses among `conds`."""
+  base = next(iter(conds.values()))
+  return {d: next(l for l, c in conds.items() if c == cfg) for d, cfg in dose_conditions(base).items()
+          if cfg in conds.values()}
+
+
+def pooled_label(label: str) -> str:
+  """The random draws ('random.3') pool into 'random'; other labels are their own."""
+  return "random" if label.startswith("random.") else label
+
+
 # --------------------------------------------------------------------------------------- evaluation
 
-def evaluate(model, tokenizer, items, modes, base: DisruptConfig, *, label: str = "model", batch: int = 8,
+def evaluate(model, tokenizer, items, conds: dict[str, DisruptConfig], *, label: str = "model", batch: int = 8,
              probe=None, sink=None) -> tuple[list[dict], dict[str, float]]:
-  """Run every item under every mode; equal-length prompts share a batch (padded with copies of its
-  last row so each length compiles once) and one capture pass serves all modes of a batch.
-  Returns (records, seconds per mode including the capture passes as 'capture')."""
+  """Run every item under every condition; equal-length prompts share a batch (padded with copies of
+  its last row so each length compiles once) and one capture pass serves all conditions of a batch.
+  Returns (records, seconds per condition including the capture passes as 'capture')."""
+  base = next(iter(conds.values()))  # every condition reads the same points (one rope side, one source)
   groups, index = {}, {id(item): i for i, item in enumerate(items)}
   for item in items:
     groups.setdefault((len(item.prompt), item.max_new), []).append(item)
-  records, seconds = [], {m: 0.0 for m in ("capture",) + tuple(modes)}
+  records, seconds = [], {m: 0.0 for m in ("capture", *conds)}
   for (_, max_new), group in groups.items():
     for start in range(0, len(group), batch):
       chunk = group[start:start + batch]
-      rows = [it.prompt for it in chunk] + [chunk[-1].prompt] * (batch - len(chunk))
-      tokens = np.stack(rows)
+      tokens = np.stack([it.prompt for it in chunk] + [chunk[-1].prompt] * (batch - len(chunk)))
       t0 = time.perf_counter()
-      M, S = disrupt.norms_and_spread(model, tokens, base)  # one capture pass serves every mode
+      M, S = disrupt.norms_and_spread(model, tokens, base)  # one capture pass serves every condition
       M_choose = M if base.source == "prompt" else disrupt.dim_norms(model, tokens, base, probe)
       seconds["capture"] += time.perf_counter() - t0
-      for mode in modes:
-        cfg = dataclasses.replace(base, mode=mode)
+      for mode, cfg in conds.items():
         t0 = time.perf_counter()
-        args, counts = disrupt.hook_args(M_choose, cfg, model.cfg.n_layers)  # 'off': all-False masks
+        args, counts = disrupt.hook_args(M_choose, cfg, model.cfg.n_layers, S)  # 'off': all-False masks
         out = np.asarray(generate.greedy(model, tokens, max_new, hook=disrupt.hook, hook_args=args))
         seconds[mode] += time.perf_counter() - t0
         removed = disrupt.energy_removed(M, S, args, cfg, model.cfg.n_layers)
         for i, item in enumerate(chunk):
-          v = tasks_llm.verdict(item, out[i], tokenizer)
-          rec = {"model": label, "mode": mode, "task": item.task, "example": index[id(item)], "kind": item.kind,
-                 "verdict": v,
-                 "success": tasks_llm.success(item, v), "answer": item.answer,
-                 "output": tokenizer.decode([int(t) for t in out[i]]), "prompt": item.text,
-                 "prompt_tokens": len(item.prompt), "dims_replaced": {p: int(c[i]) for p, c in counts.items()},
-                 "energy_removed": {p: float(e[i]) for p, e in removed.items()},
-                 "disrupt": dataclasses.asdict(cfg), "meta": {k: _jsonable(x) for k, x in item.meta.items()}}
-          records.append(rec)
+          records.append(_record(item, out[i], tokenizer, label=label, mode=mode, cfg=cfg, example=index[id(item)],
+                                 dims={p: int(c[i]) for p, c in counts.items()},
+                                 energy={p: float(e[i]) for p, e in removed.items()}))
           if sink is not None:
-            sink.write(json.dumps(rec) + "\n")
+            sink.write(json.dumps(records[-1]) + "\n")
       if sink is not None:
         sink.flush()
         print(f"[{label}] {chunk[0].task} len {len(chunk[0].prompt)}: {len(records)} records, "
@@ -91,27 +142,48 @@ def evaluate(model, tokenizer, items, modes, base: DisruptConfig, *, label: str 
   return records, seconds
 
 
+def _record(item, out_ids, tokenizer, *, label, mode, cfg, example, dims, energy) -> dict:
+  v = tasks_llm.verdict(item, out_ids, tokenizer)
+  return {"model": label, "mode": mode, "task": item.task, "family": family_of(item.task), "example": example,
+          "kind": item.kind, "verdict": v, "success": tasks_llm.success(item, v), "answer": item.answer,
+          "output": tokenizer.decode([int(t) for t in out_ids]), "prompt": item.text,
+          "prompt_tokens": len(item.prompt), "dims_replaced": dims, "energy_removed": energy,
+          "disrupt": dataclasses.asdict(cfg), "meta": {k: _jsonable(x) for k, x in item.meta.items()}}
+
+
+def family_of(task: str) -> str:
+  """'passkey/t3' -> 'passkey': a template's family (a task without templates is its own family)."""
+  return task.split("/")[0]
+
+
 def _jsonable(x):
   return x.item() if isinstance(x, np.generic) else x
 
 
 def summarize(records: list[dict]) -> list[dict]:
-  """Accuracy (success rate) with a Wilson interval per (model, task, mode); conflict splits too."""
+  """Accuracy (success rate) with a Wilson interval per (model, task, mode); conflict splits too. The
+  random draws get a row each and a 'random' row of their mean count k (Wilson interval at it)."""
   cells = {}
   for r in records:
     cells.setdefault((r["model"], r["task"], r["mode"]), []).append(r)
+    if pooled_label(r["mode"]) != r["mode"]:
+      cells.setdefault((r["model"], r["task"], pooled_label(r["mode"])), []).append(r)
   rows = []
   for (model, task, mode), rs in cells.items():
-    k, n = sum(r["success"] for r in rs), len(rs)
+    draws = len({r["mode"] for r in rs})
+    k, n = sum(r["success"] for r in rs) / draws, len(rs) // draws
     row = {"model": model, "task": task, "kind": rs[0]["kind"], "mode": mode, "n": n, "k": k,
            "acc": k / n, "ci": wilson(k, n),
            "mean_dims_replaced": {p: float(np.mean([r["dims_replaced"][p] for r in rs])) for p in rs[0]["dims_replaced"]},
            "mean_energy_removed": {p: float(np.mean([r["energy_removed"][p] for r in rs]))
                                    for p in rs[0].get("energy_removed", {})}}
+    if draws > 1:
+      row["draws"] = draws
     if rs[0]["kind"] == "conflict":
-      row["split"] = {v: sum(r["verdict"] == v for r in rs) / n for v in ("context", "memory", "other")}
+      row["split"] = {v: sum(r["verdict"] == v for r in rs) / len(rs) for v in ("context", "memory", "other")}
     rows.append(row)
   return rows
+
 
 
 def table(summary: list[dict], model: str, modes=TABLE_MODES) -> str:
@@ -119,7 +191,7 @@ def table(summary: list[dict], model: str, modes=TABLE_MODES) -> str:
   cell = {(r["task"], r["mode"]): r for r in summary if r["model"] == model}
   tasks = list(dict.fromkeys(r["task"] for r in summary if r["model"] == model))
   modes = [m for m in modes if any((t, m) in cell for t in tasks)]
-  lines = [f"| {model}: task (n) | " + " | ".join(COLUMNS[m] for m in modes) + " |",
+  lines = [f"| {model}: task (n) | " + " | ".join(COLUMNS.get(m, m) for m in modes) + " |",
            "|---|" + "---|" * len(modes)]
   for t in tasks:
     n = next(cell[(t, m)]["n"] for m in modes if (t, m) in cell)
@@ -153,7 +225,7 @@ def plot(summary: list[dict], path: Path, modes=TABLE_MODES) -> None:
       rs = [cell.get((t, m)) for t in tasks]
       acc = np.array([r["acc"] if r else np.nan for r in rs])
       err = np.array([[r["acc"] - r["ci"][0], r["ci"][1] - r["acc"]] if r else [0, 0] for r in rs]).T
-      ax.bar(np.arange(len(tasks)) + j * width, acc, width, yerr=err, capsize=2, label=COLUMNS[m])
+      ax.bar(np.arange(len(tasks)) + j * width, acc, width, yerr=err, capsize=2, label=COLUMNS.get(m, m))
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
@@ -164,92 +236,222 @@ def plot(summary: list[dict], path: Path, modes=TABLE_MODES) -> None:
   plt.close(fig)
 
 
+# --------------------------------------------------------------------------------- pooled estimates
+
+def _item_values(records: list[dict], model: str, value) -> dict[str, dict[str, np.ndarray]]:
+  """{task: {condition: per-example values [n]}}, the random draws averaged into 'random', examples
+  in one order for every condition."""
+  got = {}
+  for r in records:
+    if r["model"] == model:
+      by_example = got.setdefault(r["task"], {}).setdefault(pooled_label(r["mode"]), {})
+      by_example.setdefault(r["example"], []).append(value(r))
+  return {t: {m: np.array([np.mean(v[e]) for e in sorted(v)]) for m, v in by_mode.items()}
+          for t, by_mode in got.items()}
+
+
+def family_estimate(per_template: list[dict[str, np.ndarray]], n_boot: int, seed: int) -> dict[str, tuple]:
+  """{condition: (mean over templates of the item mean, replicates [n_boot])}: items resampled within
+  each template with the same draw for every condition (paired), then the templates resampled."""
+  labels, reps = list(per_template[0]), {}
+  for t, values in enumerate(per_template):
+    n = len(values["off"])
+    counts_BxN = S.prompt_counts(n, n_boot, seed + 1 + t)
+    for m in labels:
+      reps.setdefault(m, []).append(counts_BxN @ values[m] / n)
+  return {m: (float(np.mean([v[m].mean() for v in per_template])), S.resample_units(np.stack(reps[m], 1), seed))
+          for m in labels}
+
+
+def _mean_estimate(estimates: list[dict]) -> dict[str, tuple]:
+  """Mean over families of their estimates (point and replicates), per condition they all share."""
+  shared = set.intersection(*(set(e) for e in estimates))
+  return {m: (float(np.mean([e[m][0] for e in estimates])), np.mean([e[m][1] for e in estimates], 0))
+          for m in estimates[0] if m in shared}
+
+
+def _energy(records: list[dict]) -> dict[str, dict[str, float]]:
+  """{condition: {point: mean share of energy removed}}, the random draws pooled."""
+  out = {}
+  for r in records:
+    for p, e in r["energy_removed"].items():
+      out.setdefault(pooled_label(r["mode"]), {}).setdefault(p, []).append(e)
+  return {m: {p: float(np.mean(v)) for p, v in by_point.items()} for m, by_point in out.items()}
+
+
+def pool(records: list[dict], model: str, n_boot: int = N_BOOT) -> dict:
+  """The pooled estimates RULE judges. families: {family: kind, templates, usable (templates whose
+  undisrupted accuracy is >= USABLE), acc {condition: (point, replicates)} over the usable templates
+  (conflict: also memory, the share answering from memory), energy (over every item)}; kinds: {kind:
+  acc, memory, energy: means over its families with a usable template}."""
+  mine = [r for r in records if r["model"] == model]
+  success = _item_values(mine, model, lambda r: float(r["success"]))
+  memory = _item_values(mine, model, lambda r: float(r["verdict"] == "memory"))
+  tasks = {}
+  for r in mine:
+    tasks.setdefault(r["family"], {}).setdefault(r["task"], r["kind"])
+  families = {}
+  for i, (family, kinds) in enumerate(tasks.items()):
+    usable = [t for t in kinds if success[t]["off"].mean() >= USABLE]
+    e = families[family] = {"kind": next(iter(kinds.values())), "templates": list(kinds), "usable": usable,
+                            "energy": _energy([r for r in mine if r["family"] == family])}
+    if usable:
+      e["acc"] = family_estimate([success[t] for t in usable], n_boot, SEED + 100 * i)
+      if e["kind"] == "conflict":
+        e["memory"] = family_estimate([memory[t] for t in usable], n_boot, SEED + 100 * i)
+  kinds = {}
+  for kind in tasks_llm.KINDS:
+    fams = [e for e in families.values() if e["kind"] == kind and e["usable"]]
+    if fams:
+      energy = [e["energy"] for e in fams]
+      kinds[kind] = {"families": [f for f, e in families.items() if e in fams], "acc": _mean_estimate([e["acc"] for e in fams]),
+                     "energy": {m: {p: float(np.mean([x[m][p] for x in energy])) for p in energy[0][m]} for m in energy[0]}}
+      if kind == "conflict":
+        kinds[kind]["memory"] = _mean_estimate([e["memory"] for e in fams])
+  return {"families": families, "kinds": kinds}
+
+
+def _drop(entry: dict, mode: str) -> tuple | None:
+  """(point, replicates) of undisrupted minus `mode` accuracy, or None where `mode` did not run."""
+  acc = entry["acc"]
+  return _minus(acc["off"], acc[mode]) if mode in acc else None
+
+
+def _minus(a: tuple, b: tuple) -> tuple:
+  return a[0] - b[0], a[1] - b[1]
+
+
+def _ci(estimate: tuple) -> list[float]:
+  return list(S.interval(estimate[1], LEVEL))
+
+
+def _json(estimate: tuple | None) -> dict | None:
+  return None if estimate is None else {"value": estimate[0], "ci": _ci(estimate)}
+
+
+def pooled_json(pooled: dict) -> dict:
+  """`pool` without the replicates: value and interval of every accuracy, drop and memory share."""
+  def entry(e):
+    out = {k: v for k, v in e.items() if k not in ("acc", "memory")}
+    for key in ("acc", "memory"):
+      if key in e:
+        out[key] = {m: _json(x) for m, x in e[key].items()}
+    if "acc" in e:
+      out["drop"] = {m: _json(_drop(e, m)) for m in e["acc"] if m != "off"}
+    return out
+  return {group: {name: entry(e) for name, e in pooled[group].items()} for group in ("families", "kinds")}
+
+
 # ------------------------------------------------------------------------------------------ verdict
 
-# Fixed before any data was seen. Tasks count only where the undisrupted model can do them:
-# contextual/conflict tasks need original accuracy >= USABLE; parametric tasks need the Wilson
-# lower bound above chance. Drops are mean absolute accuracy drops over the usable tasks.
-USABLE, BIG_DROP, GAP, SMALL_DROP = 0.8, 0.3, 0.2, 0.1
-RULE = (f"supported: contextual drop under massive disruption >= {BIG_DROP}, exceeding the parametric drop "
-        f"by >= {GAP}, while the smallest-M control drops contextual accuracy <= {SMALL_DROP}; refuted: "
-        f"massive drop < {SMALL_DROP}, or the control drops within 0.05 of it, or parametric drops as much; "
-        f"inconclusive otherwise or when no contextual task reaches {USABLE} undisrupted (usable parametric: "
-        f"Wilson lower bound above chance)")
+RULE = (f"drop = undisrupted minus disrupted accuracy (greedy decoding, strict scoring), pooled: mean over a "
+        f"family's templates whose undisrupted accuracy is >= {USABLE} (usable), then over the families of a kind "
+        f"(contextual, parametric); {LEVEL:.0%} intervals from {N_BOOT} bootstrap replicates that resample each "
+        "family's usable templates and the items within each template, the same items for every condition. "
+        "supported if the contextual drop under massive disruption exceeds (CI lower bound of the difference > 0) "
+        "both the massive drop of every parametric family (closed-book prompts as they are and padded to the "
+        "passkey length are separate families) and the contextual drop under the energy-matched random control "
+        "(mean over its draws); not supported if the contextual massive drop has CI upper bound < "
+        f"{SMALL_DROP}, or the contextual massive drop minus the random-control drop has CI upper bound < {SMALL_DROP} "
+        "(the massive dims are not clearly more harmful than random ones); "
+        "opposite if a parametric family drops more than the contextual tasks (CI upper bound of the difference "
+        "< 0); inconclusive otherwise, or without a usable contextual and a usable parametric family, or without "
+        "the random control. The smallest-dims and V controls, the conflict split and the dose-response are "
+        "reported beside it")
 
 
-def c5_verdict(summary: list[dict], model: str) -> dict:
-  """The C5 verdict for one model by RULE (a dict shaped like analysis.claims.Verdict)."""
-  cell = {(r["task"], r["mode"]): r for r in summary if r["model"] == model}
-  tasks = list(dict.fromkeys(t for t, _ in cell))
-
-  def drop(task, mode):
-    return cell[(task, "off")]["acc"] - cell[(task, mode)]["acc"] if (task, mode) in cell else None
-
-  def usable(t):
-    r = cell.get((t, "off"))
-    if r is None or (t, "massive") not in cell:
-      return False
-    if r["kind"] == "parametric":
-      return r["ci"][0] > CHANCE.get(t, 0.0)
-    return r["acc"] >= USABLE
-
-  ctx = [t for t in tasks if usable(t) and cell[(t, "off")]["kind"] == "contextual"]
-  par = [t for t in tasks if usable(t) and cell[(t, "off")]["kind"] == "parametric"]
-  mean = lambda xs: float(np.mean(xs)) if xs else None
-  ev = {"usable_contextual": ctx, "usable_parametric": par,
-        "contextual_drop_massive": mean([drop(t, "massive") for t in ctx]),
-        "parametric_drop_massive": mean([drop(t, "massive") for t in par]),
-        "contextual_drop_smallest": mean([drop(t, "smallest") for t in ctx if (t, "smallest") in cell]),
-        "contextual_drop_matched": mean([drop(t, "matched") for t in ctx if (t, "matched") in cell]),
-        "contextual_drop_v": mean([drop(t, "v") for t in ctx if (t, "v") in cell])}
-  conflict = [r for r in summary if r["model"] == model and r["kind"] == "conflict"]
-  ev["conflict_split"] = {r["mode"]: r["split"] for r in conflict}
-  c, p, s = ev["contextual_drop_massive"], ev["parametric_drop_massive"], ev["contextual_drop_smallest"]
-  f = lambda x: "-" if x is None else f"{x:.2f}"
-  if c is None:
-    status, why = "inconclusive", f"no contextual task reaches {USABLE} undisrupted (or none ran under 'massive')"
-  elif s is None:
-    status, why = "inconclusive", "the smallest-M control was not run"
-  elif c < SMALL_DROP or s >= c - 0.05 or (p is not None and p >= c):
-    status, why = "refuted", f"contextual drop {f(c)}, control drop {f(s)}, parametric drop {f(p)}"
-  elif c >= BIG_DROP and s <= SMALL_DROP and (p is None or c - p >= GAP):
-    status, why = "supported", f"contextual drop {f(c)}, parametric drop {f(p)}, control drop {f(s)}"
+def c5_verdict(pooled: dict, model: str) -> dict:
+  """The C5 verdict for one model by RULE (a dict shaped like analysis.claims.Verdict's fields)."""
+  ctx = pooled["kinds"].get("contextual")
+  par = {f: e for f, e in pooled["families"].items() if e["kind"] == "parametric" and e["usable"]}
+  massive = ctx and _drop(ctx, "massive")
+  tests = {}
+  if massive is not None and par and "random" in ctx["acc"]:
+    tests = {"random": _minus(massive, _drop(ctx, "random")),
+             **{f: _minus(massive, _drop(e, "massive")) for f, e in par.items() if "massive" in e["acc"]}}
+  f = lambda x: f"{x[0]:.2f} [{_ci(x)[0]:.2f}, {_ci(x)[1]:.2f}]"
+  why = ("contextual massive drop " + f(massive) + "; minus " + "; minus ".join(
+      f"{'random-control drop' if k == 'random' else k + ' drop'} {f(d)}" for k, d in tests.items())) if tests else ""
+  upper, lower = {k: _ci(d)[1] for k, d in tests.items()}, {k: _ci(d)[0] for k, d in tests.items()}
+  if not tests:
+    status, why = "inconclusive", ("no usable contextual or parametric family, or no massive/random condition "
+                                   f"(usable: undisrupted accuracy >= {USABLE})")
+  elif _ci(massive)[1] < SMALL_DROP or upper["random"] < SMALL_DROP:
+    status = "not supported"
+  elif any(upper[k] < 0 for k in par if k in upper):
+    status = "opposite"
+  elif all(v > 0 for v in lower.values()):
+    status = "supported"
   else:
-    status, why = "inconclusive", f"contextual drop {f(c)}, parametric drop {f(p)}, control drop {f(s)}"
-  if p is None and status == "supported":
-    status, why = "inconclusive", why + "; no usable parametric task to compare"
-  return {"claim": "C5", "model": model, "status": status, "summary": why, "evidence": ev, "rule": RULE}
+    status = "inconclusive"
+  evidence = {"contextual_drop_massive": _json(massive), "differences": {k: _json(d) for k, d in tests.items()},
+              "usable": {f: e["usable"] for f, e in pooled["families"].items()}}
+  return {"claim": "C5", "model": model, "status": status, "summary": why, "evidence": evidence, "rule": RULE}
 
 
-def drop_interval(records: list[dict], model: str, tasks: list[str], mode: str = "massive",
-                  n_boot: int = 2000, seed: int = 0) -> tuple[float, float] | None:
-  """95% paired bootstrap interval of the mean (over tasks) accuracy drop off -> mode: examples are
-  resampled within each task, the same draw for both modes (each example ran under every mode)."""
-  if not tasks:
-    return None
-  rng, reps = np.random.default_rng(seed), np.zeros(n_boot)
-  for t in tasks:
-    got = {(r["mode"], r["example"]): r["success"] for r in records if r["model"] == model and r["task"] == t}
-    ex = sorted({e for m, e in got if m == "off"})
-    diff = np.array([got[("off", e)] - got[(mode, e)] for e in ex], np.float64)
-    reps += diff[rng.integers(0, len(ex), (n_boot, len(ex)))].mean(1) / len(tasks)
-  return tuple(float(x) for x in np.percentile(reps, [2.5, 97.5]))
-
-
-def claim(verdicts: list[dict], records: list[dict], positions: dict[str, str]):
+def claim(verdicts: list[dict], pools: dict[str, dict], positions: dict[str, str]):
   """One analysis.claims.Verdict for C5: the first RoPE model (or the only model) decides, a NoPE
-  model (paired arm) is the reference column."""
+  model (paired arm) is the reference column; parts: the differences the rule judges."""
   from analysis.claims import Verdict
   main_ = next((v for v in verdicts if positions.get(v["model"]) != "nope"), verdicts[0])
   ref = next((v for v in verdicts if positions.get(v["model"]) == "nope" and v is not main_), None)
-  ci = lambda v: drop_interval(records, v["model"], v["evidence"]["usable_contextual"])
-  c, r = main_["evidence"]["contextual_drop_massive"], ref and ref["evidence"]["contextual_drop_massive"]
-  status = {"refuted": "not supported"}.get(main_["status"], main_["status"])
-  return Verdict("C5", "Function", "contextual accuracy drop under massive Q/K disruption (mean over usable "
-                 "tasks), absolute", status, RULE, rope=c, rope_ci=ci(main_) if c is not None else None,
-                 nope=r, nope_ci=ci(ref) if r is not None else None,
-                 diff=None if c is None or r is None else c - r, reference=f"arm {ref['model']}" if ref else "",
-                 notes=f"{main_['model']}: {main_['summary']}")
+  drop = lambda v: (lambda k: k and _drop(k, "massive"))(pools[v["model"]]["kinds"].get("contextual"))
+  c, r = drop(main_), ref and drop(ref)
+  diff = _minus(c, r) if c is not None and r is not None else None   # the same items and seeds: paired
+  parts = [{"key": k, "name": f"contextual massive drop minus {k} drop", "point": "", **d, "verdict": ""}
+           for k, d in main_["evidence"]["differences"].items()]
+  return Verdict("C5", "Function", "contextual accuracy drop under massive Q/K disruption (pooled over "
+                 "templates and families), absolute", main_["status"], RULE, rope=c and c[0], rope_ci=c and _ci(c),
+                 nope=r and r[0], nope_ci=r and _ci(r), diff=diff and diff[0], ci=diff and _ci(diff),
+                 reference=f"arm {ref['model']}" if ref else "", notes=f"{main_['model']}: {main_['summary']}",
+                 parts=parts)
+
+
+# ------------------------------------------------------------------------------------------- tables
+
+def _cell(estimate: tuple | None) -> str:
+  return "-" if estimate is None else f"{100 * estimate[0]:.0f} [{100 * _ci(estimate)[0]:.0f}, {100 * _ci(estimate)[1]:.0f}]"
+
+
+def _strength(energy: dict, mode: str) -> str:
+  """Share of Q/K/V energy a condition removes, e.g. 'q 1.2% k 0.8%' (points it leaves alone omitted)."""
+  return " ".join(f"{p.replace('rot_', '')} {100 * e:.2g}%" for p, e in energy.get(mode, {}).items() if e) or "0"
+
+
+def _pooled_rows(pooled: dict):
+  """(row name, entry) of every family, then every kind ('all contextual', ...)."""
+  return [(f, e) for f, e in pooled["families"].items()] + [(f"all {k}", e) for k, e in pooled["kinds"].items()]
+
+
+def pooled_table(pooled: dict, model: str, modes) -> str:
+  """Per family and kind: accuracy % [95% bootstrap CI over templates and items] per condition, the
+  massive drop, and the disruption strength (energy removed) of the massive dims and of the random
+  control, whose match is their ratio."""
+  lines = [f"Pooled over the usable templates (undisrupted accuracy >= {USABLE}): accuracy % "
+           f"[{LEVEL:.0%} bootstrap over templates and items]; conflict: follows the context (mem: answers from memory).",
+           f"| {model}: family (usable templates) | " + " | ".join(COLUMNS.get(m, m) for m in modes)
+           + " | massive drop | energy removed by massive | random / massive energy |", "|---|" + "---|" * (len(modes) + 3)]
+  for name, e in _pooled_rows(pooled):
+    used = f"{len(e['usable'])}/{len(e['templates'])}" if "usable" in e else f"{len(e['families'])} families"
+    cells = [(_cell(e["acc"].get(m)) if "acc" in e else "-")
+             + (f" (mem {100 * e['memory'][m][0]:.0f})" if m in e.get("memory", {}) else "") for m in modes]
+    ratio = {p: e["energy"].get("random", {}).get(p, 0) / x for p, x in e["energy"].get("massive", {}).items() if x}
+    lines.append(f"| {name} ({used}) | " + " | ".join(cells) + f" | {_cell(_drop(e, 'massive')) if 'acc' in e else '-'} | "
+                 f"{_strength(e['energy'], 'massive')} | "
+                 + (" ".join(f"{p.replace('rot_', '')} {x:.2f}" for p, x in ratio.items()) or "-") + " |")
+  return "\n".join(lines)
+
+
+def dose_table(pooled: dict, model: str, doses: dict[str, str]) -> str:
+  """Dose-response: per family and kind, accuracy % [95% CI] and the Q/K energy removed at every
+  lambda of DOSE_LAMS and top-k of DOSE_TOPK."""
+  lines = ["Dose-response: massive dims by lambda (M > lambda x head mean) and the top-k dims per head; "
+           "accuracy % [95% CI] (energy removed).",
+           f"| {model}: family | " + " | ".join(COLUMNS[d] for d in doses) + " |", "|---|" + "---|" * len(doses)]
+  for name, e in _pooled_rows(pooled):
+    lines.append(f"| {name} | " + " | ".join(
+        f"{_cell(e['acc'].get(m)) if 'acc' in e else '-'} ({_strength(e['energy'], m)})" for m in doses.values()) + " |")
+  return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -258,18 +460,23 @@ def known_capitals(model, tokenizer, bos, batch: int) -> tuple[list[tuple[str, s
   """The capital pairs the undisrupted model completes right closed-book (memory for conflicts)."""
   pairs = tasks_llm._modal_pairs(tokenizer, tasks_llm.CAPITALS)
   items = tasks_llm.capitals(tokenizer, len(pairs), seed=0, bos=bos)
-  records, _ = evaluate(model, tokenizer, items, ("off",), DisruptConfig(), batch=batch)
+  records, _ = evaluate(model, tokenizer, items, {"off": DisruptConfig(mode="off")}, batch=batch)
   by_capital = {c: k for k, c in pairs}
   known = [(by_capital[r["answer"]], r["answer"]) for r in records if r["success"]]
   return known, len(known) / len(items)
 
 
-def load_sources(spec: str, suite: str, n: int, seed: int, batch: int):
-  """[(label, model, tokenizer, items, probe prompts, notes)] for 'smollm2', 'random' or a run path."""
+def load_sources(spec: str, suite: str, n: int, seed: int, batch: int, prompts: list[dict] | None = None):
+  """[(label, model, tokenizer, items, probe prompts, notes)] for 'smollm2', 'random' or a run path;
+  the items of `prompts` (tasks_llm.read_prompts rows) in place of the built-in ones when given."""
+  own = lambda tokenizer, bos=None: tasks_llm.from_prompts(prompts, tokenizer, bos)
   if spec == "smollm2":
     from minilm import importers
     model, tokenizer, info = importers.load("smollm2")
     bos = None  # the importer's tokenizer adds BOS where the model's convention does (SmolLM2: never)
+    if prompts:
+      items = own(tokenizer, bos)
+      return [("SmolLM2-135M-Instruct", model, tokenizer, items, [it.prompt for it in items[:4]], {})]
     known, rate = known_capitals(model, tokenizer, bos, batch)
     items = tasks_llm.suite(tokenizer, suite, n, seed, bos, known=known)
     probe = [it.prompt for it in tasks_llm.suite(tokenizer, "quick", 4, seed + 1000, bos, known=known)]
@@ -283,7 +490,7 @@ def load_sources(spec: str, suite: str, n: int, seed: int, batch: int):
     from minilm.model import Decoder
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=2048)
     model = Decoder(cfg, rngs=nnx.Rngs(seed))
-    items = tasks_llm.suite(tokenizer, suite, n, seed, lengths=((400, 6),))  # bytes: ~4x longer prompts
+    items = own(tokenizer) if prompts else tasks_llm.suite(tokenizer, suite, n, seed, lengths=((400, 6),))  # bytes
     return [("random-tiny", model, tokenizer, items, [it.prompt for it in items[:4]], {})]
   path = Path(spec)
   check(path.exists(), "--model", f"must be 'smollm2', 'random' or a run directory; {spec!r} does not exist")
@@ -293,10 +500,17 @@ def load_sources(spec: str, suite: str, n: int, seed: int, batch: int):
   sources = []
   for arm in arms:
     model, tcfg = checkpoints.load_model(str(arm))
-    items = tasks_llm.from_examples(data.eval_examples(tcfg.data, seed, n), tokenizer)
+    items = own(tokenizer) if prompts else tasks_llm.from_examples(data.eval_examples(tcfg.data, seed, n), tokenizer)
     probe = list(data.probe_tokens(tcfg.data, seed + 1000, 16, min(tcfg.data.seq_len, 128)))
     sources.append((arm.name, model, tokenizer, items, probe, {"arm_dir": str(arm)}))
   return sources
+
+
+def check_fits(items, model, label: str, prompts_path: str) -> None:
+  """Every prompt of a prompts file, with its new tokens, within the model's context."""
+  for it in items:
+    check(len(it.prompt) + it.max_new <= model.cfg.max_len, f"{prompts_path}:{it.meta['line']}: prompt",
+          f"{len(it.prompt)} tokens + {it.max_new} new exceed the context of {label} ({model.cfg.max_len} tokens)")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -304,12 +518,17 @@ def load_sources(spec: str, suite: str, n: int, seed: int, batch: int):
 def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--model", required=True, help="smollm2 | random | runs/<experiment>[/<arm>]")
   ap.add_argument("--out", required=True)
-  ap.add_argument("--suite", default="quick", choices=tasks_llm.SUITES)
-  ap.add_argument("--n", type=int, default=20, help="examples per task")
+  ap.add_argument("--prompts", default="", help="FILE.jsonl: your own items in place of the built-in suite")
+  ap.add_argument("--suite", default="templates", choices=tasks_llm.SUITES)
+  ap.add_argument("--n", type=int, default=20, help="examples per task (per template)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--tasks", default="", help="comma list of task-name prefixes to keep (e.g. passkey,conflict)")
-  ap.add_argument("--modes", default=",".join(TABLE_MODES), help=f"comma list of {', '.join(disrupt.MODES)}")
+  ap.add_argument("--modes", default=",".join(TABLE_MODES), help=f"comma list of {', '.join(disrupt.MODES)}; "
+                  "must include off")
+  ap.add_argument("--draws", type=int, default=DRAWS, help="seeded draws of the random control")
+  ap.add_argument("--dose", action="store_true", help="also the massive dims at lambda 3, 4, 5, 6 and the "
+                  "top-1/2/4 dims per head")
   ap.add_argument("--rope", default="post", help="post (rot_q/rot_k, the paper) | pre (q/k)")
   ap.add_argument("--criterion", default="lambda", help="lambda | topk")
   ap.add_argument("--lam", type=float, default=5.0)
@@ -318,31 +537,38 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--source", default="prompt", help="prompt | probe")
 
 
-def config_from(args) -> tuple[DisruptConfig, tuple[str, ...]]:
+def config_from(args) -> tuple[DisruptConfig, dict[str, DisruptConfig]]:
+  """(base config, {label: config} of every condition)."""
   start, stop = 0, 0
   if args.layers:
     parts = args.layers.split(":")
     check(len(parts) == 2 and all(p.strip().isdigit() for p in parts), "--layers",
           f"must read start:stop, e.g. 0:10; got {args.layers!r}")
     start, stop = int(parts[0]), int(parts[1])
-  modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+  modes = parse_modes(args.modes)
   for m in modes:
     DisruptConfig(mode=m)  # one-line error for an unknown mode
+  check("off" in modes, "--modes", f"must include 'off' (every drop is measured from it); got {args.modes!r}")
+  check(args.draws >= 1, "--draws", f"must be >= 1; got {args.draws}")
   base = DisruptConfig(mode="massive", rope=args.rope, criterion=args.criterion, lam=args.lam, top_k=args.top_k,
                        layer_start=start, layer_stop=stop, source=args.source)
-  return base, modes
+  return base, conditions(base, modes, args.draws, args.dose)
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+  return tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
 
 
 FAMILIES = ("passkey", "context_facts", "recall", "capitals", "capitals_yesno", "conflict", "kb_facts")
 """Task families of the built-in suites and of the lab's own examples; --tasks filters by prefix."""
 
 
-def task_filter(text: str) -> tuple[str, ...]:
-  """The --tasks prefixes, each checked against the known families before any model is loaded."""
+def task_filter(text: str, families=FAMILIES) -> tuple[str, ...]:
+  """The --tasks prefixes, each checked against the families before any model is loaded."""
   keep = tuple(t.strip() for t in text.split(",") if t.strip())
   for t in keep:
-    check(any(f.startswith(t) or t.startswith(f) for f in FAMILIES), "--tasks",
-          f"{t!r} names no task; tasks start with one of {', '.join(FAMILIES)}")
+    check(any(f.startswith(t) or t.startswith(f) for f in families), "--tasks",
+          f"{t!r} names no task; tasks start with one of {', '.join(families)}")
   return keep
 
 
@@ -352,73 +578,94 @@ def check_model(spec: str, field: str = "--model", *also: str) -> None:
         f"must be 'smollm2', 'random'{''.join(f', {a!r}' for a in also)} or an existing path; got {spec!r}")
 
 
-def check_shared(args, model: bool = True) -> None:
+def check_shared(args, model: bool = True, families=FAMILIES) -> None:
   """Settings shared by the C5 and C6 studies, checked before any model is loaded (the model spec
   too, unless `model` is False: the lab's own arms exist only once it has trained them)."""
   if model:
     check_model(args.model)
-  task_filter(args.tasks)
+  task_filter(args.tasks, families)
   check(args.n >= 2, "--n", f"must be >= 2 (balanced task sets); got {args.n}")
   check(args.batch >= 1, "--batch", f"must be >= 1; got {args.batch}")
   check_choice("--suite", args.suite, tasks_llm.SUITES)
   atomic.check_out_dir(args.out)
 
 
-def prepared_sources(args) -> list[tuple]:
-  """load_sources with each model's items filtered by --tasks; a filter that keeps nothing is an
-  error before anything is written."""
-  keep = task_filter(args.tasks)
+def prepared_sources(args, prompts: list[dict] | None = None) -> list[tuple]:
+  """load_sources with each model's items filtered by --tasks; a filter that keeps nothing, or a
+  prompt longer than a model's context, is an error before anything is written."""
+  keep = task_filter(args.tasks, _families(prompts))
   sources = []
   for label, model, tokenizer, items, probe, notes in load_sources(args.model, args.suite, args.n, args.seed,
-                                                                   args.batch):
+                                                                   args.batch, prompts):
     items = [it for it in items if not keep or it.task.startswith(keep)]
     check(bool(items), "--tasks", f"no task of {label} starts with {args.tasks!r}")
+    if prompts:
+      check_fits(items, model, label, args.prompts)
     sources.append((label, model, tokenizer, items, probe, notes))
   return sources
 
 
-def plan(args, model: bool = True) -> tuple[DisruptConfig, tuple[str, ...]]:
-  """(base config, modes) of parsed arguments, every option checked without loading a model."""
-  base, modes = config_from(args)
-  check_shared(args, model)
-  return base, modes
+def _families(prompts: list[dict] | None) -> tuple[str, ...]:
+  return tuple(dict.fromkeys(r["family"] for r in prompts)) if prompts else FAMILIES
+
+
+def plan(args, model: bool = True) -> tuple[DisruptConfig, dict[str, DisruptConfig], list[dict] | None]:
+  """(base config, conditions, rows of --prompts or None) of parsed arguments, every option and
+  every line of --prompts checked without loading a model."""
+  base, conds = config_from(args)
+  prompts = tasks_llm.read_prompts(args.prompts) if args.prompts else None
+  check_shared(args, model, _families(prompts))
+  return base, conds, prompts
 
 
 def run(args) -> dict:
   """Validate, load every model, then write the outputs into a staging folder that replaces --out
   only when complete: a bad option or a failure midway leaves an earlier --out as it was."""
-  base, modes = plan(args)
-  sources = prepared_sources(args)
+  base, conds, prompts = plan(args)
+  sources = prepared_sources(args, prompts)
   for _, model, *_ in sources:
     base.layers(model.cfg.n_layers)  # a bad layer range fails before any work
   t_all = time.perf_counter()
-  all_records, report = [], {"disrupt": dataclasses.asdict(base), "modes": modes, "suite": args.suite, "n": args.n,
-                             "seed": args.seed, "models": {}}
+  modes = parse_modes(args.modes)   # the columns (the random draws pooled); the doses have their own table
+  report = {"disrupt": dataclasses.asdict(base), "modes": modes, "conditions": {l: dataclasses.asdict(c) for l, c in conds.items()},
+            "draws": args.draws, "dose": dose_labels(conds) if args.dose else {},
+            "suite": "prompts" if prompts else args.suite, "prompts": args.prompts, "n": args.n, "seed": args.seed,
+            "rule": RULE, "models": {}}
+  all_records, pools = [], {}
   with atomic.staged_dir(args.out) as staging:
     out = Path(staging)
     with open(out / "results.jsonl", "w") as sink:
       for label, model, tokenizer, items, probe_prompts, notes in sources:
         probe = disrupt.probe_norms(model, probe_prompts, base) if base.source == "probe" else None
-        records, seconds = evaluate(model, tokenizer, items, modes, base, label=label, batch=args.batch,
-                                    probe=probe, sink=sink)
+        records, seconds = evaluate(model, tokenizer, items, conds, label=label, batch=args.batch, probe=probe,
+                                    sink=sink)
         all_records += records
+        pools[label] = pool(records, label)
         report["models"][label] = {"seconds": seconds, "examples": len(items),
                                    "position": model.cfg.position.kind, **notes}
-    summary = summarize(all_records)
-    labels = list(report["models"])
-    verdicts = [c5_verdict(summary, m) for m in labels]
-    report.update(summary=summary, verdicts=verdicts, seconds_total=time.perf_counter() - t_all)
-    atomic.write_json(str(out / "summary.json"), report)
-    atomic.write_json(str(out / "verdict.json"), verdicts)
-    from analysis import claims
-    claims.write_claims([claim(verdicts, all_records, {m: report["models"][m]["position"] for m in labels})],
-                        str(out))
-    text = "\n\n".join(table(summary, m, TABLE_MODES + tuple(m_ for m_ in modes if m_ not in TABLE_MODES))
-                       for m in labels)
-    text += "\n\n" + "\n".join(f"C5 [{v['model']}]: {v['status']} ({v['summary']})" for v in verdicts) + "\n"
-    atomic.write_text(str(out / "table.md"), text)
-    plot(summary, out / "c5.png", TABLE_MODES + tuple(m for m in modes if m not in TABLE_MODES))
+    report["seconds_total"] = time.perf_counter() - t_all
+    write_outputs(out, report, all_records, pools)
   return report
+
+
+def write_outputs(out: Path, report: dict, records: list[dict], pools: dict[str, dict]) -> None:
+  """summary.json, verdict.json, claims, table.md and c5.png of a finished run."""
+  from analysis import claims
+  summary, labels, modes = summarize(records), list(report["models"]), report["modes"]
+  verdicts = [c5_verdict(pools[m], m) for m in labels]
+  report.update(summary=summary, pooled={m: pooled_json(p) for m, p in pools.items()}, verdicts=verdicts)
+  atomic.write_json(str(out / "summary.json"), report)
+  atomic.write_json(str(out / "verdict.json"), verdicts)
+  claims.write_claims([claim(verdicts, pools, {m: report["models"][m]["position"] for m in labels})], str(out))
+  columns = [m for m in dict.fromkeys(TABLE_MODES + modes) if m in modes]
+  text = []
+  for m in labels:
+    text += ["Per template: accuracy % [Wilson 95%]; random: the mean over its draws.", table(summary, m, columns),
+             pooled_table(pools[m], m, columns)]
+    text += [dose_table(pools[m], m, report["dose"])] if report["dose"] else []
+  text += [f"C5 [{v['model']}]: {v['status']} ({v['summary']})" for v in verdicts] + [f"Rule: {RULE}"]
+  atomic.write_text(str(out / "table.md"), "\n\n".join(text) + "\n")
+  plot(summary, out / "c5.png", columns)
 
 
 def run_and_print(args) -> None:

@@ -92,9 +92,9 @@ class PretrainedSettings:
 class DisruptSettings:
   section = "disrupt"
   model: str = "smollm2"    # smollm2 | 'run' (the lab's trained arms) | random | a run directory
-  suite: str = "quick"
-  n: int = 20               # examples per task
-  modes: str = "off,smallest,massive,matched,v"
+  suite: str = "templates"  # every family in five templates
+  n: int = 10               # examples per task (per template)
+  modes: str = "off,smallest,massive,random,v"
   batch: int = 8
   seed: int = 0
   extra: tuple[str, ...] = ()  # further `python -m analysis disrupt` arguments, e.g. ["--rope", "pre"]

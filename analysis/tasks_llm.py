@@ -23,12 +23,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import json
+import os
 import re
 from typing import Protocol, Sequence
 
 import numpy as np
 
-from minilm.config import check, check_choice
+from minilm.config import ConfigError, check, check_choice
 
 
 class Tokenizer(Protocol):
@@ -382,6 +384,75 @@ def from_examples(examples: dict[str, list], tokenizer: Tokenizer, kinds: dict[s
                 "memory_ids": [int(t) for t in ex.meta["memory_answer"]]}
       items.append(Item(family, kinds[family], np.asarray(ex.prompt, np.int32), ex.text,
                         tokenizer.decode(meta["answer_ids"]), len(meta["answer_ids"]), meta))
+  return items
+
+
+# ----------------------------------------------------------------------------------- own prompts
+
+PROMPT_FIELDS = ("family", "kind", "prompt", "answer", "memory", "max_new_tokens")
+MAX_NEW = 512
+"""The most new tokens an item may ask for."""
+
+
+def _text_field(row: dict, field: str, where: str, required: bool = True) -> str | None:
+  """A field holding text with a word in it (an answer needs one to be scored); integers are read as
+  their digits."""
+  value = row.get(field)
+  if value is None:
+    check(not required, f"{where}: {field}", "is missing")
+    return None
+  check(isinstance(value, (str, int)) and not isinstance(value, bool), f"{where}: {field}",
+        f"must be a string; got {json.dumps(value)}")
+  check(bool(re.search(r"[^\W_]", str(value))), f"{where}: {field}", f"holds no letter or digit; got {json.dumps(value)}")
+  return str(value)
+
+
+def _prompt_row(row, path: str, number: int, kinds: dict[str, str]) -> dict:
+  """One checked line of a prompts file (see read_prompts)."""
+  where = f"{path}:{number}"
+  check(isinstance(row, dict), f"{where}: line", f"must be a JSON object with {', '.join(PROMPT_FIELDS[:4])}")
+  family, kind = _text_field(row, "family", where), row.get("kind")
+  check(kind is not None, f"{where}: kind", "is missing")
+  check_choice(f"{where}: kind", kind, KINDS)
+  check(kinds.setdefault(family, kind) == kind, f"{where}: kind",
+        f"family {family!r} is {kinds[family]!r} on an earlier line; one kind per family")
+  check(isinstance(row.get("prompt"), str) and row["prompt"].strip() != "", f"{where}: prompt",
+        f"must be a non-empty string; got {json.dumps(row.get('prompt'))}")
+  max_new = row.get("max_new_tokens")
+  check(max_new is None or (isinstance(max_new, int) and not isinstance(max_new, bool) and 1 <= max_new <= MAX_NEW),
+        f"{where}: max_new_tokens", f"must be an integer in 1..{MAX_NEW}; got {json.dumps(max_new)}")
+  return {**row, "family": family, "answer": _text_field(row, "answer", where),
+          "memory": _text_field(row, "memory", where, required=False), "line": number}
+
+
+def read_prompts(path: str) -> list[dict]:
+  """The lines of a prompts file, each checked, before any model is loaded: one JSON object a line
+  with family (any name: the task name in every table), kind (contextual | parametric | conflict),
+  prompt, answer, optional memory (a conflict item's parametric answer) and max_new_tokens (default:
+  the answer's tokens + 2). Other fields are kept with the item. Blank lines are skipped. A bad line
+  is one error 'FILE:LINE: field: what is wrong'."""
+  check(os.path.isfile(path), "--prompts", f"{path} is not a file")
+  rows, kinds = [], {}
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{number}: json: {err.msg} at column {err.colno}") from None
+      rows.append(_prompt_row(row, path, number, kinds))
+  check(bool(rows), "--prompts", f"{path} holds no prompt")
+  return rows
+
+
+def from_prompts(rows: list[dict], tokenizer: Tokenizer, bos=None) -> list[Item]:
+  """Items of `read_prompts` rows, scored like the built-in tasks (meta: memory, the line, other fields)."""
+  items = []
+  for row in rows:
+    meta = {k: v for k, v in row.items() if k not in PROMPT_FIELDS[:4] + ("max_new_tokens",)}
+    item = _item(tokenizer, bos, row["family"], row["kind"], row["prompt"], row["answer"], **meta)
+    items.append(dataclasses.replace(item, max_new=row.get("max_new_tokens") or item.max_new))
   return items
 
 

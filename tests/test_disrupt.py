@@ -43,13 +43,13 @@ def _captured(model, tokens, args=None):
   return {k: np.asarray(v) for k, v in cache.items()}
 
 
-@pytest.mark.parametrize("mode", ["massive", "massive_zero", "top2", "smallest", "matched", "v"])
+@pytest.mark.parametrize("mode", ["massive", "massive_zero", "top2", "smallest", "random", "v"])
 @pytest.mark.parametrize("rope", ["post", "pre"])
 def test_each_mode_changes_exactly_the_named_dims(model, tokens, mode, rope):
   layer = 1
   cfg = DisruptConfig(mode=mode, rope=rope, layer_start=layer, layer_stop=layer + 1)
-  M = disrupt.dim_norms(model, tokens, cfg)
-  args, counts = disrupt.hook_args(M, cfg, CFG.n_layers)
+  M, S = disrupt.norms_and_spread(model, tokens, cfg)
+  args, counts = disrupt.hook_args(M, cfg, CFG.n_layers, S)
   assert sum(c.sum() for c in counts.values()) > 0
   if mode == "massive" and rope == "pre":  # exactly the planted dim, in every head of Q and K
     qp, kp, _ = cfg.points()
@@ -82,28 +82,43 @@ def test_controls_pick_the_right_dims():
   sel = lambda mode: np.flatnonzero(disrupt.select(M, dataclasses.replace(top2, mode=mode))[0, 0]).tolist()
   assert sel("massive") == [0, 1]
   assert sel("smallest") == [4, 5]
-  # norm-matched: dim 0 (100) gets the closest non-massive, 30 (dim 6); dim 1 (90) the next, 5.0 (dim 2)
-  assert sel("matched") == [2, 6]
   # lambda criterion: mean 29.26, so lam=3 -> dims with M > 87.8 -> 0 and 1 again
   assert np.flatnonzero(disrupt.massive(M, DisruptConfig(lam=3.0))[0, 0]).tolist() == [0, 1]
+  with pytest.raises(ConfigError, match="spread S"):
+    disrupt.select(M, dataclasses.replace(top2, mode="random"))
 
 
-def test_matched_control_is_disjoint_and_count_matched():
-  M = np.random.default_rng(0).gamma(1.0, size=(3, 5, 16)) ** 3
-  cfg = DisruptConfig(lam=2.0)
-  massive, matched = disrupt.massive(M, cfg), disrupt.select(M, dataclasses.replace(cfg, mode="matched"))
-  assert massive.sum() > 0
-  assert not np.any(massive & matched)
-  np.testing.assert_array_equal(massive.sum(-1), matched.sum(-1))
+def test_random_control_is_disjoint_seeded_and_matched_on_energy():
+  rng = np.random.default_rng(0)
+  M = rng.gamma(2.0, size=(4, 50, 32))
+  cfg = DisruptConfig(lam=3.0, mode="random")
+  massive = disrupt.massive(M, cfg)
+  # spread to the mean: a share of each dim's norm, smaller for the massive dims (nearly constant)
+  S = M * np.where(massive, 0.3, rng.uniform(0.2, 1.0, M.shape))
+  pick = lambda seed: disrupt.select(M, cfg, S, np.random.default_rng(seed))
+  chosen = pick(0)
+  assert massive.sum() > 0 and not np.any(massive & chosen)
+  np.testing.assert_array_equal(chosen, pick(0))
+  assert np.any(chosen != pick(1))
+  # per head, the lost energy of the chosen dims is close to that of the massive dims
+  target, got = (np.where(massive, S ** 2, 0)).sum(-1), np.where(chosen, S ** 2, 0).sum(-1)
+  has = massive.any(-1)
+  assert np.all(got[~has] == 0) and np.all(chosen[~has].sum(-1) == 0)
+  reachable = has & (np.where(massive, 0, S ** 2).sum(-1) >= target)
+  assert reachable.sum() > 0.9 * has.sum() and np.median(np.abs(got[reachable] / target[reachable] - 1)) < 0.35
+  # random, not the shoulder of the massive dims: chosen dims' M rank among the free dims is central
+  rank = np.argsort(np.argsort(np.where(massive, -np.inf, M), -1), -1) / (M.shape[-1] - 1)
+  assert 0.3 < rank[chosen].mean() < 0.7
 
 
-def test_v_mode_uses_k_counts_and_v_norms(model, tokens):
+def test_v_mode_uses_the_same_dims_as_the_k_massive_ones(model, tokens):
   cfg = DisruptConfig(mode="v", criterion="topk", top_k=3)
   M = disrupt.dim_norms(model, tokens, cfg)
   chosen = disrupt.masks(M, cfg, CFG.n_layers)
   for layer in range(CFG.n_layers):
     v = chosen[f"blocks.{layer}.attn.v"]
-    np.testing.assert_array_equal(v, disrupt.stats.top_k_mask(M[f"blocks.{layer}.attn.v"], 3))
+    np.testing.assert_array_equal(v, disrupt.stats.top_k_mask(M[f"blocks.{layer}.attn.rot_k"], 3))
+    assert not np.array_equal(v, disrupt.stats.top_k_mask(M[f"blocks.{layer}.attn.v"], 3))
     assert not chosen[f"blocks.{layer}.attn.rot_k"].any() and not chosen[f"blocks.{layer}.attn.rot_q"].any()
 
 
@@ -128,7 +143,8 @@ def test_every_mode_of_a_prompt_shape_shares_one_compiled_prefill(model):
   tok = Tokenizer()
   items = [tasks_llm.Item("ctx", "contextual", np.full(13, 7 + i, np.int32), "", "x", 3, {}) for i in range(2)]
   compiled = generate._greedy._cache_size()
-  experiment.evaluate(model, tok, items, experiment.TABLE_MODES, DisruptConfig(criterion="topk", top_k=1), batch=2)
+  conds = experiment.conditions(DisruptConfig(criterion="topk", top_k=1), experiment.TABLE_MODES, dose=True)
+  experiment.evaluate(model, tok, items, conds, batch=2)
   assert generate._greedy._cache_size() == compiled + 1
 
 
@@ -172,49 +188,169 @@ def test_bad_config_is_one_line():
     DisruptConfig(layer_stop=5).layers(2)
 
 
-def _row(task, kind, mode, k, n=20):
-  return {"model": "m", "task": task, "kind": kind, "mode": mode, "n": n, "k": k, "acc": k / n,
-          "ci": experiment.wilson(k, n)}
+def _records(spec: dict, templates: int = 5, n: int = 10) -> list[dict]:
+  """Synthetic records: {family: (kind, {mode: correct examples of n, per template (int or list)})}."""
+  recs = []
+  for family, (kind, counts) in spec.items():
+    for t in range(templates):
+      for mode, k in counts.items():
+        k = k[t] if isinstance(k, list) else k
+        recs += [{"model": "m", "mode": mode, "task": f"{family}/t{t}", "family": family, "example": e, "kind": kind,
+                  "verdict": "correct" if e < k else "wrong", "success": e < k,
+                  "energy_removed": {"rot_q": 0.02 if mode == "massive" else 0.01, "rot_k": 0.01}}
+                 for e in range(n)]
+  return recs
 
 
-def _summary(ctx_massive, par_massive, ctx_smallest):
-  rows = []
-  for mode, (c, p) in {"off": (20, 18), "massive": (ctx_massive, par_massive), "smallest": (ctx_smallest, 18)}.items():
-    rows += [_row("passkey", "contextual", mode, c), _row("capitals", "parametric", mode, p)]
-  return rows
+def _status(passkey: dict, capitals: dict, padded: dict | None = None) -> str:
+  spec = {"passkey": ("contextual", passkey), "capitals": ("parametric", capitals)}
+  if padded:
+    spec["capitals_padded"] = ("parametric", padded)
+  return experiment.c5_verdict(experiment.pool(_records(spec), "m", n_boot=500), "m")["status"]
 
 
 def test_c5_rule():
-  assert experiment.c5_verdict(_summary(2, 16, 20), "m")["status"] == "supported"
-  assert experiment.c5_verdict(_summary(19, 18, 20), "m")["status"] == "refuted"       # massive does nothing
-  assert experiment.c5_verdict(_summary(2, 0, 20), "m")["status"] == "refuted"         # parametric as hurt
-  assert experiment.c5_verdict(_summary(2, 16, 3), "m")["status"] == "refuted"         # control as bad
-  assert experiment.c5_verdict(_summary(12, 16, 20), "m")["status"] == "supported"     # 0.4 vs 0.1
-  assert experiment.c5_verdict(_summary(16, 18, 20), "m")["status"] == "inconclusive"  # drop 0.2 only
-  rows = [dict(r, k=5, acc=0.25) if r["mode"] == "off" and r["kind"] == "contextual" else r
-          for r in _summary(2, 16, 20)]
-  assert experiment.c5_verdict(rows, "m")["status"] == "inconclusive"  # model cannot do the task at all
+  good = {"off": 10, "massive": 1, "random.0": 10, "random.1": 9}
+  assert _status(good, {"off": 10, "massive": 9}, {"off": 10, "massive": 10}) == "supported"
+  # the equal-length parametric family is judged too: hurt as much, so no longer supported
+  assert _status(good, {"off": 10, "massive": 9}, {"off": 10, "massive": 2}) == "inconclusive"
+  assert _status({**good, "random.0": 1, "random.1": 1}, {"off": 10, "massive": 9}) == "not supported"  # control as bad
+  assert _status({**good, "massive": 3, "random.0": 0, "random.1": 0}, {"off": 10, "massive": 9}) == "not supported"
+  assert _status({**good, "massive": 3, "random.0": 5, "random.1": 6}, {"off": 10, "massive": 9}) == "supported"
+  assert _status({**good, "massive": 10}, {"off": 10, "massive": 9}) == "not supported"        # massive does nothing
+  assert _status({**good, "massive": 5}, {"off": 10, "massive": 0}) == "opposite"              # parametric hurt more
+  assert _status({**good, "off": 5}, {"off": 10, "massive": 9}) == "inconclusive"              # cannot do the task
+  assert _status({"off": 10, "massive": 1}, {"off": 10, "massive": 9}) == "inconclusive"       # no random control
   assert experiment.wilson(0, 10)[0] == 0.0 and 0.2 < experiment.wilson(5, 10)[0] < 0.5
 
 
-def test_end_to_end_cli_on_a_tiny_random_decoder(tmp_path, capsys):
+def test_pooled_interval_resamples_templates_as_well_as_items():
+  """Two families with the same mean drop: templates that disagree give the wider interval."""
+  spec = {"same": ("contextual", {"off": 10, "massive": 5}),
+          "split": ("contextual", {"off": 10, "massive": [0, 10, 0, 10, 5]})}
+  pooled = experiment.pool(_records(spec), "m", n_boot=1000)
+  width = {f: np.diff(experiment._ci(experiment._drop(pooled["families"][f], "massive")))[0] for f in spec}
+  point = {f: experiment._drop(pooled["families"][f], "massive")[0] for f in spec}
+  assert point["same"] == point["split"] == 0.5
+  assert width["split"] > 1.5 * width["same"]
+  # the kind pools its families; the energy of each condition is reported per family
+  assert pooled["kinds"]["contextual"]["families"] == ["same", "split"]
+  assert pooled["families"]["same"]["energy"]["massive"] == {"rot_q": 0.02, "rot_k": 0.01}
+
+
+def test_random_draws_pool_into_one_row_per_task():
+  recs = _records({"passkey": ("contextual", {"off": 10, "random.0": 4, "random.1": 6})}, templates=1)
+  for r in recs:
+    r.update(dims_replaced={"rot_q": 0}, energy_removed={"rot_q": 0.0})
+  rows = {r["mode"]: r for r in experiment.summarize(recs)}
+  assert set(rows) == {"off", "random.0", "random.1", "random"}
+  assert rows["random"]["n"] == 10 and rows["random"]["acc"] == 0.5 and rows["random"]["draws"] == 2
+  assert rows["random.0"]["k"] == 4 and rows["random.0"]["n"] == 10
+
+
+def test_conditions_expand_draws_and_doses_without_running_one_twice():
+  conds = experiment.conditions(DisruptConfig(), ("off", "massive", "random"), draws=3, dose=True)
+  assert list(conds)[:5] == ["off", "massive", "random.0", "random.1", "random.2"]
+  assert [c.draw for l, c in conds.items() if l.startswith("random")] == [0, 1, 2]
+  assert "lam5" not in conds and {"lam3", "lam4", "lam6", "top1", "top2", "top4"} <= set(conds)
+  assert conds["lam3"].lam == 3.0 and conds["lam3"].mode == "massive"
+  assert experiment.dose_labels(conds)["lam5"] == "massive"
+
+
+def _write_prompts(path, rows):
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+  return str(path)
+
+
+PROMPTS = [{"family": "needle", "kind": "contextual", "prompt": "The key is 4821. The key is", "answer": "4821"},
+           {"family": "needle", "kind": "contextual", "prompt": "The key is 9930. The key is", "answer": "9930"},
+           {"family": "atlas", "kind": "parametric", "prompt": "The capital of France is", "answer": "Paris",
+            "max_new_tokens": 4, "id": "a1"},
+           {"family": "atlas", "kind": "parametric", "prompt": "The capital of Spain is", "answer": "Madrid"},
+           {"family": "clash", "kind": "conflict", "prompt": "Here the capital of France is Rome. It is",
+            "answer": "Rome", "memory": "Paris"}]
+
+
+def test_own_prompts_end_to_end(tmp_path, capsys):
   out = tmp_path / "c5"
-  assert cli.main(["disrupt", "--model", "random", "--n", "2", "--batch", "2", "--tasks", "passkey,capitals,conflict",
-                          "--out", str(out)]) == 0
+  prompts = _write_prompts(tmp_path / "mine.jsonl", PROMPTS)
+  assert cli.main(["disrupt", "--model", "random", "--prompts", prompts, "--batch", "2", "--draws", "2",
+                   "--out", str(out)]) == 0
   lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
-  tasks = {l["task"] for l in lines}
-  assert tasks == {"passkey_400x6", "capitals", "capitals_yesno", "conflict"}
-  assert len(lines) == len(tasks) * 2 * len(experiment.TABLE_MODES)
-  assert {l["mode"] for l in lines} == set(experiment.TABLE_MODES)
-  assert all(l["verdict"] in ("correct", "wrong", "context", "memory", "other") for l in lines)
-  assert all(l["dims_replaced"]["rot_q"] == l["dims_replaced"]["rot_k"] == 0 for l in lines if l["mode"] == "off")
+  conds = ["off", "smallest", "massive", "random.0", "random.1", "v"]
+  assert len(lines) == len(PROMPTS) * len(conds) and {l["mode"] for l in lines} == set(conds)
+  assert {l["task"] for l in lines} == {"needle", "atlas", "clash"}
+  summary = json.loads((out / "summary.json").read_text())
+  rows = summary["summary"]
+  assert all({"task", "kind", "mode", "n", "k", "acc", "ci"} <= set(r) for r in rows)
+  assert {(r["task"], r["kind"]) for r in rows} == {("needle", "contextual"), ("atlas", "parametric"), ("clash", "conflict")}
+  assert {r["mode"] for r in rows} == set(conds) | {"random"}
+  assert next(l for l in lines if l["task"] == "atlas" and l["meta"].get("id") == "a1")["output"] is not None
   table = (out / "table.md").read_text()
-  assert "massive disrupted" in table and "C5 [random-tiny]" in table
-  verdict = json.loads((out / "verdict.json").read_text())
-  assert verdict[0]["claim"] == "C5" and verdict[0]["status"] in ("supported", "refuted", "inconclusive")
-  assert (out / "c5.png").stat().st_size > 0
-  assert "massive disrupted" in capsys.readouterr().out
+  assert "| needle (2) |" in table and "Pooled over the usable templates" in table and "Rule: " in table
   claim = json.loads((out / "claims.json").read_text())["claims"]
   assert [c["claim"] for c in claim] == ["C5"] and claim[0]["verdict"] == "inconclusive"  # untrained: no usable task
+  assert "needle" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"family": "x", "kind": "contextual", "prompt": "p"}', "answer: is missing"),
+    ('{"family": "x", "kind": "contextual", "prompt": "p", "answer": "  ."}', "answer: holds no letter or digit"),
+    ('{"family": "x", "kind": "factual", "prompt": "p", "answer": "a"}', "kind: must be one of"),
+    ('{"family": "needle", "kind": "parametric", "prompt": "p", "answer": "a"}', "kind: family 'needle' is 'contextual'"),
+    ('{"family": "x", "kind": "contextual", "prompt": "", "answer": "a"}', "prompt: must be a non-empty string"),
+    ('{"family": "x", "kind": "contextual", "prompt": "p", "answer": "a", "max_new_tokens": 0}', "max_new_tokens: must be"),
+    ('{"family": "x", "kind": "conflict", "prompt": "p", "answer": "a", "memory": ["b"]}', "memory: must be a string"),
+    ('{"family": "x", "kind": "contextual", "prompt": "p", "answer": "a"', "json: "),
+    ('["x"]', "line: must be a JSON object"),
+])
+def test_bad_prompt_lines_are_one_error_before_any_model_loads(tmp_path, capsys, monkeypatch, bad, message):
+  out = tmp_path / "c5"
+  out.mkdir()
+  (out / "old.txt").write_text("earlier results")
+  prompts = _write_prompts(tmp_path / "mine.jsonl", PROMPTS[:2] + ["", bad])
+  monkeypatch.setattr(experiment, "load_sources", lambda *a: pytest.fail("a model was loaded"))
+  assert cli.main(["disrupt", "--model", "random", "--prompts", prompts, "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {prompts}:4: {message}") and err.count("\n") == 1, err
+  assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+def test_a_prompt_longer_than_the_context_fails_before_writing(tmp_path, capsys):
+  out = tmp_path / "c5"
+  out.mkdir()
+  (out / "old.txt").write_text("earlier results")
+  long = {"family": "x", "kind": "contextual", "prompt": "word " * 500, "answer": "a"}  # bytes: 2500 > 2048
+  prompts = _write_prompts(tmp_path / "mine.jsonl", [PROMPTS[0], long])
+  assert cli.main(["disrupt", "--model", "random", "--prompts", prompts, "--out", str(out)]) == 2
+  assert capsys.readouterr().err.startswith(f"error: {prompts}:2: prompt: 2500 tokens")
+  assert [p.name for p in out.iterdir()] == ["old.txt"]
+  assert cli.main(["disrupt", "--model", "random", "--prompts", prompts, "--tasks", "y", "--out", str(out)]) == 2
+  assert "--tasks: 'y' names no task; tasks start with one of needle, x" in capsys.readouterr().err
+
+
+def test_end_to_end_templates_on_a_tiny_random_decoder(tmp_path, capsys):
+  out = tmp_path / "c5"
+  assert cli.main(["disrupt", "--model", "random", "--n", "2", "--batch", "2", "--tasks", "conflict",
+                   "--modes", "off,massive,random", "--draws", "2", "--out", str(out)]) == 0
+  lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+  assert {l["task"] for l in lines} == {f"conflict/t{i}" for i in range(5)} and {l["family"] for l in lines} == {"conflict"}
+  assert len(lines) == 5 * 2 * 4
+  assert all(l["verdict"] in ("context", "memory", "other") for l in lines)
+  assert all(l["dims_replaced"]["rot_q"] == l["dims_replaced"]["rot_k"] == 0 for l in lines if l["mode"] == "off")
+  table = (out / "table.md").read_text()
+  assert "massive disrupted" in table and "C5 [random-tiny]" in table and "| conflict (0/5) |" in table
+  verdict = json.loads((out / "verdict.json").read_text())
+  assert verdict[0]["claim"] == "C5" and verdict[0]["status"] == "inconclusive"
+  assert (out / "c5.png").stat().st_size > 0
+  assert "massive disrupted" in capsys.readouterr().out
   assert cli.main(["disrupt", "--model", "random", "--modes", "off,bogus", "--out", str(out)]) == 2
   assert "disrupt.mode" in capsys.readouterr().err
+  assert cli.main(["disrupt", "--model", "random", "--modes", "massive", "--out", str(out)]) == 2
+  assert "--modes: must include 'off'" in capsys.readouterr().err
+
+
+def test_the_c5_rule_is_written_in_the_docs_verbatim():
+  from pathlib import Path
+  docs = (Path(__file__).parents[1] / "docs" / "claims.md").read_text()
+  assert experiment.RULE in docs

@@ -74,7 +74,7 @@ def test_disrupt_and_quant_settings_reach_the_analyses_through_their_own_parsers
   lab.stages["disrupt"].run()
   lab.stages["quant"].run()
   d, q = seen["disrupt"], seen["quant"]
-  assert (d.n, d.model, d.rope, d.suite, d.out) == (7, lab.run_dir, "pre", "quick", lab.path("disrupt"))
+  assert (d.n, d.model, d.rope, d.suite, d.out) == (7, lab.run_dir, "pre", "templates", lab.path("disrupt"))
   assert (q.methods, q.bits, q.model, q.n, q.group_size, q.top_k) == ("rtn,awq", "3", lab.run_dir, 32, 32, 2)
 
 
