@@ -2,7 +2,9 @@
 
     .venv/bin/python bench/train_throughput.py [--sizes 1m,5m,25m] [--steps 5] [--xla-flags '...']
 
-MFU = tokens/s * FLOPs per token / (float32 matmul rate measured here: 2048^3 matmul, random data).
+MFU = tokens/s * FLOPs per token / peak FLOP/s: on an accelerator its datasheet peak for the compute
+dtype (PEAKS, dense, no sparsity; jax runs float32 matmuls as TF32 on NVIDIA GPUs and as bfloat16
+passes on TPUs, hence those float32 peaks), on CPU the float32 matmul rate measured here (2048^3).
 FLOPs per token (forward + backward) = 6 * N + 12 * L * T * d, with N the non-embedding
 parameters (the tied embedding/logit matmul is not counted), L layers, T sequence length, d width.
 Batches are random tokens (weights 1): this measures the model step, not data generation.
@@ -17,6 +19,18 @@ import time
 SIZES = {"1m": dict(d_model=128, n_layers=4, n_heads=4), "5m": dict(d_model=256, n_layers=6, n_heads=4),
          "25m": dict(d_model=512, n_layers=8, n_heads=8)}
 TARGET = {"1m": 0.50, "5m": 0.65, "25m": 0.75}
+# device_kind substring -> (bfloat16, float32) dense peak FLOP/s; the first match counts.
+PEAKS = (("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 495e12), ("H200", 989e12, 495e12),
+         ("A100", 312e12, 156e12), ("TPU v4", 275e12, 275e12), ("TPU v5 lite", 197e12, 197e12),
+         ("TPU v5", 459e12, 459e12), ("TPU v6 lite", 918e12, 918e12))
+
+
+def accelerator_peak(device_kind: str, dtype: str) -> float | None:
+  """Datasheet peak FLOP/s of the device for `dtype`, or None for a device not in PEAKS."""
+  for kind, bf16, f32 in PEAKS:
+    if kind in device_kind:
+      return bf16 if dtype == "bfloat16" else f32
+  return None
 
 
 def main() -> None:
@@ -39,13 +53,17 @@ def main() -> None:
   from train.config import OptimConfig
   from train.step import init_opt_state, train_step
 
-  x = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-  matmul = jax.jit(lambda a: a @ a)
-  jax.block_until_ready(matmul(x))
-  best = min(_timed(lambda: jax.block_until_ready(matmul(x))) for _ in range(5))
-  peak = 2 * 2048 ** 3 / best
   print(f"devices: {jax.devices()}  cpu cores: {os.cpu_count()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print(f"float32 matmul 2048^3: {peak / 1e9:.1f} GFLOP/s (best of 5)")
+  kind = jax.devices()[0].device_kind
+  peak = accelerator_peak(kind, args.dtype) if jax.default_backend() != "cpu" else None
+  if peak:
+    print(f"MFU against {kind}'s {args.dtype} dense peak: {peak / 1e12:.0f} TFLOP/s")
+  else:
+    x = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(matmul(x))
+    peak = 2 * 2048 ** 3 / min(_timed(lambda: jax.block_until_ready(matmul(x))) for _ in range(5))
+    print(f"MFU against the float32 matmul 2048^3 measured here: {peak / 1e9:.1f} GFLOP/s (best of 5)")
   print(f"{'size':>5} {'params':>8} {'non-emb':>8} {'step s':>8} {'tokens/s':>10} {'GFLOP/s':>8} {'MFU':>6} {'target':>6}")
   optim, mesh = OptimConfig(), sharding.make_mesh(1)
   for name in args.sizes.split(","):
