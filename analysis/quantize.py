@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,8 @@ import numpy as np
 import scipy.linalg
 
 from minilm.config import check, check_choice
+
+STEP = 16  # GPTQ rows rounded per jitted call (see _gptq_block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,23 +221,36 @@ def inverse_cholesky(h_IxI: np.ndarray) -> np.ndarray:
 
 
 def _gptq_block(w_BxO, u_BxB, spec: QuantSpec, group: int, grid_O) -> tuple[np.ndarray, np.ndarray]:
-  """(Q [B, O] float32, error [B, O]) of one block; each group's grid is fitted (in numpy, as
-  `rtn` does) on the group's current rows when the loop reaches them, or `grid_O` throughout."""
-  B = len(w_BxO)
-  carry = (jnp.asarray(w_BxO), jnp.zeros(w_BxO.shape, jnp.float32), jnp.zeros(w_BxO.shape, jnp.float64))
-  for g0 in range(0, B, group):
-    scale_O, zero_O = grid_O if grid_O is not None else grid(np.asarray(carry[0][g0:g0 + group]), spec)
-    carry = _gptq_rows(carry, u_BxB, scale_O, zero_O, g0, spec=spec, n=min(group, B - g0))
+  """(Q [B, O] float32, error [B, O]) of one block, rows in steps of STEP rows per jitted call.
+  A group's grid is fitted (in numpy, as `rtn` does) on its current rows when a step reaches its
+  first row, or `grid_O` serves throughout."""
+  B, O = w_BxO.shape
+  step = min(B, STEP if grid_O is not None else math.gcd(group, STEP))  # a step starts every group
+  carry = (jnp.asarray(w_BxO), jnp.zeros((B, O), jnp.float32), jnp.zeros((B, O), jnp.float64))
+  scale_O, zero_O = grid_O if grid_O is not None else (None, None)
+  for r0 in range(0, B, step):
+    if grid_O is None and r0 % group == 0:
+      scale_O, zero_O = grid(np.asarray(carry[0][r0:r0 + group]), spec)
+    carry = _gptq_rows(carry, u_BxB, scale_O, zero_O, r0, spec=spec, step=min(step, B - r0))
   return np.asarray(carry[1]), np.asarray(carry[2])
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "n"), donate_argnums=0)
-def _gptq_rows(carry, u_BxB, scale_O, zero_O, start, *, spec: QuantSpec, n: int):
-  """Rows start .. start+n of a block, in order: round the row, then spread its error over the
-  block's rows by U's row (upper triangular: the rows already rounded receive exact zeros)."""
+@functools.partial(jax.jit, static_argnames=("spec", "step"), donate_argnums=0)
+def _gptq_rows(carry, u_BxB, scale_O, zero_O, r0, *, spec: QuantSpec, step: int):
+  """Rows r0 .. r0+step of a block in order: round a row, spread its error over the step's rows
+  by U's row (upper triangular: rows already rounded receive exact zeros); then the rest of the
+  block gets the step's errors in one product, not a rank-1 update of the whole block per row
+  (which streams it through memory once per row)."""
+  w_BxO, q_BxO, err_BxO = carry
+  u_SxS = jax.lax.dynamic_slice(u_BxB, (r0, r0), (step, step))
+
   def row(i, carry):
-    w_BxO, q_BxO, err_BxO = carry
-    q_O = fake_quant(w_BxO[i], scale_O, zero_O, spec)
-    err_O = (w_BxO[i] - q_O) / u_BxB[i, i]
-    return w_BxO - u_BxB[i][:, None] * err_O[None], q_BxO.at[i].set(q_O), err_BxO.at[i].set(err_O)
-  return jax.lax.fori_loop(start, start + n, row, carry)
+    w_SxO, q_SxO, err_SxO = carry
+    q_O = fake_quant(w_SxO[i], scale_O, zero_O, spec)
+    err_O = (w_SxO[i] - q_O) / u_SxS[i, i]
+    return w_SxO - u_SxS[i][:, None] * err_O[None], q_SxO.at[i].set(q_O), err_SxO.at[i].set(err_O)
+  w_SxO = jax.lax.dynamic_slice_in_dim(w_BxO, r0, step)
+  _, q_SxO, err_SxO = jax.lax.fori_loop(0, step, row, (w_SxO, jnp.zeros_like(w_SxO, jnp.float32), jnp.zeros_like(w_SxO)))
+  w_BxO = w_BxO - jax.lax.dynamic_slice_in_dim(u_BxB, r0, step).T @ err_SxO  # rows up to r0 + step are done: U's zeros there, or unused
+  return (w_BxO, jax.lax.dynamic_update_slice_in_dim(q_BxO, q_SxO, r0, 0),
+          jax.lax.dynamic_update_slice_in_dim(err_BxO, err_SxO, r0, 0))
