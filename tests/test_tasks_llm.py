@@ -122,3 +122,23 @@ def test_templates_suite_has_five_templates_per_family_that_differ():
       assert 700 - len(TOK.encode(" " + T.PASSKEY_TEMPLATES[i].filler)) < len(p.prompt) <= 700
   assert all(it.answer.isdigit() and T.PASSKEY_TEMPLATES[3].needle.format(key=it.answer) in it.text
              for it in by_task["passkey/t3"])
+
+
+def test_own_prompts_become_items_scored_like_the_built_in_ones(tmp_path):
+  path = tmp_path / "mine.jsonl"
+  path.write_text('{"family": "pk", "kind": "contextual", "prompt": "key 42. key:", "answer": 482913}\n\n'
+                  '{"family": "cf", "kind": "conflict", "prompt": "x", "answer": "Rome", "memory": "Paris", '
+                  '"max_new_tokens": 3, "source": "atlas"}\n')
+  rows = T.read_prompts(str(path))
+  assert [r["line"] for r in rows] == [1, 3]
+  pk, cf = T.from_prompts(rows, TOK)
+  assert (pk.task, pk.kind, pk.answer, pk.max_new) == ("pk", "contextual", "482913", len(TOK.encode(" 482913")) + 2)
+  assert T.verdict(pk, _ids(" 482 913"), TOK) == "correct"
+  assert cf.max_new == 3 and cf.meta["source"] == "atlas" and cf.meta["memory"] == "Paris"
+  assert T.verdict(cf, _ids(" Paris"), TOK) == "memory"
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  with pytest.raises(ConfigError, match="holds no prompt"):
+    T.read_prompts(str(empty))
+  with pytest.raises(ConfigError, match="--prompts: .* is not a file"):
+    T.read_prompts(str(tmp_path / "missing.jsonl"))
