@@ -7,8 +7,8 @@ group per output column ("per channel"). Because every scale belongs to one outp
 columns quantize independently, which is what lets a scheme keep chosen columns in full precision.
 
 Numpy, float32 for the data and float64 where a factorisation needs it (GPTQ's Cholesky); GPTQ's
-row loop is sequential by nature and runs jitted in JAX (float64), one block of rows per call.
-`grid` and `fake_quant` take numpy or jax arrays, so RTN and GPTQ round with the same code.
+row loop is sequential by nature and runs jitted in JAX (float64), a step of rows per call.
+`fake_quant` takes numpy or jax arrays, so RTN and GPTQ round with the same code.
 """
 from __future__ import annotations
 
@@ -177,8 +177,8 @@ def gptq(w_IxO, h_IxI, spec: QuantSpec, *, damp: float = 0.01, block: int = 128)
   always zero (H_ii = 0) are set to zero. Output columns never interact, so linears that share an
   input (and so H) can be quantized as one W side by side, with one factorisation.
 
-  Float64 throughout except the rounding itself (float32, as `rtn`); the rows of a block run in a
-  jitted loop, the lazy update between blocks is one BLAS product.
+  Float64 throughout except the rounding itself (float32, as `rtn`); the rows run in jitted steps
+  (`_gptq_block`), the lazy update between blocks is one BLAS product.
   """
   check(damp > 0, "gptq.damp", f"must be > 0; got {damp}")
   check(block >= 1, "gptq.block", f"must be >= 1; got {block}")
