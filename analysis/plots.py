@@ -316,7 +316,9 @@ def sinks_over_steps(store: T.Store, summ: dict) -> list[str]:
       s = np.array(sorted((g["step"], *g["sink"]) for g in layers if g["layer"] == layer))
       ax.plot(place(s[:, 0]), s[:, 1], marker=".", color=depth.to_rgba(layer))
       ax.fill_between(place(s[:, 0]), s[:, 2], s[:, 3], color=depth.to_rgba(layer), alpha=0.12, linewidth=0)
-    ax.axhline(summ["level"], color="grey", lw=0.8, ls="-.")
+    ax.axhline(summ["level"], color="grey", lw=0.8, ls="-.", label="sink head")
+    ax.axhline(np.mean([s["uniform"] for s in summ["steps"]]), color="grey", lw=0.8, ls=":", label="uniform")
+    ax.legend(fontsize=7)
     ax.set_ylabel(f"{arm}: sink share (head mean)")
     fig.colorbar(depth, ax=ax, label="layer")
     ax = axes[r, 1]
@@ -324,10 +326,10 @@ def sinks_over_steps(store: T.Store, summ: dict) -> list[str]:
     place = step_axis(ax, [s["step"] for s in steps])
     for tensor in ("rot_q", "rot_k"):
       a = np.array([[s["step"], *s["association"][tensor]] for s in steps], np.float64)
-      ax.plot(place(a[:, 0]), a[:, 1], STYLE[tensor], marker=".", label=tensor)
-      ax.fill_between(place(a[:, 0]), a[:, 2], a[:, 3], alpha=0.15, linewidth=0)
+      line, = ax.plot(place(a[:, 0]), a[:, 1], STYLE[tensor], marker=".", label=tensor)
+      ax.fill_between(place(a[:, 0]), a[:, 2], a[:, 3], color=line.get_color(), alpha=0.15, linewidth=0)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_ylabel("Spearman rho: sink share vs max/mean")
+    ax.set_ylabel("rho(sink share, max/mean)")
     ax.legend(fontsize=7)
   for ax in axes[-1]:
     ax.set_xlabel("step (log; 0 at left)")
