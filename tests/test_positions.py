@@ -8,6 +8,7 @@ import pytest
 from minilm import positions as P
 
 RNG = np.random.default_rng(0)
+EPS32 = float(np.finfo(np.float32).eps)
 
 
 def rope(x, pos, **kw):
@@ -22,6 +23,8 @@ def pairs(head_dim, layout, **kw):
 
 # ------------------------------------------------------------------------------------ frequencies
 
+# Frequencies and slopes are float64 on both sides: pow's rounded exponent moves them by about
+# ln(base) * 2e-16 < 1e-14, so rtol=1e-12 is safe and far below float32's 1e-7.
 def test_theta_hand_computed():
   np.testing.assert_allclose(P.rope_frequencies(8, 10000.0), [1.0, 0.1, 0.01, 0.001], rtol=1e-12)
   np.testing.assert_allclose(P.rope_frequencies(4, 100.0), [1.0, 0.1], rtol=1e-12)
@@ -48,15 +51,16 @@ def test_linear_scaling_is_position_interpolation():
   """theta / factor at position t rotates exactly as theta at position t / factor."""
   x = RNG.normal(size=(1, 3, 2, 16))
   theta = P.scale_frequencies(P.rope_frequencies(16, 1e4), "linear", 4.0)
-  np.testing.assert_allclose(rope(x, np.asarray([0, 8, 20]), theta=theta),
-                             rope(x, np.asarray([0.0, 2.0, 5.0]), base=1e4), atol=1e-5)
+  # exact: dividing by 4 and multiplying by 8 = 4 * 2 are exact, so both angles are the same floats
+  np.testing.assert_array_equal(rope(x, np.asarray([0, 8, 20]), theta=theta),
+                                rope(x, np.asarray([0.0, 2.0, 5.0]), base=1e4))
 
 
 def test_llama3_scaling_keeps_fast_pairs_and_slows_slow_ones():
   theta = P.rope_frequencies(64, 5e5)
   scaled = P.scale_frequencies(theta, "llama3", 8.0, 1.0, 4.0, 8192)
   wavelen = 2 * np.pi / theta
-  np.testing.assert_array_equal(scaled[wavelen < 2048], theta[wavelen < 2048])
+  np.testing.assert_array_equal(scaled[wavelen < 2048], theta[wavelen < 2048])   # exact: kept as they are
   np.testing.assert_allclose(scaled[wavelen > 8192], theta[wavelen > 8192] / 8.0, rtol=1e-12)
   band = (wavelen >= 2048) & (wavelen <= 8192)
   assert band.any() and np.all((scaled[band] <= theta[band]) & (scaled[band] >= theta[band] / 8.0))
@@ -83,7 +87,9 @@ def test_rotation_keeps_pair_norms(layout, partial):
   x = RNG.normal(size=(2, 50, 3, 16)).astype(np.float32)
   y = rope(x, np.arange(50) * 37, layout=layout, **partial)
   for d1, d2 in pairs(16, layout, **partial):
-    np.testing.assert_allclose(np.hypot(y[..., d1], y[..., d2]), np.hypot(x[..., d1], x[..., d2]), rtol=1e-5)
+    # float32 cos and sin (a few ulps: cos^2 + sin^2 = 1 within ~4 eps), two products and a sum each
+    # rounded: the pair's norm moves by a few eps; 16 eps.
+    np.testing.assert_allclose(np.hypot(y[..., d1], y[..., d2]), np.hypot(x[..., d1], x[..., d2]), rtol=16 * EPS32)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -94,7 +100,7 @@ def test_unrotated_dims_untouched(layout, partial):
   fixed = P.rope_pair_index(16, layout, **partial) < 0
   if partial:
     assert fixed.any()
-  np.testing.assert_array_equal(y[..., fixed], x[..., fixed])
+  np.testing.assert_array_equal(y[..., fixed], x[..., fixed])   # exact: passed through untouched
   assert not np.allclose(y[..., ~fixed], x[..., ~fixed])
 
 
@@ -102,7 +108,8 @@ def test_unrotated_dims_untouched(layout, partial):
 @pytest.mark.parametrize("partial", PARTIALS)
 def test_relative_position_property(layout, partial):
   """<R_m q, R_n k> depends only on m - n, up to float32 angles: each angle m*theta is rounded
-  to 2^-24 relative, so the dot product may move by about 2 * m_max * 2^-24 * |q||k|."""
+  to 2^-24 relative, so the dot product may move by about 2 * m_max * 2^-24 * |q||k|; the rotation's
+  own rounding (a few eps of each pair, as above) adds 16 eps * |q||k|."""
   q = RNG.normal(size=(1, 1, 1, 32)).astype(np.float32)
   k = RNG.normal(size=(1, 1, 1, 32)).astype(np.float32)
   for delta in [0, 1, 7, 100]:
@@ -111,14 +118,14 @@ def test_relative_position_property(layout, partial):
       rq = rope(q, [n + delta], layout=layout, **partial)
       rk = rope(k, [n], layout=layout, **partial)
       dots.append(float((rq * rk).sum()))
-    bound = 2 * 4100 * 2.0 ** -24 * np.linalg.norm(q) * np.linalg.norm(k) + 1e-5
+    bound = (2 * 4100 * 2.0 ** -24 + 16 * EPS32) * np.linalg.norm(q) * np.linalg.norm(k)
     np.testing.assert_allclose(dots, dots[0], atol=bound)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_position_zero_is_identity(layout):
   x = RNG.normal(size=(2, 1, 4, 16)).astype(np.float32)
-  np.testing.assert_array_equal(rope(x, [0], layout=layout), x)
+  np.testing.assert_array_equal(rope(x, [0], layout=layout), x)   # exact: cos 0 = 1, sin 0 = 0
 
 
 def test_half_and_interleaved_agree_after_permutation():
@@ -127,8 +134,10 @@ def test_half_and_interleaved_agree_after_permutation():
   perm[0::2], perm[1::2] = np.arange(D // 2), np.arange(D // 2) + D // 2
   x_half = RNG.normal(size=(2, 30, 3, D)).astype(np.float32)
   pos = np.arange(30) * 13
+  # The same two products and difference per element; only their fusing (FMA or not) may differ:
+  # within 2 eps of the largest input.
   np.testing.assert_allclose(rope(x_half, pos, layout="half")[..., perm],
-                             rope(x_half[..., perm], pos, layout="interleaved"), atol=1e-6)
+                             rope(x_half[..., perm], pos, layout="interleaved"), rtol=0, atol=2 * EPS32 * np.abs(x_half).max())
 
 
 @pytest.mark.parametrize("base", [100.0, 1e4, 1e6])
@@ -141,7 +150,10 @@ def test_complex_number_reference(base):
   theta = base ** (-np.arange(D // 2) * 2.0 / D)
   z = z * np.exp(1j * pos[None, :, None, None] * theta)
   expected = np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
-  np.testing.assert_allclose(rope(x, pos, base=base, layout="interleaved"), expected, atol=2e-4)
+  # float32 angles m*theta (theta and the product rounded: |m*theta| * eps rad, theta <= 1) turn each
+  # pair (norm <= sqrt(2) max|x|) by that much; the rotation's own rounding adds a few eps.
+  atol = (pos.max() + 4) * EPS32 * np.sqrt(2) * np.abs(x).max()
+  np.testing.assert_allclose(rope(x, pos, base=base, layout="interleaved"), expected, atol=atol)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -152,10 +164,13 @@ def test_period_of_each_pair(layout):
   x = RNG.normal(size=(1, 1, 1, D)).astype(np.float32)
   for j, (d1, d2) in enumerate(pairs(D, layout)):
     period = 2 * np.pi / theta[j]
+    # The angle (2 pi or pi) is rounded three times (position, theta, product): <= 2 pi * 1.5 eps rad;
+    # with cos, sin and the rotation's rounding, within 16 eps of the pair's norm.
+    atol = 16 * EPS32 * np.hypot(x[..., d1], x[..., d2]).max()
     y = rope(x, np.array([period], np.float64), layout=layout)
-    np.testing.assert_allclose(y[..., [d1, d2]], x[..., [d1, d2]], atol=1e-4 * max(1.0, period / 1e3))
+    np.testing.assert_allclose(y[..., [d1, d2]], x[..., [d1, d2]], atol=atol)
     half = rope(x, np.array([period / 2], np.float64), layout=layout)  # half a turn flips the pair
-    np.testing.assert_allclose(half[..., [d1, d2]], -x[..., [d1, d2]], atol=1e-4 * max(1.0, period / 1e3))
+    np.testing.assert_allclose(half[..., [d1, d2]], -x[..., [d1, d2]], atol=atol)
 
 
 def _reference_f64(x, pos, base, D):
@@ -166,23 +181,30 @@ def _reference_f64(x, pos, base, D):
   return np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
 
 
+def _pair_norm(x, D):
+  """The largest norm of a (j, j + D/2) pair."""
+  x = np.asarray(x, np.float64)
+  return np.hypot(x[..., : D // 2], x[..., D // 2:]).max()
+
+
 def test_float32_angle_precision_at_8191():
-  """Angles in float32 at position 8191 lose at most ~8191 * 2^-23 rad: |error| <= 1e-3 * |x|."""
+  """Angles in float32 at position 8191 lose at most 8191 * 2^-23 rad (theta and the product rounded),
+  which turns a pair by that much of its norm; the rotation's own rounding adds a few eps."""
   D = 64
   x = RNG.normal(size=(1, 1, 4, D)).astype(np.float32)
   got = rope(x, [8191], base=1e4)
   ref = _reference_f64(x, 8191.0, 1e4, D)
-  assert np.abs(got - ref).max() <= 1e-3 * np.abs(x).max()
+  assert np.abs(got - ref).max() <= (8191 + 4) * EPS32 * _pair_norm(x, D)
 
 
 def test_bfloat16_input_rotates_in_float32():
-  """bf16 in, bf16 out; only the output cast loses precision (2^-8 relative), not the angle."""
+  """bf16 in, bf16 out; the output cast loses 2^-8 relative, the float32 angle 8191 eps (as above)."""
   D = 64
   x = jnp.asarray(RNG.normal(size=(1, 1, 4, D)), jnp.bfloat16)
   got = P.apply_rope(x, jnp.asarray([8191]), base=1e4)
   assert got.dtype == jnp.bfloat16
   ref = _reference_f64(np.asarray(x, np.float64), 8191.0, 1e4, D)
-  assert np.abs(np.asarray(got, np.float64) - ref).max() <= 1e-2 * np.abs(np.asarray(x, np.float64)).max()
+  assert np.abs(np.asarray(got, np.float64) - ref).max() <= (2.0 ** -8 + (8191 + 4) * EPS32) * _pair_norm(x, D)
 
 
 @pytest.mark.parametrize("bad", [dict(fraction=0.0), dict(fraction=1.5), dict(partial="gptj"), dict(layout="zigzag")])
@@ -208,9 +230,9 @@ def test_alibi_slopes(n):
   np.testing.assert_allclose(P.alibi_slopes(n), paper_slopes(n), rtol=1e-12)
 
 
-def test_alibi_slopes_hand_values():
-  np.testing.assert_allclose(P.alibi_slopes(8), [1 / 2 ** i for i in range(1, 9)])
-  np.testing.assert_allclose(P.alibi_slopes(6), [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+def test_alibi_slopes_hand_values():   # exact: 2^(-8/n) is a power of two for n = 4, 8, and so are its powers
+  np.testing.assert_array_equal(P.alibi_slopes(8), [1 / 2 ** i for i in range(1, 9)])
+  np.testing.assert_array_equal(P.alibi_slopes(6), [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
 
 
 def test_alibi_bias_zero_diagonal_linear_in_distance():
@@ -218,9 +240,9 @@ def test_alibi_bias_zero_diagonal_linear_in_distance():
   pos = np.arange(10)
   bias = np.asarray(P.alibi_bias(slopes, pos, pos))  # [H, T, S]
   assert bias.shape == (6, 10, 10)
-  np.testing.assert_array_equal(np.diagonal(bias, axis1=1, axis2=2), 0.0)
+  np.testing.assert_array_equal(np.diagonal(bias, axis1=1, axis2=2), 0.0)   # exact: slope * 0
   dist = pos[:, None] - pos[None, :]
-  np.testing.assert_allclose(bias, -slopes[:, None, None] * dist, rtol=1e-6)
+  np.testing.assert_allclose(bias, -slopes[:, None, None] * dist, rtol=2 * EPS32)   # slope and product rounded: <= eps
 
 
 # -------------------------------------------------------------------------------------- sinusoidal
@@ -237,7 +259,9 @@ def test_sinusoidal_shift_is_a_fixed_linear_map():
     # sin(a+b) = sin a cos b + cos a sin b ; cos(a+b) = cos a cos b - sin a sin b
     M[2 * i, 2 * i], M[2 * i + 1, 2 * i] = c, s
     M[2 * i, 2 * i + 1], M[2 * i + 1, 2 * i + 1] = -s, c
-    np.testing.assert_allclose(table[: 300 - k] @ M, table[k:], atol=1e-5)
+    # Each float64 entry is rounded once to float32 (<= eps/2, |entry| <= 1); a shifted one mixes two
+    # with weights |c| + |s| <= sqrt(2): within (sqrt(2) + 1)/2 eps; 2 eps.
+    np.testing.assert_allclose(table[: 300 - k] @ M, table[k:], atol=2 * EPS32)
 
 
 def test_sinusoidal_dot_products_depend_only_on_distance():
@@ -245,11 +269,13 @@ def test_sinusoidal_dot_products_depend_only_on_distance():
   for k in [0, 1, 9, 100]:
     dots = [table[t] @ table[t + k] for t in [0, 17, 200, 350]]
     back = [table[t + k] @ table[t] for t in [0, 17, 200, 350]]
-    np.testing.assert_allclose(dots, dots[0], atol=1e-4)
-    np.testing.assert_allclose(back, dots, atol=1e-12)
+    # Entries rounded once to float32 (eps/2): a dot of rows of norm sqrt(32) moves <= 32 eps, two 64 eps.
+    np.testing.assert_allclose(dots, dots[0], atol=64 * EPS32)
+    np.testing.assert_array_equal(back, dots)   # exact: the same products summed in the same order
 
 
 def test_sinusoidal_hand_values():
   table = P.sinusoidal_table(3, 4)
-  np.testing.assert_allclose(table[1], [math.sin(1), math.cos(1), math.sin(1e-2), math.cos(1e-2)], rtol=1e-6)
-  np.testing.assert_allclose(table[0], [0, 1, 0, 1])
+  # float64 sin and cos rounded once to float32: eps/2, plus float64 ulps
+  np.testing.assert_allclose(table[1], [math.sin(1), math.cos(1), math.sin(1e-2), math.cos(1e-2)], rtol=EPS32)
+  np.testing.assert_array_equal(table[0], [0, 1, 0, 1])   # exact: sin 0 = 0, cos 0 = 1

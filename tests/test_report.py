@@ -244,7 +244,7 @@ def test_arms_json_has_one_row_per_arm_with_its_own_boundary_pair(sweep_dir):
     assert r["base"] == position.base and r["fraction"] == position.fraction
     peaks = [float(c["peak_pair"]) for c in csv_rows if c["arm"] == arm and int(c["step"]) == r["step"]
              and c["tensor"] in ("rot_q", "rot_k")]
-    assert r["peak_pair"] == pytest.approx(np.mean(peaks))          # head mean, as the table has it
+    assert r["peak_pair"] == pytest.approx(np.mean(peaks))          # head mean, as the table has it (float64: ulps)
     assert r["peak_minus_ctx"] == pytest.approx(r["peak_pair"] - j)
   assert rows["prope_0.25"]["j_ctx"] == rows["prope_0.25"]["n_pairs"] == 4     # no rotated pair is long enough
   assert rows["rope_b1e4"]["unrot_share"] is None and rows["rope_b1e4"]["partial"] is None

@@ -5,6 +5,8 @@ import pytest
 from analysis import stats as S
 from minilm import encodings, positions
 
+EPS32 = float(np.finfo(np.float32).eps)
+
 
 def _pair_dims(j: int, head_dim: int, layout: str) -> tuple[int, int]:
   return (j, j + head_dim // 2) if layout == "half" else (2 * j, 2 * j + 1)
@@ -56,7 +58,8 @@ def test_low_frequency_share_of_an_isotropic_tensor_is_a_quarter(layout):
   x = np.random.default_rng(2).standard_normal((512, 8, 64)).astype(np.float32)
   pairing = S.pairing_for(encodings.RoPE(layout=layout), 64)
   lf, null = S.lf_share(S.pair_energy(np.asarray(S.value_norms(x)), pairing.pair_index))
-  assert null == 0.25
+  assert null == 0.25   # exact: 16 of 64 dims
+  # Sampling, not rounding: a head's share over 512 tokens has sd ~0.0035; 0.03 is ~9 sd, 0.01 ~8 sd of the mean of 8
   assert abs(lf.mean() - 0.25) < 0.01 and np.all(np.abs(lf - 0.25) < 0.03)
 
 
@@ -69,7 +72,10 @@ def test_pair_energy_is_unchanged_by_rope(rope):
                                  partial=rope.partial, layout=rope.layout)
   before = S.pair_energy(np.asarray(S.value_norms(x)), pairing.pair_index)
   after = S.pair_energy(np.asarray(S.value_norms(rotated)), pairing.pair_index)
-  np.testing.assert_allclose(after, before, rtol=1e-5)
+  # Each pair's energy is a float32 sum of n = 2 * 64 squares of one sign (n*eps/2) before and after
+  # (n*eps between them); the rotation itself keeps each pair's norm within a few eps.
+  n = 2 * 64
+  np.testing.assert_allclose(after, before, rtol=(n + 16) * EPS32)
   assert not np.allclose(np.asarray(rotated), x)   # the rotation did something
 
 
@@ -79,9 +85,9 @@ def test_partial_rope_unrotated_dims_are_their_own_band():
   M = np.ones((2, 32))
   M[0, pairing.pair_index < 0] = 3.0                                            # 9x the energy there
   share = S.unrotated_share(M, pairing.pair_index)
-  np.testing.assert_allclose(share, [16 * 9 / (16 * 9 + 16), 0.5])
+  np.testing.assert_allclose(share, [16 * 9 / (16 * 9 + 16), 0.5])             # sums of integers: one rounded quotient
   lf, null = S.lf_share(S.pair_energy(M, pairing.pair_index))
-  np.testing.assert_allclose(lf, [0.25, 0.25])                                  # rotated pairs only
+  np.testing.assert_array_equal(lf, [0.25, 0.25])                               # rotated pairs only; 4 of 16: exact
   assert list(pairing.dim_order[-16:]) == list(np.nonzero(pairing.pair_index < 0)[0])
 
 
@@ -110,13 +116,16 @@ def test_value_norms_masks_padding_and_the_first_token_in_float32():
   want = np.sqrt(np.einsum("bthd,bt->hd", x.astype(np.float64) ** 2, mask * (np.arange(10) > 0)))
   got = S.value_norms(x, mask=mask, drop_first=True)
   assert got.dtype == np.float32
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+  n = int((mask * (np.arange(10) > 0)).sum())   # float32 sums of n squares of one sign: n*eps/2, sqrt halves it
+  np.testing.assert_allclose(np.asarray(got), want, rtol=n * EPS32)
   per = np.asarray(S.value_norms(x, per_prompt=True))
   assert per.shape == (3, 2, 8)
-  np.testing.assert_allclose((per ** 2).sum(0), np.asarray(S.value_norms(x)) ** 2, rtol=1e-5)
+  # 30 squares of one sign summed in float32 in two groupings (15 eps each), plus the squares of the roots
+  np.testing.assert_allclose((per ** 2).sum(0), np.asarray(S.value_norms(x)) ** 2, rtol=(30 + 8) * EPS32)
   import jax.numpy as jnp
   big = jnp.full((4096, 1, 2), 4.0, jnp.bfloat16)   # a bfloat16 sum would stall at 256 * 16
-  np.testing.assert_allclose(np.asarray(S.value_norms(big)), 4.0 * 64, rtol=1e-6)
+  # exact in float32: every partial sum of 16s is an integer below 2^24, and sqrt(65536) = 256
+  np.testing.assert_array_equal(np.asarray(S.value_norms(big)), 4.0 * 64)
   with pytest.raises(ValueError, match="mask"):
     S.value_norms(x, mask=np.ones((3, 9)))
 
@@ -126,12 +135,12 @@ def test_agreement_and_kurtosis_against_known_profiles():
   M[:, 5] = 20.0
   M[:, 9] = 10.0
   agree, chance = S.agreement(M, 2)
-  np.testing.assert_allclose(agree, 1.0)
+  np.testing.assert_array_equal(agree, 1.0)        # exact: whole overlaps
   assert chance == 2 / 16
   M2 = M.copy()
   M2[2, 5], M2[2, 11] = 1.0, 20.0                  # head 2 shares only dim 9 with the others
   agree2, _ = S.agreement(M2, 2)
-  np.testing.assert_allclose(agree2, [2 / 3 + 1 / 6, 2 / 3 + 1 / 6, 0.5, 2 / 3 + 1 / 6])
+  np.testing.assert_allclose(agree2, [2 / 3 + 1 / 6, 2 / 3 + 1 / 6, 0.5, 2 / 3 + 1 / 6], rtol=EPS32)   # float32 mean: one rounding
   assert np.isnan(S.agreement(M[:1], 2)[0]).all()   # one head: nothing to agree with
   assert S.kurtosis(M).min() > 5 > abs(S.kurtosis(np.random.default_rng(5).standard_normal((2, 4096)))).max()
 
@@ -177,7 +186,7 @@ def test_head_stats_only_computes_what_is_asked_and_agrees():
   some = S.head_stats(M, pairing, 128.0, only=("kurtosis", "agreement"))
   assert set(some) == {"kurtosis", "agreement", "null"} and some["null"] == full["null"]
   for name in ("kurtosis", "agreement"):
-    np.testing.assert_array_equal(some[name], full[name])
+    np.testing.assert_array_equal(some[name], full[name])   # exact: the same code on the same input
 
 
 def _rotate_pairs(x_TxHxD, units, rng):
@@ -205,8 +214,10 @@ def test_pair_statistics_are_invariant_under_any_rotation_of_the_pairs(position)
   y = _rotate_pairs(x, units, rng)
   before = S.head_stats(np.asarray(S.value_norms(x)), pairing, 128.0)
   after = S.head_stats(np.asarray(S.value_norms(y)), pairing, 128.0)
+  # A dim's norm is a float32 sum of T = 128 squares of one sign (T*eps/2) on each side; the pair
+  # statistics combine a few such sums (means, ratios): 2*T*eps.
   for name in S.PAIR:
-    np.testing.assert_allclose(after[name], before[name], rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose(after[name], before[name], rtol=2 * 128 * EPS32, err_msg=name)
   assert after["max_mean"][1] < 0.8 * before["max_mean"][1]            # per dim, the rotation lowers it
   assert before["pair_any_massive"][1] == 1 and before["pair_massive"][1] == 1
 
@@ -214,11 +225,11 @@ def test_pair_statistics_are_invariant_under_any_rotation_of_the_pairs(position)
 def test_pair_norms_are_the_norms_of_each_pairs_sub_vector():
   pairing = S.pairing_for(encodings.RoPE(), 8)
   M = np.arange(1.0, 9.0)[None]
-  np.testing.assert_allclose(S.pair_norms(M, S.unit_index(pairing))[0],
+  np.testing.assert_allclose(S.pair_norms(M, S.unit_index(pairing))[0],   # float64, the same formula
                              np.sqrt(M[0, :4] ** 2 + M[0, 4:] ** 2))    # half layout: (j, j + 4)
   st = S.head_stats(np.array([[1.0] * 7 + [30.0]]), pairing, 8.0)
-  assert st["any_massive"][0] == 1 and st["pair_max_mean"][0] == pytest.approx(
-      np.sqrt(901) / ((3 * np.sqrt(2) + np.sqrt(901)) / 4))
+  assert st["any_massive"][0] == 1 and st["pair_max_mean"][0] == pytest.approx(   # a few roundings: 8 eps
+      np.sqrt(901) / ((3 * np.sqrt(2) + np.sqrt(901)) / 4), rel=8 * EPS32)
 
 
 def test_recurrence_null_has_its_size_without_recurrence_and_detects_planted_recurrence():
