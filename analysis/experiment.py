@@ -156,6 +156,12 @@ def family_of(task: str) -> str:
   return task.split("/")[0]
 
 
+def in_item_order(records: list[dict]) -> list[dict]:
+  """Records by model, then item (evaluate batches equal lengths together, across tasks)."""
+  models = list(dict.fromkeys(r["model"] for r in records))
+  return sorted(records, key=lambda r: (models.index(r["model"]), r["example"]))
+
+
 def _jsonable(x):
   return x.item() if isinstance(x, np.generic) else x
 
@@ -164,7 +170,7 @@ def summarize(records: list[dict]) -> list[dict]:
   """Accuracy (success rate) with a Wilson interval per (model, task, mode); conflict splits too. The
   random draws get a row each and a 'random' row of their mean count k (Wilson interval at it)."""
   cells = {}
-  for r in records:
+  for r in in_item_order(records):
     cells.setdefault((r["model"], r["task"], r["mode"]), []).append(r)
     if pooled_label(r["mode"]) != r["mode"]:
       cells.setdefault((r["model"], r["task"], pooled_label(r["mode"])), []).append(r)
@@ -284,7 +290,7 @@ def pool(records: list[dict], model: str, n_boot: int = N_BOOT) -> dict:
   undisrupted accuracy is >= USABLE), acc {condition: (point, replicates)} over the usable templates
   (conflict: also memory, the share answering from memory), energy (over every item)}; kinds: {kind:
   acc, memory, energy: means over its families with a usable template}."""
-  mine = [r for r in records if r["model"] == model]
+  mine = in_item_order([r for r in records if r["model"] == model])
   success = _item_values(mine, model, lambda r: float(r["success"]))
   memory = _item_values(mine, model, lambda r: float(r["verdict"] == "memory"))
   tasks = {}
@@ -432,7 +438,7 @@ def pooled_table(pooled: dict, model: str, modes) -> str:
            f"| {model}: family (usable templates) | " + " | ".join(COLUMNS.get(m, m) for m in modes)
            + " | massive drop | energy removed by massive | random / massive energy |", "|---|" + "---|" * (len(modes) + 3)]
   for name, e in _pooled_rows(pooled):
-    used = f"{len(e['usable'])}/{len(e['templates'])}" if "usable" in e else f"{len(e['families'])} families"
+    used = f"{len(e['usable'])}/{len(e['templates'])}" if "usable" in e else f"families: {len(e['families'])}"
     cells = [(_cell(e["acc"].get(m)) if "acc" in e else "-")
              + (f" (mem {100 * e['memory'][m][0]:.0f})" if m in e.get("memory", {}) else "") for m in modes]
     ratio = {p: e["energy"].get("random", {}).get(p, 0) / x for p, x in e["energy"].get("massive", {}).items() if x}
@@ -657,7 +663,7 @@ def write_outputs(out: Path, report: dict, records: list[dict], pools: dict[str,
   atomic.write_json(str(out / "summary.json"), report)
   atomic.write_json(str(out / "verdict.json"), verdicts)
   claims.write_claims([claim(verdicts, pools, {m: report["models"][m]["position"] for m in labels})], str(out))
-  columns = [m for m in dict.fromkeys(TABLE_MODES + modes) if m in modes]
+  columns = [m for m in dict.fromkeys(TABLE_MODES + tuple(modes)) if m in modes]
   text = []
   for m in labels:
     text += ["Per template: accuracy % [Wilson 95%]; random: the mean over its draws.", table(summary, m, columns),
