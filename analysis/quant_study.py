@@ -108,7 +108,7 @@ def run_items(model, tokenizer, items, *, hook=None, hook_args=None, label: str,
       out = np.asarray(generate.greedy(model, np.stack(rows), max_new, hook=hook, hook_args=hook_args))
       for row, (i, item) in enumerate(chunk):
         v = tasks_llm.verdict(item, out[row], tokenizer)
-        rec = {"model": label, "mode": scheme, "item": i, "task": item.task, "kind": item.kind, "verdict": v,
+        rec = {"model": label, "mode": scheme, "example": i, "task": item.task, "kind": item.kind, "verdict": v,
                "success": tasks_llm.success(item, v), "answer": item.answer,
                "output": tokenizer.decode([int(t) for t in out[row]]), "dims_replaced": {}}
         records.append(rec)
@@ -169,7 +169,7 @@ def verdicts(records: list[dict], label: str, scheme_list: list[QM.Scheme], n_bo
   by = {}
   for r in records:
     if r["model"] == label:
-      by.setdefault(r["mode"], {})[r["item"]] = r
+      by.setdefault(r["mode"], {})[r["example"]] = r
   fp = by.get("fp", {})
   tasks = {r["task"] for r in fp.values() if r["kind"] == "contextual"}
   usable = {t for t in tasks if np.mean([r["success"] for r in fp.values() if r["task"] == t]) >= experiment.USABLE}

@@ -23,6 +23,7 @@ import functools
 import io
 import json
 import os
+import sys
 import time
 import zipfile
 
@@ -483,14 +484,19 @@ def plan_run(run_dir: str, *, n_probes: int, length: int | None, batch_size: int
   check(batch_size >= 1, "--batch", f"must be >= 1; got {batch_size}")
   chosen = run_arms(run_dir)
   configs = {arm: ck.load_config(arm_dir) for arm, arm_dir in chosen.items()}
+  available = {arm: ck.available_steps(arm_dir) for arm, arm_dir in chosen.items()}
+  empty = [arm for arm, steps_ in available.items() if not steps_]
+  check(len(empty) < len(chosen), "run_dir", f"arm {empty[0]!r} has no complete checkpoint in "
+        f"{chosen[empty[0]]}/checkpoints" if len(empty) == 1 else f"no arm of {run_dir} has a complete checkpoint")
+  for arm in empty:   # e.g. traced while training goes on: the arms not started yet come later
+    print(f"note: arm {arm!r} has no checkpoint yet; it is not traced", file=sys.stderr)
+    del chosen[arm], configs[arm]
   wanted = {}
   for arm, arm_dir in chosen.items():
-    available = ck.available_steps(arm_dir)
-    check(bool(available), "run_dir", f"arm {arm!r} has no complete checkpoint in {arm_dir}/checkpoints")
-    missing = sorted(set(steps or ()) - set(available))
+    missing = sorted(set(steps or ()) - set(available[arm]))
     check(not missing, "--steps", f"arm {arm!r} has no checkpoint {', '.join(map(str, missing))}; "
-          f"available: {', '.join(map(str, available))}")
-    wanted[arm] = [s for s in available if steps is None or s in steps]
+          f"available: {', '.join(map(str, available[arm]))}")
+    wanted[arm] = [s for s in available[arm] if steps is None or s in steps]
   length = length or min(cfg.data.seq_len for cfg in configs.values())
   for cfg in configs.values():
     check_length(cfg.model, length, min(batch_size, n_probes))
