@@ -14,6 +14,7 @@ An arm whose training met a non-finite loss holds `diverged.json` ({"step", "los
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -122,8 +123,27 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
     mngr.wait_until_finished()
   except OSError as err:
     last = mngr.latest_step()
-    raise RunError(f"{where}: cannot save ({err.strerror or err}); nothing of step {step} was kept: make room "
-                   f"and run the same command again, it resumes exactly from step {last}") from None
+    raise RunError(f"{where}: cannot save ({_disk_error(err).strerror or err}); nothing of step {step} was kept: "
+                   f"make room and run the same command again, it resumes exactly from step {last}") from None
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def _disk_error(err: OSError) -> OSError:
+  """The error that says why a save failed. Orbax writes items in threads: the one that hit the full
+  disk can surface only as the cause or context of a later cleanup error (e.g. 'Directory not
+  empty'), so the chain is searched for a disk error first."""
+  seen, todo = set(), [err]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+      return e
+    todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  return err
 
 
 def _step_name(mngr: ocp.CheckpointManager, step: int) -> str:
