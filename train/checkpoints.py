@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -113,6 +114,8 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
   if bad:
     raise RunError(f"{where}: {bad} holds non-finite values; nothing was saved")
   sums = {"algorithm": HASH, "params": checksums(params), "opt_state": checksums(opt_state)}
+  thread_errors = _ThreadErrors()
+  logging.getLogger().addHandler(thread_errors)
   try:
     mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
@@ -123,18 +126,33 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
     mngr.wait_until_finished()
   except OSError as err:
     last = mngr.latest_step()
-    raise RunError(f"{where}: cannot save ({_disk_error(err).strerror or err}); nothing of step {step} was kept: "
+    cause = _disk_error([err, *thread_errors.errors])
+    raise RunError(f"{where}: cannot save ({cause.strerror or cause}); nothing of step {step} was kept: "
                    f"make room and run the same command again, it resumes exactly from step {last}") from None
+  finally:
+    logging.getLogger().removeHandler(thread_errors)
 
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
 
 
-def _disk_error(err: OSError) -> OSError:
-  """The error that says why a save failed. Orbax writes items in threads: the one that hit the full
-  disk can surface only as the cause or context of a later cleanup error (e.g. 'Directory not
-  empty'), so the chain is searched for a disk error first."""
-  seen, todo = set(), [err]
+class _ThreadErrors(logging.Handler):
+  """The OSErrors orbax's save threads log: the thread that hit a full disk only logs its error,
+  and the caller may see just a later cleanup error (e.g. 'Directory not empty')."""
+
+  def __init__(self):
+    super().__init__(logging.ERROR)
+    self.errors: list[OSError] = []
+
+  def emit(self, record):
+    if record.exc_info and isinstance(record.exc_info[1], OSError):
+      self.errors.append(record.exc_info[1])
+
+
+def _disk_error(errors: list[OSError]) -> OSError:
+  """The error that says why a save failed: a disk error among `errors` and their causes, else the
+  first one."""
+  seen, todo = set(), list(reversed(errors))
   while todo:
     e = todo.pop()
     if e is None or id(e) in seen:
@@ -143,7 +161,7 @@ def _disk_error(err: OSError) -> OSError:
     if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
       return e
     todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
-  return err
+  return errors[0]
 
 
 def _step_name(mngr: ocp.CheckpointManager, step: int) -> str:
