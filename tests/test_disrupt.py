@@ -331,6 +331,7 @@ def test_a_prompt_longer_than_the_context_fails_before_writing(tmp_path, capsys)
   assert "--tasks: 'y' names no task; tasks start with one of needle, x" in capsys.readouterr().err
 
 
+@pytest.mark.slow   # the whole C5 study end to end
 def test_end_to_end_templates_on_a_tiny_random_decoder(tmp_path, capsys):
   out = tmp_path / "c5"
   assert cli.main(["disrupt", "--model", "random", "--n", "2", "--batch", "2", "--tasks", "conflict",

@@ -123,6 +123,7 @@ def test_the_lab_killed_between_trace_steps_resumes_to_the_uninterrupted_result(
 
 # ------------------------------------------------------------------------------ failed stages
 
+@pytest.mark.slow   # two --quick lab runs
 def test_a_failed_stage_leaves_the_previous_output_and_the_report_intact(tmp_path, monkeypatch, capsys):
   argv = _lab_argv(tmp_path)
   assert L.main(argv) == 0

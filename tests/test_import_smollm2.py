@@ -14,6 +14,8 @@ from minilm.importers import load
 
 from test_import_hf import EPS32, TEXT, _tokenizer, _tolerance, _weights, forward_tolerance, numpy_llama_forward
 
+pytestmark = pytest.mark.slow   # loads and dequantizes the SmolLM2 GGUF (about 18 s)
+
 PARAGRAPH = ("The village sat at the edge of a wide valley, where the river turned slowly toward the sea. "
              "Every morning the farmers walked to their fields, and the children ran along the road to school. "
              "In the evening, families gathered around the table to share bread, soup and the news of the day.")

@@ -88,6 +88,7 @@ def test_an_interrupted_stage_leaves_no_marker_and_says_how_to_resume(monkeypatc
   assert not (tmp_path / "rep" / "rope_vs_nope_quick" / "stages" / "train.json").exists()
 
 
+@pytest.mark.slow   # a --quick lab run
 def test_quick_run_trains_traces_reports_then_reuses_everything(tmp_path, capsys):
   argv = ["--quick", "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports"),
           "--skip", "pretrained,disrupt", "--set", "checkpoint.log_spaced=false", "--lab-set", "trace.probes=4"]

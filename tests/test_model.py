@@ -222,6 +222,7 @@ def test_default_config_has_no_parameters_of_the_imported_settings():
   assert "final_norm.scale" not in opt
 
 
+@pytest.mark.slow   # compiles every attention path with gradients
 def test_block_causal_attention_matches_full_attention():
   """Training's block-causal path (blocks of 64 queries, ragged last block) equals the full masked
   softmax, values and gradients, with grouped-query heads and an additive bias."""
@@ -246,6 +247,7 @@ def test_block_causal_attention_matches_full_attention():
     np.testing.assert_allclose(a, b, rtol=0, atol=2 * forward * np.abs(b).max())
 
 
+@pytest.mark.slow   # compiles every attention path with gradients
 @pytest.mark.parametrize("position", ["rope", "alibi"])
 def test_model_block_path_matches_full_path_and_stays_causal(position):
   """T=150 > one 64-row block: the default call (block-causal) equals the call with explicit
@@ -283,6 +285,7 @@ IMPLEMENTATIONS = [dict(attention="einsum", matmul="plain"), dict(attention="blo
                    dict(attention="blocked", matmul="barrier", remat=True)]
 
 
+@pytest.mark.slow   # compiles every attention path with gradients
 @pytest.mark.parametrize("position", ["rope", "alibi"])
 def test_every_implementation_gives_the_same_logits_and_gradients(position):
   """Default positions (the training path: blocked skips the upper triangle, dot_product is causal),

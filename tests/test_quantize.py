@@ -318,6 +318,7 @@ def test_c6_verdict_follows_its_rule():
   assert QS.verdicts(records(9, 3, fp=0), "m", schemes, n_boot=500)[0].verdict == "inconclusive"  # fp cannot
 
 
+@pytest.mark.slow   # every C6 scheme end to end
 def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   import json
   from analysis import experiment, quant_study as QS, tasks_llm
