@@ -25,6 +25,8 @@ from minilm.model import Decoder
 from train import checkpoints, export as E
 from train.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow   # trains and exports tiny arms in every format (minutes on 2 cores)
+
 SHAPE = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=4, max_len=24)
 LAYER = dict(norm="layer", bias=True, tie_embeddings=False)
 TOKENS = np.random.default_rng(0).integers(0, 512, (2, 24)).astype(np.int32)
