@@ -4,7 +4,7 @@
   python -m analysis disrupt --model smollm2 --n 10 --dose --out reports/c5_dose  # + lambda 3-6, top-1/2/4
   python -m analysis disrupt --model smollm2 --prompts mine.jsonl --out reports/c5_mine   # your prompts
   python -m analysis disrupt --model runs/paired --out reports/c5_paired          # every arm
-  python -m analysis disrupt --model random --n 2 --out /tmp/c5_smoke              # plumbing only
+  python -m analysis disrupt --model random --n 2 --out reports/c5_smoke              # plumbing only
 (`python -m analysis.experiment ...` takes the same arguments.)
 
 Conditions: off (undisrupted), massive (Q/K massive dims -> their mean over the prompt, prefill only),

@@ -1,8 +1,8 @@
 """Claim C6 end to end: schemes x bit widths -> task accuracy, perplexity, M before/after, verdict.
 
   python -m analysis.quant_study --model smollm2 --out results/c6_smollm2
-  python -m analysis.quant_study --model smollm2 --methods rtn,gptq,awq --bits 4 --n 10 --out /tmp/c6
-  python -m analysis.quant_study --model random --n 2 --out /tmp/c6_smoke        # plumbing only
+  python -m analysis.quant_study --model smollm2 --methods rtn,gptq,awq --bits 4 --n 10 --out reports/c6
+  python -m analysis.quant_study --model random --n 2 --out reports/c6_smoke        # plumbing only
 
 Models and task items come from analysis.experiment.load_sources (the C5 suite: contextual,
 parametric and conflict tasks, strict greedy scoring). Calibration and perplexity use natural text:

@@ -90,10 +90,7 @@ def test_run_killed_during_a_save_resumes_exactly(trained, tmp_path):
   assert not any("tmp" in name for name in os.listdir(os.path.join(arm_dir, checkpoints.CHECKPOINTS)))
   assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
   for step in (4, 6):
-    resumed, _ = checkpoints.load_model(arm_dir, step)
-    reference, _ = checkpoints.load_model(trained, step)
-    for a, b in zip(params_of(resumed), params_of(reference)):
-      np.testing.assert_array_equal(a, b)
+    assert_same_params(arm_dir, trained, step)
 
 
 def test_run_directory_of_another_config_is_refused(trained, tmp_path):
@@ -137,16 +134,21 @@ def test_a_damaged_step_is_one_line_naming_it(trained, tmp_path, how, says):
   checkpoints.load_model(arm_dir, 4)   # the others still load
 
 
+def assert_same_params(arm_dir, reference_dir, step):
+  """The params of `step` in two arm dirs are bit-identical (same program, same inputs)."""
+  got, _ = checkpoints.load_model(arm_dir, step)
+  want, _ = checkpoints.load_model(reference_dir, step)
+  for a, b in zip(params_of(got), params_of(want)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_checksums_are_saved_with_every_step_and_old_steps_still_load(trained, tmp_path):
   for step in checkpoints.available_steps(trained):
     assert os.path.isdir(os.path.join(trained, checkpoints.CHECKPOINTS, str(step), "checksums"))
   arm_dir = str(tmp_path / "rope")
   shutil.copytree(trained, arm_dir)
   shutil.rmtree(os.path.join(arm_dir, checkpoints.CHECKPOINTS, "6", "checksums"))   # as saved before checksums
-  old, _ = checkpoints.load_model(arm_dir, 6)
-  reference, _ = checkpoints.load_model(trained, 6)
-  for a, b in zip(params_of(old), params_of(reference)):
-    np.testing.assert_array_equal(a, b)
+  assert_same_params(arm_dir, trained, 6)
 
 
 def test_training_moves_a_damaged_latest_step_aside_and_redoes_it_exactly(trained, tmp_path, capsys):
@@ -158,10 +160,7 @@ def test_training_moves_a_damaged_latest_step_aside_and_redoes_it_exactly(traine
   assert err.startswith("note: step 6 (") and "moved to" in err and "resumes from the step before" in err, err
   assert os.listdir(os.path.join(arm_dir, checkpoints.DAMAGED)) == ["6"]   # kept, not deleted
   assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
-  redone, _ = checkpoints.load_model(arm_dir, 6)
-  reference, _ = checkpoints.load_model(trained, 6)
-  for a, b in zip(params_of(redone), params_of(reference)):
-    np.testing.assert_array_equal(a, b)
+  assert_same_params(arm_dir, trained, 6)
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_resume_stays_exact(trained, tmp_path, monkeypatch):
@@ -183,7 +182,4 @@ def test_a_full_disk_during_a_save_is_one_line_and_resume_stays_exact(trained, t
   loop.train(SMOKE, arm_dir, progress=False)
   assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
   for step in (4, 6):
-    resumed, _ = checkpoints.load_model(arm_dir, step)
-    reference, _ = checkpoints.load_model(trained, step)
-    for a, b in zip(params_of(resumed), params_of(reference)):
-      np.testing.assert_array_equal(a, b)
+    assert_same_params(arm_dir, trained, step)
