@@ -1,6 +1,14 @@
-"""Training throughput and model FLOP utilisation (MFU) of the real train step, three model sizes.
+"""Training throughput of the real train step at three model sizes: MFU, and side by side with PyTorch.
 
-    .venv/bin/python bench/train_throughput.py [--sizes 1m,5m,25m] [--steps 5] [--xla-flags '...']
+    .venv/bin/python bench/train_throughput.py [--sizes 1m,5m,25m] [--steps 5] [--rounds 3]
+        [--dtype float32|bfloat16] [--peer torch] [--xla-flags '...']
+
+--peer torch (pip install -e '.[bench]') times nanoGPT's GPT on PyTorch (bench/torch_peer.py, a
+worker process) in turn with minilm at the same architecture: GPT_ARCH, learned positions, pre-norm
+LayerNorm with biases, GELU (erf) MLP of 4 x d, biases on every linear but the tied head. Each round
+times `steps` steps of minilm, then of the peer, after one compile/warm-up step each; the best round
+of each side counts, so load on the machine reaches both. Without --peer the model is the lab's
+default architecture (RoPE, RMSNorm, SwiGLU, no biases).
 
 MFU = tokens/s * FLOPs per token / peak FLOP/s: on an accelerator its datasheet peak for the compute
 dtype (PEAKS, dense, no sparsity; jax runs float32 matmuls as TF32 on NVIDIA GPUs and as bfloat16
@@ -13,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
 SIZES = {"1m": dict(d_model=128, n_layers=4, n_heads=4), "5m": dict(d_model=256, n_layers=6, n_heads=4),
          "25m": dict(d_model=512, n_layers=8, n_heads=8)}
-TARGET = {"1m": 0.50, "5m": 0.65, "25m": 0.75}
+# nanoGPT's architecture in ModelConfig fields (position: learned, set in main).
+GPT_ARCH = dict(norm="layer", mlp="gelu_erf", bias=True, tie_embeddings=True, block="pre")
 # device_kind substring -> (bfloat16, float32) dense peak FLOP/s; the first match counts.
 PEAKS = (("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 495e12), ("H200", 989e12, 495e12),
          ("A100", 312e12, 156e12), ("TPU v4", 275e12, 275e12), ("TPU v5 lite", 197e12, 197e12),
@@ -33,13 +43,36 @@ def accelerator_peak(device_kind: str, dtype: str) -> float | None:
   return None
 
 
+class TorchPeer:
+  """bench/torch_peer.py as a worker process: `run(n)` -> seconds for n steps."""
+
+  def __init__(self, cfg, optim, batch: int, seq: int):
+    args = dict(vocab=cfg.vocab_size, seq=seq, batch=batch, d=cfg.d_model, layers=cfg.n_layers, heads=cfg.n_heads,
+                lr=optim.lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, clip_norm=optim.clip_norm)
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "torch_peer.py"), "--serve", "--dtype", cfg.dtype,
+           *(f"--{k.replace('_', '-')}={v}" for k, v in args.items())]
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.version = self.proc.stdout.readline().strip()
+
+  def run(self, n: int) -> float:
+    self.proc.stdin.write(f"run {n}\n")
+    self.proc.stdin.flush()
+    return float(self.proc.stdout.readline())
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--sizes", default="1m,5m,25m")
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--seq", type=int, default=256)
-  p.add_argument("--steps", type=int, default=5, help="timed steps per size (after one compile step)")
+  p.add_argument("--steps", type=int, default=5, help="timed steps per round (after one compile step)")
+  p.add_argument("--rounds", type=int, default=3, help="timed rounds per size; the best counts")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--peer", choices=("torch",), help="time nanoGPT on PyTorch in turn, at its architecture")
   p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax starts")
   args = p.parse_args()
   if args.xla_flags:
@@ -49,11 +82,13 @@ def main() -> None:
   import jax.numpy as jnp
   import numpy as np
   from minilm.config import ModelConfig
+  from minilm.encodings import Learned
   from train import checkpoints, loop, sharding
   from train.config import OptimConfig
   from train.step import init_opt_state, train_step
 
-  print(f"devices: {jax.devices()}  cpu cores: {os.cpu_count()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"devices: {jax.devices()}  cpu cores: {os.cpu_count()}  load average: {os.getloadavg()}  "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   kind = jax.devices()[0].device_kind
   peak = accelerator_peak(kind, args.dtype) if jax.default_backend() != "cpu" else None
   if peak:
@@ -64,14 +99,18 @@ def main() -> None:
     jax.block_until_ready(matmul(x))
     peak = 2 * 2048 ** 3 / min(_timed(lambda: jax.block_until_ready(matmul(x))) for _ in range(5))
     print(f"MFU against the float32 matmul 2048^3 measured here: {peak / 1e9:.1f} GFLOP/s (best of 5)")
-  print(f"{'size':>5} {'params':>8} {'non-emb':>8} {'step s':>8} {'tokens/s':>10} {'GFLOP/s':>8} {'MFU':>6} {'target':>6}")
+  arch = dict(GPT_ARCH, position=Learned()) if args.peer else {}
+  print(f"{args.dtype}, batch {args.batch} x {args.seq}, best of {args.rounds} rounds of {args.steps} steps, "
+        f"architecture: {'nanoGPT (GPT_ARCH)' if args.peer else 'lab default'}")
+  peer_cols = f" {'torch tok/s':>11} {'ratio':>6}" if args.peer else ""
+  print(f"{'size':>5} {'params':>8} {'non-emb':>8} {'step s':>8} {'tokens/s':>10} {'GFLOP/s':>8} {'MFU':>6}{peer_cols}")
   optim, mesh = OptimConfig(), sharding.make_mesh(1)
   for name in args.sizes.split(","):
-    cfg = ModelConfig(vocab_size=512, max_len=args.seq, dtype=args.dtype, **SIZES[name])
+    cfg = ModelConfig(vocab_size=512, max_len=args.seq, dtype=args.dtype, **SIZES[name], **arch)
     graphdef, _, rest = checkpoints.abstract_model(cfg)
     params = loop.init_params(cfg, 0)
     n_all = sum(v.size for v in jax.tree.leaves(params))
-    n_nonembed = n_all - cfg.vocab_size * cfg.d_model
+    n_nonembed = n_all - cfg.vocab_size * cfg.d_model - (cfg.max_len * cfg.d_model if args.peer else 0)
     flops_per_token = 6 * n_nonembed + 12 * cfg.n_layers * args.seq * cfg.d_model
     opt = init_opt_state(params, cfg=optim, steps=1000, mesh=mesh, strategy="data")
     rng = np.random.default_rng(0)
@@ -82,15 +121,30 @@ def main() -> None:
                                          mesh=mesh, strategy="data")
     params, opt, m = step(params, opt, batches[0], 0)   # compile
     jax.block_until_ready(m)
-    start = time.perf_counter()
-    for i in range(args.steps):
-      params, opt, m = step(params, opt, batches[i + 1], i + 1)
-    jax.block_until_ready(m)
-    dt = (time.perf_counter() - start) / args.steps
+    peer = TorchPeer(cfg, optim, args.batch, args.seq) if args.peer else None
+    if peer:
+      peer.run(1)   # warm-up
+    ours, theirs = [], []
+    for _ in range(args.rounds):
+      start = time.perf_counter()
+      for i in range(args.steps):
+        params, opt, m = step(params, opt, batches[i + 1], i + 1)
+      jax.block_until_ready(m)
+      ours.append((time.perf_counter() - start) / args.steps)
+      if peer:
+        theirs.append(peer.run(args.steps) / args.steps)
+    dt = min(ours)
     tok_s = args.batch * args.seq / dt
     mfu = tok_s * flops_per_token / peak
-    print(f"{name:>5} {n_all / 1e6:7.2f}M {n_nonembed / 1e6:7.2f}M {dt:8.3f} {tok_s:10.0f} "
-          f"{tok_s * flops_per_token / 1e9:8.1f} {mfu:6.1%} {TARGET[name]:6.0%}", flush=True)
+    line = (f"{name:>5} {n_all / 1e6:7.2f}M {n_nonembed / 1e6:7.2f}M {dt:8.3f} {tok_s:10.0f} "
+            f"{tok_s * flops_per_token / 1e9:8.1f} {mfu:6.1%}")
+    if peer:
+      peer_tok_s = args.batch * args.seq / min(theirs)
+      line += f" {peer_tok_s:11.0f} {tok_s / peer_tok_s:5.2f}x"
+      peer.close()
+    print(line, flush=True)
+  if args.peer:
+    print(f"peer: {peer.version}; load average after: {os.getloadavg()}")
 
 
 def _timed(fn) -> float:

@@ -1,0 +1,134 @@
+"""The PyTorch peer of bench/train_throughput.py: nanoGPT's GPT and train step, timed on request.
+
+The model follows nanoGPT's model.py (Karpathy, github.com/karpathy/nanoGPT): token and learned
+position embeddings, pre-norm blocks of LayerNorm (with bias), causal self-attention through
+F.scaled_dot_product_attention (q, k and v from one fused linear), LayerNorm, a GELU (erf) MLP of
+4 x d, a final LayerNorm and a head tied to the token embedding; linears carry biases, the head
+does not. Init: normal(0.02), residual projections 0.02 / sqrt(2 L). The step is nanoGPT's train.py
+on CPU: cross-entropy, backward, clip_grad_norm_(1.0), AdamW (decay on matrices only; nanoGPT asks
+for fused AdamW on CUDA only, so CPU gets torch's default) and zero_grad(set_to_none=True).
+bfloat16 is nanoGPT's mixed precision: float32 parameters under torch.autocast(bfloat16).
+
+Run by train_throughput.py as a worker process (`--serve`): it builds the model from its arguments,
+then answers each stdin line `run N` with the seconds N steps took, so the two frameworks are timed
+in turn without sharing a process or thread pool.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SelfAttention(nn.Module):
+  def __init__(self, d: int, heads: int):
+    super().__init__()
+    self.heads = heads
+    self.c_attn = nn.Linear(d, 3 * d)
+    self.c_proj = nn.Linear(d, d)
+
+  def forward(self, x):
+    B, T, C = x.shape
+    q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+  def __init__(self, d: int, heads: int):
+    super().__init__()
+    self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(d), SelfAttention(d, heads), nn.LayerNorm(d)
+    self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+    self.mlp[2].is_residual_proj = self.attn.c_proj.is_residual_proj = True
+
+  def forward(self, x):
+    x = x + self.attn(self.ln_1(x))
+    return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+  def __init__(self, vocab: int, seq: int, d: int, layers: int, heads: int):
+    super().__init__()
+    self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+    self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+    self.ln_f = nn.LayerNorm(d)
+    self.lm_head = nn.Linear(d, vocab, bias=False)
+    self.lm_head.weight = self.wte.weight
+    for m in self.modules():
+      if isinstance(m, (nn.Linear, nn.Embedding)):
+        std = 0.02 / math.sqrt(2 * layers) if getattr(m, "is_residual_proj", False) else 0.02
+        nn.init.normal_(m.weight, 0.0, std)
+      if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+  def forward(self, tokens_BxT):
+    x = self.wte(tokens_BxT) + self.wpe(torch.arange(tokens_BxT.shape[1]))
+    for block in self.blocks:
+      x = block(x)
+    return self.lm_head(self.ln_f(x))
+
+
+class Peer:
+  """One GPT, its AdamW and a fixed random batch; `run(n)` times n train steps."""
+
+  def __init__(self, *, vocab: int, seq: int, batch: int, d: int, layers: int, heads: int, dtype: str,
+               lr: float, b1: float, b2: float, weight_decay: float, clip_norm: float, seed: int = 0):
+    torch.manual_seed(seed)
+    self.model = GPT(vocab, seq, d, layers, heads)
+    params = [p for p in self.model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    self.opt = torch.optim.AdamW(groups, lr=lr, betas=(b1, b2))
+    self.clip_norm, self.vocab = clip_norm, vocab
+    tokens = torch.randint(0, vocab, (batch, seq + 1))
+    self.inputs, self.targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    self.autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
+
+  def step(self) -> None:
+    with self.autocast():
+      logits = self.model(self.inputs)
+      loss = F.cross_entropy(logits.view(-1, self.vocab), self.targets.view(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+
+  def run(self, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      self.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  for name in ("vocab", "seq", "batch", "d", "layers", "heads"):
+    p.add_argument(f"--{name}", type=int, required=True)
+  for name in ("lr", "b1", "b2", "weight_decay", "clip_norm"):
+    p.add_argument(f"--{name.replace('_', '-')}", type=float, required=True)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--serve", action="store_true", help="answer stdin lines 'run N' with the seconds taken")
+  args = vars(p.parse_args())
+  serve = args.pop("serve")
+  peer = Peer(**args)
+  if not serve:
+    peer.run(2)
+    dt = peer.run(5) / 5
+    print(f"torch {torch.__version__} threads {torch.get_num_threads()}: {dt:.3f} s/step, "
+          f"{args['batch'] * args['seq'] / dt:.0f} tokens/s")
+    return
+  print(f"ready torch {torch.__version__} threads {torch.get_num_threads()}", flush=True)
+  for line in sys.stdin:
+    cmd, n = line.split()
+    assert cmd == "run", line
+    print(peer.run(int(n)), flush=True)
+
+
+if __name__ == "__main__":
+  main()
