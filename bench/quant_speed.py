@@ -6,7 +6,7 @@ Per linear: GPTQ (group size 64, 4 bits) on random weights with H = X^T X of cor
 X [4096, d_in] as the study's 16 x 256 calibration tokens give; best of --repeats after one warm-up
 call (the jitted row loop compiles once per shape). The shapes are SmolLM2-135M's linears, alone
 and side by side as a shared-input group runs them (q|k|v: 576 x 960, gate|up: 576 x 3072).
-Per scheme: analysis.quantize_model.quantize_model on SmolLM2 with the study's calibration
+Per scheme: analysis.studies.quantize_model.quantize_model on SmolLM2 with the study's calibration
 windows (one run each: calibration, search and rounding of all 30 blocks).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ METHODS = ("rtn", "rtn_keep", "awq", "gptq", "smoothquant", "w8a8")
 
 
 def layer_times(repeats: int) -> None:
-  from analysis import quantize as Q
+  from analysis.studies import quantize as Q
   rng = np.random.default_rng(0)
   spec = Q.QuantSpec(4, group_size=64)
   print(f"{'linear':>18} {'shape':>11} {'gptq s':>8}")
@@ -36,11 +36,12 @@ def layer_times(repeats: int) -> None:
 
 
 def scheme_times(methods: list[str], bits: list[int]) -> None:
-  from analysis import quant_study as QS
-  from analysis import quantize_model as QM
+  from analysis.studies import quantization as QS
+  from analysis.studies import sources
+  from analysis.studies import quantize_model as QM
   from minilm import importers
   model, tokenizer, _ = importers.load("smollm2")
-  calib_BxT = QS.text_windows(tokenizer, 16, 256, heldout=False)
+  calib_BxT = sources.text_windows(tokenizer, 16, 256, heldout=False)
   print(f"{'scheme':>24} {'quantize s':>10}")
   for scheme in QS.schemes(methods, bits)[1:]:
     seconds = _timed(lambda: QM.quantize_model(model, scheme, calib_BxT))

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from minilm.config import ConfigError, check
+from minilm.schema import ConfigError, check
 
 PARTIAL = ".partial"
 """Suffix of a folder being written; it replaces the final folder when complete."""

@@ -1,20 +1,20 @@
-"""Read what a forward pass saw: a cache keyed `blocks.<layer>.attn.<point>`, stackable over layers."""
+"""Read what a forward pass saw: a cache keyed by hook name (minilm.hooks), stackable over layers."""
 from __future__ import annotations
 
-import re
 from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minilm import hooks
 from minilm.model import Decoder
 
 
 class Cache(Mapping):
   """Captured tensors by hook name, e.g. cache['blocks.0.attn.rot_q'] -> [B, T, H, D].
 
-  `cache.stack('attn.rot_q')` -> [L, B, T, H, D], layers in order.
+  `cache.stack('rot_q')` -> [L, B, T, H, D], layers in order (names: minilm.hooks).
   """
 
   def __init__(self, tensors: Mapping[str, jax.Array]):
@@ -32,11 +32,10 @@ class Cache(Mapping):
     return len(self._tensors)
 
   def stack(self, point: str) -> jax.Array:
-    pattern = re.compile(rf"blocks\.(\d+)\.{re.escape(point)}$")
-    found = sorted((int(m.group(1)), name) for name in self._tensors if (m := pattern.match(name)))
+    found = sorted(layer for layer, p in map(hooks.split, self._tensors) if p == point)
     if not found:
-      raise KeyError(f"no captured point matches 'blocks.<layer>.{point}'")
-    return jnp.stack([self._tensors[name] for _, name in found])
+      raise KeyError(f"no captured point {point!r}; captured: {', '.join(sorted(self._tensors))}")
+    return jnp.stack([self._tensors[hooks.name(layer, point)] for layer in found])
 
 
 def flatten(intermediates) -> dict[str, jax.Array]:

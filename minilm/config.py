@@ -1,31 +1,11 @@
-"""Frozen, validated configs and their dict/JSON form.
-
-Every config is a frozen dataclass that checks itself on construction and fails with a one-line
-`ConfigError` naming the field and what is allowed. `from_dict` / `to_dict` / `override` give every
-config in the lab (model, data, training, analysis) the same JSON and command-line form.
-"""
+"""The model's config: a frozen, validated dataclass (its dict/JSON form: minilm.schema)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
-from typing import Any, Mapping
 
 from minilm import encodings
-
-
-class ConfigError(ValueError):
-  """A bad config value; str(err) is one line: '<field>: <what is wrong>'."""
-
-
-def check(ok: bool, field: str, message: str) -> None:
-  if not ok:
-    raise ConfigError(f"{field}: {message}")
-
-
-def check_choice(field: str, value: Any, allowed: typing.Iterable[Any]) -> None:
-  allowed = tuple(allowed)
-  check(value in allowed, field, f"must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+from minilm.schema import OPTIONAL, check, check_choice
 
 
 DTYPES = ("float32", "bfloat16")
@@ -33,9 +13,6 @@ MLPS = ("swiglu", "gelu", "gelu_erf", "relu")
 BLOCKS = ("pre", "parallel", "post")
 ATTENTIONS = ("auto", "einsum", "blocked", "dot_product")
 MATMULS = ("auto", "plain", "barrier")
-# A field added after runs were written: to_dict leaves it out while it has its default, so the
-# config.json, checkpoints and stage hashes of those runs stay what they were.
-OPTIONAL = {"optional": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,99 +87,3 @@ class ModelConfig:
     if self.mlp != "swiglu":
       return 4 * self.d_model
     return -(-8 * self.d_model // 3 // 32) * 32
-
-
-# ---------------------------------------------------------------- dict / JSON / command-line form
-
-def _field_types(cls) -> dict[str, Any]:
-  return typing.get_type_hints(cls)
-
-
-def _prefix(cls) -> str:
-  section = getattr(cls, "section", "")
-  return f"{section}." if section else ""
-
-
-def from_dict(cls, data: Mapping[str, Any], prefix: str | None = None):
-  """Build config `cls` from a (nested) dict, naming unknown fields and bad types in the error."""
-  if isinstance(data, cls):
-    return data
-  prefix = _prefix(cls) if prefix is None else prefix
-  where = prefix.rstrip(".") or cls.__name__
-  if encodings.PositionConfig in getattr(cls, "__mro__", ()) and cls is encodings.PositionConfig:
-    return encodings.position_from_dict(data, where, from_dict)
-  check(isinstance(data, Mapping), where, f"expected a mapping; got {data!r}")
-  types = _field_types(cls)
-  fields = {f.name for f in dataclasses.fields(cls) if f.init}
-  unknown = sorted(set(data) - fields)
-  check(not unknown, f"{prefix}{unknown[0]}" if unknown else where,
-        f"unknown field; allowed: {', '.join(sorted(fields))}")
-  kwargs = {name: _coerce(types[name], value, f"{prefix}{name}") for name, value in data.items()}
-  return cls(**kwargs)
-
-
-def _coerce(tp, value, field: str):
-  if dataclasses.is_dataclass(tp) or tp is encodings.PositionConfig:
-    return from_dict(tp, value, field + ".")
-  origin = typing.get_origin(tp)
-  if tp is bool:
-    check(isinstance(value, bool), field, f"expected true or false; got {value!r}")
-  elif tp is int:
-    check(isinstance(value, int) and not isinstance(value, bool) or
-          isinstance(value, float) and value.is_integer(), field, f"expected an integer; got {value!r}")
-    return int(value)
-  elif tp is float:
-    check(isinstance(value, (int, float)) and not isinstance(value, bool), field, f"expected a number; got {value!r}")
-    return float(value)
-  elif tp is str:
-    check(isinstance(value, str), field, f"expected a string; got {value!r}")
-  elif origin in (tuple, list):
-    check(isinstance(value, (list, tuple)), field, f"expected a list; got {value!r}")
-    args = typing.get_args(tp)
-    item = args[0] if args else Any
-    return tuple(_coerce(item, v, f"{field}[{i}]") for i, v in enumerate(value)) if item is not Any else tuple(value)
-  elif origin in (dict, Mapping) or tp is dict:
-    check(isinstance(value, Mapping), field, f"expected a mapping; got {value!r}")
-    _, item = typing.get_args(tp) or (str, Any)
-    return {str(k): (v if item is Any else _coerce(item, v, f"{field}.{k}")) for k, v in value.items()}
-  return value
-
-
-def to_dict(cfg, *, every: bool = False) -> dict[str, Any]:
-  """Nested plain dict of a config (position configs carry their 'kind'); OPTIONAL fields at their
-  default are left out unless `every`."""
-  out = {}
-  for f in dataclasses.fields(cfg):
-    value = getattr(cfg, f.name)
-    if f.metadata.get("optional") and not every and value == f.default:
-      continue
-    if dataclasses.is_dataclass(value):
-      value = to_dict(value, every=every)
-      if isinstance(getattr(cfg, f.name), encodings.PositionConfig):
-        value = {"kind": getattr(cfg, f.name).kind, **value}
-    elif isinstance(value, tuple):
-      value = list(value)
-    out[f.name] = value
-  return out
-
-
-def parse_value(text: str) -> Any:
-  """A command-line value: JSON when it parses (1e5, true, [1,2], {"a":1}), else the raw string."""
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError:
-    return text
-
-
-def override(cfg, assignments: Mapping[str, Any]):
-  """Return cfg with dotted fields replaced, e.g. {'model.position.base': 1e5, 'model.position': 'nope'}."""
-  data, prefix = to_dict(cfg, every=True), _prefix(type(cfg))
-  for dotted, value in assignments.items():
-    node, keys = data, dotted.split(".")
-    for i, key in enumerate(keys[:-1]):
-      check(isinstance(node.get(key), dict), prefix + ".".join(keys[: i + 1]),
-            f"unknown field; allowed: {', '.join(sorted(node))}")
-      node = node[key]
-    check(keys[-1] in node, prefix + dotted, f"unknown field; allowed: {', '.join(sorted(node))}")
-    node[keys[-1]] = value
-  return from_dict(type(cfg), data)

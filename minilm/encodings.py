@@ -1,4 +1,5 @@
-"""The registry of position encodings: one frozen config class per encoding, each building its module.
+"""The registry of position encodings: one frozen config class per encoding, each building its module
+and answering what the analyses ask of an encoding (`bounded`, `pairing`).
 
 A position module may do three things, each a no-op by default:
   embed(positions_BxT)        -> an additive input embedding [B, T, d_model] (sinusoidal, learned)
@@ -8,18 +9,19 @@ A position module may do three things, each a no-op by default:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Mapping
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from minilm import positions as P
+from minilm.schema import check, check_choice
 
 
 class PositionModule(nnx.Module):
   """No position information at all (NoPE); subclasses override one hook each."""
-  bounded: ClassVar[bool] = False  # True: positions >= max_len have no representation
 
   def embed(self, positions_BxT):
     return None
@@ -31,9 +33,42 @@ class PositionModule(nnx.Module):
     return None
 
 
+CONVENTION_BASE = 10000.0
+"""Pairing of encodings without RoPE: half layout, base 1e4. A labelled convention only: the dim
+order of a NoPE model means nothing, so its low-frequency share has the null expectation."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairing:
+  """Which rotary pair every dim belongs to (-1: unrotated) and each pair's frequency theta_j."""
+  pair_index: np.ndarray   # [D] int, -1 for unrotated dims (partial RoPE)
+  theta: np.ndarray        # [P] rad/token of the rotated pairs, decreasing (low frequency = large j)
+  label: str               # e.g. 'rope half base=10000' or 'convention half base=10000 (nope)'
+  is_rope: bool
+
+  @property
+  def n_pairs(self) -> int:
+    return len(self.theta)
+
+  @property
+  def wavelength(self) -> np.ndarray:
+    return 2 * np.pi / self.theta
+
+  @property
+  def dim_order(self) -> np.ndarray:
+    """Dims sorted by rotary frequency (pair 0 first, both dims of a pair adjacent), unrotated last."""
+    key = np.where(self.pair_index < 0, self.n_pairs, self.pair_index)
+    return np.argsort(key, kind="stable")
+
+
+REGISTRY: dict[str, type["PositionConfig"]] = {}
+
+
 @dataclasses.dataclass(frozen=True)
 class PositionConfig:
   kind: ClassVar[str] = ""
+  registry: ClassVar[dict] = REGISTRY   # minilm.schema reads and writes a position as {'kind': ..., ...}
+  bounded: ClassVar[bool] = False       # True: positions >= max_len have no representation
 
   def validate(self, model) -> None:
     """Cross-field checks against the ModelConfig; raise ConfigError."""
@@ -41,25 +76,16 @@ class PositionConfig:
   def build(self, model, rngs: nnx.Rngs) -> PositionModule:
     raise NotImplementedError
 
-
-REGISTRY: dict[str, type[PositionConfig]] = {}
+  def pairing(self, head_dim: int) -> Pairing:
+    """The rotary pairs the statistics group dims by; an encoding that rotates nothing gets the
+    labelled convention."""
+    return Pairing(P.rope_pair_index(head_dim, "half"), P.rope_frequencies(head_dim, CONVENTION_BASE),
+                   f"convention half base={CONVENTION_BASE:g} ({self.kind})", False)
 
 
 def register(cls):
   REGISTRY[cls.kind] = cls
   return cls
-
-
-def position_from_dict(data: Any, where: str, from_dict: Callable) -> PositionConfig:
-  """{'kind': 'rope', 'base': 1e5} or just 'rope' -> the registered config class."""
-  from minilm.config import check, check_choice
-  if isinstance(data, str):
-    data = {"kind": data}
-  check(isinstance(data, Mapping) and "kind" in data, where,
-        f"expected a position kind, one of {', '.join(map(repr, REGISTRY))}; got {data!r}")
-  check_choice(f"{where}.kind", data["kind"], REGISTRY)
-  rest = {k: v for k, v in data.items() if k != "kind"}
-  return from_dict(REGISTRY[data["kind"]], rest, where + ".")
 
 
 # ----------------------------------------------------------------------------------------- NoPE
@@ -102,7 +128,6 @@ class RoPE(PositionConfig):
   original_max_len: int = 8192     # llama3: the context length of pretraining
 
   def __post_init__(self):
-    from minilm.config import check, check_choice
     check(self.base > 1.0, "model.position.base", f"must be > 1; got {self.base}")
     check(0.0 < self.fraction <= 1.0, "model.position.fraction", f"must be in (0, 1]; got {self.fraction}")
     check_choice("model.position.partial", self.partial, P.PARTIAL_STYLES)
@@ -119,8 +144,13 @@ class RoPE(PositionConfig):
     return P.scale_frequencies(theta, self.scaling, self.factor, self.low_freq_factor,
                                self.high_freq_factor, self.original_max_len)
 
+  def pairing(self, head_dim: int) -> Pairing:
+    index = P.rope_pair_index(head_dim, self.layout, self.fraction, self.partial)
+    theta = P.rope_frequencies(head_dim, self.base, self.fraction, self.partial)
+    extra = "" if (self.fraction, self.partial) == (1.0, "neox") else f" fraction={self.fraction} {self.partial}"
+    return Pairing(index, theta, f"rope {self.layout} base={self.base:g}{extra}", True)
+
   def validate(self, model):
-    from minilm.config import check
     d = model.dim_per_head
     check(d % 2 == 0, "model.head_dim", f"RoPE needs an even head_dim; got {d}")
     try:
@@ -155,8 +185,6 @@ class ALiBi(PositionConfig):
 # ----------------------------------------------------------------------------- absolute encodings
 
 class SinusoidalModule(PositionModule):
-  bounded = True
-
   def __init__(self, max_len: int, d_model: int):
     self.max_len, self.d_model = max_len, d_model
 
@@ -169,9 +197,9 @@ class SinusoidalModule(PositionModule):
 class Sinusoidal(PositionConfig):
   """Fixed sin/cos table added to the token embedding (Vaswani et al. 2017)."""
   kind: ClassVar[str] = "sinusoidal"
+  bounded: ClassVar[bool] = True
 
   def validate(self, model):
-    from minilm.config import check
     check(model.d_model % 2 == 0, "model.d_model", f"sinusoidal positions need an even d_model; got {model.d_model}")
 
   def build(self, model, rngs):
@@ -179,8 +207,6 @@ class Sinusoidal(PositionConfig):
 
 
 class LearnedModule(PositionModule):
-  bounded = True
-
   def __init__(self, rows: int, d_model: int, init_std: float, offset: int, rngs: nnx.Rngs):
     init = jax.nn.initializers.normal(init_std)
     self.offset = offset
@@ -196,10 +222,10 @@ class Learned(PositionConfig):
   """A trained absolute position embedding table: position t reads row t + offset of
   max_len + offset rows (OPT keeps offset=2 rows in front, once meant for padding)."""
   kind: ClassVar[str] = "learned"
+  bounded: ClassVar[bool] = True
   offset: int = 0
 
   def __post_init__(self):
-    from minilm.config import check
     check(self.offset >= 0, "model.position.offset", f"must be >= 0; got {self.offset}")
 
   def build(self, model, rngs):

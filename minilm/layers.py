@@ -9,19 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minilm import hooks
 from minilm.config import MATMULS, ModelConfig
-
-# Capture points inside a block; names read `blocks.<layer>.attn.<point>` / `blocks.<layer>.resid`
-# (`hook_name`). 'attn' is the probabilities [B, H, T, S]; 'sink' only their key-0 column [B, H, T],
-# the share of attention each query puts on the first token, so a trace moves T, not T x S, per head.
-ATTN_POINTS = ("q", "k", "v", "rot_q", "rot_k", "attn", "sink")
-HOOK_POINTS = ("q", "k", "v", "rot_q", "rot_k")
-CAPTURE_POINTS = ATTN_POINTS + ("resid",)
-
-
-def hook_name(layer: int, point: str) -> str:
-  """'blocks.3.attn.rot_k', 'blocks.3.resid': the name of a capture or intervention point."""
-  return f"blocks.{layer}.{point}" if point == "resid" else f"blocks.{layer}.attn.{point}"
 
 # An intervention: (hook name like 'blocks.3.attn.rot_k', tensor [B, T, H, D]) -> replacement.
 Intervene = Optional[Callable[[str, jax.Array], jax.Array]]
@@ -201,7 +190,7 @@ class Attention(nnx.Module):
 
   def _point(self, name: str, x, capture: frozenset, intervene: Intervene):
     if intervene is not None:
-      x = intervene(hook_name(self.layer, name), x)
+      x = intervene(hooks.name(self.layer, name), x)
     if name in capture:
       self.sow(nnx.Intermediate, name, x)
     return x

@@ -8,17 +8,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minilm.config import ModelConfig
-from minilm.layers import CAPTURE_POINTS, Block, Intervene, Norm, linear, matmul_for
+from minilm.hooks import POINTS
+from minilm.layers import Block, Intervene, Norm, linear, matmul_for
 
 
 def capture_set(capture: Iterable[str] | bool) -> frozenset:
   """Normalise a capture request: True = every point, or an iterable of point names."""
   if capture is True:
-    return frozenset(CAPTURE_POINTS)
+    return frozenset(POINTS)
   names = frozenset(capture or ())
-  bad = sorted(names - set(CAPTURE_POINTS))
+  bad = sorted(names - set(POINTS))
   if bad:
-    raise ValueError(f"capture: unknown point {bad[0]!r}; allowed: {', '.join(CAPTURE_POINTS)}")
+    raise ValueError(f"capture: unknown point {bad[0]!r}; allowed: {', '.join(POINTS)}")
   return names
 
 
@@ -58,7 +59,7 @@ class Decoder(nnx.Module):
     if positions_BxT is None:
       start = 0 if cache is None else index
       positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-    if self.position.bounded and cache is None and T > self.cfg.max_len:
+    if self.cfg.position.bounded and cache is None and T > self.cfg.max_len:
       raise ValueError(f"tokens: length {T} exceeds model.max_len={self.cfg.max_len} for "
                        f"position encoding {self.cfg.position.kind!r}")
     x = self.embed(tokens_BxT) if embeds_BxTxC is None else embeds_BxTxC.astype(jnp.dtype(self.cfg.dtype))

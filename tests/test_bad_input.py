@@ -21,11 +21,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from test_checkpoints import damage
-from analysis import cli as analysis_cli, lab, quant_study
+from analysis.lab import cli as analysis_cli
+from analysis.lab import run as lab
 from train import checkpoints, cli as train_cli, paired
 
 CLIS: dict[str, Callable[[list[str]], int]] = {"train": train_cli.main, "lab": lab.main, "analysis": analysis_cli.main,
-                                               "quant": quant_study.main}
+                                               "quant": lambda argv: analysis_cli.main(["quantize", *argv])}
 SMOKE = train_cli.load("smoke", [])
 
 
@@ -206,7 +207,7 @@ def earlier_outputs(ctx: Ctx, folder: str) -> str:
 
 
 def study(*argv: str) -> Callable[[Ctx], list[str]]:
-  """Setup for `python -m analysis disrupt` / `analysis.quant_study` into a folder with earlier results."""
+  """Setup for `python -m analysis disrupt` / `python -m analysis quantize` into a folder with earlier results."""
   return lambda ctx: [*argv, "--out", earlier_outputs(ctx, "c5")]
 
 

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from minilm import config as C
+from minilm import schema as C
 from train import checkpoints, cli, loop, schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

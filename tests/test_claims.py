@@ -5,11 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import claims as CL
-from analysis import stats as S
-from analysis import trace as T
+from analysis.massive import claims as CL
+from analysis.massive import stats as S
+from analysis.massive import store as ST
 from minilm import encodings
-from minilm.config import ModelConfig, to_dict
+from minilm.config import ModelConfig
+from minilm.schema import to_dict
 
 L, H, K, D, N = 4, 4, 2, 32, 24
 LF_PAIR = 13                      # in the lowest-frequency quarter (pairs 12..15 of 16)
@@ -45,7 +46,7 @@ def _sums(rng, planted_layers, spread=False, heads=None):
 def _store(path, rope_layers, nope_layers, arms=("rope", "nope"), rope=encodings.RoPE(), **plant):
   rng = np.random.default_rng(0)
   probes = np.zeros((N, 64), np.int32)
-  store = T.open_store(str(path), probes, np.ones(probes.shape), False, S.StatConfig())
+  store = ST.open_store(str(path), probes, np.ones(probes.shape), False, S.StatConfig())
   meta = store.meta()
   positions = {"rope": (rope, rope_layers), "nope": (encodings.NoPE(), nope_layers)}
   for arm in arms:

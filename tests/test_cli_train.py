@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minilm import config as C
+from minilm import schema as C
 from train import checkpoints, cli, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,5 @@
 """Experiments with seeds: each arm is paired with its same-seed NoPE arm, and each recipe seen under
-two or more seeds is pooled over seeds with a t interval (analysis.compare)."""
+two or more seeds is pooled over seeds with a t interval (analysis.massive.compare)."""
 from __future__ import annotations
 
 import json
@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from analysis import claims as CL
-from analysis import compare as CMP
-from analysis import report as R
-from analysis import stats as S
-from analysis import trace as T
+from analysis.massive import claims as CL
+from analysis.massive import compare as CMP
+from analysis.lab import report as R
+from analysis.massive import stats as S
+from analysis.massive import store as ST
+from analysis.massive import trace as T
 from minilm import encodings
-from minilm.config import ModelConfig, to_dict
+from minilm.config import ModelConfig
+from minilm.schema import to_dict
 from minilm.model import Decoder
 
 ARMS = {   # arm: (position, seed, overrides as an experiment config writes them)
@@ -38,7 +40,7 @@ def seeded(tmp_path_factory):
   root = tmp_path_factory.mktemp("seeded")
   run_dir = root / "runs"
   probes = np.random.default_rng(0).integers(0, 64, (4, 32))
-  store = T.open_store(str(root / "trace"), probes, np.ones(probes.shape), False, S.StatConfig())
+  store = ST.open_store(str(root / "trace"), probes, np.ones(probes.shape), False, S.StatConfig())
   for arm, (position, seed, _) in ARMS.items():
     cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, max_len=32, position=position)
     T.record_step(store, Decoder(cfg, rngs=nnx.Rngs(seed)), arm, STEP.get(arm, 0), context=32, final=True)

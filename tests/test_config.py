@@ -1,7 +1,8 @@
 """Bad configs fail on construction with one line naming the field and what is allowed."""
 import pytest
 
-from minilm.config import ConfigError, ModelConfig, from_dict, override, parse_value, to_dict
+from minilm.config import ModelConfig
+from minilm.schema import ConfigError, from_dict, override, parse_value, to_dict
 from minilm.encodings import RoPE
 
 

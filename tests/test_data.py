@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from minilm.config import ConfigError, from_dict, override, to_dict
+from minilm.schema import ConfigError, from_dict, override, to_dict
 from train import data, tasks, text
 from train.tokenizer import BOS, EOS, PAD, Tokenizer
 

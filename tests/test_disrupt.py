@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from analysis import cli, disrupt, experiment
-from analysis.disrupt import DisruptConfig
+from analysis.lab import cli
+from analysis.studies import disrupt
+from analysis.studies import disruption
+from analysis.studies.disrupt import DisruptConfig
 from minilm import capture, generate
-from minilm.config import ConfigError, ModelConfig
+from minilm.config import ModelConfig
+from minilm.schema import ConfigError
 from minilm.model import Decoder
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -141,12 +144,12 @@ def test_every_mode_of_a_prompt_shape_shares_one_compiled_prefill(model):
   """Compilation dominates the disruption run of a 30-layer model: 'off' goes through the same hook
   (all-False masks) as the disrupting modes, so a new prompt shape compiles greedy decoding once."""
   from train.tokenizer import Tokenizer
-  from analysis import tasks_llm
+  from analysis.studies import suites
   tok = Tokenizer()
-  items = [tasks_llm.Item("ctx", "contextual", np.full(13, 7 + i, np.int32), "", "x", 3, {}) for i in range(2)]
+  items = [suites.Item("ctx", "contextual", np.full(13, 7 + i, np.int32), "", "x", 3, {}) for i in range(2)]
   compiled = generate._greedy._cache_size()
-  conds = experiment.conditions(DisruptConfig(criterion="topk", top_k=1), experiment.TABLE_MODES, dose=True)
-  experiment.evaluate(model, tok, items, conds, batch=2)
+  conds = disruption.conditions(DisruptConfig(criterion="topk", top_k=1), disruption.TABLE_MODES, dose=True)
+  disruption.evaluate(model, tok, items, conds, batch=2)
   assert generate._greedy._cache_size() == compiled + 1
 
 
@@ -208,7 +211,7 @@ def _status(passkey: dict, capitals: dict, padded: dict | None = None) -> str:
   spec = {"passkey": ("contextual", passkey), "capitals": ("parametric", capitals)}
   if padded:
     spec["capitals_padded"] = ("parametric", padded)
-  return experiment.c5_verdict(experiment.pool(_records(spec), "m", n_boot=500), "m")["status"]
+  return disruption.c5_verdict(disruption.pool(_records(spec), "m", n_boot=500), "m")["status"]
 
 
 def test_c5_rule():
@@ -223,16 +226,16 @@ def test_c5_rule():
   assert _status({**good, "massive": 5}, {"off": 10, "massive": 0}) == "opposite"              # parametric hurt more
   assert _status({**good, "off": 5}, {"off": 10, "massive": 9}) == "inconclusive"              # cannot do the task
   assert _status({"off": 10, "massive": 1}, {"off": 10, "massive": 9}) == "inconclusive"       # no random control
-  assert experiment.wilson(0, 10)[0] == 0.0 and 0.2 < experiment.wilson(5, 10)[0] < 0.5
+  assert disruption.wilson(0, 10)[0] == 0.0 and 0.2 < disruption.wilson(5, 10)[0] < 0.5
 
 
 def test_pooled_interval_resamples_templates_as_well_as_items():
   """Two families with the same mean drop: templates that disagree give the wider interval."""
   spec = {"same": ("contextual", {"off": 10, "massive": 5}),
           "split": ("contextual", {"off": 10, "massive": [0, 10, 0, 10, 5]})}
-  pooled = experiment.pool(_records(spec), "m", n_boot=1000)
-  width = {f: np.diff(experiment._ci(experiment._drop(pooled["families"][f], "massive")))[0] for f in spec}
-  point = {f: experiment._drop(pooled["families"][f], "massive")[0] for f in spec}
+  pooled = disruption.pool(_records(spec), "m", n_boot=1000)
+  width = {f: np.diff(disruption._ci(disruption._drop(pooled["families"][f], "massive")))[0] for f in spec}
+  point = {f: disruption._drop(pooled["families"][f], "massive")[0] for f in spec}
   assert point["same"] == point["split"] == 0.5
   assert width["split"] > 1.5 * width["same"]
   # the kind pools its families; the energy of each condition is reported per family
@@ -244,19 +247,19 @@ def test_random_draws_pool_into_one_row_per_task():
   recs = _records({"passkey": ("contextual", {"off": 10, "random.0": 4, "random.1": 6})}, templates=1)
   for r in recs:
     r.update(dims_replaced={"rot_q": 0}, energy_removed={"rot_q": 0.0})
-  rows = {r["mode"]: r for r in experiment.summarize(recs)}
+  rows = {r["mode"]: r for r in disruption.summarize(recs)}
   assert set(rows) == {"off", "random.0", "random.1", "random"}
   assert rows["random"]["n"] == 10 and rows["random"]["acc"] == 0.5 and rows["random"]["draws"] == 2
   assert rows["random.0"]["k"] == 4 and rows["random.0"]["n"] == 10
 
 
 def test_conditions_expand_draws_and_doses_without_running_one_twice():
-  conds = experiment.conditions(DisruptConfig(), ("off", "massive", "random"), draws=3, dose=True)
+  conds = disruption.conditions(DisruptConfig(), ("off", "massive", "random"), draws=3, dose=True)
   assert list(conds)[:5] == ["off", "massive", "random.0", "random.1", "random.2"]
   assert [c.draw for l, c in conds.items() if l.startswith("random")] == [0, 1, 2]
   assert "lam5" not in conds and {"lam3", "lam4", "lam6", "top1", "top2", "top4"} <= set(conds)
   assert conds["lam3"].lam == 3.0 and conds["lam3"].mode == "massive"
-  assert experiment.dose_labels(conds)["lam5"] == "massive"
+  assert disruption.dose_labels(conds)["lam5"] == "massive"
 
 
 def _write_prompts(path, rows):
@@ -311,7 +314,7 @@ def test_bad_prompt_lines_are_one_error_before_any_model_loads(tmp_path, capsys,
   out.mkdir()
   (out / "old.txt").write_text("earlier results")
   prompts = _write_prompts(tmp_path / "mine.jsonl", PROMPTS[:2] + ["", bad])
-  monkeypatch.setattr(experiment, "load_sources", lambda *a: pytest.fail("a model was loaded"))
+  monkeypatch.setattr(disruption, "load_sources", lambda *a: pytest.fail("a model was loaded"))
   assert cli.main(["disrupt", "--model", "random", "--prompts", prompts, "--out", str(out)]) == 2
   err = capsys.readouterr().err
   assert err.startswith(f"error: {prompts}:4: {message}") and err.count("\n") == 1, err
@@ -356,4 +359,4 @@ def test_end_to_end_templates_on_a_tiny_random_decoder(tmp_path, capsys):
 def test_the_c5_rule_is_written_in_the_docs_verbatim():
   from pathlib import Path
   docs = (Path(__file__).parents[1] / "docs" / "claims.md").read_text()
-  assert experiment.RULE in docs
+  assert disruption.RULE in docs

@@ -14,9 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from analysis import lab as L
-from analysis import trace as T
-from analysis.cli import main as analysis_main
+from analysis.lab import run as L
+from analysis.studies import quantization
+from analysis.massive import store as ST
+from analysis.lab.cli import main as analysis_main
 from minilm import atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +80,7 @@ def test_trace_redoes_a_damaged_step_and_a_missing_token_view(tiny_run, tmp_path
   out = tmp_path / "trace"
   assert analysis_main(["trace", str(tiny_run), "--out", str(out), *TRACE]) == 0
   want = json.loads((out / "summary.json").read_text())
-  store = T.Store(str(out))
+  store = ST.Store(str(out))
   with open(store.sums_path("rope", 1), "r+b") as f:       # a file cut short (full disk, kill by hand)
     f.truncate(100)
   os.remove(store.tokens_path("nope"))                      # killed before the last step's token view
@@ -102,7 +103,7 @@ def test_the_lab_killed_between_trace_steps_resumes_to_the_uninterrupted_result(
   command then finishes, and its trace equals that of a run never interrupted."""
   argv = _lab_argv(tmp_path, "--skip", "pretrained,disrupt,quant")
   report = tmp_path / "reports" / "rope_vs_nope_quick"
-  cmd = [sys.executable, "-c", "import sys; from analysis.lab import main; sys.exit(main(sys.argv[1:]))", *argv]
+  cmd = [sys.executable, "-c", "import sys; from analysis.lab.run import main; sys.exit(main(sys.argv[1:]))", *argv]
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -131,11 +132,10 @@ def test_a_failed_stage_leaves_the_previous_output_and_the_report_intact(tmp_pat
   report = tmp_path / "reports" / "rope_vs_nope_quick"
   before = snapshot(report / "quant", report / "trace")
   page = (report / "index.html").read_text()
-  from analysis import quant_study
 
   def broken(*args, **kw):
     raise OSError(28, "No space left on device", str(report / "quant.partial" / "results.jsonl"))
-  monkeypatch.setattr(quant_study, "study", broken)
+  monkeypatch.setattr(quantization, "study", broken)
   assert L.main([*argv, "--force", "quant"]) == 2
   err = capsys.readouterr().err.strip().splitlines()   # the progress bars of the reused stages, then:
   assert err[-1:] == [f"error: {report / 'quant.partial' / 'results.jsonl'}: No space left on device"]

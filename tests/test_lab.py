@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from analysis import lab as L
+from analysis.lab import run as L
+from analysis.studies import quantization
 
 
 def _lab(*argv):
@@ -64,10 +65,10 @@ def test_an_experiment_config_runs_in_the_lab_with_default_settings():
 
 
 def test_disrupt_and_quant_settings_reach_the_analyses_through_their_own_parsers(monkeypatch, tmp_path):
-  from analysis import experiment, quant_study
+  from analysis.studies import disruption
   seen = {}
-  monkeypatch.setattr(experiment, "run_and_print", lambda args: seen.setdefault("disrupt", args))
-  monkeypatch.setattr(quant_study, "run", lambda args: seen.setdefault("quant", args))
+  monkeypatch.setattr(disruption, "run_and_print", lambda args: seen.setdefault("disrupt", args))
+  monkeypatch.setattr(quantization, "run", lambda args: seen.setdefault("quant", args))
   lab = L.build(L.parser().parse_args(["--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "rep"),
                                        "--lab-set", "disrupt.n=7", "disrupt.model=run",
                                        'disrupt.extra=["--rope", "pre"]', "quant.methods=rtn,awq", "quant.bits=3"]))[0]
@@ -128,7 +129,7 @@ def test_quick_run_trains_traces_reports_then_reuses_everything(tmp_path, capsys
 
 
 def test_pretrained_command_analyses_an_imported_model_as_one_traced_step(tmp_path, capsys):
-  from analysis.cli import main
+  from analysis.lab.cli import main
   out = tmp_path / "pre"
   assert main(["pretrained", "--model", "random", "--out", str(out), "--probes", "3", "--length", "24",
                "--no-plots", "--lam", "3"]) == 0
@@ -140,4 +141,4 @@ def test_pretrained_command_analyses_an_imported_model_as_one_traced_step(tmp_pa
   assert claims["C3"]["verdict"] == "inconclusive" and claims["C3-lowfreq"]["reference"].startswith("null")
   assert "| C1 Concentration |" in capsys.readouterr().out
   assert main(["pretrained", "--model", "random", "--out", str(tmp_path / "x"), "--length", "100000"]) == 2
-  assert capsys.readouterr().err.startswith("error: length: must be <= the model's max_len=512")
+  assert capsys.readouterr().err.startswith("error: length: must be <= the model's max_len=2048")

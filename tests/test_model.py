@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from minilm import capture
-from minilm.config import ConfigError, ModelConfig, from_dict, override, to_dict
+from minilm.config import ModelConfig
+from minilm.schema import ConfigError, from_dict, override, to_dict
 from minilm.generate import greedy
 from minilm.model import Decoder, init_cache
 
@@ -47,8 +48,8 @@ def test_shapes(position):
   model = make(position)
   logits, cache = capture.run(model, tokens(3, 9))
   assert logits.shape == (3, 9, 64) and logits.dtype == jnp.float32
-  assert cache.stack("attn.q").shape == (2, 3, 9, 4, 8)
-  assert cache.stack("attn.rot_k").shape == (2, 3, 9, 2, 8)  # GQA: 2 KV heads
+  assert cache.stack("q").shape == (2, 3, 9, 4, 8)
+  assert cache.stack("rot_k").shape == (2, 3, 9, 2, 8)  # GQA: 2 KV heads
   assert cache["blocks.1.attn.v"].shape == (3, 9, 2, 8)
   assert cache["blocks.0.attn.attn"].shape == (3, 4, 9, 9)
   assert cache.stack("resid").shape == (2, 3, 9, 32)

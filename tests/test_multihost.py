@@ -24,7 +24,7 @@ WORKER = textwrap.dedent("""
     jax.distributed.initialize(f"localhost:{port}", num_processes=processes, process_id=process)
   import numpy as np
   from jax.experimental import multihost_utils
-  from minilm import config as C
+  from minilm import schema as C
   from train import checkpoints, cli, data as D, loop, sharding, step as S
   # warmup 0 and Adam eps=1: every step moves the params by ~lr*g (see the tolerance in the test)
   cfg = C.override(cli.load("smoke", []).resolve("rope"), {"data.stream": "row", "optim.warmup_steps": 0,

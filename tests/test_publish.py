@@ -1,4 +1,4 @@
-"""python -m analysis.publish: a lab report copied into results/<name>/ without arrays, with
+"""python -m analysis.lab.publish: a lab report copied into results/<name>/ without arrays, with
 PROVENANCE.md from the report's own records and an idempotent results/README.md."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from analysis import lab as L
-from analysis import publish as P
-from analysis import report as R
+from analysis.lab import run as L
+from analysis.lab import publish as P
+from analysis.lab import report as R
 from test_report import report_dir  # noqa: F401  (the small synthetic report, reused as the report's content)
 
 STAGE_SECONDS = {"train": 12.5, "trace": 3.25, "pretrained": 7.0, "disrupt": 4.0}

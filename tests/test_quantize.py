@@ -1,4 +1,4 @@
-"""Quantization schemes (analysis/quantize.py), their application to a Decoder and the C6 driver."""
+"""Quantization schemes (analysis/studies/quantize.py), their application to a Decoder and the C6 driver."""
 from __future__ import annotations
 
 import functools
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from analysis import quantize as Q
-from analysis import quantize_model as QM
+from analysis.studies import quantize as Q
+from analysis.studies import quantize_model as QM
 from minilm import generate
-from minilm.config import ConfigError, ModelConfig
+from minilm.config import ModelConfig
+from minilm.schema import ConfigError
 from minilm.model import Decoder
 
 
@@ -299,7 +300,7 @@ def _record(mode, i, task, kind, success):
 
 
 def test_c6_verdict_follows_its_rule():
-  from analysis import quant_study as QS
+  from analysis.studies import quantization as QS
   schemes = QS.schemes(["awq", "gptq"], [4])
   names = {s.method: s.name for s in schemes}
   def records(awq, gptq, fp=1):
@@ -321,16 +322,18 @@ def test_c6_verdict_follows_its_rule():
 @pytest.mark.slow   # every C6 scheme end to end
 def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   import json
-  from analysis import experiment, quant_study as QS, tasks_llm
+  from analysis.studies import disruption
+  from analysis.studies import quantization as QS
+  from analysis.studies import suites
   from train.tokenizer import Tokenizer
   tok = Tokenizer()
   model = Decoder(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                               max_len=128), rngs=nnx.Rngs(0))
-  items = [tasks_llm.Item("ctx", "contextual", np.asarray(tok.encode(f"key {i}{i}: value"), np.int32), "", f"{i}", 2, {})
+  items = [suites.Item("ctx", "contextual", np.asarray(tok.encode(f"key {i}{i}: value"), np.int32), "", f"{i}", 2, {})
            for i in range(3)]
-  items += [tasks_llm.Item("par", "parametric", np.asarray(tok.encode(f"fact {i}{i}: is!!"), np.int32), "", "x", 2, {})
+  items += [suites.Item("par", "parametric", np.asarray(tok.encode(f"fact {i}{i}: is!!"), np.int32), "", "x", 2, {})
             for i in range(3)]
-  monkeypatch.setattr(experiment, "load_sources", lambda *a: [("tiny", model, tok, items, None, {})])
+  monkeypatch.setattr(disruption, "load_sources", lambda *a: [("tiny", model, tok, items, None, {})])
   out = tmp_path / "c6"
   assert QS.main(["--model", "random", "--out", str(out), "--methods", "rtn,rtn_keep,awq,gptq,smoothquant,kv",
                   "--bits", "4", "--group-size", "16", "--top-k", "1", "--kv", "pre:channel,post:token", "--kv-bits", "3", "--calib", "2x32",

@@ -16,13 +16,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from analysis import claims as CL
-from analysis import compare as CMP
-from analysis import report as R
-from analysis import stats as S
-from analysis import trace as T
+from analysis.massive import claims as CL
+from analysis.massive import compare as CMP
+from analysis.lab import report as R
+from analysis.massive import stats as S
+from analysis.massive import pipeline as PL
+from analysis.massive import store as ST
+from analysis.massive import trace as T
 from minilm import encodings
-from minilm.config import ModelConfig, to_dict
+from minilm.config import ModelConfig
+from minilm.schema import to_dict
 from minilm.model import Decoder
 
 CHECK = """<script>
@@ -85,7 +88,7 @@ def report_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("report")
   model = Decoder(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_len=32), rngs=nnx.Rngs(0))
   probes = np.random.default_rng(0).integers(0, 64, (4, 32))
-  T.analyze_model(model, probes, str(root / "trace"), arm="rope", step=0)
+  PL.analyze_model(model, probes, str(root / "trace"), arm="rope", step=0)
   shutil.copytree(root / "trace", root / "pretrained")
   (root / "pretrained" / "pretrained.json").write_text(json.dumps(
       {"name": "tiny-pretrained", "params": 12345, "source": "synthetic", "format": "none", "layout": "half",
@@ -206,7 +209,7 @@ def sweep_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("sweep")
   run_dir = root / "runs"
   probes = np.random.default_rng(0).integers(0, 64, (4, 32))
-  store = T.open_store(str(root / "trace"), probes, np.ones(probes.shape), False, S.StatConfig())
+  store = ST.open_store(str(root / "trace"), probes, np.ones(probes.shape), False, S.StatConfig())
   for arm, (position, context) in SWEEP.items():
     cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, max_len=32, position=position)
     for step, seed in ((0, 0), (5, 1)) if arm == "rope_b1e4" else ((0, 0),):
@@ -228,7 +231,7 @@ def test_arms_json_has_one_row_per_arm_with_its_own_boundary_pair(sweep_dir):
   rows = {r["arm"]: r for r in table["arms"]}
   assert [r["arm"] for r in table["arms"]] == list(SWEEP) and table["tensors"] == ["rot_q", "rot_k"]
   expected = {"rope_b1e2": 6, "rope_b1e4": 3, "rope_ctx128": 6, "neox_0.5": 2, "prope_0.25": 4}
-  csv_rows = T.read_table(str(trace / "table.csv"))
+  csv_rows = ST.read_table(str(trace / "table.csv"))
   for arm, (position, context) in SWEEP.items():
     r = rows[arm]
     assert r["context"] == context and r["position"] == position.kind

@@ -30,7 +30,7 @@ def test_fsdp_splits_the_largest_divisible_dimension():
 
 FOUR_DEVICES = textwrap.dedent("""
   import json, jax, numpy as np
-  from minilm import config as C
+  from minilm import schema as C
   from train import checkpoints, cli, data as D, loop, sharding, step as S
   assert jax.device_count() == 4
   # warmup 0 and Adam eps=1: both steps move the params by ~lr*g (see the tolerance in the test)

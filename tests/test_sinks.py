@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from analysis import sinks as SK
-from analysis import stats as S
-from analysis import trace as T
-from minilm import capture, encodings
+from analysis.massive import sinks as SK
+from analysis.massive import stats as S
+from analysis.massive import pipeline as PL
+from analysis.massive import store as ST
+from analysis.massive import trace as T
+from minilm import capture, encodings, hooks
 from minilm.config import ModelConfig
-from minilm.layers import hook_name
+from minilm import hooks
 from minilm.model import Decoder
 
 FIRST = 7
@@ -41,15 +43,15 @@ def test_capture_off_compiles_to_the_plain_program():
   plain = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, toks).as_text()
   off = jax.jit(lambda s, t: capture.run(nnx.merge(graphdef, s), t, points=())[0]).lower(state, toks).as_text()
   assert plain == off
-  with_sink = jax.jit(lambda s, t: capture.run(nnx.merge(graphdef, s), t, points=("sink",))[1].stack("attn.sink"))
+  with_sink = jax.jit(lambda s, t: capture.run(nnx.merge(graphdef, s), t, points=("sink",))[1].stack("sink"))
   assert with_sink.lower(state, toks).as_text() != plain
 
 
 def test_hook_names_are_guessable():
   _, cache = capture.run(_decoder(), _probes(2, 8), points=("sink", "resid", "attn"))
-  assert set(cache) == {hook_name(l, p) for l in range(2) for p in ("sink", "resid", "attn")}
-  assert hook_name(1, "sink") == "blocks.1.attn.sink" and hook_name(1, "resid") == "blocks.1.resid"
-  assert cache[hook_name(0, "sink")].shape == (2, 4, 8) and cache[hook_name(0, "resid")].shape == (2, 8, 32)
+  assert set(cache) == {hooks.name(l, p) for l in range(2) for p in ("sink", "resid", "attn")}
+  assert hooks.name(1, "sink") == "blocks.1.attn.sink" and hooks.name(1, "resid") == "blocks.1.resid"
+  assert cache[hooks.name(0, "sink")].shape == (2, 4, 8) and cache[hooks.name(0, "resid")].shape == (2, 8, 32)
 
 
 def test_device_sink_share_equals_numpy_from_full_probabilities():
@@ -59,11 +61,11 @@ def test_device_sink_share_equals_numpy_from_full_probabilities():
   out = T.capture_sums(model, probes, mask, batch_size=3, sinks=True)
   _, cache = capture.run(model, probes, points=("attn",))
   for layer in range(2):
-    probs = np.asarray(cache[hook_name(layer, "attn")], np.float64)      # [N, H, T, S]
+    probs = np.asarray(cache[hooks.name(layer, "attn")], np.float64)      # [N, H, T, S]
     counted = mask * (np.arange(24) > 0)
     want = np.einsum("nht,nt->nh", probs[..., 0], counted) / counted.sum(1)[:, None]
     np.testing.assert_allclose(out[f"{layer}.sink"], want, rtol=1e-5, atol=1e-7)
-  assert {k.split(".", 1)[1] for k in out} == set(T.TENSORS) | set(SK.FIELDS)
+  assert {k.split(".", 1)[1] for k in out} == set(hooks.QKV) | set(SK.FIELDS)
 
 
 def _plant_sink(model, layer: int, head: int, size: float = 30.0):
@@ -109,7 +111,7 @@ def test_planted_massive_residual_activation_is_found():
     assert res["top_position"] == [5, 1.0] and res["top_dim"] == [13, 1.0] and res["top_token_id"] == [9, 1.0]
     assert res["n_sun"][0] == 1 and res["n_ratio"][0] == 1 and res["max_abs"][0] > 1000
   _, cache = capture.run(model, probes, points=("resid",))
-  resid = np.abs(np.asarray(cache[hook_name(1, "resid")]))
+  resid = np.abs(np.asarray(cache[hooks.name(1, "resid")]))
   np.testing.assert_allclose(out["1.resid_median"], np.median(resid.reshape(4, -1), axis=1), rtol=1e-5)
   np.testing.assert_allclose(np.abs(out["1.resid_top"]), -np.sort(-resid.reshape(4, -1), axis=1)[:, :SK.RESID_TOP],
                              rtol=1e-6)
@@ -156,7 +158,7 @@ def test_store_writes_sinks_and_keeps_old_stores_readable(tmp_path):
   model = _decoder(encodings.NoPE(), qkv_bias=True)
   _plant_sink(model, layer=1, head=0)
   probes = _probes(6, 24)
-  store = T.open_store(str(tmp_path), probes, np.ones(probes.shape, np.float32), False, S.StatConfig())
+  store = ST.open_store(str(tmp_path), probes, np.ones(probes.shape, np.float32), False, S.StatConfig())
   for step in (0, 5):
     T.record_step(store, model, "planted", step, context=24, final=step == 5)
   T.rebuild(store, n_boot=100)
@@ -164,15 +166,15 @@ def test_store_writes_sinks_and_keeps_old_stores_readable(tmp_path):
   assert [s["step"] for s in summ["steps"]] == [0, 5] and summ["verdicts"][0]["step"] == 5
   layer1 = [g for g in summ["layers"] if (g["step"], g["layer"]) == (5, 1)][0]
   assert np.argmax(layer1["sink_per_head"]) == 0 and layer1["sink_per_head"][0] > 0.95
-  assert len(T.read_table(str(tmp_path / "sinks.csv"))) == 2 * 2 * 4
-  assert len(T.read_table(str(tmp_path / "resid.csv"))) == 2 * 2
+  assert len(ST.read_table(str(tmp_path / "sinks.csv"))) == 2 * 2 * 4
+  assert len(ST.read_table(str(tmp_path / "resid.csv"))) == 2 * 2
   with np.load(store.tokens_path("planted")) as z:
     assert z["attn"].shape == (2, 4, 24, 24)                  # probes shorter than PATTERN_TOKENS
-  from analysis import plots as P
+  from analysis.massive import plots as P
   names = {os.path.basename(p) for p in P.sink_figures(store)}
   assert {"sink_map.png", "residual.png", "sinks_over_steps.png", "attention_planted.png"} <= names
   os.remove(store.sinks_path("planted", 0))       # a step traced before sinks were captured
-  keys = {f"{l}.{t}" for l in range(2) for t in T.TENSORS}
+  keys = {f"{l}.{t}" for l in range(2) for t in hooks.QKV}
   assert store.good_steps("planted", keys) == [5] and store.steps("planted") == [0, 5]
   T.rebuild(store, n_boot=100)
   assert [s["step"] for s in json.loads((tmp_path / "sinks.json").read_text())["steps"]] == [5]
@@ -185,12 +187,12 @@ def test_rule_is_in_the_docs_verbatim():
 
 
 def test_report_section_reads_the_store(tmp_path):
-  from analysis import report as R
+  from analysis.lab import report as R
   model = _decoder(encodings.NoPE(), qkv_bias=True)
   _plant_sink(model, layer=0, head=1)
   probes = _probes(6, 24)
   trace_dir = tmp_path / "trace"
-  T.analyze_model(model, probes, str(trace_dir), arm="planted", claims=False, batch_size=6)
+  PL.analyze_model(model, probes, str(trace_dir), arm="planted", claims=False, batch_size=6)
   html = R.sinks_section(str(tmp_path), "trace", "sinks")
   assert html.count("<tr>") == 2 and "trace/plots/sink_map.png" in html and "attention_planted" in html
   assert "no layer holds an activation above 1000 x the median" in html

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from analysis import stats as S
+from analysis.massive import stats as S
 from minilm import encodings, positions
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -38,7 +38,7 @@ def test_planted_massive_dims_are_found_exactly_before_and_after_rope_with_gqa(l
       np.testing.assert_array_equal(S.massive_mask(M, 5.0), expected)
       planted = expected.any(-1)
       np.testing.assert_array_equal(S.top_k_mask(M, 2)[planted], expected[planted])
-      pairing = S.pairing_for(encodings.RoPE(layout=layout), D)
+      pairing = encodings.RoPE(layout=layout).pairing(D)
       st = S.head_stats(M, pairing, T)
       np.testing.assert_array_equal(st["massive"], expected.sum(-1))
       peaks = {h: int(st["peak_pair"][h]) for h in np.nonzero(planted)[0]}
@@ -56,7 +56,7 @@ def test_noise_has_no_massive_dims_and_low_max_mean():
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 def test_low_frequency_share_of_an_isotropic_tensor_is_a_quarter(layout):
   x = np.random.default_rng(2).standard_normal((512, 8, 64)).astype(np.float32)
-  pairing = S.pairing_for(encodings.RoPE(layout=layout), 64)
+  pairing = encodings.RoPE(layout=layout).pairing(64)
   lf, null = S.lf_share(S.pair_energy(np.asarray(S.value_norms(x)), pairing.pair_index))
   assert null == 0.25   # exact: 16 of 64 dims
   # Sampling, not rounding: a head's share over 512 tokens has sd ~0.0035; 0.03 is ~9 sd, 0.01 ~8 sd of the mean of 8
@@ -67,7 +67,7 @@ def test_low_frequency_share_of_an_isotropic_tensor_is_a_quarter(layout):
                                   encodings.RoPE(fraction=0.5), encodings.RoPE(fraction=0.5, partial="p-rope")])
 def test_pair_energy_is_unchanged_by_rope(rope):
   x = np.random.default_rng(3).standard_normal((2, 64, 4, 32)).astype(np.float32) * np.linspace(0.1, 3, 32, dtype=np.float32)
-  pairing = S.pairing_for(rope, 32)
+  pairing = rope.pairing(32)
   rotated = positions.apply_rope(x, np.arange(64), base=rope.base, fraction=rope.fraction,
                                  partial=rope.partial, layout=rope.layout)
   before = S.pair_energy(np.asarray(S.value_norms(x)), pairing.pair_index)
@@ -80,7 +80,7 @@ def test_pair_energy_is_unchanged_by_rope(rope):
 
 
 def test_partial_rope_unrotated_dims_are_their_own_band():
-  pairing = S.pairing_for(encodings.RoPE(fraction=0.5, partial="p-rope"), 32)   # pairs 8..15 unrotated
+  pairing = encodings.RoPE(fraction=0.5, partial="p-rope").pairing(32)   # pairs 8..15 unrotated
   assert pairing.n_pairs == 8 and (pairing.pair_index < 0).sum() == 16
   M = np.ones((2, 32))
   M[0, pairing.pair_index < 0] = 3.0                                            # 9x the energy there
@@ -92,7 +92,7 @@ def test_partial_rope_unrotated_dims_are_their_own_band():
 
 
 def test_nope_uses_the_labelled_half_layout_convention():
-  pairing = S.pairing_for(encodings.NoPE(), 16)
+  pairing = encodings.NoPE().pairing(16)
   assert not pairing.is_rope and "convention" in pairing.label
   np.testing.assert_array_equal(pairing.pair_index, positions.rope_pair_index(16, "half"))
 
@@ -149,7 +149,7 @@ def test_bootstrap_is_paired_and_covers_the_point():
   rng = np.random.default_rng(6)
   sums = rng.chisquare(4, (20, 4, 16))
   sums[:, :, 3] *= 200
-  pairing = S.pairing_for(encodings.RoPE(), 16)
+  pairing = encodings.RoPE().pairing(16)
   counts = S.prompt_counts(20, 300, 0)
   assert counts.shape == (300, 20) and np.all(counts.sum(1) == 20)
   cfg = S.StatConfig()
@@ -181,7 +181,7 @@ def test_top_k_mask_is_the_stable_sort_with_ties(k):
 def test_head_stats_only_computes_what_is_asked_and_agrees():
   from minilm.encodings import RoPE
   M = np.abs(np.random.default_rng(9).normal(size=(20, 4, 32)))
-  pairing = S.pairing_for(RoPE(), 32)
+  pairing = RoPE().pairing(32)
   full = S.head_stats(M, pairing, 128.0)
   some = S.head_stats(M, pairing, 128.0, only=("kurtosis", "agreement"))
   assert set(some) == {"kurtosis", "agreement", "null"} and some["null"] == full["null"]
@@ -206,7 +206,7 @@ def _rotate_pairs(x_TxHxD, units, rng):
 def test_pair_statistics_are_invariant_under_any_rotation_of_the_pairs(position):
   rng = np.random.default_rng(10)
   D = 32
-  pairing = S.pairing_for(position, D)
+  pairing = position.pairing(D)
   units = S.unit_index(pairing)
   assert sorted(np.bincount(units)) == [2] * (D // 2)                  # every dim in exactly one unit of two
   x = rng.standard_normal((128, 4, D)) * np.linspace(0.2, 3, D)
@@ -223,7 +223,7 @@ def test_pair_statistics_are_invariant_under_any_rotation_of_the_pairs(position)
 
 
 def test_pair_norms_are_the_norms_of_each_pairs_sub_vector():
-  pairing = S.pairing_for(encodings.RoPE(), 8)
+  pairing = encodings.RoPE().pairing(8)
   M = np.arange(1.0, 9.0)[None]
   np.testing.assert_allclose(S.pair_norms(M, S.unit_index(pairing))[0],   # float64, the same formula
                              np.sqrt(M[0, :4] ** 2 + M[0, 4:] ** 2))    # half layout: (j, j + 4)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from analysis import lab
+from analysis.lab import run as lab
 from train import cli as train_cli, tensorboard as TB
 
 

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from analysis import stats as S
-from analysis import trace as T
-from analysis.cli import main
-from minilm import capture, encodings
-from minilm.config import ConfigError, ModelConfig
+from analysis.massive import stats as S
+from analysis.massive import pipeline as PL
+from analysis.massive import store as ST
+from analysis.massive import trace as T
+from analysis.lab.cli import main
+from minilm import capture, encodings, hooks
+from minilm.config import ModelConfig
+from minilm.schema import ConfigError
 from minilm.model import Decoder
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -28,8 +31,8 @@ def test_jitted_sums_equal_eager_capture_with_padding_and_a_ragged_last_batch():
   mask = np.ones(probes.shape, np.float32)
   mask[2, 20:] = 0
   sums = T.capture_sums(model, probes, mask, drop_first=True, batch_size=3)
-  _, cache = capture.run(model, probes, points=T.TENSORS)
-  assert set(sums) == {f"{l}.{t}" for l in range(2) for t in T.TENSORS}
+  _, cache = capture.run(model, probes, points=hooks.QKV)
+  assert set(sums) == {f"{l}.{t}" for l in range(2) for t in hooks.QKV}
   for key, got in sums.items():
     layer, tensor = key.split(".", 1)
     x = np.asarray(cache[f"blocks.{layer}.attn.{tensor}"], np.float64)
@@ -61,8 +64,8 @@ def test_trace_model_rows_cover_every_layer_tensor_and_head(position):
 def test_analyze_model_treats_a_single_model_as_one_step(tmp_path):
   model = _decoder(encodings.RoPE(), n_layers=1)
   probes = np.random.default_rng(2).integers(0, 300, (6, 16))
-  T.analyze_model(model, probes, str(tmp_path), arm="pretrained", step=0, batch_size=6)
-  rows = T.read_table(str(tmp_path / "table.csv"))
+  PL.analyze_model(model, probes, str(tmp_path), arm="pretrained", step=0, batch_size=6)
+  rows = ST.read_table(str(tmp_path / "table.csv"))
   assert len(rows) == 2 * 4 + 3 * 2 and {r["arm"] for r in rows} == {"pretrained"}
   claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
   assert [c["claim"] for c in claims] == ["C1", "C2", "C3", "C3-lowfreq", "C4"]
@@ -72,13 +75,13 @@ def test_analyze_model_treats_a_single_model_as_one_step(tmp_path):
     assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 0 and (tmp_path / "plots" / f"{name}.pdf").exists()
   assert not (tmp_path / "plots" / "emergence.png").exists()   # one step: nothing to emerge over
   with pytest.raises(ConfigError, match="out: .* other probes"):
-    T.analyze_model(model, probes[:3], str(tmp_path), arm="pretrained")
+    PL.analyze_model(model, probes[:3], str(tmp_path), arm="pretrained")
 
 
 def test_cli_traces_a_paired_run_into_table_plots_and_claims_and_resumes(tiny_run, tmp_path):
   out = tmp_path / "analysis"
   assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--batch", "4"]) == 0
-  rows = T.read_table(str(out / "table.csv"))
+  rows = ST.read_table(str(out / "table.csv"))
   assert len(rows) == 2 * 2 * 2 * (2 * 4 + 3 * 2)                # arms x steps x layers x heads
   assert {(r["arm"], r["step"]) for r in rows} == {(a, s) for a in ("rope", "nope") for s in ("0", "1")}
   assert np.load(out / "probes.npy").shape == (6, 48)
@@ -108,7 +111,7 @@ def test_cli_reports_a_bad_run_dir_in_one_line(tmp_path, capsys):
 
 
 def test_deep_models_show_evenly_spaced_heatmap_layers():
-  from analysis import plots as P
+  from analysis.massive import plots as P
   assert P.shown_layers(4) == [0, 1, 2, 3]
   shown = P.shown_layers(30)
   assert len(shown) == P.MAX_HEATMAP_LAYERS and shown[0] == 0 and shown[-1] == 29 and shown == sorted(set(shown))

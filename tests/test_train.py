@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minilm import config as C
+from minilm import schema as C
 from minilm.generate import greedy
 from train import cli, data as D, evaluate, loop, schedule, sharding, step as S
 from train.checkpoints import abstract_model

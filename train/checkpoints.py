@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from minilm import atomic
-from minilm import config as C
+from minilm import schema as C
 from minilm.config import ModelConfig
 from minilm.model import Decoder
 

@@ -18,7 +18,7 @@ import os
 import sys
 
 from minilm import atomic
-from minilm import config as C
+from minilm import schema as C
 from minilm.cli import guarded
 from train.config import ExperimentConfig, load_experiment
 

@@ -9,10 +9,9 @@ import dataclasses
 import math
 from typing import Any
 
-from flax import nnx
-
-from minilm import config as C
-from minilm.config import ModelConfig, check, check_choice
+from minilm import schema as C
+from minilm.config import ModelConfig
+from minilm.schema import check, check_choice
 from train.data import DataConfig
 from train.tokenizer import Tokenizer
 
@@ -103,8 +102,7 @@ class TrainConfig:
           f"must be >= {Tokenizer.vocab_size}, the tokenizer's ids 0..{Tokenizer.vocab_size - 1} (train.tokenizer); "
           f"got {self.model.vocab_size}")
     check(self.log_every >= 1, "log_every", f"must be >= 1; got {self.log_every}")
-    bounded = nnx.eval_shape(lambda: self.model.position.build(self.model, nnx.Rngs(0))).bounded
-    check(not bounded or self.data.seq_len <= self.model.max_len, "data.seq_len",
+    check(not self.model.position.bounded or self.data.seq_len <= self.model.max_len, "data.seq_len",
           f"must be <= model.max_len={self.model.max_len} for position encoding "
           f"{self.model.position.kind!r}; got {self.data.seq_len}")
     check(self.data.batch_size % self.optim.accumulate == 0, "optim.accumulate",

@@ -25,7 +25,7 @@ import typing
 
 import numpy as np
 
-from minilm.config import OPTIONAL, check, check_choice, to_dict
+from minilm.schema import OPTIONAL, check, check_choice, to_dict
 from train import tasks, text
 from train.tokenizer import PAD, Tokenizer
 

@@ -28,7 +28,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from minilm import atomic
-from minilm import config as C
+from minilm import schema as C
 from minilm.cli import guarded
 from minilm.config import ModelConfig
 from minilm.encodings import ALiBi, Learned, RoPE, Sinusoidal

@@ -24,7 +24,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from minilm import atomic
-from minilm import config as C
+from minilm import schema as C
 from minilm.config import ModelConfig
 from minilm.model import Decoder
 from train import checkpoints, evaluate, schedule, sharding, tensorboard

@@ -11,7 +11,7 @@ import os
 from typing import Iterable
 
 from minilm import atomic
-from minilm import config as C
+from minilm import schema as C
 from train import data as D
 from train.config import ExperimentConfig, TrainConfig
 from train.loop import BatchFn, Diverged, check_run_dir, check_runnable, prepare_run_dir, primary, train

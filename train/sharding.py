@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from minilm.config import check
+from minilm.schema import check
 
 AXIS = "data"
 

@@ -18,7 +18,7 @@ import os
 from typing import Iterable
 
 from minilm import atomic
-from minilm.config import check
+from minilm.schema import check
 
 ENV = "MINILM_TENSORBOARD"
 TRACE_STATS = ("massive", "max_mean", "lf_share")

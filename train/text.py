@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from minilm.config import ConfigError
+from minilm.schema import ConfigError
 from train.tokenizer import BOS, EOS
 
 LOCAL_FORMATS = ("text", "json", "parquet")

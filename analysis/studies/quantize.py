@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from minilm.config import check, check_choice
+from minilm.schema import check, check_choice
 
 STEP = 16  # GPTQ rows rounded per jitted call (see _gptq_block)
 

@@ -12,8 +12,8 @@ import json
 import math
 import os
 
-from analysis import claims as CL
-from analysis import experiment as EXP
+from analysis.massive import claims as CL
+from analysis.studies import disruption as EXP
 from minilm import atomic
 
 VERDICT_CLASS = {"supported": "ok", "not supported": "no", "opposite": "no", "inconclusive": "maybe",
@@ -145,7 +145,7 @@ def figures(report_dir: str, folder: str, prefix: str, caption, grid: bool = Fal
 
 def claim_rows(verdicts: list[CL.Verdict], source: str) -> tuple[list[list[str]], list[list[str]]]:
   """One row per verdict: the judged values, the verdict, the rule beside it, and the values at every
-  point with what the rotation accounts for (analysis.claims.points_text)."""
+  point with what the rotation accounts for (analysis.massive.claims.points_text)."""
   rows, classes = [], []
   for v in verdicts:
     ref = f"{esc(v.reference)}: {fmt(v.nope, v.nope_ci)}" if v.reference else "-"
@@ -270,7 +270,7 @@ def resid_text(summ: dict) -> list[str]:
 
 
 def sinks_section(report_dir: str, folder: str, anchor: str) -> str:
-  """Attention sinks and residual massive activations of a traced folder (analysis.sinks), if any."""
+  """Attention sinks and residual massive activations of a traced folder (analysis.massive.sinks), if any."""
   summ = _read_json(os.path.join(report_dir, folder, "sinks.json"), {})
   if not summ.get("verdicts"):
     return ""

@@ -30,7 +30,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from minilm.config import ConfigError, check, check_choice
+from minilm.schema import ConfigError, check, check_choice
 
 
 class Tokenizer(Protocol):

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from analysis import tasks_llm as T
-from minilm.config import ConfigError
+from analysis.studies import suites as T
+from minilm.schema import ConfigError
 from train.tokenizer import Tokenizer
 
 TOK = Tokenizer()  # bytes: every test here runs without a pretrained model

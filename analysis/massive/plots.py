@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from analysis import claims as CL  # noqa: E402
-from analysis import stats as S  # noqa: E402
-from analysis import trace as T  # noqa: E402
+from analysis.massive import claims as CL  # noqa: E402
+from analysis.massive import stats as S  # noqa: E402
+from analysis.massive import store as ST  # noqa: E402
 from minilm import atomic  # noqa: E402
 
 METRICS = (("head_max", "max/mean, top head"), ("max_mean", "max/mean per dim"),
@@ -46,7 +46,7 @@ SHOWN = ("rot_q", "rot_k", "v")
 STYLE = {"rot_q": "-", "rot_k": "--", "v": ":"}
 
 
-def _save(fig, store: T.Store, name: str) -> list[str]:
+def _save(fig, store: ST.Store, name: str) -> list[str]:
   paths = [store.path("plots", f"{name}.{ext}") for ext in ("png", "pdf")]
   for p in paths:
     atomic.savefig(fig, p, dpi=100)
@@ -54,7 +54,7 @@ def _save(fig, store: T.Store, name: str) -> list[str]:
   return paths
 
 
-def _summary(store: T.Store) -> dict:
+def _summary(store: ST.Store) -> dict:
   with open(store.path("summary.json")) as f:
     return json.load(f)
 
@@ -70,11 +70,11 @@ def _series(groups, arm, layer, tensor, stat):
   return np.array(pts, np.float64).reshape(-1, 4)
 
 
-def _head_max(store: T.Store) -> dict:
+def _head_max(store: ST.Store) -> dict:
   """{(arm, layer, tensor): [[step, largest per-head max/mean, same, same], ...]} from table.csv,
   shaped as `_series` returns (no interval: one head)."""
   top = {}
-  for r in T.read_table(store.path("table.csv")):
+  for r in ST.read_table(store.path("table.csv")):
     key, step = (r["arm"], int(r["layer"]), r["tensor"]), int(r["step"])
     top.setdefault(key, {})[step] = max(top.get(key, {}).get(step, -np.inf), float(r["max_mean"]))
   return {k: np.array([[s, v, v, v] for s, v in sorted(by.items())]) for k, by in top.items()}
@@ -93,7 +93,7 @@ def step_axis(ax, steps) -> callable:
   return lambda s: np.where(np.asarray(s) > 0, s, zero_at)
 
 
-def emergence(store: T.Store) -> list[str]:
+def emergence(store: ST.Store) -> list[str]:
   summ = _summary(store)
   groups, arms = summ["groups"], list(summ["arms"])
   n_layers = max(f["n_layers"] for f in summ["arms"].values())
@@ -140,7 +140,7 @@ def _reference_line(ax, stat: str, lam: float) -> None:
     ax.set_ylim(-0.02, 1.02)
 
 
-def layer_profile(store: T.Store) -> list[str]:
+def layer_profile(store: ST.Store) -> list[str]:
   summ = _summary(store)
   groups, arms = summ["groups"], list(summ["arms"])
   colors = _colors(arms)
@@ -177,10 +177,10 @@ def shown_layers(n_layers: int, most: int = MAX_HEATMAP_LAYERS) -> list[int]:
   return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, most)})
 
 
-def heatmap(store: T.Store, arm: str, step: int, layers=None) -> list[str]:
+def heatmap(store: ST.Store, arm: str, step: int, layers=None) -> list[str]:
   meta = store.meta()
-  facts, cfg = meta["arms"][arm], T.stat_config(meta)
-  pairing = T.pairing_of(facts)
+  facts, cfg = meta["arms"][arm], ST.stat_config(meta)
+  pairing = ST.pairing_of(facts)
   sums = store.load_sums(arm, step)
   order = pairing.dim_order
   sorted_pairs = pairing.pair_index[order]                       # -1 (unrotated) sorts last
@@ -219,9 +219,9 @@ def heatmap(store: T.Store, arm: str, step: int, layers=None) -> list[str]:
   return _save(fig, store, f"heatmap_{arm}_{step}")
 
 
-def pair_energy(store: T.Store, arm: str) -> list[str]:
+def pair_energy(store: ST.Store, arm: str) -> list[str]:
   summ, meta = _summary(store), store.meta()
-  pairing, context = T.pairing_of(meta["arms"][arm]), meta["arms"][arm]["context"]
+  pairing, context = ST.pairing_of(meta["arms"][arm]), meta["arms"][arm]["context"]
   last = max(g["step"] for g in summ["groups"] if g["arm"] == arm)
   n_layers = meta["arms"][arm]["n_layers"]
   depth = plt.cm.ScalarMappable(plt.Normalize(0, max(n_layers - 1, 1)), "viridis")
@@ -248,7 +248,7 @@ def pair_energy(store: T.Store, arm: str) -> list[str]:
   return _save(fig, store, f"pair_energy_{arm}")
 
 
-def bars3d(store: T.Store, arm: str, layer: int | None = None, head: int | None = None,
+def bars3d(store: ST.Store, arm: str, layer: int | None = None, head: int | None = None,
            tensor: str = "rot_q", max_tokens: int = 48) -> list[str]:
   """The paper-style 3D bars of |x| over tokens x dims for one head (default: the head with the
   largest max/mean of `tensor` at the last step)."""
@@ -271,7 +271,7 @@ def bars3d(store: T.Store, arm: str, layer: int | None = None, head: int | None 
   return _save(fig, store, f"bars3d_{arm}")
 
 
-def _sink_summary(store: T.Store) -> dict:
+def _sink_summary(store: ST.Store) -> dict:
   """sinks.json, or {} for a store traced before sinks were captured."""
   if not os.path.exists(store.path("sinks.json")):
     return {}
@@ -283,7 +283,7 @@ def _step_layers(summ: dict, arm: str, step: int) -> list[dict]:
   return sorted((g for g in summ["layers"] if (g["arm"], g["step"]) == (arm, step)), key=lambda g: g["layer"])
 
 
-def sink_map(store: T.Store, summ: dict) -> list[str]:
+def sink_map(store: ST.Store, summ: dict) -> list[str]:
   verdicts = summ["verdicts"]
   fig, axes = plt.subplots(1, len(verdicts), figsize=(max(6.5, 4.2 * len(verdicts) + 1.2), 4.0), squeeze=False,
                            layout="constrained")
@@ -303,7 +303,7 @@ def sink_map(store: T.Store, summ: dict) -> list[str]:
   return _save(fig, store, "sink_map")
 
 
-def sinks_over_steps(store: T.Store, summ: dict) -> list[str]:
+def sinks_over_steps(store: ST.Store, summ: dict) -> list[str]:
   arms = [v["arm"] for v in summ["verdicts"]]
   fig, axes = plt.subplots(len(arms), 2, figsize=(10, 3.0 * len(arms)), squeeze=False, layout="constrained")
   for r, arm in enumerate(arms):
@@ -337,14 +337,14 @@ def sinks_over_steps(store: T.Store, summ: dict) -> list[str]:
   return _save(fig, store, "sinks_over_steps")
 
 
-def attention_patterns(store: T.Store, arm: str) -> list[str]:
+def attention_patterns(store: ST.Store, arm: str) -> list[str]:
   """Probe 0's attention on its first tokens for four heads of the token view's step: the strongest
   and the weakest sink head, and the heads with the largest rot_q and rot_k max/mean."""
   with np.load(store.tokens_path(arm)) as z:
     if "attn" not in z.files:
       return []
     probs, step = z["attn"].astype(np.float32), int(z["step"])
-  rows = [r for r in T.read_table(store.path("sinks.csv")) if (r["arm"], int(r["step"])) == (arm, step)]
+  rows = [r for r in ST.read_table(store.path("sinks.csv")) if (r["arm"], int(r["step"])) == (arm, step)]
   if not rows:
     return []
   def pick(key, sign=1):
@@ -364,7 +364,7 @@ def attention_patterns(store: T.Store, arm: str) -> list[str]:
   return _save(fig, store, f"attention_{arm}")
 
 
-def residual(store: T.Store, summ: dict) -> list[str]:
+def residual(store: ST.Store, summ: dict) -> list[str]:
   """Largest residual |x| / median per layer (Sun et al.'s ratio; points labelled with the dim of
   each layer's largest entry in most prompts) beside the top head's rot_q/rot_k max/mean."""
   arms, colors = [v["arm"] for v in summ["verdicts"]], _colors([v["arm"] for v in summ["verdicts"]])
@@ -400,7 +400,7 @@ def residual(store: T.Store, summ: dict) -> list[str]:
     row[0].set_yscale("log")
     row[0].axhline(summ["settings"]["resid_ratio"], color="red", lw=0.8, ls="-.")
     row[0].set_ylabel("largest |x| / median |x| (block output)")
-    _reference_line(row[1], "head_max", T.stat_config(store.meta()).lam)
+    _reference_line(row[1], "head_max", ST.stat_config(store.meta()).lam)
     row[1].set_ylabel("max/mean, top head")
     row[0].legend(fontsize=6)
     row[1].legend(fontsize=6)
@@ -416,8 +416,8 @@ def _at(series: dict, key, step: int) -> float:
   return float(hit[0, 1]) if len(hit) else np.nan
 
 
-def sink_figures(store: T.Store) -> list[str]:
-  """The attention-sink and residual figures, if the store has sinks (analysis.sinks)."""
+def sink_figures(store: ST.Store) -> list[str]:
+  """The attention-sink and residual figures, if the store has sinks (analysis.massive.sinks)."""
   summ = _sink_summary(store)
   if not summ.get("verdicts"):
     return []
@@ -430,7 +430,7 @@ def sink_figures(store: T.Store) -> list[str]:
   return paths
 
 
-def plot_all(store: T.Store, heatmap_steps=None) -> list[str]:
+def plot_all(store: ST.Store, heatmap_steps=None) -> list[str]:
   """Every figure; heatmaps at `heatmap_steps` (default: each arm's first and last step). No
   emergence figure when every arm has a single step (an imported model): nothing to emerge over."""
   meta = store.meta()

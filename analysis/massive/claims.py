@@ -14,8 +14,8 @@ import os
 
 import numpy as np
 
-from analysis import stats as S
-from analysis import trace as T
+from analysis.massive import stats as S
+from analysis.massive import store as ST
 from minilm import atomic
 
 VERDICTS = ("supported", "not supported", "opposite", "inconclusive")
@@ -161,10 +161,10 @@ class _Arms:
   """The per-prompt sums of the RoPE and NoPE arms at their last common step, and a pooled-statistic
   helper with shared prompt resampling."""
 
-  def __init__(self, store: T.Store, rope_arm, nope_arm, n_boot: int, find_nope: bool = True):
+  def __init__(self, store: ST.Store, rope_arm, nope_arm, n_boot: int, find_nope: bool = True):
     meta = store.meta()
     self.store, self.meta = store, meta
-    self.cfg = T.stat_config(meta)
+    self.cfg = ST.stat_config(meta)
     self.rope = _pick(meta["arms"], rope_arm, "rope")
     self.nope = _pick(meta["arms"], nope_arm, "nope") if nope_arm or find_nope else None
     arms = [a for a in (self.rope, self.nope) if a]
@@ -172,7 +172,7 @@ class _Arms:
     self.step = max(common) if common else None
     self.sums = {a: store.load_sums(a, self.step) for a in arms} if self.step is not None else {}
     n = len(np.load(store.path("probes.npy")))
-    self.counts = S.prompt_counts(n, n_boot, T.BOOT_SEED)
+    self.counts = S.prompt_counts(n, n_boot, S.BOOT_SEED)
     self.groups = {}
 
   def n_layers(self, arm):
@@ -182,9 +182,9 @@ class _Arms:
     """An arm's pairing; a reference arm without RoPE takes the tested arm's, so that its dims are
     paired with the same layout (like for like) wherever the head sizes match."""
     facts, tested = self.meta["arms"][arm], self.meta["arms"][self.rope]
-    own = T.pairing_of(facts)
+    own = ST.pairing_of(facts)
     if arm != self.rope and not own.is_rope and facts["head_dim"] == tested["head_dim"]:
-      return T.pairing_of(tested)
+      return ST.pairing_of(tested)
     return own
 
   def norms(self, arm, layer, tensor) -> np.ndarray:
@@ -267,7 +267,7 @@ def _early(n_layers: int) -> range:
   return range(max(1, int(round(EARLY_FRACTION * n_layers))))
 
 
-def evaluate(store: T.Store, rope_arm: str | None = None, nope_arm: str | None = None,
+def evaluate(store: ST.Store, rope_arm: str | None = None, nope_arm: str | None = None,
              n_boot: int = N_BOOT, *, find_nope: bool = True) -> list[Verdict]:
   """C1-C4 (with C3 split into the cause and the low-frequency location) from a traced directory.
 

@@ -5,7 +5,6 @@
   python -m analysis disrupt --model smollm2 --prompts mine.jsonl --out reports/c5_mine   # your prompts
   python -m analysis disrupt --model runs/paired --out reports/c5_paired          # every arm
   python -m analysis disrupt --model random --n 2 --out reports/c5_smoke              # plumbing only
-(`python -m analysis.experiment ...` takes the same arguments.)
 
 Conditions: off (undisrupted), massive (Q/K massive dims -> their mean over the prompt, prefill only),
 and the controls smallest (the same count of the smallest dims), random (random non-massive dims
@@ -15,13 +14,13 @@ the massive dims at lambda 3, 4, 5, 6 and the top-1/2/4 dims per head.
 --prompts FILE.jsonl replaces the built-in suite (--suite, --n): one JSON object a line with family
 (the task name in every table), kind (contextual | parametric | conflict), prompt, answer, optional
 memory (a conflict item's parametric answer) and max_new_tokens; scored by the strict rule of
-analysis.tasks_llm. Every line is checked before any model is loaded.
+analysis.studies.suites. Every line is checked before any model is loaded.
 
 Files in --out: results.jsonl (every example: prompt, output, verdict, dims replaced, energy
 removed), summary.json ('summary': accuracy with Wilson 95% intervals per model, task and condition;
 'pooled': per family and kind over templates and items; verdicts; timings), table.md (per template,
 pooled, dose-response, verdict and rule), c5.png, verdict.json (per model), claims.json / claims.md
-(the C5 analysis.claims.Verdict).
+(the C5 analysis.massive.claims.Verdict).
 """
 from __future__ import annotations
 
@@ -35,12 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import disrupt, tasks_llm
-from analysis import stats as S
-from analysis.disrupt import DisruptConfig
+from analysis.massive import stats as S
+from analysis.massive.claims import Verdict, write_claims
+from analysis.massive.store import run_arms
+from analysis.studies import disrupt, sources, suites
+from analysis.studies.disrupt import DisruptConfig
 from minilm import atomic, generate
-from minilm.cli import guarded
-from minilm.config import check, check_choice
+from minilm.schema import check, check_choice
+from train import checkpoints, data
+from train.tokenizer import Tokenizer
 
 TABLE_MODES = ("off", "smallest", "massive", "random", "v")
 COLUMNS = {"off": "original", "smallest": "smallest dims", "massive": "massive disrupted",
@@ -143,9 +145,9 @@ def evaluate(model, tokenizer, items, conds: dict[str, DisruptConfig], *, label:
 
 
 def _record(item, out_ids, tokenizer, *, label, mode, cfg, example, dims, energy) -> dict:
-  v = tasks_llm.verdict(item, out_ids, tokenizer)
+  v = suites.verdict(item, out_ids, tokenizer)
   return {"model": label, "mode": mode, "task": item.task, "family": family_of(item.task), "example": example,
-          "kind": item.kind, "verdict": v, "success": tasks_llm.success(item, v), "answer": item.answer,
+          "kind": item.kind, "verdict": v, "success": suites.success(item, v), "answer": item.answer,
           "output": tokenizer.decode([int(t) for t in out_ids]), "prompt": item.text,
           "prompt_tokens": len(item.prompt), "dims_replaced": dims, "energy_removed": energy,
           "disrupt": dataclasses.asdict(cfg), "meta": {k: _jsonable(x) for k, x in item.meta.items()}}
@@ -189,7 +191,6 @@ def summarize(records: list[dict]) -> list[dict]:
       row["split"] = {v: sum(r["verdict"] == v for r in rs) / len(rs) for v in ("context", "memory", "other")}
     rows.append(row)
   return rows
-
 
 
 def table(summary: list[dict], model: str, modes=TABLE_MODES) -> str:
@@ -306,7 +307,7 @@ def pool(records: list[dict], model: str, n_boot: int = N_BOOT) -> dict:
       if e["kind"] == "conflict":
         e["memory"] = family_estimate([memory[t] for t in usable], n_boot, SEED + 100 * i)
   kinds = {}
-  for kind in tasks_llm.KINDS:
+  for kind in suites.KINDS:
     fams = [e for e in families.values() if e["kind"] == kind and e["usable"]]
     if fams:
       energy = [e["energy"] for e in fams]
@@ -367,7 +368,7 @@ RULE = (f"drop = undisrupted minus disrupted accuracy (greedy decoding, strict s
 
 
 def c5_verdict(pooled: dict, model: str) -> dict:
-  """The C5 verdict for one model by RULE (a dict shaped like analysis.claims.Verdict's fields)."""
+  """The C5 verdict for one model by RULE (a dict shaped like analysis.massive.claims.Verdict's fields)."""
   ctx = pooled["kinds"].get("contextual")
   par = {f: e for f, e in pooled["families"].items() if e["kind"] == "parametric" and e["usable"]}
   massive = ctx and _drop(ctx, "massive")
@@ -396,9 +397,8 @@ def c5_verdict(pooled: dict, model: str) -> dict:
 
 
 def claim(verdicts: list[dict], pools: dict[str, dict], positions: dict[str, str]):
-  """One analysis.claims.Verdict for C5: the first RoPE model (or the only model) decides, a NoPE
+  """One analysis.massive.claims.Verdict for C5: the first RoPE model (or the only model) decides, a NoPE
   model (paired arm) is the reference column; parts: the differences the rule judges."""
-  from analysis.claims import Verdict
   main_ = next((v for v in verdicts if positions.get(v["model"]) != "nope"), verdicts[0])
   ref = next((v for v in verdicts if positions.get(v["model"]) == "nope" and v is not main_), None)
   drop = lambda v: (lambda k: k and _drop(k, "massive"))(pools[v["model"]]["kinds"].get("contextual"))
@@ -464,8 +464,8 @@ def dose_table(pooled: dict, model: str, doses: dict[str, str]) -> str:
 
 def known_capitals(model, tokenizer, bos, batch: int) -> tuple[list[tuple[str, str]], float]:
   """The capital pairs the undisrupted model completes right closed-book (memory for conflicts)."""
-  pairs = tasks_llm._modal_pairs(tokenizer, tasks_llm.CAPITALS)
-  items = tasks_llm.capitals(tokenizer, len(pairs), seed=0, bos=bos)
+  pairs = suites._modal_pairs(tokenizer, suites.CAPITALS)
+  items = suites.capitals(tokenizer, len(pairs), seed=0, bos=bos)
   records, _ = evaluate(model, tokenizer, items, {"off": DisruptConfig(mode="off")}, batch=batch)
   by_capital = {c: k for k, c in pairs}
   known = [(by_capital[r["answer"]], r["answer"]) for r in records if r["success"]]
@@ -474,42 +474,34 @@ def known_capitals(model, tokenizer, bos, batch: int) -> tuple[list[tuple[str, s
 
 def load_sources(spec: str, suite: str, n: int, seed: int, batch: int, prompts: list[dict] | None = None):
   """[(label, model, tokenizer, items, probe prompts, notes)] for 'smollm2', 'random' or a run path;
-  the items of `prompts` (tasks_llm.read_prompts rows) in place of the built-in ones when given."""
-  own = lambda tokenizer, bos=None: tasks_llm.from_prompts(prompts, tokenizer, bos)
+  the items of `prompts` (suites.read_prompts rows) in place of the built-in ones when given."""
+  own = lambda tokenizer, bos=None: suites.from_prompts(prompts, tokenizer, bos)
   if spec == "smollm2":
-    from minilm import importers
-    model, tokenizer, info = importers.load("smollm2")
+    model, tokenizer, info = sources.load("smollm2")
     bos = None  # the importer's tokenizer adds BOS where the model's convention does (SmolLM2: never)
     if prompts:
       items = own(tokenizer, bos)
       return [("SmolLM2-135M-Instruct", model, tokenizer, items, [it.prompt for it in items[:4]], {})]
     known, rate = known_capitals(model, tokenizer, bos, batch)
-    items = tasks_llm.suite(tokenizer, suite, n, seed, bos, known=known)
-    probe = [it.prompt for it in tasks_llm.suite(tokenizer, "quick", 4, seed + 1000, bos, known=known)]
+    items = suites.suite(tokenizer, suite, n, seed, bos, known=known)
+    probe = [it.prompt for it in suites.suite(tokenizer, "quick", 4, seed + 1000, bos, known=known)]
     notes = {"closed_book_capitals_known": len(known), "closed_book_capitals_rate": rate}
     return [("SmolLM2-135M-Instruct", model, tokenizer, items, probe, notes)]
-  from train.tokenizer import Tokenizer
   tokenizer = Tokenizer()
-  if spec == "random":  # plumbing check: a tiny untrained decoder on the byte tokenizer
-    from flax import nnx
-    from minilm.config import ModelConfig
-    from minilm.model import Decoder
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=2048)
-    model = Decoder(cfg, rngs=nnx.Rngs(seed))
-    items = own(tokenizer) if prompts else tasks_llm.suite(tokenizer, suite, n, seed, lengths=((400, 6),))  # bytes
+  if spec == "random":
+    model, tokenizer = sources.tiny_random(seed)
+    items = own(tokenizer) if prompts else suites.suite(tokenizer, suite, n, seed, lengths=((400, 6),))  # bytes
     return [("random-tiny", model, tokenizer, items, [it.prompt for it in items[:4]], {})]
   path = Path(spec)
   check(path.exists(), "--model", f"must be 'smollm2', 'random' or a run directory; {spec!r} does not exist")
-  from analysis.trace import run_arms
-  from train import checkpoints, data
   arms = [Path(d) for d in run_arms(spec).values()]   # diverged arms are left out: they get no verdict
-  sources = []
+  models = []
   for arm in arms:
     model, tcfg = checkpoints.load_model(str(arm))
-    items = own(tokenizer) if prompts else tasks_llm.from_examples(data.eval_examples(tcfg.data, seed, n), tokenizer)
+    items = own(tokenizer) if prompts else suites.from_examples(data.eval_examples(tcfg.data, seed, n), tokenizer)
     probe = list(data.probe_tokens(tcfg.data, seed + 1000, 16, min(tcfg.data.seq_len, 128)))
-    sources.append((arm.name, model, tokenizer, items, probe, {"arm_dir": str(arm)}))
-  return sources
+    models.append((arm.name, model, tokenizer, items, probe, {"arm_dir": str(arm)}))
+  return models
 
 
 def check_fits(items, model, label: str, prompts_path: str) -> None:
@@ -525,7 +517,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--model", required=True, help="smollm2 | random | runs/<experiment>[/<arm>]")
   ap.add_argument("--out", required=True)
   ap.add_argument("--prompts", default="", help="FILE.jsonl: your own items in place of the built-in suite")
-  ap.add_argument("--suite", default="templates", choices=tasks_llm.SUITES)
+  ap.add_argument("--suite", default="templates", choices=suites.SUITES)
   ap.add_argument("--n", type=int, default=20, help="examples per task (per template)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--batch", type=int, default=8)
@@ -592,7 +584,7 @@ def check_shared(args, model: bool = True, families=FAMILIES) -> None:
   task_filter(args.tasks, families)
   check(args.n >= 2, "--n", f"must be >= 2 (balanced task sets); got {args.n}")
   check(args.batch >= 1, "--batch", f"must be >= 1; got {args.batch}")
-  check_choice("--suite", args.suite, tasks_llm.SUITES)
+  check_choice("--suite", args.suite, suites.SUITES)
   atomic.check_out_dir(args.out)
 
 
@@ -600,15 +592,15 @@ def prepared_sources(args, prompts: list[dict] | None = None) -> list[tuple]:
   """load_sources with each model's items filtered by --tasks; a filter that keeps nothing, or a
   prompt longer than a model's context, is an error before anything is written."""
   keep = task_filter(args.tasks, _families(prompts))
-  sources = []
+  models = []
   for label, model, tokenizer, items, probe, notes in load_sources(args.model, args.suite, args.n, args.seed,
                                                                    args.batch, prompts):
     items = [it for it in items if not keep or it.task.startswith(keep)]
     check(bool(items), "--tasks", f"no task of {label} starts with {args.tasks!r}")
     if prompts:
       check_fits(items, model, label, args.prompts)
-    sources.append((label, model, tokenizer, items, probe, notes))
-  return sources
+    models.append((label, model, tokenizer, items, probe, notes))
+  return models
 
 
 def _families(prompts: list[dict] | None) -> tuple[str, ...]:
@@ -619,7 +611,7 @@ def plan(args, model: bool = True) -> tuple[DisruptConfig, dict[str, DisruptConf
   """(base config, conditions, rows of --prompts or None) of parsed arguments, every option and
   every line of --prompts checked without loading a model."""
   base, conds = config_from(args)
-  prompts = tasks_llm.read_prompts(args.prompts) if args.prompts else None
+  prompts = suites.read_prompts(args.prompts) if args.prompts else None
   check_shared(args, model, _families(prompts))
   return base, conds, prompts
 
@@ -628,8 +620,8 @@ def run(args) -> dict:
   """Validate, load every model, then write the outputs into a staging folder that replaces --out
   only when complete: a bad option or a failure midway leaves an earlier --out as it was."""
   base, conds, prompts = plan(args)
-  sources = prepared_sources(args, prompts)
-  for _, model, *_ in sources:
+  models = prepared_sources(args, prompts)
+  for _, model, *_ in models:
     base.layers(model.cfg.n_layers)  # a bad layer range fails before any work
   t_all = time.perf_counter()
   modes = parse_modes(args.modes)   # the columns (the random draws pooled); the doses have their own table
@@ -641,7 +633,7 @@ def run(args) -> dict:
   with atomic.staged_dir(args.out) as staging:
     out = Path(staging)
     with open(out / "results.jsonl", "w") as sink:
-      for label, model, tokenizer, items, probe_prompts, notes in sources:
+      for label, model, tokenizer, items, probe_prompts, notes in models:
         probe = disrupt.probe_norms(model, probe_prompts, base) if base.source == "probe" else None
         records, seconds = evaluate(model, tokenizer, items, conds, label=label, batch=args.batch, probe=probe,
                                     sink=sink)
@@ -656,13 +648,12 @@ def run(args) -> dict:
 
 def write_outputs(out: Path, report: dict, records: list[dict], pools: dict[str, dict]) -> None:
   """summary.json, verdict.json, claims, table.md and c5.png of a finished run."""
-  from analysis import claims
   summary, labels, modes = summarize(records), list(report["models"]), report["modes"]
   verdicts = [c5_verdict(pools[m], m) for m in labels]
   report.update(summary=summary, pooled={m: pooled_json(p) for m, p in pools.items()}, verdicts=verdicts)
   atomic.write_json(str(out / "summary.json"), report)
   atomic.write_json(str(out / "verdict.json"), verdicts)
-  claims.write_claims([claim(verdicts, pools, {m: report["models"][m]["position"] for m in labels})], str(out))
+  write_claims([claim(verdicts, pools, {m: report["models"][m]["position"] for m in labels})], str(out))
   columns = [m for m in dict.fromkeys(TABLE_MODES + tuple(modes)) if m in modes]
   text = []
   for m in labels:
@@ -679,14 +670,3 @@ def run_and_print(args) -> None:
   print((Path(args.out) / "table.md").read_text())
   print(f"wrote {args.out}/results.jsonl, summary.json, table.md, c5.png, verdict.json, claims.json "
         f"({report['seconds_total']:.0f} s)")
-
-
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="analysis.experiment", description=__doc__.split("\n")[0])
-  add_arguments(ap)
-  args = ap.parse_args(argv)
-  return guarded(lambda: run_and_print(args))
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

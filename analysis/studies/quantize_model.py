@@ -11,9 +11,9 @@ ones (sequential calibration, as GPTQ does), so no scheme calibrates on activati
 
 Schemes (`Scheme.method`):
   fp           no change (the reference row of every table)
-  rtn          round-to-nearest (`analysis.quantize.rtn`)
+  rtn          round-to-nearest (`analysis.studies.quantize.rtn`)
   rtn_keep     RTN with the massive Q/K channels kept in float: massive (h, d) of pre-RoPE q and k
-               on the calibration tokens (`analysis.stats.value_norms` / `massive_mask`) map to
+               on the calibration tokens (`analysis.massive.stats.value_norms` / `massive_mask`) map to
                output column h*head_dim + d of W_q / W_k
   awq          activation-aware scaling searched per group of linears that share an input
                (q/k/v, o, gate/up, down), folded into the weights (exact for fake-quant)
@@ -26,6 +26,7 @@ Schemes (`Scheme.method`):
 """
 from __future__ import annotations
 
+from analysis.massive import stats
 import dataclasses
 import re
 
@@ -34,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from analysis import quantize as Q
+from analysis.studies import quantize as Q
 from minilm import capture as mcapture
-from minilm.config import check, check_choice
+from minilm.schema import check, check_choice
 from minilm.model import Decoder
 
 METHODS = ("fp", "rtn", "rtn_keep", "awq", "gptq", "smoothquant", "w8a8", "kv")
@@ -176,7 +177,6 @@ class ActQuantLinear(nnx.Module):
 
 def massive_columns(model: Decoder, tokens_BxT, scheme: Scheme) -> dict[tuple[int, str], np.ndarray]:
   """{(layer, 'attn.q' | 'attn.k'): bool [H*D]} from massive_mask on M of pre-RoPE q and k."""
-  from analysis import stats
   _, cache = mcapture.run(model, jnp.asarray(tokens_BxT, jnp.int32), points=("q", "k"))
   cols = {}
   for layer in range(model.cfg.n_layers):

@@ -8,7 +8,7 @@ plots and claims).
 A trajectory is a folder whose sub-folders are named step<N> (the revisions Pythia, OLMo and
 SmolLM2 publish), each a model minilm.importers.load reads (an HF directory or a .gguf), or an
 ordered list of such model folders (steps from a step<N> in their names, else 0, 1, 2, ...). The
-probes are held-out Shakespeare windows in the first checkpoint's tokenizer (analysis.pretrained);
+probes are held-out Shakespeare windows in the first checkpoint's tokenizer (analysis.studies.sources);
 the wavelength boundary is each model's max_len. Nothing is downloaded: fetch the revisions first
 (the README shows how).
 """
@@ -19,10 +19,13 @@ import re
 
 import numpy as np
 
-from analysis import stats as S
-from analysis import trace as T
-from minilm import atomic
-from minilm.config import check
+from analysis.massive import stats as S
+from analysis.massive import pipeline as PL
+from analysis.massive import store as ST
+from analysis.massive import trace as T
+from analysis.studies import sources
+from minilm import atomic, hooks
+from minilm.schema import check
 
 STEP_DIR = re.compile(r"^step(\d+)$")
 
@@ -57,10 +60,9 @@ def arm_name(paths: list[str]) -> str:
 def trace_trajectory(paths: list[str], out_dir: str, *, arm: str | None = None, n_probes: int = 16,
                      length: int = 256, layout: str = "half", stat_cfg: S.StatConfig = S.StatConfig(),
                      batch_size: int = 4, steps=None, plots: bool = True, claims: bool = True,
-                     log=print) -> T.Store:
+                     log=print) -> ST.Store:
   """Trace every checkpoint of a trajectory as one arm into `out_dir` (resumable, like trace_run:
   steps whose sums read back whole are skipped)."""
-  from analysis import pretrained
   ckpts = checkpoints(paths)
   check(n_probes >= 2, "--probes", f"must be >= 2 (intervals resample prompts); got {n_probes}")
   check(batch_size >= 1, "--batch", f"must be >= 1; got {batch_size}")
@@ -70,23 +72,23 @@ def trace_trajectory(paths: list[str], out_dir: str, *, arm: str | None = None, 
   wanted = [s for s in ckpts if steps is None or s in steps]
   arm = arm or arm_name(paths)
   atomic.check_out_dir(out_dir)
-  model, tok, _ = pretrained.load(ckpts[wanted[0]], layout)
+  model, tok, _ = sources.load(ckpts[wanted[0]], layout)
   check(tok is not None, "trajectory", f"{ckpts[wanted[0]]} has no tokenizer.json, so no text probes can be made")
   T.check_length(model.cfg, length, min(batch_size, n_probes))
-  probes = pretrained.probe_windows(tok, n_probes, length)
-  store = T.open_store(out_dir, probes, np.ones(probes.shape, np.float32), stat_cfg.drop_first, stat_cfg)
-  keys = {f"{layer}.{t}" for layer in range(model.cfg.n_layers) for t in T.TENSORS}
+  probes = sources.text_windows(tok, n_probes, length, heldout=True)
+  store = ST.open_store(out_dir, probes, np.ones(probes.shape, np.float32), stat_cfg.drop_first, stat_cfg)
+  keys = {f"{layer}.{t}" for layer in range(model.cfg.n_layers) for t in hooks.QKV}
   done = set(store.good_steps(arm, keys))
   loaded = {wanted[0]: model}   # the first checkpoint was loaded for its tokenizer
   for step in wanted:
     if step in done:
       continue
-    model = loaded.pop(step, None) or pretrained.load(ckpts[step], layout)[0]
+    model = loaded.pop(step, None) or sources.load(ckpts[step], layout)[0]
     T.record_step(store, model, arm, step, context=model.cfg.max_len, final=step == wanted[-1],
                   batch_size=batch_size)
     log(f"traced {arm} step {step}")
   if store.token_step(arm) != wanted[-1]:
-    T.save_tokens(store, pretrained.load(ckpts[wanted[-1]], layout)[0], arm, wanted[-1])
+    T.save_tokens(store, sources.load(ckpts[wanted[-1]], layout)[0], arm, wanted[-1])
   T.rebuild(store)
-  T.finish(store, plots=plots, claims=claims)
+  PL.finish(store, plots=plots, claims=claims)
   return store

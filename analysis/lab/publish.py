@@ -1,7 +1,7 @@
 """Publish a lab report into results/<name>/, small enough to commit to git.
 
-  python -m analysis.publish reports/rope_vs_nope                 # -> results/rope_vs_nope/
-  python -m analysis.publish reports/rope_vs_nope --out results --name rope_vs_nope_cpu
+  python -m analysis.lab.publish reports/rope_vs_nope                 # -> results/rope_vs_nope/
+  python -m analysis.lab.publish reports/rope_vs_nope --out results --name rope_vs_nope_cpu
 
 Keeps index.html, summary.txt, every .png/.svg and .json/.csv/.txt/.md, and .jsonl files, all at
 their relative paths (so the page shows every figure it showed before). Leaves out arrays (.npy,
@@ -141,7 +141,7 @@ def provenance(report_dir: str, name: str) -> str:
             "machine": versions.get("machine") or UNKNOWN,
             "total wall time": total_text(rows)}
   out = [f"# {name}: provenance", "",
-         "Published by `python -m analysis.publish` from the lab report "
+         "Published by `python -m analysis.lab.publish` from the lab report "
          f"`{lab.get('report_dir') or UNKNOWN}`. Every value is read from the report's own records "
          '(`lab.json`, `stages/<stage>.json`, `summary.txt`); "unknown" marks one it does not record.', "",
          "| field | value |", "|---|---|"]
@@ -199,9 +199,9 @@ def write_index(out: str) -> str:
                   f"{_cell(f.get('summary', UNKNOWN))} | {_cell(commit)} | {_cell(f.get('total wall time', UNKNOWN))} |")
   text = "\n".join([
       "# Published results", "",
-      "Lab reports copied by `python -m analysis.publish reports/<name>`: the page, its figures and the small "
+      "Lab reports copied by `python -m analysis.lab.publish reports/<name>`: the page, its figures and the small "
       "tables, without arrays or checkpoints. Each folder's PROVENANCE.md gives the configs, commit, machine and "
-      "stage times. Folders without a page (outputs of `python -m analysis disrupt` or `analysis.quant_study`, "
+      "stage times. Folders without a page (outputs of `python -m analysis disrupt` or `analysis quantize`, "
       "copied by hand) link their table.md and give the same fields in their own PROVENANCE.md. "
       "This file is regenerated from those on every publish; edits here are lost.", "",
       "| name | report | summary (first line) | commit | total wall time |", "|---|---|---|---|---|", *rows]) + "\n"
@@ -246,7 +246,7 @@ def publish(report_dir: str, out: str = "results", name: str | None = None, log=
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m analysis.publish", description=__doc__.split("\n")[0],
+  p = argparse.ArgumentParser(prog="python -m analysis.lab.publish", description=__doc__.split("\n")[0],
                               epilog="\n".join(__doc__.split("\n")[2:]),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("report_dir", metavar="REPORT_DIR", help="a lab report, e.g. reports/rope_vs_nope")

@@ -1,7 +1,7 @@
 """Experiments with more than one pair: every arm against its same-seed NoPE arm, then over seeds.
 
 A traced run with arms such as rope_s0, nope_s0, rope_s1, nope_s1, alibi_s0, ... gets one set of
-C1-C4 verdicts per (arm, reference) comparison (analysis.claims.evaluate with that pair), and, for
+C1-C4 verdicts per (arm, reference) comparison (analysis.massive.claims.evaluate with that pair), and, for
 every recipe (an arm's overrides without its seed) seen under two or more seeds, the per-seed
 values of what each rule judges (claims.READS) with their mean and a t interval over seeds
 (pooled only where every seed is at the same step). Written to <trace>/comparisons.json.
@@ -18,9 +18,9 @@ import os
 
 import numpy as np
 
-from analysis import claims as CL
-from analysis import stats as S
-from analysis import trace as T
+from analysis.massive import claims as CL
+from analysis.massive import stats as S
+from analysis.massive import store as ST
 
 SEED_KEYS = ("seed", "train.seed")
 LEVEL = 0.95
@@ -34,7 +34,7 @@ def _flat(tree, prefix=""):
 
 def arm_facts(run_dir: str) -> dict[str, dict]:
   """{arm: {'seed', 'position', 'recipe' (overrides without the seed, as a label), 'flat' config}}."""
-  arms = T.run_arms(run_dir)
+  arms = ST.run_arms(run_dir)
   overrides = {}
   if os.path.exists(os.path.join(run_dir, "experiment.json")):
     with open(os.path.join(run_dir, "experiment.json")) as f:
@@ -103,7 +103,7 @@ def _pool_parts(vs: list[dict], steps: list) -> dict:
   return {f"{key}@{point}": _pool(v, steps) for (key, point), v in values.items()}
 
 
-def compare(store: T.Store, run_dir: str) -> dict:
+def compare(store: ST.Store, run_dir: str) -> dict:
   """Verdicts per comparison and per recipe over seeds; written to comparisons.json in the store."""
   facts = arm_facts(run_dir)
   traced = store.meta()["arms"]
@@ -143,7 +143,7 @@ def compare(store: T.Store, run_dir: str) -> dict:
 # ------------------------------------------------------------------------------ mechanism per arm
 
 POINT_STATS = ("max_mean", "massive", "any_massive")
-"""Concentration statistics of the arms table at the three points of analysis.claims.POINTS:
+"""Concentration statistics of the arms table at the three points of analysis.massive.claims.POINTS:
 'pre_<stat>' (q/k), '<stat>' (rot_q/rot_k) and 'pair_<stat>' (rotary-pair norms)."""
 ARM_STATS = ("peak_pair", "peak_minus_ctx", "peak_minus_2ctx", "band_share", "lf_share", "unrot_share",
              *POINT_STATS, *(f"pair_{s}" for s in POINT_STATS))
@@ -153,29 +153,29 @@ PAIR_STATS = ("peak_pair", "peak_minus_ctx", "peak_minus_2ctx")
 """Blank (None) for arms without RoPE: the argmax over a convention pairing means nothing."""
 
 
-def arm_table(store: T.Store, n_boot: int = CL.N_BOOT) -> dict:
+def arm_table(store: ST.Store, n_boot: int = CL.N_BOOT) -> dict:
   """One row per traced arm at its own last step: the arm's RoPE settings and context, its wavelength
   boundary pairs j_ctx and j_2ctx, and the rot_q/rot_k statistics of ARM_STATS (with 'pre_' ones on q/k)
-  pooled over layers and heads as analysis.claims pools them (point value, `LEVEL` bootstrap interval over prompts, shared by
+  pooled over layers and heads as analysis.massive.claims pools them (point value, `LEVEL` bootstrap interval over prompts, shared by
   the arms, and heads). Fields that need RoPE pairs are None for other encodings; their shares use the
-  labelled convention pairing of analysis.stats, against which only the null values mean anything."""
+  labelled convention pairing of analysis.massive.stats, against which only the null values mean anything."""
   meta = store.meta()
-  cfg = T.stat_config(meta)
-  counts = S.prompt_counts(len(np.load(store.path("probes.npy"))), n_boot, T.BOOT_SEED)
+  cfg = ST.stat_config(meta)
+  counts = S.prompt_counts(len(np.load(store.path("probes.npy"))), n_boot, S.BOOT_SEED)
   rows = [_arm_row(store, arm, facts, cfg, counts) for arm, facts in meta["arms"].items() if store.steps(arm)]
   return {"level": CL.LEVEL, "n_boot": n_boot, "tensors": list(CL.QK), "lam": cfg.lam,
           "lf_quarter": cfg.lf_quarter, "band": list(cfg.band), "arms": rows}
 
 
-def _arm_row(store: T.Store, arm: str, facts: dict, cfg: S.StatConfig, counts) -> dict:
+def _arm_row(store: ST.Store, arm: str, facts: dict, cfg: S.StatConfig, counts) -> dict:
   step = store.steps(arm)[-1]
   sums = store.load_sums(arm, step)
-  pairing, context = T.pairing_of(facts), facts["context"]
+  pairing, context = ST.pairing_of(facts), facts["context"]
   groups = [sums[f"{layer}.{t}"] for layer in range(facts["n_layers"]) for t in CL.QK]
-  pooled = S.pooled(groups, ARM_STATS, pairing, context, cfg, counts, T.BOOT_SEED)
+  pooled = S.pooled(groups, ARM_STATS, pairing, context, cfg, counts, S.BOOT_SEED)
   pre = [sums[f"{layer}.{t}"] for layer in range(facts["n_layers"]) for t in ("q", "k")]
   pooled.update({f"pre_{k}": v for k, v in S.pooled(pre, POINT_STATS, pairing, context, cfg, counts,
-                                                    T.BOOT_SEED).items()})
+                                                    S.BOOT_SEED).items()})
   null = S.head_stats(np.sqrt(np.asarray(groups[0], np.float64).sum(0)), pairing, context, cfg)["null"]
   rope = pairing.is_rope
   pos = facts["position_cfg"]

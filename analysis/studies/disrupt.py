@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from analysis import stats
+from analysis.massive import stats
 from minilm import capture, generate
-from minilm.config import check, check_choice
+from minilm.schema import check, check_choice
 
 # Order used in tables: the paper's three columns, then the extra controls.
 MODES = ("off", "smallest", "massive", "random", "v", "massive_zero", "top1", "top2", "top4")

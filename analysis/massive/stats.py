@@ -12,11 +12,12 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from minilm import positions
+from minilm.encodings import Pairing
+from minilm.schema import check
 
-CONVENTION_BASE = 10000.0
-"""Pairing used for encodings without RoPE: half layout, base 1e4. A labelled convention only: the
-dim order of a NoPE model means nothing, so its low-frequency share has the null expectation."""
+
+BOOT_SEED = 0
+"""The seed of every bootstrap of the massive-value pipeline (traces, claims, comparisons, sinks)."""
 
 
 # ------------------------------------------------------------------------------ norms (device side)
@@ -104,43 +105,6 @@ def agreement(M, k: int = 2) -> tuple[np.ndarray, float]:
 
 
 # --------------------------------------------------------------------------------- rotary pairs
-
-@dataclasses.dataclass(frozen=True)
-class Pairing:
-  """Which rotary pair every dim belongs to (-1: unrotated) and each pair's frequency theta_j."""
-  pair_index: np.ndarray   # [D] int, -1 for unrotated dims (partial RoPE)
-  theta: np.ndarray        # [P] rad/token of the rotated pairs, decreasing (low frequency = large j)
-  label: str               # e.g. 'rope half base=10000' or 'convention half base=10000 (nope)'
-  is_rope: bool
-
-  @property
-  def n_pairs(self) -> int:
-    return len(self.theta)
-
-  @property
-  def wavelength(self) -> np.ndarray:
-    return 2 * np.pi / self.theta
-
-  @property
-  def dim_order(self) -> np.ndarray:
-    """Dims sorted by rotary frequency (pair 0 first, both dims of a pair adjacent), unrotated last."""
-    key = np.where(self.pair_index < 0, self.n_pairs, self.pair_index)
-    return np.argsort(key, kind="stable")
-
-
-def pairing_for(position, head_dim: int) -> Pairing:
-  """The Pairing of a position config (minilm.encodings); non-RoPE encodings get the convention."""
-  if getattr(position, "kind", None) == "rope":
-    p = position
-    index = positions.rope_pair_index(head_dim, p.layout, p.fraction, p.partial)
-    theta = positions.rope_frequencies(head_dim, p.base, p.fraction, p.partial)
-    extra = "" if (p.fraction, p.partial) == (1.0, "neox") else f" fraction={p.fraction} {p.partial}"
-    return Pairing(index, theta, f"rope {p.layout} base={p.base:g}{extra}", True)
-  index = positions.rope_pair_index(head_dim, "half")
-  theta = positions.rope_frequencies(head_dim, CONVENTION_BASE)
-  kind = getattr(position, "kind", str(position))
-  return Pairing(index, theta, f"convention half base={CONVENTION_BASE:g} ({kind})", False)
-
 
 def pair_energy(M, pair_index) -> np.ndarray:
   """E[..., h, j] = sum of M[..., h, d]^2 over the dims d of pair j (unrotated dims left out)."""
@@ -232,7 +196,6 @@ class StatConfig:
   resid_ratio: float = 1000.0  # ... and |x| > resid_ratio * median |x| of the layer (alone: scale-free form)
 
   def __post_init__(self):
-    from minilm.config import check
     check(self.lam > 0, "lam", f"must be > 0; got {self.lam}")
     check(self.top_k >= 1, "top_k", f"must be >= 1; got {self.top_k}")
     check(self.agree_k >= 1, "agree_k", f"must be >= 1; got {self.agree_k}")

@@ -8,7 +8,7 @@ Host part: per (arm, step) and layer, sink shares per head, residual massive act
 |x| of the layer's hidden states; the scale-free form drops the absolute floor), and the pre-registered
 test of whether heads with massive Q/K dims are sink heads (RULE). Definitions: docs/claims.md.
 
-Files in a trace store (analysis.trace.Store):
+Files in a trace store (analysis.massive.trace.Store):
   sinks/<arm>/<step>.npz     '<layer>.sink' [N, H]; '<layer>.resid_top', 'resid_tok', 'resid_dim' [N, K]
                              (values, token positions, feature dims of the K largest |x|);
                              '<layer>.resid_median' [N]
@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.stats import rankdata
 
-from analysis import stats as S
+from analysis.massive import stats as S
+from analysis.massive.store import pairing_of, write_rows
 
 POINTS = ("sink", "resid")
 """Capture points the device part reads."""
@@ -38,14 +39,13 @@ PATTERN_TOKENS = 32
 """Attention patterns of probe 0 are kept for the first this many queries and keys."""
 SINK_LEVEL = 0.5
 """A sink head puts at least this share of its attention (queries 1..T-1) on the first token."""
-BOOT_SEED = 0
 RULE = ("Sink share of a head: its attention on the first token, averaged over the query positions "
         "1..T-1 (query 0 can attend only to itself) and over the prompts; a sink head has sink share >= "
         f"{SINK_LEVEL}. Association: Spearman rank correlation over every query head of every layer, at "
         "the arm's last step, between the sink share and the head's max/mean of M[h, d] (per dim, after "
         "RoPE: rot_q of head h, and separately rot_k of the KV head h reads), 95% bootstrap over prompts "
         "(M and sink shares from the same resampled prompts) and heads (head pairs resampled), "
-        f"seed {BOOT_SEED}. 'massive Q/K heads are sink heads' is supported if the rho CI lower bound > 0 "
+        f"seed {S.BOOT_SEED}. 'massive Q/K heads are sink heads' is supported if the rho CI lower bound > 0 "
         "for rot_q and for rot_k; opposite if the rho CI upper bound < 0 for both; inconclusive otherwise "
         "(including a rho that cannot be computed: fewer than 3 heads or constant values)")
 
@@ -58,7 +58,7 @@ def device_stats(cache, mask_BxT) -> dict:
   residual statistics)."""
   mask = jnp.asarray(mask_BxT, jnp.float32)
   queries_BxT = mask.at[:, 0].set(0.0)   # query 0 sees only itself: share 1 whatever the head does
-  sink_LxBxHxT = cache.stack("attn.sink").astype(jnp.float32)
+  sink_LxBxHxT = cache.stack("sink").astype(jnp.float32)
   sink_LxBxH = jnp.einsum("lbht,bt->lbh", sink_LxBxHxT, queries_BxT) / jnp.maximum(
       queries_BxT.sum(-1), 1.0)[None, :, None]
   resid = jax.vmap(lambda r: resid_top(r, mask))(cache.stack("resid"))
@@ -132,7 +132,7 @@ def head_groups(sums: dict, sinks: dict, pairing, context: float, cfg: S.StatCon
   return groups
 
 
-def association(groups: list[dict], n_boot: int, seed: int = BOOT_SEED) -> dict:
+def association(groups: list[dict], n_boot: int, seed: int = S.BOOT_SEED) -> dict:
   """{'rot_q', 'rot_k': [rho, lo, hi]}: Spearman over every head of `groups` between sink share and
   max/mean, with heads resampled (as pairs) on top of the prompt resampling of the replicates."""
   sink, sink_reps = (np.concatenate([g["sink"][i] for g in groups], axis=-1) for i in (0, 1))
@@ -186,14 +186,13 @@ def _mode(values) -> list:
 def step_summary(store, arm: str, step: int, facts: dict, cfg: S.StatConfig, n_boot: int):
   """(per-layer summaries, per-head rows, per-layer residual rows, the step's association) of one
   (arm, step) whose sinks file exists."""
-  from analysis.trace import pairing_of
   sums, sinks = store.load_sums(arm, step), store.load_sinks(arm, step)
   probes, mask = np.load(store.path("probes.npy")), np.load(store.path("mask.npy"))
-  counts = S.prompt_counts(len(probes), n_boot, BOOT_SEED)
+  counts = S.prompt_counts(len(probes), n_boot, S.BOOT_SEED)
   groups = head_groups(sums, sinks, pairing_of(facts), facts["context"], cfg, counts)
   layers, heads, resid = [], [], []
   for layer, g in enumerate(groups):
-    pooled = S.pool_heads([g], ("sink", "sink_head"), n_boot, BOOT_SEED)
+    pooled = S.pool_heads([g], ("sink", "sink_head"), n_boot, S.BOOT_SEED)
     res = resid_layer(sinks, layer, probes, cfg, counts)
     layers.append({"arm": arm, "step": step, "layer": layer, "sink_per_head": g["sink"][0].tolist(),
                    **{k: [v, *S.interval(r)] for k, (v, r) in pooled.items()}, "resid": res})
@@ -204,7 +203,7 @@ def step_summary(store, arm: str, step: int, facts: dict, cfg: S.StatConfig, n_b
                   **{k: res[k][0] for k in ("max_abs", "max_ratio", "median", "n_sun", "n_ratio")},
                   "first_token_share": res["first_token_share"], "top_dim": res["top_dim"][0],
                   "top_dim_share": res["top_dim"][1], "top_token_id": res["top_token_id"][0]})
-  pooled = S.pool_heads(groups, ("sink", "sink_head"), n_boot, BOOT_SEED)
+  pooled = S.pool_heads(groups, ("sink", "sink_head"), n_boot, S.BOOT_SEED)
   summary = {"arm": arm, "step": step, "uniform": uniform_share(mask), "association": association(groups, n_boot),
              **{k: [v, *S.interval(r)] for k, (v, r) in pooled.items()}}
   return layers, heads, resid, summary
@@ -213,8 +212,7 @@ def step_summary(store, arm: str, step: int, facts: dict, cfg: S.StatConfig, n_b
 def rebuild(store, arms: dict, cfg: S.StatConfig, n_boot: int) -> dict:
   """sinks.json, sinks.csv and resid.csv from every (arm, step) of `arms` ({arm: facts}) that has a
   sinks file (a store traced before sinks has none: nothing is written for it)."""
-  from analysis.trace import write_rows
-  out = {"rule": RULE, "level": SINK_LEVEL, "n_boot": n_boot, "seed": BOOT_SEED,
+  out = {"rule": RULE, "level": SINK_LEVEL, "n_boot": n_boot, "seed": S.BOOT_SEED,
          "settings": {"resid_abs": cfg.resid_abs, "resid_ratio": cfg.resid_ratio},
          "layers": [], "steps": [], "verdicts": []}
   heads, resid = [], []

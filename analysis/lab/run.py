@@ -7,9 +7,9 @@
   minilm-lab --quick                           # a tiny smoke version of the same pipeline
 
 Stages, in order: train (paired arms with checkpoints, train.paired), trace (massive values over
-layers and steps, analysis.trace; comparisons over seeds, analysis.compare), pretrained (the same
-analysis of SmolLM2-135M, analysis.pretrained), disrupt (C5 on the task suite, analysis.experiment),
-quant (C6 on the trained arms, analysis.quant_study), report (reports/<name>/index.html).
+layers and steps, analysis.massive.trace; comparisons over seeds, analysis.massive.compare), pretrained (the same
+analysis of SmolLM2-135M, analysis.studies.pretrained), disrupt (C5 on the task suite, analysis.studies.disruption),
+quant (C6 on the trained arms, analysis.studies.quantization), report (reports/<name>/index.html).
 
 CONFIG is a lab config ({"experiment": ..., "skip": [...], "trace": {...}, ...}, see LabConfig) or
 an experiment config ({"name", "train", "arms"}, as `python -m train` takes), by path or by name in
@@ -29,12 +29,29 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib import metadata
 from typing import Callable
 
+import jax
+from absl import logging
+from tqdm.auto import tqdm
+
+from analysis.lab import report
+from analysis.massive import compare
+from analysis.massive import pipeline as PL
+from analysis.massive import store as ST
+from analysis.massive.stats import StatConfig
+from analysis.studies import disruption, pretrained, quantization
 from minilm import atomic
-from minilm import config as C
+from minilm import schema as C
 from minilm.cli import guarded
-from minilm.config import check, check_choice
+from minilm.schema import check, check_choice
+from train import checkpoints as ck
+from train import cli as train_cli
+from train import paired, tensorboard
+from train.checkpoints import DIVERGED
+from train.cli import CONFIGS, config_path, parse_assignments, read_json
+from train.config import load_experiment
 
 STAGES = ("train", "trace", "pretrained", "disrupt", "quant", "report")
 RUN = "run"
@@ -66,7 +83,6 @@ class TraceSettings:
 
   def stat_config(self):
     """The statistics settings every stage shares (trace, pretrained)."""
-    from analysis.stats import StatConfig
     return StatConfig(lam=self.lam, top_k=self.top_k, agree_k=self.agree_k, drop_first=self.drop_first)
 
 
@@ -116,7 +132,7 @@ class QuantSettings:
   ppl: str = "16x128"       # held-out perplexity windows NxT
   batch: int = 8
   seed: int = 0
-  extra: tuple[str, ...] = ()  # further `python -m analysis.quant_study` arguments
+  extra: tuple[str, ...] = ()  # further `python -m analysis quantize` arguments
 
   def __post_init__(self):
     check(self.n >= 2, "quant.n", f"must be >= 2; got {self.n}")
@@ -152,7 +168,6 @@ QUICK_SEQ = 128
 
 def read_config(path_or_name: str) -> tuple[LabConfig, str]:
   """(LabConfig, the file it came from). An experiment config becomes LabConfig(experiment=path)."""
-  from train.cli import config_path, read_json
   path = config_path(path_or_name)
   data = read_json(path)
   check(isinstance(data, dict), "config", f"{path} must hold a JSON object")
@@ -169,8 +184,6 @@ def read_config(path_or_name: str) -> tuple[LabConfig, str]:
 def experiment_of(lab: LabConfig, quick: bool):
   """The validated ExperimentConfig the lab trains. --quick shrinks it and renames it '<name>_quick';
   the lab's `set` overrides come last, so they win over the shrinking."""
-  from train import cli as train_cli
-  from train.config import load_experiment
   if not quick:
     return train_cli.load(lab.experiment, list(lab.set))
   exp = train_cli.load(lab.experiment, [])
@@ -222,22 +235,20 @@ class Lab:
   def validate(self, enabled: list[str]) -> None:
     """Every setting of every enabled stage checked (one line each) before anything runs or is
     written, so a typo in the quant settings does not wait for the end of training."""
-    from analysis import experiment, quant_study
     atomic.check_out_dir(self.report_dir, "--reports")
     atomic.check_out_dir(self.run_dir, "--runs")
     if "pretrained" in enabled:
-      experiment.check_model(self.cfg.pretrained.model, "pretrained.model")
+      disruption.check_model(self.cfg.pretrained.model, "pretrained.model")
     if "disrupt" in enabled:
-      experiment.check_model(self.cfg.disrupt.model, "disrupt.model", RUN)
-      experiment.plan(self.disrupt_args(self._model_dep(self.cfg.disrupt.model)[1]), model=False)
+      disruption.check_model(self.cfg.disrupt.model, "disrupt.model", RUN)
+      disruption.plan(self.disrupt_args(self._model_dep(self.cfg.disrupt.model)[1]), model=False)
     if "quant" in enabled:
-      experiment.check_model(self.cfg.quant.model, "quant.model", RUN)
-      quant_study.plan(self.quant_args(self._model_dep(self.cfg.quant.model)[1]), model=False)
+      disruption.check_model(self.cfg.quant.model, "quant.model", RUN)
+      quantization.plan(self.quant_args(self._model_dep(self.cfg.quant.model)[1]), model=False)
 
   def diverged(self) -> dict[str, dict]:
     """{arm: its divergence record} of the arms whose training diverged (they get no verdict)."""
-    from analysis import trace as T
-    return T.diverged_arms(self.run_dir) if os.path.isdir(self.run_dir) else {}
+    return ST.diverged_arms(self.run_dir) if os.path.isdir(self.run_dir) else {}
 
   def _model_dep(self, model: str) -> tuple[tuple[str, ...], str]:
     return (("train",), self.run_dir) if model == RUN else ((), model)
@@ -245,7 +256,6 @@ class Lab:
   def _stages(self) -> list[Stage]:
     cfg, exp = self.cfg, self.exp
     last = exp.train.steps
-    from train.checkpoints import DIVERGED
     # an arm is finished when it reached its last step or diverged (then it is reported, not analysed)
     train_out = [(os.path.join(self.run_dir, arm, "checkpoints", str(last)), os.path.join(self.run_dir, arm, DIVERGED))
                  for arm in exp.arms]
@@ -295,7 +305,6 @@ class Lab:
   # ------------------------------------------------------------------------------------- stages
 
   def _train(self) -> None:
-    from train import paired
     for arm, last in paired.run_planned(paired.plan(self.exp, self.runs), progress=True).items():
       if "diverged" in last:
         print(f"   {last['diverged']}; the lab analyses the other arms and gives no verdict for {arm}", flush=True)
@@ -321,57 +330,46 @@ class Lab:
       self._trace_into(staging)
 
   def _trace_into(self, out: str) -> None:
-    from tqdm.auto import tqdm
-
-    from analysis import compare
-    from analysis import trace as T
-    from train import checkpoints as ck
     t = self.cfg.trace
-    store = T.Store(out)
-    todo = sum(len(set(ck.available_steps(d)) - set(store.steps(a))) for a, d in T.run_arms(self.run_dir).items())
+    store = ST.Store(out)
+    todo = sum(len(set(ck.available_steps(d)) - set(store.steps(a))) for a, d in ST.run_arms(self.run_dir).items())
     with tqdm(total=todo, desc="trace (arm, step)", dynamic_ncols=True) as bar:
-      store = T.trace_run(self.run_dir, out, n_probes=t.probes, length=t.length or None, probe_seed=t.probe_seed,
+      store = PL.trace_run(self.run_dir, out, n_probes=t.probes, length=t.length or None, probe_seed=t.probe_seed,
                           stat_cfg=t.stat_config(), batch_size=t.batch,
                           log=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
     compare.compare(store, self.run_dir)
 
   def _pretrained(self) -> None:
-    from analysis import pretrained
     p = self.cfg.pretrained
     with atomic.staged_dir(self.path("pretrained")) as staging:
       pretrained.analyze(p.model, staging, n_probes=p.probes, length=p.length, context=p.context or None,
                          layout=p.layout, batch_size=p.batch, stat_cfg=self.cfg.trace.stat_config())
 
   def _disrupt(self, model: str) -> None:
-    from analysis import experiment
-    experiment.run_and_print(self.disrupt_args(model))
+    disruption.run_and_print(self.disrupt_args(model))
 
   def _quant(self, model: str) -> None:
-    from analysis import quant_study
-    quant_study.run(self.quant_args(model))
+    quantization.run(self.quant_args(model))
 
   def disrupt_args(self, model: str) -> argparse.Namespace:
     """The disrupt stage's settings as `python -m analysis disrupt` arguments (parsed, unchecked)."""
-    from analysis import experiment
     d = self.cfg.disrupt
     ap = _Parser(prog="disrupt.extra")
-    experiment.add_arguments(ap)
+    disruption.add_arguments(ap)
     return ap.parse_args(["--model", model, "--out", self.path("disrupt"), "--suite", d.suite, "--n", str(d.n),
                           "--modes", d.modes, "--batch", str(d.batch), "--seed", str(d.seed), *d.extra])
 
   def quant_args(self, model: str) -> argparse.Namespace:
-    """The quant stage's settings as `python -m analysis.quant_study` arguments (parsed, unchecked)."""
-    from analysis import quant_study
+    """The quant stage's settings as `python -m analysis quantize` arguments (parsed, unchecked)."""
     q = self.cfg.quant
     ap = _Parser(prog="quant.extra")
-    quant_study.add_arguments(ap)
+    quantization.add_arguments(ap)
     return ap.parse_args(["--model", model, "--out", self.path("quant"), "--methods", q.methods, "--bits", q.bits,
                           "--group-size", str(q.group_size), "--top-k", str(q.top_k), "--n", str(q.n),
                           "--calib", q.calib, "--ppl", q.ppl, "--batch", str(q.batch), "--seed", str(q.seed),
                           *q.extra])
 
   def _report(self) -> None:
-    from analysis import report
     report.build(self.report_dir)
 
   # ---------------------------------------------------------------------------------------- run
@@ -452,7 +450,6 @@ class _Parser(argparse.ArgumentParser):
 
 def versions() -> dict:
   """Library versions, Python, git commit and the machine, for the report."""
-  from importlib import metadata
   out = {}
   for dist in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "matplotlib", "datasets"):
     try:
@@ -468,7 +465,6 @@ def versions() -> dict:
     out["git_commit"] = (commit.stdout.strip() or "unknown") + (" (uncommitted changes)" if dirty.stdout.strip() else "")
   except (OSError, subprocess.SubprocessError):
     out["git_commit"] = "unknown (no git)"
-  import jax
   out["machine"] = (f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPU cores, "
                     f"{platform.platform()}; jax devices: {', '.join(str(d) for d in jax.devices())}")
   return out
@@ -480,7 +476,6 @@ def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="minilm-lab", description=__doc__.split("\n")[0],
                               epilog="\n".join(__doc__.split("\n")[2:]),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  from train.cli import CONFIGS
   shipped = sorted(f[:-5] for f in os.listdir(CONFIGS) if f.endswith(".json")) if os.path.isdir(CONFIGS) else []
   p.add_argument("config", nargs="?", default="lab",
                  help="lab config or experiment config: a JSON path or a name in configs/ (default: lab); "
@@ -517,7 +512,6 @@ def build(args) -> tuple[Lab, list[str], set[str]]:
   overrides = {}
   if args.quick:
     overrides.update(QUICK)
-  from train.cli import parse_assignments
   for item in args.lab_assignments:
     field, sep, value = item.partition("=")
     check(bool(sep) and bool(field), item, "expected field=value")
@@ -568,13 +562,11 @@ def _override_dict(data: dict, overrides: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parser().parse_args(argv)
-  from absl import logging   # orbax's read-only managers warn once per restored checkpoint
   logging.set_verbosity(logging.ERROR)
   labs = []
 
   def run() -> None:
     if args.tensorboard:
-      from train import tensorboard
       tensorboard.enable()
     lab, enabled, force = build(args)
     labs.append(lab)
@@ -587,7 +579,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     lab.execute(enabled, force, argv)
     if "report" in enabled:
-      from analysis import report
       print(f"\nreport: {os.path.abspath(lab.path('index.html'))}")
       print("\n".join(report.summary_lines(lab.report_dir)))
     print(f"total {time.perf_counter() - t0:.0f} s")

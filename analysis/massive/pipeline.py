@@ -1,0 +1,136 @@
+"""Trace a run end to end: every checkpoint of every arm into the store, then its tables, plots and claims.
+
+  trace_run      a paired run (or one arm) of `python -m train`, resumable
+  analyze_model  any Decoder as one arm at one step (a pretrained import)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from analysis.massive import claims as CL
+from analysis.massive import plots as P
+from analysis.massive import stats as S
+from analysis.massive import trace as T
+from analysis.massive.store import PROBE_SEED, Store, open_store, run_arms
+from minilm import atomic, hooks
+from minilm.schema import check
+from train import checkpoints as ck
+from train.data import probe_tokens
+from train.tokenizer import Tokenizer
+
+
+def analyze_model(model, probes_NxT, out_dir: str, *, mask_NxT=None, arm: str = "model", step: int = 0,
+                  context: float | None = None, stat_cfg: S.StatConfig = S.StatConfig(),
+                  batch_size: int = 16, plots: bool = True, claims: bool = True) -> Store:
+  """A single model as one arm and one step: the same files a traced run gets (table, summary,
+  plots, claims). For pretrained imports such as SmolLM2."""
+  probes = np.asarray(probes_NxT, np.int32)
+  mask = np.ones(probes.shape, np.float32) if mask_NxT is None else np.asarray(mask_NxT, np.float32)
+  store = open_store(out_dir, probes, mask, stat_cfg.drop_first, stat_cfg)
+  T.record_step(store, model, arm, step, context=context or probes.shape[1], final=True, batch_size=batch_size)
+  T.rebuild(store)
+  finish(store, plots=plots, claims=claims)
+  return store
+
+
+def finish(store: Store, *, plots: bool = True, claims: bool = True, rope_arm=None, nope_arm=None) -> None:
+  if plots:
+    P.plot_all(store)
+  if claims:
+    CL.write_claims(CL.evaluate(store, rope_arm=rope_arm, nope_arm=nope_arm), store.root)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """What trace_run will capture, every input checked before anything is written."""
+  arms: dict[str, str]             # arm name -> arm dir
+  configs: dict                    # arm name -> TrainConfig
+  wanted: dict[str, list[int]]     # arm name -> checkpoint steps to capture
+  length: int
+
+
+def plan_run(run_dir: str, *, n_probes: int, length: int | None, batch_size: int, steps=None) -> RunPlan:
+  """Check a trace request against the run on disk (one line per problem) without writing."""
+  check(n_probes >= 2, "--probes", f"must be >= 2 (intervals resample prompts); got {n_probes}")
+  check(batch_size >= 1, "--batch", f"must be >= 1; got {batch_size}")
+  chosen = run_arms(run_dir)
+  configs = {arm: ck.load_config(arm_dir) for arm, arm_dir in chosen.items()}
+  available = {arm: ck.available_steps(arm_dir) for arm, arm_dir in chosen.items()}
+  empty = [arm for arm, steps_ in available.items() if not steps_]
+  check(len(empty) < len(chosen), "run_dir", f"arm {empty[0]!r} has no complete checkpoint in "
+        f"{chosen[empty[0]]}/checkpoints" if len(empty) == 1 else f"no arm of {run_dir} has a complete checkpoint")
+  for arm in empty:   # e.g. traced while training goes on: the arms not started yet come later
+    print(f"note: arm {arm!r} has no checkpoint yet; it is not traced", file=sys.stderr)
+    del chosen[arm], configs[arm]
+  wanted = {}
+  for arm, arm_dir in chosen.items():
+    missing = sorted(set(steps or ()) - set(available[arm]))
+    check(not missing, "--steps", f"arm {arm!r} has no checkpoint {', '.join(map(str, missing))}; "
+          f"available: {', '.join(map(str, available[arm]))}")
+    wanted[arm] = [s for s in available[arm] if steps is None or s in steps]
+  length = length or min(cfg.data.seq_len for cfg in configs.values())
+  for cfg in configs.values():
+    T.check_length(cfg.model, length, min(batch_size, n_probes))
+  return RunPlan(chosen, configs, wanted, length)
+
+
+def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, length: int | None = None,
+              probe_seed: int = PROBE_SEED, stat_cfg: S.StatConfig = S.StatConfig(), batch_size: int = 16,
+              steps=None, plots: bool = True, claims: bool = True, rope_arm=None, nope_arm=None,
+              log=print) -> Store:
+  """Restore every checkpoint of every arm that did not diverge, capture the probes, write
+  table/summary/plots/claims.
+
+  Resumable, deciding from what is on disk: (arm, step) whose sums read back whole are skipped, a
+  damaged sums file is redone, and each arm's token view is redone unless it holds its last step.
+  The probe set comes from the first arm's data config (train.data.probe_tokens), length defaulting
+  to the shortest seq_len of the arms; it is saved as probes.npy and reused on later runs. Each arm's
+  wavelength boundary is its own training seq_len (a context sweep moves it).
+  """
+  t0 = time.perf_counter()
+  plan = plan_run(run_dir, n_probes=n_probes, length=length, batch_size=batch_size, steps=steps)
+  out_dir = out_dir or os.path.join(run_dir, "analysis")
+  atomic.check_out_dir(out_dir)
+  if os.path.exists(os.path.join(out_dir, "probes.npy")):
+    probes = np.load(os.path.join(out_dir, "probes.npy"))
+  else:
+    first = next(iter(plan.configs.values()))
+    probes = np.asarray(probe_tokens(first.data, probe_seed, n_probes, plan.length), np.int32)
+  mask = (probes != Tokenizer().PAD).astype(np.float32)
+  store = open_store(out_dir, probes, mask, stat_cfg.drop_first, stat_cfg,
+                     {"run_dir": os.path.abspath(run_dir), "probe_seed": probe_seed})
+  timing = {"restore_s": 0.0, "forward_s": 0.0, "compile_forward_s": 0.0, "traced": 0, "skipped": 0}
+  for arm, arm_dir in plan.arms.items():
+    context, wanted = plan.configs[arm].data.seq_len, plan.wanted[arm]
+    keys = {f"{layer}.{t}" for layer in range(plan.configs[arm].model.n_layers) for t in hooks.QKV}
+    done = set(store.good_steps(arm, keys))
+    for step in wanted:
+      if step in done:
+        timing["skipped"] += 1
+        continue
+      t = time.perf_counter()
+      model, _ = ck.load_model(arm_dir, step)
+      timing["restore_s"] += time.perf_counter() - t
+      T.record_step(store, model, arm, step, context=context, final=step == wanted[-1], batch_size=batch_size,
+                  timing=timing)
+      timing["traced"] += 1
+      log(f"traced {arm} step {step}")
+    if store.token_step(arm) != wanted[-1]:   # e.g. killed between the last step's sums and its view
+      T.save_tokens(store, ck.load_model(arm_dir, wanted[-1])[0], arm, wanted[-1])
+  t = time.perf_counter()
+  T.rebuild(store, arms=list(plan.arms))
+  timing["stats_s"] = time.perf_counter() - t
+  t = time.perf_counter()
+  finish(store, plots=plots, claims=claims, rope_arm=rope_arm, nope_arm=nope_arm)
+  timing["plots_claims_s"] = time.perf_counter() - t
+  timing["total_s"] = time.perf_counter() - t0
+  timing["forward_fraction"] = (timing["forward_s"] + timing["compile_forward_s"]) / timing["total_s"]
+  with open(store.path("timing.jsonl"), "a") as f:   # a log, one line per invocation: appending is its update
+    f.write(json.dumps(timing) + "\n")
+  return store

@@ -1,0 +1,221 @@
+"""The traced directory: its layout, reading and writing it, the runs and arms it is traced from.
+
+Layout (everything plots and claims need, so they never touch a model):
+  probes.npy, mask.npy       the probe tokens [N, T] and the tokens counted (1) or padding (0)
+  meta.json                  capture settings, statistic settings, per-arm model facts and pairing
+  sums/<arm>/<step>.npz      per-prompt sums of squares '<layer>.<tensor>' -> [N, H, D] (the cache)
+  sinks/<arm>/<step>.npz     per-prompt sink shares and largest residual activations (massive.sinks)
+  tokens/<arm>.npz           |x| of probe 0 for TOKEN_POINTS: [L, T, H, D] float16, and its
+                             attention 'attn' on the first tokens [L, H, P, P], final step
+  table.csv                  one row per arm x step x layer x tensor x head (massive.trace.write_table)
+  summary.json               per arm x step x layer x tensor: each statistic's head mean and
+                             bootstrap interval over prompts and heads; the pair-energy profile
+  sinks.json, sinks.csv, resid.csv   attention sinks and residual massive activations (massive.sinks)
+  claims.json, claims.md     the verdicts (massive.claims); plots/ the figures (massive.plots)
+  timing.jsonl               per invocation: seconds restoring, in the forward pass (compiling
+                             calls apart), in statistics, in plots and claims
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import zipfile
+
+import numpy as np
+
+from analysis.massive import stats as S
+from minilm import atomic, hooks
+from minilm.encodings import Pairing, PositionConfig
+from minilm.schema import ConfigError, check, from_dict, to_dict
+from train import checkpoints as ck
+
+TOKEN_POINTS = ("q", "rot_q", "rot_k", "v")
+"""The points of the token view (tokens/<arm>.npz)."""
+
+
+def pairing_of(facts: dict) -> Pairing:
+  """The rotary pairing of an arm, from its facts in meta.json."""
+  return from_dict(PositionConfig, facts["position_cfg"]).pairing(facts["head_dim"])
+
+
+def layer_tensor_keys(sums: dict):
+  """[(layer, tensor)] in layer, then minilm.hooks.QKV order."""
+  keys = [(int(k.split(".")[0]), k.split(".", 1)[1]) for k in sums]
+  return sorted(keys, key=lambda lt: (lt[0], hooks.QKV.index(lt[1])))
+
+
+@dataclasses.dataclass(frozen=True)
+class Store:
+  """Paths of one analysis output directory."""
+  root: str
+
+  def path(self, *parts) -> str:
+    return os.path.join(self.root, *parts)
+
+  def sums_path(self, arm: str, step: int) -> str:
+    return self.path("sums", arm, f"{step:08d}.npz")
+
+  def steps(self, arm: str) -> list[int]:
+    folder = self.path("sums", arm)
+    if not os.path.isdir(folder):
+      return []
+    return sorted(int(f[:-4]) for f in os.listdir(folder) if f.endswith(".npz") and f[:-4].isdigit())
+
+  def tokens_path(self, arm: str) -> str:
+    return self.path("tokens", f"{arm}.npz")
+
+  def load_sums(self, arm: str, step: int) -> dict:
+    with np.load(self.sums_path(arm, step)) as z:
+      return {k: z[k] for k in z.files}
+
+  def save_sums(self, arm: str, step: int, sums: dict) -> None:
+    atomic.save_npz(self.sums_path(arm, step), **sums)
+
+  def sinks_path(self, arm: str, step: int) -> str:
+    return self.path("sinks", arm, f"{step:08d}.npz")
+
+  def has_sinks(self, arm: str, step: int) -> bool:
+    return _readable(self.sinks_path(arm, step), set())
+
+  def load_sinks(self, arm: str, step: int) -> dict:
+    with np.load(self.sinks_path(arm, step)) as z:
+      return {k: z[k] for k in z.files}
+
+  def good_steps(self, arm: str, keys: set[str]) -> list[int]:
+    """The steps of `arm` whose sums file reads back whole with every key in `keys` and whose sinks
+    file reads back; a damaged sums file (cut short by a full disk, or edited by hand) is moved aside
+    as '<step>.npz.damaged' and redone, a step traced before sinks were captured is redone."""
+    good = []
+    for step in self.steps(arm):
+      if not _readable(self.sums_path(arm, step), keys):
+        os.replace(self.sums_path(arm, step), self.sums_path(arm, step) + ".damaged")
+      elif self.has_sinks(arm, step):
+        good.append(step)
+    return good
+
+  def token_step(self, arm: str) -> int | None:
+    """The step of the token view of `arm` on disk, or None if it is missing or damaged."""
+    try:
+      with np.load(self.tokens_path(arm)) as z:
+        return int(z["step"]) if set(TOKEN_POINTS) <= set(z.files) else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+      return None
+
+  def meta(self) -> dict:
+    if not os.path.exists(self.path("meta.json")):
+      return {}
+    with open(self.path("meta.json")) as f:
+      return json.load(f)
+
+  def require(self) -> "Store":
+    """self, or a one-line error if this is not a traced directory."""
+    try:
+      traced = "arms" in self.meta() and os.path.exists(self.path("summary.json"))
+    except (OSError, ValueError):   # a meta.json that is not JSON
+      traced = False
+    if not traced:
+      raise FileNotFoundError(f"out: {self.root} is not a traced directory (no meta.json with arms and "
+                              "summary.json); run `python -m analysis trace` first")
+    return self
+
+  def write_json(self, name: str, data) -> None:
+    atomic.write_json(self.path(name), data, default=_json_default)
+
+
+def _readable(path: str, keys: set[str]) -> bool:
+  try:
+    with np.load(path) as z:
+      return keys <= set(z.files) and all(np.isfinite(z[k]).all() for k in keys)
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+    return False
+
+
+def _json_default(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def _capture_settings(probes, mask, drop_first) -> dict:
+  return {"n_probes": int(probes.shape[0]), "length": int(probes.shape[1]), "drop_first": bool(drop_first),
+          "probe_checksum": int(np.asarray(probes, np.int64).sum() * 31 + np.asarray(mask).sum())}
+
+
+def open_store(out_dir: str, probes, mask, drop_first: bool, stat_cfg: S.StatConfig,
+               extra: dict | None = None) -> Store:
+  """Create or reopen an output directory; refuse to mix captures made with other probes/settings."""
+  store = Store(out_dir)
+  capture_cfg = _capture_settings(probes, mask, drop_first)
+  meta = store.meta()
+  if meta and meta.get("capture") != capture_cfg:
+    raise ConfigError(f"out: {out_dir} holds a trace with other probes or capture settings "
+                      f"({meta.get('capture')}); use another --out or delete it")
+  atomic.save_npy(store.path("probes.npy"), np.asarray(probes, np.int32))
+  atomic.save_npy(store.path("mask.npy"), np.asarray(mask, np.float32))
+  meta.update({"capture": capture_cfg, "stats": to_dict(stat_cfg),
+               "arms": meta.get("arms", {}), **(extra or {})})
+  store.write_json("meta.json", meta)
+  return store
+
+
+def stat_config(meta: dict) -> S.StatConfig:
+  return from_dict(S.StatConfig, meta["stats"])
+
+
+def write_rows(path: str, rows: list[dict], columns: list[str] | None = None) -> None:
+  """A CSV file of `rows` (columns: `columns`, default the first row's keys), written atomically."""
+  columns = columns or list(rows[0])
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  atomic.write_text(path, text.getvalue())
+
+
+def read_table(path: str) -> list[dict]:
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def all_arms(run_dir: str) -> dict[str, str]:
+  """{arm name: arm dir} of a paired run (experiment.json + arm dirs) or of a single arm dir, in the
+  experiment's order, diverged arms included."""
+  run_dir = os.path.normpath(run_dir)
+  if os.path.exists(os.path.join(run_dir, "config.json")) and os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    return {os.path.basename(run_dir): run_dir}
+  if not os.path.isdir(run_dir):
+    raise ConfigError(f"run_dir: {run_dir} is not a directory")
+  order = []
+  if os.path.exists(os.path.join(run_dir, "experiment.json")):
+    with open(os.path.join(run_dir, "experiment.json")) as f:
+      order = list(json.load(f).get("arms", {}))
+  found = sorted(d for d in os.listdir(run_dir) if os.path.exists(os.path.join(run_dir, d, "config.json")))
+  arms = [a for a in order if a in found] + [a for a in found if a not in order]
+  if not arms:
+    raise ConfigError(f"run_dir: {run_dir} has no arm (a folder with config.json and checkpoints/)")
+  return {a: os.path.join(run_dir, a) for a in arms}
+
+
+def diverged_arms(run_dir: str) -> dict[str, dict]:
+  """{arm: its divergence record (train.checkpoints.divergence)} of the arms whose training diverged."""
+  records = {arm: ck.divergence(arm_dir) for arm, arm_dir in all_arms(run_dir).items()}
+  return {arm: r for arm, r in records.items() if r}
+
+
+def run_arms(run_dir: str) -> dict[str, str]:
+  """all_arms without the diverged ones: what every analysis reads (a diverged arm's checkpoints
+  are finite, but it stopped early and gets no verdict)."""
+  diverged = diverged_arms(run_dir)
+  arms = {a: d for a, d in all_arms(run_dir).items() if a not in diverged}
+  check(bool(arms), "run_dir", f"every arm of {run_dir} diverged, so there is nothing to analyse: " +
+        "; ".join(r.get("message", f"{a} diverged") for a, r in diverged.items()))
+  return arms
+
+
+PROBE_SEED = 0
+"""Default seed of train.data.probe_tokens for the probe set."""
