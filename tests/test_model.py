@@ -100,15 +100,6 @@ def test_capture_does_not_change_logits(position):
                              atol=2 * (8 + 2 * 12) * EPS32 * np.abs(ref).max())
 
 
-def test_capture_off_compiles_to_the_plain_program():
-  model = make("rope")
-  graphdef, state = nnx.split(model)
-  toks = tokens()
-  plain = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, toks).as_text()
-  empty = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, capture=())).lower(state, toks).as_text()
-  assert plain == empty
-
-
 def test_rot_equals_plain_for_encodings_without_rope():
   for position in ["nope", "alibi", "sinusoidal", "learned"]:
     _, cache = capture.run(make(position), tokens())

@@ -46,12 +46,6 @@ _FILLER_CYCLE = [t for s in _FILLER_IDS for t in s]
 _FILLER_PREFIX = np.cumsum([0] + [len(s) for s in _FILLER_IDS])  # tokens in the first r sentences
 
 
-def filler_len(n: int) -> int:
-  """Tokens in the first n filler sentences (the filler repeats its 5 sentences in order)."""
-  q, r = divmod(n, len(FILLER))
-  return q * len(_FILLER_CYCLE) + int(_FILLER_PREFIX[r])
-
-
 def filler_fit(budget: int) -> int:
   """Most filler sentences that fit in `budget` tokens."""
   q, rest = divmod(max(budget, 0), len(_FILLER_CYCLE))

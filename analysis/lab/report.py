@@ -651,9 +651,7 @@ def _families(evals: dict[str, list]) -> list[str]:
 
 
 def _acc(x):
-  """An eval.jsonl cell: a number, or a dict holding one under 'acc' / 'accuracy'."""
-  if isinstance(x, dict):
-    x = x.get("acc", x.get("accuracy"))
+  """An eval.jsonl cell's accuracy, or None where it holds none."""
   return x if isinstance(x, (int, float)) else None
 
 

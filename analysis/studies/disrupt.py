@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from analysis.massive import stats
-from minilm import capture, generate
+from minilm import capture, generate, hooks
 from minilm.schema import check, check_choice
 
 # Order used in tables: the paper's three columns, then the extra controls.
@@ -107,9 +107,8 @@ def energy_removed(M, S, args, cfg: DisruptConfig, n_layers: int) -> dict[str, n
   layer; later layers also see upstream changes. Explains why a mode matters: the mean of a nearly
   constant dim is nearly the dim itself."""
   out = {}
-  layers = [f"blocks.{l}.attn." for l in cfg.layers(n_layers)]
   for p in cfg.points():
-    names = [l + p for l in layers]
+    names = [hooks.name(l, p) for l in cfg.layers(n_layers)]
     total = sum((M[n].astype(np.float64) ** 2).reshape(len(M[n]), -1).sum(1) for n in names)
     lost = {n: (S[n] if float(args["fill"]) else M[n]).astype(np.float64) ** 2 for n in names}
     out[p] = sum((np.asarray(args["masks"][n]) * lost[n]).reshape(len(lost[n]), -1).sum(1) for n in names) / total
@@ -179,7 +178,7 @@ def masks(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int, S=None) -
   chosen = set() if cfg.mode == "off" else set(cfg.layers(n_layers))
   out = {}
   for layer in range(n_layers):
-    names = {p: f"blocks.{layer}.attn.{p}" for p in (qp, kp, vp)}
+    names = {p: hooks.name(layer, p) for p in (qp, kp, vp)}
     picked = {p: np.zeros(M[n].shape, bool) for p, n in names.items()}
     if layer in chosen and cfg.mode == "v":
       picked[vp] = massive(M[names[kp]], cfg)

@@ -37,6 +37,7 @@ from flax import nnx
 
 from analysis.studies import quantize as Q
 from minilm import capture as mcapture
+from minilm import hooks
 from minilm.schema import check, check_choice
 from minilm.model import Decoder
 
@@ -181,7 +182,7 @@ def massive_columns(model: Decoder, tokens_BxT, scheme: Scheme) -> dict[tuple[in
   cols = {}
   for layer in range(model.cfg.n_layers):
     for point in ("q", "k"):
-      M_HxD = np.asarray(stats.value_norms(cache[f"blocks.{layer}.attn.{point}"]))
+      M_HxD = np.asarray(stats.value_norms(cache[hooks.name(layer, point)]))
       mask_HxD = stats.top_k_mask(M_HxD, scheme.top_k) if scheme.top_k else stats.massive_mask(M_HxD, scheme.lam)
       cols[(layer, f"attn.{point}")] = np.asarray(mask_HxD, bool).reshape(-1)
   return cols
