@@ -14,14 +14,13 @@ import pytest
 from analysis.lab import run as L
 from analysis.lab import publish as P
 from analysis.lab import report as R
-from test_report import report_dir  # noqa: F401  (the small synthetic report, reused as the report's content)
 
 STAGE_SECONDS = {"train": 12.5, "trace": 3.25, "pretrained": 7.0, "disrupt": 4.0}
 STATUS = {"train": "ran", "trace": "ran", "pretrained": "reused", "disrupt": "ran", "quant": "skipped", "report": "ran"}
 
 
 @pytest.fixture(scope="module")
-def lab_report(report_dir, tmp_path_factory):  # noqa: F811
+def lab_report(report_dir, tmp_path_factory):
   """test_report's synthetic report, recorded as a --quick lab run records it (Lab.write_marker and
   Lab.record: lab.json with configs, versions, commit, machine; stages/*.json with times), plus what
   must stay behind: a large array, a large .jsonl, a checkpoint, a PDF."""

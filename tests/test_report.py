@@ -81,40 +81,6 @@ def browser_check(html_path: str) -> dict:
   return {"dom": dom, **json.loads(found.group(1).replace("&quot;", '"'))}
 
 
-@pytest.fixture(scope="module")
-def report_dir(tmp_path_factory):
-  """A small report from synthetic inputs: a traced tiny model (real table, plots, claims) as the
-  run and as the pretrained model, a C5 table/plot/verdict, no quantization (not run)."""
-  root = tmp_path_factory.mktemp("report")
-  model = Decoder(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_len=32), rngs=nnx.Rngs(0))
-  probes = np.random.default_rng(0).integers(0, 64, (4, 32))
-  PL.analyze_model(model, probes, str(root / "trace"), arm="rope", step=0)
-  shutil.copytree(root / "trace", root / "pretrained")
-  (root / "pretrained" / "pretrained.json").write_text(json.dumps(
-      {"name": "tiny-pretrained", "params": 12345, "source": "synthetic", "format": "none", "layout": "half",
-       "probes": {"n": 4, "length": 32, "text": "random tokens"}, "context": 32}))
-  disrupt = root / "disrupt"
-  disrupt.mkdir()
-  (disrupt / "table.md").write_text("| tiny: task (n) | original | massive disrupted |\n|---|---|---|\n"
-                                    "| passkey (4) | 100 [51, 100] | 25 [5, 70] |\n\nC5 [tiny]: inconclusive (synthetic)\n")
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(3, 2))
-  ax.bar([0, 1], [1.0, 0.25])
-  fig.savefig(disrupt / "c5.png")
-  plt.close(fig)
-  (disrupt / "summary.json").write_text(json.dumps({"suite": "quick", "n": 4, "disrupt": {"rope": "post"}}))
-  CL.write_claims([CL.Verdict("C5", "Function", "contextual drop", "inconclusive", "synthetic rule", rope=0.75,
-                              rope_ci=[0.3, 1.0], notes="tiny: synthetic")], str(disrupt))
-  (root / "lab.json").write_text(json.dumps({
-      "name": "synthetic", "command": "minilm-lab --synthetic", "experiment": {"name": "synthetic", "arms": {"rope": {}}},
-      "stages": {"train": {"status": "ran", "seconds": 1.5, "what": "x"}, "quant": {"status": "skipped"}},
-      "versions": {"jax": "0", "python": "3"}}))
-  R.build(str(root))
-  return root
-
-
 def test_report_renders_every_image_and_the_claims_table_in_chromium(report_dir):
   got = browser_check(str(report_dir / "index.html"))
   assert got["broken"] == [], f"images that did not load: {got['broken']}"
