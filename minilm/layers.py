@@ -20,10 +20,13 @@ Intervene = Optional[Callable[[str, jax.Array], jax.Array]]
 def matmul(x_NxC, w_CxF):
   """x @ w with a backward pass that feeds XLA:CPU's fast matmul path.
 
-  Autodiff writes the weight gradient as a dot contracting the rows of x, which XLA:CPU hands to a
-  generic kernel at 60-75% of the speed of a plain row-major matmul; transposing x first (a barrier
-  keeps XLA from folding the transpose back into the dot) costs one small copy and makes the
-  1M-parameter train step about 15% faster. Same math, so results are unchanged.
+  Autodiff writes the weight gradient as a dot contracting the rows of x, which XLA:CPU runs
+  slower than a plain row-major matmul; transposing x first (a barrier keeps XLA from folding the
+  transpose back into the dot) costs one copy and makes the 1M-parameter train step about 15%
+  faster. The copy is cheap only where x is a stored tensor: XLA fuses an elementwise producer of x
+  into it and then evaluates that producer in strided (transposed) order, so linears whose input is
+  such a producer's output (the MLP's down projection) keep autodiff's dot (`linear(..., dot=)`).
+  Same math, so results are unchanged.
   """
   return jnp.matmul(x_NxC, w_CxF)
 
@@ -74,9 +77,12 @@ def _linear_dot(x, w, dimension_numbers, precision=None, preferred_element_type=
 _LINEAR_DOTS = {s: functools.partial(_linear_dot, setting=s) for s in MATMULS}
 
 
-def linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs, std: float, bias: bool = False) -> nnx.Linear:
+def linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs, std: float, bias: bool = False,
+           dot: str | None = None) -> nnx.Linear:
+  """A linear layer; `dot` (a model.matmul setting) overrides cfg.matmul for this layer."""
   return nnx.Linear(d_in, d_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
-                    kernel_init=jax.nn.initializers.normal(std), rngs=rngs, dot_general=_LINEAR_DOTS[cfg.matmul])
+                    kernel_init=jax.nn.initializers.normal(std), rngs=rngs,
+                    dot_general=_LINEAR_DOTS[dot or cfg.matmul])
 
 
 class Norm(nnx.Module):
@@ -111,7 +117,8 @@ class MLP(nnx.Module):
     if cfg.mlp == "swiglu":
       self.gate = linear(d, f, cfg, rngs, std)
     self.up = linear(d, f, cfg, rngs, std, cfg.bias)
-    self.down = linear(f, d, cfg, rngs, std / math.sqrt(2 * cfg.n_layers), cfg.bias)
+    # its input is the activation's output, an elementwise fusion: see `matmul` for why plain
+    self.down = linear(f, d, cfg, rngs, std / math.sqrt(2 * cfg.n_layers), cfg.bias, dot="plain")
 
   def __call__(self, x_BxTxC):
     h = self.up(x_BxTxC)
@@ -126,10 +133,7 @@ def attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, k_pos_BxS, bias_BxHxTxS=N
   A key is visible to a query when k_pos <= q_pos, so unwritten KV-cache slots (k_pos beyond the
   current position) are masked without a separate length.
   block > 0 (self-attention over increasing positions only, S == T; Decoder passes it only without
-  a KV cache and with default positions): queries go in blocks of
-  `block` rows and block i reads keys [0, (i+1)*block) only. Same result, but the masked upper
-  triangle is never computed: on a 2-core CPU attention is bound by the exp and memory passes over
-  the T x S logits, and this halves them. Returns (out, probs or None).
+  a KV cache and with default positions): `block_causal`. Returns (out, probs or None).
   """
   B, T, H, D = q_BxTxHxD.shape
   S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
@@ -152,13 +156,80 @@ def attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, k_pos_BxS, bias_BxHxTxS=N
 
   if block and block < T and not with_probs:
     assert S == T, "block-causal attention needs keys at the query positions"
-    edges = list(range(0, T, block)) + [T]
-    out_BxKxGxTxD = jnp.concatenate([rows(a, b, b)[0] for a, b in zip(edges[:-1], edges[1:])], axis=3)
-    probs_BxKxGxTxS = None
+    out_BxKxGxTxD, probs_BxKxGxTxS = block_causal(q_BxKxGxTxD, k_BxKxSxD, v_BxKxSxD, bias_BxKxGxTxS, block), None
   else:
     out_BxKxGxTxD, probs_BxKxGxTxS = rows(0, T, S)
   out_BxTxHxD = out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
   return out_BxTxHxD, None if not with_probs else probs_BxKxGxTxS.reshape(B, H, T, S)
+
+
+def _causal_rows(T: int, block: int) -> list[tuple[int, int]]:
+  edges = list(range(0, T, block)) + [T]
+  return list(zip(edges[:-1], edges[1:]))
+
+
+def _block_exp(q_BxKxGxtxD, k_BxKxsxD, bias_BxKxGxtxs, t0: int):
+  """exp(logits - row max) of query rows [t0, t0+t) over keys [0, s), key j visible to row i when
+  j <= i; and the row sums. Float32 whatever the compute dtype."""
+  t, s, D = q_BxKxGxtxD.shape[3], k_BxKxsxD.shape[2], q_BxKxGxtxD.shape[4]
+  logits = jnp.einsum("bkgtd,bksd->bkgts", q_BxKxGxtxD, k_BxKxsxD, preferred_element_type=jnp.float32) / math.sqrt(D)
+  if bias_BxKxGxtxs is not None:
+    logits = logits + bias_BxKxGxtxs
+  visible_txs = jnp.arange(s)[None, :] <= t0 + jnp.arange(t)[:, None]
+  logits = jnp.where(visible_txs, logits, -jnp.inf)
+  e = jnp.exp(logits - logits.max(-1, keepdims=True))
+  return e, e.sum(-1, keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def block_causal(q_BxKxGxTxD, k_BxKxSxD, v_BxKxSxD, bias_BxKxGxTxS, block: int):
+  """Causal attention over keys at the query positions (S == T), heads-major, in blocks of `block`
+  query rows: block i reads keys [0, (i+1)*block) only, so the masked upper triangle is never
+  computed. On a 2-core CPU attention is bound by the passes over the T x S tensors, not by FLOPs;
+  hence also the hand-written backward pass (FlashAttention's algebra): it keeps the unnormalised
+  exp(logits) E and the row sums l of the forward pass, scales the T x D tensors by 1/l instead of
+  the T x S ones, and takes the softmax Jacobian's row term from rowsum(dO * O) (T x D) instead of
+  rowsum(P * dP) (T x S). Same math as the masked softmax, up to float rounding.
+  """
+  return _block_causal_fwd(q_BxKxGxTxD, k_BxKxSxD, v_BxKxSxD, bias_BxKxGxTxS, block)[0]
+
+
+def _block_causal_fwd(q, k, v, bias, block):
+  outs, saved = [], []
+  for t0, t1 in _causal_rows(q.shape[3], block):
+    e, l = _block_exp(q[:, :, :, t0:t1], k[:, :, :t1], None if bias is None else bias[:, :, :, t0:t1, :t1], t0)
+    outs.append(jnp.einsum("bkgts,bksd->bkgtd", e.astype(v.dtype), v[:, :, :t1],
+                           preferred_element_type=jnp.float32) / l)
+    saved.append((e, l))
+  out = jnp.concatenate(outs, axis=3).astype(q.dtype)
+  return out, (q, k, v, bias, out, saved)
+
+
+def _block_causal_bwd(block, res, d_out):
+  q, k, v, bias, out, saved = res
+  T, D = q.shape[3], q.shape[4]
+  rowsum_BxKxGxTx1 = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True)
+  dq, dk, dv, dbias = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), []
+  for (t0, t1), (e, l) in zip(_causal_rows(T, block), saved):
+    d_out_l = d_out[:, :, :, t0:t1].astype(jnp.float32) / l        # dO / l: P = E / l folded into T x D
+    pad = ((0, 0), (0, 0), (0, T - t1), (0, 0))
+    dv = dv + jnp.pad(jnp.einsum("bkgts,bkgtd->bksd", e.astype(v.dtype), d_out_l.astype(v.dtype),
+                                 preferred_element_type=jnp.float32), pad)
+    dp = jnp.einsum("bkgtd,bksd->bkgts", d_out_l.astype(v.dtype), v[:, :, :t1], preferred_element_type=jnp.float32)
+    d_logits = e * (dp - rowsum_BxKxGxTx1[:, :, :, t0:t1] / l)   # P * (dP - rowsum(dO * O))
+    dbias.append(jnp.pad(d_logits, ((0, 0),) * 4 + ((0, T - t1),)))
+    d_scaled = (d_logits / math.sqrt(D)).astype(q.dtype)
+    dq.append(jnp.einsum("bkgts,bksd->bkgtd", d_scaled, k[:, :, :t1], preferred_element_type=jnp.float32))
+    dk = dk + jnp.pad(jnp.einsum("bkgts,bkgtd->bksd", d_scaled, q[:, :, :, t0:t1],
+                                 preferred_element_type=jnp.float32), pad)
+  d_bias = None
+  if bias is not None:   # summed over the axes the bias was broadcast along
+    full = jnp.concatenate(dbias, axis=3)
+    d_bias = full.sum([i for i in range(5) if bias.shape[i] == 1 and full.shape[i] > 1], keepdims=True).astype(bias.dtype)
+  return (jnp.concatenate(dq, axis=3).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias)
+
+
+block_causal.defvjp(_block_causal_fwd, _block_causal_bwd)
 
 
 def fused_attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, k_pos_BxS, bias_BxHxTxS=None, *, causal: bool):
