@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from analysis.studies import quantization as QS
 from analysis.studies import quantize as Q
 from analysis.studies import quantize_model as QM
 from minilm import generate
@@ -300,7 +301,6 @@ def _record(mode, i, task, kind, success):
 
 
 def test_c6_verdict_follows_its_rule():
-  from analysis.studies import quantization as QS
   schemes = QS.schemes(["awq", "gptq"], [4])
   names = {s.method: s.name for s in schemes}
   def records(awq, gptq, fp=1):
@@ -323,7 +323,7 @@ def test_c6_verdict_follows_its_rule():
 def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   import json
   from analysis.studies import disruption
-  from analysis.studies import quantization as QS
+  from analysis.lab import cli
   from analysis.studies import suites
   from train.tokenizer import Tokenizer
   tok = Tokenizer()
@@ -335,9 +335,10 @@ def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
             for i in range(3)]
   monkeypatch.setattr(disruption, "load_sources", lambda *a: [("tiny", model, tok, items, None, {})])
   out = tmp_path / "c6"
-  assert QS.main(["--model", "random", "--out", str(out), "--methods", "rtn,rtn_keep,awq,gptq,smoothquant,kv",
-                  "--bits", "4", "--group-size", "16", "--top-k", "1", "--kv", "pre:channel,post:token", "--kv-bits", "3", "--calib", "2x32",
-                  "--ppl", "2x32", "--batch", "4"]) == 0
+  assert cli.main(["quantize", "--model", "random", "--out", str(out), "--methods",
+                   "rtn,rtn_keep,awq,gptq,smoothquant,kv", "--bits", "4", "--group-size", "16", "--top-k", "1",
+                   "--kv", "pre:channel,post:token", "--kv-bits", "3", "--calib", "2x32", "--ppl", "2x32",
+                   "--batch", "4"]) == 0
   report = json.loads((out / "summary.json").read_text())
   names = [s["name"] for s in report["schemes"]]
   assert names == ["fp", "rtn-4b-g16", "rtn_keep-4b-g16", "awq-4b-g16", "gptq-4b-g16", "smoothquant-a0.5-w8a8",
@@ -353,5 +354,5 @@ def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   claims = json.loads((out / "claims.json").read_text())["claims"]
   assert {c["claim"] for c in claims} == {"C6", "C6-keep"}   # no w8a8 row: SmoothQuant has nothing to be compared with
   assert (out / "c6.png").stat().st_size > 0 and "perplexity" in (out / "table.md").read_text()
-  assert QS.main(["--model", "random", "--out", str(out), "--methods", "kv", "--kv-bits", "4,one"]) == 2
+  assert cli.main(["quantize", "--model", "random", "--out", str(out), "--methods", "kv", "--kv-bits", "4,one"]) == 2
   assert capsys.readouterr().err.startswith("error: --kv-bits: ")

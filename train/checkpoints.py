@@ -125,8 +125,13 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
         progress=ocp.args.JsonSave({"step": step, "data_step": step, "seed": cfg.seed})))
     mngr.wait_until_finished()
   except OSError as err:
+    late = []
+    try:  # the other save threads may still be running: their errors (the full disk) are logged as they end
+      mngr.wait_until_finished()
+    except Exception as e:
+      late.append(e)
     last = mngr.latest_step()
-    cause = _disk_error([err, *thread_errors.errors])
+    cause = _disk_error([err, *late, *thread_errors.errors])
     raise RunError(f"{where}: cannot save ({cause.strerror or cause}); nothing of step {step} was kept: "
                    f"make room and run the same command again, it resumes exactly from step {last}") from None
   finally:
