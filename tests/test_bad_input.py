@@ -20,9 +20,9 @@ from typing import Callable
 import orbax.checkpoint as ocp
 import pytest
 
-from test_checkpoints import damage
 from analysis.lab import cli as analysis_cli
 from analysis.lab import run as lab
+from helpers import damage
 from train import checkpoints, cli as train_cli, paired
 
 CLIS: dict[str, Callable[[list[str]], int]] = {"train": train_cli.main, "lab": lab.main, "analysis": analysis_cli.main,

@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from helpers import damage
 from minilm import schema as C
 from train import checkpoints, cli, loop, schedule
 
@@ -102,20 +103,6 @@ def test_run_directory_of_another_config_is_refused(trained, tmp_path):
     loop.prepare_run_dir(arm_dir, C.override(SMOKE, {"model.position": "nope"}))
   loop.prepare_run_dir(arm_dir, C.override(SMOKE, {"steps": 12}))   # extending a run is allowed
   assert checkpoints.load_config(arm_dir).steps == 12
-
-
-def damage(arm_dir, step, how):
-  """Flip six bytes in (or cut in half) the largest array file of `step`'s params."""
-  root = os.path.join(arm_dir, checkpoints.CHECKPOINTS, str(step), "params")
-  files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if os.sep + "d" + os.sep in os.path.join(d, f)]
-  path = max(files, key=os.path.getsize)
-  if how == "truncate":
-    os.truncate(path, os.path.getsize(path) // 2)
-    return
-  data = bytearray(open(path, "rb").read())
-  for i in range(6):
-    data[len(data) // 2 + 97 * i] ^= 0xFF
-  open(path, "wb").write(bytes(data))
 
 
 @pytest.mark.parametrize("how, says", [("flip", "differs from its checksum"), ("truncate", "cannot be read")])

@@ -4,7 +4,7 @@ architectures. The references read the tensors by their HF names in their stored
 [in, out], fused q/k/v, OPT's offset position table), so they share no code with minilm.
 
 Tolerance: minilm runs in float32. Over two blocks of width 32 (MLP <= 128, heads <= 16 wide, ~33
-tokens), test_import_hf.forward_tolerance allows 1.4e-5 of the largest logit (5e-7 measured), while
+tokens), helpers.forward_tolerance allows 1.4e-5 of the largest logit (5e-7 measured), while
 a wrong layout, offset, activation (tanh vs erf GELU: 2e-4 here) or residual order moves the logits
 by far more.
 """
@@ -18,8 +18,9 @@ import pytest
 from scipy.special import erf
 
 from minilm.importers import load
-from test_import_hf import (CFG, TEXT, _tokenizer, forward_tolerance, numpy_attention, numpy_llama_forward,
-                            numpy_rope, one_line_error, save_checkpoint, write_checkpoint)
+from helpers import (CFG, GPT2_CFG, NEOX_CFG, OPT_CFG, TEXT, bpe_tokenizer, forward_tolerance, gpt2_shapes, neox_shapes,
+                     numpy_attention, numpy_llama_forward, numpy_rope, one_line_error, opt_shapes, random_tensors,
+                     save_checkpoint, write_checkpoint)
 
 TOLERANCE = forward_tolerance(n_layers=2, d_model=32, head_dim=16, ff_dim=128, T=40)   # the widest family
 
@@ -125,92 +126,13 @@ def numpy_neox_forward(t, ids, cfg):
   return x @ np.asarray(t["embed_out.weight"], np.float64).T
 
 
-# ---------------------------------------------------------------------- tiny random checkpoints
-
-def random_tensors(shapes, seed=0):
-  """Norm scales near 1, biases and matrices of unit-scale outputs, so every tensor matters."""
-  rng = np.random.default_rng(seed)
-
-  def one(name, shape):
-    if len(shape) == 2:
-      return rng.standard_normal(shape) / np.sqrt(min(shape))
-    if name.endswith("weight"):
-      return 1 + 0.3 * rng.standard_normal(shape)
-    return 0.3 * rng.standard_normal(shape)
-
-  return {name: one(name, shape).astype(np.float32) for name, shape in shapes.items()}
-
-
-def _layer_norms(prefix, C):
-  return {f"{prefix}.{p}": (C,) for p in ("weight", "bias")}
-
-
-def _linear(prefix, n_out, n_in):
-  return {f"{prefix}.weight": (n_out, n_in), f"{prefix}.bias": (n_out,)}
-
-
-def gpt2_shapes(cfg, V):
-  C, F = cfg["n_embd"], cfg.get("n_inner") or 4 * cfg["n_embd"]
-  shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (cfg["n_positions"], C),
-            **_layer_norms("transformer.ln_f", C)}
-  for i in range(cfg["n_layer"]):
-    h = f"transformer.h.{i}"
-    shapes.update({**_layer_norms(f"{h}.ln_1", C), **_layer_norms(f"{h}.ln_2", C),
-                   f"{h}.attn.c_attn.weight": (C, 3 * C), f"{h}.attn.c_attn.bias": (3 * C,),  # Conv1D: [in, out]
-                   f"{h}.attn.c_proj.weight": (C, C), f"{h}.attn.c_proj.bias": (C,),
-                   f"{h}.mlp.c_fc.weight": (C, F), f"{h}.mlp.c_fc.bias": (F,),
-                   f"{h}.mlp.c_proj.weight": (F, C), f"{h}.mlp.c_proj.bias": (C,)})
-  return shapes
-
-
-def opt_shapes(cfg, V):
-  C, F, E = cfg["hidden_size"], cfg["ffn_dim"], cfg.get("word_embed_proj_dim") or cfg["hidden_size"]
-  d = "model.decoder"
-  shapes = {f"{d}.embed_tokens.weight": (V, E), f"{d}.embed_positions.weight": (cfg["max_position_embeddings"] + 2, C)}
-  if cfg["do_layer_norm_before"]:
-    shapes.update(_layer_norms(f"{d}.final_layer_norm", C))
-  if E != C:
-    shapes.update({f"{d}.project_in.weight": (C, E), f"{d}.project_out.weight": (E, C)})
-  if not cfg["tie_word_embeddings"]:
-    shapes["lm_head.weight"] = (V, E)
-  for i in range(cfg["num_hidden_layers"]):
-    layer = f"{d}.layers.{i}"
-    shapes.update({**_layer_norms(f"{layer}.self_attn_layer_norm", C), **_layer_norms(f"{layer}.final_layer_norm", C),
-                   **_linear(f"{layer}.fc1", F, C), **_linear(f"{layer}.fc2", C, F)})
-    for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
-      shapes.update(_linear(f"{layer}.self_attn.{p}", C, C))
-  return shapes
-
-
-def neox_shapes(cfg, V):
-  C, F = cfg["hidden_size"], cfg["intermediate_size"]
-  shapes = {"gpt_neox.embed_in.weight": (V, C), "embed_out.weight": (V, C),
-            **_layer_norms("gpt_neox.final_layer_norm", C)}
-  for i in range(cfg["num_hidden_layers"]):
-    layer = f"gpt_neox.layers.{i}"
-    shapes.update({**_layer_norms(f"{layer}.input_layernorm", C), **_layer_norms(f"{layer}.post_attention_layernorm", C),
-                   **_linear(f"{layer}.attention.query_key_value", 3 * C, C), **_linear(f"{layer}.attention.dense", C, C),
-                   **_linear(f"{layer}.mlp.dense_h_to_4h", F, C), **_linear(f"{layer}.mlp.dense_4h_to_h", C, F)})
-  return shapes
-
-
-GPT2_CFG = dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64, layer_norm_epsilon=1e-5,
-                activation_function="gelu_new", bos_token_id=0, eos_token_id=1)
-OPT_CFG = dict(model_type="opt", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-               max_position_embeddings=64, do_layer_norm_before=True, word_embed_proj_dim=32,
-               activation_function="relu", enable_bias=True, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
-# head_dim 16 and rotary_pct 0.25: RoPE turns 4 dims (2 pairs) of each head and leaves 12.
-NEOX_CFG = dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=64, rotary_pct=0.25, rotary_emb_base=100, max_position_embeddings=64,
-                layer_norm_eps=1e-5, use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False,
-                bos_token_id=0, eos_token_id=1)
 SHAPES = {"gpt2": gpt2_shapes, "opt": opt_shapes, "gpt_neox": neox_shapes}
 REFERENCES = {"gpt2": numpy_gpt2_forward, "opt": numpy_opt_forward, "gpt_neox": numpy_neox_forward}
 
 
 def write_family(directory, cfg, *, tokenizer=True, rename=lambda name: name, extra=()):
   """A random checkpoint of cfg's family; returns its tensors by their HF names and the token ids."""
-  tok = _tokenizer()
+  tok = bpe_tokenizer()
   V = tok.get_vocab_size()
   tensors = random_tensors(SHAPES[cfg["model_type"]](cfg, V))
   save_checkpoint(directory, {rename(n): a for n, a in tensors.items()} | dict(extra), {**cfg, "vocab_size": V})

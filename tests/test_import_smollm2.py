@@ -12,7 +12,7 @@ from minilm.generate import greedy
 from minilm.importers import gguf as G
 from minilm.importers import load
 
-from test_import_hf import EPS32, TEXT, _tokenizer, _tolerance, _weights, forward_tolerance, numpy_llama_forward
+from helpers import EPS32, TEXT, bpe_tokenizer, forward_tolerance, llama_tolerance, llama_weights, numpy_llama_forward
 
 pytestmark = pytest.mark.slow   # loads and dequantizes the SmolLM2 GGUF (about 18 s)
 
@@ -128,11 +128,11 @@ GGUF_NAMES = dict(q="attn_q", k="attn_k", v="attn_v", o="attn_output", gate="ffn
 
 def write_gguf(path, arch="llama", edit=lambda tensors: tensors):
   """A random tiny Llama GGUF (float32 tensors, Q/K rows as stored by llama.cpp) and its weights."""
-  tok = _tokenizer()
+  tok = bpe_tokenizer()
   model = json.loads(tok.to_str())["model"]
   tokens = sorted(model["vocab"], key=model["vocab"].get)
   merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-  w = _weights(np.random.default_rng(1), len(tokens), CFG)
+  w = llama_weights(np.random.default_rng(1), len(tokens), CFG)
   tensors = {"token_embd.weight": w["embed"], "output_norm.weight": w["final_norm"], "output.weight": w["lm_head"]}
   for i, layer in enumerate(w["layers"]):
     tensors.update({f"blk.{i}.{GGUF_NAMES[k]}.weight": v for k, v in layer.items()})
@@ -172,7 +172,7 @@ def test_tiny_gguf_round_trip_and_cache(tmp_path):
     assert tok.encode(TEXT) == ref_ids and tok.decode(ref_ids) == TEXT and info["name"] == "tiny"
     outs.append(np.asarray(model(jnp.asarray([ref_ids]))[0]))
   assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
-  assert np.abs(outs[0] - ref).max() < _tolerance(ref_ids, CFG) * np.abs(ref).max()
+  assert np.abs(outs[0] - ref).max() < llama_tolerance(ref_ids, CFG) * np.abs(ref).max()
   assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])   # exact: same weights, same program
 
 

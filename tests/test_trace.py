@@ -122,9 +122,8 @@ def test_a_public_trajectory_is_traced_as_the_steps_of_one_arm(tmp_path, capsys)
   """Three self-built GPT-NeoX checkpoints (partial rotary, as Pythia) in step<N> folders: traced as
   one arm over steps, resumable, with emergence over those steps; an ordered list of folders gives
   the same steps."""
-  from test_import_families import NEOX_CFG, neox_shapes, random_tensors
-  from test_import_hf import _tokenizer, save_checkpoint
-  tok = _tokenizer()
+  from helpers import NEOX_CFG, bpe_tokenizer, neox_shapes, random_tensors, save_checkpoint
+  tok = bpe_tokenizer()
   for seed, step in enumerate((0, 512, 4096)):
     folder = tmp_path / "pythia-tiny" / f"step{step}"
     folder.mkdir(parents=True)
