@@ -14,7 +14,7 @@ from analysis.massive import claims, plots
 from analysis.massive import pipeline as PL
 from analysis.massive import stats as S
 from analysis.massive.store import PROBE_SEED, Store
-from analysis.studies import disruption, pretrained, quantization, trajectory
+from analysis.studies import disruption, onset, pretrained, quantization, trajectory
 from minilm.cli import guarded
 from minilm.schema import check
 
@@ -132,6 +132,8 @@ COMMANDS = [
      disruption.add_arguments, disruption.run_and_print),
     ("quantize", "C6: quantization schemes x bit widths -> accuracy, perplexity, M before/after, verdict",
      quantization.add_arguments, quantization.run_and_print),
+    ("onset", "onset study: concentration vs tokens and size per kind, fitted law, onset tokens, figures",
+     onset.add_arguments, onset.run),
 ]
 
 

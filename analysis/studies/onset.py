@@ -1,0 +1,372 @@
+"""The onset study: when concentrated Q/K values appear, against tokens seen and model size, per
+position encoding, from a traced directory (analysis.massive.store) and the run it was traced from.
+
+  python -m analysis onset TRACE_DIR --out DIR [--run-dir RUN] [--params N ...] [--n-boot 2000]
+
+onset_table.csv: one row per arm x traced checkpoint. An arm's facts come from its recorded
+TrainConfig (<run>/<arm>/config.json), never from its name: kind (position encoding), params (every
+parameter of its ModelConfig, embeddings included), context (data.seq_len), seed, step, tokens
+(step x batch_size x seq_len). Statistics are means over the Q and K heads of every layer, as the
+claims pool them, from analysis.massive.stats.head_stats at the three points of
+analysis.massive.claims.POINTS: pre (q/k per dim), post (rot_q/rot_k per dim, the paper's view) and
+pair (rotary-pair norms, rotation-invariant): max/mean, massive dims per head, and the share of
+heads with a dim above lambda for lambda in LAMS; then the low-frequency and boundary-band shares,
+the peak pair against j_ctx (RoPE only: blank otherwise) and the held-out scores of eval.jsonl
+at the steps the run evaluated. Arms without RoPE are paired by the store's labelled convention.
+
+fit.json: per kind, the law y = a + b log2(tokens) + c log2(params), ordinary least squares over
+the kind's checkpoints with tokens > 0, for each statistic of FITTED. Intervals: 95% percentile
+bootstrap (N_BOOT replicates, seed BOOT_SEED) that resamples the kind's ARMS with replacement, an
+arm bringing all its checkpoints (seeds, sizes and contexts are all arms alike), and refits;
+replicates whose arms span one model size while the fit has two or more are dropped and counted.
+With one model size in the kind c is not identified and fixed at 0 (said in the fit's note).
+
+Onset rule (written down before any onset data was seen; RULE below):
+- pair_max_mean reaches LAMBDA. A head whose max/mean over rotary-pair norms exceeds lambda has a
+  massive pair; its per-dim max/mean is never below its per-pair one (max_d M >= max_j N / sqrt 2
+  and sum_j N >= sum_d M / sqrt 2), so it then has a lambda=5 dim before and after RoPE whatever
+  the rotation. The head MEAN reaching lambda is where the average head has one (not the median:
+  "most heads" is the second level).
+- share5_post reaches claims.SHARE_LEVEL (0.5, C1's level: most heads have a lambda=5 dim after
+  RoPE).
+- For RoPE and NoPE separately, at each model size: the tokens where the fitted law first reaches
+  the level; None when the slope b <= 0 (the law does not rise with tokens: reported as such) or
+  beyond HORIZON tokens. Its interval: percentiles of the bootstrap replicates' onsets, a replicate
+  that never reaches counting as beyond every finite value (an upper bound of None: not reached).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+from analysis.massive import claims as CL  # noqa: E402
+from analysis.massive import stats as S  # noqa: E402
+from analysis.massive import store as ST  # noqa: E402
+from minilm import atomic  # noqa: E402
+from minilm.schema import check, to_dict  # noqa: E402
+from train import checkpoints as ck  # noqa: E402
+
+LAMS = (3.0, 4.0, 5.0)
+LAMBDA = 5.0
+FITTED = {"pair_max_mean": LAMBDA, "share5_post": CL.SHARE_LEVEL}
+"""Fitted statistic -> the level its onset is read at (RULE)."""
+KINDS = ("rope", "nope")
+HORIZON = 1e12
+"""Tokens beyond which an onset is reported as not reached: past any run this lab can make."""
+N_BOOT = 2000
+BOOT_SEED = 0
+LAW = "y = a + b * log2(tokens) + c * log2(params)"
+RESAMPLED = ("arms of the kind, with replacement (each arm: one run = one seed x size x context, all its "
+             "checkpoints with tokens > 0); replicates spanning one model size when the fit has several are dropped")
+RULE = (f"onset at model size N: the tokens where the fitted law first reaches its level: pair_max_mean "
+        f"(head-mean Q/K max/mean per rotary pair) reaches lambda={LAMBDA:g} (a head above it has a lambda dim "
+        f"at every point, since per-dim max/mean >= per-pair max/mean); share5_post (share of Q/K heads with a "
+        f"lambda=5 dim after RoPE) reaches {CL.SHARE_LEVEL:g} (C1's level); None if the slope b <= 0 or beyond "
+        f"{HORIZON:.0e} tokens; RoPE and NoPE separately")
+TENSORS = {"pre": ("q", "k"), "post": CL.QK, "pair": ("q", "k")}
+"""Pair norms are the same on q and rot_q, so the pair point reads the unrotated tensors."""
+
+
+def _heads(sums, facts, tensors, cfg, only) -> dict:
+  """{stat: values [heads of every layer of `tensors`]} of S.head_stats."""
+  pairing = ST.pairing_of(facts)
+  per = [S.head_stats(np.sqrt(sums[f"{l}.{t}"].astype(np.float64).sum(0)), pairing, facts["context"], cfg, only)
+         for l in range(facts["n_layers"]) for t in tensors]
+  return {k: np.concatenate([p[k] for p in per]) for k in only}
+
+
+def step_stats(sums: dict, facts: dict, cfg: S.StatConfig) -> dict:
+  """The table's statistics of one (arm, step), plus '_profile': the head-mean share of pair energy
+  per pair j of rot_q/rot_k [P]."""
+  row = {}
+  for point in CL.POINTS:
+    name = (lambda s: f"pair_{s}") if point == "pair" else (lambda s: s)
+    h = _heads(sums, facts, TENSORS[point], cfg, (name("max_mean"), name("massive")))
+    row.update({f"{point}_max_mean": h[name("max_mean")].mean(), f"{point}_massive": h[name("massive")].mean()})
+    for lam in LAMS:
+      share = _heads(sums, facts, TENSORS[point], dataclasses.replace(cfg, lam=lam), (name("any_massive"),))
+      row[f"share{lam:g}_{point}"] = share[name("any_massive")].mean()
+  h = _heads(sums, facts, CL.QK, cfg, ("lf_share", "band_share", "peak_pair", "peak_minus_ctx"))
+  pairing = ST.pairing_of(facts)
+  rope = pairing.is_rope
+  M_xHxD = [np.sqrt(sums[f"{l}.{t}"].astype(np.float64).sum(0)) for l in range(facts["n_layers"]) for t in CL.QK]
+  E_xHxP = np.concatenate([S.pair_energy(M, pairing.pair_index) for M in M_xHxD])
+  row.update({"lf_share": h["lf_share"].mean(), "band_share": h["band_share"].mean(),
+              "peak_pair": h["peak_pair"].mean() if rope else None,
+              "j_ctx": S.context_pair(pairing.theta, facts["context"]) if rope else None,
+              "peak_minus_ctx": h["peak_minus_ctx"].mean() if rope else None,
+              "_profile": (E_xHxP / np.maximum(E_xHxP.sum(-1, keepdims=True), 1e-300)).mean(0)})
+  return row
+
+
+def _jsonl(path: str) -> list[dict]:
+  """Rows of a JSON-lines log; a last line cut short by a kill is left out."""
+  rows = []
+  for line in open(path).read().splitlines() if os.path.exists(path) else ():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      pass
+  return rows
+
+
+def table(trace_dir: str, run_dir: str | None = None) -> list[dict]:
+  """One row per traced arm x step (see the module docstring)."""
+  store = ST.Store(trace_dir)
+  meta = store.meta()
+  check("arms" in meta and os.path.exists(store.path("summary.json")), "trace_dir",
+        f"{trace_dir} is not a traced directory (no meta.json with arms and summary.json); run `python -m analysis "
+        "trace` first")
+  kinds = sorted({f["position"] for f in meta["arms"].values()})
+  check(bool(set(KINDS) & set(kinds)), "trace_dir", f"{trace_dir} holds arms of kind {', '.join(kinds)}; the onset "
+        f"fit needs arms of kind {' or '.join(map(repr, KINDS))}")
+  run_dir = run_dir or meta.get("run_dir", "")
+  cfg, rows, params = ST.stat_config(meta), [], {}
+  for arm, facts in meta["arms"].items():
+    arm_dir = os.path.join(run_dir, arm)
+    check(os.path.exists(os.path.join(arm_dir, "config.json")), "--run-dir", f"{run_dir or '(none recorded)'} has "
+          f"no {arm}/config.json; pass the run the trace was made from (each arm's TrainConfig is read there)")
+    tc = ck.load_config(arm_dir)
+    key = json.dumps(to_dict(tc.model), sort_keys=True)
+    if key not in params:   # eval_shape only: no weights are allocated
+      params[key] = sum(x.size for x in jax.tree.leaves(ck.abstract_model(tc.model)[1]))
+    evals = {r["step"]: r for r in _jsonl(os.path.join(arm_dir, "eval.jsonl"))}
+    for step in store.steps(arm):
+      scores = {f"eval_{k}": v for k, v in evals.get(step, {}).items()
+                if k != "step" and "." not in k and isinstance(v, (int, float))}
+      rows.append({"arm": arm, "kind": facts["position"], "params": params[key], "d_model": tc.model.d_model,
+                   "n_layers": tc.model.n_layers, "context": tc.data.seq_len, "seed": tc.seed, "step": step,
+                   "tokens": step * tc.data.batch_size * tc.data.seq_len,
+                   **step_stats(store.load_sums(arm, step), facts, cfg), **scores})
+  return rows
+
+
+# ------------------------------------------------------------------------------------------ the law
+
+@dataclasses.dataclass
+class Fit:
+  """The law of one statistic in one kind: coef (a, b, c), their intervals, the bootstrap coefs."""
+  kind: str
+  stat: str
+  coef: np.ndarray           # [3] a, b, c
+  boot: np.ndarray           # [n_kept, 3]
+  n_arms: int
+  n_points: int
+  n_sizes: int
+  dropped: int = 0
+  note: str = ""
+
+  def ci(self) -> np.ndarray:
+    """[3, 2] 95% percentile intervals of a, b, c."""
+    return np.quantile(self.boot, [0.025, 0.975], axis=0).T if len(self.boot) else np.full((3, 2), np.nan)
+
+
+def _solve(rows: list[dict], stat: str, with_c: bool) -> np.ndarray:
+  """Least-squares (a, b, c) of `stat` on log2 tokens and log2 params (c = 0 when not with_c)."""
+  X = np.stack([np.ones(len(rows)), np.log2([r["tokens"] for r in rows]),
+                *([np.log2([r["params"] for r in rows])] if with_c else [])], 1)
+  coef = np.linalg.lstsq(X, np.array([r[stat] for r in rows], np.float64), rcond=None)[0]
+  return coef if with_c else np.append(coef, 0.0)
+
+
+def fit_law(rows: list[dict], kind: str, stat: str, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> Fit | None:
+  """The law of `stat` over the checkpoints of `kind` with tokens > 0, arms resampled (RESAMPLED);
+  None with fewer than two token counts."""
+  rows = [r for r in rows if r["kind"] == kind and r["tokens"] > 0 and r[stat] is not None and np.isfinite(r[stat])]
+  arms = sorted({r["arm"] for r in rows})
+  if len({r["tokens"] for r in rows}) < 2:
+    return None
+  by_arm = {a: [r for r in rows if r["arm"] == a] for a in arms}
+  n_sizes = len({r["params"] for r in rows})
+  boot, rng = [], np.random.default_rng(seed)
+  for _ in range(n_boot):
+    pick = [r for i in rng.integers(0, len(arms), len(arms)) for r in by_arm[arms[i]]]
+    if n_sizes == 1 or len({r["params"] for r in pick}) > 1:
+      boot.append(_solve(pick, stat, n_sizes > 1))
+  return Fit(kind, stat, _solve(rows, stat, n_sizes > 1), np.array(boot).reshape(-1, 3), len(arms), len(rows),
+             n_sizes, n_boot - len(boot), "" if n_sizes > 1 else "one model size: c not identified, fixed at 0")
+
+
+def predict(fit: Fit, params, tokens, coef=None):
+  """The law at (params, tokens) (arrays broadcast); `coef` [..., 3] replaces fit.coef (replicates)."""
+  a, b, c = np.moveaxis(np.asarray(fit.coef if coef is None else coef, np.float64), -1, 0)
+  return a + b * np.log2(tokens) + c * np.log2(params)
+
+
+def band(fit: Fit, params, tokens) -> tuple[np.ndarray, np.ndarray]:
+  """95% percentile band of the law at (params, tokens [T]) over the bootstrap replicates."""
+  reps = predict(fit, params, np.asarray(tokens, np.float64)[None], fit.boot[:, None, :])
+  return tuple(np.quantile(reps, [0.025, 0.975], axis=0))
+
+
+def _onset(coef, params: float, level: float, horizon: float) -> float:
+  """Tokens where the law `coef` reaches `level` (inf: never within the horizon, or slope <= 0)."""
+  a, b, c = coef
+  if not b > 0:
+    return math.inf
+  with np.errstate(over="ignore"):
+    tokens = float(np.exp2((level - a - c * math.log2(params)) / b))
+  return tokens if tokens <= horizon else math.inf
+
+
+def reach(fit: Fit, params: float, level: float, horizon: float = HORIZON) -> tuple[float | None, str]:
+  """(tokens at which the fit reaches `level` at `params`, or None; why None)."""
+  b = float(fit.coef[1])
+  if not b > 0:
+    return None, f"slope b = {b:.3g} <= 0: the fitted {fit.stat} does not rise with tokens"
+  tokens = _onset(fit.coef, params, level, horizon)
+  return (None, f"not within the horizon of {horizon:.0e} tokens") if math.isinf(tokens) else (tokens, "")
+
+
+def onset(fit: Fit, params: float, level: float, horizon: float = HORIZON) -> dict:
+  """reach() with its bootstrap interval (None for a bound beyond the horizon)."""
+  tokens, why = reach(fit, params, level, horizon)
+  reps = np.array([_onset(c, params, level, horizon) for c in fit.boot])
+  ci = np.quantile(reps, [0.025, 0.975], method="inverted_cdf") if len(reps) else [math.inf] * 2
+  return {"params": int(params), "level": level, "tokens": tokens, "why": why,
+          "ci": [None if math.isinf(x) else float(x) for x in ci],
+          "replicates_reaching": float(np.isfinite(reps).mean()) if len(reps) else None}
+
+
+def fit_dict(fit: Fit, sizes, horizon: float = HORIZON) -> dict:
+  return {"kind": fit.kind, "stat": fit.stat, "level": FITTED[fit.stat], "law": LAW,
+          "coef": dict(zip("abc", map(float, fit.coef))), "ci": dict(zip("abc", fit.ci().tolist())),
+          "n_arms": fit.n_arms, "n_points": fit.n_points, "n_sizes": fit.n_sizes, "n_boot_kept": len(fit.boot),
+          "n_boot_dropped": fit.dropped, "note": fit.note, "boot": np.round(fit.boot, 6).tolist(),
+          "onset": [onset(fit, n, FITTED[fit.stat], horizon) for n in sizes]}
+
+
+def load_fits(path: str) -> list[Fit]:
+  """The fits of a fit.json (to predict another run from them)."""
+  with open(path) as f:
+    fits = json.load(f)["fits"]
+  return [Fit(d["kind"], d["stat"], np.array([d["coef"][k] for k in "abc"]), np.array(d["boot"]).reshape(-1, 3),
+              d["n_arms"], d["n_points"], d["n_sizes"], d["n_boot_dropped"], d["note"]) for d in fits]
+
+
+# ---------------------------------------------------------------------------------------- outputs
+
+def _size_label(params: int) -> str:
+  return f"{params / 1e6:.2f}M"
+
+
+def concentration_figure(rows: list[dict], fits: list[Fit], path: str) -> None:
+  """FITTED statistics against tokens, one panel per statistic x kind: each arm's checkpoints, the
+  law at each model size with its bootstrap band, and the onset level."""
+  kinds = sorted({f.kind for f in fits})
+  sizes = sorted({r["params"] for r in rows})
+  colors = dict(zip(sizes, plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))))
+  fig, axes = plt.subplots(len(FITTED), max(len(kinds), 1), figsize=(4.4 * max(len(kinds), 1), 3.4 * len(FITTED)),
+                           squeeze=False, layout="constrained")
+  for r, (stat, level) in enumerate(FITTED.items()):
+    for c, kind in enumerate(kinds):
+      ax, fit = axes[r, c], next((f for f in fits if (f.kind, f.stat) == (kind, stat)), None)
+      pts = [x for x in rows if x["kind"] == kind and x["tokens"] > 0]
+      for arm in sorted({x["arm"] for x in pts}):
+        mine = [x for x in pts if x["arm"] == arm]
+        ax.plot([x["tokens"] for x in mine], [x[stat] for x in mine], "o", ms=3, alpha=0.7,
+                color=colors[mine[0]["params"]])
+      grid = np.geomspace(min(x["tokens"] for x in pts), max(x["tokens"] for x in pts), 50) if pts else []
+      for n in sorted({x["params"] for x in pts}) if fit else ():
+        ax.plot(grid, predict(fit, n, grid), color=colors[n], label=f"N={_size_label(n)}")
+        if len(fit.boot):
+          ax.fill_between(grid, *band(fit, n, grid), color=colors[n], alpha=0.15, linewidth=0)
+      ax.axhline(level, color="red", lw=0.8, ls="-.", label=f"onset level {level:g}")
+      ax.set_xscale("log")
+      ax.set_title(f"{kind}: {stat}" + (f" (b={fit.coef[1]:.3g}, c={fit.coef[2]:.3g})" if fit else " (no fit)"),
+                   fontsize=9)
+      ax.set_xlabel("tokens seen (log)")
+      ax.legend(fontsize=6)
+  fig.suptitle(f"Concentration against tokens per kind and size; law {LAW}, 95% band: arms resampled", fontsize=9)
+  atomic.savefig(fig, path, dpi=100)
+  plt.close(fig)
+
+
+def profile_figure(rows: list[dict], path: str) -> bool:
+  """Head-mean share of rot_q/rot_k pair energy against j - j_ctx, one curve per checkpoint coloured
+  by step, one panel per RoPE arm; False when there is no RoPE arm."""
+  arms = sorted({r["arm"] for r in rows if r["j_ctx"] is not None})
+  if not arms:
+    return False
+  cols = min(len(arms), 4)
+  fig, axes = plt.subplots(-(-len(arms) // cols), cols, figsize=(3.6 * cols + 1, 2.8 * -(-len(arms) // cols)),
+                           squeeze=False, sharey=True, layout="constrained")
+  steps = plt.cm.ScalarMappable(matplotlib.colors.LogNorm(1, max(max(r["step"] for r in rows), 2)), "viridis")
+  for ax, arm in zip(axes.flat, arms):
+    for r in (r for r in rows if r["arm"] == arm):
+      ax.plot(np.arange(len(r["_profile"])) - r["j_ctx"], r["_profile"], lw=1, color=steps.to_rgba(max(r["step"], 1)))
+    ax.axvline(0, color="k", lw=0.8, label="j_ctx: first wavelength > context")
+    ax.set_title(arm, fontsize=8)
+    ax.set_xlabel("pair j - j_ctx (low frequency to the right)", fontsize=7)
+  for ax in axes.flat[len(arms):]:
+    ax.axis("off")
+  axes[0, 0].set_ylabel("share of pair energy (head mean)")
+  axes[0, 0].legend(fontsize=6)
+  fig.colorbar(steps, ax=axes, fraction=0.03, label="step (log; 0 drawn as 1)")
+  fig.suptitle("rot_q/rot_k pair energy against the context-boundary pair over training", fontsize=9)
+  atomic.savefig(fig, path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def write(rows: list[dict], out: str, *, sizes=(), n_boot: int = N_BOOT, horizon: float = HORIZON,
+          source: dict | None = None) -> dict:
+  """onset_table.csv, fit.json, concentration.png, pair_profile.png into `out` (an existing folder)."""
+  columns = list(dict.fromkeys(k for r in rows for k in r if not k.startswith("_")))
+  ST.write_rows(os.path.join(out, "onset_table.csv"), [{k: r.get(k) for k in columns} for r in rows], columns)
+  fits = [f for kind in sorted({r["kind"] for r in rows}) for stat in FITTED
+          if (f := fit_law(rows, kind, stat, n_boot)) is not None]
+  wanted = sorted({r["params"] for r in rows} | {int(n) for n in sizes})
+  data = {"law": LAW, "rule": RULE, "resampled": RESAMPLED, "level": 0.95, "n_boot": n_boot, "seed": BOOT_SEED,
+          "horizon": horizon, "levels": FITTED, "source": source or {},
+          "not_fitted": [f"{kind}/{stat}: fewer than two token counts" for kind in sorted({r["kind"] for r in rows})
+                         for stat in FITTED if not any((f.kind, f.stat) == (kind, stat) for f in fits)],
+          "fits": [fit_dict(f, wanted, horizon) for f in fits]}
+  atomic.write_json(os.path.join(out, "fit.json"), data)
+  concentration_figure(rows, fits, os.path.join(out, "concentration.png"))
+  profile_figure(rows, os.path.join(out, "pair_profile.png"))
+  return data
+
+
+def summary_lines(data: dict) -> list[str]:
+  """The onsets in words, RoPE and NoPE (every fitted kind)."""
+  out = []
+  for f in data["fits"]:
+    for o in f["onset"]:
+      when = f"{o['tokens']:.3g} tokens" if o["tokens"] is not None else f"never ({o['why']})"
+      ci = ", ".join("beyond horizon" if x is None else f"{x:.3g}" for x in o["ci"])
+      out.append(f"{f['kind']} N={_size_label(o['params'])}: {f['stat']} reaches {o['level']:g} at {when} "
+                 f"[{ci}]; b={f['coef']['b']:.3g} [{f['ci']['b'][0]:.3g}, {f['ci']['b'][1]:.3g}], {f['n_arms']} arms")
+  return out
+
+
+def add_arguments(p) -> None:
+  p.add_argument("trace_dir", help="a traced directory (python -m analysis trace / minilm-lab)")
+  p.add_argument("--out", required=True, help="output folder (written whole, replacing an earlier one)")
+  p.add_argument("--run-dir", default=None, help="the run it was traced from (default: recorded in meta.json)")
+  p.add_argument("--params", type=float, nargs="*", default=(), help="extra model sizes to give onsets for")
+  p.add_argument("--n-boot", type=int, default=N_BOOT, help=f"bootstrap replicates (default {N_BOOT})")
+  p.add_argument("--horizon", type=float, default=HORIZON, help=f"tokens beyond which an onset is None "
+                 f"(default {HORIZON:.0e})")
+
+
+def run(args) -> None:
+  check(os.path.isdir(args.trace_dir), "trace_dir", f"{args.trace_dir} is not a directory; give a folder written "
+        "by `python -m analysis trace`")
+  check(args.n_boot >= 1, "--n-boot", f"must be >= 1; got {args.n_boot}")
+  check(args.horizon > 0 and all(n > 0 for n in args.params), "--horizon/--params", "must be > 0")
+  atomic.check_out_dir(args.out)
+  rows = table(args.trace_dir, args.run_dir)
+  with atomic.staged_dir(args.out) as staging:
+    data = write(rows, staging, sizes=args.params, n_boot=args.n_boot, horizon=args.horizon,
+                 source={"trace_dir": os.path.abspath(args.trace_dir), "run_dir": args.run_dir})
+  print("\n".join(summary_lines(data) + [f"wrote {args.out}"]))
