@@ -301,9 +301,17 @@ def boot_norms(S_BxHxD, counts_NxB) -> np.ndarray:
   return np.sqrt(np.maximum(counts_NxB @ S.reshape(B, H * D), 0.0)).reshape(-1, H, D)
 
 
-def unit_draws(n_boot: int, n_units: int, seed: int = 0) -> np.ndarray:
-  """[n_boot, n_units] indices: each row resamples the units (heads) with replacement."""
+def unit_draws(n_boot: int, n_units: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+  """[n_boot, n_units] indices: each row resamples the units (heads, items) with replacement. A
+  Generator as `seed` is drawn from as it stands (consecutive draws of one stream)."""
   return np.random.default_rng(seed).integers(0, n_units, size=(n_boot, n_units))
+
+
+def resample_means(*values_U, n_boot: int, seed: int | np.random.Generator = 0) -> list[np.ndarray]:
+  """The paired bootstrap of means over units: [n_boot] replicate means of each of `values_U` (aligned
+  on the same units, e.g. two schemes' success on the same items), all resampled by one draw."""
+  idx = unit_draws(n_boot, len(values_U[0]), seed)
+  return [np.asarray(v)[idx].mean(1) for v in values_U]
 
 
 def resample_units(values_NxU, seed: int = 0) -> np.ndarray:

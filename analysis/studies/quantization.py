@@ -81,8 +81,8 @@ def perplexity(model, windows_NxT, hook=None, hook_args=None, batch: int = 8, n_
   nll = np.concatenate([np.asarray(_token_nll(graphdef, state, jnp.asarray(windows_NxT[i:i + batch]), hook, hook_args))
                         for i in range(0, len(windows_NxT), batch)])
   per_window = nll.mean(1)
-  idx = np.random.default_rng(seed).integers(0, len(per_window), (n_boot, len(per_window)))
-  return {"ppl": float(np.exp(per_window.mean())), "ci": list(np.exp(stats.interval(per_window[idx].mean(1))))}
+  reps, = stats.resample_means(per_window, n_boot=n_boot, seed=seed)
+  return {"ppl": float(np.exp(per_window.mean())), "ci": list(np.exp(stats.interval(reps)))}
 
 
 def run_items(model, tokenizer, items, *, hook=None, hook_args=None, label: str, scheme: str, batch: int = 8,
@@ -180,11 +180,10 @@ def verdicts(records: list[dict], label: str, scheme_list: list[QM.Scheme], n_bo
       continue
     xa = np.array([by[sa][i]["success"] for i in items], float)
     xb = np.array([by[sb][i]["success"] for i in items], float)
-    idx = rng.integers(0, len(items), (n_boot, len(items)))
-    diffs = xa[idx].mean(1) - xb[idx].mean(1)
-    ci = list(stats.interval(diffs, claims.LEVEL))
-    out.append(claims.Verdict(verdict=claims.direction(ci), rope=float(xa.mean()), rope_ci=list(stats.interval(xa[idx].mean(1))),
-                              nope=float(xb.mean()), nope_ci=list(stats.interval(xb[idx].mean(1))),
+    ra, rb = stats.resample_means(xa, xb, n_boot=n_boot, seed=rng)   # one stream: each pair draws after the last
+    ci = list(stats.interval(ra - rb, claims.LEVEL))
+    out.append(claims.Verdict(verdict=claims.direction(ci), rope=float(xa.mean()), rope_ci=list(stats.interval(ra)),
+                              nope=float(xb.mean()), nope_ci=list(stats.interval(rb)),
                               diff=float(xa.mean() - xb.mean()), ci=ci,
                               notes=f"fp contextual success on the same items: {np.mean([fp[i]['success'] for i in items]):.3g}",
                               **common))
