@@ -1,0 +1,182 @@
+"""The onset study (analysis.studies.onset) and its accelerator script (bench/onset_gpu.py): the law
+recovers a planted slope, onsets are right or honestly None, the table reads a traced store and its
+run, bad input is one line, and the GPU script runs end to end on CPU."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from analysis.massive import stats as S
+from analysis.massive import store as ST
+from analysis.massive import trace as T
+from analysis.studies import onset
+from minilm import atomic
+from minilm.model import Decoder, count_params
+from minilm.schema import override, to_dict
+from train.config import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+
+
+def planted(kind="rope", a=1.0, b=0.25, c=0.5, noise=0.02, seeds=3, sizes=(1e5, 4e5, 1.6e6), seed=0):
+  """Rows of arms (size x seed) whose pair_max_mean follows a + b log2 tokens + c log2 params + noise."""
+  rng, rows = np.random.default_rng(seed), []
+  for n in sizes:
+    for s in range(seeds):
+      for tokens in [0] + [2 ** k for k in range(10, 20)]:
+        y = a + b * math.log2(max(tokens, 1)) + c * math.log2(n) + rng.normal(0, noise)
+        rows.append({"arm": f"{kind}_{n:g}_{s}", "kind": kind, "params": n, "tokens": tokens, "step": tokens,
+                     "pair_max_mean": y, "share5_post": 0.0})
+  return rows
+
+
+def test_fit_recovers_a_planted_law_and_its_onset():
+  fit = onset.fit_law(planted(), "rope", "pair_max_mean", n_boot=300)
+  assert (fit.n_arms, fit.n_sizes, fit.n_points) == (9, 3, 90)   # tokens = 0 is left out
+  np.testing.assert_allclose(fit.coef, [1.0, 0.25, 0.5], atol=0.03)
+  lo, hi = fit.ci()[1]
+  assert lo <= 0.25 <= hi and hi - lo < 0.02
+  n, level = 4e5, 20.0
+  want = 2 ** ((level - fit.coef[0] - fit.coef[2] * math.log2(n)) / fit.coef[1])
+  tokens, why = onset.reach(fit, n, level)
+  assert tokens == pytest.approx(want) and why == ""
+  assert onset.predict(fit, n, tokens) == pytest.approx(level)
+  o = onset.onset(fit, n, level)
+  assert o["ci"][0] <= tokens <= o["ci"][1] and o["replicates_reaching"] == 1.0
+  tokens, why = onset.reach(fit, n, level, horizon=want / 2)
+  assert tokens is None and "horizon" in why
+
+
+def test_onset_is_none_for_a_falling_law_and_c_is_fixed_with_one_size():
+  fit = onset.fit_law(planted(b=-0.1, sizes=(1e6,)), "rope", "pair_max_mean", n_boot=50)
+  assert fit.coef[1] < 0 and fit.coef[2] == 0 and "c not identified" in fit.note
+  tokens, why = onset.reach(fit, 1e6, 50.0)
+  assert tokens is None and "<= 0" in why
+  assert onset.onset(fit, 1e6, 50.0)["ci"] == [None, None]
+  assert onset.fit_law(planted(sizes=(1e6,)), "nope", "pair_max_mean") is None   # no arm of that kind
+
+
+def test_arm_bootstrap_resamples_whole_arms():
+  """Two sizes, one arm each: every kept replicate holds both arms, so the interval has no width."""
+  fit = onset.fit_law(planted(seeds=1, sizes=(1e5, 1e6)), "rope", "pair_max_mean", n_boot=100)
+  assert 0 < fit.dropped < 100 and len(fit.boot) == 100 - fit.dropped
+  np.testing.assert_allclose(fit.boot, np.broadcast_to(fit.coef, fit.boot.shape), atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+  """A traced store of untrained models standing in for checkpoints (rope and nope, d16; one rope at
+  d32), with each arm's TrainConfig and an eval.jsonl in the run folder the store records."""
+  root = tmp_path_factory.mktemp("onset")
+  run, out = str(root / "run"), str(root / "trace")
+  probes = np.random.default_rng(0).integers(0, 64, (4, 16))
+  store = ST.open_store(out, probes, np.ones(probes.shape), False, S.StatConfig(), {"run_dir": run})
+  for arm, kind, d in (("a", "rope", 16), ("b", "nope", 16), ("c", "rope", 32)):
+    tc = override(TrainConfig(), {"model.d_model": d, "model.n_layers": 2, "model.n_heads": 2, "model.position": kind,
+                                  "model.max_len": 16, "data.seq_len": 16, "data.batch_size": 2, "seed": 7,
+                                  "data.mixture": {"text": 1.0}})
+    atomic.write_json(os.path.join(run, arm, "config.json"), to_dict(tc))
+    with open(os.path.join(run, arm, "eval.jsonl"), "w") as f:
+      f.write(json.dumps({"step": 2, "passkey": 0.5, "conflict.other": 0.1}) + "\n")
+    for step in (0, 1, 2):
+      T.record_step(store, Decoder(tc.model, rngs=nnx.Rngs(step)), arm, step, context=16, final=step == 2,
+                    batch_size=4)
+  T.rebuild(store, n_boot=10)
+  return root
+
+
+def test_table_and_outputs_from_a_traced_store(traced, tmp_path):
+  rows = onset.table(str(traced / "trace"))
+  assert [(r["arm"], r["step"]) for r in rows] == [(a, s) for a in "abc" for s in (0, 1, 2)]
+  a2 = rows[2]
+  assert (a2["kind"], a2["context"], a2["seed"], a2["tokens"]) == ("rope", 16, 7, 2 * 2 * 16)
+  model = override(TrainConfig(), {"model.d_model": 16, "model.n_layers": 2, "model.n_heads": 2}).model
+  assert a2["params"] == count_params(Decoder(model, rngs=nnx.Rngs(0)))
+  assert a2["eval_passkey"] == 0.5 and "eval_conflict.other" not in a2 and "eval_passkey" not in rows[1]
+  for point in ("pre", "post", "pair"):
+    assert a2[f"{point}_max_mean"] >= 1 and all(0 <= a2[f"share{l}_{point}"] <= 1 for l in (3, 4, 5))
+  assert a2["post_max_mean"] >= a2["pair_max_mean"]   # per dim >= per pair, the rule's premise
+  assert a2["j_ctx"] is not None and rows[3]["j_ctx"] is None and rows[3]["peak_minus_ctx"] is None
+  data = onset.write(rows, str(tmp_path), n_boot=20, sizes=[1e7])
+  assert sorted(os.listdir(tmp_path)) == ["concentration.png", "fit.json", "onset_table.csv", "pair_profile.png"]
+  assert {(f["kind"], f["stat"]) for f in data["fits"]} == {(k, s) for k in ("rope", "nope") for s in onset.FITTED}
+  assert data["rule"] == onset.RULE and [o["params"] for o in data["fits"][0]["onset"]][-1] == 10 ** 7
+  assert onset.load_fits(str(tmp_path / "fit.json"))[0].boot.shape == (len(data["fits"][0]["boot"]), 3)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "analysis", "onset", *args], capture_output=True, text=True,
+                        cwd=ROOT, timeout=300)
+
+
+def test_cli_writes_and_bad_input_is_one_line(traced, tmp_path):
+  got = _cli(str(traced / "trace"), "--out", str(tmp_path / "out"), "--n-boot", "10")
+  assert got.returncode == 0, got.stderr
+  assert "wrote" in got.stdout and os.path.exists(tmp_path / "out" / "fit.json")
+  alibi = tmp_path / "alibi"
+  shutil.copytree(traced / "trace", alibi)
+  meta = json.loads((alibi / "meta.json").read_text())
+  for facts in meta["arms"].values():
+    facts["position"] = "alibi"
+  (alibi / "meta.json").write_text(json.dumps(meta))
+  for args, field in (([str(tmp_path / "nowhere")], "trace_dir"), ([str(alibi)], "trace_dir"),
+                      ([str(traced / "trace"), "--run-dir", str(tmp_path)], "--run-dir"),
+                      ([str(traced / "trace"), "--n-boot", "0"], "--n-boot")):
+    got = _cli(*args, "--out", str(tmp_path / "x"))
+    lines = got.stderr.strip().splitlines()
+    assert got.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {field}: "), got.stderr
+  assert "'rope' or 'nope'" in _cli(str(alibi), "--out", str(tmp_path / "x")).stderr
+
+
+@pytest.fixture()
+def gpu_script(monkeypatch):
+  monkeypatch.syspath_prepend(BENCH)
+  import onset_gpu
+  return onset_gpu
+
+
+def test_gpu_script_stops_at_its_deadline_with_a_checkpoint(gpu_script, tmp_path):
+  from train import paired
+  from train.config import load_experiment
+  exp = load_experiment(json.load(open(os.path.join(ROOT, "configs", "onset_gpu.json"))))
+  exp = override(exp, {"train": to_dict(override(exp.train, gpu_script.TINY))})
+  arms = gpu_script.train_arms(paired.plan(exp, str(tmp_path)), end=time.monotonic())
+  assert set(arms) == {"rope", "nope"}
+  assert all(a["stopped_by_deadline"] and a["last_checkpoint"] == 0 and a["steps_trained"] == 0 for a in arms.values())
+
+
+def test_gpu_estimate_arithmetic(gpu_script, capsys):
+  gpu_script.main(["--estimate", "--budget-s", "480"])
+  est = json.loads(capsys.readouterr().out)
+  n, L, T, d, B = est["non_embedding"], 8, 1024, 384, 32
+  assert est["flops_per_step"] == (6 * n + 12 * L * T * d) * B * T and 10e6 <= est["params"] <= 30e6
+  assert est["steps_reachable"] == int(est["train_s_per_arm"] / est["step_s"]) and "30%" in est["assumed"]
+
+
+@pytest.mark.slow
+def test_gpu_script_end_to_end_on_cpu(tmp_path):
+  """The whole script on a tiny model, tested against a planted law of another run (--fit)."""
+  fit = onset.fit_law(planted(), "rope", "pair_max_mean", n_boot=50)
+  (tmp_path / "fit.json").write_text(json.dumps({"fits": [onset.fit_dict(fit, [1e6])]}))
+  got = subprocess.run([sys.executable, os.path.join(BENCH, "onset_gpu.py"), "--tiny", "--probes", "4", "--out",
+                        str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--fit", str(tmp_path / "fit.json")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert got.returncode == 0, got.stderr[-3000:]
+  files = os.listdir(tmp_path / "out")
+  assert len(files) <= 8 and all(os.path.getsize(tmp_path / "out" / f) < 16 * 2 ** 20 for f in files)
+  assert {"run.json", "claims.json", "fit.json", "onset_table.csv", "concentration.png"} <= set(files)
+  run = json.loads((tmp_path / "out" / "run.json").read_text())
+  assert {a["last_checkpoint"] for a in run["arms"].values()} == {4} and run["estimate"]["flops_per_step"] > 0
+  (p,) = run["prediction"]   # the rope arm's last checkpoint against the planted rope law
+  assert (p["arm"], p["stat"], p["tokens"]) == ("rope", "pair_max_mean", 4 * 4 * 64)
+  assert p["predicted"] == pytest.approx(onset.predict(fit, p["params"], p["tokens"]))
