@@ -1,11 +1,13 @@
-"""Greedy decoding with a KV cache: one jitted prefill (where interventions apply) and a scanned step."""
+"""Greedy decoding with a KV cache: one jitted prefill (where interventions apply) and a scanned step;
+prompts of mixed lengths go through it in equal-length batches (`batches`, `greedy_batches`)."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from minilm.model import Decoder, init_cache
@@ -47,3 +49,26 @@ def greedy(model: Decoder, prompt_BxT, max_new: int, *, hook: Hook = None, hook_
   tokens, cache = _greedy(graphdef, state, jnp.asarray(prompt_BxT, jnp.int32), hook_args,
                           max_new=max_new, hook=hook)
   return (tokens, cache) if return_cache else tokens
+
+
+def batches(prompts: Sequence, max_new: Sequence[int], batch: int, *,
+            pow2: bool = False) -> Iterator[tuple[list[int], np.ndarray, int]]:
+  """(indices, prompts [rows, T], max_new) per batch: `greedy` takes equal-length prompts, so prompts
+  are grouped by (length, max_new[i]), groups in order of first appearance and indices in order within
+  each. A batch holds at most `batch` prompts, padded by repeating its last one to `batch` rows (with
+  pow2, to the next power of two) so that few shapes compile; rows past len(indices) are padding."""
+  groups: dict[tuple[int, int], list[int]] = {}
+  for i, (prompt, n) in enumerate(zip(prompts, max_new)):
+    groups.setdefault((len(prompt), n), []).append(i)
+  for (_, n), idx in groups.items():
+    for start in range(0, len(idx), batch):
+      chunk = idx[start:start + batch]
+      rows = 1 << (len(chunk) - 1).bit_length() if pow2 else batch
+      yield chunk, np.stack([np.asarray(prompts[i], np.int32) for i in chunk + [chunk[-1]] * (rows - len(chunk))]), n
+
+
+def greedy_batches(model: Decoder, prompts: Sequence, max_new: Sequence[int], batch: int, *, pow2: bool = False,
+                   hook: Hook = None, hook_args: Any = None) -> Iterator[tuple[list[int], np.ndarray]]:
+  """`greedy` over `batches`: (indices, continuations [len(indices), max_new]) per batch."""
+  for idx, prompt_BxT, n in batches(prompts, max_new, batch, pow2=pow2):
+    yield idx, np.asarray(greedy(model, prompt_BxT, n, hook=hook, hook_args=hook_args))[:len(idx)]

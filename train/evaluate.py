@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minilm.generate import greedy
+from minilm.generate import greedy_batches
 
 
 def _flatten(examples) -> list:
@@ -39,24 +39,13 @@ def _answers_named(ex) -> list[np.ndarray]:
 
 
 def generate_all(model, examples: list, batch: int = 64, **greedy_kwargs) -> list[np.ndarray]:
-  """Greedy continuations, one per example, long enough for its longest possible answer.
-
-  Prompts are grouped by (length, tokens to generate) because `greedy` takes equal-length prompts;
-  each call is padded to a power-of-two batch (by repeating a row) so few shapes are compiled.
-  """
-  groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-  for i, ex in enumerate(examples):
-    groups[len(ex.prompt), max(len(a) for a in _answers_named(ex))].append(i)
+  """Greedy continuations, one per example, long enough for its longest possible answer (batches
+  padded to a power of two: few shapes compile)."""
   out: list[np.ndarray] = [None] * len(examples)
-  for (_, max_new), idx in sorted(groups.items()):
-    for start in range(0, len(idx), batch):
-      chunk = idx[start:start + batch]
-      rows = 1 << (len(chunk) - 1).bit_length()
-      prompts = np.stack([np.asarray(examples[i].prompt, np.int32) for i in chunk])
-      prompts = np.concatenate([prompts, np.repeat(prompts[-1:], rows - len(chunk), axis=0)])
-      tokens = np.asarray(greedy(model, prompts, max_new, **greedy_kwargs))
-      for row, i in enumerate(chunk):
-        out[i] = tokens[row]
+  max_new = [max(len(a) for a in _answers_named(ex)) for ex in examples]
+  for idx, tokens in greedy_batches(model, [ex.prompt for ex in examples], max_new, batch, pow2=True, **greedy_kwargs):
+    for i, row in zip(idx, tokens):
+      out[i] = row
   return out
 
 

@@ -113,34 +113,29 @@ def evaluate(model, tokenizer, items, conds: dict[str, DisruptConfig], *, label:
   its last row so each length compiles once) and one capture pass serves all conditions of a batch.
   Returns (records, seconds per condition including the capture passes as 'capture')."""
   base = next(iter(conds.values()))  # every condition reads the same points (one rope side, one source)
-  groups, index = {}, {id(item): i for i, item in enumerate(items)}
-  for item in items:
-    groups.setdefault((len(item.prompt), item.max_new), []).append(item)
   records, seconds = [], {m: 0.0 for m in ("capture", *conds)}
-  for (_, max_new), group in groups.items():
-    for start in range(0, len(group), batch):
-      chunk = group[start:start + batch]
-      tokens = np.stack([it.prompt for it in chunk] + [chunk[-1].prompt] * (batch - len(chunk)))
+  for idx, tokens, max_new in generate.batches([it.prompt for it in items], [it.max_new for it in items], batch):
+    chunk = [items[i] for i in idx]
+    t0 = time.perf_counter()
+    M, S = disrupt.norms_and_spread(model, tokens, base)  # one capture pass serves every condition
+    M_choose = M if base.source == "prompt" else disrupt.dim_norms(model, tokens, base, probe)
+    seconds["capture"] += time.perf_counter() - t0
+    for mode, cfg in conds.items():
       t0 = time.perf_counter()
-      M, S = disrupt.norms_and_spread(model, tokens, base)  # one capture pass serves every condition
-      M_choose = M if base.source == "prompt" else disrupt.dim_norms(model, tokens, base, probe)
-      seconds["capture"] += time.perf_counter() - t0
-      for mode, cfg in conds.items():
-        t0 = time.perf_counter()
-        args, counts = disrupt.hook_args(M_choose, cfg, model.cfg.n_layers, S)  # 'off': all-False masks
-        out = np.asarray(generate.greedy(model, tokens, max_new, hook=disrupt.hook, hook_args=args))
-        seconds[mode] += time.perf_counter() - t0
-        removed = disrupt.energy_removed(M, S, args, cfg, model.cfg.n_layers)
-        for i, item in enumerate(chunk):
-          records.append(_record(item, out[i], tokenizer, label=label, mode=mode, cfg=cfg, example=index[id(item)],
-                                 dims={p: int(c[i]) for p, c in counts.items()},
-                                 energy={p: float(e[i]) for p, e in removed.items()}))
-          if sink is not None:
-            sink.write(json.dumps(records[-1]) + "\n")
-      if sink is not None:
-        sink.flush()
-        print(f"[{label}] {chunk[0].task} len {len(chunk[0].prompt)}: {len(records)} records, "
-              + ", ".join(f"{m} {s:.0f}s" for m, s in seconds.items()), file=sys.stderr, flush=True)
+      args, counts = disrupt.hook_args(M_choose, cfg, model.cfg.n_layers, S)  # 'off': all-False masks
+      out = np.asarray(generate.greedy(model, tokens, max_new, hook=disrupt.hook, hook_args=args))
+      seconds[mode] += time.perf_counter() - t0
+      removed = disrupt.energy_removed(M, S, args, cfg, model.cfg.n_layers)
+      for i, item in enumerate(chunk):
+        records.append(_record(item, out[i], tokenizer, label=label, mode=mode, cfg=cfg, example=idx[i],
+                               dims={p: int(c[i]) for p, c in counts.items()},
+                               energy={p: float(e[i]) for p, e in removed.items()}))
+        if sink is not None:
+          sink.write(json.dumps(records[-1]) + "\n")
+    if sink is not None:
+      sink.flush()
+      print(f"[{label}] {chunk[0].task} len {len(chunk[0].prompt)}: {len(records)} records, "
+            + ", ".join(f"{m} {s:.0f}s" for m, s in seconds.items()), file=sys.stderr, flush=True)
   return records, seconds
 
 

@@ -89,23 +89,18 @@ def run_items(model, tokenizer, items, *, hook=None, hook_args=None, label: str,
               sink=None) -> list[dict]:
   """Greedy answers under an optional prefill hook; records shaped like analysis.studies.disruption's
   (the scheme is the 'mode'), in item order within each (length, max_new) group."""
-  groups = {}
-  for i, item in enumerate(items):
-    groups.setdefault((len(item.prompt), item.max_new), []).append((i, item))
   records = []
-  for (_, max_new), group in groups.items():
-    for start in range(0, len(group), batch):
-      chunk = group[start:start + batch]
-      rows = [it.prompt for _, it in chunk] + [chunk[-1][1].prompt] * (batch - len(chunk))
-      out = np.asarray(generate.greedy(model, np.stack(rows), max_new, hook=hook, hook_args=hook_args))
-      for row, (i, item) in enumerate(chunk):
-        v = suites.verdict(item, out[row], tokenizer)
-        rec = {"model": label, "mode": scheme, "example": i, "task": item.task, "kind": item.kind, "verdict": v,
-               "success": suites.success(item, v), "answer": item.answer,
-               "output": tokenizer.decode([int(t) for t in out[row]]), "dims_replaced": {}}
-        records.append(rec)
-        if sink is not None:
-          sink.write(json.dumps(rec) + "\n")
+  for idx, out in generate.greedy_batches(model, [it.prompt for it in items], [it.max_new for it in items], batch,
+                                          hook=hook, hook_args=hook_args):
+    for i, answer in zip(idx, out):
+      item = items[i]
+      v = suites.verdict(item, answer, tokenizer)
+      rec = {"model": label, "mode": scheme, "example": i, "task": item.task, "kind": item.kind, "verdict": v,
+             "success": suites.success(item, v), "answer": item.answer,
+             "output": tokenizer.decode([int(t) for t in answer]), "dims_replaced": {}}
+      records.append(rec)
+      if sink is not None:
+        sink.write(json.dumps(rec) + "\n")
   return records
 
 
