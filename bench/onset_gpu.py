@@ -95,7 +95,7 @@ def train_arms(runs: dict, end: float) -> dict:
       stopped = False
     except Deadline:
       stopped = True
-    rates = [r["tokens_per_s"] for r in onset._jsonl(os.path.join(arm_dir, "metrics.jsonl"))[1:]]
+    rates = [r["tokens_per_s"] for r in onset.read_jsonl(os.path.join(arm_dir, "metrics.jsonl"))[1:]]
     out[arm] = {"stopped_by_deadline": stopped, "steps_trained": reached["step"],
                 "last_checkpoint": ck.available_steps(arm_dir)[-1], "train_s": time.monotonic() - start,
                 "tokens_per_s_median": statistics.median(rates) if rates else None}
@@ -143,6 +143,11 @@ def main(argv=None) -> None:
   atomic.check_out_dir(args.out)
   runs = paired.plan(exp, args.work)
   arms = train_arms(runs, t0 + args.budget_s - RESERVE_S)
+  on_cpu = jax.default_backend() == "cpu"
+  peak = None if on_cpu else accelerator_peak(jax.devices()[0].device_kind, exp.train.model.dtype)
+  for a in arms.values():   # the measured counterpart of the estimate's assumed MFU
+    a["mfu"] = (a["tokens_per_s_median"] * est["flops_per_step"] / est["tokens_per_step"] / peak
+                if peak and a["tokens_per_s_median"] else None)
   exp_dir = paired.experiment_dir(exp, args.work)
   trace_dir = os.path.join(args.work, exp.name + "_trace")
   print(f"trained in {time.monotonic() - t0:.0f} s: {json.dumps(arms)}", flush=True)
@@ -159,7 +164,6 @@ def main(argv=None) -> None:
         shutil.copy(store.path(src), os.path.join(out, name))
     atomic.write_json(os.path.join(out, "run.json"), {
         "config": to_dict(exp), "tiny": args.tiny, "device": str(jax.devices()[0]), "estimate": est, "arms": arms,
-        "peak_flops": accelerator_peak(jax.devices()[0].device_kind, exp.train.model.dtype),
         "prediction": prediction(rows, args.fit), "onset": onset.summary_lines(data),
         "wall_s": time.monotonic() - t0, "budget_s": args.budget_s})
   print("\n".join(onset.summary_lines(data) + [f"wrote {args.out} in {time.monotonic() - t0:.0f} s"]))

@@ -89,27 +89,27 @@ def step_stats(sums: dict, facts: dict, cfg: S.StatConfig) -> dict:
   per pair j of rot_q/rot_k [P]."""
   row = {}
   for point in CL.POINTS:
-    name = (lambda s: f"pair_{s}") if point == "pair" else (lambda s: s)
-    h = _heads(sums, facts, TENSORS[point], cfg, (name("max_mean"), name("massive")))
-    row.update({f"{point}_max_mean": h[name("max_mean")].mean(), f"{point}_massive": h[name("massive")].mean()})
+    pre = "pair_" if point == "pair" else ""
+    h = _heads(sums, facts, TENSORS[point], cfg, (f"{pre}max_mean", f"{pre}massive"))
+    row.update({f"{point}_max_mean": h[f"{pre}max_mean"].mean(), f"{point}_massive": h[f"{pre}massive"].mean()})
     for lam in LAMS:
-      share = _heads(sums, facts, TENSORS[point], dataclasses.replace(cfg, lam=lam), (name("any_massive"),))
-      row[f"share{lam:g}_{point}"] = share[name("any_massive")].mean()
+      share = _heads(sums, facts, TENSORS[point], dataclasses.replace(cfg, lam=lam), (f"{pre}any_massive",))
+      row[f"share{lam:g}_{point}"] = share[f"{pre}any_massive"].mean()
   h = _heads(sums, facts, CL.QK, cfg, ("lf_share", "band_share", "peak_pair", "peak_minus_ctx"))
   pairing = ST.pairing_of(facts)
   rope = pairing.is_rope
-  M_xHxD = [np.sqrt(sums[f"{l}.{t}"].astype(np.float64).sum(0)) for l in range(facts["n_layers"]) for t in CL.QK]
-  E_xHxP = np.concatenate([S.pair_energy(M, pairing.pair_index) for M in M_xHxD])
-  row.update({"lf_share": h["lf_share"].mean(), "band_share": h["band_share"].mean(),
-              "peak_pair": h["peak_pair"].mean() if rope else None,
-              "j_ctx": S.context_pair(pairing.theta, facts["context"]) if rope else None,
-              "peak_minus_ctx": h["peak_minus_ctx"].mean() if rope else None,
-              "_profile": (E_xHxP / np.maximum(E_xHxP.sum(-1, keepdims=True), 1e-300)).mean(0)})
-  return row
+  E_HxP = np.concatenate([S.pair_energy(np.sqrt(sums[f"{l}.{t}"].astype(np.float64).sum(0)), pairing.pair_index)
+                          for l in range(facts["n_layers"]) for t in CL.QK])
+  return {**row, "lf_share": h["lf_share"].mean(), "band_share": h["band_share"].mean(),
+          "peak_pair": h["peak_pair"].mean() if rope else None,
+          "j_ctx": S.context_pair(pairing.theta, facts["context"]) if rope else None,
+          "peak_minus_ctx": h["peak_minus_ctx"].mean() if rope else None,
+          "_profile": (E_HxP / np.maximum(E_HxP.sum(-1, keepdims=True), 1e-300)).mean(0)}
 
 
-def _jsonl(path: str) -> list[dict]:
-  """Rows of a JSON-lines log; a last line cut short by a kill is left out."""
+def read_jsonl(path: str) -> list[dict]:
+  """Rows of a JSON-lines log (none if it is missing); a line that is not JSON, such as a last line
+  cut short by a kill, is left out."""
   rows = []
   for line in open(path).read().splitlines() if os.path.exists(path) else ():
     try:
@@ -139,7 +139,7 @@ def table(trace_dir: str, run_dir: str | None = None) -> list[dict]:
     key = json.dumps(to_dict(tc.model), sort_keys=True)
     if key not in params:   # eval_shape only: no weights are allocated
       params[key] = sum(x.size for x in jax.tree.leaves(ck.abstract_model(tc.model)[1]))
-    evals = {r["step"]: r for r in _jsonl(os.path.join(arm_dir, "eval.jsonl"))}
+    evals = {r["step"]: r for r in read_jsonl(os.path.join(arm_dir, "eval.jsonl"))}
     for step in store.steps(arm):
       scores = {f"eval_{k}": v for k, v in evals.get(step, {}).items()
                 if k != "step" and "." not in k and isinstance(v, (int, float))}
@@ -342,10 +342,11 @@ def summary_lines(data: dict) -> list[str]:
   out = []
   for f in data["fits"]:
     for o in f["onset"]:
-      when = f"{o['tokens']:.3g} tokens" if o["tokens"] is not None else f"never ({o['why']})"
       ci = ", ".join("beyond horizon" if x is None else f"{x:.3g}" for x in o["ci"])
-      out.append(f"{f['kind']} N={_size_label(o['params'])}: {f['stat']} reaches {o['level']:g} at {when} "
-                 f"[{ci}]; b={f['coef']['b']:.3g} [{f['ci']['b'][0]:.3g}, {f['ci']['b'][1]:.3g}], {f['n_arms']} arms")
+      when = (f"reaches {o['level']:g} at {o['tokens']:.3g} tokens [{ci}]" if o["tokens"] is not None else
+              f"does not reach {o['level']:g}: {o['why']}")
+      out.append(f"{f['kind']} N={_size_label(o['params'])}: {f['stat']} {when}; b={f['coef']['b']:.3g} "
+                 f"[{f['ci']['b'][0]:.3g}, {f['ci']['b'][1]:.3g}], {f['n_arms']} arms")
   return out
 
 
