@@ -52,6 +52,16 @@ def write_json(final: str, data: Any, **kw) -> None:
   write_text(final, json.dumps(data, **{"indent": 1, **kw}) + "\n")
 
 
+def read_json(path: str, default: Any = None) -> Any:
+  """The JSON of `path`, or `default` where the file is missing or not valid JSON (for records that
+  are optional: a reader shows what there is)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return default
+
+
 def save_npz(final: str, **arrays) -> None:
   with path(final) as tmp:
     np.savez(tmp, **arrays)

@@ -34,9 +34,13 @@ def config_path(name: str) -> str:
   candidate = os.path.join(CONFIGS, name if name.endswith(".json") else f"{name}.json")
   if os.path.exists(candidate):
     return candidate
-  available = sorted(f[:-5] for f in os.listdir(CONFIGS) if f.endswith(".json")) if os.path.isdir(CONFIGS) else []
   raise C.ConfigError(f"config: no file {name!r} and no configs/{os.path.basename(candidate)}; "
-                      f"available: {', '.join(available)}")
+                      f"available: {', '.join(shipped_configs())}")
+
+
+def shipped_configs() -> list[str]:
+  """The names of the JSON configs in configs/."""
+  return sorted(f[:-5] for f in os.listdir(CONFIGS) if f.endswith(".json")) if os.path.isdir(CONFIGS) else []
 
 
 def parse_assignments(items: list[str]) -> dict[str, object]:

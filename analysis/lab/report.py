@@ -34,14 +34,6 @@ details{margin:.2em 0}summary{cursor:pointer;color:#444}.small{font-size:.85em;c
 """
 
 
-def _read_json(path: str, default=None):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
-    return default
-
-
 def _read_jsonl(path: str) -> list[dict]:
   """The rows of a JSON-lines log; a last line cut short by a kill (training resumes and rewrites
   it) is left out rather than failing the report."""
@@ -271,7 +263,7 @@ def resid_text(summ: dict) -> list[str]:
 
 def sinks_section(report_dir: str, folder: str, anchor: str) -> str:
   """Attention sinks and residual massive activations of a traced folder (analysis.massive.sinks), if any."""
-  summ = _read_json(os.path.join(report_dir, folder, "sinks.json"), {})
+  summ = atomic.read_json(os.path.join(report_dir, folder, "sinks.json"), {})
   if not summ.get("verdicts"):
     return ""
   rows, classes = sink_rows(summ)
@@ -299,17 +291,17 @@ class Report:
 
   def __init__(self, report_dir: str):
     self.dir = report_dir
-    self.lab = _read_json(os.path.join(report_dir, "lab.json"), {})
+    self.lab = atomic.read_json(os.path.join(report_dir, "lab.json"), {})
     self.trace_claims = CL.load_claims(os.path.join(report_dir, "trace"))
     self.pre_claims = CL.load_claims(os.path.join(report_dir, "pretrained"))
     self.c5_claims = CL.load_claims(os.path.join(report_dir, "disrupt"))
     self.c6_claims = CL.load_claims(os.path.join(report_dir, "quant"))
-    self.pre_facts = _read_json(os.path.join(report_dir, "pretrained", "pretrained.json"), {})
-    self.trace_meta = _read_json(os.path.join(report_dir, "trace", "meta.json"), {})
-    self.comparisons = _read_json(os.path.join(report_dir, "trace", "comparisons.json"), {})
-    self.arms = _read_json(os.path.join(report_dir, "trace", "arms.json"), {})
-    self.c5 = _read_json(os.path.join(report_dir, "disrupt", "summary.json"), {})
-    self.c6 = _read_json(os.path.join(report_dir, "quant", "summary.json"), {})
+    self.pre_facts = atomic.read_json(os.path.join(report_dir, "pretrained", "pretrained.json"), {})
+    self.trace_meta = atomic.read_json(os.path.join(report_dir, "trace", "meta.json"), {})
+    self.comparisons = atomic.read_json(os.path.join(report_dir, "trace", "comparisons.json"), {})
+    self.arms = atomic.read_json(os.path.join(report_dir, "trace", "arms.json"), {})
+    self.c5 = atomic.read_json(os.path.join(report_dir, "disrupt", "summary.json"), {})
+    self.c6 = atomic.read_json(os.path.join(report_dir, "quant", "summary.json"), {})
 
   def stage(self, name: str) -> str:
     return self.lab.get("stages", {}).get(name, {}).get("status", "-")

@@ -51,7 +51,7 @@ from train import checkpoints as ck
 from train import cli as train_cli
 from train import paired, tensorboard
 from train.checkpoints import DIVERGED
-from train.cli import CONFIGS, config_path, parse_assignments, read_json
+from train.cli import config_path, parse_assignments, read_json, shipped_configs
 from train.config import load_experiment
 
 STAGES = ("train", "trace", "pretrained", "disrupt", "quant", "report")
@@ -287,11 +287,7 @@ class Lab:
     return self.path("stages", f"{stage}.json")
 
   def marker(self, stage: str) -> dict | None:
-    try:
-      with open(self.marker_path(stage)) as f:
-        return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-      return None
+    return atomic.read_json(self.marker_path(stage))
 
   def is_done(self, stage: str) -> bool:
     m = self.marker(stage)
@@ -483,7 +479,7 @@ def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="minilm-lab", description=__doc__.split("\n")[0],
                               epilog="\n".join(__doc__.split("\n")[2:]),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  shipped = sorted(f[:-5] for f in os.listdir(CONFIGS) if f.endswith(".json")) if os.path.isdir(CONFIGS) else []
+  shipped = shipped_configs()
   p.add_argument("config", nargs="?", default="lab",
                  help="lab config or experiment config: a JSON path or a name in configs/ (default: lab); "
                       f"configs/ holds: {', '.join(shipped)}")

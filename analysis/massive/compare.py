@@ -14,39 +14,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 
 from analysis.massive import claims as CL
 from analysis.massive import stats as S
 from analysis.massive import store as ST
+from train import checkpoints as ck
 
 SEED_KEYS = ("seed", "train.seed")
 LEVEL = 0.95
 
 
-def _flat(tree, prefix=""):
-  if isinstance(tree, dict):
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-  return {prefix[:-1]: tree}
-
-
 def arm_facts(run_dir: str) -> dict[str, dict]:
   """{arm: {'seed', 'position', 'recipe' (overrides without the seed, as a label), 'flat' config}}."""
   arms = ST.run_arms(run_dir)
-  overrides = {}
-  if os.path.exists(os.path.join(run_dir, "experiment.json")):
-    with open(os.path.join(run_dir, "experiment.json")) as f:
-      overrides = json.load(f).get("arms", {})
+  overrides = ST.experiment_arms(run_dir)
   out = {}
   for arm, arm_dir in arms.items():
-    with open(os.path.join(arm_dir, "config.json")) as f:
-      cfg = json.load(f)
+    cfg = ck.config_dict(arm_dir)
     recipe = {k: v for k, v in overrides.get(arm, {}).items() if k not in SEED_KEYS}
     out[arm] = {"seed": cfg["seed"], "position": cfg["model"]["position"]["kind"],
                 "recipe": ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(recipe.items())) or "shared config",
-                "flat": {k: v for k, v in _flat(cfg).items() if k not in ("name", "seed")}}
+                "flat": {k: v for k, v in ck.flat(cfg).items() if k not in ("name", "seed")}}
   return out
 
 

@@ -20,7 +20,6 @@ residual.*           largest residual activation / median per layer beside the t
 """
 from __future__ import annotations
 
-import json
 import os
 
 import matplotlib
@@ -52,11 +51,6 @@ def _save(fig, store: ST.Store, name: str) -> list[str]:
     atomic.savefig(fig, p, dpi=100)
   plt.close(fig)
   return paths
-
-
-def _summary(store: ST.Store) -> dict:
-  with open(store.path("summary.json")) as f:
-    return json.load(f)
 
 
 def _colors(arms) -> dict:
@@ -94,7 +88,7 @@ def step_axis(ax, steps) -> callable:
 
 
 def emergence(store: ST.Store) -> list[str]:
-  summ = _summary(store)
+  summ = store.read_json("summary.json")
   groups, arms = summ["groups"], list(summ["arms"])
   n_layers = max(f["n_layers"] for f in summ["arms"].values())
   steps = {g["step"] for g in groups}
@@ -141,7 +135,7 @@ def _reference_line(ax, stat: str, lam: float) -> None:
 
 
 def layer_profile(store: ST.Store) -> list[str]:
-  summ = _summary(store)
+  summ = store.read_json("summary.json")
   groups, arms = summ["groups"], list(summ["arms"])
   colors = _colors(arms)
   fig, axes = plt.subplots(1, len(PROFILE), figsize=(4.2 * len(PROFILE), 3.4), squeeze=False,
@@ -220,7 +214,7 @@ def heatmap(store: ST.Store, arm: str, step: int, layers=None) -> list[str]:
 
 
 def pair_energy(store: ST.Store, arm: str) -> list[str]:
-  summ, meta = _summary(store), store.meta()
+  summ, meta = store.read_json("summary.json"), store.meta()
   pairing, context = ST.pairing_of(meta["arms"][arm]), meta["arms"][arm]["context"]
   last = max(g["step"] for g in summ["groups"] if g["arm"] == arm)
   n_layers = meta["arms"][arm]["n_layers"]
@@ -269,14 +263,6 @@ def bars3d(store: ST.Store, arm: str, layer: int | None = None, head: int | None
   ax.set_zlabel(f"|{tensor}|")
   ax.set_title(f"{arm} step {step}: layer {layer} head {head}, probe 0", fontsize=9)
   return _save(fig, store, f"bars3d_{arm}")
-
-
-def _sink_summary(store: ST.Store) -> dict:
-  """sinks.json, or {} for a store traced before sinks were captured."""
-  if not os.path.exists(store.path("sinks.json")):
-    return {}
-  with open(store.path("sinks.json")) as f:
-    return json.load(f)
 
 
 def _step_layers(summ: dict, arm: str, step: int) -> list[dict]:
@@ -418,7 +404,7 @@ def _at(series: dict, key, step: int) -> float:
 
 def sink_figures(store: ST.Store) -> list[str]:
   """The attention-sink and residual figures, if the store has sinks (analysis.massive.sinks)."""
-  summ = _sink_summary(store)
+  summ = store.read_json("sinks.json", {})   # {}: traced before sinks were captured
   if not summ.get("verdicts"):
     return []
   paths = sink_map(store, summ) + residual(store, summ)

@@ -47,6 +47,10 @@ def layer_tensor_keys(sums: dict):
   return sorted(keys, key=lambda lt: (lt[0], hooks.QKV.index(lt[1])))
 
 
+REQUIRED = object()
+"""Store.read_json's default: the file must exist."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Store:
   """Paths of one analysis output directory."""
@@ -105,9 +109,14 @@ class Store:
       return None
 
   def meta(self) -> dict:
-    if not os.path.exists(self.path("meta.json")):
-      return {}
-    with open(self.path("meta.json")) as f:
+    return self.read_json("meta.json", {})
+
+  def read_json(self, name: str, default=REQUIRED):
+    """A JSON file of the store, or `default` where it does not exist (without one, FileNotFoundError);
+    a damaged file is an error either way."""
+    if default is not REQUIRED and not os.path.exists(self.path(name)):
+      return default
+    with open(self.path(name)) as f:
       return json.load(f)
 
   def require(self) -> "Store":
@@ -190,15 +199,21 @@ def all_arms(run_dir: str) -> dict[str, str]:
     return {os.path.basename(run_dir): run_dir}
   if not os.path.isdir(run_dir):
     raise ConfigError(f"run_dir: {run_dir} is not a directory")
-  order = []
-  if os.path.exists(os.path.join(run_dir, "experiment.json")):
-    with open(os.path.join(run_dir, "experiment.json")) as f:
-      order = list(json.load(f).get("arms", {}))
+  order = list(experiment_arms(run_dir))
   found = sorted(d for d in os.listdir(run_dir) if os.path.exists(os.path.join(run_dir, d, "config.json")))
   arms = [a for a in order if a in found] + [a for a in found if a not in order]
   if not arms:
     raise ConfigError(f"run_dir: {run_dir} has no arm (a folder with config.json and checkpoints/)")
   return {a: os.path.join(run_dir, a) for a in arms}
+
+
+def experiment_arms(run_dir: str) -> dict[str, dict]:
+  """{arm: its overrides} from a paired run's experiment.json, in its order ({} without one)."""
+  path = os.path.join(run_dir, "experiment.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f).get("arms", {})
 
 
 def diverged_arms(run_dir: str) -> dict[str, dict]:
