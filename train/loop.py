@@ -29,6 +29,7 @@ from minilm.config import ModelConfig
 from minilm.model import Decoder
 from train import checkpoints, evaluate, schedule, sharding, tensorboard
 from train import data as D
+from train import text
 from train.config import TrainConfig
 from train.step import healthy, init_opt_state, optimizer, train_step
 
@@ -121,6 +122,16 @@ def _truncate(path: str, last_step: int) -> None:
   atomic.write_text(path, "".join(line + "\n" for line, row in _rows(path) if row["step"] <= last_step))
 
 
+def _text_tokens_before(metrics_path: str, cfg: TrainConfig, start: int) -> int:
+  """Text tokens the batches of steps 0..start-1 drew: from the metrics row of step `start` (a
+  checkpoint step is always logged), else counted again from the family draws."""
+  if start and primary() and os.path.exists(metrics_path):
+    for _, row in _rows(metrics_path):
+      if row.get("step") == start and isinstance(row.get("text_tokens"), int):
+        return row["text_tokens"]
+  return cfg.data.seq_len * sum(D.text_rows(cfg.data, cfg.seed, s) for s in range(start))
+
+
 def _append(path: str, row: dict) -> None:
   if not primary():
     return
@@ -198,6 +209,9 @@ def _loop(cfg: TrainConfig, arm_dir: str, mngr, start: int, params, opt_state, *
   _truncate(eval_path, start)
   examples = D.eval_examples(cfg.data, cfg.eval.seed, cfg.eval.n_per_family) if cfg.eval.n_per_family else {}
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  # epochs over the text corpus: text tokens drawn / tokens of its training split
+  corpus_tokens = len(text.split(cfg.data, heldout=False)) if cfg.data.mixture["text"] > 0 else 0
+  text_tokens = _text_tokens_before(metrics_path, cfg, start) if corpus_tokens else 0
   rows = sharding.host_rows(batch_sh, cfg.data.batch_size)   # this process generates only its own rows
   last = {"metrics": None, "eval": None}
   health = healthy()
@@ -209,6 +223,8 @@ def _loop(cfg: TrainConfig, arm_dir: str, mngr, start: int, params, opt_state, *
       batch = sharding.put_rows(batch_fn(cfg.data, cfg.seed, s, rows), batch_sh, cfg.data.batch_size)
       params, opt_state, metrics = step(params, opt_state, batch, s, health)
       health = metrics["health"]
+      if corpus_tokens:
+        text_tokens += cfg.data.seq_len * D.text_rows(cfg.data, cfg.seed, s)
       done = s + 1
       bar.update(1)
       saving = schedule.is_save_step(done, cfg.steps, cfg.checkpoint.every, cfg.checkpoint.log_spaced)
@@ -222,6 +238,8 @@ def _loop(cfg: TrainConfig, arm_dir: str, mngr, start: int, params, opt_state, *
         row = {"step": done, **{k: float(metrics[k]) for k in ("loss", "grad_norm", "lr", "weight")},
                "tokens": done * tokens_per_step,
                "tokens_per_s": (done - clock_step) * tokens_per_step / max(now - clock, 1e-9)}
+        if corpus_tokens:
+          row |= {"text_tokens": text_tokens, "text_epochs": text_tokens / corpus_tokens}
         _append(metrics_path, row)
         events.add(tensorboard.scalars(row, "train"), done)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")

