@@ -45,8 +45,9 @@ from train_throughput import accelerator_peak
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK, MFU = 989e12, 0.30
 """Assumed for the estimate: 30% of an H100/H200's bfloat16 dense peak, 989 TFLOP/s."""
-RESERVE_S, COMPILE_S = 120.0, 30.0
-"""Seconds kept for trace + claims + figures, and allowed per arm for compiling its step."""
+RESERVE_S, COMPILE_S = 180.0, 30.0
+"""Seconds kept for trace + claims + figures (the trace's summary bootstraps about 1200 layer x tensor
+groups, 0.05-0.1 s each on one CPU core), and allowed per arm for compiling its step."""
 TINY = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.max_len": 64, "model.dtype": "float32",
         "data.seq_len": 64, "data.batch_size": 4, "data.mixture": {"kb_facts": 1.0, "text": 1.0}, "steps": 4,
         "log_every": 4, "checkpoint.every": 2, "eval.n_per_family": 0}

@@ -260,11 +260,12 @@ def _size_label(params: int) -> str:
 
 
 def concentration_figure(rows: list[dict], fits: list[Fit], path: str) -> None:
-  """FITTED statistics against tokens, one panel per statistic x kind: each arm's checkpoints, the
-  law at each model size with its bootstrap band, and the onset level."""
+  """FITTED statistics against tokens, one panel per statistic x kind: each arm's checkpoints (colour:
+  size, marker: context), the law at each model size with its bootstrap band, and the onset level."""
   kinds = sorted({f.kind for f in fits})
   sizes = sorted({r["params"] for r in rows})
   colors = dict(zip(sizes, plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))))
+  markers = dict(zip(sorted({r["context"] for r in rows}), "os^vD<>"))
   fig, axes = plt.subplots(len(FITTED), max(len(kinds), 1), figsize=(4.4 * max(len(kinds), 1), 3.4 * len(FITTED)),
                            squeeze=False, layout="constrained")
   for r, (stat, level) in enumerate(FITTED.items()):
@@ -273,8 +274,8 @@ def concentration_figure(rows: list[dict], fits: list[Fit], path: str) -> None:
       pts = [x for x in rows if x["kind"] == kind and x["tokens"] > 0]
       for arm in sorted({x["arm"] for x in pts}):
         mine = [x for x in pts if x["arm"] == arm]
-        ax.plot([x["tokens"] for x in mine], [x[stat] for x in mine], "o", ms=3, alpha=0.7,
-                color=colors[mine[0]["params"]])
+        ax.plot([x["tokens"] for x in mine], [x[stat] for x in mine], markers.get(mine[0]["context"], "o"), ms=3,
+                alpha=0.7, color=colors[mine[0]["params"]])
       grid = np.geomspace(min(x["tokens"] for x in pts), max(x["tokens"] for x in pts), 50) if pts else []
       for n in sorted({x["params"] for x in pts}) if fit else ():
         ax.plot(grid, predict(fit, n, grid), color=colors[n], label=f"N={_size_label(n)}")
@@ -286,7 +287,9 @@ def concentration_figure(rows: list[dict], fits: list[Fit], path: str) -> None:
                    fontsize=9)
       ax.set_xlabel("tokens seen (log)")
       ax.legend(fontsize=6)
-  fig.suptitle(f"Concentration against tokens per kind and size; law {LAW}, 95% band: arms resampled", fontsize=9)
+  contexts = ", ".join(f"{m} context {c}" for c, m in markers.items())
+  fig.suptitle(f"Concentration against tokens per kind and size (colour: params; {contexts})\nlaw {LAW}; "
+               "95% band: arms resampled", fontsize=9)
   atomic.savefig(fig, path, dpi=100)
   plt.close(fig)
 
