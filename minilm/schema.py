@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 
 class ConfigError(ValueError):
@@ -121,15 +121,18 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def override(cfg, assignments: Mapping[str, Any]):
-  """Return cfg with dotted fields replaced, e.g. {'model.position.base': 1e5, 'model.position': 'nope'}."""
+def override(cfg, assignments: Mapping[str, Any], *, unknown: str = "unknown field",
+             parse: Callable[[Any, Any], Any] | None = None):
+  """Return cfg with dotted fields replaced, e.g. {'model.position.base': 1e5, 'model.position': 'nope'}.
+  `unknown` names what a bad key is in its error; parse(current value, given value), when given, is
+  the value stored (command-line text typed by the field it replaces)."""
   data, prefix = to_dict(cfg, every=True), _prefix(type(cfg))
   for dotted, value in assignments.items():
     node, keys = data, dotted.split(".")
     for i, key in enumerate(keys[:-1]):
       check(isinstance(node.get(key), dict), prefix + ".".join(keys[: i + 1]),
-            f"unknown field; allowed: {', '.join(sorted(node))}")
+            f"{unknown}; allowed: {', '.join(sorted(node))}")
       node = node[key]
-    check(keys[-1] in node, prefix + dotted, f"unknown field; allowed: {', '.join(sorted(node))}")
-    node[keys[-1]] = value
+    check(keys[-1] in node, prefix + dotted, f"{unknown}; allowed: {', '.join(sorted(node))}")
+    node[keys[-1]] = value if parse is None else parse(node[keys[-1]], value)
   return from_dict(type(cfg), data)

@@ -40,7 +40,7 @@ from analysis.lab import report
 from analysis.massive import compare
 from analysis.massive import pipeline as PL
 from analysis.massive import store as ST
-from analysis.massive.stats import StatConfig
+from analysis.massive.stats import LAM, StatConfig
 from analysis.studies import disruption, pretrained, quantization
 from minilm import atomic
 from minilm import paths
@@ -68,7 +68,7 @@ class TraceSettings:
   length: int = 0           # probe length; 0 = the shortest training seq_len of the arms
   probe_seed: int = 0
   batch: int = 16           # probes per jitted forward
-  lam: float = 5.0          # massive: M > lam * mean_d M
+  lam: float = LAM          # massive: M > lam * mean_d M
   top_k: int = 1
   agree_k: int = 2
   drop_first: bool = False  # leave token 0 (attention sink) out of M
@@ -525,7 +525,7 @@ def build(args) -> tuple[Lab, list[str], set[str]]:
   if args.name:
     overrides["name"] = args.name
   if overrides:
-    cfg = C.from_dict(LabConfig, _override_dict(C.to_dict(cfg), overrides))
+    cfg = C.override(cfg, overrides, unknown="unknown lab setting", parse=_typed)
   exp = experiment_of(cfg, args.quick)
   lab = Lab(cfg, exp, runs=args.runs, reports=args.reports, quick=args.quick)
   enabled = enabled_stages(cfg.skip, args)
@@ -548,18 +548,11 @@ class _Raw(str):
   """A lab setting as typed on the command line, parsed once its field's type is known."""
 
 
-def _override_dict(data: dict, overrides: dict) -> dict:
-  for dotted, value in overrides.items():
-    node, keys = data, dotted.split(".")
-    for i, key in enumerate(keys[:-1]):
-      check(isinstance(node.get(key), dict), ".".join(keys[:i + 1]),
-            f"unknown lab setting; allowed: {', '.join(sorted(node))}")
-      node = node[key]
-    check(keys[-1] in node, dotted, f"unknown lab setting; allowed: {', '.join(sorted(node))}")
-    if isinstance(value, _Raw):   # command-line text: JSON, except where the setting is a string ('8' bits)
-      value = str(value) if isinstance(node[keys[-1]], str) else C.parse_value(value)
-    node[keys[-1]] = value
-  return data
+def _typed(current, value):
+  """Command-line text (_Raw) is JSON, except where the setting is a string ('8' bits)."""
+  if isinstance(value, _Raw):
+    return str(value) if isinstance(current, str) else C.parse_value(value)
+  return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,8 @@ from minilm.encodings import Pairing
 from minilm.schema import check
 
 
+LAM = 5.0
+"""The paper's massive-value threshold: dim d of a head is massive when M[d] > LAM * mean_d M."""
 BOOT_SEED = 0
 """The seed of every bootstrap of the massive-value pipeline (traces, claims, comparisons, sinks)."""
 
@@ -53,7 +55,7 @@ def value_norms(x, *, drop_first: bool = False, mask=None, per_prompt: bool = Fa
 
 # ----------------------------------------------------------------------------- massive dimensions
 
-def massive_mask(M, lam: float = 5.0) -> np.ndarray:
+def massive_mask(M, lam: float = LAM) -> np.ndarray:
   """The paper's Definition: M[h, d] > lam * mean over d of M[h, :]."""
   M = np.asarray(M)
   return M > lam * M.mean(-1, keepdims=True)
@@ -186,7 +188,7 @@ PER_HEAD = ("massive", "topk_massive", "max_mean", "kurtosis", "agreement", "lf_
 @dataclasses.dataclass(frozen=True)
 class StatConfig:
   """Every choice behind the statistics (docs/claims.md: expose each as a parameter)."""
-  lam: float = 5.0          # massive: M > lam * mean_d M
+  lam: float = LAM          # massive: M > lam * mean_d M
   top_k: int = 1            # reference-code definition: the top_k dims of every head
   agree_k: int = 2          # cross-head agreement over each head's top agree_k dims
   lf_quarter: float = 0.25  # low-frequency band: this fraction of the pairs with lowest frequency

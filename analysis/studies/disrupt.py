@@ -48,7 +48,7 @@ class DisruptConfig:
   mode: str = "massive"
   rope: str = "post"            # post: rot_q/rot_k (the paper) | pre: q/k
   criterion: str = "lambda"     # what 'massive' means for massive/massive_zero/smallest/random/v
-  lam: float = 5.0              # massive: M > lam * mean_d M (criterion 'lambda')
+  lam: float = stats.LAM        # massive: M > lam * mean_d M (criterion 'lambda')
   top_k: int = 1                # massive: the top_k largest-M dims per head (criterion 'topk')
   layer_start: int = 0          # disrupt layers [layer_start, layer_stop)
   layer_stop: int = 0           # 0: through the last layer

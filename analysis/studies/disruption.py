@@ -524,7 +524,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                   "top-1/2/4 dims per head")
   ap.add_argument("--rope", default="post", help="post (rot_q/rot_k, the paper) | pre (q/k)")
   ap.add_argument("--criterion", default="lambda", help="lambda | topk")
-  ap.add_argument("--lam", type=float, default=5.0)
+  ap.add_argument("--lam", type=float, default=S.LAM)
   ap.add_argument("--top-k", type=int, default=1)
   ap.add_argument("--layers", default="", help="start:stop (stop exclusive); empty = every layer")
   ap.add_argument("--source", default="prompt", help="prompt | probe")

@@ -41,10 +41,12 @@ from minilm.schema import check
 # ------------------------------------------------------------------------------------------ schemes
 
 WEIGHT_METHODS = ("rtn", "rtn_keep", "awq", "gptq")
+BITS = "8,4,3"      # weight bit widths of the study (the lab's QuantSettings runs fewer)
+GROUP_SIZE = 64     # along the input dim; 0 = per output channel
 PROTECTING = ("awq", "rtn_keep")   # keep the massive channels (explicitly, or by activation-aware scales)
 
 
-def schemes(methods, bits, *, group_size: int = 64, lam: float = 5.0, top_k: int = 0, alpha: float = 0.5,
+def schemes(methods, bits, *, group_size: int = GROUP_SIZE, lam: float = stats.LAM, top_k: int = 0, alpha: float = 0.5,
             kv=(("pre", "channel"), ("pre", "token"), ("post", "channel"), ("post", "token")),
             kv_bits=None) -> list[QM.Scheme]:
   """fp first, then every method x bit width (KV keys at `kv_bits`, default `bits`); smoothquant
@@ -272,10 +274,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--out", required=True)
   ap.add_argument("--methods", default="rtn,rtn_keep,awq,gptq,smoothquant,w8a8,kv",
                   help=f"comma list of {', '.join(m for m in QM.METHODS if m != 'fp')}")
-  ap.add_argument("--bits", default="8,4,3", help="weight bit widths")
+  ap.add_argument("--bits", default=BITS, help="weight bit widths")
   ap.add_argument("--kv-bits", default="", help="KV key bit widths (default: --bits)")
-  ap.add_argument("--group-size", type=int, default=64, help="along the input dim; 0 = per output channel")
-  ap.add_argument("--lam", type=float, default=5.0, help="rtn_keep: massive threshold")
+  ap.add_argument("--group-size", type=int, default=GROUP_SIZE, help="along the input dim; 0 = per output channel")
+  ap.add_argument("--lam", type=float, default=stats.LAM, help="rtn_keep: massive threshold")
   ap.add_argument("--top-k", type=int, default=0, help="rtn_keep: top-k dims per head instead of lam")
   ap.add_argument("--alpha", type=float, default=0.5, help="smoothquant migration strength")
   ap.add_argument("--kv", default="pre:channel,pre:token,post:channel,post:token",

@@ -54,7 +54,7 @@ class Scheme:
   bits: int = 4
   group_size: int = 0          # along the input dim; 0 = per output channel
   symmetric: bool = False
-  lam: float = 5.0             # rtn_keep: massive when M > lam * mean over the head's dims ...
+  lam: float = stats.LAM       # rtn_keep: massive when M > lam * mean over the head's dims ...
   top_k: int = 0               # ... or, if > 0, the top_k dims per head (the reference code's rule)
   awq_grid: int = 20           # awq: alpha in linspace(0, 1, awq_grid + 1)
   alpha: float = 0.5           # smoothquant migration strength
