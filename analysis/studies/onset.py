@@ -122,7 +122,10 @@ def read_jsonl(path: str) -> list[dict]:
 def table(trace_dir: str, run_dir: str | None = None) -> list[dict]:
   """One row per traced arm x step (see the module docstring)."""
   store = ST.Store(trace_dir)
-  meta = store.meta()
+  try:
+    meta = store.meta()
+  except ValueError:   # a meta.json that is not JSON
+    meta = {}
   check("arms" in meta and os.path.exists(store.path("summary.json")), "trace_dir",
         f"{trace_dir} is not a traced directory (no meta.json with arms and summary.json); run `python -m analysis "
         "trace` first")
