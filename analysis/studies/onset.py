@@ -133,11 +133,12 @@ def table(trace_dir: str, run_dir: str | None = None) -> list[dict]:
   check(bool(set(KINDS) & set(kinds)), "trace_dir", f"{trace_dir} holds arms of kind {', '.join(kinds)}; the onset "
         f"fit needs arms of kind {' or '.join(map(repr, KINDS))}")
   run_dir = run_dir or meta.get("run_dir", "")
+  for arm in meta["arms"]:   # every input checked before any statistic is computed
+    check(os.path.exists(os.path.join(run_dir, arm, "config.json")), "--run-dir", f"{run_dir or '(none recorded)'} "
+          f"has no {arm}/config.json; pass the run the trace was made from (each arm's TrainConfig is read there)")
   cfg, rows, params = ST.stat_config(meta), [], {}
   for arm, facts in meta["arms"].items():
     arm_dir = os.path.join(run_dir, arm)
-    check(os.path.exists(os.path.join(arm_dir, "config.json")), "--run-dir", f"{run_dir or '(none recorded)'} has "
-          f"no {arm}/config.json; pass the run the trace was made from (each arm's TrainConfig is read there)")
     tc = ck.load_config(arm_dir)
     key = json.dumps(to_dict(tc.model), sort_keys=True)
     if key not in params:   # eval_shape only: no weights are allocated
