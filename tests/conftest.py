@@ -58,8 +58,8 @@ def report_dir(tmp_path_factory):
   fig.savefig(disrupt / "c5.png")
   plt.close(fig)
   (disrupt / "summary.json").write_text(json.dumps({"suite": "quick", "n": 4, "disrupt": {"rope": "post"}}))
-  CL.write_claims([CL.Verdict("C5", "Function", "contextual drop", "inconclusive", "synthetic rule", rope=0.75,
-                              rope_ci=[0.3, 1.0], notes="tiny: synthetic")], str(disrupt))
+  CL.write_claims([CL.Verdict("C5", "Function", "contextual drop", "inconclusive", "synthetic rule", value=0.75,
+                              value_ci=[0.3, 1.0], notes="tiny: synthetic")], str(disrupt))
   (root / "lab.json").write_text(json.dumps({
       "name": "synthetic", "command": "minilm-lab --synthetic", "experiment": {"name": "synthetic", "arms": {"rope": {}}},
       "stages": {"train": {"status": "ran", "seconds": 1.5, "what": "x"}, "quant": {"status": "skipped"}},

@@ -10,7 +10,7 @@ from analysis.massive import stats as S
 from analysis.massive import store as ST
 from minilm import encodings
 from minilm.config import ModelConfig
-from minilm.schema import to_dict
+from minilm.schema import ConfigError, to_dict
 
 L, H, K, D, N = 4, 4, 2, 32, 24
 LF_PAIR = 13                      # in the lowest-frequency quarter (pairs 12..15 of 16)
@@ -65,8 +65,8 @@ def _verdicts(store, **kw):
 def test_planted_rope_concentration_supports_c1_to_c4(tmp_path):
   v = _verdicts(_store(tmp_path, rope_layers=range(L), nope_layers=()))
   assert {c: x.verdict for c, x in v.items()} == {c: "supported" for c in ("C1", "C2", "C3", "C3-lowfreq", "C4")}
-  assert v["C1"].rope == 1.0 and v["C1"].nope == 0.0 and v["C1"].step == 10      # every Q/K head, none in NoPE
-  assert v["C1"].points["pre"]["rope"] == v["C1"].points["pair"]["rope"] == 1.0
+  assert v["C1"].value == 1.0 and v["C1"].reference_value == 0.0 and v["C1"].step == 10      # every Q/K head, none in NoPE
+  assert v["C1"].points["pre"]["value"] == v["C1"].points["pair"]["value"] == 1.0
   judged = [p for p in v["C1"].parts if p["verdict"]]
   assert {p["key"] for p in judged} == {"share_Q", "share_K", "recurrence_Q", "recurrence_K"}
   assert all(p["point"] == "post" for p in judged)
@@ -74,8 +74,8 @@ def test_planted_rope_concentration_supports_c1_to_c4(tmp_path):
   assert rec_q["observed"] == L * 6 * 2 and rec_q["p"] == 1 / (CL.N_PERM + 1)   # 4 heads: 6 pairs, 2 dims each
   assert v["C3"].point == "pair" and v["C3"].ci[0] > 0 and v["C3"].reference == "arm nope"
   assert v["C3"].diff == v["C3"].points["pair"]["diff"]
-  assert v["C3-lowfreq"].rope > 0.9 and abs(v["C3-lowfreq"].nope - 0.25) < 0.05   # sampling spread around the null
-  assert v["C4"].rope == 0 and [p["value"] for p in v["C4"].parts if p["verdict"]] == [0, 0]
+  assert v["C3-lowfreq"].value > 0.9 and abs(v["C3-lowfreq"].reference_value - 0.25) < 0.05   # sampling spread around the null
+  assert v["C4"].value == 0 and [p["value"] for p in v["C4"].parts if p["verdict"]] == [0, 0]
 
 
 def test_c3_is_judged_where_the_rotation_cannot_bias_it(tmp_path):
@@ -108,12 +108,12 @@ def test_concentration_in_the_nope_arm_only_is_opposite(tmp_path):
   assert v["C3"].verdict == "opposite" and v["C3"].ci[1] < 0
   assert v["C3-lowfreq"].verdict == "opposite"
   assert v["C1"].verdict == "not supported" and v["C4"].verdict == "inconclusive"
-  assert v["C4"].rope == L                                                      # no layer reaches the level
+  assert v["C4"].value == L                                                      # no layer reaches the level
 
 
 def test_late_only_concentration_does_not_support_early(tmp_path):
   v = _verdicts(_store(tmp_path, rope_layers=(1, 2, 3), nope_layers=()))["C4"]
-  assert v.verdict == "not supported" and v.rope == 1
+  assert v.verdict == "not supported" and v.value == 1
   assert "layer 1 (25% of the depth)" in v.notes
   first = [p for p in v.parts if p["verdict"]]
   assert [p["value"] for p in first] == [1, 1] and all(p["ci"] == [1, 1] for p in first)
@@ -127,10 +127,10 @@ def test_a_nope_reference_is_paired_with_the_rope_arms_layout(tmp_path):
 
 def test_single_rope_arm_uses_the_null_as_reference(tmp_path):
   v = _verdicts(_store(tmp_path, rope_layers=range(L), nope_layers=(), arms=("rope",)))
-  assert v["C3"].verdict == "inconclusive" and v["C3"].nope is None
+  assert v["C3"].verdict == "inconclusive" and v["C3"].reference_value is None
   assert v["C3-lowfreq"].reference == "null 0.25" and v["C3-lowfreq"].verdict == "supported"
   assert v["C1"].verdict == "supported" and v["C1"].reference == ""
-  assert v["C3"].rotation["of"] == "rope"
+  assert v["C3"].rotation["of"] == "value"
 
 
 def test_rules_are_fixed_functions_of_the_interval():
@@ -157,7 +157,7 @@ def test_rules_are_fixed_functions_of_the_interval():
 
 def test_write_claims_keeps_other_claims_so_c5_c6_can_be_added(tmp_path):
   store = _store(tmp_path, rope_layers=range(L), nope_layers=())
-  c5 = CL.Verdict("C5", "Function", "passkey accuracy drop", "supported", "a C5 rule", rope=0.9, ci=[0.8, 1.0])
+  c5 = CL.Verdict("C5", "Function", "passkey accuracy drop", "supported", "a C5 rule", value=0.9, ci=[0.8, 1.0])
   CL.write_claims([c5], str(tmp_path))
   CL.write_claims(CL.evaluate(store, n_boot=100), str(tmp_path))
   claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
@@ -166,6 +166,13 @@ def test_write_claims_keeps_other_claims_so_c5_c6_can_be_added(tmp_path):
   assert "| C5 Function |" in md and "a C5 rule" in md and CL.RULE_C3 in md and "None" not in md
   assert "per rotary pair (pair energy, rotation-invariant) (judged)" in md
   assert CL.load_claims(str(tmp_path))[-1] == c5
+
+
+def test_claims_json_with_the_old_field_names_is_a_one_line_error(tmp_path):
+  (tmp_path / "claims.json").write_text(json.dumps({"claims": [{"claim": "C5", "title": "t", "quantity": "q",
+                                                                "verdict": "supported", "rule": "r", "rope": 0.9}]}))
+  with pytest.raises(ConfigError, match=r"claims\.json: unknown verdict field 'rope' .* run the analysis"):
+    CL.load_claims(str(tmp_path))
 
 
 def test_docs_state_every_rule_as_the_code_applies_it():

@@ -70,7 +70,7 @@ def test_a_comparison_holds_the_verdicts_of_that_pair_alone(seeded):
   direct = CL.evaluate(store, rope_arm="rope_s1", nope_arm="nope_s1", n_boot=CL.N_BOOT)
   assert [v["claim"] for v in row["verdicts"]] == [v.claim for v in direct]
   for got, want in zip(row["verdicts"], direct):   # exact: the same function on the same stored sums
-    assert got["rope"] == want.rope and got["diff"] == want.diff
+    assert got["value"] == want.value and got["diff"] == want.diff
 
 
 def test_a_recipe_under_several_seeds_is_pooled_with_a_t_interval(seeded):
@@ -82,9 +82,9 @@ def test_a_recipe_under_several_seeds_is_pooled_with_a_t_interval(seeded):
     assert c["seeds"] == [0, 1, 2] and c["steps"] == [0, 0, 0]
     per_arm = [next(v for v in rows[a]["verdicts"] if v["claim"] == claim) for a in group["arms"]]
     # The value the claim's rule judges is pooled; a difference only where every seed has one.
-    key = CL.READS[claim] if all(v[CL.READS[claim]] is not None for v in per_arm) else "rope"
+    key = CL.READS[claim] if all(v[CL.READS[claim]] is not None for v in per_arm) else "value"
     assert c["measure"] == key and c["values"] == [v[key] for v in per_arm]
-    assert c["pooled"]["rope"]["values"] == [v["rope"] for v in per_arm]
+    assert c["pooled"]["value"]["values"] == [v["value"] for v in per_arm]
     if claim == "C3-lowfreq":
       continue                                 # mixed references, tested below
     x = np.asarray(c["values"], np.float64)
@@ -100,7 +100,7 @@ def test_each_claim_pools_the_value_its_rule_judges(seeded):
   # C2's rule reads the RoPE arm's own Q/K-minus-V gap, not its difference from NoPE's gap; C1 and
   # C4 read the arm's own count. C3 would read the difference, but rope_s2 has no reference.
   assert {c: group["claims"][c]["measure"] for c in ("C1", "C2", "C3", "C4")} == {
-      "C1": "rope", "C2": "rope", "C3": "rope", "C4": "rope"}
+      "C1": "value", "C2": "value", "C3": "value", "C4": "value"}
   lowfreq = group["claims"]["C3-lowfreq"]       # against NoPE in seeds 0 and 1, the 0.25 null in seed 2
   assert lowfreq["measure"] == "diff" and lowfreq["mean"] is None and lowfreq["why"] == "references differ"
   assert group["claims"]["C3"]["pooled"]["diff"]["mean"] is None
@@ -112,9 +112,9 @@ def test_every_point_and_part_is_pooled_over_seeds(seeded):
   rows = {r["arm"]: {v["claim"]: v for v in r["verdicts"]} for r in out["comparisons"]}
   c3 = group["claims"]["C3"]
   for point in CL.POINTS:
-    assert c3["points"][point]["rope"]["values"] == [rows[a]["C3"]["points"][point]["rope"] for a in group["arms"]]
+    assert c3["points"][point]["value"]["values"] == [rows[a]["C3"]["points"][point]["value"] for a in group["arms"]]
   assert c3["points"]["pair"]["diff"]["why"] == "a seed has no value"          # rope_s2 has no NoPE arm
-  assert c3["points"]["rotation"]["why"] == "references differ"                 # of 'diff' twice, of 'rope' once
+  assert c3["points"]["rotation"]["why"] == "references differ"                 # of 'diff' twice, of 'value' once
   shares = group["claims"]["C1"]["parts"]["share_Q@post"]
   assert shares["values"] == [next(p["value"] for p in rows[a]["C1"]["parts"] if (p["key"], p["point"]) ==
                                    ("share_Q", "post")) for a in group["arms"]]
@@ -138,10 +138,10 @@ def test_an_arm_without_a_same_seed_nope_arm_is_not_compared_with_another_seeds(
   _, _, out = seeded
   rows = {r["arm"]: {v["claim"]: v for v in r["verdicts"]} for r in out["comparisons"]}
   c3 = rows["rope_s2"]["C3"]
-  assert c3["diff"] is None and c3["nope"] is None and c3["verdict"] == "inconclusive"
+  assert c3["diff"] is None and c3["reference_value"] is None and c3["verdict"] == "inconclusive"
   assert rows["rope"]["C3"]["diff"] is not None                      # where a reference exists, it is used
   group = next(g for g in out["seed_groups"] if g["recipe"] == "shared config")
-  assert group["claims"]["C3"]["measure"] == "rope"
+  assert group["claims"]["C3"]["measure"] == "value"
 
 
 def test_seeds_at_different_steps_are_listed_but_not_pooled(seeded):

@@ -127,12 +127,12 @@ def test_c6_lines_say_no_power_at_the_ceiling_and_give_perplexity_against_fp():
   quantity = "contextual success, awq-4b (value) vs gptq-4b (reference); usable tasks: passkey"
   c6 = {"models": {"m": {"ppl": {"fp": {"ppl": 50.0}, "awq-4b": {"ppl": 52.5}, "gptq-4b": {"ppl": 51.0},
                                  "awq-3b": {"ppl": 90.0}}}}}
-  ceiling = CL.Verdict("C6", "AWQ beats GPTQ (m)", quantity, "inconclusive", "r", rope=1.0, nope=1.0, diff=0.0,
+  ceiling = CL.Verdict("C6", "AWQ beats GPTQ (m)", quantity, "inconclusive", "r", value=1.0, reference_value=1.0, diff=0.0,
                        ci=[0.0, 0.0], reference="gptq-4b")
   text = R.c6_text(ceiling, c6)
   assert "no power: both schemes at 100%" in text and "[0, 0]" not in text
   assert text.endswith("held-out perplexity fp 50.00, awq-4b 52.50 (+2.50), gptq-4b 51.00 (+1.00)")
-  moved = CL.Verdict("C6", "AWQ beats GPTQ (m)", quantity, "supported", "r", rope=0.9, nope=0.6, diff=0.3,
+  moved = CL.Verdict("C6", "AWQ beats GPTQ (m)", quantity, "supported", "r", value=0.9, reference_value=0.6, diff=0.3,
                      ci=[0.1, 0.5], reference="gptq-4b")
   assert "difference 0.3 [0.1, 0.5]" in R.c6_text(moved, c6)
   not_run = CL.Verdict("C6-keep", "keeping helps (m)", "contextual success, None (value) vs None (reference)",

@@ -52,7 +52,7 @@ def esc(x) -> str:
   return html.escape(str(x))
 
 
-MEASURES = {"rope": "arm value", "diff": "arm - reference"}
+MEASURES = {"value": "arm value", "diff": "arm - reference"}
 
 
 def fmt(x, ci=None, digits: int = 3) -> str:
@@ -140,9 +140,9 @@ def claim_rows(verdicts: list[CL.Verdict], source: str) -> tuple[list[list[str]]
   point with what the rotation accounts for (analysis.massive.claims.points_text)."""
   rows, classes = [], []
   for v in verdicts:
-    ref = f"{esc(v.reference)}: {fmt(v.nope, v.nope_ci)}" if v.reference else "-"
+    ref = f"{esc(v.reference)}: {fmt(v.reference_value, v.reference_ci)}" if v.reference else "-"
     points = "<br>".join(esc(t) for t in CL.points_text(v))
-    rows.append([esc(source), f"<b>{esc(v.claim)}</b> {esc(v.title)}", esc(v.quantity), fmt(v.rope, v.rope_ci), ref,
+    rows.append([esc(source), f"<b>{esc(v.claim)}</b> {esc(v.title)}", esc(v.quantity), fmt(v.value, v.value_ci), ref,
                  fmt(v.diff, v.ci), f"<b>{esc(v.verdict)}</b>", f'<span class="small">{esc(v.rule)}</span>',
                  f'<span class="small">{points}</span>'
                  + (f"<details><summary>notes</summary>{esc(v.notes)}</details>" if v.notes else "")])
@@ -168,7 +168,7 @@ def shares_text(c1: CL.Verdict) -> str:
 
 def reference(v: CL.Verdict) -> str:
   """The reference and its value ('null 0.25' already holds its value)."""
-  return v.reference if v.reference.startswith("null") else f"{v.reference or 'no reference'} {fmt(v.nope)}"
+  return v.reference if v.reference.startswith("null") else f"{v.reference or 'no reference'} {fmt(v.reference_value)}"
 
 
 def where_text(lf: CL.Verdict) -> str:
@@ -177,7 +177,7 @@ def where_text(lf: CL.Verdict) -> str:
   if not {"peak_pair", "ctx_pair", "band_share"} <= set(by):
     return ""
   peak, ctx, band = by["peak_pair"], by["ctx_pair"], by["band_share"]
-  return (f"low-frequency share {fmt(lf.rope, lf.rope_ci)} vs {reference(lf)} ({lf.verdict}); "
+  return (f"low-frequency share {fmt(lf.value, lf.value_ci)} vs {reference(lf)} ({lf.verdict}); "
           f"median peak pair {fmt(peak['value'])} of {peak['n_pairs']}; first pair whose wavelength exceeds the "
           f"context {ctx['value']} (peak minus it: {peak['value'] - ctx['value']:+g}); boundary-band share "
           f"{fmt(band['value'], band['ci'])} vs null {fmt(band['null'])}")
@@ -188,7 +188,7 @@ def pooled_points_text(c: dict) -> list[str]:
   pooled arm value; and the rotation's part."""
   out = []
   for point in CL.POINTS if c.get("points") else ():
-    key = "diff" if c["points"][point]["diff"]["why"] is None else "rope"
+    key = "diff" if c["points"][point]["diff"]["why"] is None else "value"
     out.append(f"{CL.POINT_LABELS[point]}, {MEASURES[key]}: {_pooled(c['points'][point][key])}")
   if c.get("points") and "rotation" in c["points"]:
     out.append(f"rotation itself (post minus pre): {_pooled(c['points']['rotation'])}")
@@ -207,7 +207,7 @@ def c6_text(v: CL.Verdict, c6: dict) -> str:
   ppl = c6.get("models", {}).get(model, {}).get("ppl", {})
   compared = sorted((s for s in ppl if s != "fp" and f"{s} (" in v.quantity), key=v.quantity.index)
   text = f"{v.title}: {v.verdict}"
-  if v.rope is not None and v.rope == v.nope == 1:
+  if v.value is not None and v.value == v.reference_value == 1:
     text += " (no power: both schemes at 100%, the ceiling)"
   elif v.diff is not None:
     text += f" (difference {fmt(v.diff, v.ci)})"
@@ -337,9 +337,9 @@ class Report:
         line1 += (f" (first pair; {more} more comparisons and {len(self.comparisons.get('seed_groups', []))} "
                   "seed groups in the report)")
       c1, c3, lf = tc.get("C1"), tc.get("C3"), tc.get("C3-lowfreq")
-      line2 = (f"  step {c1.step}: share of Q/K heads with a massive dim RoPE {fmt(c1.rope, c1.rope_ci)} vs "
-               f"{c1.reference or 'no reference'} {fmt(c1.nope)}; {c3.quantity} RoPE {fmt(c3.rope)} vs {fmt(c3.nope)}; "
-               f"low-freq share RoPE {fmt(lf.rope)} vs {reference(lf)}")
+      line2 = (f"  step {c1.step}: share of Q/K heads with a massive dim RoPE {fmt(c1.value, c1.value_ci)} vs "
+               f"{c1.reference or 'no reference'} {fmt(c1.reference_value)}; {c3.quantity} RoPE {fmt(c3.value)} vs {fmt(c3.reference_value)}; "
+               f"low-freq share RoPE {fmt(lf.value)} vs {reference(lf)}")
     else:
       line1 = f"{self.exp_name()}: no traced claims (train/trace {self.stage('train')}/{self.stage('trace')})"
       line2 = "  -"
@@ -347,13 +347,13 @@ class Report:
     if pc:
       name = self.pre_facts.get("name", "pretrained model")
       c1 = pc.get("C1")
-      line3 = (f"{name}: share of Q/K heads with a massive dim {fmt(c1.rope, c1.rope_ci)}; "
+      line3 = (f"{name}: share of Q/K heads with a massive dim {fmt(c1.value, c1.value_ci)}; "
                + ", ".join(f"{c} {v.verdict}" for c, v in pc.items() if c != "C3"))
     else:
       line3 = f"pretrained model: not analysed (stage {self.stage('pretrained')})"
     c5 = self._claim(self.c5_claims, "C5")
     line4 = (f"C5 disruption ({c5.notes.split(':')[0]}): {c5.verdict}; contextual drop under massive disruption "
-             f"{fmt(c5.rope, c5.rope_ci)}" if c5 else f"C5 disruption: not run (stage {self.stage('disrupt')})")
+             f"{fmt(c5.value, c5.value_ci)}" if c5 else f"C5 disruption: not run (stage {self.stage('disrupt')})")
     if self.c6_claims:
       line5 = "C6 quantization: " + "; ".join(c6_text(v, self.c6) for v in self.c6_claims)
     else:
@@ -525,7 +525,7 @@ class Report:
     for comp in rows_in:
       for v in comp["verdicts"]:
         rows.append([esc(comp["arm"]), esc(comp["reference"] or "-"), esc(comp["seed"]), esc(v["claim"]),
-                     fmt(v["rope"], v["rope_ci"]), fmt(v["nope"], v["nope_ci"]), fmt(v["diff"], v["ci"]),
+                     fmt(v["value"], v["value_ci"]), fmt(v["reference_value"], v["reference_ci"]), fmt(v["diff"], v["ci"]),
                      f"<b>{esc(v['verdict'])}</b>",
                      '<span class="small">' + "<br>".join(esc(t) for t in CL.points_text(CL.Verdict(**v))) + "</span>"])
         classes.append([""] * 7 + [VERDICT_CLASS.get(v["verdict"], ""), ""])

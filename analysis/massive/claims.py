@@ -17,6 +17,7 @@ import numpy as np
 from analysis.massive import stats as S
 from analysis.massive import store as ST
 from minilm import atomic
+from minilm.schema import check
 
 VERDICTS = ("supported", "not supported", "opposite", "inconclusive")
 
@@ -80,8 +81,8 @@ RULE_C4 = (f"for rot_q and rot_k separately: the first layer whose share of head
            "supported if for Q or K the interval's lower bound lies past the first quarter while some layer "
            "reaches the level; inconclusive otherwise (including no layer reaching the level: nothing to "
            "locate). The first layers before RoPE (q/k) and per rotary pair are reported beside it")
-READS = {"C1": "rope", "C2": "rope", "C3": "diff", "C3-lowfreq": "diff", "C4": "rope"}
-"""Which value of a Verdict each rule above judges: the RoPE arm's own ('rope') or RoPE minus the
+READS = {"C1": "value", "C2": "value", "C3": "diff", "C3-lowfreq": "diff", "C4": "value"}
+"""Which value of a Verdict each rule above judges: the tested arm's own ('value') or it minus the
 reference ('diff'). Pooling over seeds pools that value."""
 
 
@@ -90,21 +91,21 @@ class Verdict:
   """One claim's measured quantity, the two arms, their paired difference, and the verdict."""
   claim: str                       # 'C1', 'C3-lowfreq', later 'C5', 'C6'
   title: str
-  quantity: str                    # what rope/nope/diff measure
+  quantity: str                    # what value/reference_value/diff measure
   verdict: str                     # one of VERDICTS
   rule: str                        # the fixed rule that produced the verdict
-  rope: float | None = None        # value in the RoPE arm (or the model, for a single arm)
-  rope_ci: list | None = None
-  nope: float | None = None        # value in the reference arm (NoPE) or null
-  nope_ci: list | None = None
-  diff: float | None = None        # rope - nope
+  value: float | None = None       # in the tested arm (RoPE), the model (one arm), the disrupted or quantized one
+  value_ci: list | None = None
+  reference_value: float | None = None   # in the reference (the NoPE arm, a null, the compared scheme)
+  reference_ci: list | None = None
+  diff: float | None = None        # value - reference_value
   ci: list | None = None           # interval of the paired difference
-  reference: str = ""              # what 'nope' is: 'arm nope', 'null 0.25', ...
+  reference: str = ""              # what the reference is: 'arm nope', 'null 0.25', ...
   step: int | None = None
   notes: str = ""
   point: str = ""                  # the point of POINTS the rule judges ('' when not a per-point statistic)
-  points: dict | None = None       # {point: {rope, rope_ci, nope, nope_ci, diff, ci}} at every point
-  rotation: dict | None = None     # {value, ci, of}: post minus pre, of 'diff' (less the reference's) or 'rope'
+  points: dict | None = None       # {point: {value, value_ci, reference_value, reference_ci, diff, ci}} at every point
+  rotation: dict | None = None     # {value, ci, of}: post minus pre, of 'diff' (less the reference's) or 'value'
   parts: list | None = None        # the sub-tests the verdict combines, and reported extras: dicts with
   #                                  key, name, point, value, ci, verdict ('' when not judged), ...
 
@@ -233,15 +234,15 @@ def _measure(a: _Arms, arm, point: str, tensors, stat: str, layers=None, seed=0)
 
 def _three(a: _Arms, measure):
   """`measure(arm, point, seed) -> (value, replicates)` at every point, in the tested arm and against
-  the reference: ({point: rope, rope_ci, nope, nope_ci, diff, ci}, rotation). Each arm uses one seed
+  the reference: ({point: value, value_ci, reference_value, reference_ci, diff, ci}, rotation). Each arm uses one seed
   at every point, so its pre, post and pair replicates resample the same heads and are paired."""
   points, reps = {}, {}
   for point in POINTS:
     r, r_reps = measure(a.rope, point, 1)
-    out, n_reps = {"rope": r, "rope_ci": _ci(r_reps)}, None
+    out, n_reps = {"value": r, "value_ci": _ci(r_reps)}, None
     if a.nope:
       n, n_reps = measure(a.nope, point, 2)
-      out.update(nope=n, nope_ci=_ci(n_reps), diff=r - n, ci=_ci(r_reps - n_reps))
+      out.update(reference_value=n, reference_ci=_ci(n_reps), diff=r - n, ci=_ci(r_reps - n_reps))
     points[point], reps[point] = out, (r_reps, n_reps)
   return points, _rotation(points, reps)
 
@@ -250,17 +251,17 @@ def _rotation(points: dict, reps: dict) -> dict:
   """What the rotation itself does to a per-dim value: post minus pre in the tested arm, less the same
   in the reference (zero there for an arm without RoPE, whose rot_q is q), with a paired interval."""
   (r_post, n_post), (r_pre, n_pre) = reps["post"], reps["pre"]
-  value, samples = points["post"]["rope"] - points["pre"]["rope"], r_post - r_pre
+  value, samples = points["post"]["value"] - points["pre"]["value"], r_post - r_pre
   if n_post is None:
-    return {"value": value, "ci": _ci(samples), "of": "rope"}
-  value -= points["post"]["nope"] - points["pre"]["nope"]
+    return {"value": value, "ci": _ci(samples), "of": "value"}
+  value -= points["post"]["reference_value"] - points["pre"]["reference_value"]
   return {"value": value, "ci": _ci(samples - (n_post - n_pre)), "of": "diff"}
 
 
 def _judged(points: dict, point: str, reference: str) -> dict:
   """The Verdict fields of the point a rule judges."""
   out = dict(points[point])
-  return {**out, "reference": reference} if "nope" in out else out
+  return {**out, "reference": reference} if "reference_value" in out else out
 
 
 def _early(n_layers: int) -> range:
@@ -340,7 +341,7 @@ def _c2(a: _Arms) -> Verdict:
   qk, _ = _measure(a, a.rope, "post", QK, "max_mean", seed=4)
   v, _ = _measure(a, a.rope, "post", V, "max_mean", seed=14)
   return Verdict("C2", "Q/K only", "max/mean of rot_q/rot_k minus max/mean of v (head means)",
-                 direction(points["post"]["rope_ci"]), RULE_C2, **_judged(points, "post", f"arm {a.nope}"),
+                 direction(points["post"]["value_ci"]), RULE_C2, **_judged(points, "post", f"arm {a.nope}"),
                  step=a.step, point="post", points=points, rotation=rotation,
                  notes=f"RoPE arm: Q/K max/mean {qk:.3f}, V max/mean {v:.3f}")
 
@@ -357,14 +358,14 @@ def _c3(a: _Arms) -> Verdict:
 def _c3_lowfreq(a: _Arms) -> Verdict:
   """Where the pair energy sits in frequency (rotation-invariant already: one point)."""
   r, r_reps = a.pooled(a.rope, QK, "lf_share", seed=1)
-  lf = {"rope": r, "rope_ci": _ci(r_reps)}
+  lf = {"value": r, "value_ci": _ci(r_reps)}
   if a.nope:
     n, n_reps = a.pooled(a.nope, QK, "lf_share", seed=2)
-    lf.update(nope=n, nope_ci=_ci(n_reps), diff=r - n, ci=_ci(r_reps - n_reps), reference=f"arm {a.nope}")
+    lf.update(reference_value=n, reference_ci=_ci(n_reps), diff=r - n, ci=_ci(r_reps - n_reps), reference=f"arm {a.nope}")
   else:
     n_pairs = a.pairing(a.rope).n_pairs
     null = S.lf_pairs(n_pairs, a.cfg.lf_quarter) / n_pairs
-    lf.update(nope=null, diff=r - null, ci=[x - null for x in lf["rope_ci"]], reference=f"null {null:g}")
+    lf.update(reference_value=null, diff=r - null, ci=[x - null for x in lf["value_ci"]], reference=f"null {null:g}")
   parts = _where(a)
   return Verdict("C3-lowfreq", "...in low-frequency pairs", "low-frequency share of rot_q/rot_k pair energy",
                  direction(lf["ci"]), RULE_C3_LF, **lf, step=a.step, point="pair", parts=parts,
@@ -451,7 +452,13 @@ def load_claims(out_dir: str) -> list[Verdict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [Verdict(**v) for v in json.load(f)["claims"]]
+    rows = json.load(f)["claims"]
+  fields = {f.name for f in dataclasses.fields(Verdict)}
+  for v in rows:
+    unknown = sorted(set(v) - fields)
+    check(not unknown, path, f"unknown verdict field {unknown[0]!r} (rope/nope are value/reference_value since "
+          "they name other things in C5 and C6); run the analysis that wrote it again" if unknown else "")
+  return [Verdict(**v) for v in rows]
 
 
 def write_claims(verdicts: list[Verdict], out_dir: str) -> None:
@@ -479,9 +486,9 @@ def points_text(v: Verdict) -> list[str]:
   out = []
   for point in POINTS if v.points else ():
     p = v.points[point]
-    ref = (f"; {v.reference or 'reference'} {_fmt(p['nope'], p['nope_ci'])}, difference {_fmt(p['diff'], p['ci'])}"
-           if p.get("nope") is not None else "")
-    out.append(f"{POINT_LABELS[point]}{' (judged)' if point == v.point else ''}: {_fmt(p['rope'], p['rope_ci'])}{ref}")
+    ref = (f"; {v.reference or 'reference'} {_fmt(p['reference_value'], p['reference_ci'])}, difference {_fmt(p['diff'], p['ci'])}"
+           if p.get("reference_value") is not None else "")
+    out.append(f"{POINT_LABELS[point]}{' (judged)' if point == v.point else ''}: {_fmt(p['value'], p['value_ci'])}{ref}")
   if v.rotation:
     out.append(rotation_text(v))
   return out
@@ -502,8 +509,8 @@ def to_markdown(verdicts: list[Verdict]) -> str:
            "| claim | quantity | RoPE | reference | RoPE - reference | verdict | rule |",
            "|---|---|---|---|---|---|---|"]
   for v in verdicts:
-    ref = f"{v.reference}: {_fmt(v.nope, v.nope_ci)}" if v.reference else "-"
-    lines.append(f"| {v.claim} {v.title} | {v.quantity} | {_fmt(v.rope, v.rope_ci)} | {ref} | "
+    ref = f"{v.reference}: {_fmt(v.reference_value, v.reference_ci)}" if v.reference else "-"
+    lines.append(f"| {v.claim} {v.title} | {v.quantity} | {_fmt(v.value, v.value_ci)} | {ref} | "
                  f"{_fmt(v.diff, v.ci)} | **{v.verdict}** | {v.rule} |")
   lines += ["", "## Rules, points and notes", ""]
   for v in verdicts:

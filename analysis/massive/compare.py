@@ -77,7 +77,7 @@ def _pool_points(vs: list[dict], steps: list, references: list) -> dict | None:
   """Each point's arm value and difference, and the rotation's part, over seeds (as `_pool`)."""
   if any(x.get("points") is None for x in vs):
     return None
-  out = {point: {"rope": _pool([x["points"][point]["rope"] for x in vs], steps),
+  out = {point: {"value": _pool([x["points"][point]["value"] for x in vs], steps),
                  "diff": _pool([x["points"][point].get("diff") for x in vs], steps, references)}
          for point in CL.POINTS}
   if all(x.get("rotation") for x in vs):
@@ -114,10 +114,10 @@ def compare(store: ST.Store, run_dir: str) -> dict:
       vs = [m["verdicts"][i] for m in members]
       steps = [x["step"] for x in vs]
       references = ["a NoPE arm" if x["reference"].startswith("arm ") else x["reference"] for x in vs]
-      pooled = {"rope": _pool([x["rope"] for x in vs], steps),
+      pooled = {"value": _pool([x["value"] for x in vs], steps),
                 "diff": _pool([x["diff"] for x in vs], steps, references)}
-      reads = CL.READS.get(v["claim"], "rope")
-      measure = reads if None not in pooled[reads]["values"] else "rope"
+      reads = CL.READS.get(v["claim"], "value")
+      measure = reads if None not in pooled[reads]["values"] else "value"
       per_claim[v["claim"]] = {"title": v["title"], "quantity": v["quantity"], "measure": measure,
                                **pooled[measure], "seeds": [m["seed"] for m in members], "steps": steps,
                                "pooled": pooled, "verdicts": [x["verdict"] for x in vs],

@@ -402,8 +402,8 @@ def claim(verdicts: list[dict], pools: dict[str, dict], positions: dict[str, str
   parts = [{"key": k, "name": f"contextual massive drop minus {k} drop", "point": "", **d, "verdict": ""}
            for k, d in main_["evidence"]["differences"].items()]
   return Verdict("C5", "Function", "contextual accuracy drop under massive Q/K disruption (pooled over "
-                 "templates and families), absolute", main_["status"], RULE, rope=c and c[0], rope_ci=c and _ci(c),
-                 nope=r and r[0], nope_ci=r and _ci(r), diff=diff and diff[0], ci=diff and _ci(diff),
+                 "templates and families), absolute", main_["status"], RULE, value=c and c[0], value_ci=c and _ci(c),
+                 reference_value=r and r[0], reference_ci=r and _ci(r), diff=diff and diff[0], ci=diff and _ci(diff),
                  reference=f"arm {ref['model']}" if ref else "", notes=f"{main_['model']}: {main_['summary']}",
                  parts=parts)
 

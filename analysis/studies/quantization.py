@@ -179,8 +179,8 @@ def verdicts(records: list[dict], label: str, scheme_list: list[QM.Scheme], n_bo
     xb = np.array([by[sb][i]["success"] for i in items], float)
     ra, rb = stats.resample_means(xa, xb, n_boot=n_boot, seed=rng)   # one stream: each pair draws after the last
     ci = list(stats.interval(ra - rb, claims.LEVEL))
-    out.append(claims.Verdict(verdict=claims.direction(ci), rope=float(xa.mean()), rope_ci=list(stats.interval(ra)),
-                              nope=float(xb.mean()), nope_ci=list(stats.interval(rb)),
+    out.append(claims.Verdict(verdict=claims.direction(ci), value=float(xa.mean()), value_ci=list(stats.interval(ra)),
+                              reference_value=float(xb.mean()), reference_ci=list(stats.interval(rb)),
                               diff=float(xa.mean() - xb.mean()), ci=ci,
                               notes=f"fp contextual success on the same items: {np.mean([fp[i]['success'] for i in items]):.3g}",
                               **common))
