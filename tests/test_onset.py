@@ -114,15 +114,10 @@ def test_table_and_outputs_from_a_traced_store(traced, tmp_path):
   assert onset.load_fits(str(tmp_path / "fit.json"))[0].boot.shape == (len(data["fits"][0]["boot"]), 3)
 
 
-def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "analysis", "onset", *args], capture_output=True, text=True,
-                        cwd=ROOT, timeout=300)
-
-
-def test_cli_writes_and_bad_input_is_one_line(traced, tmp_path):
-  got = _cli(str(traced / "trace"), "--out", str(tmp_path / "out"), "--n-boot", "10")
-  assert got.returncode == 0, got.stderr
-  assert "wrote" in got.stdout and os.path.exists(tmp_path / "out" / "fit.json")
+def test_cli_writes_and_bad_input_is_one_line(traced, tmp_path, capsys):
+  from analysis.lab.cli import main
+  assert main(["onset", str(traced / "trace"), "--out", str(tmp_path / "out"), "--n-boot", "10"]) == 0
+  assert "wrote" in capsys.readouterr().out and os.path.exists(tmp_path / "out" / "fit.json")
   alibi = tmp_path / "alibi"
   shutil.copytree(traced / "trace", alibi)
   meta = json.loads((alibi / "meta.json").read_text())
@@ -132,10 +127,11 @@ def test_cli_writes_and_bad_input_is_one_line(traced, tmp_path):
   for args, field in (([str(tmp_path / "nowhere")], "trace_dir"), ([str(alibi)], "trace_dir"),
                       ([str(traced / "trace"), "--run-dir", str(tmp_path)], "--run-dir"),
                       ([str(traced / "trace"), "--n-boot", "0"], "--n-boot")):
-    got = _cli(*args, "--out", str(tmp_path / "x"))
-    lines = got.stderr.strip().splitlines()
-    assert got.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {field}: "), got.stderr
-  assert "'rope' or 'nope'" in _cli(str(alibi), "--out", str(tmp_path / "x")).stderr
+    assert main(["onset", *args, "--out", str(tmp_path / "x")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {field}: "), lines
+    assert field != "trace_dir" or args[0] != str(alibi) or "'rope' or 'nope'" in lines[0]
+  assert not os.path.exists(tmp_path / "x")
 
 
 @pytest.fixture()
