@@ -13,6 +13,7 @@ import math
 import os
 
 from analysis.massive import claims as CL
+from analysis.massive import stats as S
 from analysis.studies import disruption as EXP
 from minilm import atomic
 
@@ -514,7 +515,7 @@ class Report:
         table_html(["arm", "step", "position", "RoPE base", "rotary fraction", "context", "j_ctx", "j_2ctx", "P",
                     "peak pair", "peak - j_ctx", "boundary-band share", "low-freq share", "unrotated share",
                     "max/mean pre-RoPE", "max/mean post-RoPE", "max/mean per pair"]
-                   + [f"share of heads with a massive {unit} (lambda={self.arms.get('lam', 5):g}) {point}"
+                   + [f"share of heads with a massive {unit} (lambda={self.arms.get('lam', S.LAM):g}) {point}"
                       for unit, point in (("dim", "pre-RoPE"), ("dim", "post-RoPE"), ("pair", "per pair"))], rows)])
 
   def comparison_section(self) -> str:
