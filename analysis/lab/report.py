@@ -339,7 +339,8 @@ class Report:
                   "seed groups in the report)")
       c1, c3, lf = tc.get("C1"), tc.get("C3"), tc.get("C3-lowfreq")
       line2 = (f"  step {c1.step}: share of Q/K heads with a massive dim RoPE {fmt(c1.value, c1.value_ci)} vs "
-               f"{c1.reference or 'no reference'} {fmt(c1.reference_value)}; {c3.quantity} RoPE {fmt(c3.value)} vs {fmt(c3.reference_value)}; "
+               f"{c1.reference or 'no reference'} {fmt(c1.reference_value)}; "
+               f"{c3.quantity} RoPE {fmt(c3.value)} vs {fmt(c3.reference_value)}; "
                f"low-freq share RoPE {fmt(lf.value)} vs {reference(lf)}")
     else:
       line1 = f"{self.exp_name()}: no traced claims (train/trace {self.stage('train')}/{self.stage('trace')})"

@@ -486,7 +486,8 @@ def points_text(v: Verdict) -> list[str]:
   out = []
   for point in POINTS if v.points else ():
     p = v.points[point]
-    ref = (f"; {v.reference or 'reference'} {_fmt(p['reference_value'], p['reference_ci'])}, difference {_fmt(p['diff'], p['ci'])}"
+    ref = (f"; {v.reference or 'reference'} {_fmt(p['reference_value'], p['reference_ci'])}, "
+           f"difference {_fmt(p['diff'], p['ci'])}"
            if p.get("reference_value") is not None else "")
     out.append(f"{POINT_LABELS[point]}{' (judged)' if point == v.point else ''}: {_fmt(p['value'], p['value_ci'])}{ref}")
   if v.rotation:

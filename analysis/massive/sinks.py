@@ -69,13 +69,13 @@ def resid_top(resid_BxTxC, mask_BxT, k: int = RESID_TOP) -> dict:
   """The k largest |x| of each prompt's block output (signed values, token positions, feature dims)
   and the median |x| over its counted tokens and every dim."""
   B, T, C = resid_BxTxC.shape
-  x_BxN = resid_BxTxC.astype(jnp.float32).reshape(B, T * C)
-  counted_BxN = jnp.repeat(mask_BxT > 0, C, axis=1)
-  mag_BxN = jnp.where(counted_BxN, jnp.abs(x_BxN), jnp.nan)
-  _, idx_BxK = jax.lax.top_k(jnp.where(counted_BxN, mag_BxN, -1.0), k)
-  return {"resid_top": jnp.take_along_axis(x_BxN, idx_BxK, axis=1),
-          "resid_tok": (idx_BxK // C).astype(jnp.int32), "resid_dim": (idx_BxK % C).astype(jnp.int32),
-          "resid_median": jnp.nanmedian(mag_BxN, axis=1)}
+  x_BxTC = resid_BxTxC.astype(jnp.float32).reshape(B, T * C)
+  counted_BxTC = jnp.repeat(mask_BxT > 0, C, axis=1)
+  mag_BxTC = jnp.where(counted_BxTC, jnp.abs(x_BxTC), jnp.nan)
+  _, idx_Bxk = jax.lax.top_k(jnp.where(counted_BxTC, mag_BxTC, -1.0), k)
+  return {"resid_top": jnp.take_along_axis(x_BxTC, idx_Bxk, axis=1),
+          "resid_tok": (idx_Bxk // C).astype(jnp.int32), "resid_dim": (idx_Bxk % C).astype(jnp.int32),
+          "resid_median": jnp.nanmedian(mag_BxTC, axis=1)}
 
 
 def patterns(probs_LxBxHxTxS) -> np.ndarray:
@@ -95,10 +95,10 @@ def uniform_share(mask_NxT) -> float:
   return float(((mask * per_query).sum(1) / np.maximum(mask.sum(1), 1)).mean())
 
 
-def spearman(x_BxU, y_BxU) -> np.ndarray:
+def spearman(x_RxU, y_RxU) -> np.ndarray:
   """Spearman rank correlation along the last axis (ties take average ranks); NaN when either side
   is constant or has fewer than 3 units."""
-  x, y = np.atleast_2d(x_BxU), np.atleast_2d(y_BxU)
+  x, y = np.atleast_2d(x_RxU), np.atleast_2d(y_RxU)
   if x.shape[-1] < 3:
     return np.full(x.shape[:-1], np.nan)
   rx, ry = rankdata(x, axis=-1), rankdata(y, axis=-1)
@@ -108,10 +108,10 @@ def spearman(x_BxU, y_BxU) -> np.ndarray:
     return np.where(denom > 0, (rx * ry).sum(-1) / np.where(denom > 0, denom, 1), np.nan)
 
 
-def prompt_mean(values_NxU, counts_BxN) -> tuple[np.ndarray, np.ndarray]:
+def prompt_mean(values_NxU, counts_RxN) -> tuple[np.ndarray, np.ndarray]:
   """(mean over prompts [U], the same for every resampled prompt set [n_boot, U])."""
   v = np.asarray(values_NxU, np.float64)
-  return v.mean(0), counts_BxN @ v.reshape(len(v), -1) / len(v)
+  return v.mean(0), counts_RxN @ v.reshape(len(v), -1) / len(v)
 
 
 def head_groups(sums: dict, sinks: dict, pairing, context: float, cfg: S.StatConfig, counts) -> list[dict]:

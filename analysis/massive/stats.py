@@ -296,11 +296,11 @@ def prompt_counts(n_prompts: int, n_boot: int, seed: int = 0) -> np.ndarray:
   return rng.multinomial(n_prompts, np.full(n_prompts, 1.0 / n_prompts), size=n_boot).astype(np.float64)
 
 
-def boot_norms(S_BxHxD, counts_NxB) -> np.ndarray:
-  """Norms M [n_boot, H, D] of each resampled prompt set from per-prompt sums of squares."""
-  S = np.asarray(S_BxHxD, np.float64)
-  B, H, D = S.shape
-  return np.sqrt(np.maximum(counts_NxB @ S.reshape(B, H * D), 0.0)).reshape(-1, H, D)
+def boot_norms(S_NxHxD, counts_RxN) -> np.ndarray:
+  """Norms M [R, H, D] of each resampled prompt set from per-prompt sums of squares."""
+  S = np.asarray(S_NxHxD, np.float64)
+  N, H, D = S.shape
+  return np.sqrt(np.maximum(counts_RxN @ S.reshape(N, H * D), 0.0)).reshape(-1, H, D)
 
 
 def unit_draws(n_boot: int, n_units: int, seed: int | np.random.Generator = 0) -> np.ndarray:
@@ -316,9 +316,9 @@ def resample_means(*values_U, n_boot: int, seed: int | np.random.Generator = 0) 
   return [np.asarray(v)[idx].mean(1) for v in values_U]
 
 
-def resample_units(values_NxU, seed: int = 0) -> np.ndarray:
-  """Mean over units (heads), resampled with replacement independently in each replicate [N]."""
-  values = np.asarray(values_NxU, np.float64)
+def resample_units(values_RxU, seed: int = 0) -> np.ndarray:
+  """Mean over units (heads), resampled with replacement independently in each replicate [R]."""
+  values = np.asarray(values_RxU, np.float64)
   idx = unit_draws(*values.shape, seed)
   return np.nanmean(np.take_along_axis(values, idx, axis=1), axis=1)
 
@@ -332,12 +332,12 @@ def interval(samples, level: float = 0.95) -> tuple[float, float]:
   return float(np.quantile(s, a)), float(np.quantile(s, 1 - a))
 
 
-def head_replicates(S_BxHxD, stats, pairing: Pairing, context: float, cfg: StatConfig, counts,
+def head_replicates(S_NxHxD, stats, pairing: Pairing, context: float, cfg: StatConfig, counts,
                     units=None) -> dict:
   """{stat: (per-head values [H], per-head bootstrap replicates [n_boot, H])} of one group of
-  per-prompt sums of squares [B, H, D], prompts resampled by `counts`."""
-  point = head_stats(np.sqrt(np.asarray(S_BxHxD, np.float64).sum(0)), pairing, context, cfg, stats, units)
-  reps = head_stats(boot_norms(S_BxHxD, counts), pairing, context, cfg, stats, units)
+  per-prompt sums of squares [N, H, D], prompts resampled by `counts`."""
+  point = head_stats(np.sqrt(np.asarray(S_NxHxD, np.float64).sum(0)), pairing, context, cfg, stats, units)
+  reps = head_stats(boot_norms(S_NxHxD, counts), pairing, context, cfg, stats, units)
   return {stat: (point[stat], reps[stat]) for stat in stats}
 
 
@@ -357,7 +357,7 @@ def pool_heads(per_group: list, stats, n_boot: int, seed: int = 0) -> dict:
 def pooled(groups, stats, pairing: Pairing, context: float, cfg: StatConfig, counts,
            seed: int = 0, units=None) -> dict:
   """Means of per-head statistics over every head of `groups` (a list of per-prompt sums of squares
-  [B, H, D], e.g. rot_q and rot_k of all layers) with bootstrap replicates:
+  [N, H, D], e.g. rot_q and rot_k of all layers) with bootstrap replicates:
   {stat: (point, replicates [n_boot])}. Prompts are resampled by `counts` (share them between arms
   to pair the arms), heads are resampled within each replicate (the same heads for the same seed and
   head count, so q/k and rot_q/rot_k replicates are paired)."""

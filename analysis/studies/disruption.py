@@ -258,9 +258,9 @@ def family_estimate(per_template: list[dict[str, np.ndarray]], n_boot: int, seed
   labels, reps = list(per_template[0]), {}
   for t, values in enumerate(per_template):
     n = len(values["off"])
-    counts_BxN = S.prompt_counts(n, n_boot, seed + 1 + t)
+    counts_RxN = S.prompt_counts(n, n_boot, seed + 1 + t)
     for m in labels:
-      reps.setdefault(m, []).append(counts_BxN @ values[m] / n)
+      reps.setdefault(m, []).append(counts_RxN @ values[m] / n)
   return {m: (float(np.mean([v[m].mean() for v in per_template])), S.resample_units(np.stack(reps[m], 1), seed))
           for m in labels}
 

@@ -43,13 +43,13 @@ class QuantSpec:
     return d_in // g
 
 
-def grid(w_NxO: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+def grid(w_JxO: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
   """(scale [O], zero [O]) of the grid that covers the rows of w (one group) for each column.
 
   Numpy only: under jit, XLA turns the division by the constant level count into a multiplication
   by its reciprocal, which moves some scales by one ulp.
   """
-  w = np.asarray(w_NxO, np.float32)
+  w = np.asarray(w_JxO, np.float32)
   if spec.symmetric:
     scale = np.abs(w).max(0) / (2 ** (spec.bits - 1) - 1)
     zero = np.zeros_like(scale)
@@ -77,10 +77,10 @@ def rtn(w_IxO: np.ndarray, spec: QuantSpec) -> np.ndarray:
   """Round-to-nearest, group-wise along the input dim; the baseline every other scheme beats or not."""
   w = np.asarray(w_IxO, np.float32)
   I, O = w.shape
-  w_GxNxO = w.reshape(spec.groups(I), -1, O)
-  scale, zero = zip(*(grid(g, spec) for g in w_GxNxO))
+  groups = w.reshape(spec.groups(I), -1, O)   # [groups, J, O]
+  scale, zero = zip(*(grid(g, spec) for g in groups))
   scale, zero = np.stack(scale)[:, None], np.stack(zero)[:, None]
-  return fake_quant(w_GxNxO, scale, zero, spec).reshape(I, O)
+  return fake_quant(groups, scale, zero, spec).reshape(I, O)
 
 
 def rtn_keep(w_IxO: np.ndarray, spec: QuantSpec, keep_O: np.ndarray) -> np.ndarray:
@@ -195,8 +195,8 @@ def gptq(w_IxO, h_IxI, spec: QuantSpec, *, damp: float = 0.01, block: int = 128)
   with jax.enable_x64(True):
     for b0 in range(0, I, block):
       b1 = min(b0 + block, I)
-      Q[b0:b1], err_BxO = _gptq_block(W[b0:b1], U[b0:b1, b0:b1], spec, group, grid_O)
-      W[b1:] -= U[b0:b1, b1:].T @ err_BxO
+      Q[b0:b1], err_JxO = _gptq_block(W[b0:b1], U[b0:b1, b0:b1], spec, group, grid_O)
+      W[b1:] -= U[b0:b1, b1:].T @ err_JxO
   return Q
 
 
@@ -220,37 +220,39 @@ def inverse_cholesky(h_IxI: np.ndarray) -> np.ndarray:
   return np.triu(scipy.linalg.solve_triangular(L, np.eye(len(L)), lower=True)[::-1, ::-1])
 
 
-def _gptq_block(w_BxO, u_BxB, spec: QuantSpec, group: int, grid_O) -> tuple[np.ndarray, np.ndarray]:
-  """(Q [B, O] float32, error [B, O]) of one block, rows in steps of STEP rows per jitted call.
+def _gptq_block(w_JxO, u_JxJ, spec: QuantSpec, group: int, grid_O) -> tuple[np.ndarray, np.ndarray]:
+  """(Q [J, O] float32, error [J, O]) of one block, rows in steps of STEP rows per jitted call.
   A group's grid is fitted (in numpy, as `rtn` does) on its current rows when a step reaches its
   first row, or `grid_O` serves throughout."""
-  B, O = w_BxO.shape
-  step = min(B, STEP if grid_O is not None else math.gcd(group, STEP))  # a step starts every group
-  carry = (jnp.asarray(w_BxO), jnp.zeros((B, O), jnp.float32), jnp.zeros((B, O), jnp.float64))
+  J, O = w_JxO.shape
+  step = min(J, STEP if grid_O is not None else math.gcd(group, STEP))  # a step starts every group
+  carry = (jnp.asarray(w_JxO), jnp.zeros((J, O), jnp.float32), jnp.zeros((J, O), jnp.float64))
   scale_O, zero_O = grid_O if grid_O is not None else (None, None)
-  for r0 in range(0, B, step):
+  for r0 in range(0, J, step):
     if grid_O is None and r0 % group == 0:
       scale_O, zero_O = grid(np.asarray(carry[0][r0:r0 + group]), spec)
-    carry = _gptq_rows(carry, u_BxB, scale_O, zero_O, r0, spec=spec, step=min(step, B - r0))
+    carry = _gptq_rows(carry, u_JxJ, scale_O, zero_O, r0, spec=spec, step=min(step, J - r0))
   return np.asarray(carry[1]), np.asarray(carry[2])
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "step"), donate_argnums=0)
-def _gptq_rows(carry, u_BxB, scale_O, zero_O, r0, *, spec: QuantSpec, step: int):
+def _gptq_rows(carry, u_JxJ, scale_O, zero_O, r0, *, spec: QuantSpec, step: int):
   """Rows r0 .. r0+step of a block in order: round a row, spread its error over the step's rows
   by U's row (upper triangular: rows already rounded receive exact zeros); then the rest of the
   block gets the step's errors in one product, not a rank-1 update of the whole block per row
   (which streams it through memory once per row)."""
-  w_BxO, q_BxO, err_BxO = carry
-  u_SxS = jax.lax.dynamic_slice(u_BxB, (r0, r0), (step, step))
+  w_JxO, q_JxO, err_JxO = carry
+  u_step_JxJ = jax.lax.dynamic_slice(u_JxJ, (r0, r0), (step, step))
 
   def row(i, carry):
-    w_SxO, q_SxO, err_SxO = carry
-    q_O = fake_quant(w_SxO[i], scale_O, zero_O, spec)
-    err_O = (w_SxO[i] - q_O) / u_SxS[i, i]
-    return w_SxO - u_SxS[i][:, None] * err_O[None], q_SxO.at[i].set(q_O), err_SxO.at[i].set(err_O)
-  w_SxO = jax.lax.dynamic_slice_in_dim(w_BxO, r0, step)
-  _, q_SxO, err_SxO = jax.lax.fori_loop(0, step, row, (w_SxO, jnp.zeros_like(w_SxO, jnp.float32), jnp.zeros_like(w_SxO)))
-  w_BxO = w_BxO - jax.lax.dynamic_slice_in_dim(u_BxB, r0, step).T @ err_SxO  # rows up to r0 + step are done: U's zeros there, or unused
-  return (w_BxO, jax.lax.dynamic_update_slice_in_dim(q_BxO, q_SxO, r0, 0),
-          jax.lax.dynamic_update_slice_in_dim(err_BxO, err_SxO, r0, 0))
+    w_step_JxO, q_step_JxO, err_step_JxO = carry
+    q_O = fake_quant(w_step_JxO[i], scale_O, zero_O, spec)
+    err_O = (w_step_JxO[i] - q_O) / u_step_JxJ[i, i]
+    return w_step_JxO - u_step_JxJ[i][:, None] * err_O[None], q_step_JxO.at[i].set(q_O), err_step_JxO.at[i].set(err_O)
+  w_step_JxO = jax.lax.dynamic_slice_in_dim(w_JxO, r0, step)
+  _, q_step_JxO, err_step_JxO = jax.lax.fori_loop(
+      0, step, row, (w_step_JxO, jnp.zeros_like(w_step_JxO, jnp.float32), jnp.zeros_like(w_step_JxO)))
+  # rows up to r0 + step are done: U's zeros there, or unused
+  w_JxO = w_JxO - jax.lax.dynamic_slice_in_dim(u_JxJ, r0, step).T @ err_step_JxO
+  return (w_JxO, jax.lax.dynamic_update_slice_in_dim(q_JxO, q_step_JxO, r0, 0),
+          jax.lax.dynamic_update_slice_in_dim(err_JxO, err_step_JxO, r0, 0))
