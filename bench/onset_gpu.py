@@ -49,7 +49,8 @@ RESERVE_S, COMPILE_S = 180.0, 30.0
 """Seconds kept for trace + claims + figures (the trace's summary bootstraps about 1200 layer x tensor
 groups, 0.05-0.1 s each on one CPU core), and allowed per arm for compiling its step."""
 TINY = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.max_len": 64, "model.dtype": "float32",
-        "data.seq_len": 64, "data.batch_size": 4, "data.mixture": {"kb_facts": 1.0, "text": 1.0}, "steps": 4,
+        "data.seq_len": 64, "data.batch_size": 4, "data.mixture": {"kb_facts": 1.0, "text": 1.0},
+        "data.text_source": "shakespeare", "steps": 4,
         "log_every": 4, "checkpoint.every": 2, "eval.n_per_family": 0}
 
 
@@ -103,19 +104,9 @@ def train_arms(runs: dict, end: float) -> dict:
   return out
 
 
-def prediction(rows: list[dict], fit_path: str | None) -> list[dict]:
-  """Each arm's last traced checkpoint against the law of its kind in `fit_path` (another run's fit)."""
-  if not fit_path:
-    return []
-  out = []
-  for fit in onset.load_fits(fit_path):
-    for r in rows:
-      if r["kind"] == fit.kind and r["step"] == max(x["step"] for x in rows if x["arm"] == r["arm"]) and r["tokens"]:
-        lo, hi = onset.band(fit, r["params"], [r["tokens"]])
-        out.append({"arm": r["arm"], "stat": fit.stat, "params": r["params"], "tokens": r["tokens"],
-                    "measured": r[fit.stat], "predicted": float(onset.predict(fit, r["params"], r["tokens"])),
-                    "band": [float(lo[0]), float(hi[0])], "inside": bool(lo[0] <= r[fit.stat] <= hi[0])})
-  return out
+def prediction(rows: list[dict], fit_path: str | None) -> dict | None:
+  """This run's checkpoints against the laws in `fit_path` (another run's fit; onset.PREDICTION_RULE)."""
+  return onset.check_prediction(rows, onset.load_fits(fit_path)) if fit_path else None
 
 
 def main(argv=None) -> None:

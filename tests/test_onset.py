@@ -73,6 +73,23 @@ def test_arm_bootstrap_resamples_whole_arms():
   np.testing.assert_allclose(fit.boot, np.broadcast_to(fit.coef, fit.boot.shape), atol=1e-9)
 
 
+def test_prediction_holds_for_new_arms_of_the_law_and_fails_for_a_steeper_one():
+  """Fit on tokens up to 2^19; new seeds of the same law two doublings further are inside the
+  widened interval, arms of a law twice as steep are above it, and the verdict says so."""
+  fit = onset.fit_law(planted(noise=0.05), "rope", "pair_max_mean", n_boot=300)
+  assert 0.02 < fit.resid_sd < 0.1   # the planted arm-to-arm spread (0.05 per point)
+  far = [r for r in planted(noise=0.05, seed=1, sizes=(4e5,)) if r["tokens"] > 0]
+  for r in far:
+    r["tokens"] *= 4
+    r["pair_max_mean"] += 0.25 * 2   # the law at four times the tokens
+  tested = onset.check_prediction(far, [fit])
+  (v,) = tested["verdicts"]
+  assert (v["verdict"], v["arms"]) == ("holds", 3) and len(tested["points"]) == 30
+  steep = [dict(r, pair_max_mean=r["pair_max_mean"] + 0.25 * math.log2(r["tokens"])) for r in far]
+  (v,) = onset.check_prediction(steep, [fit])["verdicts"]
+  assert v["verdict"] == "fails" and set(v["sides"].values()) == {"above"}
+
+
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
   """A traced store of untrained models standing in for checkpoints (rope and nope, d16; one rope at
@@ -118,6 +135,11 @@ def test_cli_writes_and_bad_input_is_one_line(traced, tmp_path, capsys):
   from analysis.lab.cli import main
   assert main(["onset", str(traced / "trace"), "--out", str(tmp_path / "out"), "--n-boot", "10"]) == 0
   assert "wrote" in capsys.readouterr().out and os.path.exists(tmp_path / "out" / "fit.json")
+  assert main(["onset", str(traced / "trace"), "--out", str(tmp_path / "again"), "--n-boot", "10",
+               "--predict", str(tmp_path / "out" / "fit.json")]) == 0
+  assert "prediction rope pair_max_mean: the law" in capsys.readouterr().out
+  tested = json.loads((tmp_path / "again" / "prediction.json").read_text())
+  assert tested["rule"] == onset.PREDICTION_RULE and {v["kind"] for v in tested["verdicts"]} == {"rope", "nope"}
   alibi = tmp_path / "alibi"
   shutil.copytree(traced / "trace", alibi)
   meta = json.loads((alibi / "meta.json").read_text())
@@ -126,7 +148,8 @@ def test_cli_writes_and_bad_input_is_one_line(traced, tmp_path, capsys):
   (alibi / "meta.json").write_text(json.dumps(meta))
   for args, field in (([str(tmp_path / "nowhere")], "trace_dir"), ([str(alibi)], "trace_dir"),
                       ([str(traced / "trace"), "--run-dir", str(tmp_path)], "--run-dir"),
-                      ([str(traced / "trace"), "--n-boot", "0"], "--n-boot")):
+                      ([str(traced / "trace"), "--n-boot", "0"], "--n-boot"),
+                      ([str(traced / "trace"), "--predict", str(tmp_path / "nofit.json")], "--predict")):
     assert main(["onset", *args, "--out", str(tmp_path / "x")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {field}: "), lines
@@ -173,6 +196,7 @@ def test_gpu_script_end_to_end_on_cpu(tmp_path):
   assert {"run.json", "claims.json", "fit.json", "onset_table.csv", "concentration.png"} <= set(files)
   run = json.loads((tmp_path / "out" / "run.json").read_text())
   assert {a["last_checkpoint"] for a in run["arms"].values()} == {4} and run["estimate"]["flops_per_step"] > 0
-  (p,) = run["prediction"]   # the rope arm's last checkpoint against the planted rope law
-  assert (p["arm"], p["stat"], p["tokens"]) == ("rope", "pair_max_mean", 4 * 4 * 64)
+  (v,) = run["prediction"]["verdicts"]   # the rope arm against the planted rope law
+  (p,) = [p for p in run["prediction"]["points"] if p["last"]]
+  assert (v["kind"], v["arms"], p["arm"], p["stat"], p["tokens"]) == ("rope", 1, "rope", "pair_max_mean", 4 * 4 * 64)
   assert p["predicted"] == pytest.approx(onset.predict(fit, p["params"], p["tokens"]))

@@ -33,6 +33,14 @@ Onset rule (written down before any onset data was seen; RULE below):
   the level; None when the slope b <= 0 (the law does not rise with tokens: reported as such) or
   beyond HORIZON tokens. Its interval: percentiles of the bootstrap replicates' onsets, a replicate
   that never reaches counting as beyond every finite value (an upper bound of None: not reached).
+
+Testing a fit on another run (--predict FIT; PREDICTION_RULE, written down before any tested run was
+trained): a new arm is one more draw of an arm, so its value at (params, tokens) is predicted inside
+the law's bootstrap band widened by Z_PRED times resid_sd, the standard deviation over the fitted
+arms of their residual at their last checkpoint (the arm-to-arm spread that the band of the mean
+leaves out). Every traced checkpoint of the new run is compared; the verdict reads each arm's last
+checkpoint: the law holds for a kind and statistic when every such arm is inside, and fails otherwise
+(an arm above says concentration grows faster than the law; below, slower).
 """
 from __future__ import annotations
 
@@ -52,6 +60,7 @@ from analysis.massive import claims as CL  # noqa: E402
 from analysis.massive import stats as S  # noqa: E402
 from analysis.massive import store as ST  # noqa: E402
 from minilm import atomic  # noqa: E402
+from minilm.paths import portable_tree  # noqa: E402
 from minilm.schema import check, to_dict  # noqa: E402
 from train import checkpoints as ck  # noqa: E402
 
@@ -72,6 +81,10 @@ RULE = (f"onset at model size N: the tokens where the fitted law first reaches i
         f"at every point, since per-dim max/mean >= per-pair max/mean); share5_post (share of Q/K heads with a "
         f"lambda=5 dim after RoPE) reaches {CL.SHARE_LEVEL:g} (C1's level); None if the slope b <= 0 or beyond "
         f"{HORIZON:.0e} tokens; RoPE and NoPE separately")
+Z_PRED = 1.96
+PREDICTION_RULE = (f"a new arm's last checkpoint is predicted inside the fitted law's 95% bootstrap band widened by "
+                   f"{Z_PRED} x resid_sd (SD over the fitted arms of their last-checkpoint residual); the law holds "
+                   f"for a kind and statistic when every new arm is inside, fails otherwise")
 TENSORS = {"pre": ("q", "k"), "post": CL.QK, "pair": ("q", "k")}
 """Pair norms are the same on q and rot_q, so the pair point reads the unrotated tensors."""
 
@@ -168,6 +181,7 @@ class Fit:
   n_sizes: int
   dropped: int = 0
   note: str = ""
+  resid_sd: float = math.nan  # SD over arms of the residual at each arm's last checkpoint (PREDICTION_RULE)
 
   def ci(self) -> np.ndarray:
     """[3, 2] 95% percentile intervals of a, b, c."""
@@ -196,8 +210,12 @@ def fit_law(rows: list[dict], kind: str, stat: str, n_boot: int = N_BOOT, seed: 
     pick = [r for i in rng.integers(0, len(arms), len(arms)) for r in by_arm[arms[i]]]
     if n_sizes == 1 or len({r["params"] for r in pick}) > 1:
       boot.append(_solve(pick, stat, n_sizes > 1))
-  return Fit(kind, stat, _solve(rows, stat, n_sizes > 1), np.array(boot).reshape(-1, 3), len(arms), len(rows),
-             n_sizes, n_boot - len(boot), "" if n_sizes > 1 else "one model size: c not identified, fixed at 0")
+  coef = _solve(rows, stat, n_sizes > 1)
+  last = [max(by_arm[a], key=lambda r: r["tokens"]) for a in arms]
+  resid = [r[stat] - (coef[0] + coef[1] * math.log2(r["tokens"]) + coef[2] * math.log2(r["params"])) for r in last]
+  return Fit(kind, stat, coef, np.array(boot).reshape(-1, 3), len(arms), len(rows), n_sizes, n_boot - len(boot),
+             "" if n_sizes > 1 else "one model size: c not identified, fixed at 0",
+             float(np.std(resid, ddof=1)) if len(resid) > 1 else math.nan)
 
 
 def predict(fit: Fit, params, tokens, coef=None):
@@ -210,6 +228,34 @@ def band(fit: Fit, params, tokens) -> tuple[np.ndarray, np.ndarray]:
   """95% percentile band of the law at (params, tokens [T]) over the bootstrap replicates."""
   reps = predict(fit, params, np.asarray(tokens, np.float64)[None], fit.boot[:, None, :])
   return tuple(np.quantile(reps, [0.025, 0.975], axis=0))
+
+
+def interval(fit: Fit, params, tokens) -> tuple[np.ndarray, np.ndarray]:
+  """PREDICTION_RULE's interval for one new arm at (params, tokens [T]): band() widened by Z_PRED x resid_sd."""
+  lo, hi = band(fit, params, tokens)
+  return lo - Z_PRED * fit.resid_sd, hi + Z_PRED * fit.resid_sd
+
+
+def check_prediction(rows: list[dict], fits: list[Fit]) -> dict:
+  """Every checkpoint (tokens > 0) of `rows` (another run's table) against the law of its kind and
+  statistic in `fits`, and the verdict per kind and statistic (PREDICTION_RULE)."""
+  points, verdicts = [], []
+  for fit in fits:
+    mine = [r for r in rows if r["kind"] == fit.kind and r["tokens"] > 0 and r.get(fit.stat) is not None]
+    last = {a: max(r["tokens"] for r in mine if r["arm"] == a) for a in {r["arm"] for r in mine}}
+    for r in mine:
+      lo, hi = interval(fit, r["params"], [r["tokens"]])
+      side = "inside" if lo[0] <= r[fit.stat] <= hi[0] else "above" if r[fit.stat] > hi[0] else "below"
+      points.append({"arm": r["arm"], "kind": fit.kind, "stat": fit.stat, "params": r["params"], "tokens": r["tokens"],
+                     "last": r["tokens"] == last[r["arm"]], "measured": r[fit.stat],
+                     "predicted": float(predict(fit, r["params"], r["tokens"])),
+                     "interval": [float(lo[0]), float(hi[0])], "side": side, "inside": side == "inside"})
+    ends = [p for p in points if p["last"] and (p["kind"], p["stat"]) == (fit.kind, fit.stat)]
+    if ends:
+      verdicts.append({"kind": fit.kind, "stat": fit.stat, "arms": len(ends),
+                       "verdict": "holds" if all(p["inside"] for p in ends) else "fails",
+                       "sides": {p["arm"]: p["side"] for p in ends}})
+  return {"rule": PREDICTION_RULE, "verdicts": verdicts, "points": points}
 
 
 def _onset(coef, params: float, level: float, horizon: float) -> float:
@@ -245,7 +291,7 @@ def fit_dict(fit: Fit, sizes, horizon: float = HORIZON) -> dict:
   return {"kind": fit.kind, "stat": fit.stat, "level": FITTED[fit.stat], "law": LAW,
           "coef": dict(zip("abc", map(float, fit.coef))), "ci": dict(zip("abc", fit.ci().tolist())),
           "n_arms": fit.n_arms, "n_points": fit.n_points, "n_sizes": fit.n_sizes, "n_boot_kept": len(fit.boot),
-          "n_boot_dropped": fit.dropped, "note": fit.note, "boot": np.round(fit.boot, 6).tolist(),
+          "n_boot_dropped": fit.dropped, "note": fit.note, "resid_sd": None if math.isnan(fit.resid_sd) else fit.resid_sd, "boot": np.round(fit.boot, 6).tolist(),
           "onset": [onset(fit, n, FITTED[fit.stat], horizon) for n in sizes]}
 
 
@@ -254,7 +300,8 @@ def load_fits(path: str) -> list[Fit]:
   with open(path) as f:
     fits = json.load(f)["fits"]
   return [Fit(d["kind"], d["stat"], np.array([d["coef"][k] for k in "abc"]), np.array(d["boot"]).reshape(-1, 3),
-              d["n_arms"], d["n_points"], d["n_sizes"], d["n_boot_dropped"], d["note"]) for d in fits]
+              d["n_arms"], d["n_points"], d["n_sizes"], d["n_boot_dropped"], d["note"],
+              math.nan if d.get("resid_sd") is None else d["resid_sd"]) for d in fits]
 
 
 # ---------------------------------------------------------------------------------------- outputs
@@ -357,12 +404,25 @@ def summary_lines(data: dict) -> list[str]:
   return out
 
 
+def prediction_lines(tested: dict) -> list[str]:
+  """check_prediction's verdicts and each arm's last checkpoint in words."""
+  out = []
+  for v in tested["verdicts"]:
+    out.append(f"prediction {v['kind']} {v['stat']}: the law {v['verdict']} ({v['arms']} arms)")
+    for p in (p for p in tested["points"] if p["last"] and (p["kind"], p["stat"]) == (v["kind"], v["stat"])):
+      out.append(f"  {p['arm']} at {p['tokens']:.3g} tokens: measured {p['measured']:.3g}, predicted "
+                 f"{p['predicted']:.3g} [{p['interval'][0]:.3g}, {p['interval'][1]:.3g}]: {p['side']}")
+  return out
+
+
 def add_arguments(p) -> None:
   p.add_argument("trace_dir", help="a traced directory (python -m analysis trace / minilm-lab)")
   p.add_argument("--out", required=True, help="output folder (written whole, replacing an earlier one)")
   p.add_argument("--run-dir", default=None, help="the run it was traced from (default: recorded in meta.json)")
   p.add_argument("--params", type=float, nargs="*", default=(), help="extra model sizes to give onsets for")
   p.add_argument("--n-boot", type=int, default=N_BOOT, help=f"bootstrap replicates (default {N_BOOT})")
+  p.add_argument("--predict", default=None, metavar="FIT", help="a fit.json of another run: test its law on this "
+                 "one (PREDICTION_RULE) into prediction.json")
   p.add_argument("--horizon", type=float, default=HORIZON, help=f"tokens beyond which an onset is None "
                  f"(default {HORIZON:.0e})")
 
@@ -372,9 +432,15 @@ def run(args) -> None:
         "by `python -m analysis trace`")
   check(args.n_boot >= 1, "--n-boot", f"must be >= 1; got {args.n_boot}")
   check(args.horizon > 0 and all(n > 0 for n in args.params), "--horizon/--params", "must be > 0")
+  check(args.predict is None or os.path.isfile(args.predict), "--predict", f"{args.predict} is not a file; give "
+        "the fit.json of an earlier `python -m analysis onset`")
   atomic.check_out_dir(args.out)
+  fits = load_fits(args.predict) if args.predict else []
   rows = table(args.trace_dir, args.run_dir)
   with atomic.staged_dir(args.out) as staging:
     data = write(rows, staging, sizes=args.params, n_boot=args.n_boot, horizon=args.horizon,
-                 source={"trace_dir": os.path.abspath(args.trace_dir), "run_dir": args.run_dir})
-  print("\n".join(summary_lines(data) + [f"wrote {args.out}"]))
+                 source=portable_tree({"trace_dir": args.trace_dir, "run_dir": args.run_dir, "predict": args.predict}))
+    tested = check_prediction(rows, fits) if fits else None
+    if tested:
+      atomic.write_json(os.path.join(staging, "prediction.json"), tested)
+  print("\n".join(summary_lines(data) + (prediction_lines(tested) if tested else []) + [f"wrote {args.out}"]))
