@@ -103,10 +103,10 @@ def tl_logits(directory: str, tokens_BxT):
 def check_tokenizer(directory: str) -> bool:
   import transformers
 
-  from train.tokenizer import Tokenizer
+  from train.tokenizer import ByteTokenizer
   tok = transformers.AutoTokenizer.from_pretrained(directory)
   ids = tok(SAMPLE, add_special_tokens=False)["input_ids"]
-  return ids == Tokenizer().encode(SAMPLE) and tok.decode(ids) == SAMPLE
+  return ids == ByteTokenizer().encode(SAMPLE) and tok.decode(ids) == SAMPLE
 
 
 def export(source, fmt: str, out: str) -> str | None:

@@ -67,7 +67,7 @@ def test_every_arm_is_paired_with_the_nope_arm_of_its_own_seed(seeded):
 def test_a_comparison_holds_the_verdicts_of_that_pair_alone(seeded):
   _, store, out = seeded
   row = next(r for r in out["comparisons"] if r["arm"] == "rope_s1")
-  direct = CL.evaluate(store, rope_arm="rope_s1", nope_arm="nope_s1", n_boot=CL.N_BOOT)
+  direct = CL.judge(store, rope_arm="rope_s1", nope_arm="nope_s1", n_boot=CL.N_BOOT)
   assert [v["claim"] for v in row["verdicts"]] == [v.claim for v in direct]
   for got, want in zip(row["verdicts"], direct):   # exact: the same function on the same stored sums
     assert got["value"] == want.value and got["diff"] == want.diff

@@ -9,9 +9,9 @@ import pytest
 
 from minilm.schema import ConfigError, from_dict, override, to_dict
 from train import data, tasks, text
-from train.tokenizer import BOS, EOS, PAD, Tokenizer
+from train.tokenizer import BOS, EOS, PAD, ByteTokenizer
 
-TOK = Tokenizer()
+TOK = ByteTokenizer()
 A0, E0, V0 = (TOK.symbol(c, 0) for c in "AEV")
 TASKS_ONLY = {"passkey": 1, "recall": 1, "context_facts": 1, "kb_facts": 1}
 
@@ -248,9 +248,9 @@ def test_local_text_loads_offline_without_network(tmp_path):
   code = ("import socket\n"
           "def refuse(*a, **k): raise OSError('network used')\n"
           "socket.socket.connect = socket.create_connection = refuse\n"
-          "from train import data, text; from train.tokenizer import Tokenizer\n"
+          "from train import data, text; from train.tokenizer import ByteTokenizer\n"
           f"cfg = data.DataConfig(mixture={{'text': 1}}, seq_len=8, text_source='text', text_files=({str(tmp_path / 'doc.txt')!r},))\n"
-          "print(Tokenizer().decode(text.corpus(cfg)))")
+          "print(ByteTokenizer().decode(text.corpus(cfg)))")
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]

@@ -143,13 +143,13 @@ def test_off_is_bit_identical_and_empty_masks_change_nothing(model, tokens):
 def test_every_mode_of_a_prompt_shape_shares_one_compiled_prefill(model):
   """Compilation dominates the disruption run of a 30-layer model: 'off' goes through the same hook
   (all-False masks) as the disrupting modes, so a new prompt shape compiles greedy decoding once."""
-  from train.tokenizer import Tokenizer
+  from train.tokenizer import ByteTokenizer
   from analysis.studies import suites
-  tok = Tokenizer()
+  tok = ByteTokenizer()
   items = [suites.Item("ctx", "contextual", np.full(13, 7 + i, np.int32), "", "x", 3, {}) for i in range(2)]
   compiled = generate._greedy._cache_size()
   conds = disruption.conditions(DisruptConfig(criterion="topk", top_k=1), disruption.TABLE_MODES, dose=True)
-  disruption.evaluate(model, tok, items, conds, batch=2)
+  disruption.score_conditions(model, tok, items, conds, batch=2)
   assert generate._greedy._cache_size() == compiled + 1
 
 

@@ -23,7 +23,7 @@ from minilm.encodings import ALiBi, Learned, NoPE, RoPE, Sinusoidal
 from minilm.importers.llama import reorder_rows
 from minilm.model import Decoder
 from train import checkpoints, export as E
-from train.tokenizer import Tokenizer
+from train.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.slow   # trains and exports tiny arms in every format (minutes on 2 cores)
 
@@ -76,7 +76,7 @@ def test_hf_export_reads_back_through_the_importer_with_the_same_logits(name, tm
   back, tok, info = importers.load(str(tmp_path))
   assert info["architecture"] == family
   assert rel(logits(back), logits(model)) < 1e-5
-  assert tok.encode("<E17> lives in <A4>. Grüße") == Tokenizer().encode("<E17> lives in <A4>. Grüße")
+  assert tok.encode("<E17> lives in <A4>. Grüße") == ByteTokenizer().encode("<E17> lives in <A4>. Grüße")
 
 
 def test_interleaved_pairs_leave_in_the_half_layout():

@@ -325,8 +325,8 @@ def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   from analysis.studies import disruption
   from analysis.lab import cli
   from analysis.studies import suites
-  from train.tokenizer import Tokenizer
-  tok = Tokenizer()
+  from train.tokenizer import ByteTokenizer
+  tok = ByteTokenizer()
   model = Decoder(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                               max_len=128), rngs=nnx.Rngs(0))
   items = [suites.Item("ctx", "contextual", np.asarray(tok.encode(f"key {i}{i}: value"), np.int32), "", f"{i}", 2, {})

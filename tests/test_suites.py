@@ -7,9 +7,9 @@ import pytest
 
 from analysis.studies import suites as T
 from minilm.schema import ConfigError
-from train.tokenizer import Tokenizer
+from train.tokenizer import ByteTokenizer
 
-TOK = Tokenizer()  # bytes: every test here runs without a pretrained model
+TOK = ByteTokenizer()  # bytes: every test here runs without a pretrained model
 
 
 def test_passkey_is_the_papers_prompt_with_depth_swept():

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from train import data, tasks
-from train.tokenizer import BOS, EOS, PAD, Tokenizer
+from train.tokenizer import BOS, EOS, PAD, ByteTokenizer
 
-TOK = Tokenizer()
+TOK = ByteTokenizer()
 A0, E0, K0, V0 = (TOK.symbol(c, 0) for c in "AEKV")
 
 

@@ -15,9 +15,9 @@ from minilm import schema as C
 from minilm.schema import ConfigError
 from train import cli as train_cli
 from train import data, loop, text
-from train.tokenizer import BOS, Tokenizer
+from train.tokenizer import BOS, ByteTokenizer
 
-TOK = Tokenizer()
+TOK = ByteTokenizer()
 LINES = [f"line {i:03d}: the {'rose' if i % 2 else 'moon'} of verse number {i}" for i in range(400)]
 
 

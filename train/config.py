@@ -13,7 +13,7 @@ from minilm import schema as C
 from minilm.config import ModelConfig
 from minilm.schema import check, check_choice
 from train.data import DataConfig
-from train.tokenizer import Tokenizer
+from train.tokenizer import ByteTokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +98,8 @@ class TrainConfig:
 
   def __post_init__(self):
     check(self.steps >= 0, "steps", f"must be >= 0; got {self.steps}")
-    check(self.model.vocab_size >= Tokenizer.vocab_size, "model.vocab_size",
-          f"must be >= {Tokenizer.vocab_size}, the tokenizer's ids 0..{Tokenizer.vocab_size - 1} (train.tokenizer); "
+    check(self.model.vocab_size >= ByteTokenizer.vocab_size, "model.vocab_size",
+          f"must be >= {ByteTokenizer.vocab_size}, the tokenizer's ids 0..{ByteTokenizer.vocab_size - 1} (train.tokenizer); "
           f"got {self.model.vocab_size}")
     check(self.log_every >= 1, "log_every", f"must be >= 1; got {self.log_every}")
     check(not self.model.position.bounded or self.data.seq_len <= self.model.max_len, "data.seq_len",

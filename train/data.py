@@ -27,7 +27,7 @@ import numpy as np
 
 from minilm.schema import OPTIONAL, check, check_choice, to_dict
 from train import tasks, text
-from train.tokenizer import PAD, Tokenizer
+from train.tokenizer import PAD, ByteTokenizer
 
 FAMILIES = tasks.TASK_FAMILIES + ("text",)
 EVAL_STREAM = 0xE7A1_5EED_0001   # far above any step, so no [seed, step] stream coincides
@@ -87,7 +87,7 @@ class DataConfig:
     check(0 < self.text_heldout < 1, "data.text_heldout", f"must be in (0, 1); got {self.text_heldout}")
     check(0 <= self.gap_fraction <= 1, "data.gap_fraction", f"must be in [0, 1]; got {self.gap_fraction}")
     check(2 <= self.passkey_digits <= 12, "data.passkey_digits", f"must be in 2..12; got {self.passkey_digits}")
-    tok = Tokenizer()
+    tok = ByteTokenizer()
     check(2 <= self.n_attributes <= tok.n_attributes, "data.n_attributes",
           f"must be in 2..{tok.n_attributes}; got {self.n_attributes}")
     check(1 <= self.kb_entities <= tok.n_entities - self.facts_per_context, "data.kb_entities",
@@ -210,7 +210,7 @@ def _example(family: str, drawn: tasks.Drawn) -> Example:
   while start > 0 and flags[start - 1] == _ANSWER:
     start -= 1
   toks = np.asarray(drawn.toks, np.int32)
-  return Example(family, toks[:start], toks[start:end], Tokenizer().decode(toks[:start]), drawn.meta)
+  return Example(family, toks[:start], toks[start:end], ByteTokenizer().decode(toks[:start]), drawn.meta)
 
 
 def eval_examples(cfg: DataConfig, seed: int, n_per_family: int,

@@ -155,7 +155,7 @@ def hf_model_type(cfg: ModelConfig) -> str:
 
 def hf_config(cfg: ModelConfig) -> dict:
   """config.json of the HF family that expresses cfg."""
-  kind, tok = hf_model_type(cfg), lab_tokenizer.Tokenizer
+  kind, tok = hf_model_type(cfg), lab_tokenizer.ByteTokenizer
   common = {"model_type": kind, "architectures": [ARCHITECTURES[kind]], "vocab_size": cfg.vocab_size,
             "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": tok.BOS, "eos_token_id": tok.EOS,
             "pad_token_id": tok.PAD, "torch_dtype": "float32"}
@@ -277,7 +277,7 @@ def tokenizer_json() -> str:
   token per byte, ids 0..255; the form GPT-2's, Llama 3's and Qwen2's tokenizers share), then
   <pad>, <bos>, <eos> and the task symbols, each matched whole."""
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-  lab = lab_tokenizer.Tokenizer()
+  lab = lab_tokenizer.ByteTokenizer()
   vocab = {symbol: b for b, symbol in enumerate(byte_symbols())}
   vocab.update({lab.token_name(i): i for i in range(lab_tokenizer.N_BYTES, lab.vocab_size)})
   tok = Tokenizer(models.BPE(vocab, []))

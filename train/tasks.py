@@ -26,9 +26,9 @@ import functools
 
 import numpy as np
 
-from train.tokenizer import BOS, EOS, Tokenizer
+from train.tokenizer import BOS, EOS, ByteTokenizer
 
-TOK = Tokenizer()
+TOK = ByteTokenizer()
 TASK_FAMILIES = ("passkey", "recall", "context_facts", "kb_facts", "conflict")
 
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",

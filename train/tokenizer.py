@@ -31,7 +31,7 @@ _COUNT = dict(SYMBOLS)
 _TOKEN_RE = re.compile(r"<(?:(pad|bos|eos)|([EAKV])(\d+))>")
 
 
-class Tokenizer:
+class ByteTokenizer:
   """Bytes + specials + task symbols; see the module docstring for the id layout."""
   PAD, BOS, EOS = PAD, BOS, EOS
   vocab_size = VOCAB_SIZE

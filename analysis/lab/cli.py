@@ -95,7 +95,7 @@ def _claims_args(p):
 
 
 def _claims(args):
-  verdicts = claims.evaluate(Store(args.out).require(), rope_arm=args.rope_arm, nope_arm=args.nope_arm)
+  verdicts = claims.judge(Store(args.out).require(), rope_arm=args.rope_arm, nope_arm=args.nope_arm)
   claims.write_claims(verdicts, args.out)
   print(claims.to_markdown(claims.load_claims(args.out)))
 

@@ -1,7 +1,7 @@
 """Experiments with more than one pair: every arm against its same-seed NoPE arm, then over seeds.
 
 A traced run with arms such as rope_s0, nope_s0, rope_s1, nope_s1, alibi_s0, ... gets one set of
-C1-C4 verdicts per (arm, reference) comparison (analysis.massive.claims.evaluate with that pair), and, for
+C1-C4 verdicts per (arm, reference) comparison (analysis.massive.claims.judge with that pair), and, for
 every recipe (an arm's overrides without its seed) seen under two or more seeds, the per-seed
 values of what each rule judges (claims.READS) with their mean and a t interval over seeds
 (pooled only where every seed is at the same step). Written to <trace>/comparisons.json.
@@ -101,7 +101,7 @@ def compare(store: ST.Store, run_dir: str) -> dict:
   for arm, ref in pairs(facts):
     if arm not in traced or (ref is not None and ref not in traced):
       continue
-    verdicts = CL.evaluate(store, rope_arm=arm, nope_arm=ref, find_nope=False)
+    verdicts = CL.judge(store, rope_arm=arm, nope_arm=ref, find_nope=False)
     rows.append({"arm": arm, "reference": ref, "seed": facts[arm]["seed"], "recipe": facts[arm]["recipe"],
                  "position": facts[arm]["position"], "verdicts": [dataclasses.asdict(v) for v in verdicts]})
   groups = []

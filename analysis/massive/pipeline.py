@@ -22,7 +22,7 @@ from minilm import atomic, hooks, paths
 from minilm.schema import check
 from train import checkpoints as ck
 from train.data import probe_tokens
-from train.tokenizer import Tokenizer
+from train.tokenizer import ByteTokenizer
 
 
 def analyze_model(model, probes_NxT, out_dir: str, *, mask_NxT=None, arm: str = "model", step: int = 0,
@@ -43,7 +43,7 @@ def finish(store: Store, *, plots: bool = True, claims: bool = True, rope_arm=No
   if plots:
     P.plot_all(store)
   if claims:
-    CL.write_claims(CL.evaluate(store, rope_arm=rope_arm, nope_arm=nope_arm), store.root)
+    CL.write_claims(CL.judge(store, rope_arm=rope_arm, nope_arm=nope_arm), store.root)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,7 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
   else:
     first = next(iter(plan.configs.values()))
     probes = np.asarray(probe_tokens(first.data, probe_seed, n_probes, plan.length), np.int32)
-  mask = (probes != Tokenizer().PAD).astype(np.float32)
+  mask = (probes != ByteTokenizer().PAD).astype(np.float32)
   store = open_store(out_dir, probes, mask, stat_cfg.drop_first, stat_cfg,
                      {"run_dir": paths.portable(run_dir), "probe_seed": probe_seed})
   timing = {"restore_s": 0.0, "forward_s": 0.0, "compile_forward_s": 0.0, "traced": 0, "skipped": 0}

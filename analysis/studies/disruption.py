@@ -42,7 +42,7 @@ from analysis.studies.disrupt import DisruptConfig
 from minilm import atomic, generate
 from minilm.schema import check, check_choice
 from train import checkpoints, data
-from train.tokenizer import Tokenizer
+from train.tokenizer import ByteTokenizer
 
 TABLE_MODES = ("off", "smallest", "massive", "random", "v")
 COLUMNS = {"off": "original", "smallest": "smallest dims", "massive": "massive disrupted",
@@ -107,7 +107,7 @@ def pooled_label(label: str) -> str:
 
 # --------------------------------------------------------------------------------------- evaluation
 
-def evaluate(model, tokenizer, items, conds: dict[str, DisruptConfig], *, label: str = "model", batch: int = 8,
+def score_conditions(model, tokenizer, items, conds: dict[str, DisruptConfig], *, label: str = "model", batch: int = 8,
              probe=None, sink=None) -> tuple[list[dict], dict[str, float]]:
   """Run every item under every condition; equal-length prompts share a batch (padded with copies of
   its last row so each length compiles once) and one capture pass serves all conditions of a batch.
@@ -154,7 +154,7 @@ def family_of(task: str) -> str:
 
 
 def in_item_order(records: list[dict]) -> list[dict]:
-  """Records by model, then item (evaluate batches equal lengths together, across tasks)."""
+  """Records by model, then item (score_conditions batches equal lengths together, across tasks)."""
   models = list(dict.fromkeys(r["model"] for r in records))
   return sorted(records, key=lambda r: (models.index(r["model"]), r["example"]))
 
@@ -461,7 +461,7 @@ def known_capitals(model, tokenizer, bos, batch: int) -> tuple[list[tuple[str, s
   """The capital pairs the undisrupted model completes right closed-book (memory for conflicts)."""
   pairs = suites._modal_pairs(tokenizer, suites.CAPITALS)
   items = suites.capitals(tokenizer, len(pairs), seed=0, bos=bos)
-  records, _ = evaluate(model, tokenizer, items, {"off": DisruptConfig(mode="off")}, batch=batch)
+  records, _ = score_conditions(model, tokenizer, items, {"off": DisruptConfig(mode="off")}, batch=batch)
   by_capital = {c: k for k, c in pairs}
   known = [(by_capital[r["answer"]], r["answer"]) for r in records if r["success"]]
   return known, len(known) / len(items)
@@ -482,7 +482,7 @@ def load_sources(spec: str, suite: str, n: int, seed: int, batch: int, prompts: 
     probe = [it.prompt for it in suites.suite(tokenizer, "quick", 4, seed + 1000, bos, known=known)]
     notes = {"closed_book_capitals_known": len(known), "closed_book_capitals_rate": rate}
     return [("SmolLM2-135M-Instruct", model, tokenizer, items, probe, notes)]
-  tokenizer = Tokenizer()
+  tokenizer = ByteTokenizer()
   if spec == "random":
     model, tokenizer = sources.tiny_random(seed)
     items = own(tokenizer) if prompts else suites.suite(tokenizer, suite, n, seed, lengths=((400, 6),))  # bytes
@@ -630,7 +630,7 @@ def run(args) -> dict:
     with open(out / "results.jsonl", "w") as sink:
       for label, model, tokenizer, items, probe_prompts, notes in models:
         probe = disrupt.probe_norms(model, probe_prompts, base) if base.source == "probe" else None
-        records, seconds = evaluate(model, tokenizer, items, conds, label=label, batch=args.batch, probe=probe,
+        records, seconds = score_conditions(model, tokenizer, items, conds, label=label, batch=args.batch, probe=probe,
                                     sink=sink)
         all_records += records
         pools[label] = pool(records, label)

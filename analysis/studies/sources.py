@@ -10,13 +10,13 @@ from minilm.config import ModelConfig
 from minilm.model import Decoder
 from minilm.schema import check
 from train.text import shakespeare_files
-from train.tokenizer import Tokenizer
+from train.tokenizer import ByteTokenizer
 
 
-def tiny_random(seed: int = 0) -> tuple[Decoder, Tokenizer]:
+def tiny_random(seed: int = 0) -> tuple[Decoder, ByteTokenizer]:
   """An untrained RoPE decoder on the byte tokenizer, long enough for every built-in task: plumbing
   checks only."""
-  tok = Tokenizer()
+  tok = ByteTokenizer()
   cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=2048)
   return Decoder(cfg, rngs=nnx.Rngs(seed)), tok
 

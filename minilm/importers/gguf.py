@@ -138,7 +138,7 @@ def _json_value(value):
 
 
 def from_parts(meta: dict, shapes: dict, fetch, source: str, *, layout: str = "half"):
-  """(Decoder, Tokenizer, info) from what `read` returns."""
+  """(Decoder, GGUFTokenizer, info) from what `read` returns."""
   cfg = config(meta, shapes, source, layout)
   model = llama.build_decoder(cfg, NAMES, shapes, fetch, source=source, native_layout="interleaved")
   tok = tokenizers_.from_gguf({k: v for k, v in meta.items() if k.startswith("tokenizer.ggml.")})
@@ -153,7 +153,7 @@ def default_cache_dir() -> str:
 
 
 def load_gguf(path: str, *, layout: str = "half", cache: bool = True, cache_dir: str | None = None):
-  """(Decoder, Tokenizer, info) from a .gguf file; info['load_s'] is the wall time of the import.
+  """(Decoder, GGUFTokenizer, info) from a .gguf file; info['load_s'] is the wall time of the import.
 
   cache: read through the dequantized .npz cache (written on first use); False reads the GGUF.
   """

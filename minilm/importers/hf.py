@@ -305,7 +305,7 @@ def _open_safetensors(path: str):
 
 
 def load_hf(directory: str, *, layout: str = "half"):
-  """(Decoder, Tokenizer or None when the directory has no tokenizer.json, info)."""
+  """(Decoder, GGUFTokenizer or None when the directory has no tokenizer.json, info)."""
   start = time.perf_counter()
   hf = read_config(directory)
   fam, cfg = family(hf, directory), config(hf, directory, layout)

@@ -17,7 +17,7 @@ PRE_TOKENIZERS = ("default", "gpt2") + _DIGITS_THEN_GPT2
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-class Tokenizer:
+class GGUFTokenizer:
   """encode(text) -> ids (with BOS when the model's convention adds it), decode(ids) -> text."""
 
   def __init__(self, tok: tokenizers.Tokenizer, bos_id: int | None, eos_id: int | None):
@@ -42,7 +42,7 @@ def _field(fields: dict, key: str, default=...):
   return default
 
 
-def from_gguf(fields: dict) -> Tokenizer:
+def from_gguf(fields: dict) -> GGUFTokenizer:
   """Byte-level BPE from `tokenizer.ggml.*` metadata (fields: key -> decoded value)."""
   kind = _field(fields, "tokenizer.ggml.model")
   if kind != "gpt2":
@@ -63,12 +63,12 @@ def from_gguf(fields: dict) -> Tokenizer:
   if fields.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
     tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
                                                        special_tokens=[(tokens[bos], bos)])
-  return Tokenizer(tok, bos, eos)
+  return GGUFTokenizer(tok, bos, eos)
 
 
-def from_hf(directory: str, bos_id: int | None, eos_id: int | None) -> Tokenizer:
+def from_hf(directory: str, bos_id: int | None, eos_id: int | None) -> GGUFTokenizer:
   """The directory's tokenizer.json, as is (its post-processor decides whether BOS is added)."""
   path = os.path.join(directory, "tokenizer.json")
   if not os.path.isfile(path):
     raise ValueError(f"{directory}: no tokenizer.json (only the `tokenizers` JSON format is supported)")
-  return Tokenizer(tokenizers.Tokenizer.from_file(path), bos_id, eos_id)
+  return GGUFTokenizer(tokenizers.Tokenizer.from_file(path), bos_id, eos_id)
