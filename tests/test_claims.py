@@ -59,7 +59,7 @@ def _store(path, rope_layers, nope_layers, arms=("rope", "nope"), rope=encodings
 
 
 def _verdicts(store, **kw):
-  return {v.claim: v for v in CL.evaluate(store, n_boot=400, **kw)}
+  return {v.claim: v for v in CL.judge(store, n_boot=400, **kw)}
 
 
 def test_planted_rope_concentration_supports_c1_to_c4(tmp_path):
@@ -159,7 +159,7 @@ def test_write_claims_keeps_other_claims_so_c5_c6_can_be_added(tmp_path):
   store = _store(tmp_path, rope_layers=range(L), nope_layers=())
   c5 = CL.Verdict("C5", "Function", "passkey accuracy drop", "supported", "a C5 rule", value=0.9, ci=[0.8, 1.0])
   CL.write_claims([c5], str(tmp_path))
-  CL.write_claims(CL.evaluate(store, n_boot=100), str(tmp_path))
+  CL.write_claims(CL.judge(store, n_boot=100), str(tmp_path))
   claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
   assert [c["claim"] for c in claims] == ["C1", "C2", "C3", "C3-lowfreq", "C4", "C5"]
   md = (tmp_path / "claims.md").read_text()
@@ -173,6 +173,9 @@ def test_claims_json_with_the_old_field_names_is_a_one_line_error(tmp_path):
                                                                 "verdict": "supported", "rule": "r", "rope": 0.9}]}))
   with pytest.raises(ConfigError, match=r"claims\.json: unknown verdict field 'rope' .* run the analysis"):
     CL.load_claims(str(tmp_path))
+  c5 = CL.Verdict("C5", "Function", "passkey accuracy drop", "supported", "a C5 rule", value=0.8, ci=[0.7, 0.9])
+  CL.write_claims([c5], str(tmp_path))   # replacing the old verdict never reads it
+  assert CL.load_claims(str(tmp_path)) == [c5]
 
 
 def test_docs_state_every_rule_as_the_code_applies_it():

@@ -268,8 +268,8 @@ def _early(n_layers: int) -> range:
   return range(max(1, int(round(EARLY_FRACTION * n_layers))))
 
 
-def evaluate(store: ST.Store, rope_arm: str | None = None, nope_arm: str | None = None,
-             n_boot: int = N_BOOT, *, find_nope: bool = True) -> list[Verdict]:
+def judge(store: ST.Store, rope_arm: str | None = None, nope_arm: str | None = None,
+          n_boot: int = N_BOOT, *, find_nope: bool = True) -> list[Verdict]:
   """C1-C4 (with C3 split into the cause and the low-frequency location) from a traced directory.
 
   Without `nope_arm` the reference is the arm named "nope" or else the first NoPE arm, unless
@@ -447,12 +447,13 @@ def _where_notes(parts: list) -> str:
 
 # ---------------------------------------------------------------------------------------- files
 
-def load_claims(out_dir: str) -> list[Verdict]:
+def load_claims(out_dir: str, skip: frozenset = frozenset()) -> list[Verdict]:
+  """The verdicts of out_dir/claims.json, those with a claim id in `skip` left unread."""
   path = os.path.join(out_dir, "claims.json")
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    rows = json.load(f)["claims"]
+    rows = [v for v in json.load(f)["claims"] if v.get("claim") not in skip]
   fields = {f.name for f in dataclasses.fields(Verdict)}
   for v in rows:
     unknown = sorted(set(v) - fields)
@@ -463,8 +464,8 @@ def load_claims(out_dir: str) -> list[Verdict]:
 
 def write_claims(verdicts: list[Verdict], out_dir: str) -> None:
   """claims.json and claims.md in out_dir; verdicts already there with other claim ids are kept
-  (so C5/C6 can be added by later analyses), the same ids are replaced."""
-  merged = {v.claim: v for v in load_claims(out_dir)}
+  (so C5/C6 can be added by later analyses), the same ids are replaced unread."""
+  merged = {v.claim: v for v in load_claims(out_dir, frozenset(v.claim for v in verdicts))}
   merged.update({v.claim: v for v in verdicts})
   ordered = sorted(merged.values(), key=lambda v: v.claim)
   atomic.write_json(os.path.join(out_dir, "claims.json"),
