@@ -356,6 +356,22 @@ def test_end_to_end_templates_on_a_tiny_random_decoder(tmp_path, capsys):
   assert "--modes: must include 'off'" in capsys.readouterr().err
 
 
+def test_the_study_config_is_what_the_command_line_builds():
+  import argparse
+  ap = argparse.ArgumentParser()
+  disruption.add_arguments(ap)
+  direct = disruption.DisruptStudy(model="random", n=4, modes="off,massive", rope="pre", top_k=2, dose=True)
+  assert disruption.study_from_args(ap.parse_args(["--model", "random", "--out", "x", "--n", "4", "--modes",
+                                                   "off,massive", "--rope", "pre", "--top-k", "2", "--dose"])) == direct
+  assert disruption.study_from_args(ap.parse_args(["--model", "random", "--out", "x"])) == disruption.DisruptStudy("random")
+  base, conds, prompts = disruption.plan(direct)
+  assert (base.rope, base.top_k, prompts) == ("pre", 2, None) and {"off", "massive", "lam3", "top4"} <= set(conds)
+  with pytest.raises(ConfigError, match="^--n: must be >= 2"):
+    disruption.plan(dataclasses.replace(direct, n=1))
+  with pytest.raises(ConfigError, match="^disrupt.modes: must include 'off'"):   # as the lab names a field
+    disruption.plan(dataclasses.replace(direct, modes="massive"), name=lambda field: f"disrupt.{field}")
+
+
 def test_the_c5_rule_is_written_in_the_docs_verbatim():
   from pathlib import Path
   docs = (Path(__file__).parents[1] / "docs" / "claims.md").read_text()

@@ -1,6 +1,7 @@
 """minilm-lab: stage hashes and reuse, settings passed to the analyses, errors, and a --quick run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -47,6 +48,11 @@ def test_a_changed_setting_changes_the_hash_of_exactly_the_stages_it_affects():
   assert changed("--lab-set", "disrupt.model=run") == {"disrupt", "report"}      # now hangs on the training
   assert changed("--lab-set", "pretrained.length=32") == {"pretrained", "report"}
   assert changed("--lab-set", "quant.bits=8") == {"quant", "report"}
+  assert changed("--lab-set", "disrupt.rope=pre") == {"disrupt", "report"}
+  # the studies' settings hash as the lab's settings did before they were typed: earlier markers still match
+  params = _lab()[0].stages["disrupt"].params
+  assert params == {"disrupt": {"model": "smollm2", "suite": "templates", "n": 2, "modes": "off,smallest,massive",
+                                "batch": 10, "seed": 0, "extra": []}, "model": "smollm2"}
 
 
 def test_stage_selection_and_quick_experiment():
@@ -64,19 +70,31 @@ def test_an_experiment_config_runs_in_the_lab_with_default_settings():
   assert lab.exp.resolve("rope_b1e2").model.position.base == 100.0 and lab.exp.train.model.d_model == 32
 
 
-def test_disrupt_and_quant_settings_reach_the_analyses_through_their_own_parsers(monkeypatch, tmp_path):
+def test_study_settings_reach_the_studies_as_their_typed_configs(monkeypatch, tmp_path):
   from analysis.studies import disruption
   seen = {}
-  monkeypatch.setattr(disruption, "run_and_print", lambda args: seen.setdefault("disrupt", args))
-  monkeypatch.setattr(quantization, "run", lambda args: seen.setdefault("quant", args))
+  monkeypatch.setattr(disruption, "run", lambda cfg, out: seen.setdefault("disrupt", (cfg, out)))
+  monkeypatch.setattr(disruption, "print_report", lambda report, out: None)
+  monkeypatch.setattr(quantization, "run", lambda cfg, out: seen.setdefault("quant", (cfg, out)))
   lab = L.build(L.parser().parse_args(["--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "rep"),
-                                       "--lab-set", "disrupt.n=7", "disrupt.model=run",
-                                       'disrupt.extra=["--rope", "pre"]', "quant.methods=rtn,awq", "quant.bits=3"]))[0]
+                                       "--lab-set", "disrupt.n=7", "disrupt.model=run", "disrupt.rope=pre",
+                                       "disrupt.dose=true", "quant.methods=rtn,awq", "quant.bits=3", "trace.lam=3"]))[0]
+  assert lab.cfg.disrupt == disruption.DisruptStudy(model="run", n=7, rope="pre", dose=True, batch=10)  # lab.json: batch 10
   lab.stages["disrupt"].run()
   lab.stages["quant"].run()
-  d, q = seen["disrupt"], seen["quant"]
-  assert (d.n, d.model, d.rope, d.suite, d.out) == (7, lab.run_dir, "pre", "templates", lab.path("disrupt"))
-  assert (q.methods, q.bits, q.model, q.n, q.group_size, q.top_k) == ("rtn,awq", "3", lab.run_dir, 32, 32, 2)
+  (d, d_out), (q, q_out) = seen["disrupt"], seen["quant"]
+  assert d == dataclasses.replace(lab.cfg.disrupt, model=lab.run_dir) and d_out == lab.path("disrupt")
+  assert (q.methods, q.bits, q.model, q.n, q.group_size, q.top_k, q_out) == ("rtn,awq", "3", lab.run_dir, 32, 32, 2,
+                                                                             lab.path("quant"))
+  assert lab.study("pretrained").stats.lam == 3.0   # the pretrained model is analysed with the trace statistics
+
+
+def test_a_partial_study_section_keeps_the_lab_defaults(tmp_path):
+  path = tmp_path / "mine.json"
+  path.write_text(json.dumps({"experiment": "default", "disrupt": {"rope": "pre"}, "quant": {"bits": "4"}}))
+  cfg = L.read_config(str(path))[0]
+  assert cfg.disrupt == dataclasses.replace(L.LabConfig().disrupt, rope="pre") and cfg.disrupt.n == 10
+  assert cfg.quant == dataclasses.replace(L.LabConfig().quant, bits="4") and cfg.quant.model == L.RUN
 
 
 def test_an_interrupted_stage_leaves_no_marker_and_says_how_to_resume(monkeypatch, tmp_path, capsys):
@@ -126,6 +144,19 @@ def test_quick_run_trains_traces_reports_then_reuses_everything(tmp_path, capsys
   assert L.main([*argv, "--only", "trace", "--force", "trace"]) == 0
   assert "on incomplete inputs" in capsys.readouterr().out   # trace runs on what exists, but is not marked done
   assert not (report / "stages" / "trace.json").exists()
+
+
+def test_the_pretrained_study_is_what_its_command_line_builds():
+  import argparse
+  from analysis.lab import cli
+  from analysis.massive.stats import StatConfig
+  from analysis.studies.pretrained import PretrainedStudy
+  ap = argparse.ArgumentParser()
+  cli._pretrained_args(ap)
+  direct = PretrainedStudy(model="random", probes=3, length=24, plots=False, stats=StatConfig(lam=3.0))
+  assert cli.pretrained_study(ap.parse_args(["--model", "random", "--out", "x", "--probes", "3", "--length", "24",
+                                             "--no-plots", "--lam", "3"])) == direct
+  assert cli.pretrained_study(ap.parse_args(["--out", "x"])) == PretrainedStudy()
 
 
 def test_pretrained_command_analyses_an_imported_model_as_one_traced_step(tmp_path, capsys):

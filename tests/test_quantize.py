@@ -319,6 +319,22 @@ def test_c6_verdict_follows_its_rule():
   assert QS.verdicts(records(9, 3, fp=0), "m", schemes, n_boot=500)[0].verdict == "inconclusive"  # fp cannot
 
 
+def test_the_study_config_is_what_the_command_line_builds():
+  import argparse
+  ap = argparse.ArgumentParser()
+  QS.add_arguments(ap)
+  direct = QS.QuantStudy(model="random", methods="rtn,kv", bits="4", kv_bits="3", group_size=16, kv="post:token", n=4)
+  assert QS.study_from_args(ap.parse_args(["--model", "random", "--out", "x", "--methods", "rtn,kv", "--bits", "4",
+                                           "--kv-bits", "3", "--group-size", "16", "--kv", "post:token",
+                                           "--n", "4"])) == direct
+  default = QS.study_from_args(ap.parse_args(["--model", "random", "--out", "x"]))
+  assert default == QS.QuantStudy("random") and (default.bits, default.group_size) == (QS.BITS, QS.GROUP_SIZE)
+  schemes, calib, ppl = QS.plan(direct)
+  assert [s.name for s in schemes] == ["fp", "rtn-4b-g16", "kv-post-token-3b"] and calib == ppl == (16, 256)
+  with pytest.raises(ConfigError, match="^--kv-bits: "):
+    QS.plan(QS.QuantStudy("random", kv_bits="4,one"))
+
+
 @pytest.mark.slow   # every C6 scheme end to end
 def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   import json

@@ -1,8 +1,8 @@
 """`python -m analysis <command> ...`: trace a run, redo plots or claims of a traced directory, analyse
 an imported model, run the C5 and C6 studies.
 
-Each command is a (name, help, add_arguments, run) entry of COMMANDS; each run builds the settings of
-its study from the parsed arguments and calls it.
+Each command is a (name, help, add_arguments, run) entry of COMMANDS; a study's run builds its typed
+config from the parsed arguments (e.g. disruption.study_from_args) and calls the study's run(cfg, out).
 """
 from __future__ import annotations
 
@@ -101,22 +101,28 @@ def _claims(args):
 
 
 def _pretrained_args(p) -> None:
-  p.add_argument("--model", default="smollm2", help="smollm2 | path/to/model.gguf | HF directory | random")
+  d = pretrained.PretrainedStudy
+  p.add_argument("--model", default=d.model, help="smollm2 | path/to/model.gguf | HF directory | random")
   p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--probes", type=int, default=16, help="probe windows (default 16)")
-  p.add_argument("--length", type=int, default=256, help="tokens per probe window (default 256)")
-  p.add_argument("--context", type=float, default=None, help="context for the wavelength boundary "
-                 "(default: the model's max_len)")
-  p.add_argument("--layout", default="half", help="RoPE pair layout of the imported weights: half | interleaved")
-  p.add_argument("--batch", type=int, default=4, help="probes per jitted forward")
+  p.add_argument("--probes", type=int, default=d.probes, help=f"probe windows (default {d.probes})")
+  p.add_argument("--length", type=int, default=d.length, help=f"tokens per probe window (default {d.length})")
+  p.add_argument("--context", type=float, default=d.context, help="context for the wavelength boundary "
+                 "(default 0: the model's max_len)")
+  p.add_argument("--layout", default=d.layout, help="RoPE pair layout of the imported weights: half | interleaved")
+  p.add_argument("--batch", type=int, default=d.batch, help="probes per jitted forward")
   p.add_argument("--no-plots", action="store_true")
   stat_arguments(p)
 
 
+def pretrained_study(args) -> pretrained.PretrainedStudy:
+  """The study of parsed `python -m analysis pretrained` arguments."""
+  return pretrained.PretrainedStudy(model=args.model, probes=args.probes, length=args.length, context=args.context,
+                                    layout=args.layout, batch=args.batch, plots=not args.no_plots,
+                                    stats=stat_config(args))
+
+
 def _pretrained(args) -> None:
-  facts = pretrained.analyze(args.model, args.out, n_probes=args.probes, length=args.length, context=args.context,
-                             layout=args.layout, stat_cfg=stat_config(args), batch_size=args.batch,
-                             plots=not args.no_plots)
+  facts = pretrained.run(pretrained_study(args), args.out)
   print(claims.to_markdown(claims.load_claims(args.out)))
   print(f"wrote {args.out} ({facts['name']}, {facts['params']:,} parameters, "
         f"{facts['seconds']['load'] + facts['seconds']['analyze']:.0f} s)")

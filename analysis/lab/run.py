@@ -42,6 +42,9 @@ from analysis.massive import pipeline as PL
 from analysis.massive import store as ST
 from analysis.massive.stats import LAM, StatConfig
 from analysis.studies import disruption, pretrained, quantization
+from analysis.studies.disruption import DisruptStudy
+from analysis.studies.pretrained import PretrainedStudy
+from analysis.studies.quantization import QuantStudy
 from minilm import atomic
 from minilm import paths
 from minilm import schema as C
@@ -88,72 +91,29 @@ class TraceSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainedSettings:
-  section = "pretrained"
-  model: str = "smollm2"    # smollm2 | a .gguf file | an HF directory | random (plumbing only)
-  probes: int = 16
-  length: int = 256
-  context: float = 0.0      # 0 = the model's max_len
-  layout: str = "half"
-  batch: int = 4
-
-  def __post_init__(self):
-    check_choice("pretrained.layout", self.layout, ("half", "interleaved"))
-    check(self.probes >= 2, "pretrained.probes", f"must be >= 2; got {self.probes}")
-    check(self.length >= 2, "pretrained.length", f"must be >= 2; got {self.length}")
-    check(self.context >= 0, "pretrained.context", f"must be >= 0 (0 = the model's max_len); got {self.context}")
-    check(self.batch >= 1, "pretrained.batch", f"must be >= 1; got {self.batch}")
-
-
-@dataclasses.dataclass(frozen=True)
-class DisruptSettings:
-  section = "disrupt"
-  model: str = "smollm2"    # smollm2 | 'run' (the lab's trained arms) | random | a run directory
-  suite: str = "templates"  # every family in five templates
-  n: int = 10               # examples per task (per template)
-  modes: str = "off,smallest,massive,random,v"
-  batch: int = 8
-  seed: int = 0
-  extra: tuple[str, ...] = ()  # further `python -m analysis disrupt` arguments, e.g. ["--rope", "pre"]
-
-  def __post_init__(self):
-    check(self.n >= 2, "disrupt.n", f"must be >= 2; got {self.n}")
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSettings:
-  section = "quant"
-  model: str = "run"        # 'run' (the lab's trained arms) | smollm2 | random | a run directory
-  methods: str = "rtn,rtn_keep,awq,gptq"
-  bits: str = "4,3"
-  group_size: int = 32      # along the input dim; 0 = per output channel
-  top_k: int = 2            # rtn_keep: keep the top-k Q/K dims per head (0: the lam=5 massive ones)
-  n: int = 32
-  calib: str = "16x128"     # calibration windows NxT (T at most the models' context)
-  ppl: str = "16x128"       # held-out perplexity windows NxT
-  batch: int = 8
-  seed: int = 0
-  extra: tuple[str, ...] = ()  # further `python -m analysis quantize` arguments
-
-  def __post_init__(self):
-    check(self.n >= 2, "quant.n", f"must be >= 2; got {self.n}")
-
-
-@dataclasses.dataclass(frozen=True)
 class LabConfig:
   name: str = ""                         # report name; "" = the experiment's name
   experiment: str = "default"            # an experiment config: a path or a name in configs/
   set: tuple[str, ...] = ()              # overrides of the experiment, as `python -m train --set`
   skip: tuple[str, ...] = ()             # stages left out unless --include names them
   trace: TraceSettings = dataclasses.field(default_factory=TraceSettings)
-  pretrained: PretrainedSettings = dataclasses.field(default_factory=PretrainedSettings)
-  disrupt: DisruptSettings = dataclasses.field(default_factory=DisruptSettings)
-  quant: QuantSettings = dataclasses.field(default_factory=QuantSettings)
+  # the studies of the pretrained, disrupt and quant stages; model 'run' is the lab's own trained arms
+  pretrained: PretrainedStudy = dataclasses.field(default_factory=PretrainedStudy)   # its statistics are trace's
+  disrupt: DisruptStudy = dataclasses.field(default_factory=lambda: DisruptStudy(model="smollm2", n=10))
+  quant: QuantStudy = dataclasses.field(default_factory=lambda: QuantStudy(
+      model=RUN, methods="rtn,rtn_keep,awq,gptq", bits="4,3", n=32,
+      group_size=32,      # along the input dim; 0 = per output channel
+      top_k=2,            # rtn_keep: keep the top-k Q/K dims per head (0: the lam=5 massive ones)
+      calib="16x128",     # calibration windows NxT (T at most the models' context)
+      ppl="16x128"))      # held-out perplexity windows NxT
 
   def __post_init__(self):
     for s in self.skip:
       check_choice("skip", s, STAGES)
     check("/" not in self.name, "name", f"must not contain '/'; got {self.name!r}")
+    check(C.to_dict(self.pretrained.stats) == C.to_dict(StatConfig()), "pretrained.stats",
+          "the lab analyses the pretrained model with the trace statistics; set trace.lam, trace.top_k, "
+          "trace.agree_k or trace.drop_first instead")
 
 
 QUICK = {"trace.probes": 8, "trace.batch": 8, "pretrained.probes": 4, "pretrained.length": 64,
@@ -174,12 +134,20 @@ def read_config(path_or_name: str) -> tuple[LabConfig, str]:
   check(isinstance(data, dict), "config", f"{path} must hold a JSON object")
   if "train" in data or "arms" in data:
     return LabConfig(experiment=path), path
-  lab = C.from_dict(LabConfig, data)
+  lab = C.from_dict(LabConfig, _over_lab_defaults(data))
   if lab.experiment and not os.path.isabs(lab.experiment) and not os.path.exists(lab.experiment):
     beside = os.path.join(os.path.dirname(path), lab.experiment)   # names resolve next to the lab config
     if os.path.exists(beside) or os.path.exists(beside + ".json"):
       lab = dataclasses.replace(lab, experiment=beside if os.path.exists(beside) else beside + ".json")
   return lab, path
+
+
+def _over_lab_defaults(data: dict) -> dict:
+  """A lab config's sections over the lab's defaults: a partial "disrupt" keeps the lab's other
+  disrupt settings (n 10, ...), not the study's command-line defaults."""
+  defaults = C.to_dict(LabConfig(), every=True)
+  return {k: {**defaults[k], **v} if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+          for k, v in data.items()}
 
 
 def experiment_of(lab: LabConfig, quick: bool):
@@ -240,12 +208,13 @@ class Lab:
     atomic.check_out_dir(self.run_dir, "--runs")
     if "pretrained" in enabled:
       disruption.check_model(self.cfg.pretrained.model, "pretrained.model")
+      self.cfg.pretrained.check(_named("pretrained"))
     if "disrupt" in enabled:
       disruption.check_model(self.cfg.disrupt.model, "disrupt.model", RUN)
-      disruption.plan(self.disrupt_args(self._model_dep(self.cfg.disrupt.model)[1]), model=False)
+      disruption.plan(self.study("disrupt"), model=False, name=_named("disrupt"))
     if "quant" in enabled:
       disruption.check_model(self.cfg.quant.model, "quant.model", RUN)
-      quantization.plan(self.quant_args(self._model_dep(self.cfg.quant.model)[1]), model=False)
+      quantization.plan(self.study("quant"), model=False, name=_named("quant"))
 
   def diverged(self) -> dict[str, dict]:
     """{arm: its divergence record} of the arms whose training diverged (they get no verdict)."""
@@ -253,6 +222,14 @@ class Lab:
 
   def _model_dep(self, model: str) -> tuple[tuple[str, ...], str]:
     return (("train",), self.run_dir) if model == RUN else ((), model)
+
+  def study(self, stage: str):
+    """The study a stage runs: its settings, with 'run' as the model resolved to the lab's run
+    directory, and the pretrained model analysed with the trace statistics."""
+    cfg = getattr(self.cfg, stage)
+    if stage == "pretrained":
+      return dataclasses.replace(cfg, stats=self.cfg.trace.stat_config())
+    return dataclasses.replace(cfg, model=self._model_dep(cfg.model)[1])
 
   def _stages(self) -> list[Stage]:
     cfg, exp = self.cfg, self.exp
@@ -268,14 +245,14 @@ class Lab:
         Stage("trace", {"trace": C.to_dict(cfg.trace)}, ("train",),
               [self.path("trace", "summary.json"), self.path("trace", "claims.json")], self._trace,
               "massive values of every checkpoint of every arm"),
-        Stage("pretrained", {"pretrained": C.to_dict(cfg.pretrained)}, (),
+        Stage("pretrained", {"pretrained": _hashed("pretrained", cfg.pretrained)}, (),
               [self.path("pretrained", "pretrained.json")], self._pretrained,
               f"massive values of {cfg.pretrained.model}"),
-        Stage("disrupt", {"disrupt": C.to_dict(cfg.disrupt), "model": d_model}, d_deps,
-              [self.path("disrupt", "summary.json")], lambda: self._disrupt(d_model),
+        Stage("disrupt", {"disrupt": _hashed("disrupt", cfg.disrupt), "model": d_model}, d_deps,
+              [self.path("disrupt", "summary.json")], self._disrupt,
               f"C5: {cfg.disrupt.suite} task suite on {d_model} under {cfg.disrupt.modes}"),
-        Stage("quant", {"quant": C.to_dict(cfg.quant), "model": q_model}, q_deps,
-              [self.path("quant", "summary.json")], lambda: self._quant(q_model),
+        Stage("quant", {"quant": _hashed("quant", cfg.quant), "model": q_model}, q_deps,
+              [self.path("quant", "summary.json")], self._quant,
               f"C6: {cfg.quant.methods} at {cfg.quant.bits} bits on {q_model}"),
         Stage("report", {}, ("train", "trace", "pretrained", "disrupt", "quant"), [self.path("index.html")],
               self._report, f"{self.path('index.html')}"),
@@ -340,34 +317,15 @@ class Lab:
     compare.compare(store, self.run_dir)
 
   def _pretrained(self) -> None:
-    p = self.cfg.pretrained
     with atomic.staged_dir(self.path("pretrained")) as staging:
-      pretrained.analyze(p.model, staging, n_probes=p.probes, length=p.length, context=p.context or None,
-                         layout=p.layout, batch_size=p.batch, stat_cfg=self.cfg.trace.stat_config())
+      pretrained.run(self.study("pretrained"), staging)
 
-  def _disrupt(self, model: str) -> None:
-    disruption.run_and_print(self.disrupt_args(model))
+  def _disrupt(self) -> None:
+    out = self.path("disrupt")
+    disruption.print_report(disruption.run(self.study("disrupt"), out), out)
 
-  def _quant(self, model: str) -> None:
-    quantization.run(self.quant_args(model))
-
-  def disrupt_args(self, model: str) -> argparse.Namespace:
-    """The disrupt stage's settings as `python -m analysis disrupt` arguments (parsed, unchecked)."""
-    d = self.cfg.disrupt
-    ap = _Parser(prog="disrupt.extra")
-    disruption.add_arguments(ap)
-    return ap.parse_args(["--model", model, "--out", self.path("disrupt"), "--suite", d.suite, "--n", str(d.n),
-                          "--modes", d.modes, "--batch", str(d.batch), "--seed", str(d.seed), *d.extra])
-
-  def quant_args(self, model: str) -> argparse.Namespace:
-    """The quant stage's settings as `python -m analysis quantize` arguments (parsed, unchecked)."""
-    q = self.cfg.quant
-    ap = _Parser(prog="quant.extra")
-    quantization.add_arguments(ap)
-    return ap.parse_args(["--model", model, "--out", self.path("quant"), "--methods", q.methods, "--bits", q.bits,
-                          "--group-size", str(q.group_size), "--top-k", str(q.top_k), "--n", str(q.n),
-                          "--calib", q.calib, "--ppl", q.ppl, "--batch", str(q.batch), "--seed", str(q.seed),
-                          *q.extra])
+  def _quant(self) -> None:
+    quantization.run(self.study("quant"), self.path("quant"))
 
   def _report(self) -> None:
     report.build(self.report_dir)
@@ -424,6 +382,26 @@ class Lab:
     return status
 
 
+def _named(section: str):
+  """How the lab names a study field in an error: disrupt.n, as --lab-set takes it."""
+  return lambda field: f"{section}.{field}"
+
+
+HASHED = {"pretrained": ("model", "probes", "length", "context", "layout", "batch"),
+          "disrupt": ("model", "suite", "n", "modes", "batch", "seed"),
+          "quant": ("model", "methods", "bits", "group_size", "top_k", "n", "calib", "ppl", "batch", "seed")}
+"""The settings each study stage hashed before the lab held the studies' own configs."""
+
+
+def _hashed(stage: str, study) -> dict:
+  """A study's settings as its stage hashes them: the fields of HASHED, every other field only where
+  it differs from the study's default, and disrupt's and quant's former `extra` (argv) list, empty:
+  markers written before still match, and any other change reruns the stage."""
+  default = C.to_dict(type(study)(model=study.model))
+  out = {k: v for k, v in C.to_dict(study).items() if k in HASHED[stage] or v != default[k]}
+  return out if stage == "pretrained" else out | {"extra": []}
+
+
 def _exists(output) -> bool:
   return any(os.path.exists(p) for p in (output if isinstance(output, tuple) else (output,)))
 
@@ -442,13 +420,6 @@ def _holds(folder: str, capture: dict) -> bool:
   # run_dir is recorded relative to the working directory (absolute before): compare where it points
   where = lambda c: c | {"run_dir": os.path.abspath(c["run_dir"])} if isinstance(c.get("run_dir"), str) else c
   return isinstance(held, dict) and where(held) == where(capture)
-
-
-class _Parser(argparse.ArgumentParser):
-  """The parser of a stage's `extra` arguments: a bad one is a one-line ConfigError, at start-up."""
-
-  def error(self, message):
-    raise C.ConfigError(f"{self.prog}: {message}")
 
 
 def versions() -> dict:

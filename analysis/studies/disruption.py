@@ -508,44 +508,80 @@ def check_fits(items, model, label: str, prompts_path: str) -> None:
 
 # --------------------------------------------------------------------------------------------- main
 
+def flag(field: str) -> str:
+  """How the command line names a study field in an error: top_k -> --top-k (the lab: disrupt.top_k)."""
+  return "--" + field.replace("_", "-")
+
+
+@dataclasses.dataclass(frozen=True)
+class DisruptStudy:
+  """A C5 study: every option of `python -m analysis disrupt` but --out, with its defaults (the flag
+  of a field is its name: top_k is --top-k). `plan` checks it without loading a model."""
+  model: str                                 # smollm2 | random | runs/<experiment>[/<arm>]
+  prompts: str = ""                          # FILE.jsonl: your own items in place of the built-in suite
+  suite: str = "templates"                   # one of suites.SUITES (--prompts replaces it)
+  n: int = 20                                # examples per task (per template)
+  seed: int = 0
+  batch: int = 8
+  tasks: str = ""                            # comma list of task-name prefixes to keep (e.g. passkey,conflict)
+  modes: str = ",".join(TABLE_MODES)         # comma list of disrupt.MODES; must include off
+  draws: int = DRAWS                         # seeded draws of the random control
+  dose: bool = False                         # also the massive dims at DOSE_LAMS and the top-k of DOSE_TOPK
+  rope: str = DisruptConfig.rope             # post (rot_q/rot_k, the paper) | pre (q/k)
+  criterion: str = DisruptConfig.criterion   # lambda | topk
+  lam: float = DisruptConfig.lam
+  top_k: int = DisruptConfig.top_k
+  layers: str = ""                           # start:stop (stop exclusive); empty = every layer
+  source: str = DisruptConfig.source         # prompt | probe
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
+  d = DisruptStudy
   ap.add_argument("--model", required=True, help="smollm2 | random | runs/<experiment>[/<arm>]")
   ap.add_argument("--out", required=True)
-  ap.add_argument("--prompts", default="", help="FILE.jsonl: your own items in place of the built-in suite")
-  ap.add_argument("--suite", default="templates", choices=suites.SUITES)
-  ap.add_argument("--n", type=int, default=20, help="examples per task (per template)")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--tasks", default="", help="comma list of task-name prefixes to keep (e.g. passkey,conflict)")
-  ap.add_argument("--modes", default=",".join(TABLE_MODES), help=f"comma list of {', '.join(disrupt.MODES)}; "
-                  "must include off")
-  ap.add_argument("--draws", type=int, default=DRAWS, help="seeded draws of the random control")
+  ap.add_argument("--prompts", default=d.prompts, help="FILE.jsonl: your own items in place of the built-in suite")
+  ap.add_argument("--suite", default=d.suite, choices=suites.SUITES)
+  ap.add_argument("--n", type=int, default=d.n, help="examples per task (per template)")
+  ap.add_argument("--seed", type=int, default=d.seed)
+  ap.add_argument("--batch", type=int, default=d.batch)
+  ap.add_argument("--tasks", default=d.tasks, help="comma list of task-name prefixes to keep (e.g. passkey,conflict)")
+  ap.add_argument("--modes", default=d.modes, help=f"comma list of {', '.join(disrupt.MODES)}; must include off")
+  ap.add_argument("--draws", type=int, default=d.draws, help="seeded draws of the random control")
   ap.add_argument("--dose", action="store_true", help="also the massive dims at lambda 3, 4, 5, 6 and the "
                   "top-1/2/4 dims per head")
-  ap.add_argument("--rope", default="post", help="post (rot_q/rot_k, the paper) | pre (q/k)")
-  ap.add_argument("--criterion", default="lambda", help="lambda | topk")
-  ap.add_argument("--lam", type=float, default=S.LAM)
-  ap.add_argument("--top-k", type=int, default=1)
-  ap.add_argument("--layers", default="", help="start:stop (stop exclusive); empty = every layer")
-  ap.add_argument("--source", default="prompt", help="prompt | probe")
+  ap.add_argument("--rope", default=d.rope, help="post (rot_q/rot_k, the paper) | pre (q/k)")
+  ap.add_argument("--criterion", default=d.criterion, help="lambda | topk")
+  ap.add_argument("--lam", type=float, default=d.lam)
+  ap.add_argument("--top-k", type=int, default=d.top_k)
+  ap.add_argument("--layers", default=d.layers, help="start:stop (stop exclusive); empty = every layer")
+  ap.add_argument("--source", default=d.source, help="prompt | probe")
 
 
-def config_from(args) -> tuple[DisruptConfig, dict[str, DisruptConfig]]:
-  """(base config, {label: config} of every condition)."""
+def fields_from_args(cls, args: argparse.Namespace):
+  """The study `cls` of parsed arguments: each field from the flag of its name (--out is not one)."""
+  return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def study_from_args(args: argparse.Namespace) -> DisruptStudy:
+  return fields_from_args(DisruptStudy, args)
+
+
+def config_from(cfg: DisruptStudy, name=flag) -> tuple[DisruptConfig, dict[str, DisruptConfig]]:
+  """(base config, {label: config} of every condition); `name` spells a field in an error."""
   start, stop = 0, 0
-  if args.layers:
-    parts = args.layers.split(":")
-    check(len(parts) == 2 and all(p.strip().isdigit() for p in parts), "--layers",
-          f"must read start:stop, e.g. 0:10; got {args.layers!r}")
+  if cfg.layers:
+    parts = cfg.layers.split(":")
+    check(len(parts) == 2 and all(p.strip().isdigit() for p in parts), name("layers"),
+          f"must read start:stop, e.g. 0:10; got {cfg.layers!r}")
     start, stop = int(parts[0]), int(parts[1])
-  modes = parse_modes(args.modes)
+  modes = parse_modes(cfg.modes)
   for m in modes:
     DisruptConfig(mode=m)  # one-line error for an unknown mode
-  check("off" in modes, "--modes", f"must include 'off' (every drop is measured from it); got {args.modes!r}")
-  check(args.draws >= 1, "--draws", f"must be >= 1; got {args.draws}")
-  base = DisruptConfig(mode="massive", rope=args.rope, criterion=args.criterion, lam=args.lam, top_k=args.top_k,
-                       layer_start=start, layer_stop=stop, source=args.source)
-  return base, conditions(base, modes, args.draws, args.dose)
+  check("off" in modes, name("modes"), f"must include 'off' (every drop is measured from it); got {cfg.modes!r}")
+  check(cfg.draws >= 1, name("draws"), f"must be >= 1; got {cfg.draws}")
+  base = DisruptConfig(mode="massive", rope=cfg.rope, criterion=cfg.criterion, lam=cfg.lam, top_k=cfg.top_k,
+                       layer_start=start, layer_stop=stop, source=cfg.source)
+  return base, conditions(base, modes, cfg.draws, cfg.dose)
 
 
 def parse_modes(text: str) -> tuple[str, ...]:
@@ -556,11 +592,11 @@ FAMILIES = ("passkey", "context_facts", "recall", "capitals", "capitals_yesno", 
 """Task families of the built-in suites and of the lab's own examples; --tasks filters by prefix."""
 
 
-def task_filter(text: str, families=FAMILIES) -> tuple[str, ...]:
+def task_filter(text: str, families=FAMILIES, field: str = "--tasks") -> tuple[str, ...]:
   """The --tasks prefixes, each checked against the families before any model is loaded."""
   keep = tuple(t.strip() for t in text.split(",") if t.strip())
   for t in keep:
-    check(any(f.startswith(t) or t.startswith(f) for f in families), "--tasks",
+    check(any(f.startswith(t) or t.startswith(f) for f in families), field,
           f"{t!r} names no task; tasks start with one of {', '.join(families)}")
   return keep
 
@@ -571,29 +607,29 @@ def check_model(spec: str, field: str = "--model", *also: str) -> None:
         f"must be 'smollm2', 'random'{''.join(f', {a!r}' for a in also)} or an existing path; got {spec!r}")
 
 
-def check_shared(args, model: bool = True, families=FAMILIES) -> None:
-  """Settings shared by the C5 and C6 studies, checked before any model is loaded (the model spec
-  too, unless `model` is False: the lab's own arms exist only once it has trained them)."""
+def check_shared(cfg, model: bool = True, families=FAMILIES, name=flag) -> None:
+  """Settings shared by the C5 and C6 studies (a DisruptStudy or a QuantStudy), checked before any
+  model is loaded (the model spec too, unless `model` is False: the lab's own arms exist only once it
+  has trained them)."""
   if model:
-    check_model(args.model)
-  task_filter(args.tasks, families)
-  check(args.n >= 2, "--n", f"must be >= 2 (balanced task sets); got {args.n}")
-  check(args.batch >= 1, "--batch", f"must be >= 1; got {args.batch}")
-  check_choice("--suite", args.suite, suites.SUITES)
-  atomic.check_out_dir(args.out)
+    check_model(cfg.model, name("model"))
+  task_filter(cfg.tasks, families, name("tasks"))
+  check(cfg.n >= 2, name("n"), f"must be >= 2 (balanced task sets); got {cfg.n}")
+  check(cfg.batch >= 1, name("batch"), f"must be >= 1; got {cfg.batch}")
+  check_choice(name("suite"), cfg.suite, suites.SUITES)
 
 
-def prepared_sources(args, prompts: list[dict] | None = None) -> list[tuple]:
-  """load_sources with each model's items filtered by --tasks; a filter that keeps nothing, or a
-  prompt longer than a model's context, is an error before anything is written."""
-  keep = task_filter(args.tasks, _families(prompts))
+def prepared_sources(cfg, prompts: list[dict] | None = None) -> list[tuple]:
+  """load_sources with each model's items filtered by the study's tasks; a filter that keeps
+  nothing, or a prompt longer than a model's context, is an error before anything is written."""
+  keep = task_filter(cfg.tasks, _families(prompts))
   models = []
-  for label, model, tokenizer, items, probe, notes in load_sources(args.model, args.suite, args.n, args.seed,
-                                                                   args.batch, prompts):
+  for label, model, tokenizer, items, probe, notes in load_sources(cfg.model, cfg.suite, cfg.n, cfg.seed,
+                                                                   cfg.batch, prompts):
     items = [it for it in items if not keep or it.task.startswith(keep)]
-    check(bool(items), "--tasks", f"no task of {label} starts with {args.tasks!r}")
+    check(bool(items), "--tasks", f"no task of {label} starts with {cfg.tasks!r}")
     if prompts:
-      check_fits(items, model, label, args.prompts)
+      check_fits(items, model, label, cfg.prompts)
     models.append((label, model, tokenizer, items, probe, notes))
   return models
 
@@ -602,42 +638,45 @@ def _families(prompts: list[dict] | None) -> tuple[str, ...]:
   return tuple(dict.fromkeys(r["family"] for r in prompts)) if prompts else FAMILIES
 
 
-def plan(args, model: bool = True) -> tuple[DisruptConfig, dict[str, DisruptConfig], list[dict] | None]:
-  """(base config, conditions, rows of --prompts or None) of parsed arguments, every option and
-  every line of --prompts checked without loading a model."""
-  base, conds = config_from(args)
-  prompts = suites.read_prompts(args.prompts) if args.prompts else None
-  check_shared(args, model, _families(prompts))
+def plan(cfg: DisruptStudy, model: bool = True, name=flag) -> tuple[DisruptConfig, dict[str, DisruptConfig],
+                                                                    list[dict] | None]:
+  """(base config, conditions, rows of the prompts file or None) of a study, every setting and every
+  line of its prompts file checked without loading a model; `name` spells a field in an error
+  (flag: --n; the lab: disrupt.n)."""
+  base, conds = config_from(cfg, name)
+  prompts = suites.read_prompts(cfg.prompts, name("prompts")) if cfg.prompts else None
+  check_shared(cfg, model, _families(prompts), name)
   return base, conds, prompts
 
 
-def run(args) -> dict:
-  """Validate, load every model, then write the outputs into a staging folder that replaces --out
-  only when complete: a bad option or a failure midway leaves an earlier --out as it was."""
-  base, conds, prompts = plan(args)
-  models = prepared_sources(args, prompts)
+def run(cfg: DisruptStudy, out: str) -> dict:
+  """Validate, load every model, then write the outputs into a staging folder that replaces `out`
+  only when complete: a bad setting or a failure midway leaves an earlier `out` as it was."""
+  base, conds, prompts = plan(cfg)
+  atomic.check_out_dir(out)
+  models = prepared_sources(cfg, prompts)
   for _, model, *_ in models:
     base.layers(model.cfg.n_layers)  # a bad layer range fails before any work
   t_all = time.perf_counter()
-  modes = parse_modes(args.modes)   # the columns (the random draws pooled); the doses have their own table
+  modes = parse_modes(cfg.modes)   # the columns (the random draws pooled); the doses have their own table
   report = {"disrupt": dataclasses.asdict(base), "modes": modes, "conditions": {l: dataclasses.asdict(c) for l, c in conds.items()},
-            "draws": args.draws, "dose": dose_labels(conds) if args.dose else {},
-            "suite": "prompts" if prompts else args.suite, "prompts": args.prompts, "n": args.n, "seed": args.seed,
+            "draws": cfg.draws, "dose": dose_labels(conds) if cfg.dose else {},
+            "suite": "prompts" if prompts else cfg.suite, "prompts": cfg.prompts, "n": cfg.n, "seed": cfg.seed,
             "rule": RULE, "models": {}}
   all_records, pools = [], {}
-  with atomic.staged_dir(args.out) as staging:
-    out = Path(staging)
-    with open(out / "results.jsonl", "w") as sink:
+  with atomic.staged_dir(out) as staging:
+    folder = Path(staging)
+    with open(folder / "results.jsonl", "w") as sink:
       for label, model, tokenizer, items, probe_prompts, notes in models:
         probe = disrupt.probe_norms(model, probe_prompts, base) if base.source == "probe" else None
-        records, seconds = score_conditions(model, tokenizer, items, conds, label=label, batch=args.batch, probe=probe,
+        records, seconds = score_conditions(model, tokenizer, items, conds, label=label, batch=cfg.batch, probe=probe,
                                     sink=sink)
         all_records += records
         pools[label] = pool(records, label)
         report["models"][label] = {"seconds": seconds, "examples": len(items),
                                    "position": model.cfg.position.kind, **notes}
     report["seconds_total"] = time.perf_counter() - t_all
-    write_outputs(out, report, all_records, pools)
+    write_outputs(folder, report, all_records, pools)
   return report
 
 
@@ -660,8 +699,13 @@ def write_outputs(out: Path, report: dict, records: list[dict], pools: dict[str,
   plot(summary, out / "c5.png", columns)
 
 
-def run_and_print(args) -> None:
-  report = run(args)
-  print((Path(args.out) / "table.md").read_text())
-  print(f"wrote {args.out}/results.jsonl, summary.json, table.md, c5.png, verdict.json, claims.json "
+def print_report(report: dict, out: str) -> None:
+  """The tables of a finished study (its table.md) and the files it wrote."""
+  print((Path(out) / "table.md").read_text())
+  print(f"wrote {out}/results.jsonl, summary.json, table.md, c5.png, verdict.json, claims.json "
         f"({report['seconds_total']:.0f} s)")
+
+
+def run_and_print(args: argparse.Namespace) -> None:
+  """`python -m analysis disrupt`: the study of the parsed arguments, run into --out."""
+  print_report(run(study_from_args(args), args.out), args.out)

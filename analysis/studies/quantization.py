@@ -41,16 +41,17 @@ from minilm.schema import check
 # ------------------------------------------------------------------------------------------ schemes
 
 WEIGHT_METHODS = ("rtn", "rtn_keep", "awq", "gptq")
-BITS = "8,4,3"      # weight bit widths of the study (the lab's QuantSettings runs fewer)
+BITS = "8,4,3"      # weight bit widths of the study (the lab runs fewer)
 GROUP_SIZE = 64     # along the input dim; 0 = per output channel
+KV = "pre:channel,pre:token,post:channel,post:token"   # KV key settings point:axis
 PROTECTING = ("awq", "rtn_keep")   # keep the massive channels (explicitly, or by activation-aware scales)
 
 
-def schemes(methods, bits, *, group_size: int = GROUP_SIZE, lam: float = stats.LAM, top_k: int = 0, alpha: float = 0.5,
-            kv=(("pre", "channel"), ("pre", "token"), ("post", "channel"), ("post", "token")),
-            kv_bits=None) -> list[QM.Scheme]:
+def schemes(methods, bits, *, group_size: int = GROUP_SIZE, lam: float = QM.Scheme.lam, top_k: int = QM.Scheme.top_k,
+            alpha: float = QM.Scheme.alpha, kv=None, kv_bits=None) -> list[QM.Scheme]:
   """fp first, then every method x bit width (KV keys at `kv_bits`, default `bits`); smoothquant
-  and w8a8 are 8-bit by definition."""
+  and w8a8 are 8-bit by definition; `kv` is [(point, axis)], default those of KV."""
+  kv = kv_settings(KV) if kv is None else kv
   out = [QM.Scheme("fp")]
   for m in methods:
     if m in ("smoothquant", "w8a8"):
@@ -269,26 +270,52 @@ def study(label, model, tokenizer, items, scheme_list, *, calib, heldout, probe,
   return {"records": records, "ppl": ppl, "m_change": m_change, "seconds": seconds, "logs": logs}
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantStudy:
+  """A C6 study: every option of `python -m analysis quantize` but --out, with its defaults (the flag
+  of a field is its name: kv_bits is --kv-bits); the per-scheme ones default to QM.Scheme's. `plan`
+  checks it without loading a model."""
+  model: str                                 # smollm2 | random | runs/<experiment>[/<arm>]
+  methods: str = "rtn,rtn_keep,awq,gptq,smoothquant,w8a8,kv"   # comma list of QM.METHODS but fp
+  bits: str = BITS                           # weight bit widths
+  kv_bits: str = ""                          # KV key bit widths; empty = bits
+  group_size: int = GROUP_SIZE               # along the input dim; 0 = per output channel
+  lam: float = QM.Scheme.lam                 # rtn_keep: massive threshold
+  top_k: int = QM.Scheme.top_k               # rtn_keep: top-k dims per head instead of lam
+  alpha: float = QM.Scheme.alpha             # smoothquant migration strength
+  kv: str = KV                               # KV key settings point:axis (point pre|post RoPE, axis channel|token)
+  suite: str = "quick"                       # one of suites.SUITES
+  tasks: str = ""                            # comma list of task-name prefixes to keep (e.g. passkey,capitals)
+  n: int = 20                                # examples per task
+  seed: int = 0
+  batch: int = 8
+  calib: str = "16x256"                      # calibration windows NxT
+  ppl: str = "16x256"                        # held-out perplexity windows NxT
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
+  d = QuantStudy
   ap.add_argument("--model", required=True, help="smollm2 | random | runs/<experiment>[/<arm>]")
   ap.add_argument("--out", required=True)
-  ap.add_argument("--methods", default="rtn,rtn_keep,awq,gptq,smoothquant,w8a8,kv",
-                  help=f"comma list of {', '.join(m for m in QM.METHODS if m != 'fp')}")
-  ap.add_argument("--bits", default=BITS, help="weight bit widths")
-  ap.add_argument("--kv-bits", default="", help="KV key bit widths (default: --bits)")
-  ap.add_argument("--group-size", type=int, default=GROUP_SIZE, help="along the input dim; 0 = per output channel")
-  ap.add_argument("--lam", type=float, default=stats.LAM, help="rtn_keep: massive threshold")
-  ap.add_argument("--top-k", type=int, default=0, help="rtn_keep: top-k dims per head instead of lam")
-  ap.add_argument("--alpha", type=float, default=0.5, help="smoothquant migration strength")
-  ap.add_argument("--kv", default="pre:channel,pre:token,post:channel,post:token",
-                  help="KV key settings point:axis (point pre|post RoPE, axis channel|token)")
-  ap.add_argument("--suite", default="quick", choices=suites.SUITES)
-  ap.add_argument("--tasks", default="", help="comma list of task-name prefixes to keep (e.g. passkey,capitals)")
-  ap.add_argument("--n", type=int, default=20, help="examples per task")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--calib", default="16x256", help="calibration windows NxT")
-  ap.add_argument("--ppl", default="16x256", help="held-out perplexity windows NxT")
+  ap.add_argument("--methods", default=d.methods, help=f"comma list of {', '.join(m for m in QM.METHODS if m != 'fp')}")
+  ap.add_argument("--bits", default=d.bits, help="weight bit widths")
+  ap.add_argument("--kv-bits", default=d.kv_bits, help="KV key bit widths (default: --bits)")
+  ap.add_argument("--group-size", type=int, default=d.group_size, help="along the input dim; 0 = per output channel")
+  ap.add_argument("--lam", type=float, default=d.lam, help="rtn_keep: massive threshold")
+  ap.add_argument("--top-k", type=int, default=d.top_k, help="rtn_keep: top-k dims per head instead of lam")
+  ap.add_argument("--alpha", type=float, default=d.alpha, help="smoothquant migration strength")
+  ap.add_argument("--kv", default=d.kv, help="KV key settings point:axis (point pre|post RoPE, axis channel|token)")
+  ap.add_argument("--suite", default=d.suite, choices=suites.SUITES)
+  ap.add_argument("--tasks", default=d.tasks, help="comma list of task-name prefixes to keep (e.g. passkey,capitals)")
+  ap.add_argument("--n", type=int, default=d.n, help="examples per task")
+  ap.add_argument("--seed", type=int, default=d.seed)
+  ap.add_argument("--batch", type=int, default=d.batch)
+  ap.add_argument("--calib", default=d.calib, help="calibration windows NxT")
+  ap.add_argument("--ppl", default=d.ppl, help="held-out perplexity windows NxT")
+
+
+def study_from_args(args: argparse.Namespace) -> QuantStudy:
+  return disruption.fields_from_args(QuantStudy, args)
 
 
 def _shape(text: str, field: str) -> tuple[int, int]:
@@ -304,63 +331,72 @@ def _widths(text: str, field: str) -> list[int]:
   return [int(p) for p in parts]
 
 
-def plan(args, model: bool = True) -> tuple[list[QM.Scheme], tuple[int, int], tuple[int, int]]:
-  """(schemes, calibration NxT, perplexity NxT) of parsed arguments, every option checked (one
-  line each) without loading a model (see analysis.studies.disruption.check_shared for `model`)."""
-  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+def kv_settings(text: str) -> list[tuple[str, ...]]:
+  """'pre:channel,post:token' -> [('pre', 'channel'), ('post', 'token')] (each checked by QM.Scheme)."""
+  return [tuple(x.strip().split(":")) for x in text.split(",") if x.strip()]
+
+
+def plan(cfg: QuantStudy, model: bool = True, name=disruption.flag) -> tuple[list[QM.Scheme], tuple[int, int],
+                                                                             tuple[int, int]]:
+  """(schemes, calibration NxT, perplexity NxT) of a study, every setting checked (one line each)
+  without loading a model (`model` and `name` as in analysis.studies.disruption.plan)."""
+  methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
   for m in methods:
     QM.Scheme(m)  # one-line error for an unknown method
-  bits = _widths(args.bits, "--bits")
-  kv_bits = _widths(args.kv_bits, "--kv-bits") if args.kv_bits.strip() else None
-  kv = [tuple(x.strip().split(":")) for x in args.kv.split(",") if x.strip()]
-  check(all(len(x) == 2 for x in kv), "--kv", f"must be a comma list of point:axis, e.g. pre:channel; got {args.kv!r}")
-  check(args.group_size >= 0, "--group-size", f"must be >= 0 (0 = per output channel); got {args.group_size}")
-  scheme_list = schemes(methods, bits, group_size=args.group_size, lam=args.lam, top_k=args.top_k, alpha=args.alpha,
+  bits = _widths(cfg.bits, name("bits"))
+  kv_bits = _widths(cfg.kv_bits, name("kv_bits")) if cfg.kv_bits.strip() else None
+  kv = kv_settings(cfg.kv)
+  check(all(len(x) == 2 for x in kv), name("kv"), f"must be a comma list of point:axis, e.g. pre:channel; got {cfg.kv!r}")
+  check(cfg.group_size >= 0, name("group_size"), f"must be >= 0 (0 = per output channel); got {cfg.group_size}")
+  scheme_list = schemes(methods, bits, group_size=cfg.group_size, lam=cfg.lam, top_k=cfg.top_k, alpha=cfg.alpha,
                         kv=kv, kv_bits=kv_bits)
-  disruption.check_shared(args, model)
-  return scheme_list, _shape(args.calib, "--calib"), _shape(args.ppl, "--ppl")
+  disruption.check_shared(cfg, model, name=name)
+  return scheme_list, _shape(cfg.calib, name("calib")), _shape(cfg.ppl, name("ppl"))
 
 
-def run(args) -> dict:
+def run(cfg: QuantStudy, out: str) -> dict:
   """Validate, load every model and check every scheme fits it, then write the outputs into a
-  staging folder that replaces --out only when complete (see analysis.studies.disruption.run)."""
-  scheme_list, (calib_n, calib_t), (ppl_n, ppl_t) = plan(args)
+  staging folder that replaces `out` only when complete (see analysis.studies.disruption.run)."""
+  scheme_list, (calib_n, calib_t), (ppl_n, ppl_t) = plan(cfg)
+  atomic.check_out_dir(out)
   order = [s.name for s in scheme_list]
-  sources = disruption.prepared_sources(args)
+  sources = disruption.prepared_sources(cfg)
   for _, model, *_ in sources:
     for scheme in scheme_list:
       QM.check_fits(model, scheme)   # e.g. a group size that divides no input dim
   t_all = time.perf_counter()
-  report = {"schemes": [dataclasses.asdict(s) | {"name": s.name} for s in scheme_list], "suite": args.suite,
-            "n": args.n, "seed": args.seed, "calib": args.calib, "ppl_windows": args.ppl, "models": {}}
+  report = {"schemes": [dataclasses.asdict(s) | {"name": s.name} for s in scheme_list], "suite": cfg.suite,
+            "n": cfg.n, "seed": cfg.seed, "calib": cfg.calib, "ppl_windows": cfg.ppl, "models": {}}
   all_records, found = [], []
-  with atomic.staged_dir(args.out) as staging:
-    out = Path(staging)
-    with open(out / "results.jsonl", "w") as sink:
+  with atomic.staged_dir(out) as staging:
+    folder = Path(staging)
+    with open(folder / "results.jsonl", "w") as sink:
       for label, model, tokenizer, items, _, notes in sources:
         calib = text_windows(tokenizer, calib_n, calib_t, heldout=False)
         heldout = text_windows(tokenizer, ppl_n, ppl_t, heldout=True)
         res = study(label, model, tokenizer, items, scheme_list, calib=calib, heldout=heldout, probe=calib[:4],
-                    batch=args.batch, sink=sink)
+                    batch=cfg.batch, sink=sink)
         all_records += res.pop("records")
         report["models"][label] = {**res, "examples": len(items), **notes}
         found += verdicts(all_records, label, scheme_list)
     summary = disruption.summarize(all_records)
     report.update(summary=summary, verdicts=[dataclasses.asdict(v) for v in found],
                   seconds_total=time.perf_counter() - t_all)
-    atomic.write_json(str(out / "summary.json"), report, default=str)
-    claims.write_claims(found, str(out))
+    atomic.write_json(str(folder / "summary.json"), report, default=str)
+    claims.write_claims(found, str(folder))
     text = "\n\n".join(table(summary, report["models"][m]["ppl"], m, order) for m in report["models"])
     text += "\n\n" + "\n".join(f"{v.claim} [{v.title}]: {v.verdict} (diff {v.diff}, CI {v.ci}) {v.notes}"
                                 for v in found)
-    atomic.write_text(str(out / "table.md"), text + "\n")
+    atomic.write_text(str(folder / "table.md"), text + "\n")
     for m in report["models"]:
-      plot(summary, m, scheme_list, out / ("c6.png" if len(report["models"]) == 1 else f"c6_{m}.png"))
+      plot(summary, m, scheme_list, folder / ("c6.png" if len(report["models"]) == 1 else f"c6_{m}.png"))
   return report
 
 
-def run_and_print(args) -> None:
-  report = run(args)
-  print((Path(args.out) / "table.md").read_text())
-  print(f"wrote {args.out}/results.jsonl, summary.json, table.md, c6.png, claims.json "
+def run_and_print(args: argparse.Namespace) -> None:
+  """`python -m analysis quantize`: the study of the parsed arguments, run into --out."""
+  out = args.out
+  report = run(study_from_args(args), out)
+  print((Path(out) / "table.md").read_text())
+  print(f"wrote {out}/results.jsonl, summary.json, table.md, c6.png, claims.json "
         f"({report['seconds_total']:.0f} s)")
