@@ -8,7 +8,7 @@ import pytest
 from analysis.massive import claims as CL
 from analysis.massive import stats as S
 from analysis.massive import store as ST
-from minilm import encodings
+from minilm import encodings, hooks
 from minilm.config import ModelConfig
 from minilm.schema import ConfigError, to_dict
 
@@ -29,9 +29,9 @@ def _sums(rng, planted_layers, spread=False, heads=None):
   sums = {}
   for layer in range(L):
     for tensor in ("q", "k", "v"):
-      sums[f"{layer}.{tensor}"] = rng.chisquare(8, (N, H if "q" in tensor else K, D))
+      sums[hooks.name(layer, tensor)] = rng.chisquare(8, (N, H if "q" in tensor else K, D))
     for tensor in ("q", "k"):
-      s = sums[f"{layer}.{tensor}"]
+      s = sums[hooks.name(layer, tensor)]
       if layer in planted_layers:
         for h, j in (heads or dict.fromkeys(range(H), LF_PAIR)).items():
           if h < s.shape[1]:                   # k has K < H heads

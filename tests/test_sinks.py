@@ -46,7 +46,8 @@ def test_device_sink_share_equals_numpy_from_full_probabilities():
     counted = mask * (np.arange(24) > 0)
     want = np.einsum("nht,nt->nh", probs[..., 0], counted) / counted.sum(1)[:, None]
     np.testing.assert_allclose(out[f"{layer}.sink"], want, rtol=1e-5, atol=1e-7)
-  assert {k.split(".", 1)[1] for k in out} == set(hooks.QKV) | set(SK.FIELDS)
+  assert set(out) == {hooks.name(l, t) for l in range(2) for t in hooks.QKV} | {f"{l}.{f}" for l in range(2)
+                                                                                 for f in SK.FIELDS}
 
 
 def _plant_sink(model, layer: int, head: int, size: float = 30.0):
@@ -155,7 +156,7 @@ def test_store_writes_sinks_and_keeps_old_stores_readable(tmp_path):
   names = {os.path.basename(p) for p in P.sink_figures(store)}
   assert {"sink_map.png", "residual.png", "sinks_over_steps.png", "attention_planted.png"} <= names
   os.remove(store.sinks_path("planted", 0))       # a step traced before sinks were captured
-  keys = {f"{l}.{t}" for l in range(2) for t in hooks.QKV}
+  keys = {hooks.name(l, t) for l in range(2) for t in hooks.QKV}
   assert store.good_steps("planted", keys) == [5] and store.steps("planted") == [0, 5]
   T.rebuild(store, n_boot=100)
   assert [s["step"] for s in json.loads((tmp_path / "sinks.json").read_text())["steps"]] == [5]

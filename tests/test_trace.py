@@ -1,6 +1,7 @@
 """Tracing: the jitted capture equals an eager one, rows have the promised shape, and a tiny paired run
 goes end to end through the CLI into table, summary, plots and claims (and resumes)."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -32,10 +33,10 @@ def test_jitted_sums_equal_eager_capture_with_padding_and_a_ragged_last_batch():
   mask[2, 20:] = 0
   sums = T.capture_sums(model, probes, mask, drop_first=True, batch_size=3)
   _, cache = capture.run(model, probes, points=hooks.QKV)
-  assert set(sums) == {f"{l}.{t}" for l in range(2) for t in hooks.QKV}
+  assert set(sums) == {hooks.name(l, t) for l in range(2) for t in hooks.QKV}
   for key, got in sums.items():
-    layer, tensor = key.split(".", 1)
-    x = np.asarray(cache[f"blocks.{layer}.attn.{tensor}"], np.float64)
+    tensor = hooks.split(key)[1]
+    x = np.asarray(cache[key], np.float64)   # the store's keys are the cache's hook names
     want = np.einsum("bthd,bt->bhd", x ** 2, mask * (np.arange(24) > 0))
     assert got.shape == (7, 4 if "q" in tensor else 2, 8)
     # The jitted forward (other batches, fused) and the eager one round differently: q of layer 1 ends
@@ -147,3 +148,17 @@ def test_a_public_trajectory_is_traced_as_the_steps_of_one_arm(tmp_path, capsys)
   assert main(["trace", str(tmp_path / "pythia-tiny" / "step4096"), str(tmp_path / "pythia-tiny" / "step0"),
                "--out", str(tmp_path / "x")]) == 2
   assert capsys.readouterr().err.startswith("error: trajectory: the step<N> names must increase")
+
+
+def test_a_store_traced_before_keys_were_hook_names_reads_as_hook_names(tmp_path):
+  store = ST.Store(str(tmp_path))
+  old = {f"{l}.{t}": np.full((2, 1, 4), l + 1.0, np.float32) for l in range(2) for t in hooks.QKV}
+  os.makedirs(os.path.dirname(store.sums_path("a", 0)))
+  np.savez(store.sums_path("a", 0), **old)
+  sums = store.load_sums("a", 0)
+  assert set(sums) == {hooks.name(l, t) for l in range(2) for t in hooks.QKV}
+  assert sums["blocks.1.attn.rot_k"][0, 0, 0] == 2.0
+  assert ST.layer_tensor_keys(sums)[:2] == [(0, "q"), (0, "k")]
+  os.makedirs(os.path.dirname(store.sinks_path("a", 0)))
+  np.savez(store.sinks_path("a", 0), none=np.zeros(1))
+  assert store.good_steps("a", set(sums)) == [0]   # not set aside as damaged and traced again

@@ -16,7 +16,7 @@ import numpy as np
 
 from analysis.massive import stats as S
 from analysis.massive import store as ST
-from minilm import atomic
+from minilm import atomic, hooks
 from minilm.schema import check
 
 VERDICTS = ("supported", "not supported", "opposite", "inconclusive")
@@ -189,14 +189,14 @@ class _Arms:
     return own
 
   def norms(self, arm, layer, tensor) -> np.ndarray:
-    return np.sqrt(self.sums[arm][f"{layer}.{tensor}"].astype(np.float64).sum(0))
+    return np.sqrt(self.sums[arm][hooks.name(layer, tensor)].astype(np.float64).sum(0))
 
   def group(self, arm, layer, tensor) -> dict:
     """S.head_replicates of CLAIM_STATS for one (layer, tensor), computed once: the claims pool the
     same groups many ways (all layers, one layer, Q or K alone)."""
     key = (arm, layer, tensor)
     if key not in self.groups:
-      self.groups[key] = S.head_replicates(self.sums[arm][f"{layer}.{tensor}"], CLAIM_STATS, self.pairing(arm),
+      self.groups[key] = S.head_replicates(self.sums[arm][hooks.name(layer, tensor)], CLAIM_STATS, self.pairing(arm),
                                            self.meta["arms"][arm]["context"], self.cfg, self.counts)
     return self.groups[key]
 

@@ -20,6 +20,7 @@ import numpy as np
 from analysis.massive import claims as CL
 from analysis.massive import stats as S
 from analysis.massive import store as ST
+from minilm import hooks
 from train import checkpoints as ck
 
 SEED_KEYS = ("seed", "train.seed")
@@ -161,9 +162,9 @@ def _arm_row(store: ST.Store, arm: str, facts: dict, cfg: S.StatConfig, counts) 
   step = store.steps(arm)[-1]
   sums = store.load_sums(arm, step)
   pairing, context = ST.pairing_of(facts), facts["context"]
-  groups = [sums[f"{layer}.{t}"] for layer in range(facts["n_layers"]) for t in CL.QK]
+  groups = [sums[hooks.name(layer, t)] for layer in range(facts["n_layers"]) for t in CL.QK]
   pooled = S.pooled(groups, ARM_STATS, pairing, context, cfg, counts, S.BOOT_SEED)
-  pre = [sums[f"{layer}.{t}"] for layer in range(facts["n_layers"]) for t in ("q", "k")]
+  pre = [sums[hooks.name(layer, t)] for layer in range(facts["n_layers"]) for t in ("q", "k")]
   pooled.update({f"pre_{k}": v for k, v in S.pooled(pre, POINT_STATS, pairing, context, cfg, counts,
                                                     S.BOOT_SEED).items()})
   null = S.head_stats(np.sqrt(np.asarray(groups[0], np.float64).sum(0)), pairing, context, cfg)["null"]

@@ -108,7 +108,7 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
   timing = {"restore_s": 0.0, "forward_s": 0.0, "compile_forward_s": 0.0, "traced": 0, "skipped": 0}
   for arm, arm_dir in plan.arms.items():
     context, wanted = plan.configs[arm].data.seq_len, plan.wanted[arm]
-    keys = {f"{layer}.{t}" for layer in range(plan.configs[arm].model.n_layers) for t in hooks.QKV}
+    keys = {hooks.name(layer, t) for layer in range(plan.configs[arm].model.n_layers) for t in hooks.QKV}
     done = set(store.good_steps(arm, keys))
     for step in wanted:
       if step in done:

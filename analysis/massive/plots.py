@@ -33,7 +33,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from analysis.massive import claims as CL  # noqa: E402
 from analysis.massive import stats as S  # noqa: E402
 from analysis.massive import store as ST  # noqa: E402
-from minilm import atomic  # noqa: E402
+from minilm import atomic, hooks  # noqa: E402
 
 METRICS = (("head_max", "max/mean, top head"), ("max_mean", "max/mean per dim"),
            ("pair_max_mean", "max/mean per pair"), ("lf_share", "low-freq share"))
@@ -187,7 +187,7 @@ def heatmap(store: ST.Store, arm: str, step: int, layers=None) -> list[str]:
   ratios = {}
   for tensor in SHOWN:
     for layer in layers:
-      M = np.sqrt(sums[f"{layer}.{tensor}"].astype(np.float64).sum(0))
+      M = np.sqrt(sums[hooks.name(layer, tensor)].astype(np.float64).sum(0))
       ratios[layer, tensor] = (M / M.mean(-1, keepdims=True))[:, order]
   vmax = max(cfg.lam, max(r.max() for r in ratios.values()))
   fig, axes = plt.subplots(len(SHOWN), len(layers), figsize=(3.0 * len(layers) + 1, 2.4 * len(SHOWN)), squeeze=False,

@@ -27,6 +27,7 @@ from scipy.stats import rankdata
 
 from analysis.massive import stats as S
 from analysis.massive.store import pairing_of, write_rows
+from minilm import hooks
 
 POINTS = ("sink", "resid")
 """Capture points the device part reads."""
@@ -124,7 +125,7 @@ def head_groups(sums: dict, sinks: dict, pairing, context: float, cfg: S.StatCon
     g = {"sink": (sink, sink_reps),
          "sink_head": ((sink >= SINK_LEVEL).astype(np.float64), (sink_reps >= SINK_LEVEL).astype(np.float64))}
     for tensor in ("rot_q", "rot_k"):
-      point, reps = S.head_replicates(sums[f"{layer}.{tensor}"], ("max_mean",), pairing, context, cfg,
+      point, reps = S.head_replicates(sums[hooks.name(layer, tensor)], ("max_mean",), pairing, context, cfg,
                                       counts)["max_mean"]
       group = len(sink) // len(point)          # query heads per KV head (1 for rot_q)
       g[tensor] = (np.repeat(point, group), np.repeat(reps, group, axis=-1))

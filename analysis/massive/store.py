@@ -3,7 +3,8 @@
 Layout (everything plots and claims need, so they never touch a model):
   probes.npy, mask.npy       the probe tokens [N, T] and the tokens counted (1) or padding (0)
   meta.json                  capture settings, statistic settings, per-arm model facts and pairing
-  sums/<arm>/<step>.npz      per-prompt sums of squares '<layer>.<tensor>' -> [N, H, D] (the cache)
+  sums/<arm>/<step>.npz      per-prompt sums of squares, hook name (minilm.hooks.name, e.g.
+                             'blocks.3.attn.rot_q') -> [N, H, D]
   sinks/<arm>/<step>.npz     per-prompt sink shares and largest residual activations (massive.sinks)
   tokens/<arm>.npz           |x| of probe 0 for TOKEN_POINTS: [L, T, H, D] float16, and its
                              attention 'attn' on the first tokens [L, H, P, P], final step
@@ -43,8 +44,13 @@ def pairing_of(facts: dict) -> Pairing:
 
 def layer_tensor_keys(sums: dict):
   """[(layer, tensor)] in layer, then minilm.hooks.QKV order."""
-  keys = [(int(k.split(".")[0]), k.split(".", 1)[1]) for k in sums]
-  return sorted(keys, key=lambda lt: (lt[0], hooks.QKV.index(lt[1])))
+  return sorted(map(hooks.split, sums), key=lambda lt: (lt[0], hooks.QKV.index(lt[1])))
+
+
+def _hook_name(key: str) -> str:
+  """A sums key as a hook name: stores traced before the keys were hook names hold '<layer>.<tensor>'."""
+  layer, _, point = key.partition(".")
+  return hooks.name(int(layer), point) if layer.isdigit() else key
 
 
 REQUIRED = object()
@@ -73,7 +79,7 @@ class Store:
 
   def load_sums(self, arm: str, step: int) -> dict:
     with np.load(self.sums_path(arm, step)) as z:
-      return {k: z[k] for k in z.files}
+      return {_hook_name(k): z[k] for k in z.files}
 
   def save_sums(self, arm: str, step: int, sums: dict) -> None:
     atomic.save_npz(self.sums_path(arm, step), **sums)
@@ -137,7 +143,8 @@ class Store:
 def _readable(path: str, keys: set[str]) -> bool:
   try:
     with np.load(path) as z:
-      return keys <= set(z.files) and all(np.isfinite(z[k]).all() for k in keys)
+      names = {_hook_name(k): k for k in z.files}
+      return keys <= set(names) and all(np.isfinite(z[names[k]]).all() for k in keys)
   except (OSError, ValueError, zipfile.BadZipFile, EOFError):
     return False
 

@@ -37,8 +37,9 @@ def _batch_sums(graphdef, state, tokens_BxT, mask_BxT, drop_first, sinks):
 
 def capture_sums(model, probes_NxT, mask_NxT=None, *, drop_first: bool = False, batch_size: int = 16,
                  timing: dict | None = None, sinks: bool = False) -> dict[str, np.ndarray]:
-  """Per-prompt sums of squares {'<layer>.<tensor>': [N, H, D] float32} of q, k, v, rot_q, rot_k;
-  with `sinks`, also the per-prompt '<layer>.<field>' of analysis.massive.sinks.FIELDS from the same forward.
+  """Per-prompt sums of squares {hook name: [N, H, D] float32} of q, k, v, rot_q, rot_k (keys
+  minilm.hooks.name(layer, tensor)); with `sinks`, also the per-prompt '<layer>.<field>' of
+  analysis.massive.sinks.FIELDS from the same forward.
 
   One jitted forward per batch (the last batch is padded with masked rows, so nothing recompiles);
   only [L, B, H, D] per tensor leaves the device. `timing` (a dict) accumulates 'forward_s' and,
@@ -68,8 +69,8 @@ def capture_sums(model, probes_NxT, mask_NxT=None, *, drop_first: bool = False, 
   sums = {}
   for name, parts in chunks.items():
     stacked = np.concatenate(parts, axis=1)[:, :N]   # [L, N, ...]
-    for layer, s in enumerate(stacked):
-      sums[f"{layer}.{name}"] = s
+    for layer, s in enumerate(stacked):   # sinks fields are statistics, not capture points
+      sums[hooks.name(layer, name) if name in hooks.QKV else f"{layer}.{name}"] = s
   return sums
 
 
@@ -97,7 +98,7 @@ def rows_for(sums: dict, facts: dict, cfg: S.StatConfig, arm: str, step: int) ->
   pairing, context = pairing_of(facts), facts["context"]
   rows = []
   for layer, tensor in layer_tensor_keys(sums):
-    M = np.sqrt(sums[f"{layer}.{tensor}"].astype(np.float64).sum(0))
+    M = np.sqrt(sums[hooks.name(layer, tensor)].astype(np.float64).sum(0))
     st = S.head_stats(M, pairing, context, cfg)
     null = st["null"]
     for h in range(M.shape[0]):
@@ -119,7 +120,7 @@ def summary_for(sums: dict, facts: dict, cfg: S.StatConfig, arm: str, step: int,
   counts = S.prompt_counts(n_prompts, n_boot, S.BOOT_SEED)
   groups = []
   for layer, tensor in layer_tensor_keys(sums):
-    s = sums[f"{layer}.{tensor}"]
+    s = sums[hooks.name(layer, tensor)]
     pooled = S.pooled([s], S.PER_HEAD, pairing, context, cfg, counts, S.BOOT_SEED)
     M = np.sqrt(s.astype(np.float64).sum(0))
     E = S.pair_energy(M, pairing.pair_index)

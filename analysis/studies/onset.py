@@ -59,7 +59,7 @@ import numpy as np  # noqa: E402
 from analysis.massive import claims as CL  # noqa: E402
 from analysis.massive import stats as S  # noqa: E402
 from analysis.massive import store as ST  # noqa: E402
-from minilm import atomic  # noqa: E402
+from minilm import atomic, hooks  # noqa: E402
 from minilm.paths import portable_tree  # noqa: E402
 from minilm.schema import check, to_dict  # noqa: E402
 from train import checkpoints as ck  # noqa: E402
@@ -92,7 +92,7 @@ TENSORS = {"pre": ("q", "k"), "post": CL.QK, "pair": ("q", "k")}
 def _heads(sums, facts, tensors, cfg, only) -> dict:
   """{stat: values [heads of every layer of `tensors`]} of S.head_stats."""
   pairing = ST.pairing_of(facts)
-  per = [S.head_stats(np.sqrt(sums[f"{l}.{t}"].astype(np.float64).sum(0)), pairing, facts["context"], cfg, only)
+  per = [S.head_stats(np.sqrt(sums[hooks.name(l, t)].astype(np.float64).sum(0)), pairing, facts["context"], cfg, only)
          for l in range(facts["n_layers"]) for t in tensors]
   return {k: np.concatenate([p[k] for p in per]) for k in only}
 
@@ -111,7 +111,7 @@ def step_stats(sums: dict, facts: dict, cfg: S.StatConfig) -> dict:
   h = _heads(sums, facts, CL.QK, cfg, ("lf_share", "band_share", "peak_pair", "peak_minus_ctx"))
   pairing = ST.pairing_of(facts)
   rope = pairing.is_rope
-  E_HxP = np.concatenate([S.pair_energy(np.sqrt(sums[f"{l}.{t}"].astype(np.float64).sum(0)), pairing.pair_index)
+  E_HxP = np.concatenate([S.pair_energy(np.sqrt(sums[hooks.name(l, t)].astype(np.float64).sum(0)), pairing.pair_index)
                           for l in range(facts["n_layers"]) for t in CL.QK])
   return {**row, "lf_share": h["lf_share"].mean(), "band_share": h["band_share"].mean(),
           "peak_pair": h["peak_pair"].mean() if rope else None,

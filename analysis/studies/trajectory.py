@@ -77,7 +77,7 @@ def trace_trajectory(paths: list[str], out_dir: str, *, arm: str | None = None, 
   T.check_length(model.cfg, length, min(batch_size, n_probes))
   probes = sources.text_windows(tok, n_probes, length, heldout=True)
   store = ST.open_store(out_dir, probes, np.ones(probes.shape, np.float32), stat_cfg.drop_first, stat_cfg)
-  keys = {f"{layer}.{t}" for layer in range(model.cfg.n_layers) for t in hooks.QKV}
+  keys = {hooks.name(layer, t) for layer in range(model.cfg.n_layers) for t in hooks.QKV}
   done = set(store.good_steps(arm, keys))
   loaded = {wanted[0]: model}   # the first checkpoint was loaded for its tokenizer
   for step in wanted:
