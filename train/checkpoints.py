@@ -30,6 +30,7 @@ from minilm import atomic
 from minilm import schema as C
 from minilm.config import ModelConfig
 from minilm.model import Decoder
+from train.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 DAMAGED = "damaged_checkpoints"   # where damaged steps are moved, never deleted
@@ -268,7 +269,6 @@ def config_dict(arm_dir: str) -> dict:
 
 def load_config(arm_dir: str):
   """The resolved TrainConfig stored in `<arm_dir>/config.json`."""
-  from train.config import TrainConfig
   return C.from_dict(TrainConfig, config_dict(arm_dir))
 
 

@@ -20,6 +20,7 @@ import sys
 from minilm import atomic
 from minilm import schema as C
 from minilm.cli import guarded
+from train import paired, tensorboard
 from train.config import ExperimentConfig, load_experiment
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -88,7 +89,6 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
   """Check everything, then train the chosen arms; {arm: last rows, or {'diverged': message}}."""
-  from train import paired, tensorboard
   if args.tensorboard:
     tensorboard.enable()
   exp = load(args.config, args.assignments)
