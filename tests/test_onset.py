@@ -157,6 +157,17 @@ def test_cli_writes_and_bad_input_is_one_line(traced, tmp_path, capsys):
   assert not os.path.exists(tmp_path / "x")
 
 
+def test_the_command_builds_the_study_a_caller_would(traced, tmp_path):
+  import argparse
+  ap = argparse.ArgumentParser()
+  onset.add_arguments(ap)
+  args = ap.parse_args([str(traced / "trace"), "--out", "x", "--params", "1e7", "--n-boot", "5"])
+  cfg = onset.OnsetStudy(str(traced / "trace"), params=(1e7,), n_boot=5)
+  assert onset.study_from_args(args) == cfg
+  data, tested = onset.run(cfg, str(tmp_path / "out"))
+  assert tested is None and [o["params"] for o in data["fits"][0]["onset"]][-1] == 10 ** 7
+
+
 @pytest.fixture()
 def gpu_script(monkeypatch):
   monkeypatch.syspath_prepend(BENCH)

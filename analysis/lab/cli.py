@@ -139,7 +139,7 @@ COMMANDS = [
     ("quantize", "C6: quantization schemes x bit widths -> accuracy, perplexity, M before/after, verdict",
      quantization.add_arguments, quantization.run_and_print),
     ("onset", "onset study: concentration vs tokens and size per kind, fitted law, onset tokens, figures",
-     onset.add_arguments, onset.run),
+     onset.add_arguments, onset.run_and_print),
 ]
 
 

@@ -415,32 +415,60 @@ def prediction_lines(tested: dict) -> list[str]:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class OnsetStudy:
+  """An onset study: every option of `python -m analysis onset` but --out (the flag of a field is its
+  name: n_boot is --n-boot). `check` validates it without reading the store."""
+  trace_dir: str                             # a traced directory (python -m analysis trace / minilm-lab)
+  run_dir: str | None = None                 # the run it was traced from (None: recorded in meta.json)
+  params: tuple[float, ...] = ()             # extra model sizes to give onsets for
+  n_boot: int = N_BOOT                       # bootstrap replicates of each fit
+  predict: str | None = None                 # a fit.json of another run: test its law on this one
+  horizon: float = HORIZON                   # tokens beyond which an onset is None
+
+  def check(self) -> None:
+    check(os.path.isdir(self.trace_dir), "trace_dir", f"{self.trace_dir} is not a directory; give a folder written "
+          "by `python -m analysis trace`")
+    check(self.n_boot >= 1, "--n-boot", f"must be >= 1; got {self.n_boot}")
+    check(self.horizon > 0 and all(n > 0 for n in self.params), "--horizon/--params", "must be > 0")
+    check(self.predict is None or os.path.isfile(self.predict), "--predict", f"{self.predict} is not a file; give "
+          "the fit.json of an earlier `python -m analysis onset`")
+
+
 def add_arguments(p) -> None:
+  d = OnsetStudy("")
   p.add_argument("trace_dir", help="a traced directory (python -m analysis trace / minilm-lab)")
   p.add_argument("--out", required=True, help="output folder (written whole, replacing an earlier one)")
-  p.add_argument("--run-dir", default=None, help="the run it was traced from (default: recorded in meta.json)")
-  p.add_argument("--params", type=float, nargs="*", default=(), help="extra model sizes to give onsets for")
-  p.add_argument("--n-boot", type=int, default=N_BOOT, help=f"bootstrap replicates (default {N_BOOT})")
-  p.add_argument("--predict", default=None, metavar="FIT", help="a fit.json of another run: test its law on this "
-                 "one (PREDICTION_RULE) into prediction.json")
-  p.add_argument("--horizon", type=float, default=HORIZON, help=f"tokens beyond which an onset is None "
-                 f"(default {HORIZON:.0e})")
+  p.add_argument("--run-dir", default=d.run_dir, help="the run it was traced from (default: recorded in meta.json)")
+  p.add_argument("--params", type=float, nargs="*", default=d.params, help="extra model sizes to give onsets for")
+  p.add_argument("--n-boot", type=int, default=d.n_boot, help=f"bootstrap replicates (default {d.n_boot})")
+  p.add_argument("--predict", default=d.predict, metavar="FIT", help="a fit.json of another run: test its law on "
+                 "this one (PREDICTION_RULE) into prediction.json")
+  p.add_argument("--horizon", type=float, default=d.horizon, help=f"tokens beyond which an onset is None "
+                 f"(default {d.horizon:.0e})")
 
 
-def run(args) -> None:
-  check(os.path.isdir(args.trace_dir), "trace_dir", f"{args.trace_dir} is not a directory; give a folder written "
-        "by `python -m analysis trace`")
-  check(args.n_boot >= 1, "--n-boot", f"must be >= 1; got {args.n_boot}")
-  check(args.horizon > 0 and all(n > 0 for n in args.params), "--horizon/--params", "must be > 0")
-  check(args.predict is None or os.path.isfile(args.predict), "--predict", f"{args.predict} is not a file; give "
-        "the fit.json of an earlier `python -m analysis onset`")
-  atomic.check_out_dir(args.out)
-  fits = load_fits(args.predict) if args.predict else []
-  rows = table(args.trace_dir, args.run_dir)
-  with atomic.staged_dir(args.out) as staging:
-    data = write(rows, staging, sizes=args.params, n_boot=args.n_boot, horizon=args.horizon,
-                 source=portable_tree({"trace_dir": args.trace_dir, "run_dir": args.run_dir, "predict": args.predict}))
+def study_from_args(args) -> OnsetStudy:
+  return OnsetStudy(args.trace_dir, args.run_dir, tuple(args.params), args.n_boot, args.predict, args.horizon)
+
+
+def run(cfg: OnsetStudy, out: str) -> tuple[dict, dict | None]:
+  """The study into `out` (staged: a failure leaves an earlier `out` as it was); (fit.json's data,
+  prediction.json's data or None)."""
+  cfg.check()
+  atomic.check_out_dir(out)
+  fits = load_fits(cfg.predict) if cfg.predict else []
+  rows = table(cfg.trace_dir, cfg.run_dir)
+  with atomic.staged_dir(out) as staging:
+    data = write(rows, staging, sizes=cfg.params, n_boot=cfg.n_boot, horizon=cfg.horizon,
+                 source=portable_tree({"trace_dir": cfg.trace_dir, "run_dir": cfg.run_dir, "predict": cfg.predict}))
     tested = check_prediction(rows, fits) if fits else None
     if tested:
       atomic.write_json(os.path.join(staging, "prediction.json"), tested)
+  return data, tested
+
+
+def run_and_print(args) -> None:
+  """`python -m analysis onset`: the study of the parsed arguments, run into --out."""
+  data, tested = run(study_from_args(args), args.out)
   print("\n".join(summary_lines(data) + (prediction_lines(tested) if tested else []) + [f"wrote {args.out}"]))
