@@ -15,10 +15,14 @@ An arm whose training met a non-finite loss holds `diverged.json` ({"step", "los
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
+import threading
+import time
 from typing import Any
 
 import jax
@@ -117,6 +121,7 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
   sums = {"algorithm": HASH, "params": checksums(params), "opt_state": checksums(opt_state)}
   thread_errors = _ThreadErrors()
   logging.getLogger().addHandler(thread_errors)
+  threads_before = set(threading.enumerate())
   try:
     mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
@@ -131,6 +136,14 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
       mngr.wait_until_finished()
     except Exception as e:
       late.append(e)
+    # The save's own threads may outlive the error that reached us: a thread that hit the disk logs
+    # its error when it ends, and one still writing into <step>.orbax-checkpoint-tmp would break the
+    # resumed save of the same step. Wait for them (bounded), then remove what the step left.
+    deadline = time.monotonic() + THREAD_WAIT_S
+    for t in set(threading.enumerate()) - threads_before:
+      t.join(max(0.0, deadline - time.monotonic()))
+    for tmp in glob.glob(os.path.join(glob.escape(str(mngr.directory)), f"{step}.orbax-checkpoint-tmp*")):
+      shutil.rmtree(tmp, ignore_errors=True)
     last = mngr.latest_step()
     cause = _disk_error([err, *late, *thread_errors.errors])
     raise RunError(f"{where}: cannot save ({cause.strerror or cause}); nothing of step {step} was kept: "
@@ -140,6 +153,7 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
 
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+THREAD_WAIT_S = 30.0
 
 
 class _ThreadErrors(logging.Handler):
