@@ -43,6 +43,23 @@ def test_trains_the_smoke_experiment_then_extends_it(tmp_path, capsys):
   assert open(arm / "config.json").read() == before
 
 
+def test_score_checkpoints_puts_the_training_scores_beside_every_checkpoint(tmp_path, capsys):
+  out, arm = str(tmp_path), tmp_path / "smoke" / "rope"
+  code, err = run(capsys, "smoke", "--out", out, "--score-checkpoints")
+  assert code == 2 and err.startswith(f"error: --out: {tmp_path / 'smoke' / 'rope'} holds no run of arm 'rope'"), err
+  assert run(capsys, "smoke", "--out", out, "--arms", "rope", "--no-progress")[0] == 0
+  trained = open(arm / "eval.jsonl").read().splitlines()
+  assert [json.loads(l)["step"] for l in trained] == [4, 6]
+  (arm / "eval.jsonl").write_text(trained[1] + "\n")   # the loop's row of step 4 must come back
+  assert run(capsys, "smoke", "--out", out, "--arms", "rope", "--score-checkpoints")[0] == 0
+  rows = open(arm / "eval.jsonl").read().splitlines()
+  assert [json.loads(l)["step"] for l in rows] == [0, 1, 2, 4, 6]
+  assert json.loads(rows[3]) == json.loads(trained[0]) and rows[4] == trained[1]
+  code = cli.main(["smoke", "--out", out, "--arms", "rope", "--score-checkpoints"])
+  assert code == 0 and "[rope] scored 0 checkpoint(s)" in capsys.readouterr().out
+  assert open(arm / "eval.jsonl").read().splitlines() == rows
+
+
 BAD = {
     "unknown field": (["--set", "model.d_modle=3"], "error: train.model.d_modle: unknown field; allowed: "),
     "bad value": (["--set", "model.d_model=-1"], "error: model.d_model: must be >= 1; got -1"),

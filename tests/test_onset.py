@@ -125,7 +125,10 @@ def test_table_and_outputs_from_a_traced_store(traced, tmp_path):
   assert a2["post_max_mean"] >= a2["pair_max_mean"]   # per dim >= per pair, the rule's premise
   assert a2["j_ctx"] is not None and rows[3]["j_ctx"] is None and rows[3]["peak_minus_ctx"] is None
   data = onset.write(rows, str(tmp_path), n_boot=20, sizes=[1e7])
-  assert sorted(os.listdir(tmp_path)) == ["concentration.png", "fit.json", "onset_table.csv", "pair_profile.png"]
+  assert sorted(os.listdir(tmp_path)) == ["concentration.png", "fit.json", "onset_table.csv", "pair_profile.png",
+                                         "scores.png"]   # a2 has a held-out score
+  assert not onset.scores_figure([{k: v for k, v in r.items() if not k.startswith("eval_")} for r in rows],
+                                 str(tmp_path / "none.png"))   # no score: no figure
   assert {(f["kind"], f["stat"]) for f in data["fits"]} == {(k, s) for k in ("rope", "nope") for s in onset.FITTED}
   assert data["rule"] == onset.RULE and [o["params"] for o in data["fits"][0]["onset"]][-1] == 10 ** 7
   assert onset.load_fits(str(tmp_path / "fit.json"))[0].boot.shape == (len(data["fits"][0]["boot"]), 3)

@@ -8,6 +8,10 @@ Bad input (a bad setting, an unusable --out, a damaged checkpoint or log, a full
 line 'error: <field or path>: <what is wrong>' and exit code 2, before anything is written where it
 can be known in advance. An arm that diverges (non-finite loss) does not stop the other arms; the
 command then ends with one 'error: ...' line per diverged arm and exit code 3.
+
+`--score-checkpoints` trains nothing: it scores the held-out tasks at every saved checkpoint of the
+chosen arms that eval.jsonl has no row for (a run trained with sparse evaluation gets a score beside
+each checkpoint that a trace reads).
 """
 from __future__ import annotations
 
@@ -17,11 +21,14 @@ import json
 import os
 import sys
 
+from absl import logging
+
 from minilm import atomic
 from minilm import schema as C
 from minilm.cli import guarded
 from train import paired, tensorboard
 from train.config import ExperimentConfig, load_experiment
+from train.loop import check_run_dir, score_checkpoints
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TOP_FIELDS = {f.name for f in dataclasses.fields(ExperimentConfig)}
@@ -80,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--arms", default=None, help="comma-separated arms to run (default: all, in order)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+  p.add_argument("--score-checkpoints", action="store_true",
+                 help="train nothing: score the held-out tasks at every saved checkpoint of the chosen arms that "
+                      "eval.jsonl has no row for (rows merged into eval.jsonl)")
   p.add_argument("--tensorboard", action="store_true",
                  help="also write TensorBoard events of the logged rows (needs tensorboardX: pip install 'minilm[tb]')")
   p.add_argument("--distributed", action="store_true",
@@ -95,9 +105,28 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
   if args.print_config:
     print(json.dumps(C.to_dict(exp), indent=2))
     return {}
+  if args.score_checkpoints:
+    return score(exp, args.out, args.arms.split(",") if args.arms else None)
   atomic.check_out_dir(args.out)
   runs = paired.plan(exp, args.out, args.arms.split(",") if args.arms else None)
   return paired.run_planned(runs, progress=not args.no_progress)
+
+
+def score(exp: ExperimentConfig, out: str, arms: list[str] | None) -> dict[str, dict]:
+  """score_checkpoints for each chosen arm (each must exist and hold this config); {arm: {'scored': steps}}."""
+  dirs = {}
+  for arm in arms or list(exp.arms):
+    C.check_choice("arms", arm, exp.arms)
+    dirs[arm] = os.path.join(paired.experiment_dir(exp, out), arm)
+    C.check(check_run_dir(dirs[arm], exp.resolve(arm)) is not None, "--out", f"{dirs[arm]} holds no run of arm "
+            f"{arm!r}; train it first (or give the --out it was trained under)")
+  logging.set_verbosity(logging.ERROR)   # orbax's read-only managers warn once per restored checkpoint
+  results = {}
+  for arm, arm_dir in dirs.items():
+    rows = score_checkpoints(arm_dir)
+    print(f"[{arm}] scored {len(rows)} checkpoint(s)" + (f": steps {', '.join(str(r['step']) for r in rows)}" if rows else ""))
+    results[arm] = {"scored": [r["step"] for r in rows]}
+  return results
 
 
 def main(argv: list[str] | None = None) -> int:

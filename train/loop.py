@@ -139,6 +139,31 @@ def _append(path: str, row: dict) -> None:
     f.write(json.dumps(row) + "\n")
 
 
+def score_checkpoints(arm_dir: str) -> list[dict]:
+  """Score the held-out tasks (the examples periodic evaluation uses) at every saved checkpoint that
+  eval.jsonl has no row for, and merge the rows into eval.jsonl in step order (rows already there are
+  kept as they are: the same weights and examples give the same scores). Returns the new rows.
+
+  Periodic evaluation follows eval.every; this puts a score beside every traced checkpoint of a run
+  trained with sparse evaluation, without training again."""
+  cfg = checkpoints.load_config(arm_dir)
+  C.check(cfg.eval.n_per_family > 0, "eval.n_per_family", f"{arm_dir} was trained with eval.n_per_family=0; "
+          "there are no held-out examples to score")
+  path = os.path.join(arm_dir, "eval.jsonl")
+  rows = {row["step"]: line for line, row in (_rows(path) if os.path.exists(path) else [])}
+  examples = D.eval_examples(cfg.data, cfg.eval.seed, cfg.eval.n_per_family)
+  new = []
+  for step in checkpoints.available_steps(arm_dir):
+    if step in rows:
+      continue
+    model, _ = checkpoints.load_model(arm_dir, step)
+    new.append({"step": step, **evaluate.accuracy(model, examples, batch=cfg.eval.batch)})
+    rows[step] = json.dumps(new[-1])
+    if primary():   # written after every step: an interrupted backfill keeps what it scored
+      atomic.write_text(path, "".join(rows[s] + "\n" for s in sorted(rows)))
+  return new
+
+
 def _restore_latest(mngr, arm_dir: str, cfg: TrainConfig, abstract_params, abstract_opt):
   """(step, params, opt_state) of the latest checkpoint that reads back intact, or None. A damaged
   step is moved aside, saying so, and the one before it tried: the steps after it are redone exactly."""

@@ -12,7 +12,7 @@ analysis.massive.claims.POINTS: pre (q/k per dim), post (rot_q/rot_k per dim, th
 pair (rotary-pair norms, rotation-invariant): max/mean, massive dims per head, and the share of
 heads with a dim above lambda for lambda in LAMS; then the low-frequency and boundary-band shares,
 the peak pair against j_ctx (RoPE only: blank otherwise) and the held-out scores of eval.jsonl
-at the steps the run evaluated. Arms without RoPE are paired by the store's labelled convention.
+at the steps the run evaluated (`python -m train CONFIG --score-checkpoints` scores every checkpoint). Arms without RoPE are paired by the store's labelled convention.
 
 fit.json: per kind, the law y = a + b log2(tokens) + c log2(params), ordinary least squares over
 the kind's checkpoints with tokens > 0, for each statistic of FITTED. Intervals: 95% percentile
@@ -372,9 +372,38 @@ def profile_figure(rows: list[dict], path: str) -> bool:
   return True
 
 
+def scores_figure(rows: list[dict], path: str) -> bool:
+  """Held-out task scores against tokens, one panel per task family, one line per arm (colour: kind,
+  width: size); False when no checkpoint has a score."""
+  families = sorted({k[len("eval_"):] for r in rows for k in r if k.startswith("eval_")})
+  if not families:
+    return False
+  kinds = sorted({r["kind"] for r in rows})
+  colors = dict(zip(kinds, plt.cm.tab10(np.arange(len(kinds)))))
+  sizes = sorted({r["params"] for r in rows})
+  fig, axes = plt.subplots(1, len(families), figsize=(3.4 * len(families), 3), squeeze=False, sharey=True,
+                           layout="constrained")
+  for ax, family in zip(axes[0], families):
+    for arm in sorted({r["arm"] for r in rows}):
+      mine = [r for r in rows if r["arm"] == arm and r["tokens"] > 0 and f"eval_{family}" in r]
+      if mine:
+        ax.plot([r["tokens"] for r in mine], [r[f"eval_{family}"] for r in mine], "-o", ms=2, alpha=0.7,
+                lw=0.6 + 1.2 * sizes.index(mine[0]["params"]) / max(len(sizes) - 1, 1), color=colors[mine[0]["kind"]])
+    ax.set_xscale("log")
+    ax.set_title(family, fontsize=9)
+    ax.set_xlabel("tokens seen (log)", fontsize=8)
+  axes[0, 0].set_ylabel("held-out exact match")
+  axes[0, 0].legend(handles=[matplotlib.lines.Line2D([], [], color=colors[k], label=k) for k in kinds], fontsize=7)
+  fig.suptitle("Held-out task scores at each scored checkpoint (line width: model size)", fontsize=9)
+  atomic.savefig(fig, path, dpi=100)
+  plt.close(fig)
+  return True
+
+
 def write(rows: list[dict], out: str, *, sizes=(), n_boot: int = N_BOOT, horizon: float = HORIZON,
           source: dict | None = None) -> dict:
-  """onset_table.csv, fit.json, concentration.png, pair_profile.png into `out` (an existing folder)."""
+  """onset_table.csv, fit.json, concentration.png, pair_profile.png and scores.png (when checkpoints have
+  held-out scores) into `out` (an existing folder)."""
   columns = list(dict.fromkeys(k for r in rows for k in r if not k.startswith("_")))
   ST.write_rows(os.path.join(out, "onset_table.csv"), [{k: r.get(k) for k in columns} for r in rows], columns)
   fits = [f for kind in sorted({r["kind"] for r in rows}) for stat in FITTED
@@ -388,6 +417,7 @@ def write(rows: list[dict], out: str, *, sizes=(), n_boot: int = N_BOOT, horizon
   atomic.write_json(os.path.join(out, "fit.json"), data)
   concentration_figure(rows, fits, os.path.join(out, "concentration.png"))
   profile_figure(rows, os.path.join(out, "pair_profile.png"))
+  scores_figure(rows, os.path.join(out, "scores.png"))
   return data
 
 
