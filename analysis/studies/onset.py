@@ -59,7 +59,7 @@ import numpy as np  # noqa: E402
 from analysis.massive import claims as CL  # noqa: E402
 from analysis.massive import stats as S  # noqa: E402
 from analysis.massive import store as ST  # noqa: E402
-from minilm import atomic, hooks  # noqa: E402
+from minilm import atomic, encodings, hooks  # noqa: E402
 from minilm.paths import portable_tree  # noqa: E402
 from minilm.schema import check, to_dict  # noqa: E402
 from train import checkpoints as ck  # noqa: E402
@@ -379,7 +379,8 @@ def scores_figure(rows: list[dict], path: str) -> bool:
   if not families:
     return False
   kinds = sorted({r["kind"] for r in rows})
-  colors = dict(zip(kinds, plt.cm.tab10(np.arange(len(kinds)))))
+  known = list(encodings.REGISTRY)   # one colour per encoding, the same in every run's figure
+  colors = {k: plt.cm.tab10(known.index(k) % 10 if k in known else 9) for k in kinds}
   sizes = sorted({r["params"] for r in rows})
   fig, axes = plt.subplots(1, len(families), figsize=(3.4 * len(families), 3), squeeze=False, sharey=True,
                            layout="constrained")
