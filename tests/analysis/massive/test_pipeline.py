@@ -1,0 +1,92 @@
+"""analysis.massive.pipeline: a single model is analysed as one traced step, and a tiny paired run goes
+end to end through `python -m analysis trace` into table, summary, plots and claims, resumes, and
+redoes a damaged step and a missing token view; a bad run directory is one line."""
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from analysis.lab.cli import main
+from analysis.lab.cli import main as analysis_main
+from analysis.massive import pipeline as PL
+from analysis.massive import store as ST
+from minilm import encodings
+from minilm.config import ModelConfig
+from minilm.model import Decoder
+from minilm.schema import ConfigError
+
+
+def _decoder(position, seed=0, n_layers=2):
+  cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_len=64,
+                    position=position)
+  return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def test_analyze_model_treats_a_single_model_as_one_step(tmp_path):
+  model = _decoder(encodings.RoPE(), n_layers=1)
+  probes = np.random.default_rng(2).integers(0, 300, (6, 16))
+  PL.analyze_model(model, probes, str(tmp_path), arm="pretrained", step=0, batch_size=6)
+  rows = ST.read_table(str(tmp_path / "table.csv"))
+  assert len(rows) == 2 * 4 + 3 * 2 and {r["arm"] for r in rows} == {"pretrained"}
+  claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+  assert [c["claim"] for c in claims] == ["C1", "C2", "C3", "C3-lowfreq", "C4"]
+  c3 = {c["claim"]: c for c in claims}["C3"]
+  assert c3["verdict"] == "inconclusive" and "no NoPE arm" in c3["notes"]
+  for name in ("layer_profile", "heatmap_pretrained_0", "pair_energy_pretrained", "bars3d_pretrained"):
+    assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 0 and (tmp_path / "plots" / f"{name}.pdf").exists()
+  assert not (tmp_path / "plots" / "emergence.png").exists()   # one step: nothing to emerge over
+  with pytest.raises(ConfigError, match="out: .* other probes"):
+    PL.analyze_model(model, probes[:3], str(tmp_path), arm="pretrained")
+
+
+def test_cli_traces_a_paired_run_into_table_plots_and_claims_and_resumes(tiny_run, tmp_path):
+  out = tmp_path / "analysis"
+  assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--batch", "4"]) == 0
+  rows = ST.read_table(str(out / "table.csv"))
+  assert len(rows) == 2 * 2 * 2 * (2 * 4 + 3 * 2)                # arms x steps x layers x heads
+  assert {(r["arm"], r["step"]) for r in rows} == {(a, s) for a in ("rope", "nope") for s in ("0", "1")}
+  assert np.load(out / "probes.npy").shape == (6, 48)
+  assert [f["context"] for f in json.loads((out / "meta.json").read_text())["arms"].values()] == [48.0, 48.0]
+  summary = json.loads((out / "summary.json").read_text())
+  assert len(summary["groups"]) == 2 * 2 * 2 * 5
+  lo_mid_hi = summary["groups"][0]["stats"]["max_mean"]
+  assert lo_mid_hi[1] <= lo_mid_hi[0] <= lo_mid_hi[2]
+  claims = json.loads((out / "claims.json").read_text())["claims"]
+  assert {c["claim"] for c in claims} == {"C1", "C2", "C3", "C3-lowfreq", "C4"}
+  assert all(c["reference"] == "arm nope" and c["step"] == 1 and c["ci"] is not None for c in claims)
+  assert "| C3 RoPE causes it |" in (out / "claims.md").read_text()
+  for name in ("emergence", "layer_profile", "heatmap_rope_0", "heatmap_nope_1", "pair_energy_rope", "bars3d_nope"):
+    assert (out / "plots" / f"{name}.png").exists() and (out / "plots" / f"{name}.pdf").exists()
+  assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--no-plots", "--lam", "3"]) == 0
+  first, second = [json.loads(line) for line in (out / "timing.jsonl").read_text().splitlines()]
+  assert first["traced"] == 4 and first["forward_s"] + first["compile_forward_s"] > 0
+  assert second["traced"] == 0 and second["skipped"] == 4
+  assert json.loads((out / "meta.json").read_text())["stats"]["lam"] == 3.0   # table redone, no forward
+  assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--drop-first"]) == 2
+
+
+def test_cli_reports_a_bad_run_dir_in_one_line(tmp_path, capsys):
+  assert main(["trace", str(tmp_path / "missing")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: run_dir:") and "\n" not in err
+
+
+TRACE = ["--probes", "4", "--batch", "4", "--no-plots"]
+
+
+def test_trace_redoes_a_damaged_step_and_a_missing_token_view(tiny_run, tmp_path):
+  out = tmp_path / "trace"
+  assert analysis_main(["trace", str(tiny_run), "--out", str(out), *TRACE]) == 0
+  want = json.loads((out / "summary.json").read_text())
+  store = ST.Store(str(out))
+  with open(store.sums_path("rope", 1), "r+b") as f:       # a file cut short (full disk, kill by hand)
+    f.truncate(100)
+  os.remove(store.tokens_path("nope"))                      # killed before the last step's token view
+  assert analysis_main(["trace", str(tiny_run), "--out", str(out), *TRACE]) == 0
+  timing = json.loads((out / "timing.jsonl").read_text().splitlines()[-1])
+  assert timing["traced"] == 1 and timing["skipped"] == 3
+  assert os.path.exists(store.sums_path("rope", 1) + ".damaged")   # kept aside, not deleted
+  assert store.token_step("nope") == 1 and store.token_step("rope") == 1
+  assert json.loads((out / "summary.json").read_text()) == want   # redone to the same numbers

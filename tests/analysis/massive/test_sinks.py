@@ -1,0 +1,134 @@
+"""Attention sinks and residual massive activations: the on-device reductions equal numpy on full tensors, planted sinks and activations are found, the
+association rule reads its intervals as written, and the store keeps old traces readable. The planted
+sink (helpers.plant_sink) makes the first probe token a sink for one head."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from analysis.massive import sinks as SK
+from analysis.massive import stats as S
+from analysis.massive import store as ST
+from analysis.massive import trace as T
+from helpers import ROOT
+from helpers import plant_sink as _plant_sink
+from helpers import sink_decoder as _decoder
+from helpers import sink_probes as _probes
+from minilm import capture, encodings, hooks
+
+
+def test_device_sink_share_equals_numpy_from_full_probabilities():
+  model, probes = _decoder(encodings.RoPE(layout="interleaved")), _probes(7, 24)
+  mask = np.ones(probes.shape, np.float32)
+  mask[2, 20:] = 0
+  out = T.capture_sums(model, probes, mask, batch_size=3, sinks=True)
+  _, cache = capture.run(model, probes, points=("attn",))
+  for layer in range(2):
+    probs = np.asarray(cache[hooks.name(layer, "attn")], np.float64)      # [N, H, T, S]
+    counted = mask * (np.arange(24) > 0)
+    want = np.einsum("nht,nt->nh", probs[..., 0], counted) / counted.sum(1)[:, None]
+    np.testing.assert_allclose(out[f"{layer}.sink"], want, rtol=1e-5, atol=1e-7)
+  assert set(out) == {hooks.name(l, t) for l in range(2) for t in hooks.QKV} | {f"{l}.{f}" for l in range(2)
+                                                                                 for f in SK.FIELDS}
+
+
+def test_planted_sink_head_is_found():
+  model = _decoder(encodings.NoPE(), qkv_bias=True)
+  _plant_sink(model, layer=0, head=2)
+  out = T.capture_sums(model, _probes(), batch_size=5, sinks=True)
+  share = out["0.sink"].mean(0)
+  assert share.argmax() == 2 and share[2] > 0.95
+  assert np.delete(share, 2).max() < 0.5
+
+
+def test_planted_massive_residual_activation_is_found():
+  model, probes = _decoder(), _probes(4, 24)
+  probes[:, 5] = 9                                   # token 9 only at position 5
+  emb = np.asarray(model.embed.embedding[...]).copy()
+  emb[9, 13] = 5000.0                                # carried by the residual stream through every block
+  model.embed.embedding[...] = emb
+  out = T.capture_sums(model, probes, batch_size=4, sinks=True)
+  cfg = S.StatConfig()
+  counts = S.prompt_counts(4, 50)
+  for layer in range(2):
+    assert (out[f"{layer}.resid_tok"][:, 0] == 5).all() and (out[f"{layer}.resid_dim"][:, 0] == 13).all()
+    res = SK.resid_layer(out, layer, probes, cfg, counts)
+    assert res["top_position"] == [5, 1.0] and res["top_dim"] == [13, 1.0] and res["top_token_id"] == [9, 1.0]
+    assert res["n_sun"][0] == 1 and res["n_ratio"][0] == 1 and res["max_abs"][0] > 1000
+  _, cache = capture.run(model, probes, points=("resid",))
+  resid = np.abs(np.asarray(cache[hooks.name(1, "resid")]))
+  np.testing.assert_allclose(out["1.resid_median"], np.median(resid.reshape(4, -1), axis=1), rtol=1e-5)
+  np.testing.assert_allclose(np.abs(out["1.resid_top"]), -np.sort(-resid.reshape(4, -1), axis=1)[:, :SK.RESID_TOP],
+                             rtol=1e-6)
+
+
+def test_untrained_model_has_no_massive_residual_activation():
+  model, probes = _decoder(), _probes(4, 24)
+  out = T.capture_sums(model, probes, batch_size=4, sinks=True)
+  res = SK.resid_layer(out, 1, probes, S.StatConfig(), S.prompt_counts(4, 50))
+  assert res["n_ratio"][0] == 0 and res["max_ratio"][0] < S.StatConfig().resid_ratio
+
+
+def test_spearman_and_the_rule():
+  x = np.array([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+  np.testing.assert_allclose(SK.spearman(x, np.array([[1.0, 2.0, 3.0, 5.0]] * 3)), [1.0, -1.0, np.nan])
+  assert np.isnan(SK.spearman(np.array([1.0, 2.0]), np.array([2.0, 1.0]))[0])
+  assert SK.verdict({"rot_q": [0.5, 0.1, 0.8], "rot_k": [0.4, 0.01, 0.7]}) == "supported"
+  assert SK.verdict({"rot_q": [0.5, 0.1, 0.8], "rot_k": [0.4, -0.01, 0.7]}) == "inconclusive"
+  assert SK.verdict({"rot_q": [-0.5, -0.8, -0.1], "rot_k": [-0.4, -0.7, -0.01]}) == "opposite"
+  assert SK.verdict({"rot_q": [np.nan] * 3, "rot_k": [0.4, 0.1, 0.7]}) == "inconclusive"
+
+
+def _groups(sink_of_x, n_boot=200):
+  """Eight heads whose sink share is sink_of_x(max/mean), with replicates jittered a little."""
+  rng = np.random.default_rng(0)
+  x = np.linspace(1.0, 8.0, 8)
+  g = {"sink": (sink_of_x(x), sink_of_x(x) + rng.normal(0, 1e-3, (n_boot, 8)))}
+  g.update({t: (x, x + rng.normal(0, 1e-3, (n_boot, 8))) for t in ("rot_q", "rot_k")})
+  return [g]
+
+
+def test_association_reads_monotone_heads():
+  up = SK.association(_groups(lambda x: x / 10), 200)
+  down = SK.association(_groups(lambda x: 1 - x / 10), 200)
+  assert up["rot_q"][0] == pytest.approx(1.0) and up["rot_k"][1] > 0.5 and SK.verdict(up) == "supported"
+  assert down["rot_k"][0] == pytest.approx(-1.0) and SK.verdict(down) == "opposite"
+
+
+def test_uniform_share():
+  assert SK.uniform_share(np.ones((2, 3))) == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
+def test_store_writes_sinks_and_keeps_old_stores_readable(tmp_path):
+  model = _decoder(encodings.NoPE(), qkv_bias=True)
+  _plant_sink(model, layer=1, head=0)
+  probes = _probes(6, 24)
+  store = ST.open_store(str(tmp_path), probes, np.ones(probes.shape, np.float32), False, S.StatConfig())
+  for step in (0, 5):
+    T.record_step(store, model, "planted", step, context=24, final=step == 5)
+  T.rebuild(store, n_boot=100)
+  summ = json.loads((tmp_path / "sinks.json").read_text())
+  assert [s["step"] for s in summ["steps"]] == [0, 5] and summ["verdicts"][0]["step"] == 5
+  layer1 = [g for g in summ["layers"] if (g["step"], g["layer"]) == (5, 1)][0]
+  assert np.argmax(layer1["sink_per_head"]) == 0 and layer1["sink_per_head"][0] > 0.95
+  assert len(ST.read_table(str(tmp_path / "sinks.csv"))) == 2 * 2 * 4
+  assert len(ST.read_table(str(tmp_path / "resid.csv"))) == 2 * 2
+  with np.load(store.tokens_path("planted")) as z:
+    assert z["attn"].shape == (2, 4, 24, 24)                  # probes shorter than PATTERN_TOKENS
+  from analysis.massive import plots as P
+  names = {os.path.basename(p) for p in P.sink_figures(store)}
+  assert {"sink_map.png", "residual.png", "sinks_over_steps.png", "attention_planted.png"} <= names
+  os.remove(store.sinks_path("planted", 0))       # a step traced before sinks were captured
+  keys = {hooks.name(l, t) for l in range(2) for t in hooks.QKV}
+  assert store.good_steps("planted", keys) == [5] and store.steps("planted") == [0, 5]
+  T.rebuild(store, n_boot=100)
+  assert [s["step"] for s in json.loads((tmp_path / "sinks.json").read_text())["steps"]] == [5]
+
+
+def test_rule_is_in_the_docs_verbatim():
+  with open(os.path.join(ROOT, "docs", "claims.md")) as f:
+    docs = f.read()
+  assert SK.RULE in docs and f"sink share >= {SK.SINK_LEVEL}" in docs

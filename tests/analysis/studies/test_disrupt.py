@@ -1,0 +1,192 @@
+"""analysis.studies.disrupt (claim C5's intervention): each mode replaces exactly the dims it names,
+controls pick the right dims, 'off' is bit-identical, every mode shares one compiled prefill, and the
+KV cache holds the disrupted keys."""
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from analysis.studies import disrupt
+from analysis.studies import disruption
+from analysis.studies.disrupt import DisruptConfig
+from minilm import capture, generate
+from minilm.config import ModelConfig
+from minilm.schema import ConfigError
+from minilm.model import Decoder
+
+EPS32 = float(np.finfo(np.float32).eps)
+CFG = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_len=64)
+BIG = 13  # the dim given massive values (rotary pair 5 with dim 5 in the half layout)
+
+
+@pytest.fixture(scope="module")
+def model():
+  """A random decoder whose Q and K get one planted massive dim per head (x20), so the paper's
+  lambda=5 criterion has something to find."""
+  m = Decoder(CFG, rngs=nnx.Rngs(0))
+  D = CFG.dim_per_head
+  for block in m.blocks:
+    for lin in (block.attn.q, block.attn.k):
+      w = np.asarray(lin.kernel[...]).copy()
+      w[:, BIG::D] *= 20.0
+      lin.kernel[...] = w
+  return m
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  return np.random.default_rng(1).integers(0, 64, (2, 12)).astype(np.int32)
+
+
+def _captured(model, tokens, args=None):
+  kw = {} if args is None else {"intervene": functools.partial(disrupt.hook, args)}
+  _, cache = capture.run(model, tokens, True, **kw)
+  return {k: np.asarray(v) for k, v in cache.items()}
+
+
+@pytest.mark.parametrize("mode", ["massive", "massive_zero", "top2", "smallest", "random", "v"])
+@pytest.mark.parametrize("rope", ["post", "pre"])
+def test_each_mode_changes_exactly_the_named_dims(model, tokens, mode, rope):
+  layer = 1
+  cfg = DisruptConfig(mode=mode, rope=rope, layer_start=layer, layer_stop=layer + 1)
+  M, S = disrupt.norms_and_spread(model, tokens, cfg)
+  args, counts = disrupt.hook_args(M, cfg, CFG.n_layers, S)
+  assert sum(c.sum() for c in counts.values()) > 0
+  if mode == "massive" and rope == "pre":  # exactly the planted dim, in every head of Q and K
+    qp, kp, _ = cfg.points()
+    for p in (qp, kp):
+      assert np.flatnonzero(np.asarray(args["masks"][f"blocks.{layer}.attn.{p}"]).any((0, 1))).tolist() == [BIG]
+  clean, hit = _captured(model, tokens), _captured(model, tokens, args)
+  for name in clean:
+    if name.startswith("blocks.0."):  # upstream of the disrupted layer: untouched
+      np.testing.assert_array_equal(hit[name], clean[name], err_msg=name)
+  for point in cfg.points():
+    name = f"blocks.{layer}.attn.{point}"
+    mask_BxHxD = np.asarray(args["masks"][name])
+    changed_BxHxD = np.any(hit[name] != clean[name], axis=1)
+    np.testing.assert_array_equal(changed_BxHxD, mask_BxHxD, err_msg=name)
+    # replaced by each dim's own mean over the prompt tokens (or zero), constant over tokens
+    want_Bx1xHxD = 0.0 * clean[name][:, :1] if mode == "massive_zero" else clean[name].mean(1, keepdims=True)
+    got = np.where(mask_BxHxD[:, None], hit[name], 0)
+    want = np.broadcast_to(np.where(mask_BxHxD[:, None], want_Bx1xHxD, 0), got.shape)
+    # the mean over T tokens is summed in another order (XLA vs numpy): T * eps32 of the largest value
+    np.testing.assert_allclose(got, want, rtol=0, atol=tokens.shape[1] * EPS32 * np.abs(want).max())
+  # queries and keys are disrupted together, V only in mode 'v'
+  qp, kp, vp = cfg.points()
+  assert (counts[vp].sum() > 0) == (mode == "v")
+  assert (counts[qp].sum() > 0 and counts[kp].sum() > 0) == (mode != "v")
+
+
+def test_controls_pick_the_right_dims():
+  # one head, 8 dims; 'massive' = top-2 = dims 0 and 1
+  M = np.array([[[100.0, 90.0, 5.0, 4.9, 1.0, 1.2, 30.0, 2.0]]])
+  top2 = DisruptConfig(criterion="topk", top_k=2)
+  sel = lambda mode: np.flatnonzero(disrupt.select(M, dataclasses.replace(top2, mode=mode))[0, 0]).tolist()
+  assert sel("massive") == [0, 1]
+  assert sel("smallest") == [4, 5]
+  # lambda criterion: mean 29.26, so lam=3 -> dims with M > 87.8 -> 0 and 1 again
+  assert np.flatnonzero(disrupt.massive(M, DisruptConfig(lam=3.0))[0, 0]).tolist() == [0, 1]
+  with pytest.raises(ConfigError, match="spread S"):
+    disrupt.select(M, dataclasses.replace(top2, mode="random"))
+
+
+def test_random_control_is_disjoint_seeded_and_matched_on_energy():
+  rng = np.random.default_rng(0)
+  M = rng.gamma(2.0, size=(4, 50, 32))
+  cfg = DisruptConfig(lam=3.0, mode="random")
+  massive = disrupt.massive(M, cfg)
+  # spread to the mean: a share of each dim's norm, smaller for the massive dims (nearly constant)
+  S = M * np.where(massive, 0.3, rng.uniform(0.2, 1.0, M.shape))
+  pick = lambda seed: disrupt.select(M, cfg, S, np.random.default_rng(seed))
+  chosen = pick(0)
+  assert massive.sum() > 0 and not np.any(massive & chosen)
+  np.testing.assert_array_equal(chosen, pick(0))
+  assert np.any(chosen != pick(1))
+  # per head, the lost energy of the chosen dims is close to that of the massive dims
+  target, got = (np.where(massive, S ** 2, 0)).sum(-1), np.where(chosen, S ** 2, 0).sum(-1)
+  has = massive.any(-1)
+  assert np.all(got[~has] == 0) and np.all(chosen[~has].sum(-1) == 0)
+  reachable = has & (np.where(massive, 0, S ** 2).sum(-1) >= target)
+  assert reachable.sum() > 0.9 * has.sum() and np.median(np.abs(got[reachable] / target[reachable] - 1)) < 0.35
+  # random, not the shoulder of the massive dims: chosen dims' M rank among the free dims is central
+  rank = np.argsort(np.argsort(np.where(massive, -np.inf, M), -1), -1) / (M.shape[-1] - 1)
+  assert 0.3 < rank[chosen].mean() < 0.7
+
+
+def test_v_mode_uses_the_same_dims_as_the_k_massive_ones(model, tokens):
+  cfg = DisruptConfig(mode="v", criterion="topk", top_k=3)
+  M = disrupt.dim_norms(model, tokens, cfg)
+  chosen = disrupt.masks(M, cfg, CFG.n_layers)
+  for layer in range(CFG.n_layers):
+    v = chosen[f"blocks.{layer}.attn.v"]
+    np.testing.assert_array_equal(v, disrupt.stats.top_k_mask(M[f"blocks.{layer}.attn.rot_k"], 3))
+    assert not np.array_equal(v, disrupt.stats.top_k_mask(M[f"blocks.{layer}.attn.v"], 3))
+    assert not chosen[f"blocks.{layer}.attn.rot_k"].any() and not chosen[f"blocks.{layer}.attn.rot_q"].any()
+
+
+def test_off_is_bit_identical_and_empty_masks_change_nothing(model, tokens):
+  plain = np.asarray(generate.greedy(model, tokens, 6))
+  (off, counts) = disrupt.disrupted_greedy(model, tokens, 6, DisruptConfig(mode="off"))
+  np.testing.assert_array_equal(np.asarray(off), plain)
+  assert all(c.sum() == 0 for c in counts.values())
+  # the hook itself is exact where no dim is chosen: a layer range with nothing left to disrupt
+  cfg = DisruptConfig(mode="massive", lam=1e9)
+  args, counts = disrupt.hook_args(disrupt.dim_norms(model, tokens, cfg), cfg, CFG.n_layers)
+  assert all(c.sum() == 0 for c in counts.values())
+  empty = generate.greedy(model, tokens, 6, hook=disrupt.hook, hook_args=args)
+  np.testing.assert_array_equal(np.asarray(empty), plain)
+
+
+def test_every_mode_of_a_prompt_shape_shares_one_compiled_prefill(model):
+  """Compilation dominates the disruption run of a 30-layer model: 'off' goes through the same hook
+  (all-False masks) as the disrupting modes, so a new prompt shape compiles greedy decoding once."""
+  from train.tokenizer import ByteTokenizer
+  from analysis.studies import suites
+  tok = ByteTokenizer()
+  items = [suites.Item("ctx", "contextual", np.full(13, 7 + i, np.int32), "", "x", 3, {}) for i in range(2)]
+  compiled = generate._greedy._cache_size()
+  conds = disruption.conditions(DisruptConfig(criterion="topk", top_k=1), disruption.TABLE_MODES, dose=True)
+  disruption.score_conditions(model, tok, items, conds, batch=2)
+  assert generate._greedy._cache_size() == compiled + 1
+
+
+@pytest.mark.parametrize("rope", ["post", "pre"])
+def test_kv_cache_holds_exactly_the_disrupted_keys(model, tokens, rope):
+  cfg = DisruptConfig(mode="top2", rope=rope)
+  M = disrupt.dim_norms(model, tokens, cfg)
+  args, _ = disrupt.hook_args(M, cfg, CFG.n_layers)
+  (out, cache), _ = disrupt.disrupted_greedy(model, tokens, 3, cfg, M=M, return_cache=True)
+  hit, clean = _captured(model, tokens, args), _captured(model, tokens)
+  T = tokens.shape[1]
+  for layer in range(CFG.n_layers):
+    keys = np.asarray(cache["layers"][layer]["k"])[:, :T]
+    np.testing.assert_allclose(keys, hit[f"blocks.{layer}.attn.rot_k"], atol=1e-5, rtol=1e-5)
+    assert np.abs(keys - clean[f"blocks.{layer}.attn.rot_k"]).max() > 1e-3  # and they were disrupted
+  if rope == "post":  # replaced post-RoPE dims are constant over the prompt in the cache
+    mask = np.asarray(args["masks"]["blocks.0.attn.rot_k"])
+    keys = np.asarray(cache["layers"][0]["k"])[:, :T]
+    spread = np.where(mask[:, None], keys - keys[:, :1], 0)
+    assert np.abs(spread).max() < 1e-6
+
+
+def test_probe_source_fixes_one_mask_for_every_prompt(model, tokens):
+  cfg = DisruptConfig(mode="top1", source="probe")
+  probe = disrupt.probe_norms(model, [tokens[0], tokens[1], tokens[0][:7]], cfg)
+  assert probe["blocks.0.attn.rot_q"].shape == (1, CFG.n_heads, CFG.dim_per_head)
+  M = disrupt.dim_norms(model, tokens, cfg, probe)
+  chosen = disrupt.masks(M, cfg, CFG.n_layers)
+  np.testing.assert_array_equal(chosen["blocks.1.attn.rot_k"][0], chosen["blocks.1.attn.rot_k"][1])
+  with pytest.raises(ConfigError, match="disrupt.source"):
+    disrupt.dim_norms(model, tokens, cfg)
+
+
+def test_bad_config_is_one_line():
+  for kw, field in [({"mode": "bogus"}, "disrupt.mode"), ({"rope": "mid"}, "disrupt.rope"),
+                    ({"layer_start": 3, "layer_stop": 2}, "disrupt.layer_stop")]:
+    with pytest.raises(ConfigError, match=field) as err:
+      DisruptConfig(**kw)
+    assert "\n" not in str(err.value)
+  with pytest.raises(ConfigError, match="n_layers=2"):
+    DisruptConfig(layer_stop=5).layers(2)

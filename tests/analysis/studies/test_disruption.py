@@ -1,0 +1,199 @@
+"""analysis.studies.disruption (claim C5): the C5 rule and its pooled intervals, random draws and
+doses, own prompt files (their one-line errors before any model loads), the study config the
+command line builds, and the study end to end."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from analysis.lab import cli
+from analysis.studies import disruption
+from analysis.studies.disrupt import DisruptConfig
+from helpers import ROOT
+from minilm.schema import ConfigError
+
+
+def _records(spec: dict, templates: int = 5, n: int = 10) -> list[dict]:
+  """Synthetic records: {family: (kind, {mode: correct examples of n, per template (int or list)})}."""
+  recs = []
+  for family, (kind, counts) in spec.items():
+    for t in range(templates):
+      for mode, k in counts.items():
+        k = k[t] if isinstance(k, list) else k
+        recs += [{"model": "m", "mode": mode, "task": f"{family}/t{t}", "family": family, "example": e, "kind": kind,
+                  "verdict": "correct" if e < k else "wrong", "success": e < k,
+                  "energy_removed": {"rot_q": 0.02 if mode == "massive" else 0.01, "rot_k": 0.01}}
+                 for e in range(n)]
+  return recs
+
+
+def _status(passkey: dict, capitals: dict, padded: dict | None = None) -> str:
+  spec = {"passkey": ("contextual", passkey), "capitals": ("parametric", capitals)}
+  if padded:
+    spec["capitals_padded"] = ("parametric", padded)
+  return disruption.c5_verdict(disruption.pool(_records(spec), "m", n_boot=500), "m")["status"]
+
+
+def test_c5_rule():
+  good = {"off": 10, "massive": 1, "random.0": 10, "random.1": 9}
+  assert _status(good, {"off": 10, "massive": 9}, {"off": 10, "massive": 10}) == "supported"
+  # the equal-length parametric family is judged too: hurt as much, so no longer supported
+  assert _status(good, {"off": 10, "massive": 9}, {"off": 10, "massive": 2}) == "inconclusive"
+  assert _status({**good, "random.0": 1, "random.1": 1}, {"off": 10, "massive": 9}) == "not supported"  # control as bad
+  assert _status({**good, "massive": 3, "random.0": 0, "random.1": 0}, {"off": 10, "massive": 9}) == "not supported"
+  assert _status({**good, "massive": 3, "random.0": 5, "random.1": 6}, {"off": 10, "massive": 9}) == "supported"
+  assert _status({**good, "massive": 10}, {"off": 10, "massive": 9}) == "not supported"        # massive does nothing
+  assert _status({**good, "massive": 5}, {"off": 10, "massive": 0}) == "opposite"              # parametric hurt more
+  assert _status({**good, "off": 5}, {"off": 10, "massive": 9}) == "inconclusive"              # cannot do the task
+  assert _status({"off": 10, "massive": 1}, {"off": 10, "massive": 9}) == "inconclusive"       # no random control
+  assert disruption.wilson(0, 10)[0] == 0.0 and 0.2 < disruption.wilson(5, 10)[0] < 0.5
+
+
+def test_pooled_interval_resamples_templates_as_well_as_items():
+  """Two families with the same mean drop: templates that disagree give the wider interval."""
+  spec = {"same": ("contextual", {"off": 10, "massive": 5}),
+          "split": ("contextual", {"off": 10, "massive": [0, 10, 0, 10, 5]})}
+  pooled = disruption.pool(_records(spec), "m", n_boot=1000)
+  width = {f: np.diff(disruption._ci(disruption._drop(pooled["families"][f], "massive")))[0] for f in spec}
+  point = {f: disruption._drop(pooled["families"][f], "massive")[0] for f in spec}
+  assert point["same"] == point["split"] == 0.5
+  assert width["split"] > 1.5 * width["same"]
+  # the kind pools its families; the energy of each condition is reported per family
+  assert pooled["kinds"]["contextual"]["families"] == ["same", "split"]
+  assert pooled["families"]["same"]["energy"]["massive"] == {"rot_q": 0.02, "rot_k": 0.01}
+
+
+def test_random_draws_pool_into_one_row_per_task():
+  recs = _records({"passkey": ("contextual", {"off": 10, "random.0": 4, "random.1": 6})}, templates=1)
+  for r in recs:
+    r.update(dims_replaced={"rot_q": 0}, energy_removed={"rot_q": 0.0})
+  rows = {r["mode"]: r for r in disruption.summarize(recs)}
+  assert set(rows) == {"off", "random.0", "random.1", "random"}
+  assert rows["random"]["n"] == 10 and rows["random"]["acc"] == 0.5 and rows["random"]["draws"] == 2
+  assert rows["random.0"]["k"] == 4 and rows["random.0"]["n"] == 10
+
+
+def test_conditions_expand_draws_and_doses_without_running_one_twice():
+  conds = disruption.conditions(DisruptConfig(), ("off", "massive", "random"), draws=3, dose=True)
+  assert list(conds)[:5] == ["off", "massive", "random.0", "random.1", "random.2"]
+  assert [c.draw for l, c in conds.items() if l.startswith("random")] == [0, 1, 2]
+  assert "lam5" not in conds and {"lam3", "lam4", "lam6", "top1", "top2", "top4"} <= set(conds)
+  assert conds["lam3"].lam == 3.0 and conds["lam3"].mode == "massive"
+  assert disruption.dose_labels(conds)["lam5"] == "massive"
+
+
+def _write_prompts(path, rows):
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+  return str(path)
+
+
+PROMPTS = [{"family": "needle", "kind": "contextual", "prompt": "The key is 4821. The key is", "answer": "4821"},
+           {"family": "needle", "kind": "contextual", "prompt": "The key is 9930. The key is", "answer": "9930"},
+           {"family": "atlas", "kind": "parametric", "prompt": "The capital of France is", "answer": "Paris",
+            "max_new_tokens": 4, "id": "a1"},
+           {"family": "atlas", "kind": "parametric", "prompt": "The capital of Spain is", "answer": "Madrid"},
+           {"family": "clash", "kind": "conflict", "prompt": "Here the capital of France is Rome. It is",
+            "answer": "Rome", "memory": "Paris"}]
+
+
+def test_own_prompts_end_to_end(tmp_path, capsys):
+  out = tmp_path / "c5"
+  prompts = _write_prompts(tmp_path / "mine.jsonl", PROMPTS)
+  assert cli.main(["disrupt", "--model", "random", "--prompts", prompts, "--batch", "2", "--draws", "2",
+                   "--out", str(out)]) == 0
+  lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+  conds = ["off", "smallest", "massive", "random.0", "random.1", "v"]
+  assert len(lines) == len(PROMPTS) * len(conds) and {l["mode"] for l in lines} == set(conds)
+  assert {l["task"] for l in lines} == {"needle", "atlas", "clash"}
+  summary = json.loads((out / "summary.json").read_text())
+  rows = summary["summary"]
+  assert all({"task", "kind", "mode", "n", "k", "acc", "ci"} <= set(r) for r in rows)
+  assert {(r["task"], r["kind"]) for r in rows} == {("needle", "contextual"), ("atlas", "parametric"), ("clash", "conflict")}
+  assert {r["mode"] for r in rows} == set(conds) | {"random"}
+  assert next(l for l in lines if l["task"] == "atlas" and l["meta"].get("id") == "a1")["output"] is not None
+  table = (out / "table.md").read_text()
+  assert "| needle (2) |" in table and "Pooled over the usable templates" in table and "Rule: " in table
+  claim = json.loads((out / "claims.json").read_text())["claims"]
+  assert [c["claim"] for c in claim] == ["C5"] and claim[0]["verdict"] == "inconclusive"  # untrained: no usable task
+  assert "needle" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"family": "x", "kind": "contextual", "prompt": "p"}', "answer: is missing"),
+    ('{"family": "x", "kind": "contextual", "prompt": "p", "answer": "  ."}', "answer: holds no letter or digit"),
+    ('{"family": "x", "kind": "factual", "prompt": "p", "answer": "a"}', "kind: must be one of"),
+    ('{"family": "needle", "kind": "parametric", "prompt": "p", "answer": "a"}', "kind: family 'needle' is 'contextual'"),
+    ('{"family": "x", "kind": "contextual", "prompt": "", "answer": "a"}', "prompt: must be a non-empty string"),
+    ('{"family": "x", "kind": "contextual", "prompt": "p", "answer": "a", "max_new_tokens": 0}', "max_new_tokens: must be"),
+    ('{"family": "x", "kind": "conflict", "prompt": "p", "answer": "a", "memory": ["b"]}', "memory: must be a string"),
+    ('{"family": "x", "kind": "contextual", "prompt": "p", "answer": "a"', "json: "),
+    ('["x"]', "line: must be a JSON object"),
+])
+def test_bad_prompt_lines_are_one_error_before_any_model_loads(tmp_path, capsys, monkeypatch, bad, message):
+  out = tmp_path / "c5"
+  out.mkdir()
+  (out / "old.txt").write_text("earlier results")
+  prompts = _write_prompts(tmp_path / "mine.jsonl", PROMPTS[:2] + ["", bad])
+  monkeypatch.setattr(disruption, "load_sources", lambda *a: pytest.fail("a model was loaded"))
+  assert cli.main(["disrupt", "--model", "random", "--prompts", prompts, "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {prompts}:4: {message}") and err.count("\n") == 1, err
+  assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+def test_a_prompt_longer_than_the_context_fails_before_writing(tmp_path, capsys):
+  out = tmp_path / "c5"
+  out.mkdir()
+  (out / "old.txt").write_text("earlier results")
+  long = {"family": "x", "kind": "contextual", "prompt": "word " * 500, "answer": "a"}  # bytes: 2500 > 2048
+  prompts = _write_prompts(tmp_path / "mine.jsonl", [PROMPTS[0], long])
+  assert cli.main(["disrupt", "--model", "random", "--prompts", prompts, "--out", str(out)]) == 2
+  assert capsys.readouterr().err.startswith(f"error: {prompts}:2: prompt: 2500 tokens")
+  assert [p.name for p in out.iterdir()] == ["old.txt"]
+  assert cli.main(["disrupt", "--model", "random", "--prompts", prompts, "--tasks", "y", "--out", str(out)]) == 2
+  assert "--tasks: 'y' names no task; tasks start with one of needle, x" in capsys.readouterr().err
+
+
+@pytest.mark.slow   # the whole C5 study end to end
+def test_end_to_end_templates_on_a_tiny_random_decoder(tmp_path, capsys):
+  out = tmp_path / "c5"
+  assert cli.main(["disrupt", "--model", "random", "--n", "2", "--batch", "2", "--tasks", "conflict",
+                   "--modes", "off,massive,random", "--draws", "2", "--out", str(out)]) == 0
+  lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+  assert {l["task"] for l in lines} == {f"conflict/t{i}" for i in range(5)} and {l["family"] for l in lines} == {"conflict"}
+  assert len(lines) == 5 * 2 * 4
+  assert all(l["verdict"] in ("context", "memory", "other") for l in lines)
+  assert all(l["dims_replaced"]["rot_q"] == l["dims_replaced"]["rot_k"] == 0 for l in lines if l["mode"] == "off")
+  table = (out / "table.md").read_text()
+  assert "massive disrupted" in table and "C5 [random-tiny]" in table and "| conflict (0/5) |" in table
+  verdict = json.loads((out / "verdict.json").read_text())
+  assert verdict[0]["claim"] == "C5" and verdict[0]["status"] == "inconclusive"
+  assert (out / "c5.png").stat().st_size > 0
+  assert "massive disrupted" in capsys.readouterr().out
+  assert cli.main(["disrupt", "--model", "random", "--modes", "off,bogus", "--out", str(out)]) == 2
+  assert "disrupt.mode" in capsys.readouterr().err
+  assert cli.main(["disrupt", "--model", "random", "--modes", "massive", "--out", str(out)]) == 2
+  assert "--modes: must include 'off'" in capsys.readouterr().err
+
+
+def test_the_study_config_is_what_the_command_line_builds():
+  import argparse
+  ap = argparse.ArgumentParser()
+  disruption.add_arguments(ap)
+  direct = disruption.DisruptStudy(model="random", n=4, modes="off,massive", rope="pre", top_k=2, dose=True)
+  assert disruption.study_from_args(ap.parse_args(["--model", "random", "--out", "x", "--n", "4", "--modes",
+                                                   "off,massive", "--rope", "pre", "--top-k", "2", "--dose"])) == direct
+  assert disruption.study_from_args(ap.parse_args(["--model", "random", "--out", "x"])) == disruption.DisruptStudy("random")
+  base, conds, prompts = disruption.plan(direct)
+  assert (base.rope, base.top_k, prompts) == ("pre", 2, None) and {"off", "massive", "lam3", "top4"} <= set(conds)
+  with pytest.raises(ConfigError, match="^--n: must be >= 2"):
+    disruption.plan(dataclasses.replace(direct, n=1))
+  with pytest.raises(ConfigError, match="^disrupt.modes: must include 'off'"):   # as the lab names a field
+    disruption.plan(dataclasses.replace(direct, modes="massive"), name=lambda field: f"disrupt.{field}")
+
+
+def test_the_c5_rule_is_written_in_the_docs_verbatim():
+  from pathlib import Path
+  docs = (Path(ROOT) / "docs" / "claims.md").read_text()
+  assert disruption.RULE in docs

@@ -1,0 +1,90 @@
+"""The C6 study driver (analysis.studies.quantization): the verdict follows its rule, the study config is
+what the command line builds, and the study runs end to end on a tiny model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from analysis.studies import quantization as QS
+from minilm.config import ModelConfig
+from minilm.model import Decoder
+from minilm.schema import ConfigError
+
+
+def _record(mode, i, task, kind, success):
+  return {"model": "m", "mode": mode, "example": i, "task": task, "kind": kind, "success": success}
+
+
+def test_c6_verdict_follows_its_rule():
+  schemes = QS.schemes(["awq", "gptq"], [4])
+  names = {s.method: s.name for s in schemes}
+  def records(awq, gptq, fp=1):
+    out = []
+    for i in range(40):
+      task = "passkey" if i < 30 else "capitals"
+      kind = "contextual" if i < 30 else "parametric"
+      out += [_record("fp", i, task, kind, fp), _record(names["awq"], i, task, kind, int(i % 10 < awq)),
+              _record(names["gptq"], i, task, kind, int(i % 10 < gptq))]
+    return out
+  v = {x.claim: x for x in QS.verdicts(records(9, 3), "m", schemes, n_boot=500)}
+  assert v["C6"].verdict == "supported" and v["C6"].diff == pytest.approx(0.6)
+  assert set(v) == {"C6"}  # rtn_keep / rtn and smoothquant / w8a8 were not run: no verdict, not 'inconclusive'
+  assert QS.verdicts(records(3, 9), "m", schemes, n_boot=500)[0].verdict == "opposite"
+  assert QS.verdicts(records(5, 5), "m", schemes, n_boot=500)[0].verdict == "inconclusive"
+  assert QS.verdicts(records(9, 3, fp=0), "m", schemes, n_boot=500)[0].verdict == "inconclusive"  # fp cannot
+
+
+def test_the_study_config_is_what_the_command_line_builds():
+  import argparse
+  ap = argparse.ArgumentParser()
+  QS.add_arguments(ap)
+  direct = QS.QuantStudy(model="random", methods="rtn,kv", bits="4", kv_bits="3", group_size=16, kv="post:token", n=4)
+  assert QS.study_from_args(ap.parse_args(["--model", "random", "--out", "x", "--methods", "rtn,kv", "--bits", "4",
+                                           "--kv-bits", "3", "--group-size", "16", "--kv", "post:token",
+                                           "--n", "4"])) == direct
+  default = QS.study_from_args(ap.parse_args(["--model", "random", "--out", "x"]))
+  assert default == QS.QuantStudy("random") and (default.bits, default.group_size) == (QS.BITS, QS.GROUP_SIZE)
+  schemes, calib, ppl = QS.plan(direct)
+  assert [s.name for s in schemes] == ["fp", "rtn-4b-g16", "kv-post-token-3b"] and calib == ppl == (16, 256)
+  with pytest.raises(ConfigError, match="^--kv-bits: "):
+    QS.plan(QS.QuantStudy("random", kv_bits="4,one"))
+
+
+@pytest.mark.slow   # every C6 scheme end to end
+def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+  import json
+  from analysis.studies import disruption
+  from analysis.lab import cli
+  from analysis.studies import suites
+  from train.tokenizer import ByteTokenizer
+  tok = ByteTokenizer()
+  model = Decoder(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                              max_len=128), rngs=nnx.Rngs(0))
+  items = [suites.Item("ctx", "contextual", np.asarray(tok.encode(f"key {i}{i}: value"), np.int32), "", f"{i}", 2, {})
+           for i in range(3)]
+  items += [suites.Item("par", "parametric", np.asarray(tok.encode(f"fact {i}{i}: is!!"), np.int32), "", "x", 2, {})
+            for i in range(3)]
+  monkeypatch.setattr(disruption, "load_sources", lambda *a: [("tiny", model, tok, items, None, {})])
+  out = tmp_path / "c6"
+  assert cli.main(["quantize", "--model", "random", "--out", str(out), "--methods",
+                   "rtn,rtn_keep,awq,gptq,smoothquant,kv", "--bits", "4", "--group-size", "16", "--top-k", "1",
+                   "--kv", "pre:channel,post:token", "--kv-bits", "3", "--calib", "2x32", "--ppl", "2x32",
+                   "--batch", "4"]) == 0
+  report = json.loads((out / "summary.json").read_text())
+  names = [s["name"] for s in report["schemes"]]
+  assert names == ["fp", "rtn-4b-g16", "rtn_keep-4b-g16", "awq-4b-g16", "gptq-4b-g16", "smoothquant-a0.5-w8a8",
+                   "kv-pre-channel-3b", "kv-post-token-3b"]
+  lines = (out / "results.jsonl").read_text().splitlines()
+  assert len(lines) == len(names) * len(items)
+  tiny_report = report["models"]["tiny"]
+  assert set(tiny_report["ppl"]) == set(names) and all(p["ppl"] > 1 for p in tiny_report["ppl"].values())
+  m = tiny_report["m_change"]
+  assert m["fp"]["q"]["rel_change"] == 0 and m["rtn-4b-g16"]["q"]["rel_change"] > 0
+  # quantized keys move k directly, q only through later layers
+  assert m["kv-pre-channel-3b"]["k"]["rel_change"] > 10 * m["kv-pre-channel-3b"]["q"]["rel_change"]
+  claims = json.loads((out / "claims.json").read_text())["claims"]
+  assert {c["claim"] for c in claims} == {"C6", "C6-keep"}   # no w8a8 row: SmoothQuant has nothing to be compared with
+  assert (out / "c6.png").stat().st_size > 0 and "perplexity" in (out / "table.md").read_text()
+  assert cli.main(["quantize", "--model", "random", "--out", str(out), "--methods", "kv", "--kv-bits", "4,one"]) == 2
+  assert capsys.readouterr().err.startswith("error: --kv-bits: ")

@@ -1,0 +1,178 @@
+"""Quantization schemes on weight matrices (analysis.studies.quantize): RTN, kept columns, GPTQ against
+its reference loop, AWQ, the Gram-form error and SmoothQuant."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analysis.studies import quantize as Q
+from analysis.studies import quantize_model as QM
+from minilm.schema import ConfigError
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def correlated_inputs(rng, n, d, outlier=None):
+  """Rows with strongly correlated features (a low-rank mix plus noise), optionally one loud channel."""
+  x = rng.normal(size=(n, d // 4)) @ rng.normal(size=(d // 4, d)) + 0.1 * rng.normal(size=(n, d))
+  if outlier is not None:
+    x[:, outlier] *= 30
+  return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [0, 16])
+def test_rtn_error_within_half_step(bits, symmetric, group_size):
+  rng = np.random.default_rng(bits)
+  w = rng.standard_t(3, size=(64, 24)).astype(np.float32)  # heavy tails: a few large weights
+  spec = Q.QuantSpec(bits, symmetric, group_size)
+  w_hat = Q.rtn(w, spec)
+  groups = w.reshape(spec.groups(64), -1, 24)
+  for g, g_hat in zip(groups, w_hat.reshape(groups.shape)):
+    scale, _ = Q.grid(g, spec)
+    assert np.all(np.abs(g - g_hat) <= scale / 2 * (1 + 1e-5) + 1e-7)
+    levels = max(len(np.unique(g_hat[:, j])) for j in range(24))
+    assert levels <= 2 ** bits
+  if bits == 3:  # and rounding really happened
+    assert np.abs(w - w_hat).max() > 0
+
+
+def test_spec_rejects_bad_values():
+  with pytest.raises(ConfigError, match="quant.bits"):
+    Q.QuantSpec(bits=1)
+  with pytest.raises(ConfigError, match="quant.group_size"):
+    Q.rtn(np.zeros((10, 3)), Q.QuantSpec(4, group_size=4))
+  with pytest.raises(ConfigError, match="scheme.method"):
+    QM.Scheme("int4")
+
+
+def test_kept_columns_come_back_exactly():
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(32, 16)).astype(np.float32)
+  keep = np.zeros(16, bool)
+  keep[[2, 9]] = True
+  spec = Q.QuantSpec(3, group_size=8)
+  w_hat = Q.rtn_keep(w, spec, keep)
+  np.testing.assert_array_equal(w_hat[:, keep], w[:, keep])
+  np.testing.assert_array_equal(w_hat[:, ~keep], Q.rtn(w, spec)[:, ~keep])
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 0), (3, 0), (3, 32)])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size):
+  rng = np.random.default_rng(1)
+  x = correlated_inputs(rng, 1024, 128)
+  w = rng.normal(size=(128, 48)).astype(np.float32) * 0.05
+  spec = Q.QuantSpec(bits, group_size=group_size)
+  err_rtn = Q.output_error(x, w, Q.rtn(w, spec))
+  err_gptq = Q.output_error(x, w, Q.gptq(w, x.T @ x, spec, block=32))
+  assert err_gptq < 0.8 * err_rtn
+  # the result is on the grid: each column still takes at most 2^bits values per group
+  q = Q.gptq(w, x.T @ x, spec)
+  assert max(len(np.unique(c)) for c in q.reshape(spec.groups(128), -1, 48).transpose(0, 2, 1).reshape(-1, 128 // spec.groups(128))) <= 2 ** bits
+
+
+def test_gptq_zeroes_dead_inputs():
+  rng = np.random.default_rng(2)
+  x = correlated_inputs(rng, 256, 32)
+  x[:, 5] = 0
+  q = Q.gptq(rng.normal(size=(32, 8)), x.T @ x, Q.QuantSpec(4))
+  assert np.all(q[5] == 0) and np.all(np.isfinite(q))
+
+
+def gptq_reference(w_IxO, h_IxI, spec, damp=0.01, block=128):
+  """GPTQ as a plain row loop in numpy float64 (H^-1 by a full inverse), the definition the
+  library's blocked, jitted version must reproduce."""
+  W, H = np.array(w_IxO, np.float64), np.array(h_IxI, np.float64)
+  I, O = W.shape
+  group = I // spec.groups(I)
+  dead = np.diag(H) == 0
+  H[dead, dead] = 1.0
+  W[dead] = 0.0
+  H[np.diag_indices(I)] += damp * np.mean(np.diag(H))
+  U = np.linalg.cholesky(np.linalg.inv(H)).T
+  scale, zero = Q.grid(W, spec)
+  if group < I:
+    block = max(group, block - block % group)
+  out = np.zeros((I, O), np.float32)
+  for b0 in range(0, I, block):
+    b1 = min(b0 + block, I)
+    Wb, Err = W[b0:b1].copy(), np.zeros((b1 - b0, O))
+    for i in range(b1 - b0):
+      row = b0 + i
+      if group < I and row % group == 0:
+        scale, zero = Q.grid(Wb[i:i + group], spec)
+      out[row] = Q.fake_quant(Wb[i], scale, zero, spec)
+      Err[i] = (Wb[i] - out[row]) / U[row, row]
+      Wb[i:] -= np.outer(U[row, row:b1], Err[i])
+    W[b1:] -= U[b0:b1, b1:].T @ Err
+  return out
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,block", [(4, 0, False, 128), (3, 16, False, 32), (8, 16, True, 40),
+                                                             (4, 32, False, 8), (3, 0, True, 48)])
+def test_gptq_equals_the_reference_loop(bits, group_size, symmetric, block):
+  """Both run in float64 and round the same float32 values with the same grids; they differ only
+  in how U is factored (one Cholesky + triangular inverse vs a full inverse + Cholesky) and in the
+  summation order, ~1e-12 relative here (cond(H) * 1e-16). A float32 rounding can flip only for a
+  value that close to a grid midpoint, which no element of these seeded matrices is, so the
+  results are asserted equal, element for element."""
+  rng = np.random.default_rng(bits + group_size)
+  x = correlated_inputs(rng, 512, 96)
+  x[:, 10] = 0  # a dead input
+  w = rng.normal(size=(96, 40)).astype(np.float32) * 0.05
+  spec = Q.QuantSpec(bits, symmetric, group_size)
+  np.testing.assert_array_equal(Q.gptq(w, x.T @ x, spec, block=block), gptq_reference(w, x.T @ x, spec, block=block))
+
+
+def test_gptq_on_side_by_side_linears_equals_gptq_on_each():
+  rng = np.random.default_rng(7)
+  x = correlated_inputs(rng, 512, 64)
+  ws = [rng.normal(size=(64, o)).astype(np.float32) for o in (24, 8, 8)]
+  spec = Q.QuantSpec(3, group_size=16)
+  together = QM._split_columns(Q.gptq(np.concatenate(ws, axis=1), x.T @ x, spec), ws)
+  for w, q in zip(ws, together):
+    np.testing.assert_array_equal(q, Q.gptq(w, x.T @ x, spec))
+
+
+def test_inverse_cholesky_factors_the_inverse():
+  rng = np.random.default_rng(8)
+  x = correlated_inputs(rng, 256, 48)
+  h = Q.damped(x.T.astype(np.float64) @ x, 0.01)
+  U = Q.inverse_cholesky(h)
+  np.testing.assert_array_equal(U, np.triu(U))
+  np.testing.assert_allclose(U, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=1e-9, atol=1e-12)
+
+
+def test_awq_never_worse_than_rtn_on_its_objective():
+  rng = np.random.default_rng(3)
+  x = correlated_inputs(rng, 512, 64, outlier=7)
+  ws = [rng.normal(size=(64, 32)).astype(np.float32) for _ in range(2)]
+  spec = Q.QuantSpec(3, group_size=16)
+  s, alpha, errors = Q.awq_search(x, ws, spec, n_grid=10)
+  rtn_err = sum(Q.output_error(x, w, Q.rtn(w, spec)) for w in ws)
+  # rtn_err and chosen come from output_error's float32 X @ dW (depth 64), the grid's errors from the
+  # float64 Gram form: they agree to the float32 rounding of 64-term sums, 2 * 64 * eps32 relative.
+  assert errors[0] == pytest.approx(rtn_err, rel=2 * 64 * EPS32)  # alpha = 0 is plain RTN
+  chosen = sum(Q.output_error(x, w, Q.awq_scaled(w, s, spec)) for w in ws)
+  assert chosen == pytest.approx(errors.min(), rel=2 * 64 * EPS32) and chosen <= rtn_err * (1 + 2 * 64 * EPS32)
+  assert alpha > 0  # with a loud input channel, scaling helps
+
+
+def test_gram_error_is_output_error():
+  rng = np.random.default_rng(4)
+  x, w = correlated_inputs(rng, 300, 40), rng.normal(size=(40, 12)).astype(np.float32)
+  w_hat = Q.rtn(w, Q.QuantSpec(3))
+  assert Q.gram_error(x.T.astype(np.float64) @ x, w, w_hat) == pytest.approx(Q.output_error(x, w, w_hat), rel=2 * 40 * EPS32)  # float32 sums of depth I = 40
+
+
+def test_smoothing_is_exact_before_rounding_and_helps_w8a8():
+  rng = np.random.default_rng(4)
+  x = correlated_inputs(rng, 256, 64, outlier=3)
+  w = rng.normal(size=(64, 32)).astype(np.float32)
+  s = Q.smooth_scales(np.abs(x).max(0), np.abs(w).max(1), alpha=0.5)
+  np.testing.assert_allclose((x / s) @ (w * s[:, None]), x @ w, rtol=1e-4, atol=1e-3)
+  spec = Q.QuantSpec(8, symmetric=True)
+  plain = np.sum((x @ w - Q.quant_tokens(x) @ Q.rtn(w, spec)) ** 2)
+  smooth = np.sum((x @ w - Q.quant_tokens(x / s) @ Q.rtn(w * s[:, None], spec)) ** 2)
+  assert smooth < plain

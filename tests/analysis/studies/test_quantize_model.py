@@ -1,0 +1,126 @@
+"""Quantization applied to a Decoder (analysis.studies.quantize_model): KV-cache grids and hooks (one
+compilation for every KV scheme), calibration on the true linear inputs, every linear quantized in a
+copy, calibrated schemes, and massive columns kept in Q and K."""
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from analysis.studies import quantize as Q
+from analysis.studies import quantize_model as QM
+from minilm import generate
+from minilm.config import ModelConfig
+from minilm.model import Decoder
+from minilm.schema import ConfigError
+
+
+def test_kv_per_channel_and_per_token_grids():
+  rng = np.random.default_rng(5)
+  k = rng.normal(size=(2, 40, 3, 8)).astype(np.float32)
+  k[..., 1] = k[..., 1] * 50 + 20  # an outlier channel, as keys have
+  k[:, :, 0, 4] = 0.7              # a constant channel
+  per_channel = np.asarray(QM.quant_keys(jnp.asarray(k), 3, "channel"))
+  per_token = np.asarray(QM.quant_keys(jnp.asarray(k), 3, "token"))
+  # per channel: each (batch, head, dim) takes <= 8 values over tokens; a constant channel is exact
+  assert max(len(np.unique(per_channel[b, :, h, d])) for b in range(2) for h in range(3) for d in range(8)) <= 8
+  np.testing.assert_allclose(per_channel[:, :, 0, 4], 0.7, rtol=1e-6)
+  # per token: each (batch, token, head) vector takes <= 8 values over dims
+  assert max(len(np.unique(per_token[b, t, h])) for b in range(2) for t in range(40) for h in range(3)) <= 8
+  # KVQuant's point: an outlier channel wrecks per-token grids for the other channels, not per-channel
+  others = [d for d in range(8) if d != 1]
+  err = lambda q: np.abs(q - k)[..., others].mean()
+  assert err(per_channel) < 0.2 * err(per_token)
+
+
+def test_kv_hook_touches_only_its_point():
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(1, 5, 2, 4)), jnp.float32)
+  pre = QM.kv_args(QM.Scheme("kv", bits=3, kv_point="pre"))
+  post = QM.kv_args(QM.Scheme("kv", bits=3, kv_point="post", kv_axis="token"))
+  np.testing.assert_array_equal(QM.kv_hook(pre, "blocks.2.attn.k", x), QM.quant_keys(x, 3, "channel"))
+  for name in ("blocks.2.attn.rot_k", "blocks.2.attn.q", "blocks.2.attn.v"):
+    assert np.array_equal(QM.kv_hook(pre, name, x), x)
+  np.testing.assert_array_equal(QM.kv_hook(post, "blocks.0.attn.rot_k", x), QM.quant_keys(x, 3, "token"))
+  assert np.array_equal(QM.kv_hook(post, "blocks.0.attn.k", x), x)
+
+
+def test_kv_schemes_share_one_compilation():
+  """The scheme travels in traced args: a second KV scheme reuses the compiled hooked prefill."""
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_len=32)
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  prompt = np.random.default_rng(1).integers(0, 64, (2, 8)).astype(np.int32)
+  outs, compiled = [], generate._greedy._cache_size()
+  for scheme in (QM.Scheme("kv", bits=2, kv_point="pre"), QM.Scheme("kv", bits=3, kv_point="post", kv_axis="token")):
+    outs.append(generate.greedy(model, prompt, 4, hook=QM.kv_hook, hook_args=QM.kv_args(scheme)))
+  assert generate._greedy._cache_size() == compiled + 1
+  intervened = [np.asarray(model(prompt, intervene=functools.partial(QM.kv_hook, QM.kv_args(s)))[:, -1].argmax(-1))
+                for s in (QM.Scheme("kv", bits=2, kv_point="pre"), QM.Scheme("kv", bits=3, kv_point="post", kv_axis="token"))]
+  for out, first in zip(outs, intervened):  # the hooked prefill picks the same first token as the hooked forward
+    np.testing.assert_array_equal(np.asarray(out)[:, 0], first)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=32)
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  tokens = np.random.default_rng(0).integers(0, 64, (4, 16)).astype(np.int32)
+  return model, tokens
+
+
+def test_calibration_reads_the_true_linear_inputs(tiny):
+  model, tokens = tiny
+  x, _ = QM.embed(model, jnp.asarray(tokens))
+  (_, block, inputs), *_ = list(QM.calibrate(model, tokens))
+  np.testing.assert_allclose(inputs["attn.q"], np.asarray(block.attn_norm(x)).reshape(-1, 32), rtol=1e-6)
+  # the inputs reproduce the linear's own output
+  ref = np.asarray(block.mlp.down(jnp.asarray(inputs["mlp.down"])))
+  np.testing.assert_allclose(inputs["mlp.down"] @ np.asarray(block.mlp.down.kernel[...]), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_quantize_model_copies_and_quantizes_every_linear(tiny):
+  model, tokens = tiny
+  before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  scheme = QM.Scheme("rtn", bits=3, group_size=16)
+  quantized, _ = QM.quantize_model(model, scheme)
+  for layer, (block, qblock) in enumerate(zip(model.blocks, quantized.blocks)):
+    for name, lin in QM.block_linears(block).items():
+      np.testing.assert_array_equal(np.asarray(QM.block_linears(qblock)[name].kernel[...]),
+                                    Q.rtn(np.asarray(lin.kernel[...]), scheme.spec))
+  after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  assert all(np.array_equal(before[k], after[k]) for k in before)  # the original is untouched
+  np.testing.assert_array_equal(quantized.embed.embedding[...], model.embed.embedding[...])
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "smoothquant", "w8a8"])
+def test_calibrated_schemes_run_and_stay_close(tiny, method):
+  model, tokens = tiny
+  scheme = QM.Scheme(method, bits=4)
+  quantized, log = QM.quantize_model(model, scheme, tokens)
+  ref = np.asarray(model(jnp.asarray(tokens)))
+  out = np.asarray(quantized(jnp.asarray(tokens)))
+  err = np.abs(out - ref).max()
+  rtn_err = np.abs(np.asarray(QM.quantize_model(model, QM.Scheme("rtn", bits=4))[0](jnp.asarray(tokens))) - ref).max()
+  assert 0 < err and np.isfinite(out).all()
+  if method in ("smoothquant", "w8a8"):  # 8-bit everything: far closer than 4-bit weights
+    assert err < rtn_err
+
+
+def test_calibrated_scheme_needs_tokens(tiny):
+  with pytest.raises(ConfigError, match="calib"):
+    QM.quantize_model(tiny[0], QM.Scheme("gptq"))
+
+
+def test_massive_columns_are_kept_in_q_and_k(tiny):
+  model, tokens = tiny
+  scheme = QM.Scheme("rtn_keep", bits=3, top_k=2)
+  quantized, log = QM.quantize_model(model, scheme, tokens)
+  keep = QM.massive_columns(model, tokens, scheme)
+  assert log["kept_columns"]["0.attn.q"] == 4 * 2 and log["kept_columns"]["1.attn.k"] == 2 * 2
+  for (layer, name), cols in keep.items():
+    w = np.asarray(QM.block_linears(model.blocks[layer])[name].kernel[...])
+    w_hat = np.asarray(QM.block_linears(quantized.blocks[layer])[name].kernel[...])
+    np.testing.assert_array_equal(w_hat[:, cols], w[:, cols])
+    np.testing.assert_array_equal(w_hat[:, ~cols], Q.rtn(w, scheme.spec)[:, ~cols])

@@ -1,0 +1,44 @@
+"""minilm.atomic: a failed write leaves the old file and no temporary, a staged folder replaces the
+old one only when complete, and a swap cut between its two renames is undone."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from minilm import atomic
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+  final = tmp_path / "summary.json"
+  atomic.write_json(str(final), {"v": 1})
+  with pytest.raises(RuntimeError):
+    with atomic.path(str(final)) as tmp:
+      with open(tmp, "w") as f:
+        f.write('{"v": 2, "trunc')
+      raise RuntimeError("killed mid-write")
+  assert json.loads(final.read_text()) == {"v": 1} and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_a_staged_folder_replaces_the_old_one_only_when_complete(tmp_path):
+  out = tmp_path / "c5"
+  with atomic.staged_dir(str(out)) as staging:
+    atomic.write_text(os.path.join(staging, "table.md"), "first")
+  with pytest.raises(ValueError):
+    with atomic.staged_dir(str(out)) as staging:
+      atomic.write_text(os.path.join(staging, "table.md"), "second, half done")
+      raise ValueError("the study failed")
+  assert (out / "table.md").read_text() == "first" and sorted(os.listdir(tmp_path)) == ["c5"]
+  with atomic.staged_dir(str(out)) as staging:
+    atomic.write_text(os.path.join(staging, "other.md"), "third")
+  assert os.listdir(out) == ["other.md"]                   # the new output, not a merge with the old
+
+
+def test_a_swap_cut_between_its_two_renames_is_undone(tmp_path):
+  out = tmp_path / "quant"
+  os.makedirs(str(out) + atomic.OLD)                       # killed after 'final -> final.old'
+  (tmp_path / ("quant" + atomic.OLD) / "summary.json").write_text("{}")
+  os.makedirs(str(out) + atomic.PARTIAL)
+  atomic.recover_dir(str(out))
+  assert os.listdir(out) == ["summary.json"] and sorted(os.listdir(tmp_path)) == ["quant"]

@@ -1,0 +1,131 @@
+"""minilm.layers: the CPU fast paths (block-causal attention with its hand-written backward pass, the
+barrier matmul with the MLP's down projection on autodiff's dot) against the plain ones, at nanoGPT's
+architecture (LayerNorm, GELU, biases, learned positions) and with an additive bias (ALiBi); which
+path 'auto' picks on each backend."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from minilm.config import ModelConfig
+from minilm.encodings import Learned
+from minilm.layers import attend, block_causal
+from minilm.model import Decoder
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _qkv(B, T, H, K, D, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q, k, v = (jax.random.normal(kk, (B, T, n, D)) for kk, n in zip(ks, (H, K, K)))
+  return q, k, v, jax.random.normal(ks[3], (1, H, T, T))
+
+
+def test_block_causal_backward_equals_autodiff_of_the_masked_softmax():
+  """Values and gradients of q, k, v and the bias, grouped-query heads, a ragged last block."""
+  B, T, H, K, D = 2, 150, 4, 2, 8
+  q, k, v, bias = _qkv(B, T, H, K, D)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+  def loss(q, k, v, bias, block):
+    out, _ = attend(q, k, v, pos, pos, bias, block=block)
+    return (out * jnp.cos(out)).sum(), out
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+  (_, full), g_full = grad(q, k, v, bias, 0)
+  (_, blk), g_blk = grad(q, k, v, bias, 64)
+  # Both sum the same terms in another order: the contractions over D (q.k) and over the T keys
+  # (softmax normaliser, probs.v), each within n*eps of its magnitude (recursive summation). The
+  # backward pass sums as many again over queries or keys (dk, dv, the bias broadcast over B).
+  forward = (D + 2 * T) * EPS32
+  np.testing.assert_allclose(blk, full, rtol=0, atol=forward * np.abs(full).max())
+  for name, a, b in zip("q k v bias".split(), g_blk, g_full):
+    np.testing.assert_allclose(a, b, rtol=0, atol=(2 * forward + B * EPS32) * np.abs(b).max(), err_msg=name)
+
+
+def test_block_causal_keeps_the_compute_dtype():
+  B, T, H, D = 1, 130, 2, 8
+  q, k, v, _ = (x.astype(jnp.bfloat16) for x in _qkv(B, T, H, H, D))
+  heads = lambda x: x.transpose(0, 2, 1, 3)[:, :, None]   # B x K x G x T x D, B x K x S x D
+  out, vjp = jax.vjp(lambda q, k, v: block_causal(q, k, v, None, 64), heads(q), k.transpose(0, 2, 1, 3),
+                     v.transpose(0, 2, 1, 3))
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in vjp(jnp.ones_like(out)))
+
+
+GPT = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_len=160, norm="layer", mlp="gelu_erf", bias=True,
+           position=Learned())
+# model.attention / model.matmul; the first is the reference (full masked softmax, autodiff's dots).
+PATHS = [dict(attention="einsum", matmul="plain"), dict(attention="blocked", matmul="barrier"),
+         dict(attention="dot_product", matmul="plain"), dict(attention="blocked", matmul="plain")]
+
+
+@pytest.mark.slow   # compiles four models with gradients
+def test_every_path_gives_the_same_logits_and_gradients_at_nanogpt_architecture():
+  B, T = 2, 150
+  toks = jax.random.randint(jax.random.key(1), (B, T), 0, GPT["vocab_size"])
+  out = []
+  for kw in PATHS:
+    graphdef, state = nnx.split(Decoder(ModelConfig(**GPT, **kw), rngs=nnx.Rngs(0)))
+    loss = lambda s: (nnx.merge(graphdef, s)(toks) * jnp.cos(jnp.arange(GPT["vocab_size"]))).mean()
+    grads = {jax.tree_util.keystr(path): np.asarray(g)
+             for path, g in jax.tree_util.tree_flatten_with_path(jax.grad(loss)(state))[0]}
+    out.append((np.asarray(nnx.merge(graphdef, state)(toks)), grads))
+  # Per layer the paths reorder attention's sums over D (q.k) and S (normaliser, probs.v), within
+  # n*eps relative each; L layers of them. Weight gradients add the sum over the B*T tokens
+  # (the barrier's transposed-input matmul sums them in another order).
+  L, D = GPT["n_layers"], GPT["d_model"] // GPT["n_heads"]
+  forward = L * (D + 2 * T) * EPS32
+  backward = forward + B * T * EPS32
+  # The key bias adds q.b_k to a whole row of logits, which softmax ignores: its gradient is zero
+  # but for rounding in sums of terms as large as the key kernel's gradient, its scale here.
+  ref_logits, ref_grads = out[0]
+  scale = {name: np.abs(ref_grads[name.replace("'bias'", "'kernel'")]
+                        if "'k'" in name and "'bias'" in name else r).max() for name, r in ref_grads.items()}
+  for kw, (logits, grads) in zip(PATHS, out):
+    np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=forward * np.abs(ref_logits).max(), err_msg=str(kw))
+    for name, r in ref_grads.items():
+      np.testing.assert_allclose(grads[name], r, rtol=0, atol=backward * scale[name], err_msg=f"{kw} {name}")
+
+
+@pytest.mark.slow   # compiles every attention path with gradients
+def test_block_causal_attention_matches_full_attention():
+  """Training's block-causal path (blocks of 64 queries, ragged last block) equals the full masked
+  softmax, values and gradients, with grouped-query heads and an additive bias."""
+  from minilm.layers import attend
+  B, T, H, K, D = 2, 150, 4, 2, 8
+  ks = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (jax.random.normal(kk, (B, T, n, D)) for kk, n in zip(ks, (H, K, K)))
+  bias = jax.random.normal(ks[3], (1, H, T, T))
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+  def loss(q, k, v, block):
+    out, _ = attend(q, k, v, pos, pos, bias, block=block)
+    return (out * jnp.cos(out)).sum(), out
+
+  (_, full), g_full = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, 0)
+  (_, blk), g_blk = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, 64)
+  # The blocks reorder the contractions over D (q.k) and T keys (softmax normaliser, probs.v), each
+  # within n*eps of its magnitude; the backward sums as many again over queries or keys.
+  forward = (D + 2 * T) * EPS32
+  np.testing.assert_allclose(blk, full, rtol=0, atol=forward * np.abs(full).max())
+  for a, b in zip(g_blk, g_full):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2 * forward * np.abs(b).max())
+
+
+def test_matmul_backward_equals_autodiff():
+  from minilm.layers import matmul
+  ks = jax.random.split(jax.random.key(1), 3)
+  x, w, dy = jax.random.normal(ks[0], (3, 5, 7)), jax.random.normal(ks[1], (7, 4)), jax.random.normal(ks[2], (3, 5, 4))
+  ours = jax.vjp(matmul, x, w)[1](dy)
+  ref = jax.vjp(jnp.matmul, x, w)[1](dy)
+  for a, b in zip(ours, ref):   # sums of <= 15 products (dw over 3*5 rows) in any order: 15*eps of the largest
+    np.testing.assert_allclose(a, b, rtol=0, atol=15 * EPS32 * np.abs(b).max())
+
+
+def test_auto_resolves_by_backend(monkeypatch):
+  from minilm import layers
+  assert layers.resolve("attention", "auto") == "blocked" and layers.resolve("matmul", "auto") == "barrier"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert layers.resolve("attention", "auto") == "dot_product" and layers.resolve("matmul", "auto") == "plain"
+  assert layers.resolve("attention", "einsum") == "einsum"

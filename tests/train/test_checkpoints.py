@@ -1,0 +1,171 @@
+"""Checkpoints: the save schedule on disk, load_model, atomic saves (a killed save restores nothing wrong)."""
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from helpers import ROOT, damage
+from minilm import schema as C
+from train import checkpoints, cli, loop, schedule
+
+SMOKE = cli.load("smoke", []).resolve("rope")
+
+
+def params_of(model):
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  arm_dir = str(tmp_path_factory.mktemp("ckpt") / "rope")
+  loop.train(SMOKE, arm_dir, progress=False)
+  return arm_dir
+
+
+def test_every_scheduled_step_is_saved_and_loads(trained):
+  steps = checkpoints.available_steps(trained)
+  assert steps == schedule.save_steps(SMOKE.steps, SMOKE.checkpoint.every) == [0, 1, 2, 4, 6]
+  model0, cfg = checkpoints.load_model(trained, 0)
+  assert cfg == SMOKE
+  initial = [np.asarray(x) for x in jax.tree.leaves(loop.init_params(SMOKE.model, SMOKE.seed))]
+  for a, b in zip(params_of(model0), initial):
+    np.testing.assert_array_equal(a, b)
+  latest, _ = checkpoints.load_model(trained)
+  last, _ = checkpoints.load_model(trained, 6)
+  for a, b in zip(params_of(latest), params_of(last)):
+    np.testing.assert_array_equal(a, b)
+  assert not all(np.array_equal(a, b) for a, b in zip(params_of(last), initial))
+  with pytest.raises(ValueError, match=r"^step: no checkpoint 3 in .*available: \[0, 1, 2, 4, 6\]"):
+    checkpoints.load_model(trained, 3)
+  assert checkpoints.available_steps(os.path.join(trained, "nothing-here")) == []
+
+
+def test_leftover_tmp_directory_is_ignored(trained, tmp_path):
+  arm_dir = str(tmp_path / "rope")
+  shutil.copytree(trained, arm_dir)
+  ckpt = os.path.join(arm_dir, checkpoints.CHECKPOINTS)
+  # what a save killed before its final rename leaves: a partial directory under the tmp name
+  partial = os.path.join(ckpt, "8.orbax-checkpoint-tmp")
+  shutil.copytree(os.path.join(ckpt, "6"), partial)
+  shutil.rmtree(os.path.join(partial, "params"))
+  assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
+  model, _ = checkpoints.load_model(arm_dir)
+  reference, _ = checkpoints.load_model(trained, 6)
+  for a, b in zip(params_of(model), params_of(reference)):
+    np.testing.assert_array_equal(a, b)
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+  import os, sys
+  from orbax.checkpoint._src.path import atomicity
+  from train import cli, loop
+  original = atomicity.AtomicRenameTemporaryPath.finalize
+  async def finalize(self, *args, **kwargs):
+    if os.path.basename(str(self.get_final())) == "4":   # everything written, not yet renamed
+      os._exit(17)
+    return await original(self, *args, **kwargs)
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize
+  loop.train(cli.load("smoke", []).resolve("rope"), sys.argv[1], progress=False)
+""")
+
+
+@pytest.mark.slow
+def test_run_killed_during_a_save_resumes_exactly(trained, tmp_path):
+  arm_dir = str(tmp_path / "rope")
+  proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, arm_dir], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 17, proc.stderr[-2000:]
+  ckpt = os.listdir(os.path.join(arm_dir, checkpoints.CHECKPOINTS))
+  assert "4" not in ckpt and any(name.startswith("4.orbax-checkpoint-tmp") for name in ckpt), ckpt
+  assert checkpoints.available_steps(arm_dir) == [0, 1, 2]
+  loop.train(SMOKE, arm_dir, progress=False)   # the same command again
+  assert not any("tmp" in name for name in os.listdir(os.path.join(arm_dir, checkpoints.CHECKPOINTS)))
+  assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
+  for step in (4, 6):
+    assert_same_params(arm_dir, trained, step)
+
+
+def test_run_directory_of_another_config_is_refused(trained, tmp_path):
+  arm_dir = str(tmp_path / "rope")
+  shutil.copytree(trained, arm_dir)
+  with pytest.raises(C.ConfigError, match=r"^model.d_model: run directory .* holds a run with model.d_model=32, not 64"):
+    loop.prepare_run_dir(arm_dir, C.override(SMOKE, {"model.d_model": 64}))
+  with pytest.raises(C.ConfigError, match=r"^model.position.kind: "):
+    loop.prepare_run_dir(arm_dir, C.override(SMOKE, {"model.position": "nope"}))
+  loop.prepare_run_dir(arm_dir, C.override(SMOKE, {"steps": 12}))   # extending a run is allowed
+  assert checkpoints.load_config(arm_dir).steps == 12
+
+
+@pytest.mark.parametrize("how, says", [("flip", "differs from its checksum"), ("truncate", "cannot be read")])
+def test_a_damaged_step_is_one_line_naming_it(trained, tmp_path, how, says):
+  arm_dir = str(tmp_path / "rope")
+  shutil.copytree(trained, arm_dir)
+  damage(arm_dir, 6, how)
+  with pytest.raises(checkpoints.DamagedCheckpoint) as err:
+    checkpoints.load_model(arm_dir, 6)
+  message = str(err.value)
+  assert message.startswith("step 6 (") and says in message and "\n" not in message, message
+  assert "redo it from the previous step" in message   # the latest step: training redoes it
+  with pytest.raises(checkpoints.DamagedCheckpoint, match="go on without it"):
+    damage(arm_dir, 2, how)
+    checkpoints.load_model(arm_dir, 2)   # an earlier step cannot be redone in place
+  checkpoints.load_model(arm_dir, 4)   # the others still load
+
+
+def assert_same_params(arm_dir, reference_dir, step):
+  """The params of `step` in two arm dirs are bit-identical (same program, same inputs)."""
+  got, _ = checkpoints.load_model(arm_dir, step)
+  want, _ = checkpoints.load_model(reference_dir, step)
+  for a, b in zip(params_of(got), params_of(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checksums_are_saved_with_every_step_and_old_steps_still_load(trained, tmp_path):
+  for step in checkpoints.available_steps(trained):
+    assert os.path.isdir(os.path.join(trained, checkpoints.CHECKPOINTS, str(step), "checksums"))
+  arm_dir = str(tmp_path / "rope")
+  shutil.copytree(trained, arm_dir)
+  shutil.rmtree(os.path.join(arm_dir, checkpoints.CHECKPOINTS, "6", "checksums"))   # as saved before checksums
+  assert_same_params(arm_dir, trained, 6)
+
+
+def test_training_moves_a_damaged_latest_step_aside_and_redoes_it_exactly(trained, tmp_path, capsys):
+  arm_dir = str(tmp_path / "rope")
+  shutil.copytree(trained, arm_dir)
+  damage(arm_dir, 6, "flip")
+  loop.train(SMOKE, arm_dir, progress=False)
+  err = capsys.readouterr().err
+  assert err.startswith("note: step 6 (") and "moved to" in err and "resumes from the step before" in err, err
+  assert os.listdir(os.path.join(arm_dir, checkpoints.DAMAGED)) == ["6"]   # kept, not deleted
+  assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
+  assert_same_params(arm_dir, trained, 6)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_resume_stays_exact(trained, tmp_path, monkeypatch):
+  arm_dir = str(tmp_path / "rope")
+  original = ocp.handlers.JsonCheckpointHandler._save_fn
+
+  async def no_space_at_step_4(self, x, directory):
+    if os.path.basename(os.path.dirname(str(directory))).startswith("4."):   # <arm>/checkpoints/4.<tmp>/<item>
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+    return await original(self, x, directory)
+
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", no_space_at_step_4)
+  with pytest.raises(checkpoints.RunError) as err:
+    loop.train(SMOKE, arm_dir, progress=False)
+  assert str(err.value).endswith("cannot save (No space left on device); nothing of step 4 was kept: make room and "
+                                 "run the same command again, it resumes exactly from step 2"), str(err.value)
+  assert checkpoints.available_steps(arm_dir) == [0, 1, 2]
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", original)
+  loop.train(SMOKE, arm_dir, progress=False)
+  assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
+  for step in (4, 6):
+    assert_same_params(arm_dir, trained, step)

@@ -1,0 +1,149 @@
+"""`python -m train`: run layout, extending a run, one-line errors (exit 2), the GPU config on CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import ROOT
+from minilm import schema as C
+from train import checkpoints, cli, loop
+
+
+def run(capsys, *argv):
+  code = cli.main(list(argv))
+  return code, capsys.readouterr().err
+
+
+def test_trains_the_smoke_experiment_then_extends_it(tmp_path, capsys):
+  out = str(tmp_path)
+  code, _ = run(capsys, "smoke", "--out", out, "--arms", "rope", "--no-progress")
+  assert code == 0
+  exp_dir = tmp_path / "smoke"
+  assert json.load(open(exp_dir / "experiment.json"))["arms"] == {"rope": {}, "nope": {"model.position": "nope"}}
+  arm = exp_dir / "rope"
+  assert sorted(os.listdir(arm)) == ["checkpoints", "config.json", "eval.jsonl", "metrics.jsonl"]
+  assert json.load(open(arm / "config.json"))["name"] == "smoke/rope"
+  assert checkpoints.available_steps(str(arm)) == [0, 1, 2, 4, 6]
+  assert [json.loads(l)["step"] for l in open(arm / "eval.jsonl")] == [4, 6]
+  assert not (exp_dir / "nope").exists()
+  code, err = run(capsys, "smoke", "--out", out, "--arms", "rope", "--no-progress", "--set", "steps=8")
+  assert code == 0
+  assert err.startswith(f"note: {arm}: steps 6 -> 8 in config.json; training goes on from step 6"), err
+  assert checkpoints.available_steps(str(arm)) == [0, 1, 2, 4, 6, 8]
+  assert [json.loads(l)["step"] for l in open(arm / "metrics.jsonl")][-2:] == [6, 8]
+  before = open(arm / "config.json").read()
+  code, err = run(capsys, "smoke", "--out", out, "--arms", "rope", "--no-progress", "--set", "steps=5")
+  assert code == 2 and err.startswith(f"error: steps: run directory {arm} holds 8 trained steps; steps=5"), err
+  assert open(arm / "config.json").read() == before
+
+
+def test_score_checkpoints_puts_the_training_scores_beside_every_checkpoint(tmp_path, capsys):
+  out, arm = str(tmp_path), tmp_path / "smoke" / "rope"
+  code, err = run(capsys, "smoke", "--out", out, "--score-checkpoints")
+  assert code == 2 and err.startswith(f"error: --out: {tmp_path / 'smoke' / 'rope'} holds no run of arm 'rope'"), err
+  assert run(capsys, "smoke", "--out", out, "--arms", "rope", "--no-progress")[0] == 0
+  trained = open(arm / "eval.jsonl").read().splitlines()
+  assert [json.loads(l)["step"] for l in trained] == [4, 6]
+  (arm / "eval.jsonl").write_text(trained[1] + "\n")   # the loop's row of step 4 must come back
+  assert run(capsys, "smoke", "--out", out, "--arms", "rope", "--score-checkpoints")[0] == 0
+  rows = open(arm / "eval.jsonl").read().splitlines()
+  assert [json.loads(l)["step"] for l in rows] == [0, 1, 2, 4, 6]
+  assert json.loads(rows[3]) == json.loads(trained[0]) and rows[4] == trained[1]
+  code = cli.main(["smoke", "--out", out, "--arms", "rope", "--score-checkpoints"])
+  assert code == 0 and "[rope] scored 0 checkpoint(s)" in capsys.readouterr().out
+  assert open(arm / "eval.jsonl").read().splitlines() == rows
+
+
+BAD = {
+    "unknown field": (["--set", "model.d_modle=3"], "error: train.model.d_modle: unknown field; allowed: "),
+    "bad value": (["--set", "model.d_model=-1"], "error: model.d_model: must be >= 1; got -1"),
+    "bad type": (["--set", "optim.lr=fast"], "error: train.optim.lr: expected a number; got 'fast'"),
+    "bad choice": (["--set", "parallel.strategy=tp"], "error: parallel.strategy: must be one of 'data', 'fsdp'"),
+    "missing data path": (["--set", "data.text_source=text", 'data.text_files=["/no/such/corpus.txt"]'],
+                          "error: data.text_files: no file matches '/no/such/corpus.txt'"),
+    "seq_len beyond a table": (["--set", "model.position=learned", "model.max_len=64"],
+                               "error: data.seq_len: must be <= model.max_len=64 for position encoding 'learned'"),
+    "bad arm override": (["--set", 'arms={"x": {"model.position.base": 0.5}}'],
+                         "error: arms.x.model.position.base: must be > 1; got 0.5"),
+    "unknown arm": (["--arms", "alibi"], "error: arms: must be one of 'rope', 'nope'; got 'alibi'"),
+    "not field=value": (["--set", "steps"], "error: steps: expected field=value"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
+  argv, message = BAD[case]
+  code, err = run(capsys, "smoke", "--out", str(tmp_path), *argv)
+  assert code == 2
+  assert err.startswith(message), err
+  assert err.count("\n") == 1
+  assert not os.listdir(tmp_path)   # nothing was written
+
+
+def test_missing_config_file(capsys):
+  code, err = run(capsys, "no_such_config")
+  assert code == 2 and err.startswith("error: config: no file 'no_such_config'") and "smoke" in err
+
+
+def test_run_directory_of_another_config_is_never_overwritten(tmp_path, capsys):
+  exp = cli.load("smoke", [])
+  arm_dir = tmp_path / "smoke" / "nope"
+  loop.prepare_run_dir(str(arm_dir), C.override(exp.resolve("nope"), {"model.n_layers": 3}))
+  before = open(arm_dir / "config.json").read()
+  code, err = run(capsys, "smoke", "--out", str(tmp_path), "--no-progress")
+  assert code == 2
+  assert err.startswith(f"error: model.n_layers: run directory {arm_dir} holds a run with model.n_layers=3, not 2")
+  assert open(arm_dir / "config.json").read() == before
+  assert not (tmp_path / "smoke" / "rope").exists()   # every arm is checked before any trains
+
+
+@pytest.mark.slow
+def test_gpu_config_is_gpu_sized_and_runs_on_cpu_at_toy_scale(tmp_path, capsys):
+  cfg = cli.load("gpu", []).resolve("rope")
+  _, abstract, _ = checkpoints.abstract_model(cfg.model)
+  n = sum(x.size for x in jax.tree.leaves(abstract))
+  assert 10e6 <= n - cfg.model.vocab_size * cfg.model.d_model <= 50e6
+  assert cfg.model.dtype == "bfloat16"
+  assert all(x.dtype == "float32" for x in jax.tree.leaves(abstract))
+  toy = ["steps=2", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.batch_size=2",
+         "eval.n_per_family=1", "eval.batch=2"]
+  code, err = run(capsys, "gpu", "--out", str(tmp_path), "--arms", "rope", "--no-progress", "--set", *toy)
+  assert code == 0, err
+  _, trained = checkpoints.load_model(str(tmp_path / "gpu_rope_vs_nope" / "rope"))
+  assert trained.model.dtype == "bfloat16" and trained.data.seq_len == 1024 and trained.steps == 2
+
+
+def test_module_entry_point_prints_the_resolved_config():
+  proc = subprocess.run([sys.executable, "-m", "train", "smoke", "--print-config", "--set", "steps=3",
+                         "train.model.position.base=500"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  data = json.loads(proc.stdout)
+  position = data["train"]["model"]["position"]
+  assert data["train"]["steps"] == 3 and (position["kind"], position["base"]) == ("rope", 500.0)
+
+
+@pytest.mark.slow
+def test_a_diverging_arm_stops_alone_saves_nothing_non_finite_and_stays_diverged(tmp_path, capsys):
+  argv = ["smoke", "--out", str(tmp_path), "--no-progress", "--set", "checkpoint.keep=2",
+          'arms={"hot": {"optim.lr": 1e6}, "calm": {}}']
+  code, err = run(capsys, *argv)
+  hot, calm = str(tmp_path / "smoke" / "hot"), str(tmp_path / "smoke" / "calm")
+  assert code == cli.DIVERGED
+  assert err.startswith("error: smoke/hot: diverged at step ") and err.count("\n") == 1, err
+  record = checkpoints.divergence(hot)
+  assert set(record) == {"step", "loss", "grad_norm", "last_good_step", "message"}
+  assert record["last_good_step"] == checkpoints.available_steps(hot)[-1] < record["step"]
+  assert not (np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"]))
+  for step in checkpoints.available_steps(hot):   # retention kept finite steps only
+    model, _ = checkpoints.load_model(hot, step)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+  assert checkpoints.divergence(calm) is None and checkpoints.available_steps(calm) == [4, 6]   # the other arm trained
+  before = sorted(os.listdir(os.path.join(hot, checkpoints.CHECKPOINTS)))
+  code, again = run(capsys, *argv)   # the same command: reported at once, not retrained into the same NaN
+  assert code == cli.DIVERGED and again == err
+  assert sorted(os.listdir(os.path.join(hot, checkpoints.CHECKPOINTS))) == before

@@ -1,0 +1,171 @@
+"""Multi-device: data parallel and FSDP on 4 forced host devices give the one-device step, and two
+real processes (jax.distributed over a localhost coordinator, one CPU device each) train the smoke
+model data-parallel, each generating only its own rows, and match one process on one device.
+
+The multi-device parts run in subprocesses (XLA_FLAGS must be set before jax starts), so the rest of
+the suite keeps its single device.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from helpers import ROOT
+from train import sharding
+
+
+def test_fsdp_splits_the_largest_divisible_dimension():
+  assert sharding.leaf_spec((512, 32), 4, "fsdp") == P("data")
+  assert sharding.leaf_spec((32, 86), 4, "fsdp") == P("data")      # 86 is not divisible by 4
+  assert sharding.leaf_spec((30, 64), 4, "fsdp") == P(None, "data")
+  assert sharding.leaf_spec((6,), 4, "fsdp") == P()                # nothing divisible: replicated
+  assert sharding.leaf_spec((), 4, "fsdp") == P()
+  assert sharding.leaf_spec((512, 32), 4, "data") == P()
+  assert sharding.leaf_spec((512, 32), 1, "fsdp") == P()
+
+
+FOUR_DEVICES = textwrap.dedent("""
+  import json, jax, numpy as np
+  from minilm import schema as C
+  from train import checkpoints, cli, data as D, loop, sharding, step as S
+  assert jax.device_count() == 4
+  # warmup 0 and Adam eps=1: both steps move the params by ~lr*g (see the tolerance in the test)
+  cfg = C.override(cli.load("smoke", []).resolve("rope"), {"data.batch_size": 8, "model.n_layers": 1,
+                                                           "optim.warmup_steps": 0, "optim.eps": 1.0})
+  graphdef, abstract, rest = checkpoints.abstract_model(cfg.model)
+  batches = [D.train_batch(cfg.data, cfg.seed, s) for s in range(2)]
+  out = {"initial": [np.asarray(x).tolist() for x in jax.tree.leaves(loop.init_params(cfg.model, cfg.seed))],
+         "tokens": cfg.data.batch_size * cfg.data.seq_len}
+  for name, devices, strategy in (("one", 1, "data"), ("data", 4, "data"), ("fsdp", 4, "fsdp")):
+    mesh = sharding.make_mesh(devices)
+    shard = sharding.tree_shardings(abstract, mesh, strategy)
+    params = jax.device_put(loop.init_params(cfg.model, cfg.seed), shard)
+    opt = S.init_opt_state(params, cfg=cfg.optim, steps=cfg.steps, mesh=mesh, strategy=strategy)
+    losses = []
+    for s, batch in enumerate(batches):
+      batch_sh = sharding.batch_sharding(mesh)
+      assert sharding.host_rows(batch_sh, cfg.data.batch_size) == (0, cfg.data.batch_size)   # one process: all
+      batch = sharding.put_rows(batch, batch_sh, cfg.data.batch_size)
+      params, opt, m = S.train_step(params, opt, rest, batch, s, graphdef=graphdef, cfg=cfg.optim, steps=cfg.steps,
+                                    mesh=mesh, strategy=strategy)
+      losses.append(float(m["loss"]))
+    embed = params["embed"]["embedding"][...]
+    out[name] = {"losses": losses, "params": [np.asarray(x).tolist() for x in jax.tree.leaves(params)],
+                 "embed_spec": str(embed.sharding.spec), "embed_devices": len(embed.sharding.device_set),
+                 "shard_rows": embed.addressable_shards[0].data.shape[0]}
+  try:
+    sharding.check_batch(6, sharding.make_mesh(4))
+  except C.ConfigError as err:
+    out["error"] = str(err)
+  print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_data_parallel_and_fsdp_match_one_device():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  one = out["one"]
+  eps = float(np.finfo(np.float32).eps)
+  initial = [np.array(p) for p in out["initial"]]
+  # The devices sum the same n tokens' losses and gradients in another order (per device, then an
+  # all-reduce): relative error about (n-1)*eps/2 for terms of one sign, so n*eps bounds it.
+  rel = out["tokens"] * eps
+  # Params: each of the 2 steps (~lr*g with Adam eps=1) differs by n*eps of the whole move, and
+  # p - step is rounded once per step (one spacing of the largest |p|).
+  move = max(np.abs(np.array(a) - p).max() for a, p in zip(one["params"], initial))
+  atol = 2 * (rel * move + np.spacing(max(np.abs(p).max() for p in initial)))
+  assert move > 100 * atol   # the steps are real, far above the tolerance
+  for name in ("data", "fsdp"):
+    assert out[name]["losses"] == pytest.approx(one["losses"], rel=rel), name
+    for a, b in zip(out[name]["params"], one["params"]):
+      np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=atol, err_msg=name)
+  assert out["data"]["embed_spec"] == str(P()) and out["data"]["shard_rows"] == 512
+  assert out["fsdp"]["embed_spec"] == str(P("data")) and out["fsdp"]["shard_rows"] == 128
+  assert out["fsdp"]["embed_devices"] == 4
+  assert out["error"].startswith("data.batch_size: must be divisible by the 4 devices")
+
+
+# ------------------------------------------------------------------------------ two processes
+
+STEPS = 3
+
+WORKER = textwrap.dedent("""
+  import json, sys
+  import jax
+  process, processes, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+  if processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=processes, process_id=process)
+  import numpy as np
+  from jax.experimental import multihost_utils
+  from minilm import schema as C
+  from train import checkpoints, cli, data as D, loop, sharding, step as S
+  # warmup 0 and Adam eps=1: every step moves the params by ~lr*g (see the tolerance in the test)
+  cfg = C.override(cli.load("smoke", []).resolve("rope"), {"data.stream": "row", "optim.warmup_steps": 0,
+                                                           "optim.eps": 1.0})
+  graphdef, abstract, rest = checkpoints.abstract_model(cfg.model)
+  mesh = sharding.make_mesh(0)
+  batch_sh = sharding.batch_sharding(mesh)
+  params = jax.device_put(loop.init_params(cfg.model, cfg.seed), sharding.tree_shardings(abstract, mesh, "data"))
+  opt = S.init_opt_state(params, cfg=cfg.optim, steps=cfg.steps, mesh=mesh, strategy="data")
+  rows = sharding.host_rows(batch_sh, cfg.data.batch_size)
+  losses = []
+  for s in range(%d):
+    batch = sharding.put_rows(D.train_batch(cfg.data, cfg.seed, s, rows), batch_sh, cfg.data.batch_size)
+    params, opt, m = S.train_step(params, opt, rest, batch, s, graphdef=graphdef, cfg=cfg.optim, steps=cfg.steps,
+                                  mesh=mesh, strategy="data")
+    losses.append(float(m["loss"]))
+  gathered = [np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in jax.tree.leaves(params)]
+  initial = jax.tree.leaves(loop.init_params(cfg.model, cfg.seed))
+  print(json.dumps({"devices": jax.device_count(), "rows": rows, "losses": losses,
+                    "tokens": cfg.data.batch_size * cfg.data.seq_len,
+                    "params": [p.tolist() for p in gathered], "initial": [np.asarray(p).tolist() for p in initial]}))
+""" % STEPS)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  port = str(_free_port())
+  runs = [(0, 2), (1, 2), (0, 1)]
+  procs = []
+  for i, n in runs:   # output to files: a full pipe would stall a process its peer waits for at shutdown
+    out, err = open(tmp_path / f"{i}of{n}.out", "w"), open(tmp_path / f"{i}of{n}.err", "w")
+    procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(i), str(n), port], cwd=ROOT, env=env,
+                                  stdout=out, stderr=err))
+  outs = []
+  for (i, n), p in zip(runs, procs):
+    assert p.wait(timeout=300) == 0, (tmp_path / f"{i}of{n}.err").read_text()[-3000:]
+    outs.append(json.loads((tmp_path / f"{i}of{n}.out").read_text().strip().splitlines()[-1]))
+  first, second, one = outs
+  assert first["devices"] == second["devices"] == 2 and one["devices"] == 1
+  assert first["rows"] == [0, 2] and second["rows"] == [2, 4] and one["rows"] == [0, 4]   # each its own rows
+  assert first["losses"] == second["losses"] and first["params"] == second["params"]   # one global state
+  # The two devices sum the n tokens' losses and gradients in another order (per process, then an
+  # all-reduce): relative error about (n-1)*eps/2 for terms of one sign, so n*eps bounds it. Params:
+  # each step (~lr*g with Adam eps=1) differs by n*eps of the whole move, and p - step is rounded once
+  # per step (one spacing of the largest |p|).
+  rel = one["tokens"] * float(np.finfo(np.float32).eps)
+  initial = [np.array(p) for p in one["initial"]]
+  move = max(np.abs(np.array(a) - p).max() for a, p in zip(one["params"], initial))
+  atol = STEPS * (rel * move + np.spacing(max(np.abs(p).max() for p in initial)))
+  assert move > 100 * atol   # the steps are real, far above the tolerance
+  assert first["losses"] == pytest.approx(one["losses"], rel=rel)
+  for a, b in zip(first["params"], one["params"]):
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=atol)

