@@ -1,7 +1,7 @@
 """Training throughput of the real train step at three model sizes: MFU, and side by side with PyTorch.
 
     .venv/bin/python bench/train_throughput.py [--sizes 1m,5m,25m] [--steps 5] [--rounds 3]
-        [--dtype float32|bfloat16] [--peer torch] [--xla-flags '...']
+        [--dtype float32|bfloat16] [--peer torch] [--stack K] [--xla-flags '...']
 
 --peer torch (pip install -e '.[bench]') times nanoGPT's GPT on PyTorch (bench/torch_peer.py, a
 worker process) in turn with minilm at the same architecture: GPT_ARCH, learned positions, pre-norm
@@ -16,6 +16,10 @@ passes on TPUs, hence those float32 peaks), on CPU the float32 matmul rate measu
 FLOPs per token (forward + backward) = 6 * N + 12 * L * T * d, with N the non-embedding
 parameters (the tied embedding/logit matmul is not counted), L layers, T sequence length, d width.
 Batches are random tokens (weights 1): this measures the model step, not data generation.
+
+--stack K also times K arms that differ only in seed as one vmapped step (train.step.stacked, what
+`python -m train --stack-seeds on` runs) and prints their tokens/s, all arms together, and its ratio
+to the single arm's.
 """
 from __future__ import annotations
 
@@ -73,6 +77,7 @@ def main() -> None:
   p.add_argument("--rounds", type=int, default=3, help="timed rounds per size; the best counts")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--peer", choices=("torch",), help="time nanoGPT on PyTorch in turn, at its architecture")
+  p.add_argument("--stack", type=int, default=0, metavar="K", help="also time K seeds stacked in one vmapped step")
   p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax starts")
   args = p.parse_args()
   if args.xla_flags:
@@ -103,6 +108,7 @@ def main() -> None:
   print(f"{args.dtype}, batch {args.batch} x {args.seq}, best of {args.rounds} rounds of {args.steps} steps, "
         f"architecture: {'nanoGPT (GPT_ARCH)' if args.peer else 'lab default'}")
   peer_cols = f" {'torch tok/s':>11} {'ratio':>6}" if args.peer else ""
+  peer_cols += f" {f'stack {args.stack} tok/s':>15} {'ratio':>6}" if args.stack else ""
   print(f"{'size':>5} {'params':>8} {'non-emb':>8} {'step s':>8} {'tokens/s':>10} {'GFLOP/s':>8} {'MFU':>6}{peer_cols}")
   optim, mesh = OptimConfig(), sharding.make_mesh(1)
   for name in args.sizes.split(","):
@@ -142,9 +148,40 @@ def main() -> None:
       peer_tok_s = args.batch * args.seq / min(theirs)
       line += f" {peer_tok_s:11.0f} {tok_s / peer_tok_s:5.2f}x"
       peer.close()
+    if args.stack:
+      stack_tok_s = args.stack * args.batch * args.seq / _stacked_step_s(args, cfg, optim, mesh, graphdef, rest, batches)
+      line += f" {stack_tok_s:15.0f} {stack_tok_s / tok_s:5.2f}x"
     print(line, flush=True)
   if args.peer:
     print(f"peer: {peer.version}; load average after: {os.getloadavg()}")
+
+
+def _stacked_step_s(args, cfg, optim, mesh, graphdef, rest, batches) -> float:
+  """Best seconds per step of args.stack seeds stacked (the same batch for every arm: the cost of
+  the step does not depend on the tokens)."""
+  import jax
+  import jax.numpy as jnp
+  from train import loop
+  from train.step import healthy, init_opt_state, stacked, train_step
+  k = args.stack
+  put = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  params = put([loop.init_params(cfg, seed) for seed in range(k)])
+  opt = put([init_opt_state(loop.init_params(cfg, seed), cfg=optim, steps=1000, mesh=mesh, strategy="data")
+             for seed in range(k)])
+  health = put([healthy()] * k)
+  step = stacked(lambda p, o, b, i, h: train_step(p, o, rest, b, i, h, graphdef=graphdef, cfg=optim, steps=1000,
+                                                   mesh=mesh, strategy="data"))
+  batches = [put([b] * k) for b in batches]
+  params, opt, m = step(params, opt, batches[0], 0, health)   # compile
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(args.rounds):
+    start = time.perf_counter()
+    for i in range(args.steps):
+      params, opt, m = step(params, opt, batches[i + 1], i + 1, m["health"])
+    jax.block_until_ready(m)
+    times.append((time.perf_counter() - start) / args.steps)
+  return min(times)
 
 
 def _timed(fn) -> float:

@@ -87,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--arms", default=None, help="comma-separated arms to run (default: all, in order)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+  p.add_argument("--stack-seeds", choices=paired.STACK, default="auto",
+                 help="train arms that differ only in seed as one stacked, vmapped program (auto: on accelerators)")
   p.add_argument("--score-checkpoints", action="store_true",
                  help="train nothing: score the held-out tasks at every saved checkpoint of the chosen arms that "
                       "eval.jsonl has no row for (rows merged into eval.jsonl)")
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     return score(exp, args.out, args.arms.split(",") if args.arms else None)
   atomic.check_out_dir(args.out)
   runs = paired.plan(exp, args.out, args.arms.split(",") if args.arms else None)
-  return paired.run_planned(runs, progress=not args.no_progress)
+  return paired.run_planned(runs, progress=not args.no_progress, stack=args.stack_seeds)
 
 
 def score(exp: ExperimentConfig, out: str, arms: list[str] | None) -> dict[str, dict]:

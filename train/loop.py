@@ -11,6 +11,8 @@ marked diverged (checkpoints.divergence) and `train` raises Diverged, also when 
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -19,6 +21,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -31,7 +34,7 @@ from train import checkpoints, evaluate, schedule, sharding, tensorboard
 from train import data as D
 from train import text
 from train.config import TrainConfig
-from train.step import healthy, init_opt_state, optimizer, train_step
+from train.step import healthy, init_opt_state, optimizer, stacked, train_step
 
 BatchFn = Callable[..., dict]
 
@@ -198,58 +201,160 @@ def train(cfg: TrainConfig, arm_dir: str, *, batch_fn: BatchFn = D.train_batch, 
   Raises Diverged at the first non-finite step, or at once for an arm that diverged before.
   stop_at: leave the loop after this step as if killed there (for resume tests).
   """
-  record = checkpoints.divergence(arm_dir)
-  if record:
-    raise Diverged(record["message"])
+  (result,) = _train([cfg], [arm_dir], batch_fn=batch_fn, progress=progress, stop_at=stop_at)
+  if isinstance(result, Diverged):
+    raise result
+  return result
+
+
+def seedless(cfg: TrainConfig) -> str:
+  """The config without its seed and name, as a key: arms with equal keys can be stacked."""
+  return json.dumps({k: v for k, v in C.to_dict(cfg).items() if k not in ("seed", "name")}, sort_keys=True)
+
+
+def stackable(cfgs: list[TrainConfig]) -> str | None:
+  """Why these arms cannot train as one stacked program (None: they can): they must differ in `seed`
+  (and `name`) alone and run on one device."""
+  if len({seedless(c) for c in cfgs}) > 1:
+    return "their configs differ in more than the seed"
+  if sharding.make_mesh(cfgs[0].parallel.devices).devices.size != 1:
+    return "stacking runs on one device (parallel.devices=1)"
+  return None
+
+
+def train_stacked(cfgs: list[TrainConfig], arm_dirs: list[str], *, batch_fn: BatchFn = D.train_batch,
+                  progress: bool = True, stop_at: int | None = None) -> list[dict]:
+  """Train arms that differ only in seed as one program: their params and optimizer states stacked
+  on a leading arm axis and stepped by one jitted, vmapped train step (one compilation, one dispatch
+  per step for all of them, which fills an accelerator that one small arm leaves idle). Each arm
+  gets its own batches (from its seed), checkpoints, logs and evaluations, laid out exactly as
+  `train` lays them out; its numbers equal `train`'s to float32 tolerance (the vmapped matmuls may
+  sum in another order), not bit for bit. Arms that resume from different steps train one after
+  another. Returns one entry per arm: its last rows, or {'diverged': message} (the others go on)."""
+  why = stackable(cfgs)
+  C.check(why is None, "arms", f"cannot stack {', '.join(c.name for c in cfgs)}: {why}")
+  results = _train(cfgs, arm_dirs, batch_fn=batch_fn, progress=progress, stop_at=stop_at)
+  return [{"diverged": str(r)} if isinstance(r, Diverged) else r for r in results]
+
+
+@dataclasses.dataclass
+class _Arm:
+  """One arm's files and running counters in the loop."""
+  cfg: TrainConfig
+  arm_dir: str
+  mngr: object
+  diverged: Diverged | None = None
+  last: dict = dataclasses.field(default_factory=lambda: {"metrics": None, "eval": None})
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.arm_dir, name)
+
+
+def _stack(trees: list):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree, k: int):
+  return jax.tree.map(lambda x: x[k], tree)
+
+
+def _train(cfgs: list[TrainConfig], arm_dirs: list[str], *, batch_fn: BatchFn, progress: bool,
+           stop_at: int | None) -> list:
+  """`train` of one arm, or of several stacked (train_stacked); an entry per arm: its last rows or
+  its Diverged error."""
+  out = [None] * len(cfgs)
+  live = []
+  for k, (cfg, arm_dir) in enumerate(zip(cfgs, arm_dirs)):
+    record = checkpoints.divergence(arm_dir)
+    if record:
+      out[k] = Diverged(record["message"])
+    else:
+      live.append(k)
+  if not live:
+    return out
+  cfgs, arm_dirs = [cfgs[k] for k in live], [arm_dirs[k] for k in live]
+  cfg = cfgs[0]
   mesh = check_runnable(cfg)
-  prepare_run_dir(arm_dir, cfg)
+  for c, arm_dir in zip(cfgs, arm_dirs):
+    prepare_run_dir(arm_dir, c)
   graphdef, abstract_params, rest = checkpoints.abstract_model(cfg.model)
   abstract_opt = jax.eval_shape(optimizer(cfg.optim, cfg.steps).init, abstract_params)
   param_sh = sharding.tree_shardings(abstract_params, mesh, cfg.parallel.strategy)
   opt_sh = sharding.tree_shardings(abstract_opt, mesh, cfg.parallel.strategy)
-
-  mngr = checkpoints.manager(arm_dir, cfg.checkpoint.keep)
+  arms = [_Arm(c, arm_dir, checkpoints.manager(arm_dir, c.checkpoint.keep)) for c, arm_dir in zip(cfgs, arm_dirs)]
   try:
-    resumed = _restore_latest(mngr, arm_dir, cfg, checkpoints.with_shardings(abstract_params, param_sh),
-                              checkpoints.with_shardings(abstract_opt, opt_sh))
-    if resumed is None:
-      params = jax.device_put(init_params(cfg.model, cfg.seed), param_sh)
-      opt_state = init_opt_state(params, cfg=cfg.optim, steps=cfg.steps, mesh=mesh, strategy=cfg.parallel.strategy)
-      checkpoints.save(mngr, 0, params, opt_state, cfg)
-      resumed = 0, params, opt_state
+    states = []
+    for arm in arms:
+      resumed = _restore_latest(arm.mngr, arm.arm_dir, arm.cfg, checkpoints.with_shardings(abstract_params, param_sh),
+                                checkpoints.with_shardings(abstract_opt, opt_sh))
+      if resumed is None:
+        params = jax.device_put(init_params(arm.cfg.model, arm.cfg.seed), param_sh)
+        opt_state = init_opt_state(params, cfg=arm.cfg.optim, steps=arm.cfg.steps, mesh=mesh,
+                                   strategy=arm.cfg.parallel.strategy)
+        checkpoints.save(arm.mngr, 0, params, opt_state, arm.cfg)
+        resumed = 0, params, opt_state
+      states.append(resumed)
+    if len({s[0] for s in states}) > 1:   # resumed at different steps: no common step to stack from
+      for arm in arms:
+        arm.mngr.close()
+      arms = []
+      for k, c, arm_dir in zip(live, cfgs, arm_dirs):
+        (out[k],) = _train([c], [arm_dir], batch_fn=batch_fn, progress=progress, stop_at=stop_at)
+      return out
     step_fn = functools.partial(train_step, graphdef=graphdef, cfg=cfg.optim, steps=cfg.steps, mesh=mesh,
                                 strategy=cfg.parallel.strategy)
-    return _loop(cfg, arm_dir, mngr, *resumed, step=lambda p, o, batch, s, h: step_fn(p, o, rest, batch, s, h),
-                 model=lambda p: nnx.merge(graphdef, p, rest), batch_fn=batch_fn,
-                 batch_sh=sharding.batch_sharding(mesh), progress=progress, stop_at=stop_at)
+    if len(arms) == 1:
+      start, params, opt_state = states[0]
+      step = lambda p, o, batch, s, h: step_fn(p, o, rest, batch, s, h)
+    else:
+      start, params, opt_state = states[0][0], _stack([s[1] for s in states]), _stack([s[2] for s in states])
+      many = stacked(lambda p, o, batch, s, h: step_fn(p, o, rest, batch, s, h))
+      step = lambda p, o, batch, s, h: many(p, o, batch, s, _stack([healthy()] * len(arms)) if h is None else h)
+    results = _loop(arms, start, params, opt_state, step=step, model=lambda p: nnx.merge(graphdef, p, rest),
+                    batch_fn=batch_fn, batch_sh=sharding.batch_sharding(mesh), progress=progress, stop_at=stop_at)
+    for k, r in zip(live, results):
+      out[k] = r
+    return out
   finally:
-    mngr.close()
+    for arm in arms:
+      arm.mngr.close()
 
 
-def _loop(cfg: TrainConfig, arm_dir: str, mngr, start: int, params, opt_state, *, step, model, batch_fn, batch_sh,
-          progress: bool, stop_at: int | None) -> dict:
-  """Steps start..cfg.steps: step(params, opt_state, batch, index, health), log, evaluate model(params), save."""
-  metrics_path, eval_path = os.path.join(arm_dir, "metrics.jsonl"), os.path.join(arm_dir, "eval.jsonl")
-  _truncate(metrics_path, start)
-  _truncate(eval_path, start)
-  examples = D.eval_examples(cfg.data, cfg.eval.seed, cfg.eval.n_per_family) if cfg.eval.n_per_family else {}
+def _loop(arms: list[_Arm], start: int, params, opt_state, *, step, model, batch_fn, batch_sh, progress: bool,
+          stop_at: int | None) -> list:
+  """Steps start..steps: step(params, opt_state, batch, index, health), log, evaluate model(params),
+  save, for each arm (params and opt_state stacked on a leading arm axis when there are several)."""
+  cfg, stacked = arms[0].cfg, len(arms) > 1
+  of = (lambda tree, k: _unstack(tree, k)) if stacked else (lambda tree, k: tree)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  examples = D.eval_examples(cfg.data, cfg.eval.seed, cfg.eval.n_per_family) if cfg.eval.n_per_family else {}
   # epochs over the text corpus: text tokens drawn / tokens of its training split
   corpus_tokens = len(text.split(cfg.data, heldout=False)) if cfg.data.mixture["text"] > 0 else 0
-  text_tokens = _text_tokens_before(metrics_path, cfg, start) if corpus_tokens else 0
+  text_tokens = []
+  for arm in arms:
+    _truncate(arm.path("metrics.jsonl"), start)
+    _truncate(arm.path("eval.jsonl"), start)
+    text_tokens.append(_text_tokens_before(arm.path("metrics.jsonl"), arm.cfg, start) if corpus_tokens else 0)
   rows = sharding.host_rows(batch_sh, cfg.data.batch_size)   # this process generates only its own rows
-  last = {"metrics": None, "eval": None}
-  health = healthy()
+  health = None
   clock, clock_step = time.perf_counter(), start
-  events = tensorboard.writer(os.path.join(arm_dir, "tensorboard") if primary() else None, purge_step=start + 1)
-  with tqdm(total=cfg.steps, initial=start, disable=not (progress and primary()), desc=cfg.name,
-            dynamic_ncols=True) as bar, events:
+  name = cfg.name if not stacked else f"{cfg.name} (+{len(arms) - 1} seeds)"
+  with contextlib.ExitStack() as stack:
+    events = [stack.enter_context(tensorboard.writer(arm.path("tensorboard") if primary() else None,
+                                                     purge_step=start + 1)) for arm in arms]
+    bar = stack.enter_context(tqdm(total=cfg.steps, initial=start, disable=not (progress and primary()), desc=name,
+                                   dynamic_ncols=True))
     for s in range(start, cfg.steps):
-      batch = sharding.put_rows(batch_fn(cfg.data, cfg.seed, s, rows), batch_sh, cfg.data.batch_size)
+      if stacked:
+        drawn = [batch_fn(arm.cfg.data, arm.cfg.seed, s, rows) for arm in arms]
+        batch = jax.device_put({key: np.stack([b[key] for b in drawn]) for key in drawn[0]})
+      else:
+        batch = sharding.put_rows(batch_fn(cfg.data, cfg.seed, s, rows), batch_sh, cfg.data.batch_size)
       params, opt_state, metrics = step(params, opt_state, batch, s, health)
       health = metrics["health"]
       if corpus_tokens:
-        text_tokens += cfg.data.seq_len * D.text_rows(cfg.data, cfg.seed, s)
+        for k, arm in enumerate(arms):
+          text_tokens[k] += cfg.data.seq_len * D.text_rows(arm.cfg.data, arm.cfg.seed, s)
       done = s + 1
       bar.update(1)
       saving = schedule.is_save_step(done, cfg.steps, cfg.checkpoint.every, cfg.checkpoint.log_spaced)
@@ -257,28 +362,35 @@ def _loop(cfg: TrainConfig, arm_dir: str, mngr, start: int, params, opt_state, *
       logging = done % cfg.log_every == 0 or done == cfg.steps or saving or evaluating
       if logging:   # the one host sync: it also reads the health record, before any eval or save
         metrics = jax.device_get(metrics)
-        if metrics["health"]["bad_step"] >= 0:
-          raise _diverged(arm_dir, cfg, mngr, metrics["health"])
         now = time.perf_counter()
-        row = {"step": done, **{k: float(metrics[k]) for k in ("loss", "grad_norm", "lr", "weight")},
-               "tokens": done * tokens_per_step,
-               "tokens_per_s": (done - clock_step) * tokens_per_step / max(now - clock, 1e-9)}
-        if corpus_tokens:
-          row |= {"text_tokens": text_tokens, "text_epochs": text_tokens / corpus_tokens}
-        _append(metrics_path, row)
-        events.add(tensorboard.scalars(row, "train"), done)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        last["metrics"] = row
-      if evaluating:
-        scores = evaluate.accuracy(model(params), examples, batch=cfg.eval.batch)
-        _append(eval_path, {"step": done, **scores})
-        events.add(tensorboard.scalars(scores, "eval"), done)
-        bar.write(f"[{cfg.name}] step {done}: {evaluate.summary(scores)}")
-        last["eval"] = {"step": done, **scores}
-      if saving:
-        checkpoints.save(mngr, done, params, opt_state, cfg)
+      for k, arm in enumerate(arms):
+        if arm.diverged:
+          continue
+        if logging:
+          m = of(metrics, k)
+          if m["health"]["bad_step"] >= 0:
+            arm.diverged = _diverged(arm.arm_dir, arm.cfg, arm.mngr, m["health"])
+            continue
+          row = {"step": done, **{key: float(m[key]) for key in ("loss", "grad_norm", "lr", "weight")},
+                 "tokens": done * tokens_per_step,
+                 "tokens_per_s": (done - clock_step) * tokens_per_step / max(now - clock, 1e-9)}
+          if corpus_tokens:
+            row |= {"text_tokens": text_tokens[k], "text_epochs": text_tokens[k] / corpus_tokens}
+          _append(arm.path("metrics.jsonl"), row)
+          events[k].add(tensorboard.scalars(row, "train"), done)
+          if k == 0:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
+          arm.last["metrics"] = row
+        if evaluating:
+          scores = evaluate.accuracy(model(of(params, k)), examples, batch=cfg.eval.batch)
+          _append(arm.path("eval.jsonl"), {"step": done, **scores})
+          events[k].add(tensorboard.scalars(scores, "eval"), done)
+          bar.write(f"[{arm.cfg.name}] step {done}: {evaluate.summary(scores)}")
+          arm.last["eval"] = {"step": done, **scores}
+        if saving:
+          checkpoints.save(arm.mngr, done, of(params, k), of(opt_state, k), arm.cfg)
       if logging:
         clock, clock_step = time.perf_counter(), done  # eval and save time do not count as training time
-      if stop_at is not None and done >= stop_at:
+      if all(arm.diverged for arm in arms) or (stop_at is not None and done >= stop_at):
         break
-  return last
+  return [arm.diverged or arm.last for arm in arms]

