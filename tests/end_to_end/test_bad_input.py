@@ -81,6 +81,7 @@ def on_trained(change: Callable[[Ctx, str], None], *sets: str) -> Callable[[Ctx]
   def setup(ctx: Ctx) -> list[str]:
     change(ctx, ctx.trained_arm())
     return smoke(*sets)(ctx)
+  setup.trains = True   # its row is slow (train_marks)
   return setup
 
 
@@ -344,7 +345,12 @@ def _train(out: str) -> str:
   return os.path.join(out, "smoke", "rope")
 
 
-@pytest.mark.parametrize("row", [pytest.param(r, id=r.id, marks=r.marks) for r in ROWS])
+def train_marks(row: Row) -> tuple:
+  """A row's marks, slow added where its setup trains an arm."""
+  return row.marks + (SLOW if getattr(row.setup, "trains", False) and SLOW != row.marks else ())
+
+
+@pytest.mark.parametrize("row", [pytest.param(r, id=r.id, marks=train_marks(r)) for r in ROWS])
 def test_bad_input(row: Row, tmp_path, capsys, monkeypatch, trained_once):
   monkeypatch.setenv("MINILM_CACHE", str(tmp_path / "cache"))
   ctx = Ctx(str(tmp_path / "root"), monkeypatch, trained_once)

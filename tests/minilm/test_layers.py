@@ -32,7 +32,7 @@ def test_block_causal_backward_equals_autodiff_of_the_masked_softmax():
     out, _ = attend(q, k, v, pos, pos, bias, block=block)
     return (out * jnp.cos(out)).sum(), out
 
-  grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True), static_argnums=4)   # compiled, as trained
   (_, full), g_full = grad(q, k, v, bias, 0)
   (_, blk), g_blk = grad(q, k, v, bias, 64)
   # Both sum the same terms in another order: the contractions over D (q.k) and over the T keys
@@ -48,9 +48,13 @@ def test_block_causal_keeps_the_compute_dtype():
   B, T, H, D = 1, 130, 2, 8
   q, k, v, _ = (x.astype(jnp.bfloat16) for x in _qkv(B, T, H, H, D))
   heads = lambda x: x.transpose(0, 2, 1, 3)[:, :, None]   # B x K x G x T x D, B x K x S x D
-  out, vjp = jax.vjp(lambda q, k, v: block_causal(q, k, v, None, 64), heads(q), k.transpose(0, 2, 1, 3),
-                     v.transpose(0, 2, 1, 3))
-  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in vjp(jnp.ones_like(out)))
+  @jax.jit
+  def value_and_grads(q, k, v):
+    out, vjp = jax.vjp(lambda q, k, v: block_causal(q, k, v, None, 64), q, k, v)
+    return out, vjp(jnp.ones_like(out))
+
+  out, grads = value_and_grads(heads(q), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
 
 
 GPT = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_len=160, norm="layer", mlp="gelu_erf", bias=True,

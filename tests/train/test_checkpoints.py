@@ -17,6 +17,7 @@ from minilm import schema as C
 from train import checkpoints, cli, loop, schedule
 
 SMOKE = cli.load("smoke", []).resolve("rope")
+pytestmark = pytest.mark.slow   # every test trains the smoke arm (the module's `trained` run) or resumes it
 
 
 def params_of(model):

@@ -19,6 +19,7 @@ def run(capsys, *argv):
   return code, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_trains_the_smoke_experiment_then_extends_it(tmp_path, capsys):
   out = str(tmp_path)
   code, _ = run(capsys, "smoke", "--out", out, "--arms", "rope", "--no-progress")
@@ -42,6 +43,7 @@ def test_trains_the_smoke_experiment_then_extends_it(tmp_path, capsys):
   assert open(arm / "config.json").read() == before
 
 
+@pytest.mark.slow
 def test_score_checkpoints_puts_the_training_scores_beside_every_checkpoint(tmp_path, capsys):
   out, arm = str(tmp_path), tmp_path / "smoke" / "rope"
   code, err = run(capsys, "smoke", "--out", out, "--score-checkpoints")

@@ -41,6 +41,7 @@ def test_analyze_model_treats_a_single_model_as_one_step(tmp_path):
     PL.analyze_model(model, probes[:3], str(tmp_path), arm="pretrained")
 
 
+@pytest.mark.slow
 def test_cli_traces_a_paired_run_into_table_plots_and_claims_and_resumes(tiny_run, tmp_path):
   out = tmp_path / "analysis"
   assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--batch", "4"]) == 0

@@ -97,6 +97,7 @@ PROMPTS = [{"family": "needle", "kind": "contextual", "prompt": "The key is 4821
             "answer": "Rome", "memory": "Paris"}]
 
 
+@pytest.mark.slow
 def test_own_prompts_end_to_end(tmp_path, capsys):
   out = tmp_path / "c5"
   prompts = _write_prompts(tmp_path / "mine.jsonl", PROMPTS)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 
+
+@pytest.mark.slow
 def test_pretrained_command_analyses_an_imported_model_as_one_traced_step(tmp_path, capsys):
   from analysis.lab.cli import main
   out = tmp_path / "pre"

@@ -2,9 +2,12 @@
 steps of one arm."""
 import json
 
+import pytest
+
 from analysis.lab.cli import main
 
 
+@pytest.mark.slow
 def test_a_public_trajectory_is_traced_as_the_steps_of_one_arm(tmp_path, capsys):
   """Three self-built GPT-NeoX checkpoints (partial rotary, as Pythia) in step<N> folders: traced as
   one arm over steps, resumable, with emergence over those steps; an ordered list of folders gives

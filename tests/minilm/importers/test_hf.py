@@ -25,6 +25,8 @@ from helpers import (CFG, GPT2_CFG, NEOX_CFG, OPT_CFG, TEXT, bpe_tokenizer, forw
                      llama_reference, llama_tolerance, neox_shapes, numpy_attention, numpy_llama_forward, numpy_rope,
                      one_line_error, opt_shapes, random_tensors, save_checkpoint, write_checkpoint)
 
+pytestmark = pytest.mark.slow   # import tests: each writes a checkpoint and imports it
+
 
 # ------------------------------------------------------------------ Llama and Qwen2 (helpers' reference)
 
