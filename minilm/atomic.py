@@ -62,6 +62,26 @@ def read_json(path: str, default: Any = None) -> Any:
     return default
 
 
+def read_jsonl(path: str) -> tuple[list[tuple[str, dict]], bool]:
+  """((line, row) of each line of a JSON-lines log, whether a partial last line was left out); none
+  when the file is missing. Logs are appended a line at a time, so only the last line can be cut
+  short by a kill (whoever resumes writes it again); a damaged line before it is a one-line
+  ValueError naming the file and the line."""
+  if not os.path.exists(path):
+    return [], False
+  with open(path) as f:
+    lines = [line.rstrip("\n") for line in f if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append((line, json.loads(line)))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise ValueError(f"{path}: line {i + 1} is not JSON; delete that line and run again") from None
+      return rows, True
+  return rows, False
+
+
 def save_npz(final: str, **arrays) -> None:
   with path(final) as tmp:
     np.savez(tmp, **arrays)

@@ -103,19 +103,11 @@ def init_params(cfg: ModelConfig, seed: int):
 
 
 def _rows(path: str) -> list[tuple[str, dict]]:
-  """(line, row) of a JSON-lines log; a partial last line (the run stopped while writing it) is
-  dropped with a note, a damaged line elsewhere is a one-line RunError."""
-  with open(path) as f:
-    lines = [line for line in f.read().splitlines() if line.strip()]
-  out = []
-  for i, line in enumerate(lines):
-    try:
-      out.append((line, json.loads(line)))
-    except json.JSONDecodeError:
-      if i < len(lines) - 1:
-        raise checkpoints.RunError(f"{path}: line {i + 1} is not JSON; delete that line and run again") from None
-      _note(f"{path}: dropped its partial last line (the run stopped while writing it)")
-  return out
+  """(line, row) of a JSON-lines log (atomic.read_jsonl); a partial last line is dropped with a note."""
+  rows, cut = atomic.read_jsonl(path)
+  if cut:
+    _note(f"{path}: dropped its partial last line (the run stopped while writing it)")
+  return rows
 
 
 def _truncate(path: str, last_step: int) -> None:
@@ -153,7 +145,7 @@ def score_checkpoints(arm_dir: str) -> list[dict]:
   C.check(cfg.eval.n_per_family > 0, "eval.n_per_family", f"{arm_dir} was trained with eval.n_per_family=0; "
           "there are no held-out examples to score")
   path = os.path.join(arm_dir, "eval.jsonl")
-  rows = {row["step"]: line for line, row in (_rows(path) if os.path.exists(path) else [])}
+  rows = {row["step"]: line for line, row in _rows(path)}
   examples = D.eval_examples(cfg.data, cfg.eval.seed, cfg.eval.n_per_family)
   new = []
   for step in checkpoints.available_steps(arm_dir):

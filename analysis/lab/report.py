@@ -35,20 +35,6 @@ details{margin:.2em 0}summary{cursor:pointer;color:#444}.small{font-size:.85em;c
 """
 
 
-def _read_jsonl(path: str) -> list[dict]:
-  """The rows of a JSON-lines log; a last line cut short by a kill (training resumes and rewrites
-  it) is left out rather than failing the report."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  rows = [json.loads(line) for line in lines[:-1]]
-  try:
-    return rows + [json.loads(line) for line in lines[-1:]]
-  except json.JSONDecodeError:
-    return rows
-
-
 def esc(x) -> str:
   return html.escape(str(x))
 
@@ -423,8 +409,8 @@ class Report:
     if not run_dir or not os.path.isdir(run_dir):
       return ""
     arms = list(self.lab.get("experiment", {}).get("arms", {}))
-    metrics = {a: _read_jsonl(os.path.join(run_dir, a, "metrics.jsonl")) for a in arms}
-    evals = {a: _read_jsonl(os.path.join(run_dir, a, "eval.jsonl")) for a in arms}
+    metrics = {a: [r for _, r in atomic.read_jsonl(os.path.join(run_dir, a, "metrics.jsonl"))[0]] for a in arms}
+    evals = {a: [r for _, r in atomic.read_jsonl(os.path.join(run_dir, a, "eval.jsonl"))[0]] for a in arms}
     fig = training_figure(metrics, evals, os.path.join(self.dir, "figures", "training.png"))
     rows = []
     families = _families(evals)

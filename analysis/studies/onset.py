@@ -120,18 +120,6 @@ def step_stats(sums: dict, facts: dict, cfg: S.StatConfig) -> dict:
           "_profile": (E_HxP / np.maximum(E_HxP.sum(-1, keepdims=True), 1e-300)).mean(0)}
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """Rows of a JSON-lines log (none if it is missing); a line that is not JSON, such as a last line
-  cut short by a kill, is left out."""
-  rows = []
-  for line in open(path).read().splitlines() if os.path.exists(path) else ():
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError:
-      pass
-  return rows
-
-
 def table(trace_dir: str, run_dir: str | None = None) -> list[dict]:
   """One row per traced arm x step (see the module docstring)."""
   store = ST.Store(trace_dir)
@@ -156,7 +144,7 @@ def table(trace_dir: str, run_dir: str | None = None) -> list[dict]:
     key = json.dumps(to_dict(tc.model), sort_keys=True)
     if key not in params:   # eval_shape only: no weights are allocated
       params[key] = sum(x.size for x in jax.tree.leaves(ck.abstract_model(tc.model)[1]))
-    evals = {r["step"]: r for r in read_jsonl(os.path.join(arm_dir, "eval.jsonl"))}
+    evals = {r["step"]: r for _, r in atomic.read_jsonl(os.path.join(arm_dir, "eval.jsonl"))[0]}
     for step in store.steps(arm):
       scores = {f"eval_{k}": v for k, v in evals.get(step, {}).items()
                 if k != "step" and "." not in k and isinstance(v, (int, float))}

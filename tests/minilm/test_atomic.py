@@ -42,3 +42,13 @@ def test_a_swap_cut_between_its_two_renames_is_undone(tmp_path):
   os.makedirs(str(out) + atomic.PARTIAL)
   atomic.recover_dir(str(out))
   assert os.listdir(out) == ["summary.json"] and sorted(os.listdir(tmp_path)) == ["quant"]
+
+
+def test_read_jsonl_leaves_out_only_a_cut_last_line(tmp_path):
+  path = tmp_path / "log.jsonl"
+  assert atomic.read_jsonl(str(path)) == ([], False)
+  path.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')
+  assert atomic.read_jsonl(str(path)) == ([('{"step": 1}', {"step": 1}), ('{"step": 2}', {"step": 2})], True)
+  path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+  with pytest.raises(ValueError, match=rf"^{path}: line 2 is not JSON; delete that line and run again$"):
+    atomic.read_jsonl(str(path))
