@@ -297,10 +297,13 @@ def load_model(arm_dir: str, step: int | None = None) -> tuple[Decoder, Any]:
     raise ValueError(f"step: no checkpoint {step} in {arm_dir}; available: {steps}")
   cfg = load_config(arm_dir)
   graphdef, abstract_params, rest = abstract_model(cfg.model)
+  mngr = manager(arm_dir, read_only=True)
   try:
-    params, _, _ = restore(manager(arm_dir, read_only=True), step, cfg.model, abstract_params)
+    params, _, _ = restore(mngr, step, cfg.model, abstract_params)
   except DamagedCheckpoint as err:
     raise DamagedCheckpoint(f"{err}; {_redo_hint(arm_dir, step, steps)}") from None
+  finally:
+    mngr.close()
   return nnx.merge(graphdef, params, rest), cfg
 
 

@@ -9,7 +9,9 @@ line 'error: <field or path>: <what is wrong>' and exit code 2, before anything 
 can be known in advance. An arm that diverges (non-finite loss) does not stop the other arms; the
 command then ends with one 'error: ...' line per diverged arm and exit code 3.
 
-`--score-checkpoints` trains nothing: it scores the held-out tasks at every saved checkpoint of the
+`--jobs N` trains N arms at once, each in its own `python -m train` process (arms that cannot share
+one program, such as other position encodings, fill an accelerator together; on CPU each arm is
+bit-identical to its sequential run). `--score-checkpoints` trains nothing: it scores the held-out tasks at every saved checkpoint of the
 chosen arms that eval.jsonl has no row for (a run trained with sparse evaluation gets a score beside
 each checkpoint that a trace reads).
 """
@@ -32,7 +34,7 @@ from train.loop import check_run_dir, score_checkpoints
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TOP_FIELDS = {f.name for f in dataclasses.fields(ExperimentConfig)}
-DIVERGED = 3   # exit code when an arm diverged (bad input is minilm.cli.BAD_INPUT = 2)
+DIVERGED = paired.DIVERGED_EXIT   # exit code when an arm diverged (bad input is minilm.cli.BAD_INPUT = 2)
 
 
 def config_path(name: str) -> str:
@@ -89,6 +91,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
   p.add_argument("--stack-seeds", choices=paired.STACK, default="auto",
                  help="train arms that differ only in seed as one stacked, vmapped program (auto: on accelerators)")
+  p.add_argument("--jobs", type=int, default=1,
+                 help="train this many arms (or stacked seed groups) at once, each in its own process (default 1)")
   p.add_argument("--score-checkpoints", action="store_true",
                  help="train nothing: score the held-out tasks at every saved checkpoint of the chosen arms that "
                       "eval.jsonl has no row for (rows merged into eval.jsonl)")
@@ -110,7 +114,11 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
   if args.score_checkpoints:
     return score(exp, args.out, args.arms.split(",") if args.arms else None)
   atomic.check_out_dir(args.out)
+  paired.check_jobs(args.jobs, args.distributed)
   runs = paired.plan(exp, args.out, args.arms.split(",") if args.arms else None)
+  if args.jobs > 1:
+    return paired.run_concurrently(exp, args.out, runs, jobs=args.jobs, stack=args.stack_seeds,
+                                   tensorboard=args.tensorboard)
   return paired.run_planned(runs, progress=not args.no_progress, stack=args.stack_seeds)
 
 

@@ -105,6 +105,9 @@ def init_params(cfg: ModelConfig, seed: int):
 def _rows(path: str) -> list[tuple[str, dict]]:
   """(line, row) of a JSON-lines log (atomic.read_jsonl); a partial last line is dropped with a note."""
   rows, cut = atomic.read_jsonl(path)
+  for i, (_, row) in enumerate(rows):
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+      raise checkpoints.RunError(f"{path}: row {i + 1} has no integer 'step'; delete that line and run again")
   if cut:
     _note(f"{path}: dropped its partial last line (the run stopped while writing it)")
   return rows
@@ -140,7 +143,8 @@ def score_checkpoints(arm_dir: str) -> list[dict]:
   kept as they are: the same weights and examples give the same scores). Returns the new rows.
 
   Periodic evaluation follows eval.every; this puts a score beside every traced checkpoint of a run
-  trained with sparse evaluation, without training again."""
+  trained with sparse evaluation, without training again. Not while the arm trains: eval.jsonl is
+  rewritten whole, so rows the loop appends meanwhile would be lost."""
   cfg = checkpoints.load_config(arm_dir)
   C.check(cfg.eval.n_per_family > 0, "eval.n_per_family", f"{arm_dir} was trained with eval.n_per_family=0; "
           "there are no held-out examples to score")
@@ -281,15 +285,15 @@ def _train(cfgs: list[TrainConfig], arm_dirs: list[str], *, batch_fn: BatchFn, p
                                 checkpoints.with_shardings(abstract_opt, opt_sh))
       if resumed is None:
         params = jax.device_put(init_params(arm.cfg.model, arm.cfg.seed), param_sh)
-        opt_state = init_opt_state(params, cfg=arm.cfg.optim, steps=arm.cfg.steps, mesh=mesh,
-                                   strategy=arm.cfg.parallel.strategy)
+        opt_state = jax.device_put(init_opt_state(params, cfg=arm.cfg.optim, steps=arm.cfg.steps, mesh=mesh,
+                                                  strategy=arm.cfg.parallel.strategy), opt_sh)
         checkpoints.save(arm.mngr, 0, params, opt_state, arm.cfg)
         resumed = 0, params, opt_state
       states.append(resumed)
     if len({s[0] for s in states}) > 1:   # resumed at different steps: no common step to stack from
       for arm in arms:
         arm.mngr.close()
-      arms = []
+      arms = states = resumed = []
       for k, c, arm_dir in zip(live, cfgs, arm_dirs):
         (out[k],) = _train([c], [arm_dir], batch_fn=batch_fn, progress=progress, stop_at=stop_at)
       return out
@@ -300,8 +304,8 @@ def _train(cfgs: list[TrainConfig], arm_dirs: list[str], *, batch_fn: BatchFn, p
       step = lambda p, o, batch, s, h: step_fn(p, o, rest, batch, s, h)
     else:
       start, params, opt_state = states[0][0], _stack([s[1] for s in states]), _stack([s[2] for s in states])
-      many = stacked(lambda p, o, batch, s, h: step_fn(p, o, rest, batch, s, h))
-      step = lambda p, o, batch, s, h: many(p, o, batch, s, _stack([healthy()] * len(arms)) if h is None else h)
+      step = stacked(lambda p, o, batch, s, h: step_fn(p, o, rest, batch, s, h))
+    states = resumed = None   # the stacked copies are donated to the first step; the arms' own buffers go now
     results = _loop(arms, start, params, opt_state, step=step, model=lambda p: nnx.merge(graphdef, p, rest),
                     batch_fn=batch_fn, batch_sh=sharding.batch_sharding(mesh), progress=progress, stop_at=stop_at)
     for k, r in zip(live, results):
@@ -328,7 +332,9 @@ def _loop(arms: list[_Arm], start: int, params, opt_state, *, step, model, batch
     _truncate(arm.path("eval.jsonl"), start)
     text_tokens.append(_text_tokens_before(arm.path("metrics.jsonl"), arm.cfg, start) if corpus_tokens else 0)
   rows = sharding.host_rows(batch_sh, cfg.data.batch_size)   # this process generates only its own rows
-  health = None
+  # placed as the step's outputs are, so that step 1 runs the program step 0 compiled (not a second one)
+  health = jax.device_put(_stack([healthy()] * len(arms)) if stacked else healthy(),
+                          jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec()))
   clock, clock_step = time.perf_counter(), start
   name = cfg.name if not stacked else f"{cfg.name} (+{len(arms) - 1} seeds)"
   with contextlib.ExitStack() as stack:
@@ -370,7 +376,7 @@ def _loop(arms: list[_Arm], start: int, params, opt_state, *, step, model, batch
             row |= {"text_tokens": text_tokens[k], "text_epochs": text_tokens[k] / corpus_tokens}
           _append(arm.path("metrics.jsonl"), row)
           events[k].add(tensorboard.scalars(row, "train"), done)
-          if k == 0:
+          if arm is next(a for a in arms if not a.diverged):
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
           arm.last["metrics"] = row
         if evaluating:

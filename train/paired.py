@@ -9,18 +9,24 @@ module last) the same initial value of every tensor the arms share. Layout:
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
+import time
 from typing import Iterable
 
 import jax
 
 from minilm import atomic
 from minilm import schema as C
+from train import checkpoints
 from train import data as D
 from train.config import ExperimentConfig, TrainConfig
 from train.loop import (BatchFn, Diverged, check_run_dir, check_runnable, prepare_run_dir, primary, seedless, stackable,
                         train, train_stacked)
 
 STACK = ("auto", "on", "off")
+DIVERGED_EXIT = 3   # `python -m train`'s exit code when an arm diverged
 
 
 def experiment_dir(exp: ExperimentConfig, out: str) -> str:
@@ -57,11 +63,8 @@ def run_planned(runs: dict[str, tuple[TrainConfig, str]], *, batch_fn: BatchFn =
   device is an accelerator, which one small arm leaves idle; off on CPU, where training one arm at a
   time keeps every arm bit-identical to a single run of it). A diverged arm does not stop the others: its entry is
   {'diverged': the one-line message} (the arm directory holds checkpoints.DIVERGED)."""
-  C.check_choice("--stack-seeds", stack, STACK)
-  if stack == "auto":
-    stack = "off" if jax.default_backend() == "cpu" else "on"
   out = {}
-  for group in seed_groups(runs) if stack == "on" else [[arm] for arm in runs]:
+  for group in units(runs, stack):
     cfgs, dirs = [runs[a][0] for a in group], [runs[a][1] for a in group]
     if len(group) > 1 and stackable(cfgs) is None:
       out |= dict(zip(group, train_stacked(cfgs, dirs, batch_fn=batch_fn, progress=progress)))
@@ -72,6 +75,65 @@ def run_planned(runs: dict[str, tuple[TrainConfig, str]], *, batch_fn: BatchFn =
       except Diverged as err:
         out[arm] = {"diverged": str(err)}
   return {arm: out[arm] for arm in runs}
+
+
+def units(runs: dict[str, tuple[TrainConfig, str]], stack: str) -> list[list[str]]:
+  """What trains as one program: seed groups when stacking is on (`stack` 'auto' resolved for the
+  default device), else one arm each."""
+  C.check_choice("--stack-seeds", stack, STACK)
+  if stack == "auto":
+    stack = "off" if jax.default_backend() == "cpu" else "on"
+  return seed_groups(runs) if stack == "on" else [[arm] for arm in runs]
+
+
+def run_concurrently(exp: ExperimentConfig, out: str, runs: dict[str, tuple[TrainConfig, str]], *, jobs: int,
+                     stack: str = "auto", tensorboard: bool = False) -> dict[str, dict]:
+  """Train the planned arms in `jobs` processes at a time, one unit (`units`) each: arms that cannot
+  share one program (other position encodings) still fill an accelerator together. Each process is
+  `python -m train` on the experiment.json that `plan` wrote, with a 1/jobs share of accelerator
+  memory, so every arm is the program a sequential run trains (on CPU bit for bit the same result).
+  {arm: last rows, or {'diverged': message}}; a process that fails otherwise is a one-line RunError
+  naming its arms and its last error line, raised after the others have finished."""
+  check_jobs(jobs)
+  config = os.path.join(experiment_dir(exp, out), "experiment.json")
+  env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                                                                          f"{0.9 / jobs:.3f}")}
+  queue, running, failed = list(units(runs, stack)), [], []
+  with tempfile.TemporaryDirectory() as logs:
+    while queue or running:
+      while queue and len(running) < jobs:
+        unit = queue.pop(0)
+        err = open(os.path.join(logs, f"{len(queue)}.err"), "w+")
+        cmd = [sys.executable, "-m", "train", config, "--out", out, "--arms", ",".join(unit), "--no-progress",
+               "--stack-seeds", stack, *(["--tensorboard"] if tensorboard else [])]
+        running.append((unit, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err), err))
+      time.sleep(0.2)
+      for item in [r for r in running if r[1].poll() is not None]:
+        running.remove(item)
+        unit, proc, err = item
+        err.seek(0)
+        lines = [line.strip() for line in err if line.startswith("error:")]
+        err.close()
+        if proc.returncode not in (0, DIVERGED_EXIT):
+          failed.append(f"arms {', '.join(unit)}: {lines[-1][len('error: '):] if lines else f'exit {proc.returncode}'}")
+  if failed:
+    raise checkpoints.RunError(failed[0])
+  return {arm: _last_rows(arm_dir) for arm, (_, arm_dir) in runs.items()}
+
+
+def check_jobs(jobs: int, distributed: bool = False) -> None:
+  C.check(jobs >= 1, "--jobs", f"must be >= 1; got {jobs}")
+  C.check(jobs == 1 or not distributed, "--jobs", "trains in processes of one host; not with --distributed")
+
+
+def _last_rows(arm_dir: str) -> dict:
+  """What `train` returns for an arm that a process trained: its last metrics and eval rows, or
+  {'diverged': message}."""
+  record = checkpoints.divergence(arm_dir)
+  if record:
+    return {"diverged": record["message"]}
+  last = lambda name: ([r for _, r in atomic.read_jsonl(os.path.join(arm_dir, name))[0]] or [None])[-1]
+  return {"metrics": last("metrics.jsonl"), "eval": last("eval.jsonl")}
 
 
 def seed_groups(runs: dict[str, tuple[TrainConfig, str]]) -> list[list[str]]:

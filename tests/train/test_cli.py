@@ -149,3 +149,23 @@ def test_a_diverging_arm_stops_alone_saves_nothing_non_finite_and_stays_diverged
   code, again = run(capsys, *argv)   # the same command: reported at once, not retrained into the same NaN
   assert code == cli.DIVERGED and again == err
   assert sorted(os.listdir(os.path.join(hot, checkpoints.CHECKPOINTS))) == before
+
+
+@pytest.mark.slow
+def test_jobs_train_arms_in_processes_with_the_sequential_result(tmp_path, capsys):
+  """Each process trains its arm with the program a sequential run uses: on CPU bit for bit."""
+  seq, par = str(tmp_path / "seq"), str(tmp_path / "par")
+  assert run(capsys, "smoke", "--out", seq, "--no-progress")[0] == 0
+  assert run(capsys, "smoke", "--out", par, "--no-progress", "--jobs", "2")[0] == 0
+  for arm in ("rope", "nope"):
+    a, b = (os.path.join(d, "smoke", arm) for d in (seq, par))
+    assert checkpoints.available_steps(a) == checkpoints.available_steps(b) == [0, 1, 2, 4, 6]
+    rows = lambda d, name: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in open(os.path.join(d, name))]
+    assert rows(a, "metrics.jsonl") == rows(b, "metrics.jsonl") and rows(a, "eval.jsonl") == rows(b, "eval.jsonl")
+    for x, y in zip(*(jax.tree.leaves(nnx.state(checkpoints.load_model(d)[0], nnx.Param)) for d in (a, b))):
+      np.testing.assert_array_equal(x, y)
+  code, err = run(capsys, "smoke", "--out", str(tmp_path / "div"), "--no-progress", "--jobs", "2",
+                  "--set", 'arms={"hot": {"optim.lr": 1e6}, "calm": {}}')
+  assert code == cli.DIVERGED and err.startswith("error: smoke/hot: diverged at step ") and err.count("\n") == 1, err
+  assert checkpoints.available_steps(str(tmp_path / "div" / "smoke" / "calm")) == [0, 1, 2, 4, 6]
+  assert run(capsys, "smoke", "--out", par, "--jobs", "0")[1].startswith("error: --jobs: must be >= 1; got 0")

@@ -14,6 +14,7 @@ from helpers import leaves, smoke
 from minilm import schema as C
 from train import cli as train_cli
 from train import checkpoints, data, loop, paired, text
+from train import step as S
 from train.checkpoints import load_model
 from train.config import ExperimentConfig
 
@@ -179,3 +180,13 @@ def test_only_arms_that_differ_in_seed_alone_are_stacked():
   runs = {"r0": (a, "x"), "n0": (dataclasses.replace(a, seed=0, name="n"), "y"), "r1": (b, "z"),
           "long": (other, "w")}
   assert paired.seed_groups(runs) == [["r0", "n0", "r1"], ["long"]]
+
+
+@pytest.mark.slow
+def test_an_arm_compiles_its_train_step_once(tmp_path):
+  """The first step gets its inputs placed as every later step does (optimizer state and health
+  record committed), so step 1 reuses step 0's program; a width no other test uses keeps the
+  compilation cache's count this arm's own."""
+  before = S.train_step._cache_size()
+  loop.train(smoke(**{"model.d_model": 40, "model.n_heads": 2}), str(tmp_path / "arm"), progress=False)
+  assert S.train_step._cache_size() - before == 1
