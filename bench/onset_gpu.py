@@ -97,7 +97,7 @@ def train_arms(runs: dict, end: float) -> dict:
       stopped = False
     except Deadline:
       stopped = True
-    rates = [r["tokens_per_s"] for r in atomic.read_jsonl(os.path.join(arm_dir, "metrics.jsonl"))[0][1:]]
+    rates = [r["tokens_per_s"] for _, r in atomic.read_jsonl(os.path.join(arm_dir, "metrics.jsonl"))[0][1:]]
     out[arm] = {"stopped_by_deadline": stopped, "steps_trained": reached["step"],
                 "last_checkpoint": ck.available_steps(arm_dir)[-1], "train_s": time.monotonic() - start,
                 "tokens_per_s_median": statistics.median(rates) if rates else None}
