@@ -160,15 +160,13 @@ def _stacked_step_s(args, cfg, optim, mesh, graphdef, rest, batches) -> float:
   """Best seconds per step of args.stack seeds stacked (the same batch for every arm: the cost of
   the step does not depend on the tokens)."""
   import jax
-  import jax.numpy as jnp
   from train import loop
   from train.step import healthy, init_opt_state, stacked, train_step
   k = args.stack
-  put = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-  params = put([loop.init_params(cfg, seed) for seed in range(k)])
-  opt = put([init_opt_state(loop.init_params(cfg, seed), cfg=optim, steps=1000, mesh=mesh, strategy="data")
-             for seed in range(k)])
-  health = put([healthy()] * k)
+  put = loop.stack_arms
+  arms = [loop.init_params(cfg, seed) for seed in range(k)]
+  opt = put([init_opt_state(p, cfg=optim, steps=1000, mesh=mesh, strategy="data") for p in arms])
+  params, health = put(arms), put([healthy()] * k)
   step = stacked(lambda p, o, b, i, h: train_step(p, o, rest, b, i, h, graphdef=graphdef, cfg=optim, steps=1000,
                                                    mesh=mesh, strategy="data"))
   batches = [put([b] * k) for b in batches]

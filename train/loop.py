@@ -246,7 +246,8 @@ class _Arm:
     return os.path.join(self.arm_dir, name)
 
 
-def _stack(trees: list):
+def stack_arms(trees: list):
+  """Trees of several arms as one, stacked on a leading arm axis (train.step.stacked's layout)."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
@@ -303,7 +304,7 @@ def _train(cfgs: list[TrainConfig], arm_dirs: list[str], *, batch_fn: BatchFn, p
       start, params, opt_state = states[0]
       step = lambda p, o, batch, s, h: step_fn(p, o, rest, batch, s, h)
     else:
-      start, params, opt_state = states[0][0], _stack([s[1] for s in states]), _stack([s[2] for s in states])
+      start, params, opt_state = states[0][0], stack_arms([s[1] for s in states]), stack_arms([s[2] for s in states])
       step = stacked(lambda p, o, batch, s, h: step_fn(p, o, rest, batch, s, h))
     states = resumed = None   # the stacked copies are donated to the first step; the arms' own buffers go now
     results = _loop(arms, start, params, opt_state, step=step, model=lambda p: nnx.merge(graphdef, p, rest),
@@ -333,7 +334,7 @@ def _loop(arms: list[_Arm], start: int, params, opt_state, *, step, model, batch
     text_tokens.append(_text_tokens_before(arm.path("metrics.jsonl"), arm.cfg, start) if corpus_tokens else 0)
   rows = sharding.host_rows(batch_sh, cfg.data.batch_size)   # this process generates only its own rows
   # placed as the step's outputs are, so that step 1 runs the program step 0 compiled (not a second one)
-  health = jax.device_put(_stack([healthy()] * len(arms)) if stacked else healthy(),
+  health = jax.device_put(stack_arms([healthy()] * len(arms)) if stacked else healthy(),
                           jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec()))
   clock, clock_step = time.perf_counter(), start
   name = cfg.name if not stacked else f"{cfg.name} (+{len(arms) - 1} seeds)"
