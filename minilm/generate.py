@@ -1,5 +1,7 @@
 """Greedy decoding with a KV cache: one jitted prefill (where interventions apply) and a scanned step;
-prompts of mixed lengths go through it in equal-length batches (`batches`, `greedy_batches`)."""
+prompts of mixed lengths go through it in batches (`batches`, `greedy_batches`) of equal length, or,
+with `bucket`, right-padded to a few lengths (per-row prompt lengths; the padding's keys stay
+invisible), so that a suite of many prompt lengths compiles a few programs instead of one per length."""
 from __future__ import annotations
 
 import functools
@@ -13,62 +15,84 @@ from flax import nnx
 from minilm.model import Decoder, init_cache
 
 # A prefill-only intervention: hook(args, hook_name, x) -> x. `hook` is static (compiled once per
-# function); `args` is traced, so new masks or means per prompt do not recompile.
+# function); `args` is traced, so new masks or means per prompt do not recompile. Over right-padded
+# prompts a hook that reduces over tokens must leave the padding out (it sees x at every position).
 Hook = Optional[Callable[[Any, str, jax.Array], jax.Array]]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "hook"))
-def _greedy(graphdef, state, prompt_BxT, hook_args, *, max_new: int, hook: Hook):
+def _greedy(graphdef, state, prompt_BxT, lengths_B, hook_args, *, max_new: int, hook: Hook):
   model = nnx.merge(graphdef, state)
   B, T = prompt_BxT.shape
   cache = init_cache(model.cfg, B, T + max_new)
   intervene = None if hook is None else functools.partial(hook, hook_args)
-  logits, cache = model(prompt_BxT, cache=cache, intervene=intervene)
-  first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+  # Padding repeats the last real position: in range for bounded encodings; its keys are never seen.
+  positions_BxT = jnp.minimum(jnp.arange(T, dtype=jnp.int32)[None], lengths_B[:, None] - 1)
+  logits, cache = model(prompt_BxT, positions_BxT, cache=cache, lengths_B=lengths_B, logits_at_B=lengths_B - 1,
+                        intervene=intervene)
+  first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
 
-  def step(carry, _):
+  def step(carry, i):
     token_B, cache = carry
-    logits, cache = model(token_B[:, None], cache=cache)
+    logits, cache = model(token_B[:, None], (lengths_B + i)[:, None], cache=cache)
     nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     return (nxt, cache), token_B
 
-  (last, cache), tokens = jax.lax.scan(step, (first, cache), None, length=max_new - 1)
+  (last, cache), tokens = jax.lax.scan(step, (first, cache), jnp.arange(max_new - 1, dtype=jnp.int32))
   return jnp.concatenate([tokens.T, last[:, None]], axis=1), cache
 
 
-def greedy(model: Decoder, prompt_BxT, max_new: int, *, hook: Hook = None, hook_args: Any = None,
+def greedy(model: Decoder, prompt_BxT, max_new: int, *, lengths=None, hook: Hook = None, hook_args: Any = None,
            return_cache: bool = False):
-  """Greedy continuation [B, max_new] of equal-length prompts [B, T] (group prompts by length).
+  """Greedy continuation [B, max_new] of prompts [B, T]: equal-length, or right-padded with their
+  lengths [B] given (`batches` makes both kinds of batch).
 
   `hook` runs at prefill only, so the KV cache that decoding reads holds exactly the keys and values
   the hook produced; decoding steps themselves are never intervened on.
   """
   if max_new < 1:
     raise ValueError(f"max_new: must be >= 1; got {max_new}")
+  prompt_BxT = jnp.asarray(prompt_BxT, jnp.int32)
+  B, T = prompt_BxT.shape
+  lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+  if lengths.shape != (B,) or lengths.min() < 1 or lengths.max() > T:
+    raise ValueError(f"lengths: must be {B} prompt lengths in 1..{T}; got {lengths.tolist()}")
   graphdef, state = nnx.split(model)
-  tokens, cache = _greedy(graphdef, state, jnp.asarray(prompt_BxT, jnp.int32), hook_args,
+  tokens, cache = _greedy(graphdef, state, prompt_BxT, jnp.asarray(lengths, jnp.int32), hook_args,
                           max_new=max_new, hook=hook)
   return (tokens, cache) if return_cache else tokens
 
 
-def batches(prompts: Sequence, max_new: Sequence[int], batch: int, *,
-            pow2: bool = False) -> Iterator[tuple[list[int], np.ndarray, int]]:
-  """(indices, prompts [rows, T], max_new) per batch: `greedy` takes equal-length prompts, so prompts
-  are grouped by (length, max_new[i]), groups in order of first appearance and indices in order within
-  each. A batch holds at most `batch` prompts, padded by repeating its last one to `batch` rows (with
-  pow2, to the next power of two) so that few shapes compile; rows past len(indices) are padding."""
+def padded_length(length: int, bucket: int) -> int:
+  """The batch length of a prompt: its own (bucket 0), or the next multiple of `bucket`."""
+  return length if bucket == 0 else -(-length // bucket) * bucket
+
+
+def batches(prompts: Sequence, max_new: Sequence[int], batch: int, *, pow2: bool = False,
+            bucket: int = 0) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, int]]:
+  """(indices, prompts [rows, T], lengths [rows], max_new) per batch, for `greedy`. Prompts are grouped
+  by (padded_length(len, bucket), max_new[i]), groups in order of first appearance and indices in
+  order within each, and right-padded (token 0) to the group's length. A batch holds at most `batch`
+  prompts, filled by repeating its last one to `batch` rows (with pow2, to the next power of two)
+  so that few shapes compile; rows past len(indices) are filler."""
+  if bucket < 0:
+    raise ValueError(f"bucket: must be >= 0 (0: no padding); got {bucket}")
   groups: dict[tuple[int, int], list[int]] = {}
   for i, (prompt, n) in enumerate(zip(prompts, max_new)):
-    groups.setdefault((len(prompt), n), []).append(i)
-  for (_, n), idx in groups.items():
+    groups.setdefault((padded_length(len(prompt), bucket), n), []).append(i)
+  for (T, n), idx in groups.items():
     for start in range(0, len(idx), batch):
       chunk = idx[start:start + batch]
-      rows = 1 << (len(chunk) - 1).bit_length() if pow2 else batch
-      yield chunk, np.stack([np.asarray(prompts[i], np.int32) for i in chunk + [chunk[-1]] * (rows - len(chunk))]), n
+      rows = chunk + [chunk[-1]] * ((1 << (len(chunk) - 1).bit_length() if pow2 else batch) - len(chunk))
+      tokens = np.zeros((len(rows), T), np.int32)
+      for r, i in enumerate(rows):
+        tokens[r, :len(prompts[i])] = prompts[i]
+      yield chunk, tokens, np.array([len(prompts[i]) for i in rows]), n
 
 
 def greedy_batches(model: Decoder, prompts: Sequence, max_new: Sequence[int], batch: int, *, pow2: bool = False,
                    hook: Hook = None, hook_args: Any = None) -> Iterator[tuple[list[int], np.ndarray]]:
-  """`greedy` over `batches`: (indices, continuations [len(indices), max_new]) per batch."""
-  for idx, prompt_BxT, n in batches(prompts, max_new, batch, pow2=pow2):
+  """`greedy` over `batches` of equal-length prompts: (indices, continuations [len(indices), max_new])
+  per batch."""
+  for idx, prompt_BxT, _, n in batches(prompts, max_new, batch, pow2=pow2):
     yield idx, np.asarray(greedy(model, prompt_BxT, n, hook=hook, hook_args=hook_args))[:len(idx)]

@@ -266,7 +266,7 @@ class Attention(nnx.Module):
       self.sow(nnx.Intermediate, name, x)
     return x
 
-  def __call__(self, x_BxTxC, pos_BxT, position, *, cache=None, index=None, block: int = 0,
+  def __call__(self, x_BxTxC, pos_BxT, position, *, cache=None, index=None, key_pos_BxS=None, block: int = 0,
                capture: frozenset = frozenset(), intervene: Intervene = None):
     B, T, _ = x_BxTxC.shape
     H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -281,7 +281,7 @@ class Attention(nnx.Module):
       keys = jax.lax.dynamic_update_slice(cache["k"], rot_k.astype(cache["k"].dtype), (0, index, 0, 0))
       values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
       cache = {"k": keys, "v": values}
-      k_pos_BxS = jnp.broadcast_to(jnp.arange(keys.shape[1]), (B, keys.shape[1]))
+      k_pos_BxS = key_pos_BxS   # every slot's key position, this call's included (Decoder)
     with_probs = bool({"attn", "sink"} & capture)   # captured probabilities need the einsum path
     path = "einsum" if with_probs else resolve("attention", self.attention)
     args = (rot_q, keys.astype(rot_q.dtype), values.astype(rot_q.dtype), pos_BxT, k_pos_BxS,
@@ -308,11 +308,11 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BxTxC, pos_BxT, position, *, cache=None, index=None, block: int = 0,
+  def __call__(self, x_BxTxC, pos_BxT, position, *, cache=None, index=None, key_pos_BxS=None, block: int = 0,
                capture: frozenset = frozenset(), intervene: Intervene = None):
     def attn(h_BxTxC):
-      return self.attn(h_BxTxC, pos_BxT, position, cache=cache, index=index, block=block,
-                       capture=capture, intervene=intervene)
+      return self.attn(h_BxTxC, pos_BxT, position, cache=cache, index=index, key_pos_BxS=key_pos_BxS,
+                       block=block, capture=capture, intervene=intervene)
 
     if self.kind == "post":
       h, cache = attn(x_BxTxC)

@@ -41,8 +41,8 @@ class Decoder(nnx.Module):
     # paired arms with one seed start from identical embeddings, attention and MLP weights.
     self.position = cfg.position.build(cfg, rngs)
 
-  def __call__(self, tokens_BxT, positions_BxT=None, *, cache=None, capture: Iterable[str] | bool = (),
-               intervene: Intervene = None, embeds_BxTxC=None):
+  def __call__(self, tokens_BxT, positions_BxT=None, *, cache=None, lengths_B=None, logits_at_B=None,
+               capture: Iterable[str] | bool = (), intervene: Intervene = None, embeds_BxTxC=None):
     """Logits [B, T, V] in float32; with `cache` (see `init_cache`) returns (logits, new_cache).
 
     capture: points to record with `nnx.sow` (read them with `minilm.capture.run`); a Python value
@@ -50,6 +50,11 @@ class Decoder(nnx.Module):
     intervene: f(hook_name, x) -> x applied at every q/k/v/rot_q/rot_k point (e.g. disruption).
     embeds_BxTxC: token embeddings to use instead of looking tokens up (gradients and patching
       with respect to the input); tokens_BxT then only gives the shape.
+    lengths_B: with `cache`, rows are right-padded: tokens at t >= lengths_B[b] are padding, and their
+      cache slots stay invisible to every later query. (Without a cache right padding needs nothing:
+      causal attention never lets a real token see a later one.)
+    logits_at_B: logits [B, 1, V] at one position per row only (a prefill that needs the next token
+      only skips the head's T x V matmul, the largest of a big-vocabulary model's prefill).
     """
     capture = capture_set(capture)
     B, T = tokens_BxT.shape
@@ -68,14 +73,21 @@ class Decoder(nnx.Module):
     extra = self.position.embed(positions_BxT)
     if extra is not None:
       x = x + extra.astype(x.dtype)
+    key_pos_BxS = None
+    if cache is not None:
+      written_BxT = positions_BxT if lengths_B is None else jnp.where(
+          jnp.arange(T) < lengths_B[:, None], positions_BxT, NEVER)
+      key_pos_BxS = jax.lax.dynamic_update_slice(cache["pos"], written_BxT.astype(jnp.int32), (0, index))
     layers = []
     for i, block in enumerate(self.blocks):
       if self.cfg.remat and cache is None and not capture and intervene is None:
         x = _remat_block(block, x, positions_BxT, self.position, rows)
         continue
       x, layer_cache = block(x, positions_BxT, self.position, cache=None if cache is None else cache["layers"][i],
-                             index=index, block=rows, capture=capture, intervene=intervene)
+                             index=index, key_pos_BxS=key_pos_BxS, block=rows, capture=capture, intervene=intervene)
       layers.append(layer_cache)
+    if logits_at_B is not None:
+      x = jnp.take_along_axis(x, logits_at_B[:, None, None], axis=1)
     if self.cfg.block != "post":
       x = self.final_norm(x)
     if self.cfg.embed_dim:
@@ -86,7 +98,7 @@ class Decoder(nnx.Module):
       logits = self.lm_head(x).astype(jnp.float32)
     if cache is None:
       return logits
-    return logits, {"index": index + T, "layers": layers}
+    return logits, {"index": index + T, "pos": key_pos_BxS, "layers": layers}
 
 
 @nnx.remat(static_argnums=(4,))
@@ -100,10 +112,15 @@ def attention_block(T: int) -> int:
   return max(64, -(-T // 16))
 
 
+NEVER = 2 ** 30
+"""The key position of a cache slot no query may see (unwritten, or padding): beyond every query's."""
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-  """An empty KV cache of `length` slots per layer: post-RoPE keys and values, [B, S, K, D]."""
+  """An empty KV cache of `length` slots per layer: post-RoPE keys and values, [B, S, K, D]; the
+  slots' key positions [B, S] (shared by the layers; NEVER until written); the next slot to write."""
   shape = (batch, length, cfg.kv_heads, cfg.dim_per_head)
-  return {"index": jnp.zeros((), jnp.int32),
+  return {"index": jnp.zeros((), jnp.int32), "pos": jnp.full((batch, length), NEVER, jnp.int32),
           "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]}
 
 

@@ -80,24 +80,35 @@ class DisruptConfig:
 # ------------------------------------------------------------------------------------- norms M
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "points"))
-def _norms(graphdef, state, tokens_BxT, points):
+def _norms(graphdef, state, tokens_BxT, valid_BxT, points):
   model = nnx.merge(graphdef, state)
-  _, cache = capture.run(model, tokens_BxT, points)
-  M = {name: stats.value_norms(x, per_prompt=True) for name, x in cache.items()}
-  centred = {name: x - x.astype(jnp.float32).mean(1, keepdims=True) for name, x in cache.items()}
-  return M, {name: stats.value_norms(x, per_prompt=True) for name, x in centred.items()}
+  # logits at one position only: the capture pass needs no head (its T x V matmul is not small)
+  _, cache = capture.run(model, tokens_BxT, points, logits_at_B=jnp.zeros(tokens_BxT.shape[:1], jnp.int32))
+  w_BxTx1x1 = valid_BxT[:, :, None, None]
+  M = {name: stats.value_norms(x, mask=valid_BxT, per_prompt=True) for name, x in cache.items()}
+  centred = {name: x - (x.astype(jnp.float32) * w_BxTx1x1).sum(1, keepdims=True) / w_BxTx1x1.sum(1, keepdims=True)
+             for name, x in cache.items()}
+  return M, {name: stats.value_norms(x, mask=valid_BxT, per_prompt=True) for name, x in centred.items()}
 
 
-def norms_and_spread(model, tokens_BxT, cfg: DisruptConfig):
+def valid_tokens(lengths, T: int) -> np.ndarray:
+  """[B, T] float32: 1 on the prompt tokens of right-padded rows of `lengths`, 0 on the padding."""
+  return (np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.float32)
+
+
+def norms_and_spread(model, tokens_BxT, cfg: DisruptConfig, lengths=None):
   """Undisrupted M per example at every point `cfg` may touch ({'blocks.3.attn.rot_k': [B, H, D]}),
-  and the spread S = sqrt(sum_t (x - mean_t x)^2): what replacing a dim by its mean takes away."""
+  and the spread S = sqrt(sum_t (x - mean_t x)^2): what replacing a dim by its mean takes away.
+  lengths [B]: of right-padded prompts (sums and means over the prompt tokens only)."""
   graphdef, state = nnx.split(model)
-  M, S = _norms(graphdef, state, jnp.asarray(tokens_BxT, jnp.int32), cfg.points())
+  B, T = np.shape(tokens_BxT)
+  valid = valid_tokens(np.full(B, T) if lengths is None else lengths, T)
+  M, S = _norms(graphdef, state, jnp.asarray(tokens_BxT, jnp.int32), jnp.asarray(valid), cfg.points())
   return {k: np.asarray(v) for k, v in M.items()}, {k: np.asarray(v) for k, v in S.items()}
 
 
-def norms(model, tokens_BxT, cfg: DisruptConfig) -> dict[str, np.ndarray]:
-  return norms_and_spread(model, tokens_BxT, cfg)[0]
+def norms(model, tokens_BxT, cfg: DisruptConfig, lengths=None) -> dict[str, np.ndarray]:
+  return norms_and_spread(model, tokens_BxT, cfg, lengths)[0]
 
 
 def energy_removed(M, S, args, cfg: DisruptConfig, n_layers: int) -> dict[str, np.ndarray]:
@@ -110,7 +121,8 @@ def energy_removed(M, S, args, cfg: DisruptConfig, n_layers: int) -> dict[str, n
   for p in cfg.points():
     names = [hooks.name(l, p) for l in cfg.layers(n_layers)]
     total = sum((M[n].astype(np.float64) ** 2).reshape(len(M[n]), -1).sum(1) for n in names)
-    lost = {n: (S[n] if float(args["fill"]) else M[n]).astype(np.float64) ** 2 for n in names}
+    fill_Bx1x1 = np.asarray(args["fill"])[:, None, None]
+    lost = {n: np.where(fill_Bx1x1, S[n], M[n]).astype(np.float64) ** 2 for n in names}
     out[p] = sum((np.asarray(args["masks"][n]) * lost[n]).reshape(len(lost[n]), -1).sum(1) for n in names) / total
   return out
 
@@ -155,9 +167,9 @@ def massive(M, cfg: DisruptConfig):
   return stats.massive_mask(M, cfg.lam) if cfg.criterion == "lambda" else stats.top_k_mask(M, cfg.top_k)
 
 
-def select(M, cfg: DisruptConfig, S=None, rng=None):
-  """Dims to replace for a query/key point with norms M [..., H, D] (mode 'v' handled in `masks`);
-  'random' needs the spread S and a generator."""
+def select(M, cfg: DisruptConfig, S=None, rngs=None):
+  """Dims to replace for a query/key point with norms M [B, H, D] (mode 'v' handled in `masks`);
+  'random' needs the spread S and a generator per example."""
   if cfg.mode in ("massive", "massive_zero"):
     return massive(M, cfg)
   if cfg.mode.startswith("top"):
@@ -166,14 +178,16 @@ def select(M, cfg: DisruptConfig, S=None, rng=None):
     return _smallest(M, massive(M, cfg).sum(-1))
   if cfg.mode == "random":
     check(S is not None, "disrupt.mode", "'random' matches the energy removed, so it needs the spread S")
-    return _random_matched(S, massive(M, cfg), rng)
+    return np.stack([_random_matched(s, m, rng) for s, m, rng in zip(S, massive(M, cfg), rngs)])
   raise ValueError(f"disrupt.mode: select() has no rule for {cfg.mode!r}")
 
 
-def masks(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int, S=None) -> dict[str, np.ndarray]:
+def masks(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int, S=None, examples=None) -> dict[str, np.ndarray]:
   """Boolean masks [B, H, D] for every point of every layer (all False outside the chosen layers
   and points, and everywhere for 'off'), so one compiled prefill serves every mode, the undisrupted
-  one included, with the same `rope` side. S (spread, like M): for 'random'."""
+  one included, with the same `rope` side. S (spread, like M): for 'random', whose draw is seeded
+  by (draw, layer, point, example): examples [B] (default: the row), so an example's random dims do
+  not depend on which examples share its batch."""
   qp, kp, vp = cfg.points()
   chosen = set() if cfg.mode == "off" else set(cfg.layers(n_layers))
   out = {}
@@ -184,8 +198,9 @@ def masks(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int, S=None) -
       picked[vp] = massive(M[names[kp]], cfg)
     elif layer in chosen:
       for i, p in enumerate((qp, kp)):
-        rng = np.random.default_rng([cfg.draw, layer, i])
-        picked[p] = select(M[names[p]], cfg, None if S is None else S[names[p]], rng)
+        rows = range(len(M[names[p]])) if examples is None else examples
+        rngs = [np.random.default_rng([cfg.draw, layer, i, int(e)]) for e in rows] if cfg.mode == "random" else None
+        picked[p] = select(M[names[p]], cfg, None if S is None else S[names[p]], rngs)
     out.update({names[p]: picked[p] for p in names})
   return out
 
@@ -193,30 +208,45 @@ def masks(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int, S=None) -
 # ---------------------------------------------------------------------------------- replacement
 
 def hook(args, name: str, x_BxTxHxD):
-  """Prefill hook: masked dims -> their own mean over the prompt tokens (args['fill']=1) or 0."""
+  """Prefill hook: masked dims -> their own mean over the prompt tokens (the row's args['fill'] 1)
+  or 0 (fill 0); args['valid'] [B, T] (optional, `with_lengths`) marks the prompt tokens of
+  right-padded rows, so that the padding never enters the mean."""
   mask = args["masks"].get(name)
   if mask is None:
     return x_BxTxHxD
-  mean_Bx1xHxD = x_BxTxHxD.astype(jnp.float32).mean(axis=1, keepdims=True) * args["fill"]
+  x = x_BxTxHxD.astype(jnp.float32)
+  if "valid" in args:
+    w_BxTx1x1 = args["valid"][:, :, None, None]
+    mean_Bx1xHxD = (x * w_BxTx1x1).sum(1, keepdims=True) / w_BxTx1x1.sum(1, keepdims=True)
+  else:
+    mean_Bx1xHxD = x.mean(axis=1, keepdims=True)
+  mean_Bx1xHxD = mean_Bx1xHxD * args["fill"][:, None, None, None]
   return jnp.where(mask[:, None], mean_Bx1xHxD.astype(x_BxTxHxD.dtype), x_BxTxHxD)
 
 
-def dim_norms(model, tokens_BxT, cfg: DisruptConfig, probe: dict[str, np.ndarray] | None = None):
+def with_lengths(args, lengths, T: int):
+  """`args` for prompts right-padded to T tokens with these lengths [B]."""
+  return {**args, "valid": jnp.asarray(valid_tokens(lengths, T))}
+
+
+def dim_norms(model, tokens_BxT, cfg: DisruptConfig, probe: dict[str, np.ndarray] | None = None, lengths=None):
   """The M that chooses the dims: this prompt's (source 'prompt') or the probe set's, per example."""
   if cfg.source == "prompt":
-    return norms(model, tokens_BxT, cfg)
+    return norms(model, tokens_BxT, cfg, lengths)
   check(probe is not None, "disrupt.source", "'probe' needs probe norms (probe_norms(model, probe_tokens, cfg))")
   B = np.shape(tokens_BxT)[0]
   return {k: np.broadcast_to(v, (B,) + v.shape[1:]) for k, v in probe.items()}
 
 
-def hook_args(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int, S=None):
-  """(args for `hook`, {point: replaced dims per example [B], summed over layers and heads})."""
-  chosen = masks(M, cfg, n_layers, S)
+def hook_args(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int, S=None, examples=None):
+  """(args for `hook`, {point: replaced dims per example [B], summed over layers and heads});
+  examples: as `masks` takes them."""
+  chosen = masks(M, cfg, n_layers, S, examples)
   counts = {p: sum(m.reshape(len(m), -1).sum(1) for n, m in chosen.items() if n.endswith("." + p))
             for p in cfg.points()}
-  fill = np.float32(0.0 if cfg.mode == "massive_zero" else 1.0)
-  return {"masks": {k: jnp.asarray(v) for k, v in chosen.items()}, "fill": fill}, counts
+  B = len(next(iter(M.values())))
+  fill_B = np.full(B, 0.0 if cfg.mode == "massive_zero" else 1.0, np.float32)
+  return {"masks": {k: jnp.asarray(v) for k, v in chosen.items()}, "fill": jnp.asarray(fill_B)}, counts
 
 
 def disrupted_greedy(model, tokens_BxT, max_new: int, cfg: DisruptConfig, probe=None, M=None, S=None,

@@ -108,22 +108,27 @@ def pooled_label(label: str) -> str:
 # --------------------------------------------------------------------------------------- evaluation
 
 def score_conditions(model, tokenizer, items, conds: dict[str, DisruptConfig], *, label: str = "model", batch: int = 8,
-             probe=None, sink=None) -> tuple[list[dict], dict[str, float]]:
-  """Run every item under every condition; equal-length prompts share a batch (padded with copies of
-  its last row so each length compiles once) and one capture pass serves all conditions of a batch.
-  Returns (records, seconds per condition including the capture passes as 'capture')."""
+                     bucket: int = 0, probe=None, sink=None) -> tuple[list[dict], dict[str, float]]:
+  """Run every item under every condition. Prompts share a batch by length (bucket 0), or right-padded
+  to the next multiple of `bucket` tokens (few lengths compile; sums and means over the prompt
+  tokens only); a batch is filled with copies of its last row, so each batch shape compiles once, and
+  one capture pass serves all conditions of a batch. Returns (records, seconds per condition
+  including the capture passes as 'capture')."""
   base = next(iter(conds.values()))  # every condition reads the same points (one rope side, one source)
   records, seconds = [], {m: 0.0 for m in ("capture", *conds)}
-  for idx, tokens, max_new in generate.batches([it.prompt for it in items], [it.max_new for it in items], batch):
-    chunk = [items[i] for i in idx]
+  for idx, tokens, lengths, max_new in generate.batches([it.prompt for it in items], [it.max_new for it in items],
+                                                        batch, bucket=bucket):
+    chunk, (B, T) = [items[i] for i in idx], tokens.shape
     t0 = time.perf_counter()
-    M, S = disrupt.norms_and_spread(model, tokens, base)  # one capture pass serves every condition
+    M, S = disrupt.norms_and_spread(model, tokens, base, lengths)  # one capture pass serves every condition
     M_choose = M if base.source == "prompt" else disrupt.dim_norms(model, tokens, base, probe)
     seconds["capture"] += time.perf_counter() - t0
+    examples = idx + [idx[-1]] * (B - len(idx))
     for mode, cfg in conds.items():
       t0 = time.perf_counter()
-      args, counts = disrupt.hook_args(M_choose, cfg, model.cfg.n_layers, S)  # 'off': all-False masks
-      out = np.asarray(generate.greedy(model, tokens, max_new, hook=disrupt.hook, hook_args=args))
+      args, counts = disrupt.hook_args(M_choose, cfg, model.cfg.n_layers, S, examples)  # 'off': all-False masks
+      out = np.asarray(generate.greedy(model, tokens, max_new, lengths=lengths, hook=disrupt.hook,
+                                       hook_args=disrupt.with_lengths(args, lengths, T)))
       seconds[mode] += time.perf_counter() - t0
       removed = disrupt.energy_removed(M, S, args, cfg, model.cfg.n_layers)
       for i, item in enumerate(chunk):
@@ -134,7 +139,7 @@ def score_conditions(model, tokenizer, items, conds: dict[str, DisruptConfig], *
           sink.write(json.dumps(records[-1]) + "\n")
     if sink is not None:
       sink.flush()
-      print(f"[{label}] {chunk[0].task} len {len(chunk[0].prompt)}: {len(records)} records, "
+      print(f"[{label}] {chunk[0].task} len {T}: {len(records)} records, "
             + ", ".join(f"{m} {s:.0f}s" for m, s in seconds.items()), file=sys.stderr, flush=True)
   return records, seconds
 
@@ -154,7 +159,7 @@ def family_of(task: str) -> str:
 
 
 def in_item_order(records: list[dict]) -> list[dict]:
-  """Records by model, then item (score_conditions batches equal lengths together, across tasks)."""
+  """Records by model, then item (score_conditions batches prompts by length, across tasks)."""
   models = list(dict.fromkeys(r["model"] for r in records))
   return sorted(records, key=lambda r: (models.index(r["model"]), r["example"]))
 
@@ -457,17 +462,18 @@ def dose_table(pooled: dict, model: str, doses: dict[str, str]) -> str:
 
 # ------------------------------------------------------------------------------------------ sources
 
-def known_capitals(model, tokenizer, bos, batch: int) -> tuple[list[tuple[str, str]], float]:
+def known_capitals(model, tokenizer, bos, batch: int, bucket: int = 0) -> tuple[list[tuple[str, str]], float]:
   """The capital pairs the undisrupted model completes right closed-book (memory for conflicts)."""
   pairs = suites._modal_pairs(tokenizer, suites.CAPITALS)
   items = suites.capitals(tokenizer, len(pairs), seed=0, bos=bos)
-  records, _ = score_conditions(model, tokenizer, items, {"off": DisruptConfig(mode="off")}, batch=batch)
+  records, _ = score_conditions(model, tokenizer, items, {"off": DisruptConfig(mode="off")}, batch=batch, bucket=bucket)
   by_capital = {c: k for k, c in pairs}
   known = [(by_capital[r["answer"]], r["answer"]) for r in records if r["success"]]
   return known, len(known) / len(items)
 
 
-def load_sources(spec: str, suite: str, n: int, seed: int, batch: int, prompts: list[dict] | None = None):
+def load_sources(spec: str, suite: str, n: int, seed: int, batch: int, prompts: list[dict] | None = None,
+                 bucket: int = 0):
   """[(label, model, tokenizer, items, probe prompts, notes)] for 'smollm2', 'random' or a run path;
   the items of `prompts` (suites.read_prompts rows) in place of the built-in ones when given."""
   own = lambda tokenizer, bos=None: suites.from_prompts(prompts, tokenizer, bos)
@@ -477,7 +483,7 @@ def load_sources(spec: str, suite: str, n: int, seed: int, batch: int, prompts: 
     if prompts:
       items = own(tokenizer, bos)
       return [("SmolLM2-135M-Instruct", model, tokenizer, items, [it.prompt for it in items[:4]], {})]
-    known, rate = known_capitals(model, tokenizer, bos, batch)
+    known, rate = known_capitals(model, tokenizer, bos, batch, bucket)
     items = suites.suite(tokenizer, suite, n, seed, bos, known=known)
     probe = [it.prompt for it in suites.suite(tokenizer, "quick", 4, seed + 1000, bos, known=known)]
     notes = {"closed_book_capitals_known": len(known), "closed_book_capitals_rate": rate}
@@ -523,6 +529,7 @@ class DisruptStudy:
   n: int = 20                                # examples per task (per template)
   seed: int = 0
   batch: int = 8
+  bucket: int = 32                           # a batch's prompts right-padded to a multiple of this (0: equal lengths)
   tasks: str = ""                            # comma list of task-name prefixes to keep (e.g. passkey,conflict)
   modes: str = ",".join(TABLE_MODES)         # comma list of disrupt.MODES; must include off
   draws: int = DRAWS                         # seeded draws of the random control
@@ -544,6 +551,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--n", type=int, default=d.n, help="examples per task (per template)")
   ap.add_argument("--seed", type=int, default=d.seed)
   ap.add_argument("--batch", type=int, default=d.batch)
+  ap.add_argument("--bucket", type=int, default=d.bucket, help="right-pad a batch's prompts to a multiple of this "
+                  "many tokens, so few prompt lengths compile (0: batches of equal lengths only)")
   ap.add_argument("--tasks", default=d.tasks, help="comma list of task-name prefixes to keep (e.g. passkey,conflict)")
   ap.add_argument("--modes", default=d.modes, help=f"comma list of {', '.join(disrupt.MODES)}; must include off")
   ap.add_argument("--draws", type=int, default=d.draws, help="seeded draws of the random control")
@@ -619,13 +628,13 @@ def check_shared(cfg, model: bool = True, families=FAMILIES, name=flag) -> None:
   check_choice(name("suite"), cfg.suite, suites.SUITES)
 
 
-def prepared_sources(cfg, prompts: list[dict] | None = None) -> list[tuple]:
+def prepared_sources(cfg, prompts: list[dict] | None = None, bucket: int = 0) -> list[tuple]:
   """load_sources with each model's items filtered by the study's tasks; a filter that keeps
   nothing, or a prompt longer than a model's context, is an error before anything is written."""
   keep = task_filter(cfg.tasks, _families(prompts))
   models = []
   for label, model, tokenizer, items, probe, notes in load_sources(cfg.model, cfg.suite, cfg.n, cfg.seed,
-                                                                   cfg.batch, prompts):
+                                                                   cfg.batch, prompts, bucket):
     items = [it for it in items if not keep or it.task.startswith(keep)]
     check(bool(items), "--tasks", f"no task of {label} starts with {cfg.tasks!r}")
     if prompts:
@@ -646,6 +655,7 @@ def plan(cfg: DisruptStudy, model: bool = True, name=flag) -> tuple[DisruptConfi
   base, conds = config_from(cfg, name)
   prompts = suites.read_prompts(cfg.prompts, name("prompts")) if cfg.prompts else None
   check_shared(cfg, model, _families(prompts), name)
+  check(cfg.bucket >= 0, name("bucket"), f"must be >= 0 (0: equal lengths only); got {cfg.bucket}")
   return base, conds, prompts
 
 
@@ -654,7 +664,7 @@ def run(cfg: DisruptStudy, out: str) -> dict:
   only when complete: a bad setting or a failure midway leaves an earlier `out` as it was."""
   base, conds, prompts = plan(cfg)
   atomic.check_out_dir(out)
-  models = prepared_sources(cfg, prompts)
+  models = prepared_sources(cfg, prompts, cfg.bucket)
   for _, model, *_ in models:
     base.layers(model.cfg.n_layers)  # a bad layer range fails before any work
   t_all = time.perf_counter()
@@ -669,8 +679,8 @@ def run(cfg: DisruptStudy, out: str) -> dict:
     with open(folder / "results.jsonl", "w") as sink:
       for label, model, tokenizer, items, probe_prompts, notes in models:
         probe = disrupt.probe_norms(model, probe_prompts, base) if base.source == "probe" else None
-        records, seconds = score_conditions(model, tokenizer, items, conds, label=label, batch=cfg.batch, probe=probe,
-                                    sink=sink)
+        records, seconds = score_conditions(model, tokenizer, items, conds, label=label, batch=cfg.batch,
+                                            bucket=cfg.bucket, probe=probe, sink=sink)
         all_records += records
         pools[label] = pool(records, label)
         report["models"][label] = {"seconds": seconds, "examples": len(items),

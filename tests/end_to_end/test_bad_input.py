@@ -302,6 +302,8 @@ ROWS += [
     Row("disrupt: n zero", "analysis", study("disrupt", "--model", "random", "--n", "0"), 2, "error: --n: must be >= 2"),
     Row("disrupt: batch zero", "analysis", study("disrupt", "--model", "random", "--batch", "0"), 2,
         "error: --batch: must be >= 1"),
+    Row("disrupt: negative bucket", "analysis", study("disrupt", "--model", "random", "--bucket", "-1"), 2,
+        "error: --bucket: must be >= 0"),
     Row("disrupt: unknown mode", "analysis", study("disrupt", "--model", "random", "--modes", "off,bogus"), 2,
         "error: disrupt.mode: must be one of"),
     Row("disrupt: layers past the model", "analysis", study("disrupt", "--model", "random", "--layers", "0:9"), 2,

@@ -1,10 +1,16 @@
 """Greedy decoding with the KV cache equals the argmax loop over full forwards."""
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from helpers import EPS32
 from helpers import small_decoder as make
 from helpers import small_tokens as tokens
+from minilm import encodings, generate
 from minilm.generate import greedy
+from minilm.model import NEVER, init_cache
+
+ENCODINGS = sorted(encodings.REGISTRY)
 
 
 def test_greedy_matches_argmax_loop():
@@ -15,3 +21,52 @@ def test_greedy_matches_argmax_loop():
   for _ in range(4):
     seq = np.concatenate([seq, np.asarray(model(jnp.asarray(seq)))[:, -1].argmax(-1)[:, None]], 1)
   np.testing.assert_array_equal(out, seq[:, 6:])
+
+
+@pytest.mark.parametrize("position", ENCODINGS)
+def test_right_padded_batches_decode_as_each_prompt_alone(position):
+  """Prompts of lengths 3..11 right-padded to 16 in one batch (per-row lengths) continue exactly as
+  each does alone: the padding's keys are never visible, and decoding goes on at each row's own
+  position (absolute encodings included: padding repeats the last real position, never beyond)."""
+  model = make(position)
+  prompts = [np.asarray(tokens(1, n, seed=n))[0] for n in (3, 7, 11, 5)]
+  (idx, padded, lengths, n), = generate.batches(prompts, [5] * 4, 4, bucket=16)
+  assert padded.shape == (4, 16) and lengths.tolist() == [3, 7, 11, 5] and idx == [0, 1, 2, 3]
+  out = np.asarray(greedy(model, padded, n, lengths=lengths))
+  for row, prompt in zip(out, prompts):
+    np.testing.assert_array_equal(row, np.asarray(greedy(model, prompt[None], 5))[0])
+
+
+def test_right_padded_prefill_and_decode_logits_match_unpadded():
+  """Below the argmax: a padded prefill and the next step's logits equal the unpadded ones within
+  float32 rounding (other shapes sum in other orders; bound as in test_model's cache test)."""
+  model = make("rope")
+  toks = np.asarray(tokens(1, 9))
+  padded = np.concatenate([toks, np.asarray(tokens(1, 7, seed=5))], 1)   # 7 tokens of padding
+  plain, cache = model(jnp.asarray(toks), cache=init_cache(model.cfg, 1, 10))
+  pad, pcache = model(jnp.asarray(padded), jnp.minimum(jnp.arange(16), 8)[None], cache=init_cache(model.cfg, 1, 17),
+                      lengths_B=jnp.asarray([9]))
+  step, _ = model(jnp.asarray([[3]]), jnp.asarray([[9]]), cache=cache)
+  pstep, _ = model(jnp.asarray([[3]]), jnp.asarray([[9]]), cache=pcache)
+  bound = 4 * np.sqrt(740) * EPS32 * np.abs(np.asarray(plain)).max()
+  np.testing.assert_allclose(np.asarray(pad)[:, :9], plain, rtol=0, atol=bound)
+  np.testing.assert_allclose(pstep, step, rtol=0, atol=bound)
+  assert np.asarray(pcache["pos"])[0, 9:16].min() == NEVER   # the padding's slots stay unseen
+
+
+def test_bad_lengths_are_one_line_errors():
+  model = make("rope")
+  with pytest.raises(ValueError, match=r"lengths: must be 2 prompt lengths in 1\.\.6"):
+    greedy(model, tokens(2, 6), 3, lengths=[6, 7])
+  with pytest.raises(ValueError, match="bucket: must be >= 0"):
+    next(generate.batches([[1, 2]], [3], 1, bucket=-1))
+
+
+def test_logits_at_one_position_per_row_are_the_full_logits_there():
+  model = make("rope")
+  toks = tokens(3, 8)
+  at = jnp.asarray([7, 2, 5])
+  full = np.asarray(model(toks))
+  # the same head matmul on fewer rows: float32 rounding of a 32-term sum, 4 * sqrt(32) eps relative
+  np.testing.assert_allclose(np.asarray(model(toks, logits_at_B=at))[:, 0], full[np.arange(3), at],
+                             rtol=0, atol=4 * np.sqrt(32) * EPS32 * np.abs(full).max())

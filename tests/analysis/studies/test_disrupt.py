@@ -99,7 +99,7 @@ def test_random_control_is_disjoint_seeded_and_matched_on_energy():
   massive = disrupt.massive(M, cfg)
   # spread to the mean: a share of each dim's norm, smaller for the massive dims (nearly constant)
   S = M * np.where(massive, 0.3, rng.uniform(0.2, 1.0, M.shape))
-  pick = lambda seed: disrupt.select(M, cfg, S, np.random.default_rng(seed))
+  pick = lambda seed: disrupt.select(M, cfg, S, [np.random.default_rng([seed, b]) for b in range(len(M))])
   chosen = pick(0)
   assert massive.sum() > 0 and not np.any(massive & chosen)
   np.testing.assert_array_equal(chosen, pick(0))
@@ -113,6 +113,62 @@ def test_random_control_is_disjoint_seeded_and_matched_on_energy():
   # random, not the shoulder of the massive dims: chosen dims' M rank among the free dims is central
   rank = np.argsort(np.argsort(np.where(massive, -np.inf, M), -1), -1) / (M.shape[-1] - 1)
   assert 0.3 < rank[chosen].mean() < 0.7
+
+
+def test_random_draw_follows_the_example_not_its_batch():
+  """The random control of example e is seeded by (draw, layer, point, e): the same dims whichever
+  examples share its batch (a batch of two and the second alone), other dims for another example."""
+  from minilm import hooks
+  rng = np.random.default_rng(0)
+  cfg = DisruptConfig(lam=3.0, mode="random", draw=2)
+  M = {hooks.name(l, p): rng.gamma(2.0, size=(2, 8, 32)) for l in range(2) for p in cfg.points()}
+  S = {n: m * rng.uniform(0.2, 1.0, m.shape) for n, m in M.items()}
+  both = disrupt.masks(M, cfg, 2, S, examples=[7, 3])
+  alone = disrupt.masks({k: v[1:] for k, v in M.items()}, cfg, 2, {k: v[1:] for k, v in S.items()}, examples=[3])
+  assert sum(m.sum() for m in both.values()) > 0
+  for name in both:
+    np.testing.assert_array_equal(both[name][1:], alone[name])
+  other = disrupt.masks(M, cfg, 2, S, examples=[7, 4])
+  assert any(np.any(other[n][1] != both[n][1]) for n in both)
+
+
+def test_right_padded_batches_score_as_equal_length_batches(model):
+  """Prompts of lengths 9, 13 and 20 padded to multiples of 16 and scored in one stacked call per
+  batch give the records of equal-length batches: the same outputs, dims and successes, and the
+  energy removed within float32 rounding (sums over up to 20 tokens and 4 x 16 dims: 1e-5 relative)."""
+  from train.tokenizer import ByteTokenizer
+  from analysis.studies import suites
+  tok, rng = ByteTokenizer(), np.random.default_rng(3)
+  items = [suites.Item(f"t{n}", "contextual", rng.integers(0, CFG.vocab_size, n).astype(np.int32), "", "x", 4, {})
+           for n in (9, 13, 20, 13, 9)]
+  conds = disruption.conditions(DisruptConfig(criterion="topk", top_k=1), disruption.TABLE_MODES, dose=True)
+  plain, _ = disruption.score_conditions(model, tok, items, conds, batch=2)
+  padded, _ = disruption.score_conditions(model, tok, items, conds, batch=4, bucket=16)
+  key = lambda r: (r["mode"], r["example"])
+  plain, padded = sorted(plain, key=key), sorted(padded, key=key)
+  assert len(plain) == len(padded) == len(items) * len(conds)
+  for a, b in zip(plain, padded):
+    assert {k: v for k, v in a.items() if k != "energy_removed"} == {k: v for k, v in b.items() if k != "energy_removed"}
+    for p in a["energy_removed"]:
+      np.testing.assert_allclose(b["energy_removed"][p], a["energy_removed"][p], rtol=1e-5, atol=1e-9)
+  assert len({r["output"] for r in plain}) > 1
+
+
+def test_padding_never_enters_the_norms_or_the_replacement_mean(model):
+  """9 prompt tokens padded to 16: M and S, and every activation of the disrupted prefill at the
+  prompt tokens, as without the padding (float32 rounding of sums over <= 16 tokens: 1e-5)."""
+  cfg = DisruptConfig(criterion="topk", top_k=2)
+  short = np.random.default_rng(4).integers(0, CFG.vocab_size, (1, 9)).astype(np.int32)
+  padded = np.concatenate([short, np.full((1, 7), 5, np.int32)], 1)
+  (M, S), (Mp, Sp) = disrupt.norms_and_spread(model, short, cfg), disrupt.norms_and_spread(model, padded, cfg, [9])
+  for n in M:
+    np.testing.assert_allclose(Mp[n], M[n], rtol=1e-5)
+    np.testing.assert_allclose(Sp[n], S[n], rtol=1e-5, atol=1e-6 * M[n].max())
+  args, _ = disrupt.hook_args(M, cfg, CFG.n_layers)
+  hit, hitp = _captured(model, short, args), _captured(model, padded, disrupt.with_lengths(args, [9], 16))
+  for n in hit:
+    if n.split(".")[-1] in ("q", "k", "v", "rot_q", "rot_k", "resid"):
+      np.testing.assert_allclose(hitp[n][:, :9], hit[n], rtol=1e-5, atol=1e-5 * np.abs(hit[n]).max())
 
 
 def test_v_mode_uses_the_same_dims_as_the_k_massive_ones(model, tokens):
