@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -132,3 +133,21 @@ def test_rule_is_in_the_docs_verbatim():
   with open(os.path.join(ROOT, "docs", "claims.md")) as f:
     docs = f.read()
   assert SK.RULE in docs and f"sink share >= {SK.SINK_LEVEL}" in docs
+
+
+def test_median_by_bisection_is_the_median():
+  """Odd and even counts, ties, zeros, a row with one value and a row with none (NaN), against
+  numpy's median of the counted values: the two middle values are found exactly, so only their
+  float32 midpoint rounds (one ulp)."""
+  rng = np.random.default_rng(0)
+  x = np.abs(rng.standard_normal((6, 50))).astype(np.float32) * np.float32(10.0) ** rng.integers(-3, 4, (6, 1))
+  x[2, :20] = 0.0
+  x[3, 10:30] = x[3, 0]
+  keep = rng.random((6, 50)) < 0.7
+  keep[4] = False
+  keep[4, 7] = True
+  keep[5] = False
+  got = np.asarray(SK.median_nonneg(jnp.asarray(np.where(keep, x, np.inf))))
+  for row in range(5):
+    np.testing.assert_allclose(got[row], np.median(x[row][keep[row]]), rtol=2 * np.finfo(np.float32).eps)
+  assert np.isnan(got[5])
