@@ -16,8 +16,14 @@ from minilm.model import Decoder, init_cache
 
 # A prefill-only intervention: hook(args, hook_name, x) -> x. `hook` is static (compiled once per
 # function); `args` is traced, so new masks or means per prompt do not recompile. Over right-padded
-# prompts a hook that reduces over tokens must leave the padding out (it sees x at every position).
+# prompts the hook sees x at every position: a dict of args then carries 'valid' [B, T] (1 on the
+# prompt tokens, `valid_tokens`), which a hook that reduces over tokens must use.
 Hook = Optional[Callable[[Any, str, jax.Array], jax.Array]]
+
+
+def valid_tokens(lengths, T: int) -> np.ndarray:
+  """[B, T] float32: 1 on the prompt tokens of right-padded rows of `lengths`, 0 on the padding."""
+  return (np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "hook"))
@@ -45,7 +51,7 @@ def _greedy(graphdef, state, prompt_BxT, lengths_B, hook_args, *, max_new: int, 
 def greedy(model: Decoder, prompt_BxT, max_new: int, *, lengths=None, hook: Hook = None, hook_args: Any = None,
            return_cache: bool = False):
   """Greedy continuation [B, max_new] of prompts [B, T]: equal-length, or right-padded with their
-  lengths [B] given (`batches` makes both kinds of batch).
+  lengths [B] given (`batches` makes both kinds of batch; a dict of hook_args then gets 'valid').
 
   `hook` runs at prefill only, so the KV cache that decoding reads holds exactly the keys and values
   the hook produced; decoding steps themselves are never intervened on.
@@ -54,9 +60,11 @@ def greedy(model: Decoder, prompt_BxT, max_new: int, *, lengths=None, hook: Hook
     raise ValueError(f"max_new: must be >= 1; got {max_new}")
   prompt_BxT = jnp.asarray(prompt_BxT, jnp.int32)
   B, T = prompt_BxT.shape
-  lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+  padded, lengths = lengths is not None, np.full(B, T) if lengths is None else np.asarray(lengths)
   if lengths.shape != (B,) or lengths.min() < 1 or lengths.max() > T:
     raise ValueError(f"lengths: must be {B} prompt lengths in 1..{T}; got {lengths.tolist()}")
+  if hook is not None and isinstance(hook_args, dict) and padded:
+    hook_args = {**hook_args, "valid": jnp.asarray(valid_tokens(lengths, T))}
   graphdef, state = nnx.split(model)
   tokens, cache = _greedy(graphdef, state, prompt_BxT, jnp.asarray(lengths, jnp.int32), hook_args,
                           max_new=max_new, hook=hook)
@@ -91,8 +99,7 @@ def batches(prompts: Sequence, max_new: Sequence[int], batch: int, *, pow2: bool
 
 
 def greedy_batches(model: Decoder, prompts: Sequence, max_new: Sequence[int], batch: int, *, pow2: bool = False,
-                   hook: Hook = None, hook_args: Any = None) -> Iterator[tuple[list[int], np.ndarray]]:
-  """`greedy` over `batches` of equal-length prompts: (indices, continuations [len(indices), max_new])
-  per batch."""
-  for idx, prompt_BxT, _, n in batches(prompts, max_new, batch, pow2=pow2):
-    yield idx, np.asarray(greedy(model, prompt_BxT, n, hook=hook, hook_args=hook_args))[:len(idx)]
+                   bucket: int = 0, hook: Hook = None, hook_args: Any = None) -> Iterator[tuple[list[int], np.ndarray]]:
+  """`greedy` over `batches`: (indices, continuations [len(indices), max_new]) per batch."""
+  for idx, prompt_BxT, lengths, n in batches(prompts, max_new, batch, pow2=pow2, bucket=bucket):
+    yield idx, np.asarray(greedy(model, prompt_BxT, n, lengths=lengths, hook=hook, hook_args=hook_args))[:len(idx)]

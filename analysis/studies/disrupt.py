@@ -91,18 +91,13 @@ def _norms(graphdef, state, tokens_BxT, valid_BxT, points):
   return M, {name: stats.value_norms(x, mask=valid_BxT, per_prompt=True) for name, x in centred.items()}
 
 
-def valid_tokens(lengths, T: int) -> np.ndarray:
-  """[B, T] float32: 1 on the prompt tokens of right-padded rows of `lengths`, 0 on the padding."""
-  return (np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.float32)
-
-
 def norms_and_spread(model, tokens_BxT, cfg: DisruptConfig, lengths=None):
   """Undisrupted M per example at every point `cfg` may touch ({'blocks.3.attn.rot_k': [B, H, D]}),
   and the spread S = sqrt(sum_t (x - mean_t x)^2): what replacing a dim by its mean takes away.
   lengths [B]: of right-padded prompts (sums and means over the prompt tokens only)."""
   graphdef, state = nnx.split(model)
   B, T = np.shape(tokens_BxT)
-  valid = valid_tokens(np.full(B, T) if lengths is None else lengths, T)
+  valid = generate.valid_tokens(np.full(B, T) if lengths is None else lengths, T)
   M, S = _norms(graphdef, state, jnp.asarray(tokens_BxT, jnp.int32), jnp.asarray(valid), cfg.points())
   return {k: np.asarray(v) for k, v in M.items()}, {k: np.asarray(v) for k, v in S.items()}
 
@@ -209,8 +204,8 @@ def masks(M: dict[str, np.ndarray], cfg: DisruptConfig, n_layers: int, S=None, e
 
 def hook(args, name: str, x_BxTxHxD):
   """Prefill hook: masked dims -> their own mean over the prompt tokens (the row's args['fill'] 1)
-  or 0 (fill 0); args['valid'] [B, T] (optional, `with_lengths`) marks the prompt tokens of
-  right-padded rows, so that the padding never enters the mean."""
+  or 0 (fill 0); args['valid'] [B, T] (right-padded prompts: minilm.generate) keeps the padding
+  out of the mean."""
   mask = args["masks"].get(name)
   if mask is None:
     return x_BxTxHxD
@@ -222,11 +217,6 @@ def hook(args, name: str, x_BxTxHxD):
     mean_Bx1xHxD = x.mean(axis=1, keepdims=True)
   mean_Bx1xHxD = mean_Bx1xHxD * args["fill"][:, None, None, None]
   return jnp.where(mask[:, None], mean_Bx1xHxD.astype(x_BxTxHxD.dtype), x_BxTxHxD)
-
-
-def with_lengths(args, lengths, T: int):
-  """`args` for prompts right-padded to T tokens with these lengths [B]."""
-  return {**args, "valid": jnp.asarray(valid_tokens(lengths, T))}
 
 
 def dim_norms(model, tokens_BxT, cfg: DisruptConfig, probe: dict[str, np.ndarray] | None = None, lengths=None):

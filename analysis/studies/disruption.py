@@ -127,8 +127,7 @@ def score_conditions(model, tokenizer, items, conds: dict[str, DisruptConfig], *
     for mode, cfg in conds.items():
       t0 = time.perf_counter()
       args, counts = disrupt.hook_args(M_choose, cfg, model.cfg.n_layers, S, examples)  # 'off': all-False masks
-      out = np.asarray(generate.greedy(model, tokens, max_new, lengths=lengths, hook=disrupt.hook,
-                                       hook_args=disrupt.with_lengths(args, lengths, T)))
+      out = np.asarray(generate.greedy(model, tokens, max_new, lengths=lengths, hook=disrupt.hook, hook_args=args))
       seconds[mode] += time.perf_counter() - t0
       removed = disrupt.energy_removed(M, S, args, cfg, model.cfg.n_layers)
       for i, item in enumerate(chunk):
@@ -625,16 +624,17 @@ def check_shared(cfg, model: bool = True, families=FAMILIES, name=flag) -> None:
   task_filter(cfg.tasks, families, name("tasks"))
   check(cfg.n >= 2, name("n"), f"must be >= 2 (balanced task sets); got {cfg.n}")
   check(cfg.batch >= 1, name("batch"), f"must be >= 1; got {cfg.batch}")
+  check(cfg.bucket >= 0, name("bucket"), f"must be >= 0 (0: equal lengths only); got {cfg.bucket}")
   check_choice(name("suite"), cfg.suite, suites.SUITES)
 
 
-def prepared_sources(cfg, prompts: list[dict] | None = None, bucket: int = 0) -> list[tuple]:
+def prepared_sources(cfg, prompts: list[dict] | None = None) -> list[tuple]:
   """load_sources with each model's items filtered by the study's tasks; a filter that keeps
   nothing, or a prompt longer than a model's context, is an error before anything is written."""
   keep = task_filter(cfg.tasks, _families(prompts))
   models = []
   for label, model, tokenizer, items, probe, notes in load_sources(cfg.model, cfg.suite, cfg.n, cfg.seed,
-                                                                   cfg.batch, prompts, bucket):
+                                                                   cfg.batch, prompts, cfg.bucket):
     items = [it for it in items if not keep or it.task.startswith(keep)]
     check(bool(items), "--tasks", f"no task of {label} starts with {cfg.tasks!r}")
     if prompts:
@@ -655,7 +655,6 @@ def plan(cfg: DisruptStudy, model: bool = True, name=flag) -> tuple[DisruptConfi
   base, conds = config_from(cfg, name)
   prompts = suites.read_prompts(cfg.prompts, name("prompts")) if cfg.prompts else None
   check_shared(cfg, model, _families(prompts), name)
-  check(cfg.bucket >= 0, name("bucket"), f"must be >= 0 (0: equal lengths only); got {cfg.bucket}")
   return base, conds, prompts
 
 
@@ -664,7 +663,7 @@ def run(cfg: DisruptStudy, out: str) -> dict:
   only when complete: a bad setting or a failure midway leaves an earlier `out` as it was."""
   base, conds, prompts = plan(cfg)
   atomic.check_out_dir(out)
-  models = prepared_sources(cfg, prompts, cfg.bucket)
+  models = prepared_sources(cfg, prompts)
   for _, model, *_ in models:
     base.layers(model.cfg.n_layers)  # a bad layer range fails before any work
   t_all = time.perf_counter()

@@ -89,12 +89,12 @@ def perplexity(model, windows_NxT, hook=None, hook_args=None, batch: int = 8, n_
 
 
 def run_items(model, tokenizer, items, *, hook=None, hook_args=None, label: str, scheme: str, batch: int = 8,
-              sink=None) -> list[dict]:
+              bucket: int = 0, sink=None) -> list[dict]:
   """Greedy answers under an optional prefill hook; records shaped like analysis.studies.disruption's
-  (the scheme is the 'mode'), in item order within each (length, max_new) group."""
+  (the scheme is the 'mode'), in item order within each (padded length, max_new) group."""
   records = []
   for idx, out in generate.greedy_batches(model, [it.prompt for it in items], [it.max_new for it in items], batch,
-                                          hook=hook, hook_args=hook_args):
+                                          bucket=bucket, hook=hook, hook_args=hook_args):
     for i, answer in zip(idx, out):
       item = items[i]
       v = suites.verdict(item, answer, tokenizer)
@@ -247,7 +247,7 @@ def plot(summary: list[dict], label: str, scheme_list: list[QM.Scheme], path: Pa
 
 # --------------------------------------------------------------------------------------------- study
 
-def study(label, model, tokenizer, items, scheme_list, *, calib, heldout, probe, batch=8, sink=None) -> dict:
+def study(label, model, tokenizer, items, scheme_list, *, calib, heldout, probe, batch=8, bucket=0, sink=None) -> dict:
   """Every scheme on one model (each checked by QM.check_fits first): records, perplexity, M change,
   timings, quantization logs."""
   records, ppl, m_change, seconds, logs = [], {}, {}, {}, {}
@@ -258,7 +258,7 @@ def study(label, model, tokenizer, items, scheme_list, *, calib, heldout, probe,
     t1 = time.perf_counter()
     hook, args = (QM.kv_hook, QM.kv_args(scheme)) if scheme.method == "kv" else (None, None)
     records += run_items(quantized, tokenizer, items, hook=hook, hook_args=args, label=label, scheme=scheme.name,
-                         batch=batch, sink=sink)
+                         batch=batch, bucket=bucket, sink=sink)
     t2 = time.perf_counter()
     ppl[scheme.name] = perplexity(quantized, heldout, hook, args, batch)
     intervene = None if hook is None else functools.partial(hook, args)
@@ -289,6 +289,7 @@ class QuantStudy:
   n: int = 20                                # examples per task
   seed: int = 0
   batch: int = 8
+  bucket: int = 32                           # a batch's prompts right-padded to a multiple of this (0: equal lengths)
   calib: str = "16x256"                      # calibration windows NxT
   ppl: str = "16x256"                        # held-out perplexity windows NxT
 
@@ -310,6 +311,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--n", type=int, default=d.n, help="examples per task")
   ap.add_argument("--seed", type=int, default=d.seed)
   ap.add_argument("--batch", type=int, default=d.batch)
+  ap.add_argument("--bucket", type=int, default=d.bucket, help="right-pad a batch's prompts to a multiple of this "
+                  "many tokens, so few prompt lengths compile (0: batches of equal lengths only)")
   ap.add_argument("--calib", default=d.calib, help="calibration windows NxT")
   ap.add_argument("--ppl", default=d.ppl, help="held-out perplexity windows NxT")
 
@@ -375,7 +378,7 @@ def run(cfg: QuantStudy, out: str) -> dict:
         calib = text_windows(tokenizer, calib_n, calib_t, heldout=False)
         heldout = text_windows(tokenizer, ppl_n, ppl_t, heldout=True)
         res = study(label, model, tokenizer, items, scheme_list, calib=calib, heldout=heldout, probe=calib[:4],
-                    batch=cfg.batch, sink=sink)
+                    batch=cfg.batch, bucket=cfg.bucket, sink=sink)
         all_records += res.pop("records")
         report["models"][label] = {**res, "examples": len(items), **notes}
         found += verdicts(all_records, label, scheme_list)

@@ -264,14 +264,17 @@ def quantize_model(model: Decoder, scheme: Scheme, calib_BxT=None) -> tuple[Deco
 
 # --- KV-cache key quantization as an intervention ------------------------------------------------
 
-def quant_keys(k_BxTxKxD, bits, axis: str):
+def quant_keys(k_BxTxKxD, bits, axis: str, valid_BxT=None):
   """Asymmetric RTN of keys: 'token' = one grid per (token, head) over head dims; 'channel' = one
-  grid per (head, dim) over the tokens of the sequence (computed on the prompt itself, dynamic).
-  `bits` may be traced, so one compiled function serves every width."""
+  grid per (head, dim) over the tokens of the sequence (computed on the prompt itself, dynamic;
+  valid_BxT: over the prompt tokens of right-padded rows only). `bits` may be traced, so one
+  compiled function serves every width."""
   reduce = (-1,) if axis == "token" else (1,)
   k = k_BxTxKxD.astype(jnp.float32)
   levels = 2.0 ** jnp.asarray(bits, jnp.float32) - 1
-  lo, hi = k.min(reduce, keepdims=True), k.max(reduce, keepdims=True)
+  seen = True if valid_BxT is None or axis == "token" else valid_BxT[:, :, None, None] > 0
+  lo = jnp.where(seen, k, jnp.inf).min(reduce, keepdims=True)
+  hi = jnp.where(seen, k, -jnp.inf).max(reduce, keepdims=True)
   scale = (hi - lo) / levels
   scale = jnp.where(scale > 0, scale, 1.0)
   q = jnp.clip(jnp.round((k - lo) / scale), 0, levels)
@@ -294,6 +297,7 @@ def kv_hook(args: dict, name: str, x):
   (one per prompt shape) instead of recompiling the hooked prefill per scheme."""
   for point, pattern in _KEY_POINT.items():
     if pattern.match(name):
-      q = jnp.where(args["per_token"], quant_keys(x, args["bits"], "token"), quant_keys(x, args["bits"], "channel"))
+      q = jnp.where(args["per_token"], quant_keys(x, args["bits"], "token"),
+                    quant_keys(x, args["bits"], "channel", args.get("valid")))
       return jnp.where(args[point], q, x)
   return x

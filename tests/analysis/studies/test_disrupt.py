@@ -4,6 +4,7 @@ KV cache holds the disrupted keys."""
 import dataclasses
 import functools
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -165,7 +166,8 @@ def test_padding_never_enters_the_norms_or_the_replacement_mean(model):
     np.testing.assert_allclose(Mp[n], M[n], rtol=1e-5)
     np.testing.assert_allclose(Sp[n], S[n], rtol=1e-5, atol=1e-6 * M[n].max())
   args, _ = disrupt.hook_args(M, cfg, CFG.n_layers)
-  hit, hitp = _captured(model, short, args), _captured(model, padded, disrupt.with_lengths(args, [9], 16))
+  valid = jnp.asarray(generate.valid_tokens([9], 16))
+  hit, hitp = _captured(model, short, args), _captured(model, padded, {**args, "valid": valid})
   for n in hit:
     if n.split(".")[-1] in ("q", "k", "v", "rot_q", "rot_k", "resid"):
       np.testing.assert_allclose(hitp[n][:, :9], hit[n], rtol=1e-5, atol=1e-5 * np.abs(hit[n]).max())

@@ -88,3 +88,20 @@ def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   assert (out / "c6.png").stat().st_size > 0 and "perplexity" in (out / "table.md").read_text()
   assert cli.main(["quantize", "--model", "random", "--out", str(out), "--methods", "kv", "--kv-bits", "4,one"]) == 2
   assert capsys.readouterr().err.startswith("error: --kv-bits: ")
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_padded_batches_answer_as_equal_length_batches(axis):
+  """KV-quantized greedy answers of prompts of lengths 6, 11 and 17, right-padded to multiples of 16
+  (the per-channel grid over the prompt tokens only), are those of equal-length batches."""
+  from analysis.studies import quantize_model as QM
+  from analysis.studies import suites
+  from train.tokenizer import ByteTokenizer
+  model = Decoder(ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, max_len=64), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(2)
+  items = [suites.Item(f"t{n}", "contextual", rng.integers(0, 300, n).astype(np.int32), "", "x", 5, {})
+           for n in (6, 11, 17, 11, 6)]
+  kw = dict(hook=QM.kv_hook, hook_args=QM.kv_args(QM.Scheme("kv", bits=2, kv_axis=axis)), label="m", scheme="kv")
+  plain = QS.run_items(model, ByteTokenizer(), items, batch=2, **kw)
+  padded = QS.run_items(model, ByteTokenizer(), items, batch=4, bucket=16, **kw)
+  assert sorted(plain, key=lambda r: r["example"]) == sorted(padded, key=lambda r: r["example"])

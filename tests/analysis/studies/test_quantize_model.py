@@ -47,6 +47,18 @@ def test_kv_hook_touches_only_its_point():
   assert np.array_equal(QM.kv_hook(post, "blocks.0.attn.k", x), x)
 
 
+def test_per_channel_key_grid_leaves_the_padding_out():
+  """Keys of 5 prompt tokens right-padded with 3 huge ones: the per-channel grid (min and max over
+  the tokens) is the unpadded one, so the prompt's quantized keys are exactly the unpadded ones."""
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(1, 5, 2, 4)), jnp.float32)
+  padded = jnp.concatenate([x, jnp.full((1, 3, 2, 4), 1e3, jnp.float32)], axis=1)
+  valid = jnp.asarray(generate.valid_tokens([5], 8))
+  np.testing.assert_array_equal(QM.quant_keys(padded, 3, "channel", valid)[:, :5], QM.quant_keys(x, 3, "channel"))
+  assert not np.array_equal(QM.quant_keys(padded, 3, "channel")[:, :5], QM.quant_keys(x, 3, "channel"))
+  args = {**QM.kv_args(QM.Scheme("kv", bits=3, kv_point="pre")), "valid": valid}
+  np.testing.assert_array_equal(QM.kv_hook(args, "blocks.0.attn.k", padded)[:, :5], QM.quant_keys(x, 3, "channel"))
+
+
 def test_kv_schemes_share_one_compilation():
   """The scheme travels in traced args: a second KV scheme reuses the compiled hooked prefill."""
   cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_len=32)
