@@ -23,6 +23,7 @@ def test_greedy_matches_argmax_loop():
   np.testing.assert_array_equal(out, seq[:, 6:])
 
 
+@pytest.mark.slow   # five encodings, three compiled shapes each; the logits test below is the fast check
 @pytest.mark.parametrize("position", ENCODINGS)
 def test_right_padded_batches_decode_as_each_prompt_alone(position):
   """Prompts of lengths 3..11 right-padded to 16 in one batch (per-row lengths) continue exactly as

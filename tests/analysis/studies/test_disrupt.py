@@ -133,6 +133,7 @@ def test_random_draw_follows_the_example_not_its_batch():
   assert any(np.any(other[n][1] != both[n][1]) for n in both)
 
 
+@pytest.mark.slow   # every condition twice; the padding test below is the fast check
 def test_right_padded_batches_score_as_equal_length_batches(model):
   """Prompts of lengths 9, 13 and 20 padded to multiples of 16 and scored in one stacked call per
   batch give the records of equal-length batches: the same outputs, dims and successes, and the

@@ -90,6 +90,7 @@ def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   assert capsys.readouterr().err.startswith("error: --kv-bits: ")
 
 
+@pytest.mark.slow   # two decoding paths per axis; the grid test in test_quantize_model is the fast check
 @pytest.mark.parametrize("axis", ["channel", "token"])
 def test_padded_batches_answer_as_equal_length_batches(axis):
   """KV-quantized greedy answers of prompts of lengths 6, 11 and 17, right-padded to multiples of 16
