@@ -320,6 +320,8 @@ ROWS += [
         "error: "),
     Row("quant: bits out of range", "quant", study("--model", "random", "--bits", "9"), 2, "error: --bits: must be"),
     Row("quant: n zero", "quant", study("--model", "random", "--n", "0"), 2, "error: --n: must be >= 2"),
+    Row("quant: negative bucket", "quant", study("--model", "random", "--bucket", "-3"), 2,
+        "error: --bucket: must be >= 0"),
     Row("quant: malformed perplexity windows", "quant", study("--model", "random", "--ppl", "x16"), 2,
         "error: --ppl: must read NxT"),
     Row("quant: unknown method", "quant", study("--model", "random", "--methods", "bogus"), 2,
