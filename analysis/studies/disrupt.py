@@ -84,11 +84,18 @@ def _norms(graphdef, state, tokens_BxT, valid_BxT, points):
   model = nnx.merge(graphdef, state)
   # logits at one position only: the capture pass needs no head (its T x V matmul is not small)
   _, cache = capture.run(model, tokens_BxT, points, logits_at_B=jnp.zeros(tokens_BxT.shape[:1], jnp.int32))
-  w_BxTx1x1 = valid_BxT[:, :, None, None]
   M = {name: stats.value_norms(x, mask=valid_BxT, per_prompt=True) for name, x in cache.items()}
-  centred = {name: x - (x.astype(jnp.float32) * w_BxTx1x1).sum(1, keepdims=True) / w_BxTx1x1.sum(1, keepdims=True)
-             for name, x in cache.items()}
+  centred = {name: x - prompt_mean(x, valid_BxT) for name, x in cache.items()}
   return M, {name: stats.value_norms(x, mask=valid_BxT, per_prompt=True) for name, x in centred.items()}
+
+
+def prompt_mean(x_BxTxHxD, valid_BxT=None):
+  """[B, 1, H, D] float32: the mean over the prompt tokens (valid_BxT 1; None: every token)."""
+  x = x_BxTxHxD.astype(jnp.float32)
+  if valid_BxT is None:
+    return x.mean(axis=1, keepdims=True)
+  w_BxTx1x1 = valid_BxT[:, :, None, None]
+  return (x * w_BxTx1x1).sum(1, keepdims=True) / w_BxTx1x1.sum(1, keepdims=True)
 
 
 def norms_and_spread(model, tokens_BxT, cfg: DisruptConfig, lengths=None):
@@ -102,8 +109,8 @@ def norms_and_spread(model, tokens_BxT, cfg: DisruptConfig, lengths=None):
   return {k: np.asarray(v) for k, v in M.items()}, {k: np.asarray(v) for k, v in S.items()}
 
 
-def norms(model, tokens_BxT, cfg: DisruptConfig, lengths=None) -> dict[str, np.ndarray]:
-  return norms_and_spread(model, tokens_BxT, cfg, lengths)[0]
+def norms(model, tokens_BxT, cfg: DisruptConfig) -> dict[str, np.ndarray]:
+  return norms_and_spread(model, tokens_BxT, cfg)[0]
 
 
 def energy_removed(M, S, args, cfg: DisruptConfig, n_layers: int) -> dict[str, np.ndarray]:
@@ -209,20 +216,14 @@ def hook(args, name: str, x_BxTxHxD):
   mask = args["masks"].get(name)
   if mask is None:
     return x_BxTxHxD
-  x = x_BxTxHxD.astype(jnp.float32)
-  if "valid" in args:
-    w_BxTx1x1 = args["valid"][:, :, None, None]
-    mean_Bx1xHxD = (x * w_BxTx1x1).sum(1, keepdims=True) / w_BxTx1x1.sum(1, keepdims=True)
-  else:
-    mean_Bx1xHxD = x.mean(axis=1, keepdims=True)
-  mean_Bx1xHxD = mean_Bx1xHxD * args["fill"][:, None, None, None]
+  mean_Bx1xHxD = prompt_mean(x_BxTxHxD, args.get("valid")) * args["fill"][:, None, None, None]
   return jnp.where(mask[:, None], mean_Bx1xHxD.astype(x_BxTxHxD.dtype), x_BxTxHxD)
 
 
-def dim_norms(model, tokens_BxT, cfg: DisruptConfig, probe: dict[str, np.ndarray] | None = None, lengths=None):
+def dim_norms(model, tokens_BxT, cfg: DisruptConfig, probe: dict[str, np.ndarray] | None = None):
   """The M that chooses the dims: this prompt's (source 'prompt') or the probe set's, per example."""
   if cfg.source == "prompt":
-    return norms(model, tokens_BxT, cfg, lengths)
+    return norms(model, tokens_BxT, cfg)
   check(probe is not None, "disrupt.source", "'probe' needs probe norms (probe_norms(model, probe_tokens, cfg))")
   B = np.shape(tokens_BxT)[0]
   return {k: np.broadcast_to(v, (B,) + v.shape[1:]) for k, v in probe.items()}
