@@ -141,7 +141,7 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
     # resumed save of the same step. Wait for them (bounded), then remove what the step left.
     deadline = time.monotonic() + THREAD_WAIT_S
     for t in set(threading.enumerate()) - threads_before:
-      t.join(max(0.0, deadline - time.monotonic()))
+      _join_by(t, deadline)
     for tmp in glob.glob(os.path.join(glob.escape(str(mngr.directory)), f"{step}.orbax-checkpoint-tmp*")):
       shutil.rmtree(tmp, ignore_errors=True)
     last = mngr.latest_step()
@@ -150,6 +150,17 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
                    f"make room and run the same command again, it resumes exactly from step {last}") from None
   finally:
     logging.getLogger().removeHandler(thread_errors)
+
+
+def _join_by(thread: threading.Thread, deadline: float) -> None:
+  """Join `thread` until `deadline`; one that threading lists but has not started yet (joining it
+  raises RuntimeError) is waited for to start first."""
+  while time.monotonic() < deadline:
+    try:
+      thread.join(max(0.0, deadline - time.monotonic()))
+      return
+    except RuntimeError:
+      time.sleep(0.01)
 
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)

@@ -170,3 +170,18 @@ def test_a_full_disk_during_a_save_is_one_line_and_resume_stays_exact(trained, t
   assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
   for step in (4, 6):
     assert_same_params(arm_dir, trained, step)
+
+
+def test_a_save_thread_not_yet_started_is_waited_for_not_an_error():
+  """threading lists a thread before it starts, and joining it then raises RuntimeError: the
+  failed-save cleanup waits for it to start and joins it instead."""
+  import threading
+  import time
+  from train.checkpoints import _join_by
+  done = []
+  t = threading.Thread(target=lambda: done.append(1))
+  starter = threading.Timer(0.1, t.start)
+  starter.start()
+  _join_by(t, time.monotonic() + 5.0)
+  assert done == [1]
+  starter.join()
