@@ -1,6 +1,7 @@
 """Read what a forward pass saw: a cache keyed by hook name (minilm.hooks), stackable over layers."""
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Mapping
 
 import jax
@@ -49,5 +50,11 @@ def flatten(intermediates) -> dict[str, jax.Array]:
 
 def run(model: Decoder, tokens_BxT, points: Iterable[str] | bool = True, **kwargs):
   """Forward with capture: returns (logits, Cache). Works inside jax.jit (pure in model state)."""
-  logits, intermediates = nnx.capture(model, nnx.Intermediate)(tokens_BxT, capture=points, **kwargs)
-  return logits, Cache(flatten(intermediates))
+  return run_fn(model, functools.partial(model, tokens_BxT, **kwargs), points)
+
+
+def run_fn(model: Decoder, call, points: Iterable[str] | bool = True):
+  """call(capture=points) (a call of `model`, e.g. a prefill with a KV cache) with capture: returns
+  (its output, Cache)."""
+  out, intermediates = nnx.capture(lambda m: call(capture=points), nnx.Intermediate)(model)
+  return out, Cache(flatten(intermediates))

@@ -4,6 +4,7 @@ with `bucket`, right-padded to a few lengths (per-row prompt lengths; the paddin
 invisible), so that a suite of many prompt lengths compiles a few programs instead of one per length."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minilm import capture
 from minilm.model import Decoder, init_cache
 
 # A prefill-only intervention: hook(args, hook_name, x) -> x. `hook` is static (compiled once per
@@ -21,21 +23,38 @@ from minilm.model import Decoder, init_cache
 Hook = Optional[Callable[[Any, str, jax.Array], jax.Array]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Measure:
+  """What to read from the prefill: `points` (hook points, e.g. ('rot_q', 'rot_k')) are captured at
+  every layer after the hook, and fn(cache, valid_BxT) -> pytree reduces them inside the compiled
+  prefill (valid_BxT: 1 on prompt tokens, float32). A prefill without a hook, or with one that
+  changes nothing, then measures the model itself, and no separate capture pass is needed."""
+  points: tuple[str, ...]
+  fn: Callable[[capture.Cache, jax.Array], Any]
+
+
 def valid_tokens(lengths, T: int) -> np.ndarray:
   """[B, T] float32: 1 on the prompt tokens of right-padded rows of `lengths`, 0 on the padding."""
   return (np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "hook"))
-def _greedy(graphdef, state, prompt_BxT, lengths_B, hook_args, *, max_new: int, hook: Hook):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "hook", "measure"))
+def _greedy(graphdef, state, prompt_BxT, lengths_B, hook_args, *, max_new: int, hook: Hook, measure: Measure | None):
   model = nnx.merge(graphdef, state)
   B, T = prompt_BxT.shape
   cache = init_cache(model.cfg, B, T + max_new)
   intervene = None if hook is None else functools.partial(hook, hook_args)
   # Padding repeats the last real position: in range for bounded encodings; its keys are never seen.
   positions_BxT = jnp.minimum(jnp.arange(T, dtype=jnp.int32)[None], lengths_B[:, None] - 1)
-  logits, cache = model(prompt_BxT, positions_BxT, cache=cache, lengths_B=lengths_B, logits_at_B=lengths_B - 1,
-                        intervene=intervene)
+  prefill = functools.partial(model, prompt_BxT, positions_BxT, cache=cache, lengths_B=lengths_B,
+                              logits_at_B=lengths_B - 1, intervene=intervene)
+  measured = None
+  if measure is None:
+    logits, cache = prefill()
+  else:
+    (logits, cache), captured = capture.run_fn(model, prefill, measure.points)
+    valid_BxT = (jnp.arange(T)[None] < lengths_B[:, None]).astype(jnp.float32)
+    measured = measure.fn(captured, valid_BxT)
   first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
 
   def step(carry, i):
@@ -45,16 +64,17 @@ def _greedy(graphdef, state, prompt_BxT, lengths_B, hook_args, *, max_new: int, 
     return (nxt, cache), token_B
 
   (last, cache), tokens = jax.lax.scan(step, (first, cache), jnp.arange(max_new - 1, dtype=jnp.int32))
-  return jnp.concatenate([tokens.T, last[:, None]], axis=1), cache
+  return jnp.concatenate([tokens.T, last[:, None]], axis=1), cache, measured
 
 
 def greedy(model: Decoder, prompt_BxT, max_new: int, *, lengths=None, hook: Hook = None, hook_args: Any = None,
-           return_cache: bool = False):
+           return_cache: bool = False, measure: Measure | None = None):
   """Greedy continuation [B, max_new] of prompts [B, T]: equal-length, or right-padded with their
   lengths [B] given (`batches` makes both kinds of batch; a dict of hook_args then gets 'valid').
 
   `hook` runs at prefill only, so the KV cache that decoding reads holds exactly the keys and values
-  the hook produced; decoding steps themselves are never intervened on.
+  the hook produced; decoding steps themselves are never intervened on. `measure` (a Measure): also
+  returns what it computes from the prefill, as tokens, [cache,] measured.
   """
   if max_new < 1:
     raise ValueError(f"max_new: must be >= 1; got {max_new}")
@@ -66,9 +86,11 @@ def greedy(model: Decoder, prompt_BxT, max_new: int, *, lengths=None, hook: Hook
   if hook is not None and isinstance(hook_args, dict) and padded:
     hook_args = {**hook_args, "valid": jnp.asarray(valid_tokens(lengths, T))}
   graphdef, state = nnx.split(model)
-  tokens, cache = _greedy(graphdef, state, prompt_BxT, jnp.asarray(lengths, jnp.int32), hook_args,
-                          max_new=max_new, hook=hook)
-  return (tokens, cache) if return_cache else tokens
+  tokens, cache, measured = _greedy(graphdef, state, prompt_BxT, jnp.asarray(lengths, jnp.int32), hook_args,
+                                    max_new=max_new, hook=hook, measure=measure)
+  out = (tokens, cache) if return_cache else (tokens,)
+  out += (measured,) if measure is not None else ()
+  return out if len(out) > 1 else tokens
 
 
 def padded_length(length: int, bucket: int) -> int:

@@ -212,6 +212,15 @@ SINK_HEADER = ["arm", "step", "verdict", "rho(sink, rot_q max/mean)", "rho(sink,
                "activations", "layers with |x| > ratio x median", "largest |x| / median (layer)", "largest |x| (layer)"]
 
 
+def beside_text(lab: dict) -> str:
+  """What ran beside training, and the run's wall time until its report, for the provenance line."""
+  beside, wall = lab.get("beside_train") or [], lab.get("wall_seconds")
+  if not beside:
+    return ""
+  text = f" {', '.join(beside)} ran beside training, in a second process"
+  return text + (f"; the run took {wall:.0f} s ({wall / 60:.1f} min) until its report." if wall else ".")
+
+
 def sink_rows(summ: dict) -> tuple[list[list[str]], list[list[str]]]:
   """One row per arm at its last step: the association verdict beside the residual statistics."""
   rows, classes = [], []
@@ -601,7 +610,7 @@ class Report:
         '<h3>Stages</h3><p class="small">seconds: wall time of the run that produced each stage ("reused" '
         "stages were done by an earlier run with the same inputs). The machine may have been shared.</p>",
         table_html(["stage", "status", "seconds", "finished", "what"], st_rows),
-        f"<p>Sum of stage times: {total:.0f} s ({total / 60:.1f} min).</p>",
+        f"<p>Sum of stage times: {total:.0f} s ({total / 60:.1f} min).{beside_text(lab)}</p>",
         "<h3>Versions and machine</h3>",
         table_html(["", ""], [[esc(k), esc(v)] for k, v in versions.items()]),
         "<h3>Configs</h3><details><summary>lab settings</summary><pre>"

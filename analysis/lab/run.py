@@ -96,6 +96,9 @@ class LabConfig:
   experiment: str = "default"            # an experiment config: a path or a name in configs/
   set: tuple[str, ...] = ()              # overrides of the experiment, as `python -m train --set`
   skip: tuple[str, ...] = ()             # stages left out unless --include names them
+  # on | off | auto (on where jax's default backend is the CPU): the stages that need no trained arm
+  # (pretrained; disrupt and quant on an imported model) run in a second process while training runs
+  beside_train: str = "auto"
   trace: TraceSettings = dataclasses.field(default_factory=TraceSettings)
   # the studies of the pretrained, disrupt and quant stages; model 'run' is the lab's own trained arms
   pretrained: PretrainedStudy = dataclasses.field(default_factory=PretrainedStudy)   # its statistics are trace's
@@ -110,6 +113,7 @@ class LabConfig:
   def __post_init__(self):
     for s in self.skip:
       check_choice("skip", s, STAGES)
+    check_choice("beside_train", self.beside_train, ("auto", "on", "off"))
     check("/" not in self.name, "name", f"must not contain '/'; got {self.name!r}")
     check(C.to_dict(self.pretrained.stats) == C.to_dict(StatConfig()), "pretrained.stats",
           "the lab analyses the pretrained model with the trace statistics; set trace.lam, trace.top_k, "
@@ -332,7 +336,7 @@ class Lab:
 
   # ---------------------------------------------------------------------------------------- run
 
-  def record(self, status: dict[str, str], started: float, argv: list[str]) -> None:
+  def record(self, status: dict[str, str], started: float, argv: list[str], beside=()) -> None:
     """lab.json: what the report shows about this run (configs, versions, stage times)."""
     stages = {}
     for name in STAGES:
@@ -343,43 +347,132 @@ class Lab:
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
             "lab": paths.portable_tree(C.to_dict(self.cfg)), "experiment": paths.portable_tree(C.to_dict(self.exp)),
             "run_dir": paths.portable(self.run_dir), "report_dir": paths.portable(self.report_dir),
-            "stages": stages, "diverged": self.diverged(), "versions": versions()}
+            "stages": stages, "beside_train": list(beside), "wall_seconds": time.time() - started,
+            "diverged": self.diverged(), "versions": versions()}
     atomic.write_json(self.path("lab.json"), data, default=str)
 
-  def execute(self, enabled: list[str], force: set[str], argv: list[str], log=print) -> dict[str, str]:
+  def beside_train(self, todo: list[str]) -> list[str]:
+    """The stages of `todo` that run in a second process while training runs (LabConfig.beside_train):
+    those that need no trained arm, when training is among `todo`. On a CPU, one training process
+    leaves cores idle between its small ops; the SmolLM2 stages fill them."""
+    setting = self.cfg.beside_train
+    if setting == "off" or (setting == "auto" and jax.default_backend() != "cpu") or "train" not in todo:
+      return []
+    needs_train = lambda name: name == "train" or any(needs_train(d) for d in self.stages[name].deps)
+    return [s for s in todo if s != "report" and not needs_train(s)]
+
+  def execute(self, enabled: list[str], force: set[str], argv: list[str], log=print,
+              spawn: Callable[[list[str]], subprocess.Popen] | None = None) -> dict[str, str]:
     """Run the enabled stages in order, reusing those whose marker matches (the report is always
-    redrawn: it is cheap and shows this run's statuses); returns {stage: ran|reused|skipped}."""
+    redrawn: it is cheap and shows this run's statuses); returns {stage: ran|reused|skipped}.
+    spawn(stages) starts a second `minilm-lab` process that runs just those stages: with it, the
+    stages of `beside_train` run there during training (its output in stages/beside_train.log)."""
     started = time.time()
     status = {name: "skipped" for name in STAGES if name not in enabled}
     order = [s for s in STAGES if s in enabled]
-    for i, name in enumerate(order, 1):
-      self.current, stage = name, self.stages[name]
-      if name != "report" and name not in force and self.is_done(name):
-        m = self.marker(name)
-        status[name] = "reused"
-        log(f"== [{i}/{len(order)}] {name}: reused (done {m['finished']} in {m['seconds']:.0f} s; inputs unchanged)",
-            flush=True)
-        continue
-      if name == "report":
-        self.record(status | {"report": "ran"}, started, argv)
-      log(f"== [{i}/{len(order)}] {name}: {stage.what}", flush=True)
-      if os.path.exists(self.marker_path(name)):
-        os.remove(self.marker_path(name))   # a forced redo that fails or stops must not look done
-      t0 = time.perf_counter()
-      stage.run()
-      seconds = time.perf_counter() - t0
-      status[name] = "ran"
-      missing = [p if isinstance(p, str) else p[0] for d in stage.deps for p in self.stages[d].outputs
-                 if not _exists(p)]
-      if missing and name != "report":
-        # e.g. `--only trace` while training goes on: the results are real but partial, so the next
-        # run must redo (extend) the stage rather than reuse it.
-        log(f"   {name} ran in {seconds:.0f} s on incomplete inputs ({missing[0]} is missing): "
-            "not marked done, so the next run redoes it", flush=True)
-        continue
-      self.write_marker(name, seconds)
-      log(f"   {name} done in {seconds:.0f} s", flush=True)
+    todo = [s for s in order if s != "report" and (s in force or not self.is_done(s))]
+    beside = self.beside_train(todo) if spawn is not None else []
+    lane = _Lane(self, beside, spawn, log) if beside else None
+    try:
+      for i, name in enumerate(order, 1):
+        self.current, stage = name, self.stages[name]
+        if lane and set(stage.deps) & set(lane.stages):
+          lane.wait()
+        if name in beside:
+          status[name] = "ran"   # in the second process; its failure raises in lane.wait
+          continue
+        if name not in todo and name != "report":
+          m = self.marker(name)
+          status[name] = "reused"
+          log(f"== [{i}/{len(order)}] {name}: reused (done {m['finished']} in {m['seconds']:.0f} s; inputs unchanged)",
+              flush=True)
+          continue
+        if name == "report":
+          self.record(status | {"report": "ran"}, started, argv, beside)
+        log(f"== [{i}/{len(order)}] {name}: {stage.what}", flush=True)
+        if name == "train" and lane:
+          lane.start()
+        if os.path.exists(self.marker_path(name)):
+          os.remove(self.marker_path(name))   # a forced redo that fails or stops must not look done
+        t0 = time.perf_counter()
+        stage.run()
+        seconds = time.perf_counter() - t0
+        status[name] = "ran"
+        missing = [p if isinstance(p, str) else p[0] for d in stage.deps for p in self.stages[d].outputs
+                   if not _exists(p)]
+        if missing and name != "report":
+          # e.g. `--only trace` while training goes on: the results are real but partial, so the next
+          # run must redo (extend) the stage rather than reuse it.
+          log(f"   {name} ran in {seconds:.0f} s on incomplete inputs ({missing[0]} is missing): "
+              "not marked done, so the next run redoes it", flush=True)
+          continue
+        self.write_marker(name, seconds)
+        log(f"   {name} done in {seconds:.0f} s", flush=True)
+      if lane:
+        lane.wait()
+    finally:
+      if lane:
+        lane.stop()
     return status
+
+
+class _Lane:
+  """The second process of `Lab.execute`: started with training, waited for before the first stage
+  that needs one of its stages (or at the end), stopped if the main process fails first."""
+
+  def __init__(self, lab: Lab, stages: list[str], spawn, log):
+    self.lab, self.stages, self.spawn, self.log = lab, stages, spawn, log
+    self.path = lab.path("stages", "beside_train.log")
+    self.proc = None
+
+  def start(self) -> None:
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    for name in self.stages:   # as in a run in turn: a redone stage must not look done if it fails
+      if os.path.exists(self.lab.marker_path(name)):
+        os.remove(self.lab.marker_path(name))
+    self.log(f"   beside training, in a second process: {', '.join(self.stages)} (its output: "
+             f"{paths.portable(self.path)})", flush=True)
+    with open(self.path, "w") as out:
+      self.proc = self.spawn(self.stages, out)
+
+  def wait(self) -> None:
+    if self.proc is None or self.proc.returncode is not None:
+      return
+    code = self.proc.wait()
+    for name in self.stages:
+      m = self.lab.marker(name)
+      if code == 0 and m:
+        self.log(f"   {name} done in {m['seconds']:.0f} s (beside training)", flush=True)
+    if code != 0:
+      raise ck.RunError(f"{', '.join(self.stages)} (beside training): {last_error(self.path) or f'exit code {code}'} "
+                     f"(log: {paths.portable(self.path)}); run the same command again to resume")
+
+  def stop(self) -> None:
+    if self.proc is not None and self.proc.poll() is None:
+      self.proc.terminate()
+      self.proc.wait()
+
+
+def last_error(log_path: str) -> str | None:
+  """The last 'error: ...' line of a minilm-lab log, without the prefix (None if there is none)."""
+  try:
+    with open(log_path, errors="replace") as f:
+      lines = [line.strip() for line in f if line.startswith("error:")]
+  except OSError:
+    return None
+  return lines[-1][len("error:"):].strip() if lines else None
+
+
+def lane_command(args: argparse.Namespace, stages: list[str], force: set[str]) -> list[str]:
+  """The `minilm-lab` command line that runs `stages` of the lab that `args` describe."""
+  cmd = [sys.executable, "-m", "analysis.lab.run", args.config, "--runs", args.runs, "--reports", args.reports,
+         "--only", ",".join(stages)]
+  cmd += ["--set", *args.assignments] if args.assignments else []
+  cmd += ["--lab-set", *args.lab_assignments] if args.lab_assignments else []
+  cmd += ["--name", args.name] if args.name else []
+  cmd += ["--quick"] if args.quick else []
+  forced = [s for s in stages if s in force]
+  return cmd + (["--force", ",".join(forced)] if forced else [])
 
 
 def _named(section: str):
@@ -544,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
       return
     print(f"minilm-lab: {lab.name}: stages {', '.join(enabled)}; report in {lab.report_dir}", flush=True)
     t0 = time.perf_counter()
-    lab.execute(enabled, force, argv)
+    spawn = lambda stages, out: subprocess.Popen(lane_command(args, stages, force), stdout=out, stderr=subprocess.STDOUT)
+    lab.execute(enabled, force, argv, spawn=spawn)
     if "report" in enabled:
       print(f"\nreport: {os.path.abspath(lab.path('index.html'))}")
       print("\n".join(report.summary_lines(lab.report_dir)))

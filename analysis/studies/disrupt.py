@@ -1,9 +1,11 @@
 """Disrupt massive Q/K values at prefill (claim C5): choose dims from their norms M, replace them.
 
 Procedure (the paper's, with the reference code's weaknesses fixed):
-1. Norms. A capture pass over the prompt (undisrupted model) gives M[b, h, d] = sqrt(sum_t x^2) at
-   every disrupted point, per example (`source='prompt'`); or M is fixed once from a probe set
-   (`source='probe'`, M summed in quadrature over all probe tokens, the same dims for every prompt).
+1. Norms. The undisrupted model's prefill of the prompt gives M[b, h, d] = sqrt(sum_t x^2) at
+   every disrupted point, per example (`source='prompt'`): read from the prefill of the undisrupted
+   decoding (`measure`), or from a capture pass of its own (`norms_and_spread`); or M is fixed once
+   from a probe set (`source='probe'`, M summed in quadrature over all probe tokens, the same dims
+   for every prompt).
 2. Dims. A boolean mask per layer, point and head (`select`): massive dims (lambda criterion, or top-k
    per head), or a control: the smallest-M dims (the massive count per head), random dims matched on
    the energy removed (below), or the same dims in V.
@@ -79,14 +81,26 @@ class DisruptConfig:
 
 # ------------------------------------------------------------------------------------- norms M
 
+def spread_norms(cache, valid_BxT):
+  """(M, S) per example of every captured point (`norms_and_spread`), over the prompt tokens."""
+  M = {name: stats.value_norms(x, mask=valid_BxT, per_prompt=True) for name, x in cache.items()}
+  centred = {name: x - prompt_mean(x, valid_BxT) for name, x in cache.items()}
+  return M, {name: stats.value_norms(x, mask=valid_BxT, per_prompt=True) for name, x in centred.items()}
+
+
+def measure(cfg: DisruptConfig) -> generate.Measure:
+  """(M, S) read from a prefill (generate.greedy's `measure`): the undisrupted decoding's prefill
+  (mode 'off') gives what `norms_and_spread` gives, without a pass of its own; a disrupted one
+  measures what the disruption left."""
+  return generate.Measure(cfg.points(), spread_norms)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "points"))
 def _norms(graphdef, state, tokens_BxT, valid_BxT, points):
   model = nnx.merge(graphdef, state)
   # logits at one position only: the capture pass needs no head (its T x V matmul is not small)
   _, cache = capture.run(model, tokens_BxT, points, logits_at_B=jnp.zeros(tokens_BxT.shape[:1], jnp.int32))
-  M = {name: stats.value_norms(x, mask=valid_BxT, per_prompt=True) for name, x in cache.items()}
-  centred = {name: x - prompt_mean(x, valid_BxT) for name, x in cache.items()}
-  return M, {name: stats.value_norms(x, mask=valid_BxT, per_prompt=True) for name, x in centred.items()}
+  return spread_norms(cache, valid_BxT)
 
 
 def prompt_mean(x_BxTxHxD, valid_BxT=None):
@@ -107,6 +121,14 @@ def norms_and_spread(model, tokens_BxT, cfg: DisruptConfig, lengths=None):
   valid = generate.valid_tokens(np.full(B, T) if lengths is None else lengths, T)
   M, S = _norms(graphdef, state, jnp.asarray(tokens_BxT, jnp.int32), jnp.asarray(valid), cfg.points())
   return {k: np.asarray(v) for k, v in M.items()}, {k: np.asarray(v) for k, v in S.items()}
+
+
+def unmeasured(model_cfg, cfg: DisruptConfig, batch: int) -> dict[str, np.ndarray]:
+  """Zero norms of the shapes `norms` gives: what `hook_args` needs for mode 'off', which reads no
+  norm (its masks are all False), before any pass has measured them."""
+  heads = {"q": model_cfg.n_heads, "rot_q": model_cfg.n_heads}
+  return {hooks.name(layer, p): np.zeros((batch, heads.get(p, model_cfg.kv_heads), model_cfg.dim_per_head), np.float32)
+          for layer in range(model_cfg.n_layers) for p in cfg.points()}
 
 
 def norms(model, tokens_BxT, cfg: DisruptConfig) -> dict[str, np.ndarray]:

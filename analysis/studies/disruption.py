@@ -111,25 +111,39 @@ def score_conditions(model, tokenizer, items, conds: dict[str, DisruptConfig], *
                      bucket: int = 0, probe=None, sink=None) -> tuple[list[dict], dict[str, float]]:
   """Run every item under every condition. Prompts share a batch by length (bucket 0), or right-padded
   to the next multiple of `bucket` tokens (few lengths compile; sums and means over the prompt
-  tokens only); a batch is filled with copies of its last row, so each batch shape compiles once, and
-  one capture pass serves all conditions of a batch. Returns (records, seconds per condition
-  including the capture passes as 'capture')."""
+  tokens only); a batch is filled with copies of its last row, so each batch shape compiles once.
+  Every condition's prefill measures M and S (one compiled program for all): those of the undisrupted
+  decoding ('off', run first) choose the other conditions' dims; without 'off' among the conditions
+  a capture pass measures them. Returns (records, seconds per condition; 'capture': capture passes)."""
   base = next(iter(conds.values()))  # every condition reads the same points (one rope side, one source)
   records, seconds = [], {m: 0.0 for m in ("capture", *conds)}
+  n_layers, measure = model.cfg.n_layers, disrupt.measure(base)
   for idx, tokens, lengths, max_new in generate.batches([it.prompt for it in items], [it.max_new for it in items],
                                                         batch, bucket=bucket):
     chunk, (B, T) = [items[i] for i in idx], tokens.shape
-    t0 = time.perf_counter()
-    M, S = disrupt.norms_and_spread(model, tokens, base, lengths)  # one capture pass serves every condition
-    M_choose = M if base.source == "prompt" else disrupt.dim_norms(model, tokens, base, probe)
-    seconds["capture"] += time.perf_counter() - t0
     examples = idx + [idx[-1]] * (B - len(idx))
-    for mode, cfg in conds.items():
+    M = S = M_choose = None
+    if "off" not in conds:
       t0 = time.perf_counter()
-      args, counts = disrupt.hook_args(M_choose, cfg, model.cfg.n_layers, S, examples)  # 'off': all-False masks
-      out = np.asarray(generate.greedy(model, tokens, max_new, lengths=lengths, hook=disrupt.hook, hook_args=args))
+      M, S = disrupt.norms_and_spread(model, tokens, base, lengths)
+      M_choose = M if base.source == "prompt" else disrupt.dim_norms(model, tokens, base, probe)
+      seconds["capture"] += time.perf_counter() - t0
+    runs = {}
+    for mode in sorted(conds, key=lambda m: m != "off"):   # 'off' first: its prefill measures M and S
+      t0 = time.perf_counter()
+      undisrupted = mode == "off"
+      norms = disrupt.unmeasured(model.cfg, base, B) if undisrupted else M_choose
+      args, counts = disrupt.hook_args(norms, conds[mode], n_layers, None if undisrupted else S, examples)
+      out, measured = generate.greedy(model, tokens, max_new, lengths=lengths, hook=disrupt.hook, hook_args=args,
+                                      measure=measure)
+      if undisrupted:
+        M, S = ({k: np.asarray(v) for k, v in d.items()} for d in measured)
+        M_choose = M if base.source == "prompt" else disrupt.dim_norms(model, tokens, base, probe)
+      runs[mode] = (np.asarray(out), args, counts)
       seconds[mode] += time.perf_counter() - t0
-      removed = disrupt.energy_removed(M, S, args, cfg, model.cfg.n_layers)
+    for mode, cfg in conds.items():
+      out, args, counts = runs[mode]
+      removed = disrupt.energy_removed(M, S, args, cfg, n_layers)
       for i, item in enumerate(chunk):
         records.append(_record(item, out[i], tokenizer, label=label, mode=mode, cfg=cfg, example=idx[i],
                                dims={p: int(c[i]) for p, c in counts.items()},

@@ -71,3 +71,29 @@ def test_logits_at_one_position_per_row_are_the_full_logits_there():
   # the same head matmul on fewer rows: float32 rounding of a 32-term sum, 4 * sqrt(32) eps relative
   np.testing.assert_allclose(np.asarray(model(toks, logits_at_B=at))[:, 0], full[np.arange(3), at],
                              rtol=0, atol=4 * np.sqrt(32) * EPS32 * np.abs(full).max())
+
+
+def _prompt_sums(cache, valid_BxT):
+  """Per row, the sum over its prompt tokens of every captured tensor: a Measure's fn."""
+  return {name: (x * valid_BxT[:, :, None, None]).sum(1) for name, x in cache.items()}
+
+
+def test_measure_reads_the_prefill_without_changing_the_decoding():
+  """greedy(measure=) returns what its fn computes from the captured prefill of right-padded rows:
+  each row's sums over its own tokens equal those of a capture pass over that prompt alone (float32
+  rounding: other shapes, and attention with a KV cache; bound as above); the tokens are those of
+  greedy without it."""
+  from minilm import capture
+  model = make("rope")
+  prompts = [np.asarray(tokens(1, n, seed=n))[0] for n in (5, 9)]
+  (_, padded, lengths, n), = generate.batches(prompts, [4, 4], 2, bucket=16)
+  measure = generate.Measure(("k", "rot_q"), _prompt_sums)
+  out, sums = greedy(model, padded, n, lengths=lengths, measure=measure)
+  np.testing.assert_array_equal(out, greedy(model, padded, n, lengths=lengths))
+  assert sorted(sums) == [f"blocks.{l}.attn.{p}" for l in range(model.cfg.n_layers) for p in ("k", "rot_q")]
+  for row, prompt in enumerate(prompts):
+    _, alone = capture.run(model, jnp.asarray(prompt[None]), ("k", "rot_q"))
+    for name, got in sums.items():
+      want = np.asarray(alone[name]).sum(1)[0]
+      bound = 4 * np.sqrt(740) * EPS32 * len(prompt) * np.abs(np.asarray(alone[name])).max()
+      np.testing.assert_allclose(np.asarray(got)[row], want, rtol=0, atol=bound, err_msg=name)

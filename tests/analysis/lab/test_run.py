@@ -1,10 +1,12 @@
 """minilm-lab (analysis.lab.run): stage hashes and reuse, settings passed to the analyses, errors, paths
-recorded relative to the working directory, and a --quick run."""
+recorded relative to the working directory, stages beside training, and a --quick run."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from analysis.lab import run as L
 from analysis.studies import quantization
 from minilm.schema import to_dict
+from train import checkpoints as ck
 
 
 def _lab(*argv):
@@ -172,3 +175,55 @@ def test_the_lab_records_paths_relative_to_the_working_directory_and_keeps_its_h
   with open(os.path.join("old_trace", L.CAPTURE), "w") as f:
     json.dump(capture | {"run_dir": str(tmp_path / "runs" / "rope_vs_nope_quick")}, f)
   assert L._holds("old_trace", capture) and not L._holds("old_trace", capture | {"probes": 9})
+
+
+def test_the_stages_that_need_no_trained_arm_are_the_ones_beside_training():
+  todo = ["train", "trace", "pretrained", "disrupt", "quant", "report"]
+  assert _lab("--lab-set", "beside_train=on")[0].beside_train(todo) == ["pretrained", "disrupt"]
+  lab = _lab("--lab-set", "beside_train=on", "disrupt.model=run", "quant.model=random")[0]
+  assert lab.beside_train(todo) == ["pretrained", "quant"]
+  assert lab.beside_train(["trace", "pretrained", "quant"]) == []          # nothing to train: all in turn
+  assert _lab("--lab-set", "beside_train=off")[0].beside_train(todo) == []
+  assert _lab()[0].beside_train(todo) == ["pretrained", "disrupt"]         # auto: on, on this CPU backend
+  cmd = L.lane_command(L.parser().parse_args(["default", "--quick", "--set", "steps=7", "--lab-set", "disrupt.n=3",
+                                              "--force", "disrupt,train"]), ["pretrained", "disrupt"], {"disrupt"})
+  args = L.parser().parse_args(cmd[3:])
+  assert cmd[1:3] == ["-m", "analysis.lab.run"] and args.config == "default" and args.quick
+  assert (args.only, args.force, args.assignments, args.lab_assignments) == (
+      "pretrained,disrupt", "disrupt", ["steps=7"], ["disrupt.n=3"])
+
+
+def test_a_failed_second_process_is_a_one_line_error_naming_its_stages_and_log(tmp_path):
+  lab = L.Lab(L.LabConfig(), _lab()[0].exp, runs=str(tmp_path / "runs"), reports=str(tmp_path / "rep"))
+  code = "import sys; print('working'); print('error: disrupt.n: must be >= 1; got 0', file=sys.stderr); sys.exit(2)"
+  spawn = lambda stages, out: subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
+  lane = L._Lane(lab, ["pretrained", "disrupt"], spawn, log=lambda *a, **k: None)
+  lane.start()
+  with pytest.raises(ck.RunError, match=r"^pretrained, disrupt \(beside training\): disrupt.n: must be >= 1; got 0 "
+                                        r"\(log: .*stages/beside_train.log\); run the same command again"):
+    lane.wait()
+  sleeper = L._Lane(lab, ["pretrained"], lambda stages, out: subprocess.Popen([sys.executable, "-c",
+                                                                               "import time; time.sleep(60)"]), print)
+  sleeper.start()
+  sleeper.stop()                                   # the main process failed first: the second one ends too
+  assert sleeper.proc.returncode is not None
+
+
+@pytest.mark.slow   # a --quick lab run, then its beside stages again in turn
+def test_stages_beside_training_give_what_they_give_in_turn(tmp_path, capsys):
+  common = ["--quick", "--runs", str(tmp_path / "runs"), "--lab-set", "pretrained.model=random", "disrupt.model=random"]
+  assert L.main([*common, "beside_train=on", "--reports", str(tmp_path / "a"), "--skip", "trace,quant"]) == 0
+  out = capsys.readouterr().out
+  assert "beside training, in a second process: pretrained, disrupt" in out
+  assert "pretrained done in" in out and "disrupt done in" in out
+  a, b = tmp_path / "a" / "rope_vs_nope_quick", tmp_path / "b" / "rope_vs_nope_quick"
+  lab = json.loads((a / "lab.json").read_text())
+  assert lab["beside_train"] == ["pretrained", "disrupt"] and lab["wall_seconds"] > 0
+  assert {s: lab["stages"][s]["status"] for s in ("train", "pretrained", "disrupt")} == {s: "ran" for s in
+                                                                                        ("train", "pretrained", "disrupt")}
+  assert "ran beside training" in (a / "index.html").read_text()
+  assert L.main([*common, "beside_train=off", "--reports", str(tmp_path / "b"), "--only", "pretrained,disrupt"]) == 0
+  assert (a / "disrupt" / "results.jsonl").read_text() == (b / "disrupt" / "results.jsonl").read_text()
+  drop = lambda d: {k: v for k, v in d.items() if "seconds" not in k}
+  assert drop(json.loads((a / "pretrained" / "pretrained.json").read_text())) == drop(
+      json.loads((b / "pretrained" / "pretrained.json").read_text()))

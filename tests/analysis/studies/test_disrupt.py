@@ -200,15 +200,56 @@ def test_off_is_bit_identical_and_empty_masks_change_nothing(model, tokens):
 
 def test_every_mode_of_a_prompt_shape_shares_one_compiled_prefill(model):
   """Compilation dominates the disruption run of a 30-layer model: 'off' goes through the same hook
-  (all-False masks) as the disrupting modes, so a new prompt shape compiles greedy decoding once."""
+  (all-False masks) and the same measurement of M and S as the disrupting modes, so a new prompt
+  shape compiles greedy decoding once, and no capture pass."""
   from train.tokenizer import ByteTokenizer
   from analysis.studies import suites
   tok = ByteTokenizer()
   items = [suites.Item("ctx", "contextual", np.full(13, 7 + i, np.int32), "", "x", 3, {}) for i in range(2)]
-  compiled = generate._greedy._cache_size()
+  compiled, captured = generate._greedy._cache_size(), disrupt._norms._cache_size()
   conds = disruption.conditions(DisruptConfig(criterion="topk", top_k=1), disruption.TABLE_MODES, dose=True)
   disruption.score_conditions(model, tok, items, conds, batch=2)
   assert generate._greedy._cache_size() == compiled + 1
+  assert disrupt._norms._cache_size() == captured
+
+
+@pytest.mark.parametrize("rope", ["post", "pre"])
+def test_the_undisrupted_prefill_measures_what_the_capture_pass_measures(model, rope):
+  """M and S read from the prefill of the 'off' decoding (right-padded, attention over a KV cache)
+  equal those of the capture pass within float32 rounding (other attention paths and shapes; sums
+  over 12 tokens: 1e-5 relative), and its tokens are greedy's."""
+  cfg = DisruptConfig(rope=rope)
+  prompts = np.random.default_rng(6).integers(0, CFG.vocab_size, (2, 12)).astype(np.int32)
+  (_, padded, lengths, n), = generate.batches(list(prompts), [4, 4], 2, bucket=16)
+  args, _ = disrupt.hook_args(disrupt.unmeasured(CFG, cfg, 2), dataclasses.replace(cfg, mode="off"), CFG.n_layers)
+  out, (M, S) = generate.greedy(model, padded, n, lengths=lengths, hook=disrupt.hook, hook_args=args,
+                                measure=disrupt.measure(cfg))
+  np.testing.assert_array_equal(out, generate.greedy(model, prompts, 4))
+  M0, S0 = disrupt.norms_and_spread(model, prompts, cfg)
+  assert sorted(M) == sorted(M0) and all(np.shape(M[k]) == M0[k].shape for k in M0)
+  for k in M0:
+    np.testing.assert_allclose(M[k], M0[k], rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(S[k], S0[k], rtol=1e-5, atol=1e-6 * M0[k].max(), err_msg=k)
+
+
+def test_conditions_without_off_take_the_norms_from_a_capture_pass(model):
+  """Without 'off' among the conditions a capture pass measures M and S: the other modes' records
+  are those of a run with 'off' (outputs, dims, successes; energy within float32 rounding)."""
+  from train.tokenizer import ByteTokenizer
+  from analysis.studies import suites
+  rng = np.random.default_rng(7)
+  items = [suites.Item(f"t{n}", "contextual", rng.integers(0, CFG.vocab_size, n).astype(np.int32), "", "x", 3, {})
+           for n in (9, 13)]
+  conds = disruption.conditions(DisruptConfig(lam=3.0), ("off", "massive", "random"), draws=2)
+  with_off, _ = disruption.score_conditions(model, ByteTokenizer(), items, conds, batch=2, bucket=16)
+  without, seconds = disruption.score_conditions(model, ByteTokenizer(), items,
+                                                 {k: c for k, c in conds.items() if k != "off"}, batch=2, bucket=16)
+  assert seconds["capture"] > 0 and sum(r["dims_replaced"]["rot_k"] for r in without) > 0
+  assert len(without) == 3 * len(items)
+  for a, b in zip([r for r in with_off if r["mode"] != "off"], without):
+    assert {k: v for k, v in a.items() if k != "energy_removed"} == {k: v for k, v in b.items() if k != "energy_removed"}
+    for p in a["energy_removed"]:
+      np.testing.assert_allclose(b["energy_removed"][p], a["energy_removed"][p], rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("rope", ["post", "pre"])
