@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import minilm
 
 STEP_FAULTS = """
@@ -32,6 +34,7 @@ def test_glibc_takes_the_settings():
   assert minilm.KEEPS_FREED_MEMORY, "mallopt refused a setting (or the C library is not glibc)"
 
 
+@pytest.mark.slow   # a fresh interpreter compiles a train step; the settings test above is the fast check
 def test_a_train_step_reuses_its_buffers():
   """The lab's default step (batch 16 x 128) allocates about 146 MB of buffers per execution (35.7k
   pages of 4 KiB), which glibc's defaults fault in anew every step; after three warm-up steps a step

@@ -213,7 +213,7 @@ def test_every_mode_of_a_prompt_shape_shares_one_compiled_prefill(model):
   assert disrupt._norms._cache_size() == captured
 
 
-@pytest.mark.parametrize("rope", ["post", "pre"])
+@pytest.mark.parametrize("rope", ["post", pytest.param("pre", marks=pytest.mark.slow)])   # one side is the fast check
 def test_the_undisrupted_prefill_measures_what_the_capture_pass_measures(model, rope):
   """M and S read from the prefill of the 'off' decoding (right-padded, attention over a KV cache)
   equal those of the capture pass within float32 rounding (other attention paths and shapes; sums
@@ -232,6 +232,7 @@ def test_the_undisrupted_prefill_measures_what_the_capture_pass_measures(model, 
     np.testing.assert_allclose(S[k], S0[k], rtol=1e-5, atol=1e-6 * M0[k].max(), err_msg=k)
 
 
+@pytest.mark.slow   # every condition twice; the prefill-vs-capture-pass test above is the fast check
 def test_conditions_without_off_take_the_norms_from_a_capture_pass(model):
   """Without 'off' among the conditions a capture pass measures M and S: the other modes' records
   are those of a run with 'off' (outputs, dims, successes; energy within float32 rounding)."""
