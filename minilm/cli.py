@@ -14,6 +14,12 @@ from minilm import atomic
 BAD_INPUT = 2
 
 
+def last_error(lines) -> str | None:
+  """The last `error: ...` line among a command's output lines, without the prefix (None if none)."""
+  found = [line.strip() for line in lines if line.startswith("error:")]
+  return found[-1][len("error:"):].strip() if found else None
+
+
 def guarded(run: Callable[[], object]) -> int:
   """Call `run`; return 0, or print the one-line error of bad input to stderr and return 2."""
   try:

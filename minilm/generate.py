@@ -33,9 +33,10 @@ class Measure:
   fn: Callable[[capture.Cache, jax.Array], Any]
 
 
-def valid_tokens(lengths, T: int) -> np.ndarray:
-  """[B, T] float32: 1 on the prompt tokens of right-padded rows of `lengths`, 0 on the padding."""
-  return (np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.float32)
+def valid_tokens(lengths, T: int) -> jax.Array:
+  """[B, T] float32: 1 on the prompt tokens of right-padded rows of `lengths`, 0 on the padding
+  (lengths: a list, numpy or jax array; traced inside jit too)."""
+  return (jnp.arange(T)[None] < jnp.asarray(lengths)[:, None]).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "hook", "measure"))
@@ -53,8 +54,7 @@ def _greedy(graphdef, state, prompt_BxT, lengths_B, hook_args, *, max_new: int, 
     logits, cache = prefill()
   else:
     (logits, cache), captured = capture.run_fn(model, prefill, measure.points)
-    valid_BxT = (jnp.arange(T)[None] < lengths_B[:, None]).astype(jnp.float32)
-    measured = measure.fn(captured, valid_BxT)
+    measured = measure.fn(captured, valid_tokens(lengths_B, T))
   first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
 
   def step(carry, i):
@@ -84,7 +84,7 @@ def greedy(model: Decoder, prompt_BxT, max_new: int, *, lengths=None, hook: Hook
   if lengths.shape != (B,) or lengths.min() < 1 or lengths.max() > T:
     raise ValueError(f"lengths: must be {B} prompt lengths in 1..{T}; got {lengths.tolist()}")
   if hook is not None and isinstance(hook_args, dict) and padded:
-    hook_args = {**hook_args, "valid": jnp.asarray(valid_tokens(lengths, T))}
+    hook_args = {**hook_args, "valid": valid_tokens(lengths, T)}
   graphdef, state = nnx.split(model)
   tokens, cache, measured = _greedy(graphdef, state, prompt_BxT, jnp.asarray(lengths, jnp.int32), hook_args,
                                     max_new=max_new, hook=hook, measure=measure)

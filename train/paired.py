@@ -19,6 +19,7 @@ import jax
 
 from minilm import atomic
 from minilm import schema as C
+from minilm.cli import last_error
 from train import checkpoints
 from train import data as D
 from train.config import ExperimentConfig, TrainConfig
@@ -112,10 +113,10 @@ def run_concurrently(exp: ExperimentConfig, out: str, runs: dict[str, tuple[Trai
         running.remove(item)
         unit, proc, err = item
         err.seek(0)
-        lines = [line.strip() for line in err if line.startswith("error:")]
+        error = last_error(err)
         err.close()
         if proc.returncode not in (0, DIVERGED_EXIT):
-          failed.append(f"arms {', '.join(unit)}: {lines[-1][len('error: '):] if lines else f'exit {proc.returncode}'}")
+          failed.append(f"arms {', '.join(unit)}: {error or f'exit {proc.returncode}'}")
   if failed:
     raise checkpoints.RunError(failed[0])
   return {arm: _last_rows(arm_dir) for arm, (_, arm_dir) in runs.items()}

@@ -48,7 +48,7 @@ from analysis.studies.quantization import QuantStudy
 from minilm import atomic
 from minilm import paths
 from minilm import schema as C
-from minilm.cli import guarded
+from minilm.cli import guarded, last_error
 from minilm.schema import check, check_choice
 from train import checkpoints as ck
 from train import cli as train_cli
@@ -274,6 +274,11 @@ class Lab:
     m = self.marker(stage)
     return bool(m) and m.get("hash") == self.hashes[stage] and all(map(_exists, self.stages[stage].outputs))
 
+  def drop_marker(self, stage: str) -> None:
+    """A stage about to run loses its marker: a redo that fails or stops must not look done."""
+    if os.path.exists(self.marker_path(stage)):
+      os.remove(self.marker_path(stage))
+
   def write_marker(self, stage: str, seconds: float) -> None:
     s = self.stages[stage]
     atomic.write_json(self.marker_path(stage), {
@@ -392,8 +397,7 @@ class Lab:
         log(f"== [{i}/{len(order)}] {name}: {stage.what}", flush=True)
         if name == "train" and lane:
           lane.start()
-        if os.path.exists(self.marker_path(name)):
-          os.remove(self.marker_path(name))   # a forced redo that fails or stops must not look done
+        self.drop_marker(name)
         t0 = time.perf_counter()
         stage.run()
         seconds = time.perf_counter() - t0
@@ -427,9 +431,8 @@ class _Lane:
 
   def start(self) -> None:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    for name in self.stages:   # as in a run in turn: a redone stage must not look done if it fails
-      if os.path.exists(self.lab.marker_path(name)):
-        os.remove(self.lab.marker_path(name))
+    for name in self.stages:
+      self.lab.drop_marker(name)
     self.log(f"   beside training, in a second process: {', '.join(self.stages)} (its output: "
              f"{paths.portable(self.path)})", flush=True)
     with open(self.path, "w") as out:
@@ -444,23 +447,15 @@ class _Lane:
       if code == 0 and m:
         self.log(f"   {name} done in {m['seconds']:.0f} s (beside training)", flush=True)
     if code != 0:
-      raise ck.RunError(f"{', '.join(self.stages)} (beside training): {last_error(self.path) or f'exit code {code}'} "
-                     f"(log: {paths.portable(self.path)}); run the same command again to resume")
+      with open(self.path, errors="replace") as f:
+        error = last_error(f)
+      raise ck.RunError(f"{', '.join(self.stages)} (beside training): {error or f'exit code {code}'} "
+                        f"(log: {paths.portable(self.path)}); run the same command again to resume")
 
   def stop(self) -> None:
     if self.proc is not None and self.proc.poll() is None:
       self.proc.terminate()
       self.proc.wait()
-
-
-def last_error(log_path: str) -> str | None:
-  """The last 'error: ...' line of a minilm-lab log, without the prefix (None if there is none)."""
-  try:
-    with open(log_path, errors="replace") as f:
-      lines = [line.strip() for line in f if line.startswith("error:")]
-  except OSError:
-    return None
-  return lines[-1][len("error:"):].strip() if lines else None
 
 
 def lane_command(args: argparse.Namespace, stages: list[str], force: set[str]) -> list[str]:

@@ -122,23 +122,24 @@ def score_conditions(model, tokenizer, items, conds: dict[str, DisruptConfig], *
                                                         batch, bucket=bucket):
     chunk, (B, T) = [items[i] for i in idx], tokens.shape
     examples = idx + [idx[-1]] * (B - len(idx))
-    M = S = M_choose = None
+    M = S = None
     if "off" not in conds:
       t0 = time.perf_counter()
       M, S = disrupt.norms_and_spread(model, tokens, base, lengths)
-      M_choose = M if base.source == "prompt" else disrupt.dim_norms(model, tokens, base, probe)
       seconds["capture"] += time.perf_counter() - t0
     runs = {}
     for mode in sorted(conds, key=lambda m: m != "off"):   # 'off' first: its prefill measures M and S
       t0 = time.perf_counter()
       undisrupted = mode == "off"
-      norms = disrupt.unmeasured(model.cfg, base, B) if undisrupted else M_choose
+      if undisrupted:
+        norms = disrupt.unmeasured(model.cfg, base, B)
+      else:   # the M that chooses the dims: this prompt's, or the probe set's (a broadcast)
+        norms = M if base.source == "prompt" else disrupt.dim_norms(model, tokens, base, probe)
       args, counts = disrupt.hook_args(norms, conds[mode], n_layers, None if undisrupted else S, examples)
       out, measured = generate.greedy(model, tokens, max_new, lengths=lengths, hook=disrupt.hook, hook_args=args,
                                       measure=measure)
       if undisrupted:
         M, S = ({k: np.asarray(v) for k, v in d.items()} for d in measured)
-        M_choose = M if base.source == "prompt" else disrupt.dim_norms(model, tokens, base, probe)
       runs[mode] = (np.asarray(out), args, counts)
       seconds[mode] += time.perf_counter() - t0
     for mode, cfg in conds.items():
