@@ -117,9 +117,9 @@ NEVER = 2 ** 30
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-  """An empty KV cache of `length` slots per layer: post-RoPE keys and values, [B, S, K, D]; the
-  slots' key positions [B, S] (shared by the layers; NEVER until written); the next slot to write."""
-  shape = (batch, length, cfg.kv_heads, cfg.dim_per_head)
+  """An empty KV cache of `length` slots per layer: post-RoPE keys and values, heads-major [B, K, S, D];
+  the slots' key positions [B, S] (shared by the layers; NEVER until written); the next slot to write."""
+  shape = (batch, cfg.kv_heads, length, cfg.dim_per_head)
   return {"index": jnp.zeros((), jnp.int32), "pos": jnp.full((batch, length), NEVER, jnp.int32),
           "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]}
 

@@ -212,8 +212,9 @@ def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict,
     elif scheme.method == "gptq":
       h = x.T @ x  # float32 products, summed by BLAS; GPTQ adds damping and factors in float64
       new = _split_columns(Q.gptq(np.concatenate(ws, axis=1), h, spec, damp=scheme.damp, block=scheme.block), ws)
-      log[f"{layer}.{'+'.join(names)}"] = {"err_rtn": sum(Q.gram_error(h, w, Q.rtn(w, spec)) for w in ws),
-                                           "err_gptq": sum(Q.gram_error(h, w, q) for w, q in zip(ws, new))}
+      r = Q.gram_factor(h)
+      log[f"{layer}.{'+'.join(names)}"] = {"err_rtn": float(Q.gram_errors(h, [(w, Q.rtn(w, spec)) for w in ws], r).sum()),
+                                           "err_gptq": float(Q.gram_errors(h, list(zip(ws, new)), r).sum())}
     elif scheme.method == "rtn_keep":
       new = [Q.rtn_keep(w, spec, keep[(layer, n)]) if (layer, n) in keep else Q.rtn(w, spec)
              for n, w in zip(names, ws)]

@@ -10,7 +10,7 @@ from flax import nnx
 
 from minilm.config import ModelConfig
 from minilm.encodings import Learned
-from minilm.layers import attend, block_causal
+from minilm.layers import attend, block_causal, heads_major
 from minilm.model import Decoder
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -29,7 +29,7 @@ def test_block_causal_backward_equals_autodiff_of_the_masked_softmax():
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
 
   def loss(q, k, v, bias, block):
-    out, _ = attend(q, k, v, pos, pos, bias, block=block)
+    out, _ = attend(q, heads_major(k), heads_major(v), pos, pos, bias, block=block)
     return (out * jnp.cos(out)).sum(), out
 
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True), static_argnums=4)   # compiled, as trained
@@ -96,7 +96,7 @@ def test_every_path_gives_the_same_logits_and_gradients_at_nanogpt_architecture(
 def test_block_causal_attention_matches_full_attention():
   """Training's block-causal path (blocks of 64 queries, ragged last block) equals the full masked
   softmax, values and gradients, with grouped-query heads and an additive bias."""
-  from minilm.layers import attend
+  from minilm.layers import attend, heads_major
   B, T, H, K, D = 2, 150, 4, 2, 8
   ks = jax.random.split(jax.random.key(0), 4)
   q, k, v = (jax.random.normal(kk, (B, T, n, D)) for kk, n in zip(ks, (H, K, K)))
@@ -104,7 +104,7 @@ def test_block_causal_attention_matches_full_attention():
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
 
   def loss(q, k, v, block):
-    out, _ = attend(q, k, v, pos, pos, bias, block=block)
+    out, _ = attend(q, heads_major(k), heads_major(v), pos, pos, bias, block=block)
     return (out * jnp.cos(out)).sum(), out
 
   (_, full), g_full = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, 0)

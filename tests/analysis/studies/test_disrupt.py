@@ -262,12 +262,12 @@ def test_kv_cache_holds_exactly_the_disrupted_keys(model, tokens, rope):
   hit, clean = _captured(model, tokens, args), _captured(model, tokens)
   T = tokens.shape[1]
   for layer in range(CFG.n_layers):
-    keys = np.asarray(cache["layers"][layer]["k"])[:, :T]
+    keys = np.asarray(cache["layers"][layer]["k"])[:, :, :T].transpose(0, 2, 1, 3)   # heads-major in the cache
     np.testing.assert_allclose(keys, hit[f"blocks.{layer}.attn.rot_k"], atol=1e-5, rtol=1e-5)
     assert np.abs(keys - clean[f"blocks.{layer}.attn.rot_k"]).max() > 1e-3  # and they were disrupted
   if rope == "post":  # replaced post-RoPE dims are constant over the prompt in the cache
     mask = np.asarray(args["masks"]["blocks.0.attn.rot_k"])
-    keys = np.asarray(cache["layers"][0]["k"])[:, :T]
+    keys = np.asarray(cache["layers"][0]["k"])[:, :, :T].transpose(0, 2, 1, 3)
     spread = np.where(mask[:, None], keys - keys[:, :1], 0)
     assert np.abs(spread).max() < 1e-6
 

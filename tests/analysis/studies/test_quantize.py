@@ -176,3 +176,47 @@ def test_smoothing_is_exact_before_rounding_and_helps_w8a8():
   plain = np.sum((x @ w - Q.quant_tokens(x) @ Q.rtn(w, spec)) ** 2)
   smooth = np.sum((x @ w - Q.quant_tokens(x / s) @ Q.rtn(w * s[:, None], spec)) ** 2)
   assert smooth < plain
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_grid_over_groups_is_each_groups_grid(symmetric):
+  rng = np.random.default_rng(6)
+  groups = rng.standard_t(3, size=(5, 16, 7)).astype(np.float32)
+  groups[2, :, 3] = 0.0   # an all-zero column: scale 1
+  spec = Q.QuantSpec(4, symmetric)
+  scale, zero = Q.grid(groups, spec)
+  for g in range(5):
+    one_scale, one_zero = Q.grid(groups[g], spec)
+    np.testing.assert_array_equal(scale[g], one_scale)
+    np.testing.assert_array_equal(zero[g], one_zero)
+
+
+def test_gram_is_the_float64_product():
+  x = correlated_inputs(np.random.default_rng(7), 300, 40)
+  h = Q.gram(x)
+  np.testing.assert_array_equal(h, h.T)
+  np.testing.assert_allclose(h, x.T.astype(np.float64) @ x, rtol=1e-12, atol=1e-9)
+
+
+def test_gram_errors_from_the_factor_are_gram_errors():
+  rng = np.random.default_rng(8)
+  x = correlated_inputs(rng, 300, 40)
+  h = Q.gram(x)
+  pairs = [(w, Q.rtn(w, Q.QuantSpec(3))) for w in (rng.normal(size=(40, o)).astype(np.float32) for o in (12, 5, 30))]
+  want = [Q.gram_error(h, w, w_hat) for w, w_hat in pairs]
+  r = Q.gram_factor(h)
+  np.testing.assert_allclose(r.T @ r, h, rtol=1e-12, atol=1e-9 * np.abs(h).max())
+  # ||R D||^2 and sum(D * H D) sum the same float64 products in another order: 1e-10 relative is
+  # far above float64 rounding of 40-term sums and far below any difference a search acts on
+  np.testing.assert_allclose(Q.gram_errors(h, pairs, r), want, rtol=1e-10)
+  np.testing.assert_array_equal(Q.gram_errors(h, pairs), want)
+
+
+def test_awq_with_an_input_that_is_always_zero():
+  rng = np.random.default_rng(9)
+  x = correlated_inputs(rng, 256, 32, outlier=4)
+  x[:, 7] = 0.0     # H is singular: no Cholesky factor, the errors come from H D
+  assert Q.gram_factor(Q.gram(x)) is None
+  ws = [rng.normal(size=(32, 16)).astype(np.float32)]
+  s, alpha, errors = Q.awq_search(x, ws, Q.QuantSpec(3, group_size=16), n_grid=5)
+  assert np.all(np.isfinite(s)) and np.all(np.isfinite(errors)) and errors.min() == errors[int(round(alpha * 5))]
