@@ -141,7 +141,7 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
     # resumed save of the same step. Wait for them (bounded), then remove what the step left.
     deadline = time.monotonic() + THREAD_WAIT_S
     for t in set(threading.enumerate()) - threads_before:
-      _join_by(t, deadline)
+      late += [e for e in [_join_by(t, deadline)] if e is not None]
     for tmp in glob.glob(os.path.join(glob.escape(str(mngr.directory)), f"{step}.orbax-checkpoint-tmp*")):
       shutil.rmtree(tmp, ignore_errors=True)
     last = mngr.latest_step()
@@ -152,15 +152,21 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
     logging.getLogger().removeHandler(thread_errors)
 
 
-def _join_by(thread: threading.Thread, deadline: float) -> None:
+def _join_by(thread: threading.Thread, deadline: float) -> Exception | None:
   """Join `thread` until `deadline`; one that threading lists but has not started yet (joining it
-  raises RuntimeError) is waited for to start first."""
+  raises RuntimeError) is waited for to start first. Orbax's save threads re-raise their own error
+  from join (the full disk, when the thread was still running): that error is returned."""
   while time.monotonic() < deadline:
     try:
       thread.join(max(0.0, deadline - time.monotonic()))
-      return
-    except RuntimeError:
+      return None
+    except RuntimeError as e:
+      if "before it is started" not in str(e):
+        return e
       time.sleep(0.01)
+    except Exception as e:
+      return e
+  return None
 
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
