@@ -141,7 +141,9 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
     # resumed save of the same step. Wait for them (bounded), then remove what the step left.
     deadline = time.monotonic() + THREAD_WAIT_S
     for t in set(threading.enumerate()) - threads_before:
-      late += [e for e in [_join_by(t, deadline)] if e is not None]
+      error = _join_by(t, deadline)
+      if error is not None:
+        late.append(error)
     for tmp in glob.glob(os.path.join(glob.escape(str(mngr.directory)), f"{step}.orbax-checkpoint-tmp*")):
       shutil.rmtree(tmp, ignore_errors=True)
     last = mngr.latest_step()
