@@ -104,18 +104,22 @@ def batches(prompts: Sequence, max_new: Sequence[int], batch: int, *, pow2: bool
             bucket: int = 0) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, int]]:
   """(indices, prompts [rows, T], lengths [rows], max_new) per batch, for `greedy`. Prompts are grouped
   by (padded_length(len, bucket), max_new[i]), groups in order of first appearance and indices in
-  order within each, and right-padded (token 0) to the group's length. A batch holds at most `batch`
-  prompts, filled by repeating its last one to `batch` rows (with pow2, to the next power of two)
-  so that few shapes compile; rows past len(indices) are filler."""
+  order within each, and right-padded (token 0) to the group's length. A group is cut into the
+  fewest batches of at most `batch` prompts, all of one size (20 prompts at batch 8: 7, 7 and 6,
+  not 8, 8 and 4), and the last is filled by repeating its last prompt to that size, so a group
+  compiles one shape and computes at most one filler row per batch. With pow2, batches hold `batch`
+  prompts and the last is filled to the next power of two instead (few shapes across groups of
+  many sizes). Rows past len(indices) are filler."""
   if bucket < 0:
     raise ValueError(f"bucket: must be >= 0 (0: no padding); got {bucket}")
   groups: dict[tuple[int, int], list[int]] = {}
   for i, (prompt, n) in enumerate(zip(prompts, max_new)):
     groups.setdefault((padded_length(len(prompt), bucket), n), []).append(i)
   for (T, n), idx in groups.items():
-    for start in range(0, len(idx), batch):
-      chunk = idx[start:start + batch]
-      rows = chunk + [chunk[-1]] * ((1 << (len(chunk) - 1).bit_length() if pow2 else batch) - len(chunk))
+    size = batch if pow2 else -(-len(idx) // -(-len(idx) // batch))
+    for start in range(0, len(idx), size):
+      chunk = idx[start:start + size]
+      rows = chunk + [chunk[-1]] * ((1 << (len(chunk) - 1).bit_length() if pow2 else size) - len(chunk))
       tokens = np.zeros((len(rows), T), np.int32)
       for r, i in enumerate(rows):
         tokens[r, :len(prompts[i])] = prompts[i]

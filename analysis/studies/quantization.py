@@ -260,7 +260,7 @@ def study(label, model, tokenizer, items, scheme_list, *, calib, heldout, probe,
     records += run_items(quantized, tokenizer, items, hook=hook, hook_args=args, label=label, scheme=scheme.name,
                          batch=batch, bucket=bucket, sink=sink)
     t2 = time.perf_counter()
-    ppl[scheme.name] = perplexity(quantized, heldout, hook, args, batch)
+    ppl[scheme.name] = perplexity(quantized, heldout, hook, args)  # its own batch: full-vocab logits per token
     intervene = None if hook is None else functools.partial(hook, args)
     m_change[scheme.name] = massive_change(M_fp, norms(quantized, probe, intervene), scheme.lam)
     seconds[scheme.name] = {"quantize": t1 - t0, "tasks": t2 - t1, "ppl_and_M": time.perf_counter() - t2}
@@ -288,7 +288,7 @@ class QuantStudy:
   tasks: str = ""                            # comma list of task-name prefixes to keep (e.g. passkey,capitals)
   n: int = 20                                # examples per task
   seed: int = 0
-  batch: int = 8
+  batch: int = 32                            # prompts per decoding batch (a task's 20 prompts: one batch)
   bucket: int = 32                           # a batch's prompts right-padded to a multiple of this (0: equal lengths)
   calib: str = "16x256"                      # calibration windows NxT
   ppl: str = "16x256"                        # held-out perplexity windows NxT

@@ -108,7 +108,8 @@ def gram_error(h_IxI, w_IxO, w_hat_IxO) -> float:
 
 def gram(x_NxI) -> np.ndarray:
   """H = X^T X in float64 (one symmetric rank-N product: half the flops of X^T @ X)."""
-  upper = scipy.linalg.blas.dsyrk(1.0, np.asarray(x_NxI, np.float64), trans=1)
+  # X^T is X's memory in BLAS's column-major order: A A^T of it needs no transposed copy of X
+  upper = scipy.linalg.blas.dsyrk(1.0, np.asarray(x_NxI, np.float64).T, trans=0)
   return np.triu(upper) + np.triu(upper, 1).T
 
 
@@ -122,16 +123,18 @@ def gram_factor(h_IxI) -> np.ndarray | None:
 def gram_errors(h_IxI, pairs: list, r_IxI: np.ndarray | None = None) -> np.ndarray:
   """gram_error(H, w, w_hat) of each (w, w_hat) in `pairs` (float64 [len(pairs)]). With R =
   gram_factor(H) each is ||R D||_F^2: all Ds side by side in one triangular product, half the flops
-  of H D."""
+  of H D. That product runs in float32 (D is a difference of float32 weights; R is rounded once)
+  and each column's squares are summed in float64: on SmolLM2's layers within 2.3e-7 of the
+  float64 value per pair, where AWQ's best two alphas lie 3e-5 or more apart."""
   if r_IxI is None:
     return np.array([gram_error(h_IxI, w, w_hat) for w, w_hat in pairs])
   widths = [w.shape[1] for w, _ in pairs]
-  d_IxW = np.empty((r_IxI.shape[0], sum(widths)), np.float64)
+  d_IxW = np.empty((r_IxI.shape[0], sum(widths)), np.float32)
   for start, (w, w_hat) in zip(np.cumsum([0] + widths), pairs):
-    np.subtract(w, w_hat, out=d_IxW[:, start:start + w.shape[1]], dtype=np.float64)  # exact, as gram_error's
+    np.subtract(w, w_hat, out=d_IxW[:, start:start + w.shape[1]], dtype=np.float32)
   # (R D)^T = D^T R^T, and D^T is D's memory in BLAS's column-major order: no copy of D
-  rdT_WxI = scipy.linalg.blas.dtrmm(1.0, r_IxI, d_IxW.T, side=1, trans_a=1, overwrite_b=1)
-  per_column = np.einsum("wi,wi->w", rdT_WxI, rdT_WxI)
+  rdT_WxI = scipy.linalg.blas.strmm(1.0, r_IxI.astype(np.float32), d_IxW.T, side=1, trans_a=1, overwrite_b=1)
+  per_column = np.einsum("wi,wi->w", rdT_WxI, rdT_WxI, dtype=np.float64)
   return np.add.reduceat(per_column, np.cumsum([0] + widths[:-1]))
 
 
