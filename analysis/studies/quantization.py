@@ -110,10 +110,20 @@ def run_items(model, tokenizer, items, *, hook=None, hook_args=None, label: str,
 M_POINTS = ("q", "k", "rot_k")
 
 
-def norms(model, tokens_BxT, intervene=None) -> dict[str, np.ndarray]:
-  """{point: M [L, H, D]} over the probe tokens, for the points in M_POINTS."""
-  _, cache = capture.run(model, jnp.asarray(tokens_BxT), points=M_POINTS, intervene=intervene)
-  return {p: np.stack([np.asarray(stats.value_norms(x)) for x in cache.stack(p)]) for p in M_POINTS}
+@functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
+def _norms(graphdef, state, tokens_BxT, hook, hook_args):
+  model = nnx.merge(graphdef, state)
+  intervene = None if hook is None else functools.partial(hook, hook_args)
+  _, cache = capture.run(model, tokens_BxT, points=M_POINTS, intervene=intervene)  # logits unused: not computed
+  return {p: jnp.stack([stats.value_norms(x) for x in cache.stack(p)]) for p in M_POINTS}
+
+
+def norms(model, tokens_BxT, hook=None, hook_args=None) -> dict[str, np.ndarray]:
+  """{point: M [L, H, D]} over the probe tokens, for the points in M_POINTS (under an optional
+  hook, as perplexity takes it)."""
+  graphdef, state = nnx.split(model)
+  M = _norms(graphdef, state, jnp.asarray(tokens_BxT), hook, hook_args)
+  return {p: np.asarray(m) for p, m in M.items()}
 
 
 def massive_change(M_fp: dict, M_q: dict, lam: float) -> dict:
@@ -261,8 +271,7 @@ def study(label, model, tokenizer, items, scheme_list, *, calib, heldout, probe,
                          batch=batch, bucket=bucket, sink=sink)
     t2 = time.perf_counter()
     ppl[scheme.name] = perplexity(quantized, heldout, hook, args)  # its own batch: full-vocab logits per token
-    intervene = None if hook is None else functools.partial(hook, args)
-    m_change[scheme.name] = massive_change(M_fp, norms(quantized, probe, intervene), scheme.lam)
+    m_change[scheme.name] = massive_change(M_fp, norms(quantized, probe, hook, args), scheme.lam)
     seconds[scheme.name] = {"quantize": t1 - t0, "tasks": t2 - t1, "ppl_and_M": time.perf_counter() - t2}
     logs[scheme.name] = log
     print(f"[{label}] {scheme.name}: quantize {t1 - t0:.1f}s, tasks {t2 - t1:.1f}s, ppl {ppl[scheme.name]['ppl']:.3g}",

@@ -106,3 +106,25 @@ def test_padded_batches_answer_as_equal_length_batches(axis):
   plain = QS.run_items(model, ByteTokenizer(), items, batch=2, **kw)
   padded = QS.run_items(model, ByteTokenizer(), items, batch=4, bucket=16, **kw)
   assert sorted(plain, key=lambda r: r["example"]) == sorted(padded, key=lambda r: r["example"])
+
+
+def test_norms_are_those_of_a_capture_pass_with_and_without_a_hook():
+  """The jitted norms equal M computed in float64 from an eager capture pass, under no hook and under
+  a 2-bit KV key hook (same float32 forward, fused and reordered: 1e-5 of the largest M is ~80 eps);
+  and the hook is applied (2-bit keys move k's M)."""
+  import functools
+  import jax.numpy as jnp
+  from analysis.studies import quantize_model as QM
+  from minilm import capture
+  model = Decoder(ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, max_len=64), rngs=nnx.Rngs(0))
+  toks = np.random.default_rng(3).integers(0, 300, (3, 20)).astype(np.int32)
+  args = QM.kv_args(QM.Scheme("kv", bits=2, kv_point="pre", kv_axis="token"))
+  got = {}
+  for hook, hook_args in ((None, None), (QM.kv_hook, args)):
+    got[hook] = QS.norms(model, toks, hook, hook_args)
+    intervene = None if hook is None else functools.partial(hook, hook_args)
+    _, cache = capture.run(model, jnp.asarray(toks), points=QS.M_POINTS, intervene=intervene)
+    for p in QS.M_POINTS:
+      want = np.stack([np.sqrt((np.asarray(x, np.float64) ** 2).sum((0, 1))) for x in cache.stack(p)])
+      np.testing.assert_allclose(got[hook][p], want, rtol=0, atol=1e-5 * want.max(), err_msg=p)
+  assert np.abs(got[QM.kv_hook]["k"] / got[None]["k"] - 1).max() > 1e-2
