@@ -107,7 +107,7 @@ def batches(prompts: Sequence, max_new: Sequence[int], batch: int, *, pow2: bool
   order within each, and right-padded (token 0) to the group's length. A group is cut into the
   fewest batches of at most `batch` prompts, all of one size (20 prompts at batch 8: 7, 7 and 6,
   not 8, 8 and 4), and the last is filled by repeating its last prompt to that size, so a group
-  compiles one shape and computes at most one filler row per batch. With pow2, batches hold `batch`
+  compiles one shape and computes fewer filler rows than it has batches. With pow2, batches hold `batch`
   prompts and the last is filled to the next power of two instead (few shapes across groups of
   many sizes). Rows past len(indices) are filler."""
   if bucket < 0:

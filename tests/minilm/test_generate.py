@@ -55,9 +55,10 @@ def test_right_padded_prefill_and_decode_logits_match_unpadded():
   assert np.asarray(pcache["pos"])[0, 9:16].min() == NEVER   # the padding's slots stay unseen
 
 
-def test_batches_split_a_group_evenly_and_fill_at_most_one_row():
+def test_batches_split_a_group_evenly_with_fewer_filler_rows_than_batches():
   """20 prompts at batch 8: batches of 7, 7 and 6 prompts, all 7 rows (one filler row, a repeat of
-  the last prompt), not 8, 8 and 4 in 24 rows; a group below `batch` is one batch of its own size;
+  the last prompt), not 8, 8 and 4 in 24 rows; 22 at batch 8: 8, 8 and 6 (two filler rows, three
+  batches); a group below `batch` is one batch of its own size;
   pow2 keeps full batches and fills the last to a power of two. Every prompt is in exactly one batch."""
   def split(n, batch, **kw):
     prompts = [[i + 1] * 3 for i in range(n)]
@@ -68,6 +69,7 @@ def test_batches_split_a_group_evenly_and_fill_at_most_one_row():
     return [(len(idx), len(tokens)) for idx, tokens, *_ in out]
   assert split(20, 8) == [(7, 7), (7, 7), (6, 7)]
   assert split(20, 32) == [(20, 20)]
+  assert split(22, 8) == [(8, 8), (8, 8), (6, 8)]
   assert split(16, 8) == [(8, 8), (8, 8)]
   assert split(20, 8, pow2=True) == [(8, 8), (8, 8), (4, 4)]
   assert split(19, 8, pow2=True) == [(8, 8), (8, 8), (3, 4)]
