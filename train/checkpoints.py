@@ -162,12 +162,10 @@ def _join_by(thread: threading.Thread, deadline: float) -> Exception | None:
     try:
       thread.join(max(0.0, deadline - time.monotonic()))
       return None
-    except RuntimeError as e:
-      if "before it is started" not in str(e):
+    except Exception as e:
+      if not (isinstance(e, RuntimeError) and "before it is started" in str(e)):
         return e
       time.sleep(0.01)
-    except Exception as e:
-      return e
   return None
 
 

@@ -58,8 +58,8 @@ def test_right_padded_prefill_and_decode_logits_match_unpadded():
 def test_batches_split_a_group_evenly_with_fewer_filler_rows_than_batches():
   """20 prompts at batch 8: batches of 7, 7 and 6 prompts, all 7 rows (one filler row, a repeat of
   the last prompt), not 8, 8 and 4 in 24 rows; 22 at batch 8: 8, 8 and 6 (two filler rows, three
-  batches); a group below `batch` is one batch of its own size;
-  pow2 keeps full batches and fills the last to a power of two. Every prompt is in exactly one batch."""
+  batches); a group below `batch` is one batch of its own size; pow2 keeps full batches and fills
+  the last to a power of two. Every prompt is in exactly one batch."""
   def split(n, batch, **kw):
     prompts = [[i + 1] * 3 for i in range(n)]
     out = list(generate.batches(prompts, [2] * n, batch, **kw))
