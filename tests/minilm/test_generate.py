@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from helpers import EPS32
+from helpers import forward
 from helpers import small_decoder as make
 from helpers import small_tokens as tokens
 from minilm import encodings, generate
@@ -19,7 +20,7 @@ def test_greedy_matches_argmax_loop():
   out = np.asarray(greedy(model, prompt, 4))
   seq = np.asarray(prompt)
   for _ in range(4):
-    seq = np.concatenate([seq, np.asarray(model(jnp.asarray(seq)))[:, -1].argmax(-1)[:, None]], 1)
+    seq = np.concatenate([seq, np.asarray(forward(model, jnp.asarray(seq)))[:, -1].argmax(-1)[:, None]], 1)
   np.testing.assert_array_equal(out, seq[:, 6:])
 
 
@@ -44,11 +45,11 @@ def test_right_padded_prefill_and_decode_logits_match_unpadded():
   model = make("rope")
   toks = np.asarray(tokens(1, 9))
   padded = np.concatenate([toks, np.asarray(tokens(1, 7, seed=5))], 1)   # 7 tokens of padding
-  plain, cache = model(jnp.asarray(toks), cache=init_cache(model.cfg, 1, 10))
-  pad, pcache = model(jnp.asarray(padded), jnp.minimum(jnp.arange(16), 8)[None], cache=init_cache(model.cfg, 1, 17),
-                      lengths_B=jnp.asarray([9]))
-  step, _ = model(jnp.asarray([[3]]), jnp.asarray([[9]]), cache=cache)
-  pstep, _ = model(jnp.asarray([[3]]), jnp.asarray([[9]]), cache=pcache)
+  plain, cache = forward(model, jnp.asarray(toks), cache=init_cache(model.cfg, 1, 10))
+  pad, pcache = forward(model, jnp.asarray(padded), jnp.minimum(jnp.arange(16), 8)[None],
+                        cache=init_cache(model.cfg, 1, 17), lengths_B=jnp.asarray([9]))
+  step, _ = forward(model, jnp.asarray([[3]]), jnp.asarray([[9]]), cache=cache)
+  pstep, _ = forward(model, jnp.asarray([[3]]), jnp.asarray([[9]]), cache=pcache)
   bound = 4 * np.sqrt(740) * EPS32 * np.abs(np.asarray(plain)).max()
   np.testing.assert_allclose(np.asarray(pad)[:, :9], plain, rtol=0, atol=bound)
   np.testing.assert_allclose(pstep, step, rtol=0, atol=bound)

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from helpers import SMALL
+from helpers import forward
 from helpers import small_decoder as make
 from helpers import small_tokens as tokens
 from minilm import capture
@@ -71,7 +72,7 @@ def test_float32_and_bfloat16_forward_agree(position):
   bf16 = make(position, dtype="bfloat16")
   nnx.update(bf16, nnx.state(f32, nnx.Param))
   toks = tokens()
-  a, b = np.asarray(f32(toks)), np.asarray(bf16(toks))
+  a, b = np.asarray(forward(f32, toks)), np.asarray(forward(bf16, toks))
   # bf16 rounds each of ~20 stages on a logit's path (norms, projections, scores, softmax, MLP, head)
   # to 2^-8: random signs give ~sqrt(20) * 2^-8 = 0.018 of the largest logit; 0.05 is ~3x that.
   assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
@@ -107,12 +108,12 @@ def test_intervention_hook_sees_every_point_and_changes_the_output():
 
 def assert_cache_decoding_matches_full_forward(model):
   toks = tokens(2, 14)
-  full = np.asarray(model(toks))
+  full = np.asarray(forward(model, toks))
   cache = init_cache(model.cfg, 2, 20)
-  pre, cache = model(toks[:, :9], cache=cache)
+  pre, cache = forward(model, toks[:, :9], cache=cache)
   steps = [pre]
   for t in range(9, 14):
-    out, cache = model(toks[:, t:t + 1], cache=cache)
+    out, cache = forward(model, toks[:, t:t + 1], cache=cache)
     steps.append(out)
   # Cached decoding sums in other orders and shapes. A logit ends ~740 summed terms of random sign
   # (2 layers: norms and q/k/v/o/MLP matmuls of depth 32-128, attention over <= 20 keys; final norm,
@@ -163,7 +164,7 @@ def test_imported_architectures_are_causal_and_decode_with_the_cache(name):
   model = make(**IMPORTED[name])
   toks = tokens(2, 14)
   edited = toks.at[:, 10].set((toks[:, 10] + 1) % SMALL["vocab_size"])
-  a, b = np.asarray(model(toks)), np.asarray(model(edited))
+  a, b = np.asarray(forward(model, toks)), np.asarray(forward(model, edited))
   # exact: same program and shapes; the edit reaches earlier rows only through masked weights (0)
   np.testing.assert_array_equal(a[:, :10], b[:, :10])
   assert not np.allclose(a[:, 10:], b[:, 10:])

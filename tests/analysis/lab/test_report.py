@@ -17,6 +17,7 @@ import pytest
 from analysis.lab import report as R
 from analysis.massive import claims as CL
 from analysis.massive import pipeline as PL
+from analysis.massive import plots as P
 from helpers import SWEEP
 from helpers import plant_sink as _plant_sink
 from helpers import sink_decoder as _decoder
@@ -167,12 +168,12 @@ def test_the_report_shows_the_pooled_table(seeded):
 
 
 def test_report_section_reads_the_store(tmp_path):
-  from analysis.lab import report as R
   model = _decoder(encodings.NoPE(), qkv_bias=True)
   _plant_sink(model, layer=0, head=1)
   probes = _probes(6, 24)
   trace_dir = tmp_path / "trace"
-  PL.analyze_model(model, probes, str(trace_dir), arm="planted", claims=False, batch_size=6)
+  store = PL.analyze_model(model, probes, str(trace_dir), arm="planted", plots=False, claims=False, batch_size=6)
+  P.sink_figures(store)                                   # the figures the section shows, and no others
   html = R.sinks_section(str(tmp_path), "trace", "sinks")
   assert html.count("<tr>") == 2 and "trace/plots/sink_map.png" in html and "attention_planted" in html
   assert "no layer holds an activation above 1000 x the median" in html
