@@ -94,7 +94,10 @@ def markdown_tables(text: str, paragraphs: bool = True) -> str:
 
 
 def figure(report_dir: str, rel: str, caption: str) -> str:
-  """<figure> of a PNG under report_dir (relative link), or a plain note when it is missing."""
+  """<figure> of a PNG under report_dir (relative link), or a plain note when it is missing; nothing
+  when its whole folder is (figures turned off: `not_drawn` says so once)."""
+  if not os.path.isdir(os.path.dirname(os.path.join(report_dir, rel))):
+    return ""
   if not os.path.exists(os.path.join(report_dir, rel)):
     return f'<p class="small">(figure {esc(rel)} was not produced)</p>'
   img = f'<img src="{esc(rel)}" alt="{esc(caption)}">'
@@ -112,6 +115,14 @@ def png_size(path: str) -> tuple[int, int]:
   if head[:8] != b"\x89PNG\r\n\x1a\n":
     return 0, 0
   return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def not_drawn(report_dir: str, folder: str) -> str:
+  """One note where a traced folder holds no plots/ (traced with plots off), else ""."""
+  if os.path.isdir(os.path.join(report_dir, folder, "plots")):
+    return ""
+  return (f'<p class="small">Figures of {esc(folder)}/ were not drawn (plots off); <code>python -m analysis plots '
+          f'{esc(folder)}</code>, run in this report\'s folder, draws them from the traced files.</p>')
 
 
 def figures(report_dir: str, folder: str, prefix: str, caption, grid: bool = False) -> str:
@@ -456,6 +467,7 @@ class Report:
            f'<p class="small">{esc(cap.get("n_probes"))} probe prompts of {esc(cap.get("length"))} tokens; '
            f"massive: M[h,d] &gt; {esc(stats.get('lam'))} x mean_d M[h,d]; M over prompt tokens "
            f"(drop_first={esc(stats.get('drop_first'))}). Shaded bands: 95% bootstrap intervals.</p>",
+           not_drawn(self.dir, "trace"),
            figure(self.dir, "trace/plots/emergence.png", "per layer over steps, arms overlaid: max/mean of the most "
                   "concentrated head against the massive threshold lambda, head-mean max/mean per dim and per "
                   "rotary pair, and the low-frequency share, of rot_q, rot_k, v"),
@@ -589,7 +601,7 @@ class Report:
         f"({esc(f.get('probes', {}).get('text'))}); wavelength boundary at context {esc(f.get('context'))}. "
         "The same analysis as a traced run, with the model as one arm at step 0 and no NoPE twin: references "
         f"{esc(', '.join(sorted({v.reference for v in self.pre_claims if v.reference})) or 'none')}.</p>",
-        table_html(CLAIM_HEADER, rows, classes),
+        table_html(CLAIM_HEADER, rows, classes), not_drawn(self.dir, "pretrained"),
         figures(self.dir, "pretrained/plots", "layer_profile", lambda n: "statistics per layer"),
         figures(self.dir, "pretrained/plots", "heatmap_", lambda n: "M[h,d] / mean_d M per layer and tensor"),
         figures(self.dir, "pretrained/plots", "pair_energy_", lambda n: "share of pair energy vs rotary frequency"),

@@ -49,7 +49,7 @@ from minilm import atomic
 from minilm import paths
 from minilm import schema as C
 from minilm.cli import guarded, last_error
-from minilm.schema import check, check_choice
+from minilm.schema import OPTIONAL, check, check_choice
 from train import checkpoints as ck
 from train import cli as train_cli
 from train import paired, tensorboard
@@ -75,6 +75,9 @@ class TraceSettings:
   top_k: int = 1
   agree_k: int = 2
   drop_first: bool = False  # leave token 0 (attention sink) out of M
+  # draw the figures (PNG and PDF); false: tables and claims only, earlier figures removed. OPTIONAL:
+  # hashed only where it is off, so markers written before the setting existed still match
+  plots: bool = dataclasses.field(default=True, metadata=OPTIONAL)
 
   def __post_init__(self):
     check(self.probes >= 2, "trace.probes", f"must be >= 2 (intervals resample prompts); got {self.probes}")
@@ -321,7 +324,7 @@ class Lab:
     todo = sum(len(set(ck.available_steps(d)) - set(store.steps(a))) for a, d in ST.run_arms(self.run_dir).items())
     with tqdm(total=todo, desc="trace (arm, step)", dynamic_ncols=True) as bar:
       store = PL.trace_run(self.run_dir, out, n_probes=t.probes, length=t.length or None, probe_seed=t.probe_seed,
-                          stat_cfg=t.stat_config(), batch_size=t.batch,
+                          stat_cfg=t.stat_config(), batch_size=t.batch, plots=t.plots,
                           log=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
     compare.compare(store, self.run_dir)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -40,8 +41,12 @@ def analyze_model(model, probes_NxT, out_dir: str, *, mask_NxT=None, arm: str = 
 
 
 def finish(store: Store, *, plots: bool = True, claims: bool = True, rope_arm=None, nope_arm=None) -> None:
+  """Figures and verdicts from the rebuilt tables. Without plots, figures of an earlier trace in the
+  folder are removed: they were drawn from other tables."""
   if plots:
     P.plot_all(store)
+  else:
+    shutil.rmtree(store.path("plots"), ignore_errors=True)
   if claims:
     CL.write_claims(CL.judge(store, rope_arm=rope_arm, nope_arm=nope_arm), store.root)
 

@@ -32,8 +32,10 @@ def snapshot(*folders) -> dict[str, str]:
 
 
 def _lab_argv(tmp_path, *extra):
+  """A --quick lab run without its figures (no test here looks at them; drawing is most of a trace)."""
   return ["--quick", "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports"),
-          "--skip", "pretrained,disrupt", "--lab-set", "trace.probes=4", "quant.methods=rtn", "quant.bits=4", *extra]
+          "--skip", "pretrained,disrupt", "--lab-set", "trace.probes=4", "trace.plots=false", "quant.methods=rtn",
+          "quant.bits=4", *extra]
 
 
 @pytest.mark.slow
@@ -97,6 +99,8 @@ def test_a_diverged_arm_is_shown_and_gets_no_verdict(tmp_path, capsys):
   assert set(json.loads((report / "quant" / "summary.json").read_text())["models"]) == {"rope"}
   claims = {c["claim"]: c for c in json.loads((report / "trace" / "claims.json").read_text())["claims"]}
   assert claims["C3"]["verdict"] == "inconclusive" and claims["C3"]["reference"] != "arm nope"
-  assert "nope diverged</b>" in (report / "index.html").read_text()
+  page = (report / "index.html").read_text()
+  assert "nope diverged</b>" in page and "Figures of trace/ were not drawn (plots off)" in page
+  assert not (report / "trace" / "plots").exists() and "was not produced" not in page
   assert L.main(argv) == 0                                  # the diverged arm is finished: nothing reruns
   assert "== [1/4] train: reused" in capsys.readouterr().out

@@ -55,6 +55,10 @@ def test_a_changed_setting_changes_the_hash_of_exactly_the_stages_it_affects():
   assert changed("--lab-set", "pretrained.length=32") == {"pretrained", "report"}
   assert changed("--lab-set", "quant.bits=8") == {"quant", "report"}
   assert changed("--lab-set", "disrupt.rope=pre") == {"disrupt", "report"}
+  assert changed("--lab-set", "trace.plots=false") == {"trace", "report"}
+  assert changed("--lab-set", "trace.plots=true") == set()   # the default: earlier markers still match
+  assert _lab()[0].stages["trace"].params == {"trace": {"probes": 8, "length": 0, "probe_seed": 0, "batch": 8,
+                                                        "lam": 5.0, "top_k": 1, "agree_k": 2, "drop_first": False}}
   # the studies' settings hash as the lab's settings did before they were typed: earlier markers still match
   params = _lab()[0].stages["disrupt"].params
   assert params == {"disrupt": {"model": "smollm2", "suite": "templates", "n": 2, "modes": "off,smallest,massive",
@@ -147,7 +151,7 @@ def test_quick_run_trains_traces_reports_then_reuses_everything(tmp_path, capsys
 
   import shutil                                             # training not finished (one arm's last step missing):
   shutil.rmtree(tmp_path / "runs" / "rope_vs_nope_quick" / "nope" / "checkpoints" / "6")
-  assert L.main([*argv, "--only", "trace", "--force", "trace"]) == 0
+  assert L.main([*argv, "--only", "trace", "--force", "trace", "--lab-set", "trace.plots=false"]) == 0
   assert "on incomplete inputs" in capsys.readouterr().out   # trace runs on what exists, but is not marked done
   assert not (report / "stages" / "trace.json").exists()
 
@@ -211,7 +215,8 @@ def test_a_failed_second_process_is_a_one_line_error_naming_its_stages_and_log(t
 
 @pytest.mark.slow   # a --quick lab run, then its beside stages again in turn
 def test_stages_beside_training_give_what_they_give_in_turn(tmp_path, capsys):
-  common = ["--quick", "--runs", str(tmp_path / "runs"), "--lab-set", "pretrained.model=random", "disrupt.model=random"]
+  common = ["--quick", "--runs", str(tmp_path / "runs"), "--lab-set", "pretrained.model=random", "disrupt.model=random",
+            "pretrained.plots=false", "disrupt.tasks=passkey,capitals"]
   assert L.main([*common, "beside_train=on", "--reports", str(tmp_path / "a"), "--skip", "trace,quant"]) == 0
   out = capsys.readouterr().out
   assert "beside training, in a second process: pretrained, disrupt" in out

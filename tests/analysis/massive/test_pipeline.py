@@ -65,6 +65,7 @@ def test_cli_traces_a_paired_run_into_table_plots_and_claims_and_resumes(tiny_ru
   assert first["traced"] == 4 and first["forward_s"] + first["compile_forward_s"] > 0
   assert second["traced"] == 0 and second["skipped"] == 4
   assert json.loads((out / "meta.json").read_text())["stats"]["lam"] == 3.0   # table redone, no forward
+  assert not (out / "plots").exists()            # the figures drawn at the other lam are not left beside it
   assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--drop-first"]) == 2
 
 
