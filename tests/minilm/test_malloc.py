@@ -1,10 +1,10 @@
 """minilm.malloc: XLA:CPU's per-step buffers are reused instead of faulted in again every step."""
-import os
 import subprocess
 import sys
 
 import pytest
 
+import compilation
 import minilm
 
 STEP_FAULTS = """
@@ -42,8 +42,8 @@ def test_a_train_step_reuses_its_buffers():
   of 11 steps after the first). After three warm-up steps the median of the next nine must fault in
   under 2% of that. The median, not every step: with the settings an occasional step still faults
   them all in again (3 of 72 such steps in 8 runs; the others 0 pages)."""
-  # the step as the lab compiles it: buffer assignment is what is measured (conftest turns optimizations off)
-  env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}
-  out = subprocess.run([sys.executable, "-c", STEP_FAULTS], capture_output=True, text=True, check=True, env=env)
+  # the step as the lab compiles it: its buffer assignment is what is measured
+  out = subprocess.run([sys.executable, "-c", STEP_FAULTS], capture_output=True, text=True, check=True,
+                       env=compilation.lab_env())
   kept, faults = out.stdout.split()
   assert kept == "True" and int(faults) < 0.02 * 146e6 / 4096, out.stdout
