@@ -26,7 +26,6 @@ Schemes (`Scheme.method`):
 """
 from __future__ import annotations
 
-from analysis.massive import stats
 import dataclasses
 import re
 
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from analysis.massive import stats
 from analysis.studies import quantize as Q
 from minilm import capture as mcapture
 from minilm import hooks
