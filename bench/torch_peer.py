@@ -4,10 +4,12 @@ The model follows nanoGPT's model.py (Karpathy, github.com/karpathy/nanoGPT): to
 position embeddings, pre-norm blocks of LayerNorm (with bias), causal self-attention through
 F.scaled_dot_product_attention (q, k and v from one fused linear), LayerNorm, a GELU (erf) MLP of
 4 x d, a final LayerNorm and a head tied to the token embedding; linears carry biases, the head
-does not. Init: normal(0.02), residual projections 0.02 / sqrt(2 L). The step is nanoGPT's train.py
-on CPU: cross-entropy, backward, clip_grad_norm_(1.0), AdamW (decay on matrices only; nanoGPT asks
-for fused AdamW on CUDA only, so CPU gets torch's default) and zero_grad(set_to_none=True).
-bfloat16 is nanoGPT's mixed precision: float32 parameters under torch.autocast(bfloat16).
+does not. Init: normal(0.02), residual projections 0.02 / sqrt(2 L). The step is nanoGPT's train.py:
+cross-entropy, backward, clip_grad_norm_(1.0), AdamW (decay on matrices only; fused on CUDA, torch's
+default on CPU, as nanoGPT asks) and zero_grad(set_to_none=True). bfloat16 is nanoGPT's mixed
+precision: float32 parameters under torch.autocast(bfloat16). On CUDA (--device cuda) float32
+matmuls run as TF32, as nanoGPT sets them and as jax runs them by default on NVIDIA GPUs, and each
+timing ends with a synchronize.
 
 Run by train_throughput.py as a worker process (`--serve`): it builds the model from its arguments,
 then answers each stdin line `run N` with the seconds N steps took, so the two frameworks are timed
@@ -68,7 +70,7 @@ class GPT(nn.Module):
         nn.init.zeros_(m.bias)
 
   def forward(self, tokens_BxT):
-    x = self.wte(tokens_BxT) + self.wpe(torch.arange(tokens_BxT.shape[1]))
+    x = self.wte(tokens_BxT) + self.wpe(torch.arange(tokens_BxT.shape[1], device=tokens_BxT.device))
     for block in self.blocks:
       x = block(x)
     return self.lm_head(self.ln_f(x))
@@ -78,17 +80,22 @@ class Peer:
   """One GPT, its AdamW and a fixed random batch; `run(n)` times n train steps."""
 
   def __init__(self, *, vocab: int, seq: int, batch: int, d: int, layers: int, heads: int, dtype: str,
-               lr: float, b1: float, b2: float, weight_decay: float, clip_norm: float, seed: int = 0):
+               lr: float, b1: float, b2: float, weight_decay: float, clip_norm: float, device: str = "cpu",
+               seed: int = 0):
     torch.manual_seed(seed)
-    self.model = GPT(vocab, seq, d, layers, heads)
+    self.cuda = device == "cuda"
+    if self.cuda:
+      torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    self.model = GPT(vocab, seq, d, layers, heads).to(device)
     params = [p for p in self.model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    self.opt = torch.optim.AdamW(groups, lr=lr, betas=(b1, b2))
+    self.opt = torch.optim.AdamW(groups, lr=lr, betas=(b1, b2), fused=self.cuda or None)
     self.clip_norm, self.vocab = clip_norm, vocab
-    tokens = torch.randint(0, vocab, (batch, seq + 1))
+    tokens = torch.randint(0, vocab, (batch, seq + 1)).to(device)
     self.inputs, self.targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    self.autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
+    bf16 = dtype == "bfloat16"
+    self.autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
   def step(self) -> None:
     with self.autocast():
@@ -103,6 +110,8 @@ class Peer:
     start = time.perf_counter()
     for _ in range(n):
       self.step()
+    if self.cuda:
+      torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -113,6 +122,7 @@ def main() -> None:
   for name in ("lr", "b1", "b2", "weight_decay", "clip_norm"):
     p.add_argument(f"--{name.replace('_', '-')}", type=float, required=True)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
   p.add_argument("--serve", action="store_true", help="answer stdin lines 'run N' with the seconds taken")
   args = vars(p.parse_args())
   serve = args.pop("serve")

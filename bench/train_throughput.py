@@ -4,7 +4,7 @@
         [--dtype float32|bfloat16] [--peer torch] [--stack K] [--xla-flags '...']
 
 --peer torch (pip install -e '.[bench]') times nanoGPT's GPT on PyTorch (bench/torch_peer.py, a
-worker process) in turn with minilm at the same architecture: GPT_ARCH, learned positions, pre-norm
+worker process; on the GPU when jax runs on one) in turn with minilm at the same architecture: GPT_ARCH, learned positions, pre-norm
 LayerNorm with biases, GELU (erf) MLP of 4 x d, biases on every linear but the tied head. Each round
 times `steps` steps of minilm, then of the peer, after one compile/warm-up step each; the best round
 of each side counts, so load on the machine reaches both. Without --peer the model is the lab's
@@ -50,8 +50,8 @@ def accelerator_peak(device_kind: str, dtype: str) -> float | None:
 class TorchPeer:
   """bench/torch_peer.py as a worker process: `run(n)` -> seconds for n steps."""
 
-  def __init__(self, cfg, optim, batch: int, seq: int):
-    args = dict(vocab=cfg.vocab_size, seq=seq, batch=batch, d=cfg.d_model, layers=cfg.n_layers, heads=cfg.n_heads,
+  def __init__(self, cfg, optim, batch: int, seq: int, device: str):
+    args = dict(device=device, vocab=cfg.vocab_size, seq=seq, batch=batch, d=cfg.d_model, layers=cfg.n_layers, heads=cfg.n_heads,
                 lr=optim.lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, clip_norm=optim.clip_norm)
     cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "torch_peer.py"), "--serve", "--dtype", cfg.dtype,
            *(f"--{k.replace('_', '-')}={v}" for k, v in args.items())]
@@ -125,11 +125,17 @@ def main() -> None:
                 "weights": jnp.ones((args.batch, args.seq), jnp.float32)} for t in tokens]
     step = lambda p, o, b, i: train_step(p, o, rest, b, i, graphdef=graphdef, cfg=optim, steps=1000,
                                          mesh=mesh, strategy="data")
+    start = time.perf_counter()
     params, opt, m = step(params, opt, batches[0], 0)   # compile
     jax.block_until_ready(m)
-    peer = TorchPeer(cfg, optim, args.batch, args.seq) if args.peer else None
+    # stderr, as it happens: where a run stopped by a time limit spent its time
+    print(f"{name}: compiled and ran step 0 in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    peer = TorchPeer(cfg, optim, args.batch, args.seq, device) if args.peer else None
     if peer:
+      start = time.perf_counter()
       peer.run(1)   # warm-up
+      print(f"{name}: {peer.version}, warm-up step in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     ours, theirs = [], []
     for _ in range(args.rounds):
       start = time.perf_counter()
@@ -170,8 +176,10 @@ def _stacked_step_s(args, cfg, optim, mesh, graphdef, rest, batches) -> float:
   step = stacked(lambda p, o, b, i, h: train_step(p, o, rest, b, i, h, graphdef=graphdef, cfg=optim, steps=1000,
                                                    mesh=mesh, strategy="data"))
   batches = [put([b] * k) for b in batches]
+  start = time.perf_counter()
   params, opt, m = step(params, opt, batches[0], 0, health)   # compile
   jax.block_until_ready(m)
+  print(f"stack {k}: compiled and ran step 0 in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
   times = []
   for _ in range(args.rounds):
     start = time.perf_counter()

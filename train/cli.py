@@ -11,7 +11,8 @@ command then ends with one 'error: ...' line per diverged arm and exit code 3.
 
 `--jobs N` trains N arms at once, each in its own `python -m train` process (arms that cannot share
 one program, such as other position encodings, fill an accelerator together; on CPU each arm is
-bit-identical to its sequential run). `--score-checkpoints` trains nothing: it scores the held-out tasks at every saved checkpoint of the
+bit-identical to its sequential run). `--data-workers N` makes the batches ahead of the step in N
+worker processes (train.prefetch), the same batches. `--score-checkpoints` trains nothing: it scores the held-out tasks at every saved checkpoint of the
 chosen arms that eval.jsonl has no row for (a run trained with sparse evaluation gets a score beside
 each checkpoint that a trace reads).
 """
@@ -28,7 +29,7 @@ from absl import logging
 from minilm import atomic
 from minilm import schema as C
 from minilm.cli import guarded
-from train import paired, tensorboard
+from train import paired, prefetch, tensorboard
 from train.config import ExperimentConfig, load_experiment
 from train.loop import check_run_dir, score_checkpoints
 
@@ -93,6 +94,9 @@ def parser() -> argparse.ArgumentParser:
                  help="train arms that differ only in seed as one stacked, vmapped program (auto: on accelerators)")
   p.add_argument("--jobs", type=int, default=1,
                  help="train this many arms (or stacked seed groups) at once, each in its own process (default 1)")
+  p.add_argument("--data-workers", type=int, default=0,
+                 help="make training batches ahead of the step in this many worker processes (default 0: in the "
+                      "training process, while the device runs the step before); the same batches either way")
   p.add_argument("--score-checkpoints", action="store_true",
                  help="train nothing: score the held-out tasks at every saved checkpoint of the chosen arms that "
                       "eval.jsonl has no row for (rows merged into eval.jsonl)")
@@ -115,11 +119,16 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     return score(exp, args.out, args.arms.split(",") if args.arms else None)
   atomic.check_out_dir(args.out)
   paired.check_jobs(args.jobs, args.distributed)
+  C.check(args.data_workers >= 0, "--data-workers", f"must be >= 0 (0: batches made in the training process); "
+          f"got {args.data_workers}")
   runs = paired.plan(exp, args.out, args.arms.split(",") if args.arms else None)
   if args.jobs > 1:
     return paired.run_concurrently(exp, args.out, runs, jobs=args.jobs, stack=args.stack_seeds,
-                                   tensorboard=args.tensorboard)
-  return paired.run_planned(runs, progress=not args.no_progress, stack=args.stack_seeds)
+                                   tensorboard=args.tensorboard, data_workers=args.data_workers)
+  if not args.data_workers:
+    return paired.run_planned(runs, progress=not args.no_progress, stack=args.stack_seeds)
+  with prefetch.WorkerBatches(args.data_workers) as batch_fn:
+    return paired.run_planned(runs, batch_fn=batch_fn, progress=not args.no_progress, stack=args.stack_seeds)
 
 
 def score(exp: ExperimentConfig, out: str, arms: list[str] | None) -> dict[str, dict]:

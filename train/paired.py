@@ -88,7 +88,7 @@ def units(runs: dict[str, tuple[TrainConfig, str]], stack: str) -> list[list[str
 
 
 def run_concurrently(exp: ExperimentConfig, out: str, runs: dict[str, tuple[TrainConfig, str]], *, jobs: int,
-                     stack: str = "auto", tensorboard: bool = False) -> dict[str, dict]:
+                     stack: str = "auto", tensorboard: bool = False, data_workers: int = 0) -> dict[str, dict]:
   """Train the planned arms in `jobs` processes at a time, one unit (`units`) each: arms that cannot
   share one program (other position encodings) still fill an accelerator together. Each process is
   `python -m train` on the experiment.json that `plan` wrote, with a 1/jobs share of accelerator
@@ -106,7 +106,7 @@ def run_concurrently(exp: ExperimentConfig, out: str, runs: dict[str, tuple[Trai
         unit = queue.pop(0)
         err = open(os.path.join(logs, f"{len(queue)}.err"), "w+")
         cmd = [sys.executable, "-m", "train", config, "--out", out, "--arms", ",".join(unit), "--no-progress",
-               "--stack-seeds", stack, *(["--tensorboard"] if tensorboard else [])]
+               "--stack-seeds", stack, "--data-workers", str(data_workers), *(["--tensorboard"] if tensorboard else [])]
         running.append((unit, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err), err))
       time.sleep(0.2)
       for item in [r for r in running if r[1].poll() is not None]:

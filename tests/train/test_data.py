@@ -61,17 +61,32 @@ def test_batches_do_not_depend_on_the_model_or_run_history():
     np.testing.assert_array_equal(a, b)
 
 
-def test_the_default_stream_is_the_one_earlier_runs_trained_on():
-  """Pinned: the first batches of the 'batch' stream as train_batch drew them before data.stream existed."""
+@pytest.mark.parametrize("stream,pinned", [("batch", "d2c91afc10e61132"), ("row", "6d147e1fef6c2436")])
+def test_each_stream_is_the_one_earlier_runs_trained_on(stream, pinned):
+  """Pinned: the first batches of the 'batch' stream as train_batch drew them before data.stream
+  existed, and of the 'row' stream as it drew them when it was added."""
   import hashlib
-  cfg = data.DataConfig(batch_size=6, mixture=TASKS_ONLY)
-  assert cfg.stream == "batch" and "stream" not in to_dict(cfg)
+  cfg = data.DataConfig(batch_size=6, mixture=TASKS_ONLY, stream=stream)
+  assert stream != "batch" or (cfg == data.DataConfig(batch_size=6, mixture=TASKS_ONLY) and "stream" not in to_dict(cfg))
   digest = hashlib.sha256()
   for step in range(3):
     b = data.train_batch(cfg, 0, step)
     for k in ("inputs", "targets", "weights"):
       digest.update(b[k].tobytes())
-  assert digest.hexdigest()[:16] == "d2c91afc10e61132"
+  assert digest.hexdigest()[:16] == pinned
+
+
+def test_family_draws_are_rng_choice_by_mixture_weight():
+  """_families places one uniform per row in the cumulative weights: the draws of rng.choice with
+  p = weights / weights.sum(), for any mixture (zero weights included)."""
+  weights_rng = np.random.default_rng(1)
+  for trial in range(200):
+    w = weights_rng.integers(0, 5, len(data.FAMILIES)).astype(float)
+    w[weights_rng.integers(len(w))] += 0.5
+    cfg = data.DataConfig(mixture=dict(zip(data.FAMILIES, w)))
+    drawn = data._families(cfg, np.random.default_rng([trial, 1]), 40)
+    by_choice = np.random.default_rng([trial, 1]).choice(len(data.FAMILIES), size=40, p=w / w.sum())
+    assert drawn == [data.FAMILIES[i] for i in by_choice]
 
 
 @pytest.mark.parametrize("stream", data.STREAMS)

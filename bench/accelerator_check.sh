@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The accelerator checks in one pass of at most ten minutes, for a machine lent for a short time:
+# versions, the step at configs/gpu.json's shape (MFU against the device's peak), the step side by
+# side with PyTorch in bfloat16 (with eight stacked seeds) and float32, and the tests of equal
+# attention/matmul paths and of stacked seeds on the device. Compiling for the GPU takes most of
+# each part's time (tens of seconds per program; stderr says how long each took).
+#
+#     bench/accelerator_check.sh OUT        (python3: jax with its GPU/TPU plugin, flax, optax, orbax;
+#                                            torch for the peer; the repository's root as working dir)
+#
+# Every part has its own time limit and writes OUT/<part>.txt as it goes, so a part that runs out
+# of time leaves the others' results.
+set -u
+out=${1:?usage: bench/accelerator_check.sh OUT}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# jax takes half the device's memory, leaving room for the PyTorch peer in its own process.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.5
+t=bench/train_throughput.py
+
+part() {   # part NAME SECONDS COMMAND...: run with a time limit, output to OUT/NAME.txt and stdout
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit} s): $*" | tee "$out/$name.txt"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.txt"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$out/$name.txt"
+}
+
+part env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nproc;
+  $py -c 'import jax, flax, optax, orbax.checkpoint as oc, numpy; print(jax.__version__, flax.__version__,
+  optax.__version__, oc.__version__, numpy.__version__, jax.devices())'
+  $py -c 'import torch; print(torch.__version__, torch.cuda.is_available())'"
+# configs/gpu.json's model is the 25M size (d 512, 8 layers, 8 heads, vocab 512) at batch 32 x 1024.
+part gpu_config 80 "$py" "$t" --sizes 25m --batch 32 --seq 1024 --dtype bfloat16 --steps 20 --rounds 3
+part bfloat16 150 "$py" "$t" --peer torch --stack 8 --steps 20 --rounds 3 --dtype bfloat16 --sizes 1m,5m,25m
+part float32 130 "$py" "$t" --peer torch --steps 20 --rounds 3 --sizes 1m,25m
+# The tests compare paths at float32: full float32 matmuls, not the TF32 that jax's default runs on NVIDIA GPUs.
+part tests 120 env MINILM_TEST_COMPILE=lab JAX_DEFAULT_MATMUL_PRECISION=highest "$py" -m pytest -p no:cacheprovider -n 0 \
+  -rA tests/minilm/test_model.py::test_every_implementation_gives_the_same_logits_and_gradients \
+  tests/minilm/test_model.py::test_float32_and_bfloat16_forward_agree \
+  tests/train/test_loop.py::test_stacked_seeds_equal_their_single_runs_and_resume_exactly \
+  tests/minilm/test_layers.py

@@ -1,0 +1,59 @@
+"""Batches made ahead by worker processes are the batches the training process makes itself."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from train import data
+from train.cli import main as train_main
+from train.prefetch import WorkerBatches
+
+MIXTURE = {"passkey": 1, "recall": 1, "context_facts": 1, "kb_facts": 1, "text": 1}
+
+
+def _equal(a: dict, b: dict) -> None:
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_workers_give_every_stream_its_own_batches_in_any_order():
+  """Two seeds drawn step by step (stacked arms), a row slice, a restart from an earlier step and a
+  second data config: each call returns train_batch's batch for exactly its arguments."""
+  cfg = data.DataConfig(batch_size=4, seq_len=256, mixture=MIXTURE)
+  row_cfg = data.DataConfig(batch_size=4, seq_len=256, mixture=MIXTURE, stream="row")
+  calls = [(cfg, 0, s, None) for s in range(3)] + [(cfg, 1, 0, None), (cfg, 0, 3, None), (cfg, 1, 1, None)]
+  calls += [(row_cfg, 0, s, (1, 3)) for s in (5, 6)] + [(cfg, 0, 1, None), (cfg, 0, 2, None)]
+  with WorkerBatches(2, ahead=3) as batch_fn:
+    for args in calls:
+      _equal(batch_fn(*args), data.train_batch(*args))
+
+
+def test_a_worker_error_reaches_the_step_that_raised_it():
+  with WorkerBatches(1) as batch_fn:
+    with pytest.raises(Exception, match="rows"):
+      batch_fn(data.DataConfig(batch_size=4, seq_len=256), 0, 0, (3, 9))
+
+
+@pytest.mark.slow
+def test_training_with_data_workers_is_bit_identical(tmp_path):
+  """`python -m train --data-workers 2` trains the same losses and checkpoint as without."""
+  base = ["default", "--no-progress", "--arms", "rope", "--set", "steps=3", "log_every=1", "model.d_model=32",
+          "model.n_layers=1", "model.n_heads=2", "model.max_len=48", "data.seq_len=48", "data.batch_size=2",
+          'data.mixture={"kb_facts": 1, "text": 1}', "data.facts_per_context=2", "data.questions_per_context=1",
+          "eval.n_per_family=0", "checkpoint.every=3"]
+  losses = {}
+  for workers in (0, 2):
+    out = tmp_path / str(workers)
+    assert train_main([*base, "--out", str(out), "--data-workers", str(workers)]) == 0
+    (metrics,) = out.glob("*/rope/metrics.jsonl")
+    losses[workers] = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+  assert len(losses[0]) == 3 and losses[0] == losses[2]
+
+
+def test_a_negative_worker_count_is_one_line(capsys):
+  assert train_main(["default", "--data-workers", "-1"]) == 2
+  assert capsys.readouterr().err.strip() == ("error: --data-workers: must be >= 0 (0: batches made in the training "
+                                             "process); got -1")

@@ -1,0 +1,50 @@
+"""Training batches made ahead of the step by worker processes (`python -m train --data-workers N`).
+
+A batch is a pure function of (data config, seed, step, rows) (train.data.train_batch), so any
+process can make any step and the loop trains on exactly the batches it would make itself. Without
+workers the training process makes each batch while the device runs the step before (asynchronous
+dispatch), which keeps an accelerator fed only while one process outpaces it (bench/README.md,
+"Data generation"); stacked seeds need a batch per arm each step.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+
+from minilm.schema import check
+from train import data as D
+
+
+class WorkerBatches:
+  """A batch_fn for train.loop: `workers` spawned processes keep the next `ahead` steps of each
+  stream (data config, seed, rows) in flight; the call for step s returns that step's batch.
+
+  Use as a context manager (the pool ends with it). `batch_fn` must be picklable (a module-level
+  function); its errors reach the caller at the step that raised them.
+  """
+
+  def __init__(self, workers: int, *, ahead: int | None = None, batch_fn=D.train_batch):
+    check(workers >= 1, "--data-workers", f"a pool needs at least one worker; got {workers}")
+    # spawn: a forked child of a process that has started jax's threads can deadlock
+    self._pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    self._ahead, self._batch_fn = ahead or 2 * workers, batch_fn
+    self._pending: dict[tuple, concurrent.futures.Future] = {}   # (stream, step) -> its batch
+
+  def __call__(self, cfg: D.DataConfig, seed: int, step: int, rows: tuple[int, int] | None = None) -> dict:
+    stream = (repr(cfg), seed, rows)   # a frozen dataclass's repr is its value
+    for key in [k for k in self._pending if k[0] == stream and k[1] < step]:   # a loop that started over
+      self._pending.pop(key).cancel()
+    for s in range(step, step + self._ahead + 1):
+      if (stream, s) not in self._pending:
+        self._pending[stream, s] = self._pool.submit(self._batch_fn, cfg, seed, s, rows)
+    return self._pending.pop((stream, step)).result()
+
+  def close(self) -> None:
+    self._pending.clear()
+    self._pool.shutdown(cancel_futures=True)
+
+  def __enter__(self) -> WorkerBatches:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
