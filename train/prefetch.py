@@ -10,9 +10,22 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
+import threading
+import time
 
 from minilm.schema import check
 from train import data as D
+
+
+def _exit_with(parent: int) -> None:
+  """A worker's initializer: leave when the training process is gone (killed, say), which the pool's
+  queues do not tell a worker blocked on them."""
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(0)
+  threading.Thread(target=watch, daemon=True).start()
 
 
 class WorkerBatches:
@@ -26,7 +39,8 @@ class WorkerBatches:
   def __init__(self, workers: int, *, ahead: int | None = None, batch_fn=D.train_batch):
     check(workers >= 1, "--data-workers", f"a pool needs at least one worker; got {workers}")
     # spawn: a forked child of a process that has started jax's threads can deadlock
-    self._pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    self._pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                        initializer=_exit_with, initargs=(os.getpid(),))
     self._ahead, self._batch_fn = ahead or 2 * workers, batch_fn
     self._pending: dict[tuple, concurrent.futures.Future] = {}   # (stream, step) -> its batch
 

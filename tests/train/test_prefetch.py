@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -35,6 +39,43 @@ def test_a_worker_error_reaches_the_step_that_raised_it():
   with WorkerBatches(1) as batch_fn:
     with pytest.raises(Exception, match="rows"):
       batch_fn(data.DataConfig(batch_size=4, seq_len=256), 0, 0, (3, 9))
+
+
+KILLED_PARENT = """
+import os, pathlib, signal, sys
+from train import data
+from train.prefetch import WorkerBatches
+pool = WorkerBatches(2)
+pool(data.DataConfig(batch_size=2, seq_len=256), 0, 0)
+pathlib.Path(sys.argv[1]).write_text(" ".join(str(pid) for pid in pool._pool._processes))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_leave_when_the_training_process_is_killed(tmp_path):
+  pid_file = tmp_path / "pids"
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  # no pipes: a worker left running would hold them open
+  subprocess.run([sys.executable, "-c", KILLED_PARENT, str(pid_file)], cwd=root, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL, timeout=120)
+  pids = [int(p) for p in pid_file.read_text().split()]
+  assert len(pids) == 2
+  deadline = time.monotonic() + 20
+  while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  left = [pid for pid in pids if _alive(pid)]
+  for pid in left:   # not left behind by a failing run of this test
+    os.kill(pid, 9)
+  assert not left
+
+
+def _alive(pid: int) -> bool:
+  """Running (a zombie, exited but not yet reaped by init, counts as gone)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
 
 
 @pytest.mark.slow
