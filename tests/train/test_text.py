@@ -106,6 +106,23 @@ def test_json_and_parquet_through_datasets(tmp_path, fmt):
     text.corpus(bad)
 
 
+def test_text_files_read_as_datasets_text_loader_reads_them(tmp_path):
+  """A document per file, UTF-8, \\r\\n read as \\n: what datasets.load_dataset('text',
+  sample_by='document') gives (the loader the text sources used before they read files directly)."""
+  import datasets
+  (tmp_path / "1.txt").write_bytes("crlf line\r\nsecond — ü\r\n".encode())
+  (tmp_path / "2.txt").write_bytes(b"plain\nend without newline")
+  cfg = data.DataConfig(mixture={"text": 1}, seq_len=8, text_source="text", text_files=(str(tmp_path / "*.txt"),))
+  by_loader = datasets.load_dataset("text", data_files=sorted(str(p) for p in tmp_path.glob("*.txt")),
+                                    split="train", sample_by="document")["text"]
+  assert TOK.decode(text.corpus(cfg)) == "<eos><bos>".join(by_loader)
+  (tmp_path / "3.txt").write_bytes(b"caf\xe9")   # Latin-1
+  text._load.cache_clear()
+  with pytest.raises(ConfigError, match=r"^data.text_files: .*3.txt is not UTF-8 text \(unexpected "
+                                         r"end of data at byte 3\)$"):
+    text.corpus(cfg)
+
+
 def test_local_text_loads_offline_without_network(tmp_path):
   (tmp_path / "doc.txt").write_text("offline text")
   code = ("import socket\n"
