@@ -39,7 +39,8 @@ part gpu_config 80 "$py" "$t" --sizes 25m --batch 32 --seq 1024 --dtype bfloat16
 part bfloat16 150 "$py" "$t" --peer torch --stack 8 --steps 20 --rounds 3 --dtype bfloat16 --sizes 1m,5m,25m
 part float32 130 "$py" "$t" --peer torch --steps 20 --rounds 3 --sizes 1m,25m
 # The tests compare paths at float32: full float32 matmuls, not the TF32 that jax's default runs on NVIDIA GPUs.
-part tests 120 env MINILM_TEST_COMPILE=lab JAX_DEFAULT_MATMUL_PRECISION=highest "$py" -m pytest -p no:cacheprovider -n 0 \
+part tests 120 env MINILM_TEST_COMPILE=lab JAX_DEFAULT_MATMUL_PRECISION=highest \
+  "$py" -m pytest -p no:cacheprovider -n 0 \
   -rA tests/minilm/test_model.py::test_every_implementation_gives_the_same_logits_and_gradients \
   tests/minilm/test_model.py::test_float32_and_bfloat16_forward_agree \
   tests/train/test_loop.py::test_stacked_seeds_equal_their_single_runs_and_resume_exactly \

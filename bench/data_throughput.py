@@ -31,7 +31,8 @@ def main() -> None:
   p.add_argument("--workers", default="0,1,2,4",
                  help="worker-process counts to time (0: in this process, as python -m train without --data-workers)")
   p.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation assumed for the H100 step")
-  p.add_argument("--step-tokens-per-s", type=float, help="the step's rate measured on a device, instead of the estimate")
+  p.add_argument("--step-tokens-per-s", type=float,
+                 help="the step's rate measured on a device, instead of the estimate")
   args = p.parse_args()
 
   import dataclasses

@@ -51,8 +51,8 @@ class TorchPeer:
   """bench/torch_peer.py as a worker process: `run(n)` -> seconds for n steps."""
 
   def __init__(self, cfg, optim, batch: int, seq: int, device: str):
-    args = dict(device=device, vocab=cfg.vocab_size, seq=seq, batch=batch, d=cfg.d_model, layers=cfg.n_layers, heads=cfg.n_heads,
-                lr=optim.lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, clip_norm=optim.clip_norm)
+    args = dict(device=device, vocab=cfg.vocab_size, seq=seq, batch=batch, d=cfg.d_model, layers=cfg.n_layers,
+                heads=cfg.n_heads, lr=optim.lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, clip_norm=optim.clip_norm)
     cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "torch_peer.py"), "--serve", "--dtype", cfg.dtype,
            *(f"--{k.replace('_', '-')}={v}" for k, v in args.items())]
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -119,8 +119,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     return score(exp, args.out, args.arms.split(",") if args.arms else None)
   atomic.check_out_dir(args.out)
   paired.check_jobs(args.jobs, args.distributed)
-  C.check(args.data_workers >= 0, "--data-workers", f"must be >= 0 (0: batches made in the training process); "
-          f"got {args.data_workers}")
+  C.check(0 <= args.data_workers <= (os.cpu_count() or 1), "--data-workers", f"must be 0..{os.cpu_count() or 1} "
+          f"(0: batches made in the training process; at most one per core); got {args.data_workers}")
   runs = paired.plan(exp, args.out, args.arms.split(",") if args.arms else None)
   if args.jobs > 1:
     return paired.run_concurrently(exp, args.out, runs, jobs=args.jobs, stack=args.stack_seeds,

