@@ -4,8 +4,9 @@
         [--dtype float32|bfloat16] [--peer torch] [--stack K] [--xla-flags '...']
 
 --peer torch (pip install -e '.[bench]') times nanoGPT's GPT on PyTorch (bench/torch_peer.py, a
-worker process; on the GPU when jax runs on one) in turn with minilm at the same architecture: GPT_ARCH, learned positions, pre-norm
-LayerNorm with biases, GELU (erf) MLP of 4 x d, biases on every linear but the tied head. Each round
+worker process; on the GPU when jax runs on one) in turn with minilm at the same architecture:
+GPT_ARCH, learned positions, pre-norm LayerNorm with biases, GELU (erf) MLP of 4 x d, biases on
+every linear but the tied head. Each round
 times `steps` steps of minilm, then of the peer, after one compile/warm-up step each; the best round
 of each side counts, so load on the machine reaches both. Without --peer the model is the lab's
 default architecture (RoPE, RMSNorm, SwiGLU, no biases).
@@ -52,7 +53,8 @@ class TorchPeer:
 
   def __init__(self, cfg, optim, batch: int, seq: int, device: str):
     args = dict(device=device, vocab=cfg.vocab_size, seq=seq, batch=batch, d=cfg.d_model, layers=cfg.n_layers,
-                heads=cfg.n_heads, lr=optim.lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, clip_norm=optim.clip_norm)
+                heads=cfg.n_heads, lr=optim.lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
+                clip_norm=optim.clip_norm)
     cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "torch_peer.py"), "--serve", "--dtype", cfg.dtype,
            *(f"--{k.replace('_', '-')}={v}" for k, v in args.items())]
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -155,7 +157,8 @@ def main() -> None:
       line += f" {peer_tok_s:11.0f} {tok_s / peer_tok_s:5.2f}x"
       peer.close()
     if args.stack:
-      stack_tok_s = args.stack * args.batch * args.seq / _stacked_step_s(args, cfg, optim, mesh, graphdef, rest, batches)
+      stack_s = _stacked_step_s(args, cfg, optim, mesh, graphdef, rest, batches)
+      stack_tok_s = args.stack * args.batch * args.seq / stack_s
       line += f" {stack_tok_s:15.0f} {stack_tok_s / tok_s:5.2f}x"
     print(line, flush=True)
   if args.peer:

@@ -12,9 +12,9 @@ command then ends with one 'error: ...' line per diverged arm and exit code 3.
 `--jobs N` trains N arms at once, each in its own `python -m train` process (arms that cannot share
 one program, such as other position encodings, fill an accelerator together; on CPU each arm is
 bit-identical to its sequential run). `--data-workers N` makes the batches ahead of the step in N
-worker processes (train.prefetch), the same batches. `--score-checkpoints` trains nothing: it scores the held-out tasks at every saved checkpoint of the
-chosen arms that eval.jsonl has no row for (a run trained with sparse evaluation gets a score beside
-each checkpoint that a trace reads).
+worker processes (train.prefetch), the same batches. `--score-checkpoints` trains nothing: it
+scores the held-out tasks at every saved checkpoint of the chosen arms that eval.jsonl has no row
+for (a run trained with sparse evaluation gets a score beside each checkpoint that a trace reads).
 """
 from __future__ import annotations
 
@@ -119,8 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     return score(exp, args.out, args.arms.split(",") if args.arms else None)
   atomic.check_out_dir(args.out)
   paired.check_jobs(args.jobs, args.distributed)
-  C.check(0 <= args.data_workers <= (os.cpu_count() or 1), "--data-workers", f"must be 0..{os.cpu_count() or 1} "
-          f"(0: batches made in the training process; at most one per core); got {args.data_workers}")
+  prefetch.check_workers(args.data_workers)
   runs = paired.plan(exp, args.out, args.arms.split(",") if args.arms else None)
   if args.jobs > 1:
     return paired.run_concurrently(exp, args.out, runs, jobs=args.jobs, stack=args.stack_seeds,

@@ -144,7 +144,7 @@ def _families(cfg: DataConfig, rng: np.random.Generator, n: int) -> list[str]:
   """n row families drawn by mixture weights (the first draws of a stream): rng.choice(len(FAMILIES),
   size=n, p=weights / weights.sum()) without its per-call checks of p, the same draws (one uniform per
   row, placed in the cumulative weights), a 'row' stream makes one call per row."""
-  cdf = _family_cdf(tuple(float(cfg.mixture[f]) for f in FAMILIES))
+  cdf = _family_cdf(tuple(cfg.mixture[f] for f in FAMILIES))
   return [FAMILIES[i] for i in cdf.searchsorted(rng.random(n), side="right")]
 
 

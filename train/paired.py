@@ -106,7 +106,8 @@ def run_concurrently(exp: ExperimentConfig, out: str, runs: dict[str, tuple[Trai
         unit = queue.pop(0)
         err = open(os.path.join(logs, f"{len(queue)}.err"), "w+")
         cmd = [sys.executable, "-m", "train", config, "--out", out, "--arms", ",".join(unit), "--no-progress",
-               "--stack-seeds", stack, "--data-workers", str(data_workers), *(["--tensorboard"] if tensorboard else [])]
+               "--stack-seeds", stack, "--data-workers", str(data_workers),
+               *(["--tensorboard"] if tensorboard else [])]
         running.append((unit, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err), err))
       time.sleep(0.2)
       for item in [r for r in running if r[1].poll() is not None]:

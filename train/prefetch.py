@@ -19,6 +19,12 @@ from minilm.schema import check
 from train import data as D
 
 
+def check_workers(workers: int) -> None:
+  cores = os.cpu_count() or 1
+  check(0 <= workers <= cores, "--data-workers", f"must be 0..{cores} (0: batches made in the training process; "
+        f"at most one per core); got {workers}")
+
+
 def _worker_init(parent: int) -> None:
   """Leave when the training process is gone (killed, say), which the pool's queues do not tell a
   worker blocked on them; leave Ctrl-C to the training process, which ends the pool."""
@@ -40,7 +46,6 @@ class WorkerBatches:
   """
 
   def __init__(self, workers: int, *, ahead: int | None = None, batch_fn=D.train_batch):
-    check(workers >= 1, "--data-workers", f"a pool needs at least one worker; got {workers}")
     # spawn: a forked child of a process that has started jax's threads can deadlock
     self._pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                         initializer=_worker_init, initargs=(os.getpid(),))
