@@ -76,7 +76,9 @@ class DataConfig:
       check_choice("data.mixture", name, FAMILIES)
       check(isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0, f"data.mixture.{name}",
             f"must be a number >= 0; got {weight!r}")
-    check(sum(self.mixture.values()) > 0, "data.mixture", "at least one weight must be > 0")
+    total = sum(self.mixture.values())   # the family draws divide by it
+    check(total > 0, "data.mixture", "at least one weight must be > 0")
+    check(math.isfinite(total), "data.mixture", f"the weights must have a finite sum; got {total}")
     object.__setattr__(self, "mixture", {f: float(self.mixture.get(f, 0.0)) for f in FAMILIES})
     object.__setattr__(self, "text_files", tuple(self.text_files))
     for name in ("batch_size", "kb_facts_per_example", "facts_per_context", "questions_per_context",

