@@ -27,20 +27,14 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_throughput import GPT_ARCH, SIZES, TorchPeer  # noqa: E402
+from train_throughput import GPT_ARCH, SIZES, _timed, side_by_side  # noqa: E402
 
 
 def best_ms(fn, reps: int) -> float:
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * min(times)
+  return 1e3 * min(_timed(fn) for _ in range(reps))
 
 
 # A linear in a train step: its forward product, then its backward pass: the input gradient dY W^T
@@ -123,40 +117,18 @@ def main() -> None:
     return
 
   import jax
-  import jax.numpy as jnp
-  import numpy as np
   from minilm.config import ModelConfig
   from minilm.encodings import Learned
-  from train import checkpoints, loop, sharding
+  from train import loop, sharding
   from train.config import OptimConfig
-  from train.step import init_opt_state, train_step
   print(f"devices: {jax.devices()}  cpu cores: {os.cpu_count()}  load average: {os.getloadavg()}")
   print(f"float32, batch {args.batch} x {args.seq}, nanoGPT architecture; ms per train step")
   print(f"{'size':>5} {'part':>10} {'minilm':>9} {'torch':>9} {'minilm-torch':>13}")
   B, T, optim, mesh = args.batch, args.seq, OptimConfig(), sharding.make_mesh(1)
   for name in args.sizes.split(","):
     cfg = ModelConfig(vocab_size=512, max_len=T, **SIZES[name], **GPT_ARCH, position=Learned())
-    graphdef, _, rest = checkpoints.abstract_model(cfg)
-    params = loop.init_params(cfg, 0)
-    opt = init_opt_state(params, cfg=optim, steps=1000, mesh=mesh, strategy="data")
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
-    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
-             "weights": jnp.ones((B, T), jnp.float32)}
-    step = lambda p, o, i: train_step(p, o, rest, batch, i, graphdef=graphdef, cfg=optim, steps=1000, mesh=mesh,
-                                      strategy="data")
-    params, opt, m = step(params, opt, 0)
-    jax.block_until_ready(m)
-    peer = TorchPeer(cfg, optim, B, T, "cpu")
-    peer.run(1)
-    ours, theirs = [], []
-    for _ in range(args.rounds):
-      start = time.perf_counter()
-      for i in range(args.steps):
-        params, opt, m = step(params, opt, i + 1)
-      jax.block_until_ready(m)
-      ours.append(1e3 * (time.perf_counter() - start) / args.steps)
-      theirs.append(1e3 * peer.run(args.steps) / args.steps)
-    peer.close()
+    ours, theirs, _, _ = side_by_side(name, cfg, optim, mesh, loop.init_params(cfg, 0), args, with_peer=True)
+    ours, theirs = [1e3 * s for s in ours], [1e3 * s for s in theirs]
     shape = (B, T, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.vocab_size)
     mine, peers = [], []
     for _ in range(args.rounds):   # in turn, so that load on the machine reaches both sides

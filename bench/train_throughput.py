@@ -87,12 +87,10 @@ def main() -> None:
 
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from minilm.config import ModelConfig
   from minilm.encodings import Learned
-  from train import checkpoints, loop, sharding
+  from train import loop, sharding
   from train.config import OptimConfig
-  from train.step import init_opt_state, train_step
 
   print(f"devices: {jax.devices()}  cpu cores: {os.cpu_count()}  load average: {os.getloadavg()}  "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
@@ -115,38 +113,11 @@ def main() -> None:
   optim, mesh = OptimConfig(), sharding.make_mesh(1)
   for name in args.sizes.split(","):
     cfg = ModelConfig(vocab_size=512, max_len=args.seq, dtype=args.dtype, **SIZES[name], **arch)
-    graphdef, _, rest = checkpoints.abstract_model(cfg)
     params = loop.init_params(cfg, 0)
     n_all = sum(v.size for v in jax.tree.leaves(params))
     n_nonembed = n_all - cfg.vocab_size * cfg.d_model - (cfg.max_len * cfg.d_model if args.peer else 0)
     flops_per_token = 6 * n_nonembed + 12 * cfg.n_layers * args.seq * cfg.d_model
-    opt = init_opt_state(params, cfg=optim, steps=1000, mesh=mesh, strategy="data")
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 512, (args.steps + 1, args.batch, args.seq + 1)).astype(np.int32)
-    batches = [{"inputs": jnp.asarray(t[:, :-1]), "targets": jnp.asarray(t[:, 1:]),
-                "weights": jnp.ones((args.batch, args.seq), jnp.float32)} for t in tokens]
-    step = lambda p, o, b, i: train_step(p, o, rest, b, i, graphdef=graphdef, cfg=optim, steps=1000,
-                                         mesh=mesh, strategy="data")
-    start = time.perf_counter()
-    params, opt, m = step(params, opt, batches[0], 0)   # compile
-    jax.block_until_ready(m)
-    # stderr, as it happens: where a run stopped by a time limit spent its time
-    print(f"{name}: compiled and ran step 0 in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
-    peer = TorchPeer(cfg, optim, args.batch, args.seq, device) if args.peer else None
-    if peer:
-      start = time.perf_counter()
-      peer.run(1)   # warm-up
-      print(f"{name}: {peer.version}, warm-up step in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    ours, theirs = [], []
-    for _ in range(args.rounds):
-      start = time.perf_counter()
-      for i in range(args.steps):
-        params, opt, m = step(params, opt, batches[i + 1], i + 1)
-      jax.block_until_ready(m)
-      ours.append((time.perf_counter() - start) / args.steps)
-      if peer:
-        theirs.append(peer.run(args.steps) / args.steps)
+    ours, theirs, peer, (graphdef, rest, batches) = side_by_side(name, cfg, optim, mesh, params, args, args.peer)
     dt = min(ours)
     tok_s = args.batch * args.seq / dt
     mfu = tok_s * flops_per_token / peak
@@ -155,7 +126,6 @@ def main() -> None:
     if peer:
       peer_tok_s = args.batch * args.seq / min(theirs)
       line += f" {peer_tok_s:11.0f} {tok_s / peer_tok_s:5.2f}x"
-      peer.close()
     if args.stack:
       stack_s = _stacked_step_s(args, cfg, optim, mesh, graphdef, rest, batches)
       stack_tok_s = args.stack * args.batch * args.seq / stack_s
@@ -163,6 +133,49 @@ def main() -> None:
     print(line, flush=True)
   if args.peer:
     print(f"peer: {peer.version}; load average after: {os.getloadavg()}")
+
+
+def side_by_side(name: str, cfg, optim, mesh, params, args, with_peer: bool):
+  """minilm's train step from `params` at args.batch x args.seq (random tokens, weights 1), and with
+  `with_peer` nanoGPT's on PyTorch, in turn: args.rounds rounds of args.steps steps each, after one
+  compile/warm-up step each. Returns (minilm's seconds per step per round, the peer's, the peer (its
+  version; closed), (graphdef, rest, batches))."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from train import checkpoints
+  from train.step import init_opt_state, train_step
+  graphdef, _, rest = checkpoints.abstract_model(cfg)
+  opt = init_opt_state(params, cfg=optim, steps=1000, mesh=mesh, strategy="data")
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, (args.steps + 1, args.batch, args.seq + 1)).astype(np.int32)
+  batches = [{"inputs": jnp.asarray(t[:, :-1]), "targets": jnp.asarray(t[:, 1:]),
+              "weights": jnp.ones((args.batch, args.seq), jnp.float32)} for t in tokens]
+  step = lambda p, o, b, i: train_step(p, o, rest, b, i, graphdef=graphdef, cfg=optim, steps=1000,
+                                       mesh=mesh, strategy="data")
+  start = time.perf_counter()
+  params, opt, m = step(params, opt, batches[0], 0)   # compile
+  jax.block_until_ready(m)
+  # stderr, as it happens: where a run stopped by a time limit spent its time
+  print(f"{name}: compiled and ran step 0 in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+  device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+  peer = TorchPeer(cfg, optim, args.batch, args.seq, device) if with_peer else None
+  if peer:
+    start = time.perf_counter()
+    peer.run(1)   # warm-up
+    print(f"{name}: {peer.version}, warm-up step in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+  ours, theirs = [], []
+  for _ in range(args.rounds):
+    start = time.perf_counter()
+    for i in range(args.steps):
+      params, opt, m = step(params, opt, batches[i + 1], i + 1)
+    jax.block_until_ready(m)
+    ours.append((time.perf_counter() - start) / args.steps)
+    if peer:
+      theirs.append(peer.run(args.steps) / args.steps)
+  if peer:
+    peer.close()
+  return ours, theirs, peer, (graphdef, rest, batches)
 
 
 def _stacked_step_s(args, cfg, optim, mesh, graphdef, rest, batches) -> float:

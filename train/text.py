@@ -22,7 +22,6 @@ from where every process maps it read-only.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import hashlib
@@ -33,6 +32,7 @@ import sys
 
 import numpy as np
 
+from minilm import atomic
 from minilm.schema import ConfigError
 from train.tokenizer import BOS, EOS
 
@@ -162,22 +162,18 @@ def _load(spec: tuple) -> np.ndarray:
   stream = _encode(_documents(*spec))
   if not path:
     return stream
-  tmp = f"{path}.{os.getpid()}.tmp.npy"
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.save(tmp, stream)
-    os.replace(tmp, path)
+    atomic.save_npy(path, stream)   # replaced whole: never a partial file, never one written in place
     return _mapped(path)
   except OSError as err:   # the cache is a saving, never a reason to stop: this process keeps its copy
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
     print(f"note: text cache not written ({err.strerror or err}): {path}", file=sys.stderr)
     return stream
 
 
 def _mapped(path: str) -> np.ndarray:
-  # a plain array over the mapping: slicing an np.memmap makes a memmap each time (its Python
-  # bookkeeping halved the batches' rate); the mapping lives as long as any view of it
+  # a plain array over the mapping: slicing an np.memmap makes a memmap each time, whose Python
+  # bookkeeping made a 1024-token window row 7.7 us instead of 5.8; the mapping lives as long as
+  # any view of it
   return np.asarray(np.load(path, mmap_mode="r"))
 
 
