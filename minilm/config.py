@@ -44,7 +44,7 @@ class ModelConfig:
   #   triangle skipped; training's causal pass only) | dot_product (jax.nn.dot_product_attention,
   #   cuDNN flash on GPU). Capturing attention probabilities always takes einsum.
   attention: str = dataclasses.field(default="auto", metadata=OPTIONAL)
-  # matmul: plain | barrier (the weight gradient from an explicitly transposed input, XLA:CPU's fast path)
+  # matmul: plain | barrier (row-major operands and float32 sums in every product, XLA:CPU's fast path)
   matmul: str = dataclasses.field(default="auto", metadata=OPTIONAL)
   remat: bool = dataclasses.field(default=False, metadata=OPTIONAL)   # recompute each block in backward
 

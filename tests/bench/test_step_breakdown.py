@@ -11,7 +11,6 @@ from flax import nnx
 from helpers import ROOT
 from minilm.config import ModelConfig
 from minilm.encodings import Learned
-from minilm.layers import resolve
 from minilm.model import Decoder
 
 
@@ -31,10 +30,10 @@ def test_the_timed_linears_are_the_models(breakdown, size):
   timed = Counter((c_in, c_out) for c_in, c_out, _ in
                   breakdown.linears(cfg.d_model, fused_qkv=False) * cfg.n_layers + [(cfg.d_model, cfg.vocab_size, "")])
   assert timed == kernels
-  # and each is timed on the backward path the model gives it (model.matmul, 'auto' as on this backend)
-  paths = Counter(resolve("matmul", m.dot_general.keywords["setting"])
-                  for _, m in model.blocks[0].iter_modules() if isinstance(m, nnx.Linear))
-  assert paths == Counter(path for _, _, path in breakdown.linears(cfg.d_model, fused_qkv=False))
+  # and each is timed on the backward path the model gives it
+  paths = Counter(m.dot_general.keywords["transpose_x"] for _, m in model.blocks[0].iter_modules()
+                  if isinstance(m, nnx.Linear))
+  assert paths == Counter(transpose_x for _, _, transpose_x in breakdown.linears(cfg.d_model, fused_qkv=False))
 
 
 def test_minilm_parts_at_tiny_shapes(breakdown):

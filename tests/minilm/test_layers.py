@@ -117,14 +117,33 @@ def test_block_causal_attention_matches_full_attention():
     np.testing.assert_allclose(a, b, rtol=0, atol=2 * forward * np.abs(b).max())
 
 
-def test_matmul_backward_equals_autodiff():
+@pytest.mark.parametrize("transpose_x", [True, False])
+def test_matmul_backward_equals_autodiff(transpose_x):
   from minilm.layers import matmul
   ks = jax.random.split(jax.random.key(1), 3)
   x, w, dy = jax.random.normal(ks[0], (3, 5, 7)), jax.random.normal(ks[1], (7, 4)), jax.random.normal(ks[2], (3, 5, 4))
-  ours = jax.vjp(matmul, x, w)[1](dy)
+  ours = jax.vjp(lambda x, w: matmul(x, w, transpose_x), x, w)[1](dy)
   ref = jax.vjp(jnp.matmul, x, w)[1](dy)
   for a, b in zip(ours, ref):   # sums of <= 15 products (dw over 3*5 rows) in any order: 15*eps of the largest
     np.testing.assert_allclose(a, b, rtol=0, atol=15 * EPS32 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("transpose_x", [True, False])
+def test_bfloat16_matmul_sums_in_float32(transpose_x):
+  """At bfloat16 every product of the CPU matmul is a float32 sum of the bfloat16 inputs' exact
+  products, rounded once to bfloat16: within half a bfloat16 ulp (2^-8 relative) of the float32
+  reference on the same (bfloat16-valued) inputs."""
+  from minilm.layers import matmul
+  ks = jax.random.split(jax.random.key(2), 3)
+  x, w, dy = (jax.random.normal(k, s).astype(jnp.bfloat16) for k, s in zip(ks, [(4, 64, 96), (96, 32), (4, 64, 32)]))
+  y, vjp = jax.vjp(lambda x, w: matmul(x, w, transpose_x), x, w)
+  ref_y, ref_vjp = jax.vjp(jnp.matmul, *(t.astype(jnp.float32) for t in (x, w)))
+  assert y.dtype == jnp.bfloat16
+  # float32 sums of at most 256 products are exact to 256 eps32 relative to the largest, far inside
+  # bfloat16's rounding; each output is rounded once: |err| <= 2^-8 |value| + that sum error.
+  for a, b, n in zip((y, *vjp(dy)), (ref_y, *ref_vjp(dy.astype(jnp.float32))), (96, 32, 256)):
+    a, b = np.asarray(a.astype(jnp.float32)), np.asarray(b)
+    np.testing.assert_array_less(np.abs(a - b), 2.0**-8 * np.abs(b) + n * EPS32 * np.abs(b).max())
 
 
 def test_auto_resolves_by_backend(monkeypatch):
