@@ -131,12 +131,40 @@ def kernels_out_in(model: nnx.Module):
 _LINEAR_DOTS = {(s, t): functools.partial(_linear_dot, setting=s, transpose_x=t) for s in MATMULS for t in (True, False)}
 
 
+@jax.custom_vjp
+def add_bias(y_NxF, b_F):
+  """y + b, whose bias gradient sums dy's rows in float32. Autodiff's sum of a bfloat16 dy goes to
+  XLA:CPU's windowed reduction: 60 ms for 4096 x 2048 in the 25M train step, 0.8 ms this way."""
+  return y_NxF + b_F
+
+
+def _add_bias_bwd(_, dy):
+  return dy, jnp.sum(dy.reshape(-1, dy.shape[-1]), axis=0, dtype=jnp.float32).astype(dy.dtype)
+
+
+add_bias.defvjp(lambda y, b: (y + b, None), _add_bias_bwd)
+
+
+class Linear(nnx.Linear):
+  """nnx.Linear (the same parameters) that adds its bias by `add_bias` on the CPU matmul path."""
+
+  def __init__(self, *args, matmul: str, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.matmul = matmul
+
+  def __call__(self, x):
+    if self.bias is None or resolve("matmul", self.matmul) != "barrier":
+      return super().__call__(x)
+    x, kernel, bias = self.promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
+    return add_bias(self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), bias)
+
+
 def linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs, std: float, bias: bool = False,
            transpose_x: bool = True) -> nnx.Linear:
   """A linear layer; transpose_x=False where its input is an elementwise fusion's output (`matmul`)."""
-  return nnx.Linear(d_in, d_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
-                    kernel_init=jax.nn.initializers.normal(std), rngs=rngs,
-                    dot_general=_LINEAR_DOTS[cfg.matmul, transpose_x])
+  return Linear(d_in, d_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
+                kernel_init=jax.nn.initializers.normal(std), rngs=rngs,
+                dot_general=_LINEAR_DOTS[cfg.matmul, transpose_x], matmul=cfg.matmul)
 
 
 class Norm(nnx.Module):

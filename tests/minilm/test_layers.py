@@ -146,6 +146,21 @@ def test_bfloat16_matmul_sums_in_float32(transpose_x):
     np.testing.assert_array_less(np.abs(a - b), 2.0**-8 * np.abs(b) + n * EPS32 * np.abs(b).max())
 
 
+def test_bias_gradient_sums_rows_in_float32():
+  """add_bias's gradient is the sum of dy over rows: autodiff's at float32; at bfloat16 the float32
+  sum of the rows rounded once (within half a bfloat16 ulp plus the float32 sum's n eps)."""
+  from minilm.layers import add_bias
+  ks = jax.random.split(jax.random.key(3), 3)
+  y, b, dy = jax.random.normal(ks[0], (4, 64, 8)), jax.random.normal(ks[1], (8,)), jax.random.normal(ks[2], (4, 64, 8))
+  ours, ref = jax.vjp(add_bias, y, b)[1](dy), jax.vjp(jnp.add, y, b)[1](dy)
+  np.testing.assert_array_equal(ours[0], ref[0])
+  np.testing.assert_allclose(ours[1], ref[1], rtol=0, atol=256 * EPS32 * np.abs(dy).max())
+  dy16 = dy.astype(jnp.bfloat16)
+  db16 = np.asarray(jax.vjp(add_bias, y.astype(jnp.bfloat16), b.astype(jnp.bfloat16))[1](dy16)[1].astype(jnp.float32))
+  exact = np.asarray(dy16.astype(jnp.float32)).sum((0, 1))
+  np.testing.assert_array_less(np.abs(db16 - exact), 2.0**-8 * np.abs(exact) + 256 * EPS32 * np.abs(exact).max())
+
+
 def test_auto_resolves_by_backend(monkeypatch):
   from minilm import layers
   assert layers.resolve("attention", "auto") == "blocked" and layers.resolve("matmul", "auto") == "barrier"
