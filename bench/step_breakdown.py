@@ -94,7 +94,7 @@ def torch_parts(B: int, T: int, d: int, L: int, H: int, vocab: int, reps: int) -
   attn()
   attention = L * best_ms(attn, reps)
   fwd, bwd = 0.0, 0.0
-  for (c_in, c_out, _), count in Counter(linears(d, fused_qkv=True) * L + [(d, vocab, "")]).items():
+  for (c_in, c_out, _), count in Counter(linears(d, fused_qkv=True) * L + [(d, vocab, True)]).items():
     x, w, dy = torch.randn(N, c_in), torch.randn(c_in, c_out), torch.randn(N, c_out)
     fwd += count * best_ms(lambda: x @ w, reps)
     bwd += count * best_ms(lambda: (dy @ w.T, x.T @ dy), reps)   # what autograd computes for a linear

@@ -151,12 +151,8 @@ add_bias.defvjp(lambda y, b: (y + b, None), _add_bias_bwd)
 class Linear(nnx.Linear):
   """nnx.Linear (the same parameters) that adds its bias by `add_bias` on the CPU matmul path."""
 
-  def __init__(self, *args, matmul: str, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.matmul = matmul
-
   def __call__(self, x):
-    if self.bias is None or resolve("matmul", self.matmul) != "barrier":
+    if self.bias is None or resolve("matmul", self.dot_general.keywords["setting"]) != "barrier":
       return super().__call__(x)
     x, kernel, bias = self.promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
     return add_bias(self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), bias)
@@ -167,7 +163,7 @@ def linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs, std: float, 
   """A linear layer; transpose_x=False where its input is an elementwise fusion's output (`matmul`)."""
   return Linear(d_in, d_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
                 kernel_init=jax.nn.initializers.normal(std), rngs=rngs,
-                dot_general=_LINEAR_DOTS[cfg.matmul, transpose_x], matmul=cfg.matmul)
+                dot_general=_LINEAR_DOTS[cfg.matmul, transpose_x])
 
 
 class Norm(nnx.Module):

@@ -28,7 +28,7 @@ def test_the_timed_linears_are_the_models(breakdown, size):
   kernels = Counter(tuple(m.kernel.shape) for _, m in model.iter_modules() if isinstance(m, nnx.Linear))
   kernels[(cfg.d_model, cfg.vocab_size)] += 1   # the tied head: the embedding, transposed
   timed = Counter((c_in, c_out) for c_in, c_out, _ in
-                  breakdown.linears(cfg.d_model, fused_qkv=False) * cfg.n_layers + [(cfg.d_model, cfg.vocab_size, "")])
+                  breakdown.linears(cfg.d_model, fused_qkv=False) * cfg.n_layers + [(cfg.d_model, cfg.vocab_size, True)])
   assert timed == kernels
   # and each is timed on the backward path the model gives it
   paths = Counter(m.dot_general.keywords["transpose_x"] for _, m in model.blocks[0].iter_modules()
