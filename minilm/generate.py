@@ -14,7 +14,6 @@ import numpy as np
 from flax import nnx
 
 from minilm import capture
-from minilm.layers import kernels_out_in
 from minilm.model import Decoder, init_cache
 
 # A prefill-only intervention: hook(args, hook_name, x) -> x. `hook` is static (compiled once per
@@ -60,12 +59,11 @@ def _greedy(graphdef, state, prompt_BxT, lengths_B, hook_args, *, max_new: int, 
 
   def step(carry, i):
     token_B, cache = carry
-    logits, cache = decoder(token_B[:, None], (lengths_B + i)[:, None], cache=cache)
+    logits, cache = model(token_B[:, None], (lengths_B + i)[:, None], cache=cache)
     nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     return (nxt, cache), token_B
 
-  with kernels_out_in(model) as decoder:
-    (last, cache), tokens = jax.lax.scan(step, (first, cache), jnp.arange(max_new - 1, dtype=jnp.int32))
+  (last, cache), tokens = jax.lax.scan(step, (first, cache), jnp.arange(max_new - 1, dtype=jnp.int32))
   return jnp.concatenate([tokens.T, last[:, None]], axis=1), cache, measured
 
 
