@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from minilm import capture
+from minilm.layers import decoding_kernels
 from minilm.model import Decoder, init_cache
 
 # A prefill-only intervention: hook(args, hook_name, x) -> x. `hook` is static (compiled once per
@@ -59,11 +60,12 @@ def _greedy(graphdef, state, prompt_BxT, lengths_B, hook_args, *, max_new: int, 
 
   def step(carry, i):
     token_B, cache = carry
-    logits, cache = model(token_B[:, None], (lengths_B + i)[:, None], cache=cache)
+    logits, cache = decoder(token_B[:, None], (lengths_B + i)[:, None], cache=cache)
     nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     return (nxt, cache), token_B
 
-  (last, cache), tokens = jax.lax.scan(step, (first, cache), jnp.arange(max_new - 1, dtype=jnp.int32))
+  with decoding_kernels(model) as decoder:
+    (last, cache), tokens = jax.lax.scan(step, (first, cache), jnp.arange(max_new - 1, dtype=jnp.int32))
   return jnp.concatenate([tokens.T, last[:, None]], axis=1), cache, measured
 
 

@@ -118,3 +118,42 @@ def test_measure_reads_the_prefill_without_changing_the_decoding():
       want = np.asarray(alone[name]).sum(1)[0]
       bound = 4 * np.sqrt(740) * EPS32 * len(prompt) * np.abs(np.asarray(alone[name])).max()
       np.testing.assert_allclose(np.asarray(got)[row], want, rtol=0, atol=bound, err_msg=name)
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_kernels_out_in_computes_the_same_logits(position):
+  """Decoding's copy with [out, in] kernels: the same logits within float32 rounding (the bound of
+  test_model's cache test: ~740 summed terms per logit), the original model untouched."""
+  from minilm.layers import kernels_out_in
+  from flax import nnx
+  model = make(position)
+  toks = tokens(2, 9)
+  kernels = {path: v[...].shape for path, v in nnx.state(model, nnx.Param).flat_state() if path[-1] == "kernel"}
+  plain = np.asarray(model(toks))
+  with kernels_out_in(model) as decoder:
+    transposed = np.asarray(decoder(toks))
+    shapes = {path: v[...].shape for path, v in nnx.state(decoder, nnx.Param).flat_state() if path[-1] == "kernel"}
+  assert shapes == {path: shape[::-1] for path, shape in kernels.items()}
+  assert {path: v[...].shape for path, v in nnx.state(model, nnx.Param).flat_state() if path[-1] == "kernel"} == kernels
+  np.testing.assert_allclose(transposed, plain, rtol=0, atol=4 * np.sqrt(740) * EPS32 * np.abs(plain).max())
+  assert not np.array_equal(np.asarray(model(toks)), np.zeros_like(plain))
+
+
+def test_decoding_reads_out_in_kernels_only_on_avx2_only_cpus(monkeypatch):
+  """The layout rule, and the copy it picks: transposed kernels only where AVX2 comes without AVX-512."""
+  from minilm import layers
+  from flax import nnx
+  avx2 = frozenset({"sse4_2", "fma", "avx2"})
+  assert layers.out_in_pays("cpu", avx2)
+  assert not layers.out_in_pays("cpu", avx2 | {"avx512f"})
+  assert not layers.out_in_pays("cpu", avx2 | {"avx512f", "amx_bf16"})
+  assert not layers.out_in_pays("gpu", avx2)
+  assert not layers.out_in_pays("cpu", frozenset())
+  model = make("rope")
+  monkeypatch.setattr(layers, "cpu_flags", lambda: avx2 | {"avx512f"})
+  with layers.decoding_kernels(model) as decoder:
+    assert decoder is model
+  monkeypatch.setattr(layers, "cpu_flags", lambda: avx2)
+  with layers.decoding_kernels(model) as decoder:
+    d_in, d_out = model.blocks[0].mlp.up.kernel[...].shape
+    assert d_in != d_out and decoder.blocks[0].mlp.up.kernel[...].shape == (d_out, d_in)
