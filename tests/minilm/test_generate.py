@@ -142,7 +142,6 @@ def test_kernels_out_in_computes_the_same_logits(position):
 def test_decoding_reads_out_in_kernels_only_on_avx2_only_cpus(monkeypatch):
   """The layout rule, and the copy it picks: transposed kernels only where AVX2 comes without AVX-512."""
   from minilm import layers
-  from flax import nnx
   avx2 = frozenset({"sse4_2", "fma", "avx2"})
   assert layers.out_in_pays("cpu", avx2)
   assert not layers.out_in_pays("cpu", avx2 | {"avx512f"})
