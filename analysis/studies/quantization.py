@@ -35,7 +35,7 @@ from analysis.massive import stats
 from analysis.studies import suites
 from analysis.studies import quantize_model as QM
 from analysis.studies.sources import text_windows
-from minilm import atomic, capture, generate
+from minilm import atomic, generate
 from minilm.schema import check
 
 # ------------------------------------------------------------------------------------------ schemes
@@ -110,20 +110,10 @@ def run_items(model, tokenizer, items, *, hook=None, hook_args=None, label: str,
 M_POINTS = ("q", "k", "rot_k")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
-def _norms(graphdef, state, tokens_BxT, hook, hook_args):
-  model = nnx.merge(graphdef, state)
-  intervene = None if hook is None else functools.partial(hook, hook_args)
-  _, cache = capture.run(model, tokens_BxT, points=M_POINTS, intervene=intervene)  # logits unused: not computed
-  return {p: jnp.stack([stats.value_norms(x) for x in cache.stack(p)]) for p in M_POINTS}
-
-
 def norms(model, tokens_BxT, hook=None, hook_args=None) -> dict[str, np.ndarray]:
   """{point: M [L, H, D]} over the probe tokens, for the points in M_POINTS (under an optional
   hook, as perplexity takes it)."""
-  graphdef, state = nnx.split(model)
-  M = _norms(graphdef, state, jnp.asarray(tokens_BxT), hook, hook_args)
-  return {p: np.asarray(m) for p, m in M.items()}
+  return QM.norms(model, tokens_BxT, M_POINTS, hook, hook_args)
 
 
 def massive_change(M_fp: dict, M_q: dict, lam: float) -> dict:

@@ -23,7 +23,7 @@ import scipy.linalg
 import scipy.linalg.blas
 import scipy.linalg.lapack
 
-from minilm.schema import check, check_choice
+from minilm.schema import check
 
 STEP = 16  # GPTQ rows rounded per jitted call (see _gptq_block)
 
@@ -47,17 +47,23 @@ class QuantSpec:
 
 def grid(w_JxO: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
   """(scale [..., O], zero [..., O]) of the grid that covers the rows J of w (one group) for each
-  column; leading axes (groups) are kept.
+  column; leading axes (groups) are kept."""
+  w = np.asarray(w_JxO, np.float32)
+  return grid_of_range(w.min(-2), w.max(-2), spec)
+
+
+def grid_of_range(lo, hi, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+  """`grid` from each group's min and max (numpy float32).
 
   Numpy only: under jit, XLA turns the division by the constant level count into a multiplication
   by its reciprocal, which moves some scales by one ulp.
   """
-  w = np.asarray(w_JxO, np.float32)
-  if spec.symmetric:
-    scale = np.abs(w).max(-2) / (2 ** (spec.bits - 1) - 1)
+  lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+  if spec.symmetric:   # max |w| is max(-min, max) exactly
+    scale = np.maximum(-lo, hi) / (2 ** (spec.bits - 1) - 1)
     zero = np.zeros_like(scale)
   else:
-    lo, hi = np.minimum(w.min(-2), 0), np.maximum(w.max(-2), 0)
+    lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
     scale = (hi - lo) / (2 ** spec.bits - 1)
     zero = np.round(-lo / np.where(scale > 0, scale, 1))
   return np.where(scale > 0, scale, 1.0).astype(np.float32), zero.astype(np.float32)
@@ -121,19 +127,26 @@ def gram_factor(h_IxI) -> np.ndarray | None:
 
 
 def gram_errors(h_IxI, pairs: list, r_IxI: np.ndarray | None = None) -> np.ndarray:
-  """gram_error(H, w, w_hat) of each (w, w_hat) in `pairs` (float64 [len(pairs)]). With R =
-  gram_factor(H) each is ||R D||_F^2: all Ds side by side in one triangular product, half the flops
-  of H D. That product runs in float32 (D is a difference of float32 weights; R is rounded once)
-  and each column's squares are summed in float64: on SmolLM2's layers within 2.3e-7 of the
-  float64 value per pair, where AWQ's best two alphas lie 3e-5 or more apart."""
+  """gram_error(H, w, w_hat) of each (w, w_hat) in `pairs` (float64 [len(pairs)]); with R =
+  gram_factor(H), from `factor_errors` on the differences side by side."""
   if r_IxI is None:
     return np.array([gram_error(h_IxI, w, w_hat) for w, w_hat in pairs])
   widths = [w.shape[1] for w, _ in pairs]
   d_IxW = np.empty((r_IxI.shape[0], sum(widths)), np.float32)
   for start, (w, w_hat) in zip(np.cumsum([0] + widths), pairs):
     np.subtract(w, w_hat, out=d_IxW[:, start:start + w.shape[1]], dtype=np.float32)
+  return factor_errors(r_IxI, d_IxW, widths)
+
+
+def factor_errors(r_IxI: np.ndarray, d_IxW: np.ndarray, widths: list[int]) -> np.ndarray:
+  """||R D_i||_F^2 for the blocks D_i of `widths` columns of D [I, W] (float32), side by side: all
+  of them in one triangular product, half the flops of H D. That product runs in float32 (D is a
+  difference of float32 weights; R is rounded once) and each column's squares are summed in
+  float64: on SmolLM2's layers within 2.3e-7 of the float64 value per pair, where AWQ's best two
+  alphas lie 3e-5 or more apart."""
   # (R D)^T = D^T R^T, and D^T is D's memory in BLAS's column-major order: no copy of D
-  rdT_WxI = scipy.linalg.blas.strmm(1.0, r_IxI.astype(np.float32), d_IxW.T, side=1, trans_a=1, overwrite_b=1)
+  rdT_WxI = scipy.linalg.blas.strmm(1.0, r_IxI.astype(np.float32), np.asarray(d_IxW, np.float32).T, side=1,
+                                    trans_a=1, overwrite_b=1)
   per_column = np.einsum("wi,wi->w", rdT_WxI, rdT_WxI, dtype=np.float64)
   return np.add.reduceat(per_column, np.cumsum([0] + widths[:-1]))
 
@@ -156,7 +169,8 @@ def awq_search(x_NxI, ws_IxO: list, spec: QuantSpec, n_grid: int = 20):
   Returns (s_I, alpha, errors [n_grid+1]) minimising sum over ws of ||XW - X awq_scaled(W)||^2.
   alpha = 0 gives s = 1, plain RTN, so the chosen scales never do worse than RTN on this objective.
   s is normalised by sqrt(max * min) as in the AWQ reference code (a common factor cancels except
-  through the rounding grid). The errors of all alphas come from one `gram_errors` call.
+  through the rounding grid). Every alpha's rounding runs at once (`_scaled_differences`) and the
+  errors of all of them come from one `factor_errors` call.
   """
   check(n_grid >= 1, "awq.n_grid", f"must be >= 1; got {n_grid}")
   x = np.asarray(x_NxI, np.float32)
@@ -168,10 +182,41 @@ def awq_search(x_NxI, ws_IxO: list, spec: QuantSpec, n_grid: int = 20):
     s = mean_abs ** alpha
     scales.append(s / np.sqrt(s.max() * s.min()))
   ws = [np.asarray(w, np.float32) for w in ws_IxO]
-  pairs = [(w, awq_scaled(w, s, spec)) for s in scales for w in ws]
-  errors = gram_errors(h, pairs, gram_factor(h)).reshape(len(alphas), len(ws)).sum(1)
+  w_IxO, s_AxI = np.concatenate(ws, axis=1), np.stack(scales).astype(np.float32)
+  g = spec.groups(w_IxO.shape[0])
+  lo, hi = _scaled_range(w_IxO, s_AxI, g)
+  d_IxAO = _scaled_differences(w_IxO, s_AxI, *grid_of_range(lo, hi, spec), spec=spec)
+  r = gram_factor(h)
+  if r is None:   # H singular: H D in float64, pair by pair
+    errors = gram_errors(h, [(w, awq_scaled(w, s, spec)) for s in scales for w in ws])
+  else:
+    errors = factor_errors(r, d_IxAO, [w.shape[1] for w in ws] * len(alphas))
+  errors = errors.reshape(len(alphas), len(ws)).sum(1)
   best = int(np.argmin(errors))
   return scales[best].astype(np.float32), float(alphas[best]), errors
+
+
+# Every alpha's awq_scaled at once, jitted: the min and max of each group (exact under XLA), the
+# grid from them in numpy (`grid_of_range`), then the rounding with that grid. W's columns side by
+# side (linears that share x) quantize as one W: its columns never interact. Equal to awq_scaled's
+# float32 arithmetic bit for bit: XLA turns a division by a broadcast into a multiplication by
+# the reciprocal, so the divisors are materialised behind an optimization barrier.
+
+@functools.partial(jax.jit, static_argnames="groups")
+def _scaled_range(w_IxO, s_AxI, groups: int):
+  ws_AxGxJxO = (w_IxO[None] * s_AxI[:, :, None]).reshape(len(s_AxI), groups, -1, w_IxO.shape[1])
+  return ws_AxGxJxO.min(2), ws_AxGxJxO.max(2)
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _scaled_differences(w_IxO, s_AxI, scale_AxGxO, zero_AxGxO, *, spec: QuantSpec):
+  """W - awq_scaled(W, s_a) for every a, as D [I, A * O] (a-major columns)."""
+  (A, G, O), I = scale_AxGxO.shape, w_IxO.shape[0]
+  full = lambda x, shape: jax.lax.optimization_barrier(jnp.broadcast_to(x, shape))
+  ws_AxGxJxO = (w_IxO[None] * s_AxI[:, :, None]).reshape(A, G, I // G, O)
+  q_AxGxJxO = fake_quant(ws_AxGxJxO, full(scale_AxGxO[:, :, None], ws_AxGxJxO.shape), zero_AxGxO[:, :, None], spec)
+  d_AxIxO = w_IxO[None] - q_AxGxJxO.reshape(A, I, O) / full(s_AxI[:, :, None], (A, I, O))
+  return jnp.transpose(d_AxIxO, (1, 0, 2)).reshape(I, A * O)
 
 
 # --- SmoothQuant: migrate activation outliers into the weights, then W8A8 ----------------------

@@ -27,17 +27,18 @@ Schemes (`Scheme.method`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import threadpoolctl
 from flax import nnx
 
 from analysis.massive import stats
 from analysis.studies import quantize as Q
 from minilm import capture as mcapture
-from minilm import hooks
 from minilm.schema import check, check_choice
 from minilm.model import Decoder
 
@@ -135,11 +136,11 @@ def record_inputs(model: Decoder, block, x_BxTxC, pos_BxT) -> dict[str, np.ndarr
   for name, module in linears.items():
     _set(block, name, Recorder(module))
   try:
-    _, found = nnx.capture(block, nnx.Intermediate)(x_BxTxC, pos_BxT, model.position)
+    graphdef, state = _split(block, model.position)
   finally:
     for name, module in linears.items():
       _set(block, name, module)
-  flat = mcapture.flatten(found)
+  flat = mcapture.flatten(_block_inputs(graphdef, state, x_BxTxC, pos_BxT))
   return {name: np.asarray(flat[f"{name}.input"], np.float32).reshape(-1, flat[f"{name}.input"].shape[-1])
           for name in linears}
 
@@ -150,7 +151,30 @@ def calibrate(model: Decoder, tokens_BxT):
   x, pos = embed(model, jnp.asarray(tokens_BxT, jnp.int32))
   for layer, block in enumerate(model.blocks):
     yield layer, block, record_inputs(model, block, x, pos)
-    x, _ = block(x, pos, model.position)
+    x = _block_output(*_split(block, model.position), x, pos)
+
+
+def _split(block, position):
+  """nnx.split of (block, position) with the layer index set to 0 in the graph: the index only names
+  hooks, calibration runs none, so every block of a model shares one compiled program."""
+  layer = block.attn.layer
+  block.attn.layer = 0
+  try:
+    return nnx.split((block, position))
+  finally:
+    block.attn.layer = layer
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _block_inputs(graphdef, state, x_BxTxC, pos_BxT):
+  block, position = nnx.merge(graphdef, state)
+  return nnx.capture(block, nnx.Intermediate)(x_BxTxC, pos_BxT, position)[1]  # the output is not computed
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _block_output(graphdef, state, x_BxTxC, pos_BxT):
+  block, position = nnx.merge(graphdef, state)
+  return block(x_BxTxC, pos_BxT, position)[0]
 
 
 # --- the schemes ---------------------------------------------------------------------------------
@@ -178,14 +202,30 @@ class ActQuantLinear(nnx.Module):
 
 def massive_columns(model: Decoder, tokens_BxT, scheme: Scheme) -> dict[tuple[int, str], np.ndarray]:
   """{(layer, 'attn.q' | 'attn.k'): bool [H*D]} from massive_mask on M of pre-RoPE q and k."""
-  _, cache = mcapture.run(model, jnp.asarray(tokens_BxT, jnp.int32), points=("q", "k"))
+  M = norms(model, tokens_BxT, ("q", "k"))
   cols = {}
   for layer in range(model.cfg.n_layers):
     for point in ("q", "k"):
-      M_HxD = np.asarray(stats.value_norms(cache[hooks.name(layer, point)]))
+      M_HxD = M[point][layer]
       mask_HxD = stats.top_k_mask(M_HxD, scheme.top_k) if scheme.top_k else stats.massive_mask(M_HxD, scheme.lam)
       cols[(layer, f"attn.{point}")] = np.asarray(mask_HxD, bool).reshape(-1)
   return cols
+
+
+def norms(model: Decoder, tokens_BxT, points: tuple[str, ...], hook=None, hook_args=None) -> dict[str, np.ndarray]:
+  """{point: M [L, H, D]} of the captured points over the tokens, in one jitted pass (under an
+  optional hook, an intervention `hook(hook_args, name, x)`)."""
+  graphdef, state = nnx.split(model)
+  M = _norms(graphdef, state, jnp.asarray(tokens_BxT, jnp.int32), points, hook, hook_args)
+  return {p: np.asarray(m) for p, m in M.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "points", "hook"))
+def _norms(graphdef, state, tokens_BxT, points, hook, hook_args):
+  model = nnx.merge(graphdef, state)
+  intervene = None if hook is None else functools.partial(hook, hook_args)
+  _, cache = mcapture.run(model, tokens_BxT, points=points, intervene=intervene)  # logits unused: not computed
+  return {p: jnp.stack([stats.value_norms(x) for x in cache.stack(p)]) for p in points}
 
 
 def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict, log: dict) -> None:
@@ -210,11 +250,16 @@ def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict,
         _set(block, n, ActQuantLinear(linears[n], 1.0 / s, scheme.act_bits))
       continue
     elif scheme.method == "gptq":
-      h = x.T @ x  # float32 products, summed by BLAS; GPTQ adds damping and factors in float64
-      new = _split_columns(Q.gptq(np.concatenate(ws, axis=1), h, spec, damp=scheme.damp, block=scheme.block), ws)
-      r = Q.gram_factor(h)
-      log[f"{layer}.{'+'.join(names)}"] = {"err_rtn": float(Q.gram_errors(h, [(w, Q.rtn(w, spec)) for w in ws], r).sum()),
-                                           "err_gptq": float(Q.gram_errors(h, list(zip(ws, new)), r).sum())}
+      # BLAS on one thread: GPTQ's many small BLAS calls alternate with jitted ones, and two pools
+      # of spinning threads on the same cores slow both (SmolLM2, 2 cores: 31-33 s against 44 a
+      # scheme). The rounded weights are the same bits; logged errors may move in the last digit.
+      with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        h = x.T @ x  # float32 products, summed by BLAS; GPTQ adds damping and factors in float64
+        new = _split_columns(Q.gptq(np.concatenate(ws, axis=1), h, spec, damp=scheme.damp, block=scheme.block), ws)
+        r = Q.gram_factor(h)
+        log[f"{layer}.{'+'.join(names)}"] = {
+            "err_rtn": float(Q.gram_errors(h, [(w, Q.rtn(w, spec)) for w in ws], r).sum()),
+            "err_gptq": float(Q.gram_errors(h, list(zip(ws, new)), r).sum())}
     elif scheme.method == "rtn_keep":
       new = [Q.rtn_keep(w, spec, keep[(layer, n)]) if (layer, n) in keep else Q.rtn(w, spec)
              for n, w in zip(names, ws)]
