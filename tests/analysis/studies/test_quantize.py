@@ -159,6 +159,25 @@ def test_awq_never_worse_than_rtn_on_its_objective():
   assert alpha > 0  # with a loud input channel, scaling helps
 
 
+@pytest.mark.parametrize("symmetric, group_size", [(False, 16), (True, 16), (False, 0)])
+def test_awq_search_rounds_every_alpha_as_awq_scaled_does(symmetric, group_size):
+  """The jitted rounding of all alphas at once is awq_scaled's float32 arithmetic, bit for bit
+  (a division that XLA turned into a multiplication by the reciprocal would move some weights)."""
+  rng = np.random.default_rng(5)
+  x = correlated_inputs(rng, 256, 64, outlier=5)
+  ws = [rng.normal(size=(64, o)).astype(np.float32) for o in (24, 8)]
+  spec = Q.QuantSpec(4, symmetric, group_size)
+  s, alpha, errors = Q.awq_search(x, ws, spec, n_grid=8)
+  h = Q.gram(x)
+  alphas = np.linspace(0.0, 1.0, 9)
+  mean_abs = np.maximum(np.abs(x).mean(0), 1e-8)
+  scales = [mean_abs ** a / np.sqrt((mean_abs ** a).max() * (mean_abs ** a).min()) for a in alphas]
+  pairs = [(w, Q.awq_scaled(w, sc, spec)) for sc in scales for w in ws]
+  want = Q.gram_errors(h, pairs, Q.gram_factor(h)).reshape(len(alphas), len(ws)).sum(1)
+  np.testing.assert_array_equal(errors, want)
+  np.testing.assert_array_equal(s, scales[int(np.argmin(want))].astype(np.float32))
+
+
 def test_gram_error_is_output_error():
   rng = np.random.default_rng(4)
   x, w = correlated_inputs(rng, 300, 40), rng.normal(size=(40, 12)).astype(np.float32)

@@ -83,13 +83,20 @@ def tiny():
 
 
 def test_calibration_reads_the_true_linear_inputs(tiny):
+  """Every layer's, though all of them run layer 0's compiled program with their own weights."""
   model, tokens = tiny
-  x, _ = QM.embed(model, jnp.asarray(tokens))
-  (_, block, inputs), *_ = list(QM.calibrate(model, tokens))
-  np.testing.assert_allclose(inputs["attn.q"], np.asarray(block.attn_norm(x)).reshape(-1, 32), rtol=1e-6)
-  # the inputs reproduce the linear's own output
-  ref = np.asarray(block.mlp.down(jnp.asarray(inputs["mlp.down"])))
-  np.testing.assert_allclose(inputs["mlp.down"] @ np.asarray(block.mlp.down.kernel[...]), ref, rtol=1e-4, atol=1e-6)
+  x, pos = QM.embed(model, jnp.asarray(tokens))
+  programs = QM._block_inputs._cache_size(), QM._block_output._cache_size()
+  found = list(QM.calibrate(model, tokens))
+  assert QM._block_inputs._cache_size() - programs[0] <= 1 and QM._block_output._cache_size() - programs[1] <= 1
+  assert [layer for layer, *_ in found] == list(range(model.cfg.n_layers)) and model.cfg.n_layers > 1
+  for layer, block, inputs in found:
+    assert block is model.blocks[layer]
+    np.testing.assert_allclose(inputs["attn.q"], np.asarray(block.attn_norm(x)).reshape(-1, 32), rtol=1e-5, atol=1e-6)
+    # the inputs reproduce the linear's own output
+    ref = np.asarray(block.mlp.down(jnp.asarray(inputs["mlp.down"])))
+    np.testing.assert_allclose(inputs["mlp.down"] @ np.asarray(block.mlp.down.kernel[...]), ref, rtol=1e-4, atol=1e-6)
+    x, _ = block(x, pos, model.position)
 
 
 def test_quantize_model_copies_and_quantizes_every_linear(tiny):
