@@ -7,8 +7,9 @@ group per output column ("per channel"). Because every scale belongs to one outp
 columns quantize independently, which is what lets a scheme keep chosen columns in full precision.
 
 Numpy, float32 for the data and float64 where a factorisation needs it (GPTQ's Cholesky); GPTQ's
-row loop is sequential by nature and runs jitted in JAX (float64), a step of rows per call.
-`fake_quant` takes numpy or jax arrays, so RTN and GPTQ round with the same code.
+row loop is sequential by nature and runs jitted in JAX (float64), a step of rows per call, and
+AWQ's search rounds all its alphas in one jitted call. `fake_quant` takes numpy or jax arrays, so
+RTN, AWQ and GPTQ round with the same code.
 """
 from __future__ import annotations
 
@@ -138,15 +139,16 @@ def gram_errors(h_IxI, pairs: list, r_IxI: np.ndarray | None = None) -> np.ndarr
   return factor_errors(r_IxI, d_IxW, widths)
 
 
-def factor_errors(r_IxI: np.ndarray, d_IxW: np.ndarray, widths: list[int]) -> np.ndarray:
+def factor_errors(r_IxI: np.ndarray, d_IxW, widths: list[int]) -> np.ndarray:
   """||R D_i||_F^2 for the blocks D_i of `widths` columns of D [I, W] (float32), side by side: all
   of them in one triangular product, half the flops of H D. That product runs in float32 (D is a
   difference of float32 weights; R is rounded once) and each column's squares are summed in
   float64: on SmolLM2's layers within 2.3e-7 of the float64 value per pair, where AWQ's best two
-  alphas lie 3e-5 or more apart."""
+  alphas lie 3e-5 or more apart. A writable float32 D is overwritten; any other is copied."""
+  d = np.asarray(d_IxW, np.float32)
   # (R D)^T = D^T R^T, and D^T is D's memory in BLAS's column-major order: no copy of D
-  rdT_WxI = scipy.linalg.blas.strmm(1.0, r_IxI.astype(np.float32), np.asarray(d_IxW, np.float32).T, side=1,
-                                    trans_a=1, overwrite_b=1)
+  rdT_WxI = scipy.linalg.blas.strmm(1.0, r_IxI.astype(np.float32), d.T, side=1, trans_a=1,
+                                    overwrite_b=int(d.flags.writeable))
   per_column = np.einsum("wi,wi->w", rdT_WxI, rdT_WxI, dtype=np.float64)
   return np.add.reduceat(per_column, np.cumsum([0] + widths[:-1]))
 
@@ -169,8 +171,9 @@ def awq_search(x_NxI, ws_IxO: list, spec: QuantSpec, n_grid: int = 20):
   Returns (s_I, alpha, errors [n_grid+1]) minimising sum over ws of ||XW - X awq_scaled(W)||^2.
   alpha = 0 gives s = 1, plain RTN, so the chosen scales never do worse than RTN on this objective.
   s is normalised by sqrt(max * min) as in the AWQ reference code (a common factor cancels except
-  through the rounding grid). Every alpha's rounding runs at once (`_scaled_differences`) and the
-  errors of all of them come from one `factor_errors` call.
+  through the rounding grid). Every alpha's rounding runs at once (`scaled_differences`, at most
+  AWQ_CHUNK_BYTES of differences per call) and their errors come from `factor_errors`, or pair by
+  pair in float64 (`gram_errors`) where H is singular.
   """
   check(n_grid >= 1, "awq.n_grid", f"must be >= 1; got {n_grid}")
   x = np.asarray(x_NxI, np.float32)
@@ -182,38 +185,53 @@ def awq_search(x_NxI, ws_IxO: list, spec: QuantSpec, n_grid: int = 20):
     s = mean_abs ** alpha
     scales.append(s / np.sqrt(s.max() * s.min()))
   ws = [np.asarray(w, np.float32) for w in ws_IxO]
-  w_IxO, s_AxI = np.concatenate(ws, axis=1), np.stack(scales).astype(np.float32)
-  g = spec.groups(w_IxO.shape[0])
-  lo, hi = _scaled_range(w_IxO, s_AxI, g)
-  d_IxAO = _scaled_differences(w_IxO, s_AxI, *grid_of_range(lo, hi, spec), spec=spec)
   r = gram_factor(h)
-  if r is None:   # H singular: H D in float64, pair by pair
+  if r is None:   # H singular: sum(D * H D) in float64, pair by pair
     errors = gram_errors(h, [(w, awq_scaled(w, s, spec)) for s in scales for w in ws])
   else:
-    errors = factor_errors(r, d_IxAO, [w.shape[1] for w in ws] * len(alphas))
+    w_IxO, s_AxI = np.concatenate(ws, axis=1), np.stack(scales).astype(np.float32)
+    step = max(1, AWQ_CHUNK_BYTES // (4 * w_IxO.size))
+    widths = [w.shape[1] for w in ws]
+    errors = np.concatenate([factor_errors(r, scaled_differences(w_IxO, s_AxI[a:a + step], spec),
+                                           widths * len(s_AxI[a:a + step])) for a in range(0, len(alphas), step)])
   errors = errors.reshape(len(alphas), len(ws)).sum(1)
   best = int(np.argmin(errors))
   return scales[best].astype(np.float32), float(alphas[best]), errors
 
 
-# Every alpha's awq_scaled at once, jitted: the min and max of each group (exact under XLA), the
-# grid from them in numpy (`grid_of_range`), then the rounding with that grid. W's columns side by
-# side (linears that share x) quantize as one W: its columns never interact. Equal to awq_scaled's
-# float32 arithmetic bit for bit: XLA turns a division by a broadcast into a multiplication by
-# the reciprocal, so the divisors are materialised behind an optimization barrier.
+AWQ_CHUNK_BYTES = 1 << 28
+"""Differences D [I, alphas * O] that `awq_search` rounds and scores per call (SmolLM2's largest
+group, gate|up, fits all 21 alphas in 149 MB; a larger model's splits the alphas)."""
+
+
+def scaled_differences(w_IxO: np.ndarray, s_AxI: np.ndarray, spec: QuantSpec) -> np.ndarray:
+  """W - awq_scaled(W, s_a) for every row a of s, as D [I, A * O] (a-major columns), bit for bit
+  awq_scaled's float32 arithmetic on CPU: the min and max of each group (exact under XLA) and the
+  grid from them in numpy (`grid_of_range`), then the rounding jitted. W's columns side by side
+  (linears that share x) quantize as one W: its columns never interact."""
+  groups = spec.groups(w_IxO.shape[0])
+  lo, hi = _scaled_range(w_IxO, s_AxI, groups)
+  return np.array(_rounded_differences(w_IxO, s_AxI, *grid_of_range(lo, hi, spec), spec=spec))
+
+
+def _scaled_groups(w_IxO, s_AxI, groups: int):
+  """diag(s_a) W for every a, as [A, groups, I / groups, O]."""
+  return (w_IxO[None] * s_AxI[:, :, None]).reshape(len(s_AxI), groups, -1, w_IxO.shape[1])
+
 
 @functools.partial(jax.jit, static_argnames="groups")
 def _scaled_range(w_IxO, s_AxI, groups: int):
-  ws_AxGxJxO = (w_IxO[None] * s_AxI[:, :, None]).reshape(len(s_AxI), groups, -1, w_IxO.shape[1])
+  ws_AxGxJxO = _scaled_groups(w_IxO, s_AxI, groups)
   return ws_AxGxJxO.min(2), ws_AxGxJxO.max(2)
 
 
 @functools.partial(jax.jit, static_argnames="spec")
-def _scaled_differences(w_IxO, s_AxI, scale_AxGxO, zero_AxGxO, *, spec: QuantSpec):
-  """W - awq_scaled(W, s_a) for every a, as D [I, A * O] (a-major columns)."""
-  (A, G, O), I = scale_AxGxO.shape, w_IxO.shape[0]
+def _rounded_differences(w_IxO, s_AxI, scale_AxGxO, zero_AxGxO, *, spec: QuantSpec):
+  # XLA turns a division by a broadcast into a multiplication by the reciprocal, which moves some
+  # weights: the divisors are materialised behind an optimization barrier.
   full = lambda x, shape: jax.lax.optimization_barrier(jnp.broadcast_to(x, shape))
-  ws_AxGxJxO = (w_IxO[None] * s_AxI[:, :, None]).reshape(A, G, I // G, O)
+  ws_AxGxJxO = _scaled_groups(w_IxO, s_AxI, scale_AxGxO.shape[1])
+  (A, I), O = s_AxI.shape, w_IxO.shape[1]
   q_AxGxJxO = fake_quant(ws_AxGxJxO, full(scale_AxGxO[:, :, None], ws_AxGxJxO.shape), zero_AxGxO[:, :, None], spec)
   d_AxIxO = w_IxO[None] - q_AxGxJxO.reshape(A, I, O) / full(s_AxI[:, :, None], (A, I, O))
   return jnp.transpose(d_AxIxO, (1, 0, 2)).reshape(I, A * O)

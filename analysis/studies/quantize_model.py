@@ -5,8 +5,8 @@ Left in float: embeddings, the (tied or separate) LM head and the norms, as GPTQ
 SmoothQuant do. All weights are fake-quantized (quantize-dequantize in float32).
 
 Calibration reads the input of each linear with the Decoder's own modules, block by block: the
-embedding, then each Block called directly with its linears wrapped in a recorder that sows their
-input. Blocks are quantized in order and the next block's inputs come from the already-quantized
+embedding, then each Block, jitted, with its linears wrapped in a recorder that sows their input
+(every block runs one compiled program). Blocks are quantized in order and the next block's inputs come from the already-quantized
 ones (sequential calibration, as GPTQ does), so no scheme calibrates on activations it will never see.
 
 Schemes (`Scheme.method`):
@@ -251,8 +251,8 @@ def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict,
       continue
     elif scheme.method == "gptq":
       # BLAS on one thread: GPTQ's many small BLAS calls alternate with jitted ones, and two pools
-      # of spinning threads on the same cores slow both (SmolLM2, 2 cores: 31-33 s against 44 a
-      # scheme). The rounded weights are the same bits; logged errors may move in the last digit.
+      # of spinning threads on the same cores slow both (bench/README, "C6 quantization speed").
+      # The thread count may move a logged error in the last digit.
       with threadpoolctl.threadpool_limits(1, user_api="blas"):
         h = x.T @ x  # float32 products, summed by BLAS; GPTQ adds damping and factors in float64
         new = _split_columns(Q.gptq(np.concatenate(ws, axis=1), h, spec, damp=scheme.damp, block=scheme.block), ws)

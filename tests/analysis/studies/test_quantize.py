@@ -178,6 +178,20 @@ def test_awq_search_rounds_every_alpha_as_awq_scaled_does(symmetric, group_size)
   np.testing.assert_array_equal(s, scales[int(np.argmin(want))].astype(np.float32))
 
 
+def test_awq_search_splits_its_alphas_into_chunks_without_changing_them(monkeypatch):
+  rng = np.random.default_rng(10)
+  x = correlated_inputs(rng, 256, 64, outlier=5)
+  ws = [rng.normal(size=(64, o)).astype(np.float32) for o in (24, 8)]
+  spec = Q.QuantSpec(4, group_size=16)
+  whole = Q.awq_search(x, ws, spec, n_grid=8)
+  monkeypatch.setattr(Q, "AWQ_CHUNK_BYTES", 4 * 64 * 32 * 2)   # two alphas per call: 5 calls
+  chunked = Q.awq_search(x, ws, spec, n_grid=8)
+  np.testing.assert_array_equal(chunked[0], whole[0])
+  assert chunked[1] == whole[1]
+  # the same float32 products of depth 64; BLAS may order a panel's sums apart: 2 * 64 * eps32
+  np.testing.assert_allclose(chunked[2], whole[2], rtol=2 * 64 * EPS32)
+
+
 def test_gram_error_is_output_error():
   rng = np.random.default_rng(4)
   x, w = correlated_inputs(rng, 300, 40), rng.normal(size=(40, 12)).astype(np.float32)
@@ -239,5 +253,10 @@ def test_awq_with_an_input_that_is_always_zero():
   x[:, 7] = 0.0     # H is singular: no Cholesky factor, the errors come from H D
   assert Q.gram_factor(Q.gram(x)) is None
   ws = [rng.normal(size=(32, 16)).astype(np.float32)]
-  s, alpha, errors = Q.awq_search(x, ws, Q.QuantSpec(3, group_size=16), n_grid=5)
+  spec = Q.QuantSpec(3, group_size=16)
+  s, alpha, errors = Q.awq_search(x, ws, spec, n_grid=5)
   assert np.all(np.isfinite(s)) and np.all(np.isfinite(errors)) and errors.min() == errors[int(round(alpha * 5))]
+  mean_abs = np.maximum(np.abs(x).mean(0), 1e-8)   # every alpha's error is sum(D * H D) in float64
+  for a, got in zip(np.linspace(0.0, 1.0, 6), errors):
+    sc = mean_abs ** a / np.sqrt((mean_abs ** a).max() * (mean_abs ** a).min())
+    assert got == Q.gram_error(Q.gram(x), ws[0], Q.awq_scaled(ws[0], sc, spec))

@@ -85,10 +85,11 @@ def tiny():
 def test_calibration_reads_the_true_linear_inputs(tiny):
   """Every layer's, though all of them run layer 0's compiled program with their own weights."""
   model, tokens = tiny
+  tokens = tokens[:3, :11]   # a shape no other test calibrates: its programs compile here
   x, pos = QM.embed(model, jnp.asarray(tokens))
   programs = QM._block_inputs._cache_size(), QM._block_output._cache_size()
   found = list(QM.calibrate(model, tokens))
-  assert QM._block_inputs._cache_size() - programs[0] <= 1 and QM._block_output._cache_size() - programs[1] <= 1
+  assert QM._block_inputs._cache_size() - programs[0] == 1 and QM._block_output._cache_size() - programs[1] == 1
   assert [layer for layer, *_ in found] == list(range(model.cfg.n_layers)) and model.cfg.n_layers > 1
   for layer, block, inputs in found:
     assert block is model.blocks[layer]
