@@ -6,8 +6,9 @@ SmoothQuant do. All weights are fake-quantized (quantize-dequantize in float32).
 
 Calibration reads the input of each linear with the Decoder's own modules, block by block: the
 embedding, then each Block, jitted, with its linears wrapped in a recorder that sows their input
-(every block runs one compiled program). Blocks are quantized in order and the next block's inputs come from the already-quantized
-ones (sequential calibration, as GPTQ does), so no scheme calibrates on activations it will never see.
+(every block runs one compiled program). Blocks are quantized in order and the next block's inputs
+come from the already-quantized ones (sequential calibration, as GPTQ does), so no scheme
+calibrates on activations it will never see.
 
 Schemes (`Scheme.method`):
   fp           no change (the reference row of every table)
