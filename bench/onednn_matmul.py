@@ -1,21 +1,23 @@
-"""XLA:CPU's matmul against oneDNN's gemm called from inside jit (a jax.ffi custom call).
+"""XLA:CPU's matmul against oneDNN's called from inside jit (a jax.ffi custom call).
 
     .venv/bin/python bench/onednn_matmul.py [--reps 7] [--chain 8]
     .venv/bin/python bench/onednn_matmul.py --run SCRIPT.py|-m MODULE [ARGS ...]
 
 An experiment, not a path of the model: minilm's matmul stays XLA's (bench/README, "oneDNN through
-jax.ffi"). Needs a C++ compiler and oneDNN's shared library (`pip install onednn-cpu-gomp==2023.2.0`,
-which puts libdnnl.so.3 under the environment's lib/); the handlers (bench/onednn_gemm.cc) are
-compiled into a temporary folder at start.
+jax.ffi"). Needs a C++ compiler and oneDNN 3.2 with its headers (`pip install
+onednn-devel-cpu-gomp==2023.2.0`, which puts libdnnl.so.3 under the environment's lib/ and the
+headers under include/); the handlers (bench/onednn_matmul.cc) are compiled into a temporary folder
+at start.
 
 Without --run: each product shape in float32, and in bfloat16 with a float32 result, as a chain of
-`chain` products in one jitted program (XLA's dot against oneDNN's `dnnl_sgemm` /
-`dnnl_gemm_bf16bf16f32`), best of `reps`, in GFLOP/s, with the largest difference between the two
-relative to the largest product value.
+`chain` products in one jitted program (XLA's dot against oneDNN: `dnnl_sgemm` in float32, the
+matmul primitive in bfloat16, which runs AMX kernels on an AMX CPU), best of `reps`, in GFLOP/s, with the largest difference between the
+two relative to the largest product value.
 
-With --run: runs the script or module with every float32 linear and tied head of minilm models on
-oneDNN (`minilm.layers.matmul_for` replaced in that process: the forward product and both backward
-products, transposed operands read as gemm transposes), e.g. `--run bench/train_throughput.py
+With --run: runs the script or module with every float32 or bfloat16 linear and tied head of
+minilm models on oneDNN (`minilm.layers.matmul_for` replaced in that process: the forward product
+and both backward products, summed in float32 and cast to the operands' dtype; transposed operands
+read in place), e.g. `--run bench/train_throughput.py
 --sizes 5m,25m --peer torch` or `--run -m train default --arms rope --set steps=300 --out DIR`.
 """
 from __future__ import annotations
@@ -41,23 +43,29 @@ SHAPES = ((5120, 576, 1536), (5120, 1536, 576), (5120, 576, 576), (2048, 128, 51
           (4096, 512, 2048), (4096, 2048, 512), (2048, 2048, 2048))
 
 
+INSTALL = "pip install onednn-devel-cpu-gomp==2023.2.0"
+
+
 def libdnnl() -> str:
   path = os.path.join(sys.prefix, "lib", "libdnnl.so.3")
-  if not os.path.exists(path):
-    sys.exit(f"onednn: {path} not found; install oneDNN's library with: pip install onednn-cpu-gomp==2023.2.0")
+  headers = os.path.join(sys.prefix, "include", "oneapi", "dnnl", "dnnl.hpp")
+  for need in (path, headers):
+    if not os.path.exists(need):
+      sys.exit(f"onednn: {need} not found; install oneDNN with: {INSTALL}")
   return path
 
 
 def build(folder: str) -> ctypes.CDLL:
-  """Compile bench/onednn_gemm.cc against jaxlib's FFI headers and oneDNN, and load it."""
+  """Compile bench/onednn_matmul.cc against jaxlib's FFI headers and oneDNN, and load it."""
   compiler = shutil.which(os.environ.get("CXX", "g++"))
   if compiler is None:
     sys.exit("onednn: no C++ compiler (g++, or $CXX) on PATH")
-  lib, out = libdnnl(), os.path.join(folder, "onednn_gemm.so")
+  lib, out = libdnnl(), os.path.join(folder, "onednn_matmul.so")
   command = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}",
-             os.path.join(HERE, "onednn_gemm.cc"), "-o", out, lib, f"-Wl,-rpath,{os.path.dirname(lib)}"]
+             f"-I{os.path.join(sys.prefix, 'include')}",
+             os.path.join(HERE, "onednn_matmul.cc"), "-o", out, lib, f"-Wl,-rpath,{os.path.dirname(lib)}"]
   if subprocess.run(command).returncode != 0:
-    sys.exit(f"onednn: compiling bench/onednn_gemm.cc failed (its errors above): {' '.join(command)}")
+    sys.exit(f"onednn: compiling bench/onednn_matmul.cc failed (its errors above): {' '.join(command)}")
   return ctypes.cdll.LoadLibrary(out)
 
 
@@ -71,20 +79,24 @@ def register() -> None:
   handlers = build(tempfile.mkdtemp(prefix="onednn_"))
   _REGISTERED.append(handlers)
   jax.ffi.register_ffi_target("onednn_sgemm", jax.ffi.pycapsule(handlers.OnednnSgemm), platform="cpu")
-  jax.ffi.register_ffi_target("onednn_gemm_bf16", jax.ffi.pycapsule(handlers.OnednnGemmBf16), platform="cpu")
+  jax.ffi.register_ffi_target("onednn_matmul_bf16", jax.ffi.pycapsule(handlers.OnednnMatmulBf16), platform="cpu")
+
+
+ONEDNN_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def gemm(a, b, ta: bool = False, tb: bool = False):
   """op(a) op(b) in float32 by oneDNN (a, b: 2-D, both float32 or both bfloat16)."""
-  target = {jnp.dtype(jnp.float32): "onednn_sgemm", jnp.dtype(jnp.bfloat16): "onednn_gemm_bf16"}[a.dtype]
+  target = {jnp.dtype(jnp.float32): "onednn_sgemm", jnp.dtype(jnp.bfloat16): "onednn_matmul_bf16"}[a.dtype]
   shape = (a.shape[1] if ta else a.shape[0], b.shape[0] if tb else b.shape[1])
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))(a, b, ta=ta, tb=tb)
 
 
 @jax.custom_vjp
 def linear_product(x, w_CxF):
-  """x @ w over x's last axis, float32, every product (forward, dx, dw) by oneDNN."""
-  return gemm(x.reshape(-1, x.shape[-1]), w_CxF).reshape(*x.shape[:-1], w_CxF.shape[1])
+  """x @ w over x's last axis (both float32 or both bfloat16), every product (forward, dx, dw) by
+  oneDNN, summed in float32 and cast to x's dtype."""
+  return gemm(x.reshape(-1, x.shape[-1]), w_CxF).reshape(*x.shape[:-1], w_CxF.shape[1]).astype(x.dtype)
 
 
 def _fwd(x, w):
@@ -94,21 +106,22 @@ def _fwd(x, w):
 def _bwd(res, dy):
   x, w = res
   x_NxC, dy_NxF = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  return gemm(dy_NxF, w, tb=True).reshape(x.shape), gemm(x_NxC, dy_NxF, ta=True)
+  dy_NxF = dy_NxF.astype(x.dtype)
+  return gemm(dy_NxF, w, tb=True).reshape(x.shape).astype(x.dtype), gemm(x_NxC, dy_NxF, ta=True).astype(w.dtype)
 
 
 linear_product.defvjp(_fwd, _bwd)
 
 
 def swap_in() -> None:
-  """Every float32 product through `minilm.layers.matmul_for` (linears, the tied head) on oneDNN, in
-  this process; other dtypes keep the model's own path."""
+  """Every float32 or bfloat16 product through `minilm.layers.matmul_for` (linears, the tied head) on
+  oneDNN, in this process; other dtypes keep the model's own path."""
   from minilm import layers, model
   own = layers.matmul_for
 
   def matmul_for(setting: str, transpose_x: bool = True):
     fallback = own(setting, transpose_x)
-    return lambda x, w: (linear_product(x, w) if x.dtype == w.dtype == jnp.float32 and w.ndim == 2
+    return lambda x, w: (linear_product(x, w) if x.dtype == w.dtype and x.dtype in ONEDNN_DTYPES and w.ndim == 2
                          else fallback(x, w))
 
   layers.matmul_for = model.matmul_for = matmul_for

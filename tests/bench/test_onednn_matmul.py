@@ -1,6 +1,6 @@
-"""bench/onednn_matmul.py: oneDNN's gemm inside jit computes the products XLA does. Runs where a C++
-compiler and oneDNN's library (pip install onednn-cpu-gomp==2023.2.0) are present; the tests' own
-install has no oneDNN, so there the module is skipped with that reason."""
+"""bench/onednn_matmul.py: oneDNN's matmul inside jit computes the products XLA does. Runs where a C++
+compiler and oneDNN with its headers (pip install onednn-devel-cpu-gomp==2023.2.0) are present; the
+tests' own install has no oneDNN, so there the module is skipped with that reason."""
 from __future__ import annotations
 
 import os
@@ -18,8 +18,10 @@ from minilm import layers, model as model_module
 from minilm.config import ModelConfig
 from minilm.model import Decoder
 
-if shutil.which(os.environ.get("CXX", "g++")) is None or not os.path.exists(os.path.join(sys.prefix, "lib", "libdnnl.so.3")):
-  pytest.skip("needs a C++ compiler and oneDNN's library (pip install onednn-cpu-gomp==2023.2.0)", allow_module_level=True)
+NEEDS = (os.path.join(sys.prefix, "lib", "libdnnl.so.3"), os.path.join(sys.prefix, "include", "oneapi", "dnnl", "dnnl.hpp"))
+if shutil.which(os.environ.get("CXX", "g++")) is None or not all(map(os.path.exists, NEEDS)):
+  pytest.skip("needs a C++ compiler and oneDNN with its headers (pip install onednn-devel-cpu-gomp==2023.2.0)",
+              allow_module_level=True)
 
 # Both sides sum K float32 products in different orders: each error is at most about K * 2^-24
 # relative to the sum of |products|; K <= 96 here, so 1e-5 of the largest |C| bounds it with room.
@@ -75,3 +77,18 @@ def test_swapped_in_a_models_logits_stay_within_float_tolerance(onednn, monkeypa
   # traced anew (matmul_for is looked up at every call): every linear and the tied head on oneDNN
   assert str(jax.make_jaxpr(lambda t: model(t))(tokens)).count("onednn_sgemm") == 7 * cfg.n_layers + 1
   _close(model(tokens), want)
+
+
+def test_bfloat16_linear_products_are_float32_sums_rounded_once(onednn):
+  x = jax.random.normal(jax.random.key(5), (4, 12, 32)).astype(jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(6), (32, 24)).astype(jnp.bfloat16)
+  got = jax.jit(onednn.linear_product)(x, w)
+  want = jnp.matmul(x, w, preferred_element_type=jnp.float32)
+  assert got.dtype == jnp.bfloat16
+  # float32 sums that differ in the last bits may round to neighbouring bfloat16 values: one ulp, 2^-8
+  assert np.abs(np.asarray(got, np.float32) - np.asarray(want)).max() <= 2 ** -7 * np.abs(np.asarray(want)).max()
+  dx, dw = jax.jit(jax.grad(lambda x, w: onednn.linear_product(x, w).astype(jnp.float32).sum(), (0, 1)))(x, w)
+  assert dx.dtype == dw.dtype == jnp.bfloat16 and dx.shape == x.shape and dw.shape == w.shape
+  # d sum / dw = x^T 1: float32 sums of x's bfloat16 values, rounded once to bfloat16
+  want_dw = np.asarray(x, np.float32).reshape(-1, 32).sum(0)[:, None] * np.ones((1, 24))
+  assert np.abs(np.asarray(dw, np.float32) - want_dw).max() <= 2 ** -7 * np.abs(want_dw).max()
