@@ -28,41 +28,47 @@ static dnnl::memory::desc Matrix(int64_t rows, int64_t cols, bool transposed, dt
                             transposed ? dnnl::memory::dims{1, rows} : dnnl::memory::dims{cols, 1});
 }
 
-// Creating a primitive compiles its kernels: once per shape, transposes and dtype.
-static dnnl::matmul Primitive(int64_t M, int64_t K, int64_t N, bool ta, bool tb, dt type) {
-  static std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool, dt>, dnnl::matmul> made;
+// Creating a primitive compiles its kernels: once per shape and transposes.
+static dnnl::matmul Bf16Primitive(int64_t M, int64_t K, int64_t N, bool ta, bool tb) {
+  static std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool>, dnnl::matmul> made;
   static std::mutex lock;
   std::lock_guard<std::mutex> hold(lock);
-  auto key = std::make_tuple(M, K, N, ta, tb, type);
+  auto key = std::make_tuple(M, K, N, ta, tb);
   auto found = made.find(key);
   if (found == made.end()) {
-    dnnl::matmul::primitive_desc pd(Engine(), Matrix(M, K, ta, type), Matrix(K, N, tb, type),
+    dnnl::matmul::primitive_desc pd(Engine(), Matrix(M, K, ta, dt::bf16), Matrix(K, N, tb, dt::bf16),
                                     Matrix(M, N, false, dt::f32));
     found = made.emplace(key, dnnl::matmul(pd)).first;
   }
   return found->second;
 }
 
-static ffi::Error Sgemm(F32Matrix a, F32Matrix b, ffi::ResultBuffer<ffi::F32, 2> c, bool ta, bool tb) {
+// M, K, N of op(A) op(B); false where the inner dimensions differ.
+template <typename Matrix2D>
+static bool ProductDims(const Matrix2D& a, const Matrix2D& b, bool ta, bool tb, int64_t& M, int64_t& K, int64_t& N) {
   auto ad = a.dimensions(), bd = b.dimensions();
-  int64_t M = ta ? ad[1] : ad[0], K = ta ? ad[0] : ad[1], N = tb ? bd[0] : bd[1];
-  if ((tb ? bd[1] : bd[0]) != K) return ffi::Error::InvalidArgument("sgemm: inner dimensions differ");
-  dnnl_status_t status = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, 1.f, a.typed_data(), ad[1],
-                                    b.typed_data(), bd[1], 0.f, c->typed_data(), N);
+  M = ta ? ad[1] : ad[0], K = ta ? ad[0] : ad[1], N = tb ? bd[0] : bd[1];
+  return (tb ? bd[1] : bd[0]) == K;
+}
+
+static ffi::Error Sgemm(F32Matrix a, F32Matrix b, ffi::ResultBuffer<ffi::F32, 2> c, bool ta, bool tb) {
+  int64_t M, K, N;
+  if (!ProductDims(a, b, ta, tb, M, K, N)) return ffi::Error::InvalidArgument("sgemm: inner dimensions differ");
+  dnnl_status_t status = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, 1.f, a.typed_data(), a.dimensions()[1],
+                                    b.typed_data(), b.dimensions()[1], 0.f, c->typed_data(), N);
   if (status != dnnl_success) return ffi::Error::Internal("oneDNN sgemm returned an error status");
   return ffi::Error::Success();
 }
 
 static ffi::Error MatmulBf16(Bf16Matrix a, Bf16Matrix b, ffi::ResultBuffer<ffi::F32, 2> c, bool ta, bool tb) {
-  auto ad = a.dimensions(), bd = b.dimensions();
-  int64_t M = ta ? ad[1] : ad[0], K = ta ? ad[0] : ad[1], N = tb ? bd[0] : bd[1];
-  if ((tb ? bd[1] : bd[0]) != K) return ffi::Error::InvalidArgument("matmul: inner dimensions differ");
+  int64_t M, K, N;
+  if (!ProductDims(a, b, ta, tb, M, K, N)) return ffi::Error::InvalidArgument("matmul: inner dimensions differ");
   try {
     dnnl::stream stream(Engine());
     dnnl::memory am(Matrix(M, K, ta, dt::bf16), Engine(), a.untyped_data());
     dnnl::memory bm(Matrix(K, N, tb, dt::bf16), Engine(), b.untyped_data());
     dnnl::memory cm(Matrix(M, N, false, dt::f32), Engine(), c->untyped_data());
-    Primitive(M, K, N, ta, tb, dt::bf16).execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+    Bf16Primitive(M, K, N, ta, tb).execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN matmul: ") + e.what());

@@ -11,14 +11,14 @@ at start.
 
 Without --run: each product shape in float32, and in bfloat16 with a float32 result, as a chain of
 `chain` products in one jitted program (XLA's dot against oneDNN: `dnnl_sgemm` in float32, the
-matmul primitive in bfloat16, which runs AMX kernels on an AMX CPU), best of `reps`, in GFLOP/s, with the largest difference between the
-two relative to the largest product value.
+matmul primitive in bfloat16, which runs AMX kernels on an AMX CPU), best of `reps`, in GFLOP/s,
+with the largest difference between the two relative to the largest product value.
 
 With --run: runs the script or module with every float32 or bfloat16 linear and tied head of
 minilm models on oneDNN (`minilm.layers.matmul_for` replaced in that process: the forward product
 and both backward products, summed in float32 and cast to the operands' dtype; transposed operands
-read in place), e.g. `--run bench/train_throughput.py
---sizes 5m,25m --peer torch` or `--run -m train default --arms rope --set steps=300 --out DIR`.
+read in place), e.g. `--run bench/train_throughput.py --sizes 5m,25m --peer torch` or `--run -m
+train default --arms rope --set steps=300 --out DIR`.
 """
 from __future__ import annotations
 
@@ -69,6 +69,10 @@ def build(folder: str) -> ctypes.CDLL:
   return ctypes.cdll.LoadLibrary(out)
 
 
+# the FFI target of each operand dtype
+TARGETS = {jnp.dtype(jnp.float32): "onednn_sgemm", jnp.dtype(jnp.bfloat16): "onednn_matmul_bf16"}
+
+
 _REGISTERED = []
 
 
@@ -78,18 +82,15 @@ def register() -> None:
     return
   handlers = build(tempfile.mkdtemp(prefix="onednn_"))
   _REGISTERED.append(handlers)
-  jax.ffi.register_ffi_target("onednn_sgemm", jax.ffi.pycapsule(handlers.OnednnSgemm), platform="cpu")
-  jax.ffi.register_ffi_target("onednn_matmul_bf16", jax.ffi.pycapsule(handlers.OnednnMatmulBf16), platform="cpu")
-
-
-ONEDNN_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+  # in TARGETS' order
+  for target, handler in zip(TARGETS.values(), (handlers.OnednnSgemm, handlers.OnednnMatmulBf16)):
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
 
 
 def gemm(a, b, ta: bool = False, tb: bool = False):
   """op(a) op(b) in float32 by oneDNN (a, b: 2-D, both float32 or both bfloat16)."""
-  target = {jnp.dtype(jnp.float32): "onednn_sgemm", jnp.dtype(jnp.bfloat16): "onednn_matmul_bf16"}[a.dtype]
   shape = (a.shape[1] if ta else a.shape[0], b.shape[0] if tb else b.shape[1])
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))(a, b, ta=ta, tb=tb)
+  return jax.ffi.ffi_call(TARGETS[a.dtype], jax.ShapeDtypeStruct(shape, jnp.float32))(a, b, ta=ta, tb=tb)
 
 
 @jax.custom_vjp
@@ -105,8 +106,7 @@ def _fwd(x, w):
 
 def _bwd(res, dy):
   x, w = res
-  x_NxC, dy_NxF = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  dy_NxF = dy_NxF.astype(x.dtype)
+  x_NxC, dy_NxF = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]).astype(x.dtype)
   return gemm(dy_NxF, w, tb=True).reshape(x.shape).astype(x.dtype), gemm(x_NxC, dy_NxF, ta=True).astype(w.dtype)
 
 
@@ -121,7 +121,7 @@ def swap_in() -> None:
 
   def matmul_for(setting: str, transpose_x: bool = True):
     fallback = own(setting, transpose_x)
-    return lambda x, w: (linear_product(x, w) if x.dtype == w.dtype and x.dtype in ONEDNN_DTYPES and w.ndim == 2
+    return lambda x, w: (linear_product(x, w) if x.dtype == w.dtype and x.dtype in TARGETS and w.ndim == 2
                          else fallback(x, w))
 
   layers.matmul_for = model.matmul_for = matmul_for

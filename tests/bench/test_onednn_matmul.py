@@ -18,7 +18,8 @@ from minilm import layers, model as model_module
 from minilm.config import ModelConfig
 from minilm.model import Decoder
 
-NEEDS = (os.path.join(sys.prefix, "lib", "libdnnl.so.3"), os.path.join(sys.prefix, "include", "oneapi", "dnnl", "dnnl.hpp"))
+NEEDS = (os.path.join(sys.prefix, "lib", "libdnnl.so.3"),
+         os.path.join(sys.prefix, "include", "oneapi", "dnnl", "dnnl.hpp"))
 if shutil.which(os.environ.get("CXX", "g++")) is None or not all(map(os.path.exists, NEEDS)):
   pytest.skip("needs a C++ compiler and oneDNN with its headers (pip install onednn-devel-cpu-gomp==2023.2.0)",
               allow_module_level=True)
