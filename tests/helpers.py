@@ -20,7 +20,9 @@ conftest.py). Paths are relative to tests/, which mirrors the packages (tests/<p
 - `SWEEP`, `HEAD_DIM`, `first_pair_beyond`: the six-arm sweep of the `sweep_dir` fixture and the
   boundary pair of docs/claims.md (analysis/massive/test_compare, analysis/lab/test_report);
 - `planted_law`: onset rows that follow a planted law (analysis/studies/test_onset,
-  bench/test_onset_gpu).
+  bench/test_onset_gpu);
+- `worker_setup`, `worker_task`: a state and a task for analysis.studies.workers' pool, importable by
+  name in a spawned process (analysis/studies/test_workers).
 """
 import json
 import math
@@ -409,3 +411,19 @@ def planted_law(kind="rope", a=1.0, b=0.25, c=0.5, noise=0.02, seeds=3, sizes=(1
         rows.append({"arm": f"{kind}_{n:g}_{s}", "kind": kind, "params": n, "tokens": tokens, "step": tokens,
                      "pair_max_mean": y, "share5_post": 0.0})
   return rows
+
+
+# ------------------------------------------------------------- tasks for a spawned worker pool
+
+def worker_setup(base):
+  """A worker's state: `base` and the thread pools it sees once pinned."""
+  import threadpoolctl
+  return {"base": base, "blas_threads": [p["num_threads"] for p in threadpoolctl.threadpool_info()]}
+
+
+def worker_task(state, task):
+  """(base + task, this process's CPUs, its BLAS threads); a negative task fails."""
+  if task < 0:
+    raise ValueError(f"task {task} is negative\nsecond line")
+  import threadpoolctl
+  return state["base"] + task, sorted(os.sched_getaffinity(0)), [p["num_threads"] for p in threadpoolctl.threadpool_info()]

@@ -1,6 +1,7 @@
 """Claim C6 end to end: schemes x bit widths -> task accuracy, perplexity, M before/after, verdict.
 
   python -m analysis quantize --model smollm2 --out results/c6_smollm2
+  python -m analysis quantize --model smollm2 --jobs 2 --out reports/c6   # schemes in 2 pinned processes (CPU)
   python -m analysis quantize --model smollm2 --methods rtn,gptq,awq --bits 4 --n 10 --out reports/c6
   python -m analysis quantize --model random --n 2 --out reports/c6_smoke        # plumbing only
 
@@ -23,6 +24,7 @@ import functools
 import json
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,7 @@ from analysis.studies import disruption
 from analysis.massive import stats
 from analysis.studies import suites
 from analysis.studies import quantize_model as QM
+from analysis.studies import workers
 from analysis.studies.sources import text_windows
 from minilm import atomic, generate
 from minilm.schema import check
@@ -89,7 +92,7 @@ def perplexity(model, windows_NxT, hook=None, hook_args=None, batch: int = 8, n_
 
 
 def run_items(model, tokenizer, items, *, hook=None, hook_args=None, label: str, scheme: str, batch: int = 8,
-              bucket: int = 0, sink=None) -> list[dict]:
+              bucket: int = 0) -> list[dict]:
   """Greedy answers under an optional prefill hook; records shaped like analysis.studies.disruption's
   (the scheme is the 'mode'), in item order within each (padded length, max_new) group."""
   records = []
@@ -102,8 +105,6 @@ def run_items(model, tokenizer, items, *, hook=None, hook_args=None, label: str,
              "success": suites.success(item, v), "answer": item.answer,
              "output": tokenizer.decode([int(t) for t in answer]), "dims_replaced": {}}
       records.append(rec)
-      if sink is not None:
-        sink.write(json.dumps(rec) + "\n")
   return records
 
 
@@ -247,26 +248,64 @@ def plot(summary: list[dict], label: str, scheme_list: list[QM.Scheme], path: Pa
 
 # --------------------------------------------------------------------------------------------- study
 
-def study(label, model, tokenizer, items, scheme_list, *, calib, heldout, probe, batch=8, bucket=0, sink=None) -> dict:
-  """Every scheme on one model (each checked by QM.check_fits first): records, perplexity, M change,
-  timings, quantization logs."""
-  records, ppl, m_change, seconds, logs = [], {}, {}, {}, {}
-  M_fp = norms(model, probe)
-  for scheme in scheme_list:
-    t0 = time.perf_counter()
-    quantized, log = QM.quantize_model(model, scheme, calib)
-    t1 = time.perf_counter()
-    hook, args = (QM.kv_hook, QM.kv_args(scheme)) if scheme.method == "kv" else (None, None)
-    records += run_items(quantized, tokenizer, items, hook=hook, hook_args=args, label=label, scheme=scheme.name,
-                         batch=batch, bucket=bucket, sink=sink)
-    t2 = time.perf_counter()
-    ppl[scheme.name] = perplexity(quantized, heldout, hook, args)  # its own batch: full-vocab logits per token
-    m_change[scheme.name] = massive_change(M_fp, norms(quantized, probe, hook, args), scheme.lam)
-    seconds[scheme.name] = {"quantize": t1 - t0, "tasks": t2 - t1, "ppl_and_M": time.perf_counter() - t2}
-    logs[scheme.name] = log
-    print(f"[{label}] {scheme.name}: quantize {t1 - t0:.1f}s, tasks {t2 - t1:.1f}s, ppl {ppl[scheme.name]['ppl']:.3g}",
-          flush=True)
-  return {"records": records, "ppl": ppl, "m_change": m_change, "seconds": seconds, "logs": logs}
+@dataclasses.dataclass(frozen=True)
+class Subject:
+  """One model of a study with what all its schemes share: the items, the calibration, held-out and
+  probe tokens, and how the items are batched."""
+  label: str
+  model: Any
+  tokenizer: Any
+  items: list
+  calib: np.ndarray
+  heldout: np.ndarray
+  batch: int
+  bucket: int
+
+  @property
+  def probe(self) -> np.ndarray:
+    """The tokens M is measured on: the first 4 calibration windows."""
+    return self.calib[:4]
+
+
+def with_fp_norms(subjects: list[Subject]) -> list[tuple[Subject, dict]]:
+  """Each subject with M of its unquantized model (what every scheme's M change is measured against)."""
+  return [(s, norms(s.model, s.probe)) for s in subjects]
+
+
+def run_scheme(state: list[tuple[Subject, dict]], task: tuple[int, QM.Scheme]) -> dict:
+  """One scheme (task: subject index, scheme) on one subject of `with_fp_norms`: the quantization
+  (checked by QM.check_fits first), the items' records, perplexity, M change, timings and log."""
+  (subject, M_fp), scheme = state[task[0]], task[1]
+  t0 = time.perf_counter()
+  quantized, log = QM.quantize_model(subject.model, scheme, subject.calib)
+  t1 = time.perf_counter()
+  hook, args = (QM.kv_hook, QM.kv_args(scheme)) if scheme.method == "kv" else (None, None)
+  records = run_items(quantized, subject.tokenizer, subject.items, hook=hook, hook_args=args, label=subject.label,
+                      scheme=scheme.name, batch=subject.batch, bucket=subject.bucket)
+  t2 = time.perf_counter()
+  ppl = perplexity(quantized, subject.heldout, hook, args)  # its own batch: full-vocab logits per token
+  m_change = massive_change(M_fp, norms(quantized, subject.probe, hook, args), scheme.lam)
+  seconds = {"quantize": t1 - t0, "tasks": t2 - t1, "ppl_and_M": time.perf_counter() - t2}
+  return {"records": records, "ppl": ppl, "m_change": m_change, "seconds": seconds, "log": log}
+
+
+def program(task: tuple[int, QM.Scheme]) -> tuple[int, str]:
+  """The compiled programs a task runs: its subject's, and one family per graph (the weight schemes
+  only change weights; W8A8 schemes add activation rounding; KV schemes a hook)."""
+  method = task[1].method
+  return task[0], "w8a8" if method in ("smoothquant", "w8a8") else "kv" if method == "kv" else "weights"
+
+
+def scheme_results(subjects: list[Subject], tasks: list, jobs: int) -> Iterator[tuple[int, dict]]:
+  """(task index, run_scheme's result) for every task: in order in this process (jobs 1), or as they
+  finish in `jobs` worker processes that split the CPUs (analysis.studies.workers), each task
+  preferably where its programs are compiled already."""
+  if jobs == 1:
+    state = with_fp_norms(subjects)
+    yield from ((i, run_scheme(state, task)) for i, task in enumerate(tasks))
+    return
+  with workers.Pool(jobs, with_fp_norms, subjects) as pool:
+    yield from pool.run(run_scheme, tasks, program)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +330,7 @@ class QuantStudy:
   bucket: int = 32                           # a batch's prompts right-padded to a multiple of this (0: equal lengths)
   calib: str = "16x256"                      # calibration windows NxT
   ppl: str = "16x256"                        # held-out perplexity windows NxT
+  jobs: int = 1                              # worker processes that split the CPUs, schemes side by side (CPU)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -314,6 +354,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                   "many tokens, so few prompt lengths compile (0: batches of equal lengths only)")
   ap.add_argument("--calib", default=d.calib, help="calibration windows NxT")
   ap.add_argument("--ppl", default=d.ppl, help="held-out perplexity windows NxT")
+  ap.add_argument("--jobs", type=int, default=d.jobs, help="worker processes, each on its own share of the CPUs, "
+                  "that run schemes side by side (CPU only; the same results as 1)")
 
 
 def study_from_args(args: argparse.Namespace) -> QuantStudy:
@@ -353,6 +395,9 @@ def plan(cfg: QuantStudy, model: bool = True, name=disruption.flag) -> tuple[lis
   scheme_list = schemes(methods, bits, group_size=cfg.group_size, lam=cfg.lam, top_k=cfg.top_k, alpha=cfg.alpha,
                         kv=kv, kv_bits=kv_bits)
   disruption.check_shared(cfg, model, name=name)
+  workers.cpu_shares(cfg.jobs, name("jobs"))
+  check(cfg.jobs == 1 or jax.default_backend() == "cpu", name("jobs"),
+        f"splits the CPUs; on {jax.default_backend()} run 1")
   return scheme_list, _shape(cfg.calib, name("calib")), _shape(cfg.ppl, name("ppl"))
 
 
@@ -368,19 +413,31 @@ def run(cfg: QuantStudy, out: str) -> dict:
       QM.check_fits(model, scheme)   # e.g. a group size that divides no input dim
   t_all = time.perf_counter()
   report = {"schemes": [dataclasses.asdict(s) | {"name": s.name} for s in scheme_list], "suite": cfg.suite,
-            "n": cfg.n, "seed": cfg.seed, "calib": cfg.calib, "ppl_windows": cfg.ppl, "models": {}}
-  all_records, found = [], []
+            "n": cfg.n, "seed": cfg.seed, "calib": cfg.calib, "ppl_windows": cfg.ppl, "jobs": cfg.jobs, "models": {}}
+  subjects = [Subject(label, model, tokenizer, items, text_windows(tokenizer, calib_n, calib_t, heldout=False),
+                      text_windows(tokenizer, ppl_n, ppl_t, heldout=True), cfg.batch, cfg.bucket)
+              for label, model, tokenizer, items, *_ in sources]
+  tasks = [(k, scheme) for k in range(len(subjects)) for scheme in scheme_list]
+  done = {}
   with atomic.staged_dir(out) as staging:
     folder = Path(staging)
-    with open(folder / "results.jsonl", "w") as sink:
-      for label, model, tokenizer, items, _, notes in sources:
-        calib = text_windows(tokenizer, calib_n, calib_t, heldout=False)
-        heldout = text_windows(tokenizer, ppl_n, ppl_t, heldout=True)
-        res = study(label, model, tokenizer, items, scheme_list, calib=calib, heldout=heldout, probe=calib[:4],
-                    batch=cfg.batch, bucket=cfg.bucket, sink=sink)
-        all_records += res.pop("records")
-        report["models"][label] = {**res, "examples": len(items), **notes}
-        found += verdicts(all_records, label, scheme_list)
+    for i, res in scheme_results(subjects, tasks, cfg.jobs):
+      (k, scheme), s = tasks[i], res["seconds"]
+      print(f"[{subjects[k].label}] {scheme.name}: quantize {s['quantize']:.1f}s, tasks {s['tasks']:.1f}s, "
+            f"ppl {res['ppl']['ppl']:.3g}", flush=True)
+      done[i] = res
+    all_records = [rec for i in range(len(tasks)) for rec in done[i]["records"]]   # in task order
+    atomic.write_text(str(folder / "results.jsonl"), "".join(json.dumps(rec) + "\n" for rec in all_records))
+    found = []
+    for k, subject in enumerate(subjects):
+      mine = [done[i] for i, (j, _) in enumerate(tasks) if j == k]
+      report["models"][subject.label] = {
+          "ppl": {s.name: r["ppl"] for s, r in zip(scheme_list, mine)},
+          "m_change": {s.name: r["m_change"] for s, r in zip(scheme_list, mine)},
+          "seconds": {s.name: r["seconds"] for s, r in zip(scheme_list, mine)},
+          "logs": {s.name: r["log"] for s, r in zip(scheme_list, mine)},
+          "examples": len(subject.items), **sources[k][-1]}
+      found += verdicts(all_records, subject.label, scheme_list)
     summary = disruption.summarize(all_records)
     report.update(summary=summary, verdicts=[dataclasses.asdict(v) for v in found],
                   seconds_total=time.perf_counter() - t_all)

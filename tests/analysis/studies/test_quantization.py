@@ -2,6 +2,8 @@
 what the command line builds, and the study runs end to end on a tiny model."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -51,9 +53,8 @@ def test_the_study_config_is_what_the_command_line_builds():
     QS.plan(QS.QuantStudy("random", kv_bits="4,one"))
 
 
-@pytest.mark.slow   # every C6 scheme end to end
-def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
-  import json
+def _tiny_study(monkeypatch, out, *extra) -> int:
+  """`python -m analysis quantize` with every C6 method on a tiny random model and six items."""
   from analysis.studies import disruption
   from analysis.lab import cli
   from analysis.studies import suites
@@ -66,17 +67,23 @@ def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   items += [suites.Item("par", "parametric", np.asarray(tok.encode(f"fact {i}{i}: is!!"), np.int32), "", "x", 2, {})
             for i in range(3)]
   monkeypatch.setattr(disruption, "load_sources", lambda *a: [("tiny", model, tok, items, None, {})])
+  return cli.main(["quantize", "--model", "random", "--out", str(out), "--methods", "rtn,rtn_keep,awq,gptq,smoothquant,kv",
+                   "--bits", "4", "--group-size", "16", "--top-k", "1", "--kv", "pre:channel,post:token",
+                   "--kv-bits", "3", "--calib", "2x32", "--ppl", "2x32", "--batch", "4", *extra])
+
+
+@pytest.mark.slow   # every C6 scheme end to end
+def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+  import json
+  from analysis.lab import cli
   out = tmp_path / "c6"
-  assert cli.main(["quantize", "--model", "random", "--out", str(out), "--methods",
-                   "rtn,rtn_keep,awq,gptq,smoothquant,kv", "--bits", "4", "--group-size", "16", "--top-k", "1",
-                   "--kv", "pre:channel,post:token", "--kv-bits", "3", "--calib", "2x32", "--ppl", "2x32",
-                   "--batch", "4"]) == 0
+  assert _tiny_study(monkeypatch, out) == 0
   report = json.loads((out / "summary.json").read_text())
   names = [s["name"] for s in report["schemes"]]
   assert names == ["fp", "rtn-4b-g16", "rtn_keep-4b-g16", "awq-4b-g16", "gptq-4b-g16", "smoothquant-a0.5-w8a8",
                    "kv-pre-channel-3b", "kv-post-token-3b"]
   lines = (out / "results.jsonl").read_text().splitlines()
-  assert len(lines) == len(names) * len(items)
+  assert len(lines) == len(names) * 6   # every scheme answers all six items
   tiny_report = report["models"]["tiny"]
   assert set(tiny_report["ppl"]) == set(names) and all(p["ppl"] > 1 for p in tiny_report["ppl"].values())
   m = tiny_report["m_change"]
@@ -88,6 +95,21 @@ def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   assert (out / "c6.png").stat().st_size > 0 and "perplexity" in (out / "table.md").read_text()
   assert cli.main(["quantize", "--model", "random", "--out", str(out), "--methods", "kv", "--kv-bits", "4,one"]) == 2
   assert capsys.readouterr().err.startswith("error: --kv-bits: ")
+
+
+@pytest.mark.slow   # the study twice
+@pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="two workers need two CPUs this process may use")
+def test_schemes_side_by_side_in_two_workers_give_the_same_study(tmp_path, monkeypatch):
+  import json
+  assert _tiny_study(monkeypatch, tmp_path / "one") == 0 and _tiny_study(monkeypatch, tmp_path / "two", "--jobs", "2") == 0
+  assert (tmp_path / "two" / "results.jsonl").read_text() == (tmp_path / "one" / "results.jsonl").read_text()
+  one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+  assert (one["jobs"], two["jobs"]) == (1, 2)
+  for r in (one, two):   # all but the timings and the setting itself
+    del r["seconds_total"], r["jobs"]
+    for m in r["models"].values():
+      del m["seconds"]
+  assert two == one
 
 
 @pytest.mark.slow   # two decoding paths per axis; the grid test in test_quantize_model is the fast check
