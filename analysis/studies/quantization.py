@@ -273,8 +273,8 @@ def with_fp_norms(subjects: list[Subject]) -> list[tuple[Subject, dict]]:
 
 
 def run_scheme(state: list[tuple[Subject, dict]], task: tuple[int, QM.Scheme]) -> dict:
-  """One scheme (task: subject index, scheme) on one subject of `with_fp_norms`: the quantization
-  (checked by QM.check_fits first), the items' records, perplexity, M change, timings and log."""
+  """One scheme (task: subject index, scheme) on one subject of `with_fp_norms`: the items' records
+  under it, perplexity, M change, timings and the quantization's log."""
   (subject, M_fp), scheme = state[task[0]], task[1]
   t0 = time.perf_counter()
   quantized, log = QM.quantize_model(subject.model, scheme, subject.calib)
