@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import signal
 from multiprocessing.connection import wait
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
@@ -125,6 +126,7 @@ def _serve(conn, cpus: set[int]) -> None:
   """A worker's loop: pin to `cpus` before anything starts a thread pool, then answer the first
   message (setup, args) and each later (fn, (task,)) with ('ok', value) or ('error', one line)."""
   os.sched_setaffinity(0, cpus)   # XLA:CPU and OpenBLAS size their thread pools from the affinity
+  signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the parent stops us
   import threadpoolctl
   state = unset = object()
   while (message := conn.recv()) is not None:
