@@ -396,8 +396,8 @@ def plan(cfg: QuantStudy, model: bool = True, name=disruption.flag) -> tuple[lis
                         kv=kv, kv_bits=kv_bits)
   disruption.check_shared(cfg, model, name=name)
   workers.cpu_shares(cfg.jobs, name("jobs"))
-  check(cfg.jobs == 1 or jax.default_backend() == "cpu", name("jobs"),
-        f"splits the CPUs; on {jax.default_backend()} run 1")
+  if cfg.jobs > 1:
+    check(jax.default_backend() == "cpu", name("jobs"), f"splits the CPUs; on {jax.default_backend()} run 1")
   return scheme_list, _shape(cfg.calib, name("calib")), _shape(cfg.ppl, name("ppl"))
 
 

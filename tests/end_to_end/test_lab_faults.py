@@ -76,7 +76,7 @@ def test_a_failed_stage_leaves_the_previous_output_and_the_report_intact(tmp_pat
 
   def broken(*args, **kw):
     raise OSError(28, "No space left on device", str(report / "quant.partial" / "results.jsonl"))
-  monkeypatch.setattr(quantization, "study", broken)
+  monkeypatch.setattr(quantization, "run_scheme", broken)
   assert L.main([*argv, "--force", "quant"]) == 2
   err = capsys.readouterr().err.strip().splitlines()   # the progress bars of the reused stages, then:
   assert err[-1:] == [f"error: {report / 'quant.partial' / 'results.jsonl'}: No space left on device"]

@@ -51,6 +51,8 @@ def test_the_study_config_is_what_the_command_line_builds():
   assert [s.name for s in schemes] == ["fp", "rtn-4b-g16", "kv-post-token-3b"] and calib == ppl == (16, 256)
   with pytest.raises(ConfigError, match="^--kv-bits: "):
     QS.plan(QS.QuantStudy("random", kv_bits="4,one"))
+  with pytest.raises(ConfigError, match="^--jobs: must be >= 1; got 0$"):
+    QS.plan(QS.QuantStudy("random", jobs=0))
 
 
 def _tiny_study(monkeypatch, out, *extra) -> int:
