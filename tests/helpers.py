@@ -27,6 +27,7 @@ conftest.py). Paths are relative to tests/, which mirrors the packages (tests/<p
 import json
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -422,8 +423,30 @@ def worker_setup(base):
 
 
 def worker_task(state, task):
-  """(base + task, this process's CPUs, its BLAS threads); a negative task fails."""
+  """(base + task, this process's CPUs, its BLAS threads) after task / 100 seconds; a negative task
+  fails, and the task "exit" ends the worker process."""
+  if task == "exit":
+    os._exit(3)
   if task < 0:
     raise ValueError(f"task {task} is negative\nsecond line")
   import threadpoolctl
+  time.sleep(task / 100)
   return state["base"] + task, sorted(os.sched_getaffinity(0)), [p["num_threads"] for p in threadpoolctl.threadpool_info()]
+
+
+def left_running(pids: list[int], seconds: float = 20) -> list[int]:
+  """Those of `pids` still running after up to `seconds`, killed so that a failing test leaves none
+  behind (a zombie, exited but not yet reaped by init, counts as gone)."""
+  def alive(pid: int) -> bool:
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+      return False
+  deadline = time.monotonic() + seconds
+  while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  left = [pid for pid in pids if alive(pid)]
+  for pid in left:
+    os.kill(pid, 9)
+  return left

@@ -355,7 +355,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--calib", default=d.calib, help="calibration windows NxT")
   ap.add_argument("--ppl", default=d.ppl, help="held-out perplexity windows NxT")
   ap.add_argument("--jobs", type=int, default=d.jobs, help="worker processes, each on its own share of the CPUs, "
-                  "that run schemes side by side (CPU only; the same results as 1)")
+                  "that run schemes side by side (CPU only; the same records as 1)")
 
 
 def study_from_args(args: argparse.Namespace) -> QuantStudy:

@@ -5,11 +5,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
+from helpers import left_running
 from minilm.schema import ConfigError
 from train import data
 from train.cli import main as train_main
@@ -81,22 +81,8 @@ def test_workers_leave_when_the_training_process_is_killed(tmp_path):
   assert pid_file.exists(), (tmp_path / "stderr").read_text()[-2000:]
   pids = [int(p) for p in pid_file.read_text().split()]
   assert len(pids) == 2
-  deadline = time.monotonic() + 20
-  while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-    time.sleep(0.2)
-  left = [pid for pid in pids if _alive(pid)]
-  for pid in left:   # not left behind by a failing run of this test
-    os.kill(pid, 9)
-  assert not left
+  assert not left_running(pids)
 
-
-def _alive(pid: int) -> bool:
-  """Running (a zombie, exited but not yet reaped by init, counts as gone)."""
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-  except FileNotFoundError:
-    return False
 
 
 @pytest.mark.slow
