@@ -127,7 +127,7 @@ def main() -> None:
   B, T, optim, mesh = args.batch, args.seq, OptimConfig(), sharding.make_mesh(1)
   for name in args.sizes.split(","):
     cfg = ModelConfig(vocab_size=512, max_len=T, **SIZES[name], **GPT_ARCH, position=Learned())
-    ours, theirs, _, _ = side_by_side(name, cfg, optim, mesh, loop.init_params(cfg, 0), args, with_peer=True)
+    ours, theirs, _, _ = side_by_side(name, cfg, optim, mesh, loop.init_params(cfg, 0), args, peer_kind="torch")
     ours, theirs = [1e3 * s for s in ours], [1e3 * s for s in theirs]
     shape = (B, T, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.vocab_size)
     mine, peers = [], []

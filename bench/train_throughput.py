@@ -1,7 +1,7 @@
 """Training throughput of the real train step at three model sizes: MFU, and side by side with PyTorch.
 
     .venv/bin/python bench/train_throughput.py [--sizes 1m,5m,25m] [--steps 5] [--rounds 3]
-        [--dtype float32|bfloat16] [--peer torch] [--stack K] [--xla-flags '...']
+        [--dtype float32|bfloat16] [--peer torch|torch-tuned] [--stack K] [--xla-flags '...']
 
 --peer torch (pip install -e '.[bench]') times nanoGPT's GPT on PyTorch (bench/torch_peer.py, a
 worker process; on the GPU when jax runs on one) in turn with minilm at the same architecture:
@@ -9,7 +9,9 @@ GPT_ARCH, learned positions, pre-norm LayerNorm with biases, GELU (erf) MLP of 4
 every linear but the tied head. Each round
 times `steps` steps of minilm, then of the peer, after one compile/warm-up step each; the best round
 of each side counts, so load on the machine reaches both. Without --peer the model is the lab's
-default architecture (RoPE, RMSNorm, SwiGLU, no biases).
+default architecture (RoPE, RMSNorm, SwiGLU, no biases). --peer torch is nanoGPT's step as it ships
+(eager); --peer torch-tuned is the fastest PyTorch setup of it found on a CPU (torch.compile, fused
+AdamW, minilm's allocator settings: torch_peer.py --tuned), whose first step compiles.
 
 MFU = tokens/s * FLOPs per token / peak FLOP/s: on an accelerator its datasheet peak for the compute
 dtype (PEAKS, dense, no sparsity; jax runs float32 matmuls as TF32 on NVIDIA GPUs and as bfloat16
@@ -51,12 +53,13 @@ def accelerator_peak(device_kind: str, dtype: str) -> float | None:
 class TorchPeer:
   """bench/torch_peer.py as a worker process: `run(n)` -> seconds for n steps."""
 
-  def __init__(self, cfg, optim, batch: int, seq: int, device: str):
+  def __init__(self, cfg, optim, batch: int, seq: int, device: str, tuned: bool = False):
     args = dict(device=device, vocab=cfg.vocab_size, seq=seq, batch=batch, d=cfg.d_model, layers=cfg.n_layers,
                 heads=cfg.n_heads, lr=optim.lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
                 clip_norm=optim.clip_norm)
     cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "torch_peer.py"), "--serve", "--dtype", cfg.dtype,
            *(f"--{k.replace('_', '-')}={v}" for k, v in args.items())]
+    cmd += ["--tuned"] if tuned else []
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.version = self.proc.stdout.readline().strip()
 
@@ -78,7 +81,8 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=5, help="timed steps per round (after one compile step)")
   p.add_argument("--rounds", type=int, default=3, help="timed rounds per size; the best counts")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  p.add_argument("--peer", choices=("torch",), help="time nanoGPT on PyTorch in turn, at its architecture")
+  p.add_argument("--peer", choices=("torch", "torch-tuned"),
+                 help="time nanoGPT on PyTorch in turn, at its architecture (eager as it ships, or tuned)")
   p.add_argument("--stack", type=int, default=0, metavar="K", help="also time K seeds stacked in one vmapped step")
   p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax starts")
   args = p.parse_args()
@@ -135,10 +139,10 @@ def main() -> None:
     print(f"peer: {peer.version}; load average after: {os.getloadavg()}")
 
 
-def side_by_side(name: str, cfg, optim, mesh, params, args, with_peer: bool):
+def side_by_side(name: str, cfg, optim, mesh, params, args, peer_kind: str | None):
   """minilm's train step from `params` at args.batch x args.seq (random tokens, weights 1), and with
-  `with_peer` nanoGPT's on PyTorch, in turn: args.rounds rounds of args.steps steps each, after one
-  compile/warm-up step each. Returns (minilm's seconds per step per round, the peer's, the peer (its
+  `peer_kind` ("torch" or "torch-tuned": torch_peer.py) nanoGPT's on PyTorch, in turn: args.rounds
+  rounds of args.steps steps each, after one compile/warm-up step each. Returns (minilm's seconds per step per round, the peer's, the peer (its
   version; closed), (graphdef, rest, batches))."""
   import jax
   import jax.numpy as jnp
@@ -159,7 +163,7 @@ def side_by_side(name: str, cfg, optim, mesh, params, args, with_peer: bool):
   # stderr, as it happens: where a run stopped by a time limit spent its time
   print(f"{name}: compiled and ran step 0 in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
   device = "cuda" if jax.default_backend() == "gpu" else "cpu"
-  peer = TorchPeer(cfg, optim, args.batch, args.seq, device) if with_peer else None
+  peer = TorchPeer(cfg, optim, args.batch, args.seq, device, peer_kind == "torch-tuned") if peer_kind else None
   if peer:
     start = time.perf_counter()
     peer.run(1)   # warm-up
