@@ -98,6 +98,9 @@ def main() -> None:
 
   print(f"devices: {jax.devices()}  cpu cores: {os.cpu_count()}  load average: {os.getloadavg()}  "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  if args.peer and os.getloadavg()[0] > 0.5:
+    print(f"note: load average {os.getloadavg()[0]:.1f} at the start: other work on the CPU slows PyTorch's "
+          "OpenMP threads more than XLA's pool, so the ratios lean towards minilm (bench/README)")
   kind = jax.devices()[0].device_kind
   peak = accelerator_peak(kind, args.dtype) if jax.default_backend() != "cpu" else None
   if peak:

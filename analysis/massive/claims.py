@@ -474,7 +474,8 @@ def write_claims(verdicts: list[Verdict], out_dir: str) -> None:
   atomic.write_text(os.path.join(out_dir, "claims.md"), to_markdown(ordered))
 
 
-def _fmt(x, ci=None) -> str:
+def fmt(x, ci=None) -> str:
+  """x (and its interval) to 3 significant digits; '-' where there is none."""
   if x is None or (isinstance(x, float) and math.isnan(x)):
     return "-"
   s = f"{x:.3g}"
@@ -487,10 +488,10 @@ def points_text(v: Verdict) -> list[str]:
   out = []
   for point in POINTS if v.points else ():
     p = v.points[point]
-    ref = (f"; {v.reference or 'reference'} {_fmt(p['reference_value'], p['reference_ci'])}, "
-           f"difference {_fmt(p['diff'], p['ci'])}"
+    ref = (f"; {v.reference or 'reference'} {fmt(p['reference_value'], p['reference_ci'])}, "
+           f"difference {fmt(p['diff'], p['ci'])}"
            if p.get("reference_value") is not None else "")
-    out.append(f"{POINT_LABELS[point]}{' (judged)' if point == v.point else ''}: {_fmt(p['value'], p['value_ci'])}{ref}")
+    out.append(f"{POINT_LABELS[point]}{' (judged)' if point == v.point else ''}: {fmt(p['value'], p['value_ci'])}{ref}")
   if v.rotation:
     out.append(rotation_text(v))
   return out
@@ -501,9 +502,9 @@ def rotation_text(v: Verdict) -> str:
   r = v.rotation
   of = "difference" if r["of"] == "diff" else "value of the tested arm"
   post = v.points["post"][r["of"]]
-  share = f", i.e. {r['value'] / post:.0%} of the post-RoPE per-dim {of} {_fmt(post)}" if post else ""
+  share = f", i.e. {r['value'] / post:.0%} of the post-RoPE per-dim {of} {fmt(post)}" if post else ""
   return (f"the rotation itself (per dim, post-RoPE minus pre-RoPE) changes the {of} by "
-          f"{_fmt(r['value'], r['ci'])}{share}")
+          f"{fmt(r['value'], r['ci'])}{share}")
 
 
 def to_markdown(verdicts: list[Verdict]) -> str:
@@ -511,9 +512,9 @@ def to_markdown(verdicts: list[Verdict]) -> str:
            "| claim | quantity | RoPE | reference | RoPE - reference | verdict | rule |",
            "|---|---|---|---|---|---|---|"]
   for v in verdicts:
-    ref = f"{v.reference}: {_fmt(v.reference_value, v.reference_ci)}" if v.reference else "-"
-    lines.append(f"| {v.claim} {v.title} | {v.quantity} | {_fmt(v.value, v.value_ci)} | {ref} | "
-                 f"{_fmt(v.diff, v.ci)} | **{v.verdict}** | {v.rule} |")
+    ref = f"{v.reference}: {fmt(v.reference_value, v.reference_ci)}" if v.reference else "-"
+    lines.append(f"| {v.claim} {v.title} | {v.quantity} | {fmt(v.value, v.value_ci)} | {ref} | "
+                 f"{fmt(v.diff, v.ci)} | **{v.verdict}** | {v.rule} |")
   lines += ["", "## Rules, points and notes", ""]
   for v in verdicts:
     step = "" if v.step is None else f" (step {v.step})"

@@ -444,7 +444,7 @@ def run(cfg: QuantStudy, out: str) -> dict:
     atomic.write_json(str(folder / "summary.json"), report, default=str)
     claims.write_claims(found, str(folder))
     text = "\n\n".join(table(summary, report["models"][m]["ppl"], m, order) for m in report["models"])
-    text += "\n\n" + "\n".join(f"{v.claim} [{v.title}]: {v.verdict} (diff {v.diff}, CI {v.ci}) {v.notes}"
+    text += "\n\n" + "\n".join(f"{v.claim} [{v.title}]: {v.verdict} (diff {claims.fmt(v.diff, v.ci)}) {v.notes}"
                                 for v in found)
     atomic.write_text(str(folder / "table.md"), text + "\n")
     for m in report["models"]:

@@ -3,6 +3,7 @@ what the command line builds, and the study runs end to end on a tiny model."""
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -94,7 +95,11 @@ def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   assert m["kv-pre-channel-3b"]["k"]["rel_change"] > 10 * m["kv-pre-channel-3b"]["q"]["rel_change"]
   claims = json.loads((out / "claims.json").read_text())["claims"]
   assert {c["claim"] for c in claims} == {"C6", "C6-keep"}   # no w8a8 row: SmoothQuant has nothing to be compared with
-  assert (out / "c6.png").stat().st_size > 0 and "perplexity" in (out / "table.md").read_text()
+  table = (out / "table.md").read_text()
+  assert (out / "c6.png").stat().st_size > 0 and "perplexity" in table
+  verdict_lines = [line for line in table.splitlines() if line.startswith("C6")]
+  assert len(verdict_lines) == 2 and all(re.search(r"\(diff (-|-?[\d.e+-]+ \[-?[\d.e+-]+, -?[\d.e+-]+\])\) ", line)
+                                         and not re.search(r"\d\.\d{4}", line) for line in verdict_lines), verdict_lines
   assert cli.main(["quantize", "--model", "random", "--out", str(out), "--methods", "kv", "--kv-bits", "4,one"]) == 2
   assert capsys.readouterr().err.startswith("error: --kv-bits: ")
 
