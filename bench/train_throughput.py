@@ -15,9 +15,11 @@ AdamW, minilm's allocator settings: torch_peer.py --tuned), whose first step com
 
 MFU = tokens/s * FLOPs per token / peak FLOP/s: on an accelerator its datasheet peak for the compute
 dtype (PEAKS, dense, no sparsity; jax runs float32 matmuls as TF32 on NVIDIA GPUs and as bfloat16
-passes on TPUs, hence those float32 peaks), on CPU the float32 matmul rate measured here (2048^3).
-FLOPs per token (forward + backward) = 6 * N + 12 * L * T * d, with N the non-embedding
-parameters (the tied embedding/logit matmul is not counted), L layers, T sequence length, d width.
+passes on TPUs, hence those float32 peaks), on CPU the rate of a 2048^3 matmul measured here in the
+compute dtype with float32 sums (bench/README's earlier bfloat16 CPU figures are against the float32
+rate). FLOPs per token (forward + backward) = 6 * N + 12 * L * T * d, with N the non-embedding
+parameters as in Kaplan et al. (the tied embedding/logit matmul is not counted; nanoGPT's estimate
+counts it: 6.2%, 2.4% and 1.0% more at 1M, 5M and 25M), L layers, T sequence length, d width.
 Batches are random tokens (weights 1): this measures the model step, not data generation.
 
 --stack K also times K arms that differ only in seed as one vmapped step (train.step.stacked, what
@@ -106,11 +108,12 @@ def main() -> None:
   if peak:
     print(f"MFU against {kind}'s {args.dtype} dense peak: {peak / 1e12:.0f} TFLOP/s")
   else:
-    x = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-    matmul = jax.jit(lambda a: a @ a)
+    # the product as minilm's linears compute it: inputs in the compute dtype, sums in float32
+    x = jax.random.normal(jax.random.key(0), (2048, 2048), args.dtype)
+    matmul = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
     jax.block_until_ready(matmul(x))
     peak = 2 * 2048 ** 3 / min(_timed(lambda: jax.block_until_ready(matmul(x))) for _ in range(5))
-    print(f"MFU against the float32 matmul 2048^3 measured here: {peak / 1e9:.1f} GFLOP/s (best of 5)")
+    print(f"MFU against the {args.dtype} matmul 2048^3 measured here: {peak / 1e9:.1f} GFLOP/s (best of 5)")
   arch = dict(GPT_ARCH, position=Learned()) if args.peer else {}
   print(f"{args.dtype}, batch {args.batch} x {args.seq}, best of {args.rounds} rounds of {args.steps} steps, "
         f"architecture: {'nanoGPT (GPT_ARCH)' if args.peer else 'lab default'}")
