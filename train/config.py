@@ -55,6 +55,12 @@ class CheckpointConfig:
     check(self.keep >= 0, "checkpoint.keep", f"must be >= 0 (0 = keep all); got {self.keep}")
 
 
+def check_seed(seed: int, field: str) -> None:
+  """Seeds are one 32-bit word: numpy's generators split a larger one into words and drop trailing
+  zero words, so seed 2**32 + 5 would draw seed 5's rows (the data's per-row keys [seed, step, row])."""
+  check(0 <= seed < 2 ** 32, field, f"must be in 0..{2 ** 32 - 1}; got {seed}")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """Held-out greedy exact-match accuracy every `every` steps and at the end (0: only at the end)."""
@@ -67,6 +73,7 @@ class EvalConfig:
     check(self.every >= 0, "eval.every", f"must be >= 0 (0 = only at the end); got {self.every}")
     check(self.n_per_family >= 0, "eval.n_per_family", f"must be >= 0 (0 = no evaluation); got {self.n_per_family}")
     check(self.batch >= 1, "eval.batch", f"must be >= 1; got {self.batch}")
+    check_seed(self.seed, "eval.seed")
 
 
 PARALLEL = ("data", "fsdp")
@@ -97,6 +104,7 @@ class TrainConfig:
   parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
   def __post_init__(self):
+    check_seed(self.seed, "seed")
     check(self.steps >= 0, "steps", f"must be >= 0; got {self.steps}")
     check(self.model.vocab_size >= ByteTokenizer.vocab_size, "model.vocab_size",
           f"must be >= {ByteTokenizer.vocab_size}, the tokenizer's ids 0..{ByteTokenizer.vocab_size - 1} (train.tokenizer); "

@@ -43,7 +43,8 @@ class Diverged(RuntimeError):
   """Training met a non-finite loss, gradient norm or update; str(err) is one line."""
 
 
-def _note(message: str) -> None:
+def note(message: str) -> None:
+  """'note: message' on stderr, from the first process only."""
   if primary():
     print(f"note: {message}", file=sys.stderr)
 
@@ -91,7 +92,7 @@ def prepare_run_dir(arm_dir: str, cfg: TrainConfig) -> None:
     return
   if old_steps is not None and old_steps != cfg.steps:
     trained = checkpoints.available_steps(arm_dir)
-    _note(f"{arm_dir}: steps {old_steps} -> {cfg.steps} in config.json; training goes on from step "
+    note(f"{arm_dir}: steps {old_steps} -> {cfg.steps} in config.json; training goes on from step "
           f"{trained[-1] if trained else 0} and the learning-rate schedule follows the new length")
   atomic.write_json(os.path.join(arm_dir, "config.json"), C.to_dict(cfg), indent=2)
 
@@ -109,7 +110,7 @@ def _rows(path: str) -> list[tuple[str, dict]]:
     if not isinstance(row, dict) or not isinstance(row.get("step"), int):
       raise checkpoints.RunError(f"{path}: row {i + 1} has no integer 'step'; delete that line and run again")
   if cut:
-    _note(f"{path}: dropped its partial last line (the run stopped while writing it)")
+    note(f"{path}: dropped its partial last line (the run stopped while writing it)")
   return rows
 
 
@@ -172,7 +173,7 @@ def _restore_latest(mngr, arm_dir: str, cfg: TrainConfig, abstract_params, abstr
       return step, params, opt_state
     except checkpoints.DamagedCheckpoint as err:
       if primary():
-        _note(f"{err}; moved to {checkpoints.set_aside(arm_dir, step)}; training resumes from the step before")
+        note(f"{err}; moved to {checkpoints.set_aside(arm_dir, step)}; training resumes from the step before")
       mngr.reload()
   return None
 

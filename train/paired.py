@@ -23,8 +23,8 @@ from minilm.cli import last_error
 from train import checkpoints
 from train import data as D
 from train.config import ExperimentConfig, TrainConfig
-from train.loop import (BatchFn, Diverged, check_run_dir, check_runnable, prepare_run_dir, primary, seedless, stackable,
-                        train, train_stacked)
+from train.loop import (BatchFn, Diverged, check_run_dir, check_runnable, note, prepare_run_dir, primary, seedless,
+                        stackable, train, train_stacked)
 
 STACK = ("auto", "on", "off")
 DIVERGED_EXIT = 3   # `python -m train`'s exit code when an arm diverged
@@ -67,9 +67,12 @@ def run_planned(runs: dict[str, tuple[TrainConfig, str]], *, batch_fn: BatchFn =
   out = {}
   for group in units(runs, stack):
     cfgs, dirs = [runs[a][0] for a in group], [runs[a][1] for a in group]
-    if len(group) > 1 and stackable(cfgs) is None:
+    why = stackable(cfgs) if len(group) > 1 else None
+    if len(group) > 1 and why is None:
       out |= dict(zip(group, train_stacked(cfgs, dirs, batch_fn=batch_fn, progress=progress)))
       continue
+    if why:
+      note(f"arms {', '.join(group)} train one after another, not stacked: {why}")
     for arm, cfg, arm_dir in zip(group, cfgs, dirs):
       try:
         out[arm] = train(cfg, arm_dir, batch_fn=batch_fn, progress=progress)

@@ -64,6 +64,9 @@ def test_score_checkpoints_puts_the_training_scores_beside_every_checkpoint(tmp_
 BAD = {
     "unknown field": (["--set", "model.d_modle=3"], "error: train.model.d_modle: unknown field; allowed: "),
     "bad value": (["--set", "model.d_model=-1"], "error: model.d_model: must be >= 1; got -1"),
+    "negative seed": (["--set", "seed=-1"], "error: seed: must be in 0..4294967295; got -1"),
+    "seed beyond 32 bits": (["--set", "seed=4294967301"], "error: seed: must be in 0..4294967295; got 4294967301"),
+    "eval seed": (["--set", "eval.seed=-3"], "error: eval.seed: must be in 0..4294967295; got -3"),
     "bad type": (["--set", "optim.lr=fast"], "error: train.optim.lr: expected a number; got 'fast'"),
     "bad choice": (["--set", "parallel.strategy=tp"], "error: parallel.strategy: must be one of 'data', 'fsdp'"),
     "missing data path": (["--set", "data.text_source=text", 'data.text_files=["/no/such/corpus.txt"]'],

@@ -182,6 +182,17 @@ def test_only_arms_that_differ_in_seed_alone_are_stacked():
   assert paired.seed_groups(runs) == [["r0", "n0", "r1"], ["long"]]
 
 
+def test_arms_that_cannot_stack_say_so_and_train_in_turn(monkeypatch, capsys):
+  a, b = _seeds(0, 1)
+  trained = []
+  monkeypatch.setattr(paired, "stackable", lambda cfgs: "stacking runs on one device (parallel.devices=1)")
+  monkeypatch.setattr(paired, "train", lambda cfg, arm_dir, **kw: trained.append(arm_dir) or {"arm": arm_dir})
+  out = paired.run_planned({"s0": (a, "x"), "s1": (b, "y")}, progress=False, stack="on")
+  assert trained == ["x", "y"] and out == {"s0": {"arm": "x"}, "s1": {"arm": "y"}}
+  assert capsys.readouterr().err == ("note: arms s0, s1 train one after another, not stacked: stacking runs on "
+                                     "one device (parallel.devices=1)\n")
+
+
 @pytest.mark.slow
 def test_an_arm_compiles_its_train_step_once(tmp_path):
   """The first step gets its inputs placed as every later step does (optimizer state and health
