@@ -83,7 +83,7 @@ PARALLEL = ("data", "fsdp")
 class ParallelConfig:
   """Data parallel (params replicated) or FSDP (params and optimizer state sharded) over devices."""
   strategy: str = "data"
-  devices: int = 0             # 0: all local devices
+  devices: int = 0             # the first N of jax.devices(), every process's; 0: all
 
   def __post_init__(self):
     check_choice("parallel.strategy", self.strategy, PARALLEL)

@@ -385,7 +385,8 @@ def _loop(arms: list[_Arm], start: int, params, opt_state, *, step, model, batch
           scores = evaluate.accuracy(model(of(params, k)), examples, batch=cfg.eval.batch)
           _append(arm.path("eval.jsonl"), {"step": done, **scores})
           events[k].add(tensorboard.scalars(scores, "eval"), done)
-          bar.write(f"[{arm.cfg.name}] step {done}: {evaluate.summary(scores)}")
+          if primary():   # once, not per process
+            bar.write(f"[{arm.cfg.name}] step {done}: {evaluate.summary(scores)}")
           arm.last["eval"] = {"step": done, **scores}
         if saving:
           checkpoints.save(arm.mngr, done, of(params, k), of(opt_state, k), arm.cfg)

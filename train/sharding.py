@@ -22,6 +22,10 @@ def make_mesh(devices: int = 0) -> Mesh:
   available = jax.devices()
   n = devices or len(available)
   check(n <= len(available), "parallel.devices", f"asks for {n} devices; only {len(available)} available")
+  me = jax.process_index()
+  check(any(d.process_index == me for d in available[:n]), "parallel.devices",
+        f"the first {n} of {len(available)} devices hold none of process {me}'s, which would get no rows; "
+        f"use 0 (all) or a count that reaches every process")
   return Mesh(np.array(available[:n]), (AXIS,))
 
 

@@ -30,6 +30,18 @@ def test_fsdp_splits_the_largest_divisible_dimension():
   assert sharding.leaf_spec((512, 32), 1, "fsdp") == P()
 
 
+def test_a_mesh_that_leaves_out_a_process_is_one_line(monkeypatch):
+  """Two hosts of two devices each: a mesh over the first two leaves process 1 without rows."""
+  import jax
+  from minilm.schema import ConfigError
+  monkeypatch.setattr(jax, "devices", lambda: [type("D", (), {"process_index": i // 2})() for i in range(4)])
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  with pytest.raises(ConfigError, match=r"^parallel.devices: the first 2 of 4 devices hold none of process 1's, "):
+    sharding.make_mesh(2)
+  monkeypatch.setattr(sharding, "Mesh", lambda devices, axes: list(devices))   # fakes are not devices
+  assert len(sharding.make_mesh(3)) == 3 and len(sharding.make_mesh(0)) == 4
+
+
 FOUR_DEVICES = textwrap.dedent("""
   import json, jax, numpy as np
   from minilm import schema as C
