@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
   atomic.check_out_dir(args.out)
   paired.check_jobs(args.jobs, args.distributed)
   prefetch.check_workers(args.data_workers)
+  if args.jobs > 1:   # this process plans (which starts jax's client) and waits; the accelerator's memory is
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"   # its workers', each capped at its share
   runs = paired.plan(exp, args.out, args.arms.split(",") if args.arms else None)
   if args.jobs > 1:
     return paired.run_concurrently(exp, args.out, runs, jobs=args.jobs, stack=args.stack_seeds,

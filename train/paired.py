@@ -94,7 +94,7 @@ def run_concurrently(exp: ExperimentConfig, out: str, runs: dict[str, tuple[Trai
                      stack: str = "auto", tensorboard: bool = False, data_workers: int = 0) -> dict[str, dict]:
   """Train the planned arms in `jobs` processes at a time, one unit (`units`) each: arms that cannot
   share one program (other position encodings) still fill an accelerator together. Each process is
-  `python -m train` on the experiment.json that `plan` wrote, with a 1/jobs share of accelerator
+  `python -m train` on the experiment.json that `plan` wrote, with a 0.9/jobs share of accelerator
   memory, so every arm is the program a sequential run trains (on CPU bit for bit the same result).
   {arm: last rows, or {'diverged': message}}; a process that fails otherwise is a one-line RunError
   naming its arms and its last error line, raised after the others have finished."""

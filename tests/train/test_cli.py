@@ -11,7 +11,7 @@ from flax import nnx
 
 from helpers import ROOT
 from minilm import schema as C
-from train import checkpoints, cli, loop
+from train import checkpoints, cli, loop, paired
 
 
 def run(capsys, *argv):
@@ -152,6 +152,20 @@ def test_a_diverging_arm_stops_alone_saves_nothing_non_finite_and_stays_diverged
   code, again = run(capsys, *argv)   # the same command: reported at once, not retrained into the same NaN
   assert code == cli.DIVERGED and again == err
   assert sorted(os.listdir(os.path.join(hot, checkpoints.CHECKPOINTS))) == before
+
+
+def test_with_jobs_the_planning_process_leaves_accelerator_memory_to_its_workers(tmp_path, monkeypatch):
+  """`plan` starts jax's client: on a GPU it would preallocate most of the memory the workers share."""
+  seen = []
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+  def plan(*args):
+    seen.append(os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"))
+    raise C.ConfigError("arms: stop here")
+  monkeypatch.setattr(paired, "plan", plan)
+  argv = ["smoke", "--out", str(tmp_path), "--no-progress"]
+  assert cli.main([*argv, "--jobs", "2"]) == 2 and seen == ["false"]
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
+  assert cli.main(argv) == 2 and seen == ["false", None]   # one process: jax's own default
 
 
 @pytest.mark.slow
