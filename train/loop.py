@@ -226,8 +226,9 @@ def train_stacked(cfgs: list[TrainConfig], arm_dirs: list[str], *, batch_fn: Bat
   per step for all of them, which fills an accelerator that one small arm leaves idle). Each arm
   gets its own batches (from its seed), checkpoints, logs and evaluations, laid out exactly as
   `train` lays them out; its numbers equal `train`'s to float32 tolerance (the vmapped matmuls may
-  sum in another order), not bit for bit. Arms that resume from different steps train one after
-  another. Returns one entry per arm: its last rows, or {'diverged': message} (the others go on)."""
+  sum in another order), not bit for bit. Arms that resume from different steps (a crash between
+  their saves): those behind catch up alone to the leader's checkpoint, then all go on stacked.
+  Returns one entry per arm: its last rows, or {'diverged': message} (the others go on)."""
   why = stackable(cfgs)
   C.check(why is None, "arms", f"cannot stack {', '.join(c.name for c in cfgs)}: {why}")
   results = _train(cfgs, arm_dirs, batch_fn=batch_fn, progress=progress, stop_at=stop_at)
@@ -257,9 +258,11 @@ def _unstack(tree, k: int):
 
 
 def _train(cfgs: list[TrainConfig], arm_dirs: list[str], *, batch_fn: BatchFn, progress: bool,
-           stop_at: int | None) -> list:
+           stop_at: int | None, catch_up: bool = True) -> list:
   """`train` of one arm, or of several stacked (train_stacked); an entry per arm: its last rows or
-  its Diverged error."""
+  its Diverged error. Stacked arms that resume from different steps: with `catch_up` those behind
+  first train alone to the leader's checkpoint (the same save schedule has one there), else, or where
+  that leaves them apart, they train one after another."""
   out = [None] * len(cfgs)
   live = []
   for k, (cfg, arm_dir) in enumerate(zip(cfgs, arm_dirs)):
@@ -292,12 +295,21 @@ def _train(cfgs: list[TrainConfig], arm_dirs: list[str], *, batch_fn: BatchFn, p
         checkpoints.save(arm.mngr, 0, params, opt_state, arm.cfg)
         resumed = 0, params, opt_state
       states.append(resumed)
-    if len({s[0] for s in states}) > 1:   # resumed at different steps: no common step to stack from
+    if len({s[0] for s in states}) > 1:   # resumed at different steps (a crash between the arms' saves)
       for arm in arms:
         arm.mngr.close()
+      starts, lead = [s[0] for s in states], max(s[0] for s in states)
       arms = states = resumed = []
-      for k, c, arm_dir in zip(live, cfgs, arm_dirs):
-        (out[k],) = _train([c], [arm_dir], batch_fn=batch_fn, progress=progress, stop_at=stop_at)
+      if catch_up and stop_at is None:   # those behind train alone to the leader's checkpoint, then all stacked
+        for c, arm_dir, start in zip(cfgs, arm_dirs, starts):
+          if start < lead:
+            _train([c], [arm_dir], batch_fn=batch_fn, progress=progress, stop_at=lead, catch_up=False)
+        for k, r in zip(live, _train(cfgs, arm_dirs, batch_fn=batch_fn, progress=progress, stop_at=None,
+                                     catch_up=False)):
+          out[k] = r
+        return out
+      for k, c, arm_dir in zip(live, cfgs, arm_dirs):   # no common step to stack from: one after another
+        (out[k],) = _train([c], [arm_dir], batch_fn=batch_fn, progress=progress, stop_at=stop_at, catch_up=False)
       return out
     step_fn = functools.partial(train_step, graphdef=graphdef, cfg=cfg.optim, steps=cfg.steps, mesh=mesh,
                                 strategy=cfg.parallel.strategy)

@@ -156,6 +156,31 @@ def test_stacked_seeds_equal_their_single_runs_and_resume_exactly(tmp_path):
 
 
 @pytest.mark.slow
+def test_stacked_arms_saved_at_different_steps_catch_up_then_stack(tmp_path, monkeypatch):
+  """A crash between the arms' saves leaves arm 0 at step 4 and arm 1 at step 2: arm 1 trains alone
+  to step 4, then both go on as one stacked program; the runs end as an uninterrupted stacked run,
+  to the float32 tolerance of the test above."""
+  cfgs = _seeds(0, 1, log_every=1)
+  whole = [str(tmp_path / "whole0"), str(tmp_path / "whole1")]
+  loop.train_stacked(cfgs, whole, progress=False)
+  cut = [str(tmp_path / "cut0"), str(tmp_path / "cut1")]
+  loop.train_stacked(cfgs, cut, progress=False, stop_at=3)   # both saved at 2
+  loop.train(cfgs[0], cut[0], progress=False, stop_at=5)     # arm 0 alone on to its save at 4
+  assert [checkpoints.available_steps(d)[-1] for d in cut] == [4, 2]
+  programs = []
+  monkeypatch.setattr(loop, "stacked", lambda fn: programs.append(fn) or S.stacked(fn))
+  results = loop.train_stacked(cfgs, cut, progress=False)
+  assert len(programs) == 1 and [r["metrics"]["step"] for r in results] == [6, 6]
+  for k in range(2):
+    a, b = _rows(tmp_path / f"cut{k}" / "metrics.jsonl"), _rows(tmp_path / f"whole{k}" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
+    assert checkpoints.available_steps(cut[k]) == [0, 1, 2, 4, 6]
+    for x, y in zip(_params(cut[k]), _params(whole[k])):
+      np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * np.abs(y).max())
+
+
+@pytest.mark.slow
 def test_a_stacked_arm_that_diverges_stops_alone(tmp_path):
   def poisoned(cfg, seed, step, rows=None):   # non-finite loss weights for seed 1 from step 3 on
     batch = data.train_batch(cfg, seed, step, rows)
