@@ -11,10 +11,10 @@ precision: float32 parameters under torch.autocast(bfloat16). On CUDA (--device 
 matmuls run as TF32, as nanoGPT sets them and as jax runs them by default on NVIDIA GPUs, and each
 timing ends with a synchronize.
 
-`--tuned` is the fastest setup of this step found on a CPU, beyond what nanoGPT ships: the model
+`--tuned` adds the speed-ups a PyTorch user would reach for, beyond what nanoGPT ships: the model
 compiled by torch.compile (Inductor), AdamW's fused kernel on the CPU too, and glibc's allocator set
-as minilm sets it for itself (`import minilm`: minilm.malloc). Without it the step is nanoGPT's, in
-eager mode.
+as minilm sets it for itself (`import minilm`: minilm.malloc). Measured faster than eager in
+float32 and not in bfloat16 at 1M (bench/README). Without it the step is nanoGPT's, in eager mode.
 
 Run by train_throughput.py as a worker process (`--serve`): it builds the model from its arguments,
 then answers each stdin line `run N` with the seconds N steps took, so the two frameworks are timed

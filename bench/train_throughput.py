@@ -10,8 +10,9 @@ every linear but the tied head. Each round
 times `steps` steps of minilm, then of the peer, after one compile/warm-up step each; the best round
 of each side counts, so load on the machine reaches both. Without --peer the model is the lab's
 default architecture (RoPE, RMSNorm, SwiGLU, no biases). --peer torch is nanoGPT's step as it ships
-(eager); --peer torch-tuned is the fastest PyTorch setup of it found on a CPU (torch.compile, fused
-AdamW, minilm's allocator settings: torch_peer.py --tuned), whose first step compiles.
+(eager); --peer torch-tuned adds the usual PyTorch speed-ups (torch.compile, fused AdamW, minilm's
+allocator settings: torch_peer.py --tuned), whose first step compiles; not faster everywhere
+(bench/README).
 
 MFU = tokens/s * FLOPs per token / peak FLOP/s: on an accelerator its datasheet peak for the compute
 dtype (PEAKS, dense, no sparsity; jax runs float32 matmuls as TF32 on NVIDIA GPUs and as bfloat16
@@ -148,8 +149,8 @@ def main() -> None:
 def side_by_side(name: str, cfg, optim, mesh, params, args, peer_kind: str | None):
   """minilm's train step from `params` at args.batch x args.seq (random tokens, weights 1), and with
   `peer_kind` ("torch" or "torch-tuned": torch_peer.py) nanoGPT's on PyTorch, in turn: args.rounds
-  rounds of args.steps steps each, after one compile/warm-up step each. Returns (minilm's seconds per step per round, the peer's, the peer (its
-  version; closed), (graphdef, rest, batches))."""
+  rounds of args.steps steps each, after one compile/warm-up step each. Returns (minilm's seconds per
+  step per round, the peer's, the peer (its version; closed), (graphdef, rest, batches))."""
   import jax
   import jax.numpy as jnp
   import numpy as np

@@ -93,7 +93,7 @@ def prepare_run_dir(arm_dir: str, cfg: TrainConfig) -> None:
   if old_steps is not None and old_steps != cfg.steps:
     trained = checkpoints.available_steps(arm_dir)
     note(f"{arm_dir}: steps {old_steps} -> {cfg.steps} in config.json; training goes on from step "
-          f"{trained[-1] if trained else 0} and the learning-rate schedule follows the new length")
+         f"{trained[-1] if trained else 0} and the learning-rate schedule follows the new length")
   atomic.write_json(os.path.join(arm_dir, "config.json"), C.to_dict(cfg), indent=2)
 
 
@@ -172,8 +172,7 @@ def _restore_latest(mngr, arm_dir: str, cfg: TrainConfig, abstract_params, abstr
       params, opt_state, _ = checkpoints.restore(mngr, step, cfg.model, abstract_params, abstract_opt)
       return step, params, opt_state
     except checkpoints.DamagedCheckpoint as err:
-      if primary():
-        note(f"{err}; moved to {checkpoints.set_aside(arm_dir, step)}; training resumes from the step before")
+      note(f"{err}; moved to {checkpoints.set_aside(arm_dir, step)}; training resumes from the step before")
       mngr.reload()
   return None
 
@@ -298,18 +297,19 @@ def _train(cfgs: list[TrainConfig], arm_dirs: list[str], *, batch_fn: BatchFn, p
     if len({s[0] for s in states}) > 1:   # resumed at different steps (a crash between the arms' saves)
       for arm in arms:
         arm.mngr.close()
-      starts, lead = [s[0] for s in states], max(s[0] for s in states)
+      starts = [s[0] for s in states]
+      lead = max(starts)
       arms = states = resumed = []
       if catch_up and stop_at is None:   # those behind train alone to the leader's checkpoint, then all stacked
         for c, arm_dir, start in zip(cfgs, arm_dirs, starts):
           if start < lead:
-            _train([c], [arm_dir], batch_fn=batch_fn, progress=progress, stop_at=lead, catch_up=False)
+            _train([c], [arm_dir], batch_fn=batch_fn, progress=progress, stop_at=lead)
         for k, r in zip(live, _train(cfgs, arm_dirs, batch_fn=batch_fn, progress=progress, stop_at=None,
                                      catch_up=False)):
           out[k] = r
         return out
       for k, c, arm_dir in zip(live, cfgs, arm_dirs):   # no common step to stack from: one after another
-        (out[k],) = _train([c], [arm_dir], batch_fn=batch_fn, progress=progress, stop_at=stop_at, catch_up=False)
+        (out[k],) = _train([c], [arm_dir], batch_fn=batch_fn, progress=progress, stop_at=stop_at)
       return out
     step_fn = functools.partial(train_step, graphdef=graphdef, cfg=cfg.optim, steps=cfg.steps, mesh=mesh,
                                 strategy=cfg.parallel.strategy)

@@ -67,11 +67,11 @@ def run_planned(runs: dict[str, tuple[TrainConfig, str]], *, batch_fn: BatchFn =
   out = {}
   for group in units(runs, stack):
     cfgs, dirs = [runs[a][0] for a in group], [runs[a][1] for a in group]
-    why = stackable(cfgs) if len(group) > 1 else None
-    if len(group) > 1 and why is None:
-      out |= dict(zip(group, train_stacked(cfgs, dirs, batch_fn=batch_fn, progress=progress)))
-      continue
-    if why:
+    if len(group) > 1:
+      why = stackable(cfgs)
+      if why is None:
+        out |= dict(zip(group, train_stacked(cfgs, dirs, batch_fn=batch_fn, progress=progress)))
+        continue
       note(f"arms {', '.join(group)} train one after another, not stacked: {why}")
     for arm, cfg, arm_dir in zip(group, cfgs, dirs):
       try:

@@ -43,9 +43,13 @@ def cpu_shares(jobs: int, field: str = "jobs") -> list[set[int]]:
 def by_core(cpus) -> list[int]:
   """`cpus` ordered by package and core, so that a core's hyperthreads are adjacent (Linux numbers
   them apart: cpu0 and cpu4 on a 4-core CPU); by number where the topology cannot be read."""
+  def read(cpu: int, name: str) -> int:
+    with open(_TOPOLOGY.format(cpu, name)) as f:
+      return int(f.read())
+
   def core(cpu: int) -> tuple:
     try:
-      return tuple(int(open(_TOPOLOGY.format(cpu, f)).read()) for f in ("physical_package_id", "core_id"))
+      return read(cpu, "physical_package_id"), read(cpu, "core_id")
     except (OSError, ValueError):
       return ()
   keys = {cpu: core(cpu) for cpu in cpus}

@@ -84,7 +84,6 @@ def test_workers_leave_when_the_training_process_is_killed(tmp_path):
   assert not left_running(pids)
 
 
-
 @pytest.mark.slow
 def test_training_with_data_workers_is_bit_identical(tmp_path):
   """`python -m train --data-workers 2` logs the same rows (every value but the measured rate)."""

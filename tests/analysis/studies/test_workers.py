@@ -94,9 +94,9 @@ def test_a_worker_that_exits_is_one_line_and_the_loop_can_stop_early():
 
 
 @two_cpus
-def test_workers_exit_when_their_parent_is_killed(tmp_path):
+def test_workers_exit_when_their_parent_is_killed():
   script = ("import os, sys; sys.path[:0] = sys.argv[1:]\n"
-            "from analysis.studies import workers; from helpers import left_running, worker_setup, worker_task\n"
+            "from analysis.studies import workers; from helpers import worker_setup, worker_task\n"
             "pool = workers.Pool(2, worker_setup, 0)\n"
             "print(*[p.pid for p in pool.procs], flush=True)\n"
             "list(pool.run(worker_task, [6000, 6000], family=lambda t: t))\n")
@@ -107,4 +107,3 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
   parent.kill()
   parent.wait()
   assert len(pids) == 2 and not left_running(pids)
-
