@@ -34,6 +34,7 @@ from minilm import atomic
 from minilm import schema as C
 from minilm.config import ModelConfig
 from minilm.model import Decoder
+from train import sharding
 from train.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -67,17 +68,22 @@ def abstract_model(cfg: ModelConfig):
 
 
 def with_shardings(abstract, shardings=None):
-  """ShapeDtypeStructs carrying `shardings` (a matching tree), for orbax to restore into."""
+  """ShapeDtypeStructs carrying `shardings` (a matching tree; None: all on this process's first
+  device), for orbax to restore into: a step saved on another mesh (several processes or devices)
+  then reads back laid out as asked."""
   if shardings is None:
-    return abstract
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 # ------------------------------------------------------------------------------- checksums
 
 def _host(x) -> np.ndarray:
+  """The whole array in this process: a replicated one from its own copy, a split one gathered."""
   if getattr(x, "is_fully_addressable", True):
     return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
@@ -238,7 +244,14 @@ def restore(mngr: ocp.CheckpointManager, step: int, model: ModelConfig, abstract
   items = {"params": ocp.args.StandardRestore(abstract_params)}
   if abstract_opt_state is not None:
     items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-  out = _guarded(mngr, step, items)
+  failed = None
+  try:
+    out = _guarded(mngr, step, items)
+  except DamagedCheckpoint as err:
+    failed = err
+  # The checksums gather arrays split across processes (a collective): all processes go on to them, or none.
+  if sharding.any_process(failed is not None):
+    raise failed or DamagedCheckpoint(f"{_step_name(mngr, step)}: another process could not read it")
   if "checksums" in meta:
     for item in items:
       _verify(_step_name(mngr, step), item, out[item], meta["checksums"][item])
@@ -316,7 +329,7 @@ def load_model(arm_dir: str, step: int | None = None) -> tuple[Decoder, Any]:
   graphdef, abstract_params, rest = abstract_model(cfg.model)
   mngr = manager(arm_dir, read_only=True)
   try:
-    params, _, _ = restore(mngr, step, cfg.model, abstract_params)
+    params, _, _ = restore(mngr, step, cfg.model, with_shardings(abstract_params))
   except DamagedCheckpoint as err:
     raise DamagedCheckpoint(f"{err}; {_redo_hint(arm_dir, step, steps)}") from None
   finally:

@@ -168,12 +168,20 @@ def _restore_latest(mngr, arm_dir: str, cfg: TrainConfig, abstract_params, abstr
   """(step, params, opt_state) of the latest checkpoint that reads back intact, or None. A damaged
   step is moved aside, saying so, and the one before it tried: the steps after it are redone exactly."""
   for step in sorted(mngr.all_steps(), reverse=True):
+    error = None
     try:
       params, opt_state, _ = checkpoints.restore(mngr, step, cfg.model, abstract_params, abstract_opt)
-      return step, params, opt_state
     except checkpoints.DamagedCheckpoint as err:
-      note(f"{err}; moved to {checkpoints.set_aside(arm_dir, step)}; training resumes from the step before")
-      mngr.reload()
+      error = err
+    # every process resumes from the same step: a step damaged as one of them read it is damaged for all
+    if not sharding.any_process(error is not None):
+      return step, params, opt_state
+    if primary():
+      where = checkpoints.set_aside(arm_dir, step)
+      note(f"{error or f'step {step}: another process read it damaged'}; moved to {where}; "
+           f"training resumes from the step before")
+    sharding.barrier(f"set_aside_{step}")   # the others list the steps again only once it has moved
+    mngr.reload()
   return None
 
 
@@ -288,9 +296,9 @@ def _train(cfgs: list[TrainConfig], arm_dirs: list[str], *, batch_fn: BatchFn, p
       resumed = _restore_latest(arm.mngr, arm.arm_dir, arm.cfg, checkpoints.with_shardings(abstract_params, param_sh),
                                 checkpoints.with_shardings(abstract_opt, opt_sh))
       if resumed is None:
-        params = jax.device_put(init_params(arm.cfg.model, arm.cfg.seed), param_sh)
-        opt_state = jax.device_put(init_opt_state(params, cfg=arm.cfg.optim, steps=arm.cfg.steps, mesh=mesh,
-                                                  strategy=arm.cfg.parallel.strategy), opt_sh)
+        params = init_params(arm.cfg.model, arm.cfg.seed)   # in this process, then laid out on the mesh
+        opt_state = sharding.put_global(init_opt_state(params, cfg=arm.cfg.optim, steps=arm.cfg.steps), opt_sh)
+        params = sharding.put_global(params, param_sh)
         checkpoints.save(arm.mngr, 0, params, opt_state, arm.cfg)
         resumed = 0, params, opt_state
       states.append(resumed)
@@ -347,8 +355,8 @@ def _loop(arms: list[_Arm], start: int, params, opt_state, *, step, model, batch
     text_tokens.append(_text_tokens_before(arm.path("metrics.jsonl"), arm.cfg, start) if corpus_tokens else 0)
   rows = sharding.host_rows(batch_sh, cfg.data.batch_size)   # this process generates only its own rows
   # placed as the step's outputs are, so that step 1 runs the program step 0 compiled (not a second one)
-  health = jax.device_put(stack_arms([healthy()] * len(arms)) if stacked else healthy(),
-                          jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec()))
+  health = stack_arms([healthy()] * len(arms)) if stacked else healthy()
+  health = sharding.put_global(health, jax.tree.map(lambda _: sharding.replicated(batch_sh.mesh), health))
   clock, clock_step = time.perf_counter(), start
   name = cfg.name if not stacked else f"{cfg.name} (+{len(arms) - 1} seeds)"
   with contextlib.ExitStack() as stack:

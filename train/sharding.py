@@ -45,6 +45,10 @@ def tree_shardings(tree, mesh: Mesh, strategy: str):
   return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), n, strategy)), tree)
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(AXIS))
 
@@ -61,6 +65,31 @@ def host_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
   bounds = sorted({idx[0].indices(batch_size)[:2] for idx in index_map.values()})
   assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])), f"rows of this process are not contiguous: {bounds}"
   return bounds[0][0], bounds[-1][1]
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` holds in any process (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def barrier(name: str) -> None:
+  """Wait until every process reaches the barrier `name`."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def put_global(tree, shardings):
+  """`tree` (the same values in every process) as global arrays laid out by `shardings` (a matching
+  tree). jax.device_put of a process's array onto a mesh that spans processes builds arrays whose
+  shards orbax cannot read back; each process here places its own devices' slices."""
+  def put(x, s):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+  return jax.tree.map(put, tree, shardings)
 
 
 def put_rows(rows: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int) -> dict[str, jax.Array]:

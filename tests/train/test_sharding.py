@@ -1,6 +1,7 @@
 """Multi-device: data parallel and FSDP on 4 forced host devices give the one-device step, and two
 real processes (jax.distributed over a localhost coordinator, one CPU device each) train the smoke
-model data-parallel, each generating only its own rows, and match one process on one device.
+model data-parallel, each generating only its own rows, and match one process on one device; the
+same two processes run loop.train through checkpoints, resume and a damaged step.
 
 The multi-device parts run in subprocesses (XLA_FLAGS must be set before jax starts), so the rest of
 the suite keeps its single device.
@@ -11,13 +12,16 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from helpers import ROOT
-from train import sharding
+from helpers import ROOT, damage
+from train import checkpoints, loop, sharding
 
 
 def test_fsdp_splits_the_largest_divisible_dimension():
@@ -128,7 +132,7 @@ WORKER = textwrap.dedent("""
   graphdef, abstract, rest = checkpoints.abstract_model(cfg.model)
   mesh = sharding.make_mesh(0)
   batch_sh = sharding.batch_sharding(mesh)
-  params = jax.device_put(loop.init_params(cfg.model, cfg.seed), sharding.tree_shardings(abstract, mesh, "data"))
+  params = sharding.put_global(loop.init_params(cfg.model, cfg.seed), sharding.tree_shardings(abstract, mesh, "data"))
   opt = S.init_opt_state(params, cfg=cfg.optim, steps=cfg.steps, mesh=mesh, strategy="data")
   rows = sharding.host_rows(batch_sh, cfg.data.batch_size)
   losses = []
@@ -151,33 +155,122 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
+def _run(script: str, runs: list[tuple[int, int]], tmp_path, *args: str, tag: str = "") -> list[dict]:
+  """Start `script` once per (process, processes) of `runs`, all at once (the processes of a group
+  meet at one localhost coordinator), with `args` after theirs; the last JSON line each printed and
+  its stderr. The first process to fail stops them all (its peers would wait for it)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   port = str(_free_port())
-  runs = [(0, 2), (1, 2), (0, 1)]
+  names = [tmp_path / f"{tag}{i}of{n}" for i, n in runs]
   procs = []
-  for i, n in runs:   # output to files: a full pipe would stall a process its peer waits for at shutdown
-    out, err = open(tmp_path / f"{i}of{n}.out", "w"), open(tmp_path / f"{i}of{n}.err", "w")
-    procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(i), str(n), port], cwd=ROOT, env=env,
-                                  stdout=out, stderr=err))
+  try:
+    for (i, n), name in zip(runs, names):   # output to files: a full pipe would stall a process its peer waits for
+      out, err = open(f"{name}.out", "w"), open(f"{name}.err", "w")
+      procs.append(subprocess.Popen([sys.executable, "-c", script, str(i), str(n), port, *args], cwd=ROOT, env=env,
+                                    stdout=out, stderr=err))
+    deadline = time.monotonic() + 300
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+      failed = [name for p, name in zip(procs, names) if p.poll()]
+      assert not failed, open(f"{failed[0]}.err").read()[-3000:]
+      time.sleep(0.1)
+    for p, name in zip(procs, names):
+      assert p.poll() == 0, f"{name.name}: " + ("still running after 300 s" if p.poll() is None
+                                                else open(f"{name}.err").read()[-3000:])
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
   outs = []
-  for (i, n), p in zip(runs, procs):
-    assert p.wait(timeout=300) == 0, (tmp_path / f"{i}of{n}.err").read_text()[-3000:]
-    outs.append(json.loads((tmp_path / f"{i}of{n}.out").read_text().strip().splitlines()[-1]))
+  for name in names:
+    outs.append(json.loads(open(f"{name}.out").read().strip().splitlines()[-1]))
+    outs[-1]["stderr"] = open(f"{name}.err").read()
+  return outs
+
+
+def _tolerance(one: dict, steps: int) -> tuple[float, float, float]:
+  """(rel, atol, move) for a run of `steps` data-parallel steps against one process's `one`.
+
+  The two devices sum the n tokens' losses and gradients in another order (per process, then an
+  all-reduce): relative error about (n-1)*eps/2 for terms of one sign, so n*eps bounds it. Params:
+  each step (~lr*g with Adam eps=1) differs by n*eps of the whole move, and p - step is rounded once
+  per step (one spacing of the largest |p|)."""
+  rel = one["tokens"] * float(np.finfo(np.float32).eps)
+  initial = [np.array(p) for p in one["initial"]]
+  move = max(np.abs(np.array(a) - p).max() for a, p in zip(one["params"], initial))
+  return rel, steps * (rel * move + np.spacing(max(np.abs(p).max() for p in initial))), move
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+  outs = _run(WORKER, [(0, 2), (1, 2), (0, 1)], tmp_path)
   first, second, one = outs
   assert first["devices"] == second["devices"] == 2 and one["devices"] == 1
   assert first["rows"] == [0, 2] and second["rows"] == [2, 4] and one["rows"] == [0, 4]   # each its own rows
   assert first["losses"] == second["losses"] and first["params"] == second["params"]   # one global state
-  # The two devices sum the n tokens' losses and gradients in another order (per process, then an
-  # all-reduce): relative error about (n-1)*eps/2 for terms of one sign, so n*eps bounds it. Params:
-  # each step (~lr*g with Adam eps=1) differs by n*eps of the whole move, and p - step is rounded once
-  # per step (one spacing of the largest |p|).
-  rel = one["tokens"] * float(np.finfo(np.float32).eps)
-  initial = [np.array(p) for p in one["initial"]]
-  move = max(np.abs(np.array(a) - p).max() for a, p in zip(one["params"], initial))
-  atol = STEPS * (rel * move + np.spacing(max(np.abs(p).max() for p in initial)))
+  rel, atol, move = _tolerance(one, STEPS)
   assert move > 100 * atol   # the steps are real, far above the tolerance
   assert first["losses"] == pytest.approx(one["losses"], rel=rel)
   for a, b in zip(first["params"], one["params"]):
     np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=atol)
+
+
+LOOP = textwrap.dedent("""
+  import json, sys
+  import jax
+  process, processes, port, root, strategy, stop_at = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:7]
+  if processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=processes, process_id=process)
+  from minilm import schema as C
+  from train import cli, loop
+  cfg = C.override(cli.load("smoke", []).resolve("rope"), {
+      "data.stream": "row", "optim.warmup_steps": 0, "optim.eps": 1.0,   # as WORKER's
+      "steps": 6, "checkpoint.every": 2, "eval.every": 3, "parallel.strategy": strategy})
+  arm_dir = f"{root}/{strategy}{processes}"
+  if stop_at != "-":   # stopped as if killed after step `stop_at`, then resumed
+    loop.train(cfg, arm_dir, progress=False, stop_at=int(stop_at))
+  print(json.dumps(loop.train(cfg, arm_dir, progress=False)))
+""")
+
+
+def _params(arm_dir) -> list[np.ndarray]:
+  model, _ = checkpoints.load_model(str(arm_dir))
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def _losses(arm_dir) -> list[tuple[int, float]]:
+  return [(row["step"], row["loss"]) for row in map(json.loads, open(arm_dir / "metrics.jsonl"))]
+
+
+@pytest.mark.slow
+def test_two_processes_checkpoint_resume_and_set_aside_like_one(tmp_path):
+  """loop.train across two processes, params replicated ('data') or split ('fsdp'): orbax saves
+  from both, a run stopped after step 3 resumes from step 2, and it ends like one process. A damaged
+  latest step (a shard one process reads) is moved aside once, by process 0 with the other waiting,
+  and both redo it from the step before, to the same weights."""
+  _run(LOOP, [(0, 2), (1, 2), (0, 1)], tmp_path, str(tmp_path), "fsdp", "3")
+  _run(LOOP, [(0, 2), (1, 2)], tmp_path, str(tmp_path), "data", "3", tag="data")
+  one = tmp_path / "fsdp1"   # one device: nothing to split, the plain step
+  cfg = checkpoints.load_config(str(one))
+  initial = [np.asarray(x) for x in jax.tree.leaves(loop.init_params(cfg.model, cfg.seed))]
+  rel, atol, move = _tolerance({"tokens": cfg.data.batch_size * cfg.data.seq_len, "initial": initial,
+                                "params": _params(one)}, cfg.steps)
+  assert move > 100 * atol
+  for two in (tmp_path / "data2", tmp_path / "fsdp2"):
+    assert checkpoints.available_steps(two) == checkpoints.available_steps(one) == [0, 1, 2, 4, 6]
+    assert [s for s, _ in _losses(two)] == [s for s, _ in _losses(one)] == [1, 2, 3, 4, 6]   # row 3 redone once
+    assert [json.loads(r)["step"] for r in open(two / "eval.jsonl")] == [3, 6]
+    assert [l for _, l in _losses(two)] == pytest.approx([l for _, l in _losses(one)], rel=rel)
+    for a, b in zip(_params(two), _params(one)):
+      np.testing.assert_allclose(a, b, rtol=0, atol=atol, err_msg=two.name)
+
+  two = tmp_path / "fsdp2"
+  params = _params(two)
+  damage(str(two), 6, "flip")
+  first, second = _run(LOOP, [(0, 2), (1, 2)], tmp_path, str(tmp_path), "fsdp", "-", tag="again")
+  assert first["stderr"].count("moved to") == 1 and "moved to" not in second["stderr"]
+  assert "step 6 (" in first["stderr"] and "differs from its checksum" in first["stderr"]
+  assert sorted(os.listdir(two / checkpoints.DAMAGED)) == ["6"]
+  assert checkpoints.available_steps(two) == [0, 1, 2, 4, 6]
+  for a, b in zip(_params(two), params):   # the same two-process program from step 4: the same bits
+    np.testing.assert_array_equal(a, b)
