@@ -8,6 +8,7 @@ import math
 from typing import Callable, Optional
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 
@@ -346,6 +347,11 @@ def _block_causal_bwd(block, res, d_out):
 block_causal.defvjp(_block_causal_fwd, _block_causal_bwd)
 
 
+def on_cuda() -> bool:
+  """Whether jax runs on NVIDIA's GPUs (cuDNN); ROCm's are backend 'gpu' too, told apart as jax tells them."""
+  return jax.default_backend() == "gpu" and "cuda" in jax.extend.backend.get_backend().platform_version.lower()
+
+
 def fused_attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, k_pos_BxS, bias_BxHxTxS=None, *, causal: bool):
   """`attend`'s output by jax.nn.dot_product_attention: cuDNN flash attention on GPU where it applies
   (bfloat16/float16, self-attention over increasing positions, no bias, head_dim a multiple of 8 up to
@@ -354,7 +360,7 @@ def fused_attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, k_pos_BxS, bias_BxH
   causal: keys are the queries' own positions, increasing (the mask is then the lower triangle).
   """
   D = q_BxTxHxD.shape[-1]
-  cudnn = (jax.default_backend() == "gpu" and causal and bias_BxHxTxS is None and D % 8 == 0 and D <= 128
+  cudnn = (on_cuda() and causal and bias_BxHxTxS is None and D % 8 == 0 and D <= 128
            and q_BxTxHxD.dtype in (jnp.bfloat16, jnp.float16))
   mask_Bx1xTxS = None if causal else (k_pos_BxS[:, None, None, :] <= q_pos_BxT[:, None, :, None])
   bias = None if bias_BxHxTxS is None else bias_BxHxTxS.astype(jnp.float32)

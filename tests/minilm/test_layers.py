@@ -167,3 +167,19 @@ def test_auto_resolves_by_backend(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert layers.resolve("attention", "auto") == "dot_product" and layers.resolve("matmul", "auto") == "plain"
   assert layers.resolve("attention", "einsum") == "einsum"
+
+
+@pytest.mark.parametrize("platform, implementation", [("cuda 12.8", "cudnn"), ("rocm 6.4", None)])
+def test_dot_product_asks_for_cudnn_on_nvidia_gpus_only(monkeypatch, platform, implementation):
+  """On a GPU backend, causal bfloat16 attention asks jax for cuDNN's kernel on CUDA; ROCm (also
+  backend 'gpu') has no cuDNN and gets jax's own choice."""
+  from jax import extend
+  from minilm import layers
+  asked = []
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(extend.backend, "get_backend", lambda: type("Backend", (), {"platform_version": platform})())
+  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, implementation, **kw: asked.append(implementation))
+  q, k, v, _ = (x.astype(jnp.bfloat16) for x in _qkv(1, 8, 2, 2, 16))
+  pos = jnp.arange(8)[None]
+  layers.fused_attend(q, k, v, pos, pos, causal=True)
+  assert asked == [implementation]
