@@ -103,7 +103,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--tensorboard", action="store_true",
                  help="also write TensorBoard events of the logged rows (needs tensorboardX: pip install 'minilm[tb]')")
   p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() first (multi-host; coordinator from the environment)")
+                 help="multi-host: call jax.distributed.initialize() first, with JAX_COORDINATOR_ADDRESS, "
+                      "JAX_NUM_PROCESSES and JAX_PROCESS_ID from the environment (or a cluster jax detects)")
   return p
 
 
@@ -149,12 +150,35 @@ def score(exp: ExperimentConfig, out: str, arms: list[str] | None) -> dict[str, 
   return results
 
 
+DISTRIBUTED_ENV = (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id"))
+
+
+def init_distributed() -> None:
+  """jax.distributed.initialize() for --distributed: the coordinator from JAX_COORDINATOR_ADDRESS, and the
+  process count and index from JAX_NUM_PROCESSES and JAX_PROCESS_ID where set (jax itself reads only the
+  first; without them it detects its cluster: SLURM, Open MPI, Kubernetes, Cloud TPU)."""
+  import jax
+  given = {}
+  for var, arg in DISTRIBUTED_ENV:
+    value = os.environ.get(var)
+    if value is not None:
+      C.check(value.isdigit(), var, f"must be a non-negative integer; got {value!r}")
+      given[arg] = int(value)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes all-reduce over gloo
+  try:
+    jax.distributed.initialize(**given)
+  except (ValueError, TypeError, RuntimeError) as err:   # jax's own checks and the coordinator's failures
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+    raise C.ConfigError(f"--distributed: {detail} (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                        f"JAX_PROCESS_ID, or run under a cluster jax detects)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
-  if args.distributed:
-    import jax
-    jax.distributed.initialize()
   results = {}
+  code = guarded(init_distributed) if args.distributed else 0
+  if code:
+    return code
   code = guarded(lambda: results.update(run(args)))
   diverged = [r["diverged"] for r in results.values() if "diverged" in r]
   for message in diverged:

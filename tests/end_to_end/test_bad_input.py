@@ -139,6 +139,17 @@ def read_only_out(ctx: Ctx) -> list[str]:
   return smoke()(ctx)
 
 
+def distributed(**env: str) -> Callable[[Ctx], list[str]]:
+  """Setup: the smoke command with --distributed under exactly `env` of jax's distributed variables."""
+  def setup(ctx: Ctx) -> list[str]:
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+      ctx.monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+      ctx.monkeypatch.setenv(var, value)
+    return [*smoke()(ctx), "--distributed"]
+  return setup
+
+
 SLOW = (pytest.mark.slow,)   # trains: more than ~10 s on a 2-core machine
 TRAINED = ("runs/smoke/rope/metrics.jsonl", "runs/smoke/rope/eval.jsonl", "runs/smoke/rope/checkpoints/6/*")
 
@@ -156,6 +167,10 @@ ROWS = [
         "error: data.text_files: the text source holds no text"),
     Row("text shorter than a row", "train", with_file("short.txt", "tiny", lambda p: text_corpus(p)), 2,
         "error: data.text_heldout: a split of"),
+    Row("--distributed without a coordinator", "train", distributed(), 2,
+        "error: --distributed: coordinator_address should be defined (set JAX_COORDINATOR_ADDRESS"),
+    Row("--distributed, a process count not a number", "train", distributed(JAX_NUM_PROCESSES="two"), 2,
+        "error: JAX_NUM_PROCESSES: must be a non-negative integer; got 'two'"),
     Row("config is a folder", "train", lambda ctx: [ctx.root, "--out", ctx.out], 2, "error: config: "),
     Row("config truncated", "train", with_file("cut.json", '{"name": "x", "train": {', lambda p: [p]), 2,
         "error: config: "),

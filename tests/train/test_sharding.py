@@ -155,36 +155,37 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(script: str, runs: list[tuple[int, int]], tmp_path, *args: str, tag: str = "") -> list[dict]:
-  """Start `script` once per (process, processes) of `runs`, all at once (the processes of a group
-  meet at one localhost coordinator), with `args` after theirs; the last JSON line each printed and
-  its stderr. The first process to fail stops them all (its peers would wait for it)."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  port = str(_free_port())
-  names = [tmp_path / f"{tag}{i}of{n}" for i, n in runs]
+def _launch(commands: list[tuple[list[str], dict]], names: list) -> list[tuple[str, str]]:
+  """Run every (argv, env) at once, output to files under `names` (a full pipe would stall a process
+  its peer waits for); (stdout, stderr) of each. The first process to fail stops them all (its peers
+  would wait for it)."""
   procs = []
   try:
-    for (i, n), name in zip(runs, names):   # output to files: a full pipe would stall a process its peer waits for
-      out, err = open(f"{name}.out", "w"), open(f"{name}.err", "w")
-      procs.append(subprocess.Popen([sys.executable, "-c", script, str(i), str(n), port, *args], cwd=ROOT, env=env,
-                                    stdout=out, stderr=err))
+    for (argv, env), name in zip(commands, names):
+      procs.append(subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **env},
+                                    stdout=open(f"{name}.out", "w"), stderr=open(f"{name}.err", "w")))
     deadline = time.monotonic() + 300
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
       failed = [name for p, name in zip(procs, names) if p.poll()]
       assert not failed, open(f"{failed[0]}.err").read()[-3000:]
       time.sleep(0.1)
     for p, name in zip(procs, names):
-      assert p.poll() == 0, f"{name.name}: " + ("still running after 300 s" if p.poll() is None
-                                                else open(f"{name}.err").read()[-3000:])
+      assert p.poll() == 0, f"{name}: " + ("still running after 300 s" if p.poll() is None
+                                           else open(f"{name}.err").read()[-3000:])
   finally:
     for p in procs:
       p.kill()
       p.wait()
-  outs = []
-  for name in names:
-    outs.append(json.loads(open(f"{name}.out").read().strip().splitlines()[-1]))
-    outs[-1]["stderr"] = open(f"{name}.err").read()
-  return outs
+  return [(open(f"{name}.out").read(), open(f"{name}.err").read()) for name in names]
+
+
+def _run(script: str, runs: list[tuple[int, int]], tmp_path, *args: str, tag: str = "") -> list[dict]:
+  """`script` once per (process, processes) of `runs`, all at once (the processes of a group meet at
+  one localhost coordinator), with `args` after theirs; the last JSON line each printed, and its stderr."""
+  port = str(_free_port())
+  outs = _launch([([sys.executable, "-c", script, str(i), str(n), port, *args], {}) for i, n in runs],
+                 [tmp_path / f"{tag}{i}of{n}" for i, n in runs])
+  return [{**json.loads(out.strip().splitlines()[-1]), "stderr": err} for out, err in outs]
 
 
 def _tolerance(one: dict, steps: int) -> tuple[float, float, float]:
@@ -274,3 +275,24 @@ def test_two_processes_checkpoint_resume_and_set_aside_like_one(tmp_path):
   assert checkpoints.available_steps(two) == [0, 1, 2, 4, 6]
   for a, b in zip(_params(two), params):   # the same two-process program from step 4: the same bits
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_the_train_command_runs_on_two_processes_like_on_one(tmp_path):
+  """`python -m train ... --distributed` on two processes, set up as docs/training.md says (the
+  coordinator, process count and index in the environment), writes one run like the command's on
+  one process; process 1 prints no evaluation lines."""
+  argv = [sys.executable, "-m", "train", "smoke", "--arms", "rope", "--no-progress", "--set", "data.stream=row",
+          "optim.warmup_steps=0", "optim.eps=1.0", "steps=4", "checkpoint.every=2", "eval.every=2", "--out"]
+  coordinator = {"JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}", "JAX_NUM_PROCESSES": "2"}
+  (out0, err0), (out1, err1), _ = _launch(
+      [([*argv, str(tmp_path / "two"), "--distributed"], {**coordinator, "JAX_PROCESS_ID": str(i)}) for i in (0, 1)]
+      + [([*argv, str(tmp_path / "one")], {})], [tmp_path / "cli0", tmp_path / "cli1", tmp_path / "cli"])
+  two, one = tmp_path / "two" / "smoke" / "rope", tmp_path / "one" / "smoke" / "rope"
+  assert (two / "config.json").read_text() == (one / "config.json").read_text()
+  assert checkpoints.available_steps(two) == checkpoints.available_steps(one) == [0, 1, 2, 4]
+  assert [s for s, _ in _losses(two)] == [s for s, _ in _losses(one)] == [1, 2, 4]
+  cfg = checkpoints.load_config(str(one))
+  rel = cfg.data.batch_size * cfg.data.seq_len * float(np.finfo(np.float32).eps)   # as _tolerance says
+  assert [l for _, l in _losses(two)] == pytest.approx([l for _, l in _losses(one)], rel=rel)
+  assert (out0 + err0).count("step 4:") == 1 and "step 4:" not in out1 + err1
