@@ -239,19 +239,24 @@ def _check_model(mngr: ocp.CheckpointManager, step: int, stored: dict, model: Mo
 def restore(mngr: ocp.CheckpointManager, step: int, model: ModelConfig, abstract_params, abstract_opt_state=None):
   """(params, opt_state or None, progress dict) of `step`, laid out like the abstract trees, after
   checking that the step holds `model` and that every array matches its checksum."""
-  meta = _restore_json(mngr, step)
-  _check_model(mngr, step, meta["config"], model)
   items = {"params": ocp.args.StandardRestore(abstract_params)}
   if abstract_opt_state is not None:
     items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-  failed = None
+  failed = meta = None
   try:
-    out = _guarded(mngr, step, items)
+    meta = _restore_json(mngr, step)
   except DamagedCheckpoint as err:
     failed = err
-  # The checksums gather arrays split across processes (a collective): all processes go on to them, or none.
+  if meta is not None:
+    _check_model(mngr, step, meta["config"], model)
+  try:   # also after a failure: orbax's restore meets the other processes in collectives
+    out = _guarded(mngr, step, items)
+  except DamagedCheckpoint as err:
+    failed = failed or err
+  # The checksums gather arrays split across processes (a collective): all processes go on to them,
+  # or none, so that every process meets the same collectives in the same order.
   if sharding.any_process(failed is not None):
-    raise failed or DamagedCheckpoint(f"{_step_name(mngr, step)}: another process could not read it")
+    raise failed or DamagedCheckpoint(f"{_step_name(mngr, step)}: another process read it damaged")
   if "checksums" in meta:
     for item in items:
       _verify(_step_name(mngr, step), item, out[item], meta["checksums"][item])

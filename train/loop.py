@@ -178,7 +178,7 @@ def _restore_latest(mngr, arm_dir: str, cfg: TrainConfig, abstract_params, abstr
       return step, params, opt_state
     if primary():
       where = checkpoints.set_aside(arm_dir, step)
-      note(f"{error or f'step {step}: another process read it damaged'}; moved to {where}; "
+      note(f"{error or f'step {step} ({mngr.directory}/{step}): another process read it damaged'}; moved to {where}; "
            f"training resumes from the step before")
     sharding.barrier(f"set_aside_{step}")   # the others list the steps again only once it has moved
     mngr.reload()

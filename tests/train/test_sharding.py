@@ -228,6 +228,15 @@ LOOP = textwrap.dedent("""
       "data.stream": "row", "optim.warmup_steps": 0, "optim.eps": 1.0,   # as WORKER's
       "steps": 6, "checkpoint.every": 2, "eval.every": 3, "parallel.strategy": strategy})
   arm_dir = f"{root}/{strategy}{processes}"
+  if len(sys.argv) > 7 and process == int(sys.argv[7].split(":")[0]):   # 'p:s': process p alone finds step s damaged
+    from train import checkpoints
+    read, damaged = checkpoints._restore_json, int(sys.argv[7].split(":")[1])
+    def unreadable(mngr, step):
+      meta = read(mngr, step)
+      if step == damaged:
+        raise checkpoints.DamagedCheckpoint(f"step {step}: damaged as process {process} read it")
+      return meta
+    checkpoints._restore_json = unreadable
   if stop_at != "-":   # stopped as if killed after step `stop_at`, then resumed
     loop.train(cfg, arm_dir, progress=False, stop_at=int(stop_at))
   print(json.dumps(loop.train(cfg, arm_dir, progress=False)))
@@ -249,7 +258,7 @@ def test_two_processes_checkpoint_resume_and_set_aside_like_one(tmp_path):
   the command's test below): orbax saves from both, a run stopped after step 3 resumes from step 2,
   and it ends like one process. A damaged latest step (a shard one process reads) is moved aside
   once, by process 0 with the other waiting, and both redo it from the step before, to the same
-  weights."""
+  weights; so is a step that only one process fails to read."""
   _run(LOOP, [(0, 2), (1, 2), (0, 1)], tmp_path, str(tmp_path), "fsdp", "3")
   two, one = tmp_path / "fsdp2", tmp_path / "fsdp1"   # one device: nothing to split, the plain step
   cfg = checkpoints.load_config(str(one))
@@ -272,6 +281,12 @@ def test_two_processes_checkpoint_resume_and_set_aside_like_one(tmp_path):
   assert sorted(os.listdir(two / checkpoints.DAMAGED)) == ["6"]
   assert checkpoints.available_steps(two) == [0, 1, 2, 4, 6]
   for a, b in zip(_params(two), params):   # the same two-process program from step 4: the same bits
+    np.testing.assert_array_equal(a, b)
+
+  first, second = _run(LOOP, [(0, 2), (1, 2)], tmp_path, str(tmp_path), "fsdp", "-", "1:6", tag="one_fails")
+  assert "checkpoints/6): another process read it damaged; moved to" in first["stderr"]
+  assert sorted(os.listdir(two / checkpoints.DAMAGED)) == ["6", "6-2"]
+  for a, b in zip(_params(two), params):
     np.testing.assert_array_equal(a, b)
 
 
