@@ -23,6 +23,9 @@ PARTIAL = ".partial"
 """Suffix of a folder being written; it replaces the final folder when complete."""
 OLD = ".old"
 """Suffix of the folder being replaced, during the two renames of `staged_dir`."""
+MARK = ".minilm-staging"
+"""A file inside a `.partial` or `.old` folder that `staged_dir` made: only such folders are ever
+restored or removed (a user's own `<out>.old` is refused, never deleted)."""
 
 
 @contextlib.contextmanager
@@ -97,13 +100,33 @@ def savefig(fig, final: str, **kw) -> None:
     fig.savefig(tmp, **kw)
 
 
+def _ours(folder: str) -> bool:
+  return os.path.exists(os.path.join(folder, MARK))
+
+
+def _mark(folder: str) -> None:
+  open(os.path.join(folder, MARK), "w").close()
+
+
+def _unmark(folder: str) -> None:
+  if _ours(folder):
+    os.remove(os.path.join(folder, MARK))
+
+
 def recover_dir(final: str, keep_partial: bool = False) -> None:
   """Finish or undo a `staged_dir` swap cut short between its two renames: if `final` is missing
   but its old copy is there, the old copy comes back. A leftover staging folder is dropped unless
-  `keep_partial` (a resumable stage goes on filling it)."""
+  `keep_partial` (a resumable stage goes on filling it). A `<final>.old` or `<final>.partial` that
+  `staged_dir` did not make is a one-line ConfigError: it is someone's, and in the way."""
   final = os.path.abspath(final)
+  for leftover in (final + OLD, final + PARTIAL):
+    check(not os.path.exists(leftover) or _ours(leftover), leftover,
+          f"is in the way of writing {final} (its staging names are {os.path.basename(final + PARTIAL)} and "
+          f"{os.path.basename(final + OLD)}), and not a folder this program made; move or rename it")
   if not os.path.exists(final) and os.path.isdir(final + OLD):
     os.replace(final + OLD, final)
+  if os.path.isdir(final):
+    _unmark(final)
   for leftover in (final + OLD,) + (() if keep_partial else (final + PARTIAL,)):
     if os.path.isdir(leftover):
       shutil.rmtree(leftover)
@@ -113,11 +136,13 @@ def recover_dir(final: str, keep_partial: bool = False) -> None:
 def staged_dir(final: str, keep_partial: bool = False) -> Iterator[str]:
   """Yield a staging folder; when the block succeeds it replaces `final` (old contents and all),
   when it fails `final` stays as it was. The staging folder starts empty and is removed on failure,
-  unless `keep_partial`: then a resumable stage finds what an interrupted attempt left in it."""
+  unless `keep_partial`: then a resumable stage finds what an interrupted attempt left in it.
+  Staging and old folders hold a MARK file while they exist; `final` never keeps one."""
   final = os.path.abspath(final)
   recover_dir(final, keep_partial)
   staging = final + PARTIAL
   os.makedirs(staging, exist_ok=True)
+  _mark(staging)
   try:
     yield staging
   except BaseException:
@@ -125,9 +150,21 @@ def staged_dir(final: str, keep_partial: bool = False) -> Iterator[str]:
       shutil.rmtree(staging, ignore_errors=True)
     raise
   if os.path.exists(final):
+    if os.path.isdir(final):
+      _mark(final)   # as final.old it is ours to restore or remove
     os.replace(final, final + OLD)
   os.replace(staging, final)
+  _unmark(final)
   shutil.rmtree(final + OLD, ignore_errors=True)
+
+
+def clear_staging(staging: str) -> None:
+  """Empty a `staged_dir` staging folder (e.g. an interrupted attempt's with other settings), keeping
+  it marked as a staging folder."""
+  for name in os.listdir(staging):
+    if name != MARK:
+      entry = os.path.join(staging, name)
+      shutil.rmtree(entry) if os.path.isdir(entry) and not os.path.islink(entry) else os.remove(entry)
 
 
 def check_out_dir(out: str, field: str = "--out") -> None:

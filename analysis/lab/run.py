@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -313,8 +312,7 @@ class Lab:
       return
     with atomic.staged_dir(out, keep_partial=True) as staging:
       if not _holds(staging, capture):
-        shutil.rmtree(staging)
-        os.makedirs(staging)
+        atomic.clear_staging(staging)
         atomic.write_json(os.path.join(staging, CAPTURE), capture)
       self._trace_into(staging)
 

@@ -35,13 +35,44 @@ def test_a_staged_folder_replaces_the_old_one_only_when_complete(tmp_path):
   assert os.listdir(out) == ["other.md"]                   # the new output, not a merge with the old
 
 
-def test_a_swap_cut_between_its_two_renames_is_undone(tmp_path):
+def test_a_swap_cut_between_its_two_renames_is_undone(tmp_path, monkeypatch):
   out = tmp_path / "quant"
-  os.makedirs(str(out) + atomic.OLD)                       # killed after 'final -> final.old'
-  (tmp_path / ("quant" + atomic.OLD) / "summary.json").write_text("{}")
-  os.makedirs(str(out) + atomic.PARTIAL)
+  with atomic.staged_dir(str(out)) as staging:
+    atomic.write_text(os.path.join(staging, "summary.json"), "{}")
+  replace = os.replace
+  def killed_after_the_first(src, dst):
+    replace(src, dst)
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+  with pytest.raises(KeyboardInterrupt):   # killed after 'final -> final.old', before 'staging -> final'
+    with atomic.staged_dir(str(out)) as staging:
+      atomic.write_text(os.path.join(staging, "other.json"), "{}")
+      monkeypatch.setattr(os, "replace", killed_after_the_first)
+  monkeypatch.setattr(os, "replace", replace)
+  assert sorted(os.listdir(tmp_path)) == ["quant.old", "quant.partial"]
   atomic.recover_dir(str(out))
   assert os.listdir(out) == ["summary.json"] and sorted(os.listdir(tmp_path)) == ["quant"]
+
+
+def test_folders_named_like_staging_that_it_did_not_make_are_refused_untouched(tmp_path):
+  """A user's own `<out>.old` (an earlier export kept by hand) or `<out>.partial` is never restored
+  or deleted: one line names it, and nothing moves."""
+  out = tmp_path / "rope_hf"
+  for suffix in (atomic.OLD, atomic.PARTIAL):
+    mine = tmp_path / f"rope_hf{suffix}"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(atomic.ConfigError, match=rf"^{mine}: is in the way of writing {out} \(its staging names"):
+      with atomic.staged_dir(str(out)):
+        raise AssertionError("not reached")
+    assert (mine / "notes.txt").read_text() == "mine" and sorted(os.listdir(tmp_path)) == [mine.name]
+    mine.rename(tmp_path / "kept")
+    with atomic.staged_dir(str(out)) as staging:
+      atomic.write_text(os.path.join(staging, "config.json"), "{}")
+    assert os.listdir(out) == ["config.json"]   # the mark of a staging folder never stays in the output
+    (tmp_path / "kept" / "notes.txt").unlink()
+    (tmp_path / "kept").rmdir()
+    out.joinpath("config.json").unlink()
+    out.rmdir()
 
 
 def test_read_jsonl_leaves_out_only_a_cut_last_line(tmp_path):
