@@ -21,6 +21,7 @@ An arm that a format cannot express exactly is refused in one line saying why an
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import numpy as np
@@ -153,6 +154,16 @@ def hf_model_type(cfg: ModelConfig) -> str:
   return "gpt2"
 
 
+def rotary_pct(rotary_dim: int, head_dim: int) -> float:
+  """The fraction that HF's int(head_dim * pct) turns back into rotary_dim: rotary_dim / head_dim
+  itself can round below it (30 / 44 * 44 = 29.999...), so it is nudged up to the next float that
+  does not."""
+  pct = rotary_dim / head_dim
+  while int(head_dim * pct) < rotary_dim:
+    pct = math.nextafter(pct, 1.0)
+  return pct
+
+
 def hf_config(cfg: ModelConfig) -> dict:
   """config.json of the HF family that expresses cfg."""
   kind, tok = hf_model_type(cfg), lab_tokenizer.ByteTokenizer
@@ -167,7 +178,7 @@ def hf_config(cfg: ModelConfig) -> dict:
            "intermediate_size": cfg.ff_dim, "max_position_embeddings": cfg.max_len, **rope_scaling(cfg)}
   if kind == "gpt_neox":
     return {**common, **shape, "hidden_act": ACT_NAMES[cfg.mlp], "layer_norm_eps": cfg.norm_eps,
-            "use_parallel_residual": cfg.block == "parallel", "rotary_pct": rotary_dim / cfg.dim_per_head,
+            "use_parallel_residual": cfg.block == "parallel", "rotary_pct": rotary_pct(rotary_dim, cfg.dim_per_head),
             "rotary_emb_base": base, "attention_bias": True}
   return {**common, **shape, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.dim_per_head, "hidden_act": "silu",
           "rms_norm_eps": cfg.norm_eps, "rope_theta": base, "attention_bias": False, "mlp_bias": False,
@@ -203,6 +214,8 @@ def tl_config(cfg: ModelConfig) -> dict:
   """HookedTransformerConfig's fields (the JSON-able ones this model sets) for cfg."""
   need(cfg.block != "post", "post-norm blocks: TransformerLens normalises before each sublayer")
   need(not cfg.embed_dim, "project in/out (embed_dim): TransformerLens embeds tokens at d_model")
+  need(cfg.mlp != "swiglu" or not cfg.bias, "SwiGLU with biases: TransformerLens's gated MLP has no gate bias and "
+       "adds b_in after the gate's product (act(x W_gate) * (x W_in) + b_in), minilm before it")
   H = cfg.n_heads
   need(not isinstance(cfg.position, ALiBi) or H & (H - 1) == 0, f"ALiBi with n_heads={H}: TransformerLens's "
        f"slopes differ from minilm's (BLOOM's rule) unless n_heads is a power of two")

@@ -59,6 +59,9 @@ HF_CASES = {
         base=100.0, fraction=0.5, partial="p-rope", layout="interleaved")), "gpt_neox"),
     "gpt_neox, sequential, partial RoPE": (ModelConfig(**SHAPE, **LAYER, mlp="gelu", position=RoPE(fraction=0.5)),
                                            "gpt_neox"),
+    # 30 of 44 dims: HF's int(44 * 30 / 44) is 29, so the exported rotary_pct must sit a float above 30 / 44
+    "gpt_neox, 30 of 44 rotary dims": (ModelConfig(**{**SHAPE, "d_model": 88, "n_heads": 2}, **LAYER, mlp="gelu",
+                                                   position=RoPE(base=100.0, fraction=30 / 44)), "gpt_neox"),
     "gpt2, learned": (ModelConfig(**SHAPE, **LAYER, mlp="gelu", position=Learned()), "gpt2"),
     "gpt2, sinusoidal, tied": (ModelConfig(**{**SHAPE, **LAYER, "tie_embeddings": True}, mlp="gelu",
                                            position=Sinusoidal()), "gpt2"),
@@ -128,10 +131,13 @@ def tl_forward(c: dict, sd: dict, tokens_BxT) -> np.ndarray:
     rot = q_BxTxHxD[..., :r] * np.cos(angle_TxR)[:, None] + turned * np.sin(angle_TxR)[:, None]
     return np.concatenate([rot, q_BxTxHxD[..., r:]], -1)
 
-  def mlp(h, m):
-    pre = h @ sd[f"{m}W_in"] + sd[f"{m}b_in"]
+  def mlp(h, m):   # GatedMLP adds b_in after the gate's product: act(h W_gate) * (h W_in) + b_in
     act = ACTS[c["act_fn"]]
-    return (act(h @ sd[f"{m}W_gate"]) * pre if c["gated_mlp"] else act(pre)) @ sd[f"{m}W_out"] + sd[f"{m}b_out"]
+    if c["gated_mlp"]:
+      mid = act(h @ sd[f"{m}W_gate"]) * (h @ sd[f"{m}W_in"]) + sd[f"{m}b_in"]
+    else:
+      mid = act(h @ sd[f"{m}W_in"] + sd[f"{m}b_in"])
+    return mid @ sd[f"{m}W_out"] + sd[f"{m}b_out"]
 
   kv = "_" if c["n_key_value_heads"] else ""
   for layer in range(c["n_layers"]):
@@ -196,7 +202,9 @@ REFUSED = {
     "ALiBi, 6 heads": (ModelConfig(**{**SHAPE, "n_heads": 6, "d_model": 48}, position=ALiBi()), "transformer_lens",
                        "ALiBi with n_heads=6", "none"),
     "SwiGLU with every bias": (ModelConfig(**SHAPE, bias=True), "hf", "RMSNorm, swiglu, pre-norm blocks, biases",
-                               "transformer_lens"),
+                               "none"),
+    "SwiGLU with every bias, TransformerLens": (ModelConfig(**SHAPE, bias=True), "transformer_lens",
+                                                "SwiGLU with biases: TransformerLens's gated MLP", "none"),
 }
 
 
