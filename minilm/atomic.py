@@ -9,6 +9,7 @@ previous output untouched.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -165,6 +166,31 @@ def clear_staging(staging: str) -> None:
     if name != MARK:
       entry = os.path.join(staging, name)
       shutil.rmtree(entry) if os.path.isdir(entry) and not os.path.islink(entry) else os.remove(entry)
+
+
+LOCK = ".lock"
+"""The file in a folder that one process at a time holds while it writes there (`exclusive`)."""
+
+
+@contextlib.contextmanager
+def exclusive(folder: str) -> Iterator[None]:
+  """Hold `<folder>/.lock` for the block (creating the folder): another process asking for it meanwhile
+  gets a one-line ConfigError naming the holder. The lock (flock) ends with its process, also when
+  killed, so a stale file never blocks."""
+  os.makedirs(folder, exist_ok=True)
+  fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+      raise ConfigError(f"{os.path.abspath(folder)}: another process (pid {holder}) is writing it; let it end or "
+                        f"stop it, then run the same command again") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)   # releases the lock
 
 
 def check_out_dir(out: str, field: str = "--out") -> None:

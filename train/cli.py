@@ -22,7 +22,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 
 from absl import logging
 
@@ -173,13 +175,30 @@ def init_distributed() -> None:
                         f"JAX_PROCESS_ID, or run under a cluster jax detects)") from None
 
 
+INTERRUPTED = 130
+
+
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt   # SIGTERM ends the command as Ctrl-C does: its cleanup runs (--jobs stops its arms)
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
   results = {}
   code = guarded(init_distributed) if args.distributed else 0
   if code:
     return code
-  code = guarded(lambda: results.update(run(args)))
+  main_thread = threading.current_thread() is threading.main_thread()   # where Python lets a handler be set
+  previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+  try:
+    code = guarded(lambda: results.update(run(args)))
+  except KeyboardInterrupt:
+    print("error: interrupted; run the same command again: every arm resumes from its last checkpoint",
+          file=sys.stderr)
+    return INTERRUPTED
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, previous)
   diverged = [r["diverged"] for r in results.values() if "diverged" in r]
   for message in diverged:
     print(f"error: {message}", file=sys.stderr)

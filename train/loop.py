@@ -144,24 +144,25 @@ def score_checkpoints(arm_dir: str) -> list[dict]:
   kept as they are: the same weights and examples give the same scores). Returns the new rows.
 
   Periodic evaluation follows eval.every; this puts a score beside every traced checkpoint of a run
-  trained with sparse evaluation, without training again. Not while the arm trains: eval.jsonl is
-  rewritten whole, so rows the loop appends meanwhile would be lost."""
-  cfg = checkpoints.load_config(arm_dir)
-  C.check(cfg.eval.n_per_family > 0, "eval.n_per_family", f"{arm_dir} was trained with eval.n_per_family=0; "
-          "there are no held-out examples to score")
-  path = os.path.join(arm_dir, "eval.jsonl")
-  rows = {row["step"]: line for line, row in _rows(path)}
-  examples = D.eval_examples(cfg.data, cfg.eval.seed, cfg.eval.n_per_family)
-  new = []
-  for step in checkpoints.available_steps(arm_dir):
-    if step in rows:
-      continue
-    model, _ = checkpoints.load_model(arm_dir, step)
-    new.append({"step": step, **evaluate.accuracy(model, examples, batch=cfg.eval.batch)})
-    rows[step] = json.dumps(new[-1])
-    if primary():   # written after every step: an interrupted backfill keeps what it scored
-      atomic.write_text(path, "".join(rows[s] + "\n" for s in sorted(rows)))
-  return new
+  trained with sparse evaluation, without training again. Refused while the arm trains (eval.jsonl is
+  rewritten whole, so rows the loop appends meanwhile would be lost)."""
+  with writing([arm_dir]):   # one writer of eval.jsonl: a training run would lose rows
+    cfg = checkpoints.load_config(arm_dir)
+    C.check(cfg.eval.n_per_family > 0, "eval.n_per_family", f"{arm_dir} was trained with eval.n_per_family=0; "
+            "there are no held-out examples to score")
+    path = os.path.join(arm_dir, "eval.jsonl")
+    rows = {row["step"]: line for line, row in _rows(path)}
+    examples = D.eval_examples(cfg.data, cfg.eval.seed, cfg.eval.n_per_family)
+    new = []
+    for step in checkpoints.available_steps(arm_dir):
+      if step in rows:
+        continue
+      model, _ = checkpoints.load_model(arm_dir, step)
+      new.append({"step": step, **evaluate.accuracy(model, examples, batch=cfg.eval.batch)})
+      rows[step] = json.dumps(new[-1])
+      if primary():   # written after every step: an interrupted backfill keeps what it scored
+        atomic.write_text(path, "".join(rows[s] + "\n" for s in sorted(rows)))
+    return new
 
 
 def _restore_latest(mngr, arm_dir: str, cfg: TrainConfig, abstract_params, abstract_opt):
@@ -205,10 +206,22 @@ def train(cfg: TrainConfig, arm_dir: str, *, batch_fn: BatchFn = D.train_batch, 
   Raises Diverged at the first non-finite step, or at once for an arm that diverged before.
   stop_at: leave the loop after this step as if killed there (for resume tests).
   """
-  (result,) = _train([cfg], [arm_dir], batch_fn=batch_fn, progress=progress, stop_at=stop_at)
+  with writing([arm_dir]):
+    (result,) = _train([cfg], [arm_dir], batch_fn=batch_fn, progress=progress, stop_at=stop_at)
   if isinstance(result, Diverged):
     raise result
   return result
+
+
+@contextlib.contextmanager
+def writing(arm_dirs: list[str]):
+  """One process at a time trains (or scores) an arm: a second command on the same arm is refused in
+  one line instead of interleaving its logs and checkpoints with the first's. Multi-host: process 0
+  holds the locks for all (the others write through orbax, which coordinates them)."""
+  with contextlib.ExitStack() as held:
+    for arm_dir in arm_dirs if primary() else []:
+      held.enter_context(atomic.exclusive(arm_dir))
+    yield
 
 
 def seedless(cfg: TrainConfig) -> str:
@@ -238,7 +251,8 @@ def train_stacked(cfgs: list[TrainConfig], arm_dirs: list[str], *, batch_fn: Bat
   Returns one entry per arm: its last rows, or {'diverged': message} (the others go on)."""
   why = stackable(cfgs)
   C.check(why is None, "arms", f"cannot stack {', '.join(c.name for c in cfgs)}: {why}")
-  results = _train(cfgs, arm_dirs, batch_fn=batch_fn, progress=progress, stop_at=stop_at)
+  with writing(arm_dirs):
+    results = _train(cfgs, arm_dirs, batch_fn=batch_fn, progress=progress, stop_at=stop_at)
   return [{"diverged": str(r)} if isinstance(r, Diverged) else r for r in results]
 
 

@@ -8,7 +8,9 @@ module last) the same initial value of every tensor the arms share. Layout:
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,7 @@ from train import checkpoints
 from train import data as D
 from train.config import ExperimentConfig, TrainConfig
 from train.loop import (BatchFn, Diverged, check_run_dir, check_runnable, note, prepare_run_dir, primary, seedless,
-                        stackable, train, train_stacked)
+                        stackable, train, train_stacked, writing)
 
 STACK = ("auto", "on", "off")
 DIVERGED_EXIT = 3   # `python -m train`'s exit code when an arm diverged
@@ -44,8 +46,9 @@ def plan(exp: ExperimentConfig, out: str, arms: Iterable[str] | None = None) -> 
   for cfg, arm_dir in runs.values():
     check_runnable(cfg)
     check_run_dir(arm_dir, cfg)
-  for cfg, arm_dir in runs.values():
-    prepare_run_dir(arm_dir, cfg)
+  with writing([arm_dir for _, arm_dir in runs.values()]):   # refused while another process trains an arm
+    for cfg, arm_dir in runs.values():
+      prepare_run_dir(arm_dir, cfg)
   if primary():
     atomic.write_json(os.path.join(experiment_dir(exp, out), "experiment.json"), C.to_dict(exp), indent=2)
   return runs
@@ -104,26 +107,52 @@ def run_concurrently(exp: ExperimentConfig, out: str, runs: dict[str, tuple[Trai
                                                                           f"{0.9 / jobs:.3f}")}
   queue, running, failed = list(units(runs, stack)), [], []
   with tempfile.TemporaryDirectory() as logs:
-    while queue or running:
-      while queue and len(running) < jobs:
-        unit = queue.pop(0)
-        err = open(os.path.join(logs, f"{len(queue)}.err"), "w+")
-        cmd = [sys.executable, "-m", "train", config, "--out", out, "--arms", ",".join(unit), "--no-progress",
-               "--stack-seeds", stack, "--data-workers", str(data_workers),
-               *(["--tensorboard"] if tensorboard else [])]
-        running.append((unit, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err), err))
-      time.sleep(0.2)
-      for item in [r for r in running if r[1].poll() is not None]:
-        running.remove(item)
-        unit, proc, err = item
-        err.seek(0)
-        error = last_error(err)
-        err.close()
-        if proc.returncode not in (0, DIVERGED_EXIT):
-          failed.append(f"arms {', '.join(unit)}: {error or f'exit {proc.returncode}'}")
+    try:
+      while queue or running:
+        while queue and len(running) < jobs:
+          unit = queue.pop(0)
+          err = open(os.path.join(logs, f"{len(queue)}.err"), "w+")
+          cmd = [sys.executable, "-m", "train", config, "--out", out, "--arms", ",".join(unit), "--no-progress",
+                 "--stack-seeds", stack, "--data-workers", str(data_workers),
+                 *(["--tensorboard"] if tensorboard else [])]
+          running.append((unit, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                                 preexec_fn=_die_with_parent), err))
+        time.sleep(0.2)
+        for item in [r for r in running if r[1].poll() is not None]:
+          running.remove(item)
+          unit, proc, err = item
+          err.seek(0)
+          error = last_error(err)
+          err.close()
+          if proc.returncode not in (0, DIVERGED_EXIT):
+            failed.append(f"arms {', '.join(unit)}: {error or f'exit {proc.returncode}'}")
+    finally:   # interrupted (Ctrl-C, SIGTERM) or failed here: the arms' processes stop with this one
+      _stop([proc for _, proc, _ in running])
   if failed:
     raise checkpoints.RunError(failed[0])
   return {arm: _last_rows(arm_dir) for arm, (_, arm_dir) in runs.items()}
+
+
+def _die_with_parent() -> None:
+  """In a child before it runs: SIGTERM when the parent dies, even by SIGKILL (Linux's
+  PR_SET_PDEATHSIG; elsewhere the parent's `_stop` alone ends its children)."""
+  if sys.platform.startswith("linux"):
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # 1: PR_SET_PDEATHSIG
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+  """Terminate the still-running `procs` (a checkpoint or log being written is atomic or redone on
+  resume), killing those that outlast `grace_s`."""
+  for proc in procs:
+    if proc.poll() is None:
+      proc.terminate()
+  deadline = time.monotonic() + grace_s
+  for proc in procs:
+    try:
+      proc.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
 
 
 def check_jobs(jobs: int, distributed: bool = False) -> None:

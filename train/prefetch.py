@@ -19,6 +19,10 @@ from minilm.schema import check
 from train import data as D
 
 
+class WorkerDied(ChildProcessError):
+  """A batch worker ended abruptly; str(err) is one line (an OSError without errno: `guarded` prints it)."""
+
+
 def check_workers(workers: int) -> None:
   cores = os.cpu_count() or 1
   check(0 <= workers <= cores, "--data-workers", f"must be 0..{cores} (0: batches made in the training process; "
@@ -64,10 +68,14 @@ class WorkerBatches:
       self._pending.pop(key).cancel()
     for other in done:
       del self._served[other]
-    for s in range(step, step + self._ahead + 1):
-      if (stream, s) not in self._pending:
-        self._pending[stream, s] = self._pool.submit(self._batch_fn, cfg, seed, s, rows)
-    return self._pending.pop((stream, step)).result()
+    try:
+      for s in range(step, step + self._ahead + 1):
+        if (stream, s) not in self._pending:
+          self._pending[stream, s] = self._pool.submit(self._batch_fn, cfg, seed, s, rows)
+      return self._pending.pop((stream, step)).result()
+    except concurrent.futures.BrokenExecutor:   # a worker died: the pool is unusable
+      raise WorkerDied("--data-workers: a worker process ended abruptly (killed, or out of memory); run the "
+                       "same command again: every arm resumes from its last checkpoint") from None
 
   def close(self) -> None:
     self._pending.clear()

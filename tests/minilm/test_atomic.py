@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -83,3 +86,26 @@ def test_read_jsonl_leaves_out_only_a_cut_last_line(tmp_path):
   path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
   with pytest.raises(ValueError, match=rf"^{path}: line 2 is not JSON; delete that line and run again$"):
     atomic.read_jsonl(str(path))
+
+
+HOLD_THEN_DIE = """
+import os, signal, sys
+from minilm import atomic
+with atomic.exclusive(sys.argv[1]):
+  print("held", flush=True)
+  os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_folder_is_written_by_one_process_at_a_time_and_a_killed_holder_never_blocks(tmp_path):
+  folder = tmp_path / "arm"
+  with atomic.exclusive(str(folder)):
+    with pytest.raises(atomic.ConfigError, match=rf"^{folder}: another process \(pid {os.getpid()}\) is writing it; "):
+      with atomic.exclusive(str(folder)):
+        raise AssertionError("not reached")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.run([sys.executable, "-c", HOLD_THEN_DIE, str(folder)], cwd=root, capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == -signal.SIGKILL and proc.stdout == "held\n", proc.stderr
+  with atomic.exclusive(str(folder)):   # the dead holder's lock went with it
+    pass

@@ -1,15 +1,18 @@
 """`python -m train`: run layout, extending a run, one-line errors (exit 2), the GPU config on CPU."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import ROOT
+from helpers import ROOT, left_running
+from minilm import atomic
 from minilm import schema as C
 from train import checkpoints, cli, loop, paired
 
@@ -27,7 +30,7 @@ def test_trains_the_smoke_experiment_then_extends_it(tmp_path, capsys):
   exp_dir = tmp_path / "smoke"
   assert json.load(open(exp_dir / "experiment.json"))["arms"] == {"rope": {}, "nope": {"model.position": "nope"}}
   arm = exp_dir / "rope"
-  assert sorted(os.listdir(arm)) == ["checkpoints", "config.json", "eval.jsonl", "metrics.jsonl"]
+  assert sorted(os.listdir(arm)) == [".lock", "checkpoints", "config.json", "eval.jsonl", "metrics.jsonl"]
   assert json.load(open(arm / "config.json"))["name"] == "smoke/rope"
   assert checkpoints.available_steps(str(arm)) == [0, 1, 2, 4, 6]
   assert [json.loads(l)["step"] for l in open(arm / "eval.jsonl")] == [4, 6]
@@ -59,6 +62,16 @@ def test_score_checkpoints_puts_the_training_scores_beside_every_checkpoint(tmp_
   code = cli.main(["smoke", "--out", out, "--arms", "rope", "--score-checkpoints"])
   assert code == 0 and "[rope] scored 0 checkpoint(s)" in capsys.readouterr().out
   assert open(arm / "eval.jsonl").read().splitlines() == rows
+
+  # while another process writes the arm (here: this one, holding its lock), both commands are refused
+  files = {p: p.read_bytes() for p in arm.rglob("*") if p.is_file()}
+  with atomic.exclusive(str(arm)):
+    for extra in (["--score-checkpoints"], ["--no-progress", "--set", "steps=8"]):
+      code, err = run(capsys, "smoke", "--out", out, "--arms", "rope", *extra)
+      assert code == 2 and err == (f"error: {arm}: another process (pid {os.getpid()}) is writing it; let it end "
+                                   f"or stop it, then run the same command again\n"), err
+  assert {p: p.read_bytes() for p in arm.rglob("*") if p.is_file() and p.name != ".lock"} == \
+         {p: b for p, b in files.items() if p.name != ".lock"}
 
 
 BAD = {
@@ -186,3 +199,38 @@ def test_jobs_train_arms_in_processes_with_the_sequential_result(tmp_path, capsy
   assert code == cli.DIVERGED and err.startswith("error: smoke/hot: diverged at step ") and err.count("\n") == 1, err
   assert checkpoints.available_steps(str(tmp_path / "div" / "smoke" / "calm")) == [0, 1, 2, 4, 6]
   assert run(capsys, "smoke", "--out", par, "--jobs", "0")[1].startswith("error: --jobs: must be >= 1; got 0")
+
+
+def _children(pid: int) -> list[int]:
+  with open(f"/proc/{pid}/task/{pid}/children") as f:
+    return [int(c) for c in f.read().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_the_arms_of_jobs_stop_with_their_parent(tmp_path, how):
+  """`--jobs 2` stopped (SIGTERM: one line and exit 130) or killed (SIGKILL: the children's parent-death
+  signal) while both arms train: no arm process goes on, and the same command is not refused."""
+  argv = [sys.executable, "-m", "train", "smoke", "--out", str(tmp_path), "--no-progress", "--jobs", "2",
+          "--set", "steps=100000", "checkpoint.every=100000", "eval.every=100000"]
+  with open(tmp_path / "stderr", "w") as err:   # no pipes: an arm process left running would hold them open
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+  try:
+    deadline = time.monotonic() + 120
+    metrics = [tmp_path / "smoke" / arm / "metrics.jsonl" for arm in ("rope", "nope")]
+    while not all(m.exists() for m in metrics) and time.monotonic() < deadline and proc.poll() is None:
+      time.sleep(0.2)
+    assert all(m.exists() for m in metrics), (tmp_path / "stderr").read_text()[-2000:]
+    children = _children(proc.pid)
+    assert len(children) == 2
+    proc.send_signal(how)
+    assert proc.wait(timeout=60) == (130 if how == signal.SIGTERM else -signal.SIGKILL)
+  finally:
+    proc.kill()
+  assert not left_running(children)
+  if how == signal.SIGTERM:
+    assert (tmp_path / "stderr").read_text().splitlines()[-1] == (
+        "error: interrupted; run the same command again: every arm resumes from its last checkpoint")
+  for arm in ("rope", "nope"):   # their locks went with them
+    with atomic.exclusive(str(tmp_path / "smoke" / arm)):
+      pass

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from helpers import left_running
 from minilm.schema import ConfigError
 from train import data
 from train.cli import main as train_main
-from train.prefetch import WorkerBatches
+from train.prefetch import WorkerBatches, WorkerDied
 
 MIXTURE = {"passkey": 1, "recall": 1, "context_facts": 1, "kb_facts": 1, "text": 1}
 
@@ -63,7 +64,7 @@ KILLED_PARENT = """
 import os, pathlib, signal, sys
 from minilm.schema import ConfigError
 from train import data
-from train.prefetch import WorkerBatches
+from train.prefetch import WorkerBatches, WorkerDied
 pool = WorkerBatches(2)
 pool(data.DataConfig(batch_size=2, seq_len=256), 0, 0)
 pathlib.Path(sys.argv[1]).write_text(" ".join(str(pid) for pid in pool._pool._processes))
@@ -82,6 +83,22 @@ def test_workers_leave_when_the_training_process_is_killed(tmp_path):
   pids = [int(p) for p in pid_file.read_text().split()]
   assert len(pids) == 2
   assert not left_running(pids)
+
+
+def test_a_worker_that_dies_is_one_line():
+  """A worker killed (or out of memory) breaks the pool: the next step gets WorkerDied, which
+  `python -m train` prints as its one line, not concurrent.futures' traceback."""
+  cfg = data.DataConfig(batch_size=2, seq_len=256, mixture=MIXTURE)
+  with WorkerBatches(1, ahead=0) as batches:
+    batches(cfg, 0, 0)
+    (pid,) = batches._pool._processes
+    os.kill(pid, signal.SIGKILL)
+    assert not left_running([pid])
+    with pytest.raises(WorkerDied, match=r"^--data-workers: a worker process ended abruptly \(killed, or out of "
+                                         r"memory\); run the same command again: every arm resumes from its last "
+                                         r"checkpoint$"):
+      for step in range(1, 50):   # the pool notices the death within a few calls
+        batches(cfg, 0, step)
 
 
 @pytest.mark.slow
