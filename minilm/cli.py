@@ -1,17 +1,25 @@
 """The one way a command ends on bad input: one line `error: <field or path>: <what is wrong>`, exit 2.
 
+Ctrl-C and SIGTERM end a command the same way (`sigterm_as_interrupt`), and the processes a command
+starts end with it (`dies_with_parent`).
+
 Bad settings raise ConfigError (or ValueError / FileNotFoundError) with that one line as message;
 filesystem failures (full disk, read-only folder, a file where a folder should be) are OSErrors
 named by their path. Neither ever reaches the user as a traceback.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import signal
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 from minilm import atomic
 
 BAD_INPUT = 2
+INTERRUPTED = 130   # Ctrl-C's exit code (128 + SIGINT)
 
 
 def last_error(lines) -> str | None:
@@ -31,3 +39,29 @@ def guarded(run: Callable[[], object]) -> int:
     print(f"error: {text}", file=sys.stderr)
     return BAD_INPUT
   return 0
+
+
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+  """Within the block SIGTERM raises KeyboardInterrupt as Ctrl-C does, so that cleanup (stopping
+  child processes, closing checkpoint managers) runs. Only the main thread may set a handler;
+  elsewhere SIGTERM keeps its default."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, _interrupt)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def dies_with_parent() -> None:
+  """subprocess.Popen's preexec_fn: the child gets SIGTERM when its parent dies, even by SIGKILL
+  (Linux's PR_SET_PDEATHSIG; elsewhere a parent ends its children itself)."""
+  if sys.platform.startswith("linux"):
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # 1: PR_SET_PDEATHSIG

@@ -22,15 +22,13 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import sys
-import threading
 
 from absl import logging
 
 from minilm import atomic
 from minilm import schema as C
-from minilm.cli import guarded
+from minilm.cli import INTERRUPTED, guarded, sigterm_as_interrupt
 from train import paired, prefetch, tensorboard
 from train.config import ExperimentConfig, load_experiment
 from train.loop import check_run_dir, score_checkpoints
@@ -175,30 +173,19 @@ def init_distributed() -> None:
                         f"JAX_PROCESS_ID, or run under a cluster jax detects)") from None
 
 
-INTERRUPTED = 130
-
-
-def _interrupt(signum, frame):
-  raise KeyboardInterrupt   # SIGTERM ends the command as Ctrl-C does: its cleanup runs (--jobs stops its arms)
-
-
 def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
   results = {}
   code = guarded(init_distributed) if args.distributed else 0
   if code:
     return code
-  main_thread = threading.current_thread() is threading.main_thread()   # where Python lets a handler be set
-  previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
   try:
-    code = guarded(lambda: results.update(run(args)))
+    with sigterm_as_interrupt():   # cleanup runs: --jobs stops its arms' processes
+      code = guarded(lambda: results.update(run(args)))
   except KeyboardInterrupt:
     print("error: interrupted; run the same command again: every arm resumes from its last checkpoint",
           file=sys.stderr)
     return INTERRUPTED
-  finally:
-    if main_thread:
-      signal.signal(signal.SIGTERM, previous)
   diverged = [r["diverged"] for r in results.values() if "diverged" in r]
   for message in diverged:
     print(f"error: {message}", file=sys.stderr)

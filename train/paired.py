@@ -8,9 +8,7 @@ module last) the same initial value of every tensor the arms share. Layout:
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +19,7 @@ import jax
 
 from minilm import atomic
 from minilm import schema as C
-from minilm.cli import last_error
+from minilm.cli import dies_with_parent, last_error
 from train import checkpoints
 from train import data as D
 from train.config import ExperimentConfig, TrainConfig
@@ -116,7 +114,7 @@ def run_concurrently(exp: ExperimentConfig, out: str, runs: dict[str, tuple[Trai
                  "--stack-seeds", stack, "--data-workers", str(data_workers),
                  *(["--tensorboard"] if tensorboard else [])]
           running.append((unit, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                                 preexec_fn=_die_with_parent), err))
+                                                 preexec_fn=dies_with_parent), err))
         time.sleep(0.2)
         for item in [r for r in running if r[1].poll() is not None]:
           running.remove(item)
@@ -131,13 +129,6 @@ def run_concurrently(exp: ExperimentConfig, out: str, runs: dict[str, tuple[Trai
   if failed:
     raise checkpoints.RunError(failed[0])
   return {arm: _last_rows(arm_dir) for arm, (_, arm_dir) in runs.items()}
-
-
-def _die_with_parent() -> None:
-  """In a child before it runs: SIGTERM when the parent dies, even by SIGKILL (Linux's
-  PR_SET_PDEATHSIG; elsewhere the parent's `_stop` alone ends its children)."""
-  if sys.platform.startswith("linux"):
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # 1: PR_SET_PDEATHSIG
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:

@@ -47,7 +47,7 @@ from analysis.studies.quantization import QuantStudy
 from minilm import atomic
 from minilm import paths
 from minilm import schema as C
-from minilm.cli import guarded, last_error
+from minilm.cli import INTERRUPTED, dies_with_parent, guarded, last_error, sigterm_as_interrupt
 from minilm.schema import OPTIONAL, check, check_choice
 from train import checkpoints as ck
 from train import cli as train_cli
@@ -633,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
       return
     print(f"minilm-lab: {lab.name}: stages {', '.join(enabled)}; report in {lab.report_dir}", flush=True)
     t0 = time.perf_counter()
-    spawn = lambda stages, out: subprocess.Popen(lane_command(args, stages, force), stdout=out, stderr=subprocess.STDOUT)
+    spawn = lambda stages, out: subprocess.Popen(lane_command(args, stages, force), stdout=out, stderr=subprocess.STDOUT,
+                                                 preexec_fn=dies_with_parent)
     lab.execute(enabled, force, argv, spawn=spawn)
     if "report" in enabled:
       print(f"\nreport: {os.path.abspath(lab.path('index.html'))}")
@@ -641,12 +642,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {time.perf_counter() - t0:.0f} s")
 
   try:
-    return guarded(run)
+    with sigterm_as_interrupt():   # the second lane stops with this process
+      return guarded(run)
   except KeyboardInterrupt:
     stage = labs[0].current if labs else "setup"
     print(f"\ninterrupted during stage {stage!r}; run the same command again to resume "
           "(finished stages are reused, training and tracing continue where they stopped)", file=sys.stderr)
-    return 130
+    return INTERRUPTED
 
 
 if __name__ == "__main__":

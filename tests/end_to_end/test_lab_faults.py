@@ -16,7 +16,7 @@ import pytest
 
 from analysis.lab import run as L
 from analysis.studies import quantization
-from helpers import ROOT
+from helpers import ROOT, left_running
 
 
 def snapshot(*folders) -> dict[str, str]:
@@ -61,6 +61,33 @@ def test_the_lab_killed_between_trace_steps_resumes_to_the_uninterrupted_result(
   assert L.main([*argv, "--force", "trace", "--reports", str(tmp_path / "clean")]) == 0
   clean = json.loads((tmp_path / "clean" / "rope_vs_nope_quick" / "trace" / "summary.json").read_text())
   assert resumed == clean
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_the_second_lane_stops_with_the_lab(tmp_path, how):
+  """The lab stopped (SIGTERM: one line, exit 130) or killed (SIGKILL: the lane's parent-death signal)
+  while its second process runs beside training: that process ends too."""
+  argv = _lab_argv(tmp_path)
+  argv[argv.index("--skip") + 1] = "disrupt"   # the pretrained stage runs beside training
+  cmd = [sys.executable, "-c", "import sys; from analysis.lab.run import main; sys.exit(main(sys.argv[1:]))", *argv]
+  with open(tmp_path / "stderr", "w") as err:   # no pipes: a lane left running would hold them open
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+  try:
+    lanes, deadline = [], time.time() + 120
+    while not lanes and time.time() < deadline and proc.poll() is None:
+      with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        lanes = [int(c) for c in f.read().split()]
+      time.sleep(0.1)
+    assert lanes, (tmp_path / "stderr").read_text()[-2000:]
+    time.sleep(1.0)   # the lane is past its start-up
+    proc.send_signal(how)
+    assert proc.wait(timeout=60) == (130 if how == signal.SIGTERM else -signal.SIGKILL)
+  finally:
+    proc.kill()
+  assert not left_running(lanes)
+  if how == signal.SIGTERM:
+    assert "interrupted during stage 'train'; run the same command again to resume" in (tmp_path / "stderr").read_text()
 
 
 # ------------------------------------------------------------------------------ failed stages
