@@ -21,13 +21,20 @@ conftest.py). Paths are relative to tests/, which mirrors the packages (tests/<p
   boundary pair of docs/claims.md (analysis/massive/test_compare, analysis/lab/test_report);
 - `planted_law`: onset rows that follow a planted law (analysis/studies/test_onset,
   bench/test_onset_gpu);
+- `started`, `children`, `stop`, `left_running`: a command run as a real process, its child
+  processes, stopping it as Ctrl-C or SIGKILL would, and the pids it left running
+  (train/test_cli, end_to_end/test_lab_faults, train/test_prefetch, analysis/studies/test_workers);
 - `worker_setup`, `worker_task`: a state and a task for analysis.studies.workers' pool, importable by
   name in a spawned process (analysis/studies/test_workers).
 """
+import contextlib
 import json
 import math
 import os
+import signal
+import subprocess
 import time
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -432,6 +439,30 @@ def worker_task(state, task):
   import threadpoolctl
   time.sleep(task / 100)
   return state["base"] + task, sorted(os.sched_getaffinity(0)), [p["num_threads"] for p in threadpoolctl.threadpool_info()]
+
+
+@contextlib.contextmanager
+def started(argv: list[str], stderr_path) -> Iterator[subprocess.Popen]:
+  """A process of `argv` (from the repository root, stderr to a file: no pipes, which a child left
+  running would hold open), killed when the block ends."""
+  with open(stderr_path, "w") as err:
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+  try:
+    yield proc
+  finally:
+    proc.kill()
+    proc.wait()
+
+
+def children(pid: int) -> list[int]:
+  with open(f"/proc/{pid}/task/{pid}/children") as f:
+    return [int(c) for c in f.read().split()]
+
+
+def stop(proc: subprocess.Popen, how: int) -> None:
+  """Send `how`: SIGTERM ends a command as Ctrl-C does (exit 130); SIGKILL kills it."""
+  proc.send_signal(how)
+  assert proc.wait(timeout=60) == (130 if how == signal.SIGTERM else -signal.SIGKILL)
 
 
 def left_running(pids: list[int], seconds: float = 20) -> list[int]:

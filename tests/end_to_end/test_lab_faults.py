@@ -16,7 +16,7 @@ import pytest
 
 from analysis.lab import run as L
 from analysis.studies import quantization
-from helpers import ROOT, left_running
+from helpers import ROOT, children, left_running, started, stop
 
 
 def snapshot(*folders) -> dict[str, str]:
@@ -71,20 +71,14 @@ def test_the_second_lane_stops_with_the_lab(tmp_path, how):
   argv = _lab_argv(tmp_path)
   argv[argv.index("--skip") + 1] = "disrupt"   # the pretrained stage runs beside training
   cmd = [sys.executable, "-c", "import sys; from analysis.lab.run import main; sys.exit(main(sys.argv[1:]))", *argv]
-  with open(tmp_path / "stderr", "w") as err:   # no pipes: a lane left running would hold them open
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-  try:
+  with started(cmd, tmp_path / "stderr") as proc:
     lanes, deadline = [], time.time() + 120
     while not lanes and time.time() < deadline and proc.poll() is None:
-      with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-        lanes = [int(c) for c in f.read().split()]
+      lanes = children(proc.pid)
       time.sleep(0.1)
     assert lanes, (tmp_path / "stderr").read_text()[-2000:]
     time.sleep(1.0)   # the lane is past its start-up
-    proc.send_signal(how)
-    assert proc.wait(timeout=60) == (130 if how == signal.SIGTERM else -signal.SIGKILL)
-  finally:
-    proc.kill()
+    stop(proc, how)
   assert not left_running(lanes)
   if how == signal.SIGTERM:
     assert "interrupted during stage 'train'; run the same command again to resume" in (tmp_path / "stderr").read_text()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import ROOT, left_running
+from helpers import ROOT, children, left_running, started, stop
 from minilm import atomic
 from minilm import schema as C
 from train import checkpoints, cli, loop, paired
@@ -201,11 +201,6 @@ def test_jobs_train_arms_in_processes_with_the_sequential_result(tmp_path, capsy
   assert run(capsys, "smoke", "--out", par, "--jobs", "0")[1].startswith("error: --jobs: must be >= 1; got 0")
 
 
-def _children(pid: int) -> list[int]:
-  with open(f"/proc/{pid}/task/{pid}/children") as f:
-    return [int(c) for c in f.read().split()]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
 def test_the_arms_of_jobs_stop_with_their_parent(tmp_path, how):
@@ -213,21 +208,16 @@ def test_the_arms_of_jobs_stop_with_their_parent(tmp_path, how):
   signal) while both arms train: no arm process goes on, and the same command is not refused."""
   argv = [sys.executable, "-m", "train", "smoke", "--out", str(tmp_path), "--no-progress", "--jobs", "2",
           "--set", "steps=100000", "checkpoint.every=100000", "eval.every=100000"]
-  with open(tmp_path / "stderr", "w") as err:   # no pipes: an arm process left running would hold them open
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-  try:
+  with started(argv, tmp_path / "stderr") as proc:
     deadline = time.monotonic() + 120
     metrics = [tmp_path / "smoke" / arm / "metrics.jsonl" for arm in ("rope", "nope")]
     while not all(m.exists() for m in metrics) and time.monotonic() < deadline and proc.poll() is None:
       time.sleep(0.2)
     assert all(m.exists() for m in metrics), (tmp_path / "stderr").read_text()[-2000:]
-    children = _children(proc.pid)
-    assert len(children) == 2
-    proc.send_signal(how)
-    assert proc.wait(timeout=60) == (130 if how == signal.SIGTERM else -signal.SIGKILL)
-  finally:
-    proc.kill()
-  assert not left_running(children)
+    arms = children(proc.pid)
+    assert len(arms) == 2
+    stop(proc, how)
+  assert not left_running(arms)
   if how == signal.SIGTERM:
     assert (tmp_path / "stderr").read_text().splitlines()[-1] == (
         "error: interrupted; run the same command again: every arm resumes from its last checkpoint")
