@@ -114,23 +114,55 @@ def _unmark(folder: str) -> None:
     os.remove(os.path.join(folder, MARK))
 
 
-def recover_dir(final: str, keep_partial: bool = False) -> None:
-  """Finish or undo a `staged_dir` swap cut short between its two renames: if `final` is missing
-  but its old copy is there, the old copy comes back. A leftover staging folder is dropped unless
-  `keep_partial` (a resumable stage goes on filling it). A `<final>.old` or `<final>.partial` that
-  `staged_dir` did not make is a one-line ConfigError: it is someone's, and in the way."""
-  final = os.path.abspath(final)
+def _check_leftovers(final: str) -> None:
+  """A `<final>.old` or `<final>.partial` that `staged_dir` did not make is a one-line ConfigError:
+  it is someone's, and in the way."""
   for leftover in (final + OLD, final + PARTIAL):
     check(not os.path.exists(leftover) or _ours(leftover), leftover,
           f"is in the way of writing {final} (its staging names are {os.path.basename(final + PARTIAL)} and "
           f"{os.path.basename(final + OLD)}), and not a folder this program made; move or rename it")
+
+
+def _hold(staging: str) -> int:
+  """Create `staging` and its MARK, and hold the MARK (flock) until the returned fd is closed; a
+  staging folder another live process holds is a one-line ConfigError."""
+  os.makedirs(staging, exist_ok=True)
+  fd = os.open(os.path.join(staging, MARK), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise ConfigError(f"{staging[:-len(PARTIAL)]}: another process is writing it (into {os.path.basename(staging)}); "
+                      f"let it end or stop it, then run the same command again") from None
+  return fd
+
+
+def _recover(final: str, keep_partial: bool) -> None:
   if not os.path.exists(final) and os.path.isdir(final + OLD):
     os.replace(final + OLD, final)
   if os.path.isdir(final):
     _unmark(final)
-  for leftover in (final + OLD,) + (() if keep_partial else (final + PARTIAL,)):
-    if os.path.isdir(leftover):
-      shutil.rmtree(leftover)
+  if os.path.isdir(final + OLD):
+    shutil.rmtree(final + OLD)
+  if not keep_partial and os.path.isdir(final + PARTIAL):
+    clear_staging(final + PARTIAL)
+
+
+def recover_dir(final: str, keep_partial: bool = False) -> None:
+  """Finish or undo a `staged_dir` swap cut short between its two renames: if `final` is missing
+  but its old copy is there, the old copy comes back. A leftover staging folder is emptied unless
+  `keep_partial` (a resumable stage goes on filling it). Refused in one line while another process
+  writes `final`, or where `<final>.old` or `<final>.partial` is a folder this program did not make."""
+  final = os.path.abspath(final)
+  _check_leftovers(final)
+  fd = _hold(final + PARTIAL) if os.path.isdir(final + PARTIAL) else None
+  try:
+    _recover(final, keep_partial=True)
+    if fd is not None and not keep_partial:
+      shutil.rmtree(final + PARTIAL)   # while held: no other process can be filling it
+  finally:
+    if fd is not None:
+      os.close(fd)
 
 
 @contextlib.contextmanager
@@ -138,25 +170,30 @@ def staged_dir(final: str, keep_partial: bool = False) -> Iterator[str]:
   """Yield a staging folder; when the block succeeds it replaces `final` (old contents and all),
   when it fails `final` stays as it was. The staging folder starts empty and is removed on failure,
   unless `keep_partial`: then a resumable stage finds what an interrupted attempt left in it.
-  Staging and old folders hold a MARK file while they exist; `final` never keeps one."""
+  Staging and old folders hold a MARK file while they exist (`final` never keeps one); the process
+  writing holds the MARK (flock), so a second process writing the same `final` is refused in one
+  line, and the lock ends with its holder, even a killed one."""
   final = os.path.abspath(final)
-  recover_dir(final, keep_partial)
+  _check_leftovers(final)
   staging = final + PARTIAL
-  os.makedirs(staging, exist_ok=True)
-  _mark(staging)
+  fd = _hold(staging)
   try:
-    yield staging
-  except BaseException:
-    if not keep_partial:
-      shutil.rmtree(staging, ignore_errors=True)
-    raise
-  if os.path.exists(final):
-    if os.path.isdir(final):
-      _mark(final)   # as final.old it is ours to restore or remove
-    os.replace(final, final + OLD)
-  os.replace(staging, final)
-  _unmark(final)
-  shutil.rmtree(final + OLD, ignore_errors=True)
+    _recover(final, keep_partial)
+    try:
+      yield staging
+    except BaseException:
+      if not keep_partial:
+        shutil.rmtree(staging, ignore_errors=True)
+      raise
+    if os.path.exists(final):
+      if os.path.isdir(final):
+        _mark(final)   # as final.old it is ours to restore or remove
+      os.replace(final, final + OLD)
+    os.replace(staging, final)
+    _unmark(final)
+    shutil.rmtree(final + OLD, ignore_errors=True)
+  finally:
+    os.close(fd)
 
 
 def clear_staging(staging: str) -> None:

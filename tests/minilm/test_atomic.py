@@ -109,3 +109,14 @@ def test_a_folder_is_written_by_one_process_at_a_time_and_a_killed_holder_never_
   assert proc.returncode == -signal.SIGKILL and proc.stdout == "held\n", proc.stderr
   with atomic.exclusive(str(folder)):   # the dead holder's lock went with it
     pass
+
+
+def test_a_second_writer_of_a_staged_folder_is_refused_and_changes_nothing(tmp_path):
+  out = tmp_path / "quant"
+  with atomic.staged_dir(str(out)) as staging:
+    atomic.write_text(os.path.join(staging, "first.md"), "first")
+    for second in (lambda: atomic.staged_dir(str(out)).__enter__(), lambda: atomic.recover_dir(str(out))):
+      with pytest.raises(atomic.ConfigError, match=rf"^{out}: another process is writing it \(into quant.partial\); "):
+        second()
+    assert sorted(os.listdir(staging)) == [atomic.MARK, "first.md"]
+  assert os.listdir(out) == ["first.md"] and sorted(os.listdir(tmp_path)) == ["quant"]
