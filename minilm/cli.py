@@ -1,7 +1,7 @@
 """The one way a command ends on bad input: one line `error: <field or path>: <what is wrong>`, exit 2.
 
 Ctrl-C and SIGTERM end a command the same way (`sigterm_as_interrupt`), and the processes a command
-starts end with it (`dies_with_parent`).
+starts end with it (`child_env`, `end_with_parent`).
 
 Bad settings raise ConfigError (or ValueError / FileNotFoundError) with that one line as message;
 filesystem failures (full disk, read-only folder, a file where a folder should be) are OSErrors
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import sys
 import threading
@@ -60,8 +61,24 @@ def sigterm_as_interrupt() -> Iterator[None]:
     signal.signal(signal.SIGTERM, previous)
 
 
-def dies_with_parent() -> None:
-  """subprocess.Popen's preexec_fn: the child gets SIGTERM when its parent dies, even by SIGKILL
-  (Linux's PR_SET_PDEATHSIG; elsewhere a parent ends its children itself)."""
-  if sys.platform.startswith("linux"):
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # 1: PR_SET_PDEATHSIG
+PARENT = "MINILM_PARENT_PID"
+"""Set by `child_env` in a child command's environment: the pid it must not outlive."""
+
+
+def child_env(env: dict | None = None) -> dict:
+  """The environment of a child command that ends with this process (`end_with_parent`). A
+  subprocess.Popen preexec_fn could set that up instead, but forking runs Python in the child of a
+  multithreaded process (jax's), which can deadlock before exec."""
+  return {**(os.environ if env is None else env), PARENT: str(os.getpid())}
+
+
+def end_with_parent() -> None:
+  """In a command started with `child_env`: get SIGTERM when the parent dies, even by SIGKILL (Linux's
+  PR_SET_PDEATHSIG; elsewhere the parent ends its children itself), or now if it already has. The
+  variable is dropped so that this command's own children are not tied to its parent."""
+  parent = os.environ.pop(PARENT, None)
+  if parent is None or not sys.platform.startswith("linux"):
+    return
+  ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # 1: PR_SET_PDEATHSIG
+  if os.getppid() != int(parent):   # it died before the line above
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -28,7 +28,7 @@ from absl import logging
 
 from minilm import atomic
 from minilm import schema as C
-from minilm.cli import INTERRUPTED, guarded, sigterm_as_interrupt
+from minilm.cli import INTERRUPTED, end_with_parent, guarded, sigterm_as_interrupt
 from train import paired, prefetch, tensorboard
 from train.config import ExperimentConfig, load_experiment
 from train.loop import check_run_dir, score_checkpoints
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     return code
   try:
     with sigterm_as_interrupt():   # cleanup runs: --jobs stops its arms' processes
+      end_with_parent()
       code = guarded(lambda: results.update(run(args)))
   except KeyboardInterrupt:
     print("error: interrupted; run the same command again: every arm resumes from its last checkpoint",

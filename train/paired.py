@@ -19,7 +19,7 @@ import jax
 
 from minilm import atomic
 from minilm import schema as C
-from minilm.cli import dies_with_parent, last_error
+from minilm.cli import child_env, last_error
 from train import checkpoints
 from train import data as D
 from train.config import ExperimentConfig, TrainConfig
@@ -113,8 +113,7 @@ def run_concurrently(exp: ExperimentConfig, out: str, runs: dict[str, tuple[Trai
           cmd = [sys.executable, "-m", "train", config, "--out", out, "--arms", ",".join(unit), "--no-progress",
                  "--stack-seeds", stack, "--data-workers", str(data_workers),
                  *(["--tensorboard"] if tensorboard else [])]
-          running.append((unit, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                                 preexec_fn=dies_with_parent), err))
+          running.append((unit, subprocess.Popen(cmd, env=child_env(env), stdout=subprocess.DEVNULL, stderr=err), err))
         time.sleep(0.2)
         for item in [r for r in running if r[1].poll() is not None]:
           running.remove(item)

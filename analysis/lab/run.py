@@ -20,6 +20,7 @@ run reuses what is done, a changed setting reruns the stages it affects. An inte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -47,7 +48,7 @@ from analysis.studies.quantization import QuantStudy
 from minilm import atomic
 from minilm import paths
 from minilm import schema as C
-from minilm.cli import INTERRUPTED, dies_with_parent, guarded, last_error, sigterm_as_interrupt
+from minilm.cli import INTERRUPTED, child_env, end_with_parent, guarded, last_error, sigterm_as_interrupt
 from minilm.schema import OPTIONAL, check, check_choice
 from train import checkpoints as ck
 from train import cli as train_cli
@@ -459,6 +460,10 @@ class _Lane:
       self.proc.wait()
 
 
+LANE_OF = "MINILM_LAB_LANE_OF"
+"""Set in the second lane's environment to the pid of the lab that started it."""
+
+
 def lane_command(args: argparse.Namespace, stages: list[str], force: set[str]) -> list[str]:
   """The `minilm-lab` command line that runs `stages` of the lab that `args` describe."""
   cmd = [sys.executable, "-m", "analysis.lab.run", args.config, "--runs", args.runs, "--reports", args.reports,
@@ -631,11 +636,15 @@ def main(argv: list[str] | None = None) -> int:
         state = "skipped" if s not in enabled else "done" if lab.is_done(s) else "to-run"
         print(f"{s:11s} {state:8s} {lab.hashes[s]}  {lab.stages[s].what}")
       return
-    print(f"minilm-lab: {lab.name}: stages {', '.join(enabled)}; report in {lab.report_dir}", flush=True)
-    t0 = time.perf_counter()
-    spawn = lambda stages, out: subprocess.Popen(lane_command(args, stages, force), stdout=out, stderr=subprocess.STDOUT,
-                                                 preexec_fn=dies_with_parent)
-    lab.execute(enabled, force, argv, spawn=spawn)
+    # One lab at a time writes a report folder; its own second lane (LANE_OF: this pid) writes beside it.
+    lane = os.environ.get(LANE_OF) == str(os.getppid())
+    with contextlib.nullcontext() if lane else atomic.exclusive(lab.report_dir):
+      print(f"minilm-lab: {lab.name}: stages {', '.join(enabled)}; report in {lab.report_dir}", flush=True)
+      t0 = time.perf_counter()
+      spawn = lambda stages, out: subprocess.Popen(lane_command(args, stages, force), stdout=out,
+                                                   stderr=subprocess.STDOUT,
+                                                   env=child_env({**os.environ, LANE_OF: str(os.getpid())}))
+      lab.execute(enabled, force, argv, spawn=spawn)
     if "report" in enabled:
       print(f"\nreport: {os.path.abspath(lab.path('index.html'))}")
       print("\n".join(report.summary_lines(lab.report_dir)))
@@ -643,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     with sigterm_as_interrupt():   # the second lane stops with this process
+      end_with_parent()
       return guarded(run)
   except KeyboardInterrupt:
     stage = labs[0].current if labs else "setup"

@@ -13,6 +13,7 @@ import pytest
 
 from analysis.lab import run as L
 from analysis.studies import quantization
+from minilm import atomic
 from minilm.schema import to_dict
 from train import checkpoints as ck
 
@@ -115,6 +116,22 @@ def test_an_interrupted_stage_leaves_no_marker_and_says_how_to_resume(monkeypatc
   assert L.main(argv) == 130
   assert "interrupted during stage 'train'; run the same command again to resume" in capsys.readouterr().err
   assert not (tmp_path / "rep" / "rope_vs_nope_quick" / "stages" / "train.json").exists()
+
+
+def test_a_second_lab_on_the_same_report_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+  """While a lab writes reports/<name> (here: this process holds its lock), another is refused before
+  any stage runs; the lab's own second lane (LANE_OF: its parent's pid) is not."""
+  ran = []
+  monkeypatch.setattr(L.Lab, "_train", lambda self: ran.append(os.environ.get(L.LANE_OF)))
+  report = tmp_path / "rep" / "rope_vs_nope_quick"
+  argv = ["--quick", "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "rep"), "--only", "train"]
+  with atomic.exclusive(str(report)):
+    assert L.main(argv) == 2
+    assert capsys.readouterr().err == (f"error: {report}: another process (pid {os.getpid()}) is writing it; let it "
+                                       f"end or stop it, then run the same command again\n")
+    assert ran == []
+    monkeypatch.setenv(L.LANE_OF, str(os.getppid()))
+    assert L.main(argv) == 0 and ran == [str(os.getppid())]
 
 
 @pytest.mark.slow   # a --quick lab run
