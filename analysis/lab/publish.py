@@ -70,7 +70,7 @@ def choose(report_dir: str) -> tuple[list[str], list[tuple[str, int, str]]]:
   keep, left = [], []
   for root, dirs, files in os.walk(report_dir):
     dirs.sort()
-    for f in sorted(files):
+    for f in sorted(set(files) - {atomic.LOCK, atomic.MARK}):   # who was writing: not part of the report
       path = os.path.join(root, f)
       rel = os.path.relpath(path, report_dir).replace(os.sep, "/")
       size = os.path.getsize(path)

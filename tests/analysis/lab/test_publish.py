@@ -48,6 +48,7 @@ def lab_report(report_dir, tmp_path_factory):
 
 def test_publish_keeps_the_page_and_small_files_and_leaves_out_arrays(lab_report, tmp_path, capsys):
   out = tmp_path / "results"
+  open(os.path.join(lab_report, ".lock"), "w").write("123\n")   # the lab that wrote it holds this: not published
   assert P.main([lab_report, "--out", str(out)]) == 0
   printed = capsys.readouterr().out
   dest = out / "rope_vs_nope_quick"
@@ -61,7 +62,7 @@ def test_publish_keeps_the_page_and_small_files_and_leaves_out_arrays(lab_report
   assert "(3.0 MB, array)" in left["trace/big.npz"] and "over 2.0 MB" in left["trace/huge.jsonl"]
   assert "checkpoint" in left["checkpoints/6/state"] and "array" in left["trace/probes.npy"]
   assert set(left) | (kept - {"PROVENANCE.md"}) == {
-      os.path.relpath(os.path.join(r, f), lab_report) for r, _, fs in os.walk(lab_report) for f in fs}
+      os.path.relpath(os.path.join(r, f), lab_report) for r, _, fs in os.walk(lab_report) for f in fs} - {".lock"}
   assert sum(p.stat().st_size for p in dest.rglob("*")) < 2_000_000
 
   page = (dest / "index.html").read_text()                       # every figure still shows
