@@ -148,7 +148,7 @@ def main(argv=None) -> None:
   P.emergence(store)
   print(f"traced in {time.monotonic() - t0:.0f} s", flush=True)
   rows = onset.table(trace_dir, exp_dir)
-  with atomic.staged_dir(args.out) as out:
+  with atomic.staged_dir(args.out, owns=("run.json",)) as out:
     data = onset.write(rows, out, n_boot=200, source={"run_dir": exp_dir, "trace_dir": trace_dir})
     for src, name in (("claims.json", "claims.json"), ("summary.json", "trace_summary.json"),
                       (os.path.join("plots", "emergence.png"), "emergence.png")):

@@ -165,16 +165,30 @@ def recover_dir(final: str, keep_partial: bool = False) -> None:
       os.close(fd)
 
 
+def _check_replaceable(final: str, owns: tuple[str, ...]) -> None:
+  """A non-empty `final` that holds none of the files `owns` names (what an earlier output of its kind
+  holds) is a one-line ConfigError: replacing it would delete someone's files (or the study's inputs)."""
+  if not os.path.isdir(final) or any(os.path.exists(os.path.join(final, f)) for f in owns):
+    return
+  entries = sorted(os.listdir(final))
+  check(not entries, final, f"holds files this command did not write ({', '.join(entries[:3])}"
+        f"{', ...' if len(entries) > 3 else ''}), which writing there would delete; choose a new or empty folder")
+
+
 @contextlib.contextmanager
-def staged_dir(final: str, keep_partial: bool = False) -> Iterator[str]:
+def staged_dir(final: str, keep_partial: bool = False, owns: tuple[str, ...] | None = None) -> Iterator[str]:
   """Yield a staging folder; when the block succeeds it replaces `final` (old contents and all),
   when it fails `final` stays as it was. The staging folder starts empty and is removed on failure,
   unless `keep_partial`: then a resumable stage finds what an interrupted attempt left in it.
   Staging and old folders hold a MARK file while they exist (`final` never keeps one); the process
   writing holds the MARK (flock), so a second process writing the same `final` is refused in one
-  line, and the lock ends with its holder, even a killed one."""
+  line, and the lock ends with its holder, even a killed one. `owns` (for a folder the user names):
+  a `final` that holds files but none of these names (what earlier outputs of its kind hold) is
+  refused, not replaced."""
   final = os.path.abspath(final)
   _check_leftovers(final)
+  if owns is not None:
+    _check_replaceable(final, owns)
   staging = final + PARTIAL
   fd = _hold(staging)
   try:

@@ -688,7 +688,7 @@ def run(cfg: DisruptStudy, out: str) -> dict:
             "suite": "prompts" if prompts else cfg.suite, "prompts": cfg.prompts, "n": cfg.n, "seed": cfg.seed,
             "rule": RULE, "models": {}}
   all_records, pools = [], {}
-  with atomic.staged_dir(out) as staging:
+  with atomic.staged_dir(out, owns=("results.jsonl",)) as staging:
     folder = Path(staging)
     with open(folder / "results.jsonl", "w") as sink:
       for label, model, tokenizer, items, probe_prompts, notes in models:

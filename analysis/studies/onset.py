@@ -478,7 +478,7 @@ def run(cfg: OnsetStudy, out: str) -> tuple[dict, dict | None]:
   atomic.check_out_dir(out)
   fits = load_fits(cfg.predict) if cfg.predict else []
   rows = table(cfg.trace_dir, cfg.run_dir)
-  with atomic.staged_dir(out) as staging:
+  with atomic.staged_dir(out, owns=("fit.json",)) as staging:
     data = write(rows, staging, sizes=cfg.params, n_boot=cfg.n_boot, horizon=cfg.horizon,
                  source=portable_tree({"trace_dir": cfg.trace_dir, "run_dir": cfg.run_dir, "predict": cfg.predict}))
     tested = check_prediction(rows, fits) if fits else None

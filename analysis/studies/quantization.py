@@ -419,7 +419,7 @@ def run(cfg: QuantStudy, out: str) -> dict:
               for label, model, tokenizer, items, *_ in sources]
   tasks = [(k, scheme) for k in range(len(subjects)) for scheme in scheme_list]
   done = {}
-  with atomic.staged_dir(out) as staging:
+  with atomic.staged_dir(out, owns=("results.jsonl",)) as staging:
     folder = Path(staging)
     for i, res in scheme_results(subjects, tasks, cfg.jobs):
       (k, scheme), s = tasks[i], res["seconds"]

@@ -120,3 +120,21 @@ def test_a_second_writer_of_a_staged_folder_is_refused_and_changes_nothing(tmp_p
         second()
     assert sorted(os.listdir(staging)) == [atomic.MARK, "first.md"]
   assert os.listdir(out) == ["first.md"] and sorted(os.listdir(tmp_path)) == ["quant"]
+
+
+def test_a_folder_with_files_a_study_did_not_write_is_refused_not_replaced(tmp_path):
+  """A study's --out that holds other files (its own inputs, say a trained arm or a trace) is refused
+  in one line and left as it was; an earlier output of the study (it holds `owns`) is replaced."""
+  out = tmp_path / "arm"
+  out.mkdir()
+  (out / "config.json").write_text("{}")
+  (out / "checkpoints").mkdir()
+  with pytest.raises(atomic.ConfigError, match=rf"^{out}: holds files this command did not write \(checkpoints, "
+                                               rf"config.json\), which writing there would delete; choose a new"):
+    with atomic.staged_dir(str(out), owns=("results.jsonl",)):
+      raise AssertionError("not reached")
+  assert sorted(os.listdir(out)) == ["checkpoints", "config.json"] and os.listdir(tmp_path) == ["arm"]
+  (out / "results.jsonl").write_text("")   # an earlier output of the study
+  with atomic.staged_dir(str(out), owns=("results.jsonl",)) as staging:
+    atomic.write_text(os.path.join(staging, "results.jsonl"), "new")
+  assert os.listdir(out) == ["results.jsonl"]
