@@ -41,14 +41,18 @@ def analyze_model(model, probes_NxT, out_dir: str, *, mask_NxT=None, arm: str = 
 
 
 def finish(store: Store, *, plots: bool = True, claims: bool = True, rope_arm=None, nope_arm=None) -> None:
-  """Figures and verdicts from the rebuilt tables. Without plots, figures of an earlier trace in the
-  folder are removed: they were drawn from other tables."""
+  """Figures and verdicts from the rebuilt tables. Without plots (claims), the figures (verdicts) of
+  an earlier trace in the folder are removed: they were drawn from other tables."""
   if plots:
     P.plot_all(store)
   else:
     shutil.rmtree(store.path("plots"), ignore_errors=True)
   if claims:
     CL.write_claims(CL.judge(store, rope_arm=rope_arm, nope_arm=nope_arm), store.root)
+  else:
+    for name in ("claims.json", "claims.md"):
+      if os.path.exists(store.path(name)):
+        os.remove(store.path(name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +68,8 @@ def plan_run(run_dir: str, *, n_probes: int, length: int | None, batch_size: int
   """Check a trace request against the run on disk (one line per problem) without writing."""
   check(n_probes >= 2, "--probes", f"must be >= 2 (intervals resample prompts); got {n_probes}")
   check(batch_size >= 1, "--batch", f"must be >= 1; got {batch_size}")
+  check(steps is None or len(steps) > 0, "--steps", "names no step; give at least one, or leave it out for every "
+        "checkpoint")
   chosen = run_arms(run_dir)
   configs = {arm: ck.load_config(arm_dir) for arm, arm_dir in chosen.items()}
   available = {arm: ck.available_steps(arm_dir) for arm, arm_dir in chosen.items()}
@@ -102,8 +108,13 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
   plan = plan_run(run_dir, n_probes=n_probes, length=length, batch_size=batch_size, steps=steps)
   out_dir = out_dir or os.path.join(run_dir, "analysis")
   atomic.check_out_dir(out_dir)
-  if os.path.exists(os.path.join(out_dir, "probes.npy")):
+  if os.path.exists(os.path.join(out_dir, "probes.npy")):   # resuming: the probes must be those asked for
     probes = np.load(os.path.join(out_dir, "probes.npy"))
+    stored_seed = Store(out_dir).meta().get("probe_seed", probe_seed)
+    check(probes.shape == (n_probes, plan.length) and stored_seed == probe_seed, "--out",
+          f"{out_dir} holds a trace of {probes.shape[0]} probes of {probes.shape[1]} tokens (probe seed "
+          f"{stored_seed}), not {n_probes} of {plan.length} (seed {probe_seed}): give its settings to resume it, "
+          f"or another --out")
   else:
     first = next(iter(plan.configs.values()))
     probes = np.asarray(probe_tokens(first.data, probe_seed, n_probes, plan.length), np.int32)

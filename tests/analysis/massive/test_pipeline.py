@@ -42,7 +42,7 @@ def test_analyze_model_treats_a_single_model_as_one_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_traces_a_paired_run_into_table_plots_and_claims_and_resumes(tiny_run, tmp_path):
+def test_cli_traces_a_paired_run_into_table_plots_and_claims_and_resumes(tiny_run, tmp_path, capsys):
   out = tmp_path / "analysis"
   assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--batch", "4"]) == 0
   rows = ST.read_table(str(out / "table.csv"))
@@ -67,6 +67,17 @@ def test_cli_traces_a_paired_run_into_table_plots_and_claims_and_resumes(tiny_ru
   assert json.loads((out / "meta.json").read_text())["stats"]["lam"] == 3.0   # table redone, no forward
   assert not (out / "plots").exists()            # the figures drawn at the other lam are not left beside it
   assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--drop-first"]) == 2
+  assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--no-plots", "--no-claims"]) == 0
+  capsys.readouterr()
+  assert not (out / "claims.json").exists() and not (out / "claims.md").exists()   # the verdicts of other tables
+  for argv, first in ((["--probes", "8"], "error: --out: "), (["--probes", "6", "--probe-seed", "5"], "error: --out: "),
+                      (["--probes", "6", "--steps"], "error: --steps: names no step")):
+    probes = (out / "probes.npy").read_bytes()
+    assert main(["trace", str(tiny_run), "--out", str(out), *argv]) == 2
+    assert capsys.readouterr().err.startswith(first) and (out / "probes.npy").read_bytes() == probes
+  (out / "summary.json").write_text("{bad")
+  assert main(["plots", str(out)]) == 2
+  assert capsys.readouterr().err.startswith(f"error: {out / 'summary.json'}: damaged, not valid JSON")
 
 
 def test_cli_reports_a_bad_run_dir_in_one_line(tmp_path, capsys):
