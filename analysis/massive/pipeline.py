@@ -126,6 +126,7 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
     context, wanted = plan.configs[arm].data.seq_len, plan.wanted[arm]
     keys = {hooks.name(layer, t) for layer in range(plan.configs[arm].model.n_layers) for t in hooks.QKV}
     done = set(store.good_steps(arm, keys))
+    last = max([*wanted, *done])   # the token view shows the latest step the trace holds, not this run's last
     for step in wanted:
       if step in done:
         timing["skipped"] += 1
@@ -133,12 +134,12 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
       t = time.perf_counter()
       model, _ = ck.load_model(arm_dir, step)
       timing["restore_s"] += time.perf_counter() - t
-      T.record_step(store, model, arm, step, context=context, final=step == wanted[-1], batch_size=batch_size,
+      T.record_step(store, model, arm, step, context=context, final=step == last, batch_size=batch_size,
                   timing=timing)
       timing["traced"] += 1
       log(f"traced {arm} step {step}")
-    if store.token_step(arm) != wanted[-1]:   # e.g. killed between the last step's sums and its view
-      T.save_tokens(store, ck.load_model(arm_dir, wanted[-1])[0], arm, wanted[-1])
+    if store.token_step(arm) != last:   # e.g. killed between the last step's sums and its view
+      T.save_tokens(store, ck.load_model(arm_dir, last)[0], arm, last)
   t = time.perf_counter()
   T.rebuild(store, arms=list(plan.arms))
   timing["stats_s"] = time.perf_counter() - t

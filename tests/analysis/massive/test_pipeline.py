@@ -103,3 +103,6 @@ def test_trace_redoes_a_damaged_step_and_a_missing_token_view(tiny_run, tmp_path
   assert os.path.exists(store.sums_path("rope", 1) + ".damaged")   # kept aside, not deleted
   assert store.token_step("nope") == 1 and store.token_step("rope") == 1
   assert json.loads((out / "summary.json").read_text()) == want   # redone to the same numbers
+  os.remove(store.sums_path("rope", 0))
+  assert analysis_main(["trace", str(tiny_run), "--out", str(out), *TRACE, "--steps", "0"]) == 0
+  assert store.token_step("rope") == 1   # the token view stays at the trace's last step, not this run's
