@@ -84,7 +84,13 @@ def _plots_args(p):
 
 
 def _plots(args):
-  for path in plots.plot_all(Store(args.out).require(), heatmap_steps=args.steps):
+  store = Store(args.out).require()
+  if args.steps is not None:   # a step no arm holds would draw no heatmap without a word
+    traced = sorted({s for arm in store.meta().get("arms", {}) for s in store.steps(arm)})
+    missing = sorted(set(args.steps) - set(traced))
+    why = f"no arm holds step {', '.join(map(str, missing))}" if missing else "names no step"
+    check(bool(args.steps) and not missing, "--steps", f"{why}; traced: {', '.join(map(str, traced))}")
+  for path in plots.plot_all(store, heatmap_steps=args.steps):
     print(path)
 
 

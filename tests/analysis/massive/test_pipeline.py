@@ -75,6 +75,10 @@ def test_cli_traces_a_paired_run_into_table_plots_and_claims_and_resumes(tiny_ru
     probes = (out / "probes.npy").read_bytes()
     assert main(["trace", str(tiny_run), "--out", str(out), *argv]) == 2
     assert capsys.readouterr().err.startswith(first) and (out / "probes.npy").read_bytes() == probes
+  for steps, first in ((["3"], "error: --steps: no arm holds step 3; traced: 0, 1"),
+                       ([], "error: --steps: names no step; traced: 0, 1")):
+    assert main(["plots", str(out), "--steps", *steps]) == 2
+    assert capsys.readouterr().err.startswith(first)
   (out / "summary.json").write_text("{bad")
   assert main(["plots", str(out)]) == 2
   assert capsys.readouterr().err.startswith(f"error: {out / 'summary.json'}: damaged, not valid JSON")
