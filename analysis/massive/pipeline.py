@@ -108,6 +108,14 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
   plan = plan_run(run_dir, n_probes=n_probes, length=length, batch_size=batch_size, steps=steps)
   out_dir = out_dir or os.path.join(run_dir, "analysis")
   atomic.check_out_dir(out_dir)
+  with atomic.exclusive(out_dir):   # a second trace into the same folder meanwhile is refused in one line
+    return _trace(plan, run_dir, out_dir, n_probes=n_probes, probe_seed=probe_seed, stat_cfg=stat_cfg,
+                  batch_size=batch_size, plots=plots, claims=claims, rope_arm=rope_arm, nope_arm=nope_arm, log=log,
+                  t0=t0)
+
+
+def _trace(plan: RunPlan, run_dir: str, out_dir: str, *, n_probes: int, probe_seed: int, stat_cfg: S.StatConfig,
+           batch_size: int, plots: bool, claims: bool, rope_arm, nope_arm, log, t0: float) -> Store:
   if os.path.exists(os.path.join(out_dir, "probes.npy")):   # resuming: the probes must be those asked for
     probes = np.load(os.path.join(out_dir, "probes.npy"))
     stored_seed = Store(out_dir).meta().get("probe_seed", probe_seed)
