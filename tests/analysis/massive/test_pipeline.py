@@ -12,6 +12,7 @@ from analysis.lab.cli import main
 from analysis.lab.cli import main as analysis_main
 from analysis.massive import pipeline as PL
 from analysis.massive import store as ST
+from minilm import atomic
 from minilm import encodings
 from minilm.config import ModelConfig
 from minilm.model import Decoder
@@ -79,6 +80,9 @@ def test_cli_traces_a_paired_run_into_table_plots_and_claims_and_resumes(tiny_ru
                        ([], "error: --steps: names no step; traced: 0, 1")):
     assert main(["plots", str(out), "--steps", *steps]) == 2
     assert capsys.readouterr().err.startswith(first)
+  with atomic.exclusive(str(out)):   # another trace (here: this process) writes the folder
+    assert main(["trace", str(tiny_run), "--out", str(out), "--probes", "6", "--no-plots"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {out}: another process (pid {os.getpid()}) is writing it")
   (out / "summary.json").write_text("{bad")
   assert main(["plots", str(out)]) == 2
   assert capsys.readouterr().err.startswith(f"error: {out / 'summary.json'}: damaged, not valid JSON")
