@@ -462,7 +462,8 @@ def children(pid: int) -> list[int]:
 def stop(proc: subprocess.Popen, how: int) -> None:
   """Send `how`: SIGTERM ends a command as Ctrl-C does (exit 130); SIGKILL kills it."""
   proc.send_signal(how)
-  assert proc.wait(timeout=60) == (130 if how == signal.SIGTERM else -signal.SIGKILL)
+  code, expected = proc.wait(timeout=60), 130 if how == signal.SIGTERM else -signal.SIGKILL
+  assert code == expected, f"exit code {code}, not {expected}"
 
 
 def left_running(pids: list[int], seconds: float = 20) -> list[int]:

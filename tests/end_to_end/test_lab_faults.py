@@ -76,7 +76,8 @@ def test_the_second_lane_stops_with_the_lab(tmp_path, how):
     while not lanes and time.time() < deadline and proc.poll() is None:
       lanes = children(proc.pid)
       time.sleep(0.1)
-    assert lanes, (tmp_path / "stderr").read_text()[-2000:]
+    stderr = (tmp_path / "stderr").read_text()[-2000:]
+    assert lanes, f"no second lane seen; the lab's exit code {proc.poll()}: {stderr}"
     time.sleep(1.0)   # the lane is past its start-up
     stop(proc, how)
   assert not left_running(lanes)
