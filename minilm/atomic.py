@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -123,18 +123,26 @@ def _check_leftovers(final: str) -> None:
           f"{os.path.basename(final + OLD)}), and not a folder this program made; move or rename it")
 
 
-def _hold(staging: str) -> int:
-  """Create `staging` and its MARK, and hold the MARK (flock) until the returned fd is closed; a
-  staging folder another live process holds is a one-line ConfigError."""
-  os.makedirs(staging, exist_ok=True)
-  fd = os.open(os.path.join(staging, MARK), os.O_RDWR | os.O_CREAT, 0o644)
+def _lock(path: str, refusal: Callable[[int], str]) -> int:
+  """An fd holding an exclusive flock on `path` (created) until it is closed; the lock ends with its
+  process, also when killed. While another process holds it: a ConfigError of refusal(fd)."""
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
+    message = refusal(fd)
     os.close(fd)
-    raise ConfigError(f"{staging[:-len(PARTIAL)]}: another process is writing it (into {os.path.basename(staging)}); "
-                      f"let it end or stop it, then run the same command again") from None
+    raise ConfigError(message) from None
   return fd
+
+
+def _hold(staging: str) -> int:
+  """Create `staging` and its MARK, and hold the MARK (`_lock`); a staging folder another live
+  process holds is a one-line ConfigError."""
+  os.makedirs(staging, exist_ok=True)
+  into = os.path.basename(staging)
+  return _lock(os.path.join(staging, MARK), lambda fd: f"{staging[:-len(PARTIAL)]}: another process is writing it "
+               f"(into {into}); let it end or stop it, then run the same command again")
 
 
 def _recover(final: str, keep_partial: bool) -> None:
@@ -229,14 +237,10 @@ def exclusive(folder: str) -> Iterator[None]:
   gets a one-line ConfigError naming the holder. The lock (flock) ends with its process, also when
   killed, so a stale file never blocks."""
   os.makedirs(folder, exist_ok=True)
-  fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+  holder = lambda fd: os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+  fd = _lock(os.path.join(folder, LOCK), lambda fd: f"{os.path.abspath(folder)}: another process (pid {holder(fd)}) "
+             f"is writing it; let it end or stop it, then run the same command again")
   try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-      raise ConfigError(f"{os.path.abspath(folder)}: another process (pid {holder}) is writing it; let it end or "
-                        f"stop it, then run the same command again") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     yield

@@ -109,53 +109,46 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
   out_dir = out_dir or os.path.join(run_dir, "analysis")
   atomic.check_out_dir(out_dir)
   with atomic.exclusive(out_dir):   # a second trace into the same folder meanwhile is refused in one line
-    return _trace(plan, run_dir, out_dir, n_probes=n_probes, probe_seed=probe_seed, stat_cfg=stat_cfg,
-                  batch_size=batch_size, plots=plots, claims=claims, rope_arm=rope_arm, nope_arm=nope_arm, log=log,
-                  t0=t0)
-
-
-def _trace(plan: RunPlan, run_dir: str, out_dir: str, *, n_probes: int, probe_seed: int, stat_cfg: S.StatConfig,
-           batch_size: int, plots: bool, claims: bool, rope_arm, nope_arm, log, t0: float) -> Store:
-  if os.path.exists(os.path.join(out_dir, "probes.npy")):   # resuming: the probes must be those asked for
-    probes = np.load(os.path.join(out_dir, "probes.npy"))
-    stored_seed = Store(out_dir).meta().get("probe_seed", probe_seed)
-    check(probes.shape == (n_probes, plan.length) and stored_seed == probe_seed, "--out",
-          f"{out_dir} holds a trace of {probes.shape[0]} probes of {probes.shape[1]} tokens (probe seed "
-          f"{stored_seed}), not {n_probes} of {plan.length} (seed {probe_seed}): give its settings to resume it, "
-          f"or another --out")
-  else:
-    first = next(iter(plan.configs.values()))
-    probes = np.asarray(probe_tokens(first.data, probe_seed, n_probes, plan.length), np.int32)
-  mask = (probes != ByteTokenizer().PAD).astype(np.float32)
-  store = open_store(out_dir, probes, mask, stat_cfg.drop_first, stat_cfg,
-                     {"run_dir": paths.portable(run_dir), "probe_seed": probe_seed})
-  timing = {"restore_s": 0.0, "forward_s": 0.0, "compile_forward_s": 0.0, "traced": 0, "skipped": 0}
-  for arm, arm_dir in plan.arms.items():
-    context, wanted = plan.configs[arm].data.seq_len, plan.wanted[arm]
-    keys = {hooks.name(layer, t) for layer in range(plan.configs[arm].model.n_layers) for t in hooks.QKV}
-    done = set(store.good_steps(arm, keys))
-    last = max([*wanted, *done])   # the token view shows the latest step the trace holds, not this run's last
-    for step in wanted:
-      if step in done:
-        timing["skipped"] += 1
-        continue
-      t = time.perf_counter()
-      model, _ = ck.load_model(arm_dir, step)
-      timing["restore_s"] += time.perf_counter() - t
-      T.record_step(store, model, arm, step, context=context, final=step == last, batch_size=batch_size,
-                  timing=timing)
-      timing["traced"] += 1
-      log(f"traced {arm} step {step}")
-    if store.token_step(arm) != last:   # e.g. killed between the last step's sums and its view
-      T.save_tokens(store, ck.load_model(arm_dir, last)[0], arm, last)
-  t = time.perf_counter()
-  T.rebuild(store, arms=list(plan.arms))
-  timing["stats_s"] = time.perf_counter() - t
-  t = time.perf_counter()
-  finish(store, plots=plots, claims=claims, rope_arm=rope_arm, nope_arm=nope_arm)
-  timing["plots_claims_s"] = time.perf_counter() - t
-  timing["total_s"] = time.perf_counter() - t0
-  timing["forward_fraction"] = (timing["forward_s"] + timing["compile_forward_s"]) / timing["total_s"]
-  with open(store.path("timing.jsonl"), "a") as f:   # a log, one line per invocation: appending is its update
-    f.write(json.dumps(timing) + "\n")
-  return store
+    if os.path.exists(os.path.join(out_dir, "probes.npy")):   # resuming: the probes must be those asked for
+      probes = np.load(os.path.join(out_dir, "probes.npy"))
+      stored_seed = Store(out_dir).meta().get("probe_seed", probe_seed)
+      check(probes.shape == (n_probes, plan.length) and stored_seed == probe_seed, "--out",
+            f"{out_dir} holds a trace of {probes.shape[0]} probes of {probes.shape[1]} tokens (probe seed "
+            f"{stored_seed}), not {n_probes} of {plan.length} (seed {probe_seed}): give its settings to resume it, "
+            f"or another --out")
+    else:
+      first = next(iter(plan.configs.values()))
+      probes = np.asarray(probe_tokens(first.data, probe_seed, n_probes, plan.length), np.int32)
+    mask = (probes != ByteTokenizer().PAD).astype(np.float32)
+    store = open_store(out_dir, probes, mask, stat_cfg.drop_first, stat_cfg,
+                       {"run_dir": paths.portable(run_dir), "probe_seed": probe_seed})
+    timing = {"restore_s": 0.0, "forward_s": 0.0, "compile_forward_s": 0.0, "traced": 0, "skipped": 0}
+    for arm, arm_dir in plan.arms.items():
+      context, wanted = plan.configs[arm].data.seq_len, plan.wanted[arm]
+      keys = {hooks.name(layer, t) for layer in range(plan.configs[arm].model.n_layers) for t in hooks.QKV}
+      done = set(store.good_steps(arm, keys))
+      last = max([*wanted, *done])   # the token view shows the latest step the trace holds, not this run's last
+      for step in wanted:
+        if step in done:
+          timing["skipped"] += 1
+          continue
+        t = time.perf_counter()
+        model, _ = ck.load_model(arm_dir, step)
+        timing["restore_s"] += time.perf_counter() - t
+        T.record_step(store, model, arm, step, context=context, final=step == last, batch_size=batch_size,
+                      timing=timing)
+        timing["traced"] += 1
+        log(f"traced {arm} step {step}")
+      if store.token_step(arm) != last:   # e.g. killed between the last step's sums and its view
+        T.save_tokens(store, ck.load_model(arm_dir, last)[0], arm, last)
+    t = time.perf_counter()
+    T.rebuild(store, arms=list(plan.arms))
+    timing["stats_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    finish(store, plots=plots, claims=claims, rope_arm=rope_arm, nope_arm=nope_arm)
+    timing["plots_claims_s"] = time.perf_counter() - t
+    timing["total_s"] = time.perf_counter() - t0
+    timing["forward_fraction"] = (timing["forward_s"] + timing["compile_forward_s"]) / timing["total_s"]
+    with open(store.path("timing.jsonl"), "a") as f:   # a log, one line per invocation: appending is its update
+      f.write(json.dumps(timing) + "\n")
+    return store

@@ -122,12 +122,7 @@ class Store:
     a damaged file is an error either way."""
     if default is not REQUIRED and not os.path.exists(self.path(name)):
       return default
-    try:
-      with open(self.path(name)) as f:
-        return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-      raise ValueError(f"{self.path(name)}: damaged, not valid JSON ({err}); trace again into this folder "
-                       f"(finished steps are reused) or into a new one") from None
+    return ck.read_json(self.path(name), "trace again into this folder (finished steps are reused) or into a new one")
 
   def require(self) -> "Store":
     """self, or a one-line error if this is not a traced directory."""
