@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -46,7 +45,7 @@ def finish(store: Store, *, plots: bool = True, claims: bool = True, rope_arm=No
   if plots:
     P.plot_all(store)
   else:
-    shutil.rmtree(store.path("plots"), ignore_errors=True)
+    P.remove_all(store)
   if claims:
     CL.write_claims(CL.judge(store, rope_arm=rope_arm, nope_arm=nope_arm), store.root)
   else:

@@ -20,6 +20,8 @@ residual.*           largest residual activation / median per layer beside the t
 """
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import os
 
 import matplotlib
@@ -45,7 +47,29 @@ SHOWN = ("rot_q", "rot_k", "v")
 STYLE = {"rot_q": "-", "rot_k": "--", "v": ":"}
 
 
+# The figures' names (the docstring's list): what `remove_all` may delete from a folder the user owns.
+FIGURES = ("emergence", "layer_profile", "heatmap_*_*", "pair_energy_*", "bars3d_*", "sink_map", "sinks_over_steps",
+           "attention_*", "residual")
+
+
+def _drawn(name: str) -> bool:
+  stem, ext = os.path.splitext(name)
+  return ext in (".png", ".pdf") and any(fnmatch.fnmatchcase(stem, pattern) for pattern in FIGURES)
+
+
+def remove_all(store: ST.Store) -> None:
+  """Delete the figures an earlier trace drew into the folder; any other file in plots/ stays."""
+  folder = store.path("plots")
+  if not os.path.isdir(folder):
+    return
+  for name in filter(_drawn, os.listdir(folder)):
+    os.remove(os.path.join(folder, name))
+  with contextlib.suppress(OSError):   # not empty: the user's own files
+    os.rmdir(folder)
+
+
 def _save(fig, store: ST.Store, name: str) -> list[str]:
+  assert _drawn(f"{name}.png"), name   # a new figure is named in FIGURES, so that remove_all finds it
   paths = [store.path("plots", f"{name}.{ext}") for ext in ("png", "pdf")]
   for p in paths:
     atomic.savefig(fig, p, dpi=100)

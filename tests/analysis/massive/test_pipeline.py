@@ -97,6 +97,18 @@ def test_cli_reports_a_bad_run_dir_in_one_line(tmp_path, capsys):
 TRACE = ["--probes", "4", "--batch", "4", "--no-plots"]
 
 
+def test_no_plots_removes_only_the_figures_a_trace_drew(tiny_run, tmp_path):
+  out = tmp_path / "mine"
+  (out / "plots").mkdir(parents=True)
+  own = {"notes.txt": "mine", "emergence_sketch.png": "mine too"}
+  for name, text in own.items():
+    (out / "plots" / name).write_text(text)
+  (out / "plots" / "emergence.png").write_text("a figure of an earlier trace")
+  (out / "plots" / "heatmap_rope_0.pdf").write_text("another")
+  assert main(["trace", str(tiny_run), "--out", str(out), *TRACE]) == 0
+  assert {p.name: p.read_text() for p in (out / "plots").iterdir()} == own
+
+
 def test_trace_redoes_a_damaged_step_and_a_missing_token_view(tiny_run, tmp_path):
   out = tmp_path / "trace"
   assert analysis_main(["trace", str(tiny_run), "--out", str(out), *TRACE]) == 0
