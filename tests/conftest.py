@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 from flax import nnx
 
+pytest.register_assert_rewrite("helpers")   # its checks (e.g. a stopped process's exit code) explain a failure
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
