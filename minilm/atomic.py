@@ -251,6 +251,7 @@ def exclusive(folder: str) -> Iterator[None]:
 def check_out_dir(out: str, field: str = "--out") -> None:
   """A one-line ConfigError, before any work, for an output folder that cannot be one: a file, a
   folder inside a file, or a place where no file can be created (read-only, no permission)."""
+  check(out != "", field, "names no folder; give one (e.g. runs)")   # '' would mean the current folder
   out = os.path.abspath(out)
   check(not os.path.exists(out) or os.path.isdir(out), field, f"{out} is a file, not a folder")
   nearest = out

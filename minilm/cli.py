@@ -39,6 +39,12 @@ def guarded(run: Callable[[], object]) -> int:
     text = atomic.describe(err) if isinstance(err, OSError) and err.errno is not None else str(err)
     print(f"error: {text}", file=sys.stderr)
     return BAD_INPUT
+  except RuntimeError as err:   # jax's JaxRuntimeError: settings larger than the device's memory
+    if "RESOURCE_EXHAUSTED" not in str(err):
+      raise
+    print(f"error: out of memory ({str(err).splitlines()[0]}); lower the batch size, the sequence length or the "
+          "model's size", file=sys.stderr)
+    return BAD_INPUT
   return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 
 from minilm import encodings
@@ -53,6 +54,9 @@ class ModelConfig:
       check(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1; got {getattr(self, name)}")
     for name in ("n_kv_heads", "head_dim", "d_ff", "embed_dim"):
       check(getattr(self, name) >= 0, f"model.{name}", f"must be >= 0 (0 = default); got {getattr(self, name)}")
+    for name in ("norm_eps", "init_std"):
+      value = getattr(self, name)
+      check(0 < value < math.inf, f"model.{name}", f"must be a finite number > 0; got {value}")
     check_choice("model.norm", self.norm, ("rms", "layer"))
     check_choice("model.mlp", self.mlp, MLPS)
     check_choice("model.block", self.block, BLOCKS)

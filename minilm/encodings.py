@@ -9,6 +9,7 @@ A position module may do three things, each a no-op by default:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import jax
@@ -128,14 +129,14 @@ class RoPE(PositionConfig):
   original_max_len: int = 8192     # llama3: the context length of pretraining
 
   def __post_init__(self):
-    check(self.base > 1.0, "model.position.base", f"must be > 1; got {self.base}")
+    check(1.0 < self.base < math.inf, "model.position.base", f"must be a finite number > 1; got {self.base}")
     check(0.0 < self.fraction <= 1.0, "model.position.fraction", f"must be in (0, 1]; got {self.fraction}")
     check_choice("model.position.partial", self.partial, P.PARTIAL_STYLES)
     check_choice("model.position.layout", self.layout, P.LAYOUTS)
     check_choice("model.position.scaling", self.scaling, P.ROPE_SCALINGS)
-    check(self.factor > 0.0, "model.position.factor", f"must be > 0; got {self.factor}")
-    check(0.0 < self.low_freq_factor < self.high_freq_factor, "model.position.high_freq_factor",
-          f"must exceed low_freq_factor={self.low_freq_factor} > 0; got {self.high_freq_factor}")
+    check(0.0 < self.factor < math.inf, "model.position.factor", f"must be a finite number > 0; got {self.factor}")
+    check(0.0 < self.low_freq_factor < self.high_freq_factor < math.inf, "model.position.high_freq_factor",
+          f"must be finite and exceed low_freq_factor={self.low_freq_factor} > 0; got {self.high_freq_factor}")
     check(self.original_max_len >= 1, "model.position.original_max_len", f"must be >= 1; got {self.original_max_len}")
 
   def frequencies(self, head_dim: int):

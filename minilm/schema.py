@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from typing import Any, Callable, Mapping
 
@@ -64,14 +65,14 @@ def from_dict(cls, data: Mapping[str, Any], prefix: str | None = None):
   fields = {f.name for f in dataclasses.fields(cls) if f.init}
   unknown = sorted(set(data) - fields)
   check(not unknown, f"{prefix}{unknown[0]}" if unknown else where,
-        f"unknown field; allowed: {', '.join(sorted(fields))}")
+        f"unknown field; allowed: {_listed(fields)}")
   kwargs = {name: _coerce(types[name], value, f"{prefix}{name}") for name, value in data.items()}
   return cls(**kwargs)
 
 
 def _coerce(tp, value, field: str):
-  if dataclasses.is_dataclass(tp):
-    return from_dict(tp, value, field + ".")
+  if dataclasses.is_dataclass(tp):   # a config with a section names its fields by it, wherever it sits
+    return from_dict(tp, value, _prefix(tp) if hasattr(tp, "section") else field + ".")
   origin = typing.get_origin(tp)
   if tp is bool:
     check(isinstance(value, bool), field, f"expected true or false; got {value!r}")
@@ -81,6 +82,8 @@ def _coerce(tp, value, field: str):
     return int(value)
   elif tp is float:
     check(isinstance(value, (int, float)) and not isinstance(value, bool), field, f"expected a number; got {value!r}")
+    # JSON has no NaN or Infinity; Python's reader takes them, and no setting means them
+    check(math.isfinite(value), field, f"must be a finite number; got {value}")
     return float(value)
   elif tp is str:
     check(isinstance(value, str), field, f"expected a string; got {value!r}")
@@ -117,7 +120,7 @@ def parse_value(text: str) -> Any:
   """A command-line value: JSON when it parses (1e5, true, [1,2], {"a":1}), else the raw string."""
   try:
     return json.loads(text)
-  except json.JSONDecodeError:
+  except (json.JSONDecodeError, RecursionError):   # RecursionError: nested deeper than Python's parser goes
     return text
 
 
@@ -126,13 +129,20 @@ def override(cfg, assignments: Mapping[str, Any], *, unknown: str = "unknown fie
   """Return cfg with dotted fields replaced, e.g. {'model.position.base': 1e5, 'model.position': 'nope'}.
   `unknown` names what a bad key is in its error; parse(current value, given value), when given, is
   the value stored (command-line text typed by the field it replaces)."""
-  data, prefix = to_dict(cfg, every=True), _prefix(type(cfg))
+  data = to_dict(cfg, every=True)
   for dotted, value in assignments.items():
-    node, keys = data, dotted.split(".")
-    for i, key in enumerate(keys[:-1]):
-      check(isinstance(node.get(key), dict), prefix + ".".join(keys[: i + 1]),
-            f"{unknown}; allowed: {', '.join(sorted(node))}")
-      node = node[key]
-    check(keys[-1] in node, prefix + dotted, f"{unknown}; allowed: {', '.join(sorted(node))}")
-    node[keys[-1]] = value if parse is None else parse(node[keys[-1]], value)
+    node, obj, name = data, cfg, _prefix(type(cfg))   # name: the field as from_dict's errors name it
+    *path, last = dotted.split(".")
+    for key in path:
+      check(isinstance(node.get(key), dict), name + key, f"{unknown}; allowed: {_listed(node)}")
+      node, obj = node[key], getattr(obj, key, None)
+      name = _prefix(type(obj)) if hasattr(type(obj), "section") else f"{name}{key}."
+    check(last in node, name + last, f"{unknown}; allowed: {_listed(node)}")
+    if last == "kind" and node["kind"] != value:   # another kind: its own fields at their defaults
+      node.clear()
+    node[last] = value if parse is None else parse(node.get(last), value)
   return from_dict(type(cfg), data)
+
+
+def _listed(names) -> str:
+  return ", ".join(sorted(names)) or "none"

@@ -298,7 +298,7 @@ def read_json(path: str, hint: str) -> Any:
   try:
     with open(path) as f:
       return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:   # RecursionError: nested too deep
     raise RunError(f"{path}: damaged, not valid JSON ({err}); {hint}") from None
 
 

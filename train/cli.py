@@ -39,12 +39,14 @@ DIVERGED = paired.DIVERGED_EXIT   # exit code when an arm diverged (bad input is
 
 
 def config_path(name: str) -> str:
-  C.check(not os.path.isdir(name), "config", f"{name} is a folder, not a JSON config file")
-  if os.path.exists(name):
+  """A config file: `name` itself, or configs/<name>.json, also where a folder `name` (such as the
+  run a command wrote into `--out .`) sits in the current folder."""
+  if os.path.isfile(name):
     return name
   candidate = os.path.join(CONFIGS, name if name.endswith(".json") else f"{name}.json")
-  if os.path.exists(candidate):
+  if os.path.exists(candidate) and os.path.basename(name) == name:
     return candidate
+  C.check(not os.path.isdir(name), "config", f"{name} is a folder, not a JSON config file")
   raise C.ConfigError(f"config: no file {name!r} and no configs/{os.path.basename(candidate)}; "
                       f"available: {', '.join(shipped_configs())}")
 
@@ -70,7 +72,7 @@ def read_json(path: str) -> dict:
   try:
     with open(path) as f:
       return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:   # RecursionError: nested too deep
     raise C.ConfigError(f"config: {path} is not valid JSON ({err})") from None
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Any
 
 from minilm import schema as C
@@ -19,6 +20,7 @@ from train.tokenizer import ByteTokenizer
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW with linear warm-up then cosine decay to `final_lr`, global-norm clipping."""
+  section: typing.ClassVar[str] = "optim"
   lr: float = 5e-3
   final_lr: float = 5e-4
   warmup_steps: int = 30
@@ -46,6 +48,7 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   """Save at steps 0, 1, 2, 4, ... (log-spaced) below `every`, then every `every` steps and at the end."""
+  section: typing.ClassVar[str] = "checkpoint"
   every: int = 100
   log_spaced: bool = True
   keep: int = 0                # 0: keep every checkpoint (emergence analysis reads all of them)
@@ -64,6 +67,7 @@ def check_seed(seed: int, field: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """Held-out greedy exact-match accuracy every `every` steps and at the end (0: only at the end)."""
+  section: typing.ClassVar[str] = "eval"
   every: int = 200
   n_per_family: int = 64
   batch: int = 64              # prompts per greedy call
@@ -82,6 +86,7 @@ PARALLEL = ("data", "fsdp")
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
   """Data parallel (params replicated) or FSDP (params and optimizer state sharded) over devices."""
+  section: typing.ClassVar[str] = "parallel"
   strategy: str = "data"
   devices: int = 0             # the first N of jax.devices(), every process's; 0: all
 
@@ -92,6 +97,7 @@ class ParallelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+  section: typing.ClassVar[str] = ""   # fields named as --set names them: steps, model.d_model
   name: str = "run"
   seed: int = 0
   steps: int = 1000
@@ -117,8 +123,11 @@ class TrainConfig:
           f"must divide data.batch_size={self.data.batch_size}; got {self.optim.accumulate}")
 
 
-def _is_folder_name(name: str) -> bool:
-  """A name that is one folder inside the runs directory (on any OS)."""
+FOLDER_RULE = "(not '.' or '..', no '/' or '\\')"
+
+
+def is_folder_name(name: str) -> bool:
+  """A name that is one folder inside the runs (reports) directory, on any OS: FOLDER_RULE."""
   return bool(name) and name not in (".", "..") and not {"/", "\\", "\0"} & set(name)
 
 
@@ -130,11 +139,10 @@ class ExperimentConfig:
   arms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: {"main": {}})
 
   def __post_init__(self):
-    rule = "(not '.' or '..', no '/' or '\\')"
-    check(_is_folder_name(self.name), "name", f"must be a folder name {rule}; got {self.name!r}")
+    check(is_folder_name(self.name), "name", f"must be a folder name {FOLDER_RULE}; got {self.name!r}")
     check(bool(self.arms), "arms", "must name at least one arm")
     for arm in self.arms:
-      check(_is_folder_name(arm), "arms", f"arm names must be folder names {rule}; got {arm!r}")
+      check(is_folder_name(arm), "arms", f"arm names must be folder names {FOLDER_RULE}; got {arm!r}")
 
   def resolve(self, arm: str) -> TrainConfig:
     """The TrainConfig of one arm: shared config, its overrides, and name '<experiment>/<arm>'."""

@@ -41,6 +41,7 @@ from analysis.massive import compare
 from analysis.massive import pipeline as PL
 from analysis.massive import store as ST
 from analysis.massive.stats import LAM, StatConfig
+from analysis.massive.trace import check_length
 from analysis.studies import disruption, pretrained, quantization
 from analysis.studies.disruption import DisruptStudy
 from analysis.studies.pretrained import PretrainedStudy
@@ -55,7 +56,7 @@ from train import cli as train_cli
 from train import paired, tensorboard
 from train.checkpoints import DIVERGED
 from train.cli import config_path, parse_assignments, read_json, shipped_configs
-from train.config import load_experiment
+from train.config import FOLDER_RULE, check_seed, is_folder_name, load_experiment
 
 STAGES = ("train", "trace", "pretrained", "disrupt", "quant", "report")
 RUN = "run"
@@ -83,6 +84,7 @@ class TraceSettings:
     check(self.probes >= 2, "trace.probes", f"must be >= 2 (intervals resample prompts); got {self.probes}")
     check(self.length >= 0, "trace.length", f"must be >= 0 (0 = the training seq_len); got {self.length}")
     check(self.batch >= 1, "trace.batch", f"must be >= 1; got {self.batch}")
+    check_seed(self.probe_seed, "trace.probe_seed")
     try:
       self.stat_config()
     except C.ConfigError as err:
@@ -117,7 +119,8 @@ class LabConfig:
     for s in self.skip:
       check_choice("skip", s, STAGES)
     check_choice("beside_train", self.beside_train, ("auto", "on", "off"))
-    check("/" not in self.name, "name", f"must not contain '/'; got {self.name!r}")
+    check(not self.name or is_folder_name(self.name), "name",   # the report folder, inside --reports
+          f"must be a folder name {FOLDER_RULE} or empty (the experiment's name); got {self.name!r}")
     check(C.to_dict(self.pretrained.stats) == C.to_dict(StatConfig()), "pretrained.stats",
           "the lab analyses the pretrained model with the trace statistics; set trace.lam, trace.top_k, "
           "trace.agree_k or trace.drop_first instead")
@@ -213,6 +216,12 @@ class Lab:
     written, so a typo in the quant settings does not wait for the end of training."""
     atomic.check_out_dir(self.report_dir, "--reports")
     atomic.check_out_dir(self.run_dir, "--runs")
+    if "trace" in enabled:   # the trace command's own check (analysis.massive.pipeline.plan_run), before training
+      arms = [self.exp.resolve(arm) for arm in self.exp.arms]
+      length = self.cfg.trace.length or min(train.data.seq_len for train in arms)
+      for train in arms:
+        check_length(train.model, length, min(self.cfg.trace.batch, self.cfg.trace.probes), "trace.length",
+                     "trace.batch")
     if "pretrained" in enabled:
       disruption.check_model(self.cfg.pretrained.model, "pretrained.model")
       self.cfg.pretrained.check(_named("pretrained"))
@@ -252,7 +261,8 @@ class Lab:
         Stage("trace", {"trace": C.to_dict(cfg.trace)}, ("train",),
               [self.path("trace", "summary.json"), self.path("trace", "claims.json")], self._trace,
               "massive values of every checkpoint of every arm"),
-        Stage("pretrained", {"pretrained": _hashed("pretrained", cfg.pretrained)}, (),
+        # with the trace statistics it runs with: another trace.lam redoes it (default ones hash as before)
+        Stage("pretrained", {"pretrained": _hashed("pretrained", self.study("pretrained"))}, (),
               [self.path("pretrained", "pretrained.json")], self._pretrained,
               f"massive values of {cfg.pretrained.model}"),
         Stage("disrupt", {"disrupt": _hashed("disrupt", cfg.disrupt), "model": d_model}, d_deps,

@@ -220,7 +220,7 @@ def memory_bytes() -> int:
   return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_length(model_cfg, length: int, batch: int, field: str = "--length") -> None:
+def check_length(model_cfg, length: int, batch: int, field: str = "--length", batch_field: str = "--batch") -> None:
   """A probe length the model and this machine can take, checked before anything is allocated:
   bounded position encodings stop at max_len, and the T x T attention of one batch must fit in
   half of the memory (the other half holds weights, caches and the rest of the process)."""
@@ -232,6 +232,6 @@ def check_length(model_cfg, length: int, batch: int, field: str = "--length") ->
   fits = int(np.sqrt(budget / attention_bytes(model_cfg, 1, batch)))
   check(need <= budget, field, f"{length} tokens need about {need / 2**30:.0f} GiB for the attention of one "
         f"batch of {batch}; at most {fits} tokens fit in half of this machine's {memory_bytes() / 2**30:.0f} GiB "
-        "(or lower --batch)")
+        f"(or lower {batch_field})")
 
 

@@ -154,7 +154,7 @@ SLOW = (pytest.mark.slow,)   # trains: more than ~10 s on a 2-core machine
 TRAINED = ("runs/smoke/rope/metrics.jsonl", "runs/smoke/rope/eval.jsonl", "runs/smoke/rope/checkpoints/6/*")
 
 ROWS = [
-    Row("unknown field", "train", smoke("model.d_modle=3"), 2, "error: train.model.d_modle: unknown field"),
+    Row("unknown field", "train", smoke("model.d_modle=3"), 2, "error: model.d_modle: unknown field"),
     Row("lr infinite", "train", smoke("optim.lr=Infinity"), 2, "error: optim.lr: must be a finite number; got inf"),
     Row("lr NaN", "train", smoke("optim.lr=NaN"), 2, "error: optim.lr: must be a finite number; got nan"),
     Row("answer weight infinite", "train", smoke("data.answer_weight=Infinity"), 2,
@@ -171,6 +171,11 @@ ROWS = [
         "error: --distributed: "),   # jax says why: no coordinator, or a backend already started in this process
     Row("--distributed, a process count not a number", "train", distributed(JAX_NUM_PROCESSES="two"), 2,
         "error: JAX_NUM_PROCESSES: must be a non-negative integer; got 'two'"),
+    Row("--out empty", "train", lambda ctx: ["smoke", "--out", ""], 2, "error: --out: names no folder"),
+    Row("config nested too deep", "train", with_file("deep.json", "[" * 5000 + "]" * 5000, lambda p: [p]), 2,
+        "error: config: "),
+    Row("a value nested too deep", "train", smoke("steps=" + "[" * 5000 + "]" * 5000), 2,
+        "error: steps: expected an integer"),
     Row("config is a folder", "train", lambda ctx: [ctx.root, "--out", ctx.out], 2, "error: config: "),
     Row("config truncated", "train", with_file("cut.json", '{"name": "x", "train": {', lambda p: [p]), 2,
         "error: config: "),
@@ -263,6 +268,13 @@ ROWS += [
         "error: --include: has no effect with --only"),
     Row("lab: lambda zero", "lab", lab_argv("--lab-set", "trace.lam=0"), 2, "error: trace.lam: must be > 0"),
     Row("lab: lambda negative", "lab", lab_argv("--lab-set", "trace.lam=-1"), 2, "error: trace.lam: must be > 0"),
+    Row("lab: a report named ..", "lab", lab_argv("--name", ".."), 2, "error: name: must be a folder name"),
+    Row("lab: probes of one token", "lab", lab_argv("--lab-set", "trace.length=1"), 2,
+        "error: trace.length: must be >= 2"),
+    Row("lab: probes no memory holds", "lab", lab_argv("--lab-set", "trace.length=1000000"), 2,
+        "error: trace.length: 1000000 tokens need about"),
+    Row("lab: negative probe seed", "lab", lab_argv("--lab-set", "trace.probe_seed=-1"), 2,
+        "error: trace.probe_seed: must be in 0..4294967295"),
     Row("lab: one probe", "lab", lab_argv("--lab-set", "trace.probes=1"), 2, "error: trace.probes: must be >= 2"),
     Row("lab: trace batch zero", "lab", lab_argv("--lab-set", "trace.batch=0"), 2, "error: trace.batch: must be >= 1"),
     Row("lab: pretrained batch zero", "lab", lab_argv("--lab-set", "pretrained.batch=0"), 2,

@@ -49,6 +49,11 @@ def test_round_trip_and_overrides():
   assert override(cfg, {"position.base": parse_value("500")}).position == RoPE(base=500.0, layout="interleaved")
   with pytest.raises(ConfigError, match=r"^model.position.bse: unknown field"):
     override(cfg, {"position.bse": 1.0})
+  # another kind by its dotted name starts from that kind's defaults; the same kind keeps the rest
+  assert override(cfg, {"position.kind": "alibi"}).position.kind == "alibi"
+  assert override(cfg, {"position.kind": "rope"}).position == cfg.position
+  with pytest.raises(ConfigError, match=r"^model.position.base: unknown field; allowed: kind$"):
+    override(cfg, {"position.kind": "alibi", "position.base": 3.0})
 
 
 def test_implementation_settings_are_written_only_when_set():

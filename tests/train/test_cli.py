@@ -75,19 +75,23 @@ def test_score_checkpoints_puts_the_training_scores_beside_every_checkpoint(tmp_
 
 
 BAD = {
-    "unknown field": (["--set", "model.d_modle=3"], "error: train.model.d_modle: unknown field; allowed: "),
+    "unknown field": (["--set", "model.d_modle=3"], "error: model.d_modle: unknown field; allowed: "),
     "bad value": (["--set", "model.d_model=-1"], "error: model.d_model: must be >= 1; got -1"),
     "negative seed": (["--set", "seed=-1"], "error: seed: must be in 0..4294967295; got -1"),
     "seed beyond 32 bits": (["--set", "seed=4294967301"], "error: seed: must be in 0..4294967295; got 4294967301"),
     "eval seed": (["--set", "eval.seed=-3"], "error: eval.seed: must be in 0..4294967295; got -3"),
-    "bad type": (["--set", "optim.lr=fast"], "error: train.optim.lr: expected a number; got 'fast'"),
+    "bad type": (["--set", "optim.lr=fast"], "error: optim.lr: expected a number; got 'fast'"),
     "bad choice": (["--set", "parallel.strategy=tp"], "error: parallel.strategy: must be one of 'data', 'fsdp'"),
     "missing data path": (["--set", "data.text_source=text", 'data.text_files=["/no/such/corpus.txt"]'],
                           "error: data.text_files: no file matches '/no/such/corpus.txt'"),
     "seq_len beyond a table": (["--set", "model.position=learned", "model.max_len=64"],
                                "error: data.seq_len: must be <= model.max_len=64 for position encoding 'learned'"),
     "bad arm override": (["--set", 'arms={"x": {"model.position.base": 0.5}}'],
-                         "error: arms.x.model.position.base: must be > 1; got 0.5"),
+                         "error: arms.x.model.position.base: must be a finite number > 1; got 0.5"),
+    "NaN": (["--set", "model.norm_eps=NaN"], "error: model.norm_eps: must be a finite number; got nan"),
+    "negative init": (["--set", "model.init_std=-1"], "error: model.init_std: must be a finite number > 0; got -1.0"),
+    "infinite base": (["--set", 'model.position={"kind": "rope", "base": Infinity}'],
+                      "error: model.position.base: must be a finite number; got inf"),
     "unknown arm": (["--arms", "alibi"], "error: arms: must be one of 'rope', 'nope'; got 'alibi'"),
     "not field=value": (["--set", "steps"], "error: steps: expected field=value"),
 }
@@ -224,3 +228,15 @@ def test_the_arms_of_jobs_stop_with_their_parent(tmp_path, how):
   for arm in ("rope", "nope"):   # their locks went with them
     with atomic.exclusive(str(tmp_path / "smoke" / arm)):
       pass
+
+
+def test_a_shipped_config_name_reads_its_config_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+  """`--out .` writes the run to ./smoke: the command that wrote it must run again from there."""
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "smoke").mkdir()
+  (tmp_path / "mine").mkdir()
+  assert cli.config_path("smoke") == os.path.join(cli.CONFIGS, "smoke.json")
+  with pytest.raises(C.ConfigError, match=r"^config: mine is a folder, not a JSON config file$"):
+    cli.config_path("mine")
+  (tmp_path / "own.json").write_text("{}")
+  assert cli.config_path("own.json") == "own.json"

@@ -49,7 +49,7 @@ def test_a_changed_setting_changes_the_hash_of_exactly_the_stages_it_affects():
   def changed(*argv):
     return {s for s, h in _lab(*argv)[0].hashes.items() if h != base[s]}
   assert changed() == set()
-  assert changed("--lab-set", "trace.lam=3") == {"trace", "report"}
+  assert changed("--lab-set", "trace.lam=3") == {"trace", "pretrained", "report"}   # SmolLM2 at that lam too
   assert changed("--set", "steps=7") == {"train", "trace", "quant", "report"}   # quant reads the trained arms
   assert changed("--lab-set", "disrupt.n=3") == {"disrupt", "report"}
   assert changed("--lab-set", "disrupt.model=run") == {"disrupt", "report"}      # now hangs on the training
@@ -196,6 +196,17 @@ def test_the_lab_records_paths_relative_to_the_working_directory_and_keeps_its_h
   with open(os.path.join("old_trace", L.CAPTURE), "w") as f:
     json.dump(capture | {"run_dir": str(tmp_path / "runs" / "rope_vs_nope_quick")}, f)
   assert L._holds("old_trace", capture) and not L._holds("old_trace", capture | {"probes": 9})
+
+
+def test_the_pretrained_stage_reruns_when_the_trace_statistics_change():
+  """It analyses SmolLM2 with trace's statistics; at the default ones its hash is the settings' alone
+  (markers written before still match)."""
+  lab = _lab()[0]
+  assert lab.hashes["pretrained"] == L._hash({"stage": "pretrained", "deps": {},
+                                              "params": {"pretrained": L._hashed("pretrained", lab.cfg.pretrained)}})
+  for setting in ("trace.lam=3", "trace.top_k=2", "trace.drop_first=true"):
+    assert _lab("--lab-set", setting)[0].hashes["pretrained"] != lab.hashes["pretrained"], setting
+  assert _lab("--lab-set", "trace.probes=9")[0].hashes["pretrained"] == lab.hashes["pretrained"]
 
 
 def test_the_stages_that_need_no_trained_arm_are_the_ones_beside_training():
