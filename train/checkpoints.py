@@ -15,12 +15,14 @@ An arm whose training met a non-finite loss holds `diverged.json` ({"step", "los
 from __future__ import annotations
 
 import errno
+import functools
 import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from typing import Any
@@ -221,11 +223,32 @@ def _restore_json(mngr: ocp.CheckpointManager, step: int) -> dict:
 def _guarded(mngr: ocp.CheckpointManager, step: int, items: dict) -> dict:
   """mngr.restore, with every failure of orbax or tensorstore (their exception types are many and
   undocumented, hence the broad catch) turned into one line naming the step."""
+  _quiet_abandoned_reads()
   try:
     return dict(mngr.restore(step, args=ocp.args.Composite(**items)))
   except Exception as err:  # noqa: BLE001 - see the docstring
     detail = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" See full TensorStore")[0]
     raise DamagedCheckpoint(f"{_step_name(mngr, step)}: cannot be read ({detail[:200]})") from None
+
+
+# What the reads a failed restore abandoned say when they end: tensorstore's errors, or asyncio's on
+# the event loop orbax has closed meanwhile.
+ABANDONED = ("Encountered error while reading array index", "Error reading", "Event loop is closed")
+
+
+@functools.cache   # once per process, before its first restore
+def _quiet_abandoned_reads() -> None:
+  """When one read of a step fails, orbax's restore raises and closes its event loop while its other
+  reads go on in tensorstore's threads; their errors reach Python's unraisable hook and asyncio's log
+  as tracebacks, before and after the one line that reports the step. Those messages are dropped;
+  anything else is shown as before."""
+  shown = sys.unraisablehook
+
+  def hook(unraisable):
+    if not any(m in str(unraisable.exc_value) for m in ABANDONED):
+      shown(unraisable)
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(lambda record: not any(m in record.getMessage() for m in ABANDONED))
 
 
 def _check_model(mngr: ocp.CheckpointManager, step: int, stored: dict, model: ModelConfig) -> None:
@@ -313,7 +336,11 @@ def config_dict(arm_dir: str) -> dict:
   steps = available_steps(arm_dir)
   copy = os.path.join(arm_dir, CHECKPOINTS, str(steps[-1]), "config", "metadata") if steps else None
   hint = f"every checkpoint holds a copy: copy {copy} over it" if copy else "delete the run directory and train again"
-  return read_json(os.path.join(arm_dir, "config.json"), hint)
+  path = os.path.join(arm_dir, "config.json")
+  data = read_json(path, hint)
+  if not (isinstance(data, dict) and isinstance(data.get("model"), dict)):   # every config.json written has one
+    raise RunError(f"{path}: damaged, holds no run config (no 'model'); {hint}")
+  return data
 
 
 def load_config(arm_dir: str):

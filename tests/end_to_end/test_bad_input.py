@@ -191,6 +191,8 @@ ROWS = [
     Row("another config in the run", "train", on_trained(lambda ctx, arm: None, "model.d_model=64"), 2,
         "error: model.d_model: run directory"),
     Row("truncated config.json", "train", on_trained(truncate_config), 2, "error: "),
+    Row("empty config.json", "train", on_trained(lambda ctx, arm: open(os.path.join(arm, "config.json"), "w").write("{}")),
+        2, "error: "),
     Row("damaged line inside metrics.jsonl", "train", on_trained(append("metrics.jsonl", '{"step": 9, "lo\n{}\n')),
         2, "error: "),
     Row("partial last line of metrics.jsonl", "train", on_trained(append("metrics.jsonl", '{"step": 9, "lo')), 0,

@@ -1,10 +1,12 @@
 """Checkpoints: the save schedule on disk, load_model, atomic saves (a killed save restores nothing wrong)."""
 import errno
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import numpy as np
@@ -185,3 +187,18 @@ def test_a_save_thread_not_yet_started_is_waited_for_not_an_error():
   _join_by(t, time.monotonic() + 5.0)
   assert done == [1]
   starter.join()
+
+
+def test_the_reads_a_failed_restore_abandoned_end_without_tracebacks(caplog, monkeypatch):
+  """They end in tensorstore's threads after orbax's restore raised (the one line of a damaged step)."""
+  shown = []
+  monkeypatch.setattr(sys, "unraisablehook", shown.append)   # what Python would print; pytest's back after
+  checkpoints._quiet_abandoned_reads.cache_clear()
+  checkpoints._quiet_abandoned_reads()
+  for text in ("Event loop is closed", "a failure of another kind"):
+    sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError(text)))
+  assert [str(u.exc_value) for u in shown] == ["a failure of another kind"]
+  log = logging.getLogger("asyncio")
+  log.error("Future exception was never retrieved\nfuture: <Future exception=ValueError('OUT_OF_RANGE: Error reading')>")
+  log.error("Task was destroyed but it is pending!")
+  assert [r.getMessage() for r in caplog.records] == ["Task was destroyed but it is pending!"]
