@@ -138,28 +138,38 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
         config=ocp.args.JsonSave(C.to_dict(cfg)),
         progress=ocp.args.JsonSave({"step": step, "data_step": step, "seed": cfg.seed})))
     mngr.wait_until_finished()
+  except KeyboardInterrupt:   # Ctrl-C or SIGTERM: the save's threads end first (cut off by Python's exit,
+    _quiet_abandoned_io()     # they die in tracebacks and leave <step>.orbax-checkpoint-tmp)
+    _settle(mngr, step, threads_before)
+    raise
   except OSError as err:
-    late = []
-    try:  # the other save threads may still be running: their errors (the full disk) are logged as they end
-      mngr.wait_until_finished()
-    except Exception as e:
-      late.append(e)
-    # The save's own threads may outlive the error that reached us: a thread that hit the disk logs
-    # its error when it ends, and one still writing into <step>.orbax-checkpoint-tmp would break the
-    # resumed save of the same step. Wait for them (bounded), then remove what the step left.
-    deadline = time.monotonic() + THREAD_WAIT_S
-    for t in set(threading.enumerate()) - threads_before:
-      error = _join_by(t, deadline)
-      if error is not None:
-        late.append(error)
-    for tmp in glob.glob(os.path.join(glob.escape(str(mngr.directory)), f"{step}.orbax-checkpoint-tmp*")):
-      shutil.rmtree(tmp, ignore_errors=True)
+    late = _settle(mngr, step, threads_before)
     last = mngr.latest_step()
     cause = _disk_error([err, *late, *thread_errors.errors])
     raise RunError(f"{where}: cannot save ({cause.strerror or cause}); nothing of step {step} was kept: "
                    f"make room and run the same command again, it resumes exactly from step {last}") from None
   finally:
     logging.getLogger().removeHandler(thread_errors)
+
+
+def _settle(mngr: ocp.CheckpointManager, step: int, threads_before: set) -> list[Exception]:
+  """The errors of a save that did not return, once its threads have ended, and then its partial step
+  removed. The save's own threads may outlive the error that reached us: a thread that hit the disk
+  logs its error when it ends, and one still writing into <step>.orbax-checkpoint-tmp would break the
+  resumed save of the same step. They are waited for (bounded); then what the step left is removed."""
+  late = []
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # noqa: BLE001 - orbax's errors are many; they are reported by the caller
+    late.append(e)
+  deadline = time.monotonic() + THREAD_WAIT_S
+  for t in set(threading.enumerate()) - threads_before:
+    error = _join_by(t, deadline)
+    if error is not None:
+      late.append(error)
+  for tmp in glob.glob(os.path.join(glob.escape(str(mngr.directory)), f"{step}.orbax-checkpoint-tmp*")):
+    shutil.rmtree(tmp, ignore_errors=True)
+  return late
 
 
 def _join_by(thread: threading.Thread, deadline: float) -> Exception | None:
@@ -223,7 +233,7 @@ def _restore_json(mngr: ocp.CheckpointManager, step: int) -> dict:
 def _guarded(mngr: ocp.CheckpointManager, step: int, items: dict) -> dict:
   """mngr.restore, with every failure of orbax or tensorstore (their exception types are many and
   undocumented, hence the broad catch) turned into one line naming the step."""
-  _quiet_abandoned_reads()
+  _quiet_abandoned_io()
   try:
     return dict(mngr.restore(step, args=ocp.args.Composite(**items)))
   except Exception as err:  # noqa: BLE001 - see the docstring
@@ -231,17 +241,17 @@ def _guarded(mngr: ocp.CheckpointManager, step: int, items: dict) -> dict:
     raise DamagedCheckpoint(f"{_step_name(mngr, step)}: cannot be read ({detail[:200]})") from None
 
 
-# What the reads a failed restore abandoned say when they end: tensorstore's errors, or asyncio's on
-# the event loop orbax has closed meanwhile.
+# What the reads of a failed restore, or the writes of an interrupted save, say when they end after
+# orbax gave up on them: tensorstore's errors, or asyncio's on the event loop orbax has closed meanwhile.
 ABANDONED = ("Encountered error while reading array index", "Error reading", "Event loop is closed")
 
 
-@functools.cache   # once per process, before its first restore
-def _quiet_abandoned_reads() -> None:
+@functools.cache   # once per process
+def _quiet_abandoned_io() -> None:
   """When one read of a step fails, orbax's restore raises and closes its event loop while its other
-  reads go on in tensorstore's threads; their errors reach Python's unraisable hook and asyncio's log
-  as tracebacks, before and after the one line that reports the step. Those messages are dropped;
-  anything else is shown as before."""
+  reads go on in tensorstore's threads (an interrupted save's writes likewise); their errors reach
+  Python's unraisable hook and asyncio's log as tracebacks, before and after the one line that
+  reports the step. Those messages are dropped; anything else is shown as before."""
   shown = sys.unraisablehook
 
   def hook(unraisable):

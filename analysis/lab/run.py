@@ -40,7 +40,7 @@ from analysis.lab import report
 from analysis.massive import compare
 from analysis.massive import pipeline as PL
 from analysis.massive import store as ST
-from analysis.massive.stats import LAM, StatConfig
+from analysis.massive.stats import LAM, StatConfig, check_head_dim
 from analysis.massive.trace import check_length
 from analysis.studies import disruption, pretrained, quantization
 from analysis.studies.disruption import DisruptStudy
@@ -219,9 +219,10 @@ class Lab:
     if "trace" in enabled:   # the trace command's own check (analysis.massive.pipeline.plan_run), before training
       arms = [self.exp.resolve(arm) for arm in self.exp.arms]
       length = self.cfg.trace.length or min(train.data.seq_len for train in arms)
-      for train in arms:
+      for arm, train in zip(self.exp.arms, arms):
         check_length(train.model, length, min(self.cfg.trace.batch, self.cfg.trace.probes), "trace.length",
                      "trace.batch")
+        check_head_dim(self.cfg.trace.stat_config(), train.model.dim_per_head, f"arm {arm!r}")
     if "pretrained" in enabled:
       disruption.check_model(self.cfg.pretrained.model, "pretrained.model")
       self.cfg.pretrained.check(_named("pretrained"))
@@ -338,8 +339,7 @@ class Lab:
     compare.compare(store, self.run_dir)
 
   def _pretrained(self) -> None:
-    with atomic.staged_dir(self.path("pretrained")) as staging:
-      pretrained.run(self.study("pretrained"), staging)
+    pretrained.run(self.study("pretrained"), self.path("pretrained"))   # it stages its own output
 
   def _disrupt(self) -> None:
     out = self.path("disrupt")

@@ -21,6 +21,7 @@ from analysis.massive.store import PROBE_SEED, Store, open_store, run_arms
 from minilm import atomic, hooks, paths
 from minilm.schema import check
 from train import checkpoints as ck
+from train.config import check_seed
 from train.data import probe_tokens
 from train.tokenizer import ByteTokenizer
 
@@ -63,9 +64,11 @@ class RunPlan:
   length: int
 
 
-def plan_run(run_dir: str, *, n_probes: int, length: int | None, batch_size: int, steps=None) -> RunPlan:
+def plan_run(run_dir: str, *, n_probes: int, length: int | None, batch_size: int, steps=None,
+             probe_seed: int = PROBE_SEED, stat_cfg: S.StatConfig = S.StatConfig()) -> RunPlan:
   """Check a trace request against the run on disk (one line per problem) without writing."""
   check(n_probes >= 2, "--probes", f"must be >= 2 (intervals resample prompts); got {n_probes}")
+  check_seed(probe_seed, "--probe-seed")
   check(batch_size >= 1, "--batch", f"must be >= 1; got {batch_size}")
   check(steps is None or len(steps) > 0, "--steps", "names no step; give at least one, or leave it out for every "
         "checkpoint")
@@ -85,8 +88,9 @@ def plan_run(run_dir: str, *, n_probes: int, length: int | None, batch_size: int
           f"available: {', '.join(map(str, available[arm]))}")
     wanted[arm] = [s for s in available[arm] if steps is None or s in steps]
   length = length or min(cfg.data.seq_len for cfg in configs.values())
-  for cfg in configs.values():
+  for arm, cfg in configs.items():
     T.check_length(cfg.model, length, min(batch_size, n_probes))
+    S.check_head_dim(stat_cfg, cfg.model.dim_per_head, f"arm {arm!r}")
   return RunPlan(chosen, configs, wanted, length)
 
 
@@ -104,7 +108,8 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
   wavelength boundary is its own training seq_len (a context sweep moves it).
   """
   t0 = time.perf_counter()
-  plan = plan_run(run_dir, n_probes=n_probes, length=length, batch_size=batch_size, steps=steps)
+  plan = plan_run(run_dir, n_probes=n_probes, length=length, batch_size=batch_size, steps=steps,
+                  probe_seed=probe_seed, stat_cfg=stat_cfg)
   out_dir = out_dir or os.path.join(run_dir, "analysis")
   atomic.check_out_dir(out_dir)
   with atomic.exclusive(out_dir):   # a second trace into the same folder meanwhile is refused in one line

@@ -198,14 +198,21 @@ class StatConfig:
   resid_ratio: float = 1000.0  # ... and |x| > resid_ratio * median |x| of the layer (alone: scale-free form)
 
   def __post_init__(self):
-    check(self.lam > 0, "lam", f"must be > 0; got {self.lam}")
+    check(0 < self.lam < math.inf, "lam", f"must be a finite number > 0; got {self.lam}")   # inf: nothing is massive
     check(self.top_k >= 1, "top_k", f"must be >= 1; got {self.top_k}")
     check(self.agree_k >= 1, "agree_k", f"must be >= 1; got {self.agree_k}")
     check(0 < self.lf_quarter < 1, "lf_quarter", f"must be in (0, 1); got {self.lf_quarter}")
-    check(len(self.band) == 2 and 0 < self.band[0] < self.band[1], "band",
-          f"must be two increasing positive multiples of the context; got {self.band}")
-    check(self.resid_abs >= 0, "resid_abs", f"must be >= 0; got {self.resid_abs}")
-    check(self.resid_ratio > 1, "resid_ratio", f"must be > 1 (a multiple of the median); got {self.resid_ratio}")
+    check(len(self.band) == 2 and 0 < self.band[0] < self.band[1] < math.inf, "band",
+          f"must be two increasing finite positive multiples of the context; got {self.band}")
+    check(0 <= self.resid_abs < math.inf, "resid_abs", f"must be a finite number >= 0; got {self.resid_abs}")
+    check(1 < self.resid_ratio < math.inf, "resid_ratio",
+          f"must be a finite number > 1 (a multiple of the median); got {self.resid_ratio}")
+
+
+def check_head_dim(cfg: StatConfig, head_dim: int, model: str) -> None:
+  """top_k and agree_k count dims of a head: more than the head has would silently mean all of them."""
+  for field, k in (("top_k", cfg.top_k), ("agree_k", cfg.agree_k)):
+    check(k <= head_dim, field, f"must be <= the head dim of {model} ({head_dim}); got {k}")
 
 
 def head_stats(M, pairing: Pairing, context: float, cfg: StatConfig = StatConfig(), only=None,

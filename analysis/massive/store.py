@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import os
 import zipfile
 
@@ -218,8 +217,12 @@ def experiment_arms(run_dir: str) -> dict[str, dict]:
   path = os.path.join(run_dir, "experiment.json")
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f).get("arms", {})
+  hint = "delete it (the arms are then read in folder order) or write it again from the experiment's config"
+  data = ck.read_json(path, hint)
+  arms = data.get("arms", {}) if isinstance(data, dict) else None
+  check(isinstance(arms, dict) and all(isinstance(o, dict) for o in arms.values()), path,
+        f"damaged, not an experiment (a mapping whose 'arms' maps each arm to its overrides); {hint}")
+  return arms
 
 
 def diverged_arms(run_dir: str) -> dict[str, dict]:

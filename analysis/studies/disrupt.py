@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +63,7 @@ class DisruptConfig:
     check_choice("disrupt.rope", self.rope, tuple(ROPE_SIDES))
     check_choice("disrupt.criterion", self.criterion, ("lambda", "topk"))
     check_choice("disrupt.source", self.source, ("prompt", "probe"))
-    check(self.lam > 0, "disrupt.lam", f"must be > 0; got {self.lam}")
+    check(0 < self.lam < math.inf, "disrupt.lam", f"must be a finite number > 0; got {self.lam}")
     check(self.top_k >= 1, "disrupt.top_k", f"must be >= 1; got {self.top_k}")
     check(self.draw >= 0, "disrupt.draw", f"must be >= 0; got {self.draw}")
     check(self.layer_start >= 0, "disrupt.layer_start", f"must be >= 0; got {self.layer_start}")

@@ -42,6 +42,7 @@ from analysis.studies.disrupt import DisruptConfig
 from minilm import atomic, generate
 from minilm.schema import check, check_choice
 from train import checkpoints, data
+from train.config import check_seed
 from train.tokenizer import ByteTokenizer
 
 TABLE_MODES = ("off", "smallest", "massive", "random", "v")
@@ -638,6 +639,7 @@ def check_shared(cfg, model: bool = True, families=FAMILIES, name=flag) -> None:
     check_model(cfg.model, name("model"))
   task_filter(cfg.tasks, families, name("tasks"))
   check(cfg.n >= 2, name("n"), f"must be >= 2 (balanced task sets); got {cfg.n}")
+  check_seed(cfg.seed, name("seed"))
   check(cfg.batch >= 1, name("batch"), f"must be >= 1; got {cfg.batch}")
   check(cfg.bucket >= 0, name("bucket"), f"must be >= 0 (0: equal lengths only); got {cfg.bucket}")
   check_choice(name("suite"), cfg.suite, suites.SUITES)

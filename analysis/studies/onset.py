@@ -61,7 +61,7 @@ from analysis.massive import stats as S  # noqa: E402
 from analysis.massive import store as ST  # noqa: E402
 from minilm import atomic, encodings, hooks  # noqa: E402
 from minilm.paths import portable_tree  # noqa: E402
-from minilm.schema import check, to_dict  # noqa: E402
+from minilm.schema import ConfigError, check, to_dict  # noqa: E402
 from train import checkpoints as ck  # noqa: E402
 
 LAMS = (3.0, 4.0, 5.0)
@@ -284,12 +284,24 @@ def fit_dict(fit: Fit, sizes, horizon: float = HORIZON) -> dict:
 
 
 def load_fits(path: str) -> list[Fit]:
-  """The fits of a fit.json (to predict another run from them)."""
-  with open(path) as f:
-    fits = json.load(f)["fits"]
-  return [Fit(d["kind"], d["stat"], np.array([d["coef"][k] for k in "abc"]), np.array(d["boot"]).reshape(-1, 3),
-              d["n_arms"], d["n_points"], d["n_sizes"], d["n_boot_dropped"], d["note"],
-              math.nan if d.get("resid_sd") is None else d["resid_sd"]) for d in fits]
+  """The fits of a fit.json (to predict another run from them); any other file is a one-line
+  ConfigError naming --predict."""
+  given = f"{path} is not a fit.json of `python -m analysis onset`"
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ConfigError(f"--predict: {given} (not valid JSON: {err})") from None
+  check(isinstance(data, dict) and "fits" in data, "--predict", f"{given} (no 'fits')")
+  try:
+    fits = [Fit(d["kind"], d["stat"], np.array([d["coef"][k] for k in "abc"], np.float64),
+                np.array(d["boot"], np.float64).reshape(-1, 3), d["n_arms"], d["n_points"], d["n_sizes"],
+                d["n_boot_dropped"], d["note"], math.nan if d.get("resid_sd") is None else d["resid_sd"])
+            for d in data["fits"]]
+  except (KeyError, TypeError, ValueError) as err:   # a fit without a field, or not of numbers
+    raise ConfigError(f"--predict: {given} (a fit is missing a field or holds a wrong value: {err})") from None
+  check(bool(fits), "--predict", f"{path} holds no fit (see its not_fitted), so there is no law to test")
+  return fits
 
 
 # ---------------------------------------------------------------------------------------- outputs

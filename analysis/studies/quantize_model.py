@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 
 import jax
@@ -71,7 +72,8 @@ class Scheme:
     check_choice("scheme.kv_axis", self.kv_axis, ("token", "channel"))
     check_choice("scheme.kv_point", self.kv_point, ("pre", "post"))
     check(2 <= self.act_bits <= 8, "scheme.act_bits", f"must be in 2..8; got {self.act_bits}")
-    check(self.lam > 0, "scheme.lam", f"must be > 0; got {self.lam}")
+    check(0 < self.lam < math.inf, "scheme.lam", f"must be a finite number > 0; got {self.lam}")
+    check(0 <= self.alpha <= 1, "scheme.alpha", f"must be in [0, 1]; got {self.alpha}")   # before any model loads
     check(self.top_k >= 0, "scheme.top_k", f"must be >= 0; got {self.top_k}")
     self.spec  # validates bits and group_size
 

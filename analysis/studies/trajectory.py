@@ -66,6 +66,8 @@ def trace_trajectory(paths: list[str], out_dir: str, *, arm: str | None = None, 
   ckpts = checkpoints(paths)
   check(n_probes >= 2, "--probes", f"must be >= 2 (intervals resample prompts); got {n_probes}")
   check(batch_size >= 1, "--batch", f"must be >= 1; got {batch_size}")
+  check(steps is None or len(steps) > 0, "--steps", "names no step; give at least one, or leave it out for every "
+        "checkpoint")
   missing = sorted(set(steps or ()) - set(ckpts))
   check(not missing, "--steps", f"the trajectory has no step {', '.join(map(str, missing))}; "
         f"steps: {', '.join(map(str, ckpts))}")
@@ -75,6 +77,7 @@ def trace_trajectory(paths: list[str], out_dir: str, *, arm: str | None = None, 
   model, tok, _ = sources.load(ckpts[wanted[0]], layout)
   check(tok is not None, "trajectory", f"{ckpts[wanted[0]]} has no tokenizer.json, so no text probes can be made")
   T.check_length(model.cfg, length, min(batch_size, n_probes))
+  S.check_head_dim(stat_cfg, model.cfg.dim_per_head, ckpts[wanted[0]])
   probes = sources.text_windows(tok, n_probes, length, heldout=True)
   store = ST.open_store(out_dir, probes, np.ones(probes.shape, np.float32), stat_cfg.drop_first, stat_cfg)
   keys = {hooks.name(layer, t) for layer in range(model.cfg.n_layers) for t in hooks.QKV}

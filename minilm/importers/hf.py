@@ -260,8 +260,14 @@ def read_config(directory: str) -> dict:
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise ValueError(f"source: {directory!r} has no config.json (expected an HF-format model directory)")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      hf = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ValueError(f"{path}: damaged, not valid JSON ({err}); download the model again") from None
+  if not isinstance(hf, dict):
+    raise ValueError(f"{path}: damaged, not an HF config (a mapping of settings); download the model again")
+  return hf
 
 
 def family(hf: dict, source: str) -> Family:

@@ -71,4 +71,8 @@ def from_hf(directory: str, bos_id: int | None, eos_id: int | None) -> GGUFToken
   path = os.path.join(directory, "tokenizer.json")
   if not os.path.isfile(path):
     raise ValueError(f"{directory}: no tokenizer.json (only the `tokenizers` JSON format is supported)")
-  return GGUFTokenizer(tokenizers.Tokenizer.from_file(path), bos_id, eos_id)
+  try:
+    tok = tokenizers.Tokenizer.from_file(path)
+  except Exception as err:   # the tokenizers library raises a bare Exception for a file it cannot parse
+    raise ValueError(f"{path}: damaged, not a `tokenizers` JSON file ({err}); download the model again") from None
+  return GGUFTokenizer(tok, bos_id, eos_id)

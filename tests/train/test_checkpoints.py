@@ -193,8 +193,8 @@ def test_the_reads_a_failed_restore_abandoned_end_without_tracebacks(caplog, mon
   """They end in tensorstore's threads after orbax's restore raised (the one line of a damaged step)."""
   shown = []
   monkeypatch.setattr(sys, "unraisablehook", shown.append)   # what Python would print; pytest's back after
-  checkpoints._quiet_abandoned_reads.cache_clear()
-  checkpoints._quiet_abandoned_reads()
+  checkpoints._quiet_abandoned_io.cache_clear()
+  checkpoints._quiet_abandoned_io()
   for text in ("Event loop is closed", "a failure of another kind"):
     sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError(text)))
   assert [str(u.exc_value) for u in shown] == ["a failure of another kind"]

@@ -230,6 +230,23 @@ def test_the_arms_of_jobs_stop_with_their_parent(tmp_path, how):
       pass
 
 
+@pytest.mark.slow
+def test_a_run_stopped_while_it_saves_ends_in_one_line_and_leaves_no_partial_step(tmp_path):
+  """SIGTERM lands in a save (one a step): the save's threads end before Python does, so nothing of
+  theirs dies in a traceback or leaves <step>.orbax-checkpoint-tmp behind."""
+  argv = [sys.executable, "-m", "train", "smoke", "--out", str(tmp_path), "--no-progress", "--arms", "rope",
+          "--set", "steps=100000", "checkpoint.every=1", "eval.every=100000"]
+  folder = tmp_path / "smoke" / "rope" / "checkpoints"
+  with started(argv, tmp_path / "stderr") as proc:
+    deadline = time.monotonic() + 120
+    while len(checkpoints.available_steps(str(folder.parent))) < 5 and time.monotonic() < deadline:
+      time.sleep(0.2)
+    stop(proc, signal.SIGTERM)
+  assert (tmp_path / "stderr").read_text() == (
+      "error: interrupted; run the same command again: every arm resumes from its last checkpoint\n")
+  assert not list(folder.glob("*.orbax-checkpoint-tmp*"))
+
+
 def test_a_shipped_config_name_reads_its_config_beside_a_folder_of_that_name(tmp_path, monkeypatch):
   """`--out .` writes the run to ./smoke: the command that wrote it must run again from there."""
   monkeypatch.chdir(tmp_path)

@@ -94,6 +94,24 @@ def test_cli_reports_a_bad_run_dir_in_one_line(tmp_path, capsys):
   assert err.startswith("error: run_dir:") and "\n" not in err
 
 
+def test_a_probe_seed_outside_32_bits_is_one_line_before_writing(tiny_run, tmp_path, capsys):
+  out = tmp_path / "out"
+  for seed in ("-1", str(2 ** 32)):
+    assert main(["trace", str(tiny_run), "--out", str(out), "--probe-seed", seed]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: --probe-seed: must be in 0..4294967295; got {seed}"]
+  assert not out.exists()
+
+
+def test_top_k_beyond_the_head_dim_is_one_line_before_writing(tiny_run, tmp_path, capsys):
+  out = tmp_path / "out"
+  for flag, field in (("--top-k", "top_k"), ("--agree-k", "agree_k")):   # the tiny run's heads are 32 / 4 = 8 wide
+    assert main(["trace", str(tiny_run), "--out", str(out), flag, "9"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: {field}: must be <= the head dim of arm 'rope' (8); got 9"]
+  assert not out.exists()
+
+
 TRACE = ["--probes", "4", "--batch", "4", "--no-plots"]
 
 

@@ -1,4 +1,6 @@
 """Statistics on synthetic tensors with known answers: planted massive dims, isotropic nulls, RoPE invariance."""
+import re
+
 import numpy as np
 import pytest
 
@@ -162,6 +164,17 @@ def test_bad_arguments_fail_with_one_line_messages():
     S.StatConfig(lam=0)
   with pytest.raises(ValueError, match="x: expected"):
     S.value_norms(np.ones((4, 4)))
+
+
+@pytest.mark.parametrize("kw, first", [
+    ({"lam": float("inf")}, "lam: must be a finite number > 0; got inf"),   # nothing would ever be massive
+    ({"lam": float("nan")}, "lam: must be a finite number > 0; got nan"),
+    ({"band": (0.5, float("inf"))}, "band: must be two increasing finite positive multiples"),
+    ({"resid_abs": float("inf")}, "resid_abs: must be a finite number >= 0; got inf"),
+    ({"resid_ratio": float("inf")}, "resid_ratio: must be a finite number > 1")])
+def test_non_finite_settings_are_refused_in_one_line(kw, first):
+  with pytest.raises(ValueError, match="^" + re.escape(first)):
+    S.StatConfig(**kw)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 5, 16])

@@ -194,6 +194,16 @@ def test_the_study_config_is_what_the_command_line_builds():
     disruption.plan(dataclasses.replace(direct, modes="massive"), name=lambda field: f"disrupt.{field}")
 
 
+def test_a_bad_seed_or_lam_is_one_line_before_any_model_loads(tmp_path, capsys):
+  out = tmp_path / "c5"
+  for flags, line in ((["--seed", "-1"], "error: --seed: must be in 0..4294967295; got -1"),
+                      (["--lam", "inf"], "error: disrupt.lam: must be a finite number > 0; got inf")):
+    assert cli.main(["disrupt", "--model", "random", *flags, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [line] and not out.exists()
+  with pytest.raises(ConfigError, match=r"^disrupt.seed: must be in 0\.\.4294967295; got 4294967296$"):
+    disruption.plan(disruption.DisruptStudy("random", seed=2 ** 32), name=lambda field: f"disrupt.{field}")
+
+
 def test_the_c5_rule_is_written_in_the_docs_verbatim():
   from pathlib import Path
   docs = (Path(ROOT) / "docs" / "claims.md").read_text()

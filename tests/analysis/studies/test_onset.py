@@ -142,6 +142,21 @@ def test_cli_writes_and_bad_input_is_one_line(traced, tmp_path, capsys):
   assert not os.path.exists(tmp_path / "x")
 
 
+def test_a_predict_file_that_is_no_fit_json_is_one_line_naming_it(traced, tmp_path, capsys):
+  from analysis.lab.cli import main
+  given = "is not a fit.json of `python -m analysis onset`"
+  for text, why in (("{}", f"{given} (no 'fits')"), ("[]", f"{given} (no 'fits')"),
+                    ('{"fits": [{}]}', f"{given} (a fit is missing a field or holds a wrong value: 'kind')"),
+                    ('{"fits": 3}', f"{given} (a fit is missing a field"),
+                    ("# a README", f"{given} (not valid JSON: "), ('{"fits": []}', "holds no fit")):
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    assert main(["onset", str(traced / "trace"), "--out", str(tmp_path / "x"), "--predict", str(bad)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --predict: {bad} {why}"), lines
+  assert not os.path.exists(tmp_path / "x")
+
+
 def test_the_command_builds_the_study_a_caller_would(traced, tmp_path):
   import argparse
   ap = argparse.ArgumentParser()

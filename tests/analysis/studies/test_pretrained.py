@@ -1,8 +1,10 @@
 """analysis.studies.pretrained: `python -m analysis pretrained` analyses an imported model as one traced
-step."""
+step; bad settings, and an --out that holds other files, are one line before anything is written."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 
@@ -22,3 +24,27 @@ def test_pretrained_command_analyses_an_imported_model_as_one_traced_step(tmp_pa
   assert "| C1 Concentration |" in capsys.readouterr().out
   assert main(["pretrained", "--model", "random", "--out", str(tmp_path / "x"), "--length", "100000"]) == 2
   assert capsys.readouterr().err.startswith("error: length: must be <= the model's max_len=2048")
+
+
+def test_bad_settings_are_one_line_before_writing(tmp_path, capsys):
+  from analysis.lab.cli import main
+  out = tmp_path / "pre"
+  for flags, first in ((["--context", "inf"], "error: context: must be a finite number >= 0"),
+                       (["--lam", "inf"], "error: lam: must be a finite number > 0; got inf"),
+                       (["--top-k", "9"], "error: top_k: must be <= the head dim of random-tiny (8); got 9"),
+                       (["--agree-k", "9"], "error: agree_k: must be <= the head dim of random-tiny (8); got 9")):
+    assert main(["pretrained", "--model", "random", "--out", str(out), *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(first), lines
+  assert not out.exists()
+
+
+def test_an_out_folder_of_other_files_is_refused_not_replaced(tiny_run, tmp_path, capsys):
+  from analysis.lab.cli import main
+  arm = tmp_path / "rope"   # an arm of a training run: its checkpoints must not be replaced
+  shutil.copytree(tiny_run / "rope", arm)
+  before = sorted(os.listdir(arm))
+  assert main(["pretrained", "--model", "random", "--out", str(arm)]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: {arm}: holds files this command did not write ("), lines
+  assert sorted(os.listdir(arm)) == before

@@ -54,6 +54,25 @@ def test_the_study_config_is_what_the_command_line_builds():
     QS.plan(QS.QuantStudy("random", kv_bits="4,one"))
   with pytest.raises(ConfigError, match=r"^--jobs: must be in 1\.\.\d+ \(.*\); got 0$"):
     QS.plan(QS.QuantStudy("random", jobs=0))
+  with pytest.raises(ConfigError, match=r"^quant.seed: must be in 0\.\.4294967295; got 4294967296$"):   # the lab's name
+    QS.plan(QS.QuantStudy("random", seed=2 ** 32), name=lambda field: f"quant.{field}")
+
+
+@pytest.mark.parametrize("flags, first", [
+    (["--seed", "-1"], "error: --seed: must be in 0..4294967295; got -1"),
+    (["--ppl", "2x1"], "error: --ppl: must read NxT with T >= 2"),   # no next token: a NaN perplexity
+    (["--methods", ","], "error: --methods: names no method; give a comma list of rtn, "),
+    (["--kv", ","], "error: --kv: must be a comma list of point:axis"),
+    (["--methods", "rtn_keep", "--lam", "inf"], "error: scheme.lam: must be a finite number > 0; got inf"),
+    (["--methods", "smoothquant", "--alpha", "2"], "error: scheme.alpha: must be in [0, 1]; got 2.0")])
+def test_bad_settings_are_one_line_before_any_model_loads(tmp_path, capsys, flags, first):
+  from analysis.lab import cli
+  out = tmp_path / "c6"
+  assert cli.main(["quantize", "--model", "random", "--n", "2", "--methods", "rtn", "--bits", "4",
+                   "--calib", "2x32", "--ppl", "2x8", *flags, "--out", str(out)]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(first), lines
+  assert not out.exists()
 
 
 def _tiny_study(monkeypatch, out, *extra) -> int:

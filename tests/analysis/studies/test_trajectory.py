@@ -1,5 +1,5 @@
 """analysis.studies.trajectory: a public trajectory (step<N> checkpoint folders) is traced as the
-steps of one arm."""
+steps of one arm; bad flags are one line."""
 import json
 
 import pytest
@@ -37,3 +37,16 @@ def test_a_public_trajectory_is_traced_as_the_steps_of_one_arm(tmp_path, capsys)
   assert main(["trace", str(tmp_path / "pythia-tiny" / "step4096"), str(tmp_path / "pythia-tiny" / "step0"),
                "--out", str(tmp_path / "x")]) == 2
   assert capsys.readouterr().err.startswith("error: trajectory: the step<N> names must increase")
+
+
+def test_bad_flags_are_one_line_before_writing(tmp_path, capsys):
+  from helpers import write_checkpoint
+  step0 = tmp_path / "traj" / "step0"
+  step0.mkdir(parents=True)
+  write_checkpoint(step0)   # heads 32 / 4 = 8 wide
+  for flags, first in ((["--steps"], "error: --steps: names no step"),
+                       (["--agree-k", "9"], f"error: agree_k: must be <= the head dim of {step0} (8); got 9")):
+    assert main(["trace", str(tmp_path / "traj"), "--out", str(tmp_path / "x"), *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(first), lines
+  assert not (tmp_path / "x").exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +89,18 @@ def test_hf_unexpected_bias_and_model_type(tmp_path):
 def test_bad_source(tmp_path):
   one_line_error(tmp_path / "nothing-here", r"source: expected 'smollm2'")
   one_line_error(tmp_path, r"has no config.json")
+
+
+def test_a_damaged_config_or_tokenizer_json_is_one_line_naming_it(tmp_path):
+  write_checkpoint(tmp_path)
+  config = (tmp_path / "config.json").read_text()
+  (tmp_path / "config.json").write_text(config[:30])   # cut short, as by an interrupted download
+  one_line_error(tmp_path, "^" + re.escape(f"{tmp_path / 'config.json'}: damaged, not valid JSON ("))
+  (tmp_path / "config.json").write_text("[]")
+  one_line_error(tmp_path, "^" + re.escape(f"{tmp_path / 'config.json'}: damaged, not an HF config"))
+  (tmp_path / "config.json").write_text(config)
+  (tmp_path / "tokenizer.json").write_text('{"version":')
+  one_line_error(tmp_path, "^" + re.escape(f"{tmp_path / 'tokenizer.json'}: damaged, not a `tokenizers` JSON file ("))
 
 
 TOLERANCE = forward_tolerance(n_layers=2, d_model=32, head_dim=16, ff_dim=128, T=40)   # the widest family
