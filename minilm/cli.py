@@ -56,15 +56,27 @@ def _interrupt(signum, frame):
 def sigterm_as_interrupt() -> Iterator[None]:
   """Within the block SIGTERM raises KeyboardInterrupt as Ctrl-C does, so that cleanup (stopping
   child processes, closing checkpoint managers) runs. Only the main thread may set a handler;
-  elsewhere SIGTERM keeps its default."""
+  elsewhere SIGTERM keeps its default.
+
+  A handler's exception that lands in code whose exceptions Python ignores (a garbage-collection
+  callback of jax's, a __del__) would be lost, and the command would go on: such an interrupt is
+  delivered again, to land in ordinary code."""
   if threading.current_thread() is not threading.main_thread():
     yield
     return
-  previous = signal.signal(signal.SIGTERM, _interrupt)
+  previous, shown = signal.signal(signal.SIGTERM, _interrupt), sys.unraisablehook
+
+  def redeliver(unraisable):
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+      threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    else:
+      shown(unraisable)
+  sys.unraisablehook = redeliver
   try:
     yield
   finally:
     signal.signal(signal.SIGTERM, previous)
+    sys.unraisablehook = shown
 
 
 PARENT = "MINILM_PARENT_PID"
