@@ -120,11 +120,11 @@ def kernels_out_in(model: nnx.Module):
   """A copy of `model` whose linear kernels are stored [out, in], to call within the context (under
   jit: the transposes run once, outside a decoding loop traced inside). The same products as
   `model`'s, summed in another order; `model` itself is unchanged."""
-  linears = {path for path, module in model.iter_modules() if isinstance(module, nnx.Linear)}
+  linears = {path for path, module in nnx.iter_modules(model) if isinstance(module, nnx.Linear)}
   graphdef, state = nnx.split(model)
   flat = [(path, v.replace(v[...].T) if path[-1] == "kernel" and path[:-1] in linears else v)
-          for path, v in state.flat_state()]
-  copy = nnx.merge(graphdef, nnx.State.from_flat_path(flat))
+          for path, v in nnx.to_flat_state(state)]
+  copy = nnx.merge(graphdef, nnx.from_flat_state(flat))
   token = _KERNELS_OUT_IN.set(True)
   try:
     yield copy

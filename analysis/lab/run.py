@@ -219,9 +219,9 @@ class Lab:
     if "trace" in enabled:   # the trace command's own check (analysis.massive.pipeline.plan_run), before training
       arms = [self.exp.resolve(arm) for arm in self.exp.arms]
       length = self.cfg.trace.length or min(train.data.seq_len for train in arms)
+      field = "trace.length" if self.cfg.trace.length else "data.seq_len"   # 0: the probes are seq_len long
       for arm, train in zip(self.exp.arms, arms):
-        check_length(train.model, length, min(self.cfg.trace.batch, self.cfg.trace.probes), "trace.length",
-                     "trace.batch")
+        check_length(train.model, length, min(self.cfg.trace.batch, self.cfg.trace.probes), field, "trace.batch")
         check_head_dim(self.cfg.trace.stat_config(), train.model.dim_per_head, f"arm {arm!r}")
     if "pretrained" in enabled:
       disruption.check_model(self.cfg.pretrained.model, "pretrained.model")

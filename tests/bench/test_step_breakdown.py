@@ -25,13 +25,13 @@ def breakdown(monkeypatch):
 def test_the_timed_linears_are_the_models(breakdown, size):
   cfg = ModelConfig(vocab_size=512, max_len=256, **breakdown.SIZES[size], **breakdown.GPT_ARCH, position=Learned())
   model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))   # shapes only
-  kernels = Counter(tuple(m.kernel.shape) for _, m in model.iter_modules() if isinstance(m, nnx.Linear))
+  kernels = Counter(tuple(m.kernel.shape) for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear))
   kernels[(cfg.d_model, cfg.vocab_size)] += 1   # the tied head: the embedding, transposed
   timed = Counter((c_in, c_out) for c_in, c_out, _ in
                   breakdown.linears(cfg.d_model, fused_qkv=False) * cfg.n_layers + [(cfg.d_model, cfg.vocab_size, True)])
   assert timed == kernels
   # and each is timed on the backward path the model gives it
-  paths = Counter(m.dot_general.keywords["transpose_x"] for _, m in model.blocks[0].iter_modules()
+  paths = Counter(m.dot_general.keywords["transpose_x"] for _, m in nnx.iter_modules(model.blocks[0])
                   if isinstance(m, nnx.Linear))
   assert paths == Counter(transpose_x for _, _, transpose_x in breakdown.linears(cfg.d_model, fused_qkv=False))
 

@@ -277,6 +277,8 @@ ROWS += [
         "error: trace.length: must be >= 2"),
     Row("lab: probes no memory holds", "lab", lab_argv("--lab-set", "trace.length=1000000"), 2,
         "error: trace.length: 1000000 tokens need about"),
+    Row("lab: training sequences no trace memory holds", "lab", lab_argv("--set", "data.seq_len=1000000"), 2,
+        "error: data.seq_len: 1000000 tokens need about"),
     Row("lab: negative probe seed", "lab", lab_argv("--lab-set", "trace.probe_seed=-1"), 2,
         "error: trace.probe_seed: must be in 0..4294967295"),
     Row("lab: one probe", "lab", lab_argv("--lab-set", "trace.probes=1"), 2, "error: trace.probes: must be >= 2"),

@@ -128,13 +128,15 @@ def test_kernels_out_in_computes_the_same_logits(position):
   from flax import nnx
   model = make(position)
   toks = tokens(2, 9)
-  kernels = {path: v[...].shape for path, v in nnx.state(model, nnx.Param).flat_state() if path[-1] == "kernel"}
+  kernel_shapes = lambda m: {path: v[...].shape for path, v in nnx.to_flat_state(nnx.state(m, nnx.Param))
+                             if path[-1] == "kernel"}
+  kernels = kernel_shapes(model)
   plain = np.asarray(model(toks))
   with kernels_out_in(model) as decoder:
     transposed = np.asarray(decoder(toks))
-    shapes = {path: v[...].shape for path, v in nnx.state(decoder, nnx.Param).flat_state() if path[-1] == "kernel"}
+    shapes = kernel_shapes(decoder)
   assert shapes == {path: shape[::-1] for path, shape in kernels.items()}
-  assert {path: v[...].shape for path, v in nnx.state(model, nnx.Param).flat_state() if path[-1] == "kernel"} == kernels
+  assert kernel_shapes(model) == kernels
   np.testing.assert_allclose(transposed, plain, rtol=0, atol=4 * np.sqrt(740) * EPS32 * np.abs(plain).max())
   assert not np.array_equal(np.asarray(model(toks)), np.zeros_like(plain))
 
