@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -40,15 +41,20 @@ def guarded(run: Callable[[], object]) -> int:
     print(f"error: {text}", file=sys.stderr)
     return BAD_INPUT
   except RuntimeError as err:   # jax's JaxRuntimeError: settings larger than the device's memory
-    if "RESOURCE_EXHAUSTED" not in str(err):
+    first = str(err).splitlines()[0] if str(err) else ""
+    if not ("RESOURCE_EXHAUSTED" in first and "memory" in first.lower()):   # not gRPC's, say
       raise
-    print(f"error: out of memory ({str(err).splitlines()[0]}); lower the batch size, the sequence length or the "
+    print(f"error: out of memory ({first}); lower the batch size, the sequence length or the "
           "model's size", file=sys.stderr)
     return BAD_INPUT
   return 0
 
 
+_INTERRUPTS = {"raised": 0, "lost": 0}   # KeyboardInterrupts raised by `_interrupt`; those Python ignored
+
+
 def _interrupt(signum, frame):
+  _INTERRUPTS["raised"] += 1
   raise KeyboardInterrupt
 
 
@@ -58,25 +64,56 @@ def sigterm_as_interrupt() -> Iterator[None]:
   child processes, closing checkpoint managers) runs. Only the main thread may set a handler;
   elsewhere SIGTERM keeps its default.
 
-  A handler's exception that lands in code whose exceptions Python ignores (a garbage-collection
-  callback of jax's, a __del__) would be lost, and the command would go on: such an interrupt is
-  delivered again, to land in ordinary code."""
+  An interrupt that lands in code whose exceptions Python ignores (a garbage-collection callback of
+  jax's, a __del__) would be lost, and the command would go on: when no other interrupt is being
+  handled, it is delivered again, to land in ordinary code."""
   if threading.current_thread() is not threading.main_thread():
     yield
     return
-  previous, shown = signal.signal(signal.SIGTERM, _interrupt), sys.unraisablehook
-
-  def redeliver(unraisable):
-    if isinstance(unraisable.exc_value, KeyboardInterrupt):
-      threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    else:
-      shown(unraisable)
-  sys.unraisablehook = redeliver
+  _redeliver_lost()
+  ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler   # not where it is ignored
+  handled = [signal.SIGTERM, signal.SIGINT] if ctrl_c else [signal.SIGTERM]
+  previous = {s: signal.signal(s, _interrupt) for s in handled}
   try:
     yield
   finally:
-    signal.signal(signal.SIGTERM, previous)
-    sys.unraisablehook = shown
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+@functools.cache   # once per process; it acts only while a block holds the handler
+def _redeliver_lost() -> None:
+  shown = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and signal.getsignal(signal.SIGTERM) is _interrupt):
+      return shown(unraisable)
+    _INTERRUPTS["lost"] += 1
+    if _INTERRUPTS["lost"] == _INTERRUPTS["raised"]:   # none is being handled: the command would go on
+      timer = threading.Timer(0.05, _deliver)
+      timer.daemon = True
+      timer.start()
+  sys.unraisablehook = hook
+
+
+def _deliver() -> None:
+  if signal.getsignal(signal.SIGTERM) is _interrupt:   # the block has not ended meanwhile
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+  """Within the block Ctrl-C and SIGTERM are ignored (main thread only): for cleanup that must end,
+  such as the threads of a save already interrupted once."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 PARENT = "MINILM_PARENT_PID"

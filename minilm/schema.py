@@ -83,8 +83,12 @@ def _coerce(tp, value, field: str):
   elif tp is float:
     check(isinstance(value, (int, float)) and not isinstance(value, bool), field, f"expected a number; got {value!r}")
     # JSON has no NaN or Infinity; Python's reader takes them, and no setting means them
-    check(math.isfinite(value), field, f"must be a finite number; got {value}")
-    return float(value)
+    try:
+      number = float(value)
+    except OverflowError:   # an integer beyond any float
+      number = math.inf
+    check(math.isfinite(number), field, f"must be a finite number; got {value!r:.40}")
+    return number
   elif tp is str:
     check(isinstance(value, str), field, f"expected a string; got {value!r}")
   elif origin in (tuple, list):
@@ -130,7 +134,8 @@ def override(cfg, assignments: Mapping[str, Any], *, unknown: str = "unknown fie
   `unknown` names what a bad key is in its error; parse(current value, given value), when given, is
   the value stored (command-line text typed by the field it replaces)."""
   data = to_dict(cfg, every=True)
-  for dotted, value in assignments.items():
+  kinds_first = sorted(assignments.items(), key=lambda item: item[0].rsplit(".", 1)[-1] != "kind")
+  for dotted, value in kinds_first:   # a new kind's fields are set after it resets them
     node, obj, name = data, cfg, _prefix(type(cfg))   # name: the field as from_dict's errors name it
     *path, last = dotted.split(".")
     for key in path:
@@ -138,10 +143,19 @@ def override(cfg, assignments: Mapping[str, Any], *, unknown: str = "unknown fie
       node, obj = node[key], getattr(obj, key, None)
       name = _prefix(type(obj)) if hasattr(type(obj), "section") else f"{name}{key}."
     check(last in node, name + last, f"{unknown}; allowed: {_listed(node)}")
-    if last == "kind" and node["kind"] != value:   # another kind: its own fields at their defaults
+    new = value if parse is None else parse(node[last], value)
+    if last == "kind" and new != node["kind"]:   # another kind: its own fields, at their defaults
       node.clear()
-    node[last] = value if parse is None else parse(node.get(last), value)
+      node.update(_defaults(obj, new))
+    node[last] = new
   return from_dict(type(cfg), data)
+
+
+def _defaults(cfg, kind) -> dict:
+  """The dict form of `kind`'s defaults, a kind of the registry `cfg`'s class belongs to ({} if unknown:
+  from_dict then names the kind)."""
+  registry = next((_registry(c) for c in type(cfg).__mro__ if _registry(c) is not None), {})
+  return to_dict(registry[kind](), every=True) if kind in registry else {}
 
 
 def _listed(names) -> str:

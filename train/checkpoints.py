@@ -34,6 +34,7 @@ from flax import nnx
 
 from minilm import atomic
 from minilm import schema as C
+from minilm.cli import uninterrupted
 from minilm.config import ModelConfig
 from minilm.model import Decoder
 from train import sharding
@@ -139,8 +140,9 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
         progress=ocp.args.JsonSave({"step": step, "data_step": step, "seed": cfg.seed})))
     mngr.wait_until_finished()
   except KeyboardInterrupt:   # Ctrl-C or SIGTERM: the save's threads end first (cut off by Python's exit,
-    _quiet_abandoned_io()     # they die in tracebacks and leave <step>.orbax-checkpoint-tmp)
-    _settle(mngr, step, threads_before)
+    _quiet_abandoned_io()     # they die in tracebacks and leave <step>.orbax-checkpoint-tmp); a second
+    with uninterrupted():     # signal (--jobs' parent stopping its arms) waits for them too
+      _settle(mngr, step, threads_before)
     raise
   except OSError as err:
     late = _settle(mngr, step, threads_before)
@@ -243,7 +245,7 @@ def _guarded(mngr: ocp.CheckpointManager, step: int, items: dict) -> dict:
 
 # What the reads of a failed restore, or the writes of an interrupted save, say when they end after
 # orbax gave up on them: tensorstore's errors, or asyncio's on the event loop orbax has closed meanwhile.
-ABANDONED = ("Encountered error while reading array index", "Error reading", "Event loop is closed")
+ABANDONED = ("Encountered error while reading array index", "in OCDBT database", "Event loop is closed")
 
 
 @functools.cache   # once per process

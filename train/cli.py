@@ -41,10 +41,10 @@ DIVERGED = paired.DIVERGED_EXIT   # exit code when an arm diverged (bad input is
 def config_path(name: str) -> str:
   """A config file: `name` itself, or configs/<name>.json, also where a folder `name` (such as the
   run a command wrote into `--out .`) sits in the current folder."""
-  if os.path.isfile(name):
+  if os.path.exists(name) and not os.path.isdir(name):   # a file, or a pipe such as /dev/stdin
     return name
   candidate = os.path.join(CONFIGS, name if name.endswith(".json") else f"{name}.json")
-  if os.path.exists(candidate) and os.path.basename(name) == name:
+  if os.path.exists(candidate):
     return candidate
   C.check(not os.path.isdir(name), "config", f"{name} is a folder, not a JSON config file")
   raise C.ConfigError(f"config: no file {name!r} and no configs/{os.path.basename(candidate)}; "

@@ -222,7 +222,10 @@ class Lab:
       field = "trace.length" if self.cfg.trace.length else "data.seq_len"   # 0: the probes are seq_len long
       for arm, train in zip(self.exp.arms, arms):
         check_length(train.model, length, min(self.cfg.trace.batch, self.cfg.trace.probes), field, "trace.batch")
-        check_head_dim(self.cfg.trace.stat_config(), train.model.dim_per_head, f"arm {arm!r}")
+        try:
+          check_head_dim(self.cfg.trace.stat_config(), train.model.dim_per_head, f"arm {arm!r}")
+        except C.ConfigError as err:   # named as --lab-set names it
+          raise C.ConfigError(f"trace.{err}") from None
     if "pretrained" in enabled:
       disruption.check_model(self.cfg.pretrained.model, "pretrained.model")
       self.cfg.pretrained.check(_named("pretrained"))

@@ -279,6 +279,8 @@ ROWS += [
         "error: trace.length: 1000000 tokens need about"),
     Row("lab: training sequences no trace memory holds", "lab", lab_argv("--set", "data.seq_len=1000000"), 2,
         "error: data.seq_len: 1000000 tokens need about"),
+    Row("lab: top_k beyond the head dim", "lab", lab_argv("--lab-set", "trace.top_k=99"), 2,
+        "error: trace.top_k: must be <= the head dim of arm 'rope'"),
     Row("lab: negative probe seed", "lab", lab_argv("--lab-set", "trace.probe_seed=-1"), 2,
         "error: trace.probe_seed: must be in 0..4294967295"),
     Row("lab: one probe", "lab", lab_argv("--lab-set", "trace.probes=1"), 2, "error: trace.probes: must be >= 2"),

@@ -54,6 +54,7 @@ def test_round_trip_and_overrides():
   assert override(cfg, {"position.kind": "rope"}).position == cfg.position
   with pytest.raises(ConfigError, match=r"^model.position.base: unknown field; allowed: kind$"):
     override(cfg, {"position.kind": "alibi", "position.base": 3.0})
+  assert override(nope, {"position.base": 5e5, "position.kind": "rope"}).position == RoPE(base=5e5)   # in any order
 
 
 def test_implementation_settings_are_written_only_when_set():

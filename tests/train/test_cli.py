@@ -88,6 +88,8 @@ BAD = {
                                "error: data.seq_len: must be <= model.max_len=64 for position encoding 'learned'"),
     "bad arm override": (["--set", 'arms={"x": {"model.position.base": 0.5}}'],
                          "error: arms.x.model.position.base: must be a finite number > 1; got 0.5"),
+    "integer beyond a float": (["--set", "optim.lr=1" + "0" * 400],
+                               "error: optim.lr: must be a finite number; got 1000"),
     "NaN": (["--set", "model.norm_eps=NaN"], "error: model.norm_eps: must be a finite number; got nan"),
     "negative init": (["--set", "model.init_std=-1"], "error: model.init_std: must be a finite number > 0; got -1.0"),
     "infinite base": (["--set", 'model.position={"kind": "rope", "base": Infinity}'],
@@ -257,3 +259,5 @@ def test_a_shipped_config_name_reads_its_config_beside_a_folder_of_that_name(tmp
     cli.config_path("mine")
   (tmp_path / "own.json").write_text("{}")
   assert cli.config_path("own.json") == "own.json"
+  os.mkfifo(tmp_path / "piped.json")   # e.g. <(jq ... config.json)
+  assert cli.config_path("piped.json") == "piped.json"
