@@ -81,19 +81,28 @@ def sigterm_as_interrupt() -> Iterator[None]:
       signal.signal(s, handler)
 
 
+def take_unraisable(takes: Callable[[object], bool]) -> None:
+  """Put `takes` before Python's unraisable hook, for the rest of the process: an exception that
+  Python ignores (in a __del__, a gc callback, a thread's callback) and `takes` returns True for is
+  not shown; any other reaches the hook as before."""
+  shown = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: takes(unraisable) or shown(unraisable)
+
+
 @functools.cache   # once per process; it acts only while a block holds the handler
 def _redeliver_lost() -> None:
-  shown = sys.unraisablehook
+  take_unraisable(_take_lost)
 
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and signal.getsignal(signal.SIGTERM) is _interrupt):
-      return shown(unraisable)
-    _INTERRUPTS["lost"] += 1
-    if _INTERRUPTS["lost"] == _INTERRUPTS["raised"]:   # none is being handled: the command would go on
-      timer = threading.Timer(0.05, _deliver)
-      timer.daemon = True
-      timer.start()
-  sys.unraisablehook = hook
+
+def _take_lost(unraisable) -> bool:
+  if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and signal.getsignal(signal.SIGTERM) is _interrupt):
+    return False
+  _INTERRUPTS["lost"] += 1
+  if _INTERRUPTS["lost"] == _INTERRUPTS["raised"]:   # none is being handled: the command would go on
+    timer = threading.Timer(0.05, _deliver)
+    timer.daemon = True
+    timer.start()
+  return True
 
 
 def _deliver() -> None:

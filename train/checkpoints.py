@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import threading
 import time
 from typing import Any
@@ -34,7 +33,7 @@ from flax import nnx
 
 from minilm import atomic
 from minilm import schema as C
-from minilm.cli import uninterrupted
+from minilm.cli import take_unraisable, uninterrupted
 from minilm.config import ModelConfig
 from minilm.model import Decoder
 from train import sharding
@@ -254,12 +253,7 @@ def _quiet_abandoned_io() -> None:
   reads go on in tensorstore's threads (an interrupted save's writes likewise); their errors reach
   Python's unraisable hook and asyncio's log as tracebacks, before and after the one line that
   reports the step. Those messages are dropped; anything else is shown as before."""
-  shown = sys.unraisablehook
-
-  def hook(unraisable):
-    if not any(m in str(unraisable.exc_value) for m in ABANDONED):
-      shown(unraisable)
-  sys.unraisablehook = hook
+  take_unraisable(lambda unraisable: any(m in str(unraisable.exc_value) for m in ABANDONED))
   logging.getLogger("asyncio").addFilter(lambda record: not any(m in record.getMessage() for m in ABANDONED))
 
 

@@ -40,8 +40,7 @@ from analysis.lab import report
 from analysis.massive import compare
 from analysis.massive import pipeline as PL
 from analysis.massive import store as ST
-from analysis.massive.stats import LAM, StatConfig, check_head_dim
-from analysis.massive.trace import check_length
+from analysis.massive.stats import LAM, StatConfig
 from analysis.studies import disruption, pretrained, quantization
 from analysis.studies.disruption import DisruptStudy
 from analysis.studies.pretrained import PretrainedStudy
@@ -221,11 +220,8 @@ class Lab:
       length = self.cfg.trace.length or min(train.data.seq_len for train in arms)
       field = "trace.length" if self.cfg.trace.length else "data.seq_len"   # 0: the probes are seq_len long
       for arm, train in zip(self.exp.arms, arms):
-        check_length(train.model, length, min(self.cfg.trace.batch, self.cfg.trace.probes), field, "trace.batch")
-        try:
-          check_head_dim(self.cfg.trace.stat_config(), train.model.dim_per_head, f"arm {arm!r}")
-        except C.ConfigError as err:   # named as --lab-set names it
-          raise C.ConfigError(f"trace.{err}") from None
+        PL.check_capture(train.model, f"arm {arm!r}", length, min(self.cfg.trace.batch, self.cfg.trace.probes),
+                         self.cfg.trace.stat_config(), fields=(field, "trace.batch", "trace."))
     if "pretrained" in enabled:
       disruption.check_model(self.cfg.pretrained.model, "pretrained.model")
       self.cfg.pretrained.check(_named("pretrained"))

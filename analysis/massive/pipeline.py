@@ -55,6 +55,16 @@ def finish(store: Store, *, plots: bool = True, claims: bool = True, rope_arm=No
         os.remove(store.path(name))
 
 
+def check_capture(model_cfg, model: str, length: int, batch: int, stat_cfg: S.StatConfig, *,
+                  fields: tuple[str, str, str] = ("--length", "--batch", "")) -> None:
+  """Probes of `length` tokens, `batch` at a time, through `model_cfg` (it takes them, memory holds
+  them), and top_k/agree_k within its heads: one line each, before anything is written. `fields`: the
+  length's and batch's names and the statistics' prefix, as the caller spells them."""
+  length_field, batch_field, stats_prefix = fields
+  T.check_length(model_cfg, length, batch, length_field, batch_field)
+  S.check_head_dim(stat_cfg, model_cfg.dim_per_head, model, stats_prefix)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
   """What trace_run will capture, every input checked before anything is written."""
@@ -89,8 +99,7 @@ def plan_run(run_dir: str, *, n_probes: int, length: int | None, batch_size: int
     wanted[arm] = [s for s in available[arm] if steps is None or s in steps]
   length = length or min(cfg.data.seq_len for cfg in configs.values())
   for arm, cfg in configs.items():
-    T.check_length(cfg.model, length, min(batch_size, n_probes))
-    S.check_head_dim(stat_cfg, cfg.model.dim_per_head, f"arm {arm!r}")
+    check_capture(cfg.model, f"arm {arm!r}", length, min(batch_size, n_probes), stat_cfg)
   return RunPlan(chosen, configs, wanted, length)
 
 

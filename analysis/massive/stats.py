@@ -209,10 +209,11 @@ class StatConfig:
           f"must be a finite number > 1 (a multiple of the median); got {self.resid_ratio}")
 
 
-def check_head_dim(cfg: StatConfig, head_dim: int, model: str) -> None:
-  """top_k and agree_k count dims of a head: more than the head has would silently mean all of them."""
+def check_head_dim(cfg: StatConfig, head_dim: int, model: str, prefix: str = "") -> None:
+  """top_k and agree_k count dims of a head: more than the head has would silently mean all of them.
+  Errors name the fields `prefix` + top_k (the lab's trace.top_k)."""
   for field, k in (("top_k", cfg.top_k), ("agree_k", cfg.agree_k)):
-    check(k <= head_dim, field, f"must be <= the head dim of {model} ({head_dim}); got {k}")
+    check(k <= head_dim, prefix + field, f"must be <= the head dim of {model} ({head_dim}); got {k}")
 
 
 def head_stats(M, pairing: Pairing, context: float, cfg: StatConfig = StatConfig(), only=None,

@@ -76,8 +76,7 @@ def trace_trajectory(paths: list[str], out_dir: str, *, arm: str | None = None, 
   atomic.check_out_dir(out_dir)
   model, tok, _ = sources.load(ckpts[wanted[0]], layout)
   check(tok is not None, "trajectory", f"{ckpts[wanted[0]]} has no tokenizer.json, so no text probes can be made")
-  T.check_length(model.cfg, length, min(batch_size, n_probes))
-  S.check_head_dim(stat_cfg, model.cfg.dim_per_head, ckpts[wanted[0]])
+  PL.check_capture(model.cfg, ckpts[wanted[0]], length, min(batch_size, n_probes), stat_cfg)
   probes = sources.text_windows(tok, n_probes, length, heldout=True)
   store = ST.open_store(out_dir, probes, np.ones(probes.shape, np.float32), stat_cfg.drop_first, stat_cfg)
   keys = {hooks.name(layer, t) for layer in range(model.cfg.n_layers) for t in hooks.QKV}
