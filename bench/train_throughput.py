@@ -93,7 +93,6 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
 
   import jax
-  import jax.numpy as jnp
   from minilm.config import ModelConfig
   from minilm.encodings import Learned
   from train import loop, sharding
@@ -109,11 +108,7 @@ def main() -> None:
   if peak:
     print(f"MFU against {kind}'s {args.dtype} dense peak: {peak / 1e12:.0f} TFLOP/s")
   else:
-    # the product as minilm's linears compute it: inputs in the compute dtype, sums in float32
-    x = jax.random.normal(jax.random.key(0), (2048, 2048), args.dtype)
-    matmul = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
-    jax.block_until_ready(matmul(x))
-    peak = 2 * 2048 ** 3 / min(_timed(lambda: jax.block_until_ready(matmul(x))) for _ in range(5))
+    peak = matmul_rate(args.dtype)
     print(f"MFU against the {args.dtype} matmul 2048^3 measured here: {peak / 1e9:.1f} GFLOP/s (best of 5)")
   arch = dict(GPT_ARCH, position=Learned()) if args.peer else {}
   print(f"{args.dtype}, batch {args.batch} x {args.seq}, best of {args.rounds} rounds of {args.steps} steps, "
@@ -215,6 +210,17 @@ def _stacked_step_s(args, cfg, optim, mesh, graphdef, rest, batches) -> float:
     jax.block_until_ready(m)
     times.append((time.perf_counter() - start) / args.steps)
   return min(times)
+
+
+def matmul_rate(dtype: str) -> float:
+  """FLOP/s of a 2048^3 matmul on this machine, best of 5, as minilm's linears compute it: inputs in
+  the compute dtype, sums in float32."""
+  import jax
+  import jax.numpy as jnp
+  x = jax.random.normal(jax.random.key(0), (2048, 2048), dtype)
+  matmul = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
+  jax.block_until_ready(matmul(x))
+  return 2 * 2048 ** 3 / min(_timed(lambda: jax.block_until_ready(matmul(x))) for _ in range(5))
 
 
 def _timed(fn) -> float:
