@@ -447,6 +447,12 @@ def _where_notes(parts: list) -> str:
 
 # ---------------------------------------------------------------------------------------- files
 
+def deciding(models: list[str], positions: dict[str, str]) -> str:
+  """Of models judged one by one (C5, C6), the one whose verdict is the claim's: the first RoPE model,
+  or the first model where none uses RoPE. The others' verdicts stay in the study's summary.json."""
+  return next((m for m in models if positions.get(m) == "rope"), models[0])
+
+
 def load_claims(out_dir: str, skip: frozenset = frozenset()) -> list[Verdict]:
   """The verdicts of out_dir/claims.json, those with a claim id in `skip` left unread."""
   path = os.path.join(out_dir, "claims.json")

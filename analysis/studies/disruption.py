@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.massive import stats as S
-from analysis.massive.claims import Verdict, write_claims
+from analysis.massive.claims import Verdict, deciding, write_claims
 from analysis.massive.store import run_arms
 from analysis.studies import disrupt, sources, suites
 from analysis.studies.disrupt import DisruptConfig
@@ -412,9 +412,9 @@ def c5_verdict(pooled: dict, model: str) -> dict:
 
 
 def claim(verdicts: list[dict], pools: dict[str, dict], positions: dict[str, str]):
-  """One analysis.massive.claims.Verdict for C5: the first RoPE model (or the only model) decides, a NoPE
+  """One analysis.massive.claims.Verdict for C5: the first RoPE model decides (claims.deciding), a NoPE
   model (paired arm) is the reference column; parts: the differences the rule judges."""
-  main_ = next((v for v in verdicts if positions.get(v["model"]) != "nope"), verdicts[0])
+  main_ = next(v for v in verdicts if v["model"] == deciding([v["model"] for v in verdicts], positions))
   ref = next((v for v in verdicts if positions.get(v["model"]) == "nope" and v is not main_), None)
   drop = lambda v: (lambda k: k and _drop(k, "massive"))(pools[v["model"]]["kinds"].get("contextual"))
   c, r = drop(main_), ref and drop(ref)

@@ -434,7 +434,7 @@ def run(cfg: QuantStudy, out: str) -> dict:
       done[i] = res
     all_records = [rec for i in range(len(tasks)) for rec in done[i]["records"]]   # in task order
     atomic.write_text(str(folder / "results.jsonl"), "".join(json.dumps(rec) + "\n" for rec in all_records))
-    found = []
+    found, judged = [], {}
     for k, subject in enumerate(subjects):
       mine = [done[i] for i, (j, _) in enumerate(tasks) if j == k]
       report["models"][subject.label] = {
@@ -443,12 +443,14 @@ def run(cfg: QuantStudy, out: str) -> dict:
           "seconds": {s.name: r["seconds"] for s, r in zip(scheme_list, mine)},
           "logs": {s.name: r["log"] for s, r in zip(scheme_list, mine)},
           "examples": len(subject.items), **sources[k][-1]}
-      found += verdicts(all_records, subject.label, scheme_list)
+      judged[subject.label] = verdicts(all_records, subject.label, scheme_list)
+      found += judged[subject.label]
     summary = disruption.summarize(all_records)
     report.update(summary=summary, verdicts=[dataclasses.asdict(v) for v in found],
                   seconds_total=time.perf_counter() - t_all)
     atomic.write_json(str(folder / "summary.json"), report, default=str)
-    claims.write_claims(found, str(folder))
+    positions = {s.label: s.model.cfg.position.kind for s in subjects}
+    claims.write_claims(judged[claims.deciding(list(judged), positions)], str(folder))
     text = "\n\n".join(table(summary, report["models"][m]["ppl"], m, order) for m in report["models"])
     text += "\n\n" + "\n".join(f"{v.claim} [{v.title}]: {v.verdict} (diff {claims.fmt(v.diff, v.ci)}) {v.notes}"
                                 for v in found)

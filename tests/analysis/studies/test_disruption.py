@@ -50,6 +50,22 @@ def test_c5_rule():
   assert disruption.wilson(0, 10)[0] == 0.0 and 0.2 < disruption.wilson(5, 10)[0] < 0.5
 
 
+def test_the_first_rope_model_decides_c5_whatever_comes_before_it():
+  spec = lambda massive: {"passkey": ("contextual", {"off": 10, "massive": massive, "random.0": 10}),
+                          "capitals": ("parametric", {"off": 10, "massive": 9})}
+  verdicts, pools = [], {}
+  for model, massive in (("alibi_s0", 10), ("rope_s1", 1), ("nope_s1", 10)):
+    records = [{**r, "model": model} for r in _records(spec(massive))]
+    pools[model] = disruption.pool(records, model, n_boot=500)
+    verdicts.append(disruption.c5_verdict(pools[model], model))
+  positions = {"alibi_s0": "alibi", "rope_s1": "rope", "nope_s1": "nope"}
+  c5 = disruption.claim(verdicts, pools, positions)
+  assert (c5.verdict, c5.notes.split(":")[0], c5.reference) == ("supported", "rope_s1", "arm nope_s1")
+  # without a RoPE model the first model's verdict is the claim's
+  c5 = disruption.claim(verdicts[::2], pools, positions)
+  assert (c5.verdict, c5.notes.split(":")[0]) == ("not supported", "alibi_s0")
+
+
 def test_pooled_interval_resamples_templates_as_well_as_items():
   """Two families with the same mean drop: templates that disagree give the wider interval."""
   spec = {"same": ("contextual", {"off": 10, "massive": 5}),

@@ -2,6 +2,7 @@
 what the command line builds, and the study runs end to end on a tiny model."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -121,6 +122,29 @@ def test_study_cli_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
                                          and not re.search(r"\d\.\d{4}", line) for line in verdict_lines), verdict_lines
   assert cli.main(["quantize", "--model", "random", "--out", str(out), "--methods", "kv", "--kv-bits", "4,one"]) == 2
   assert capsys.readouterr().err.startswith("error: --kv-bits: ")
+
+
+@pytest.mark.slow   # the study on two models
+@pytest.mark.parametrize("order", [("rope", "nope"), ("nope", "rope")])
+def test_the_rope_model_s_verdicts_are_the_claims_in_either_order(tmp_path, monkeypatch, order):
+  import json
+  from analysis.lab import cli
+  from analysis.studies import disruption, suites
+  from minilm.encodings import NoPE
+  from train.tokenizer import ByteTokenizer
+  tok = ByteTokenizer()
+  cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_len=64)
+  models = {"rope": Decoder(cfg, rngs=nnx.Rngs(0)), "nope": Decoder(dataclasses.replace(cfg, position=NoPE()), rngs=nnx.Rngs(1))}
+  items = [suites.Item("ctx", "contextual", np.asarray(tok.encode(f"key {i}{i}: value"), np.int32), "", f"{i}", 2, {})
+           for i in range(3)]
+  monkeypatch.setattr(disruption, "load_sources", lambda *a: [(m, models[m], tok, items, None, {}) for m in order])
+  out = tmp_path / "c6"
+  assert cli.main(["quantize", "--model", "random", "--out", str(out), "--methods", "rtn,rtn_keep", "--bits", "4",
+                   "--group-size", "16", "--top-k", "1", "--n", "2", "--calib", "2x16", "--ppl", "2x16"]) == 0
+  judged = json.loads((out / "summary.json").read_text())["verdicts"]
+  assert sorted(v["title"].split("(")[-1] for v in judged) == ["nope)", "rope)"]
+  claims = json.loads((out / "claims.json").read_text())["claims"]
+  assert [(c["claim"], c["title"].split("(")[-1]) for c in claims] == [("C6-keep", "rope)")]
 
 
 @pytest.mark.slow   # the study twice
