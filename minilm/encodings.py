@@ -146,10 +146,11 @@ class RoPE(PositionConfig):
                                self.high_freq_factor, self.original_max_len)
 
   def pairing(self, head_dim: int) -> Pairing:
+    """The pairs with the frequencies the model rotates them by (scaled, where `scaling` says)."""
     index = P.rope_pair_index(head_dim, self.layout, self.fraction, self.partial)
-    theta = P.rope_frequencies(head_dim, self.base, self.fraction, self.partial)
     extra = "" if (self.fraction, self.partial) == (1.0, "neox") else f" fraction={self.fraction} {self.partial}"
-    return Pairing(index, theta, f"rope {self.layout} base={self.base:g}{extra}", True)
+    extra += "" if self.scaling == "none" else f" {self.scaling} x{self.factor:g}"
+    return Pairing(index, self.frequencies(head_dim), f"rope {self.layout} base={self.base:g}{extra}", True)
 
   def validate(self, model):
     d = model.dim_per_head
