@@ -59,7 +59,9 @@ RULE_C1 = ("share of heads with at least one massive dim (M[h,d] > lam x mean_d 
            f"{SHARE_LEVEL:g} AND the recurrence p < {ALPHA:g} for Q and for K; not supported if either share "
            f"has CI upper bound < {SHARE_LEVEL:g}, or the recurrence p >= {ALPHA:g} for Q or K where it can be "
            "tested; inconclusive otherwise (including recurrence untestable: no layer with two heads holding a "
-           "massive dim). The same shares and tests before RoPE (q/k) and per rotary pair are reported beside it")
+           f"massive dim, or too few such heads for any placement to reach p < {ALPHA:g}: the p of every head's "
+           "massive dims at the same indices is not below it). The same shares and tests before RoPE (q/k) and "
+           "per rotary pair are reported beside it")
 RULE_C2 = ("supported if, in the RoPE arm, mean max/mean of rot_q/rot_k heads minus that of v heads "
            "(all layers, last step) has CI lower bound > 0; opposite if its CI upper bound < 0; "
            "inconclusive otherwise. The same gap before RoPE (q/k) and per rotary pair is reported beside it")
@@ -134,8 +136,9 @@ def at_least(ci, threshold: float) -> str:
 
 
 def recurs(test: dict) -> str:
-  """A recurrence test's verdict: supported if p < ALPHA, not supported if testable and p >= ALPHA."""
-  if not test["testable"]:
+  """A recurrence test's verdict: supported if p < ALPHA; not supported if p >= ALPHA where the test
+  could reach ALPHA (p_best < ALPHA); inconclusive where it could not, or nothing is testable."""
+  if not test["testable"] or not test["p_best"] < ALPHA:
     return "inconclusive"
   return "supported" if test["p"] < ALPHA else "not supported"
 

@@ -283,17 +283,29 @@ def recurrence(masks, n_perm: int, seed: int) -> dict:
   number of marked dims but places them uniformly at random among its D dims (each head's row
   permuted independently, `n_perm` times, seeded). One-sided p = (1 + #null >= observed) / (1 +
   n_perm). Layers with fewer than two marked heads cannot share and are left out ('testable' counts
-  the others); with none testable p is NaN."""
+  the others); with none testable p is NaN. p_best is the p of the most recurrent placement (every
+  head's marked dims at the same indices, `nested_pairs`): the smallest p these counts can reach
+  (with few marked heads and many dims it stays above any usual level)."""
   testable = [np.asarray(m, bool) for m in masks if np.asarray(m).any(-1).sum() >= 2]
   observed = int(sum(shared_pairs(m) for m in testable))
   if not testable:
-    return {"observed": 0, "null_mean": math.nan, "p": math.nan, "testable": 0, "n_perm": n_perm, "seed": seed}
+    return {"observed": 0, "null_mean": math.nan, "p": math.nan, "p_best": math.nan, "testable": 0,
+            "n_perm": n_perm, "seed": seed}
   rng = np.random.default_rng(seed)
   null = np.zeros(n_perm, np.int64)
   for m in testable:
     null += shared_pairs(rng.permuted(np.broadcast_to(m, (n_perm, *m.shape)), axis=-1))
-  return {"observed": observed, "null_mean": float(null.mean()), "p": float((1 + (null >= observed).sum()) / (1 + n_perm)),
-          "testable": len(testable), "n_perm": n_perm, "seed": seed}
+  p = lambda statistic: float((1 + (null >= statistic).sum()) / (1 + n_perm))
+  return {"observed": observed, "null_mean": float(null.mean()), "p": p(observed),
+          "p_best": p(sum(nested_pairs(m) for m in testable)), "testable": len(testable), "n_perm": n_perm, "seed": seed}
+
+
+def nested_pairs(mask_HxD) -> int:
+  """shared_pairs of the most recurrent placement of a layer's marks: each head keeps its count, all
+  at the same dims (the head with most marks holds every other head's)."""
+  counts = np.asarray(mask_HxD).sum(-1)
+  c = (counts[:, None] > np.arange(np.asarray(mask_HxD).shape[-1])[None]).sum(0).astype(np.int64)
+  return int((c * (c - 1) // 2).sum())
 
 
 # ------------------------------------------------------------------------------------- bootstrap

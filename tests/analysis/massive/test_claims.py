@@ -143,9 +143,10 @@ def test_rules_are_fixed_functions_of_the_interval():
   assert CL.at_least([1.0, 3.0], 1.0) == "supported"
   assert CL.at_least([0.0, 0.9], 1.0) == "not supported"
   assert CL.at_least([0.5, 1.5], 1.0) == "inconclusive"
-  assert CL.recurs({"testable": 3, "p": 0.001}) == "supported"
-  assert CL.recurs({"testable": 3, "p": 0.2}) == "not supported"
-  assert CL.recurs({"testable": 0, "p": float("nan")}) == "inconclusive"
+  assert CL.recurs({"testable": 3, "p": 0.001, "p_best": 0.001}) == "supported"
+  assert CL.recurs({"testable": 3, "p": 0.2, "p_best": 0.001}) == "not supported"
+  assert CL.recurs({"testable": 3, "p": 0.2, "p_best": 0.02}) == "inconclusive"   # could not have been supported
+  assert CL.recurs({"testable": 0, "p": float("nan"), "p_best": float("nan")}) == "inconclusive"
   assert CL.early(0, [0, 0], 8) == CL.early(1, [0, 1], 8) == "supported"      # early layers: 0, 1 of 8
   assert CL.early(2, [2, 5], 8) == "not supported" and CL.early(1, [1, 2], 8) == "inconclusive"
   assert CL.early(8, [8, 8], 8) == "inconclusive"                              # never reached

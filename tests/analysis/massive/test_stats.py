@@ -263,6 +263,27 @@ def test_recurrence_null_has_its_size_without_recurrence_and_detects_planted_rec
   assert S.recurrence([np.zeros((4, 8), bool)], 99, 0)["testable"] == 0
 
 
+def test_a_test_that_cannot_reach_the_level_says_so():
+  """Two of three heads massive in one of 64 dims: even at the same dim that is p ~ 1/64 under the
+  null, so p_best (the most recurrent placement's p) stays above 0.01; sixteen heads can go below."""
+  two = np.zeros((3, 64), bool)
+  two[:2, 5] = True                                  # the most recurrent placement already
+  test = S.recurrence([two], 999, 0)
+  assert test["observed"] == S.nested_pairs(two) == 1 and test["p"] == test["p_best"]
+  assert 0.01 < test["p_best"] < 0.05                # 1/64 = 0.016 and its permutation estimate
+  many = np.zeros((16, 64), bool)
+  many[np.arange(16), np.arange(16) * 4] = True      # sixteen heads, sixteen different dims
+  test = S.recurrence([many], 999, 0)
+  assert test["observed"] == 0 and test["p"] > 0.5 and test["p_best"] == 1 / 1000
+  assert S.nested_pairs(many) == 16 * 15 // 2
+
+
+def test_nested_pairs_places_every_head_s_marks_at_the_same_dims():
+  m = np.zeros((3, 6), bool)
+  m[0, [0, 2, 4]] = m[1, [1, 3]] = m[2, 5] = True    # counts 3, 2, 1 -> dims shared by 3, 2 and 1 heads
+  assert S.nested_pairs(m) == 3 + 1
+
+
 def test_shared_pairs_counts_pairs_of_heads_per_dim():
   m = np.zeros((4, 5), bool)
   m[:3, 0] = True      # 3 heads: 3 pairs
