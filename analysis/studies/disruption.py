@@ -378,8 +378,8 @@ RULE = (f"drop = undisrupted minus disrupted accuracy (greedy decoding, strict s
         "(the massive dims are not clearly more harmful than random ones); "
         "opposite if a parametric family drops more than the contextual tasks (CI upper bound of the difference "
         "< 0); inconclusive otherwise, or without a usable contextual and a usable parametric family, or without "
-        "the random control. The smallest-dims and V controls, the conflict split and the dose-response are "
-        "reported beside it")
+        "the random control. Where more than one holds, the first of not supported, opposite, supported counts. "
+        "The smallest-dims and V controls, the conflict split and the dose-response are reported beside it")
 
 
 def c5_verdict(pooled: dict, model: str) -> dict:

@@ -45,6 +45,8 @@ def test_c5_rule():
   assert _status({**good, "massive": 3, "random.0": 5, "random.1": 6}, {"off": 10, "massive": 9}) == "supported"
   assert _status({**good, "massive": 10}, {"off": 10, "massive": 9}) == "not supported"        # massive does nothing
   assert _status({**good, "massive": 5}, {"off": 10, "massive": 0}) == "opposite"              # parametric hurt more
+  # both 'not supported' (no contextual drop) and 'opposite' hold: the rule's order says the first
+  assert _status({**good, "massive": 10}, {"off": 10, "massive": 0}) == "not supported"
   assert _status({**good, "off": 5}, {"off": 10, "massive": 9}) == "inconclusive"              # cannot do the task
   assert _status({"off": 10, "massive": 1}, {"off": 10, "massive": 9}) == "inconclusive"       # no random control
   assert disruption.wilson(0, 10)[0] == 0.0 and 0.2 < disruption.wilson(5, 10)[0] < 0.5
