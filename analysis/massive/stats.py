@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -309,6 +310,13 @@ def nested_pairs(mask_HxD) -> int:
 
 
 # ------------------------------------------------------------------------------------- bootstrap
+
+def name_seed(seed: int, name: str) -> int:
+  """A bootstrap seed for the estimate of `name` (a task family, a claim): the same for that name
+  whatever else a study ran or in which order. Multiples of 1000, so that seed + k for k < 1000
+  stay the name's own."""
+  return seed + 1000 * (zlib.crc32(name.encode()) & 0xFFFFFF)
+
 
 def prompt_counts(n_prompts: int, n_boot: int, seed: int = 0) -> np.ndarray:
   """[n_boot, n_prompts] multinomial counts: each row resamples the prompts with replacement."""

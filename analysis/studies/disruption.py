@@ -313,14 +313,14 @@ def pool(records: list[dict], model: str, n_boot: int = N_BOOT) -> dict:
   for r in mine:
     tasks.setdefault(r["family"], {}).setdefault(r["task"], r["kind"])
   families = {}
-  for i, (family, kinds) in enumerate(tasks.items()):
+  for family, kinds in tasks.items():
     usable = [t for t in kinds if success[t]["off"].mean() >= USABLE]
     e = families[family] = {"kind": next(iter(kinds.values())), "templates": list(kinds), "usable": usable,
                             "energy": _energy([r for r in mine if r["family"] == family])}
     if usable:
-      e["acc"] = family_estimate([success[t] for t in usable], n_boot, SEED + 100 * i)
+      e["acc"] = family_estimate([success[t] for t in usable], n_boot, S.name_seed(SEED, family))
       if e["kind"] == "conflict":
-        e["memory"] = family_estimate([memory[t] for t in usable], n_boot, SEED + 100 * i)
+        e["memory"] = family_estimate([memory[t] for t in usable], n_boot, S.name_seed(SEED, family))
   kinds = {}
   for kind in suites.KINDS:
     fams = [e for e in families.values() if e["kind"] == kind and e["usable"]]

@@ -165,7 +165,6 @@ def verdicts(records: list[dict], label: str, scheme_list: list[QM.Scheme], n_bo
   tasks = {r["task"] for r in fp.values() if r["kind"] == "contextual"}
   usable = {t for t in tasks if np.mean([r["success"] for r in fp.values() if r["task"] == t]) >= disruption.USABLE}
   items = sorted(i for i, r in fp.items() if r["task"] in usable)
-  rng = np.random.default_rng(seed)
   out = []
   for claim, a, b, title in PAIRS:
     sa, sb = _verdict_scheme(a, scheme_list), _verdict_scheme(b, scheme_list)
@@ -179,7 +178,7 @@ def verdicts(records: list[dict], label: str, scheme_list: list[QM.Scheme], n_bo
       continue
     xa = np.array([by[sa][i]["success"] for i in items], float)
     xb = np.array([by[sb][i]["success"] for i in items], float)
-    ra, rb = stats.resample_means(xa, xb, n_boot=n_boot, seed=rng)   # one stream: each pair draws after the last
+    ra, rb = stats.resample_means(xa, xb, n_boot=n_boot, seed=stats.name_seed(seed, claim))
     ci = list(stats.interval(ra - rb, claims.LEVEL))
     out.append(claims.Verdict(verdict=claims.direction(ci), value=float(xa.mean()), value_ci=list(stats.interval(ra)),
                               reference_value=float(xb.mean()), reference_ci=list(stats.interval(rb)),

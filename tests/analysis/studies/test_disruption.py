@@ -82,6 +82,14 @@ def test_pooled_interval_resamples_templates_as_well_as_items():
   assert pooled["families"]["same"]["energy"]["massive"] == {"rot_q": 0.02, "rot_k": 0.01}
 
 
+def test_a_family_s_interval_does_not_depend_on_the_other_families_run():
+  passkey = {"passkey": ("contextual", {"off": 10, "massive": [2, 4, 3, 5, 1], "random.0": 9})}
+  capitals = {"capitals": ("parametric", {"off": 10, "massive": 9})}
+  alone = disruption.pool(_records(passkey), "m", n_boot=300)["families"]["passkey"]["acc"]["massive"]
+  after = disruption.pool(_records({**capitals, **passkey}), "m", n_boot=300)["families"]["passkey"]["acc"]["massive"]
+  np.testing.assert_array_equal(alone[1], after[1])
+
+
 def test_random_draws_pool_into_one_row_per_task():
   recs = _records({"passkey": ("contextual", {"off": 10, "random.0": 4, "random.1": 6})}, templates=1)
   for r in recs:

@@ -39,6 +39,17 @@ def test_c6_verdict_follows_its_rule():
   assert QS.verdicts(records(9, 3, fp=0), "m", schemes, n_boot=500)[0].verdict == "inconclusive"  # fp cannot
 
 
+def test_a_comparison_s_interval_does_not_depend_on_which_others_ran():
+  keep, awq = QS.schemes(["rtn", "rtn_keep"], [4]), QS.schemes(["rtn", "rtn_keep", "awq", "gptq"], [4])
+  def records(schemes):
+    return [{"model": "m", "mode": s.name, "example": i, "task": "passkey", "kind": "contextual",
+             "success": int(s.name == "fp" or (i * 7 + len(s.name)) % 10 < 6)} for i in range(30) for s in schemes]
+  alone = {v.claim: v for v in QS.verdicts(records(keep), "m", keep, n_boot=300)}
+  beside = {v.claim: v for v in QS.verdicts(records(awq), "m", awq, n_boot=300)}
+  assert set(alone) == {"C6-keep"} and set(beside) == {"C6", "C6-keep"}
+  assert alone["C6-keep"].ci[0] < alone["C6-keep"].ci[1] and alone["C6-keep"].ci == beside["C6-keep"].ci
+
+
 def test_the_study_config_is_what_the_command_line_builds():
   import argparse
   ap = argparse.ArgumentParser()
