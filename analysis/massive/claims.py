@@ -350,12 +350,17 @@ def _c2(a: _Arms) -> Verdict:
 
 
 def _c3(a: _Arms) -> Verdict:
-  """RoPE minus NoPE concentration, judged per rotary pair."""
+  """RoPE minus NoPE concentration, judged per rotary pair; beside it, whether the RoPE arm has a
+  massive pair at all (the rule compares concentration, which exists without massive values)."""
   points, rotation = _three(a, lambda arm, point, seed: _measure(a, arm, point, QK, "max_mean", seed=seed))
+  share, reps = _measure(a, a.rope, "pair", QK, "any_massive", seed=3)
+  ci = _ci(reps)
+  massive = (f"RoPE arm: share of q/k heads with a massive pair {share:.3f} CI [{ci[0]:.3f}, {ci[1]:.3f}]"
+             + (" (none: the difference is one of concentration, not of massive values)" if ci[1] == 0 else ""))
   return Verdict("C3", "RoPE causes it", "max/mean of q/k rotary-pair norms (head mean; rotation-invariant)",
                  direction(points["pair"]["ci"]) if a.nope else "inconclusive", RULE_C3,
                  **_judged(points, "pair", f"arm {a.nope}"), step=a.step, point="pair", points=points,
-                 rotation=rotation, notes="" if a.nope else "no NoPE arm traced")
+                 rotation=rotation, notes=massive if a.nope else f"no NoPE arm traced; {massive}")
 
 
 def _c3_lowfreq(a: _Arms) -> Verdict:

@@ -68,6 +68,7 @@ def test_planted_rope_concentration_supports_c1_to_c4(tmp_path):
   assert {c: x.verdict for c, x in v.items()} == {c: "supported" for c in ("C1", "C2", "C3", "C3-lowfreq", "C4")}
   assert v["C1"].value == 1.0 and v["C1"].reference_value == 0.0 and v["C1"].step == 10      # every Q/K head, none in NoPE
   assert v["C1"].points["pre"]["value"] == v["C1"].points["pair"]["value"] == 1.0
+  assert "massive pair 1.000" in v["C3"].notes and "(none: " not in v["C3"].notes
   judged = [p for p in v["C1"].parts if p["verdict"]]
   assert {p["key"] for p in judged} == {"share_Q", "share_K", "recurrence_Q", "recurrence_K"}
   assert all(p["point"] == "post" for p in judged)
@@ -107,6 +108,7 @@ def test_heads_with_massive_dims_at_different_indices_do_not_recur(tmp_path):
 def test_concentration_in_the_nope_arm_only_is_opposite(tmp_path):
   v = _verdicts(_store(tmp_path, rope_layers=(), nope_layers=range(L)))
   assert v["C3"].verdict == "opposite" and v["C3"].ci[1] < 0
+  assert "share of q/k heads with a massive pair 0.000" in v["C3"].notes and "(none: " in v["C3"].notes
   assert v["C3-lowfreq"].verdict == "opposite"
   assert v["C1"].verdict == "not supported" and v["C4"].verdict == "inconclusive"
   assert v["C4"].value == L                                                      # no layer reaches the level
