@@ -406,6 +406,10 @@ def c5_verdict(pooled: dict, model: str) -> dict:
     status = "supported"
   else:
     status = "inconclusive"
+  if ctx:   # how much the contextual pool rests on (SCIENCE.md: one template is an anecdote)
+    n = sum(len(pooled["families"][f]["usable"]) for f in ctx["families"])
+    why += (f"; contextual pool: {n} usable template{'s' * (n != 1)} in {len(ctx['families'])} "
+            f"famil{'ies' if len(ctx['families']) != 1 else 'y'}" + (" (one template: an anecdote)" if n == 1 else ""))
   evidence = {"contextual_drop_massive": _json(massive), "differences": {k: _json(d) for k, d in tests.items()},
               "usable": {f: e["usable"] for f, e in pooled["families"].items()}}
   return {"claim": "C5", "model": model, "status": status, "summary": why, "evidence": evidence, "rule": RULE}
