@@ -43,8 +43,10 @@ def test_training_counts_every_step_of_every_arm_forward_and_backward(floor):
   tokens = cfg.steps * cfg.data.batch_size * cfg.data.seq_len
   # forward x W, then dY W^T and X^T dY: 6 FLOPs per weight and token, and the tied head's product
   linears = 6 * (kernel_params(model) + cfg.model.vocab_size * cfg.model.d_model) * tokens
+  # the rest of a step is far less: attention's products at most 12 x layers x T x d per token (a tenth
+  # of the linears here), norms, activations and AdamW tens of FLOPs per activation or parameter
   for arm in flops:
-    assert linears <= flops[arm]
+    assert linears <= flops[arm] < 2 * linears, (arm, flops[arm] / linears)
 
 
 def test_disruption_counts_every_batch_under_every_condition(floor):

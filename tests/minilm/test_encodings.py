@@ -26,6 +26,8 @@ def test_a_pair_turns_by_its_pairing_s_theta_per_token(layout, scaling):
   for j in range(pairing.n_pairs):
     a, b = np.flatnonzero(pairing.pair_index == j)
     angle = abs(np.arctan2(turned[a, b], turned[a, a]))
+    # float32 cos/sin of theta (relative error ~1e-7; the vectorised sin/cos differ by CPU) read back
+    # by atan2: 1e-5 leaves them two orders of magnitude, while a wrong scaling is off by x8 or more
     assert angle == pytest.approx(pairing.theta[j], rel=1e-5, abs=1e-6), (j, angle, pairing.theta[j])
   if scaling:
     assert pairing.theta[-1] < encodings.RoPE(base=500.0, layout=layout).pairing(D).theta[-1]

@@ -64,6 +64,21 @@ def test_llama3_scaling_keeps_fast_pairs_and_slows_slow_ones():
   np.testing.assert_allclose(scaled[wavelen > 8192], theta[wavelen > 8192] / 8.0, rtol=1e-12)
   band = (wavelen >= 2048) & (wavelen <= 8192)
   assert band.any() and np.all((scaled[band] <= theta[band]) & (scaled[band] >= theta[band] / 8.0))
+  # in the band, Llama 3's blend: smooth = (8192 / wavelength - 1) / (4 - 1) of theta, the rest theta / 8;
+  # by hand at the wavelengths 2048 (smooth 1), 4096 (1/3: 5/12 of theta) and 8192 (0)
+  edges = 2 * np.pi / np.array([2048.0, 4096.0, 8192.0])
+  np.testing.assert_allclose(P.scale_frequencies(edges, "llama3", 8.0, 1.0, 4.0, 8192),
+                             edges * [1.0, 5 / 12, 1 / 8], rtol=1e-12)
+
+
+def test_partial_rope_without_theta_rotates_by_its_own_frequencies():
+  """apply_rope's default theta is rope_frequencies of the same fraction and style (p-rope keeps the
+  head's fastest pairs, neox spreads its spectrum over the rotated dims)."""
+  x = RNG.normal(size=(1, 3, 2, 16))
+  for partial in ("p-rope", "neox"):
+    theta = P.rope_frequencies(16, 1e4, 0.5, partial)
+    np.testing.assert_array_equal(rope(x, np.arange(3), base=1e4, fraction=0.5, partial=partial),
+                                  rope(x, np.arange(3), base=1e4, fraction=0.5, partial=partial, theta=theta))
 
 
 def test_pair_index_layouts():

@@ -22,15 +22,18 @@ def _facts(position):
           "n_layers": L, "n_heads": H, "kv_heads": K, "head_dim": D, "context": 64.0}
 
 
-def _sums(rng, planted_layers, spread=False, heads=None):
+def _sums(rng, planted_layers, spread=False, heads=None, v_factor=None):
   """Per-prompt sums of squares of every layer and tensor; q/k and rot_q/rot_k of `planted_layers` get
   both dims of pair LF_PAIR (half layout) 400x the energy in every head (or in `heads`: {head: pair}).
   spread=True plants in dim LF_PAIR alone before RoPE and lets the rotation share the pair's energy
-  equally between its two dims after it, as RoPE does over many positions."""
+  equally between its two dims after it, as RoPE does over many positions. v_factor: v of those
+  layers gets one dim (LF_PAIR) that many times the energy in every head."""
   sums = {}
   for layer in range(L):
     for tensor in ("q", "k", "v"):
       sums[hooks.name(layer, tensor)] = rng.chisquare(8, (N, H if "q" in tensor else K, D))
+    if v_factor and layer in planted_layers:
+      sums[hooks.name(layer, "v")][:, :, LF_PAIR] *= v_factor
     for tensor in ("q", "k"):
       s = sums[hooks.name(layer, tensor)]
       if layer in planted_layers:
@@ -94,6 +97,13 @@ def test_c3_is_judged_where_the_rotation_cannot_bias_it(tmp_path):
   assert v.rotation["of"] == "diff" and v.rotation["value"] == pytest.approx(v.points["post"]["diff"])
   assert v.rotation["ci"][1] < 0                                                # all of the gap is the rotation
   assert "100% of the post-RoPE per-dim difference" in CL.rotation_text(v)
+
+
+def test_v_more_concentrated_than_q_and_k_makes_c2_opposite(tmp_path):
+  """C2 is a gap: Q/K's max/mean minus V's. V with one dim 4000x (Q/K: a pair 400x) reverses it."""
+  v = _verdicts(_store(tmp_path, rope_layers=range(L), nope_layers=(), v_factor=4000))["C2"]
+  assert v.verdict == "opposite" and v.ci[1] < 0
+  assert v.value == pytest.approx(v.points["post"]["value"]) and "V max/mean" in v.notes
 
 
 def test_heads_with_massive_dims_at_different_indices_do_not_recur(tmp_path):
