@@ -1,5 +1,7 @@
 """train.step: the weighted loss, gradient accumulation, the learning-rate schedule, and a non-finite
 step that keeps the last good state and records itself."""
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -66,7 +68,10 @@ def test_lr_schedule_warms_up_then_decays_to_final():
   ulps = 8 * EPS32   # a handful of float32 operations (cosine, scale, shift), each rounded once
   assert float(lr(0)) == 0.0
   assert float(lr(10)) == pytest.approx(1e-2, rel=ulps)
-  assert float(lr(55)) < 1e-2
+  assert float(lr(5)) == pytest.approx(5e-3, rel=ulps)                  # linear warm-up: half way, half the lr
+  # cosine from lr to final_lr over steps 10..100: half way, final + (lr - final) * (1 + cos(pi / 2)) / 2
+  assert float(lr(55)) == pytest.approx(1e-3 + 9e-3 / 2, rel=ulps)
+  assert float(lr(85)) == pytest.approx(1e-3 + 9e-3 * (1 + math.cos(math.pi * 75 / 90)) / 2, rel=ulps)
   assert float(lr(100)) == pytest.approx(1e-3, rel=ulps)
 
 
