@@ -16,7 +16,7 @@ from flax import nnx
 
 from helpers import ROOT, damage
 from minilm import schema as C
-from train import checkpoints, cli, loop, schedule
+from train import checkpoints, cli, data, loop, schedule
 
 SMOKE = cli.load("smoke", []).resolve("rope")
 pytestmark = pytest.mark.slow   # every test trains the smoke arm (the module's `trained` run) or resumes it
@@ -89,7 +89,9 @@ def test_run_killed_during_a_save_resumes_exactly(trained, tmp_path):
   ckpt = os.listdir(os.path.join(arm_dir, checkpoints.CHECKPOINTS))
   assert "4" not in ckpt and any(name.startswith("4.orbax-checkpoint-tmp") for name in ckpt), ckpt
   assert checkpoints.available_steps(arm_dir) == [0, 1, 2]
-  loop.train(SMOKE, arm_dir, progress=False)   # the same command again
+  asked = []
+  loop.train(SMOKE, arm_dir, progress=False, batch_fn=asking(asked))   # the same command again
+  assert asked == [2, 3, 4, 5]   # resumed from step 2, the last complete save, not retrained from 0
   assert not any("tmp" in name for name in os.listdir(os.path.join(arm_dir, checkpoints.CHECKPOINTS)))
   assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
   for step in (4, 6):
@@ -121,6 +123,15 @@ def test_a_damaged_step_is_one_line_naming_it(trained, tmp_path, how, says):
     damage(arm_dir, 2, how)
     checkpoints.load_model(arm_dir, 2)   # an earlier step cannot be redone in place
   checkpoints.load_model(arm_dir, 4)   # the others still load
+
+
+def asking(steps):
+  """data.train_batch, noting each step it is asked for in `steps`: training is deterministic, so a
+  run retrained from step 0 equals a resumed one, and only the steps asked for tell them apart."""
+  def batch_fn(cfg, seed, step, rows=None):
+    steps.append(step)
+    return data.train_batch(cfg, seed, step, rows)
+  return batch_fn
 
 
 def assert_same_params(arm_dir, reference_dir, step):
@@ -168,7 +179,9 @@ def test_a_full_disk_during_a_save_is_one_line_and_resume_stays_exact(trained, t
                                  "run the same command again, it resumes exactly from step 2"), str(err.value)
   assert checkpoints.available_steps(arm_dir) == [0, 1, 2]
   monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", original)
-  loop.train(SMOKE, arm_dir, progress=False)
+  asked = []
+  loop.train(SMOKE, arm_dir, progress=False, batch_fn=asking(asked))
+  assert asked == [2, 3, 4, 5]   # resumed from step 2, as the message says, not retrained from 0
   assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
   for step in (4, 6):
     assert_same_params(arm_dir, trained, step)

