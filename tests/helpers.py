@@ -311,6 +311,15 @@ NEOX_CFG = dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=2, num_
 SMOKE = cli.load("smoke", [])
 
 
+def asking(steps):
+  """data.train_batch, noting each step it is asked for in `steps`: training is deterministic, so a
+  run retrained from step 0 equals a resumed one, and only the steps asked for tell them apart."""
+  def batch_fn(cfg, seed, step, rows=None):
+    steps.append(step)
+    return data.train_batch(cfg, seed, step, rows)
+  return batch_fn
+
+
 def smoke(**overrides) -> TrainConfig:
   """The tiny smoke config (configs/smoke.json), rope arm, with dotted overrides."""
   return C.override(SMOKE.resolve("rope"), overrides)

@@ -14,9 +14,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from helpers import ROOT, damage
+from helpers import ROOT, asking, damage
 from minilm import schema as C
-from train import checkpoints, cli, data, loop, schedule
+from train import checkpoints, cli, loop, schedule
 
 SMOKE = cli.load("smoke", []).resolve("rope")
 pytestmark = pytest.mark.slow   # every test trains the smoke arm (the module's `trained` run) or resumes it
@@ -123,15 +123,6 @@ def test_a_damaged_step_is_one_line_naming_it(trained, tmp_path, how, says):
     damage(arm_dir, 2, how)
     checkpoints.load_model(arm_dir, 2)   # an earlier step cannot be redone in place
   checkpoints.load_model(arm_dir, 4)   # the others still load
-
-
-def asking(steps):
-  """data.train_batch, noting each step it is asked for in `steps`: training is deterministic, so a
-  run retrained from step 0 equals a resumed one, and only the steps asked for tell them apart."""
-  def batch_fn(cfg, seed, step, rows=None):
-    steps.append(step)
-    return data.train_batch(cfg, seed, step, rows)
-  return batch_fn
 
 
 def assert_same_params(arm_dir, reference_dir, step):

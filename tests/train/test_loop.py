@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import leaves, smoke
+from helpers import asking, leaves, smoke
 from minilm import schema as C
 from train import cli as train_cli
 from train import checkpoints, data, loop, paired, text
@@ -34,15 +34,6 @@ def test_paired_arms_share_every_common_initial_tensor():
   assert set(flat["learned"]) - set(reference) == {("position", "table")}  # ... plus its own table
   other_seed = loop.init_params(exp.resolve("rope").model, exp.train.seed + 1)
   assert not np.array_equal(leaves(other_seed)[0], leaves(flat["rope"][("embed", "embedding")])[0])
-
-
-def asking(steps):
-  """data.train_batch, noting each step it is asked for in `steps`: training is deterministic, so a
-  run retrained from step 0 equals a resumed one, and only the steps asked for tell them apart."""
-  def batch_fn(cfg, seed, step, rows=None):
-    steps.append(step)
-    return data.train_batch(cfg, seed, step, rows)
-  return batch_fn
 
 
 @pytest.mark.slow
