@@ -141,6 +141,36 @@ def test_agreement_and_kurtosis_against_known_profiles():
   assert S.kurtosis(M).min() > 5 > abs(S.kurtosis(np.random.default_rng(5).standard_normal((2, 4096)))).max()
 
 
+def test_kurtosis_is_excess_kurtosis_of_known_profiles():
+  # Evenly spaced values (discrete uniform on n points): excess kurtosis -6(n^2+1) / (5(n^2-1)),
+  # -1.2 in the limit; float64 means of n = 1000 terms: n * eps64 ~ 2e-13 relative, 1e-12 is ample.
+  n = 1000
+  np.testing.assert_allclose(S.kurtosis(np.linspace(0.0, 1.0, n)[None]), -6 * (n * n + 1) / (5 * (n * n - 1)), rtol=1e-12)
+  # One dim set among D (Bernoulli, p = 1/D): kurtosis 1/(pq) - 3, so excess D^2/(D-1) - 6 ("about D").
+  D = 64
+  np.testing.assert_allclose(S.kurtosis(np.eye(1, D)), D * D / (D - 1) - 6, rtol=1e-12)
+  # A Gaussian sample: 0, with sample sd sqrt(24/n) (0.022 at n = 50000); 5 sd per row
+  g = np.random.default_rng(12).standard_normal((8, 50000))
+  assert np.all(np.abs(S.kurtosis(g)) < 5 * np.sqrt(24 / g.shape[1]))
+
+
+def test_interval_is_the_linear_percentile_interval():
+  """interval = numpy's default ('linear', Hyndman-Fan type 7) quantiles at (1-level)/2 and
+  (1+level)/2 of the finite samples: position q * (n - 1) among the sorted values, interpolated."""
+  rng = np.random.default_rng(13)
+  # 1001 values 0..1000: positions 25 and 975 are order statistics, the values themselves. (1-0.95)/2
+  # is 0.025 to a few float64 ulps, so the positions (and values) to ~1e-14 of 1000: rtol 1e-12.
+  s = rng.permutation(1001).astype(float)
+  np.testing.assert_allclose(S.interval(s, 0.95), (25.0, 975.0), rtol=1e-12)
+  np.testing.assert_allclose(S.interval(s, 0.5), (250.0, 750.0), rtol=1e-12)
+  # squares 0..100^2: positions 2.5 and 97.5 fall between order statistics, halfway by linear interpolation
+  sq = rng.permutation(np.arange(101.0) ** 2)
+  np.testing.assert_allclose(S.interval(sq), ((2 ** 2 + 3 ** 2) / 2, (97 ** 2 + 98 ** 2) / 2), rtol=1e-12)
+  # non-finite replicates are left out, not counted as extremes
+  np.testing.assert_allclose(S.interval(np.concatenate([sq, [np.nan, np.inf, -np.inf]])), S.interval(sq), rtol=0)
+  assert all(np.isnan(S.interval([np.nan, np.inf])))
+
+
 def test_bootstrap_is_paired_and_covers_the_point():
   rng = np.random.default_rng(6)
   sums = rng.chisquare(4, (20, 4, 16))

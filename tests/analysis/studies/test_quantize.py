@@ -38,6 +38,39 @@ def test_rtn_error_within_half_step(bits, symmetric, group_size):
     assert np.abs(w - w_hat).max() > 0
 
 
+def test_asymmetric_grid_has_2_to_the_bits_levels_from_min_to_max():
+  """QuantSpec: asymmetric = min/max (widened to hold 0) over 2^bits - 1 steps, an integer zero
+  point, codes 0..2^bits-1. Hand values, float32 throughout."""
+  spec = Q.QuantSpec(4)
+  # a column spanning [-3, 12]: step 15/15 = 1, zero point 3, and every integer in range is a level
+  w = np.arange(-3.0, 13.0, dtype=np.float32)[:, None]
+  scale, zero = Q.grid(w, spec)
+  assert scale.tolist() == [1.0] and zero.tolist() == [3.0]
+  np.testing.assert_array_equal(Q.fake_quant(w, scale, zero, spec), w)   # both extremes included: exact
+  # [-1, 1]: step 2/15 (one float32 division); -lo/step = 7.4999995 in float32, so zero point 7
+  scale, zero = Q.grid(np.array([[-1.0], [1.0]], np.float32), spec)
+  assert scale.tolist() == [np.float32(2) / np.float32(15)] and zero.tolist() == [7.0]
+  sweep = np.linspace(-3, 3, 6001, dtype=np.float32)[:, None]            # far past both ends: every code
+  levels = np.unique(Q.fake_quant(sweep, scale, zero, spec))
+  np.testing.assert_array_equal(levels, np.arange(-7, 9, dtype=np.float32) * scale)   # 16 levels, k * step exactly
+  # a column of positives: the range is widened to 0, so 0 stays a level (zero point 0)
+  scale, zero = Q.grid(np.array([[2.0], [15.0]], np.float32), spec)
+  assert scale.tolist() == [1.0] and zero.tolist() == [0.0]
+
+
+def test_symmetric_grid_is_absmax_over_2_to_the_bits_minus_1_minus_1():
+  """QuantSpec: symmetric = absmax / (2^(bits-1) - 1), codes -2^(bits-1) .. 2^(bits-1) - 1."""
+  spec = Q.QuantSpec(4, symmetric=True)
+  w = np.arange(-7, 8, dtype=np.float32)[:, None] * 0.25                 # absmax 1.75 = 7 steps of 0.25
+  scale, zero = Q.grid(w, spec)
+  assert scale.tolist() == [0.25] and zero.tolist() == [0.0]              # 1.75 / 7: exact in float32
+  np.testing.assert_array_equal(Q.fake_quant(w, scale, zero, spec), w)   # +-absmax included: exact
+  sweep = np.linspace(-4, 4, 801, dtype=np.float32)[:, None]
+  levels = np.unique(Q.fake_quant(sweep, scale, zero, spec))
+  np.testing.assert_array_equal(levels, np.arange(-8, 8, dtype=np.float32) * 0.25)    # -8..7: 16 codes
+  assert Q.grid(np.array([[-127.0], [3.0]], np.float32), Q.QuantSpec(8, symmetric=True))[0].tolist() == [1.0]
+
+
 def test_spec_rejects_bad_values():
   with pytest.raises(ConfigError, match="quant.bits"):
     Q.QuantSpec(bits=1)
