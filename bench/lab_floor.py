@@ -107,6 +107,9 @@ def main() -> None:
     sys.exit(f"error: --report: {args.report!r} holds no stages/ folder (a lab report folder, reports/<name>)")
   from analysis.lab import run as lab_run
   lab, path = lab_run.read_config(args.config)
+  if lab.disrupt.model == lab_run.RUN:
+    sys.exit(f"error: disrupt.model: this floor counts C5 on an imported model (smollm2, a .gguf or an HF "
+             f"folder); {path} runs it on the lab's own arms")
   exp = lab_run.experiment_of(lab, quick=False)
 
   train = train_flops(exp)

@@ -101,10 +101,7 @@ def _claims_args(p):
 
 
 def _claims(args):
-  store = Store(args.out).require()
-  meta = store.meta()
-  arms = PL.judged_arms(meta.get("run_dir"), list(meta["arms"]), args.rope_arm, args.nope_arm)
-  verdicts = claims.judge(store, **arms)
+  verdicts = claims.judge(Store(args.out).require(), rope_arm=args.rope_arm, nope_arm=args.nope_arm)
   claims.write_claims(verdicts, args.out)
   print(claims.to_markdown(claims.load_claims(args.out)))
 

@@ -170,7 +170,7 @@ class _Arms:
     self.store, self.meta = store, meta
     self.cfg = ST.stat_config(meta)
     self.rope = _pick(meta["arms"], rope_arm, "rope")
-    self.nope = _pick(meta["arms"], nope_arm, "nope") if nope_arm or find_nope else None
+    self.nope = _pick(meta["arms"], nope_arm, "nope", _seed_of(meta["arms"], self.rope)) if nope_arm or find_nope else None
     arms = [a for a in (self.rope, self.nope) if a]
     common = set.intersection(*(set(store.steps(a)) for a in arms)) if arms else set()
     self.step = max(common) if common else None
@@ -178,6 +178,13 @@ class _Arms:
     n = len(np.load(store.path("probes.npy")))
     self.counts = S.prompt_counts(n, n_boot, S.BOOT_SEED)
     self.groups = {}
+
+  def no_reference(self) -> str:
+    """Why there is no reference arm: none traced, or none of the tested arm's seed."""
+    seed = _seed_of(self.meta["arms"], self.rope)
+    if seed is not None and any(f["position"] == "nope" for f in self.meta["arms"].values()):
+      return f"no NoPE arm of seed {seed} traced"
+    return "no NoPE arm traced"
 
   def n_layers(self, arm):
     return self.meta["arms"][arm]["n_layers"]
@@ -210,14 +217,22 @@ class _Arms:
     return S.pool_heads(groups, [stat], len(self.counts), seed)[stat]
 
 
-def _pick(arms: dict, name, kind: str):
+def _pick(arms: dict, name, kind: str, seed=None):
+  """The arm named, else the arm called `kind`, else the first of that position; of `seed` only, where
+  seeds are known (a traced run keeps each arm's), so that arms of two seeds are never compared."""
   if name:
     if name not in arms:
       raise ValueError(f"{kind}_arm: {name!r} is not a traced arm; traced: {', '.join(arms)}")
     return name
+  arms = {a: f for a, f in arms.items() if seed is None or f.get("seed") == seed}
   if kind in arms:
     return kind
   return next((a for a, f in arms.items() if f["position"] == kind), None)
+
+
+def _seed_of(arms: dict, arm):
+  """An arm's training seed where the store knows it (None: a pretrained model, or an older trace)."""
+  return arms[arm].get("seed") if arm else None
 
 
 def _ci(reps):
@@ -275,9 +290,10 @@ def judge(store: ST.Store, rope_arm: str | None = None, nope_arm: str | None = N
           n_boot: int = N_BOOT, *, find_nope: bool = True) -> list[Verdict]:
   """C1-C4 (with C3 split into the cause and the low-frequency location) from a traced directory.
 
-  Without `nope_arm` the reference is the arm named "nope" or else the first NoPE arm, unless
-  `find_nope` is False: then the claims that need a reference read inconclusive. Experiments with
-  seeds pass False, so that an arm is never compared with the NoPE arm of another seed."""
+  Without `rope_arm` the tested arm is the arm named "rope" or else the first RoPE arm; without
+  `nope_arm` the reference is the arm named "nope" or else the first NoPE arm, of the tested arm's
+  seed where the store knows seeds (a traced run's arms), unless `find_nope` is False: then the
+  claims that need a reference read inconclusive (compare.py's comparisons name their pairs)."""
   a = _Arms(store, rope_arm, nope_arm, n_boot, find_nope)
   if a.rope is None:
     why = f"no RoPE arm among {', '.join(a.meta['arms'])}"
@@ -330,7 +346,8 @@ def _parts_notes(parts: list, point: str) -> str:
       out.append(f"{p['name']} {p['value']:.3f} CI [{p['ci'][0]:.3f}, {p['ci'][1]:.3f}]")
     elif "p" in p:
       out.append(f"{p['name']} {p['value']} vs {p['null_mean']:.3g} under the null in {p['testable']} testable "
-                 f"layers, p {p['p']:.3g}")
+                 f"layers, p {p['p']:.3g}" + (f" (the smallest these heads can reach: {p['p_best']:.3g})"
+                                             if p.get("p_best", 0) >= ALPHA else ""))
   return "; ".join(out)
 
 
@@ -360,7 +377,7 @@ def _c3(a: _Arms) -> Verdict:
   return Verdict("C3", "RoPE causes it", "max/mean of q/k rotary-pair norms (head mean; rotation-invariant)",
                  direction(points["pair"]["ci"]) if a.nope else "inconclusive", RULE_C3,
                  **_judged(points, "pair", f"arm {a.nope}"), step=a.step, point="pair", points=points,
-                 rotation=rotation, notes=massive if a.nope else f"no NoPE arm traced; {massive}")
+                 rotation=rotation, notes=massive if a.nope else f"{a.no_reference()}; {massive}")
 
 
 def _c3_lowfreq(a: _Arms) -> Verdict:

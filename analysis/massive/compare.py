@@ -54,12 +54,6 @@ def pairs(facts: dict[str, dict]) -> list[tuple[str, str | None]]:
   return out
 
 
-def headline(facts: dict[str, dict]) -> tuple[str | None, str | None]:
-  """The pair a run's claims judge when none is named: its first RoPE arm and that arm's reference
-  (`pairs`: the same seed's NoPE arm, or None); (None, None) without a RoPE arm."""
-  return next(((arm, ref) for arm, ref in pairs(facts) if facts[arm]["position"] == "rope"), (None, None))
-
-
 def seed_interval(values) -> list[float] | None:
   """Mean +- t * sd / sqrt(n) over seeds (None for fewer than two seeds)."""
   from scipy import stats

@@ -14,7 +14,6 @@ import time
 import numpy as np
 
 from analysis.massive import claims as CL
-from analysis.massive import compare
 from analysis.massive import plots as P
 from analysis.massive import stats as S
 from analysis.massive import trace as T
@@ -41,30 +40,19 @@ def analyze_model(model, probes_NxT, out_dir: str, *, mask_NxT=None, arm: str = 
   return store
 
 
-def finish(store: Store, *, plots: bool = True, claims: bool = True, rope_arm=None, nope_arm=None,
-           find_nope: bool = True) -> None:
-  """Figures and verdicts from the rebuilt tables (CL.judge's arms). Without plots (claims), the
-  figures (verdicts) of an earlier trace in the folder are removed: they were drawn from other tables."""
+def finish(store: Store, *, plots: bool = True, claims: bool = True, rope_arm=None, nope_arm=None) -> None:
+  """Figures and verdicts from the rebuilt tables. Without plots (claims), the figures (verdicts) of
+  an earlier trace in the folder are removed: they were drawn from other tables."""
   if plots:
     P.plot_all(store)
   else:
     P.remove_all(store)
   if claims:
-    CL.write_claims(CL.judge(store, rope_arm=rope_arm, nope_arm=nope_arm, find_nope=find_nope), store.root)
+    CL.write_claims(CL.judge(store, rope_arm=rope_arm, nope_arm=nope_arm), store.root)
   else:
     for name in ("claims.json", "claims.md"):
       if os.path.exists(store.path(name)):
         os.remove(store.path(name))
-
-
-def judged_arms(run_dir: str | None, arms: list[str], rope_arm=None, nope_arm=None) -> dict:
-  """CL.judge's arms for a traced run: those named, or with neither named and the run's folder at
-  hand, its first RoPE arm and the NoPE arm of that arm's seed (compare.headline; none of another
-  seed, whose verdicts that need a reference then read inconclusive)."""
-  if rope_arm is not None or nope_arm is not None or not run_dir or not os.path.isdir(run_dir):
-    return {"rope_arm": rope_arm, "nope_arm": nope_arm}
-  rope_arm, nope_arm = compare.headline({a: f for a, f in compare.arm_facts(run_dir).items() if a in arms})
-  return {"rope_arm": rope_arm, "nope_arm": nope_arm, "find_nope": False}
 
 
 def check_capture(model_cfg, model: str, length: int, batch: int, stat_cfg: S.StatConfig, *,
@@ -166,11 +154,16 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
         log(f"traced {arm} step {step}")
       if store.token_step(arm) != last:   # e.g. killed between the last step's sums and its view
         T.save_tokens(store, ck.load_model(arm_dir, last)[0], arm, last)
+    meta = store.meta()   # each arm's seed: the claims judge an arm against the NoPE arm of its own seed
+    for arm in plan.arms:
+      if arm in meta["arms"]:
+        meta["arms"][arm]["seed"] = plan.configs[arm].seed
+    store.write_json("meta.json", meta)
     t = time.perf_counter()
     T.rebuild(store, arms=list(plan.arms))
     timing["stats_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    finish(store, plots=plots, claims=claims, **judged_arms(run_dir, list(plan.arms), rope_arm, nope_arm))
+    finish(store, plots=plots, claims=claims, rope_arm=rope_arm, nope_arm=nope_arm)
     timing["plots_claims_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - t0
     timing["forward_fraction"] = (timing["forward_s"] + timing["compile_forward_s"]) / timing["total_s"]

@@ -406,10 +406,12 @@ def c5_verdict(pooled: dict, model: str) -> dict:
     status = "supported"
   else:
     status = "inconclusive"
-  if ctx:   # how much the contextual pool rests on (SCIENCE.md: one template is an anecdote)
-    n = sum(len(pooled["families"][f]["usable"]) for f in ctx["families"])
-    why += (f"; contextual pool: {n} usable template{'s' * (n != 1)} in {len(ctx['families'])} "
-            f"famil{'ies' if len(ctx['families']) != 1 else 'y'}" + (" (one template: an anecdote)" if n == 1 else ""))
+  if ctx:   # how much the contextual pool rests on (SCIENCE.md: one template per family is an anecdote)
+    usable = {f: len(pooled["families"][f]["usable"]) for f in ctx["families"]}
+    single = [f for f, n in usable.items() if n == 1]
+    n, k = sum(usable.values()), len(usable)
+    why += (f"; contextual pool: {n} usable template{'s' * (n != 1)} in {k} {'family' if k == 1 else 'families'}"
+            + (f" ({', '.join(single)}: one template, an anecdote)" if single else ""))
   evidence = {"contextual_drop_massive": _json(massive), "differences": {k: _json(d) for k, d in tests.items()},
               "usable": {f: e["usable"] for f, e in pooled["families"].items()}}
   return {"claim": "C5", "model": model, "status": status, "summary": why, "evidence": evidence, "rule": RULE}

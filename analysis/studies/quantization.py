@@ -449,7 +449,8 @@ def run(cfg: QuantStudy, out: str) -> dict:
                   seconds_total=time.perf_counter() - t_all)
     atomic.write_json(str(folder / "summary.json"), report, default=str)
     positions = {s.label: s.model.cfg.position.kind for s in subjects}
-    claims.write_claims(judged[claims.deciding(list(judged), positions)], str(folder))
+    if judged:
+      claims.write_claims(judged[claims.deciding(list(judged), positions)], str(folder))
     text = "\n\n".join(table(summary, report["models"][m]["ppl"], m, order) for m in report["models"])
     text += "\n\n" + "\n".join(f"{v.claim} [{v.title}]: {v.verdict} (diff {claims.fmt(v.diff, v.ci)}) {v.notes}"
                                 for v in found)

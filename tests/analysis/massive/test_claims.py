@@ -198,3 +198,24 @@ def test_docs_state_every_rule_as_the_code_applies_it():
     assert rule in docs
   assert f"Level of the share of heads for C1 and C4: {CL.SHARE_LEVEL:g}" in docs
   assert f"{CL.N_PERM} permutations, seed {CL.PERM_SEED}, level {CL.ALPHA:g}" in docs
+
+
+def test_the_reference_is_the_nope_arm_of_the_tested_arm_s_seed(tmp_path):
+  """rope_s1 is judged against nope_s1, never against nope_s0 (another seed), though that comes first."""
+  def store(path, arms, seeds=True):
+    rng = np.random.default_rng(0)
+    s = ST.open_store(str(path), np.zeros((N, 64), np.int32), np.ones((N, 64)), False, S.StatConfig())
+    meta = s.meta()
+    for name, seed in arms:
+      position = encodings.NoPE() if name.startswith("nope") else encodings.RoPE()
+      meta["arms"][name] = _facts(position) | ({"seed": seed} if seeds else {})
+      s.save_sums(name, 10, _sums(rng, range(L) if name.startswith("rope") else ()))
+    s.write_json("meta.json", meta)
+    return s
+  v = {x.claim: x for x in CL.judge(store(tmp_path / "a", [("nope_s0", 0), ("rope_s1", 1), ("nope_s1", 1)]), n_boot=50)}
+  assert v["C3"].reference == "arm nope_s1"
+  v = {x.claim: x for x in CL.judge(store(tmp_path / "b", [("nope_s0", 0), ("rope_s1", 1)]), n_boot=50)}
+  assert v["C3"].verdict == "inconclusive" and v["C3"].notes.startswith("no NoPE arm of seed 1 traced; ")
+  # a store that does not know its arms' seeds (an older trace) pairs them as before: the first NoPE arm
+  v = {x.claim: x for x in CL.judge(store(tmp_path / "c", [("nope_s0", 0), ("rope_s1", 1)], seeds=False), n_boot=50)}
+  assert v["C3"].reference == "arm nope_s0"

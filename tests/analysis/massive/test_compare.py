@@ -159,11 +159,3 @@ def test_arms_json_has_one_row_per_arm_with_its_own_boundary_pair(sweep_dir):
     assert nope[field] is None, field
   assert nope["lf_null"] == 0.25 and nope["pairing"].startswith("convention")
 
-
-def test_the_headline_pairs_the_first_rope_arm_with_the_nope_arm_of_its_seed():
-  facts = lambda *arms: {name: {"seed": seed, "position": pos, "flat": {}} for name, seed, pos in arms}
-  # rope_s0 diverged (left out): rope_s1 is judged against nope_s1, not the first NoPE arm
-  assert CMP.headline(facts(("nope_s0", 0, "nope"), ("alibi_s0", 0, "alibi"), ("rope_s1", 1, "rope"),
-                                ("nope_s1", 1, "nope"))) == ("rope_s1", "nope_s1")
-  assert CMP.headline(facts(("rope_s1", 1, "rope"), ("nope_s0", 0, "nope"))) == ("rope_s1", None)
-  assert CMP.headline(facts(("alibi", 0, "alibi"), ("nope", 0, "nope"))) == (None, None)

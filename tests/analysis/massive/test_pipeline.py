@@ -50,7 +50,8 @@ def test_cli_traces_a_paired_run_into_table_plots_and_claims_and_resumes(tiny_ru
   assert len(rows) == 2 * 2 * 2 * (2 * 4 + 3 * 2)                # arms x steps x layers x heads
   assert {(r["arm"], r["step"]) for r in rows} == {(a, s) for a in ("rope", "nope") for s in ("0", "1")}
   assert np.load(out / "probes.npy").shape == (6, 48)
-  assert [f["context"] for f in json.loads((out / "meta.json").read_text())["arms"].values()] == [48.0, 48.0]
+  arms = json.loads((out / "meta.json").read_text())["arms"].values()
+  assert [(f["context"], f["seed"]) for f in arms] == [(48.0, 0), (48.0, 0)]   # the seeds pair the claims' arms
   summary = json.loads((out / "summary.json").read_text())
   assert len(summary["groups"]) == 2 * 2 * 2 * 5
   lo_mid_hi = summary["groups"][0]["stats"]["max_mean"]

@@ -48,7 +48,7 @@ def test_c5_rule():
   pooled = disruption.pool(_records({"passkey": ("contextual", good), "capitals": ("parametric", {"off": 10, "massive": 9})},
                                     templates=1), "m", n_boot=500)
   assert disruption.c5_verdict(pooled, "m")["summary"].endswith(
-      "contextual pool: 1 usable template in 1 family (one template: an anecdote)")
+      "contextual pool: 1 usable template in 1 family (passkey: one template, an anecdote)")
   # both 'not supported' (no contextual drop) and 'opposite' hold: the rule's order says the first
   assert _status({**good, "massive": 10}, {"off": 10, "massive": 0}) == "not supported"
   assert _status({**good, "off": 5}, {"off": 10, "massive": 9}) == "inconclusive"              # cannot do the task
