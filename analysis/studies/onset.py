@@ -84,7 +84,9 @@ RULE = (f"onset at model size N: the tokens where the fitted law first reaches i
 Z_PRED = 1.96
 PREDICTION_RULE = (f"a new arm's last checkpoint is predicted inside the fitted law's 95% bootstrap band widened by "
                    f"{Z_PRED} x resid_sd (SD over the fitted arms of their last-checkpoint residual); the law holds "
-                   f"for a kind and statistic when every new arm is inside, fails otherwise")
+                   f"for a kind and statistic when every new arm is inside, fails when one is outside, and is "
+                   f"inconclusive when an arm cannot be placed (a non-finite value or interval, e.g. a law fitted "
+                   f"on one arm); arms of a kind without a law are listed as untested")
 TENSORS = {"pre": ("q", "k"), "post": CL.QK, "pair": ("q", "k")}
 """Pair norms are the same on q and rot_q, so the pair point reads the unrotated tensors."""
 
@@ -233,17 +235,23 @@ def check_prediction(rows: list[dict], fits: list[Fit]) -> dict:
     last = {a: max(r["tokens"] for r in mine if r["arm"] == a) for a in {r["arm"] for r in mine}}
     for r in mine:
       lo, hi = interval(fit, r["params"], [r["tokens"]])
-      side = "inside" if lo[0] <= r[fit.stat] <= hi[0] else "above" if r[fit.stat] > hi[0] else "below"
+      if not np.isfinite([lo[0], hi[0], r[fit.stat]]).all():   # e.g. a law fitted on one arm: no resid_sd
+        side = "untestable"
+      else:
+        side = "inside" if lo[0] <= r[fit.stat] <= hi[0] else "above" if r[fit.stat] > hi[0] else "below"
       points.append({"arm": r["arm"], "kind": fit.kind, "stat": fit.stat, "params": r["params"], "tokens": r["tokens"],
                      "last": r["tokens"] == last[r["arm"]], "measured": r[fit.stat],
                      "predicted": float(predict(fit, r["params"], r["tokens"])),
                      "interval": [float(lo[0]), float(hi[0])], "side": side, "inside": side == "inside"})
     ends = [p for p in points if p["last"] and (p["kind"], p["stat"]) == (fit.kind, fit.stat)]
     if ends:
-      verdicts.append({"kind": fit.kind, "stat": fit.stat, "arms": len(ends),
-                       "verdict": "holds" if all(p["inside"] for p in ends) else "fails",
-                       "sides": {p["arm"]: p["side"] for p in ends}})
-  return {"rule": PREDICTION_RULE, "verdicts": verdicts, "points": points}
+      sides = {p["arm"]: p["side"] for p in ends}
+      verdicts.append({"kind": fit.kind, "stat": fit.stat, "arms": len(ends), "sides": sides,
+                       "verdict": "fails" if {"above", "below"} & set(sides.values()) else
+                                  "inconclusive" if "untestable" in sides.values() else "holds"})
+  unfitted = sorted({r["kind"] for r in rows} - {f.kind for f in fits})
+  return {"rule": PREDICTION_RULE, "verdicts": verdicts, "points": points,
+          "untested": {k: sorted({r["arm"] for r in rows if r["kind"] == k}) for k in unfitted}}
 
 
 def _onset(coef, params: float, level: float, horizon: float) -> float:
@@ -443,6 +451,8 @@ def prediction_lines(tested: dict) -> list[str]:
     for p in (p for p in tested["points"] if p["last"] and (p["kind"], p["stat"]) == (v["kind"], v["stat"])):
       out.append(f"  {p['arm']} at {p['tokens']:.3g} tokens: measured {p['measured']:.3g}, predicted "
                  f"{p['predicted']:.3g} [{p['interval'][0]:.3g}, {p['interval'][1]:.3g}]: {p['side']}")
+  for kind, arms in tested.get("untested", {}).items():
+    out.append(f"prediction {kind}: untested, no law of this kind in the fit ({', '.join(arms)})")
   return out
 
 

@@ -72,6 +72,20 @@ def test_prediction_holds_for_new_arms_of_the_law_and_fails_for_a_steeper_one():
   assert v["verdict"] == "fails" and set(v["sides"].values()) == {"above"}
 
 
+def test_a_law_that_cannot_place_an_arm_is_inconclusive_and_unfitted_kinds_are_listed():
+  """A law fitted on one arm has no resid_sd (NaN): its interval places nothing, so the verdict is
+  inconclusive, not 'fails' (NaN compared false and read as 'below'). A kind with no law is untested."""
+  one = [r for r in planted(seeds=1, sizes=(1e5,)) if r["tokens"] > 0]
+  fit = onset.fit_law(one, "rope", "pair_max_mean", n_boot=50)
+  assert fit.n_arms == 1 and math.isnan(fit.resid_sd)
+  alibi = [dict(r, kind="alibi", arm="alibi_0") for r in one]
+  tested = onset.check_prediction(one + alibi, [fit])
+  (v,) = tested["verdicts"]
+  assert v["verdict"] == "inconclusive" and set(v["sides"].values()) == {"untestable"}
+  assert tested["untested"] == {"alibi": ["alibi_0"]}
+  assert "prediction alibi: untested, no law of this kind in the fit (alibi_0)" in onset.prediction_lines(tested)
+
+
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
   """A traced store of untrained models standing in for checkpoints (rope and nope, d16; one rope at
