@@ -172,6 +172,7 @@ class Fit:
   dropped: int = 0
   note: str = ""
   resid_sd: float = math.nan  # SD over arms of the residual at each arm's last checkpoint (PREDICTION_RULE)
+  excluded: int = 0           # checkpoints of the kind left out for a missing or non-finite value
 
   def ci(self) -> np.ndarray:
     """[3, 2] 95% percentile intervals of a, b, c."""
@@ -189,7 +190,8 @@ def _solve(rows: list[dict], stat: str, with_c: bool) -> np.ndarray:
 def fit_law(rows: list[dict], kind: str, stat: str, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> Fit | None:
   """The law of `stat` over the checkpoints of `kind` with tokens > 0, arms resampled (RESAMPLED);
   None with fewer than two token counts."""
-  rows = [r for r in rows if r["kind"] == kind and r["tokens"] > 0 and r[stat] is not None and np.isfinite(r[stat])]
+  mine = [r for r in rows if r["kind"] == kind and r["tokens"] > 0]
+  rows = [r for r in mine if r[stat] is not None and np.isfinite(r[stat])]
   arms = sorted({r["arm"] for r in rows})
   if len({r["tokens"] for r in rows}) < 2:
     return None
@@ -203,9 +205,11 @@ def fit_law(rows: list[dict], kind: str, stat: str, n_boot: int = N_BOOT, seed: 
   coef = _solve(rows, stat, n_sizes > 1)
   last = [max(by_arm[a], key=lambda r: r["tokens"]) for a in arms]
   resid = [r[stat] - (coef[0] + coef[1] * math.log2(r["tokens"]) + coef[2] * math.log2(r["params"])) for r in last]
+  notes = ([] if n_sizes > 1 else ["one model size: c not identified, fixed at 0"]) + (
+      [f"no variation: every value is {rows[0][stat]:g}, so the law is that constant"]
+      if len({r[stat] for r in rows}) == 1 else [])
   return Fit(kind, stat, coef, np.array(boot).reshape(-1, 3), len(arms), len(rows), n_sizes, n_boot - len(boot),
-             "" if n_sizes > 1 else "one model size: c not identified, fixed at 0",
-             float(np.std(resid, ddof=1)) if len(resid) > 1 else math.nan)
+             "; ".join(notes), float(np.std(resid, ddof=1)) if len(resid) > 1 else math.nan, len(mine) - len(rows))
 
 
 def predict(fit: Fit, params, tokens, coef=None):
@@ -287,7 +291,8 @@ def fit_dict(fit: Fit, sizes, horizon: float = HORIZON) -> dict:
   return {"kind": fit.kind, "stat": fit.stat, "level": FITTED[fit.stat], "law": LAW,
           "coef": dict(zip("abc", map(float, fit.coef))), "ci": dict(zip("abc", fit.ci().tolist())),
           "n_arms": fit.n_arms, "n_points": fit.n_points, "n_sizes": fit.n_sizes, "n_boot_kept": len(fit.boot),
-          "n_boot_dropped": fit.dropped, "note": fit.note, "resid_sd": None if math.isnan(fit.resid_sd) else fit.resid_sd, "boot": np.round(fit.boot, 6).tolist(),
+          "n_boot_dropped": fit.dropped, "note": fit.note, "resid_sd": None if math.isnan(fit.resid_sd) else fit.resid_sd,
+          "n_excluded": fit.excluded, "boot": np.round(fit.boot, 6).tolist(),
           "onset": [onset(fit, n, FITTED[fit.stat], horizon) for n in sizes]}
 
 
@@ -304,7 +309,8 @@ def load_fits(path: str) -> list[Fit]:
   try:
     fits = [Fit(d["kind"], d["stat"], np.array([d["coef"][k] for k in "abc"], np.float64),
                 np.array(d["boot"], np.float64).reshape(-1, 3), d["n_arms"], d["n_points"], d["n_sizes"],
-                d["n_boot_dropped"], d["note"], math.nan if d.get("resid_sd") is None else d["resid_sd"])
+                d["n_boot_dropped"], d["note"], math.nan if d.get("resid_sd") is None else d["resid_sd"],
+                d.get("n_excluded", 0))
             for d in data["fits"]]
   except (KeyError, TypeError, ValueError) as err:   # a fit without a field, or not of numbers
     raise ConfigError(f"--predict: {given} (a fit is missing a field or holds a wrong value: {err})") from None
@@ -422,7 +428,7 @@ def write(rows: list[dict], out: str, *, sizes=(), n_boot: int = N_BOOT, horizon
           "horizon": horizon, "levels": FITTED, "source": source or {},
           "not_fitted": [f"{kind}/{stat}: fewer than two token counts" for kind in sorted({r["kind"] for r in rows})
                          for stat in FITTED if not any((f.kind, f.stat) == (kind, stat) for f in fits)],
-          "fits": [fit_dict(f, wanted, horizon) for f in fits]}
+          "fits": [fit_dict(f, wanted, horizon) for f in fits], "observed": observed(rows)}
   atomic.write_json(os.path.join(out, "fit.json"), data)
   concentration_figure(rows, fits, os.path.join(out, "concentration.png"))
   profile_figure(rows, os.path.join(out, "pair_profile.png"))
@@ -430,9 +436,26 @@ def write(rows: list[dict], out: str, *, sizes=(), n_boot: int = N_BOOT, horizon
   return data
 
 
-def summary_lines(data: dict) -> list[str]:
-  """The onsets in words, RoPE and NoPE (every fitted kind)."""
+def observed(rows: list[dict]) -> list[dict]:
+  """Per kind and fitted statistic, the onset in the data itself: each arm's first checkpoint at or
+  above the level (None: not in its checkpoints), beside the law's, which extrapolates."""
   out = []
+  for kind in sorted({r["kind"] for r in rows}):
+    for stat, level in FITTED.items():
+      arms = sorted({r["arm"] for r in rows if r["kind"] == kind})
+      first = {a: min((r["tokens"] for r in rows if r["arm"] == a and r.get(stat) is not None and r[stat] >= level),
+                      default=None) for a in arms}
+      out.append({"kind": kind, "stat": stat, "level": level, "first_tokens": first})
+  return out
+
+
+def summary_lines(data: dict) -> list[str]:
+  """The onsets in words, RoPE and NoPE (every fitted kind), and what the checkpoints themselves show."""
+  out = []
+  for o in data.get("observed", []):
+    reached = {a: t for a, t in o["first_tokens"].items() if t is not None}
+    out.append(f"{o['kind']}: {o['stat']} at or above {o['level']:g} in the checkpoints of {len(reached)} of "
+               f"{len(o['first_tokens'])} arms" + (f" (first at {min(reached.values()):.3g} tokens)" if reached else ""))
   for f in data["fits"]:
     for o in f["onset"]:
       ci = ", ".join("beyond horizon" if x is None else f"{x:.3g}" for x in o["ci"])

@@ -86,6 +86,25 @@ def test_a_law_that_cannot_place_an_arm_is_inconclusive_and_unfitted_kinds_are_l
   assert "prediction alibi: untested, no law of this kind in the fit (alibi_0)" in onset.prediction_lines(tested)
 
 
+def test_the_data_s_own_crossing_is_reported_beside_the_law_and_left_out_rows_are_counted():
+  """One arm jumps to 6 at its last checkpoint: the law (flat elsewhere) does not reach 5, the data
+  does, and the summary says so. A NaN checkpoint is counted, not silently dropped; a statistic
+  with no variation says its law is a constant."""
+  rows = planted(b=0.0, c=0.0, noise=0.01, sizes=(1e5,))
+  last = max(r["tokens"] for r in rows)
+  jumped = next(r for r in rows if r["arm"] == "rope_100000_0" and r["tokens"] == last)
+  jumped["pair_max_mean"] = 6.0
+  next(r for r in rows if r["arm"] == "rope_100000_1" and r["tokens"] == 1024)["pair_max_mean"] = math.nan
+  (seen,) = [o for o in onset.observed(rows) if o["stat"] == "pair_max_mean"]
+  assert seen["first_tokens"] == {"rope_100000_0": last, "rope_100000_1": None, "rope_100000_2": None}
+  fit = onset.fit_law(rows, "rope", "pair_max_mean", n_boot=50)
+  assert fit.excluded == 1 and fit.n_points == 29 and onset.onset(fit, 1e5, 5.0)["tokens"] is None
+  lines = onset.summary_lines({"observed": onset.observed(rows), "fits": []})
+  assert f"rope: pair_max_mean at or above 5 in the checkpoints of 1 of 3 arms (first at {last:.3g} tokens)" in lines
+  flat = onset.fit_law(rows, "rope", "share5_post", n_boot=50)
+  assert "no variation: every value is 0" in flat.note
+
+
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
   """A traced store of untrained models standing in for checkpoints (rope and nope, d16; one rope at
