@@ -42,9 +42,13 @@ def checkpoints(paths: list[str]) -> dict[int, str]:
     check(os.path.exists(p), "trajectory", f"{p} does not exist")
   if len(paths) == 1 and is_trajectory(paths[0]):
     found = [(int(STEP_DIR.match(d).group(1)), os.path.join(paths[0], d)) for d in os.listdir(paths[0])
-             if STEP_DIR.match(d)]
+             if STEP_DIR.match(d) and os.path.isdir(os.path.join(paths[0], d))]
     return dict(sorted(found))
   named = [STEP_DIR.search(os.path.basename(os.path.normpath(p))) for p in paths]
+  # steps from the names when every one has one, list positions when none has; a mix would number
+  # the named ones by position without a word
+  check(all(named) or not any(named), "trajectory", "name every model folder step<N> or none of them; "
+        f"without a step: {', '.join(p for p, m in zip(paths, named) if not m)}")
   steps = [int(m.group(1)) for m in named] if all(named) else list(range(len(paths)))
   check(steps == sorted(set(steps)), "trajectory",
         f"the step<N> names must increase along the list without repeats; got {steps}")

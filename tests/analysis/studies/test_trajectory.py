@@ -50,3 +50,18 @@ def test_bad_flags_are_one_line_before_writing(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(first), lines
   assert not (tmp_path / "x").exists()
+
+
+def test_model_folders_are_numbered_by_their_step_names_or_all_by_position(tmp_path):
+  from analysis.studies.trajectory import checkpoints
+  from minilm.schema import ConfigError
+  for name in ("step1000", "final", "a", "b"):
+    (tmp_path / name).mkdir()
+  assert checkpoints([str(tmp_path / "a"), str(tmp_path / "b")]) == {0: str(tmp_path / "a"), 1: str(tmp_path / "b")}
+  with pytest.raises(ConfigError, match=r"^trajectory: name every model folder step<N> or none of them; "
+                                        r"without a step: .*final$"):
+    checkpoints([str(tmp_path / "step1000"), str(tmp_path / "final")])   # was {0: step1000, 1: final}
+  traj = tmp_path / "traj"
+  (traj / "step5").mkdir(parents=True)
+  (traj / "step7").write_text("a file, not a checkpoint")
+  assert checkpoints([str(traj)]) == {5: str(traj / "step5")}
