@@ -137,31 +137,37 @@ def prompt_mean(values_NxU, counts_RxN) -> tuple[np.ndarray, np.ndarray]:
   return v.mean(0), counts_RxN @ v.reshape(len(v), -1) / len(v)
 
 
+# what the association reads: per-dim max/mean after RoPE (the rule's), and per rotary pair (the same
+# heads rotation-invariant, reported beside it: RoPE lowers per-dim values more in fast pairs)
+ASSOCIATED = {"rot_q": ("rot_q", "max_mean"), "rot_k": ("rot_k", "max_mean"),
+              "pair_q": ("q", "pair_max_mean"), "pair_k": ("k", "pair_max_mean")}
+
+
 def head_groups(sums: dict, sinks: dict, pairing, context: float, cfg: S.StatConfig, counts) -> list[dict]:
-  """Per layer: {'sink', 'sink_head', 'rot_q', 'rot_k': (per query head [H], replicates [n_boot, H])};
-  rot_k is that of the KV head each query head reads."""
+  """Per layer: {'sink', 'sink_head', and each of ASSOCIATED: (per query head [H], replicates [n_boot,
+  H])}; a key's value is that of the KV head each query head reads."""
   layers = sorted(int(k.split(".")[0]) for k in sinks if k.endswith(".sink"))
   groups = []
   for layer in layers:
     sink, sink_reps = prompt_mean(sinks[f"{layer}.sink"], counts)
     g = {"sink": (sink, sink_reps),
          "sink_head": ((sink >= SINK_LEVEL).astype(np.float64), (sink_reps >= SINK_LEVEL).astype(np.float64))}
-    for tensor in ("rot_q", "rot_k"):
-      point, reps = S.head_replicates(sums[hooks.name(layer, tensor)], ("max_mean",), pairing, context, cfg,
-                                      counts)["max_mean"]
-      group = len(sink) // len(point)          # query heads per KV head (1 for rot_q)
-      g[tensor] = (np.repeat(point, group), np.repeat(reps, group, axis=-1))
+    for key, (tensor, stat) in ASSOCIATED.items():
+      point, reps = S.head_replicates(sums[hooks.name(layer, tensor)], (stat,), pairing, context, cfg, counts)[stat]
+      group = len(sink) // len(point)          # query heads per KV head (1 for q)
+      g[key] = (np.repeat(point, group), np.repeat(reps, group, axis=-1))
     groups.append(g)
   return groups
 
 
 def association(groups: list[dict], n_boot: int, seed: int = S.BOOT_SEED) -> dict:
-  """{'rot_q', 'rot_k': [rho, lo, hi]}: Spearman over every head of `groups` between sink share and
-  max/mean, with heads resampled (as pairs) on top of the prompt resampling of the replicates."""
+  """{key of ASSOCIATED: [rho, lo, hi]}: Spearman over every head of `groups` between sink share and
+  max/mean, with heads resampled (as pairs) on top of the prompt resampling of the replicates. RULE
+  judges rot_q and rot_k; pair_q and pair_k are reported beside them."""
   sink, sink_reps = (np.concatenate([g["sink"][i] for g in groups], axis=-1) for i in (0, 1))
   draws = S.unit_draws(n_boot, sink.shape[-1], seed)
   out = {}
-  for tensor in ("rot_q", "rot_k"):
+  for tensor in ASSOCIATED:
     x, x_reps = (np.concatenate([g[tensor][i] for g in groups], axis=-1) for i in (0, 1))
     reps = spearman(np.take_along_axis(x_reps, draws, 1), np.take_along_axis(sink_reps, draws, 1))
     out[tensor] = [float(spearman(x, sink)[0]), *S.interval(reps)]

@@ -90,7 +90,7 @@ def _groups(sink_of_x, n_boot=200):
   rng = np.random.default_rng(0)
   x = np.linspace(1.0, 8.0, 8)
   g = {"sink": (sink_of_x(x), sink_of_x(x) + rng.normal(0, 1e-3, (n_boot, 8)))}
-  g.update({t: (x, x + rng.normal(0, 1e-3, (n_boot, 8))) for t in ("rot_q", "rot_k")})
+  g.update({t: (x, x + rng.normal(0, 1e-3, (n_boot, 8))) for t in SK.ASSOCIATED})
   return [g]
 
 
@@ -99,6 +99,12 @@ def test_association_reads_monotone_heads():
   down = SK.association(_groups(lambda x: 1 - x / 10), 200)
   assert up["rot_q"][0] == pytest.approx(1.0) and up["rot_k"][1] > 0.5 and SK.verdict(up) == "supported"
   assert down["rot_k"][0] == pytest.approx(-1.0) and SK.verdict(down) == "opposite"
+  # the per-pair association is reported beside it and does not enter the verdict
+  groups = _groups(lambda x: x / 10)
+  groups[0]["pair_q"] = tuple(v[..., ::-1] for v in groups[0]["pair_q"])
+  mixed = SK.association(groups, 200)
+  assert mixed["pair_q"][0] == pytest.approx(-1.0) and mixed["pair_k"][0] == pytest.approx(1.0)
+  assert SK.verdict(mixed) == "supported"
 
 
 def test_uniform_share():
