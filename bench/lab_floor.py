@@ -30,8 +30,7 @@ def program_flops(fn, *args, **static) -> float:
   """XLA's FLOP count of jit(fn)(*args) as compiled here (static: fn's static keyword arguments)."""
   import jax
   compiled = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args, **static).compile()
-  analysis = compiled.cost_analysis()
-  return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
+  return float(compiled.cost_analysis()["flops"])
 
 
 def train_flops(exp) -> dict[str, float]:

@@ -420,7 +420,8 @@ def c5_verdict(pooled: dict, model: str) -> dict:
 def claim(verdicts: list[dict], pools: dict[str, dict], positions: dict[str, str]):
   """One analysis.massive.claims.Verdict for C5: the first RoPE model decides (claims.deciding), a NoPE
   model (paired arm) is the reference column; parts: the differences the rule judges."""
-  main_ = next(v for v in verdicts if v["model"] == deciding([v["model"] for v in verdicts], positions))
+  decides = deciding([v["model"] for v in verdicts], positions)
+  main_ = next(v for v in verdicts if v["model"] == decides)
   ref = next((v for v in verdicts if positions.get(v["model"]) == "nope" and v is not main_), None)
   drop = lambda v: (lambda k: k and _drop(k, "massive"))(pools[v["model"]]["kinds"].get("contextual"))
   c, r = drop(main_), ref and drop(ref)

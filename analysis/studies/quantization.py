@@ -433,7 +433,7 @@ def run(cfg: QuantStudy, out: str) -> dict:
       done[i] = res
     all_records = [rec for i in range(len(tasks)) for rec in done[i]["records"]]   # in task order
     atomic.write_text(str(folder / "results.jsonl"), "".join(json.dumps(rec) + "\n" for rec in all_records))
-    found, judged = [], {}
+    judged = {}
     for k, subject in enumerate(subjects):
       mine = [done[i] for i, (j, _) in enumerate(tasks) if j == k]
       report["models"][subject.label] = {
@@ -443,7 +443,7 @@ def run(cfg: QuantStudy, out: str) -> dict:
           "logs": {s.name: r["log"] for s, r in zip(scheme_list, mine)},
           "examples": len(subject.items), **sources[k][-1]}
       judged[subject.label] = verdicts(all_records, subject.label, scheme_list)
-      found += judged[subject.label]
+    found = [v for vs in judged.values() for v in vs]
     summary = disruption.summarize(all_records)
     report.update(summary=summary, verdicts=[dataclasses.asdict(v) for v in found],
                   seconds_total=time.perf_counter() - t_all)

@@ -30,10 +30,15 @@ from minilm.schema import check
 STEP_DIR = re.compile(r"^step(\d+)$")
 
 
+def _step_dirs(path: str) -> dict[int, str]:
+  """{step: folder} of the step<N> folders in `path` (files of such names are no checkpoints)."""
+  return {int(m.group(1)): os.path.join(path, d) for d in os.listdir(path)
+          if (m := STEP_DIR.match(d)) and os.path.isdir(os.path.join(path, d))}
+
+
 def is_trajectory(path: str) -> bool:
   """Whether `path` is a folder of step<N> model folders."""
-  return os.path.isdir(path) and any(STEP_DIR.match(d) and os.path.isdir(os.path.join(path, d))
-                                     for d in os.listdir(path))
+  return os.path.isdir(path) and bool(_step_dirs(path))
 
 
 def checkpoints(paths: list[str]) -> dict[int, str]:
@@ -41,9 +46,7 @@ def checkpoints(paths: list[str]) -> dict[int, str]:
   for p in paths:
     check(os.path.exists(p), "trajectory", f"{p} does not exist")
   if len(paths) == 1 and is_trajectory(paths[0]):
-    found = [(int(STEP_DIR.match(d).group(1)), os.path.join(paths[0], d)) for d in os.listdir(paths[0])
-             if STEP_DIR.match(d) and os.path.isdir(os.path.join(paths[0], d))]
-    return dict(sorted(found))
+    return dict(sorted(_step_dirs(paths[0]).items()))
   named = [STEP_DIR.search(os.path.basename(os.path.normpath(p))) for p in paths]
   # steps from the names when every one has one, list positions when none has; a mix would number
   # the named ones by position without a word
