@@ -59,9 +59,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ------------------------------------------------------------------------- checkpoints
 
-def damage(arm_dir, step, how):
-  """Flip six bytes in (or cut in half) the largest array file of `step`'s params."""
-  root = os.path.join(arm_dir, checkpoints.CHECKPOINTS, str(step), "params")
+def damage(arm_dir, step, how, under=""):
+  """Flip six bytes in (or cut in half) the largest array file of `step`'s params (of those in the
+  folder `under` of params, e.g. the files process 1 wrote: 'ocdbt.process_1')."""
+  root = os.path.join(arm_dir, checkpoints.CHECKPOINTS, str(step), "params", under)
   files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if os.sep + "d" + os.sep in os.path.join(d, f)]
   path = max(files, key=os.path.getsize)
   if how == "truncate":

@@ -109,12 +109,13 @@ def _first_non_finite(tree) -> str | None:
   return None
 
 
-def _verify(step_name: str, item: str, tree, expected: dict[str, str]) -> None:
+def _mismatch(step_name: str, item: str, tree, expected: dict[str, str]) -> DamagedCheckpoint | None:
   got = checksums(tree)
   bad = [k for k in expected if got.get(k) != expected[k]]
   if bad or set(got) != set(expected):
-    raise DamagedCheckpoint(f"{step_name}: {item}{bad[0] if bad else ''} differs from its checksum "
-                            f"({len(bad)} of {len(expected)} arrays): the files are damaged")
+    return DamagedCheckpoint(f"{step_name}: {item}{bad[0] if bad else ''} differs from its checksum "
+                             f"({len(bad)} of {len(expected)} arrays): the files are damaged")
+  return None
 
 
 # ------------------------------------------------------------------------------- save / restore
@@ -232,14 +233,22 @@ def _restore_json(mngr: ocp.CheckpointManager, step: int) -> dict:
 
 
 def _guarded(mngr: ocp.CheckpointManager, step: int, items: dict) -> dict:
-  """mngr.restore, with every failure of orbax or tensorstore (their exception types are many and
-  undocumented, hence the broad catch) turned into one line naming the step."""
+  """The `items` of `step`, read by orbax's handlers in this process alone, with every failure of
+  orbax or tensorstore (their exception types are many and undocumented, hence the broad catch)
+  turned into one line naming the step.
+
+  Not mngr.restore: that ends in a barrier (a collective) that a process whose read failed never
+  reaches, so its next collective would meet its peers' barrier and abort them all. Reading is local
+  to each process; restore() and its caller agree on the outcome afterwards."""
   _quiet_abandoned_io()
+  handler = ocp.CompositeCheckpointHandler()
   try:
-    return dict(mngr.restore(step, args=ocp.args.Composite(**items)))
+    return dict(handler.restore(mngr.directory / str(step), ocp.args.Composite(**items)))
   except Exception as err:  # noqa: BLE001 - see the docstring
     detail = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" See full TensorStore")[0]
     raise DamagedCheckpoint(f"{_step_name(mngr, step)}: cannot be read ({detail[:200]})") from None
+  finally:
+    handler.close()
 
 
 # What the reads of a failed restore, or the writes of an interrupted save, say when they end after
@@ -278,17 +287,20 @@ def restore(mngr: ocp.CheckpointManager, step: int, model: ModelConfig, abstract
     failed = err
   if meta is not None:
     _check_model(mngr, step, meta["config"], model)
-  try:   # also after a failure: orbax's restore meets the other processes in collectives
-    out = _guarded(mngr, step, items)
-  except DamagedCheckpoint as err:
-    failed = failed or err
+  if failed is None:
+    try:
+      out = _guarded(mngr, step, items)
+    except DamagedCheckpoint as err:
+      failed = err
   # The checksums gather arrays split across processes (a collective): all processes go on to them,
-  # or none, so that every process meets the same collectives in the same order.
+  # or none, and all hash every item before any raises, so that every process meets the same
+  # collectives in the same order whatever it read.
   if sharding.any_process(failed is not None):
     raise failed or DamagedCheckpoint(f"{_step_name(mngr, step)}: another process read it damaged")
   if "checksums" in meta:
-    for item in items:
-      _verify(_step_name(mngr, step), item, out[item], meta["checksums"][item])
+    errors = [_mismatch(_step_name(mngr, step), item, out[item], meta["checksums"][item]) for item in items]
+    if any(errors):
+      raise next(e for e in errors if e)
   return out["params"], out.get("opt_state"), meta["progress"]
 
 

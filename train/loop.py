@@ -181,6 +181,8 @@ def _restore_latest(mngr, arm_dir: str, cfg: TrainConfig, abstract_params, abstr
       where = checkpoints.set_aside(arm_dir, step)
       note(f"{error or f'step {step} ({mngr.directory}/{step}): another process read it damaged'}; moved to {where}; "
            f"training resumes from the step before")
+    elif error is not None:   # what this process found, which process 0's note cannot say
+      print(f"note: {error} (process {jax.process_index()}); process 0 moves the step aside", file=sys.stderr)
     sharding.barrier(f"set_aside_{step}")   # the others list the steps again only once it has moved
     mngr.reload()
   return None

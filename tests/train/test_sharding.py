@@ -256,9 +256,10 @@ def _losses(arm_dir) -> list[tuple[int, float]]:
 def test_two_processes_checkpoint_resume_and_set_aside_like_one(tmp_path):
   """loop.train across two processes, params split between them ('fsdp'; replicated ones, 'data', in
   the command's test below): orbax saves from both, a run stopped after step 3 resumes from step 2,
-  and it ends like one process. A damaged latest step (a shard one process reads) is moved aside
-  once, by process 0 with the other waiting, and both redo it from the step before, to the same
-  weights; so is a step that only one process finds damaged."""
+  and it ends like one process. A latest step whose read fails in one process only (a shard only
+  process 1 reads, cut short) is moved aside once, by process 0 with the other waiting, and both
+  redo it from the step before, to the same weights; so is a step whose metadata only process 1
+  finds damaged."""
   _run(LOOP, [(0, 2), (1, 2), (0, 1)], tmp_path, str(tmp_path), "fsdp", "3")
   two, one = tmp_path / "fsdp2", tmp_path / "fsdp1"   # one device: nothing to split, the plain step
   cfg = checkpoints.load_config(str(one))
@@ -274,11 +275,13 @@ def test_two_processes_checkpoint_resume_and_set_aside_like_one(tmp_path):
   for a, b in zip(params, _params(one)):
     np.testing.assert_allclose(a, b, rtol=0, atol=atol)
 
-  damage(str(two), 6, "flip")   # and process 1 alone finds step 4 damaged (a read that failed there only)
+  damage(str(two), 6, "truncate", under="ocdbt.process_1")   # and process 1 alone finds step 4 damaged
   first, second = _run(LOOP, [(0, 2), (1, 2)], tmp_path, str(tmp_path), "fsdp", "-", "1:4", tag="again")
   assert first["stderr"].count("moved to") == 2 and "moved to" not in second["stderr"]
-  assert "checkpoints/6): params" in first["stderr"] and "differs from its checksum" in first["stderr"]
+  assert "checkpoints/6): another process read it damaged; moved to" in first["stderr"]
   assert "checkpoints/4): another process read it damaged; moved to" in first["stderr"]
+  assert "checkpoints/6): cannot be read (" in second["stderr"]   # each process says what it found
+  assert "step 4: damaged as process 1 read it" in second["stderr"]
   assert sorted(os.listdir(two / checkpoints.DAMAGED)) == ["4", "6"]
   assert checkpoints.available_steps(two) == [0, 1, 2, 4, 6]
   for a, b in zip(_params(two), params):   # the same two-process program from step 2: the same bits
