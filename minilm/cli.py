@@ -41,13 +41,21 @@ def guarded(run: Callable[[], object]) -> int:
     print(f"error: {text}", file=sys.stderr)
     return BAD_INPUT
   except RuntimeError as err:   # jax's JaxRuntimeError: settings larger than the device's memory
-    first = str(err).splitlines()[0] if str(err) else ""
-    if not ("RESOURCE_EXHAUSTED" in first and "memory" in first.lower()):   # not gRPC's, say
+    first = out_of_memory(err)
+    if first is None:
       raise
     print(f"error: out of memory ({first}); lower the batch size, the sequence length or the "
           "model's size", file=sys.stderr)
     return BAD_INPUT
   return 0
+
+
+def out_of_memory(err: BaseException) -> str | None:
+  """The first line of jax's error for an allocation the device could not make; None for any other
+  error (gRPC's RESOURCE_EXHAUSTED, say)."""
+  first = str(err).splitlines()[0] if str(err) else ""
+  return first if isinstance(err, RuntimeError) and "RESOURCE_EXHAUSTED" in first and "memory" in first.lower() \
+      else None
 
 
 _INTERRUPTS = {"raised": 0, "lost": 0}   # KeyboardInterrupts raised by `_interrupt`; those Python ignored

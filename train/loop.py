@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Callable
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from minilm import atomic
 from minilm import schema as C
+from minilm.cli import out_of_memory
 from minilm.config import ModelConfig
 from minilm.model import Decoder
 from train import checkpoints, evaluate, schedule, sharding, tensorboard
@@ -208,7 +210,7 @@ def train(cfg: TrainConfig, arm_dir: str, *, batch_fn: BatchFn = D.train_batch, 
   Raises Diverged at the first non-finite step, or at once for an arm that diverged before.
   stop_at: leave the loop after this step as if killed there (for resume tests).
   """
-  with writing([arm_dir]):
+  with writing([arm_dir]), _out_of_memory([arm_dir]):
     (result,) = _train([cfg], [arm_dir], batch_fn=batch_fn, progress=progress, stop_at=stop_at)
   if isinstance(result, Diverged):
     raise result
@@ -224,6 +226,41 @@ def writing(arm_dirs: list[str]):
     for arm_dir in arm_dirs if primary() else []:
       held.enter_context(atomic.exclusive(arm_dir))
     yield
+
+
+# What training writes into an arm directory; an arm that ran out of memory before training any
+# step loses them (its config.json, of the settings that did not fit, would refuse smaller ones).
+WRITTEN = ("config.json", checkpoints.CHECKPOINTS, "metrics.jsonl", "eval.jsonl", "tensorboard")
+
+
+@contextlib.contextmanager
+def _out_of_memory(arm_dirs: list[str]):
+  """The device's out-of-memory error in the block leaves no arm directory that the same command with
+  smaller settings would refuse: an arm new to this block that trained no step is emptied again (it
+  held only its initial step, a function of its seed), so the error's advice works as given; an arm
+  with trained steps keeps them, and the error (a one-line RunError) says how to go on."""
+  new = [d for d in arm_dirs if not os.path.exists(os.path.join(d, "config.json"))]
+  try:
+    yield
+  except RuntimeError as err:
+    first = out_of_memory(err)
+    if first is None:
+      raise
+    kept = [d for d in arm_dirs if d not in new or checkpoints.available_steps(d) not in ([], [0])
+            or atomic.read_jsonl(os.path.join(d, "metrics.jsonl"))[0]]
+    if primary():
+      for arm_dir in set(arm_dirs) - set(kept):
+        for path in (os.path.join(arm_dir, name) for name in WRITTEN):
+          if os.path.isdir(path):
+            shutil.rmtree(path)
+          elif os.path.exists(path):
+            os.remove(path)
+    if not kept:
+      raise
+    raise checkpoints.RunError(
+        f"{kept[0]}: out of memory ({first}); its trained steps are kept, and a run directory takes no settings "
+        f"but 'steps' other than its own: train smaller ones (batch size, sequence length, model size) under "
+        f"another name or --out") from None
 
 
 def seedless(cfg: TrainConfig) -> str:
@@ -253,7 +290,7 @@ def train_stacked(cfgs: list[TrainConfig], arm_dirs: list[str], *, batch_fn: Bat
   Returns one entry per arm: its last rows, or {'diverged': message} (the others go on)."""
   why = stackable(cfgs)
   C.check(why is None, "arms", f"cannot stack {', '.join(c.name for c in cfgs)}: {why}")
-  with writing(arm_dirs):
+  with writing(arm_dirs), _out_of_memory(arm_dirs):
     results = _train(cfgs, arm_dirs, batch_fn=batch_fn, progress=progress, stop_at=stop_at)
   return [{"diverged": str(r)} if isinstance(r, Diverged) else r for r in results]
 

@@ -16,7 +16,9 @@ from flax import nnx
 
 from helpers import ROOT, asking, damage
 from minilm import schema as C
+from minilm.cli import guarded as cli_guarded
 from train import checkpoints, cli, loop, schedule
+from train import data as D
 
 SMOKE = cli.load("smoke", []).resolve("rope")
 pytestmark = pytest.mark.slow   # every test trains the smoke arm (the module's `trained` run) or resumes it
@@ -176,6 +178,47 @@ def test_a_full_disk_during_a_save_is_one_line_and_resume_stays_exact(trained, t
   assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
   for step in (4, 6):
     assert_same_params(arm_dir, trained, step)
+
+
+def out_of_memory_at(step: int):
+  """A batch function that fails at `step` as jax does when the device cannot allocate."""
+  def batches(cfg, seed, s, rows=None):
+    if s == step:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68719476736 bytes.\nat ...")
+    return D.train_batch(cfg, seed, s, rows)
+  return batches
+
+
+def test_out_of_memory_before_any_step_leaves_nothing_that_refuses_smaller_settings(tmp_path, capsys):
+  """The error says to lower the batch size; the same command with a lower one then trains in that
+  directory (a config.json of the settings that did not fit would refuse it)."""
+  arm_dir = str(tmp_path / "rope")
+  assert cli_guarded(lambda: loop.train(SMOKE, arm_dir, progress=False, batch_fn=out_of_memory_at(0))) == 2
+  assert capsys.readouterr().err.startswith("error: out of memory (RESOURCE_EXHAUSTED: Out of memory while trying "
+                                            "to allocate 68719476736 bytes.); lower the batch size")
+  assert sorted(os.listdir(arm_dir)) == [".lock"]
+  smaller = C.override(SMOKE, {"data.batch_size": SMOKE.data.batch_size // 2})
+  loop.train(smaller, arm_dir, progress=False)
+  assert checkpoints.load_config(arm_dir) == smaller and checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
+
+
+def test_out_of_memory_after_trained_steps_keeps_them_and_says_how_to_go_on(trained, tmp_path):
+  arm_dir = str(tmp_path / "rope")
+  shutil.copytree(trained, arm_dir)
+  longer = C.override(SMOKE, {"steps": 8})
+  with pytest.raises(checkpoints.RunError) as err:
+    loop.train(longer, arm_dir, progress=False, batch_fn=out_of_memory_at(7))
+  assert str(err.value) == (
+      f"{arm_dir}: out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68719476736 bytes.); "
+      "its trained steps are kept, and a run directory takes no settings but 'steps' other than its own: train "
+      "smaller ones (batch size, sequence length, model size) under another name or --out")
+  assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
+  assert checkpoints.load_config(arm_dir) == longer
+  new_dir = str(tmp_path / "new")   # and an arm new to the call that trained steps before it failed keeps them
+  with pytest.raises(checkpoints.RunError, match="its trained steps are kept"):
+    loop.train(SMOKE, new_dir, progress=False, batch_fn=out_of_memory_at(3))
+  assert checkpoints.available_steps(new_dir) == [0, 1, 2]
+  assert_same_params(new_dir, trained, 2)
 
 
 def test_a_save_thread_not_yet_started_is_waited_for_not_an_error():
