@@ -225,6 +225,7 @@ class Lab:
     if "pretrained" in enabled:
       disruption.check_model(self.cfg.pretrained.model, "pretrained.model")
       self.cfg.pretrained.check(_named("pretrained"))
+      self.study("pretrained").check_model(_named("pretrained"), "trace.")   # its statistics are trace's
     if "disrupt" in enabled:
       disruption.check_model(self.cfg.disrupt.model, "disrupt.model", RUN)
       disruption.plan(self.study("disrupt"), model=False, name=_named("disrupt"))

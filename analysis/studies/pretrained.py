@@ -27,7 +27,7 @@ from minilm.model import count_params
 from minilm.schema import check, check_choice, to_dict
 
 
-NAMES = {"smollm2": "SmolLM2-135M-Instruct"}
+NAMES = {"smollm2": "SmolLM2-135M-Instruct", "random": "random-tiny"}
 """Arm names of the built-in models (a file's own name is used otherwise)."""
 
 
@@ -53,19 +53,28 @@ class PretrainedStudy:
           f"must be a finite number >= 0 (0 = the model's max_len); got {self.context}")
     check(self.batch >= 1, name("batch"), f"must be >= 1; got {self.batch}")
 
+  def check_model(self, name: Callable[[str], str] = lambda field: field, stats_prefix: str = "") -> None:
+    """The settings bounded by the model (the probe length by its max_len, the statistics' dims by its
+    head dim), against its config read without the weights: before the load, and before the lab
+    trains."""
+    model = sources.model_config(self.model, self.layout)
+    check(self.length <= model.max_len, name("length"), f"must be <= the model's max_len={model.max_len}; "
+          f"got {self.length}")
+    S.check_head_dim(self.stats, model.dim_per_head, NAMES.get(self.model) or os.path.basename(str(self.model)),
+                     stats_prefix)
+
 
 def run(cfg: PretrainedStudy, out: str) -> dict:
   """Load, probe and analyse one model into `out` (staged: a failure leaves an earlier `out` as it was);
   returns the facts written to pretrained.json."""
   cfg.check()
   atomic.check_out_dir(out)
+  cfg.check_model()
   t0 = time.perf_counter()
   model, tok, info = sources.load(cfg.model, cfg.layout)
   load_s = time.perf_counter() - t0
-  check(cfg.length <= model.cfg.max_len, "length", f"must be <= the model's max_len={model.cfg.max_len}; got {cfg.length}")
   arm = NAMES.get(cfg.model) or info.get("name") or os.path.basename(str(cfg.model))
   arm = "".join(c if c.isalnum() or c in "-_." else "_" for c in arm)
-  S.check_head_dim(cfg.stats, model.cfg.dim_per_head, arm)
   probes = sources.text_windows(tok, cfg.probes, cfg.length, heldout=True)
   context = float(cfg.context or model.cfg.max_len)
   t1 = time.perf_counter()

@@ -13,12 +13,20 @@ from train.text import shakespeare_files
 from train.tokenizer import ByteTokenizer
 
 
+TINY = ModelConfig(vocab_size=ByteTokenizer().vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                  max_len=2048)
+"""`tiny_random`'s config."""
+
+
 def tiny_random(seed: int = 0) -> tuple[Decoder, ByteTokenizer]:
   """An untrained RoPE decoder on the byte tokenizer, long enough for every built-in task: plumbing
   checks only."""
-  tok = ByteTokenizer()
-  cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=2048)
-  return Decoder(cfg, rngs=nnx.Rngs(seed)), tok
+  return Decoder(TINY, rngs=nnx.Rngs(seed)), ByteTokenizer()
+
+
+def model_config(spec: str, layout: str = "half") -> ModelConfig:
+  """The config `load(spec, layout)` gives its model, read without the weights."""
+  return TINY if spec == "random" else importers.model_config(spec, layout=layout)
 
 
 def load(spec: str, layout: str = "half"):

@@ -10,23 +10,40 @@ from __future__ import annotations
 import os
 import time
 
+from minilm.config import ModelConfig
+from minilm.importers import gguf, hf
 from minilm.importers.gguf import load_gguf, smollm2_path
 from minilm.importers.hf import load_hf
 from minilm.importers.tokenizer import GGUFTokenizer
 
-__all__ = ["load", "load_gguf", "load_hf", "smollm2_path", "GGUFTokenizer"]
+__all__ = ["load", "model_config", "load_gguf", "load_hf", "smollm2_path", "GGUFTokenizer"]
+
+
+def _resolve(source: str) -> tuple[str, str]:
+  """('gguf' or 'hf', the file or directory) of a source."""
+  if source == "smollm2":
+    return "gguf", smollm2_path()
+  if str(source).endswith(".gguf"):
+    return "gguf", str(source)
+  if os.path.isdir(source):
+    return "hf", str(source)
+  raise ValueError(f"source: expected 'smollm2', a .gguf file or an HF model directory; got {source!r}")
 
 
 def load(source: str = "smollm2", *, layout: str = "half"):
   """(Decoder, GGUFTokenizer or None, info dict: format, source, name, architecture, layout, load_s, ...)."""
   start = time.perf_counter()
-  if source == "smollm2":
-    model, tok, info = load_gguf(smollm2_path(), layout=layout)
-  elif str(source).endswith(".gguf"):
-    model, tok, info = load_gguf(str(source), layout=layout)
-  elif os.path.isdir(source):
-    model, tok, info = load_hf(str(source), layout=layout)
-  else:
-    raise ValueError(f"source: expected 'smollm2', a .gguf file or an HF model directory; got {source!r}")
+  kind, path = _resolve(source)
+  model, tok, info = (load_gguf if kind == "gguf" else load_hf)(path, layout=layout)
   info["load_s"] = time.perf_counter() - start
   return model, tok, info
+
+
+def model_config(source: str = "smollm2", *, layout: str = "half") -> ModelConfig:
+  """The ModelConfig `load(source)` builds, from the metadata alone (no tensor is read): for the
+  settings a study checks against the model before it spends the load."""
+  kind, path = _resolve(source)
+  if kind == "hf":
+    return hf.config(hf.read_config(path), path, layout)
+  meta, shapes = gguf.metadata(path)
+  return gguf.config(meta, shapes, path, layout)

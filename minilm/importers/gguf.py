@@ -131,6 +131,18 @@ def read_cached(path: str, cache_dir: str):
   return json.loads(str(stored["meta"])), shapes, lambda name: stored[f"t/{name}"]
 
 
+def metadata(path: str, cache_dir: str | None = None) -> tuple[dict, dict]:
+  """(meta, shapes) of `path`: from its cache when `read_cached` has written one (milliseconds),
+  else from the file (seconds: the reader decodes every field); no tensor is read."""
+  if not os.path.isfile(path):
+    raise ValueError(f"source: no such GGUF file {path!r}")
+  if os.path.isfile(_cache_file(path, cache_dir or default_cache_dir())):
+    meta, shapes, _ = read_cached(path, cache_dir or default_cache_dir())
+  else:
+    meta, shapes, _ = read(path)
+  return meta, shapes
+
+
 def _json_value(value):
   if isinstance(value, np.generic):
     return value.item()

@@ -34,6 +34,9 @@ def test_help_says_any_experiment_config_runs_and_names_the_shipped_ones():
     (["--skip", "bogus"], "--skip: "),
     (["--lab-set", "trace.nope=1"], "trace.nope: unknown lab setting"),
     (["--lab-set", "trace.probes=1"], "trace.probes: must be >= 2"),
+    # bounded by the pretrained model (SmolLM2: max_len 8192, head dim 64), read without its weights
+    (["--lab-set", "pretrained.length=8193"], "pretrained.length: must be <= the model's max_len=8192; got 8193"),
+    (["--lab-set", "trace.top_k=65", "--skip", "trace"], "trace.top_k: must be <= the head dim of SmolLM2"),
     (["--set", "model.d_model=abc"], "model.d_model"),
     (["no_such_config"], "config: no file 'no_such_config'"),
 ])

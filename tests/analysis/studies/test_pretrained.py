@@ -26,11 +26,18 @@ def test_pretrained_command_analyses_an_imported_model_as_one_traced_step(tmp_pa
   assert capsys.readouterr().err.startswith("error: length: must be <= the model's max_len=2048")
 
 
-def test_bad_settings_are_one_line_before_writing(tmp_path, capsys):
+def test_bad_settings_are_one_line_before_writing(tmp_path, capsys, monkeypatch):
+  """Before the model loads, too: those bounded by the model are checked against its config alone."""
   from analysis.lab.cli import main
+  from analysis.studies import sources
+
+  def no_load(*args):
+    raise AssertionError("the model was loaded before its settings were checked")
+  monkeypatch.setattr(sources, "load", no_load)
   out = tmp_path / "pre"
   for flags, first in ((["--context", "inf"], "error: context: must be a finite number >= 0"),
                        (["--lam", "inf"], "error: lam: must be a finite number > 0; got inf"),
+                       (["--length", "2049"], "error: length: must be <= the model's max_len=2048; got 2049"),
                        (["--top-k", "9"], "error: top_k: must be <= the head dim of random-tiny (8); got 9"),
                        (["--agree-k", "9"], "error: agree_k: must be <= the head dim of random-tiny (8); got 9")):
     assert main(["pretrained", "--model", "random", "--out", str(out), *flags]) == 2

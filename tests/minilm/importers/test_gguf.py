@@ -176,6 +176,27 @@ def test_tiny_gguf_round_trip_and_cache(tmp_path):
   assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])   # exact: same weights, same program
 
 
+def test_model_config_without_the_weights_is_the_loaded_models(tmp_path, monkeypatch):
+  """importers.model_config reads the metadata alone (the file's, then the cache's once written) and
+  gives the config load builds, in either layout; the weights are never fetched for it."""
+  from minilm import importers
+  write_gguf(tmp_path / "tiny.gguf")
+  path = str(tmp_path / "tiny.gguf")
+  fetched = []
+  read = G.read
+  monkeypatch.setattr(G, "read", lambda *a: (lambda m, s, f: (m, s, lambda n: fetched.append(n) or f(n)))(*read(*a)))
+  before = importers.model_config(path, layout="interleaved")
+  assert fetched == [] and not list((tmp_path / "minilm-cache").glob("**/*.npz"))   # nothing read, nothing cached
+  model, _, _ = importers.load(path, layout="interleaved")
+  assert fetched and before == model.cfg
+  fetched.clear()
+  assert importers.model_config(path, layout="interleaved") == model.cfg and fetched == []   # from the cache
+  assert importers.model_config(path).position.layout == "half"
+  _one_line_error(tmp_path / "absent.gguf", "no such GGUF file")
+  with pytest.raises(ValueError, match="no such GGUF file"):
+    importers.model_config(str(tmp_path / "absent.gguf"))
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
   """load() caches dequantized GGUFs; keep the tests' files out of the user's ~/.cache."""

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from minilm.importers import load
+from minilm.importers import load, model_config
 from helpers import (CFG, GPT2_CFG, NEOX_CFG, OPT_CFG, TEXT, bpe_tokenizer, forward_tolerance, gpt2_shapes,
                      llama_reference, llama_tolerance, neox_shapes, numpy_attention, numpy_llama_forward, numpy_rope,
                      one_line_error, opt_shapes, random_tensors, save_checkpoint, write_checkpoint)
@@ -41,6 +41,7 @@ def test_hf_round_trip_matches_numpy_reference(tmp_path, layout):
   logits = np.asarray(model(jnp.asarray([ids]))[0])
   ref = llama_reference(w, ids)
   assert len(ids) > 20 and np.abs(logits - ref).max() < llama_tolerance(ids) * np.abs(ref).max()
+  assert model_config(str(tmp_path), layout=layout) == model.cfg   # from config.json alone
 
 
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
