@@ -14,8 +14,10 @@ import ctypes
 import functools
 import os
 import signal
+import subprocess
 import sys
 import threading
+import time
 from typing import Callable, Iterator
 
 from minilm import atomic
@@ -142,6 +144,21 @@ def child_env(env: dict | None = None) -> dict:
   subprocess.Popen preexec_fn could set that up instead, but forking runs Python in the child of a
   multithreaded process (jax's), which can deadlock before exec."""
   return {**(os.environ if env is None else env), PARENT: str(os.getpid())}
+
+
+def stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+  """Terminate this command's still-running child commands (SIGTERM: each ends as on Ctrl-C, its
+  checkpoint or output either complete or redone on resume), killing those that outlast `grace_s`."""
+  for proc in procs:
+    if proc.poll() is None:
+      proc.terminate()
+  deadline = time.monotonic() + grace_s
+  for proc in procs:
+    try:
+      proc.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
 
 
 def end_with_parent() -> None:

@@ -19,7 +19,7 @@ import jax
 
 from minilm import atomic
 from minilm import schema as C
-from minilm.cli import child_env, last_error
+from minilm.cli import child_env, last_error, stop
 from train import checkpoints
 from train import data as D
 from train.config import ExperimentConfig, TrainConfig
@@ -124,25 +124,10 @@ def run_concurrently(exp: ExperimentConfig, out: str, runs: dict[str, tuple[Trai
           if proc.returncode not in (0, DIVERGED_EXIT):
             failed.append(f"arms {', '.join(unit)}: {error or f'exit {proc.returncode}'}")
     finally:   # interrupted (Ctrl-C, SIGTERM) or failed here: the arms' processes stop with this one
-      _stop([proc for _, proc, _ in running])
+      stop([proc for _, proc, _ in running])
   if failed:
     raise checkpoints.RunError(failed[0])
   return {arm: _last_rows(arm_dir) for arm, (_, arm_dir) in runs.items()}
-
-
-def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
-  """Terminate the still-running `procs` (a checkpoint or log being written is atomic or redone on
-  resume), killing those that outlast `grace_s`."""
-  for proc in procs:
-    if proc.poll() is None:
-      proc.terminate()
-  deadline = time.monotonic() + grace_s
-  for proc in procs:
-    try:
-      proc.wait(max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
 
 
 def check_jobs(jobs: int, distributed: bool = False) -> None:

@@ -48,7 +48,7 @@ from analysis.studies.quantization import QuantStudy
 from minilm import atomic
 from minilm import paths
 from minilm import schema as C
-from minilm.cli import INTERRUPTED, child_env, end_with_parent, guarded, last_error, sigterm_as_interrupt
+from minilm.cli import INTERRUPTED, child_env, end_with_parent, guarded, last_error, sigterm_as_interrupt, stop
 from minilm.schema import OPTIONAL, check, check_choice
 from train import checkpoints as ck
 from train import cli as train_cli
@@ -465,9 +465,8 @@ class _Lane:
                         f"(log: {paths.portable(self.path)}); run the same command again to resume")
 
   def stop(self) -> None:
-    if self.proc is not None and self.proc.poll() is None:
-      self.proc.terminate()
-      self.proc.wait()
+    if self.proc is not None:
+      stop([self.proc])
 
 
 LANE_OF = "MINILM_LAB_LANE_OF"

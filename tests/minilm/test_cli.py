@@ -1,6 +1,8 @@
 """minilm.cli: how a command ends on bad input: one line on stderr, exit 2."""
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -82,3 +84,19 @@ except KeyboardInterrupt:
 def test_an_interrupt_raised_where_python_ignores_exceptions_is_delivered_again_if_none_is_handled(script, printed):
   done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert (done.stdout, done.stderr) == (printed, "")
+
+
+def test_stop_terminates_children_and_kills_those_that_ignore_it():
+  """One way to stop a command's children (--jobs' arms, the lab's second lane): SIGTERM first, and a
+  child that ignores it is killed once the grace period is over."""
+  from minilm.cli import stop
+  polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  deaf = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                           "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+                          stdout=subprocess.PIPE, text=True)
+  assert deaf.stdout.readline() == "ready\n"   # its handler is set
+  start = time.monotonic()
+  stop([polite, deaf], grace_s=1.0)
+  assert polite.returncode == -signal.SIGTERM and deaf.returncode == -signal.SIGKILL
+  assert time.monotonic() - start < 30
+  stop([polite, deaf])   # already ended: nothing to do
