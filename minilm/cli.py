@@ -135,6 +135,35 @@ def uninterrupted() -> Iterator[None]:
       signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+  """Within the block a first Ctrl-C or SIGTERM waits for the block to end and is raised there (as
+  KeyboardInterrupt); a second one interrupts at once. For third-party work that must not be cut
+  halfway by an exception it never expects: an orbax save or restore, where an interrupt landing in
+  its event loop's set-up or in a callback from C++ leaves tracebacks at exit, or aborts the process."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  interruptible = [s for s, h in previous.items() if h in (_interrupt, signal.default_int_handler)]
+  pending = []
+
+  def later(signum, frame):
+    if pending:
+      _interrupt(signum, frame)
+    pending.append(signum)
+
+  for s in interruptible:
+    signal.signal(s, later)
+  try:
+    yield
+  finally:
+    for s in interruptible:
+      signal.signal(s, previous[s])
+  if pending:
+    _interrupt(pending[0], None)
+
+
 PARENT = "MINILM_PARENT_PID"
 """Set by `child_env` in a child command's environment: the pid it must not outlive."""
 

@@ -33,7 +33,7 @@ from flax import nnx
 
 from minilm import atomic
 from minilm import schema as C
-from minilm.cli import take_unraisable, uninterrupted
+from minilm.cli import deferred, take_unraisable, uninterrupted
 from minilm.config import ModelConfig
 from minilm.model import Decoder
 from train import sharding
@@ -132,16 +132,17 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
   logging.getLogger().addHandler(thread_errors)
   threads_before = set(threading.enumerate())
   try:
-    mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        opt_state=ocp.args.StandardSave(opt_state),
-        checksums=ocp.args.JsonSave(sums),
-        config=ocp.args.JsonSave(C.to_dict(cfg)),
-        progress=ocp.args.JsonSave({"step": step, "data_step": step, "seed": cfg.seed})))
-    mngr.wait_until_finished()
-  except KeyboardInterrupt:   # Ctrl-C or SIGTERM: the save's threads end first (cut off by Python's exit,
-    _quiet_abandoned_io()     # they die in tracebacks and leave <step>.orbax-checkpoint-tmp); a second
-    with uninterrupted():     # signal (--jobs' parent stopping its arms) waits for them too
+    with deferred():   # a first Ctrl-C or SIGTERM lets the save end, then stops the run
+      mngr.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params),
+          opt_state=ocp.args.StandardSave(opt_state),
+          checksums=ocp.args.JsonSave(sums),
+          config=ocp.args.JsonSave(C.to_dict(cfg)),
+          progress=ocp.args.JsonSave({"step": step, "data_step": step, "seed": cfg.seed})))
+      mngr.wait_until_finished()
+  except KeyboardInterrupt:   # a second one cut the save: its threads end first (cut off by Python's exit,
+    _quiet_abandoned_io()     # they die in tracebacks and leave <step>.orbax-checkpoint-tmp); a third
+    with uninterrupted():     # signal waits for them too
       _settle(mngr, step, threads_before)
     raise
   except OSError as err:
@@ -243,7 +244,8 @@ def _guarded(mngr: ocp.CheckpointManager, step: int, items: dict) -> dict:
   _quiet_abandoned_io()
   handler = ocp.CompositeCheckpointHandler()
   try:
-    return dict(handler.restore(mngr.directory / str(step), ocp.args.Composite(**items)))
+    with deferred():   # nothing is written: an interrupt waits for the read to end
+      return dict(handler.restore(mngr.directory / str(step), ocp.args.Composite(**items)))
   except Exception as err:  # noqa: BLE001 - see the docstring
     detail = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" See full TensorStore")[0]
     raise DamagedCheckpoint(f"{_step_name(mngr, step)}: cannot be read ({detail[:200]})") from None

@@ -86,6 +86,42 @@ def test_an_interrupt_raised_where_python_ignores_exceptions_is_delivered_again_
   assert (done.stdout, done.stderr) == (printed, "")
 
 
+DEFERRED = """
+import os, signal, time
+from minilm.cli import deferred, sigterm_as_interrupt
+
+with sigterm_as_interrupt():
+  try:
+    with deferred():
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.5)
+      print("block ended")
+    print("went on")
+  except KeyboardInterrupt:
+    print("interrupted after the block")
+  try:
+    with deferred():
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.2)
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(20)
+      print("not reached")
+  except KeyboardInterrupt:
+    print("the second interrupted at once")
+  with deferred():
+    print("nothing pending")
+  print("went on")
+"""
+
+
+def test_a_deferred_block_ends_before_the_first_interrupt_and_not_the_second():
+  """An orbax save runs in `deferred`: a first Ctrl-C or SIGTERM lets it end, then stops the command;
+  a second one does not wait."""
+  done = subprocess.run([sys.executable, "-c", DEFERRED], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert (done.stdout, done.stderr) == ("block ended\ninterrupted after the block\nthe second interrupted at once\n"
+                                        "nothing pending\nwent on\n", "")
+
+
 def test_stop_terminates_children_and_kills_those_that_ignore_it():
   """One way to stop a command's children (--jobs' arms, the lab's second lane): SIGTERM first, and a
   child that ignores it is killed once the grace period is over."""
