@@ -76,6 +76,41 @@ def test_batches_split_a_group_evenly_with_fewer_filler_rows_than_batches():
   assert split(19, 8, pow2=True) == [(8, 8), (8, 8), (3, 4)]
 
 
+def test_batches_group_by_padded_length_and_max_new():
+  """A group is one (padded length, max_new): equal prompts with other max_new decode apart, each
+  with its own; bucket rounds a length up to the next multiple (0: the length itself)."""
+  out = [(idx, rows.tolist(), lengths.tolist(), n) for idx, rows, lengths, n
+         in generate.batches([[1, 2, 3]] * 3, [2, 5, 2], 4)]
+  assert out == [([0, 2], [[1, 2, 3]] * 2, [3, 3], 2), ([1], [[1, 2, 3]], [3], 5)]
+  assert [generate.padded_length(n, 8) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
+  assert [generate.padded_length(n, 0) for n in (1, 8, 9)] == [1, 8, 9]
+  out = [(idx, rows.shape, lengths.tolist(), n) for idx, rows, lengths, n
+         in generate.batches([[1] * 3, [1] * 9, [1] * 8, [1] * 16], [2] * 4, 4, bucket=8)]
+  assert out == [([0, 2], (2, 8), [3, 8], 2), ([1, 3], (2, 16), [9, 16], 2)]
+
+
+def _scale_v(scale, name, x):
+  """A prefill hook: every layer's v times `scale` (at init attention adds little; x100 changes tokens)."""
+  return x * scale if name.endswith(".v") else x
+
+
+def test_greedy_batches_pass_the_hook_to_every_batch():
+  """greedy_batches with a hook continues each prompt exactly as greedy with that hook alone (batch 1
+  and the prompt's length given: the same compiled program, so the same tokens bit for bit), and the
+  hook changes some output."""
+  model = make("rope")
+  prompts = [np.asarray(tokens(1, n, seed=n))[0] for n in (5, 7, 6)]
+  max_new, hook = [4, 4, 3], dict(hook=_scale_v, hook_args=jnp.float32(100.0))
+  hooked = {tuple(idx): out for idx, out in generate.greedy_batches(model, prompts, max_new, 1, **hook)}
+  plain = {tuple(idx): out for idx, out in generate.greedy_batches(model, prompts, max_new, 1)}
+  assert sorted(hooked) == sorted(plain) == [(0,), (1,), (2,)]
+  for i, (prompt, n) in enumerate(zip(prompts, max_new)):
+    lengths = np.array([len(prompt)])   # as batches gives them: the same program as greedy_batches runs
+    np.testing.assert_array_equal(hooked[(i,)], np.asarray(greedy(model, prompt[None], n, lengths=lengths, **hook)))
+    np.testing.assert_array_equal(plain[(i,)], np.asarray(greedy(model, prompt[None], n, lengths=lengths)))
+  assert any(not np.array_equal(hooked[k], plain[k]) for k in plain)
+
+
 def test_bad_lengths_are_one_line_errors():
   model = make("rope")
   with pytest.raises(ValueError, match=r"lengths: must be 2 prompt lengths in 1\.\.6"):

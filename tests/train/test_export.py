@@ -80,6 +80,26 @@ def test_hf_export_reads_back_through_the_importer_with_the_same_logits(name, tm
   assert info["architecture"] == family
   assert rel(logits(back), logits(model)) < 1e-5
   assert tok.encode("<E17> lives in <A4>. Grüße") == ByteTokenizer().encode("<E17> lives in <A4>. Grüße")
+  # the special ids: config.json's and tokenizer_config.json's names (through tokenizer.json) are the lab's
+  from tokenizers import Tokenizer
+  config = json.loads((tmp_path / "config.json").read_text())
+  ids = {"bos": ByteTokenizer.BOS, "eos": ByteTokenizer.EOS, "pad": ByteTokenizer.PAD}
+  assert {k: config[f"{k}_token_id"] for k in ids} == ids
+  names = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  fast = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+  assert {k: fast.token_to_id(names[f"{k}_token"]) for k in ids} == ids
+
+
+def test_the_tokenizer_is_the_lab_byte_tokenizer_over_gpt2_byte_symbols():
+  """tokenizer.json spells each byte with GPT-2's ByteLevel symbol (all 256, none dropped or doubled)
+  and encodes and decodes every byte (1..255, as UTF-8) to the ids of the lab's tokenizer."""
+  from tokenizers import Tokenizer, pre_tokenizers
+  symbols = E.byte_symbols()
+  assert len(symbols) == 256 and set(symbols) == set(pre_tokenizers.ByteLevel.alphabet())
+  fast, text = Tokenizer.from_str(E.tokenizer_json()), "".join(map(chr, range(1, 256)))
+  ids = fast.encode(text).ids
+  assert ids == ByteTokenizer().encode(text) and fast.decode(ids) == text
+  assert fast.encode("<bos><E17> <eos>").ids == ByteTokenizer().encode("<bos><E17> <eos>")
 
 
 def test_interleaved_pairs_leave_in_the_half_layout():
@@ -124,8 +144,16 @@ def tl_forward(c: dict, sd: dict, tokens_BxT) -> np.ndarray:
 
   def rotate(q_BxTxHxD):   # rotary_adjacent_pairs=False: dims j and j + r/2 of the first r turn together
     r = c["rotary_dim"]
-    wavelength_R = np.tile(c["rotary_base"] ** (np.arange(r // 2) / (r / 2)), 2) * c.get("rotary_scaling_factor", 1.0)
-    angle_TxR = np.arange(T)[:, None] / wavelength_R
+    inv_freq = c["rotary_base"] ** -(np.arange(r // 2) / (r / 2)) / c.get("rotary_scaling_factor", 1.0)
+    if c.get("use_NTK_by_parts_rope"):   # components/abstract_attention.py, calculate_sin_cos_rotary
+      factor, ctx = c["NTK_by_parts_factor"], c["NTK_original_ctx_len"]
+      low, high = c["NTK_by_parts_low_freq_factor"], c["NTK_by_parts_high_freq_factor"]
+      wavelen = 2 * np.pi / inv_freq
+      scaled = np.where(wavelen > ctx / low, inv_freq / factor, inv_freq)
+      smooth = (ctx / wavelen - low) / (high - low)
+      medium = ~(wavelen < ctx / high) & ~(wavelen > ctx / low)
+      inv_freq = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    angle_TxR = np.arange(T)[:, None] * np.tile(inv_freq, 2)
     x1, x2 = q_BxTxHxD[..., :r // 2], q_BxTxHxD[..., r // 2:r]
     turned = np.concatenate([-x2, x1], -1)
     rot = q_BxTxHxD[..., :r] * np.cos(angle_TxR)[:, None] + turned * np.sin(angle_TxR)[:, None]
@@ -171,6 +199,9 @@ TL_CASES = {
     "learned, LayerNorm, parallel, gelu_erf": ModelConfig(**SHAPE, **LAYER, block="parallel", mlp="gelu_erf",
                                                           position=Learned(offset=2)),
     "neox partial RoPE, gelu": ModelConfig(**SHAPE, **LAYER, mlp="gelu", position=RoPE(fraction=0.25)),
+    # wavelengths 6.3 (between 32/8 and 32/2: blended), 20, 63 and 199 (scaled)
+    "llama3 scaling": ModelConfig(**SHAPE, position=RoPE(base=100.0, scaling="llama3", factor=4.0, low_freq_factor=2.0,
+                                                         high_freq_factor=8.0, original_max_len=32)),
 }
 
 
@@ -185,6 +216,20 @@ def test_transformer_lens_export_computes_the_same_logits(name, tmp_path):
   assert state["blocks.1.attn.W_O"].shape == (cfg.n_heads, cfg.dim_per_head, cfg.d_model)
   assert state["blocks.0.mlp.W_in"].shape == (cfg.d_model, cfg.ff_dim)
   assert ("blocks.0.attn._W_K" in state) == (cfg.kv_heads != cfg.n_heads)
+  assert (config["n_ctx"], config["d_vocab"], config["d_mlp"], config["d_head"], config["d_model"]) == (
+      cfg.max_len, cfg.vocab_size, cfg.ff_dim, cfg.dim_per_head, cfg.d_model)
+  assert state["embed.W_E"].shape == (cfg.vocab_size, cfg.d_model)
+  assert ("pos_embed.W_pos" in state) == (config["positional_embedding_type"] != "rotary")
+  if "pos_embed.W_pos" in state:
+    assert state["pos_embed.W_pos"].shape == (config["n_ctx"], cfg.d_model)
+  pos = cfg.position
+  if isinstance(pos, RoPE):   # Q/K rows leave in the half layout, whatever the arm's
+    assert config["rotary_adjacent_pairs"] is False
+  if isinstance(pos, RoPE) and pos.scaling == "llama3":
+    assert config["use_NTK_by_parts_rope"] is True
+    assert [config[k] for k in ("NTK_by_parts_factor", "NTK_by_parts_low_freq_factor", "NTK_by_parts_high_freq_factor",
+                                "NTK_original_ctx_len")] == [pos.factor, pos.low_freq_factor, pos.high_freq_factor,
+                                                             pos.original_max_len]
   assert rel(tl_forward(config, state, TOKENS), logits(model)) < 1e-5
 
 
@@ -205,6 +250,11 @@ REFUSED = {
                                "none"),
     "SwiGLU with every bias, TransformerLens": (ModelConfig(**SHAPE, bias=True), "transformer_lens",
                                                 "SwiGLU with biases: TransformerLens's gated MLP", "none"),
+    "learned, parallel, LayerNorm": (ModelConfig(**SHAPE, **LAYER, mlp="gelu", block="parallel", position=Learned()),
+                                     "hf", "learned positions with parallel blocks: GPT-2 runs attention and MLP",
+                                     "transformer_lens"),
+    "RoPE, LayerNorm, grouped KV": (ModelConfig(**SHAPE, **LAYER, mlp="gelu", n_kv_heads=2, position=RoPE()), "hf",
+                                    "LayerNorm, gelu, pre-norm blocks, biases: no HF family", "transformer_lens"),
 }
 
 
