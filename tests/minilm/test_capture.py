@@ -59,3 +59,40 @@ def test_capture_does_not_change_logits(position):
   ref = np.asarray(plain(state, toks))
   np.testing.assert_allclose(np.asarray(captured(state, toks)), ref, rtol=0,
                              atol=2 * (8 + 2 * 12) * EPS32 * np.abs(ref).max())
+
+
+def test_stack_puts_layer_l_at_index_l():
+  """cache.stack(p)[l] is layer l's tensor (exact: the same arrays, stacked), not another layer's:
+  a trace indexes layers by position in the stack."""
+  _, cache = capture.run(_decoder(), _tokens(), points=("q", "rot_k", "resid"))
+  for point in ("q", "rot_k", "resid"):
+    stacked = np.asarray(cache.stack(point))
+    for layer in range(2):
+      np.testing.assert_array_equal(stacked[layer], np.asarray(cache[hooks.name(layer, point)]), err_msg=point)
+  assert not np.array_equal(np.asarray(cache.stack("q"))[0], np.asarray(cache.stack("q"))[1])
+
+
+def test_rot_points_are_the_rotation_of_the_captured_q_and_k_even_under_an_intervention():
+  """rot_q/rot_k = RoPE(q/k) of what the q/k hook returned: an intervention before the rotation
+  (disrupt's rope='pre') reaches the rotated tensors that attention uses."""
+  from helpers import numpy_rope
+  model = make("rope")
+  pos = model.cfg.position
+  assert (pos.fraction, pos.scaling) == (1.0, "none")  # plain RoPE: numpy_rope's rule applies
+
+  def zero_dim3(name, x):
+    return x.at[..., 3].set(0.0) if name.endswith(".q") or name.endswith(".k") else x
+
+  toks = tokens()
+  for intervene in (None, zero_dim3):
+    _, cache = capture.run(model, toks, intervene=intervene)
+    for layer in range(2):
+      for plain, rot in (("q", "rot_q"), ("k", "rot_k")):
+        x = np.asarray(cache[hooks.name(layer, plain)], np.float64)
+        if intervene is not None:
+          assert np.all(x[..., 3] == 0)
+        want = np.stack([numpy_rope(xb, pos.base, pos.layout) for xb in x])
+        # float32 angles t * theta (t <= 11: <= 2 * 11 eps of error in the angle), float32 cos/sin
+        # (a few ulp) and two float32 products and a sum: <= 32 eps32 of the largest value.
+        np.testing.assert_allclose(np.asarray(cache[hooks.name(layer, rot)]), want, rtol=0,
+                                   atol=32 * EPS32 * np.abs(x).max(), err_msg=f"{layer} {rot}")

@@ -318,3 +318,108 @@ def test_bad_config_is_one_line():
     assert "\n" not in str(err.value)
   with pytest.raises(ConfigError, match="n_layers=2"):
     DisruptConfig(layer_stop=5).layers(2)
+
+
+@pytest.mark.parametrize("mode, per_head", [("top1", 1), ("top2", 2), ("top4", 4), ("smallest", None)])
+def test_masks_pick_each_head_s_own_dims_in_the_chosen_layers_only(model, tokens, mode, per_head):
+  """top-k modes replace exactly k dims in every head (smallest: the head's massive count), each
+  head's own choice (not a union over heads), in the chosen layers only; the mask is select()'s."""
+  cfg = DisruptConfig(mode=mode, criterion="topk", top_k=2, layer_start=1, layer_stop=2)
+  M = disrupt.dim_norms(model, tokens, cfg)
+  chosen = disrupt.masks(M, cfg, CFG.n_layers)
+  for p in cfg.points()[:2]:
+    name = f"blocks.1.attn.{p}"
+    want = per_head if per_head is not None else 2
+    assert np.all(chosen[name].sum(-1) == want), name
+    np.testing.assert_array_equal(chosen[name], disrupt.select(M[name], cfg))
+    assert not chosen[f"blocks.0.attn.{p}"].any()
+  # beyond the planted top-1 dim, heads differ in what they choose, so a union over heads would be seen
+  assert mode == "top1" or any(len({tuple(np.flatnonzero(h)) for h in chosen[f"blocks.1.attn.{p}"][0]}) > 1 for p in cfg.points()[:2])
+
+
+def test_random_dims_differ_between_layers_and_between_q_and_k():
+  """The random control is seeded by (draw, layer, point, example): the same M and S at two layers,
+  or at Q and K, still give other random dims (each draw is independent across layers and points)."""
+  from minilm import hooks
+  rng = np.random.default_rng(5)
+  cfg = DisruptConfig(lam=3.0, mode="random")
+  M1 = rng.gamma(2.0, size=(2, 8, 32))
+  S1 = M1 * rng.uniform(0.2, 1.0, M1.shape)
+  M = {hooks.name(l, p): M1 for l in range(2) for p in cfg.points()}
+  S = {n: S1 for n in M}
+  chosen = disrupt.masks(M, cfg, 2, S)
+  assert chosen["blocks.0.attn.rot_q"].sum() > 0
+  assert np.any(chosen["blocks.0.attn.rot_q"] != chosen["blocks.1.attn.rot_q"])
+  assert np.any(chosen["blocks.0.attn.rot_k"] != chosen["blocks.1.attn.rot_k"])
+  assert np.any(chosen["blocks.1.attn.rot_q"] != chosen["blocks.1.attn.rot_k"])
+
+
+def test_energy_removed_by_hand():
+  """Share of the chosen layers' energy (sum M^2 over the chosen layers only) lost: S^2 of the
+  replaced dims for mean replacement, M^2 for replacement by zero. Exact small numbers: float64
+  sums of a few terms, compared within 1e-12."""
+  from minilm import hooks
+  cfg = DisruptConfig(mode="massive", layer_start=1, layer_stop=2, rope="pre")
+  # 2 layers, 1 example, 1 head, 4 dims; layer 0 is not chosen and holds a huge energy
+  M = {hooks.name(l, p): np.array([[[3.0, 1.0, 1.0, 1.0]]]) * (100.0 if l == 0 else 1.0)
+       for l in range(2) for p in cfg.points()}
+  S = {n: np.array([[[0.5, 0.2, 0.2, 0.2]]]) * (100.0 if n.startswith("blocks.0") else 1.0) for n in M}
+  mask = {n: np.array([[[n.startswith("blocks.1") and not n.endswith(".v"), False, False, False]]]) for n in M}
+  total = 9.0 + 3 * 1.0
+  for fill, lost in ((1.0, 0.25), (0.0, 9.0)):
+    args = {"masks": mask, "fill": np.array([fill], np.float32)}
+    got = disrupt.energy_removed(M, S, args, cfg, 2)
+    assert got["q"][0] == pytest.approx(lost / total, abs=1e-12) and got["k"][0] == pytest.approx(lost / total, abs=1e-12)
+    assert got["v"][0] == 0.0
+
+
+@pytest.mark.parametrize("rope, sides", [("pre", ("q", "k")), ("post", ("rot_q", "rot_k"))])
+def test_rope_side_disrupts_only_its_own_points_and_reaches_attention(model, tokens, rope, sides):
+  """rope='pre' replaces dims of q and k before the rotation (and the rotated q/k that attention
+  uses are the rotation of the replaced ones); 'post' replaces rot_q/rot_k. No mask at the other side."""
+  from helpers import numpy_rope
+  layer = 1
+  cfg = DisruptConfig(mode="top2", rope=rope, layer_start=layer, layer_stop=layer + 1)
+  assert cfg.points() == (*sides, "v")
+  M = disrupt.dim_norms(model, tokens, cfg)
+  args, _ = disrupt.hook_args(M, cfg, CFG.n_layers)
+  assert set(args["masks"]) == {f"blocks.{l}.attn.{p}" for l in range(CFG.n_layers) for p in (*sides, "v")}
+  clean, hit = _captured(model, tokens), _captured(model, tokens, args)
+  for plain, rot in (("q", "rot_q"), ("k", "rot_k")):
+    name = f"blocks.{layer}.attn.{plain if rope == 'pre' else rot}"
+    assert np.any(hit[name] != clean[name]), name
+    if rope == "pre":  # the untouched side changes only through the rotation of the replaced dims
+      x = hit[f"blocks.{layer}.attn.{plain}"].astype(np.float64)
+      want = np.stack([numpy_rope(xb, CFG.position.base, CFG.position.layout) for xb in x])
+      # float32 RoPE of <= 12 positions: angle, cos/sin and products within 32 eps32 of the largest value
+      np.testing.assert_allclose(hit[f"blocks.{layer}.attn.{rot}"], want, rtol=0, atol=32 * EPS32 * np.abs(x).max())
+    else:  # post: the pre-RoPE q/k are as without disruption (exact: same program up to them)
+      np.testing.assert_array_equal(hit[f"blocks.{layer}.attn.{plain}"], clean[f"blocks.{layer}.attn.{plain}"])
+
+
+def test_score_conditions_seeds_random_dims_by_example_not_by_row():
+  """score_conditions hands each row's example index to the random control: an example scored
+  alone (row 0 of a batch of one) gets the same random dims as in a batch of three (row 1 or 2), so
+  the same dims replaced and energy removed (rtol 1e-5: M and S of another batch size may differ
+  in float32 rounding; other random dims change the energy by far more). An unplanted model, whose
+  top-1 dim does not outweigh the rest, so the control picks a few random dims, not all of them."""
+  from train.tokenizer import ByteTokenizer
+  from analysis.studies import suites
+  m = Decoder(CFG, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(11)
+  items = [suites.Item("t", "contextual", rng.integers(0, CFG.vocab_size, 12).astype(np.int32), "", "x", 2, {})
+           for _ in range(3)]
+  conds = disruption.conditions(DisruptConfig(criterion="topk", top_k=1), ("off", "random"), draws=2)
+  together, _ = disruption.score_conditions(m, ByteTokenizer(), items, conds, batch=3)
+  alone, _ = disruption.score_conditions(m, ByteTokenizer(), items, conds, batch=1)
+  key = lambda r: (r["mode"], r["example"])
+  together, alone = sorted(together, key=key), sorted(alone, key=key)
+  rand = [r for r in together if r["mode"].startswith("random")]
+  total = 2 * (CFG.n_heads + CFG.n_kv_heads) * (CFG.dim_per_head - 1)   # every non-massive Q/K dim
+  assert all(0 < r["dims_replaced"]["rot_q"] + r["dims_replaced"]["rot_k"] < total for r in rand)
+  assert any(a["energy_removed"] != b["energy_removed"] for a, b in zip(rand[:3], rand[3:]))   # draws differ
+  assert [key(r) for r in together] == [key(r) for r in alone]
+  for a, b in zip(together, alone):
+    assert a["dims_replaced"] == b["dims_replaced"], key(a)
+    for p in a["energy_removed"]:
+      np.testing.assert_allclose(b["energy_removed"][p], a["energy_removed"][p], rtol=1e-5, atol=1e-9, err_msg=str(key(a)))

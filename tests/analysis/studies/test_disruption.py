@@ -240,3 +240,28 @@ def test_the_c5_rule_is_written_in_the_docs_verbatim():
   from pathlib import Path
   docs = (Path(ROOT) / "docs" / "claims.md").read_text()
   assert disruption.RULE in docs
+
+
+def test_layers_flag_is_start_inclusive_stop_exclusive_in_every_condition():
+  """--layers 1:3 disrupts layers 1 and 2 (stop exclusive, as its help says) in every condition."""
+  base, conds = disruption.config_from(disruption.DisruptStudy("random", layers="1:3", modes="off,massive,random",
+                                                               draws=2, dose=True))
+  assert (base.layer_start, base.layer_stop) == (1, 3) and base.layers(4) == range(1, 3)
+  assert all((c.layer_start, c.layer_stop) == (1, 3) for c in conds.values())
+  assert disruption.config_from(disruption.DisruptStudy("random"))[0].layers(4) == range(0, 4)
+
+
+def test_a_template_at_exactly_the_usable_accuracy_counts():
+  """usable: undisrupted accuracy >= USABLE (8 of 10 at 0.8 counts, 7 of 10 does not)."""
+  assert disruption.USABLE == 0.8
+  spec = {"passkey": ("contextual", {"off": [8, 7, 8, 7, 10], "massive": 1})}
+  pooled = disruption.pool(_records(spec), "m", n_boot=50)
+  assert pooled["families"]["passkey"]["usable"] == ["passkey/t0", "passkey/t2", "passkey/t4"]
+
+
+def test_the_pooled_random_control_is_the_mean_over_its_draws():
+  """Every draw counts: draws at 10/10 and 0/10 pool to 0.5 per template (exact: means of 0/1)."""
+  spec = {"passkey": ("contextual", {"off": 10, "massive": 1, "random.0": 10, "random.1": 0})}
+  pooled = disruption.pool(_records(spec), "m", n_boot=50)
+  assert pooled["families"]["passkey"]["acc"]["random"][0] == 0.5
+  assert "random.0" not in pooled["families"]["passkey"]["acc"]
