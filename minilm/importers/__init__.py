@@ -7,6 +7,7 @@ the tokenizer is None (with a warning). layout: 'half' (default) or 'interleaved
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -41,8 +42,16 @@ def load(source: str = "smollm2", *, layout: str = "half"):
 
 def model_config(source: str = "smollm2", *, layout: str = "half") -> ModelConfig:
   """The ModelConfig `load(source)` builds, from the metadata alone (no tensor is read): for the
-  settings a study checks against the model before it spends the load."""
+  settings a study checks against the model before it spends the load. Kept per file version in
+  this process: a GGUF's header takes seconds to parse, and every plan of the lab asks."""
   kind, path = _resolve(source)
+  described = path if kind == "gguf" else os.path.join(path, "config.json")
+  stamp = (os.stat(described).st_size, os.stat(described).st_mtime_ns) if os.path.isfile(described) else None
+  return _model_config(kind, path, layout, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _model_config(kind: str, path: str, layout: str, stamp) -> ModelConfig:   # stamp: a changed file reads again
   if kind == "hf":
     return hf.config(hf.read_config(path), path, layout)
   meta, shapes = gguf.metadata(path)

@@ -190,7 +190,7 @@ def test_model_config_without_the_weights_is_the_loaded_models(tmp_path, monkeyp
   model, _, _ = importers.load(path, layout="interleaved")
   assert fetched and before == model.cfg
   fetched.clear()
-  assert importers.model_config(path, layout="interleaved") == model.cfg and fetched == []   # from the cache
+  assert importers.model_config(path, layout="interleaved") == model.cfg and fetched == []   # read once per version
   assert importers.model_config(path).position.layout == "half"
   _one_line_error(tmp_path / "absent.gguf", "no such GGUF file")
   with pytest.raises(ValueError, match="no such GGUF file"):

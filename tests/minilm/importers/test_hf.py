@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import jax.numpy as jnp
@@ -42,6 +43,11 @@ def test_hf_round_trip_matches_numpy_reference(tmp_path, layout):
   ref = llama_reference(w, ids)
   assert len(ids) > 20 and np.abs(logits - ref).max() < llama_tolerance(ids) * np.abs(ref).max()
   assert model_config(str(tmp_path), layout=layout) == model.cfg   # from config.json alone
+  path = tmp_path / "config.json"   # kept per file version: an edited config.json is read again
+  edited = {**json.loads(path.read_text()), "max_position_embeddings": model.cfg.max_len + 1}
+  path.write_text(json.dumps(edited))
+  os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))   # a new version even within a tick
+  assert model_config(str(tmp_path), layout=layout).max_len == model.cfg.max_len + 1
 
 
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
