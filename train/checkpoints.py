@@ -300,9 +300,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, model: ModelConfig, abstract
   if sharding.any_process(failed is not None):
     raise failed or DamagedCheckpoint(f"{_step_name(mngr, step)}: another process read it damaged")
   if "checksums" in meta:
-    errors = [_mismatch(_step_name(mngr, step), item, out[item], meta["checksums"][item]) for item in items]
-    if any(errors):
-      raise next(e for e in errors if e)
+    name = _step_name(mngr, step)
+    errors = [e for item in items if (e := _mismatch(name, item, out[item], meta["checksums"][item]))]
+    if errors:
+      raise errors[0]
   return out["params"], out.get("opt_state"), meta["progress"]
 
 

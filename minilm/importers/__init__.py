@@ -46,8 +46,8 @@ def model_config(source: str = "smollm2", *, layout: str = "half") -> ModelConfi
   this process: a GGUF's header takes seconds to parse, and every plan of the lab asks."""
   kind, path = _resolve(source)
   described = path if kind == "gguf" else os.path.join(path, "config.json")
-  stamp = (os.stat(described).st_size, os.stat(described).st_mtime_ns) if os.path.isfile(described) else None
-  return _model_config(kind, path, layout, stamp)
+  stat = os.stat(described) if os.path.isfile(described) else None
+  return _model_config(kind, path, layout, stat and (stat.st_size, stat.st_mtime_ns))
 
 
 @functools.lru_cache(maxsize=16)

@@ -131,15 +131,17 @@ def read_cached(path: str, cache_dir: str):
   return json.loads(str(stored["meta"])), shapes, lambda name: stored[f"t/{name}"]
 
 
+def _require(path: str) -> None:
+  if not os.path.isfile(path):
+    raise ValueError(f"source: no such GGUF file {path!r}")
+
+
 def metadata(path: str, cache_dir: str | None = None) -> tuple[dict, dict]:
   """(meta, shapes) of `path`: from its cache when `read_cached` has written one (milliseconds),
   else from the file (seconds: the reader decodes every field); no tensor is read."""
-  if not os.path.isfile(path):
-    raise ValueError(f"source: no such GGUF file {path!r}")
-  if os.path.isfile(_cache_file(path, cache_dir or default_cache_dir())):
-    meta, shapes, _ = read_cached(path, cache_dir or default_cache_dir())
-  else:
-    meta, shapes, _ = read(path)
+  _require(path)
+  cache_dir = cache_dir or default_cache_dir()
+  meta, shapes, _ = read_cached(path, cache_dir) if os.path.isfile(_cache_file(path, cache_dir)) else read(path)
   return meta, shapes
 
 
@@ -170,8 +172,7 @@ def load_gguf(path: str, *, layout: str = "half", cache: bool = True, cache_dir:
   cache: read through the dequantized .npz cache (written on first use); False reads the GGUF.
   """
   start = time.perf_counter()
-  if not os.path.isfile(path):
-    raise ValueError(f"source: no such GGUF file {path!r}")
+  _require(path)
   parts = read_cached(path, cache_dir or default_cache_dir()) if cache else read(path)
   model, tok, info = from_parts(*parts, path, layout=layout)
   info.update(cached=cache, load_s=time.perf_counter() - start)
