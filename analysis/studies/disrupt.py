@@ -22,7 +22,7 @@ control takes the first c of them, c chosen so that the energy they lose to mean
 (sum of S^2, S the spread to the mean) is closest to what the head's massive dims lose (ties: fewer
 dims; a head without massive dims keeps all). The random dims differ per example, draw, layer and
 point. Only the share of energy removed is matched, not the count; `energy_removed` reports the
-match achieved.
+match achieved, and `unmatched` the heads where no choice of non-massive dims can reach the target.
 V control ('v'): per layer and KV head, the dims of V that are massive in K (the same indices);
 queries and keys are left alone.
 """
@@ -149,6 +149,23 @@ def energy_removed(M, S, args, cfg: DisruptConfig, n_layers: int) -> dict[str, n
     fill_Bx1x1 = np.asarray(args["fill"])[:, None, None]
     lost = {n: np.where(fill_Bx1x1, S[n], M[n]).astype(np.float64) ** 2 for n in names}
     out[p] = sum((np.asarray(args["masks"][n]) * lost[n]).reshape(len(lost[n]), -1).sum(1) for n in names) / total
+  return out
+
+
+def unmatched(M, S, cfg: DisruptConfig, n_layers: int) -> dict[str, np.ndarray]:
+  """Per example [B] and query/key point: the share of heads with massive dims (over the chosen
+  layers) whose other dims together lose less energy to mean replacement (sum of S^2) than the
+  massive dims. There the random control cannot match: it takes every non-massive dim, for every
+  draw alike, and still removes less than the massive condition. 0 where no head has massive dims."""
+  out = {}
+  for p in cfg.points()[:2]:
+    short = heads = 0
+    for n in (hooks.name(l, p) for l in cfg.layers(n_layers)):
+      lost, chosen = np.asarray(S[n], np.float64) ** 2, massive(M[n], cfg)
+      target, rest = np.where(chosen, lost, 0).sum(-1), np.where(chosen, 0, lost).sum(-1)
+      has = chosen.any(-1)
+      short, heads = short + (has & (rest < target)).sum(-1), heads + has.sum(-1)
+    out[p] = short / np.maximum(heads, 1)
   return out
 
 

@@ -141,15 +141,17 @@ def score_conditions(model, tokenizer, items, conds: dict[str, DisruptConfig], *
                                       measure=measure)
       if undisrupted:
         M, S = ({k: np.asarray(v) for k, v in d.items()} for d in measured)
-      runs[mode] = (np.asarray(out), args, counts)
+      runs[mode] = (np.asarray(out), args, counts, norms)
       seconds[mode] += time.perf_counter() - t0
     for mode, cfg in conds.items():
-      out, args, counts = runs[mode]
+      out, args, counts, norms = runs[mode]
       removed = disrupt.energy_removed(M, S, args, cfg, n_layers)
+      short = disrupt.unmatched(norms, S, cfg, n_layers) if cfg.mode == "random" else None
       for i, item in enumerate(chunk):
         records.append(_record(item, out[i], tokenizer, label=label, mode=mode, cfg=cfg, example=idx[i],
                                dims={p: int(c[i]) for p, c in counts.items()},
-                               energy={p: float(e[i]) for p, e in removed.items()}))
+                               energy={p: float(e[i]) for p, e in removed.items()},
+                               unmatched=short and {p: float(u[i]) for p, u in short.items()}))
         if sink is not None:
           sink.write(json.dumps(records[-1]) + "\n")
     if sink is not None:
@@ -159,12 +161,15 @@ def score_conditions(model, tokenizer, items, conds: dict[str, DisruptConfig], *
   return records, seconds
 
 
-def _record(item, out_ids, tokenizer, *, label, mode, cfg, example, dims, energy) -> dict:
+def _record(item, out_ids, tokenizer, *, label, mode, cfg, example, dims, energy, unmatched=None) -> dict:
+  """One example under one condition; the random control's records also hold `unmatched`
+  (disrupt.unmatched: the share of heads whose energy target no choice of dims reaches)."""
   v = suites.verdict(item, out_ids, tokenizer)
   return {"model": label, "mode": mode, "task": item.task, "family": family_of(item.task), "example": example,
           "kind": item.kind, "verdict": v, "success": suites.success(item, v), "answer": item.answer,
           "output": tokenizer.decode([int(t) for t in out_ids]), "prompt": item.text,
           "prompt_tokens": len(item.prompt), "dims_replaced": dims, "energy_removed": energy,
+          **({"unmatched": unmatched} if unmatched is not None else {}),
           "disrupt": dataclasses.asdict(cfg), "meta": {k: _jsonable(x) for k, x in item.meta.items()}}
 
 
@@ -301,11 +306,22 @@ def _energy(records: list[dict]) -> dict[str, dict[str, float]]:
   return {m: {p: float(np.mean(v)) for p, v in by_point.items()} for m, by_point in out.items()}
 
 
+def _unmatched(records: list[dict]) -> dict[str, float]:
+  """{point: mean share of heads whose energy target the random control cannot reach}, over the
+  random draws' records ({} without them)."""
+  out = {}
+  for r in records:
+    for p, u in r.get("unmatched", {}).items():
+      out.setdefault(p, []).append(u)
+  return {p: float(np.mean(v)) for p, v in out.items()}
+
+
 def pool(records: list[dict], model: str, n_boot: int = N_BOOT) -> dict:
   """The pooled estimates RULE judges. families: {family: kind, templates, usable (templates whose
   undisrupted accuracy is >= USABLE), acc {condition: (point, replicates)} over the usable templates
-  (conflict: also memory, the share answering from memory), energy (over every item)}; kinds: {kind:
-  acc, memory, energy: means over its families with a usable template}."""
+  (conflict: also memory, the share answering from memory), energy and unmatched (`_unmatched`), both
+  over every item}; kinds: {kind: acc, memory, energy, unmatched: means over its families with a
+  usable template}."""
   mine = in_item_order([r for r in records if r["model"] == model])
   success = _item_values(mine, model, lambda r: float(r["success"]))
   memory = _item_values(mine, model, lambda r: float(r["verdict"] == "memory"))
@@ -315,8 +331,9 @@ def pool(records: list[dict], model: str, n_boot: int = N_BOOT) -> dict:
   families = {}
   for family, kinds in tasks.items():
     usable = [t for t in kinds if success[t]["off"].mean() >= USABLE]
+    rs = [r for r in mine if r["family"] == family]
     e = families[family] = {"kind": next(iter(kinds.values())), "templates": list(kinds), "usable": usable,
-                            "energy": _energy([r for r in mine if r["family"] == family])}
+                            "energy": _energy(rs), "unmatched": _unmatched(rs)}
     if usable:
       e["acc"] = family_estimate([success[t] for t in usable], n_boot, S.name_seed(SEED, family))
       if e["kind"] == "conflict":
@@ -325,9 +342,10 @@ def pool(records: list[dict], model: str, n_boot: int = N_BOOT) -> dict:
   for kind in suites.KINDS:
     fams = [e for e in families.values() if e["kind"] == kind and e["usable"]]
     if fams:
-      energy = [e["energy"] for e in fams]
+      energy, short = [e["energy"] for e in fams], [e["unmatched"] for e in fams]
       kinds[kind] = {"families": [f for f, e in families.items() if e in fams], "acc": _mean_estimate([e["acc"] for e in fams]),
-                     "energy": {m: {p: float(np.mean([x[m][p] for x in energy])) for p in energy[0][m]} for m in energy[0]}}
+                     "energy": {m: {p: float(np.mean([x[m][p] for x in energy])) for p in energy[0][m]} for m in energy[0]},
+                     "unmatched": {p: float(np.mean([x[p] for x in short])) for p in short[0]}}
       if kind == "conflict":
         kinds[kind]["memory"] = _mean_estimate([e["memory"] for e in fams])
   return {"families": families, "kinds": kinds}
@@ -412,8 +430,13 @@ def c5_verdict(pooled: dict, model: str) -> dict:
     n, k = sum(usable.values()), len(usable)
     why += (f"; contextual pool: {n} usable template{'s' * (n != 1)} in {k} {'family' if k == 1 else 'families'}"
             + (f" ({', '.join(single)}: one template, an anecdote)" if single else ""))
+    short = {p: x for p, x in ctx.get("unmatched", {}).items() if x}
+    if short:   # the control then removes less energy than the massive dims (disrupt.unmatched)
+      why += (f"; the random control cannot reach the massive dims' energy in {_shares(short)} of the contextual "
+              "heads with massive dims (there it replaces every other dim and removes less)")
   evidence = {"contextual_drop_massive": _json(massive), "differences": {k: _json(d) for k, d in tests.items()},
-              "usable": {f: e["usable"] for f, e in pooled["families"].items()}}
+              "usable": {f: e["usable"] for f, e in pooled["families"].items()},
+              "random_unmatched": ctx.get("unmatched", {}) if ctx else {}}
   return {"claim": "C5", "model": model, "status": status, "summary": why, "evidence": evidence, "rule": RULE}
 
 
@@ -443,7 +466,7 @@ def _cell(estimate: tuple | None) -> str:
 
 def _strength(energy: dict, mode: str) -> str:
   """Share of Q/K/V energy a condition removes, e.g. 'q 1.2% k 0.8%' (points it leaves alone omitted)."""
-  return " ".join(f"{p.replace('rot_', '')} {100 * e:.2g}%" for p, e in energy.get(mode, {}).items() if e) or "0"
+  return _shares({p: e for p, e in energy.get(mode, {}).items() if e}) or "0"
 
 
 def _pooled_rows(pooled: dict):
@@ -454,11 +477,13 @@ def _pooled_rows(pooled: dict):
 def pooled_table(pooled: dict, model: str, modes) -> str:
   """Per family and kind: accuracy % [95% bootstrap CI over templates and items] per condition, the
   massive drop, and the disruption strength (energy removed) of the massive dims and of the random
-  control, whose match is their ratio."""
+  control, whose match is their ratio, and the share of heads (with massive dims) where the random
+  control cannot reach the massive dims' energy (`disrupt.unmatched`)."""
   lines = [f"Pooled over the usable templates (undisrupted accuracy >= {USABLE}): accuracy % "
            f"[{LEVEL:.0%} bootstrap over templates and items]; conflict: follows the context (mem: answers from memory).",
            f"| {model}: family (usable templates) | " + " | ".join(COLUMNS.get(m, m) for m in modes)
-           + " | massive drop | energy removed by massive | random / massive energy |", "|---|" + "---|" * (len(modes) + 3)]
+           + " | massive drop | energy removed by massive | random / massive energy | heads random cannot match |",
+           "|---|" + "---|" * (len(modes) + 4)]
   for name, e in _pooled_rows(pooled):
     used = f"{len(e['usable'])}/{len(e['templates'])}" if "usable" in e else f"families: {len(e['families'])}"
     cells = [(_cell(e["acc"].get(m)) if "acc" in e else "-")
@@ -466,8 +491,14 @@ def pooled_table(pooled: dict, model: str, modes) -> str:
     ratio = {p: e["energy"].get("random", {}).get(p, 0) / x for p, x in e["energy"].get("massive", {}).items() if x}
     lines.append(f"| {name} ({used}) | " + " | ".join(cells) + f" | {_cell(_drop(e, 'massive')) if 'acc' in e else '-'} | "
                  f"{_strength(e['energy'], 'massive')} | "
-                 + (" ".join(f"{p.replace('rot_', '')} {x:.2f}" for p, x in ratio.items()) or "-") + " |")
+                 + (" ".join(f"{p.replace('rot_', '')} {x:.2f}" for p, x in ratio.items()) or "-") + " | "
+                 + (_shares(e.get("unmatched", {})) or "-") + " |")
   return "\n".join(lines)
+
+
+def _shares(by_point: dict[str, float]) -> str:
+  """{'rot_q': 0.012, 'rot_k': 0} -> 'q 1.2% k 0%'."""
+  return " ".join(f"{p.replace('rot_', '')} {100 * x:.2g}%" for p, x in by_point.items())
 
 
 def dose_table(pooled: dict, model: str, doses: dict[str, str]) -> str:

@@ -373,6 +373,37 @@ def test_energy_removed_by_hand():
     assert got["v"][0] == 0.0
 
 
+def test_unmatched_counts_the_heads_whose_target_no_random_choice_reaches():
+  """Per example, over the chosen layers' heads with massive dims: those whose other dims lose less
+  (sum S^2) than the massive dims. There the control takes every other dim, for every draw; where
+  the rest loses more, it does not. Layer 0 is outside the chosen layers and would count."""
+  from minilm import hooks
+  cfg = DisruptConfig(mode="random", criterion="topk", top_k=1, layer_start=1, layer_stop=3)
+  # 3 layers, 2 examples, 2 heads, 4 dims; dim 0 is each head's top-1 (massive) dim
+  M = np.array([[5.0, 1.0, 1.0, 1.0]] * 2)[None].repeat(2, 0)
+  spread = {0: [3.0, 1.0, 1.0, 1.0],   # massive loses 9 > 3: unreachable
+            1: [1.0, 1.0, 1.0, 1.0]}   # massive loses 1 < 3: reachable
+  heads = {1: ([0, 1], [1, 1]), 2: ([0, 0], [1, 0])}   # layer: (example 0's heads, example 1's), by spread kind
+  Ms, Ss = {}, {}
+  for l in range(3):
+    for p in cfg.points():
+      Ms[hooks.name(l, p)] = M
+      kinds = heads.get(l, ([0, 0], [0, 0]))
+      Ss[hooks.name(l, p)] = np.array([[spread[k] for k in row] for row in kinds])
+  got = disrupt.unmatched(Ms, Ss, cfg, 3)
+  assert set(got) == {"rot_q", "rot_k"}
+  for p in got:   # example 0: 3 of its 4 chosen heads unreachable; example 1: 1 of 4
+    np.testing.assert_array_equal(got[p], [0.75, 0.25])
+  for layer in (1, 2):
+    n = hooks.name(layer, "rot_q")
+    short = np.array(heads[layer]) == 0
+    chosen = disrupt.select(Ms[n], cfg, Ss[n], [np.random.default_rng([7, b]) for b in range(2)])
+    np.testing.assert_array_equal(chosen[..., 1:].all(-1), short)   # every other dim exactly where unreachable
+  # no massive dims at all (lambda 10): nothing to match, share 0
+  none = disrupt.unmatched(Ms, Ss, dataclasses.replace(cfg, criterion="lambda", lam=10.0), 3)
+  assert all(np.all(v == 0) for v in none.values())
+
+
 @pytest.mark.parametrize("rope, sides", [("pre", ("q", "k")), ("post", ("rot_q", "rot_k"))])
 def test_rope_side_disrupts_only_its_own_points_and_reaches_attention(model, tokens, rope, sides):
   """rope='pre' replaces dims of q and k before the rotation (and the rotated q/k that attention
@@ -419,7 +450,28 @@ def test_score_conditions_seeds_random_dims_by_example_not_by_row():
   assert all(0 < r["dims_replaced"]["rot_q"] + r["dims_replaced"]["rot_k"] < total for r in rand)
   assert any(a["energy_removed"] != b["energy_removed"] for a, b in zip(rand[:3], rand[3:]))   # draws differ
   assert [key(r) for r in together] == [key(r) for r in alone]
+  assert all(r["unmatched"] == {"rot_q": 0.0, "rot_k": 0.0} for r in rand)   # every head's target reachable
+  assert not any("unmatched" in r for r in together if r["mode"] == "off")
   for a, b in zip(together, alone):
     assert a["dims_replaced"] == b["dims_replaced"], key(a)
     for p in a["energy_removed"]:
       np.testing.assert_allclose(b["energy_removed"][p], a["energy_removed"][p], rtol=1e-5, atol=1e-9, err_msg=str(key(a)))
+
+
+def test_score_conditions_records_the_heads_the_random_control_cannot_match(model):
+  """On the planted model one dim per head holds more energy than all the others (x20), so in every
+  head of every chosen layer the random control takes every other dim: `unmatched` is 1, and the
+  dims replaced are all non-massive Q/K dims of the chosen layers, in every draw."""
+  from train.tokenizer import ByteTokenizer
+  from analysis.studies import suites
+  rng = np.random.default_rng(5)
+  items = [suites.Item("t", "contextual", rng.integers(0, CFG.vocab_size, 12).astype(np.int32), "", "x", 2, {})
+           for _ in range(2)]
+  base = DisruptConfig(criterion="topk", top_k=1, layer_start=1)
+  records, _ = disruption.score_conditions(model, ByteTokenizer(), items,
+                                           disruption.conditions(base, ("off", "random"), draws=2), batch=2)
+  rand = [r for r in records if r["mode"].startswith("random")]
+  layers = CFG.n_layers - 1
+  assert len(rand) == 4 and all(r["unmatched"] == {"rot_q": 1.0, "rot_k": 1.0} for r in rand)
+  assert all(r["dims_replaced"] == {"rot_q": layers * CFG.n_heads * (CFG.dim_per_head - 1),
+                                    "rot_k": layers * CFG.n_kv_heads * (CFG.dim_per_head - 1), "v": 0} for r in rand)

@@ -265,3 +265,25 @@ def test_the_pooled_random_control_is_the_mean_over_its_draws():
   pooled = disruption.pool(_records(spec), "m", n_boot=50)
   assert pooled["families"]["passkey"]["acc"]["random"][0] == 0.5
   assert "random.0" not in pooled["families"]["passkey"]["acc"]
+
+
+def test_heads_the_random_control_cannot_match_are_reported_beside_the_verdict():
+  """The random records' `unmatched` (disrupt.unmatched) pools like the energy: a mean per family over
+  its items, then over a kind's families. It shows in the pooled table, and the verdict's summary
+  says so where the contextual pool has such heads; the status is the rule's either way."""
+  spec = {"passkey": ("contextual", {"off": 10, "massive": 1, "random.0": 10, "random.1": 9}),
+          "capitals": ("parametric", {"off": 10, "massive": 9, "random.0": 10})}
+  plain = _records(spec)
+  records = [dict(r, unmatched={"rot_q": 0.5 if r["example"] < 5 else 0.0, "rot_k": 0.0})
+             if r["mode"].startswith("random.") else r for r in plain]
+  pooled = disruption.pool(records, "m", n_boot=200)
+  assert pooled["families"]["passkey"]["unmatched"] == {"rot_q": 0.25, "rot_k": 0.0}
+  assert pooled["kinds"]["contextual"]["unmatched"] == {"rot_q": 0.25, "rot_k": 0.0}
+  row = next(l for l in disruption.pooled_table(pooled, "m", ("off", "massive", "random")).splitlines()
+             if l.startswith("| all contextual"))
+  assert row.endswith("| q 25% k 0% |")
+  verdict = disruption.c5_verdict(pooled, "m")
+  assert "cannot reach the massive dims' energy in q 25% of the contextual heads" in verdict["summary"]
+  assert verdict["evidence"]["random_unmatched"] == {"rot_q": 0.25, "rot_k": 0.0}
+  matched = disruption.c5_verdict(disruption.pool(plain, "m", n_boot=200), "m")
+  assert verdict["status"] == matched["status"] == "supported" and "cannot reach" not in matched["summary"]
