@@ -27,6 +27,7 @@ conftest.py). Paths are relative to tests/, which mirrors the packages (tests/<p
 - `worker_setup`, `worker_task`: a state and a task for analysis.studies.workers' pool, importable by
   name in a spawned process (analysis/studies/test_workers).
 """
+import collections
 import contextlib
 import json
 import math
@@ -476,8 +477,9 @@ def stop(proc: subprocess.Popen, how: int) -> None:
   assert code == expected, f"exit code {code}, not {expected}"
 
 
-def left_running(pids: list[int], seconds: float = 20) -> list[int]:
-  """Those of `pids` still running after up to `seconds`, killed so that a failing test leaves none
+def left_running(pids: list[int], seconds: float = 20) -> dict[int, str]:
+  """Those of `pids` still running after up to `seconds`, each with what its threads were doing (state
+  and kernel wait channel, for the failure's message), killed so that a failing test leaves none
   behind (a zombie, exited but not yet reaped by init, counts as gone)."""
   def alive(pid: int) -> bool:
     try:
@@ -488,7 +490,21 @@ def left_running(pids: list[int], seconds: float = 20) -> list[int]:
   deadline = time.monotonic() + seconds
   while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
     time.sleep(0.1)
-  left = [pid for pid in pids if alive(pid)]
+  left = {pid: _threads(pid) for pid in pids if alive(pid)}
   for pid in left:
     os.kill(pid, 9)
   return left
+
+
+def _threads(pid: int) -> str:
+  """'<thread name> <state> <wait channel>' for each thread of a process, counted: '3 x python S futex_wait_queue'."""
+  seen = collections.Counter()
+  try:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+      with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        name, rest = f.read().rsplit(")", 1)
+      with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+        seen[f"{name.split('(', 1)[1]} {rest.split()[0]} {f.read() or '-'}"] += 1
+  except OSError as err:
+    return f"unreadable ({err})"
+  return "; ".join(f"{n} x {what}" for what, n in seen.most_common())

@@ -146,7 +146,7 @@ def score(exp: ExperimentConfig, out: str, arms: list[str] | None) -> dict[str, 
   logging.set_verbosity(logging.ERROR)   # orbax's read-only managers warn once per restored checkpoint
   results = {}
   for arm, arm_dir in dirs.items():
-    rows = score_checkpoints(arm_dir)
+    rows = score_checkpoints(arm_dir, exp.resolve(arm).eval.batch)
     print(f"[{arm}] scored {len(rows)} checkpoint(s)" + (f": steps {', '.join(str(r['step']) for r in rows)}" if rows else ""))
     results[arm] = {"scored": [r["step"] for r in rows]}
   return results

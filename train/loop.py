@@ -51,24 +51,30 @@ def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
-def check_run_dir(arm_dir: str, cfg: TrainConfig) -> int | None:
-  """Refuse a directory whose config.json holds another config; only `steps` may differ (extending
-  a run; the cosine schedule then follows the new length), and never below the trained steps.
-  Returns the steps of the config on disk (None for a new directory)."""
+# The settings a run directory takes other than its own: `steps` extends a run (the cosine schedule then
+# follows the new length); `eval.batch` only splits the held-out set into calls, so it is what an
+# evaluation that ran out of memory needs lowered.
+CHANGEABLE = ("steps", "eval.batch")
+
+
+def check_run_dir(arm_dir: str, cfg: TrainConfig) -> dict | None:
+  """Refuse a directory whose config.json holds another config; only the CHANGEABLE settings may
+  differ, and `steps` never below the trained steps. Returns the config on disk, flat
+  ({'eval.batch': 64, ...}; None for a new directory)."""
   path = os.path.join(arm_dir, "config.json")
   if not os.path.exists(path):
     return None
   old = checkpoints.flat(checkpoints.config_dict(arm_dir))
-  diff = checkpoints.first_difference(old, checkpoints.flat(json.loads(json.dumps(C.to_dict(cfg)))), ("steps",))
+  diff = checkpoints.first_difference(old, checkpoints.flat(json.loads(json.dumps(C.to_dict(cfg)))), CHANGEABLE)
   if diff:
     key, was, now = diff
     raise C.ConfigError(f"{key}: run directory {arm_dir} holds a run with {key}={was!r}, not {now!r}; "
-                        f"only 'steps' may change (use another name or --out)")
+                        f"only {' and '.join(map(repr, CHANGEABLE))} may change (use another name or --out)")
   trained = checkpoints.available_steps(arm_dir)
   C.check(not trained or cfg.steps >= trained[-1], "steps",
           f"run directory {arm_dir} holds {trained[-1] if trained else 0} trained steps; steps={cfg.steps} would end "
           f"before them (give steps >= {trained[-1] if trained else 0}, or use another name or --out)")
-  return old["steps"]
+  return old
 
 
 def check_runnable(cfg: TrainConfig):
@@ -88,14 +94,17 @@ def primary() -> bool:
 
 
 def prepare_run_dir(arm_dir: str, cfg: TrainConfig) -> None:
-  """check_run_dir, then create `arm_dir` and write config.json (saying so when `steps` changes)."""
-  old_steps = check_run_dir(arm_dir, cfg)
+  """check_run_dir, then create `arm_dir` and write config.json (saying so when a setting changes)."""
+  old = check_run_dir(arm_dir, cfg)
   if not primary():
     return
-  if old_steps is not None and old_steps != cfg.steps:
+  if old is not None and old["steps"] != cfg.steps:
     trained = checkpoints.available_steps(arm_dir)
-    note(f"{arm_dir}: steps {old_steps} -> {cfg.steps} in config.json; training goes on from step "
+    note(f"{arm_dir}: steps {old['steps']} -> {cfg.steps} in config.json; training goes on from step "
          f"{trained[-1] if trained else 0} and the learning-rate schedule follows the new length")
+  if old is not None and old.get("eval.batch", cfg.eval.batch) != cfg.eval.batch:
+    note(f"{arm_dir}: eval.batch {old['eval.batch']} -> {cfg.eval.batch} in config.json; the held-out examples "
+         "and their scores stay the same (float rounding of another batch shape aside)")
   atomic.write_json(os.path.join(arm_dir, "config.json"), C.to_dict(cfg), indent=2)
 
 
@@ -140,14 +149,15 @@ def _append(path: str, row: dict) -> None:
     f.write(json.dumps(row) + "\n")
 
 
-def score_checkpoints(arm_dir: str) -> list[dict]:
+def score_checkpoints(arm_dir: str, batch: int | None = None) -> list[dict]:
   """Score the held-out tasks (the examples periodic evaluation uses) at every saved checkpoint that
   eval.jsonl has no row for, and merge the rows into eval.jsonl in step order (rows already there are
   kept as they are: the same weights and examples give the same scores). Returns the new rows.
 
   Periodic evaluation follows eval.every; this puts a score beside every traced checkpoint of a run
   trained with sparse evaluation, without training again. Refused while the arm trains (eval.jsonl is
-  rewritten whole, so rows the loop appends meanwhile would be lost)."""
+  rewritten whole, so rows the loop appends meanwhile would be lost). batch: prompts per call
+  (default: the run's eval.batch)."""
   with writing([arm_dir]):   # one writer of eval.jsonl: a training run would lose rows
     cfg = checkpoints.load_config(arm_dir)
     C.check(cfg.eval.n_per_family > 0, "eval.n_per_family", f"{arm_dir} was trained with eval.n_per_family=0; "
@@ -160,7 +170,7 @@ def score_checkpoints(arm_dir: str) -> list[dict]:
       if step in rows:
         continue
       model, _ = checkpoints.load_model(arm_dir, step)
-      new.append({"step": step, **evaluate.accuracy(model, examples, batch=cfg.eval.batch)})
+      new.append({"step": step, **evaluate.accuracy(model, examples, batch=batch or cfg.eval.batch)})
       rows[step] = json.dumps(new[-1])
       if primary():   # written after every step: an interrupted backfill keeps what it scored
         atomic.write_text(path, "".join(rows[s] + "\n" for s in sorted(rows)))
@@ -259,8 +269,8 @@ def _out_of_memory(arm_dirs: list[str]):
       raise
     raise checkpoints.RunError(
         f"{kept[0]}: out of memory ({first}); its trained steps are kept, and a run directory takes no settings "
-        f"but 'steps' other than its own: train smaller ones (batch size, sequence length, model size) under "
-        f"another name or --out") from None
+        f"of its own but {' and '.join(map(repr, CHANGEABLE))}: lower eval.batch if it ran out while evaluating, "
+        f"or train smaller ones (batch size, sequence length, model size) under another name or --out") from None
 
 
 def seedless(cfg: TrainConfig) -> str:

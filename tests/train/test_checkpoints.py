@@ -1,5 +1,6 @@
 """Checkpoints: the save schedule on disk, load_model, atomic saves (a killed save restores nothing wrong)."""
 import errno
+import json
 import logging
 import os
 import shutil
@@ -111,6 +112,30 @@ def test_run_directory_of_another_config_is_refused(trained, tmp_path):
   assert checkpoints.load_config(arm_dir).steps == 12
 
 
+def test_a_run_directory_takes_another_eval_batch_and_says_so(trained, tmp_path, capsys, monkeypatch):
+  """eval.batch only splits the held-out set into calls (what an evaluation out of memory needs
+  lowered): a run goes on under another one, says so, and trains exactly as under its own."""
+  arm_dir, reference = str(tmp_path / "rope"), str(tmp_path / "reference")
+  shutil.copytree(trained, arm_dir)
+  shutil.copytree(trained, reference)
+  before = open(os.path.join(arm_dir, "eval.jsonl")).read()
+  smaller = C.override(SMOKE, {"eval.batch": 1, "steps": 8})
+  loop.train(smaller, arm_dir, progress=False)
+  assert f"note: {arm_dir}: eval.batch {SMOKE.eval.batch} -> 1 in config.json" in capsys.readouterr().err
+  assert checkpoints.load_config(arm_dir) == smaller
+  loop.train(C.override(SMOKE, {"steps": 8}), reference, progress=False)
+  assert_same_params(arm_dir, reference, 8)
+  rows = open(os.path.join(arm_dir, "eval.jsonl")).read()
+  assert rows.startswith(before) and [json.loads(l)["step"] for l in rows.splitlines()] == [4, 6, 8]
+  # scoring checkpoints takes a batch of its own too (the default: the run's)
+  asked = []
+  monkeypatch.setattr(loop.evaluate, "accuracy", lambda model, examples, batch: asked.append(batch) or {"x": 1.0})
+  os.remove(os.path.join(arm_dir, "eval.jsonl"))
+  loop.score_checkpoints(arm_dir, batch=3)
+  loop.score_checkpoints(reference)
+  assert asked == [3] * 6 + [SMOKE.eval.batch] * 3   # every step of arm_dir; the reference's 0, 1 and 2
+
+
 @pytest.mark.parametrize("how, says", [("flip", "differs from its checksum"), ("truncate", "cannot be read")])
 def test_a_damaged_step_is_one_line_naming_it(trained, tmp_path, how, says):
   arm_dir = str(tmp_path / "rope")
@@ -210,8 +235,9 @@ def test_out_of_memory_after_trained_steps_keeps_them_and_says_how_to_go_on(trai
     loop.train(longer, arm_dir, progress=False, batch_fn=out_of_memory_at(7))
   assert str(err.value) == (
       f"{arm_dir}: out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68719476736 bytes.); "
-      "its trained steps are kept, and a run directory takes no settings but 'steps' other than its own: train "
-      "smaller ones (batch size, sequence length, model size) under another name or --out")
+      "its trained steps are kept, and a run directory takes no settings of its own but 'steps' and 'eval.batch': "
+      "lower eval.batch if it ran out while evaluating, or train smaller ones (batch size, sequence length, model "
+      "size) under another name or --out")
   assert checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
   assert checkpoints.load_config(arm_dir) == longer
   new_dir = str(tmp_path / "new")   # and an arm new to the call that trained steps before it failed keeps them

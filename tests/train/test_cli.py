@@ -223,7 +223,8 @@ def test_the_arms_of_jobs_stop_with_their_parent(tmp_path, how):
     arms = children(proc.pid)
     assert len(arms) == 2
     stop(proc, how)
-  assert not left_running(arms)
+  left = left_running(arms)
+  assert not left, (left, (tmp_path / "stderr").read_text()[-3000:])
   if how == signal.SIGTERM:
     assert (tmp_path / "stderr").read_text().splitlines()[-1] == (
         "error: interrupted; run the same command again: every arm resumes from its last checkpoint")
