@@ -57,13 +57,23 @@ def write_json(final: str, data: Any, **kw) -> None:
 
 
 def read_json(path: str, default: Any = None) -> Any:
-  """The JSON of `path`, or `default` where the file is missing or not valid JSON (for records that
-  are optional: a reader shows what there is)."""
+  """The JSON of `path`, or `default` where the file is missing, unreadable or not valid JSON (for
+  records that are optional: a reader shows what there is)."""
   try:
     with open(path) as f:
       return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
+  except (OSError, ValueError, RecursionError):   # ValueError: JSONDecodeError, UnicodeDecodeError
     return default
+
+
+def parse_json(path: str, fail: Callable[[str], Exception]) -> Any:
+  """The JSON of a file that must be valid; where it is not (or is nested too deep to parse), the
+  one-line error fail(reason) of the caller's kind, which says what to do."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:   # RecursionError: nested too deep
+    raise fail(str(err)) from None
 
 
 def read_jsonl(path: str) -> tuple[list[tuple[str, dict]], bool]:

@@ -339,11 +339,7 @@ def first_difference(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> tupl
 
 def read_json(path: str, hint: str) -> Any:
   """The JSON of a run file, or a one-line RunError naming the file and `hint` (what to do)."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:   # RecursionError: nested too deep
-    raise RunError(f"{path}: damaged, not valid JSON ({err}); {hint}") from None
+  return atomic.parse_json(path, lambda why: RunError(f"{path}: damaged, not valid JSON ({why}); {hint}"))
 
 
 def available_steps(arm_dir: str) -> list[int]:

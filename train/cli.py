@@ -69,11 +69,7 @@ def parse_assignments(items: list[str]) -> dict[str, object]:
 
 def read_json(path: str) -> dict:
   """A config file's JSON, or a one-line ConfigError naming the file."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:   # RecursionError: nested too deep
-    raise C.ConfigError(f"config: {path} is not valid JSON ({err})") from None
+  return atomic.parse_json(path, lambda why: C.ConfigError(f"config: {path} is not valid JSON ({why})"))
 
 
 def load(config: str, assignments: list[str]) -> ExperimentConfig:

@@ -50,12 +50,8 @@ def size_text(n: int) -> str:
 
 
 def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      data = json.load(f)
-    return data if isinstance(data, dict) else {}
-  except (OSError, json.JSONDecodeError):
-    return {}
+  data = atomic.read_json(path, {})
+  return data if isinstance(data, dict) else {}
 
 
 def _cell(x) -> str:

@@ -515,11 +515,7 @@ CAPTURE = "lab_capture.json"
 
 def _holds(folder: str, capture: dict) -> bool:
   """Whether `folder` holds a trace captured with `capture` (then it can be resumed)."""
-  try:
-    with open(os.path.join(folder, CAPTURE)) as f:
-      held = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return False
+  held = atomic.read_json(os.path.join(folder, CAPTURE))
   # run_dir is recorded relative to the working directory (absolute before): compare where it points
   where = lambda c: c | {"run_dir": os.path.abspath(c["run_dir"])} if isinstance(c.get("run_dir"), str) else c
   return isinstance(held, dict) and where(held) == where(capture)

@@ -300,11 +300,7 @@ def load_fits(path: str) -> list[Fit]:
   """The fits of a fit.json (to predict another run from them); any other file is a one-line
   ConfigError naming --predict."""
   given = f"{path} is not a fit.json of `python -m analysis onset`"
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise ConfigError(f"--predict: {given} (not valid JSON: {err})") from None
+  data = atomic.parse_json(path, lambda why: ConfigError(f"--predict: {given} (not valid JSON: {why})"))
   check(isinstance(data, dict) and "fits" in data, "--predict", f"{given} (no 'fits')")
   try:
     fits = [Fit(d["kind"], d["stat"], np.array([d["coef"][k] for k in "abc"], np.float64),

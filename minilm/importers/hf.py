@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
-import json
 import os
 import time
 import warnings
@@ -20,6 +19,7 @@ from typing import Callable, Mapping
 
 from safetensors import SafetensorError, safe_open
 
+from minilm import atomic
 from minilm.config import ModelConfig
 from minilm.encodings import Learned, RoPE
 from minilm.importers import llama, tokenizer as tokenizers_
@@ -260,11 +260,7 @@ def read_config(directory: str) -> dict:
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise ValueError(f"source: {directory!r} has no config.json (expected an HF-format model directory)")
-  try:
-    with open(path) as f:
-      hf = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise ValueError(f"{path}: damaged, not valid JSON ({err}); download the model again") from None
+  hf = atomic.parse_json(path, lambda why: ValueError(f"{path}: damaged, not valid JSON ({why}); download the model again"))
   if not isinstance(hf, dict):
     raise ValueError(f"{path}: damaged, not an HF config (a mapping of settings); download the model again")
   return hf

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from minilm import atomic
+from minilm.schema import ConfigError
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -138,3 +139,21 @@ def test_a_folder_with_files_a_study_did_not_write_is_refused_not_replaced(tmp_p
   with atomic.staged_dir(str(out), owns=("results.jsonl",)) as staging:
     atomic.write_text(os.path.join(staging, "results.jsonl"), "new")
   assert os.listdir(out) == ["results.jsonl"]
+
+
+def test_json_readers_optional_and_required(tmp_path):
+  """read_json: an optional record, its default wherever the file cannot give JSON (missing, a
+  folder, cut short, not UTF-8, nested too deep); parse_json: the caller's one-line error for each
+  of those that is the file's content, the reason inside."""
+  good, cut, binary, deep = (tmp_path / n for n in ("good.json", "cut.json", "binary.json", "deep.json"))
+  good.write_text('{"a": 1}')
+  cut.write_text('{"a": ')
+  binary.write_bytes(b'{"a": "\xff"}')
+  deep.write_text("[" * 100_000)
+  for path in (tmp_path / "missing.json", tmp_path, cut, binary, deep):
+    assert atomic.read_json(str(path), {"default": True}) == {"default": True}, path
+  assert atomic.read_json(str(good)) == {"a": 1} == atomic.parse_json(str(good), ValueError)
+  for path in (cut, binary, deep):
+    with pytest.raises(ConfigError, match=r"^bad: \S") as err:
+      atomic.parse_json(str(path), lambda why: ConfigError(f"bad: {why}"))
+    assert "\n" not in str(err.value)

@@ -181,7 +181,8 @@ def test_a_predict_file_that_is_no_fit_json_is_one_line_naming_it(traced, tmp_pa
   for text, why in (("{}", f"{given} (no 'fits')"), ("[]", f"{given} (no 'fits')"),
                     ('{"fits": [{}]}', f"{given} (a fit is missing a field or holds a wrong value: 'kind')"),
                     ('{"fits": 3}', f"{given} (a fit is missing a field"),
-                    ("# a README", f"{given} (not valid JSON: "), ('{"fits": []}', "holds no fit")):
+                    ("# a README", f"{given} (not valid JSON: "), ("[" * 100_000, f"{given} (not valid JSON: "),
+                    ('{"fits": []}', "holds no fit")):
     bad = tmp_path / "bad.json"
     bad.write_text(text)
     assert main(["onset", str(traced / "trace"), "--out", str(tmp_path / "x"), "--predict", str(bad)]) == 2

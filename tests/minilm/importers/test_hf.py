@@ -103,6 +103,8 @@ def test_a_damaged_config_or_tokenizer_json_is_one_line_naming_it(tmp_path):
   config = (tmp_path / "config.json").read_text()
   (tmp_path / "config.json").write_text(config[:30])   # cut short, as by an interrupted download
   one_line_error(tmp_path, "^" + re.escape(f"{tmp_path / 'config.json'}: damaged, not valid JSON ("))
+  (tmp_path / "config.json").write_text("[" * 100_000)   # nested deeper than Python's parser goes
+  one_line_error(tmp_path, "^" + re.escape(f"{tmp_path / 'config.json'}: damaged, not valid JSON ("))
   (tmp_path / "config.json").write_text("[]")
   one_line_error(tmp_path, "^" + re.escape(f"{tmp_path / 'config.json'}: damaged, not an HF config"))
   (tmp_path / "config.json").write_text(config)
