@@ -433,15 +433,23 @@ def read_prompts(path: str, field: str = "--prompts") -> list[dict]:
   is one error 'FILE:LINE: field: what is wrong' (a missing file names `field`)."""
   check(os.path.isfile(path), field, f"{path} is not a file")
   rows, kinds = [], {}
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}:{number}: json: {err.msg} at column {err.colno}") from None
-      rows.append(_prompt_row(row, path, number, kinds))
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as err:
+    number = data.count(b"\n", 0, err.start) + 1
+    raise ConfigError(f"{path}:{number}: not UTF-8 text ({err.reason})") from None
+  for number, line in enumerate(text.split("\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as err:
+      raise ConfigError(f"{path}:{number}: json: {err.msg} at column {err.colno}") from None
+    except RecursionError:
+      raise ConfigError(f"{path}:{number}: json: nested deeper than the parser goes") from None
+    rows.append(_prompt_row(row, path, number, kinds))
   check(bool(rows), "--prompts", f"{path} holds no prompt")
   return rows
 

@@ -116,7 +116,9 @@ def test_conditions_expand_draws_and_doses_without_running_one_twice():
 
 
 def _write_prompts(path, rows):
-  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+  # a str row is written as it is, with lone surrogates as the bytes they escape (text that is not UTF-8)
+  path.write_bytes("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+                   .encode("utf-8", "surrogateescape"))
   return str(path)
 
 
@@ -162,6 +164,8 @@ def test_own_prompts_end_to_end(tmp_path, capsys):
     ('{"family": "x", "kind": "conflict", "prompt": "p", "answer": "a", "memory": ["b"]}', "memory: must be a string"),
     ('{"family": "x", "kind": "contextual", "prompt": "p", "answer": "a"', "json: "),
     ('["x"]', "line: must be a JSON object"),
+    ("[" * 100_000, "json: nested deeper than the parser goes"),
+    ('{"family": "x", "kind": "contextual", "prompt": "caf\udce9", "answer": "a"}', "not UTF-8 text (invalid"),
 ])
 def test_bad_prompt_lines_are_one_error_before_any_model_loads(tmp_path, capsys, monkeypatch, bad, message):
   out = tmp_path / "c5"
