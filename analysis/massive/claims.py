@@ -17,7 +17,7 @@ import numpy as np
 from analysis.massive import stats as S
 from analysis.massive import store as ST
 from minilm import atomic, hooks
-from minilm.schema import check
+from minilm.schema import ConfigError, check
 
 VERDICTS = ("supported", "not supported", "opposite", "inconclusive")
 
@@ -483,8 +483,11 @@ def load_claims(out_dir: str, skip: frozenset = frozenset()) -> list[Verdict]:
   path = os.path.join(out_dir, "claims.json")
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    rows = [v for v in json.load(f)["claims"] if v.get("claim") not in skip]
+  again = "run the analysis that wrote it again"
+  data = atomic.parse_json(path, lambda why: ConfigError(f"{path}: damaged, not valid JSON ({why}); {again}"))
+  check(isinstance(data, dict) and isinstance(data.get("claims"), list)
+        and all(isinstance(v, dict) for v in data["claims"]), path, f"damaged, holds no list of verdicts; {again}")
+  rows = [v for v in data["claims"] if v.get("claim") not in skip]
   fields = {f.name for f in dataclasses.fields(Verdict)}
   for v in rows:
     unknown = sorted(set(v) - fields)

@@ -1,5 +1,6 @@
 """Verdicts from stores of synthetic per-prompt sums with known truth, and the fixed rules themselves."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,11 @@ def test_claims_json_with_the_old_field_names_is_a_one_line_error(tmp_path):
   c5 = CL.Verdict("C5", "Function", "passkey accuracy drop", "supported", "a C5 rule", value=0.8, ci=[0.7, 0.9])
   CL.write_claims([c5], str(tmp_path))   # replacing the old verdict never reads it
   assert CL.load_claims(str(tmp_path)) == [c5]
+  for text, why in (('{"claims": [', "damaged, not valid JSON ("), ("[]", "damaged, holds no list of verdicts"),
+                    ('{"claims": [3]}', "damaged, holds no list of verdicts")):
+    (tmp_path / "claims.json").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'claims.json'}: {why}")):
+      CL.load_claims(str(tmp_path))
 
 
 def test_docs_state_every_rule_as_the_code_applies_it():
