@@ -8,7 +8,6 @@ format and call `write_claims`, which merges by claim id.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 
