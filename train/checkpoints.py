@@ -18,7 +18,6 @@ import errno
 import functools
 import glob
 import hashlib
-import json
 import logging
 import os
 import shutil

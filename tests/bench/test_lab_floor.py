@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
