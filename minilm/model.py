@@ -41,6 +41,15 @@ class Decoder(nnx.Module):
     # paired arms with one seed start from identical embeddings, attention and MLP weights.
     self.position = cfg.position.build(cfg, rngs)
 
+  def stream_in(self, tokens_BxT, positions_BxT, embeds_BxTxC=None):
+    """The residual stream entering block 0 [B, T, C]: token embeddings (looked up, or given),
+    projected to the model width where the embedding is narrower, plus the position encoding's own."""
+    x = self.embed(tokens_BxT) if embeds_BxTxC is None else embeds_BxTxC.astype(jnp.dtype(self.cfg.dtype))
+    if self.cfg.embed_dim:
+      x = self.project_in(x)
+    extra = self.position.embed(positions_BxT)
+    return x if extra is None else x + extra.astype(x.dtype)
+
   def __call__(self, tokens_BxT, positions_BxT=None, *, cache=None, lengths_B=None, logits_at_B=None,
                capture: Iterable[str] | bool = (), intervene: Intervene = None, embeds_BxTxC=None):
     """Logits [B, T, V] in float32; with `cache` (see `init_cache`) returns (logits, new_cache).
@@ -67,12 +76,7 @@ class Decoder(nnx.Module):
     if self.cfg.position.bounded and cache is None and T > self.cfg.max_len:
       raise ValueError(f"tokens: length {T} exceeds model.max_len={self.cfg.max_len} for "
                        f"position encoding {self.cfg.position.kind!r}")
-    x = self.embed(tokens_BxT) if embeds_BxTxC is None else embeds_BxTxC.astype(jnp.dtype(self.cfg.dtype))
-    if self.cfg.embed_dim:
-      x = self.project_in(x)
-    extra = self.position.embed(positions_BxT)
-    if extra is not None:
-      x = x + extra.astype(x.dtype)
+    x = self.stream_in(tokens_BxT, positions_BxT, embeds_BxTxC)
     key_pos_BxS = None
     if cache is not None:
       written_BxT = positions_BxT if lengths_B is None else jnp.where(

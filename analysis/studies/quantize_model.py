@@ -125,12 +125,10 @@ class Recorder(nnx.Module):
 
 
 def embed(model: Decoder, tokens_BxT):
-  """The residual stream entering block 0, as Decoder.__call__ builds it, and the positions."""
+  """The residual stream entering block 0 (Decoder.stream_in) and the positions."""
   B, T = tokens_BxT.shape
   pos_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  x = model.embed(tokens_BxT)
-  extra = model.position.embed(pos_BxT)
-  return (x if extra is None else x + extra.astype(x.dtype)), pos_BxT
+  return model.stream_in(tokens_BxT, pos_BxT), pos_BxT
 
 
 def record_inputs(model: Decoder, block, x_BxTxC, pos_BxT) -> dict[str, np.ndarray]:

@@ -221,3 +221,54 @@ def test_norms_are_those_of_a_capture_pass_with_and_without_a_hook():
       want = np.stack([np.sqrt((np.asarray(x, np.float64) ** 2).sum((0, 1))) for x in cache.stack(p)])
       np.testing.assert_allclose(got[hook][p], want, rtol=0, atol=1e-5 * want.max(), err_msg=p)
   assert np.abs(got[QM.kv_hook]["k"] / got[None]["k"] - 1).max() > 1e-2
+
+
+def test_c6_verdict_compares_the_4_bit_schemes_on_usable_contextual_items_only():
+  """The verdict reads the VERDICT_BITS schemes (here listed after 8-bit ones, where the two methods
+  tie), only the contextual items of tasks the fp model solves (a task at exactly USABLE counts;
+  a task below it and the parametric items, where the ranking is reversed, do not), and reports the
+  protecting scheme's mean as the value and the other's as the reference."""
+  schemes = QS.schemes(["awq", "gptq"], [8, 4, 3])
+  name = {(s.method, s.bits): s.name for s in schemes}
+  out = []
+  for i in range(70):
+    task, kind, fp = (("passkey", "contextual", int(i % 10 < 8)) if i < 30 else   # fp at exactly USABLE
+                      ("hard", "contextual", int(i % 10 < 5)) if i < 50 else
+                      ("capitals", "parametric", 1))
+    awq4, gptq4 = (int(i % 10 < 9), int(i % 10 < 3)) if task == "passkey" else (0, 1)
+    out += [_record("fp", i, task, kind, fp), _record(name["awq", 4], i, task, kind, awq4),
+            _record(name["gptq", 4], i, task, kind, gptq4)]
+    out += [_record(name[m, b], i, task, kind, 1) for m in ("awq", "gptq") for b in (8, 3)]
+  v, = QS.verdicts(out, "m", schemes, n_boot=500)
+  assert v.verdict == "supported" and v.reference == name["gptq", 4]
+  assert (v.value, v.reference_value, v.diff) == pytest.approx((0.9, 0.3, 0.6))
+  assert v.value_ci[0] <= v.value <= v.value_ci[1] and v.reference_ci[0] <= v.reference_value <= v.reference_ci[1]
+
+
+def test_massive_change_by_hand():
+  """Hand values (one head of 16 dims, lambda 5): fp has massive dims {0, 1} (40 > 5 * 94/16), the
+  quantized model {0, 15}; the ratios average over the fp-massive dims and the rest, the Jaccard
+  overlap is 1 shared of 3."""
+  before = np.ones((1, 1, 16)); before[..., :2] = 40
+  after = np.ones((1, 1, 16)); after[..., 0] = after[..., 15] = 40
+  got = QS.massive_change({"q": before}, {"q": after}, lam=5.0)["q"]
+  assert got["n_massive_before"] == got["n_massive_after"] == 2
+  assert got["ratio_massive"] == pytest.approx((1 + 1 / 40) / 2)          # float64 sums of a few terms
+  assert got["ratio_other"] == pytest.approx((13 + 40) / 14)
+  assert got["jaccard"] == pytest.approx(1 / 3)
+  assert got["rel_change"] == pytest.approx(np.sqrt(2 * 39 ** 2) / np.sqrt(2 * 40 ** 2 + 14))
+
+
+def test_perplexity_is_exp_of_the_mean_next_token_loss():
+  """perplexity from first principles: logits at position t score token t + 1, the mean over every
+  scored token of every window (windows of one length), exponentiated; float64 reference from the
+  model's own float32 logits (the jitted forward differs by float32 rounding: rtol 1e-5)."""
+  model = Decoder(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_len=64), rngs=nnx.Rngs(0))
+  windows = np.random.default_rng(4).integers(0, 50, (5, 12)).astype(np.int32)
+  logits = np.asarray(model(windows), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp[:, :-1], windows[:, 1:, None], axis=-1)
+  got = QS.perplexity(model, windows, batch=2, n_boot=200)
+  assert got["ppl"] == pytest.approx(np.exp(nll.mean()), rel=1e-5)
+  assert got["ci"][0] <= got["ppl"] <= got["ci"][1]

@@ -293,3 +293,41 @@ def test_awq_with_an_input_that_is_always_zero():
   for a, got in zip(np.linspace(0.0, 1.0, 6), errors):
     sc = mean_abs ** a / np.sqrt((mean_abs ** a).max() * (mean_abs ** a).min())
     assert got == Q.gram_error(Q.gram(x), ws[0], Q.awq_scaled(ws[0], sc, spec))
+
+
+def test_awq_keeps_plain_rtn_where_rtn_is_exact():
+  """alpha = 0 (s = 1) is a candidate of the search: where every column of every group already lies
+  on its 4-bit grid (integers -7..8, both ends present), RTN's error is exactly 0 and any other alpha
+  scales the rows off the grid, so the search must return alpha 0 and s = 1."""
+  rng = np.random.default_rng(11)
+  x = correlated_inputs(rng, 256, 32, outlier=3)
+  w = rng.integers(-7, 9, size=(32, 12)).astype(np.float32)
+  w[0::16], w[1::16] = -7.0, 8.0             # each group of 16 rows spans [-7, 8]: step 1, zero point 7
+  spec = Q.QuantSpec(4, group_size=16)
+  np.testing.assert_array_equal(Q.rtn(w, spec), w)
+  s, alpha, errors = Q.awq_search(x, [w], spec, n_grid=4)
+  assert errors[0] == 0 and np.all(errors[1:] > 0)
+  assert alpha == 0 and np.all(s == 1)
+
+
+def test_smooth_scales_follow_their_formula_at_any_alpha():
+  """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha): away from alpha = 0.5 the two exponents differ, so
+  swapping them shows; alpha = 1 moves all of X's range into W, alpha = 0 none of it."""
+  xm, wm = np.array([16.0, 1.0, 0.0]), np.array([1.0, 16.0, 4.0])   # 0 is floored at 1e-5
+  # powers of 2 and of 1e-5 in float64, then one rounding to float32: rtol of float32's eps
+  np.testing.assert_allclose(Q.smooth_scales(xm, wm, 0.75), [8.0, 0.5, 1e-5 ** 0.75 / 4 ** 0.25], rtol=EPS32)
+  np.testing.assert_allclose(Q.smooth_scales(xm, wm, 1.0), [16.0, 1.0, 1e-5], rtol=EPS32)
+  np.testing.assert_allclose(Q.smooth_scales(xm, wm, 0.0), [1.0, 1 / 16, 1 / 4], rtol=EPS32)
+
+
+def test_token_quantization_is_per_row_symmetric_with_2_to_the_bits_minus_1_codes():
+  """quant_tokens: one scale per row, absmax / (2^(bits-1) - 1), codes clipped to the signed range;
+  rows never interact (a loud row leaves a quiet one alone)."""
+  row = np.linspace(-1, 1, 1001, dtype=np.float32)
+  x = np.stack([row, 1000 * row])
+  got = Q.quant_tokens(x, bits=4)
+  for r in range(2):   # 15 levels k * absmax / 7, k = -7..7 (absmax itself is a code)
+    scale = np.float32(np.abs(x[r]).max()) / np.float32(7)
+    np.testing.assert_array_equal(np.unique(got[r]), np.arange(-7, 8, dtype=np.float32) * scale)
+    assert np.abs(got[r] - x[r]).max() <= scale / 2 * (1 + 1e-6)   # half a step, up to float32 rounding
+  np.testing.assert_array_equal(Q.quant_tokens(x[:1], bits=4), got[:1])

@@ -8,6 +8,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import threadpoolctl
 from flax import nnx
 
 from analysis.studies import quantize as Q
@@ -82,6 +83,23 @@ def tiny():
   return model, tokens
 
 
+@pytest.mark.parametrize("embed_dim", [16, 32])
+def test_calibration_starts_from_the_stream_the_model_builds_with_a_projected_embedding(embed_dim):
+  """OPT's layout: tokens embed at embed_dim and are projected in (also at d_model, where only a
+  config built by hand has it). Layer 0's calibration input, through its q linear, gives the q
+  that the model's own forward captures (one float32 norm and product in two programs: a few ulps)."""
+  from minilm import capture
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_len=32, embed_dim=embed_dim)
+  model = Decoder(cfg, rngs=nnx.Rngs(1))
+  tokens = np.random.default_rng(1).integers(0, 64, (2, 8)).astype(np.int32)
+  _, cache = capture.run(model, tokens, True)
+  layer, block, inputs = next(iter(QM.calibrate(model, tokens)))
+  assert layer == 0
+  q = np.asarray(block.attn.q(jnp.asarray(inputs["attn.q"])))
+  np.testing.assert_allclose(q.reshape(np.shape(cache["blocks.0.attn.q"])), np.asarray(cache["blocks.0.attn.q"]),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_calibration_reads_the_true_linear_inputs(tiny):
   """Every layer's, though all of them run layer 0's compiled program with their own weights."""
   model, tokens = tiny
@@ -146,3 +164,61 @@ def test_massive_columns_are_kept_in_q_and_k(tiny):
     w_hat = np.asarray(QM.block_linears(quantized.blocks[layer])[name].kernel[...])
     np.testing.assert_array_equal(w_hat[:, cols], w[:, cols])
     np.testing.assert_array_equal(w_hat[:, ~cols], Q.rtn(w, scheme.spec)[:, ~cols])
+
+
+def _gram_bound(h_IxI, pairs) -> tuple[float, float]:
+  """(sum of gram_error over pairs in float64, a bound on the float32 factor form's deviation from it)."""
+  r = Q.gram_factor(h_IxI)
+  want, bound = 0.0, 0.0
+  for w, w_hat in pairs:
+    one = Q.gram_error(h_IxI, w, w_hat)
+    # as in test_quantize's gram test: each entry of R D off by e = (I + 3) eps32 |R| |D|
+    e = (len(h_IxI) + 3) * float(np.finfo(np.float32).eps) * np.linalg.norm(np.abs(r) @ np.abs(w.astype(np.float64) - w_hat))
+    want, bound = want + one, bound + 2 * np.sqrt(one) * e + e * e
+  return want, bound
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_each_block_is_quantized_on_the_inputs_of_the_quantized_blocks_before_it(tiny, method):
+  """Every linear of a block's q/k/v group is the scheme at its own bits applied to the fp kernel,
+  calibrated on the group's input as the already-quantized earlier blocks produce it (sequential
+  calibration), and the log holds that group's own errors. That input (the attention norm of the
+  residual) does not depend on the block's own weights, so the quantized model replays it exactly."""
+  model, tokens = tiny
+  scheme = QM.Scheme(method, bits=3, group_size=16)
+  spec = Q.QuantSpec(3, group_size=16)
+  quantized, log = QM.quantize_model(model, scheme, tokens)
+  names = ("attn.q", "attn.k", "attn.v")
+  for layer, qblock, inputs in QM.calibrate(quantized, tokens):
+    x, ws = inputs["attn.q"], [np.asarray(QM.block_linears(model.blocks[layer])[n].kernel[...]) for n in names]
+    entry = log[f"{layer}.attn.q+attn.k+attn.v"]
+    if method == "awq":
+      s, alpha, errors = Q.awq_search(x, ws, spec, scheme.awq_grid)
+      want = [Q.awq_scaled(w, s, spec) for w in ws]
+      assert entry == {"alpha": alpha, "err_rtn": errors[0], "err_awq": errors.min()}
+    else:
+      with threadpoolctl.threadpool_limits(1, user_api="blas"):   # the library's H: x^T x in float32, one BLAS thread
+        h = x.T @ x
+        want = QM._split_columns(Q.gptq(np.concatenate(ws, axis=1), h, spec), ws)
+      for key, pairs in (("err_rtn", [(w, Q.rtn(w, spec)) for w in ws]), ("err_gptq", list(zip(ws, want)))):
+        value, bound = _gram_bound(h, pairs)
+        assert abs(entry[key] - value) <= bound, (layer, key)
+    for n, w_want in zip(names, want):
+      np.testing.assert_array_equal(np.asarray(QM.block_linears(qblock)[n].kernel[...]), w_want, err_msg=f"{layer}.{n}")
+
+
+def test_massive_columns_are_each_head_s_top_columns_of_x_w(tiny):
+  """rtn_keep's columns from first principles: pre-RoPE q is x W_q with head h's dims in columns
+  h * head_dim .. (h + 1) * head_dim, so M[h, d] is the norm over the calibration tokens of column
+  h * head_dim + d of x W_q (k likewise, over the kv heads), and top_k keeps each head's largest."""
+  model, tokens = tiny
+  keep = QM.massive_columns(model, tokens, QM.Scheme("rtn_keep", bits=3, top_k=2))
+  D = model.cfg.d_model // model.cfg.n_heads
+  for layer, block, inputs in QM.calibrate(model, tokens):
+    for name in ("attn.q", "attn.k"):
+      w = np.asarray(QM.block_linears(block)[name].kernel[...], np.float64)
+      m_HxD = np.linalg.norm(inputs[name] @ w, axis=0).reshape(-1, D)
+      ranked = np.sort(m_HxD, axis=1)
+      # the library's M is a float32 forward (~1e-6 relative from this one): no near tie at the cut
+      assert np.all(ranked[:, -2] > ranked[:, -3] * (1 + 1e-4))
+      np.testing.assert_array_equal(keep[(layer, name)], (m_HxD >= ranked[:, -2:-1]).reshape(-1), err_msg=f"{layer}.{name}")
