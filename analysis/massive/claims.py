@@ -172,6 +172,9 @@ class _Arms:
     self.nope = _pick(meta["arms"], nope_arm, "nope", _seed_of(meta["arms"], self.rope)) if nope_arm or find_nope else None
     arms = [a for a in (self.rope, self.nope) if a]
     common = set.intersection(*(set(store.steps(a)) for a in arms)) if arms else set()
+    check(bool(common) or not arms, "arms", " and ".join(f"{a!r} (traced at steps {store.steps(a) or 'none'})"
+          for a in arms) + (" share no traced step" if len(arms) > 1 else " has no traced step")
+          + f" in {store.root}; the claims compare one step: trace the arms at a common one")
     self.step = max(common) if common else None
     self.sums = {a: store.load_sums(a, self.step) for a in arms} if self.step is not None else {}
     n = len(np.load(store.path("probes.npy")))

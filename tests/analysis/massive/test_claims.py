@@ -1,5 +1,6 @@
 """Verdicts from stores of synthetic per-prompt sums with known truth, and the fixed rules themselves."""
 import json
+import os
 import re
 from pathlib import Path
 
@@ -48,10 +49,11 @@ def _sums(rng, planted_layers, spread=False, heads=None, v_factor=None):
   return {k: v.astype(np.float32) for k, v in sums.items()}
 
 
-def _store(path, rope_layers, nope_layers, arms=("rope", "nope"), rope=encodings.RoPE(), **plant):
+def _store(path, rope_layers, nope_layers, arms=("rope", "nope"), rope=encodings.RoPE(), cfg=S.StatConfig(),
+           **plant):
   rng = np.random.default_rng(0)
   probes = np.zeros((N, 64), np.int32)
-  store = ST.open_store(str(path), probes, np.ones(probes.shape), False, S.StatConfig())
+  store = ST.open_store(str(path), probes, np.ones(probes.shape), False, cfg)
   meta = store.meta()
   positions = {"rope": (rope, rope_layers), "nope": (encodings.NoPE(), nope_layers)}
   for arm in arms:
@@ -80,6 +82,8 @@ def test_planted_rope_concentration_supports_c1_to_c4(tmp_path):
   assert rec_q["observed"] == L * 6 * 2 and rec_q["p"] == 1 / (CL.N_PERM + 1)   # 4 heads: 6 pairs, 2 dims each
   assert v["C3"].point == "pair" and v["C3"].ci[0] > 0 and v["C3"].reference == "arm nope"
   assert v["C3"].diff == v["C3"].points["pair"]["diff"]
+  for c in ("C1", "C3", "C3-lowfreq"):                 # exact: the same float64 subtraction
+    assert v[c].diff == v[c].value - v[c].reference_value > 0, c
   assert v["C3-lowfreq"].value > 0.9 and abs(v["C3-lowfreq"].reference_value - 0.25) < 0.05   # sampling spread around the null
   assert v["C4"].value == 0 and [p["value"] for p in v["C4"].parts if p["verdict"]] == [0, 0]
 
@@ -107,6 +111,24 @@ def test_v_more_concentrated_than_q_and_k_makes_c2_opposite(tmp_path):
   assert v.value == pytest.approx(v.points["post"]["value"]) and "V max/mean" in v.notes
 
 
+def test_c2_is_judged_after_rope_not_before(tmp_path):
+  """Q/K massive in one dim before RoPE, shared with its pair partner after it (spread); V with one dim
+  200x: more concentrated than Q/K after RoPE, less than before it. The rule reads the paper's view (post)."""
+  v = _verdicts(_store(tmp_path, rope_layers=range(L), nope_layers=(), spread=True, v_factor=200))["C2"]
+  # gaps about +2.4 before and -2.4 after RoPE, with intervals about +-0.5 around them (fixed seeds)
+  assert v.points["pre"]["value_ci"][0] > 0 and v.points["post"]["value_ci"][1] < 0
+  assert v.verdict == "opposite"
+
+
+def test_recurrence_uses_the_trace_s_lambda(tmp_path):
+  """A trace made with lambda 12 (planted Q/K heads reach max/mean ~9): no massive dim anywhere, so no
+  head can share one, at every point."""
+  v = _verdicts(_store(tmp_path, rope_layers=range(L), nope_layers=(), cfg=S.StatConfig(lam=12.0)))["C1"]
+  assert v.verdict == "not supported" and v.value == 0
+  recurrence = [p for p in v.parts if p["key"].startswith("recurrence")]
+  assert len(recurrence) == 6 and all(p["observed"] == 0 and p["testable"] == 0 for p in recurrence)
+
+
 def test_heads_with_massive_dims_at_different_indices_do_not_recur(tmp_path):
   store = _store(tmp_path, rope_layers=range(L), nope_layers=(), heads={0: 1, 1: 13, 2: 6, 3: 9})
   v = _verdicts(store)["C1"]
@@ -123,6 +145,30 @@ def test_concentration_in_the_nope_arm_only_is_opposite(tmp_path):
   assert v["C3-lowfreq"].verdict == "opposite"
   assert v["C1"].verdict == "not supported" and v["C4"].verdict == "inconclusive"
   assert v["C4"].value == L                                                      # no layer reaches the level
+  # a replicate in which no layer reaches it counts as past the last layer, not as layer 0
+  assert v["C4"].value_ci == [L, L] and all(p["ci"] == [L, L] for p in v["C4"].parts)
+
+
+def test_a_share_of_exactly_half_the_heads_reaches_the_level(tmp_path):
+  """'Reaches 0.5' is >=: Q heads 0 and 2 of 4 (so K head 0 of 2) massive in every layer put every
+  layer's share at exactly the level, so C4's first layer is layer 0."""
+  v = _verdicts(_store(tmp_path, rope_layers=range(L), nope_layers=(), heads={0: LF_PAIR, 2: LF_PAIR}))
+  shares = {p["key"]: p["value"] for p in v["C1"].parts if p["verdict"] and p["key"].startswith("share")}
+  assert shares == {"share_Q": 0.5, "share_K": 0.5}                            # exact: 8 of 16, 4 of 8 heads
+  assert v["C4"].value == 0 and [p["value"] for p in v["C4"].parts if p["verdict"]] == [0, 0]
+
+
+def test_c4_locates_the_first_layer_where_q_and_k_both_reach_the_level(tmp_path):
+  """Q massive from layer 0, K only from layer 2: C4's value is layer 2 (both), and K alone, past
+  the first quarter, makes it not supported."""
+  store = _store(tmp_path, rope_layers=range(L), nope_layers=())
+  last, first = store.load_sums("rope", 10), store.load_sums("rope", 0)       # step 0: nothing planted
+  store.save_sums("rope", 10, {**last, **{hooks.name(layer, t): first[hooks.name(layer, t)]
+                                         for layer in (0, 1) for t in ("k", "rot_k")}})
+  v = _verdicts(store)["C4"]
+  assert v.value == 2 and v.value_ci == [2, 2]
+  assert [(p["key"], p["value"]) for p in v.parts if p["verdict"]] == [("first_Q", 0), ("first_K", 2)]
+  assert v.verdict == "not supported"
 
 
 def test_late_only_concentration_does_not_support_early(tmp_path):
@@ -143,6 +189,8 @@ def test_single_rope_arm_uses_the_null_as_reference(tmp_path):
   v = _verdicts(_store(tmp_path, rope_layers=range(L), nope_layers=(), arms=("rope",)))
   assert v["C3"].verdict == "inconclusive" and v["C3"].reference_value is None
   assert v["C3-lowfreq"].reference == "null 0.25" and v["C3-lowfreq"].verdict == "supported"
+  lf = v["C3-lowfreq"]                                   # exact: the same float64 subtraction
+  assert lf.diff == lf.value - 0.25 > 0 and lf.ci == [x - 0.25 for x in lf.value_ci]
   assert v["C1"].verdict == "supported" and v["C1"].reference == ""
   assert v["C3"].rotation["of"] == "value"
 
@@ -153,6 +201,9 @@ def test_rules_are_fixed_functions_of_the_interval():
   assert CL.direction([-0.1, 0.5]) == "inconclusive"
   assert CL.direction([-0.5, -0.1], predicted=-1) == "supported"
   assert CL.direction([float("nan"), 1.0]) == "inconclusive"
+  assert CL.direction([0.0, 0.5]) == CL.direction([-0.5, 0.0]) == CL.direction([0.0, 0.0]) == "inconclusive"
+  assert CL.direction([-0.1, 0.5], predicted=-1) == "inconclusive"
+  assert CL.direction([0.1, 0.5], predicted=-1) == "opposite"
   assert CL.at_least([1.0, 3.0], 1.0) == "supported"
   assert CL.at_least([0.0, 0.9], 1.0) == "not supported"
   assert CL.at_least([0.5, 1.5], 1.0) == "inconclusive"
@@ -160,9 +211,12 @@ def test_rules_are_fixed_functions_of_the_interval():
   assert CL.recurs({"testable": 3, "p": 0.2, "p_best": 0.001}) == "not supported"
   assert CL.recurs({"testable": 3, "p": 0.2, "p_best": 0.02}) == "inconclusive"   # could not have been supported
   assert CL.recurs({"testable": 0, "p": float("nan"), "p_best": float("nan")}) == "inconclusive"
+  assert CL.recurs({"testable": 3, "p": CL.ALPHA, "p_best": 0.001}) == "not supported"   # p < ALPHA, strictly
   assert CL.early(0, [0, 0], 8) == CL.early(1, [0, 1], 8) == "supported"      # early layers: 0, 1 of 8
   assert CL.early(2, [2, 5], 8) == "not supported" and CL.early(1, [1, 2], 8) == "inconclusive"
   assert CL.early(8, [8, 8], 8) == "inconclusive"                              # never reached
+  assert CL.early(0, [0, 0], 1) == CL.early(0, [0, 0], 2) == "supported"      # at least layer 0 is early
+  assert CL.early(1, [1, 1], 2) == "not supported"
   assert CL.all_of(["supported", "supported"]) == "supported"
   assert CL.all_of(["supported", "inconclusive"]) == "inconclusive"
   assert CL.all_of(["inconclusive", "not supported"]) == "not supported"
@@ -225,3 +279,14 @@ def test_the_reference_is_the_nope_arm_of_the_tested_arm_s_seed(tmp_path):
   # a store that does not know its arms' seeds (an older trace) pairs them as before: the first NoPE arm
   v = {x.claim: x for x in CL.judge(store(tmp_path / "c", [("nope_s0", 0), ("rope_s1", 1)], seeds=False), n_boot=50)}
   assert v["C3"].reference == "arm nope_s0"
+
+
+def test_arms_without_a_common_traced_step_are_one_line(tmp_path):
+  """The claims compare the arms at one step: arms traced at different steps only (tracing while
+  training goes on) are refused in one line naming each arm's steps, not a KeyError from inside."""
+  store = _store(tmp_path, rope_layers=range(L), nope_layers=())
+  os.remove(store.sums_path("nope", 10))
+  os.remove(store.sums_path("rope", 0))
+  with pytest.raises(ConfigError, match=r"^arms: 'rope' \(traced at steps \[10\]\) and 'nope' \(traced at steps "
+                                        r"\[0\]\) share no traced step in .*: trace the arms at a common one$"):
+    CL.judge(store, n_boot=10)

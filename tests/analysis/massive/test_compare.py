@@ -117,6 +117,43 @@ def test_seeds_at_different_steps_are_listed_but_not_pooled(seeded):
     assert c["mean"] is None and c["ci"] is None
 
 
+def test_the_reference_is_the_same_seed_nope_arm_whose_config_differs_least():
+  """Two NoPE arms of seed 0: the one differing from the RoPE arm in one setting (the position) is its
+  reference, not the one differing in two (position and context), whichever comes first."""
+  flat = {"model.position.kind": "rope", "model.max_len": 32}
+  facts = {"nope_ctx64": {"seed": 0, "position": "nope", "flat": {"model.position.kind": "nope", "model.max_len": 64}},
+           "nope": {"seed": 0, "position": "nope", "flat": {**flat, "model.position.kind": "nope"}},
+           "rope": {"seed": 0, "position": "rope", "flat": flat},
+           "rope_s1": {"seed": 1, "position": "rope", "flat": flat}}
+  assert CMP.pairs(facts) == [("rope", "nope"), ("rope_s1", None)]
+
+
+def test_differences_against_each_seed_s_own_nope_arm_are_pooled(monkeypatch):
+  """Seeds 0 and 1 are each judged against their own NoPE arm (nope, nope_s1): the same kind of
+  reference, so the differences are pooled over seeds though the arms' names differ."""
+  facts = {arm: {"seed": seed, "position": arm.split("_")[0], "recipe": "shared config", "flat": {}}
+           for arm, seed in (("rope", 0), ("nope", 0), ("rope_s1", 1), ("nope_s1", 1))}
+  diff = {"rope": 0.1, "rope_s1": 0.3}
+
+  def judge(store, rope_arm, nope_arm, find_nope):
+    return [CL.Verdict("C3", "t", "q", "supported", "r", value=1.0, diff=diff[rope_arm], reference=f"arm {nope_arm}",
+                       step=10)]
+
+  class Store:
+    def meta(self):
+      return {"arms": facts}
+
+    def write_json(self, name, obj):
+      pass
+
+  monkeypatch.setattr(CMP, "arm_facts", lambda run_dir: facts)
+  monkeypatch.setattr(CMP, "arm_table", lambda store: {})
+  monkeypatch.setattr(CL, "judge", judge)
+  c3 = CMP.compare(Store(), "runs")["seed_groups"][0]["claims"]["C3"]
+  assert c3["measure"] == "diff" and c3["why"] is None and c3["values"] == [0.1, 0.3]
+  assert c3["mean"] == np.mean([0.1, 0.3])                 # exact: np.mean of the same values
+
+
 def test_seed_interval_against_a_hand_computed_one():
   lo, hi = CMP.seed_interval([1.0, 2.0, 3.0])            # mean 2, sd 1; float64, T975 to ~11 digits: approx's 1e-6
   assert (lo, hi) == pytest.approx((2 - T975[2] / np.sqrt(3), 2 + T975[2] / np.sqrt(3)))

@@ -48,6 +48,18 @@ def test_planted_massive_dims_are_found_exactly_before_and_after_rope_with_gqa(l
       assert peaks == want
 
 
+def test_massive_is_strictly_above_five_times_the_mean_by_default():
+  """The paper's Definition: M[d] > lambda * mean_d M with lambda = 5. A dim exactly at 5x its head's mean
+  is not massive; one at 4.7x is massive only where a lower lambda is asked for."""
+  assert S.LAM == 5.0 and S.StatConfig().lam == 5.0
+  at = np.array([[5.0, 1, 1, 1, 0, 0, 0, 0]])          # mean 1 exactly: 5 == 5 * mean, no rounding
+  assert not S.massive_mask(at).any() and S.massive_mask(at, 4.9)[0, 0]
+  below = np.array([[10.0] + [1.0] * 7])                # 10 / (17 / 8) = 4.7
+  assert not S.massive_mask(below).any() and S.massive_mask(below, 4.0).sum() == 1
+  st = S.head_stats(below, encodings.RoPE().pairing(8), 8.0, only=("any_massive",))
+  assert st["any_massive"][0] == 0                     # StatConfig's default lambda
+
+
 def test_noise_has_no_massive_dims_and_low_max_mean():
   x = np.random.default_rng(1).standard_normal((4, 128, 8, 64)).astype(np.float32)
   M = np.asarray(S.value_norms(x))
@@ -81,6 +93,30 @@ def test_pair_energy_is_unchanged_by_rope(rope):
   assert not np.allclose(np.asarray(rotated), x)   # the rotation did something
 
 
+def test_the_low_frequency_band_is_the_nearest_whole_quarter_and_never_empty():
+  """lf_quarter of the pairs, rounded to the nearest count (6 pairs: 2, not 1), and at least one pair."""
+  assert [S.lf_pairs(P) for P in (1, 2, 4, 6, 16, 32)] == [1, 1, 1, 2, 4, 8]
+  E = np.zeros((1, 6))
+  E[0, 4] = 1.0                                          # the second-lowest frequency of 6 pairs
+  share, null = S.lf_share(E)
+  assert share[0] == 1.0 and null == 2 / 6               # exact: one nonzero term
+
+
+@pytest.mark.parametrize("rope", [encodings.RoPE(fraction=0.5), encodings.RoPE(fraction=0.5, partial="p-rope"),
+                                  encodings.RoPE(fraction=0.25, layout="interleaved")])
+def test_unrotated_dims_pair_the_kth_with_the_k_plus_half_th(rope):
+  """docs/claims.md: the U dims RoPE leaves unrotated form units P, P+1, ... of the k-th with the
+  (k + U/2)-th of them, in order; rotated dims keep their rotary pair."""
+  pairing = rope.pairing(16)
+  units = S.unit_index(pairing)
+  unrotated = np.nonzero(pairing.pair_index < 0)[0]
+  half = len(unrotated) // 2
+  np.testing.assert_array_equal(units[unrotated[:half]], pairing.n_pairs + np.arange(half))
+  np.testing.assert_array_equal(units[unrotated[half:]], pairing.n_pairs + np.arange(half))
+  rotated = pairing.pair_index >= 0
+  np.testing.assert_array_equal(units[rotated], pairing.pair_index[rotated])
+
+
 def test_partial_rope_unrotated_dims_are_their_own_band():
   pairing = encodings.RoPE(fraction=0.5, partial="p-rope").pairing(32)   # pairs 8..15 unrotated
   assert pairing.n_pairs == 8 and (pairing.pair_index < 0).sum() == 16
@@ -102,6 +138,19 @@ def test_context_boundary_pairs_match_the_science_notes():
   E[0, 15] = 1.0
   share, null = S.band_share(E, theta, 256)
   assert share[0] == 1.0 and 0 < null < 1
+
+
+def test_wavelength_boundaries_exclude_the_lower_edge_and_include_the_upper():
+  """j_ctx is the first pair whose wavelength exceeds the context (equal is not beyond it); the boundary
+  band is (0.5, 4] x context. Contexts are set so that an edge equals a wavelength exactly (scaling by
+  a power of two is exact in floating point)."""
+  theta = positions.rope_frequencies(64, 10000.0)
+  wl = 2 * np.pi / np.asarray(theta)                     # as stats computes it
+  j = 13
+  assert S.context_pair(theta, wl[j]) == j + 1
+  E = np.eye(32)[j][None]
+  assert S.band_share(E, theta, 2 * wl[j])[0][0] == 0.0   # wavelength = 0.5 x context: outside
+  assert S.band_share(E, theta, wl[j] / 4)[0][0] == 1.0   # wavelength = 4 x context: inside
 
 
 def test_value_norms_masks_padding_and_the_first_token_in_float32():
@@ -215,6 +264,17 @@ def test_top_k_mask_is_the_stable_sort_with_ties(k):
   np.testing.assert_array_equal(S.top_k_mask(M, k), reference)
 
 
+@pytest.mark.parametrize("top_k, want", [(1, [1, 1, 0]), (2, [1, 2, 0])])
+def test_topk_massive_counts_the_top_dims_that_also_pass_lambda(top_k, want):
+  """Head 0: one dim at 40 (massive), head 1: two (both massive), head 2: flat (none): of each head's
+  top_k dims, those above 5x the mean."""
+  M = np.ones((3, 16))
+  M[0, 2] = 40.0                                         # 40 > 5 * 55 / 16
+  M[1, [2, 7]] = 40.0                                    # 40 > 5 * 94 / 16
+  st = S.head_stats(M, encodings.RoPE().pairing(16), 16.0, S.StatConfig(top_k=top_k), only=("topk_massive",))
+  np.testing.assert_array_equal(st["topk_massive"], want)
+
+
 def test_head_stats_only_computes_what_is_asked_and_agrees():
   from minilm.encodings import RoPE
   M = np.abs(np.random.default_rng(9).normal(size=(20, 4, 32)))
@@ -291,6 +351,18 @@ def test_recurrence_null_has_its_size_without_recurrence_and_detects_planted_rec
   assert test["p"] == 1 / 1000 and test["observed"] >= 4 * 6 > test["null_mean"]   # 6 planted pairs a layer
   assert S.recurrence([np.eye(4, 8, dtype=bool)], 99, 0)["observed"] == 0
   assert S.recurrence([np.zeros((4, 8), bool)], 99, 0)["testable"] == 0
+
+
+def test_a_layer_with_one_marked_head_is_not_testable():
+  """Recurrence needs two heads with a marked dim in a layer; a layer with one is left out of the count."""
+  one = np.zeros((4, 8), bool)
+  one[2, 3] = True
+  test = S.recurrence([one, one], 99, 0)
+  assert test["testable"] == 0 and test["observed"] == 0 and np.isnan(test["p"])
+  two = one.copy()
+  two[0, 3] = True
+  test = S.recurrence([one, two], 99, 0)
+  assert test["testable"] == 1 and test["observed"] == 1
 
 
 def test_a_test_that_cannot_reach_the_level_says_so():
