@@ -160,13 +160,23 @@ def _capture_settings(probes, mask, drop_first) -> dict:
           "probe_checksum": int(np.asarray(probes, np.int64).sum() * 31 + np.asarray(mask).sum())}
 
 
+def _holds_probes(store: Store, probes, mask) -> bool:
+  """Whether the store's probes.npy and mask.npy are these, element for element (the checksum in
+  meta.json is a sum: probes in another order share it)."""
+  try:
+    held = np.load(store.path("probes.npy")), np.load(store.path("mask.npy"))
+  except (OSError, ValueError):
+    return False
+  return all(np.array_equal(h, np.asarray(x, h.dtype)) for h, x in zip(held, (probes, mask)))
+
+
 def open_store(out_dir: str, probes, mask, drop_first: bool, stat_cfg: S.StatConfig,
                extra: dict | None = None) -> Store:
   """Create or reopen an output directory; refuse to mix captures made with other probes/settings."""
   store = Store(out_dir)
   capture_cfg = _capture_settings(probes, mask, drop_first)
   meta = store.meta()
-  if meta and meta.get("capture") != capture_cfg:
+  if meta and (meta.get("capture") != capture_cfg or not _holds_probes(store, probes, mask)):
     raise ConfigError(f"out: {out_dir} holds a trace with other probes or capture settings "
                       f"({meta.get('capture')}); use another --out or delete it")
   atomic.save_npy(store.path("probes.npy"), np.asarray(probes, np.int32))

@@ -14,7 +14,7 @@ from analysis.massive import sinks as SK
 from analysis.massive import stats as S
 from analysis.massive import store as ST
 from analysis.massive import trace as T
-from helpers import ROOT
+from helpers import FIRST, ROOT
 from helpers import plant_sink as _plant_sink
 from helpers import sink_decoder as _decoder
 from helpers import sink_probes as _probes
@@ -159,3 +159,73 @@ def test_median_by_bisection_is_the_median():
   for row in range(5):
     np.testing.assert_allclose(got[row], np.median(x[row][keep[row]]), rtol=2 * np.finfo(np.float32).eps)
   assert np.isnan(got[5])
+
+
+def test_residual_statistics_count_the_first_token_and_no_padding():
+  """The largest |x| and the median |x| are over each prompt's counted tokens, token 0 included and
+  padding left out, and the kept values are signed: a negative activation planted on the first token
+  is found there with its sign, a larger one planted on padding is not found, and every kept value and
+  the median equal numpy's over the counted tokens of an eager capture."""
+  model, probes = _decoder(), _probes(4, 24)
+  mask = np.ones(probes.shape, np.float32)
+  mask[1, 20:] = 0
+  probes[1, 20:] = 8                                 # token 8 only on padding
+  emb = np.asarray(model.embed.embedding[...]).copy()
+  emb[FIRST, 13], emb[8, 7] = -5000.0, 8000.0
+  model.embed.embedding[...] = emb
+  out = T.capture_sums(model, probes, mask, batch_size=4, sinks=True)
+  _, cache = capture.run(model, probes, points=("resid",))
+  for layer in range(2):
+    resid = np.asarray(cache[hooks.name(layer, "resid")])                  # [N, T, C]
+    top, tok, dim = (out[f"{layer}.resid_{f}"] for f in ("top", "tok", "dim"))
+    assert (tok[:, 0] == 0).all() and (dim[:, 0] == 13).all() and (top[:, 0] < -1000).all()
+    for n in range(4):
+      mags = np.abs(resid[n][mask[n] > 0]).ravel()
+      # the same float32 values from a jitted and an eager forward: their rounding only
+      np.testing.assert_allclose(top[n], resid[n, tok[n], dim[n]], rtol=1e-6)
+      np.testing.assert_allclose(np.abs(top[n]), -np.sort(-mags)[:SK.RESID_TOP], rtol=1e-6)
+      np.testing.assert_allclose(out[f"{layer}.resid_median"][n], np.median(mags), rtol=1e-5)
+
+
+def test_resid_layer_by_hand():
+  """resid_layer on a hand-made sinks file: each prompt's ratio is to its own median; Sun et al.'s
+  count needs |x| > resid_abs and the ratio (strictly), the scale-free count the ratio alone; token ids
+  are read from each prompt's own probe; the first-token share counts position 0 only."""
+  cfg = S.StatConfig(resid_abs=100.0, resid_ratio=1000.0)
+  sinks = {"0.resid_top": np.array([[-500.0, 150.0, 50.0], [2000.0, -150.0, 20.0], [300.0, 200.0, 100.0]],
+                                   np.float32),
+           "0.resid_median": np.array([0.1, 1.0, 0.01], np.float32),
+           "0.resid_tok": np.array([[0, 1, 2], [3, 0, 1], [1, 1, 0]]),
+           "0.resid_dim": np.array([[5, 5, 1], [5, 2, 2], [2, 0, 0]])}
+  probes = np.array([[7, 1, 2, 3], [4, 5, 6, 7], [8, 7, 9, 9]])   # the top tokens are all id 7
+  res = SK.resid_layer(sinks, 0, probes, cfg, S.prompt_counts(3, 50))
+  # ratios: 5000, 1500, 500 | 2000, 150, 20 | 30000, 20000, 10000
+  want = {"n_sun": (2 + 1 + 2) / 3, "n_ratio": (2 + 1 + 3) / 3, "max_abs": (500 + 2000 + 300) / 3,
+          "max_ratio": (5000 + 2000 + 30000) / 3, "median": (0.1 + 1.0 + 0.01) / 3}
+  for key, value in want.items():
+    # float32 medians and values: relative 6e-8 each
+    assert res[key][0] == pytest.approx(value, rel=1e-6), key
+    assert res[key][1] <= res[key][0] <= res[key][2]
+  assert res["top_token_id"] == [7, 1.0] and res["top_position"] == [0, pytest.approx(1 / 3)]
+  assert res["first_token_share"] == pytest.approx(1 / 3) and res["top_dim"] == [5, pytest.approx(2 / 3)]
+  assert res["top_k"] == 3
+
+
+def test_key_statistics_are_those_of_the_kv_head_each_query_head_reads():
+  """With 4 query heads on 2 KV heads, query heads 0 and 1 read KV head 0, heads 2 and 3 KV head 1
+  (minilm.layers: h // (H/K)): head_groups gives each query head the max/mean of M (the square root of
+  the summed squares) of its own KV head, and of its own rot_q; the sink share is the prompts' mean."""
+  model = _decoder(encodings.RoPE())
+  rng = np.random.default_rng(0)
+  sums = {hooks.name(0, t): rng.random((3, 4 if "q" in t else 2, 8)) for t in ("q", "k", "rot_q", "rot_k")}
+  sums[hooks.name(0, "rot_k")][:, 1, 0] += 100.0      # KV head 1 has a massive dim
+  sinks = {"0.sink": rng.random((3, 4))}
+  g, = SK.head_groups(sums, sinks, ST.pairing_of(T.arm_facts(model, 24)), 24.0, S.StatConfig(),
+                      S.prompt_counts(3, 20))
+  M_k, M_q = (np.sqrt(sums[hooks.name(0, t)].sum(0)) for t in ("rot_k", "rot_q"))
+  # the same float64 values in at most another order: a few ulps
+  np.testing.assert_allclose(g["rot_k"][0], (M_k.max(-1) / M_k.mean(-1))[[0, 0, 1, 1]], rtol=1e-12)
+  np.testing.assert_allclose(g["rot_q"][0], M_q.max(-1) / M_q.mean(-1), rtol=1e-12)
+  reps = g["rot_k"][1]
+  assert reps.shape == (20, 4) and (reps[:, 0] == reps[:, 1]).all() and (reps[:, 2] == reps[:, 3]).all()
+  np.testing.assert_allclose(g["sink"][0], sinks["0.sink"].mean(0), rtol=1e-12)

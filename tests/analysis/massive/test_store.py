@@ -1,9 +1,11 @@
 """analysis.massive.store: a store traced before its keys were hook names reads as hook names; a damaged
-experiment.json of a run is one line naming it."""
+experiment.json of a run is one line naming it; steps read in numeric order, and sums missing a key or
+not finite are set aside to be traced again."""
 import os
 import shutil
 
 import numpy as np
+import pytest
 
 from analysis.massive import store as ST
 from minilm import hooks
@@ -35,3 +37,52 @@ def test_a_damaged_experiment_json_is_one_line_naming_it(tiny_run, tmp_path, cap
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {why}"), lines
   assert not os.path.exists(tmp_path / "out")
+
+
+def _save(path, **arrays):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path, **arrays)
+
+
+def test_steps_are_in_numeric_order(tmp_path):
+  """An arm's steps read in numeric order (10 after 9), whatever the order the files are listed in;
+  files set aside as damaged are not steps."""
+  store = ST.Store(str(tmp_path))
+  for step in (10, 2, 100, 9):
+    _save(store.sums_path("a", step), x=np.zeros(1))
+  _save(store.sums_path("a", 3), x=np.zeros(1))
+  os.replace(store.sums_path("a", 3), store.sums_path("a", 3) + ".damaged")
+  assert store.steps("a") == [2, 9, 10, 100] and store.steps("b") == []
+
+
+def test_good_steps_redo_sums_missing_a_key_or_not_finite(tmp_path):
+  """A sums file lacking a key asked for, or holding a NaN, is set aside as damaged (its step is traced
+  again); a whole sums file whose sinks file is missing is redone in place, not set aside."""
+  store = ST.Store(str(tmp_path))
+  keys = {hooks.name(0, t) for t in hooks.QKV}
+  whole = {k: np.ones((2, 1, 4), np.float32) for k in keys}
+  nan = dict(whole)
+  nan[hooks.name(0, "v")] = np.array(whole[hooks.name(0, "v")])
+  nan[hooks.name(0, "v")][1, 0, 2] = np.nan
+  files = {0: whole, 1: {k: v for k, v in whole.items() if k != hooks.name(0, "rot_k")}, 2: nan, 3: whole}
+  for step, sums in files.items():
+    _save(store.sums_path("a", step), **sums)
+    if step != 3:
+      _save(store.sinks_path("a", step), none=np.zeros(1))
+  assert store.good_steps("a", keys) == [0]
+  assert [os.path.exists(store.sums_path("a", s) + ".damaged") for s in range(4)] == [False, True, True, False]
+  assert store.steps("a") == [0, 3]
+
+
+def test_a_store_refuses_other_probes_with_the_same_checksum(tmp_path):
+  """meta.json's probe checksum is a sum, so probes in another order (or padding moved between
+  prompts) share it; reopening compares the stored probes and mask themselves."""
+  from analysis.massive import stats as S
+  from minilm.schema import ConfigError
+  probes, mask = np.array([[1, 2, 3], [4, 5, 6]]), np.array([[1, 1, 1], [1, 1, 0]])
+  ST.open_store(str(tmp_path), probes, mask, False, S.StatConfig())
+  ST.open_store(str(tmp_path), probes.copy(), mask.astype(np.float64), False, S.StatConfig())   # the same: reopens
+  for other, other_mask in ((probes[:, ::-1], mask), (probes[::-1], mask), (probes, mask[::-1])):
+    with pytest.raises(ConfigError, match="holds a trace with other probes"):
+      ST.open_store(str(tmp_path), other, other_mask, False, S.StatConfig())
+  np.testing.assert_array_equal(np.load(tmp_path / "probes.npy"), probes)   # nothing overwritten
