@@ -236,3 +236,47 @@ def test_an_arm_compiles_its_train_step_once(tmp_path):
   before = S.train_step._cache_size()
   loop.train(smoke(**{"model.d_model": 40, "model.n_heads": 2}), str(tmp_path / "arm"), progress=False)
   assert S.train_step._cache_size() - before == 1
+
+
+def test_each_logged_row_has_the_learning_rate_its_update_used(tiny_run):
+  """Row `step` is logged after the update from step - 1 to step, which the schedule's step - 1 drives (the
+  first row of a warm-up: lr 0)."""
+  cfg = checkpoints.load_config(str(tiny_run / "rope"))
+  rows = [json.loads(line) for line in open(tiny_run / "rope" / "metrics.jsonl")]
+  lr = S.lr_schedule(cfg.optim, cfg.steps)
+  assert rows[0]["step"] == 1 and rows[0]["lr"] == 0.0
+  assert [r["lr"] for r in rows] == [float(lr(r["step"] - 1)) for r in rows]
+
+
+def test_a_bad_step_between_logs_still_ends_the_arm(tmp_path):
+  """Step 2 alone is non-finite and the loop reads the health record only at step 3: the record carried
+  from step to step still names step 2, and nothing after step 0 is saved."""
+  def poisoned(cfg, seed, step, rows=None):
+    batch = data.train_batch(cfg, seed, step, rows)
+    return {**batch, "weights": batch["weights"] * np.float32("nan")} if step == 1 else batch
+
+  cfg = smoke(steps=3, log_every=3, **{"checkpoint.every": 100, "checkpoint.log_spaced": False,
+                                       "eval.n_per_family": 0})
+  with pytest.raises(loop.Diverged, match=r"^smoke/rope: diverged at step 2 "):
+    loop.train(cfg, str(tmp_path / "arm"), batch_fn=poisoned, progress=False)
+  assert checkpoints.available_steps(str(tmp_path / "arm")) == [0]
+
+
+def test_stacked_arms_train_on_their_own_seeds_batches(tmp_path):
+  """Each arm's batch comes from its own seed, and the loss logged for step 1 is its own init's loss on
+  it (n*eps relative: the same sum over n = B*T tokens in another order)."""
+  asked = []
+
+  def recording(cfg, seed, step, rows=None):
+    asked.append((seed, step))
+    return data.train_batch(cfg, seed, step, rows)
+
+  cfgs = _seeds(3, 5, steps=1, **{"eval.n_per_family": 0})
+  loop.train_stacked(cfgs, [str(tmp_path / "s3"), str(tmp_path / "s5")], batch_fn=recording, progress=False)
+  assert asked == [(3, 0), (5, 0)]
+  graphdef, _, rest = checkpoints.abstract_model(cfgs[0].model)
+  for cfg in cfgs:
+    batch = data.train_batch(cfg.data, cfg.seed, 0)
+    expected = float(S.weighted_loss(loop.init_params(cfg.model, cfg.seed), graphdef, rest, batch))
+    (row,) = _rows(tmp_path / f"s{cfg.seed}" / "metrics.jsonl")
+    assert row["loss"] == pytest.approx(expected, rel=batch["weights"].size * float(np.finfo(np.float32).eps))
