@@ -1,6 +1,11 @@
 """The position encodings' pairings: NoPE is labelled as the half-layout convention."""
+import types
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from minilm import encodings, positions
 
@@ -31,3 +36,44 @@ def test_a_pair_turns_by_its_pairing_s_theta_per_token(layout, scaling):
     assert angle == pytest.approx(pairing.theta[j], rel=1e-5, abs=1e-6), (j, angle, pairing.theta[j])
   if scaling:
     assert pairing.theta[-1] < encodings.RoPE(base=500.0, layout=layout).pairing(D).theta[-1]
+
+
+MODEL = types.SimpleNamespace(max_len=6, d_model=4, n_heads=6, init_std=0.02)   # what build reads
+
+
+@pytest.mark.parametrize("offset", [0, 2])
+def test_learned_position_t_reads_row_t_plus_offset_and_trains_it(offset):
+  """OPT's layout: position t is row t + offset of max_len + offset rows; the gradient of a position
+  embedding lands on exactly the rows read (repeated positions add up), none elsewhere."""
+  module = encodings.Learned(offset=offset).build(MODEL, nnx.Rngs(0))
+  table = np.asarray(module.table[...])
+  assert table.shape == (6 + offset, 4)
+  pos = jnp.asarray([[5, 1, 3, 3]])
+  np.testing.assert_array_equal(module.embed(pos)[0], table[[5 + offset, 1 + offset, 3 + offset, 3 + offset]])   # exact: a gather
+  w = jax.random.normal(jax.random.key(0), (1, 4, 4))
+  graphdef, state = nnx.split(module)
+  grad = jax.grad(lambda s: (nnx.merge(graphdef, s).embed(pos) * w).sum())(state)["table"][...]
+  expected = np.zeros_like(table)
+  expected[5 + offset], expected[1 + offset] = w[0, 0], w[0, 1]
+  expected[3 + offset] = np.float32(w[0, 2]) + np.float32(w[0, 3])
+  np.testing.assert_array_equal(grad, expected)   # exact: one float32 sum of two terms, either order
+
+
+def test_sinusoidal_module_reads_the_table_row_of_each_position():
+  module = encodings.Sinusoidal().build(MODEL, None)
+  pos = jnp.asarray([[0, 5, 2], [1, 1, 4]])
+  np.testing.assert_array_equal(module.embed(pos), positions.sinusoidal_table(6, 4)[np.asarray(pos)])   # exact: a gather
+
+
+@pytest.mark.parametrize("n_heads", [6, 8])
+def test_alibi_module_gives_head_h_the_h_th_slope(n_heads):
+  """Head h's bias is -slope_h * (q - k) with alibi_slopes' order (BLOOM's and HF's: head 0 steepest
+  for powers of two; the interleaved extra slopes after them otherwise)."""
+  module = encodings.ALiBi().build(types.SimpleNamespace(n_heads=n_heads), None)
+  pos = jnp.arange(5)[None]
+  bias = np.asarray(module.bias(pos, pos))[0]   # [H, T, S]
+  dist = np.arange(5)[:, None] - np.arange(5)[None, :]
+  for h, slope in enumerate(positions.alibi_slopes(n_heads)):
+    # float32 slope (rounded once, eps/2) times a small integer distance (rounded once): 2 eps relative
+    np.testing.assert_allclose(bias[h], -slope * dist, rtol=2 * float(np.finfo(np.float32).eps), err_msg=str(h))
+  assert np.asarray(module.bias(pos, pos))[0, 0, 4, 0] == -4 * 2 ** (-8 / (8 if n_heads == 8 else 4))

@@ -2,6 +2,8 @@
 barrier matmul with the MLP's down projection on autodiff's dot) against the plain ones, at nanoGPT's
 architecture (LayerNorm, GELU, biases, learned positions) and with an additive bias (ALiBi); which
 path 'auto' picks on each backend."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,3 +185,136 @@ def test_dot_product_asks_for_cudnn_on_nvidia_gpus_only(monkeypatch, platform, i
   pos = jnp.arange(8)[None]
   layers.fused_attend(q, k, v, pos, pos, causal=True)
   assert asked == [implementation]
+
+
+
+@pytest.mark.parametrize("block", [0, 4])
+def test_attend_equals_a_float64_softmax_reference(block):
+  """Query head h reads KV head h // (H/K), logits scaled by 1/sqrt(D) plus the bias, key s visible
+  to query t when s's position <= t's; against numpy in float64 (blocks of 4 rows: the custom path)."""
+  B, T, H, K, D = 2, 10, 4, 2, 8
+  q, k, v, bias = _qkv(B, T, H, K, D, seed=5)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  out, _ = attend(q, heads_major(k), heads_major(v), pos, pos, bias, block=block)
+  q, k, v, bias = (np.asarray(a, np.float64) for a in (q, k, v, bias))
+  ref = np.zeros((B, T, H, D))
+  for h in range(H):
+    kv = h // (H // K)
+    logits = np.einsum("btd,bsd->bts", q[:, :, h], k[:, :, kv]) / math.sqrt(D) + bias[:, h]
+    logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    ref[:, :, h] = np.einsum("bts,bsd->btd", p / p.sum(-1, keepdims=True), v[:, :, kv])
+  # float32 sums over D = 8 (logits) and T = 10 keys (normaliser, probs.v): (D + 2T) eps of the largest
+  # value, 4x that for exp's and the division's rounding.
+  np.testing.assert_allclose(out, ref, rtol=0, atol=4 * (D + 2 * T) * EPS32 * np.abs(ref).max())
+
+
+def test_attend_with_explicit_positions_masks_by_position_not_index():
+  """A key is visible when its position <= the query's: with positions reversed, query t sees
+  keys t..T-1 (the later ones), which an index-causal mask would hide."""
+  B, T, H, D = 1, 6, 2, 4
+  q, k, v, _ = _qkv(B, T, H, H, D, seed=6)
+  pos = jnp.arange(T)[::-1][None]
+  _, probs = attend(q, heads_major(k), heads_major(v), pos, pos, with_probs=True)
+  np.testing.assert_array_equal(np.asarray(probs)[0, 0] > 0, np.triu(np.ones((T, T), bool)))
+
+
+def _cfg(**kw):
+  return ModelConfig(**{**dict(vocab_size=16, d_model=16, n_layers=2, n_heads=2, max_len=8), **kw})
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_norm_against_its_formula(kind):
+  """RMSNorm x / sqrt(mean x^2 + eps) * g; LayerNorm (x - mean) / sqrt(var + eps) * g + b: eps inside
+  the root, the variance of the centred x. Inputs of rms 0.1 and eps 0.01 make eps 100% of x^2 (the
+  misplaced-eps forms differ by ~40%); an offset of 3 makes an uncentred variance 900x too large."""
+  from minilm.layers import Norm
+  cfg = _cfg(norm=kind, norm_eps=0.01)
+  norm = Norm(cfg)
+  rng = np.random.default_rng(7)
+  norm.scale[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+  x = (0.1 * rng.normal(size=(2, 3, 16)) + (3.0 if kind == "layer" else 0.0)).astype(np.float32)
+  x64, g = x.astype(np.float64), np.asarray(norm.scale[...], np.float64)
+  if kind == "layer":
+    norm.bias[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+    c = x64 - x64.mean(-1, keepdims=True)
+    ref = c / np.sqrt((c * c).mean(-1, keepdims=True) + 0.01) * g + np.asarray(norm.bias[...], np.float64)
+  else:
+    ref = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 0.01) * g
+  # float32: a mean of 16 squares (16 eps), the root, the product; the centring cancels 3 against
+  # 0.1-sized deviations, losing log2(30) bits: 1e-5 of the largest value covers both (~100x eps)
+  np.testing.assert_allclose(norm(jnp.asarray(x)), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_activations_against_their_formulas():
+  """gelu is the tanh approximation (GPT-2's gelu_new), gelu_erf the exact erf form; they differ by
+  up to ~5e-4 near |h| = 2, far beyond float32's 1e-6 relative (tolerance: a few ulps of exp/tanh/erf)."""
+  from minilm.layers import ACTIVATIONS
+  h = np.linspace(-4, 4, 81)
+  tanh = 0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+  erf = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+  for name, ref in [("gelu", tanh), ("gelu_erf", erf), ("relu", np.maximum(h, 0))]:
+    np.testing.assert_allclose(ACTIVATIONS[name](jnp.asarray(h, jnp.float32)), ref, rtol=0, atol=1e-6 * 4, err_msg=name)   # 1e-6 of the largest |value| (4)
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_mlp_against_its_formula(mlp):
+  """swiglu: down(silu(gate x) * up x); the rest: down(act(up x)), against numpy in float64."""
+  from minilm.layers import ACTIVATIONS, MLP
+  module = MLP(_cfg(mlp=mlp, bias=True, attention="einsum", matmul="plain"), nnx.Rngs(0))
+  rng = np.random.default_rng(8)
+  for layer in ([module.gate] if mlp == "swiglu" else []) + [module.up, module.down]:
+    layer.kernel[...] = jnp.asarray(rng.normal(size=layer.kernel.shape) / math.sqrt(layer.kernel.shape[0]), jnp.float32)
+    if layer.bias is not None:
+      layer.bias[...] = jnp.asarray(rng.normal(size=layer.bias.shape), jnp.float32)
+  x = rng.normal(size=(2, 3, 16)).astype(np.float32)
+  w = lambda layer: np.asarray(layer.kernel[...], np.float64)
+  b = lambda layer: 0 if layer.bias is None else np.asarray(layer.bias[...], np.float64)
+  up = x @ w(module.up) + b(module.up)
+  if mlp == "swiglu":
+    gate = x @ w(module.gate) + b(module.gate)
+    h = gate / (1 + np.exp(-gate)) * up
+  else:
+    h = 0.5 * up * (1 + np.tanh(math.sqrt(2 / math.pi) * (up + 0.044715 * up ** 3)))
+  ref = h @ w(module.down) + b(module.down)
+  # float32 sums of 16 and ff_dim (64) products of O(1) terms: (16 + 64) eps relative to the largest output, 4x
+  np.testing.assert_allclose(module(jnp.asarray(x)), ref, rtol=0, atol=4 * 80 * EPS32 * np.abs(ref).max())
+
+
+def test_output_projections_start_smaller_by_sqrt_2_layers():
+  """GPT-2's init: the residual writers (attention's o, the MLP's down) have std init_std/sqrt(2L),
+  every other kernel init_std. Sample stds of >= 4096 normal draws are within 3% (1/sqrt(2n) ~ 1.1%);
+  the tolerance 10% is far from the factor sqrt(2L) = 2.8 at L = 4."""
+  from minilm.layers import Block
+  cfg = _cfg(n_layers=4, d_model=64, init_std=0.05)
+  block = Block(cfg, 0, nnx.Rngs(0))
+  for layer, std in [(block.attn.o, 0.05 / math.sqrt(8)), (block.mlp.down, 0.05 / math.sqrt(8)),
+                     (block.attn.q, 0.05), (block.mlp.up, 0.05)]:
+    assert np.std(np.asarray(layer.kernel[...])) == pytest.approx(std, rel=0.1)
+
+
+@pytest.mark.parametrize("kind", ["pre", "parallel", "post"])
+def test_block_composes_its_norms_attention_and_mlp(kind):
+  """pre: x + attn(n1(x)) then + mlp(n2(.)); parallel: x + attn(n1(x)) + mlp(n2(x)) (GPT-NeoX's two
+  norms); post: n1(x + attn(x)) then n2(. + mlp(.)). The two norms get different scales (at init
+  both are 1, which would hide a swap). Same ops as the block's own: equal up to fusion, 1e-6."""
+  from minilm.layers import Block
+  from minilm.encodings import NoPE
+  cfg = _cfg(block=kind, attention="einsum", matmul="plain")
+  blk = Block(cfg, 0, nnx.Rngs(0))
+  blk.attn_norm.scale[...] = jnp.full((16,), 0.5)
+  blk.mlp_norm.scale[...] = jnp.full((16,), 2.0)
+  x = jax.random.normal(jax.random.key(9), (1, 5, 16))
+  pos = jnp.arange(5)[None]
+  position = NoPE().build(cfg, None)
+  attn = lambda h: blk.attn(h, pos, position)[0]
+  if kind == "pre":
+    y = x + attn(blk.attn_norm(x))
+    ref = y + blk.mlp(blk.mlp_norm(y))
+  elif kind == "parallel":
+    ref = x + attn(blk.attn_norm(x)) + blk.mlp(blk.mlp_norm(x))
+  else:
+    y = blk.attn_norm(x + attn(x))
+    ref = blk.mlp_norm(y + blk.mlp(y))
+  out, _ = blk(x, pos, position)
+  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6 * np.abs(ref).max())

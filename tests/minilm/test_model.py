@@ -134,6 +134,29 @@ def test_absolute_positions_refuse_sequences_beyond_max_len(position):
   make("rope")(tokens(1, 40))  # relative encodings have no hard limit
 
 
+@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
+def test_absolute_positions_take_exactly_max_len(position):
+  assert forward(make(position), tokens(1, SMALL["max_len"])).shape == (1, SMALL["max_len"], SMALL["vocab_size"])
+
+
+@pytest.mark.parametrize("position", ENCODINGS)
+def test_bfloat16_residual_stream_stays_bfloat16(position):
+  """An input position embedding (float32 table) is cast to the compute dtype, not promoting the stream."""
+  _, cache = capture.run(make(position, dtype="bfloat16"), tokens(), ["resid"])
+  assert cache["blocks.0.resid"].dtype == jnp.bfloat16 and cache["blocks.1.resid"].dtype == jnp.bfloat16
+
+
+def test_explicit_positions_take_the_masked_path_even_when_long():
+  """Explicit positions need not increase along T; the blocked path (a mask by index) is for default
+  positions only: with positions reversed, the blocked model equals the einsum one."""
+  toks = tokens(1, 70)   # > one 64-row block
+  pos = jnp.arange(70, dtype=jnp.int32)[::-1][None]
+  ref = np.asarray(forward(make("rope", max_len=80, attention="einsum"), toks, pos))
+  got = np.asarray(forward(make("rope", max_len=80, attention="blocked"), toks, pos))
+  # the same program but for XLA's choices: rounding only, far below the change a wrong mask makes
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 @pytest.mark.parametrize("partial", [("neox", 0.5), ("p-rope", 0.5), ("neox", 1.0)])
 def test_rope_variants_build_and_run(layout, partial):
@@ -180,6 +203,8 @@ def test_default_config_has_no_parameters_of_the_imported_settings():
   assert not [n for n in names if n.endswith("bias") or n.startswith("project")] and "final_norm.scale" in names
   opt = param_names(make(**IMPORTED["opt350m"]))
   assert {"project_in.kernel", "project_out.kernel", "blocks.0.attn.o.bias", "blocks.0.mlp.up.bias"} <= opt
+  # bias=True puts biases on q, k and v too (GPT-2, OPT, GPT-NeoX), not only where qkv_bias says (Qwen2)
+  assert {"blocks.0.attn.q.bias", "blocks.0.attn.k.bias", "blocks.0.attn.v.bias"} <= opt
   assert "final_norm.scale" not in opt
 
 
