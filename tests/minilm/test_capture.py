@@ -96,3 +96,42 @@ def test_rot_points_are_the_rotation_of_the_captured_q_and_k_even_under_an_inter
         # (a few ulp) and two float32 products and a sum: <= 32 eps32 of the largest value.
         np.testing.assert_allclose(np.asarray(cache[hooks.name(layer, rot)]), want, rtol=0,
                                    atol=32 * EPS32 * np.abs(x).max(), err_msg=f"{layer} {rot}")
+
+
+def test_stack_orders_layers_by_number_past_ten():
+  """With 12 layers, stack(p)[l] is still layer l (numeric order: layer 10 after layer 9, not after 1)."""
+  cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=12, n_heads=2, n_kv_heads=1, max_len=64)
+  _, cache = capture.run(Decoder(cfg, rngs=nnx.Rngs(0)), _tokens(1, 4), points=("resid",))
+  stacked = np.asarray(cache.stack("resid"))
+  assert stacked.shape == (12, 1, 4, 16)
+  for layer in range(12):
+    np.testing.assert_array_equal(stacked[layer], np.asarray(cache[hooks.name(layer, "resid")]), err_msg=str(layer))
+
+
+def test_q_k_v_are_layer_0_projections_with_their_own_head_counts():
+  """Layer 0's q, k, v are the block's projections of its normed input, k and v with K = 2 KV heads
+  (not expanded to the H = 4 query heads, not q); rot_k keeps K heads too. The same eager operations
+  on the same arrays: equal up to float32 rounding of a 32-term matmul (rtol 1e-5)."""
+  model, toks = _decoder(), _tokens()
+  _, cache = capture.run(model, toks, points=hooks.QKV)
+  attn = model.blocks[0].attn
+  h = model.blocks[0].attn_norm(model.stream_in(toks, np.broadcast_to(np.arange(8), (2, 8))))
+  for point, proj, heads in (("q", attn.q, 4), ("k", attn.k, 2), ("v", attn.v, 2)):
+    np.testing.assert_allclose(np.asarray(cache[hooks.name(0, point)]), np.asarray(proj(h)).reshape(2, 8, heads, 8),
+                               rtol=1e-5, atol=1e-6, err_msg=point)
+  assert cache[hooks.name(1, "k")].shape == cache[hooks.name(1, "rot_k")].shape == (2, 8, 2, 8)
+  assert cache[hooks.name(1, "rot_q")].shape == (2, 8, 4, 8)
+
+
+def test_sink_is_attention_on_key_0():
+  """sink = attn[..., 0] (exact: the same probabilities), each row of attn sums to 1, and the first query,
+  seeing only itself under causal attention, puts all of it on key 0. The row sum's float32 error: the
+  softmax's sum of 8 exps (7 roundings of half an eps), each division or multiplication by its reciprocal
+  (up to 2 roundings per term) and numpy's sum of the 8 (7 more): under 15 eps, 16 with room."""
+  _, cache = capture.run(_decoder(), _tokens(), points=("attn", "sink"))
+  for layer in range(2):
+    attn, sink = np.asarray(cache[hooks.name(layer, "attn")]), np.asarray(cache[hooks.name(layer, "sink")])
+    np.testing.assert_array_equal(sink, attn[..., 0])
+    np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=0, atol=16 * EPS32)
+    np.testing.assert_array_equal(sink[:, :, 0], 1.0)
+    assert (sink[:, :, 1:] < 1).all()

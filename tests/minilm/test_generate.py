@@ -193,3 +193,49 @@ def test_decoding_reads_out_in_kernels_only_on_avx2_only_cpus(monkeypatch):
   with layers.decoding_kernels(model) as decoder:
     d_in, d_out = model.blocks[0].mlp.up.kernel[...].shape
     assert d_in != d_out and decoder.blocks[0].mlp.up.kernel[...].shape == (d_out, d_in)
+
+
+def test_greedy_cache_holds_each_rows_positions():
+  """The returned KV cache's key positions (exact integers): row b's prompt at 0..len-1, its padding
+  NEVER, the i-th decoded token's key at slot T + i with position len + i (its own row's next
+  position, not T's, not one off); the last token, never fed back, needs no slot (any spare stays NEVER)."""
+  model = make("rope")
+  lengths = np.array([6, 3])
+  _, cache = greedy(model, tokens(2, 6), 4, lengths=lengths, return_cache=True)
+  pos = np.asarray(cache["pos"])
+  assert pos.shape[1] >= 6 + 3 and int(cache["index"]) == 6 + 3
+  want = np.full(pos.shape, NEVER)
+  for b, n in enumerate(lengths):
+    want[b, :n] = np.arange(n)
+    want[b, 6:9] = n + np.arange(3)
+  np.testing.assert_array_equal(pos, want)
+
+
+def test_a_dict_hook_over_padded_rows_gets_valid():
+  """Over right-padded rows a dict of hook_args carries 'valid' (valid_tokens of the lengths): a hook
+  that scales v on the prompt tokens only continues each row as _scale_v does that prompt alone."""
+  model = make("rope")
+  prompts = [np.asarray(tokens(1, n, seed=n))[0] for n in (5, 7)]
+  (_, padded, lengths, n), = generate.batches(prompts, [3, 3], 2, bucket=8)
+
+  def scale_valid_v(args, name, x):
+    np.testing.assert_equal(x.shape[:2], args["valid"].shape)
+    return jnp.where(args["valid"][:, :, None, None] > 0, _scale_v(args["scale"], name, x), x)
+
+  out = np.asarray(greedy(model, padded, n, lengths=lengths, hook=scale_valid_v,
+                          hook_args={"scale": jnp.float32(100.0)}))
+  for row, prompt in zip(out, prompts):
+    np.testing.assert_array_equal(row, np.asarray(greedy(model, prompt[None], 3, hook=_scale_v,
+                                                         hook_args=jnp.float32(100.0)))[0])
+
+
+def test_the_hook_runs_at_prefill_only():
+  """Decoding steps are never intervened on: a hook that scales v only in one-token calls leaves a
+  6-token prompt's continuation as it is, yet changes a 1-token prompt's (whose prefill is one token)."""
+  model = make("rope")
+  def one_token_v(scale, name, x):
+    return _scale_v(scale, name, x) if x.shape[1] == 1 else x
+  hook = dict(hook=one_token_v, hook_args=jnp.float32(100.0))
+  prompt = tokens(2, 6)
+  np.testing.assert_array_equal(np.asarray(greedy(model, prompt, 5, **hook)), np.asarray(greedy(model, prompt, 5)))
+  assert not np.array_equal(np.asarray(greedy(model, prompt[:, :1], 5, **hook)), np.asarray(greedy(model, prompt[:, :1], 5)))
