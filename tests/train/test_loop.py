@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import asking, leaves, smoke
+from helpers import asking, damage, leaves, smoke
 from minilm import schema as C
 from train import cli as train_cli
 from train import checkpoints, data, loop, paired, text
@@ -280,3 +280,132 @@ def test_stacked_arms_train_on_their_own_seeds_batches(tmp_path):
     expected = float(S.weighted_loss(loop.init_params(cfg.model, cfg.seed), graphdef, rest, batch))
     (row,) = _rows(tmp_path / f"s{cfg.seed}" / "metrics.jsonl")
     assert row["loss"] == pytest.approx(expected, rel=batch["weights"].size * float(np.finfo(np.float32).eps))
+
+
+# ------------------------------------------------------------------------------ resume, fast
+# The resume tests above train the smoke arm (slow); these cover the same contract on a few steps.
+
+def _short(**kw):
+  return smoke(log_every=1, **{"steps": 4, "checkpoint.every": 2, "checkpoint.log_spaced": False,
+                               "eval.n_per_family": 0, **kw})
+
+
+def _restored(arm_dir, step):
+  """(params, opt_state) of `step` as saved, as host arrays."""
+  cfg = checkpoints.load_config(arm_dir)
+  _, abstract_params, _ = checkpoints.abstract_model(cfg.model)
+  abstract_opt = loop.jax.eval_shape(S.optimizer(cfg.optim, cfg.steps).init, abstract_params)
+  mngr = checkpoints.manager(arm_dir, read_only=True)
+  try:
+    params, opt_state, _ = checkpoints.restore(mngr, step, cfg.model, checkpoints.with_shardings(abstract_params),
+                                               checkpoints.with_shardings(abstract_opt))
+  finally:
+    mngr.close()
+  return leaves(params), leaves(opt_state)
+
+
+def test_a_short_run_resumes_exactly_from_its_last_save(tmp_path):
+  """Killed after step 3 (last save: 2) and run again: it goes on from step 2 with the saved optimizer
+  state and the batches of steps 2 and 3 (not 0 and 1), and ends bit for bit as the uninterrupted run
+  (same program, same inputs: exact equality), its metrics rows redone once, not doubled."""
+  cfg = _short()
+  full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+  loop.train(cfg, full, progress=False)
+  loop.train(cfg, cut, progress=False, stop_at=3)
+  assert checkpoints.available_steps(cut) == [0, 2]
+  asked = []
+  loop.train(cfg, cut, progress=False, batch_fn=asking(asked))
+  assert asked == [2, 3]
+  assert checkpoints.available_steps(cut) == checkpoints.available_steps(full) == [0, 2, 4]
+  assert _rows(os.path.join(cut, "metrics.jsonl")) == _rows(os.path.join(full, "metrics.jsonl"))
+  assert [r["step"] for r in _rows(os.path.join(cut, "metrics.jsonl"))] == [1, 2, 3, 4]
+  (p_cut, o_cut), (p_full, o_full) = _restored(cut, 4), _restored(full, 4)
+  for x, y in zip(p_cut + o_cut, p_full + o_full):
+    np.testing.assert_array_equal(x, y)
+  _, o_init = _restored(full, 0)
+  assert any(not np.array_equal(x, y) for x, y in zip(o_full, o_init))   # the optimizer state did move
+
+
+@pytest.fixture
+def steps_2_and_10(tmp_path):
+  """An arm with checkpoints at steps 2 and 10 (10 > 2 as numbers, '10' < '2' as names), each of its
+  own params (seeds 1 and 2), saved directly: no training."""
+  cfg = _short(steps=12)
+  arm_dir = str(tmp_path / "arm")
+  loop.prepare_run_dir(arm_dir, cfg)
+  mngr = checkpoints.manager(arm_dir)
+  try:
+    for step, seed in ((2, 1), (10, 2)):
+      params = loop.init_params(cfg.model, seed)
+      checkpoints.save(mngr, step, params, S.init_opt_state(params, cfg=cfg.optim, steps=cfg.steps), cfg)
+  finally:
+    mngr.close()
+  return cfg, arm_dir
+
+
+def _resume_point(cfg, arm_dir):
+  _, abstract_params, _ = checkpoints.abstract_model(cfg.model)
+  abstract_opt = loop.jax.eval_shape(S.optimizer(cfg.optim, cfg.steps).init, abstract_params)
+  mngr = checkpoints.manager(arm_dir)
+  try:
+    step, params, _ = loop._restore_latest(mngr, arm_dir, cfg, checkpoints.with_shardings(abstract_params),
+                                           checkpoints.with_shardings(abstract_opt))
+  finally:
+    mngr.close()
+  return step, leaves(params)
+
+
+def test_the_latest_checkpoint_is_the_highest_step_and_a_partial_one_is_not_listed(steps_2_and_10):
+  cfg, arm_dir = steps_2_and_10
+  ckpt = os.path.join(arm_dir, checkpoints.CHECKPOINTS)
+  # what a save killed before its final rename leaves: a directory under the tmp name
+  import shutil
+  shutil.copytree(os.path.join(ckpt, "10"), os.path.join(ckpt, "12.orbax-checkpoint-tmp"))
+  assert checkpoints.available_steps(arm_dir) == [2, 10]
+  model, _ = load_model(arm_dir)
+  want = leaves(loop.init_params(cfg.model, 2))
+  for x, y in zip(leaves(nnx.state(model, nnx.Param)), want):
+    np.testing.assert_array_equal(x, y)
+  step, params = _resume_point(cfg, arm_dir)
+  assert step == 10
+  for x, y in zip(params, want):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_a_damaged_latest_step_is_refused_then_kept_aside_and_the_one_before_resumed(steps_2_and_10, capsys):
+  cfg, arm_dir = steps_2_and_10
+  damage(arm_dir, 10, "flip")
+  with pytest.raises(checkpoints.DamagedCheckpoint, match=r"^step 10 \(.*differs from its checksum"):
+    load_model(arm_dir, 10)
+  step, params = _resume_point(cfg, arm_dir)
+  assert step == 2 and "moved to" in capsys.readouterr().err
+  for x, y in zip(params, leaves(loop.init_params(cfg.model, 1))):
+    np.testing.assert_array_equal(x, y)
+  assert os.listdir(os.path.join(arm_dir, checkpoints.DAMAGED)) == ["10"]   # kept, not deleted
+  assert checkpoints.available_steps(arm_dir) == [2]
+
+
+def test_a_checkpoint_of_another_model_is_refused(steps_2_and_10):
+  cfg, arm_dir = steps_2_and_10
+  _, abstract_params, _ = checkpoints.abstract_model(cfg.model)
+  other = C.override(cfg, {"model.d_model": 64}).model
+  mngr = checkpoints.manager(arm_dir, read_only=True)
+  try:
+    with pytest.raises(checkpoints.RunError, match=r"^step 10 .*holds a model with model.d_model=32, not 64"):
+      checkpoints.restore(mngr, 10, other, checkpoints.with_shardings(abstract_params))
+  finally:
+    mngr.close()
+
+
+def test_a_run_directory_refuses_fewer_steps_than_trained_and_settings_it_lacks(steps_2_and_10):
+  cfg, arm_dir = steps_2_and_10
+  with pytest.raises(C.ConfigError, match=r"^steps: run directory .* holds 10 trained steps; steps=5"):
+    loop.check_run_dir(arm_dir, C.override(cfg, {"steps": 5}))
+  loop.check_run_dir(arm_dir, C.override(cfg, {"steps": 10}))
+  path = os.path.join(arm_dir, "config.json")
+  on_disk = json.load(open(path))
+  on_disk["model"]["extra"] = 1   # a setting of the run that the config given does not have
+  json.dump(on_disk, open(path, "w"))
+  with pytest.raises(C.ConfigError, match=r"^model.extra: run directory .* holds a run with model.extra=1, "
+                                          r"not '<absent>'"):
+    loop.check_run_dir(arm_dir, cfg)
