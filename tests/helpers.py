@@ -100,10 +100,10 @@ def numpy_rope(x_TxHxD, base, layout="half", theta=None):
   return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
-def numpy_attention(q_TxHxD, k_TxHxD, v_TxHxD):
-  """Causal softmax(q k^T / sqrt(D)) v, heads concatenated: [T, H*D]."""
+def numpy_attention(q_TxHxD, k_TxHxD, v_TxHxD, bias_HxTxS=0.0):
+  """Causal softmax(q k^T / sqrt(D) + bias) v, heads concatenated: [T, H*D]."""
   T, _, D = q_TxHxD.shape
-  scores = np.einsum("thd,shd->hts", q_TxHxD, k_TxHxD) / np.sqrt(D)
+  scores = np.einsum("thd,shd->hts", q_TxHxD, k_TxHxD) / np.sqrt(D) + bias_HxTxS
   scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
   probs = np.exp(scores - scores.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)

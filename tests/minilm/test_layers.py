@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import numpy_attention
 from minilm.config import ModelConfig
 from minilm.encodings import Learned
 from minilm.layers import attend, block_causal, heads_major
@@ -197,13 +198,10 @@ def test_attend_equals_a_float64_softmax_reference(block):
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   out, _ = attend(q, heads_major(k), heads_major(v), pos, pos, bias, block=block)
   q, k, v, bias = (np.asarray(a, np.float64) for a in (q, k, v, bias))
-  ref = np.zeros((B, T, H, D))
-  for h in range(H):
-    kv = h // (H // K)
-    logits = np.einsum("btd,bsd->bts", q[:, :, h], k[:, :, kv]) / math.sqrt(D) + bias[:, h]
-    logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    ref[:, :, h] = np.einsum("bts,bsd->btd", p / p.sum(-1, keepdims=True), v[:, :, kv])
+  # KV head h // (H/K) repeated for query head h
+  bias = np.broadcast_to(bias, (B, H, T, T))
+  ref = np.stack([numpy_attention(q[b], np.repeat(k[b], H // K, 1), np.repeat(v[b], H // K, 1), bias[b])
+                  for b in range(B)]).reshape(B, T, H, D)
   # float32 sums over D = 8 (logits) and T = 10 keys (normaliser, probs.v): (D + 2T) eps of the largest
   # value, 4x that for exp's and the division's rounding.
   np.testing.assert_allclose(out, ref, rtol=0, atol=4 * (D + 2 * T) * EPS32 * np.abs(ref).max())
@@ -246,12 +244,17 @@ def test_norm_against_its_formula(kind):
   np.testing.assert_allclose(norm(jnp.asarray(x)), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
+def _gelu_tanh(h):
+  """GELU's tanh approximation in float64."""
+  return 0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+
+
 def test_activations_against_their_formulas():
   """gelu is the tanh approximation (GPT-2's gelu_new), gelu_erf the exact erf form; they differ by
   up to ~5e-4 near |h| = 2, far beyond float32's 1e-6 relative (tolerance: a few ulps of exp/tanh/erf)."""
   from minilm.layers import ACTIVATIONS
   h = np.linspace(-4, 4, 81)
-  tanh = 0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+  tanh = _gelu_tanh(h)
   erf = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
   for name, ref in [("gelu", tanh), ("gelu_erf", erf), ("relu", np.maximum(h, 0))]:
     np.testing.assert_allclose(ACTIVATIONS[name](jnp.asarray(h, jnp.float32)), ref, rtol=0, atol=1e-6 * 4, err_msg=name)   # 1e-6 of the largest |value| (4)
@@ -260,7 +263,7 @@ def test_activations_against_their_formulas():
 @pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
 def test_mlp_against_its_formula(mlp):
   """swiglu: down(silu(gate x) * up x); the rest: down(act(up x)), against numpy in float64."""
-  from minilm.layers import ACTIVATIONS, MLP
+  from minilm.layers import MLP
   module = MLP(_cfg(mlp=mlp, bias=True, attention="einsum", matmul="plain"), nnx.Rngs(0))
   rng = np.random.default_rng(8)
   for layer in ([module.gate] if mlp == "swiglu" else []) + [module.up, module.down]:
@@ -275,7 +278,7 @@ def test_mlp_against_its_formula(mlp):
     gate = x @ w(module.gate) + b(module.gate)
     h = gate / (1 + np.exp(-gate)) * up
   else:
-    h = 0.5 * up * (1 + np.tanh(math.sqrt(2 / math.pi) * (up + 0.044715 * up ** 3)))
+    h = _gelu_tanh(up)
   ref = h @ w(module.down) + b(module.down)
   # float32 sums of 16 and ff_dim (64) products of O(1) terms: (16 + 64) eps relative to the largest output, 4x
   np.testing.assert_allclose(module(jnp.asarray(x)), ref, rtol=0, atol=4 * 80 * EPS32 * np.abs(ref).max())

@@ -4,7 +4,6 @@ records itself, and stacked arms that step apart."""
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -100,12 +99,6 @@ def test_a_non_finite_step_keeps_the_last_good_state_and_records_itself():
     np.testing.assert_array_equal(a, b)                                # and the state stays as it was
 
 
-def _loss_by_hand(params, graphdef, rest, batch):
-  logp = jax.nn.log_softmax(nnx.merge(graphdef, params, rest)(batch["inputs"]).astype(jnp.float32))
-  ce = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
-  return (ce * batch["weights"]).sum() / batch["weights"].sum()
-
-
 def test_steps_are_adamw_after_global_norm_clipping_with_decay_on_matrices_only():
   """Four steps (lr 0, warm-up, peak, cosine) against AdamW written out in float64 numpy, each from the
   params the step before produced. clip_norm 0.5 is below every gradient norm here (1.1 to 1.3), so the
@@ -120,7 +113,7 @@ def test_steps_are_adamw_after_global_norm_clipping_with_decay_on_matrices_only(
   names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   decayed = ["'scale'" not in name for name in names]   # kernels and the embedding, not the RMSNorm scales
   assert decayed.count(False) == 2 * cfg.model.n_layers + 1
-  grad_fn = jax.jit(jax.value_and_grad(_loss_by_hand), static_argnums=1)
+  grad_fn = jax.jit(jax.value_and_grad(S.weighted_loss), static_argnums=1)
   mu = nu = [0.0] * len(names)
   for i in range(4):
     batch = D.train_batch(cfg.data, 0, i)
