@@ -5,7 +5,9 @@ seed train as one stacked program with the single runs' results."""
 import dataclasses
 import json
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -64,7 +66,6 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
 def test_a_run_written_before_the_implementation_settings_loads_and_resumes(tiny_run, tmp_path):
   """Its config.json has no model.attention/matmul/remat: they read as their defaults ('auto', False),
   the run resumes, and asking for another implementation is refused like any other change."""
-  import shutil
   arm = str(tmp_path / "rope")
   shutil.copytree(tiny_run / "rope", arm)
   with open(tmp_path / "rope" / "config.json") as f:
@@ -290,15 +291,19 @@ def _short(**kw):
                                "eval.n_per_family": 0, **kw})
 
 
+def _abstract(cfg):
+  """The params' and optimizer state's shapes with their shardings, as the loop restores them."""
+  _, abstract_params, _ = checkpoints.abstract_model(cfg.model)
+  abstract_opt = jax.eval_shape(S.optimizer(cfg.optim, cfg.steps).init, abstract_params)
+  return checkpoints.with_shardings(abstract_params), checkpoints.with_shardings(abstract_opt)
+
+
 def _restored(arm_dir, step):
   """(params, opt_state) of `step` as saved, as host arrays."""
   cfg = checkpoints.load_config(arm_dir)
-  _, abstract_params, _ = checkpoints.abstract_model(cfg.model)
-  abstract_opt = loop.jax.eval_shape(S.optimizer(cfg.optim, cfg.steps).init, abstract_params)
   mngr = checkpoints.manager(arm_dir, read_only=True)
   try:
-    params, opt_state, _ = checkpoints.restore(mngr, step, cfg.model, checkpoints.with_shardings(abstract_params),
-                                               checkpoints.with_shardings(abstract_opt))
+    params, opt_state, _ = checkpoints.restore(mngr, step, cfg.model, *_abstract(cfg))
   finally:
     mngr.close()
   return leaves(params), leaves(opt_state)
@@ -344,12 +349,9 @@ def steps_2_and_10(tmp_path):
 
 
 def _resume_point(cfg, arm_dir):
-  _, abstract_params, _ = checkpoints.abstract_model(cfg.model)
-  abstract_opt = loop.jax.eval_shape(S.optimizer(cfg.optim, cfg.steps).init, abstract_params)
   mngr = checkpoints.manager(arm_dir)
   try:
-    step, params, _ = loop._restore_latest(mngr, arm_dir, cfg, checkpoints.with_shardings(abstract_params),
-                                           checkpoints.with_shardings(abstract_opt))
+    step, params, _ = loop._restore_latest(mngr, arm_dir, cfg, *_abstract(cfg))
   finally:
     mngr.close()
   return step, leaves(params)
@@ -359,7 +361,6 @@ def test_the_latest_checkpoint_is_the_highest_step_and_a_partial_one_is_not_list
   cfg, arm_dir = steps_2_and_10
   ckpt = os.path.join(arm_dir, checkpoints.CHECKPOINTS)
   # what a save killed before its final rename leaves: a directory under the tmp name
-  import shutil
   shutil.copytree(os.path.join(ckpt, "10"), os.path.join(ckpt, "12.orbax-checkpoint-tmp"))
   assert checkpoints.available_steps(arm_dir) == [2, 10]
   model, _ = load_model(arm_dir)
