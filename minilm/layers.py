@@ -323,7 +323,11 @@ def _block_causal_fwd(q, k, v, bias, block):
 def _block_causal_bwd(block, res, d_out):
   q, k, v, bias, out, saved = res
   T, D = q.shape[3], q.shape[4]
-  rowsum_BxKxGxTx1 = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True)
+  # rowsum over a 4-D view: XLA:CPU fuses the 5-D form ([B, K, 1, T, D] without grouped heads) into a
+  # reduction 8x slower (3.4 against 0.4 ms a layer of the 1M train step on one core)
+  B, K, G = q.shape[:3]
+  rowsum_BxKxGxTx1 = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).reshape(B, K, G * T, D).sum(
+      -1, keepdims=True).reshape(B, K, G, T, 1)
   dq, dk, dv, dbias = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), []
   for (t0, t1), (e, l) in zip(_causal_rows(T, block), saved):
     d_out_l = d_out[:, :, :, t0:t1].astype(jnp.float32) / l        # dO / l: P = E / l folded into T x D
