@@ -1,6 +1,7 @@
 """Where a CPU train step's time goes, minilm beside nanoGPT on PyTorch: attention, matmuls, the rest.
 
     .venv/bin/python bench/step_breakdown.py [--sizes 1m,5m,25m] [--steps 5] [--rounds 3] [--reps 10]
+    taskset -c 0 .venv/bin/python bench/step_breakdown.py --profile [--sizes ...] [--steps 5] [--top 12]
 
 Needs the bench extra (pip install -e '.[bench]'). At the architecture and batch of
 `bench/train_throughput.py --peer torch` (nanoGPT's GPT, float32, batch 16 x 256), each side's
@@ -20,13 +21,28 @@ step is split into parts timed on their own, at the step's shapes:
 Each part is the best of `reps` timings in each of `rounds` rounds, the two sides in turn, the best
 round counting; the rest is therefore an estimate: what the two frameworks spend outside their
 matmul and attention kernels.
+
+`--profile` instead times every op inside the step, `steps` steps of each side under its profiler
+(minilm: jax.profiler's per-op events mapped onto the compiled program's HLO; PyTorch: torch.profiler's
+self CPU time per op), and sums them in parts: linear matmuls, attention (minilm: its matmuls and the
+rest of its ops on the heads-shaped tensors of rank 4 and more; PyTorch: the fused SDPA kernel) and
+the rest; with the linear matmuls' GFLOP/s and minilm's slowest ops. Run it on one core
+(`taskset -c 0`): on more, ops run at once and each op's time includes waits for the other threads,
+so the parts add up to more than the step.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import gzip
+import json
+import math
 import os
+import re
 import subprocess
 import sys
+import tempfile
+import time
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -101,6 +117,145 @@ def torch_parts(B: int, T: int, d: int, L: int, H: int, vocab: int, reps: int) -
   return [attention, fwd, bwd]
 
 
+def hlo_parts(hlo: str, op_us: dict[str, float], steps: int) -> tuple[dict[str, list[float]], list[tuple]]:
+  """Per-op times (µs over `steps` steps, by HLO instruction name) summed into parts: {part: [ms per
+  step, FLOPs per step]}, and the ops as (ms per step, name, shape, op_name) slowest first. A matmul
+  is a dot or a fusion calling one; an attention op's output has rank 4 or more (a heads axis)."""
+  comps, cur, inst = {}, None, {}
+  for line in hlo.splitlines():
+    if not line.startswith(" "):
+      m = re.match(r"%?([\w.\-]+) .*->.*\{$", line.strip())
+      cur = m and m.group(1)
+      comps[cur] = []
+    elif cur:
+      comps[cur].append(line)
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
+    if m:
+      inst[m.group(1)] = (m.group(2), line)
+  parts, ops = {}, []
+  for name, us in op_us.items():
+    if name not in inst:
+      continue
+    shape, line = inst[name]
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    body = comps.get(called.group(1), []) if called else [line]
+    dot = next((b for b in body if re.search(r" (dot|convolution)\(", b)), None)
+    rank = len(re.search(r"\[([\d,]*)\]", shape).group(1).split(",")) if "[" in shape else 0
+    flops = _dot_flops(dot, {**{k: v[0] for k, v in inst.items()}, **_shapes(body)}) if dot else 0
+    if dot:
+      part = "attention matmuls" if rank >= 4 else "linear matmuls"
+    else:
+      part = "attention other" if rank >= 4 else "rest"
+    ms = us / 1e3 / steps
+    parts.setdefault(part, [0.0, 0.0])
+    parts[part][0] += ms
+    parts[part][1] += flops
+    op_name = re.search(r'op_name="([^"]+)"', line)
+    ops.append((ms, name, shape.split("{")[0], op_name.group(1) if op_name else ""))
+  return parts, sorted(ops, reverse=True)
+
+
+def _shapes(lines: list[str]) -> dict[str, str]:
+  return {m.group(1): m.group(2) for m in (re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", l) for l in lines) if m}
+
+
+def _dot_flops(line: str, shapes: dict[str, str]) -> float:
+  """2 x output elements x contracted elements of an HLO dot."""
+  m = re.search(r"= (\S+) dot\(%?([\w.\-]+), %?([\w.\-]+)\)", line)
+  if not m:
+    return 0.0
+  dims = lambda sh: [int(x) for x in re.search(r"\[([\d,]*)\]", sh).group(1).split(",") if x]
+  lhs = dims(shapes[m.group(2)])
+  contracted = [int(x) for x in re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1).split(",") if x]
+  return 2.0 * math.prod(dims(m.group(1))) * math.prod(lhs[i] for i in contracted)
+
+
+def jax_op_profile(cfg, optim, mesh, B: int, T: int, steps: int) -> tuple[float, dict, list]:
+  """minilm's train step: (ms per step unprofiled, then hlo_parts's parts and ops of `steps` steps
+  under jax.profiler)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from train import checkpoints, loop
+  from train.step import init_opt_state, train_step
+  graphdef, _, rest = checkpoints.abstract_model(cfg)
+  params = loop.init_params(cfg, 0)
+  opt = init_opt_state(params, cfg=optim, steps=1000, mesh=mesh, strategy="data")
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
+  batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+           "weights": jnp.ones((B, T), jnp.float32)}
+  kw = dict(graphdef=graphdef, cfg=optim, steps=1000, mesh=mesh, strategy="data")
+  hlo = train_step.lower(params, opt, rest, batch, 0, **kw).compile().as_text()
+  for i in range(2):   # compile, warm up
+    params, opt, m = train_step(params, opt, rest, batch, i, **kw)
+  jax.block_until_ready(m)
+  start = time.perf_counter()
+  for i in range(steps):
+    params, opt, m = train_step(params, opt, rest, batch, i, **kw)
+  jax.block_until_ready(m)
+  step_ms = 1e3 * (time.perf_counter() - start) / steps
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for i in range(steps):
+        params, opt, m = train_step(params, opt, rest, batch, i, **kw)
+      jax.block_until_ready(m)
+    with gzip.open(glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]) as f:
+      events = json.load(f)["traceEvents"]
+  op_us = Counter()
+  for e in events:
+    if e.get("ph") == "X" and "dur" in e:
+      op_us[e["name"]] += e["dur"]
+  return (step_ms, *hlo_parts(hlo, op_us, steps))
+
+
+def torch_op_parts(ops: dict[str, list[float]]) -> dict[str, list[float]]:
+  """torch_peer's profile summed into parts: {part: [ms per step, FLOPs per step]}."""
+  parts = {}
+  for name, (ms, flops) in ops.items():
+    part = ("linear matmuls" if name in ("aten::mm", "aten::addmm", "aten::bmm") else
+            "attention (SDPA)" if "scaled_dot_product" in name else "rest")
+    parts.setdefault(part, [0.0, 0.0])
+    parts[part][0] += ms
+    parts[part][1] += flops
+  return parts
+
+
+def profile_main(args) -> None:
+  from minilm.config import ModelConfig
+  from minilm.encodings import Learned
+  from train import sharding
+  from train.config import OptimConfig
+  from train_throughput import TorchPeer
+  cores = len(os.sched_getaffinity(0))
+  print(f"cpu cores available: {cores}  load average: {os.getloadavg()}")
+  if cores > 1:
+    print(f"note: on {cores} cores ops run at once and each op's time includes waits: run under taskset -c 0")
+  print(f"float32, batch {args.batch} x {args.seq}, nanoGPT architecture, {args.steps} profiled steps a side; "
+        "ms per train step")
+  B, T, optim, mesh = args.batch, args.seq, OptimConfig(), sharding.make_mesh(1)
+  for name in args.sizes.split(","):
+    cfg = ModelConfig(vocab_size=512, max_len=T, **SIZES[name], **GPT_ARCH, position=Learned())
+    step_ms, mine, ops = jax_op_profile(cfg, optim, mesh, B, T, args.steps)
+    peer = TorchPeer(cfg, optim, B, T, "cpu")
+    peer.run(2)   # warm-up
+    peer_ms = 1e3 * peer.run(args.steps) / args.steps
+    theirs = torch_op_parts(peer.profile(args.steps))
+    peer.close()
+    print(f"{name:>5} {'part':>18} {'minilm':>9} {'torch':>9}")
+    print(f"{name:>5} {'step':>18} {step_ms:9.1f} {peer_ms:9.1f}")
+    print(f"{name:>5} {'ops, profiled':>18} {sum(v[0] for v in mine.values()):9.1f} "
+          f"{sum(v[0] for v in theirs.values()):9.1f}")
+    for part in ("linear matmuls", "attention matmuls", "attention other", "attention (SDPA)", "rest"):
+      a, b = mine.get(part, [0.0, 0.0]), theirs.get(part, [0.0, 0.0])
+      print(f"{name:>5} {part:>18} {a[0]:9.1f} {b[0]:9.1f}")
+    a, b = mine["linear matmuls"], theirs["linear matmuls"]
+    print(f"{name:>5} linear matmuls: minilm {a[1] / 1e9:.2f} GFLOP at {a[1] / a[0] / 1e6:.1f} GFLOP/s, "
+          f"torch {b[1] / 1e9:.2f} GFLOP at {b[1] / b[0] / 1e6:.1f} GFLOP/s")
+    print(f"{name:>5} minilm's slowest ops (ms per step, HLO name, shape, jax op):")
+    for ms, op, shape, op_name in ops[:args.top]:
+      print(f"{name:>5}   {ms:6.2f} {op:28s} {shape:26s} {op_name[-60:]}", flush=True)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--sizes", default="1m,5m,25m")
@@ -109,12 +264,16 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--reps", type=int, default=10, help="timings per part; the best counts")
+  p.add_argument("--profile", action="store_true", help="per-op profiles of both steps, in parts (run on one core)")
+  p.add_argument("--top", type=int, default=12, help="with --profile: how many of minilm's slowest ops to list")
   p.add_argument("--torch-parts", nargs=6, type=int, metavar=("B", "T", "D", "L", "H", "V"),
                  help=argparse.SUPPRESS)   # the PyTorch parts, in a process of their own (as the peer's step)
   args = p.parse_args()
   if args.torch_parts:
     print(*torch_parts(*args.torch_parts, args.reps))
     return
+  if args.profile:
+    return profile_main(args)
 
   import jax
   from minilm.config import ModelConfig

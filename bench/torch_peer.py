@@ -18,12 +18,14 @@ float32 and not in bfloat16 at 1M (bench/README). Without it the step is nanoGPT
 
 Run by train_throughput.py as a worker process (`--serve`): it builds the model from its arguments,
 then answers each stdin line `run N` with the seconds N steps took, so the two frameworks are timed
-in turn without sharing a process or thread pool.
+in turn without sharing a process or thread pool, and `profile N` with a JSON line of each op's
+self CPU time and FLOPs per step over N steps (bench/step_breakdown.py --profile).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import sys
 import time
@@ -121,6 +123,14 @@ class Peer:
       torch.cuda.synchronize()
     return time.perf_counter() - start
 
+  def profile(self, n: int) -> dict[str, list[float]]:
+    """n steps under torch.profiler: {op: [self CPU ms per step, FLOPs per step]} (FLOPs where the
+    profiler counts them: the matmuls)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+      self.run(n)
+    return {e.key: [e.self_cpu_time_total / 1e3 / n, e.flops / n] for e in prof.key_averages()}
+
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -131,7 +141,7 @@ def main() -> None:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
   p.add_argument("--tuned", action="store_true", help="torch.compile, fused AdamW and minilm's allocator settings")
-  p.add_argument("--serve", action="store_true", help="answer stdin lines 'run N' with the seconds taken")
+  p.add_argument("--serve", action="store_true", help="answer stdin lines 'run N' (seconds taken) and 'profile N' (JSON)")
   args = vars(p.parse_args())
   serve = args.pop("serve")
   if args["tuned"]:
@@ -147,8 +157,8 @@ def main() -> None:
   print(f"ready torch {torch.__version__} threads {torch.get_num_threads()}, {mode}", flush=True)
   for line in sys.stdin:
     cmd, n = line.split()
-    assert cmd == "run", line
-    print(peer.run(int(n)), flush=True)
+    assert cmd in ("run", "profile"), line
+    print(peer.run(int(n)) if cmd == "run" else json.dumps(peer.profile(int(n))), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ to the single arm's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def accelerator_peak(device_kind: str, dtype: str) -> float | None:
 
 
 class TorchPeer:
-  """bench/torch_peer.py as a worker process: `run(n)` -> seconds for n steps."""
+  """bench/torch_peer.py as a worker process: `run(n)` -> seconds for n steps; `profile(n)`."""
 
   def __init__(self, cfg, optim, batch: int, seq: int, device: str, tuned: bool = False):
     args = dict(device=device, vocab=cfg.vocab_size, seq=seq, batch=batch, d=cfg.d_model, layers=cfg.n_layers,
@@ -70,6 +71,12 @@ class TorchPeer:
     self.proc.stdin.write(f"run {n}\n")
     self.proc.stdin.flush()
     return float(self.proc.stdout.readline())
+
+  def profile(self, n: int) -> dict[str, list[float]]:
+    """{op: [self CPU ms per step, FLOPs per step]} over n steps (torch_peer.Peer.profile)."""
+    self.proc.stdin.write(f"profile {n}\n")
+    self.proc.stdin.flush()
+    return json.loads(self.proc.stdout.readline())
 
   def close(self) -> None:
     self.proc.stdin.close()

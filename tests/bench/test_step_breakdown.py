@@ -39,3 +39,26 @@ def test_the_timed_linears_are_the_models(breakdown, size):
 def test_minilm_parts_at_tiny_shapes(breakdown):
   attention, fwd, bwd = breakdown.jax_parts(B=2, T=16, d=16, L=2, H=2, vocab=32, reps=2)
   assert attention > 0 and fwd > 0 and bwd > 0
+
+
+def test_the_profile_finds_every_matmul_of_the_step_once(breakdown):
+  """--profile maps the profiler's per-op events onto the compiled step's HLO: the matmuls it finds
+  carry exactly the step's FLOPs (the forward and both backward products of every linear and of the
+  tied head; six products of attention a layer, the full masked softmax at T below one block)."""
+  from train import sharding
+  from train.config import OptimConfig
+  d, L, H, V, B, T = 16, 2, 2, 32, 2, 16
+  cfg = ModelConfig(vocab_size=V, max_len=T, d_model=d, n_layers=L, n_heads=H, **breakdown.GPT_ARCH,
+                    position=Learned())
+  step_ms, parts, ops = breakdown.jax_op_profile(cfg, OptimConfig(), sharding.make_mesh(1), B, T, steps=2)
+  assert parts["linear matmuls"][1] == 6 * B * T * (L * (4 * d * d + 2 * 4 * d * d) + d * V)
+  assert parts["attention matmuls"][1] == L * 6 * 2 * B * H * T * T * (d // H)
+  assert step_ms > 0 and all(ms >= 0 for ms, _ in parts.values())
+  assert sum(ms for ms, *_ in ops) == pytest.approx(sum(ms for ms, _ in parts.values()))
+
+
+def test_the_peers_ops_in_parts(breakdown):
+  ops = {"aten::mm": [2.0, 10.0], "aten::addmm": [1.0, 5.0], "aten::bmm": [0.5, 1.0], "aten::gelu": [4.0, 0.0],
+         "aten::_scaled_dot_product_flash_attention_for_cpu": [3.0, 0.0], "aten::copy_": [1.5, 0.0]}
+  assert breakdown.torch_op_parts(ops) == {"linear matmuls": [3.5, 16.0], "attention (SDPA)": [3.0, 0.0],
+                                          "rest": [5.5, 0.0]}
