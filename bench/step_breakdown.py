@@ -132,7 +132,7 @@ def hlo_parts(hlo: str, op_us: dict[str, float], steps: int) -> tuple[dict[str, 
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
     if m:
       inst[m.group(1)] = (m.group(2), line)
-  parts, ops = {}, []
+  parts, ops, shapes = {}, [], {k: shape for k, (shape, _) in inst.items()}
   for name, us in op_us.items():
     if name not in inst:
       continue
@@ -141,7 +141,7 @@ def hlo_parts(hlo: str, op_us: dict[str, float], steps: int) -> tuple[dict[str, 
     body = comps.get(called.group(1), []) if called else [line]
     dot = next((b for b in body if re.search(r" (dot|convolution)\(", b)), None)
     rank = len(re.search(r"\[([\d,]*)\]", shape).group(1).split(",")) if "[" in shape else 0
-    flops = _dot_flops(dot, {**{k: v[0] for k, v in inst.items()}, **_shapes(body)}) if dot else 0
+    flops = _dot_flops(dot, _shapes(body) if called else {}, shapes) if dot else 0
     if dot:
       part = "attention matmuls" if rank >= 4 else "linear matmuls"
     else:
@@ -159,13 +159,14 @@ def _shapes(lines: list[str]) -> dict[str, str]:
   return {m.group(1): m.group(2) for m in (re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", l) for l in lines) if m}
 
 
-def _dot_flops(line: str, shapes: dict[str, str]) -> float:
-  """2 x output elements x contracted elements of an HLO dot."""
+def _dot_flops(line: str, *scopes: dict[str, str]) -> float:
+  """2 x output elements x contracted elements of an HLO dot; its operands' shapes from the first
+  of `scopes` (instruction name -> shape) that names them."""
   m = re.search(r"= (\S+) dot\(%?([\w.\-]+), %?([\w.\-]+)\)", line)
   if not m:
     return 0.0
   dims = lambda sh: [int(x) for x in re.search(r"\[([\d,]*)\]", sh).group(1).split(",") if x]
-  lhs = dims(shapes[m.group(2)])
+  lhs = dims(next(scope[m.group(2)] for scope in scopes if m.group(2) in scope))
   contracted = [int(x) for x in re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1).split(",") if x]
   return 2.0 * math.prod(dims(m.group(1))) * math.prod(lhs[i] for i in contracted)
 
