@@ -46,7 +46,7 @@ import time
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_throughput import GPT_ARCH, SIZES, _timed, side_by_side  # noqa: E402
+from train_throughput import GPT_ARCH, SIZES, _timed, side_by_side, step_inputs  # noqa: E402
 
 
 def best_ms(fn, reps: int) -> float:
@@ -117,6 +117,9 @@ def torch_parts(B: int, T: int, d: int, L: int, H: int, vocab: int, reps: int) -
   return [attention, fwd, bwd]
 
 
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ")   # an HLO instruction: name, shape
+
+
 def hlo_parts(hlo: str, op_us: dict[str, float], steps: int) -> tuple[dict[str, list[float]], list[tuple]]:
   """Per-op times (µs over `steps` steps, by HLO instruction name) summed into parts: {part: [ms per
   step, FLOPs per step]}, and the ops as (ms per step, name, shape, op_name) slowest first. A matmul
@@ -126,10 +129,11 @@ def hlo_parts(hlo: str, op_us: dict[str, float], steps: int) -> tuple[dict[str, 
     if not line.startswith(" "):
       m = re.match(r"%?([\w.\-]+) .*->.*\{$", line.strip())
       cur = m and m.group(1)
-      comps[cur] = []
+      if cur:
+        comps[cur] = []
     elif cur:
       comps[cur].append(line)
-    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
+    m = _INSTRUCTION.match(line)
     if m:
       inst[m.group(1)] = (m.group(2), line)
   parts, ops, shapes = {}, [], {k: shape for k, (shape, _) in inst.items()}
@@ -140,7 +144,7 @@ def hlo_parts(hlo: str, op_us: dict[str, float], steps: int) -> tuple[dict[str, 
     called = re.search(r"calls=%?([\w.\-]+)", line)
     body = comps.get(called.group(1), []) if called else [line]
     dot = next((b for b in body if re.search(r" (dot|convolution)\(", b)), None)
-    rank = len(re.search(r"\[([\d,]*)\]", shape).group(1).split(",")) if "[" in shape else 0
+    rank = len(_dims(shape)) if "[" in shape else 0
     flops = _dot_flops(dot, _shapes(body) if called else {}, shapes) if dot else 0
     if dot:
       part = "attention matmuls" if rank >= 4 else "linear matmuls"
@@ -156,7 +160,11 @@ def hlo_parts(hlo: str, op_us: dict[str, float], steps: int) -> tuple[dict[str, 
 
 
 def _shapes(lines: list[str]) -> dict[str, str]:
-  return {m.group(1): m.group(2) for m in (re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", l) for l in lines) if m}
+  return {m.group(1): m.group(2) for m in map(_INSTRUCTION.match, lines) if m}
+
+
+def _dims(shape: str) -> list[int]:
+  return [int(x) for x in re.search(r"\[([\d,]*)\]", shape).group(1).split(",") if x]
 
 
 def _dot_flops(line: str, *scopes: dict[str, str]) -> float:
@@ -165,27 +173,19 @@ def _dot_flops(line: str, *scopes: dict[str, str]) -> float:
   m = re.search(r"= (\S+) dot\(%?([\w.\-]+), %?([\w.\-]+)\)", line)
   if not m:
     return 0.0
-  dims = lambda sh: [int(x) for x in re.search(r"\[([\d,]*)\]", sh).group(1).split(",") if x]
-  lhs = dims(next(scope[m.group(2)] for scope in scopes if m.group(2) in scope))
+  lhs = _dims(next(scope[m.group(2)] for scope in scopes if m.group(2) in scope))
   contracted = [int(x) for x in re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1).split(",") if x]
-  return 2.0 * math.prod(dims(m.group(1))) * math.prod(lhs[i] for i in contracted)
+  return 2.0 * math.prod(_dims(m.group(1))) * math.prod(lhs[i] for i in contracted)
 
 
 def jax_op_profile(cfg, optim, mesh, B: int, T: int, steps: int) -> tuple[float, dict, list]:
   """minilm's train step: (ms per step unprofiled, then hlo_parts's parts and ops of `steps` steps
   under jax.profiler)."""
   import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from train import checkpoints, loop
-  from train.step import init_opt_state, train_step
-  graphdef, _, rest = checkpoints.abstract_model(cfg)
+  from train import loop
+  from train.step import train_step
   params = loop.init_params(cfg, 0)
-  opt = init_opt_state(params, cfg=optim, steps=1000, mesh=mesh, strategy="data")
-  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
-  batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
-           "weights": jnp.ones((B, T), jnp.float32)}
-  kw = dict(graphdef=graphdef, cfg=optim, steps=1000, mesh=mesh, strategy="data")
+  opt, (batch,), rest, kw = step_inputs(cfg, optim, mesh, params, B, T, 1)
   hlo = train_step.lower(params, opt, rest, batch, 0, **kw).compile().as_text()
   for i in range(2):   # compile, warm up
     params, opt, m = train_step(params, opt, rest, batch, i, **kw)

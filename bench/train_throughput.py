@@ -148,24 +148,31 @@ def main() -> None:
     print(f"peer: {peer.version}; load average after: {os.getloadavg()}")
 
 
+def step_inputs(cfg, optim, mesh, params, batch: int, seq: int, n: int):
+  """What minilm's train step takes at `cfg` from `params`, for `train_step(params, opt, rest, b, i,
+  **kw)`: (opt, n batches of random tokens [batch, seq] with weights 1, rest, kw)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from train import checkpoints
+  from train.step import init_opt_state
+  graphdef, _, rest = checkpoints.abstract_model(cfg)
+  opt = init_opt_state(params, cfg=optim, steps=1000, mesh=mesh, strategy="data")
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (n, batch, seq + 1)).astype(np.int32)
+  batches = [{"inputs": jnp.asarray(t[:, :-1]), "targets": jnp.asarray(t[:, 1:]),
+              "weights": jnp.ones((batch, seq), jnp.float32)} for t in tokens]
+  return opt, batches, rest, dict(graphdef=graphdef, cfg=optim, steps=1000, mesh=mesh, strategy="data")
+
+
 def side_by_side(name: str, cfg, optim, mesh, params, args, peer_kind: str | None):
   """minilm's train step from `params` at args.batch x args.seq (random tokens, weights 1), and with
   `peer_kind` ("torch" or "torch-tuned": torch_peer.py) nanoGPT's on PyTorch, in turn: args.rounds
   rounds of args.steps steps each, after one compile/warm-up step each. Returns (minilm's seconds per
   step per round, the peer's, the peer (its version; closed), (graphdef, rest, batches))."""
   import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from train import checkpoints
-  from train.step import init_opt_state, train_step
-  graphdef, _, rest = checkpoints.abstract_model(cfg)
-  opt = init_opt_state(params, cfg=optim, steps=1000, mesh=mesh, strategy="data")
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.vocab_size, (args.steps + 1, args.batch, args.seq + 1)).astype(np.int32)
-  batches = [{"inputs": jnp.asarray(t[:, :-1]), "targets": jnp.asarray(t[:, 1:]),
-              "weights": jnp.ones((args.batch, args.seq), jnp.float32)} for t in tokens]
-  step = lambda p, o, b, i: train_step(p, o, rest, b, i, graphdef=graphdef, cfg=optim, steps=1000,
-                                       mesh=mesh, strategy="data")
+  from train.step import train_step
+  opt, batches, rest, kw = step_inputs(cfg, optim, mesh, params, args.batch, args.seq, args.steps + 1)
+  graphdef = kw["graphdef"]
+  step = lambda p, o, b, i: train_step(p, o, rest, b, i, **kw)
   start = time.perf_counter()
   params, opt, m = step(params, opt, batches[0], 0)   # compile
   jax.block_until_ready(m)
