@@ -22,9 +22,6 @@ import os
 import sys
 from collections import Counter
 
-sys.path.insert(0, os.path.dirname(__file__))
-from train_throughput import matmul_rate  # noqa: E402
-
 
 def program_flops(fn, *args, **static) -> float:
   """XLA's FLOP count of jit(fn)(*args) as compiled here (static: fn's static keyword arguments)."""
@@ -105,6 +102,7 @@ def main() -> None:
   if args.report and not os.path.isdir(os.path.join(args.report, "stages")):
     sys.exit(f"error: --report: {args.report!r} holds no stages/ folder (a lab report folder, reports/<name>)")
   from analysis.lab import run as lab_run
+  from minilm.machine import matmul_rate
   lab, path = lab_run.read_config(args.config)
   if lab.disrupt.model == lab_run.RUN:
     sys.exit(f"error: disrupt.model: this floor counts C5 on an imported model (smollm2, a .gguf or an HF "

@@ -102,6 +102,7 @@ def main() -> None:
   import jax
   from minilm.config import ModelConfig
   from minilm.encodings import Learned
+  from minilm.machine import matmul_rate
   from train import loop, sharding
   from train.config import OptimConfig
 
@@ -224,17 +225,6 @@ def _stacked_step_s(args, cfg, optim, mesh, graphdef, rest, batches) -> float:
     jax.block_until_ready(m)
     times.append((time.perf_counter() - start) / args.steps)
   return min(times)
-
-
-def matmul_rate(dtype: str) -> float:
-  """FLOP/s of a 2048^3 matmul on this machine, best of 5, as minilm's linears compute it: inputs in
-  the compute dtype, sums in float32."""
-  import jax
-  import jax.numpy as jnp
-  x = jax.random.normal(jax.random.key(0), (2048, 2048), dtype)
-  matmul = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
-  jax.block_until_ready(matmul(x))
-  return 2 * 2048 ** 3 / min(_timed(lambda: jax.block_until_ready(matmul(x))) for _ in range(5))
 
 
 def _timed(fn) -> float:

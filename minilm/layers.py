@@ -14,6 +14,7 @@ from flax import nnx
 
 from minilm import hooks
 from minilm.config import MATMULS, ModelConfig
+from minilm.machine import cpu_flags
 
 # An intervention: (hook name like 'blocks.3.attn.rot_k', tensor [B, T, H, D]) -> replacement.
 Intervene = Optional[Callable[[str, jax.Array], jax.Array]]
@@ -146,17 +147,6 @@ def out_in_pays(backend: str, flags: frozenset[str]) -> bool:
   """Whether decoding reads [out, in] kernel copies: on XLA:CPU with AVX2 and without AVX-512, the
   CPUs where it was measured faster. AVX-512 CPUs read the kernels as stored."""
   return backend == "cpu" and "avx2" in flags and "avx512f" not in flags
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-  """This machine's CPU feature flags, from Linux's /proc/cpuinfo; empty where it cannot be read."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      line = next((l for l in f if l.startswith("flags")), "")
-  except OSError:
-    return frozenset()
-  return frozenset(line.partition(":")[2].split())
 
 
 # One function per setting, made once: nnx keeps dot_general in the graphdef, which must compare

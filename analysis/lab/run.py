@@ -45,7 +45,7 @@ from analysis.studies import disruption, pretrained, quantization
 from analysis.studies.disruption import DisruptStudy
 from analysis.studies.pretrained import PretrainedStudy
 from analysis.studies.quantization import QuantStudy
-from minilm import atomic
+from minilm import atomic, machine
 from minilm import paths
 from minilm import schema as C
 from minilm.cli import INTERRUPTED, child_env, end_with_parent, guarded, last_error, sigterm_as_interrupt, stop
@@ -522,7 +522,9 @@ def _holds(folder: str, capture: dict) -> bool:
 
 
 def versions() -> dict:
-  """Library versions, Python, git commit and the machine, for the report."""
+  """Library versions, Python, git commit and the machine (its CPU, and its float32 matmul rate measured
+  as the report is written: the same lab takes another wall time, and may sum in another order, on
+  another CPU), for the report."""
   out = {}
   for dist in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "matplotlib", "datasets"):
     try:
@@ -538,8 +540,11 @@ def versions() -> dict:
     out["git_commit"] = (commit.stdout.strip() or "unknown") + (" (uncommitted changes)" if dirty.stdout.strip() else "")
   except (OSError, subprocess.SubprocessError):
     out["git_commit"] = "unknown (no git)"
-  out["machine"] = (f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPU cores, "
-                    f"{platform.platform()}; jax devices: {', '.join(str(d) for d in jax.devices())}")
+  out["machine"] = (f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPU cores "
+                    f"({machine.describe_cpu()}), {platform.platform()}; "
+                    f"jax devices: {', '.join(str(d) for d in jax.devices())}")
+  out["float32 matmul"] = (f"{machine.matmul_rate(reps=3) / 1e9:.0f} GFLOP/s (2048^3 on {jax.devices()[0]}, best of 3, "
+                           "as the report was written)")
   return out
 
 

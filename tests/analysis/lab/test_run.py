@@ -13,7 +13,7 @@ import pytest
 
 from analysis.lab import run as L
 from analysis.studies import quantization
-from minilm import atomic
+from minilm import atomic, machine
 from minilm.schema import to_dict
 from train import checkpoints as ck
 
@@ -157,6 +157,8 @@ def test_quick_run_trains_traces_reports_then_reuses_everything(tmp_path, capsys
   assert "<h2 id=\"claims\">" in page and "trace/plots/heatmap_nope_6.png" in page
   lab = json.loads((report / "lab.json").read_text())
   assert lab["versions"]["jax"] and lab["versions"]["git_commit"] and "CPU cores" in lab["versions"]["machine"]
+  assert f"({machine.describe_cpu()})" in lab["versions"]["machine"]
+  assert float(lab["versions"]["float32 matmul"].split(" GFLOP/s")[0]) > 0
 
   assert L.main(argv) == 0                                   # nothing changed: everything is reused
   out = capsys.readouterr().out
