@@ -12,9 +12,10 @@ windows (one run each: calibration, search and rounding of all 30 blocks).
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+
+from minilm.machine import best_seconds
 
 SHAPES = {"attn.q / attn.o": (576, 576), "mlp.gate / mlp.up": (576, 1536), "mlp.down": (1536, 576),
           "attn.q|k|v": (576, 960), "mlp.gate|up": (576, 3072)}
@@ -31,7 +32,7 @@ def layer_times(repeats: int) -> None:
     w_IxO = (0.05 * rng.normal(size=(I, O))).astype(np.float32)
     h_IxI = x_NxI.T @ x_NxI
     Q.gptq(w_IxO, h_IxI, spec)
-    best = min(_timed(lambda: Q.gptq(w_IxO, h_IxI, spec)) for _ in range(repeats))
+    best = best_seconds(lambda: Q.gptq(w_IxO, h_IxI, spec), repeats)
     print(f"{name:>18} {f'{I}x{O}':>11} {best:8.3f}", flush=True)
 
 
@@ -44,14 +45,8 @@ def scheme_times(methods: list[str], bits: list[int]) -> None:
   calib_BxT = sources.text_windows(tokenizer, 16, 256, heldout=False)
   print(f"{'scheme':>24} {'quantize s':>10}")
   for scheme in QS.schemes(methods, bits)[1:]:
-    seconds = _timed(lambda: QM.quantize_model(model, scheme, calib_BxT))
+    seconds = best_seconds(lambda: QM.quantize_model(model, scheme, calib_BxT))
     print(f"{scheme.name:>24} {seconds:10.1f}", flush=True)
-
-
-def _timed(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
 
 
 def main() -> None:

@@ -46,11 +46,12 @@ import time
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_throughput import GPT_ARCH, SIZES, _timed, side_by_side, step_inputs  # noqa: E402
+from train_throughput import GPT_ARCH, SIZES, side_by_side, step_inputs  # noqa: E402
 
 
 def best_ms(fn, reps: int) -> float:
-  return 1e3 * min(_timed(fn) for _ in range(reps))
+  from minilm.machine import best_seconds
+  return 1e3 * best_seconds(fn, reps)
 
 
 # A linear in a train step: its forward product, then its backward pass: the input gradient dY W^T
@@ -186,19 +187,20 @@ def jax_op_profile(cfg, optim, mesh, B: int, T: int, steps: int) -> tuple[float,
   from train.step import train_step
   params = loop.init_params(cfg, 0)
   opt, (batch,), rest, kw = step_inputs(cfg, optim, mesh, params, B, T, 1)
-  hlo = train_step.lower(params, opt, rest, batch, 0, **kw).compile().as_text()
-  for i in range(2):   # compile, warm up
-    params, opt, m = train_step(params, opt, rest, batch, i, **kw)
+  compiled = train_step.lower(params, opt, rest, batch, 0, **kw).compile()   # the program profiled, compiled once
+  step = lambda p, o, i: compiled(p, o, rest, batch, i)
+  for i in range(2):   # warm up
+    params, opt, m = step(params, opt, i)
   jax.block_until_ready(m)
   start = time.perf_counter()
   for i in range(steps):
-    params, opt, m = train_step(params, opt, rest, batch, i, **kw)
+    params, opt, m = step(params, opt, i)
   jax.block_until_ready(m)
   step_ms = 1e3 * (time.perf_counter() - start) / steps
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
       for i in range(steps):
-        params, opt, m = train_step(params, opt, rest, batch, i, **kw)
+        params, opt, m = step(params, opt, i)
       jax.block_until_ready(m)
     with gzip.open(glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]) as f:
       events = json.load(f)["traceEvents"]
@@ -206,7 +208,7 @@ def jax_op_profile(cfg, optim, mesh, B: int, T: int, steps: int) -> tuple[float,
   for e in events:
     if e.get("ph") == "X" and "dur" in e:
       op_us[e["name"]] += e["dur"]
-  return (step_ms, *hlo_parts(hlo, op_us, steps))
+  return (step_ms, *hlo_parts(compiled.as_text(), op_us, steps))
 
 
 def torch_op_parts(ops: dict[str, list[float]]) -> dict[str, list[float]]:

@@ -227,11 +227,5 @@ def _stacked_step_s(args, cfg, optim, mesh, graphdef, rest, batches) -> float:
   return min(times)
 
 
-def _timed(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
 if __name__ == "__main__":
   sys.exit(main())

@@ -7,9 +7,6 @@ from __future__ import annotations
 import functools
 import time
 
-import jax
-import jax.numpy as jnp
-
 # The extensions that change which kernels XLA:CPU runs (bench/README.md: AVX2 EPYC, AVX-512 EPYC,
 # AMX Xeon), in the order a record lists them.
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -50,15 +47,22 @@ def describe_cpu() -> str:
   return f"{model or 'unknown model'}; {', '.join(have) if have else 'none of ' + ', '.join(KERNEL_FLAGS)}"
 
 
-def matmul_rate(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
-  """FLOP/s of an n^3 matmul on jax's default device, best of `reps`, as minilm's linears compute it:
-  inputs in `dtype`, sums in float32."""
-  x = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  matmul = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
-  jax.block_until_ready(matmul(x))
+def best_seconds(fn, reps: int = 1) -> float:
+  """The shortest wall time of `reps` calls of fn()."""
   best = float("inf")
   for _ in range(reps):
     start = time.perf_counter()
-    jax.block_until_ready(matmul(x))
+    fn()
     best = min(best, time.perf_counter() - start)
-  return 2 * n ** 3 / best
+  return best
+
+
+def matmul_rate(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
+  """FLOP/s of an n^3 matmul on jax's default device, best of `reps`, as minilm's linears compute it:
+  inputs in `dtype`, sums in float32."""
+  import jax   # here: reading the CPU needs no jax
+  import jax.numpy as jnp
+  x = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  matmul = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
+  jax.block_until_ready(matmul(x))
+  return 2 * n ** 3 / best_seconds(lambda: jax.block_until_ready(matmul(x)), reps)
