@@ -15,12 +15,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import time
 
 import gguf
 import numpy as np
 
-from minilm import cache
+from minilm import atomic, cache
 from minilm.encodings import RoPE
 from minilm.importers import llama, tokenizer as tokenizers_
 
@@ -122,11 +123,12 @@ def read_cached(path: str, cache_dir: str):
   if not os.path.isfile(file):
     meta, shapes, fetch = read(path)
     config(meta, shapes, path)  # never spend disk on a file that cannot be imported
-    os.makedirs(cache_dir, exist_ok=True)
-    partial = f"{file}.{os.getpid()}.tmp.npz"
-    np.savez(partial, **{f"t/{name}": fetch(name) for name in shapes},
-             meta=np.asarray(json.dumps(meta, default=_json_value)), shapes=np.asarray(json.dumps(shapes)))
-    os.replace(partial, file)  # atomic: a reader never sees a half-written cache
+    try:   # written whole or not at all: a reader never sees a half-written cache
+      atomic.save_npz(file, **{f"t/{name}": fetch(name) for name in shapes},
+                      meta=np.asarray(json.dumps(meta, default=_json_value)), shapes=np.asarray(json.dumps(shapes)))
+    except OSError as err:   # the cache is a saving, never a reason to stop (a full disk, say)
+      print(f"note: GGUF cache not written ({err.strerror or err}): {file}", file=sys.stderr)
+      return meta, shapes, fetch
   stored = np.load(file)  # lazy: each tensor is read when fetched
   shapes = {name: tuple(shape) for name, shape in json.loads(str(stored["shapes"])).items()}
   return json.loads(str(stored["meta"])), shapes, lambda name: stored[f"t/{name}"]

