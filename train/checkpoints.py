@@ -18,6 +18,7 @@ import errno
 import functools
 import glob
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -267,6 +268,13 @@ def _quiet_abandoned_io() -> None:
   logging.getLogger("asyncio").addFilter(lambda record: not any(m in record.getMessage() for m in ABANDONED))
 
 
+# The settings a run takes other than its own, in its directory's config.json and in the config each
+# checkpoint stores: `steps` extends a run (the cosine schedule then follows the new length);
+# `eval.batch` only splits the held-out set into calls, so it is what an evaluation that ran out of
+# memory needs lowered.
+CHANGEABLE = ("steps", "eval.batch")
+
+
 def _check_model(mngr: ocp.CheckpointManager, step: int, stored: dict, model: ModelConfig) -> None:
   diff = first_difference(flat(stored.get("model", {})), flat(C.to_dict(model)))
   if diff:
@@ -275,9 +283,28 @@ def _check_model(mngr: ocp.CheckpointManager, step: int, stored: dict, model: Mo
                    f"to another run; move it away or use the run's own config")
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, model: ModelConfig, abstract_params, abstract_opt_state=None):
-  """(params, opt_state or None, progress dict) of `step`, laid out like the abstract trees, after
-  checking that the step holds `model` and that every array matches its checksum."""
+def _check_run(mngr: ocp.CheckpointManager, step: int, meta: dict, run: TrainConfig) -> None:
+  """A step that training resumes from was saved by this run: the config it stores is `run`'s but
+  for CHANGEABLE, and its progress record is this step's, at this seed (the data position follows
+  from the step)."""
+  name = _step_name(mngr, step)
+  diff = first_difference(flat(meta["config"]), flat(json.loads(json.dumps(C.to_dict(run)))), CHANGEABLE)
+  if diff:
+    key, old, new = diff
+    raise RunError(f"{name}: saved by a run with {key}={old!r}, not {new!r}: it belongs to another run; "
+                   f"move it away or use the run's own config")
+  progress = meta["progress"]
+  if (progress.get("step"), progress.get("data_step"), progress.get("seed")) != (step, step, run.seed):
+    raise RunError(f"{name}: its progress record says step {progress.get('step')}, data step "
+                   f"{progress.get('data_step')}, seed {progress.get('seed')}; resuming it needs step {step}, "
+                   f"data step {step}, seed {run.seed}: move it away")
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, model: ModelConfig, abstract_params, abstract_opt_state=None,
+            *, run: TrainConfig | None = None):
+  """(params, opt_state or None) of `step`, laid out like the abstract trees, after checking that
+  the step holds `model` (with `run`, the training config it resumes: that the step was saved by
+  it) and that every array matches its checksum."""
   items = {"params": ocp.args.StandardRestore(abstract_params)}
   if abstract_opt_state is not None:
     items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
@@ -288,6 +315,8 @@ def restore(mngr: ocp.CheckpointManager, step: int, model: ModelConfig, abstract
     failed = err
   if meta is not None:
     _check_model(mngr, step, meta["config"], model)
+    if run is not None:
+      _check_run(mngr, step, meta, run)
   if failed is None:
     try:
       out = _guarded(mngr, step, items)
@@ -303,7 +332,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, model: ModelConfig, abstract
     errors = [e for item in items if (e := _mismatch(name, item, out[item], meta["checksums"][item]))]
     if errors:
       raise errors[0]
-  return out["params"], out.get("opt_state"), meta["progress"]
+  return out["params"], out.get("opt_state")
 
 
 def set_aside(arm_dir: str, step: int) -> str:
@@ -377,7 +406,7 @@ def load_model(arm_dir: str, step: int | None = None) -> tuple[Decoder, Any]:
   graphdef, abstract_params, rest = abstract_model(cfg.model)
   mngr = manager(arm_dir, read_only=True)
   try:
-    params, _, _ = restore(mngr, step, cfg.model, with_shardings(abstract_params))
+    params, _ = restore(mngr, step, cfg.model, with_shardings(abstract_params))
   except DamagedCheckpoint as err:
     raise DamagedCheckpoint(f"{err}; {_redo_hint(arm_dir, step, steps)}") from None
   finally:

@@ -51,25 +51,20 @@ def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
-# The settings a run directory takes other than its own: `steps` extends a run (the cosine schedule then
-# follows the new length); `eval.batch` only splits the held-out set into calls, so it is what an
-# evaluation that ran out of memory needs lowered.
-CHANGEABLE = ("steps", "eval.batch")
-
-
 def check_run_dir(arm_dir: str, cfg: TrainConfig) -> dict | None:
-  """Refuse a directory whose config.json holds another config; only the CHANGEABLE settings may
+  """Refuse a directory whose config.json holds another config; only checkpoints.CHANGEABLE may
   differ, and `steps` never below the trained steps. Returns the config on disk, flat
   ({'eval.batch': 64, ...}; None for a new directory)."""
   path = os.path.join(arm_dir, "config.json")
   if not os.path.exists(path):
     return None
   old = checkpoints.flat(checkpoints.config_dict(arm_dir))
-  diff = checkpoints.first_difference(old, checkpoints.flat(json.loads(json.dumps(C.to_dict(cfg)))), CHANGEABLE)
+  diff = checkpoints.first_difference(old, checkpoints.flat(json.loads(json.dumps(C.to_dict(cfg)))),
+                                      checkpoints.CHANGEABLE)
   if diff:
     key, was, now = diff
     raise C.ConfigError(f"{key}: run directory {arm_dir} holds a run with {key}={was!r}, not {now!r}; "
-                        f"only {' and '.join(map(repr, CHANGEABLE))} may change (use another name or --out)")
+                        f"only {' and '.join(map(repr, checkpoints.CHANGEABLE))} may change (use another name or --out)")
   trained = checkpoints.available_steps(arm_dir)
   C.check(not trained or cfg.steps >= trained[-1], "steps",
           f"run directory {arm_dir} holds {trained[-1] if trained else 0} trained steps; steps={cfg.steps} would end "
@@ -183,7 +178,7 @@ def _restore_latest(mngr, arm_dir: str, cfg: TrainConfig, abstract_params, abstr
   for step in sorted(mngr.all_steps(), reverse=True):
     error = None
     try:
-      params, opt_state, _ = checkpoints.restore(mngr, step, cfg.model, abstract_params, abstract_opt)
+      params, opt_state = checkpoints.restore(mngr, step, cfg.model, abstract_params, abstract_opt, run=cfg)
     except checkpoints.DamagedCheckpoint as err:
       error = err
     # every process resumes from the same step: a step damaged as one of them read it is damaged for all
@@ -269,7 +264,7 @@ def _out_of_memory(arm_dirs: list[str]):
       raise
     raise checkpoints.RunError(
         f"{kept[0]}: out of memory ({first}); its trained steps are kept, and a run directory takes no settings "
-        f"of its own but {' and '.join(map(repr, CHANGEABLE))}: lower eval.batch if it ran out while evaluating, "
+        f"of its own but {' and '.join(map(repr, checkpoints.CHANGEABLE))}: lower eval.batch if it ran out while evaluating, "
         f"or train smaller ones (batch size, sequence length, model size) under another name or --out") from None
 
 

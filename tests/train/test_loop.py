@@ -303,7 +303,7 @@ def _restored(arm_dir, step):
   cfg = checkpoints.load_config(arm_dir)
   mngr = checkpoints.manager(arm_dir, read_only=True)
   try:
-    params, opt_state, _ = checkpoints.restore(mngr, step, cfg.model, *_abstract(cfg))
+    params, opt_state = checkpoints.restore(mngr, step, cfg.model, *_abstract(cfg))
   finally:
     mngr.close()
   return leaves(params), leaves(opt_state)
@@ -396,6 +396,25 @@ def test_a_checkpoint_of_another_model_is_refused(steps_2_and_10):
       checkpoints.restore(mngr, 10, other, checkpoints.with_shardings(abstract_params))
   finally:
     mngr.close()
+
+
+def test_training_resumes_only_a_step_that_its_own_run_saved(steps_2_and_10):
+  """The step a run resumes from stores the run's config (but for the settings a run takes anew)
+  and a progress record of its own step and seed: a step copied in from another run is one line,
+  never a silent mix of two runs."""
+  cfg, arm_dir = steps_2_and_10
+  assert _resume_point(C.override(cfg, {"steps": 20, "eval.batch": 3}), arm_dir)[0] == 10   # CHANGEABLE
+  for change, field in (({"seed": 1}, "seed=0, not 1"), ({"optim.lr": 0.5}, "optim.lr=")):
+    with pytest.raises(checkpoints.RunError, match=rf"^step 10 .*: saved by a run with {field}.*it belongs to another run"):
+      _resume_point(C.override(cfg, change), arm_dir)
+  progress = os.path.join(arm_dir, checkpoints.CHECKPOINTS, "10", "progress", "metadata")
+  record = json.load(open(progress))
+  assert record == {"step": 10, "data_step": 10, "seed": 0}
+  json.dump({**record, "data_step": 9}, open(progress, "w"))
+  with pytest.raises(checkpoints.RunError, match=r"^step 10 .*: its progress record says step 10, data step 9, "
+                     r"seed 0; resuming it needs step 10, data step 10, seed 0: move it away$"):
+    _resume_point(cfg, arm_dir)
+  assert checkpoints.available_steps(arm_dir) == [2, 10]   # refused, not moved aside as damaged
 
 
 def test_a_run_directory_refuses_fewer_steps_than_trained_and_settings_it_lacks(steps_2_and_10):
