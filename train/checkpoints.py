@@ -283,16 +283,22 @@ def _check_model(mngr: ocp.CheckpointManager, step: int, stored: dict, model: Mo
                    f"to another run; move it away or use the run's own config")
 
 
+def run_difference(stored: dict, run: TrainConfig) -> tuple[str, Any, Any] | None:
+  """(key, stored value, run's value) of the first setting but CHANGEABLE in which a stored config
+  (config.json's, or a checkpoint's; nested or flat) differs from `run`, compared as JSON."""
+  return first_difference(flat(stored), flat(json.loads(json.dumps(C.to_dict(run)))), CHANGEABLE)
+
+
 def _check_run(mngr: ocp.CheckpointManager, step: int, meta: dict, run: TrainConfig) -> None:
   """A step that training resumes from was saved by this run: the config it stores is `run`'s but
   for CHANGEABLE, and its progress record is this step's, at this seed (the data position follows
   from the step)."""
   name = _step_name(mngr, step)
-  diff = first_difference(flat(meta["config"]), flat(json.loads(json.dumps(C.to_dict(run)))), CHANGEABLE)
+  diff = run_difference(meta["config"], run)
   if diff:
     key, old, new = diff
     raise RunError(f"{name}: saved by a run with {key}={old!r}, not {new!r}: it belongs to another run; "
-                   f"move it away or use the run's own config")
+                   f"move it away")
   progress = meta["progress"]
   if (progress.get("step"), progress.get("data_step"), progress.get("seed")) != (step, step, run.seed):
     raise RunError(f"{name}: its progress record says step {progress.get('step')}, data step "
@@ -308,23 +314,29 @@ def restore(mngr: ocp.CheckpointManager, step: int, model: ModelConfig, abstract
   items = {"params": ocp.args.StandardRestore(abstract_params)}
   if abstract_opt_state is not None:
     items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-  failed = meta = None
+  failed = meta = other = None
   try:
     meta = _restore_json(mngr, step)
   except DamagedCheckpoint as err:
     failed = err
   if meta is not None:
-    _check_model(mngr, step, meta["config"], model)
-    if run is not None:
-      _check_run(mngr, step, meta, run)
-  if failed is None:
+    try:   # before the arrays: another model's shapes would read as damage, and be moved aside as such
+      _check_model(mngr, step, meta["config"], model)
+      if run is not None:
+        _check_run(mngr, step, meta, run)
+    except RunError as err:
+      other = err
+  if failed is None and other is None:
     try:
       out = _guarded(mngr, step, items)
     except DamagedCheckpoint as err:
       failed = err
   # The checksums gather arrays split across processes (a collective): all processes go on to them,
   # or none, and all hash every item before any raises, so that every process meets the same
-  # collectives in the same order whatever it read.
+  # collectives in the same order whatever it read. A step of another run is refused by all of them
+  # (one whose JSON read failed found nothing to compare).
+  if sharding.any_process(other is not None):
+    raise other or RunError(f"{_step_name(mngr, step)}: another process found it belongs to another run; move it away")
   if sharding.any_process(failed is not None):
     raise failed or DamagedCheckpoint(f"{_step_name(mngr, step)}: another process read it damaged")
   if "checksums" in meta:

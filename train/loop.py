@@ -59,8 +59,7 @@ def check_run_dir(arm_dir: str, cfg: TrainConfig) -> dict | None:
   if not os.path.exists(path):
     return None
   old = checkpoints.flat(checkpoints.config_dict(arm_dir))
-  diff = checkpoints.first_difference(old, checkpoints.flat(json.loads(json.dumps(C.to_dict(cfg)))),
-                                      checkpoints.CHANGEABLE)
+  diff = checkpoints.run_difference(old, cfg)
   if diff:
     key, was, now = diff
     raise C.ConfigError(f"{key}: run directory {arm_dir} holds a run with {key}={was!r}, not {now!r}; "

