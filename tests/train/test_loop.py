@@ -263,6 +263,7 @@ def test_a_bad_step_between_logs_still_ends_the_arm(tmp_path):
   assert checkpoints.available_steps(str(tmp_path / "arm")) == [0]
 
 
+@pytest.mark.slow
 def test_stacked_arms_train_on_their_own_seeds_batches(tmp_path):
   """Each arm's batch comes from its own seed, and the loss logged for step 1 is its own init's loss on
   it (n*eps relative: the same sum over n = B*T tokens in another order)."""
@@ -309,6 +310,7 @@ def _restored(arm_dir, step):
   return leaves(params), leaves(opt_state)
 
 
+@pytest.mark.slow
 def test_a_short_run_resumes_exactly_from_its_last_save(tmp_path):
   """Killed after step 3 (last save: 2) and run again: it goes on from step 2 with the saved optimizer
   state and the batches of steps 2 and 3 (not 0 and 1), and ends bit for bit as the uninterrupted run

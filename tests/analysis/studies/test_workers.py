@@ -52,6 +52,7 @@ def test_a_worker_keeps_its_family_then_takes_the_largest_free_one():
   assert workers.pick([0, 1], family, "c", {"a"}) == 0                         # only a is left: shares it
 
 
+@pytest.mark.slow   # spawns worker processes
 @two_cpus
 def test_workers_run_every_task_pinned_to_disjoint_cpus():
   with workers.Pool(2, worker_setup, 100) as pool:
@@ -64,6 +65,7 @@ def test_workers_run_every_task_pinned_to_disjoint_cpus():
   assert blas and blas <= {len(CPUS) // 2, -(-len(CPUS) // 2)}   # BLAS threads: the worker's share, not the machine
 
 
+@pytest.mark.slow   # spawns worker processes
 @two_cpus
 def test_a_failed_task_raises_its_own_error_after_the_others_finish():
   finished = []
@@ -78,6 +80,7 @@ def test_a_failed_task_raises_its_own_error_after_the_others_finish():
     workers.Pool(2, worker_task, {"base": 0}, -5)   # a failed setup stops the workers
 
 
+@pytest.mark.slow   # spawns worker processes
 @two_cpus
 def test_a_worker_that_exits_is_one_line_and_the_loop_can_stop_early():
   with workers.Pool(2, worker_setup, 0) as pool:
@@ -93,6 +96,7 @@ def test_a_worker_that_exits_is_one_line_and_the_loop_can_stop_early():
   assert time.monotonic() - start < 20 and not any(p.is_alive() for p in pool.procs)   # the 30 s task was stopped
 
 
+@pytest.mark.slow   # spawns worker processes
 @two_cpus
 def test_workers_exit_when_their_parent_is_killed():
   script = ("import os, sys; sys.path[:0] = sys.argv[1:]\n"
