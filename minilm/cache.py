@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 
 CHUNK = 1 << 22
@@ -17,6 +18,12 @@ CHUNK = 1 << 22
 
 def root() -> str:
   return os.environ.get("MINILM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minilm"))
+
+
+def key(*parts) -> str:
+  """16 hex digits naming an entry: the sha256 of `parts` (a version, the sources' digests, any
+  setting the entry depends on) as JSON."""
+  return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def digest(path: str) -> str:

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import functools
 import glob
-import hashlib
 import importlib.util
-import json
 import os
 import sys
 
@@ -143,8 +141,7 @@ def _disk_path(source: str, files: tuple, column: str) -> str | None:
   if source == "hub":
     return None
   digests = [cache.digest(f) for f in source_files(source, files)]
-  key = hashlib.sha256(json.dumps([CACHE_VERSION, source, column, digests]).encode()).hexdigest()[:24]
-  return os.path.join(cache.root(), f"text-{key}.npy")
+  return os.path.join(cache.root(), f"text-{cache.key(CACHE_VERSION, source, column, digests)}.npy")
 
 
 @functools.lru_cache(maxsize=4)

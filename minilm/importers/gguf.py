@@ -11,7 +11,6 @@ environment that holds the same file reads one entry.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -113,9 +112,8 @@ def read(path: str, reader: gguf.GGUFReader | None = None):
 
 
 def _cache_file(path: str, cache_dir: str) -> str:
-  key = f"{CACHE_VERSION}|{disk_cache.digest(path)}"
   stem = os.path.splitext(os.path.basename(path))[0]
-  return os.path.join(cache_dir, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+  return os.path.join(cache_dir, f"{stem}-{disk_cache.key(CACHE_VERSION, disk_cache.digest(path))}.npz")
 
 
 def read_cached(path: str, cache_dir: str):

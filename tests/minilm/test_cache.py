@@ -64,3 +64,10 @@ def test_a_folder_s_digest_reads_only_its_regular_files_and_follows_links(tmp_pa
   (tmp_path / "elsewhere" / "b.txt").write_text("tw0")
   os.utime(tmp_path / "elsewhere" / "b.txt", ns=(10**18, 10**18))
   assert cache.digest(str(root)) != linked
+
+
+def test_an_entry_s_key_follows_every_part_in_order():
+  base = cache.key(1, "text", ["abc", "def"])
+  assert len(base) == 16 and base == cache.key(1, "text", ["abc", "def"])
+  assert base not in {cache.key(2, "text", ["abc", "def"]), cache.key(1, "json", ["abc", "def"]),
+                      cache.key(1, "text", ["def", "abc"])}

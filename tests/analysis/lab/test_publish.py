@@ -243,9 +243,10 @@ def machine_paths(folder) -> list[str]:
 
 def test_the_committed_results_name_no_machine_path(tmp_path):
   (tmp_path / "x").mkdir()
-  (tmp_path / "x" / "lab.json").write_text('{"run_dir": "/work/main/runs/x"}')
-  (tmp_path / "x" / "plot.png").write_bytes(b"/work/main/runs/x")
-  assert machine_paths(tmp_path) == ["x/lab.json: /work/main/runs/x"]      # the scan can fail
+  run_dir = os.path.join(os.path.expanduser("~"), "runs", "x")   # a home folder: under one of MACHINE's roots
+  (tmp_path / "x" / "lab.json").write_text(json.dumps({"run_dir": run_dir}))
+  (tmp_path / "x" / "plot.png").write_bytes(run_dir.encode())
+  assert machine_paths(tmp_path) == [f"x/lab.json: {run_dir}"]      # the scan can fail
   results = os.path.join(ROOT, "results")
   assert os.path.isdir(results)
   assert machine_paths(results) == []
