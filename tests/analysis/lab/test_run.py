@@ -19,7 +19,7 @@ from train import checkpoints as ck
 
 
 def _lab(*argv):
-  return L.build(L.parser().parse_args(["--quick", "--runs", "/tmp/unused-runs", "--reports", "/tmp/unused-reports",
+  return L.build(L.parser().parse_args(["--quick", "--runs", "unused-runs", "--reports", "unused-reports",
                                         *argv]))
 
 
@@ -75,7 +75,7 @@ def test_stage_selection_and_quick_experiment():
   assert _lab("--only", "train,report")[1] == ["train", "report"]
   assert _lab()[1] == ["train", "trace", "pretrained", "disrupt", "quant", "report"]
   assert lab.exp.name == "rope_vs_nope_quick" and lab.exp.train.steps == 6 and set(lab.exp.arms) == {"rope", "nope"}
-  assert lab.report_dir == "/tmp/unused-reports/rope_vs_nope_quick"
+  assert lab.report_dir == os.path.join("unused-reports", "rope_vs_nope_quick")
 
 
 def test_an_experiment_config_runs_in_the_lab_with_default_settings():
