@@ -108,9 +108,9 @@ class LabConfig:
   pretrained: PretrainedStudy = dataclasses.field(default_factory=PretrainedStudy)   # its statistics are trace's
   disrupt: DisruptStudy = dataclasses.field(default_factory=lambda: DisruptStudy(model="smollm2", n=10))
   quant: QuantStudy = dataclasses.field(default_factory=lambda: QuantStudy(
-      model=RUN, methods="rtn,rtn_keep,awq,gptq", bits="4,3", n=32,
+      model=RUN, methods="rtn,rtn_keep,rtn_keep_random,awq,gptq", bits="4,3", n=32,
       group_size=32,      # along the input dim; 0 = per output channel
-      top_k=2,            # rtn_keep: keep the top-k Q/K dims per head (0: the lam=5 massive ones)
+      top_k=2,            # rtn_keep(_random): the top-k Q/K dims per head (0: the lam=5 massive ones)
       calib="16x128",     # calibration windows NxT (T at most the models' context)
       ppl="16x128"))      # held-out perplexity windows NxT
 
@@ -126,7 +126,7 @@ class LabConfig:
 
 
 QUICK = {"trace.probes": 8, "trace.batch": 8, "pretrained.probes": 4, "pretrained.length": 64,
-         "disrupt.n": 2, "disrupt.modes": "off,smallest,massive", "quant.methods": "rtn,rtn_keep", "quant.n": 2,
+         "disrupt.n": 2, "disrupt.modes": "off,smallest,massive", "quant.methods": "rtn,rtn_keep,rtn_keep_random", "quant.n": 2,
          "quant.calib": "4x64", "quant.ppl": "2x64"}
 """--quick: small analyses, and the experiment shrunk by QUICK_TRAIN (same arms, a tiny model)."""
 QUICK_TRAIN = {"steps": 6, "log_every": 2, "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,

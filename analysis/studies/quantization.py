@@ -43,11 +43,9 @@ from minilm.schema import check
 
 # ------------------------------------------------------------------------------------------ schemes
 
-WEIGHT_METHODS = ("rtn", "rtn_keep", "awq", "gptq")
 BITS = "8,4,3"      # weight bit widths of the study (the lab runs fewer)
 GROUP_SIZE = 64     # along the input dim; 0 = per output channel
 KV = "pre:channel,pre:token,post:channel,post:token"   # KV key settings point:axis
-PROTECTING = ("awq", "rtn_keep")   # keep the massive channels (explicitly, or by activation-aware scales)
 
 
 def schemes(methods, bits, *, group_size: int = GROUP_SIZE, lam: float = QM.Scheme.lam, top_k: int = QM.Scheme.top_k,
@@ -142,8 +140,13 @@ RULE = (f"at {VERDICT_BITS}-bit weights: mean success over the contextual tasks 
         f"(>= {disruption.USABLE}), protecting scheme minus non-protecting scheme, paired bootstrap over "
         "items (95%): supported if the interval is above 0, opposite if below, inconclusive otherwise "
         "or when no contextual task is usable")
+KEEP_RULE = (f"{RULE}; C6-keep in addition: supported only where C6-keep-random (RTN keeping the massive "
+             "channels against RTN keeping as many random Q/K channels per head in float) is supported too, "
+             "otherwise inconclusive, so that more float weights alone do not pass for the massive channels")
 PAIRS = (("C6", "awq", "gptq", "AWQ keeps contextual ability better than GPTQ"),
          ("C6-keep", "rtn_keep", "rtn", "keeping the massive Q/K channels in float helps RTN"),
+         ("C6-keep-random", "rtn_keep", "rtn_keep_random",
+          "keeping the massive Q/K channels in float helps RTN more than keeping as many random ones"),
          ("C6-smooth", "smoothquant", "w8a8", "SmoothQuant's smoothing helps W8A8"))
 
 
@@ -168,7 +171,8 @@ def verdicts(records: list[dict], label: str, scheme_list: list[QM.Scheme], n_bo
   out = []
   for claim, a, b, title in PAIRS:
     sa, sb = _verdict_scheme(a, scheme_list), _verdict_scheme(b, scheme_list)
-    common = dict(claim=claim, title=f"{title} ({label})", rule=RULE, reference=str(sb),
+    common = dict(claim=claim, title=f"{title} ({label})", rule=KEEP_RULE if claim == "C6-keep" else RULE,
+                  reference=str(sb),
                   quantity=f"contextual success, {sa} (value) vs {sb} (reference); usable tasks: "
                            f"{', '.join(sorted(usable)) or 'none'}")
     if sa not in by or sb not in by:   # a comparison this run did not make has no verdict
@@ -185,7 +189,17 @@ def verdicts(records: list[dict], label: str, scheme_list: list[QM.Scheme], n_bo
                               diff=float(xa.mean() - xb.mean()), ci=ci,
                               notes=f"fp contextual success on the same items: {np.mean([fp[i]['success'] for i in items]):.3g}",
                               **common))
-  return out
+  return _against_control(out)
+
+
+def _against_control(found: list) -> list:
+  """KEEP_RULE: a supported C6-keep without a supported C6-keep-random beside it is inconclusive."""
+  control = next((v for v in found if v.claim == "C6-keep-random"), None)
+  why = ("the random-keep control (rtn_keep_random) was not run" if control is None else
+         f"not shown above the random-keep control (C6-keep-random {control.verdict})")
+  return [dataclasses.replace(v, verdict="inconclusive", notes=f"{v.notes}; {why}")
+          if v.claim == "C6-keep" and v.verdict == "supported" and (control is None or control.verdict != "supported")
+          else v for v in found]
 
 
 # ------------------------------------------------------------------------------------- table, plot
@@ -313,12 +327,12 @@ class QuantStudy:
   of a field is its name: kv_bits is --kv-bits); the per-scheme ones default to QM.Scheme's. `plan`
   checks it without loading a model."""
   model: str                                 # smollm2 | random | runs/<experiment>[/<arm>]
-  methods: str = "rtn,rtn_keep,awq,gptq,smoothquant,w8a8,kv"   # comma list of QM.METHODS but fp
+  methods: str = "rtn,rtn_keep,rtn_keep_random,awq,gptq,smoothquant,w8a8,kv"   # comma list of QM.METHODS but fp
   bits: str = BITS                           # weight bit widths
   kv_bits: str = ""                          # KV key bit widths; empty = bits
   group_size: int = GROUP_SIZE               # along the input dim; 0 = per output channel
-  lam: float = QM.Scheme.lam                 # rtn_keep: massive threshold
-  top_k: int = QM.Scheme.top_k               # rtn_keep: top-k dims per head instead of lam
+  lam: float = QM.Scheme.lam                 # rtn_keep(_random): massive threshold
+  top_k: int = QM.Scheme.top_k               # rtn_keep(_random): top-k dims per head instead of lam
   alpha: float = QM.Scheme.alpha             # smoothquant migration strength
   kv: str = KV                               # KV key settings point:axis (point pre|post RoPE, axis channel|token)
   suite: str = "quick"                       # one of suites.SUITES
@@ -340,8 +354,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--bits", default=d.bits, help="weight bit widths")
   ap.add_argument("--kv-bits", default=d.kv_bits, help="KV key bit widths (default: --bits)")
   ap.add_argument("--group-size", type=int, default=d.group_size, help="along the input dim; 0 = per output channel")
-  ap.add_argument("--lam", type=float, default=d.lam, help="rtn_keep: massive threshold")
-  ap.add_argument("--top-k", type=int, default=d.top_k, help="rtn_keep: top-k dims per head instead of lam")
+  ap.add_argument("--lam", type=float, default=d.lam, help="rtn_keep and rtn_keep_random: massive threshold")
+  ap.add_argument("--top-k", type=int, default=d.top_k, help="rtn_keep and rtn_keep_random: top-k dims per head instead of lam")
   ap.add_argument("--alpha", type=float, default=d.alpha, help="smoothquant migration strength")
   ap.add_argument("--kv", default=d.kv, help="KV key settings point:axis (point pre|post RoPE, axis channel|token)")
   ap.add_argument("--suite", default=d.suite, choices=suites.SUITES)

@@ -16,6 +16,9 @@ Schemes (`Scheme.method`):
   rtn_keep     RTN with the massive Q/K channels kept in float: massive (h, d) of pre-RoPE q and k
                on the calibration tokens (`analysis.massive.stats.value_norms` / `massive_mask`) map to
                output column h*head_dim + d of W_q / W_k
+  rtn_keep_random  rtn_keep's control: per head as many Q/K output columns as rtn_keep keeps, drawn
+               at random among the others (seeded by layer and projection), kept in float: whether
+               the massive channels matter, or any channels left in float would help as much
   awq          activation-aware scaling searched per group of linears that share an input
                (q/k/v, o, gate/up, down), folded into the weights (exact for fake-quant)
   gptq         GPTQ with H = X^T X of each linear's calibration inputs
@@ -44,7 +47,7 @@ from minilm import capture as mcapture
 from minilm.schema import check, check_choice
 from minilm.model import Decoder
 
-METHODS = ("fp", "rtn", "rtn_keep", "awq", "gptq", "smoothquant", "w8a8", "kv")
+METHODS = ("fp", "rtn", "rtn_keep", "rtn_keep_random", "awq", "gptq", "smoothquant", "w8a8", "kv")
 LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 # Linears that read the same tensor: one AWQ / SmoothQuant scale per group, as a deployment folds
 # it into the one op that precedes them.
@@ -57,7 +60,7 @@ class Scheme:
   bits: int = 4
   group_size: int = 0          # along the input dim; 0 = per output channel
   symmetric: bool = False
-  lam: float = stats.LAM       # rtn_keep: massive when M > lam * mean over the head's dims ...
+  lam: float = stats.LAM       # rtn_keep(_random): massive when M > lam * mean over the head's dims ...
   top_k: int = 0               # ... or, if > 0, the top_k dims per head (the reference code's rule)
   awq_grid: int = 20           # awq: alpha in linspace(0, 1, awq_grid + 1)
   alpha: float = 0.5           # smoothquant migration strength
@@ -229,6 +232,21 @@ def _norms(graphdef, state, tokens_BxT, points, hook, hook_args):
   return {p: jnp.stack([stats.value_norms(x) for x in cache.stack(p)]) for p in points}
 
 
+def random_columns(keep: dict[tuple[int, str], np.ndarray], head_dim: int) -> dict[tuple[int, str], np.ndarray]:
+  """rtn_keep_random's columns: for every head of every (layer, projection) of `keep`, as many of the
+  head's columns as `keep` marks, drawn without replacement from the ones it does not mark."""
+  out = {}
+  for (layer, name), mask in keep.items():
+    rng = np.random.default_rng(stats.name_seed(0, f"{layer}.{name}"))
+    mask_HxD = mask.reshape(-1, head_dim)
+    drawn_HxD = np.zeros_like(mask_HxD)
+    for h, kept in enumerate(mask_HxD):
+      others = np.flatnonzero(~kept)
+      drawn_HxD[h, rng.choice(others, min(int(kept.sum()), len(others)), replace=False)] = True
+    out[(layer, name)] = drawn_HxD.reshape(-1)
+  return out
+
+
 def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict, log: dict) -> None:
   linears = block_linears(block)
   spec = scheme.spec
@@ -261,7 +279,7 @@ def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict,
         log[f"{layer}.{'+'.join(names)}"] = {
             "err_rtn": float(Q.gram_errors(h, [(w, Q.rtn(w, spec)) for w in ws], r).sum()),
             "err_gptq": float(Q.gram_errors(h, list(zip(ws, new)), r).sum())}
-    elif scheme.method == "rtn_keep":
+    elif scheme.method in ("rtn_keep", "rtn_keep_random"):
       new = [Q.rtn_keep(w, spec, keep[(layer, n)]) if (layer, n) in keep else Q.rtn(w, spec)
              for n, w in zip(names, ws)]
     else:
@@ -286,7 +304,7 @@ def check_fits(model: Decoder, scheme: Scheme) -> None:
 def quantize_model(model: Decoder, scheme: Scheme, calib_BxT=None) -> tuple[Decoder, dict]:
   """A quantized copy of `model` (the original is untouched) and a log of per-layer choices.
 
-  `calib_BxT` (int tokens) is required by rtn_keep, awq, gptq and smoothquant (sequentially
+  `calib_BxT` (int tokens) is required by rtn_keep(_random), awq, gptq and smoothquant (sequentially
   calibrated: awq, gptq, smoothquant).
   """
   check_fits(model, scheme)
@@ -294,13 +312,15 @@ def quantize_model(model: Decoder, scheme: Scheme, calib_BxT=None) -> tuple[Deco
   log: dict = {"scheme": scheme.name}
   if scheme.method in ("fp", "kv"):
     return quantized, log
-  needs_calib = scheme.method in ("rtn_keep", "awq", "gptq", "smoothquant")
+  needs_calib = scheme.method in ("rtn_keep", "rtn_keep_random", "awq", "gptq", "smoothquant")
   check(not needs_calib or calib_BxT is not None, "calib", f"scheme {scheme.method!r} needs calibration tokens")
   keep = {}
-  if scheme.method == "rtn_keep":
+  if scheme.method in ("rtn_keep", "rtn_keep_random"):
     keep = massive_columns(model, calib_BxT, scheme)
+    if scheme.method == "rtn_keep_random":
+      keep = random_columns(keep, model.cfg.dim_per_head)
     log["kept_columns"] = {f"{l}.{n}": int(m.sum()) for (l, n), m in keep.items()}
-  if scheme.method in ("rtn", "rtn_keep", "w8a8"):  # no layer inputs needed
+  if scheme.method in ("rtn", "rtn_keep", "rtn_keep_random", "w8a8"):  # no layer inputs needed
     for layer, block in enumerate(quantized.blocks):
       _quantize_block(layer, block, {}, scheme, keep, log)
     return quantized, log

@@ -39,6 +39,27 @@ def test_c6_verdict_follows_its_rule():
   assert QS.verdicts(records(9, 3, fp=0), "m", schemes, n_boot=500)[0].verdict == "inconclusive"  # fp cannot
 
 
+def test_c6_keep_is_supported_only_above_its_random_keep_control():
+  schemes = QS.schemes(["rtn", "rtn_keep", "rtn_keep_random"], [4])
+  names = {s.method: s.name for s in schemes}
+  def records(keep, rtn, control):
+    return [_record(mode, i, "passkey", "contextual", int(mode == "fp" or i % 10 < hits))
+            for i in range(40) for mode, hits in (("fp", 10), (names["rtn_keep"], keep), (names["rtn"], rtn),
+                                                  (names["rtn_keep_random"], control))]
+  def judged(keep, rtn, control, ran=schemes):
+    return {v.claim: v for v in QS.verdicts(records(keep, rtn, control), "m", ran, n_boot=500)}
+  v = judged(9, 3, 3)
+  assert (v["C6-keep"].verdict, v["C6-keep-random"].verdict) == ("supported", "supported")
+  assert v["C6-keep"].rule == QS.KEEP_RULE and v["C6-keep-random"].rule == QS.RULE
+  v = judged(9, 3, 9)   # any channels kept in float help as much
+  assert v["C6-keep-random"].verdict == "inconclusive" and v["C6-keep"].verdict == "inconclusive"
+  assert v["C6-keep"].diff == pytest.approx(0.6) and "C6-keep-random inconclusive" in v["C6-keep"].notes
+  v = judged(9, 3, 3, ran=schemes[:3])   # the control did not run
+  assert set(v) == {"C6-keep"} and v["C6-keep"].verdict == "inconclusive"
+  assert "rtn_keep_random) was not run" in v["C6-keep"].notes
+  assert judged(3, 9, 0)["C6-keep"].verdict == "opposite"   # the control only ever withholds 'supported'
+
+
 def test_a_comparison_s_interval_does_not_depend_on_which_others_ran():
   keep, awq = QS.schemes(["rtn", "rtn_keep"], [4]), QS.schemes(["rtn", "rtn_keep", "awq", "gptq"], [4])
   def records(schemes):

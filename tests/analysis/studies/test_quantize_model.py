@@ -166,6 +166,31 @@ def test_massive_columns_are_kept_in_q_and_k(tiny):
     np.testing.assert_array_equal(w_hat[:, ~cols], Q.rtn(w, scheme.spec)[:, ~cols])
 
 
+def test_the_random_keep_control_keeps_as_many_other_columns_of_each_head(tiny):
+  """rtn_keep_random keeps, per head of W_q and W_k, as many columns as rtn_keep does, none of them
+  rtn_keep's, drawn the same way every time; those stay float and the rest is RTN."""
+  model, tokens = tiny
+  scheme = QM.Scheme("rtn_keep_random", bits=3, top_k=2)
+  quantized, log = QM.quantize_model(model, scheme, tokens)
+  D = model.cfg.dim_per_head
+  massive = QM.massive_columns(model, tokens, scheme)
+  drawn = QM.random_columns(massive, D)
+  assert log["kept_columns"] == {f"{l}.{n}": int(m.sum()) for (l, n), m in massive.items()}
+  draws = []
+  for key, cols in drawn.items():
+    m_HxD, d_HxD = massive[key].reshape(-1, D), cols.reshape(-1, D)
+    np.testing.assert_array_equal(d_HxD.sum(1), m_HxD.sum(1))
+    assert not (d_HxD & m_HxD).any()
+    np.testing.assert_array_equal(QM.random_columns({key: massive[key]}, D)[key], cols)   # seeded by the key alone
+    draws.append(tuple(np.flatnonzero(cols)))
+    layer, name = key
+    w = np.asarray(QM.block_linears(model.blocks[layer])[name].kernel[...])
+    w_hat = np.asarray(QM.block_linears(quantized.blocks[layer])[name].kernel[...])
+    np.testing.assert_array_equal(w_hat[:, cols], w[:, cols])
+    np.testing.assert_array_equal(w_hat[:, ~cols], Q.rtn(w, scheme.spec)[:, ~cols])
+  assert len(set(draws)) > 1   # each (layer, projection) draws its own columns
+
+
 def _gram_bound(h_IxI, pairs) -> tuple[float, float]:
   """(sum of gram_error over pairs in float64, a bound on the float32 factor form's deviation from it)."""
   r = Q.gram_factor(h_IxI)
