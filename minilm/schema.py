@@ -72,7 +72,11 @@ def from_dict(cls, data: Mapping[str, Any], prefix: str | None = None):
 
 def _coerce(tp, value, field: str):
   if dataclasses.is_dataclass(tp):   # a config with a section names its fields by it, wherever it sits
-    return from_dict(tp, value, _prefix(tp) if hasattr(tp, "section") else field + ".")
+    prefix = _prefix(tp) if hasattr(tp, "section") else field + "."
+    # named here: from_dict would name a config whose section is empty (TrainConfig's) by its class
+    check(isinstance(value, (Mapping, tp)) or _registry(tp) is not None, prefix.rstrip(".") or field,
+          f"expected a mapping; got {value!r}")
+    return from_dict(tp, value, prefix)
   origin = typing.get_origin(tp)
   if tp is bool:
     check(isinstance(value, bool), field, f"expected true or false; got {value!r}")
@@ -134,7 +138,7 @@ def override(cfg, assignments: Mapping[str, Any], *, unknown: str = "unknown fie
   `unknown` names what a bad key is in its error; parse(current value, given value), when given, is
   the value stored (command-line text typed by the field it replaces)."""
   data = to_dict(cfg, every=True)
-  kinds_first = sorted(assignments.items(), key=lambda item: item[0].rsplit(".", 1)[-1] != "kind")
+  kinds_first = sorted(assignments.items(), key=lambda item: not _sets_kind(data, *item))
   for dotted, value in kinds_first:   # a new kind's fields are set after it resets them
     node, obj, name = data, cfg, _prefix(type(cfg))   # name: the field as from_dict's errors name it
     *path, last = dotted.split(".")
@@ -147,8 +151,23 @@ def override(cfg, assignments: Mapping[str, Any], *, unknown: str = "unknown fie
     if last == "kind" and new != node["kind"]:   # another kind: its own fields, at their defaults
       node.clear()
       node.update(_defaults(obj, new))
+    elif isinstance(new, str) and isinstance(node[last], dict) and "kind" in node[last]:
+      # a polymorphic field given by its kind ('model.position=nope') is that kind at its defaults, as
+      # a dict, so that its fields given beside it are set on it or named in the error
+      new = {**_defaults(getattr(obj, last, None), new), "kind": new}
     node[last] = new
   return from_dict(type(cfg), data)
+
+
+def _sets_kind(data: dict, dotted: str, value) -> bool:
+  """Whether the assignment chooses a kind: 'x.kind', or a kind's name given to a polymorphic field 'x'."""
+  *path, last = dotted.split(".")
+  if last == "kind":
+    return True
+  for key in path:
+    data = data.get(key) if isinstance(data, dict) else None
+  return isinstance(value, str) and isinstance(data, dict) and isinstance(data.get(last), dict) \
+      and "kind" in data[last]
 
 
 def _defaults(cfg, kind) -> dict:

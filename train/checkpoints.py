@@ -149,8 +149,10 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, cfg) -> None
     late = _settle(mngr, step, threads_before)
     last = mngr.latest_step()
     cause = _disk_error([err, *late, *thread_errors.errors])
+    fix = "make room" if getattr(cause, "errno", None) in DISK_ERRNOS else "fix that"
+    resumes = f"it resumes exactly from step {last}" if last is not None else "it starts again from step 0"
     raise RunError(f"{where}: cannot save ({cause.strerror or cause}); nothing of step {step} was kept: "
-                   f"make room and run the same command again, it resumes exactly from step {last}") from None
+                   f"{fix} and run the same command again, {resumes}") from None
   finally:
     logging.getLogger().removeHandler(thread_errors)
 

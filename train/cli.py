@@ -74,7 +74,11 @@ def read_json(path: str) -> dict:
 
 def load(config: str, assignments: list[str]) -> ExperimentConfig:
   """The experiment of a config file with command-line overrides, every arm validated."""
-  exp = load_experiment(read_json(config_path(config)))
+  path = config_path(config)
+  data = read_json(path)
+  C.check(isinstance(data, dict), "config", f"{path} holds no experiment (a JSON object of name, train and arms); "
+          f"got {data!r:.40}")
+  exp = load_experiment(data)
   overrides = parse_assignments(assignments)
   return load_experiment(C.to_dict(C.override(exp, overrides))) if overrides else exp
 
@@ -106,6 +110,11 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def chosen_arms(arms: str | None) -> list[str] | None:
+  """The arms of --arms (None: all); an empty one is refused as an unknown arm, never read as all."""
+  return None if arms is None else arms.split(",")
+
+
 def run(args: argparse.Namespace) -> dict[str, dict]:
   """Check everything, then train the chosen arms; {arm: last rows, or {'diverged': message}}."""
   if args.tensorboard:
@@ -115,13 +124,13 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     print(json.dumps(C.to_dict(exp), indent=2))
     return {}
   if args.score_checkpoints:
-    return score(exp, args.out, args.arms.split(",") if args.arms else None)
+    return score(exp, args.out, chosen_arms(args.arms))
   atomic.check_out_dir(args.out)
   paired.check_jobs(args.jobs, args.distributed)
   prefetch.check_workers(args.data_workers)
   if args.jobs > 1:   # this process plans (which starts jax's client) and waits; the accelerator's memory is
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"   # its workers', each capped at its share
-  runs = paired.plan(exp, args.out, args.arms.split(",") if args.arms else None)
+  runs = paired.plan(exp, args.out, chosen_arms(args.arms))
   if args.jobs > 1:
     return paired.run_concurrently(exp, args.out, runs, jobs=args.jobs, stack=args.stack_seeds,
                                    tensorboard=args.tensorboard, data_workers=args.data_workers)

@@ -13,7 +13,7 @@ from typing import Any
 from minilm import schema as C
 from minilm.config import ModelConfig
 from minilm.schema import check, check_choice
-from train.data import DataConfig
+from train.data import DataConfig, check_seed
 from train.tokenizer import ByteTokenizer
 
 
@@ -56,12 +56,6 @@ class CheckpointConfig:
   def __post_init__(self):
     check(self.every >= 1, "checkpoint.every", f"must be >= 1; got {self.every}")
     check(self.keep >= 0, "checkpoint.keep", f"must be >= 0 (0 = keep all); got {self.keep}")
-
-
-def check_seed(seed: int, field: str) -> None:
-  """Seeds are one 32-bit word: numpy's generators split a larger one into words and drop trailing
-  zero words, so seed 2**32 + 5 would draw seed 5's rows (the data's per-row keys [seed, step, row])."""
-  check(0 <= seed < 2 ** 32, field, f"must be in 0..{2 ** 32 - 1}; got {seed}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,11 +35,20 @@ EVAL_STREAM = 0xE7A1_5EED_0001   # far above any step, so no [seed, step] stream
 PROBE_STREAM = 0xE7A1_5EED_0002
 _OTHER, _ANSWER, _PAD, _TEXT = 0, 1, 2, 3   # per-token flags, mapped to loss weights
 STREAMS = ("batch", "row")
+# A batch of more tokens than an int32 counts fits no device's memory; numpy would fail to make it
+# in a traceback (or take the host's memory first) instead of a line naming the setting.
+MAX_BATCH_TOKENS = 2 ** 31 - 1
 
 
 def _default_mixture() -> dict[str, float]:
   return {"passkey": 0.2, "recall": 0.1, "context_facts": 0.15, "kb_facts": 0.15, "conflict": 0.0,
           "text": 0.4}
+
+
+def check_seed(seed: int, field: str) -> None:
+  """Seeds are one 32-bit word: numpy's generators split a larger one into words and drop trailing
+  zero words, so seed 2**32 + 5 would draw seed 5's rows (the data's per-row keys [seed, step, row])."""
+  check(0 <= seed < 2 ** 32, field, f"must be in 0..{2 ** 32 - 1}; got {seed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +96,7 @@ class DataConfig:
     for name in ("answer_weight", "other_weight", "text_weight"):
       check(math.isfinite(getattr(self, name)), f"data.{name}", f"must be a finite number; got {getattr(self, name)}")
       check(getattr(self, name) >= 0, f"data.{name}", f"must be >= 0; got {getattr(self, name)}")
+    check_seed(self.kb_seed, "data.kb_seed")
     check(0 < self.text_heldout < 1, "data.text_heldout", f"must be in (0, 1); got {self.text_heldout}")
     check(0 <= self.gap_fraction <= 1, "data.gap_fraction", f"must be in [0, 1]; got {self.gap_fraction}")
     check(2 <= self.passkey_digits <= 12, "data.passkey_digits", f"must be in 2..12; got {self.passkey_digits}")
@@ -118,6 +128,10 @@ class DataConfig:
               f"must be >= {need} for family {family!r} with these task sizes (or give it mixture "
               f"weight 0, or shrink its sizes); got {self.seq_len}")
     check(self.seq_len >= 8, "data.seq_len", f"must be >= 8; got {self.seq_len}")
+    check(self.seq_len < MAX_BATCH_TOKENS, "data.seq_len", f"must be < {MAX_BATCH_TOKENS}; got {self.seq_len}")
+    most = MAX_BATCH_TOKENS // (self.seq_len + 1)
+    check(self.batch_size <= most, "data.batch_size",
+          f"must be <= {most} at seq_len={self.seq_len} ({MAX_BATCH_TOKENS} tokens a batch); got {self.batch_size}")
 
   def __hash__(self):  # the mixture dict would make the generated hash fail
     return hash(json.dumps(to_dict(self), sort_keys=True))

@@ -55,6 +55,9 @@ def check_run_dir(arm_dir: str, cfg: TrainConfig) -> dict | None:
   """Refuse a directory whose config.json holds another config; only checkpoints.CHANGEABLE may
   differ, and `steps` never below the trained steps. Returns the config on disk, flat
   ({'eval.batch': 64, ...}; None for a new directory)."""
+  folder = os.path.join(arm_dir, checkpoints.CHECKPOINTS)
+  C.check(not os.path.exists(folder) or os.path.isdir(folder), "--out",
+          f"{folder} is a file, not a folder (move it away, or use another --out)")
   path = os.path.join(arm_dir, "config.json")
   if not os.path.exists(path):
     return None
@@ -76,7 +79,11 @@ def check_runnable(cfg: TrainConfig):
   before anything is written; returns the device mesh."""
   mesh = sharding.make_mesh(cfg.parallel.devices)
   sharding.check_batch(cfg.data.batch_size, mesh)
-  D.train_batch(cfg.data, cfg.seed, 0)   # loads the corpus: an empty or too short text fails here
+  try:
+    D.train_batch(cfg.data, cfg.seed, 0)   # loads the corpus: an empty or too short text fails here
+  except MemoryError:   # numpy's, for a batch below the config's bound that the host still cannot hold
+    raise C.ConfigError(f"data.batch_size: must be small enough for a batch of {cfg.data.seq_len + 1} tokens a row to "
+                        f"fit in this machine's memory; got {cfg.data.batch_size}") from None
   if cfg.eval.n_per_family:
     D.eval_examples(cfg.data, cfg.eval.seed, 1)
   return mesh
@@ -240,17 +247,19 @@ WRITTEN = ("config.json", checkpoints.CHECKPOINTS, "metrics.jsonl", "eval.jsonl"
 @contextlib.contextmanager
 def _out_of_memory(arm_dirs: list[str]):
   """The device's out-of-memory error in the block leaves no arm directory that the same command with
-  smaller settings would refuse: an arm new to this block that trained no step is emptied again (it
-  held only its initial step, a function of its seed), so the error's advice works as given; an arm
-  with trained steps keeps them, and the error (a one-line RunError) says how to go on."""
-  new = [d for d in arm_dirs if not os.path.exists(os.path.join(d, "config.json"))]
+  smaller settings would refuse: an arm that never trained a step is emptied again (it held only its
+  initial step, a function of its seed; its config.json may be older than the block, written when the
+  experiment was planned), so the error's advice works as given; an arm with trained steps (or
+  damaged ones set aside, or a divergence record) keeps them, and the error (a one-line RunError) says
+  how to go on."""
   try:
     yield
   except RuntimeError as err:
     first = out_of_memory(err)
     if first is None:
       raise
-    kept = [d for d in arm_dirs if d not in new or checkpoints.available_steps(d) not in ([], [0])
+    kept = [d for d in arm_dirs if checkpoints.available_steps(d) not in ([], [0])
+            or any(os.path.exists(os.path.join(d, name)) for name in (checkpoints.DAMAGED, checkpoints.DIVERGED))
             or atomic.read_jsonl(os.path.join(d, "metrics.jsonl"))[0]]
     if primary():
       for arm_dir in set(arm_dirs) - set(kept):

@@ -8,6 +8,7 @@ module last) the same initial value of every tensor the arms share. Layout:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from minilm import schema as C
 from minilm.cli import child_env, last_error, stop
 from train import checkpoints
 from train import data as D
-from train.config import ExperimentConfig, TrainConfig
+from train.config import ExperimentConfig, TrainConfig, load_experiment
 from train.loop import (BatchFn, Diverged, check_run_dir, check_runnable, note, prepare_run_dir, primary, seedless,
                         stackable, train, train_stacked, writing)
 
@@ -40,6 +41,7 @@ def plan(exp: ExperimentConfig, out: str, arms: Iterable[str] | None = None) -> 
   names = list(exp.arms) if arms is None else list(arms)
   for arm in names:
     C.check_choice("arms", arm, exp.arms)
+  record = recorded(exp, out)
   runs = {arm: (exp.resolve(arm), os.path.join(experiment_dir(exp, out), arm)) for arm in names}
   for cfg, arm_dir in runs.values():
     check_runnable(cfg)
@@ -48,8 +50,42 @@ def plan(exp: ExperimentConfig, out: str, arms: Iterable[str] | None = None) -> 
     for cfg, arm_dir in runs.values():
       prepare_run_dir(arm_dir, cfg)
   if primary():
-    atomic.write_json(os.path.join(experiment_dir(exp, out), "experiment.json"), C.to_dict(exp), indent=2)
+    atomic.write_json(os.path.join(experiment_dir(exp, out), "experiment.json"), C.to_dict(record), indent=2)
   return runs
+
+
+def recorded(exp: ExperimentConfig, out: str) -> ExperimentConfig:
+  """What experiment.json is to record: `exp`, after the arms the file already lists when it records
+  the same shared config but for checkpoints.CHANGEABLE (an arm in both takes `exp`'s overrides; the
+  shared settings are `exp`'s). Refused where that would lose what the file says about an arm trained
+  in the folder: another shared config, or other overrides for it; a shared config with no trained
+  arm recorded is replaced."""
+  path = os.path.join(experiment_dir(exp, out), "experiment.json")
+  if not os.path.exists(path):
+    return exp
+  hint = "delete it (each arm's config.json keeps its own config) or use another --out"
+  try:
+    old = load_experiment(checkpoints.read_json(path, hint))
+  except C.ConfigError as err:
+    raise checkpoints.RunError(f"{path}: damaged, not an experiment ({err}); {hint}") from None
+  trained = [a for a in old.arms if os.path.exists(os.path.join(experiment_dir(exp, out), a, "config.json"))]
+  diff = checkpoints.first_difference(checkpoints.flat(C.to_dict(old.train)), checkpoints.flat(C.to_dict(exp.train)),
+                                      (*checkpoints.CHANGEABLE, "name"))
+  if diff and trained:
+    key, was, now = diff
+    raise C.ConfigError(f"{key}: {path} records arms {', '.join(trained)}, trained with {key}={was!r}, not {now!r}; "
+                        f"the arms of one experiment share its config but for "
+                        f"{' and '.join(map(repr, checkpoints.CHANGEABLE))} (add arms with the same settings, or use "
+                        f"another name or --out)")
+  if diff:
+    return exp
+  for arm in (a for a in trained if a in exp.arms):
+    diff = checkpoints.run_difference(C.to_dict(old.resolve(arm)), exp.resolve(arm))
+    if diff:
+      key, was, now = diff
+      raise C.ConfigError(f"arms.{arm}: {path} records the trained arm {arm!r} with {key}={was!r}, not {now!r} "
+                          f"(give the arm another name, or use another --out)")
+  return dataclasses.replace(exp, arms={**old.arms, **exp.arms})
 
 
 def run_experiment(exp: ExperimentConfig, out: str = "runs", *, arms: Iterable[str] | None = None,

@@ -10,8 +10,8 @@ Sources (DataConfig.text_source):
   one document.
 - 'text' | 'json' | 'parquet': local files (paths or globs in text_files); a plain text file is
   one document, read as UTF-8 (as `datasets.load_dataset('text', sample_by='document')` reads it);
-  archives and folders of text, json and parquet go through `datasets.load_dataset(<format>,
-  data_files=...)`, json and parquet one document per row of column text_column.
+  archives of text, json and parquet go through `datasets.load_dataset(<format>, data_files=...)`,
+  json and parquet one document per row of column text_column. A folder is refused: name its files.
 - 'hub': `datasets.load_dataset(text_hub, split=text_split)` for users who are online (never the
   default, never used by the tests).
 
@@ -78,12 +78,15 @@ def source_files(source: str, files: tuple) -> list[str]:
 
 
 def resolve_files(patterns) -> list[str]:
-  """Expand paths/globs in order; a pattern that matches nothing is a one-line error."""
+  """Expand paths/globs in order; a pattern that matches nothing, or a folder, is a one-line error."""
   files = []
   for pattern in patterns:
     matched = sorted(glob.glob(os.path.expanduser(pattern)))
     if not matched:
       raise ConfigError(f"data.text_files: no file matches {pattern!r}")
+    for path in matched:   # datasets' loaders find nothing in a folder given as a data file
+      if os.path.isdir(path):
+        raise ConfigError(f"data.text_files: {path} is a folder; name its files (e.g. {os.path.join(path, '*')!r})")
     files += matched
   return files
 
@@ -98,8 +101,7 @@ def _documents(source: str, files: tuple, column: str, hub: str, hub_split: str)
   if source == "hub":
     return list(datasets.load_dataset(hub, split=hub_split)[column])
   datasets.disable_progress_bars()   # a local load takes seconds; its bars would garble one-line errors
-  kwargs = {"sample_by": "document"} if source == "text" else {}   # archives and folders of text files
-  ds = datasets.load_dataset(source, data_files=paths, split="train", **kwargs)
+  ds = _load_local(datasets, source, paths)
   column = "text" if source == "text" else column
   if column not in ds.column_names:
     raise ConfigError(f"data.text_column: {column!r} is not a column of {paths[0]}; "
@@ -107,8 +109,41 @@ def _documents(source: str, files: tuple, column: str, hub: str, hub_split: str)
   return list(ds[column])
 
 
+FORMATS = {"text": "text", "json": "JSON lines", "parquet": "parquet"}   # what a file that fails to load is not
+
+
+def _load_local(datasets, source: str, paths: list[str]):
+  """datasets.load_dataset of local files; a file it cannot read is a one-line error naming the file
+  (datasets and pyarrow raise many undocumented types, and log an ERROR line of their own)."""
+  kwargs = {"sample_by": "document"} if source == "text" else {}   # archives of text files
+  verbosity = datasets.logging.get_verbosity()
+  datasets.logging.set_verbosity(datasets.logging.CRITICAL)   # the one-line error below says it
+  try:
+    try:
+      return datasets.load_dataset(source, data_files=paths, split="train", **kwargs)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+      if isinstance(err, OSError) and err.errno is not None:   # the disk, datasets' cache: named by their path
+        raise
+      for path in paths if len(paths) > 1 else []:   # which file: the first that fails alone
+        try:
+          datasets.load_dataset(source, data_files=[path], split="train", **kwargs)
+        except Exception as alone:  # noqa: BLE001 - see the docstring
+          raise ConfigError(f"data.text_files: {path}: not {FORMATS[source]} ({_cause(alone)})") from None
+      what = f"not {FORMATS[source]}" if len(paths) == 1 else "cannot be read together"
+      raise ConfigError(f"data.text_files: {', '.join(paths)}: {what} ({_cause(err)})") from None
+  finally:
+    datasets.logging.set_verbosity(verbosity)
+
+
+def _cause(err: BaseException) -> str:
+  """The first line of the innermost cause of `err` (datasets wraps pyarrow's parse error in its own)."""
+  while err.__cause__ is not None:
+    err = err.__cause__
+  return ((str(err).strip().splitlines() or [type(err).__name__])[0])[:200]
+
+
 ARCHIVES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip", ".tar", ".7z")
-"""Suffixes that datasets' text loader unpacks (it also walks folders)."""
+"""Suffixes that datasets' text loader unpacks."""
 
 
 def _plain(path: str) -> bool:

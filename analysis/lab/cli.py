@@ -101,7 +101,9 @@ def _claims_args(p):
 
 
 def _claims(args):
-  verdicts = claims.judge(Store(args.out).require(), rope_arm=args.rope_arm, nope_arm=args.nope_arm)
+  store = Store(args.out).require()
+  claims.check_arms(store.meta()["arms"], args.rope_arm, args.nope_arm, args.out)
+  verdicts = claims.judge(store, rope_arm=args.rope_arm, nope_arm=args.nope_arm)
   claims.write_claims(verdicts, args.out)
   print(claims.to_markdown(claims.load_claims(args.out)))
 

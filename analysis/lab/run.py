@@ -34,6 +34,7 @@ from typing import Callable
 
 import jax
 from absl import logging
+from flax import nnx
 from tqdm.auto import tqdm
 
 from analysis.lab import report
@@ -49,13 +50,16 @@ from minilm import atomic, machine
 from minilm import paths
 from minilm import schema as C
 from minilm.cli import INTERRUPTED, child_env, end_with_parent, guarded, last_error, sigterm_as_interrupt, stop
+from minilm.model import Decoder
 from minilm.schema import OPTIONAL, check, check_choice
 from train import checkpoints as ck
 from train import cli as train_cli
 from train import paired, tensorboard
 from train.checkpoints import DIVERGED
 from train.cli import config_path, parse_assignments, read_json, shipped_configs
-from train.config import FOLDER_RULE, check_seed, is_folder_name, load_experiment
+from train.config import FOLDER_RULE, is_folder_name, load_experiment
+from train.data import check_seed
+from train.tokenizer import ByteTokenizer
 
 STAGES = ("train", "trace", "pretrained", "disrupt", "quant", "report")
 RUN = "run"
@@ -227,11 +231,22 @@ class Lab:
       self.cfg.pretrained.check(_named("pretrained"))
       self.study("pretrained").check_model(_named("pretrained"), "trace.")   # its statistics are trace's
     if "disrupt" in enabled:
-      disruption.check_model(self.cfg.disrupt.model, "disrupt.model", RUN)
-      disruption.plan(self.study("disrupt"), model=False, name=_named("disrupt"))
+      disruption.check_model(self.cfg.disrupt.model, "disrupt.model", RUN, run=True)
+      base, _, _ = disruption.plan(self.study("disrupt"), model=False, name=_named("disrupt"))
+      for arm, train in self._own_arms(self.cfg.disrupt.model):
+        disruption.check_dims(self.cfg.disrupt, base, train.model, f"arm {arm!r}", _named("disrupt"))
     if "quant" in enabled:
-      disruption.check_model(self.cfg.quant.model, "quant.model", RUN)
-      quantization.plan(self.study("quant"), model=False, name=_named("quant"))
+      disruption.check_model(self.cfg.quant.model, "quant.model", RUN, run=True)
+      scheme_list, calib, ppl = quantization.plan(self.study("quant"), model=False, name=_named("quant"))
+      for arm, train in self._own_arms(self.cfg.quant.model):
+        shapes = nnx.eval_shape(lambda: Decoder(train.model, rngs=nnx.Rngs(0)))   # the dims, no weights
+        quantization.check_model(shapes, scheme_list, f"arm {arm!r}", _named("quant"))
+      if self.cfg.quant.model == RUN:
+        quantization.check_text(ByteTokenizer(), calib, ppl, _named("quant"))
+
+  def _own_arms(self, model: str) -> list:
+    """[(arm, its TrainConfig)] where a study runs on the lab's own arms (model 'run'), else []."""
+    return [(arm, self.exp.resolve(arm)) for arm in self.exp.arms] if model == RUN else []
 
   def diverged(self) -> dict[str, dict]:
     """{arm: its divergence record} of the arms whose training diverged (they get no verdict)."""
@@ -624,10 +639,12 @@ class _Raw(str):
 
 
 def _typed(current, value):
-  """Command-line text (_Raw) is JSON, except where the setting is a string ('8' bits)."""
+  """Command-line text (_Raw) is JSON, except where the setting is a string ('8' bits). A section
+  given whole ('disrupt={"n": 3}') goes over its current settings, as a section of a lab config file
+  goes over the lab's defaults."""
   if isinstance(value, _Raw):
-    return str(value) if isinstance(current, str) else C.parse_value(value)
-  return value
+    value = str(value) if isinstance(current, str) else C.parse_value(value)
+  return {**current, **value} if isinstance(current, dict) and isinstance(value, dict) else value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -219,6 +219,16 @@ class _Arms:
     return S.pool_heads(groups, [stat], len(self.counts), seed)[stat]
 
 
+def check_arms(arms: dict, rope_arm=None, nope_arm=None, where: str = "the trace") -> None:
+  """The arms --rope-arm and --nope-arm name, checked before any verdict is written: the rules judge
+  a RoPE arm against a NoPE one ("RoPE minus NoPE"). `arms`: {arm: facts with its 'position'}."""
+  for field, name in (("--rope-arm", rope_arm), ("--nope-arm", nope_arm)):
+    check(not name or name in arms, field, f"{name!r} is not an arm of {where}; arms: {', '.join(arms)}")
+  for field, name, kind, label in (("--rope-arm", rope_arm, "rope", "RoPE"), ("--nope-arm", nope_arm, "nope", "NoPE")):
+    of_kind = [a for a, f in arms.items() if f["position"] == kind]
+    check(not name or name in of_kind, field, f"{name!r} is not a {label} arm; {label} arms: {', '.join(of_kind) or 'none'}")
+
+
 def _pick(arms: dict, name, kind: str, seed=None):
   """The arm named, else the arm called `kind`, else the first of that position; of `seed` only, where
   seeds are known (a traced run keeps each arm's), so that arms of two seeds are never compared."""

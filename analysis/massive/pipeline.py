@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -19,9 +20,10 @@ from analysis.massive import stats as S
 from analysis.massive import trace as T
 from analysis.massive.store import PROBE_SEED, Store, open_store, run_arms
 from minilm import atomic, hooks, paths
+from minilm import schema as C
 from minilm.schema import check
 from train import checkpoints as ck
-from train.config import check_seed
+from train.data import check_seed
 from train.data import probe_tokens
 from train.tokenizer import ByteTokenizer
 
@@ -97,10 +99,39 @@ def plan_run(run_dir: str, *, n_probes: int, length: int | None, batch_size: int
     check(not missing, "--steps", f"arm {arm!r} has no checkpoint {', '.join(map(str, missing))}; "
           f"available: {', '.join(map(str, available[arm]))}")
     wanted[arm] = [s for s in available[arm] if steps is None or s in steps]
-  length = length or min(cfg.data.seq_len for cfg in configs.values())
+  length = min(cfg.data.seq_len for cfg in configs.values()) if length is None else length
   for arm, cfg in configs.items():
     check_capture(cfg.model, f"arm {arm!r}", length, min(batch_size, n_probes), stat_cfg)
   return RunPlan(chosen, configs, wanted, length)
+
+
+def run_key(cfg) -> str:
+  """What identifies an arm's training, the settings that extend a run (checkpoints.CHANGEABLE) aside."""
+  flat = {k: v for k, v in ck.flat(C.to_dict(cfg)).items() if k not in ck.CHANGEABLE}
+  return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _same_training(facts: dict, cfg) -> bool:
+  """Whether an arm's facts in meta.json are of this training (a trace older than the seed or key it
+  records: as far as it tells)."""
+  return facts.get("seed", cfg.seed) == cfg.seed and facts.get("run_key", run_key(cfg)) == run_key(cfg)
+
+
+def check_source(out_dir: str, run_dir: str, plan: RunPlan) -> None:
+  """A trace in `out_dir` resumes only the run it was traced from: the same folder (where the one it
+  records still exists; a run moved elsewhere is known by its arms) and, for each arm both hold, the
+  same seed and config. Sums of two runs would otherwise sit side by side as one."""
+  meta = Store(out_dir).meta()
+  held = meta.get("run_dir")
+  if not held:
+    return
+  if os.path.exists(held) and not os.path.samefile(held, run_dir):
+    why = f"a trace of {held}"
+  else:
+    other = [arm for arm, facts in meta.get("arms", {}).items() if arm in plan.configs and
+             not _same_training(facts, plan.configs[arm])]
+    why = f"a trace of another run of {held} (arm {other[0]!r}: another seed or config)" if other else ""
+  check(not why, "--out", f"{out_dir} holds {why}; give another --out or remove it")
 
 
 def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, length: int | None = None,
@@ -119,9 +150,12 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
   t0 = time.perf_counter()
   plan = plan_run(run_dir, n_probes=n_probes, length=length, batch_size=batch_size, steps=steps,
                   probe_seed=probe_seed, stat_cfg=stat_cfg)
+  CL.check_arms({arm: {"position": cfg.model.position.kind} for arm, cfg in plan.configs.items()}, rope_arm, nope_arm,
+                run_dir)
   out_dir = out_dir or os.path.join(run_dir, "analysis")
   atomic.check_out_dir(out_dir)
   with atomic.exclusive(out_dir):   # a second trace into the same folder meanwhile is refused in one line
+    check_source(out_dir, run_dir, plan)
     if os.path.exists(os.path.join(out_dir, "probes.npy")):   # resuming: the probes must be those asked for
       probes = np.load(os.path.join(out_dir, "probes.npy"))
       stored_seed = Store(out_dir).meta().get("probe_seed", probe_seed)
@@ -157,7 +191,7 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
     meta = store.meta()   # each arm's seed: the claims judge an arm against the NoPE arm of its own seed
     for arm in plan.arms:
       if arm in meta["arms"]:
-        meta["arms"][arm]["seed"] = plan.configs[arm].seed
+        meta["arms"][arm].update(seed=plan.configs[arm].seed, run_key=run_key(plan.configs[arm]))
     store.write_json("meta.json", meta)
     t = time.perf_counter()
     T.rebuild(store, arms=list(plan.arms))

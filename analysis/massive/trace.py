@@ -185,7 +185,7 @@ def record_step(store: Store, model, arm: str, step: int, *, context: float, fin
   probes, mask = np.load(store.path("probes.npy")), np.load(store.path("mask.npy"))
   facts = arm_facts(model, context)
   known = meta["arms"].get(arm)
-  if known and {k: v for k, v in known.items() if k != "seed"} != facts:   # the seed: trace_run's, from the run
+  if known and {k: v for k, v in known.items() if k not in ("seed", "run_key")} != facts:   # trace_run's, from the run
     raise ConfigError(f"arm: {arm!r} in {store.root} was traced from another model ({known['position']}, "
                       f"{known['n_layers']} layers); use another --out")
   if not known:

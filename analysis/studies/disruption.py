@@ -42,7 +42,7 @@ from analysis.studies.disrupt import DisruptConfig
 from minilm import atomic, generate
 from minilm.schema import check, check_choice
 from train import checkpoints, data
-from train.config import check_seed
+from train.data import check_seed
 from train.tokenizer import ByteTokenizer
 
 TABLE_MODES = ("off", "smallest", "massive", "random", "v")
@@ -663,10 +663,14 @@ def task_filter(text: str, families=FAMILIES, field: str = "--tasks") -> tuple[s
   return keep
 
 
-def check_model(spec: str, field: str = "--model", *also: str) -> None:
-  """A model spec that can be loaded: smollm2, random, an existing path (or one of `also`)."""
-  check(spec in ("smollm2", "random", *also) or Path(spec).exists(), field,
-        f"must be 'smollm2', 'random'{''.join(f', {a!r}' for a in also)} or an existing path; got {spec!r}")
+def check_model(spec: str, field: str = "--model", *also: str, run: bool = False) -> None:
+  """A model spec that can be loaded: smollm2, random, an existing path (or one of `also`); with
+  `run`, a path is a run directory (the C5 and C6 studies load no model file). An empty spec is no
+  path: Path('') is the working directory."""
+  path = Path(spec) if spec else None
+  found = path is not None and (path.is_dir() if run else path.exists())
+  check(spec in ("smollm2", "random", *also) or found, field, f"must be 'smollm2', 'random'"
+        f"{''.join(f', {a!r}' for a in also)} or {'a run directory' if run else 'an existing path'}; got {spec!r}")
 
 
 def check_shared(cfg, model: bool = True, families=FAMILIES, name=flag) -> None:
@@ -674,7 +678,7 @@ def check_shared(cfg, model: bool = True, families=FAMILIES, name=flag) -> None:
   model is loaded (the model spec too, unless `model` is False: the lab's own arms exist only once it
   has trained them)."""
   if model:
-    check_model(cfg.model, name("model"))
+    check_model(cfg.model, name("model"), run=True)
   task_filter(cfg.tasks, families, name("tasks"))
   check(cfg.n >= 2, name("n"), f"must be >= 2 (balanced task sets); got {cfg.n}")
   check_seed(cfg.seed, name("seed"))
@@ -713,14 +717,24 @@ def plan(cfg: DisruptStudy, model: bool = True, name=flag) -> tuple[DisruptConfi
   return base, conds, prompts
 
 
+def check_dims(cfg: DisruptStudy, base: DisruptConfig, model_cfg, label: str, name=flag) -> None:
+  """The settings a model's config bounds, before any work (the lab: before it trains its arms): the
+  layer range within its layers, the top-k dims of criterion topk within its heads."""
+  n_layers, head_dim = model_cfg.n_layers, model_cfg.dim_per_head
+  check((base.layer_stop or n_layers) <= n_layers, name("layers"),
+        f"must stop at most at the {n_layers} layers of {label}; got {cfg.layers!r}")
+  check(base.criterion != "topk" or base.top_k <= head_dim, name("top_k"),
+        f"must be at most the head_dim {head_dim} of {label} (criterion topk); got {base.top_k}")
+
+
 def run(cfg: DisruptStudy, out: str) -> dict:
   """Validate, load every model, then write the outputs into a staging folder that replaces `out`
   only when complete: a bad setting or a failure midway leaves an earlier `out` as it was."""
   base, conds, prompts = plan(cfg)
   atomic.check_out_dir(out)
   models = prepared_sources(cfg, prompts)
-  for _, model, *_ in models:
-    base.layers(model.cfg.n_layers)  # a bad layer range fails before any work
+  for label, model, *_ in models:
+    check_dims(cfg, base, model.cfg, repr(label))
   t_all = time.perf_counter()
   modes = parse_modes(cfg.modes)   # the columns (the random draws pooled); the doses have their own table
   report = {"disrupt": dataclasses.asdict(base), "modes": modes, "conditions": {l: dataclasses.asdict(c) for l, c in conds.items()},

@@ -420,6 +420,23 @@ def plan(cfg: QuantStudy, model: bool = True, name=disruption.flag) -> tuple[lis
   return scheme_list, _shape(cfg.calib, name("calib")), ppl
 
 
+def check_model(model, scheme_list: list[QM.Scheme], label: str, name=disruption.flag) -> None:
+  """The settings a model bounds, before any work: every scheme's group size divides its linears'
+  input dims, and the top-k dims rtn_keep keeps fit in its heads. `model`: a Decoder or its shapes
+  (nnx.eval_shape), so that the lab checks its arms before it trains them."""
+  head_dim = model.cfg.dim_per_head
+  for scheme in scheme_list:
+    QM.check_fits(model, scheme)
+    check(scheme.method not in ("rtn_keep", "rtn_keep_random") or scheme.top_k <= head_dim, name("top_k"),
+          f"must be at most the head_dim {head_dim} of {label} (0: the massive dims); got {scheme.top_k}")
+
+
+def check_text(tokenizer, calib: tuple[int, int], ppl: tuple[int, int], name=disruption.flag) -> None:
+  """The calibration and held-out texts hold the windows NxT asked for, in `tokenizer`'s tokens."""
+  text_windows(tokenizer, *calib, False, name("calib"))
+  text_windows(tokenizer, *ppl, True, name("ppl"))
+
+
 def run(cfg: QuantStudy, out: str) -> dict:
   """Validate, load every model and check every scheme fits it, then write the outputs into a
   staging folder that replaces `out` only when complete (see analysis.studies.disruption.run)."""
@@ -427,14 +444,13 @@ def run(cfg: QuantStudy, out: str) -> dict:
   atomic.check_out_dir(out)
   order = [s.name for s in scheme_list]
   sources = disruption.prepared_sources(cfg)
-  for _, model, *_ in sources:
-    for scheme in scheme_list:
-      QM.check_fits(model, scheme)   # e.g. a group size that divides no input dim
+  for label, model, *_ in sources:
+    check_model(model, scheme_list, repr(label))
   t_all = time.perf_counter()
   report = {"schemes": [dataclasses.asdict(s) | {"name": s.name} for s in scheme_list], "suite": cfg.suite,
             "n": cfg.n, "seed": cfg.seed, "calib": cfg.calib, "ppl_windows": cfg.ppl, "jobs": cfg.jobs, "models": {}}
-  subjects = [Subject(label, model, tokenizer, items, text_windows(tokenizer, calib_n, calib_t, heldout=False),
-                      text_windows(tokenizer, ppl_n, ppl_t, heldout=True), cfg.batch, cfg.bucket)
+  subjects = [Subject(label, model, tokenizer, items, text_windows(tokenizer, calib_n, calib_t, False, "--calib"),
+                      text_windows(tokenizer, ppl_n, ppl_t, True, "--ppl"), cfg.batch, cfg.bucket)
               for label, model, tokenizer, items, *_ in sources]
   tasks = [(k, scheme) for k in range(len(subjects)) for scheme in scheme_list]
   done = {}

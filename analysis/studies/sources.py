@@ -37,12 +37,13 @@ def load(spec: str, layout: str = "half"):
   return importers.load(spec, layout=layout)
 
 
-def text_windows(tokenizer, n: int, length: int, heldout: bool) -> np.ndarray:
-  """[n, length] token windows of Shakespeare, calibration (first play) or held-out (last play's tail)."""
+def text_windows(tokenizer, n: int, length: int, heldout: bool, field: str = "text") -> np.ndarray:
+  """[n, length] token windows of Shakespeare, calibration (first play) or held-out (last play's tail);
+  `field`: the setting that asked for them, as an error names it."""
   files = shakespeare_files()
   text = open(files[-1] if heldout else files[0], encoding="utf-8", errors="ignore").read()
   ids = np.asarray(tokenizer.encode(text), np.int32)
-  check(len(ids) >= n * length, "text", f"{n} windows of {length} tokens need {n * length} tokens; "
+  check(len(ids) >= n * length, field, f"{n} windows of {length} tokens need {n * length} tokens; "
         f"the {'held-out' if heldout else 'calibration'} text has {len(ids)}")
   ids = ids[len(ids) - n * length:] if heldout else ids[:n * length]
   return ids.reshape(n, length)

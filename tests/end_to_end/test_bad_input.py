@@ -189,7 +189,7 @@ ROWS = [
     Row("fewer steps than trained", "train", on_trained(lambda ctx, arm: None, "steps=3"), 2,
         "error: steps: run directory"),
     Row("another config in the run", "train", on_trained(lambda ctx, arm: None, "model.d_model=64"), 2,
-        "error: model.d_model: run directory"),
+        "error: model.d_model: "),   # experiment.json's record, checked before each arm's config.json
     Row("truncated config.json", "train", on_trained(truncate_config), 2, "error: "),
     Row("empty config.json", "train", on_trained(lambda ctx, arm: open(os.path.join(arm, "config.json"), "w").write("{}")),
         2, "error: "),
@@ -343,7 +343,7 @@ ROWS += [
     Row("disrupt: unknown mode", "analysis", study("disrupt", "--model", "random", "--modes", "off,bogus"), 2,
         "error: disrupt.mode: must be one of"),
     Row("disrupt: layers past the model", "analysis", study("disrupt", "--model", "random", "--layers", "0:9"), 2,
-        "error: disrupt.layer_stop: "),
+        "error: --layers: must stop at most at the 2 layers of 'random-tiny'; got '0:9'"),
     Row("disrupt: --out is a file", "analysis",
         lambda ctx: ["disrupt", "--model", "random", "--out", ctx.write("c5", "x")], 2, "error: --out: "),
     Row("pretrained: one probe", "analysis", lambda ctx: ["pretrained", "--model", "random", "--probes", "1", "--out",

@@ -57,6 +57,25 @@ def test_round_trip_and_overrides():
   assert override(nope, {"position.base": 5e5, "position.kind": "rope"}).position == RoPE(base=5e5)   # in any order
 
 
+def test_a_kind_given_by_name_takes_the_fields_beside_it_in_any_order():
+  cfg = from_dict(ModelConfig, {"position": {"kind": "rope", "base": 1e5}})
+  assert override(cfg, {"position": "rope"}).position == RoPE()   # by name: the kind at its defaults
+  for given in ({"position": "rope", "position.base": 500.0}, {"position.base": 500.0, "position": "rope"}):
+    assert override(cfg, given).position == RoPE(base=500.0)
+  with pytest.raises(ConfigError, match=r"^model.position.base: unknown field; allowed: kind$"):
+    override(cfg, {"position": "nope", "position.base": 5.0})
+  with pytest.raises(ConfigError, match=r"^model.position.kind: must be one of 'nope', "):
+    override(cfg, {"position": "xpos"})
+
+
+def test_a_section_that_is_not_a_mapping_is_named_by_its_field():
+  from train.config import ExperimentConfig
+  with pytest.raises(ConfigError, match=r"^train: expected a mapping; got 5$"):
+    from_dict(ExperimentConfig, {"train": 5})
+  with pytest.raises(ConfigError, match=r"^model.position: expected a kind, one of .*; got 5$"):
+    override(from_dict(ModelConfig, {}), {"position": 5})
+
+
 def test_implementation_settings_are_written_only_when_set():
   """Configs written before these settings existed read and compare the same (absent = default)."""
   cfg = from_dict(ModelConfig, SMALL)

@@ -18,7 +18,7 @@ from flax import nnx
 from helpers import ROOT, asking, damage
 from minilm import schema as C
 from minilm.cli import guarded as cli_guarded
-from train import checkpoints, cli, loop, schedule
+from train import checkpoints, cli, loop, paired, schedule
 from train import data as D
 
 SMOKE = cli.load("smoke", []).resolve("rope")
@@ -205,6 +205,17 @@ def test_a_full_disk_during_a_save_is_one_line_and_resume_stays_exact(trained, t
     assert_same_params(arm_dir, trained, step)
 
 
+def test_a_first_save_that_fails_says_the_run_starts_again_from_step_0(tmp_path, monkeypatch):
+  async def not_a_folder(self, x, directory):
+    raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
+
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", not_a_folder)
+  with pytest.raises(checkpoints.RunError) as err:
+    loop.train(SMOKE, str(tmp_path / "rope"), progress=False)
+  assert str(err.value).endswith("cannot save (Not a directory); nothing of step 0 was kept: fix that and run the "
+                                 "same command again, it starts again from step 0"), str(err.value)
+
+
 def out_of_memory_at(step: int):
   """A batch function that fails at `step` as jax does when the device cannot allocate."""
   def batches(cfg, seed, s, rows=None):
@@ -225,6 +236,20 @@ def test_out_of_memory_before_any_step_leaves_nothing_that_refuses_smaller_setti
   smaller = C.override(SMOKE, {"data.batch_size": SMOKE.data.batch_size // 2})
   loop.train(smaller, arm_dir, progress=False)
   assert checkpoints.load_config(arm_dir) == smaller and checkpoints.available_steps(arm_dir) == [0, 1, 2, 4, 6]
+
+
+def test_out_of_memory_of_a_planned_arm_leaves_nothing_that_refuses_smaller_settings(tmp_path, capsys):
+  """Planning writes the arm's config.json before training starts; an arm that trained no step still
+  loses it, and the experiment.json of the settings that did not fit gives way too."""
+  out, arm_dir = str(tmp_path), tmp_path / "smoke" / "rope"
+  larger = cli.load("smoke", ["model.d_model=64"])
+  assert cli_guarded(lambda: paired.run_experiment(larger, out, arms=["rope"], batch_fn=out_of_memory_at(0),
+                                                   progress=False)) == 2
+  assert capsys.readouterr().err.startswith("error: out of memory (")
+  assert sorted(os.listdir(arm_dir)) == [".lock"]
+  smaller = cli.load("smoke", [])
+  assert paired.plan(smaller, out, ["rope"])["rope"][0] == smaller.resolve("rope")
+  assert json.load(open(tmp_path / "smoke" / "experiment.json"))["train"]["model"]["d_model"] == 32
 
 
 def test_out_of_memory_after_trained_steps_keeps_them_and_says_how_to_go_on(trained, tmp_path):

@@ -96,6 +96,15 @@ BAD = {
                       "error: model.position.base: must be a finite number; got inf"),
     "unknown arm": (["--arms", "alibi"], "error: arms: must be one of 'rope', 'nope'; got 'alibi'"),
     "not field=value": (["--set", "steps"], "error: steps: expected field=value"),
+    "empty --arms": (["--arms="], "error: arms: must be one of 'rope', 'nope'; got ''"),
+    "negative kb_seed": (["--set", "data.kb_seed=-1"], "error: data.kb_seed: must be in 0..4294967295; got -1"),
+    "batch beyond any memory": (["--set", "data.batch_size=1e12"],
+                                "error: data.batch_size: must be <= 22139006 at seq_len=96 (2147483647 tokens a "
+                                "batch); got 1000000000000\n"),
+    "batch beyond numpy's dimensions": (["--set", "data.batch_size=1e30"], "error: data.batch_size: must be <= "),
+    "a field beside a kind given by name": (["--set", "model.position=nope", "model.position.base=5"],
+                                            "error: model.position.base: unknown field; allowed: kind\n"),
+    "train not a mapping": (["--set", "train=5"], "error: train: expected a mapping; got 5\n"),
 }
 
 
@@ -114,6 +123,32 @@ def test_missing_config_file(capsys):
   assert code == 2 and err.startswith("error: config: no file 'no_such_config'") and "smoke" in err
 
 
+def test_a_config_file_that_holds_no_experiment_is_named(tmp_path, capsys):
+  (tmp_path / "list.json").write_text("[1, 2]")
+  code, err = run(capsys, str(tmp_path / "list.json"))
+  assert code == 2 and err == (f"error: config: {tmp_path / 'list.json'} holds no experiment (a JSON object of name, "
+                               "train and arms); got [1, 2]\n"), err
+
+
+def test_a_file_named_checkpoints_in_an_arm_is_refused_before_anything_is_written(tmp_path, capsys):
+  arm_dir = tmp_path / "smoke" / "rope"
+  arm_dir.mkdir(parents=True)
+  (arm_dir / "checkpoints").write_text("x")
+  code, err = run(capsys, "smoke", "--out", str(tmp_path), "--arms", "rope", "--no-progress")
+  assert code == 2 and err == (f"error: --out: {arm_dir / 'checkpoints'} is a file, not a folder (move it away, or "
+                               "use another --out)\n"), err
+  assert sorted(os.listdir(tmp_path / "smoke")) == ["rope"] and os.listdir(arm_dir) == ["checkpoints"]
+
+
+def test_a_batch_the_host_cannot_make_names_the_batch_size(monkeypatch):
+  def no_memory(*args, **kwargs):
+    raise MemoryError("Unable to allocate 3.5 GiB for an array")
+  monkeypatch.setattr(loop.D, "train_batch", no_memory)
+  with pytest.raises(C.ConfigError, match=r"^data.batch_size: must be small enough for a batch of 97 tokens a row "
+                                          r"to fit in this machine's memory; got 4$"):
+    loop.check_runnable(cli.load("smoke", []).resolve("rope"))
+
+
 def test_run_directory_of_another_config_is_never_overwritten(tmp_path, capsys):
   exp = cli.load("smoke", [])
   arm_dir = tmp_path / "smoke" / "nope"
@@ -124,6 +159,35 @@ def test_run_directory_of_another_config_is_never_overwritten(tmp_path, capsys):
   assert err.startswith(f"error: model.n_layers: run directory {arm_dir} holds a run with model.n_layers=3, not 2")
   assert open(arm_dir / "config.json").read() == before
   assert not (tmp_path / "smoke" / "rope").exists()   # every arm is checked before any trains
+
+
+def test_experiment_json_keeps_the_arms_it_records_and_refuses_another_shared_config(tmp_path, capsys):
+  out, exp_dir = str(tmp_path), tmp_path / "smoke"
+  paired.plan(cli.load("smoke", []), out)   # rope and nope, each with its config.json
+  before = (exp_dir / "experiment.json").read_text()
+  code, err = run(capsys, "smoke", "--out", out, "--no-progress", "--set", "model.d_model=64",
+                  'arms={"alibi": {"model.position": "alibi"}}')
+  assert code == 2 and err == (f"error: model.d_model: {exp_dir / 'experiment.json'} records arms rope, nope, trained "
+                               "with model.d_model=32, not 64; the arms of one experiment share its config but for "
+                               "'steps' and 'eval.batch' (add arms with the same settings, or use another name or "
+                               "--out)\n"), err
+  code, err = run(capsys, "smoke", "--out", out, "--no-progress", "--arms", "x",
+                  "--set", 'arms={"nope": {"model.position": "alibi"}, "x": {}}')
+  assert code == 2 and err.startswith(f"error: arms.nope: {exp_dir / 'experiment.json'} records the trained arm "
+                                      "'nope' with model.position.kind='nope', not 'alibi'"), err
+  assert (exp_dir / "experiment.json").read_text() == before and sorted(os.listdir(exp_dir)) == \
+         ["experiment.json", "nope", "rope"]
+  # the same shared config (steps may change): the arms it records stay, the new ones follow
+  paired.plan(cli.load("smoke", ["steps=8", 'arms={"alibi": {"model.position": "alibi"}}']), out)
+  recorded = json.load(open(exp_dir / "experiment.json"))
+  assert recorded["arms"] == {"rope": {}, "nope": {"model.position": "nope"}, "alibi": {"model.position": "alibi"}}
+  assert recorded["train"]["steps"] == 8
+  assert cli.load(str(exp_dir / "experiment.json"), []).resolve("rope") == \
+         C.override(cli.load("smoke", []).resolve("rope"), {"steps": 8})
+  for arm in ("rope", "nope", "alibi"):   # no arm trained here: another shared config replaces the record
+    os.remove(exp_dir / arm / "config.json")
+  paired.plan(cli.load("smoke", ["model.d_model=64", 'arms={"b": {}}']), out)
+  assert list(json.load(open(exp_dir / "experiment.json"))["arms"]) == ["b"]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import dataclasses
 import gzip
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -148,6 +149,26 @@ def test_json_and_parquet_through_datasets(tmp_path, fmt):
   bad = data.DataConfig(mixture={"text": 1}, seq_len=8, text_source=fmt, text_files=(str(path),))
   with pytest.raises(ConfigError, match=r"^data.text_column: 'text' is not a column.*columns: body, id$"):
     text.corpus(bad)
+
+
+def test_a_file_datasets_cannot_read_and_a_folder_are_one_line_naming_the_file(tmp_path, monkeypatch):
+  logged, handler = [], logging.Handler()
+  handler.emit = logged.append
+  monkeypatch.setattr(logging.getLogger("datasets"), "handlers", [handler])   # what datasets would print
+  good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+  good.write_text(json.dumps({"text": "a document"}) + "\n")
+  bad.write_text("not JSON\n{broken\n")
+  for files in ((str(bad),), (str(good), str(bad))):   # among several, the one that fails
+    text._load.cache_clear()
+    cfg = data.DataConfig(mixture={"text": 1}, seq_len=8, text_source="json", text_files=files)
+    with pytest.raises(ConfigError, match=rf"^data.text_files: {bad}: not JSON lines \(JSON parse error: [^\n]*\)$"):
+      text.corpus(cfg)
+  cfg = data.DataConfig(mixture={"text": 1}, seq_len=8, text_source="parquet", text_files=(str(bad),))
+  with pytest.raises(ConfigError, match=rf"^data.text_files: {bad}: not parquet \(Parquet magic bytes not found"):
+    text.corpus(cfg)
+  with pytest.raises(ConfigError, match=rf"^data.text_files: {tmp_path} is a folder; name its files \(e.g. "):
+    data.DataConfig(mixture={"text": 1}, seq_len=8, text_source="json", text_files=(str(tmp_path),))
+  assert [r.getMessage() for r in logged] == []   # the one line says it all
 
 
 def test_text_files_read_as_datasets_text_loader_reads_them(tmp_path):

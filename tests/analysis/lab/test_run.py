@@ -37,6 +37,15 @@ def test_help_says_any_experiment_config_runs_and_names_the_shipped_ones():
     # bounded by the pretrained model (SmolLM2: max_len 8192, head dim 64), read without its weights
     (["--lab-set", "pretrained.length=8193"], "pretrained.length: must be <= the model's max_len=8192; got 8193"),
     (["--lab-set", "trace.top_k=65", "--skip", "trace"], "trace.top_k: must be <= the head dim of SmolLM2"),
+    # bounded by the lab's own arms (model 'run'), read from the experiment config before training
+    (["--lab-set", "quant.group_size=7"], "quant.group_size: must divide the input dim"),
+    (["--lab-set", "quant.calib=2x1000000"], "quant.calib: 2 windows of 1000000 tokens need 2000000 tokens"),
+    (["--lab-set", "quant.top_k=999", "quant.methods=rtn_keep"], "quant.top_k: must be at most the head_dim"),
+    (["--lab-set", "disrupt.model=run", "disrupt.layers=0:999"], "disrupt.layers: must stop at most at the"),
+    (["--lab-set", "disrupt.model=run", "disrupt.criterion=topk", "disrupt.top_k=999"],
+     "disrupt.top_k: must be at most the head_dim"),
+    (["--lab-set", "pretrained.model="], "pretrained.model: must be 'smollm2', 'random' or an existing path; got ''"),
+    (["--lab-set", f"disrupt.model={__file__}"], "disrupt.model: must be 'smollm2', 'random', 'run' or a run directory"),
     (["--set", "model.d_model=abc"], "model.d_model"),
     (["no_such_config"], "config: no file 'no_such_config'"),
 ])
@@ -265,3 +274,11 @@ def test_stages_beside_training_give_what_they_give_in_turn(tmp_path, capsys):
   drop = lambda d: {k: v for k, v in d.items() if "seconds" not in k}
   assert drop(json.loads((a / "pretrained" / "pretrained.json").read_text())) == drop(
       json.loads((b / "pretrained" / "pretrained.json").read_text()))
+
+
+@pytest.mark.parametrize("section", ['disrupt={"n":3}', "disrupt={}", "quant={}", 'quant={"n":3}'])
+def test_a_partial_study_section_on_the_command_line_keeps_the_lab_settings(section):
+  cfg = _lab("--lab-set", section)[0].cfg   # --quick: the lab's settings are QUICK's
+  want = _lab()[0].cfg
+  stage = section.split("=")[0]
+  assert getattr(cfg, stage) == dataclasses.replace(getattr(want, stage), **json.loads(section.split("=", 1)[1]))

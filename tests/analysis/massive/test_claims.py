@@ -290,3 +290,25 @@ def test_arms_without_a_common_traced_step_are_one_line(tmp_path):
   with pytest.raises(ConfigError, match=r"^arms: 'rope' \(traced at steps \[10\]\) and 'nope' \(traced at steps "
                                         r"\[0\]\) share no traced step in .*: trace the arms at a common one$"):
     CL.judge(store, n_boot=10)
+
+
+def test_the_claims_command_refuses_arms_the_rules_cannot_compare(tmp_path, capsys):
+  """The rules judge a RoPE arm against a NoPE arm: an arm against itself, or a NoPE arm against
+  ALiBi, would be written over the folder's verdicts as RoPE minus NoPE."""
+  from analysis.lab.cli import main
+  store = _store(tmp_path, rope_layers=range(L), nope_layers=())
+  meta = store.meta()
+  meta["arms"]["alibi"] = _facts(encodings.ALiBi())
+  store.write_json("meta.json", meta)
+  store.write_json("summary.json", {})
+  earlier = json.dumps({"level": 0.95, "claims": []})   # the verdicts of an earlier trace
+  (tmp_path / "claims.json").write_text(earlier)
+  for argv, err in ((["--rope-arm", "nope", "--nope-arm", "nope"], "--rope-arm: 'nope' is not a RoPE arm; RoPE arms: rope"),
+                    (["--rope-arm", "nope", "--nope-arm", "alibi"], "--rope-arm: 'nope' is not a RoPE arm; RoPE arms: rope"),
+                    (["--nope-arm", "alibi"], "--nope-arm: 'alibi' is not a NoPE arm; NoPE arms: nope"),
+                    (["--rope-arm", "bogus"], f"--rope-arm: 'bogus' is not an arm of {tmp_path}; arms: rope, nope, alibi")):
+    assert main(["claims", str(tmp_path), *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {err}"
+  assert (tmp_path / "claims.json").read_text() == earlier
+  assert main(["claims", str(tmp_path), "--rope-arm", "rope", "--nope-arm", "nope"]) == 0
+  assert {v.reference for v in CL.load_claims(str(tmp_path)) if v.claim == "C3"} == {"arm nope"}

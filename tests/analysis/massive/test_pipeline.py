@@ -3,6 +3,7 @@ end to end through `python -m analysis trace` into table, summary, plots and cla
 redoes a damaged step and a missing token view; a bad run directory is one line."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -145,3 +146,39 @@ def test_trace_redoes_a_damaged_step_and_a_missing_token_view(tiny_run, tmp_path
   os.remove(store.sums_path("rope", 0))
   assert analysis_main(["trace", str(tiny_run), "--out", str(out), *TRACE, "--steps", "0"]) == 0
   assert store.token_step("rope") == 1   # the token view stays at the trace's last step, not this run's
+
+
+def test_a_trace_of_another_run_is_refused_before_anything_is_written(tiny_run, tmp_path, capsys):
+  """Resuming skips the (arm, step) pairs a folder holds: those of another run (another folder, or the
+  same folder trained again at another seed) would stay in it as this run's."""
+  out = tmp_path / "trace"
+  assert main(["trace", str(tiny_run), "--out", str(out), *TRACE]) == 0
+  table = (out / "table.csv").read_bytes()
+  meta = (out / "meta.json").read_bytes()
+  other = tmp_path / "other"
+  shutil.copytree(tiny_run, other)
+  assert main(["trace", str(other), "--out", str(out), *TRACE]) == 2
+  assert capsys.readouterr().err.strip() == f"error: --out: {out} holds a trace of {tiny_run}; give another --out or remove it"
+  moved = tmp_path / "moved"                      # the run's folder renamed: known by its arms' seeds and configs
+  again = tmp_path / "again"
+  shutil.copytree(out, again)
+  data = json.loads((again / "meta.json").read_text())
+  (again / "meta.json").write_text(json.dumps(data | {"run_dir": str(moved)}))
+  other.rename(moved)
+  assert main(["trace", str(moved), "--out", str(again), *TRACE]) == 0
+  config = json.loads((moved / "rope" / "config.json").read_text())
+  (moved / "rope" / "config.json").write_text(json.dumps(config | {"seed": 1}))   # trained again at another seed
+  assert main(["trace", str(moved), "--out", str(again), *TRACE]) == 2
+  assert capsys.readouterr().err.strip() == (f"error: --out: {again} holds a trace of another run of {moved} "
+                                             "(arm 'rope': another seed or config); give another --out or remove it")
+  assert (out / "table.csv").read_bytes() == table and (out / "meta.json").read_bytes() == meta
+
+
+def test_a_probe_length_of_0_and_an_unknown_claims_arm_are_one_line_before_tracing(tiny_run, tmp_path, capsys):
+  out = tmp_path / "out"
+  for argv, err in ((["--length", "0"], "error: --length: must be >= 2; got 0"),
+                    (["--rope-arm", "bogus"], f"error: --rope-arm: 'bogus' is not an arm of {tiny_run}; arms: rope, nope"),
+                    (["--nope-arm", "rope"], "error: --nope-arm: 'rope' is not a NoPE arm; NoPE arms: nope")):
+    assert main(["trace", str(tiny_run), "--out", str(out), *TRACE, *argv]) == 2
+    assert capsys.readouterr().err.strip() == err
+  assert not out.exists()

@@ -291,3 +291,20 @@ def test_heads_the_random_control_cannot_match_are_reported_beside_the_verdict()
   assert verdict["evidence"]["random_unmatched"] == {"rot_q": 0.25, "rot_k": 0.0}
   matched = disruption.c5_verdict(disruption.pool(plain, "m", n_boot=200), "m")
   assert verdict["status"] == matched["status"] == "supported" and "cannot reach" not in matched["summary"]
+
+
+def test_what_the_model_bounds_and_the_model_itself_are_one_line_naming_the_flag(tmp_path, capsys):
+  """An empty --model is no path (not the working directory), a file is no run; a layer range and a
+  top-k beyond the model's are caught before any work, each naming its own flag."""
+  out = tmp_path / "c5"
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("not a run")
+  for flags, line in ((["--model", ""], "error: --model: must be 'smollm2', 'random' or a run directory; got ''"),
+                      (["--model", str(a_file)], f"error: --model: must be 'smollm2', 'random' or a run directory; "
+                                                 f"got {str(a_file)!r}"),
+                      (["--model", "random", "--layers", "0:9"],
+                       "error: --layers: must stop at most at the 2 layers of 'random-tiny'; got '0:9'"),
+                      (["--model", "random", "--criterion", "topk", "--top-k", "9"],
+                       "error: --top-k: must be at most the head_dim 8 of 'random-tiny' (criterion topk); got 9")):
+    assert cli.main(["disrupt", *flags, "--n", "2", "--tasks", "conflict", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [line] and not out.exists()
