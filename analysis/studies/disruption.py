@@ -527,27 +527,29 @@ def known_capitals(model, tokenizer, bos, batch: int, bucket: int = 0) -> tuple[
 
 def load_sources(spec: str, suite: str, n: int, seed: int, batch: int, prompts: list[dict] | None = None,
                  bucket: int = 0):
-  """[(label, model, tokenizer, items, probe prompts, notes)] for 'smollm2', 'random' or a run path;
-  the items of `prompts` (suites.read_prompts rows) in place of the built-in ones when given."""
+  """[(label, model, tokenizer, items, probe prompts, notes)] for 'smollm2', 'random', a model to
+  import (`imported`) or a run path; the items of `prompts` (suites.read_prompts rows) in place of the
+  built-in ones when given."""
   own = lambda tokenizer, bos=None: suites.from_prompts(prompts, tokenizer, bos)
-  if spec == "smollm2":
-    model, tokenizer, info = sources.load("smollm2")
+  if spec == "smollm2" or imported(spec):
+    model, tokenizer, info = sources.load(spec)
+    label = "SmolLM2-135M-Instruct" if spec == "smollm2" else info["name"]
     bos = None  # the importer's tokenizer adds BOS where the model's convention does (SmolLM2: never)
     if prompts:
       items = own(tokenizer, bos)
-      return [("SmolLM2-135M-Instruct", model, tokenizer, items, [it.prompt for it in items[:4]], {})]
+      return [(label, model, tokenizer, items, [it.prompt for it in items[:4]], {})]
     known, rate = known_capitals(model, tokenizer, bos, batch, bucket)
     items = suites.suite(tokenizer, suite, n, seed, bos, known=known)
     probe = [it.prompt for it in suites.suite(tokenizer, "quick", 4, seed + 1000, bos, known=known)]
     notes = {"closed_book_capitals_known": len(known), "closed_book_capitals_rate": rate}
-    return [("SmolLM2-135M-Instruct", model, tokenizer, items, probe, notes)]
+    return [(label, model, tokenizer, items, probe, notes)]
   tokenizer = ByteTokenizer()
   if spec == "random":
     model, tokenizer = sources.tiny_random(seed)
     items = own(tokenizer) if prompts else suites.suite(tokenizer, suite, n, seed, lengths=((400, 6),))  # bytes
     return [("random-tiny", model, tokenizer, items, [it.prompt for it in items[:4]], {})]
   path = Path(spec)
-  check(path.exists(), "--model", f"must be 'smollm2', 'random' or a run directory; {spec!r} does not exist")
+  check(path.exists(), "--model", f"must be {MODELS}; {spec!r} does not exist")
   arms = [Path(d) for d in run_arms(spec).values()]   # diverged arms are left out: they get no verdict
   models = []
   for arm in arms:
@@ -663,14 +665,29 @@ def task_filter(text: str, families=FAMILIES, field: str = "--tasks") -> tuple[s
   return keep
 
 
+FILES = "a run directory, a .gguf file or an HF model directory"
+MODELS = f"'smollm2', 'random', {FILES}"
+"""What the C5 and C6 studies load, in words."""
+
+
+def imported(spec: str) -> bool:
+  """Whether a model spec names weights to import: a .gguf file, or an HF model directory (config.json
+  beside *.safetensors; a run's arm holds config.json beside checkpoints/)."""
+  path = Path(spec)
+  if spec.endswith(".gguf"):
+    return path.is_file()
+  return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
 def check_model(spec: str, field: str = "--model", *also: str, run: bool = False) -> None:
   """A model spec that can be loaded: smollm2, random, an existing path (or one of `also`); with
-  `run`, a path is a run directory (the C5 and C6 studies load no model file). An empty spec is no
+  `run`, a path is a run directory or a model to import (the C5 and C6 studies). An empty spec is no
   path: Path('') is the working directory."""
   path = Path(spec) if spec else None
-  found = path is not None and (path.is_dir() if run else path.exists())
-  check(spec in ("smollm2", "random", *also) or found, field, f"must be 'smollm2', 'random'"
-        f"{''.join(f', {a!r}' for a in also)} or {'a run directory' if run else 'an existing path'}; got {spec!r}")
+  found = path is not None and (path.is_dir() or imported(spec) if run else path.exists())
+  names = ", ".join(map(repr, ("smollm2", "random", *also)))
+  allowed = f"{names}, {FILES}" if run else f"{names} or an existing path"
+  check(spec in ("smollm2", "random", *also) or found, field, f"must be {allowed}; got {spec!r}")
 
 
 def check_shared(cfg, model: bool = True, families=FAMILIES, name=flag) -> None:

@@ -45,7 +45,7 @@ def test_help_says_any_experiment_config_runs_and_names_the_shipped_ones():
     (["--lab-set", "disrupt.model=run", "disrupt.criterion=topk", "disrupt.top_k=999"],
      "disrupt.top_k: must be at most the head_dim"),
     (["--lab-set", "pretrained.model="], "pretrained.model: must be 'smollm2', 'random' or an existing path; got ''"),
-    (["--lab-set", f"disrupt.model={__file__}"], "disrupt.model: must be 'smollm2', 'random', 'run' or a run directory"),
+    (["--lab-set", f"disrupt.model={__file__}"], "disrupt.model: must be 'smollm2', 'random', 'run', a run directory, a .gguf file or an HF model directory"),
     (["--set", "model.d_model=abc"], "model.d_model"),
     (["no_such_config"], "config: no file 'no_such_config'"),
 ])

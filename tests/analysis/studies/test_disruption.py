@@ -10,7 +10,7 @@ import pytest
 from analysis.lab import cli
 from analysis.studies import disruption
 from analysis.studies.disrupt import DisruptConfig
-from helpers import ROOT
+from helpers import ROOT, write_checkpoint
 from minilm.schema import ConfigError
 
 
@@ -152,6 +152,27 @@ def test_own_prompts_end_to_end(tmp_path, capsys):
   claim = json.loads((out / "claims.json").read_text())["claims"]
   assert [c["claim"] for c in claim] == ["C5"] and claim[0]["verdict"] == "inconclusive"  # untrained: no usable task
   assert "needle" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_an_hf_directory_is_imported_and_disrupted(tmp_path, capsys):
+  """C5 on weights to import: an HF directory loads through the importer under its own name (a run's
+  arm, config.json beside checkpoints/, is not taken for one)."""
+  model_dir = tmp_path / "tiny_hf"
+  model_dir.mkdir()
+  write_checkpoint(model_dir)
+  arm = tmp_path / "run" / "rope"
+  (arm / "checkpoints").mkdir(parents=True)
+  (arm / "config.json").write_text("{}")
+  (tmp_path / "w.gguf").write_text("")
+  assert disruption.imported(str(model_dir)) and disruption.imported(str(tmp_path / "w.gguf"))
+  assert not disruption.imported(str(arm)) and not disruption.imported(str(tmp_path / "none.gguf"))
+  out = tmp_path / "c5"
+  prompts = _write_prompts(tmp_path / "mine.jsonl", PROMPTS)
+  assert cli.main(["disrupt", "--model", str(model_dir), "--prompts", prompts, "--modes", "off,massive",
+                   "--batch", "5", "--out", str(out)]) == 0, capsys.readouterr().err
+  lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+  assert len(lines) == 2 * len(PROMPTS) and {l["model"] for l in lines} == {"tiny_hf"}
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -299,9 +320,9 @@ def test_what_the_model_bounds_and_the_model_itself_are_one_line_naming_the_flag
   out = tmp_path / "c5"
   a_file = tmp_path / "notes.txt"
   a_file.write_text("not a run")
-  for flags, line in ((["--model", ""], "error: --model: must be 'smollm2', 'random' or a run directory; got ''"),
-                      (["--model", str(a_file)], f"error: --model: must be 'smollm2', 'random' or a run directory; "
-                                                 f"got {str(a_file)!r}"),
+  must = "error: --model: must be 'smollm2', 'random', a run directory, a .gguf file or an HF model directory"
+  for flags, line in ((["--model", ""], f"{must}; got ''"),
+                      (["--model", str(a_file)], f"{must}; got {str(a_file)!r}"),
                       (["--model", "random", "--layers", "0:9"],
                        "error: --layers: must stop at most at the 2 layers of 'random-tiny'; got '0:9'"),
                       (["--model", "random", "--criterion", "topk", "--top-k", "9"],
