@@ -353,7 +353,7 @@ ROWS += [
     Row("quant: no such model", "quant", study("--model", "no/such/model"), 2,
         "error: --model: must be 'smollm2', 'random'"),
     Row("quant: group size that divides nothing", "quant", study("--model", "random", "--group-size", "7"), 2,
-        "error: "),
+        "error: --group-size: must divide the linears' input dims"),
     Row("quant: bits out of range", "quant", study("--model", "random", "--bits", "9"), 2, "error: --bits: must be"),
     Row("quant: n zero", "quant", study("--model", "random", "--n", "0"), 2, "error: --n: must be >= 2"),
     Row("quant: negative bucket", "quant", study("--model", "random", "--bucket", "-3"), 2,

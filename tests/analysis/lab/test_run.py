@@ -38,7 +38,7 @@ def test_help_says_any_experiment_config_runs_and_names_the_shipped_ones():
     (["--lab-set", "pretrained.length=8193"], "pretrained.length: must be <= the model's max_len=8192; got 8193"),
     (["--lab-set", "trace.top_k=65", "--skip", "trace"], "trace.top_k: must be <= the head dim of SmolLM2"),
     # bounded by the lab's own arms (model 'run'), read from the experiment config before training
-    (["--lab-set", "quant.group_size=7"], "quant.group_size: must divide the input dim"),
+    (["--lab-set", "quant.group_size=7"], "quant.group_size: must divide the linears' input dims"),
     (["--lab-set", "quant.calib=2x1000000"], "quant.calib: 2 windows of 1000000 tokens need 2000000 tokens"),
     (["--lab-set", "quant.top_k=999", "quant.methods=rtn_keep"], "quant.top_k: must be at most the head_dim"),
     (["--lab-set", "disrupt.model=run", "disrupt.layers=0:999"], "disrupt.layers: must stop at most at the"),

@@ -296,14 +296,16 @@ def test_perplexity_is_exp_of_the_mean_next_token_loss():
 
 
 def test_what_the_model_bounds_is_one_line_naming_the_flag(tmp_path, capsys):
-  """The top-k dims rtn_keep keeps and the calibration windows are bounded by the model and its
-  text: each error names its flag, not the function that found it."""
+  """The top-k dims rtn_keep keeps, the group size and the calibration windows are bounded by the model
+  and its text: each error names its flag, not the function that found it."""
   from analysis.lab import cli
   out = tmp_path / "c6"
   for flags, line in ((["--methods", "rtn_keep", "--top-k", "9"],
                        "error: --top-k: must be at most the head_dim 8 of 'random-tiny' (0: the massive dims); got 9"),
                       (["--calib", "2x1000000"], "error: --calib: 2 windows of 1000000 tokens need 2000000 tokens; "
-                                                 "the calibration text has ")):
+                                                 "the calibration text has "),
+                      (["--group-size", "24"], "error: --group-size: must divide the linears' input dims 32, 96 of "
+                                               "'random-tiny' (0: per output channel); got 24")):
     assert cli.main(["quantize", "--model", "random", "--n", "2", "--tasks", "capitals", "--methods", "rtn",
                      "--bits", "4", "--group-size", "16", "--calib", "2x32", "--ppl", "2x8", *flags, "--out", str(out)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
