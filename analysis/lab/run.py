@@ -227,7 +227,6 @@ class Lab:
         PL.check_capture(train.model, f"arm {arm!r}", length, min(self.cfg.trace.batch, self.cfg.trace.probes),
                          self.cfg.trace.stat_config(), fields=(field, "trace.batch", "trace."))
     if "pretrained" in enabled:
-      disruption.check_model(self.cfg.pretrained.model, "pretrained.model")
       self.cfg.pretrained.check(_named("pretrained"))
       self.study("pretrained").check_model(_named("pretrained"), "trace.")   # its statistics are trace's
     if "disrupt" in enabled:

@@ -221,12 +221,17 @@ class _Arms:
 
 def check_arms(arms: dict, rope_arm=None, nope_arm=None, where: str = "the trace") -> None:
   """The arms --rope-arm and --nope-arm name, checked before any verdict is written: the rules judge
-  a RoPE arm against a NoPE one ("RoPE minus NoPE"). `arms`: {arm: facts with its 'position'}."""
+  a RoPE arm against a NoPE one ("RoPE minus NoPE") of the same seed. `arms`: {arm: facts with its
+  'position' and, where known, its 'seed'}."""
   for field, name in (("--rope-arm", rope_arm), ("--nope-arm", nope_arm)):
     check(not name or name in arms, field, f"{name!r} is not an arm of {where}; arms: {', '.join(arms)}")
   for field, name, kind, label in (("--rope-arm", rope_arm, "rope", "RoPE"), ("--nope-arm", nope_arm, "nope", "NoPE")):
     of_kind = [a for a, f in arms.items() if f["position"] == kind]
     check(not name or name in of_kind, field, f"{name!r} is not a {label} arm; {label} arms: {', '.join(of_kind) or 'none'}")
+  if rope_arm and nope_arm:
+    seeds = arms[rope_arm].get("seed"), arms[nope_arm].get("seed")
+    check(None in seeds or seeds[0] == seeds[1], "--nope-arm", f"{nope_arm!r} trained at seed {seeds[1]}, "
+          f"{rope_arm!r} at seed {seeds[0]}: an arm is judged against the NoPE arm of its own seed")
 
 
 def _pick(arms: dict, name, kind: str, seed=None):

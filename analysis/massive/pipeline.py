@@ -150,8 +150,8 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
   t0 = time.perf_counter()
   plan = plan_run(run_dir, n_probes=n_probes, length=length, batch_size=batch_size, steps=steps,
                   probe_seed=probe_seed, stat_cfg=stat_cfg)
-  CL.check_arms({arm: {"position": cfg.model.position.kind} for arm, cfg in plan.configs.items()}, rope_arm, nope_arm,
-                run_dir)
+  CL.check_arms({arm: {"position": cfg.model.position.kind, "seed": cfg.seed} for arm, cfg in plan.configs.items()},
+                rope_arm, nope_arm, run_dir)
   out_dir = out_dir or os.path.join(run_dir, "analysis")
   atomic.check_out_dir(out_dir)
   with atomic.exclusive(out_dir):   # a second trace into the same folder meanwhile is refused in one line

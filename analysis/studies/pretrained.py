@@ -21,7 +21,7 @@ from typing import Callable
 
 from analysis.massive import pipeline as PL
 from analysis.massive import stats as S
-from analysis.studies import sources
+from analysis.studies import disruption, sources
 from minilm import atomic
 from minilm.model import count_params
 from minilm.schema import check, check_choice, to_dict
@@ -46,6 +46,7 @@ class PretrainedStudy:
 
   def check(self, name: Callable[[str], str] = lambda field: field) -> None:
     """Every setting that needs no model; `name` spells a field in an error (the lab: pretrained.probes)."""
+    disruption.check_model(self.model, name("model"))
     check_choice(name("layout"), self.layout, ("half", "interleaved"))
     check(self.probes >= 2, name("probes"), f"must be >= 2 (intervals resample prompts); got {self.probes}")
     check(self.length >= 2, name("length"), f"must be >= 2; got {self.length}")

@@ -293,20 +293,27 @@ def test_arms_without_a_common_traced_step_are_one_line(tmp_path):
 
 
 def test_the_claims_command_refuses_arms_the_rules_cannot_compare(tmp_path, capsys):
-  """The rules judge a RoPE arm against a NoPE arm: an arm against itself, or a NoPE arm against
-  ALiBi, would be written over the folder's verdicts as RoPE minus NoPE."""
+  """The rules judge a RoPE arm against a NoPE arm of its seed: an arm against itself, a NoPE arm
+  against ALiBi or a NoPE arm of another seed would be written over the folder's verdicts as RoPE
+  minus NoPE."""
   from analysis.lab.cli import main
   store = _store(tmp_path, rope_layers=range(L), nope_layers=())
   meta = store.meta()
   meta["arms"]["alibi"] = _facts(encodings.ALiBi())
+  meta["arms"]["rope"]["seed"] = 0
+  meta["arms"]["nope_s1"] = {**meta["arms"]["nope"], "seed": 1}
   store.write_json("meta.json", meta)
   store.write_json("summary.json", {})
   earlier = json.dumps({"level": 0.95, "claims": []})   # the verdicts of an earlier trace
   (tmp_path / "claims.json").write_text(earlier)
   for argv, err in ((["--rope-arm", "nope", "--nope-arm", "nope"], "--rope-arm: 'nope' is not a RoPE arm; RoPE arms: rope"),
                     (["--rope-arm", "nope", "--nope-arm", "alibi"], "--rope-arm: 'nope' is not a RoPE arm; RoPE arms: rope"),
-                    (["--nope-arm", "alibi"], "--nope-arm: 'alibi' is not a NoPE arm; NoPE arms: nope"),
-                    (["--rope-arm", "bogus"], f"--rope-arm: 'bogus' is not an arm of {tmp_path}; arms: rope, nope, alibi")):
+                    (["--nope-arm", "alibi"], "--nope-arm: 'alibi' is not a NoPE arm; NoPE arms: nope, nope_s1"),
+                    (["--rope-arm", "bogus"], f"--rope-arm: 'bogus' is not an arm of {tmp_path}; arms: rope, nope, alibi, "
+                                              "nope_s1"),
+                    (["--rope-arm", "rope", "--nope-arm", "nope_s1"],
+                     "--nope-arm: 'nope_s1' trained at seed 1, 'rope' at seed 0: an arm is judged against the NoPE arm "
+                     "of its own seed")):
     assert main(["claims", str(tmp_path), *argv]) == 2
     assert capsys.readouterr().err.strip() == f"error: {err}"
   assert (tmp_path / "claims.json").read_text() == earlier
