@@ -206,19 +206,19 @@ def read_table(path: str) -> list[dict]:
     return list(csv.DictReader(f))
 
 
-def all_arms(run_dir: str) -> dict[str, str]:
+def all_arms(run_dir: str, field: str = "run_dir") -> dict[str, str]:
   """{arm name: arm dir} of a paired run (experiment.json + arm dirs) or of a single arm dir, in the
-  experiment's order, diverged arms included."""
+  experiment's order, diverged arms included; `field` names the run in an error."""
   run_dir = os.path.normpath(run_dir)
   if os.path.exists(os.path.join(run_dir, "config.json")) and os.path.isdir(os.path.join(run_dir, "checkpoints")):
     return {os.path.basename(run_dir): run_dir}
   if not os.path.isdir(run_dir):
-    raise ConfigError(f"run_dir: {run_dir} is not a directory")
+    raise ConfigError(f"{field}: {run_dir} is not a directory")
   order = list(experiment_arms(run_dir))
   found = sorted(d for d in os.listdir(run_dir) if os.path.exists(os.path.join(run_dir, d, "config.json")))
   arms = [a for a in order if a in found] + [a for a in found if a not in order]
   if not arms:
-    raise ConfigError(f"run_dir: {run_dir} has no arm (a folder with config.json and checkpoints/)")
+    raise ConfigError(f"{field}: {run_dir} has no arm (a folder with config.json and checkpoints/)")
   return {a: os.path.join(run_dir, a) for a in arms}
 
 
@@ -241,12 +241,13 @@ def diverged_arms(run_dir: str) -> dict[str, dict]:
   return {arm: r for arm, r in records.items() if r}
 
 
-def run_arms(run_dir: str) -> dict[str, str]:
+def run_arms(run_dir: str, field: str = "run_dir") -> dict[str, str]:
   """all_arms without the diverged ones: what every analysis reads (a diverged arm's checkpoints
-  are finite, but it stopped early and gets no verdict)."""
+  are finite, but it stopped early and gets no verdict); `field` names the run in an error."""
+  arms = all_arms(run_dir, field)
   diverged = diverged_arms(run_dir)
-  arms = {a: d for a, d in all_arms(run_dir).items() if a not in diverged}
-  check(bool(arms), "run_dir", f"every arm of {run_dir} diverged, so there is nothing to analyse: " +
+  arms = {a: d for a, d in arms.items() if a not in diverged}
+  check(bool(arms), field, f"every arm of {run_dir} diverged, so there is nothing to analyse: " +
         "; ".join(r.get("message", f"{a} diverged") for a, r in diverged.items()))
   return arms
 

@@ -550,7 +550,7 @@ def load_sources(spec: str, suite: str, n: int, seed: int, batch: int, prompts: 
     return [("random-tiny", model, tokenizer, items, [it.prompt for it in items[:4]], {})]
   path = Path(spec)
   check(path.exists(), "--model", f"must be {MODELS}; {spec!r} does not exist")
-  arms = [Path(d) for d in run_arms(spec).values()]   # diverged arms are left out: they get no verdict
+  arms = [Path(d) for d in run_arms(spec, "--model").values()]   # diverged arms are left out: they get no verdict
   models = []
   for arm in arms:
     model, tcfg = checkpoints.load_model(str(arm))

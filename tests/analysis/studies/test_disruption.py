@@ -315,14 +315,19 @@ def test_heads_the_random_control_cannot_match_are_reported_beside_the_verdict()
 
 
 def test_what_the_model_bounds_and_the_model_itself_are_one_line_naming_the_flag(tmp_path, capsys):
-  """An empty --model is no path (not the working directory), a file is no run; a layer range and a
-  top-k beyond the model's are caught before any work, each naming its own flag."""
+  """An empty --model is no path (not the working directory), a file or a folder without arms is no
+  run; a layer range and a top-k beyond the model's are caught before any work, each naming its own
+  flag."""
   out = tmp_path / "c5"
   a_file = tmp_path / "notes.txt"
   a_file.write_text("not a run")
+  no_arm = tmp_path / "empty"
+  no_arm.mkdir()
   must = "error: --model: must be 'smollm2', 'random', a run directory, a .gguf file or an HF model directory"
   for flags, line in ((["--model", ""], f"{must}; got ''"),
                       (["--model", str(a_file)], f"{must}; got {str(a_file)!r}"),
+                      (["--model", str(no_arm)], f"error: --model: {no_arm} has no arm (a folder with config.json and "
+                                                 "checkpoints/)"),
                       (["--model", "random", "--layers", "0:9"],
                        "error: --layers: must stop at most at the 2 layers of 'random-tiny'; got '0:9'"),
                       (["--model", "random", "--criterion", "topk", "--top-k", "9"],
