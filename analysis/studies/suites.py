@@ -227,7 +227,8 @@ def passkey(tokenizer, n: int, length: int, digits: int, seed: int, bos=None,
   unit = len(tokenizer.encode(" " + template.filler))
   fixed = len(_ids(tokenizer, _join(template.intro, template.needle.format(key="0" * digits), template.question), bos))
   repeats = (length - fixed) // unit
-  check(repeats >= 1, "passkey.length", f"too short for the fixed text ({fixed} tokens); got {length}")
+  check(repeats >= 1, "passkey.length", f"too short for the fixed text ({fixed} tokens in this tokenizer), so the "
+        f"built-in suites do not fit this model: give your own items (--prompts, C5); got {length}")
   sentences = _sentences(template.filler) * repeats
   items = []
   for i in range(n):
