@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -19,7 +18,7 @@ from analysis.massive import plots as P
 from analysis.massive import stats as S
 from analysis.massive import trace as T
 from analysis.massive.store import PROBE_SEED, Store, open_store, run_arms
-from minilm import atomic, hooks, paths
+from minilm import atomic, cache, hooks, paths
 from minilm import schema as C
 from minilm.schema import check
 from train import checkpoints as ck
@@ -107,8 +106,7 @@ def plan_run(run_dir: str, *, n_probes: int, length: int | None, batch_size: int
 
 def run_key(cfg) -> str:
   """What identifies an arm's training, the settings that extend a run (checkpoints.CHANGEABLE) aside."""
-  flat = {k: v for k, v in ck.flat(C.to_dict(cfg)).items() if k not in ck.CHANGEABLE}
-  return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+  return cache.key(sorted((k, v) for k, v in ck.flat(C.to_dict(cfg)).items() if k not in ck.CHANGEABLE))
 
 
 def _same_training(facts: dict, cfg) -> bool:

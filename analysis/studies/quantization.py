@@ -425,12 +425,9 @@ def check_model(model, scheme_list: list[QM.Scheme], label: str, name=disruption
   input dims, and the top-k dims rtn_keep keeps fit in its heads. `model`: a Decoder or its shapes
   (nnx.eval_shape), so that the lab checks its arms before it trains them."""
   head_dim = model.cfg.dim_per_head
-  d_ins = sorted({lin.kernel.shape[0] for lin in QM.block_linears(model.blocks[0]).values()})
   for scheme in scheme_list:
-    g = scheme.spec.group_size if scheme.method not in ("fp", "kv") else 0
-    check(not g or all(d % g == 0 for d in d_ins), name("group_size"),
-          f"must divide the linears' input dims {', '.join(map(str, d_ins))} of {label} (0: per output channel); got {g}")
-    check(scheme.method not in ("rtn_keep", "rtn_keep_random") or scheme.top_k <= head_dim, name("top_k"),
+    QM.check_fits(model, scheme, label, name("group_size"))
+    check(scheme.method not in QM.KEEPING or scheme.top_k <= head_dim, name("top_k"),
           f"must be at most the head_dim {head_dim} of {label} (0: the massive dims); got {scheme.top_k}")
 
 

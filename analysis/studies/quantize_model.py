@@ -48,6 +48,7 @@ from minilm.schema import check, check_choice
 from minilm.model import Decoder
 
 METHODS = ("fp", "rtn", "rtn_keep", "rtn_keep_random", "awq", "gptq", "smoothquant", "w8a8", "kv")
+KEEPING = ("rtn_keep", "rtn_keep_random")   # RTN with some Q/K columns kept in float
 LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 # Linears that read the same tensor: one AWQ / SmoothQuant scale per group, as a deployment folds
 # it into the one op that precedes them.
@@ -279,7 +280,7 @@ def _quantize_block(layer: int, block, inputs: dict, scheme: Scheme, keep: dict,
         log[f"{layer}.{'+'.join(names)}"] = {
             "err_rtn": float(Q.gram_errors(h, [(w, Q.rtn(w, spec)) for w in ws], r).sum()),
             "err_gptq": float(Q.gram_errors(h, list(zip(ws, new)), r).sum())}
-    elif scheme.method in ("rtn_keep", "rtn_keep_random"):
+    elif scheme.method in KEEPING:
       new = [Q.rtn_keep(w, spec, keep[(layer, n)]) if (layer, n) in keep else Q.rtn(w, spec)
              for n, w in zip(names, ws)]
     else:
@@ -294,11 +295,13 @@ def _split_columns(w_IxO: np.ndarray, ws: list) -> list[np.ndarray]:
   return np.split(w_IxO, np.cumsum([w.shape[1] for w in ws])[:-1], axis=1)
 
 
-def check_fits(model: Decoder, scheme: Scheme) -> None:
-  """Fail early (one line) when the scheme's group size does not divide some linear's input dim."""
-  if scheme.method not in ("fp", "kv"):
-    for name, lin in block_linears(model.blocks[0]).items():
-      scheme.spec.groups(lin.kernel.shape[0])
+def check_fits(model: Decoder, scheme: Scheme, label: str = "the model", field: str = "quant.group_size") -> None:
+  """Fail early (one line naming `field`) when the scheme's group size does not divide some linear's
+  input dim. `model`: a Decoder or its shapes (nnx.eval_shape)."""
+  g = scheme.spec.group_size if scheme.method not in ("fp", "kv") else 0
+  d_ins = sorted({lin.kernel.shape[0] for lin in block_linears(model.blocks[0]).values()})
+  check(not g or all(d % g == 0 for d in d_ins), field,
+        f"must divide the linears' input dims {', '.join(map(str, d_ins))} of {label} (0: per output channel); got {g}")
 
 
 def quantize_model(model: Decoder, scheme: Scheme, calib_BxT=None) -> tuple[Decoder, dict]:
@@ -312,15 +315,15 @@ def quantize_model(model: Decoder, scheme: Scheme, calib_BxT=None) -> tuple[Deco
   log: dict = {"scheme": scheme.name}
   if scheme.method in ("fp", "kv"):
     return quantized, log
-  needs_calib = scheme.method in ("rtn_keep", "rtn_keep_random", "awq", "gptq", "smoothquant")
+  needs_calib = scheme.method in (*KEEPING, "awq", "gptq", "smoothquant")
   check(not needs_calib or calib_BxT is not None, "calib", f"scheme {scheme.method!r} needs calibration tokens")
   keep = {}
-  if scheme.method in ("rtn_keep", "rtn_keep_random"):
+  if scheme.method in KEEPING:
     keep = massive_columns(model, calib_BxT, scheme)
     if scheme.method == "rtn_keep_random":
       keep = random_columns(keep, model.cfg.dim_per_head)
     log["kept_columns"] = {f"{l}.{n}": int(m.sum()) for (l, n), m in keep.items()}
-  if scheme.method in ("rtn", "rtn_keep", "rtn_keep_random", "w8a8"):  # no layer inputs needed
+  if scheme.method in ("rtn", *KEEPING, "w8a8"):  # no layer inputs needed
     for layer, block in enumerate(quantized.blocks):
       _quantize_block(layer, block, {}, scheme, keep, log)
     return quantized, log
