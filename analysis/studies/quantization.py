@@ -279,6 +279,12 @@ class Subject:
     """The tokens M is measured on: the first 4 calibration windows."""
     return self.calib[:4]
 
+  @functools.cached_property
+  def calib_M(self) -> dict[str, np.ndarray]:
+    """M of pre-RoPE q and k over the calibration tokens, the keeping schemes' choice: computed once
+    per process, at the first keeping scheme."""
+    return QM.calib_norms(self.model, self.calib)
+
 
 def with_fp_norms(subjects: list[Subject]) -> list[tuple[Subject, dict]]:
   """Each subject with M of its unquantized model (what every scheme's M change is measured against)."""
@@ -290,7 +296,8 @@ def run_scheme(state: list[tuple[Subject, dict]], task: tuple[int, QM.Scheme]) -
   under it, perplexity, M change, timings and the quantization's log."""
   (subject, M_fp), scheme = state[task[0]], task[1]
   t0 = time.perf_counter()
-  quantized, log = QM.quantize_model(subject.model, scheme, subject.calib)
+  quantized, log = QM.quantize_model(subject.model, scheme, subject.calib,
+                                     subject.calib_M if scheme.method in QM.KEEPING else None)
   t1 = time.perf_counter()
   hook, args = (QM.kv_hook, QM.kv_args(scheme)) if scheme.method == "kv" else (None, None)
   records = run_items(quantized, subject.tokenizer, subject.items, hook=hook, hook_args=args, label=subject.label,

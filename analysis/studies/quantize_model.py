@@ -205,11 +205,15 @@ class ActQuantLinear(nnx.Module):
     return self.inner(Q.quant_tokens(x, self.bits).astype(x.dtype))
 
 
-def massive_columns(model: Decoder, tokens_BxT, scheme: Scheme) -> dict[tuple[int, str], np.ndarray]:
-  """{(layer, 'attn.q' | 'attn.k'): bool [H*D]} from massive_mask on M of pre-RoPE q and k."""
-  M = norms(model, tokens_BxT, ("q", "k"))
+def calib_norms(model: Decoder, calib_BxT) -> dict[str, np.ndarray]:
+  """M [L, H, D] of pre-RoPE q and k over the calibration tokens: what the keeping schemes choose from."""
+  return norms(model, calib_BxT, ("q", "k"))
+
+
+def massive_columns(M: dict[str, np.ndarray], scheme: Scheme) -> dict[tuple[int, str], np.ndarray]:
+  """{(layer, 'attn.q' | 'attn.k'): bool [H*D]} from massive_mask on M of pre-RoPE q and k (`calib_norms`)."""
   cols = {}
-  for layer in range(model.cfg.n_layers):
+  for layer in range(len(M["q"])):
     for point in ("q", "k"):
       M_HxD = M[point][layer]
       mask_HxD = stats.top_k_mask(M_HxD, scheme.top_k) if scheme.top_k else stats.massive_mask(M_HxD, scheme.lam)
@@ -304,11 +308,12 @@ def check_fits(model: Decoder, scheme: Scheme, label: str = "the model", field: 
         f"must divide the linears' input dims {', '.join(map(str, d_ins))} of {label} (0: per output channel); got {g}")
 
 
-def quantize_model(model: Decoder, scheme: Scheme, calib_BxT=None) -> tuple[Decoder, dict]:
+def quantize_model(model: Decoder, scheme: Scheme, calib_BxT=None, calib_M=None) -> tuple[Decoder, dict]:
   """A quantized copy of `model` (the original is untouched) and a log of per-layer choices.
 
   `calib_BxT` (int tokens) is required by rtn_keep(_random), awq, gptq and smoothquant (sequentially
-  calibrated: awq, gptq, smoothquant).
+  calibrated: awq, gptq, smoothquant). `calib_M`: `calib_norms(model, calib_BxT)` where the caller
+  keeps it, so that the keeping schemes of one model share one capture pass.
   """
   check_fits(model, scheme)
   quantized = nnx.clone(model)
@@ -319,7 +324,7 @@ def quantize_model(model: Decoder, scheme: Scheme, calib_BxT=None) -> tuple[Deco
   check(not needs_calib or calib_BxT is not None, "calib", f"scheme {scheme.method!r} needs calibration tokens")
   keep = {}
   if scheme.method in KEEPING:
-    keep = massive_columns(model, calib_BxT, scheme)
+    keep = massive_columns(calib_norms(model, calib_BxT) if calib_M is None else calib_M, scheme)
     if scheme.method == "rtn_keep_random":
       keep = random_columns(keep, model.cfg.dim_per_head)
     log["kept_columns"] = {f"{l}.{n}": int(m.sum()) for (l, n), m in keep.items()}

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -311,3 +312,22 @@ def test_what_the_model_bounds_is_one_line_naming_the_flag(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line), lines
   assert not out.exists()
+
+
+def test_a_subject_s_keeping_schemes_share_one_capture_pass(monkeypatch):
+  """rtn_keep and its control at every width choose from M of the same unquantized model over the
+  same calibration tokens: the study measures it once per subject, and the weights are those that
+  quantize_model gives measuring it itself."""
+  from analysis.studies import quantize_model as QM
+  model = Decoder(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=64),
+                  rngs=nnx.Rngs(0))
+  calib = np.random.default_rng(0).integers(0, 64, (2, 16)).astype(np.int32)
+  subject = QS.Subject("tiny", model, None, [], calib, calib, batch=4, bucket=0)
+  passes, calib_norms = [], QM.calib_norms
+  monkeypatch.setattr(QM, "calib_norms", lambda *a: passes.append(1) or calib_norms(*a))
+  for scheme in (QM.Scheme(m, bits=b, group_size=16, top_k=1) for m in QM.KEEPING for b in (4, 3)):
+    shared = QM.quantize_model(model, scheme, calib, subject.calib_M)[0]
+    own = QM.quantize_model(model, scheme, calib)[0]
+    for a, b in zip(jax.tree.leaves(nnx.state(shared)), jax.tree.leaves(nnx.state(own))):
+      np.testing.assert_array_equal(a, b)
+  assert len(passes) == 1 + 4   # the subject's, then each scheme's own

@@ -157,7 +157,7 @@ def test_massive_columns_are_kept_in_q_and_k(tiny):
   model, tokens = tiny
   scheme = QM.Scheme("rtn_keep", bits=3, top_k=2)
   quantized, log = QM.quantize_model(model, scheme, tokens)
-  keep = QM.massive_columns(model, tokens, scheme)
+  keep = QM.massive_columns(QM.calib_norms(model, tokens), scheme)
   assert log["kept_columns"]["0.attn.q"] == 4 * 2 and log["kept_columns"]["1.attn.k"] == 2 * 2
   for (layer, name), cols in keep.items():
     w = np.asarray(QM.block_linears(model.blocks[layer])[name].kernel[...])
@@ -173,7 +173,7 @@ def test_the_random_keep_control_keeps_as_many_other_columns_of_each_head(tiny):
   scheme = QM.Scheme("rtn_keep_random", bits=3, top_k=2)
   quantized, log = QM.quantize_model(model, scheme, tokens)
   D = model.cfg.dim_per_head
-  massive = QM.massive_columns(model, tokens, scheme)
+  massive = QM.massive_columns(QM.calib_norms(model, tokens), scheme)
   drawn = QM.random_columns(massive, D)
   assert log["kept_columns"] == {f"{l}.{n}": int(m.sum()) for (l, n), m in massive.items()}
   draws = []
@@ -237,7 +237,7 @@ def test_massive_columns_are_each_head_s_top_columns_of_x_w(tiny):
   h * head_dim .. (h + 1) * head_dim, so M[h, d] is the norm over the calibration tokens of column
   h * head_dim + d of x W_q (k likewise, over the kv heads), and top_k keeps each head's largest."""
   model, tokens = tiny
-  keep = QM.massive_columns(model, tokens, QM.Scheme("rtn_keep", bits=3, top_k=2))
+  keep = QM.massive_columns(QM.calib_norms(model, tokens), QM.Scheme("rtn_keep", bits=3, top_k=2))
   D = model.cfg.d_model // model.cfg.n_heads
   for layer, block, inputs in QM.calibrate(model, tokens):
     for name in ("attn.q", "attn.k"):
