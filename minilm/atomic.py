@@ -258,6 +258,19 @@ def exclusive(folder: str) -> Iterator[None]:
     os.close(fd)   # releases the lock
 
 
+@contextlib.contextmanager
+def serialized(folder: str) -> Iterator[None]:
+  """Hold an flock on the (existing) folder itself for the block, waiting while another process
+  holds it: for a read-merge-write of a file in it that several processes may update at the same
+  moment. No file is added to the folder."""
+  fd = os.open(folder, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)   # releases the lock
+
+
 def check_out_dir(out: str, field: str = "--out") -> None:
   """A one-line ConfigError, before any work, for an output folder that cannot be one: a file, a
   folder inside a file, or a place where no file can be created (read-only, no permission)."""

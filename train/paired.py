@@ -41,7 +41,7 @@ def plan(exp: ExperimentConfig, out: str, arms: Iterable[str] | None = None) -> 
   names = list(exp.arms) if arms is None else list(arms)
   for arm in names:
     C.check_choice("arms", arm, exp.arms)
-  record = recorded(exp, out)
+  recorded(exp, out)   # refused before anything is written
   runs = {arm: (exp.resolve(arm), os.path.join(experiment_dir(exp, out), arm)) for arm in names}
   for cfg, arm_dir in runs.values():
     check_runnable(cfg)
@@ -49,8 +49,10 @@ def plan(exp: ExperimentConfig, out: str, arms: Iterable[str] | None = None) -> 
   with writing([arm_dir for _, arm_dir in runs.values()]):   # refused while another process trains an arm
     for cfg, arm_dir in runs.values():
       prepare_run_dir(arm_dir, cfg)
-  if primary():
-    atomic.write_json(os.path.join(experiment_dir(exp, out), "experiment.json"), C.to_dict(record), indent=2)
+  if primary():   # read again and merged under the lock: two commands adding arms at once keep both
+    with atomic.serialized(experiment_dir(exp, out)):
+      atomic.write_json(os.path.join(experiment_dir(exp, out), "experiment.json"), C.to_dict(recorded(exp, out)),
+                        indent=2)
   return runs
 
 

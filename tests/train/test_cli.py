@@ -190,6 +190,33 @@ def test_experiment_json_keeps_the_arms_it_records_and_refuses_another_shared_co
   assert list(json.load(open(exp_dir / "experiment.json"))["arms"]) == ["b"]
 
 
+def test_two_commands_adding_arms_at_once_both_stay_in_experiment_json(tmp_path, monkeypatch):
+  """Command A reads experiment.json, command B adds its arm before A writes: A merges again under
+  the folder's lock when it writes, so B's arm stays."""
+  out, exp_dir = str(tmp_path), tmp_path / "smoke"
+  first, real = [], paired.recorded
+
+  def b_runs_meanwhile(exp, out_):
+    record = real(exp, out_)
+    if not first:
+      first.append(1)
+      paired.plan(cli.load("smoke", ['arms={"b": {"model.position": "nope"}}']), out)
+    return record
+  monkeypatch.setattr(paired, "recorded", b_runs_meanwhile)
+  paired.plan(cli.load("smoke", ['arms={"a": {}}']), out)
+  assert json.load(open(exp_dir / "experiment.json"))["arms"] == {"b": {"model.position": "nope"}, "a": {}}
+
+
+def test_a_serialized_folder_is_locked_for_other_processes(tmp_path):
+  probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+           "try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+           "except BlockingIOError: print('held')")
+  ask = lambda: subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True).stdout
+  with atomic.serialized(str(tmp_path)):
+    assert ask() == "held\n"
+  assert ask() == "free\n" and os.listdir(tmp_path) == []
+
+
 @pytest.mark.slow
 def test_gpu_config_is_gpu_sized_and_runs_on_cpu_at_toy_scale(tmp_path, capsys):
   cfg = cli.load("gpu", []).resolve("rope")
