@@ -42,7 +42,7 @@ from analysis.massive import compare
 from analysis.massive import pipeline as PL
 from analysis.massive import store as ST
 from analysis.massive.stats import LAM, StatConfig
-from analysis.studies import disruption, pretrained, quantization
+from analysis.studies import disruption, pretrained, quantization, suites
 from analysis.studies.disruption import DisruptStudy
 from analysis.studies.pretrained import PretrainedStudy
 from analysis.studies.quantization import QuantStudy
@@ -231,9 +231,11 @@ class Lab:
       self.study("pretrained").check_model(_named("pretrained"), "trace.")   # its statistics are trace's
     if "disrupt" in enabled:
       disruption.check_model(self.cfg.disrupt.model, "disrupt.model", RUN, run=True)
-      base, _, _ = disruption.plan(self.study("disrupt"), model=False, name=_named("disrupt"))
+      base, _, prompts = disruption.plan(self.study("disrupt"), model=False, name=_named("disrupt"))
+      items = suites.from_prompts(prompts, ByteTokenizer()) if prompts else []   # the arms' tokenizer
       for arm, train in self._own_arms(self.cfg.disrupt.model):
         disruption.check_dims(self.cfg.disrupt, base, train.model, f"arm {arm!r}", _named("disrupt"))
+        disruption.check_fits(items, train.model.max_len, f"arm {arm!r}", self.cfg.disrupt.prompts)
     if "quant" in enabled:
       disruption.check_model(self.cfg.quant.model, "quant.model", RUN, run=True)
       scheme_list, calib, ppl = quantization.plan(self.study("quant"), model=False, name=_named("quant"))

@@ -560,11 +560,11 @@ def load_sources(spec: str, suite: str, n: int, seed: int, batch: int, prompts: 
   return models
 
 
-def check_fits(items, model, label: str, prompts_path: str) -> None:
-  """Every prompt of a prompts file, with its new tokens, within the model's context."""
+def check_fits(items, max_len: int, label: str, prompts_path: str) -> None:
+  """Every prompt of a prompts file, with its new tokens, within a model's context of max_len tokens."""
   for it in items:
-    check(len(it.prompt) + it.max_new <= model.cfg.max_len, f"{prompts_path}:{it.meta['line']}: prompt",
-          f"{len(it.prompt)} tokens + {it.max_new} new exceed the context of {label} ({model.cfg.max_len} tokens)")
+    check(len(it.prompt) + it.max_new <= max_len, f"{prompts_path}:{it.meta['line']}: prompt",
+          f"{len(it.prompt)} tokens + {it.max_new} new exceed the context of {label} ({max_len} tokens)")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -714,7 +714,7 @@ def prepared_sources(cfg, prompts: list[dict] | None = None) -> list[tuple]:
     items = [it for it in items if not keep or it.task.startswith(keep)]
     check(bool(items), "--tasks", f"no task of {label} starts with {cfg.tasks!r}")
     if prompts:
-      check_fits(items, model, label, cfg.prompts)
+      check_fits(items, model.cfg.max_len, label, cfg.prompts)
     models.append((label, model, tokenizer, items, probe, notes))
   return models
 

@@ -55,6 +55,25 @@ def test_bad_input_ends_in_one_line_naming_the_field(argv, field, capsys):
   assert err.startswith("error: ") and field in err and "\n" not in err, err
 
 
+def test_a_prompts_file_longer_than_the_own_arms_context_is_refused_before_training(tmp_path, capsys):
+  """C5 on the lab's own arms with a prompts file: each prompt, in the arms' byte tokens, with its new
+  tokens, must fit the arms' max_len, checked before the arms train (not after, at the C5 stage)."""
+  import json
+  prompts = tmp_path / "prompts.jsonl"
+  short = {"family": "mine", "kind": "contextual", "prompt": "key 7: value", "answer": "7"}
+  prompts.write_text(json.dumps(short) + "\n" + json.dumps({**short, "prompt": "x" * 500}) + "\n")
+  max_len = _lab()[0].exp.resolve("rope").model.max_len
+  assert L.main(["--quick", "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports"),
+                 "--lab-set", "disrupt.model=run", f"disrupt.prompts={prompts}", "--dry-run"]) == 2
+  err = capsys.readouterr().err
+  assert err == (f"error: {prompts}:2: prompt: 500 tokens + 4 new exceed the context of arm 'rope' "
+                 f"({max_len} tokens)\n"), err
+  assert not (tmp_path / "runs").exists()
+  prompts.write_text(json.dumps(short) + "\n")
+  assert L.main(["--quick", "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports"),
+                 "--lab-set", "disrupt.model=run", f"disrupt.prompts={prompts}", "--dry-run"]) == 0
+
+
 def test_a_changed_setting_changes_the_hash_of_exactly_the_stages_it_affects():
   base = _lab()[0].hashes
 
