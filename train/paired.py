@@ -8,6 +8,7 @@ module last) the same initial value of every tensor the arms share. Layout:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -46,13 +47,17 @@ def plan(exp: ExperimentConfig, out: str, arms: Iterable[str] | None = None) -> 
   for cfg, arm_dir in runs.values():
     check_runnable(cfg)
     check_run_dir(arm_dir, cfg)
-  with writing([arm_dir for _, arm_dir in runs.values()]):   # refused while another process trains an arm
-    for cfg, arm_dir in runs.values():
-      prepare_run_dir(arm_dir, cfg)
-  if primary():   # read again and merged under the lock: two commands adding arms at once keep both
-    with atomic.serialized(experiment_dir(exp, out)):
-      atomic.write_json(os.path.join(experiment_dir(exp, out), "experiment.json"), C.to_dict(recorded(exp, out)),
-                        indent=2)
+  folder = experiment_dir(exp, out)
+  os.makedirs(folder, exist_ok=True)
+  # Two commands adding arms at once keep both: each reads the record again under the folder's lock,
+  # before its own arms are prepared (so they do not count as trained), and writes it under the same.
+  with atomic.serialized(folder) if primary() else contextlib.nullcontext():
+    record = recorded(exp, out)
+    with writing([arm_dir for _, arm_dir in runs.values()]):   # refused while another process trains an arm
+      for cfg, arm_dir in runs.values():
+        prepare_run_dir(arm_dir, cfg)
+    if primary():
+      atomic.write_json(os.path.join(folder, "experiment.json"), C.to_dict(record), indent=2)
   return runs
 
 
