@@ -43,11 +43,11 @@ def plan(exp: ExperimentConfig, out: str, arms: Iterable[str] | None = None) -> 
   for arm in names:
     C.check_choice("arms", arm, exp.arms)
   recorded(exp, out)   # refused before anything is written
-  runs = {arm: (exp.resolve(arm), os.path.join(experiment_dir(exp, out), arm)) for arm in names}
+  folder = experiment_dir(exp, out)
+  runs = {arm: (exp.resolve(arm), os.path.join(folder, arm)) for arm in names}
   for cfg, arm_dir in runs.values():
     check_runnable(cfg)
     check_run_dir(arm_dir, cfg)
-  folder = experiment_dir(exp, out)
   os.makedirs(folder, exist_ok=True)
   # Two commands adding arms at once keep both: each reads the record again under the folder's lock,
   # before its own arms are prepared (so they do not count as trained), and writes it under the same.

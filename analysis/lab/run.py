@@ -232,8 +232,9 @@ class Lab:
     if "disrupt" in enabled:
       disruption.check_model(self.cfg.disrupt.model, "disrupt.model", RUN, run=True)
       base, _, prompts = disruption.plan(self.study("disrupt"), model=False, name=_named("disrupt"))
-      items = suites.from_prompts(prompts, ByteTokenizer()) if prompts else []   # the arms' tokenizer
-      for arm, train in self._own_arms(self.cfg.disrupt.model):
+      arms = self._own_arms(self.cfg.disrupt.model)
+      items = suites.from_prompts(prompts, ByteTokenizer()) if prompts and arms else []   # the arms' tokenizer
+      for arm, train in arms:
         disruption.check_dims(self.cfg.disrupt, base, train.model, f"arm {arm!r}", _named("disrupt"))
         disruption.check_fits(items, train.model.max_len, f"arm {arm!r}", self.cfg.disrupt.prompts)
     if "quant" in enabled:
