@@ -1,5 +1,6 @@
 """The on-disk cache of derived data ($MINILM_CACHE, default ~/.cache/minilm): dequantized GGUF
-tensors (minilm.importers.gguf) and encoded text streams (train.text).
+tensors (minilm.importers.gguf), encoded text streams (train.text) and XLA's compiled programs
+(`keep_compiled`).
 
 Entries are keyed by the contents of the files they come from, never by their paths or times: a
 package's files sit at another path, with another modification time, in every virtual environment
@@ -12,8 +13,18 @@ import functools
 import hashlib
 import json
 import os
+import platform
+import sys
+
+import jax
+import jaxlib
+
+from minilm import machine
 
 CHUNK = 1 << 22
+COMPILED_MAX_BYTES = 2 << 30
+"""The compiled programs kept (jax evicts the least recently used beyond it): the default lab's take
+about 0.1 GB."""
 
 
 def root() -> str:
@@ -50,3 +61,40 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     while chunk := f.read(CHUNK):
       h.update(chunk)
   return h.hexdigest()
+
+
+def keep_compiled() -> str | None:
+  """Keep XLA's compiled programs in $MINILM_CACHE/xla/<machine> (jax's persistent compilation
+  cache), so that a later command, or a worker beside this one, loads a program an earlier one
+  compiled instead of compiling it again. Returns the folder, or None where none is kept.
+
+  jax's own settings come first: JAX_COMPILATION_CACHE_DIR names another folder, and
+  JAX_ENABLE_COMPILATION_CACHE=false keeps none. The folder is named by the jax and jaxlib versions
+  and the CPU's model and flags: a program compiled for AVX-512 or AMX must never load on a CPU
+  without them, wherever a home folder is shared between machines. The settings also go into the
+  environment, so the processes this one starts keep the same folder. jax keeps only programs that
+  took a second or more to compile, writes and reads them under a file lock, and a damaged entry is
+  compiled again (with a warning), never run.
+  """
+  if not jax.config.jax_enable_compilation_cache:
+    return None
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  folder = compiled_folder()
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as err:   # the cache is a saving, never a reason to stop
+    print(f"note: compiled programs not kept ({err.strerror or err}): {folder}", file=sys.stderr)
+    return None
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_compilation_cache_max_size", COMPILED_MAX_BYTES)
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", folder)
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(COMPILED_MAX_BYTES))
+  return folder
+
+
+def compiled_folder() -> str:
+  """$MINILM_CACHE/xla/<16 hex digits of the jax and jaxlib versions, the architecture, the CPU's
+  model and its flags>: `keep_compiled`'s folder on this machine."""
+  model, flags = machine.cpu_info()
+  return os.path.join(root(), "xla", key(jax.__version__, jaxlib.__version__, platform.machine(), model, sorted(flags)))

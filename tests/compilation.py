@@ -21,6 +21,9 @@ _PROBE = "import jax.numpy as jnp; jnp.zeros(2).block_until_ready()"
 def apply() -> None:
   """Set the fast compilation in os.environ, unless the lab's is asked for. Idempotent: a worker
   finds the emitter flag already set by the main process and runs no check."""
+  # no compiled program is kept on disk ($MINILM_CACHE/xla, minilm.cache.keep_compiled): a test's
+  # output never depends on an earlier run's; tests/minilm/test_cache.py turns it on where it tests it
+  os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   mode = os.environ.get(SWITCH, "fast")
   if mode not in ("fast", "lab"):
     raise SystemExit(f"{SWITCH}: must be 'fast' or 'lab'; got {mode!r}")

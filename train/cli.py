@@ -26,7 +26,7 @@ import sys
 
 from absl import logging
 
-from minilm import atomic
+from minilm import atomic, cache
 from minilm import schema as C
 from minilm.cli import INTERRUPTED, end_with_parent, guarded, sigterm_as_interrupt
 from train import paired, prefetch, tensorboard
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
   code = guarded(init_distributed) if args.distributed else 0
   if code:
     return code
+  cache.keep_compiled()
   try:
     with sigterm_as_interrupt():   # cleanup runs: --jobs stops its arms' processes
       end_with_parent()

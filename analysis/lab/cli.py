@@ -15,6 +15,7 @@ from analysis.massive import pipeline as PL
 from analysis.massive import stats as S
 from analysis.massive.store import PROBE_SEED, Store
 from analysis.studies import disruption, onset, pretrained, quantization, trajectory
+from minilm import cache
 from minilm.cli import guarded
 from minilm.schema import check
 
@@ -160,4 +161,5 @@ def main(argv=None) -> int:
     p.set_defaults(run=run)
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.ERROR)   # orbax's read-only managers warn once per restored checkpoint
+  cache.keep_compiled()
   return guarded(lambda: args.run(args))

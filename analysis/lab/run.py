@@ -46,7 +46,7 @@ from analysis.studies import disruption, pretrained, quantization, suites
 from analysis.studies.disruption import DisruptStudy
 from analysis.studies.pretrained import PretrainedStudy
 from analysis.studies.quantization import QuantStudy
-from minilm import atomic, machine
+from minilm import atomic, cache, machine
 from minilm import paths
 from minilm import schema as C
 from minilm.cli import INTERRUPTED, child_env, end_with_parent, guarded, last_error, sigterm_as_interrupt, stop
@@ -653,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parser().parse_args(argv)
   logging.set_verbosity(logging.ERROR)
+  cache.keep_compiled()
   labs = []
 
   def run() -> None:
