@@ -22,9 +22,12 @@ import jaxlib
 from minilm import machine
 
 CHUNK = 1 << 22
-COMPILED_MAX_BYTES = 2 << 30
-"""The compiled programs kept (jax evicts the least recently used beyond it): the default lab's take
-about 0.1 GB."""
+COMPILED = {
+    "jax_compilation_cache_max_size": 2 << 30,        # bytes; jax evicts the least recently used beyond it
+    "jax_persistent_cache_min_compile_time_secs": 0,   # every program: loading beats compiling a small one too
+}
+"""`keep_compiled`'s settings of jax's persistent cache, where the environment sets none (the
+default lab keeps 180 programs in 6 MB)."""
 
 
 def root() -> str:
@@ -68,28 +71,28 @@ def keep_compiled() -> str | None:
   cache), so that a later command, or a worker beside this one, loads a program an earlier one
   compiled instead of compiling it again. Returns the folder, or None where none is kept.
 
-  jax's own settings come first: JAX_COMPILATION_CACHE_DIR names another folder, and
-  JAX_ENABLE_COMPILATION_CACHE=false keeps none. The folder is named by the jax and jaxlib versions
+  jax's own settings come first, each of them: JAX_COMPILATION_CACHE_DIR names another folder,
+  JAX_ENABLE_COMPILATION_CACHE=false keeps none, and the environment's settings of COMPILED's
+  fields replace those. The folder is named by the jax and jaxlib versions
   and the CPU's model and flags: a program compiled for AVX-512 or AMX must never load on a CPU
   without them, wherever a home folder is shared between machines. The settings also go into the
-  environment, so the processes this one starts keep the same folder. jax keeps only programs that
-  took a second or more to compile, writes and reads them under a file lock, and a damaged entry is
-  compiled again (with a warning), never run.
+  environment, so the processes this one starts keep the same folder. jax writes and reads the
+  programs under a file lock, and a damaged entry is compiled again (with a warning), never run.
   """
   if not jax.config.jax_enable_compilation_cache:
     return None
-  if jax.config.jax_compilation_cache_dir:
-    return jax.config.jax_compilation_cache_dir
-  folder = compiled_folder()
-  try:
-    os.makedirs(folder, exist_ok=True)
-  except OSError as err:   # the cache is a saving, never a reason to stop
-    print(f"note: compiled programs not kept ({err.strerror or err}): {folder}", file=sys.stderr)
-    return None
-  jax.config.update("jax_compilation_cache_dir", folder)
-  jax.config.update("jax_compilation_cache_max_size", COMPILED_MAX_BYTES)
-  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", folder)
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(COMPILED_MAX_BYTES))
+  folder = jax.config.jax_compilation_cache_dir
+  if not folder:
+    folder = compiled_folder()
+    try:
+      os.makedirs(folder, exist_ok=True)
+    except OSError as err:   # the cache is a saving, never a reason to stop
+      print(f"note: compiled programs not kept ({err.strerror or err}): {folder}", file=sys.stderr)
+      return None
+  for name, value in {"jax_compilation_cache_dir": folder, **COMPILED}.items():
+    if name.upper() not in os.environ:
+      jax.config.update(name, value)
+      os.environ[name.upper()] = str(value)
   return folder
 
 
