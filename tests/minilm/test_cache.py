@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from helpers import ROOT
@@ -163,3 +164,10 @@ def test_the_compiled_folder_differs_with_the_cpu_s_flags(monkeypatch, tmp_path)
   assert avx512 != avx2 and os.path.dirname(avx512) == os.path.dirname(avx2) == str(tmp_path / "xla")
   monkeypatch.setattr(machine, "cpu_info", lambda: ("Some CPU", frozenset({"avx512f", "avx2"})))
   assert cache.compiled_folder() == avx512    # flags as a set
+
+
+def test_the_suite_itself_keeps_no_compiled_program():
+  """tests/compilation.py turns jax's persistent cache off before jax is imported, in every worker
+  and the commands tests start: no test's result comes from a program an earlier run compiled."""
+  assert not jax.config.jax_enable_compilation_cache
+  assert os.environ["JAX_ENABLE_COMPILATION_CACHE"] == "false"
