@@ -5,7 +5,8 @@ tensors (minilm.importers.gguf), encoded text streams (train.text) and XLA's com
 Entries are keyed by the contents of the files they come from, never by their paths or times: a
 package's files sit at another path, with another modification time, in every virtual environment
 it is installed into, and a key of paths would store the same 545 MB of SmolLM2 tensors once per
-checkout. Each entry is written whole under a temporary name and renamed into place.
+checkout. Each entry is written whole under a temporary name and renamed into place. Compiled
+programs are jax's entries, under jax's key of each program, in a folder per machine.
 """
 from __future__ import annotations
 
