@@ -378,7 +378,9 @@ def test_the_latest_checkpoint_is_the_highest_step_and_a_partial_one_is_not_list
 def test_a_damaged_latest_step_is_refused_then_kept_aside_and_the_one_before_resumed(steps_2_and_10, capsys):
   cfg, arm_dir = steps_2_and_10
   damage(arm_dir, 10, "flip")
-  with pytest.raises(checkpoints.DamagedCheckpoint, match=r"^step 10 \(.*differs from its checksum"):
+  # Either check may refuse it: which fires depends on what the flipped bytes hold in orbax's data
+  # file, and that varied between runs of the suite. test_checkpoints.py tests each check's message.
+  with pytest.raises(checkpoints.DamagedCheckpoint, match=r"^step 10 \(.*(differs from its checksum|cannot be read)"):
     load_model(arm_dir, 10)
   step, params = _resume_point(cfg, arm_dir)
   assert step == 2 and "moved to" in capsys.readouterr().err
