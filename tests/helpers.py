@@ -485,7 +485,7 @@ def left_running(pids: list[int], seconds: float = 20) -> dict[int, str]:
     try:
       with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):   # reaped before the open, or between open and read
       return False
   deadline = time.monotonic() + seconds
   while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
