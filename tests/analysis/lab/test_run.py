@@ -58,7 +58,6 @@ def test_bad_input_ends_in_one_line_naming_the_field(argv, field, capsys):
 def test_a_prompts_file_longer_than_the_own_arms_context_is_refused_before_training(tmp_path, capsys):
   """C5 on the lab's own arms with a prompts file: each prompt, in the arms' byte tokens, with its new
   tokens, must fit the arms' max_len, checked before the arms train (not after, at the C5 stage)."""
-  import json
   prompts = tmp_path / "prompts.jsonl"
   short = {"family": "mine", "kind": "contextual", "prompt": "key 7: value", "answer": "7"}
   prompts.write_text(json.dumps(short) + "\n" + json.dumps({**short, "prompt": "x" * 500}) + "\n")
