@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -184,13 +185,18 @@ def recover_dir(final: str, keep_partial: bool = False) -> None:
 
 
 def _check_replaceable(final: str, owns: tuple[str, ...]) -> None:
-  """A non-empty `final` that holds none of the files `owns` names (what an earlier output of its kind
-  holds) is a one-line ConfigError: replacing it would delete someone's files (or the study's inputs)."""
-  if not os.path.isdir(final) or any(os.path.exists(os.path.join(final, f)) for f in owns):
+  """`final` may be replaced when it is empty, or an earlier output of this kind: it holds a name
+  matching owns[0] (the kind's own mark) and nothing that no pattern of `owns` (every name such an
+  output holds) matches. Otherwise a one-line ConfigError: replacing it would delete someone's files,
+  the study's inputs, or another command's output that shares some of its names."""
+  if not os.path.isdir(final):
     return
   entries = sorted(os.listdir(final))
-  check(not entries, final, f"holds files this command did not write ({', '.join(entries[:3])}"
-        f"{', ...' if len(entries) > 3 else ''}), which writing there would delete; choose a new or empty folder")
+  foreign = [e for e in entries if not any(fnmatch.fnmatchcase(e, p) for p in owns)]
+  replaceable = not entries or (not foreign and any(fnmatch.fnmatchcase(e, owns[0]) for e in entries))
+  listed = foreign or entries
+  check(replaceable, final, f"holds files this command did not write ({', '.join(listed[:3])}"
+        f"{', ...' if len(listed) > 3 else ''}), which writing there would delete; choose a new or empty folder")
 
 
 @contextlib.contextmanager
@@ -201,8 +207,8 @@ def staged_dir(final: str, keep_partial: bool = False, owns: tuple[str, ...] | N
   Staging and old folders hold a MARK file while they exist (`final` never keeps one); the process
   writing holds the MARK (flock), so a second process writing the same `final` is refused in one
   line, and the lock ends with its holder, even a killed one. `owns` (for a folder the user names):
-  a `final` that holds files but none of these names (what earlier outputs of its kind hold) is
-  refused, not replaced."""
+  fnmatch patterns of every name an earlier output of this kind holds, its own mark first; any
+  other non-empty `final` is refused, not replaced (`_check_replaceable`)."""
   final = os.path.abspath(final)
   _check_leftovers(final)
   if owns is not None:

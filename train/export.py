@@ -313,7 +313,8 @@ def export_model(model, fmt: str, out: str, about: dict | None = None) -> None:
   C.check_choice("--format", fmt, FORMATS)
   make_config, make_tensors = FORMAT_FUNCTIONS[fmt]
   config = make_config(model.cfg)
-  with atomic.staged_dir(out, owns=(MARKER,)) as staging:
+  with atomic.staged_dir(out, owns=(MARKER, "config.json", "model.safetensors", "tokenizer.json",
+                                    "tokenizer_config.json")) as staging:
     atomic.write_json(os.path.join(staging, "config.json"), config)
     with atomic.path(os.path.join(staging, "model.safetensors")) as tmp:
       save_file(make_tensors(model, config), tmp, metadata={"format": "pt"})

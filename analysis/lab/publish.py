@@ -327,7 +327,7 @@ def publish(report_dir: str, out: str = "results", name: str | None = None, log=
     log(f"left out {rel} ({size_text(size)}, {why}" + ("; index.html links to it" if rel in linked else "") + ")")
   roots = roots_of(report_dir)
   texts = rewrite_files(report_dir, keep, roots)    # before anything is written: an unknown path stops here
-  with atomic.staged_dir(dest, owns=("PROVENANCE.md",)) as tmp:
+  with atomic.staged_dir(dest, owns=("PROVENANCE.md", "*")) as tmp:   # a published result is replaced whole
     for rel in keep:
       os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
       shutil.copyfile(os.path.join(report_dir, rel), os.path.join(tmp, rel))

@@ -109,7 +109,7 @@ def run_key(cfg) -> str:
   return cache.key(sorted((k, v) for k, v in ck.flat(C.to_dict(cfg)).items() if k not in ck.CHANGEABLE))
 
 
-def _same_training(facts: dict, cfg) -> bool:
+def same_training(facts: dict, cfg) -> bool:
   """Whether an arm's facts in meta.json are of this training (a trace older than the seed or key it
   records: as far as it tells)."""
   return facts.get("seed", cfg.seed) == cfg.seed and facts.get("run_key", run_key(cfg)) == run_key(cfg)
@@ -127,7 +127,7 @@ def check_source(out_dir: str, run_dir: str, plan: RunPlan) -> None:
     why = f"a trace of {held}"
   else:
     other = [arm for arm, facts in meta.get("arms", {}).items() if arm in plan.configs and
-             not _same_training(facts, plan.configs[arm])]
+             not same_training(facts, plan.configs[arm])]
     why = f"a trace of another run of {held} (arm {other[0]!r}: another seed or config)" if other else ""
   check(not why, "--out", f"{out_dir} holds {why}; give another --out or remove it")
 

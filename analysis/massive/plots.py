@@ -271,8 +271,8 @@ def bars3d(store: ST.Store, arm: str, layer: int | None = None, head: int | None
            tensor: str = "rot_q", max_tokens: int = 48) -> list[str]:
   """The paper-style 3D bars of |x| over tokens x dims for one head (default: the head with the
   largest max/mean of `tensor` at the last step)."""
-  with np.load(store.path("tokens", f"{arm}.npz")) as z:
-    x, step = z[tensor].astype(np.float32), int(z["step"])
+  z = store.load_tokens(arm)
+  x, step = z[tensor].astype(np.float32), int(z["step"])
   if layer is None or head is None:
     M = np.sqrt((x.astype(np.float64) ** 2).sum(1))               # [L, H, D]
     layer, head = np.unravel_index(np.argmax(S.max_mean(M)), M.shape[:2])
@@ -351,10 +351,10 @@ def sinks_over_steps(store: ST.Store, summ: dict) -> list[str]:
 def attention_patterns(store: ST.Store, arm: str) -> list[str]:
   """Probe 0's attention on its first tokens for four heads of the token view's step: the strongest
   and the weakest sink head, and the heads with the largest rot_q and rot_k max/mean."""
-  with np.load(store.tokens_path(arm)) as z:
-    if "attn" not in z.files:
-      return []
-    probs, step = z["attn"].astype(np.float32), int(z["step"])
+  z = store.load_tokens(arm)
+  if "attn" not in z:
+    return []
+  probs, step = z["attn"].astype(np.float32), int(z["step"])
   rows = [r for r in ST.read_table(store.path("sinks.csv")) if (r["arm"], int(r["step"])) == (arm, step)]
   if not rows:
     return []

@@ -32,6 +32,12 @@ from minilm.encodings import Pairing, PositionConfig
 from minilm.schema import ConfigError, check, from_dict, to_dict
 from train import checkpoints as ck
 
+NAMES = ("probes.npy", "mask.npy", "meta.json", "sums", "sinks", "tokens", "table.csv", "summary.json", "sinks.json",
+         "sinks.csv", "resid.csv", "claims.json", "claims.md", "plots", "timing.jsonl", "tensorboard",
+         "comparisons.json", "arms.json")
+"""Every name a traced directory holds at its top (the layout above; comparisons and arms.json:
+massive.compare; tensorboard/: --tensorboard)."""
+
 TOKEN_POINTS = ("q", "rot_q", "rot_k", "v")
 """The points of the token view (tokens/<arm>.npz)."""
 
@@ -44,6 +50,22 @@ def pairing_of(facts: dict) -> Pairing:
 def layer_tensor_keys(sums: dict):
   """[(layer, tensor)] in layer, then minilm.hooks.QKV order."""
   return sorted(map(hooks.split, sums), key=lambda lt: (lt[0], hooks.QKV.index(lt[1])))
+
+
+DAMAGED = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError)
+"""What reading a damaged .npz or .npy file raises (cut short, edited by hand, not numpy's format)."""
+
+
+def load_arrays(path: str) -> dict:
+  """Every array of a .npz file of the store; a damaged file is a one-line error naming it."""
+  try:
+    with np.load(path) as z:
+      return {k: z[k] for k in z.files}
+  except FileNotFoundError:
+    raise
+  except DAMAGED as err:
+    raise ConfigError(f"{path}: cannot be read ({type(err).__name__}: {err}); trace again into this folder "
+                      "(damaged steps are redone) or into a new one") from None
 
 
 def _hook_name(key: str) -> str:
@@ -77,8 +99,13 @@ class Store:
     return self.path("tokens", f"{arm}.npz")
 
   def load_sums(self, arm: str, step: int) -> dict:
-    with np.load(self.sums_path(arm, step)) as z:
-      return {_hook_name(k): z[k] for k in z.files}
+    """The step's sums by hook name; values that are not finite (which trace redoes, as `good_steps`)
+    are a one-line error: every statistic and verdict drawn from them would be NaN."""
+    path = self.sums_path(arm, step)
+    sums = {_hook_name(k): v for k, v in load_arrays(path).items()}
+    check(all(np.isfinite(v).all() for v in sums.values()), path, "holds values that are not finite; trace again "
+          "into this folder (damaged steps are redone) or into a new one")
+    return sums
 
   def save_sums(self, arm: str, step: int, sums: dict) -> None:
     atomic.save_npz(self.sums_path(arm, step), **sums)
@@ -90,8 +117,10 @@ class Store:
     return _readable(self.sinks_path(arm, step), set())
 
   def load_sinks(self, arm: str, step: int) -> dict:
-    with np.load(self.sinks_path(arm, step)) as z:
-      return {k: z[k] for k in z.files}
+    return load_arrays(self.sinks_path(arm, step))
+
+  def load_tokens(self, arm: str) -> dict:
+    return load_arrays(self.tokens_path(arm))
 
   def good_steps(self, arm: str, keys: set[str]) -> list[int]:
     """The steps of `arm` whose sums file reads back whole with every key in `keys` and whose sinks
@@ -110,7 +139,7 @@ class Store:
     try:
       with np.load(self.tokens_path(arm)) as z:
         return int(z["step"]) if set(TOKEN_POINTS) <= set(z.files) else None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+    except DAMAGED:
       return None
 
   def meta(self) -> dict:
@@ -126,7 +155,8 @@ class Store:
   def require(self) -> "Store":
     """self, or a one-line error if this is not a traced directory."""
     try:
-      traced = "arms" in self.meta() and os.path.exists(self.path("summary.json"))
+      meta = self.meta()
+      traced = isinstance(meta, dict) and bool(meta.get("arms")) and os.path.exists(self.path("summary.json"))
     except (OSError, ValueError):   # a meta.json that is not JSON
       traced = False
     if not traced:
@@ -143,7 +173,7 @@ def _readable(path: str, keys: set[str]) -> bool:
     with np.load(path) as z:
       names = {_hook_name(k): k for k in z.files}
       return keys <= set(names) and all(np.isfinite(z[names[k]]).all() for k in keys)
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+  except DAMAGED:
     return False
 
 

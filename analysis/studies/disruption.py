@@ -744,6 +744,11 @@ def check_dims(cfg: DisruptStudy, base: DisruptConfig, model_cfg, label: str, na
         f"must be at most the head_dim {head_dim} of {label} (criterion topk); got {base.top_k}")
 
 
+OUTPUTS = ("verdict.json", "results.jsonl", "summary.json", "table.md", "c5.png", "claims.json", "claims.md")
+"""What a C5 output folder holds, its own mark first: an --out holding anything else is refused
+(minilm.atomic.staged_dir), a C6 output included."""
+
+
 def run(cfg: DisruptStudy, out: str) -> dict:
   """Validate, load every model, then write the outputs into a staging folder that replaces `out`
   only when complete: a bad setting or a failure midway leaves an earlier `out` as it was."""
@@ -759,7 +764,7 @@ def run(cfg: DisruptStudy, out: str) -> dict:
             "suite": "prompts" if prompts else cfg.suite, "prompts": cfg.prompts, "n": cfg.n, "seed": cfg.seed,
             "rule": RULE, "models": {}}
   all_records, pools = [], {}
-  with atomic.staged_dir(out, owns=("results.jsonl",)) as staging:
+  with atomic.staged_dir(out, owns=OUTPUTS) as staging:
     folder = Path(staging)
     with open(folder / "results.jsonl", "w") as sink:
       for label, model, tokenizer, items, probe_prompts, notes in models:

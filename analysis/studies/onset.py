@@ -57,6 +57,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 
 from analysis.massive import claims as CL  # noqa: E402
+from analysis.massive import pipeline as PL  # noqa: E402
 from analysis.massive import stats as S  # noqa: E402
 from analysis.massive import store as ST  # noqa: E402
 from minilm import atomic, encodings, hooks  # noqa: E402
@@ -136,9 +137,13 @@ def table(trace_dir: str, run_dir: str | None = None) -> list[dict]:
   check(bool(set(KINDS) & set(kinds)), "trace_dir", f"{trace_dir} holds arms of kind {', '.join(kinds)}; the onset "
         f"fit needs arms of kind {' or '.join(map(repr, KINDS))}")
   run_dir = run_dir or meta.get("run_dir", "")
-  for arm in meta["arms"]:   # every input checked before any statistic is computed
+  for arm, facts in meta["arms"].items():   # every input checked before any statistic is computed
     check(os.path.exists(os.path.join(run_dir, arm, "config.json")), "--run-dir", f"{run_dir or '(none recorded)'} "
           f"has no {arm}/config.json; pass the run the trace was made from (each arm's TrainConfig is read there)")
+    # its token counts and scores would be another training's
+    check(PL.same_training(facts, ck.load_config(os.path.join(run_dir, arm))), "--run-dir",
+          f"{run_dir}/{arm} is not the training the trace was made from (its seed or settings differ from those "
+          "meta.json records); pass the run the trace was made from")
   cfg, rows, params = ST.stat_config(meta), [], {}
   for arm, facts in meta["arms"].items():
     arm_dir = os.path.join(run_dir, arm)
@@ -411,6 +416,10 @@ def scores_figure(rows: list[dict], path: str) -> bool:
   return True
 
 
+OUTPUTS = ("fit.json", "onset_table.csv", "concentration.png", "pair_profile.png", "scores.png", "prediction.json")
+"""What an onset output folder holds, its own mark first (`write`, and prediction.json with --predict)."""
+
+
 def write(rows: list[dict], out: str, *, sizes=(), n_boot: int = N_BOOT, horizon: float = HORIZON,
           source: dict | None = None) -> dict:
   """onset_table.csv, fit.json, concentration.png, pair_profile.png and scores.png (when checkpoints have
@@ -519,7 +528,7 @@ def run(cfg: OnsetStudy, out: str) -> tuple[dict, dict | None]:
   atomic.check_out_dir(out)
   fits = load_fits(cfg.predict) if cfg.predict else []
   rows = table(cfg.trace_dir, cfg.run_dir)
-  with atomic.staged_dir(out, owns=("fit.json",)) as staging:
+  with atomic.staged_dir(out, owns=OUTPUTS) as staging:
     data = write(rows, staging, sizes=cfg.params, n_boot=cfg.n_boot, horizon=cfg.horizon,
                  source=portable_tree({"trace_dir": cfg.trace_dir, "run_dir": cfg.run_dir, "predict": cfg.predict}))
     tested = check_prediction(rows, fits) if fits else None

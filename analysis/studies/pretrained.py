@@ -21,6 +21,7 @@ from typing import Callable
 
 from analysis.massive import pipeline as PL
 from analysis.massive import stats as S
+from analysis.massive import store
 from analysis.studies import disruption, sources
 from minilm import atomic
 from minilm.model import count_params
@@ -81,7 +82,7 @@ def run(cfg: PretrainedStudy, out: str) -> dict:
   t1 = time.perf_counter()
   # pretrained.json, not meta.json: every traced folder holds a meta.json, and only this study's output
   # may be replaced (not a trace, nor a run's arm folder)
-  with atomic.staged_dir(out, owns=("pretrained.json",)) as staging:
+  with atomic.staged_dir(out, owns=("pretrained.json", *store.NAMES)) as staging:
     PL.analyze_model(model, probes, staging, arm=arm, step=0, context=context,
                      stat_cfg=cfg.stats, batch_size=cfg.batch, plots=cfg.plots)
     facts = {"model": cfg.model, "arm": arm, "name": arm, "source": str(info.get("source")),

@@ -444,6 +444,11 @@ def check_text(tokenizer, calib: tuple[int, int], ppl: tuple[int, int], name=dis
   text_windows(tokenizer, *ppl, True, name("ppl"))
 
 
+OUTPUTS = ("c6*.png", "results.jsonl", "summary.json", "table.md", "claims.json", "claims.md")
+"""What a C6 output folder holds, its own mark (c6.png, or c6_<model>.png for each model) first: an
+--out holding anything else is refused (minilm.atomic.staged_dir), a C5 output included."""
+
+
 def run(cfg: QuantStudy, out: str) -> dict:
   """Validate, load every model and check every scheme fits it, then write the outputs into a
   staging folder that replaces `out` only when complete (see analysis.studies.disruption.run)."""
@@ -461,7 +466,7 @@ def run(cfg: QuantStudy, out: str) -> dict:
               for label, model, tokenizer, items, *_ in sources]
   tasks = [(k, scheme) for k in range(len(subjects)) for scheme in scheme_list]
   done = {}
-  with atomic.staged_dir(out, owns=("results.jsonl",)) as staging:
+  with atomic.staged_dir(out, owns=OUTPUTS) as staging:
     folder = Path(staging)
     for i, res in scheme_results(subjects, tasks, cfg.jobs):
       (k, scheme), s = tasks[i], res["seconds"]

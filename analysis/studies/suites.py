@@ -391,6 +391,9 @@ def from_examples(examples: dict[str, list], tokenizer: TextTokenizer, kinds: di
 # ----------------------------------------------------------------------------------- own prompts
 
 PROMPT_FIELDS = ("family", "kind", "prompt", "answer", "memory", "max_new_tokens")
+RESERVED = ("answer_ids", "memory_ids", "line", "task", "text", "tokenizer", "bos")
+"""Names a prompts line may not use for a field of its own: scoring reads answer_ids and memory_ids
+(token ids that replace the text answer), `line` is the line's number, and the rest are `_item`'s."""
 MAX_NEW = 512
 """The most new tokens an item may ask for."""
 
@@ -412,6 +415,9 @@ def _prompt_row(row, path: str, number: int, kinds: dict[str, str]) -> dict:
   """One checked line of a prompts file (see read_prompts)."""
   where = f"{path}:{number}"
   check(isinstance(row, dict), f"{where}: line", f"must be a JSON object with {', '.join(PROMPT_FIELDS[:4])}")
+  for name in RESERVED:
+    check(name not in row, f"{where}: {name}", f"is a name the study gives its own fields; rename it (other fields "
+          f"than {', '.join(PROMPT_FIELDS)} are kept with the item, but for {', '.join(RESERVED)})")
   family, kind = _text_field(row, "family", where), row.get("kind")
   check(kind is not None, f"{where}: kind", "is missing")
   check_choice(f"{where}: kind", kind, KINDS)
@@ -430,7 +436,7 @@ def read_prompts(path: str, field: str = "--prompts") -> list[dict]:
   """The lines of a prompts file, each checked, before any model is loaded: one JSON object a line
   with family (any name: the task name in every table), kind (contextual | parametric | conflict),
   prompt, answer, optional memory (a conflict item's parametric answer) and max_new_tokens (default:
-  the answer's tokens + 2). Other fields are kept with the item. Blank lines are skipped. A bad line
+  the answer's tokens + 2). Other fields are kept with the item, but for the RESERVED names. Blank lines are skipped. A bad line
   is one error 'FILE:LINE: field: what is wrong' (a missing file names `field`)."""
   check(os.path.isfile(path), field, f"{path} is not a file")
   rows, kinds = [], {}

@@ -31,6 +31,20 @@ ACTIVATIONS = {"gelu_new": "gelu", "gelu_fast": "gelu", "gelu_pytorch_tanh": "ge
                "relu": "relu"}
 
 
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "an object",
+               list: "a list"}
+
+
+def _same_kind(value, default) -> bool:
+  """Whether a config.json value is of the default's kind (an integer counts as a number; true and
+  false count as neither)."""
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(default, bool) and isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  return isinstance(value, type(default))
+
+
 class HFConfig:
   """config.json's fields, read with one-line errors that name the missing or unsupported key."""
 
@@ -38,13 +52,24 @@ class HFConfig:
     self.data, self.source, self.where = data, source, where
 
   def get(self, key: str, default=None):
+    """The field, or `default` where it is absent or null; a value of another kind than the default's
+    (a string for a number, a number for an object) is a one-line error naming the key."""
     value = self.data.get(key)
-    return default if value is None else value
+    if value is None:
+      return default
+    if default is not None and not _same_kind(value, default):
+      raise ValueError(f"{self.source}: {self.where}{key} must be {_KIND_WORDS[type(default)]}; got {value!r}")
+    return value
 
-  def need(self, key: str):
+  def need(self, key: str, kind: type = int):
+    """A required field: a positive integer (a size or a count), or a positive number if `kind` is float."""
     if key not in self.data:
       raise ValueError(f"{self.source}: {self.where.rstrip('. ')} is missing {key!r}")
-    return self.data[key]
+    value = self.data[key]
+    if not (_same_kind(value, kind()) and value > 0):
+      raise ValueError(f"{self.source}: {self.where}{key} must be a positive {'number' if kind is float else 'integer'}; "
+                       f"got {value!r}")
+    return value
 
   def refuse(self, key: str, ok: bool, what: str = "is not supported") -> None:
     if not ok:
@@ -66,12 +91,12 @@ class HFConfig:
       params.data["rope_type"] = params.data["type"]
     scaling = params.choice("rope_type", "default", ROPE_TYPES)
     fraction = params.get("partial_rotary_factor", self.get(fraction_key, 1.0))
-    extra = {} if scaling == "none" else {"factor": float(params.need("factor"))}
+    extra = {} if scaling == "none" else {"factor": float(params.need("factor", float))}
     if scaling == "llama3":
-      extra.update(low_freq_factor=float(params.need("low_freq_factor")),
-                   high_freq_factor=float(params.need("high_freq_factor")),
+      extra.update(low_freq_factor=float(params.need("low_freq_factor", float)),
+                   high_freq_factor=float(params.need("high_freq_factor", float)),
                    original_max_len=int(params.need("original_max_position_embeddings")))
-    head_dim = self.get("head_dim") or self.need("hidden_size") // self.need("num_attention_heads")
+    head_dim = self.get("head_dim", 0) or self.need("hidden_size") // self.need("num_attention_heads")
     # HF rotates int(head_dim * fraction) dims; minilm wants that count as an exact fraction.
     return RoPE(base=float(params.get("rope_theta", self.get(base_key, 10000.0))),
                 fraction=int(head_dim * fraction) / head_dim, layout=layout, scaling=scaling, **extra)

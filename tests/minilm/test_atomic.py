@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_a_second_writer_of_a_staged_folder_is_refused_and_changes_nothing(tmp_p
 
 def test_a_folder_with_files_a_study_did_not_write_is_refused_not_replaced(tmp_path):
   """A study's --out that holds other files (its own inputs, say a trained arm or a trace) is refused
-  in one line and left as it was; an earlier output of the study (it holds `owns`) is replaced."""
+  in one line and left as it was; an earlier output of the study (it holds `owns` only) is replaced."""
   out = tmp_path / "arm"
   out.mkdir()
   (out / "config.json").write_text("{}")
@@ -135,10 +136,51 @@ def test_a_folder_with_files_a_study_did_not_write_is_refused_not_replaced(tmp_p
     with atomic.staged_dir(str(out), owns=("results.jsonl",)):
       raise AssertionError("not reached")
   assert sorted(os.listdir(out)) == ["checkpoints", "config.json"] and os.listdir(tmp_path) == ["arm"]
+  shutil.rmtree(out)
+  out.mkdir()
   (out / "results.jsonl").write_text("")   # an earlier output of the study
   with atomic.staged_dir(str(out), owns=("results.jsonl",)) as staging:
     atomic.write_text(os.path.join(staging, "results.jsonl"), "new")
   assert os.listdir(out) == ["results.jsonl"]
+
+
+def test_an_earlier_output_with_other_files_beside_it_or_of_another_kind_is_refused(tmp_path):
+  """An earlier output is replaced only when it holds nothing but what such an output holds (`owns`:
+  its mark first, then every other name): a user's file beside it, or another study's output that
+  shares some of its names (C5's and C6's results.jsonl), is refused in one line, and nothing is
+  deleted."""
+  c5, c6 = ("verdict.json", "results.jsonl", "summary.json", "c5.png"), ("c6*.png", "results.jsonl", "summary.json")
+  out = tmp_path / "out"
+  out.mkdir()
+  for name in ("verdict.json", "results.jsonl", "summary.json", "c5.png"):   # a C5 output
+    (out / name).write_text(name)
+  (out / "thesis.txt").write_text("draft")
+  (out / "data").mkdir()
+  with pytest.raises(atomic.ConfigError, match=rf"^{out}: holds files this command did not write \(data, thesis.txt\), "):
+    with atomic.staged_dir(str(out), owns=c5):
+      raise AssertionError("not reached")
+  shutil.rmtree(out / "data")
+  os.remove(out / "thesis.txt")
+  with pytest.raises(atomic.ConfigError, match=rf"^{out}: holds files this command did not write \(c5.png, verdict.json\), "):
+    with atomic.staged_dir(str(out), owns=c6):   # C6 into C5's output
+      raise AssertionError("not reached")
+  assert sorted(os.listdir(out)) == ["c5.png", "results.jsonl", "summary.json", "verdict.json"]
+  shared = tmp_path / "shared"   # only names that C6's output holds too, but not its mark
+  shared.mkdir()
+  (shared / "results.jsonl").write_text("")
+  (shared / "summary.json").write_text("")
+  with pytest.raises(atomic.ConfigError, match=rf"^{shared}: holds files this command did not write \(results.jsonl, "
+                                               rf"summary.json\), "):
+    with atomic.staged_dir(str(shared), owns=c6):
+      raise AssertionError("not reached")
+  with atomic.staged_dir(str(out), owns=c5) as staging:   # C5 again: replaced
+    atomic.write_text(os.path.join(staging, "verdict.json"), "new")
+  assert os.listdir(out) == ["verdict.json"]
+  (out / "c6_rope.png").write_text("")   # a pattern: c6.png, or one per model
+  os.remove(out / "verdict.json")
+  with atomic.staged_dir(str(out), owns=c6) as staging:
+    atomic.write_text(os.path.join(staging, "c6.png"), "new")
+  assert os.listdir(out) == ["c6.png"]
 
 
 def test_json_readers_optional_and_required(tmp_path):

@@ -319,3 +319,39 @@ def test_the_claims_command_refuses_arms_the_rules_cannot_compare(tmp_path, caps
   assert (tmp_path / "claims.json").read_text() == earlier
   assert main(["claims", str(tmp_path), "--rope-arm", "rope", "--nope-arm", "nope"]) == 0
   assert {v.reference for v in CL.load_claims(str(tmp_path)) if v.claim == "C3"} == {"arm nope"}
+
+
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04x", b"garbage", "nan"])
+def test_a_damaged_sums_file_is_one_line_naming_it_and_the_verdicts_stay(tmp_path, capsys, damage):
+  """claims reads the traced sums as they are (trace redoes damaged ones): a file cut short, not a
+  zip, not numpy's, or holding NaN is one line naming it, not a traceback or NaN verdicts, and the
+  earlier verdicts stay."""
+  from analysis.lab.cli import main
+  store = _store(tmp_path, rope_layers=range(L), nope_layers=())
+  store.write_json("summary.json", {})
+  earlier = json.dumps({"level": 0.95, "claims": []})
+  (tmp_path / "claims.json").write_text(earlier)
+  if damage == "nan":
+    store.save_sums("rope", 10, {k: np.full_like(v, np.nan) for k, v in store.load_sums("rope", 10).items()})
+  else:
+    with open(store.sums_path("rope", 10), "wb") as f:
+      f.write(damage)
+  assert main(["claims", str(tmp_path)]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  why = "holds values that are not finite" if damage == "nan" else "cannot be read ("
+  assert len(lines) == 1 and lines[0].startswith(f"error: {store.sums_path('rope', 10)}: {why}"), lines
+  assert lines[0].endswith("trace again into this folder (damaged steps are redone) or into a new one"), lines
+  assert (tmp_path / "claims.json").read_text() == earlier
+
+
+def test_a_trace_without_arms_is_refused_and_the_verdicts_stay(tmp_path, capsys):
+  from analysis.lab.cli import main
+  store = _store(tmp_path, rope_layers=range(L), nope_layers=())
+  store.write_json("summary.json", {})
+  store.write_json("meta.json", {**store.meta(), "arms": {}})
+  earlier = json.dumps({"level": 0.95, "claims": []})
+  (tmp_path / "claims.json").write_text(earlier)
+  assert main(["claims", str(tmp_path)]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and "is not a traced directory (no meta.json with arms" in lines[0], lines
+  assert (tmp_path / "claims.json").read_text() == earlier

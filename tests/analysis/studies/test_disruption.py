@@ -187,6 +187,11 @@ def test_an_hf_directory_is_imported_and_disrupted(tmp_path, capsys):
     ('["x"]', "line: must be a JSON object"),
     ("[" * 100_000, "json: nested deeper than the parser goes"),
     ('{"family": "x", "kind": "contextual", "prompt": "caf\udce9", "answer": "a"}', "not UTF-8 text (invalid"),
+    # token ids in place of the answer would score every output against them (an empty list: all correct)
+    ('{"family": "x", "kind": "contextual", "prompt": "p", "answer": "5", "answer_ids": []}',
+     "answer_ids: is a name the study gives its own fields; rename it"),
+    ('{"family": "x", "kind": "contextual", "prompt": "p", "answer": "5", "text": "hi"}', "text: is a name the study"),
+    ('{"family": "x", "kind": "contextual", "prompt": "p", "answer": "5", "line": 3}', "line: is a name the study"),
 ])
 def test_bad_prompt_lines_are_one_error_before_any_model_loads(tmp_path, capsys, monkeypatch, bad, message):
   out = tmp_path / "c5"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from analysis.massive import pipeline as PL
 from analysis.massive import stats as S
 from analysis.massive import store as ST
 from analysis.massive import trace as T
@@ -19,6 +20,7 @@ from helpers import planted_law as planted
 from minilm import atomic
 from minilm.model import Decoder, count_params
 from minilm.schema import override, to_dict
+from train import checkpoints as ck
 from train.config import TrainConfig
 
 
@@ -172,6 +174,30 @@ def test_cli_writes_and_bad_input_is_one_line(traced, tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {field}: "), lines
     assert field != "trace_dir" or args[0] != str(alibi) or "'rope' or 'nope'" in lines[0]
+  assert not os.path.exists(tmp_path / "x")
+
+
+def test_a_run_dir_of_another_training_is_refused(traced, tmp_path, capsys):
+  """--run-dir gives each arm's batch, context and scores: a run whose arm trained otherwise than the
+  one traced (what meta.json records of it) would give another training's token counts."""
+  from analysis.lab.cli import main
+  trace, run = tmp_path / "trace", tmp_path / "run"
+  shutil.copytree(traced / "trace", trace)
+  shutil.copytree(json.loads((trace / "meta.json").read_text())["run_dir"], run)
+  meta = json.loads((trace / "meta.json").read_text())
+  for arm, facts in meta["arms"].items():   # what trace_run records of each arm
+    tc = ck.load_config(str(run / arm))
+    facts.update(seed=tc.seed, run_key=PL.run_key(tc))
+  (trace / "meta.json").write_text(json.dumps(meta))
+  assert main(["onset", str(trace), "--run-dir", str(run), "--out", str(tmp_path / "ok"), "--n-boot", "10"]) == 0
+  capsys.readouterr()
+  config = json.loads((run / "a" / "config.json").read_text())
+  config["data"]["batch_size"] = 8
+  (run / "a" / "config.json").write_text(json.dumps(config))
+  assert main(["onset", str(trace), "--run-dir", str(run), "--out", str(tmp_path / "x"), "--n-boot", "10"]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert lines == [f"error: --run-dir: {run}/a is not the training the trace was made from (its seed or settings "
+                   "differ from those meta.json records); pass the run the trace was made from"]
   assert not os.path.exists(tmp_path / "x")
 
 

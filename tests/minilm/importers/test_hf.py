@@ -356,6 +356,16 @@ def test_llama_rope_scaling_matches_numpy_reference(tmp_path, kind, key):
      r"config.json activation_function must be one of 'gelu_new', .*'relu'; got 'swish'"),
     ({**GPT2_CFG, "scale_attn_by_inverse_layer_idx": True}, r"scale_attn_by_inverse_layer_idx=True is not supported"),
     ({**NEOX_CFG, "attention_bias": False}, r"attention_bias=False"),
+    # values of the wrong kind name their key, not a TypeError or ZeroDivisionError from the arithmetic
+    ({**CFG, "hidden_size": "64"}, r"config.json hidden_size must be a positive integer; got '64'"),
+    ({**CFG, "num_attention_heads": 0}, r"config.json num_attention_heads must be a positive integer; got 0"),
+    ({**CFG, "num_hidden_layers": True}, r"config.json num_hidden_layers must be a positive integer; got True"),
+    ({**CFG, "rope_scaling": "linear"}, r"config.json rope_scaling must be an object; got 'linear'"),
+    ({**CFG, "rope_theta": "abc"}, r"config.json rope_theta must be a number; got 'abc'"),
+    ({**CFG, "rope_scaling": {"rope_type": "linear", "factor": "2"}},
+     r"config.json rope_scaling.factor must be a positive number; got '2'"),
+    ({**CFG, "tie_word_embeddings": "yes"}, r"config.json tie_word_embeddings must be true or false; got 'yes'"),
+    ({**GPT2_CFG, "n_embd": 64.0}, r"config.json n_embd must be a positive integer; got 64.0"),
 ])
 def test_unsupported_settings_are_one_line_errors(tmp_path, cfg, match):
   save_checkpoint(tmp_path, {}, {**cfg, "vocab_size": 300})
