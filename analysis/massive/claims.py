@@ -177,7 +177,7 @@ class _Arms:
           + f" in {store.root}; the claims compare one step: trace the arms at a common one")
     self.step = max(common) if common else None
     self.sums = {a: store.load_sums(a, self.step) for a in arms} if self.step is not None else {}
-    n = len(np.load(store.path("probes.npy")))
+    n = len(store.probes())
     self.counts = S.prompt_counts(n, n_boot, S.BOOT_SEED)
     self.groups = {}
 

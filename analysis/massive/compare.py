@@ -152,7 +152,7 @@ def arm_table(store: ST.Store, n_boot: int = CL.N_BOOT) -> dict:
   labelled convention pairing of analysis.massive.stats, against which only the null values mean anything."""
   meta = store.meta()
   cfg = ST.stat_config(meta)
-  counts = S.prompt_counts(len(np.load(store.path("probes.npy"))), n_boot, S.BOOT_SEED)
+  counts = S.prompt_counts(len(store.probes()), n_boot, S.BOOT_SEED)
   rows = [_arm_row(store, arm, facts, cfg, counts) for arm, facts in meta["arms"].items() if store.steps(arm)]
   return {"level": CL.LEVEL, "n_boot": n_boot, "tensors": list(CL.QK), "lam": cfg.lam,
           "lf_quarter": cfg.lf_quarter, "band": list(cfg.band), "arms": rows}

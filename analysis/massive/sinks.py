@@ -216,7 +216,7 @@ def step_summary(store, arm: str, step: int, facts: dict, cfg: S.StatConfig, n_b
   """(per-layer summaries, per-head rows, per-layer residual rows, the step's association) of one
   (arm, step) whose sinks file exists."""
   sums, sinks = store.load_sums(arm, step), store.load_sinks(arm, step)
-  probes, mask = np.load(store.path("probes.npy")), np.load(store.path("mask.npy"))
+  probes, mask = store.probes(), store.mask()
   counts = S.prompt_counts(len(probes), n_boot, S.BOOT_SEED)
   groups = head_groups(sums, sinks, pairing_of(facts), facts["context"], cfg, counts)
   layers, heads, resid = [], [], []

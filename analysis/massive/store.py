@@ -56,16 +56,21 @@ DAMAGED = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError)
 """What reading a damaged .npz or .npy file raises (cut short, edited by hand, not numpy's format)."""
 
 
-def load_arrays(path: str) -> dict:
-  """Every array of a .npz file of the store; a damaged file is a one-line error naming it."""
+REDO = "trace again into this folder (damaged steps are redone) or into a new one"
+
+
+def load_arrays(path: str, advice: str = REDO):
+  """Every array of a .npz file of the store (an .npy file: its array); a damaged file is a one-line
+  error naming it, with `advice`."""
   try:
+    if path.endswith(".npy"):
+      return np.load(path)
     with np.load(path) as z:
       return {k: z[k] for k in z.files}
   except FileNotFoundError:
     raise
   except DAMAGED as err:
-    raise ConfigError(f"{path}: cannot be read ({type(err).__name__}: {err}); trace again into this folder "
-                      "(damaged steps are redone) or into a new one") from None
+    raise ConfigError(f"{path}: cannot be read ({type(err).__name__}: {err}); {advice}") from None
 
 
 def _hook_name(key: str) -> str:
@@ -103,8 +108,7 @@ class Store:
     are a one-line error: every statistic and verdict drawn from them would be NaN."""
     path = self.sums_path(arm, step)
     sums = {_hook_name(k): v for k, v in load_arrays(path).items()}
-    check(all(np.isfinite(v).all() for v in sums.values()), path, "holds values that are not finite; trace again "
-          "into this folder (damaged steps are redone) or into a new one")
+    check(all(np.isfinite(v).all() for v in sums.values()), path, f"holds values that are not finite; {REDO}")
     return sums
 
   def save_sums(self, arm: str, step: int, sums: dict) -> None:
@@ -121,6 +125,13 @@ class Store:
 
   def load_tokens(self, arm: str) -> dict:
     return load_arrays(self.tokens_path(arm))
+
+  def probes(self) -> np.ndarray:
+    """The probe tokens [N, T]; every table of the trace is of these, so a damaged file is not redone."""
+    return load_arrays(self.path("probes.npy"), "the trace's probes are lost: trace into a new folder")
+
+  def mask(self) -> np.ndarray:
+    return load_arrays(self.path("mask.npy"), "the trace's probes are lost: trace into a new folder")
 
   def good_steps(self, arm: str, keys: set[str]) -> list[int]:
     """The steps of `arm` whose sums file reads back whole with every key in `keys` and whose sinks
@@ -195,7 +206,7 @@ def _holds_probes(store: Store, probes, mask) -> bool:
   meta.json is a sum: probes in another order share it)."""
   try:
     held = np.load(store.path("probes.npy")), np.load(store.path("mask.npy"))
-  except (OSError, ValueError):
+  except DAMAGED:
     return False
   return all(np.array_equal(h, np.asarray(x, h.dtype)) for h, x in zip(held, (probes, mask)))
 

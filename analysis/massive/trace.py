@@ -182,7 +182,7 @@ def record_step(store: Store, model, arm: str, step: int, *, context: float, fin
   The sums are written after the token view and the sinks, so a step whose sums are on disk is
   complete."""
   meta = store.meta()
-  probes, mask = np.load(store.path("probes.npy")), np.load(store.path("mask.npy"))
+  probes, mask = store.probes(), store.mask()
   facts = arm_facts(model, context)
   known = meta["arms"].get(arm)
   if known and {k: v for k, v in known.items() if k not in ("seed", "run_key")} != facts:   # trace_run's, from the run
@@ -202,7 +202,7 @@ def record_step(store: Store, model, arm: str, step: int, *, context: float, fin
 
 def save_tokens(store: Store, model, arm: str, step: int) -> None:
   """tokens/<arm>.npz: the token view of probe 0 at `step` (the 3D bar figure's data)."""
-  probes = np.load(store.path("probes.npy"))
+  probes = store.probes()
   atomic.save_npz(store.tokens_path(arm), step=step, tokens=probes[0], **token_values(model, probes[0]))
 
 

@@ -86,3 +86,22 @@ def test_a_store_refuses_other_probes_with_the_same_checksum(tmp_path):
     with pytest.raises(ConfigError, match="holds a trace with other probes"):
       ST.open_store(str(tmp_path), other, other_mask, False, S.StatConfig())
   np.testing.assert_array_equal(np.load(tmp_path / "probes.npy"), probes)   # nothing overwritten
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x93NUMPY garbage", b"PK\x03\x04x"])
+def test_damaged_probes_and_tokens_are_one_line_naming_the_file(tmp_path, damage):
+  """Every table of a trace is of its probes, so damaged probes are not redone but named, with what to
+  do; a damaged token view (read by the figures) likewise."""
+  from minilm.schema import ConfigError
+  store = ST.Store(str(tmp_path))
+  os.makedirs(store.path("tokens"))
+  for path in (store.path("probes.npy"), store.path("mask.npy"), store.tokens_path("a")):
+    with open(path, "wb") as f:
+      f.write(damage)
+  for read, path, advice in ((store.probes, store.path("probes.npy"), "the trace's probes are lost: trace into a new folder"),
+                             (store.mask, store.path("mask.npy"), "the trace's probes are lost: trace into a new folder"),
+                             (lambda: store.load_tokens("a"), store.tokens_path("a"), ST.REDO)):
+    with pytest.raises(ConfigError) as err:
+      read()
+    assert str(err.value).startswith(f"{path}: cannot be read (") and str(err.value).endswith(advice)
+    assert "\n" not in str(err.value)
