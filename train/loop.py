@@ -71,6 +71,8 @@ def check_run_dir(arm_dir: str, cfg: TrainConfig) -> dict | None:
   C.check(not trained or cfg.steps >= trained[-1], "steps",
           f"run directory {arm_dir} holds {trained[-1] if trained else 0} trained steps; steps={cfg.steps} would end "
           f"before them (give steps >= {trained[-1] if trained else 0}, or use another name or --out)")
+  for log in ("metrics.jsonl", "eval.jsonl"):   # a damaged row would stop the resume after config.json was rewritten
+    _rows(os.path.join(arm_dir, log), say_cut=False)
   return old
 
 
@@ -115,13 +117,14 @@ def init_params(cfg: ModelConfig, seed: int):
   return nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
 
 
-def _rows(path: str) -> list[tuple[str, dict]]:
-  """(line, row) of a JSON-lines log (atomic.read_jsonl); a partial last line is dropped with a note."""
+def _rows(path: str, say_cut: bool = True) -> list[tuple[str, dict]]:
+  """(line, row) of a JSON-lines log (atomic.read_jsonl); a partial last line is dropped, with a note
+  if `say_cut`."""
   rows, cut = atomic.read_jsonl(path)
   for i, (_, row) in enumerate(rows):
     if not isinstance(row, dict) or not isinstance(row.get("step"), int):
       raise checkpoints.RunError(f"{path}: row {i + 1} has no integer 'step'; delete that line and run again")
-  if cut:
+  if cut and say_cut:
     note(f"{path}: dropped its partial last line (the run stopped while writing it)")
   return rows
 

@@ -35,6 +35,16 @@ def test_trains_the_smoke_experiment_then_extends_it(tmp_path, capsys):
   assert checkpoints.available_steps(str(arm)) == [0, 1, 2, 4, 6]
   assert [json.loads(l)["step"] for l in open(arm / "eval.jsonl")] == [4, 6]
   assert not (exp_dir / "nope").exists()
+  # a damaged log row is refused before config.json or experiment.json says the run goes on
+  logs = {name: (arm / name).read_text() for name in ("metrics.jsonl", "eval.jsonl")}
+  records = [open(p).read() for p in (arm / "config.json", exp_dir / "experiment.json")]
+  for name, text in logs.items():
+    lines = text.splitlines(keepends=True)
+    (arm / name).write_text("".join(lines[:1] + ["garbage{\n"] + lines[1:]))
+    code, err = run(capsys, "smoke", "--out", out, "--arms", "rope", "--no-progress", "--set", "steps=8")
+    assert code == 2 and err == f"error: {arm / name}: line 2 is not JSON; delete that line and run again\n", err
+    assert [open(p).read() for p in (arm / "config.json", exp_dir / "experiment.json")] == records
+    (arm / name).write_text(text)
   code, err = run(capsys, "smoke", "--out", out, "--arms", "rope", "--no-progress", "--set", "steps=8")
   assert code == 0
   assert err.startswith(f"note: {arm}: steps 6 -> 8 in config.json; training goes on from step 6"), err
