@@ -640,7 +640,7 @@ def config_from(cfg: DisruptStudy, name=flag) -> tuple[DisruptConfig, dict[str, 
     start, stop = int(parts[0]), int(parts[1])
   modes = parse_modes(cfg.modes)
   for m in modes:
-    DisruptConfig(mode=m)  # one-line error for an unknown mode
+    check_choice(name("modes"), m, disrupt.MODES)
   check("off" in modes, name("modes"), f"must include 'off' (every drop is measured from it); got {cfg.modes!r}")
   check(cfg.draws >= 1, name("draws"), f"must be >= 1; got {cfg.draws}")
   base = DisruptConfig(mode="massive", rope=cfg.rope, criterion=cfg.criterion, lam=cfg.lam, top_k=cfg.top_k,
