@@ -155,8 +155,8 @@ def trace_run(run_dir: str, out_dir: str | None = None, *, n_probes: int = 64, l
   with atomic.exclusive(out_dir):   # a second trace into the same folder meanwhile is refused in one line
     check_source(out_dir, run_dir, plan)
     if os.path.exists(os.path.join(out_dir, "probes.npy")):   # resuming: the probes must be those asked for
-      probes = Store(out_dir).probes()
-      stored_seed = Store(out_dir).meta().get("probe_seed", probe_seed)
+      held = Store(out_dir)
+      probes, stored_seed = held.probes(), held.meta().get("probe_seed", probe_seed)
       check(probes.shape == (n_probes, plan.length) and stored_seed == probe_seed, "--out",
             f"{out_dir} holds a trace of {probes.shape[0]} probes of {probes.shape[1]} tokens (probe seed "
             f"{stored_seed}), not {n_probes} of {plan.length} (seed {probe_seed}): give its settings to resume it, "

@@ -137,17 +137,18 @@ def table(trace_dir: str, run_dir: str | None = None) -> list[dict]:
   check(bool(set(KINDS) & set(kinds)), "trace_dir", f"{trace_dir} holds arms of kind {', '.join(kinds)}; the onset "
         f"fit needs arms of kind {' or '.join(map(repr, KINDS))}")
   run_dir = run_dir or meta.get("run_dir", "")
+  configs = {}
   for arm, facts in meta["arms"].items():   # every input checked before any statistic is computed
     check(os.path.exists(os.path.join(run_dir, arm, "config.json")), "--run-dir", f"{run_dir or '(none recorded)'} "
           f"has no {arm}/config.json; pass the run the trace was made from (each arm's TrainConfig is read there)")
+    configs[arm] = ck.load_config(os.path.join(run_dir, arm))
     # its token counts and scores would be another training's
-    check(PL.same_training(facts, ck.load_config(os.path.join(run_dir, arm))), "--run-dir",
+    check(PL.same_training(facts, configs[arm]), "--run-dir",
           f"{run_dir}/{arm} is not the training the trace was made from (its seed or settings differ from those "
           "meta.json records); pass the run the trace was made from")
   cfg, rows, params = ST.stat_config(meta), [], {}
   for arm, facts in meta["arms"].items():
-    arm_dir = os.path.join(run_dir, arm)
-    tc = ck.load_config(arm_dir)
+    arm_dir, tc = os.path.join(run_dir, arm), configs[arm]
     key = json.dumps(to_dict(tc.model), sort_keys=True)
     if key not in params:   # eval_shape only: no weights are allocated
       params[key] = sum(x.size for x in jax.tree.leaves(ck.abstract_model(tc.model)[1]))

@@ -436,8 +436,9 @@ def read_prompts(path: str, field: str = "--prompts") -> list[dict]:
   """The lines of a prompts file, each checked, before any model is loaded: one JSON object a line
   with family (any name: the task name in every table), kind (contextual | parametric | conflict),
   prompt, answer, optional memory (a conflict item's parametric answer) and max_new_tokens (default:
-  the answer's tokens + 2). Other fields are kept with the item, but for the RESERVED names. Blank lines are skipped. A bad line
-  is one error 'FILE:LINE: field: what is wrong' (a missing file names `field`)."""
+  the answer's tokens + 2). Other fields are kept with the item, but for the RESERVED names. Blank
+  lines are skipped. A bad line is one error 'FILE:LINE: field: what is wrong' (a missing file names
+  `field`)."""
   check(os.path.isfile(path), field, f"{path} is not a file")
   rows, kinds = [], {}
   with open(path, "rb") as f:
